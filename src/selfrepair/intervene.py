@@ -1,0 +1,147 @@
+"""Forward passes with nnsight: the only module that traces the model.
+
+One function, :func:`run`, covers every pass the paper needs: a clean pass that reads
+activations, a patched pass that replaces head outputs (``z`` slices), whole layer writes or a
+block's attention input, and a resumed pass that skips the blocks before the first edited layer
+by replaying the clean run's block outputs (nnsight ``skip``). It returns plain tensors.
+
+Sites, in the order a block executes them (reads and edits must follow this order):
+
+=============  ================================================================================
+``attn_in``    input of the norm in front of attention: the residual stream as the heads read it
+               (editing it changes what the heads see, not the residual stream itself)
+``z``          input of the attention output projection: ``[.., n_heads * d_head]``, head h is
+               the slice ``h*d_head:(h+1)*d_head``
+``attn``       output of the attention output projection (the sum of heads plus ``b_O``)
+``attn_write`` what the attention writes to the residual (sandwich models: the post-attention
+               norm's output; otherwise the same tensor as ``attn``)
+``neurons``    input of the MLP down projection (the hidden activations)
+``mlp``        output of the MLP
+``mlp_write``  what the MLP writes to the residual (sandwich models: post-feedforward norm output)
+``block``      output of the block (the residual stream after it)
+=============  ================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import nnsight
+import torch
+
+from .models import Model
+
+SITES = ("attn_in", "z", "attn", "attn_write", "neurons", "mlp", "mlp_write", "block")
+Edit = Callable[[torch.Tensor], torch.Tensor]
+Watch = Callable[[str, int, torch.Tensor], None]
+
+
+@dataclass
+class Pass:
+    """What one traced forward returns."""
+
+    reads: dict[str, torch.Tensor]  # site -> [n_layers_read, batch, pos, ...] stacked by layer
+    final_resid: torch.Tensor  # input of the final norm [batch, pos, d_model]
+    final_normed: torch.Tensor  # output of the final norm [batch, pos, d_model]
+    embed: torch.Tensor | None  # input of block 0 (token + position embeddings) when read
+    last_logits: torch.Tensor | None  # full-vocabulary logits at the last position, when asked
+
+
+def _site_envoy(model: Model, site: str, layer: int):
+    """(envoy, "input" | "output") for a site; ``None`` for write sites of non-sandwich models."""
+    a = model.adapter
+    if site == "attn_in":
+        return model.envoy(a.attn_norm, layer), "input"
+    if site == "z":
+        return model.envoy(a.attn_out, layer), "input"
+    if site == "attn":
+        return model.envoy(a.attn_out, layer), "output"
+    if site == "neurons":
+        return model.envoy(a.mlp_out, layer), "input"
+    if site == "mlp":
+        return model.envoy(a.mlp, layer), "output"
+    if site == "attn_write":
+        return (model.envoy(a.post_attn_norm, layer), "output") if a.post_attn_norm else None
+    if site == "mlp_write":
+        return (model.envoy(a.post_mlp_norm, layer), "output") if a.post_mlp_norm else None
+    if site == "block":
+        return model.envoy(a.blocks)[layer], "output"
+    raise ValueError(f"unknown site {site!r}; sites: {SITES}")
+
+
+def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
+        edits: dict[tuple[str, int], Edit] | None = None, watch: Watch | None = None,
+        watch_sites: Iterable[str] = (), start_layer: int = 0,
+        resume: torch.Tensor | None = None, read_embed: bool = False,
+        last_logits: bool = False, read_layers: dict[str, Iterable[int]] | None = None) -> Pass:
+    """One traced forward of ``tokens [batch, pos]``.
+
+    Parameters
+    ----------
+    read: sites whose values are returned for every layer ``>= start_layer`` (or only the layers
+        in ``read_layers[site]``), stacked along a new first dimension in layer order.
+    edits: ``{(site, layer): f}``; ``f`` gets the site's value and returns its replacement.
+    watch: called as ``watch(site, layer, value)`` for each site in ``watch_sites`` (after any
+        edit), inside the trace; lets callers reduce large tensors on the fly.
+    start_layer, resume: blocks ``< start_layer`` are not run (nnsight ``skip``); the residual
+        stream entering block ``start_layer`` is ``resume [batch, pos, d_model]`` (the clean run's
+        output of block ``start_layer - 1``). Earlier skipped blocks pass the same tensor along,
+        which nothing reads.
+    last_logits: also run the unembedding and return the logits at the last position only
+        (``logits_to_keep=1``); otherwise the pass stops after the final norm.
+    """
+    # Without sandwich norms a block writes the raw attention / MLP output: alias the sites.
+    alias = {} if model.sandwich else {"attn_write": "attn", "mlp_write": "mlp"}
+    edits = {(alias.get(s, s), l): f for (s, l), f in (edits or {}).items()}
+    requested = tuple(read)
+    read = tuple(dict.fromkeys(alias.get(s, s) for s in read))
+    watch_as: dict[str, list[str]] = {}  # canonical site -> the names the caller asked for
+    for s in watch_sites:
+        watch_as.setdefault(alias.get(s, s), []).append(s)
+    watch_sites = tuple(watch_as)
+    touched = set(read) | set(watch_sites) | {s for s, _ in edits}
+    for s in touched:
+        if s not in SITES:
+            raise ValueError(f"unknown site {s!r}; sites: {SITES}")
+    if start_layer and resume is None:
+        raise ValueError("start_layer > 0 needs `resume`, the residual entering that block")
+    only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
+    order = [s for s in SITES if s in touched]
+    n_layers = model.n_layers
+    kwargs = {"logits_to_keep": 1} if last_logits else {}
+    with torch.no_grad(), model.nn.trace(tokens, **kwargs) as tracer:
+        saved = nnsight.save({s: [] for s in read})
+        finals = nnsight.save([])
+        blocks = model.envoy(model.adapter.blocks)
+        if read_embed:
+            finals.append(blocks[0].input)
+        for layer in range(start_layer):
+            blocks[layer].skip(resume)
+        for layer in range(start_layer, n_layers):
+            for site in order:
+                envoy, slot = _site_envoy(model, site, layer)
+                value = envoy.input if slot == "input" else envoy.output
+                if (site, layer) in edits:
+                    value = edits[(site, layer)](value)
+                    if slot == "input":
+                        envoy.input = value
+                    else:
+                        envoy.output = value
+                if site in saved and (site not in only or layer in only[site]):
+                    saved[site].append(value)
+                if watch is not None:
+                    for name in watch_as.get(site, ()):
+                        watch(name, layer, value)
+        norm = model.envoy(model.adapter.final_norm)
+        finals.append(norm.input)
+        finals.append(norm.output)
+        if last_logits:
+            finals.append(model.envoy(model.adapter.unembed).output[:, -1])
+        else:
+            tracer.stop()
+    reads = {name: torch.stack(saved[site]) for name, site in
+             ((n, alias.get(n, n)) for n in requested) if saved[site]}
+    embed = finals.pop(0) if read_embed else None
+    return Pass(reads=reads, final_resid=finals[0], final_normed=finals[1], embed=embed,
+                last_logits=finals[2] if last_logits else None)

