@@ -59,12 +59,12 @@ def readout(model: Model, tokens: torch.Tensor, clean: Pass) -> Readout:
     targets = targets_of(tokens).to(model.device)
     norm = model.module(model.adapter.final_norm)
     u = model.centered_unembed(targets)
-    resid = clean.final_resid[:, :-1].float()
+    resid = model.acc(clean.final_resid[:, :-1])
     scale = model.norm_scale(norm, resid)
     d = model.readout(norm, u)
     b = model.norm_bias(norm)
     bias = model.centered_unembed_bias(targets) + (0.0 if b is None else u @ b)
-    logit = (u * clean.final_normed[:, :-1].float()).sum(-1) + model.centered_unembed_bias(targets)
+    logit = (u * model.acc(clean.final_normed[:, :-1])).sum(-1) + model.centered_unembed_bias(targets)
     out = Readout(targets, u, d, scale, logit, bias)
     if model.sandwich:
         out.attn_scale = block_scales(model, "attn", clean.reads["attn"][:, :, :-1])
@@ -85,14 +85,14 @@ def head_effects(model: Model, z: torch.Tensor, direction: torch.Tensor, layer: 
     direction ``[.., pos-1, d_model]`` -> ``[n_heads, .., pos-1]``."""
     w = model.head_out_weight(layer)  # [head, d_head, d_model]
     proj = torch.einsum("...d,hkd->...hk", direction, w)  # [.., head, d_head]
-    zh = z.float().unflatten(-1, (model.n_heads, model.d_head))
+    zh = model.acc(z).unflatten(-1, (model.n_heads, model.d_head))
     return (zh * proj).sum(-1).movedim(-1, 0)
 
 
 def neuron_effects(model: Model, acts: torch.Tensor, direction: torch.Tensor, layer: int) -> torch.Tensor:
     """``direction . (act_n * W_out[n])`` per neuron -> ``[d_mlp, .., pos-1]``."""
     proj = direction @ model.neuron_out_weight(layer).T  # [.., d_mlp]
-    return (acts.float() * proj).movedim(-1, 0)
+    return (model.acc(acts) * proj).movedim(-1, 0)
 
 
 @dataclass
@@ -125,13 +125,13 @@ def direct_effects(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout,
         b = model.attn_out_bias(layer)
         attn_bias.append(torch.zeros_like(ro.logit) if b is None else da @ b)
         dm = ro.write_dir(model, "mlp", layer)
-        mlps.append((clean.reads["mlp"][layer][:, :-1].float() * dm).sum(-1))
+        mlps.append((model.acc(clean.reads["mlp"][layer][:, :-1]) * dm).sum(-1))
         if layer in neuron_layers:
             i = sorted(neuron_layers).index(layer)
             neurons[layer] = neuron_effects(model, clean.reads["neurons"][i][:, :-1], dm, layer)
             mb = model.mlp_out_bias(layer)
             mlp_bias[layer] = torch.zeros_like(ro.logit) if mb is None else dm @ mb
-    embed = (clean.embed[:, :-1].float() * ro.dir).sum(-1)
+    embed = (model.acc(clean.embed[:, :-1]) * ro.dir).sum(-1)
     return DirectEffects(torch.stack(heads), torch.stack(attn_bias), torch.stack(mlps), embed,
                          ro.bias, ro.logit, neurons, mlp_bias)
 

@@ -134,6 +134,15 @@ class Model:
     def dtype(self) -> torch.dtype:
         return next(self.hf.parameters()).dtype
 
+    @property
+    def effect_dtype(self) -> torch.dtype:
+        """Effects are accumulated in fp32 (fp64 for fp64 models), whatever the model's dtype."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def acc(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype effects are accumulated in."""
+        return x.to(self.effect_dtype)
+
     # -- weights (float32 views for effect arithmetic) ----------------------------------------
     @cached_property
     def unembed_weight(self) -> torch.Tensor:
@@ -142,7 +151,7 @@ class Model:
     @cached_property
     def unembed_mean(self) -> torch.Tensor:
         """Mean unembedding row, taken in float64 (262k-row vocabularies lose digits in fp32)."""
-        return self.unembed_weight.double().mean(0).float()
+        return self.unembed_weight.double().mean(0).to(self.effect_dtype)
 
     @cached_property
     def unembed_bias_mean(self) -> float:
@@ -151,16 +160,16 @@ class Model:
 
     def centered_unembed(self, targets: torch.Tensor) -> torch.Tensor:
         """Rows ``W_U[t] - mean_v W_U[v]`` for target ids ``[...]`` -> ``[..., d_model]`` fp32."""
-        return self.unembed_weight[targets].float() - self.unembed_mean
+        return self.unembed_weight[targets].to(self.effect_dtype) - self.unembed_mean
 
     def centered_unembed_bias(self, targets: torch.Tensor) -> torch.Tensor:
         b = getattr(self.module(self.adapter.unembed), "bias", None)
         if b is None:
-            return torch.zeros(targets.shape, device=targets.device)
-        return b[targets].float() - self.unembed_bias_mean
+            return torch.zeros(targets.shape, device=targets.device, dtype=self.effect_dtype)
+        return b[targets].to(self.effect_dtype) - self.unembed_bias_mean
 
     def norm_gain(self, norm: torch.nn.Module) -> torch.Tensor:
-        w = norm.weight.float()
+        w = norm.weight.to(self.effect_dtype)
         return 1.0 + w if self.adapter.norm == "gemma_rmsnorm" else w
 
     def norm_eps(self, norm: torch.nn.Module) -> float:
@@ -171,7 +180,7 @@ class Model:
 
     def norm_scale(self, norm: torch.nn.Module, x: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The divisor ``S`` of ``norm`` applied to ``x [..., d_model]`` -> ``[...]`` fp32."""
-        x = x.float()
+        x = x.to(self.effect_dtype)
         eps = self.norm_eps(norm)
         if (kind or self.adapter.norm) == "layernorm":
             return torch.sqrt(x.var(-1, unbiased=False) + eps)
@@ -179,7 +188,7 @@ class Model:
 
     def norm_bias(self, norm: torch.nn.Module) -> torch.Tensor | None:
         b = getattr(norm, "bias", None)
-        return None if b is None else b.float()
+        return None if b is None else b.to(self.effect_dtype)
 
     def readout(self, norm: torch.nn.Module, u: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The vector ``d`` with ``u . n(x) = d . x`` for the linear part ``n`` of ``norm``."""
@@ -190,22 +199,22 @@ class Model:
 
     def head_out_weight(self, layer: int) -> torch.Tensor:
         """``W_O`` per head, ``[n_heads, d_head, d_model]`` fp32 (column slices of o_proj)."""
-        w = self.module(self.adapter.attn_out, layer).weight.float()
+        w = self.module(self.adapter.attn_out, layer).weight.to(self.effect_dtype)
         w = w if self.adapter.conv1d else w.T  # -> [n_heads * d_head, d_model]
         return w.reshape(self.n_heads, self.d_head, self.d_model)
 
     def attn_out_bias(self, layer: int) -> torch.Tensor | None:
         b = getattr(self.module(self.adapter.attn_out, layer), "bias", None)
-        return None if b is None else b.float()
+        return None if b is None else b.to(self.effect_dtype)
 
     def neuron_out_weight(self, layer: int) -> torch.Tensor:
         """Each neuron's output direction, ``[d_mlp, d_model]`` fp32."""
-        w = self.module(self.adapter.mlp_out, layer).weight.float()
+        w = self.module(self.adapter.mlp_out, layer).weight.to(self.effect_dtype)
         return w if self.adapter.conv1d else w.T
 
     def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
         b = getattr(self.module(self.adapter.mlp_out, layer), "bias", None)
-        return None if b is None else b.float()
+        return None if b is None else b.to(self.effect_dtype)
 
     def describe(self) -> dict:
         """Identity and shape, recorded with every cached result."""

@@ -89,7 +89,8 @@ def ablate_heads(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout, l
     With ``neuron_layer`` the ablated neuron activations of that MLP layer are returned too.
     """
     k, b = len(heads), tokens.shape[0]
-    acc = defaultdict(lambda: torch.zeros(k, b, tokens.shape[1] - 1, device=model.device))
+    acc = defaultdict(lambda: torch.zeros(k, b, tokens.shape[1] - 1, device=model.device,
+                                          dtype=model.effect_dtype))
     saved = {}
     clean_attn, clean_mlp = clean.reads["attn"], clean.reads["mlp"]
 
@@ -103,8 +104,8 @@ def ablate_heads(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout, l
         kind = site  # "attn" | "mlp"
         if kind == "mlp" and not downstream_mlp(j):
             return
-        v = value[:, :-1].float().unflatten(0, (k, b))
-        clean_v = (clean_attn if kind == "attn" else clean_mlp)[j][:, :-1].float()
+        v = model.acc(value[:, :-1]).unflatten(0, (k, b))
+        clean_v = model.acc((clean_attn if kind == "attn" else clean_mlp)[j][:, :-1])
         if kind == "mlp" or j > layer:  # the ablated layer's own change is the head's ΔDE
             acc["from_heads" if kind == "attn" else "from_mlps"] += (
                 (v - clean_v) * ro.write_dir(model, kind, j)).sum(-1)
@@ -122,9 +123,9 @@ def ablate_heads(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout, l
             watch_sites=sites,
             edits={("z", layer): lambda z: patch_heads(model, z, list(heads), repl, b)})
     norm = model.module(model.adapter.final_norm)
-    resid = p.final_resid[:, :-1].float().unflatten(0, (k, b))
+    resid = model.acc(p.final_resid[:, :-1]).unflatten(0, (k, b))
     scale_new = model.norm_scale(norm, resid)
-    normed = p.final_normed[:, :-1].float().unflatten(0, (k, b))
+    normed = model.acc(p.final_normed[:, :-1]).unflatten(0, (k, b))
     da = ro.write_dir(model, "attn", layer)
     z_clean = clean.reads["z"][layer][:, :-1]
     de_clean = head_effects(model, z_clean, da, layer)[list(heads)]
@@ -132,7 +133,7 @@ def ablate_heads(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout, l
     out = {
         "direct_effect": de_clean,
         "ablated_direct_effect": de_new,
-        "delta_logit": (ro.u * (normed - clean.final_normed[:, :-1].float())).sum(-1),
+        "delta_logit": (ro.u * (normed - model.acc(clean.final_normed[:, :-1]))).sum(-1),
         "from_heads": acc["from_heads"],
         "from_mlps": acc["from_mlps"],
         "from_norm": (ro.d * resid).sum(-1) * (1 / scale_new - 1 / ro.scale),
@@ -167,16 +168,16 @@ def self_repair(model: Model, tokens: torch.Tensor, ablation: str = "resample",
     pairs = check_heads(model, heads)
     n, seq = tokens.shape
     shape = (model.n_layers, model.n_heads, n, seq - 1)
-    result = {q: torch.full(shape, float("nan")) for q in QUANTITIES}
-    scale_clean = torch.empty(n, seq - 1)
-    logit = torch.empty(n, seq - 1)
+    result = {q: torch.full(shape, float("nan"), dtype=model.effect_dtype) for q in QUANTITIES}
+    scale_clean = torch.empty(n, seq - 1, dtype=model.effect_dtype)
+    logit = torch.empty(n, seq - 1, dtype=model.effect_dtype)
     by_layer = defaultdict(list)
     for layer, head in pairs:
         by_layer[layer].append(head)
     batch_size = batch_size or n
     mean_z = None
     if ablation == "mean" and batch_size < n:  # the mean is over the whole batch, not a slice
-        mean_z = torch.stack([clean_pass(model, tokens[i:i + batch_size]).reads["z"].float()
+        mean_z = torch.stack([model.acc(clean_pass(model, tokens[i:i + batch_size]).reads["z"])
                               .sum((1, 2)) for i in range(0, n, batch_size)]).sum(0)
         mean_z = (mean_z / (n * seq))[:, None, None].to(model.dtype)
     chunks = [(i, layer, hs[j:j + max(1, max_rows // min(batch_size, n))])
