@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import check_finite
 from .intervene import Pass
 from .models import Model
 
@@ -65,6 +66,8 @@ def readout(model: Model, tokens: torch.Tensor, clean: Pass) -> Readout:
     b = model.norm_bias(norm)
     bias = model.centered_unembed_bias(targets) + (0.0 if b is None else u @ b)
     logit = (u * model.acc(clean.final_normed[:, :-1])).sum(-1) + model.centered_unembed_bias(targets)
+    check_finite({"final-norm scale": scale, "clean logit": logit}, "reading the clean run",
+                 model.name, model.dtype)
     out = Readout(targets, u, d, scale, logit, bias)
     if model.sandwich:
         out.attn_scale = block_scales(model, "attn", clean.reads["attn"][:, :, :-1])

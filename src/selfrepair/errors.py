@@ -23,3 +23,16 @@ class InputError(SelfRepairError):
 
 class NumericalError(SelfRepairError):
     """A computed quantity is inf or NaN (usually fp16 overflow)."""
+
+
+def check_finite(values: dict, what: str, model_name: str, dtype) -> None:
+    """Fail loudly (instead of writing NaN into figures) when a quantity is inf or NaN."""
+    import torch
+
+    bad = [name for name, v in values.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NumericalError(
+            f"non-finite values in {', '.join(bad)} while {what} with {model_name} in "
+            f"{str(dtype).replace('torch.', '')}. Half precision overflows on models with large "
+            "activations (Gemma's residual stream reaches ~1e3): run with dtype='float32' or "
+            "dtype='bfloat16'.")

@@ -102,6 +102,7 @@ class Model:
         from nnsight import NNsight  # the one nnsight object; interventions live in intervene.py
 
         self.hf.eval()
+        self.hf.requires_grad_(False)  # measurement only: no autograd graphs behind any effect
         self.nn = NNsight(self.hf)
         cfg = self.hf.config
         self.n_layers = cfg.num_hidden_layers
@@ -285,6 +286,8 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     dev = resolve_device(device)
+    if dtype is None and isinstance(source, PreTrainedModel):
+        dtype = source.dtype  # an in-memory model keeps its precision unless asked otherwise
     dt = resolve_dtype(dtype, dev)
     if isinstance(source, PreTrainedModel):
         hf, name, meta = source, f"in-memory {type(source).__name__}", {}

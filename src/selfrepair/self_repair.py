@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .ablation import check_ablation, default_corrupt_tokens, patch_heads, replacement_z
 from .direct_effect import Readout, block_scales, head_effects, readout
-from .errors import InputError
+from .errors import InputError, check_finite
 from .intervene import Pass, run
 from .models import Model
 from .results import SelfRepairResult
@@ -141,6 +141,7 @@ def ablate_heads(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout, l
         "scale_ablated": scale_new,
     }
     out["self_repair"] = out["delta_logit"] - (de_new - de_clean)
+    check_finite(out, f"ablating L{layer} heads {list(heads)}", model.name, model.dtype)
     if "neurons" in saved:
         out["neurons"] = saved["neurons"]
     return out

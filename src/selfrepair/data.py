@@ -1,0 +1,305 @@
+"""Corpora and prompts turned into token batches.
+
+Conventions
+-----------
+* **Token batches** are ``torch.LongTensor`` of shape ``[batch, seq_len]``.  Every row
+  produced by :func:`pack_tokens` starts with the BOS token at column 0; the remaining
+  ``seq_len - 1`` columns are a contiguous window of the concatenated, shuffled
+  corpus in which documents are separated by one EOS token (as TransformerLens'
+  ``tokenize_and_concatenate``, used by the self-repair paper, does).  Position ``p``
+  of a row is therefore the ``p``-th input position of the model; there is no padding.
+* **Resample source**: :func:`corrupt_tokens` returns the batch whose row ``i`` is
+  the clean row that should be patched *into* row ``i``.  With ``seed=None`` this is
+  ``torch.roll(tokens, 1, 0)``: row ``i`` receives row ``i - 1`` (row 0 receives the
+  last row), the paper's choice.  With a seed it is a random derangement (no row is
+  its own source).
+* **Prompts** are right-padded: :func:`prompt_tokens` puts BOS at position 0, the
+  prompt at positions ``1 .. length - 1`` and padding after that, so ``last_pos =
+  length - 1`` is the last real token.  In a causal model the logits at real
+  positions do not depend on padding to their right, and positions/RoPE are the
+  same as without padding, so ``logits[i, last_pos[i]]`` predicts the target.
+* **Targets** begin with a space (``" Paris"``); ``target_ids`` is the id of the
+  first token of the target as it is tokenized *after* the prompt.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import datasets
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .errors import SelfRepairError
+
+__all__ = ["EMBEDDED_CORPUS", "DataError", "PromptTokens", "data_dir", "load_corpus", "pack_tokens",
+           "corrupt_tokens", "load_prompts", "prompt_tokens", "tiny_corpus"]
+
+EMBEDDED_CORPUS = "embedded"
+EMBEDDED_FILE = Path("corpus") / "embedded.jsonl"
+PROMPTS_FILE = "factual_prompts.csv"
+PROMPT_COLUMNS = ("subject", "relation", "prompt", "target")
+_BUILDERS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv",
+             ".txt": "text"}
+
+
+class DataError(SelfRepairError):
+    """A corpus, dataset or prompt file could not be loaded or used as asked (a ``ValueError``)."""
+
+
+def data_dir() -> Path:
+    """Directory holding the embedded data: ``$SELFREPAIR_DATA_DIR`` or ``<repo>/data``."""
+    env = os.environ.get("SELFREPAIR_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+
+
+def load_corpus(dataset: str | os.PathLike = EMBEDDED_CORPUS, *, split: str = "train",
+                text_column: str = "text") -> datasets.Dataset:
+    """Load a text corpus as a :class:`datasets.Dataset`.
+
+    Parameters
+    ----------
+    dataset
+        ``"embedded"`` (default): the committed mixed-domain corpus
+        ``data/corpus/embedded.jsonl`` (~400k Gemma-3 tokens).  A local path: a
+        json/jsonl(.gz)/parquet/csv/txt file or a directory of such files.  Anything
+        else is a Hugging Face hub dataset id (e.g. ``"NeelNanda/pile-10k"``), which
+        needs network access.
+    split
+        Split to load (local files and the embedded corpus only have ``"train"``).
+    text_column
+        Column that must be present; it holds the documents.
+
+    Raises
+    ------
+    DataError
+        If the embedded file is missing, a local path does not exist, the hub dataset
+        cannot be loaded, or ``text_column`` is not a column.
+    """
+    name = os.fspath(dataset)
+    if name == EMBEDDED_CORPUS:
+        path = data_dir() / EMBEDDED_FILE
+        if not path.is_file():
+            raise DataError(f"The embedded corpus is missing ({path}). Rebuild it with "
+                            "`python scripts/build_corpus.py` or re-clone the repository "
+                            "(or point SELFREPAIR_DATA_DIR at a directory containing corpus/embedded.jsonl).")
+        ds = datasets.load_dataset("json", data_files={"train": [str(path)]}, split=split)
+    elif Path(name).exists():
+        ds = _load_local(Path(name), split)
+    elif Path(name).suffix in _BUILDERS or name.startswith((".", "/", "~")):
+        raise DataError(f"Local corpus path {name!r} does not exist.")
+    else:
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as exc:  # noqa: BLE001 -- hub errors come in many types
+            raise DataError(
+                f"Could not load dataset {name!r} (split {split!r}) from the Hugging Face hub: "
+                f"{type(exc).__name__}: {exc}. Hub datasets need network access; offline, use "
+                f"dataset='{EMBEDDED_CORPUS}' (the committed corpus) or a local file.") from exc
+    if text_column not in ds.column_names:
+        raise DataError(f"Dataset {name!r} has no column {text_column!r}; "
+                        f"available columns: {ds.column_names}.")
+    return ds
+
+
+def _load_local(path: Path, split: str) -> datasets.Dataset:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+    builders = {_BUILDERS.get(p.suffix) for p in files}
+    if not files or None in builders or len(builders) != 1:
+        raise DataError(f"{path}: expected json/jsonl/parquet/csv/txt file(s) of one kind, "
+                        f"found {[p.name for p in files][:10]}.")
+    return datasets.load_dataset(builders.pop(), data_files={split: [str(p) for p in files]}, split=split)
+
+
+def _texts(dataset: datasets.Dataset | Sequence[str], text_column: str) -> Sequence[str]:
+    if isinstance(dataset, datasets.Dataset):
+        if text_column not in dataset.column_names:
+            raise DataError(f"Dataset has no column {text_column!r}; available columns: "
+                            f"{dataset.column_names}.")
+        return dataset[text_column]
+    return dataset
+
+
+def pack_tokens(dataset: datasets.Dataset | Sequence[str], tokenizer, *, n_tokens: int, seq_len: int,
+                bos_token_id: int | None = None, text_column: str = "text", seed: int = 0,
+                progress: bool = True, batch_docs: int = 64) -> torch.Tensor:
+    """Tokenize documents and pack them into BOS-prefixed rows of ``seq_len`` tokens.
+
+    Documents are visited in an order shuffled by ``seed``, tokenized without special
+    tokens, joined with one EOS token between documents, cut into chunks of
+    ``seq_len - 1`` tokens, and each chunk is prefixed with BOS.  Only as many
+    documents as needed are tokenized.
+
+    Parameters
+    ----------
+    dataset
+        A :class:`datasets.Dataset` (documents in ``text_column``) or a sequence of str.
+    tokenizer
+        Any Hugging Face tokenizer (called as ``tokenizer(list_of_str)``).
+    n_tokens
+        Total tokens wanted in the output, BOS included; rounded up to whole rows, so
+        the result has ``ceil(n_tokens / seq_len)`` rows.
+    seq_len
+        Row length (>= 2), BOS included.
+    bos_token_id
+        Token put at column 0; default ``tokenizer.bos_token_id``, else its EOS id.
+    seed
+        Seed of the document-order shuffle.
+    progress
+        Show a tqdm bar (in tokens).
+
+    Returns
+    -------
+    torch.LongTensor
+        Shape ``[ceil(n_tokens / seq_len), seq_len]``.
+
+    Raises
+    ------
+    DataError
+        If the corpus has too few tokens, or no BOS/EOS id can be found.
+    """
+    if seq_len < 2 or n_tokens < 1:
+        raise DataError(f"need seq_len >= 2 and n_tokens >= 1, got seq_len={seq_len}, n_tokens={n_tokens}")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    bos = bos_token_id if bos_token_id is not None else (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+    if bos is None or eos is None:
+        raise DataError("tokenizer has neither a BOS nor an EOS token; pass bos_token_id explicitly")
+    texts = _texts(dataset, text_column)
+    n_rows = math.ceil(n_tokens / seq_len)
+    body = seq_len - 1
+    needed = n_rows * body
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream: list[int] = []
+    with tqdm(total=needed, unit="tok", desc="packing tokens", disable=not progress) as bar:
+        for start in range(0, len(order), batch_docs):
+            batch = [texts[i] for i in order[start:start + batch_docs]]
+            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+                before = len(stream)
+                stream.extend(ids)
+                stream.append(eos)
+                bar.update(min(len(stream), needed) - min(before, needed))
+            if len(stream) >= needed:
+                break
+    if len(stream) < needed:
+        raise DataError(f"corpus too small: it has {len(stream)} tokens (documents plus EOS separators) "
+                        f"but {n_rows} rows x {body} tokens = {needed} are needed for n_tokens={n_tokens}, "
+                        f"seq_len={seq_len}; ask for fewer tokens or use a larger corpus.")
+    rows = torch.tensor(stream[:needed], dtype=torch.long).view(n_rows, body)
+    return torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
+
+
+def corrupt_tokens(tokens: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
+    """Resample-ablation source: each row replaced by a *different* row of the batch.
+
+    Parameters
+    ----------
+    tokens
+        ``[batch, ...]`` tensor with ``batch >= 2``.
+    seed
+        ``None`` (default): ``torch.roll(tokens, 1, 0)``, so row ``i`` gets row ``i - 1``
+        (the paper's choice).  An int: a random derangement drawn with a seeded
+        ``torch.Generator`` (uniform over permutations without fixed points).
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape and dtype as ``tokens``.
+    """
+    if tokens.dim() < 1 or tokens.shape[0] < 2:
+        raise DataError(f"corrupt_tokens needs a batch of at least 2 rows, got shape {tuple(tokens.shape)}")
+    if seed is None:
+        return torch.roll(tokens, 1, 0)
+    n, gen = tokens.shape[0], torch.Generator().manual_seed(seed)
+    while True:  # rejection sampling: ~e draws on average
+        perm = torch.randperm(n, generator=gen)
+        if not bool((perm == torch.arange(n)).any()):
+            return tokens[perm.to(tokens.device)]
+
+
+def load_prompts(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read the factual-recall prompts (default ``data/factual_prompts.csv``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``subject, relation, prompt, target`` (all str; targets start with a space).
+    """
+    path = Path(path) if path is not None else data_dir() / PROMPTS_FILE
+    if not path.is_file():
+        raise DataError(f"prompt file not found: {path}")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in PROMPT_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing columns {missing}; available columns: {list(df.columns)}")
+    if not df["target"].str.startswith(" ").all():
+        bad = df.loc[~df["target"].str.startswith(" "), "target"].tolist()[:5]
+        raise DataError(f"{path}: every target must start with a space, e.g. ' Paris'; got {bad}")
+    return df
+
+
+class PromptTokens(NamedTuple):
+    """Right-padded prompt batch; see the module docstring for conventions."""
+
+    input_ids: torch.Tensor       #: ``[n, max_len]`` LongTensor, BOS first, right-padded
+    attention_mask: torch.Tensor  #: ``[n, max_len]`` LongTensor, 1 on real tokens
+    last_pos: torch.Tensor        #: ``[n]`` index of each prompt's last real token
+    target_ids: torch.Tensor      #: ``[n]`` id of the first token of each target
+
+
+def prompt_tokens(prompts_df: pd.DataFrame, tokenizer, *, bos_token_id: int | None = None,
+                  pad_token_id: int | None = None) -> PromptTokens:
+    """Tokenize prompts (BOS + prompt, right-padded) and the first token of each target.
+
+    Parameters
+    ----------
+    prompts_df
+        DataFrame with ``prompt`` and ``target`` columns (see :func:`load_prompts`).
+    tokenizer
+        Any Hugging Face tokenizer.
+    bos_token_id, pad_token_id
+        Defaults: the tokenizer's BOS (else EOS) and PAD (else EOS, else 0).
+
+    Returns
+    -------
+    PromptTokens
+        ``input_ids``, ``attention_mask``, ``last_pos`` and ``target_ids``.
+    """
+    bos = bos_token_id if bos_token_id is not None else (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
+    pad = next((t for t in (pad_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    prompts, targets = list(prompts_df["prompt"]), list(prompts_df["target"])
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    full = tokenizer([p + t for p, t in zip(prompts, targets)], add_special_tokens=False)["input_ids"]
+    alone = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    target_ids = [f[len(p)] if f[:len(p)] == p and len(f) > len(p) else a[0]
+                  for p, f, a in zip(ids, full, alone)]
+    rows = [[bos] + p for p in ids]
+    lengths = torch.tensor([len(r) for r in rows])
+    input_ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+    mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+    return PromptTokens(input_ids, mask, lengths - 1, torch.tensor(target_ids, dtype=torch.long))
+
+
+_WORDS = ("the a one every some old new small large quiet bright dark red green blue cold warm "
+          "river city garden house tree stone bird dog cat child teacher king road ship letter "
+          "book song window mountain sea market friend story night morning rain wind fire "
+          "sees finds keeps writes reads sings builds carries opens follows remembers watches "
+          "and but while because near under over beside through after before with without").split()
+
+
+def tiny_corpus(n_docs: int = 64, seed: int = 0) -> datasets.Dataset:
+    """Synthetic English-like documents for fast tests (``text`` and ``pile_set_name``)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 6))]
+        docs.append(" ".join(sentences))
+    return datasets.Dataset.from_dict({"text": docs, "pile_set_name": ["Synthetic"] * n_docs})

@@ -1,0 +1,202 @@
+"""Shared figure machinery: the offline Altair renderer, the book's theme and small helpers.
+
+Importing this package (``from selfrepair.figures import existence`` imports it first) registers
+and enables:
+
+- the Altair renderer ``"selfrepair"``: every displayed chart becomes a notebook output holding
+  the Vega-Lite spec under ``application/vnd.vegalite.v6+json`` (the major version follows
+  ``alt.SCHEMA_VERSION``; tests read it back with :func:`charts_in_notebook`) **and** a
+  ``text/html`` ``<div class="selfrepair-chart">`` plus an inline ``<script>`` that calls the
+  page-global ``vegaEmbed``. The HTML names no URL and uses no requirejs: the book serves one
+  local bundle of vega, vega-lite and vega-embed from ``_static`` (see :mod:`selfrepair.book`),
+  so the built book draws its charts offline.
+- the theme ``"selfrepair"`` (system fonts only — no web fonts —, 400 x 260 views, no title
+  anchor surprises).
+
+Chapter figure modules (``figures/<chapter>.py``, one per chapter, pure ``fig_*(frame) ->
+alt.Chart``) use :func:`head_tooltip`, :func:`layer_color`, :func:`diverging_color` and
+:func:`ensure_small`. This package imports no chapter module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+
+from ..errors import SelfRepairError
+
+RENDERER = "selfrepair"
+THEME = "selfrepair"
+VEGALITE_MAJOR = alt.SCHEMA_VERSION.lstrip("v").split(".")[0]
+VEGALITE_MIME = f"application/vnd.vegalite.v{VEGALITE_MAJOR}+json"
+MIME_PATTERN = re.compile(r"^application/vnd\.vegalite\.v\d+\+json$")
+CHART_CLASS = "selfrepair-chart"  # the container class the browser test looks for
+MAX_ROWS = 5000  # rows a chart may embed: aggregate or sample before plotting
+EMBED_OPTIONS = {"renderer": "svg",  # crisp text, and a drawn <svg> is easy to test for
+                 "actions": {"export": True, "source": False, "compiled": False, "editor": False}}
+
+__all__ = ["CHART_CLASS", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME", "VEGALITE_MIME",
+           "chart_html", "charts_in_notebook", "data_rows", "diverging_color", "ensure_small",
+           "head_tooltip", "layer_color", "render", "validate_spec"]
+
+
+class ChartTooLargeError(SelfRepairError):
+    """A chart would embed more than :data:`MAX_ROWS` data rows into the book's HTML."""
+
+
+# -- helpers for chapter figure modules ---------------------------------------------------------
+def head_tooltip(*fields: str, fmt: str = ".3f") -> list[alt.Tooltip]:
+    """Tooltips naming the head (``label`` as ``L{layer}H{head}``, ``layer``, ``head``) and then
+    each quantitative field in ``fields`` (e.g. ``"self_repair"``) formatted with ``fmt``.
+
+    A field may carry an Altair type suffix (``"ablation:N"``) to override the quantitative type.
+    """
+    tips = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
+    for name in fields:
+        if ":" in name:
+            tips.append(alt.Tooltip(name))
+        else:
+            tips.append(alt.Tooltip(f"{name}:Q", format=fmt, title=name.replace("_", " ")))
+    return tips
+
+
+def layer_color(field: str = "layer", *, title: str = "layer", legend: bool = True) -> alt.Color:
+    """An ordinal colour for layers (viridis: early dark, late bright), the same in every chapter."""
+    return alt.Color(f"{field}:O", scale=alt.Scale(scheme="viridis"), title=title,
+                     legend=alt.Legend() if legend else None)
+
+
+def diverging_color(field: str, *, title: str | None = None) -> alt.Color:
+    """A red-blue colour centred at 0 for signed quantities (blue positive, red negative)."""
+    return alt.Color(f"{field}:Q", scale=alt.Scale(scheme="redblue", domainMid=0),
+                     title=title or field.replace("_", " "))
+
+
+def data_rows(spec: dict) -> int:
+    """Rows embedded anywhere in a Vega-Lite spec (top-level ``datasets`` and inline ``values``)."""
+    rows = sum(len(v) for v in spec.get("datasets", {}).values() if isinstance(v, list))
+
+    def inline(node: Any) -> int:
+        if isinstance(node, dict):
+            here = node["values"] if isinstance(node.get("values"), list) else []
+            return len(here) + sum(inline(v) for k, v in node.items() if k != "datasets"
+                                   and v is not here)
+        if isinstance(node, list):
+            return sum(inline(v) for v in node)
+        return 0
+
+    return rows + inline({k: v for k, v in spec.items() if k != "datasets"})
+
+
+def ensure_small(chart: alt.TopLevelMixin | dict, max_rows: int = MAX_ROWS):
+    """Return ``chart`` unchanged, or raise :class:`ChartTooLargeError` if it embeds more than
+    ``max_rows`` rows (every row is written into the page: aggregate per head or sample tokens)."""
+    spec = chart if isinstance(chart, dict) else chart.to_dict()
+    n = data_rows(spec)
+    if n > max_rows:
+        raise ChartTooLargeError(f"chart embeds {n} data rows (limit {max_rows}): aggregate the "
+                                 "frame (e.g. per head) or sample tokens before plotting")
+    return chart
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+    from altair.vegalite.v6.schema.core import load_schema
+
+    schema = load_schema()
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def validate_spec(spec: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``spec`` is valid against the Vega-Lite schema
+    bundled with Altair (the version the book's JS bundle renders)."""
+    error = next(iter(_validator().iter_errors(spec)), None)
+    if error is not None:
+        raise error
+
+
+def charts_in_notebook(nb: Any) -> list[dict]:
+    """Vega-Lite specs displayed by an executed notebook (a path, an ``nbformat`` node or a dict),
+    in output order — the specs the ``"selfrepair"`` renderer stored next to their HTML."""
+    if isinstance(nb, (str, Path)):
+        nb = json.loads(Path(nb).read_text(encoding="utf-8"))
+    specs = []
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            for mime, data in output.get("data", {}).items():
+                if MIME_PATTERN.match(mime):
+                    specs.append(json.loads(data) if isinstance(data, str) else data)
+    return specs
+
+
+# -- the renderer -------------------------------------------------------------------------------
+_counter = itertools.count()
+
+
+def chart_html(spec: dict, embed_options: dict | None = None) -> str:
+    """``<div>`` + inline ``<script>`` drawing ``spec`` with the page-global ``vegaEmbed``.
+
+    The element id comes from the spec's hash and a counter (stable across re-runs, unique on a
+    page). ``</`` is escaped inside the JSON so a string in the data cannot close the script.
+    """
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    div = f"{CHART_CLASS}-{digest}-{next(_counter)}"
+    opts = {**EMBED_OPTIONS, **(embed_options or {})}
+
+    def js(obj: Any) -> str:
+        return (json.dumps(obj, sort_keys=True).replace("</", "<\\/")
+                .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+    return (f'<div class="{CHART_CLASS}" id="{div}"></div>\n'
+            '<script type="text/javascript">\n'
+            "(function () {\n"
+            f'  var el = document.getElementById("{div}");\n'
+            '  if (typeof vegaEmbed !== "function") {\n'
+            '    el.textContent = "[chart not drawn: vegaEmbed is not loaded on this page; '
+            'open the book built by `selfrepair book`]";\n'
+            "    return;\n"
+            "  }\n"
+            f"  vegaEmbed(el, {js(spec)}, {js(opts)})"
+            '.catch(function (err) { el.textContent = "[chart failed: " + err + "]"; '
+            "console.error(err); });\n"
+            "})();\n"
+            "</script>")
+
+
+def render(spec: dict, **metadata: Any) -> dict:
+    """The ``"selfrepair"`` Altair renderer: spec + offline HTML (+ a plain-text stand-in)."""
+    ensure_small(spec)
+    title = spec.get("title")
+    title = title.get("text") if isinstance(title, dict) else title
+    return {VEGALITE_MIME: spec,
+            "text/html": chart_html(spec, metadata.get("embed_options")),
+            "text/plain": f"<Vega-Lite chart{': ' + str(title) if title else ''}>"}
+
+
+def _theme() -> alt.theme.ThemeConfig:
+    font = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
+    return {"config": {
+        "font": font,
+        "view": {"continuousWidth": 400, "continuousHeight": 260, "stroke": None},
+        "axis": {"labelFontSize": 11, "titleFontSize": 12, "titleFontWeight": "normal",
+                 "gridColor": "#e6e6e6", "domainColor": "#888", "tickColor": "#888"},
+        "legend": {"labelFontSize": 11, "titleFontSize": 12, "titleFontWeight": "normal"},
+        "header": {"labelFontSize": 12, "titleFontSize": 12},
+        "title": {"fontSize": 14, "fontWeight": "normal", "anchor": "start", "offset": 8},
+        "range": {"category": {"scheme": "tableau10"}},
+        "point": {"size": 30}, "bar": {"binSpacing": 1},
+    }}
+
+
+alt.renderers.register(RENDERER, render)
+alt.renderers.enable(RENDERER)
+alt.theme.register(THEME, enable=True)(_theme)
+
