@@ -143,25 +143,15 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
 
 def restrict_toc(toc: dict, src: Path) -> tuple[dict, list[str]]:
     """``toc`` without entries whose file is missing under ``src`` (and without emptied parts)."""
-    dropped: list[str] = []
+    def present(f: str) -> bool:
+        return any((src / f"{f}{ext}").is_file() for ext in ("", ".ipynb", ".md"))
 
-    def present(entry: dict) -> bool:
-        f = entry.get("file")
-        keep = f is None or any((src / f"{f}{ext}").is_file() for ext in ("", ".ipynb", ".md"))
-        if not keep:
-            dropped.append(f)
-        return keep
-
-    out = dict(toc)
-    parts = []
-    for part in toc.get("parts", []):
-        chapters = [c for c in part.get("chapters", []) if present(c)]
-        if chapters:
-            parts.append({**part, "chapters": chapters})
-    out["parts"] = parts
-    if not present({"file": toc["root"]}):
+    if not present(toc["root"]):
         raise InputError(f"the toc's root {toc['root']} has not been executed")
-    return out, dropped
+    dropped = [c["file"] for p in toc.get("parts", []) for c in p["chapters"] if not present(c["file"])]
+    parts = [{**p, "chapters": [c for c in p["chapters"] if c["file"] not in dropped]}
+             for p in toc.get("parts", [])]
+    return {**toc, "parts": [p for p in parts if p["chapters"]]}, dropped
 
 
 def stage_source(root: Path, src: Path) -> list[str]:
@@ -180,10 +170,6 @@ def stage_source(root: Path, src: Path) -> list[str]:
     toc, dropped = restrict_toc(yaml.safe_load((root / "_toc.yml").read_text()), src)
     (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True))
     return dropped
-
-
-def _sha512(path: Path) -> str:
-    return base64.b64encode(hashlib.sha512(path.read_bytes()).digest()).decode()
 
 
 def vendor_assets(static: Path, npm_cache: Path, *, force: bool = False) -> dict:
@@ -217,7 +203,7 @@ def vendor_assets(static: Path, npm_cache: Path, *, force: bool = False) -> dict
         except (OSError, subprocess.CalledProcessError) as e:
             raise InputError(f"cannot fetch MathJax with npm ({e}); put mathjax-{MATHJAX['version']}"
                              f".tgz from the npm registry into {npm_cache}") from e
-    if _sha512(tgz) != MATHJAX["sha512"]:
+    if base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode() != MATHJAX["sha512"]:
         raise InputError(f"{tgz} does not match the pinned sha512 of mathjax {MATHJAX['version']}")
     shutil.rmtree(vendor / "mathjax", ignore_errors=True)
     with tarfile.open(tgz) as tar:
@@ -260,7 +246,11 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
         intro = root / "book" / "00_introduction.ipynb"  # the toc's root: the book needs it
         if intro.is_file() and intro not in notebooks and not (src / "book" / intro.name).is_file():
             notebooks.insert(0, intro)
-        print(f"executing {len(notebooks)} chapter(s) with {', '.join(f'{k}={v}' for k, v in sorted(params.items()))}")
+        kept = sorted(nb.stem for nb in (src / "book").glob("*.ipynb")
+                      if (root / "book" / nb.name) not in notebooks)
+        print(f"executing {len(notebooks)} chapter(s) with "
+              + ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+              + (f"\nkept from an earlier run: {', '.join(kept)}" if kept else ""))
         failed = [r for r in execute_chapters(notebooks, params, src, logs=out / "logs", jobs=jobs,
                                               progress=progress) if not r.ok]
     if build:
@@ -311,13 +301,14 @@ def setup(app: Any) -> dict:
 # -- reading aids for the introduction ----------------------------------------------------------
 def demo_heads(cfg: Any, model: Any) -> list[tuple[int, int]]:
     """``cfg.featured_heads`` as ``(layer, head)``, else the first two heads of the last layer and
-    head 0 of the middle layer (late heads are where the paper finds most self-repair)."""
+    head 0 of a middle layer (late heads are where the paper finds most self-repair; a middle
+    one has downstream heads and MLPs, so every term of eq. 2 is exercised)."""
     from .config import parse_head
 
     if cfg.featured_heads:
         return [parse_head(h) for h in cfg.featured_heads]
     last = model.n_layers - 1
-    return sorted({(last, h) for h in range(min(2, model.n_heads))} | {(model.n_layers // 2, 0)})
+    return sorted({(last, h) for h in range(min(2, model.n_heads))} | {((model.n_layers - 1) // 2, 0)})
 
 
 def closure_table(result: Any) -> Any:

@@ -39,7 +39,7 @@ VEGALITE_MIME = f"application/vnd.vegalite.v{VEGALITE_MAJOR}+json"
 MIME_PATTERN = re.compile(r"^application/vnd\.vegalite\.v\d+\+json$")
 CHART_CLASS = "selfrepair-chart"  # the container class the browser test looks for
 MAX_ROWS = 5000  # rows a chart may embed: aggregate or sample before plotting
-EMBED_OPTIONS = {"renderer": "svg",  # crisp text, and a drawn <svg> is easy to test for
+EMBED_OPTIONS = {"mode": "vega-lite", "renderer": "svg",  # svg: crisp text, easy to test for
                  "actions": {"export": True, "source": False, "compiled": False, "editor": False}}
 
 __all__ = ["CHART_CLASS", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME", "VEGALITE_MIME",
@@ -98,7 +98,11 @@ def data_rows(spec: dict) -> int:
 def ensure_small(chart: alt.TopLevelMixin | dict, max_rows: int = MAX_ROWS):
     """Return ``chart`` unchanged, or raise :class:`ChartTooLargeError` if it embeds more than
     ``max_rows`` rows (every row is written into the page: aggregate per head or sample tokens)."""
-    spec = chart if isinstance(chart, dict) else chart.to_dict()
+    if isinstance(chart, dict):
+        spec = chart
+    else:
+        with alt.data_transformers.disable_max_rows():  # count the rows, then raise our error
+            spec = chart.to_dict()
     n = data_rows(spec)
     if n > max_rows:
         raise ChartTooLargeError(f"chart embeds {n} data rows (limit {max_rows}): aggregate the "
@@ -150,6 +154,9 @@ def chart_html(spec: dict, embed_options: dict | None = None) -> str:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     div = f"{CHART_CLASS}-{digest}-{next(_counter)}"
     opts = {**EMBED_OPTIONS, **(embed_options or {})}
+    # "$schema" is an identifier, never fetched; dropping it keeps every URL out of the page
+    # (and vega-embed's version-mismatch warning out of the console).
+    spec = {k: v for k, v in spec.items() if k != "$schema"}
 
     def js(obj: Any) -> str:
         return (json.dumps(obj, sort_keys=True).replace("</", "<\\/")

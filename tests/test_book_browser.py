@@ -1,0 +1,227 @@
+"""Open every page of a built book in headless Chromium: charts drawn, math typeset, no console
+errors, and no request to any host but the local server (the book works offline).
+
+Builds from the notebooks executed on the ``tiny`` profile by conftest's ``executed_book`` plus a
+synthetic page with a few charts (so the renderer is checked even before chapters exist), serves
+the HTML with ``python -m http.server`` on 127.0.0.1 and drives Chromium through the DevTools
+protocol (``websocket-client``). Needs Debian's ``chromium`` (``apt-get install -y chromium``);
+skipped, with that message, where no Chromium can be found.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import altair as alt
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from selfrepair import figures
+from selfrepair.book import build_html, stage_source, vendor_assets
+
+pytestmark = pytest.mark.browser
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHECK_PAGE = "book/chart_check"
+PAGE_STATE = """(() => {
+  const charts = Array.from(document.querySelectorAll('.%s'));
+  return JSON.stringify({
+    charts: charts.length,
+    drawn: charts.filter(el => el.querySelector('svg, canvas')).length,
+    failed: charts.filter(el => el.textContent.includes('[chart')).map(el => el.textContent),
+    math: document.querySelectorAll('.math').length,
+    typeset: document.querySelectorAll('mjx-container').length,
+    ready: document.readyState,
+  });
+})()""" % figures.CHART_CLASS
+
+
+def _browser() -> str | None:
+    return next((p for p in map(shutil.which, BROWSERS) if p), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chart_check_notebook() -> nbformat.NotebookNode:
+    """A page with a point chart (tooltips), a layered chart and a faceted chart, already
+    'executed': its outputs are what the renderer returns."""
+    frame = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
+                          "label": ["L0H0", "L0H1", "L1H0", "L1H1"],
+                          "direct_effect": [0.5, 0.1, 0.9, 0.2], "self_repair": [0.1, -0.2, 0.3, 0.05]})
+    base = alt.Chart(frame).mark_point().encode(
+        x="direct_effect:Q", y="self_repair:Q", color=figures.layer_color(),
+        tooltip=figures.head_tooltip("self_repair"))
+    charts = [base, base + alt.Chart(frame).mark_rule().encode(y="mean(self_repair):Q"),
+              base.properties(width=150, height=120).facet(column="layer:O")]
+    outputs = [nbformat.v4.new_output("display_data", data=figures.render(c.to_dict())) for c in charts]
+    return nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}}, cells=[
+        nbformat.v4.new_markdown_cell("# Chart check\n\nInline math $x^2$ and a display:\n\n"
+                                      "$$\\text{self-repair} = \\Delta\\text{logit} - "
+                                      "\\Delta\\text{DE}_{\\text{head}}$$"),
+        nbformat.v4.new_code_cell("charts", outputs=outputs, execution_count=1)])
+
+
+@pytest.fixture(scope="module")
+def built_book(executed_book) -> Path:
+    """The HTML of the executed chapters plus the chart-check page, built with warnings as errors."""
+    root, src = executed_book.root, executed_book.out / "src"
+    vendor_assets(root / "book" / "_static", root / ".cache" / "npm")
+    stage_source(root, src)
+    nbformat.write(_chart_check_notebook(), src / f"{CHECK_PAGE}.ipynb")
+    toc = yaml.safe_load((src / "_toc.yml").read_text())
+    toc["parts"][-1]["chapters"].append({"file": CHECK_PAGE})
+    (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True))
+    html = executed_book.out / "html"
+    started = time.time()
+    assert build_html(src, html, strict=True) == 0, "the book build failed (warnings are errors)"
+    print(f"tiny book built in {time.time() - started:.1f} s")
+    return html
+
+
+class DevTools:
+    """A minimal Chrome DevTools protocol client for one page target."""
+
+    def __init__(self, ws_url: str):
+        import websocket
+
+        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
+        self.next_id, self.events = 0, []
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+@pytest.fixture(scope="module")
+def browser(built_book, tmp_path_factory):
+    exe = _browser()
+    if exe is None:
+        pytest.skip("no Chromium found: install it with `apt-get install -y chromium` (Debian)")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(built_book)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    profile = tmp_path_factory.mktemp("chromium")
+    chrome = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu",
+                               "--disable-dev-shm-usage", "--disable-background-networking",
+                               "--disable-component-update", "--disable-sync", "--no-first-run",
+                               "--no-default-browser-check", f"--user-data-dir={profile}",
+                               "--remote-debugging-port=0", "about:blank"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file, deadline = profile / "DevToolsActivePort", time.time() + 30
+        while not port_file.is_file() or not port_file.read_text().strip():
+            assert time.time() < deadline and chrome.poll() is None, "Chromium did not start"
+            time.sleep(0.1)
+        cdp = int(port_file.read_text().split()[0])
+        req = urllib.request.Request(f"http://127.0.0.1:{cdp}/json/new?about:blank", method="PUT")
+        target = json.loads(urllib.request.urlopen(req, timeout=10).read())
+        tools = DevTools(target["webSocketDebuggerUrl"])
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            tools.call(f"{domain}.enable")
+        yield tools, f"http://127.0.0.1:{port}"
+        tools.close()
+    finally:
+        chrome.terminate()
+        server.terminate()
+        chrome.wait(timeout=10)
+        server.wait(timeout=10)
+
+
+def _pages(html: Path) -> list[str]:
+    return sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
+                  if "_static" not in p.parts and "_sources" not in p.parts)
+
+
+def _problems(events: list[dict], origin: str) -> list[str]:
+    out = []
+    for e in events:
+        method, p = e.get("method"), e.get("params", {})
+        if "favicon.ico" in json.dumps(p):  # the browser asks every server for one; not the book's
+            continue
+        if method == "Runtime.exceptionThrown":
+            details = p["exceptionDetails"]
+            out.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
+        elif method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+            out.append("console.error: " + " ".join(str(a.get("value", a.get("description")))
+                                                    for a in p.get("args", [])))
+        elif method == "Log.entryAdded" and p["entry"].get("level") == "error":
+            out.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
+        elif method == "Network.requestWillBeSent":
+            url = p["request"]["url"]
+            if urlparse(url).scheme in ("http", "https", "ws", "wss") and not url.startswith(origin):
+                out.append(f"external request: {url}")
+        elif method == "Network.responseReceived" and p["response"]["status"] >= 400:
+            out.append(f"HTTP {p['response']['status']}: {p['response']['url']}")
+    return out
+
+
+def test_every_page_draws_charts_and_math_offline(browser, built_book):
+    tools, origin = browser
+    pages = _pages(built_book)
+    assert f"{CHECK_PAGE}.html" in pages and "book/00_introduction.html" in pages
+    report, total_charts = {}, 0
+    for page in pages:
+        tools.events.clear()
+        tools.call("Page.navigate", url=f"{origin}/{page}")
+        deadline, state = time.time() + 20, {}
+        while time.time() < deadline:
+            state = json.loads(tools.evaluate(PAGE_STATE) or "{}")
+            if (state.get("ready") == "complete" and state["drawn"] + len(state["failed"]) == state["charts"]
+                    and (state["math"] == 0 or state["typeset"] > 0)):
+                break
+            time.sleep(0.2)
+        time.sleep(0.3)  # let late console messages arrive
+        tools.evaluate("1")
+        problems = _problems(tools.events, origin)
+        if state.get("charts") != state.get("drawn"):
+            problems.append(f"{state.get('drawn')} of {state.get('charts')} charts drawn {state.get('failed')}")
+        if state.get("math") and not state.get("typeset"):
+            problems.append(f"{state['math']} math elements but MathJax typeset none")
+        total_charts += state.get("charts", 0)
+        print(f"{page}: {state.get('drawn')}/{state.get('charts')} charts drawn, "
+              f"{state.get('typeset')} formulas typeset, {len(problems)} problems")
+        if problems:
+            report[page] = problems
+    assert not report, json.dumps(report, indent=1)
+    assert total_charts >= 3
+
+
+def test_html_names_no_external_script_style_or_font(built_book):
+    """Static check of the same: no <script src>, <link href> or CSS url() to another host."""
+    bad = []
+    for path in built_book.rglob("*"):
+        if path.suffix not in (".html", ".css") or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        bad += [f"{path.name}: {m}" for m in re.findall(r"<script[^>]+src=\"https?://[^\"]+\"", text)]
+        bad += [f"{path.name}: {m}" for m in re.findall(r"<link[^>]+href=\"https?://[^>]+>", text)]
+        bad += [f"{path.name}: {m}" for m in re.findall(r"url\(['\"]?https?://[^)]+\)", text)]
+    assert not bad, "\n".join(bad[:20])

@@ -1,0 +1,149 @@
+"""Every chapter notebook (``book/*.ipynb``, picked up automatically) follows the notebook rules of
+docs/DEVELOPING.md and runs under papermill on the ``tiny`` profile.
+
+Structure: exactly one ``parameters`` cell of literal assignments with a trailing comment each,
+naming every ``RunConfig`` field; the next code cell builds ``cfg = RunConfig.from_params(...)``;
+``started = time.time()`` early; no ``def``/``class``/loops (comprehensions included) in code
+cells; committed without outputs; the last code cell calls ``provenance``.
+
+Execution (the session fixture ``executed_book`` in conftest.py runs them all once): no error,
+at least one chart per chapter (the introduction may have none), every chart spec valid against
+the Vega-Lite schema and small, and the injected parameters visible in the provenance table.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+import tokenize
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from selfrepair.config import RunConfig
+from selfrepair.figures import MAX_ROWS, charts_in_notebook, data_rows, validate_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
+CONFIG_FIELDS = {f.name for f in fields(RunConfig)} - {"extra"}
+NO_CHART_OK = {"00_introduction"}
+LOOPS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.AsyncFor, ast.While,
+         ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda)
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def _source(cell: dict) -> str:
+    src = cell["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
+def _code(path: Path) -> list[dict]:
+    return [c for c in _cells(path) if c["cell_type"] == "code"]
+
+
+def _python(source: str) -> str:
+    """The cell without IPython magics/shell lines (which are not Python)."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.splitlines())
+
+
+def test_there_are_notebooks():
+    assert (ROOT / "book" / "00_introduction.ipynb") in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_of_commented_literals(path):
+    tagged = [c for c in _cells(path) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged 'parameters', want exactly 1"
+    assert tagged[0]["cell_type"] == "code"
+    source = _source(tagged[0])
+    tree = ast.parse(source)
+    comments = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    names = set()
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 \
+            and isinstance(stmt.targets[0], ast.Name), \
+            f"{path.name} line {stmt.lineno}: the parameters cell holds only `name = literal`"
+        name = stmt.targets[0].id
+        try:
+            ast.literal_eval(stmt.value)
+        except ValueError:
+            pytest.fail(f"{path.name}: parameter {name} is not a literal")
+        assert stmt.end_lineno in comments, f"{path.name}: parameter {name} needs a trailing comment"
+        names.add(name)
+    missing = CONFIG_FIELDS - names
+    assert not missing, f"{path.name}: the parameters cell lacks RunConfig fields {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_config_cell_and_start_time(path):
+    code = _code(path)
+    i = next(i for i, c in enumerate(code) if "parameters" in c.get("metadata", {}).get("tags", []))
+    assert i + 1 < len(code), f"{path.name}: no code cell after the parameters cell"
+    nxt = _python(_source(code[i + 1]))
+    assert re.search(r"^cfg\s*=\s*RunConfig\.from_params\(", nxt, re.M), \
+        f"{path.name}: the cell after the parameters builds `cfg = RunConfig.from_params(...)`"
+    early = "\n".join(_source(c) for c in code[: i + 2])
+    assert re.search(r"^started\s*=\s*time\.time\(\)", early, re.M), \
+        f"{path.name}: set `started = time.time()` in or before the cfg cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_def_class_or_loops(path):
+    for n, cell in enumerate(_code(path)):
+        for node in ast.walk(ast.parse(_python(_source(cell)))):
+            assert not isinstance(node, LOOPS), (
+                f"{path.name} code cell {n}: {type(node).__name__} at line {node.lineno} — "
+                "notebooks call the library; move functions, classes and loops into src/selfrepair")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+    for n, cell in enumerate(_code(path)):
+        assert not cell.get("outputs") and cell.get("execution_count") is None, \
+            f"{path.name} code cell {n} has outputs: clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_ends_with_provenance(path):
+    assert re.search(r"\bprovenance\(", _source(_code(path)[-1])), \
+        f"{path.name}: the last code cell must be `provenance(cfg, started)`"
+
+
+# -- execution on the tiny profile ----------------------------------------------------------------
+def _outputs(nb: dict) -> list[dict]:
+    return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+
+
+def _provenance(nb: dict) -> dict[str, str]:
+    last = [c for c in nb["cells"] if c["cell_type"] == "code"][-1]
+    text = "".join("".join(o.get("data", {}).get("text/plain", "")) for o in last.get("outputs", []))
+    return dict(re.findall(r"^\s*\d+\s+(\S+)\s+(.*?)\s*$", text, re.M))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_runs_on_tiny_profile(path, executed_book):
+    run = executed_book.runs[path.stem]
+    assert run.ok, f"{path.name} failed on the tiny profile: {run.error}\n(executed: {run.executed})"
+    nb = json.loads(run.executed.read_text(encoding="utf-8"))
+    errors = [o for o in _outputs(nb) if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+
+    charts = charts_in_notebook(nb)
+    if path.stem not in NO_CHART_OK:
+        assert charts, f"{path.name} displayed no chart (use selfrepair.figures' renderer)"
+    for spec in charts:
+        validate_spec(spec)
+        assert data_rows(spec) <= MAX_ROWS
+
+    prov = _provenance(nb)
+    tiny = executed_book.params
+    assert prov.get("param:model") == tiny["model"], f"provenance says {prov.get('param:model')!r}"
+    assert prov.get("param:n_tokens") == str(tiny["n_tokens"])
