@@ -126,3 +126,33 @@ def test_changed_parameters_change_the_cache_key(tmp_path):
     pa = cache_path(a, "sweep-resample", cache_params(a, m, ablation="resample"))
     pb = cache_path(b, "sweep-resample", cache_params(b, m, ablation="resample"))
     assert pa != pb and pa.parent == pb.parent
+
+
+def test_out_of_memory_retries_once_with_fewer_rows_then_explains(monkeypatch):
+    import selfrepair.sweep as sw
+    from selfrepair.errors import InputError
+
+    model = load_model("tiny-gpt2")
+    tok = rows(model, n=4)
+    want = run_sweep(model, tok, batch_size=4, progress=False)
+    real, calls = sw.ablate_heads, []
+
+    def flaky(*args, **kw):
+        calls.append(len(args[5]))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sw, "ablate_heads", flaky)
+    with pytest.warns(UserWarning, match="retrying with 8"):
+        got = run_sweep(model, tok, batch_size=4, max_rows=16, progress=False)
+    assert calls[0] == 4 and max(calls[1:]) == 2  # 16 rows / 4 = 4 heads, then 8 / 4 = 2
+    torch.testing.assert_close(got.sum_top, want.sum_top)
+
+    def always(*args, **kw):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(sw, "ablate_heads", always)
+    with pytest.raises(InputError, match="out of memory even with max_rows=8.*smaller batch_size"):
+        with pytest.warns(UserWarning):
+            run_sweep(model, tok, batch_size=4, max_rows=16, progress=False)

@@ -184,8 +184,8 @@ def run_sweep(model: Model, tokens: torch.Tensor, *, ablation: str = "resample",
     chunks_i, chunks_v = [], []  # per-token rows since the last consolidation (no O(n^2) concat)
     for bi in range(done, len(starts)):
         start = starts[bi]
-        idx, vals = _sweep_batch(model, tokens[start:start + batch_size], start * seq1, ablation,
-                                 state, max_rows)
+        idx, vals, max_rows = _batch_with_oom_retry(model, tokens[start:start + batch_size],
+                                                    start * seq1, ablation, state, max_rows)
         chunks_i.extend(idx)
         chunks_v.extend(vals)
         state["next"] = torch.tensor(bi + 1)
@@ -203,6 +203,28 @@ def run_sweep(model: Model, tokens: torch.Tensor, *, ablation: str = "resample",
         if state_path.exists():
             state_path.unlink()
     return sweep
+
+
+def _batch_with_oom_retry(model: Model, tok: torch.Tensor, offset: int, ablation: str,
+                          state: dict, max_rows: int) -> tuple[list, list, int]:
+    """One batch; out of GPU memory, retry once with half the rows per pass, then explain."""
+    snapshot = {k: state[k].clone() for k in ("sum_all", "sum_top", "n_top")}
+    try:
+        return (*_sweep_batch(model, tok, offset, ablation, state, max_rows), max_rows)
+    except torch.OutOfMemoryError:
+        state.update(snapshot)  # undo the partial sums of the failed attempt
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        smaller = max(1, max_rows // 2)
+        import warnings
+        warnings.warn(f"out of memory with max_rows={max_rows}; retrying with {smaller}")
+        try:
+            return (*_sweep_batch(model, tok, offset, ablation, state, smaller), smaller)
+        except torch.OutOfMemoryError as e:
+            raise InputError(
+                f"out of memory even with max_rows={smaller} (rows of heads x batch per pass): use "
+                f"a smaller batch_size (now {len(tok)}) or seq_len, dtype='bfloat16', or a device "
+                "with more memory. Progress so far is checkpointed; rerun to resume.") from e
 
 
 def _consolidate(state: dict, chunks_i: list, chunks_v: list) -> None:
