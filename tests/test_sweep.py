@@ -53,31 +53,30 @@ def test_same_seed_gives_identical_results(tmp_path):
         assert torch.equal(v, b.tensors()[k]), k
 
 
-SCRIPT = """
-import sys, torch
-from selfrepair import load_model
-from selfrepair.sweep import run_sweep
-model = load_model("tiny-gpt2")
-tok = torch.randint(0, model.d_vocab, (48, 12), generator=torch.Generator().manual_seed(0))
-run_sweep(model, tok, batch_size=2, top_percent=5, path=sys.argv[1], progress=False,
-          params={"test": 1})
-"""
+CLI = ["sweep", "--model", "tiny-gpt2", "--dataset", "tiny", "--tokens", "768", "--seq-len", "16",
+       "--batch-size", "2", "--top-percent", "5"]
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    out = tmp_path / "sweep.safetensors"
+def _cli(out_dir):
+    return [sys.executable, "-m", "selfrepair.cli", *CLI, "--out", str(out_dir)]
+
+
+def _result_file(out_dir):
+    cfg = RunConfig.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=768, seq_len=16,
+                                batch_size=2, top_percent=5, cache_dir=str(out_dir))
+    return cache_path(cfg, "sweep-resample",
+                      cache_params(cfg, open_model(cfg), ablation="resample", kind="head_sweep"))
+
+
+def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
+    out = _result_file(tmp_path / "a")
     partial = out.with_name(out.name + ".partial")
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out)])
-    deadline = time.monotonic() + 120
+    proc = subprocess.Popen(_cli(tmp_path / "a"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline:  # wait for a few checkpoints, then kill mid-run
-            if partial.exists():
-                try:
-                    state, _ = load_tensors(partial)
-                except CorruptResultError:
-                    continue  # cannot happen with atomic writes; would fail the assert below
-                if int(state["next"]) >= 3:
-                    break
+            if partial.exists() and int(load_tensors(partial)[0]["next"]) >= 3:
+                break  # load_tensors would raise if a checkpoint were ever half-written
             assert proc.poll() is None, "the sweep finished before it could be interrupted"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
@@ -88,15 +87,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert not out.exists() and partial.exists()
     done_before = int(load_tensors(partial)[0]["next"])
     assert 3 <= done_before < 24
-    model = load_model("tiny-gpt2")
-    tok = torch.randint(0, model.d_vocab, (48, 12), generator=torch.Generator().manual_seed(0))
-    resumed = run_sweep(model, tok, batch_size=2, top_percent=5, path=out, progress=False,
-                        params={"test": 1})
+    resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
     assert out.exists() and not partial.exists()
-    fresh = run_sweep(model, tok, batch_size=2, top_percent=5, progress=False, params={"test": 1})
-    for k, v in fresh.tensors().items():
-        assert torch.equal(v, resumed.tensors()[k]), k
-    assert torch.equal(Sweep.load(out).tok_values, fresh.tok_values)
+    fresh = subprocess.run(_cli(tmp_path / "b"), capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    a, b = Sweep.load(out), Sweep.load(_result_file(tmp_path / "b"))
+    for k, v in b.tensors().items():
+        assert torch.equal(v, a.tensors()[k]), k
+    assert a.meta["params"] == b.meta["params"] and a.meta["seed"] == 0
 
 
 def test_truncated_cache_is_detected_and_recomputed(tmp_path):
