@@ -1,0 +1,195 @@
+"""Figures for chapter 01, "Self-repair exists, imperfect and noisy" (paper §2.2-2.3, Fig 1-3).
+
+Pure functions: tidy frame in (from :mod:`selfrepair.existence`), Altair chart out; they need only
+``altair`` and ``pandas``. Per-head frames have one row per head; per-token frames are cut to the
+featured heads and sampled so that no chart embeds more than a few thousand rows. Signs follow
+:mod:`selfrepair.existence`: ``delta_logit = ablated - clean``; heads between the line y = -x and
+the x-axis of a DE-vs-Δlogit plot are self-repaired.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+CATEGORY_ORDER = ["repaired", "overcorrected", "broken", "no direct effect"]
+CATEGORY_COLORS = ["#4c78a8", "#f58518", "#e45756", "#bab0ac"]
+HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
+
+
+def _tips(frame: pd.DataFrame, *fields: str) -> list[alt.Tooltip]:
+    tips = list(HEAD_TIPS)
+    for f in fields:
+        if f in frame.columns:
+            numeric = pd.api.types.is_numeric_dtype(frame[f])
+            tips.append(alt.Tooltip(f"{f}:{'Q' if numeric else 'N'}", title=f.replace("_", " "),
+                                    **({"format": ".3f"} if numeric else {})))
+    return tips
+
+
+def _head_order(frame: pd.DataFrame) -> list[str]:
+    return frame.sort_values(["layer", "head"]).drop_duplicates("label")["label"].tolist()
+
+
+def _category_color(legend: bool = True) -> alt.Color:
+    return alt.Color("category:N", scale=alt.Scale(domain=CATEGORY_ORDER, range=CATEGORY_COLORS),
+                     title="region", legend=alt.Legend() if legend else None)
+
+
+def _diagonal(x: str, y: str) -> list[alt.Chart]:
+    """The y = -x line (no repair) spanning the data's x range, and the x-axis (full repair),
+    both computed by Vega-Lite from the chart's own data (no extra rows)."""
+    line = (alt.Chart().transform_aggregate(lo=f"min({x})", hi=f"max({x})")
+            .transform_calculate(lo="min(datum.lo, 0)", hi="max(datum.hi, 0)")
+            .transform_fold(["lo", "hi"], as_=["end", "x"])
+            .transform_calculate(y="-datum.x")
+            .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
+            .encode(x=alt.X("x:Q"), y=alt.Y("y:Q")))
+    axis = alt.Chart().mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
+    return [line, axis]
+
+
+def fig_self_repair_by_layer(per_head: pd.DataFrame, column: str = "self_repair",
+                             brush: alt.Parameter | None = None) -> alt.LayerChart:
+    """Fig 1: each head's mean ``column`` over its top-k% tokens against its layer, with the
+    layer-mean line. With ``brush`` (an x-interval selection) dragging over layers selects them."""
+    base = alt.Chart(per_head)
+    points = base.mark_circle(size=45, opacity=0.8).encode(
+        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y(f"{column}:Q", title=f"{column.replace('_', '-')} on top-k% tokens (logits)"),
+        color=_category_color(),
+        tooltip=_tips(per_head, "direct_effect", "delta_logit", "self_repair", "delta_direct_effect",
+                      "category"))
+    if brush is not None:
+        points = points.add_params(brush)
+    mean = base.mark_line(color="black", strokeWidth=2, point=alt.OverlayMarkDef(color="black")).encode(
+        x="layer:Q", y=alt.Y(f"mean({column}):Q"),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip(f"mean({column}):Q", format=".3f",
+                                                     title=f"layer mean {column.replace('_', ' ')}")])
+    zero = base.mark_rule(color="#888").encode(y=alt.datum(0))
+    return alt.layer(zero, points, mean).properties(
+        title=f"Per-head {column.replace('_', '-')} by layer (line: layer mean)")
+
+
+def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = None,
+                          boot: pd.DataFrame | None = None) -> alt.LayerChart:
+    """Fig 2: each head's mean direct effect (x) against mean Δlogit when ablated (y) on its
+    top-k% tokens, with y = -x (no repair) and the x-axis (perfect repair). Heads selected by
+    ``brush`` keep their colour; ``boot`` (bootstrap of ``delta_logit``: ``lo``/``hi``) adds 95%
+    intervals."""
+    frame = per_head
+    if boot is not None:
+        frame = per_head.merge(boot[["layer", "head", "lo", "hi"]], on=["layer", "head"], how="left")
+    x = alt.X("direct_effect:Q", title="direct effect DE (logits)")
+    y = alt.Y("delta_logit:Q", title="Δlogit = ablated − clean (logits)")
+    color = _category_color()
+    if brush is not None:
+        color = alt.condition(brush, color, alt.value("#dddddd"))
+    points = alt.Chart().mark_circle(size=55, opacity=0.85).encode(
+        x=x, y=y, color=color, tooltip=_tips(frame, "direct_effect", "delta_logit", "self_repair",
+                                             "delta_direct_effect", "repair_fraction", "lo", "hi",
+                                             "category"))
+    layers = _diagonal("direct_effect", "delta_logit")
+    if boot is not None:
+        layers.append(alt.Chart().mark_rule(opacity=0.35).encode(
+            x="direct_effect:Q", y="lo:Q", y2="hi:Q", color=color))
+    return alt.layer(*layers, points, data=frame).properties(
+        title="Direct effect vs Δlogit per head (dashed: y = −x, no repair)")
+
+
+def fig_overview(per_head: pd.DataFrame, boot: pd.DataFrame | None = None) -> alt.HConcatChart:
+    """Fig 1 and Fig 2 side by side, linked: drag across layers in the left chart to highlight
+    those layers' heads on the right."""
+    brush = alt.selection_interval(encodings=["x"], name="layers")
+    left = fig_self_repair_by_layer(per_head, brush=brush).properties(width=340)
+    right = fig_de_vs_delta_logit(per_head, brush=brush, boot=boot).properties(width=340)
+    return alt.hconcat(left, right).resolve_scale(color="shared")
+
+
+def featured_tokens(top: pd.DataFrame, featured: pd.DataFrame, sample: pd.DataFrame | None = None,
+                    max_per_head: int = 600, seed: int = 0) -> pd.DataFrame:
+    """Per-token rows of the featured heads (top-k% tokens, plus the random sample if given),
+    at most ``max_per_head`` of each kind per head (seeded sample) — the data of Fig 3."""
+    parts = []
+    for kind, frame in (("random sample", sample), ("top-k%", top)):  # top tokens drawn last
+        if frame is None:
+            continue
+        keep = frame.merge(featured[["layer", "head"]], on=["layer", "head"])
+        keep = (keep.sample(frac=1.0, random_state=seed).groupby(["layer", "head"]).head(max_per_head)
+                .sort_values(["layer", "head"], kind="mergesort"))
+        parts.append(keep.assign(tokens=kind))
+    return pd.concat(parts, ignore_index=True)
+
+
+def fig_featured_tokens(tokens: pd.DataFrame, columns: int = 2) -> alt.FacetChart:
+    """Fig 3: per-token direct effect vs Δlogit for each featured head (one panel each), top-k%
+    tokens in colour, the random sample in grey; dashed y = -x, solid x-axis."""
+    points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
+        x=alt.X("direct_effect:Q", title="direct effect DE"),
+        y=alt.Y("delta_logit:Q", title="Δlogit"),
+        color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
+                                                    range=["#4c78a8", "#bab0ac"]), title="tokens"),
+        tooltip=_tips(tokens, "tokens", "row", "pos", "direct_effect", "delta_logit", "self_repair",
+                      "delta_direct_effect"))
+    return (alt.layer(*_diagonal("direct_effect", "delta_logit"), points, data=tokens)
+            .properties(width=260, height=200)
+            .facet(facet=alt.Facet("label:N", title=None, sort=_head_order(tokens)), columns=columns)
+            .resolve_scale(x="independent", y="independent")
+            .properties(title="Per-token DE vs Δlogit of the featured heads"))
+
+
+def fig_regions_by_layer(per_head: pd.DataFrame) -> alt.Chart:
+    """Imperfection: number of heads per layer in each region of Fig 2 (stacked)."""
+    return alt.Chart(per_head).mark_bar().encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("count():Q", title="heads"),
+        color=_category_color(),
+        order=alt.Order("category:N"),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("category:N", title="region"),
+                 alt.Tooltip("count():Q", title="heads")],
+    ).properties(title="Where each layer's heads fall in Fig 2")
+
+
+def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
+    """Noise: per head, the 10-90% (thin) and 25-75% (thick) range of per-token self-repair on its
+    top-k% tokens with the median (tick) and mean DE (diamond); below, the share of tokens where
+    the ablation removes direct effect but the logit goes up (overcorrection)."""
+    order = _head_order(spread)
+    x = alt.X("label:N", sort=order, title="head", axis=alt.Axis(labelAngle=-90, labelFontSize=8))
+    tips = _tips(spread, "n", "mean_de", "mean", "median", "q10", "q25", "q75", "q90", "iqr_over_de",
+                 "share_overcorrecting", "corr_de_delta_logit")
+    base = alt.Chart(spread).encode(x=x, tooltip=tips)
+    color = alt.Color("layer:O", scale=alt.Scale(scheme="viridis"), legend=None)
+    ranges = alt.layer(
+        base.mark_rule(color="#888").encode(y=alt.Y("q10:Q", title="self-repair per token (logits)"),
+                                            y2="q90:Q"),
+        base.mark_bar(size=5).encode(y="q25:Q", y2="q75:Q", color=color),
+        base.mark_tick(color="black", thickness=2, size=8).encode(y="median:Q"),
+        base.mark_point(shape="diamond", color="#e45756", size=25, filled=True).encode(y="mean_de:Q"),
+        base.mark_rule(color="#444").encode(y=alt.datum(0)),
+    ).properties(width=620, height=220, title="Per-token spread of self-repair (diamond: mean DE)")
+    over = base.mark_bar(color="#f58518").encode(
+        y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%"))
+    ).properties(width=620, height=90)
+    return alt.vconcat(ranges, over)
+
+
+def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> alt.LayerChart:
+    """Imperfection with uncertainty: each head's mean Δlogit on its top-k% tokens with a 95%
+    bootstrap interval; an interval entirely below 0 means the repair is measurably incomplete."""
+    frame = boot.assign(interval=pd.cut(boot["hi"], [-float("inf"), 0, float("inf")],
+                                        labels=["below 0", "contains or above 0"]).astype(str))
+    if per_head is not None and "category" in per_head:
+        frame = frame.merge(per_head[["layer", "head", "category"]], on=["layer", "head"], how="left")
+    base = alt.Chart(frame).encode(
+        x=alt.X("label:N", sort=_head_order(frame), title="head",
+                axis=alt.Axis(labelAngle=-90, labelFontSize=8)),
+        tooltip=_tips(frame, "mean", "lo", "hi", "n", "category"))
+    color = alt.Color("interval:N", scale=alt.Scale(domain=["below 0", "contains or above 0"],
+                                                    range=["#4c78a8", "#bab0ac"]), title="95% interval")
+    return alt.layer(
+        base.mark_rule(color="#444").encode(y=alt.datum(0)),
+        base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% bootstrap CI"),
+                                             y2="hi:Q", color=color),
+        base.mark_point(filled=True, size=25).encode(y="mean:Q", color=color),
+    ).properties(width=620, height=220, title="Mean Δlogit per head with bootstrap intervals")

@@ -1,0 +1,145 @@
+"""Figures for chapter 02, "LayerNorm self-repair" (paper §3, App. A, B, D; Fig 4-6, 9, 10, 15).
+
+Pure functions: tidy frame in (from :mod:`selfrepair.layernorm`), Altair chart out; they need only
+``altair`` and ``pandas``. ``ratio = S/S'`` (clean over ablated final-norm scale; > 1: the norm
+amplifies the existing logits), ``norm_ratio = S'/S`` (App. D), norm share = ``from_norm / DE``.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+from .existence import _diagonal, _tips
+
+ABLATIONS = ["resample", "mean", "zero"]
+ABLATION_COLORS = ["#4c78a8", "#f58518", "#54a24b"]
+
+
+def _ablation_color(title: str = "ablation") -> alt.Color:
+    return alt.Color("ablation:N", scale=alt.Scale(domain=ABLATIONS, range=ABLATION_COLORS), title=title)
+
+
+def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
+    """Fig 4: histogram of ``S/S'`` on the head's top-k% tokens, one row per ablation, with the
+    line at 1 and the share of tokens above it (computed by Vega-Lite from the same rows)."""
+    t = tokens[tokens["tokens"] == "top-k%"][["label", "ablation", "ratio"]]
+    base = alt.Chart()
+    hist = base.mark_bar(opacity=0.85).encode(
+        x=alt.X("ratio:Q", bin=alt.Bin(maxbins=bins), title="S / S′ (clean / ablated final-norm scale)"),
+        y=alt.Y("count():Q", title="tokens"), color=_ablation_color(),
+        tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("ratio:Q", bin=alt.Bin(maxbins=bins), title="S/S′ bin"),
+                 alt.Tooltip("count():Q", title="tokens")])
+    one = base.mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
+    share = (base.transform_calculate(above="datum.ratio > 1 ? 1 : 0")
+             .transform_aggregate(share="mean(above)", n="count()")
+             .mark_text(align="right", baseline="top", x="width", y=4, dx=-4, fontSize=12)
+             .encode(text=alt.Text("share:Q", format=".1%"),
+                     tooltip=[alt.Tooltip("share:Q", format=".2%", title="share S/S′ > 1"),
+                              alt.Tooltip("n:Q", title="tokens")]))
+    label = t["label"].iloc[0] if len(t) else ""
+    return (alt.layer(hist, one, share, data=t).properties(width=480, height=110)
+            .facet(row=alt.Row("ablation:N", sort=ABLATIONS, title=None))
+            .resolve_scale(y="independent")
+            .properties(title=f"{label}: S/S′ on its top-k% tokens (text: share > 1)"))
+
+
+def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: int = 0) -> alt.FacetChart:
+    """Fig 5: per-token direct effect vs Δlogit of the head under each ablation (one panel each),
+    top-k% tokens in colour over a random sample in grey; dashed y = -x, solid x-axis."""
+    t = (tokens.sample(frac=1.0, random_state=seed).groupby(["ablation", "tokens"]).head(max_per_panel)
+         .sort_values(["ablation", "tokens"], ascending=[True, False], kind="mergesort"))
+    points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
+        x=alt.X("direct_effect:Q", title="direct effect DE"),
+        y=alt.Y("delta_logit:Q", title="Δlogit"),
+        color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
+                                                    range=["#4c78a8", "#bab0ac"]), title="tokens"),
+        tooltip=_tips(t, "ablation", "tokens", "row", "pos", "direct_effect", "delta_logit",
+                      "self_repair", "from_norm", "ratio"))
+    label = t["label"].iloc[0] if len(t) else ""
+    return (alt.layer(*_diagonal("direct_effect", "delta_logit"), points, data=t)
+            .properties(width=230, height=210)
+            .facet(column=alt.Column("ablation:N", sort=ABLATIONS, title=None))
+            .properties(title=f"{label}: DE vs Δlogit under three ablations"))
+
+
+def fig_norm_share(shares: pd.DataFrame, paper: float = 0.30) -> alt.LayerChart:
+    """Fig 6: per head, the clipped share of its direct effect given back by the norm(s) on its
+    top-k% tokens (points), the layer means (lines), and the paper's ~30% (dotted)."""
+    f = shares[(shares["tokens"] == "top-k%") & (shares["clipping"] == "clipped")]
+    color = alt.Color("component:N", scale=alt.Scale(domain=["final norm", "block norms"],
+                                                     range=["#4c78a8", "#e45756"]), title="norm")
+    base = alt.Chart(f)
+    points = base.mark_circle(size=40, opacity=0.6).encode(
+        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("share:Q", title="norm self-repair / DE (clipped, top-k%)", axis=alt.Axis(format="%"),
+                scale=alt.Scale(domain=[0, 1])),
+        color=color, tooltip=_tips(f, "component", "share", "n"))
+    line = base.mark_line(strokeWidth=2).encode(x="layer:Q", y="mean(share):Q", color=color,
+                                                tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("component:N"),
+                                                         alt.Tooltip("mean(share):Q", format=".1%",
+                                                                     title="layer mean")])
+    ref = base.mark_rule(color="#444", strokeDash=[2, 2]).encode(y=alt.datum(paper))
+    return alt.layer(ref, points, line).properties(
+        title="Share of each head's direct effect the norms give back (dotted: paper ≈ 30%)")
+
+
+def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
+    """Fig 9 vs Fig 10: layer means of the final-norm share, unclipped vs clipped (panels, own
+    y-scales) on the top-k% tokens and on a random sample of all tokens (colour)."""
+    f = layers[layers["component"] == "final norm"]
+    return (alt.Chart(f).mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%")),
+        color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
+                                                    range=["#4c78a8", "#bab0ac"]), title="tokens"),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
+                 alt.Tooltip("share:Q", format=".1%", title="layer mean share"),
+                 alt.Tooltip("n_heads:Q", title="heads")])
+        .properties(width=300, height=220)
+        .facet(column=alt.Column("clipping:N", sort=["unclipped", "clipped"], title=None))
+        .resolve_scale(y="independent")
+        .properties(title="Final-norm share of DE: unclipped (Fig 9) vs clipped to [0, 1] (Fig 10)"))
+
+
+def fig_norm_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.Chart:
+    """App. D / Fig 15: ``S'/S`` (= ||r'||/||r|| for RMSNorm; centred residual for LayerNorm) on a
+    random sample of all tokens — no filtering by direct effect — per ablation."""
+    t = tokens[tokens["tokens"] == "random sample"][["label", "ablation", "norm_ratio"]]
+    label = t["label"].iloc[0] if len(t) else ""
+    hist = alt.Chart(t).mark_bar(opacity=0.5, binSpacing=0).encode(
+        x=alt.X("norm_ratio:Q", bin=alt.Bin(maxbins=bins), title="S′ / S (ablated / clean residual norm)"),
+        y=alt.Y("count():Q", stack=None, title="tokens"), color=_ablation_color(),
+        tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("count():Q", title="tokens")])
+    one = alt.Chart(t).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
+    return alt.layer(hist, one).properties(
+        width=480, height=220, title=f"{label}: residual-norm ratio on a random sample of tokens")
+
+
+def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0) -> alt.FacetChart:
+    """App. B: the closed form ``(S/S'-1)·logit + (S/S')·ΔDE`` (y) against the real Δlogit (x),
+    one panel per model; points on the dashed y = x line mean the formula is exact."""
+    t = (check.sample(frac=1.0, random_state=seed).groupby(["model", "ablation"]).head(max_per_panel // 3)
+         .sort_values(["model", "ablation"], kind="mergesort"))
+    t = t.assign(panel=t["model"] + " " + t["label"] + (t["parallel_residual"].map(
+        {True: " (parallel)", False: " (sequential)"})))
+    points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
+        x=alt.X("delta_logit:Q", title="Δlogit (real)"),
+        y=alt.Y("closed_form:Q", title="App. B closed form"),
+        color=_ablation_color(),
+        tooltip=[alt.Tooltip("panel:N", title="model, head"), alt.Tooltip("ablation:N"),
+                 alt.Tooltip("row:Q"), alt.Tooltip("pos:Q")] +
+                [alt.Tooltip(f"{c}:Q", format=".3g") for c in
+                 ("delta_logit", "closed_form", "error", "ratio", "scaled_logit", "from_mlps",
+                  "from_block_norms")])
+    diag = (alt.Chart().transform_aggregate(lo="min(delta_logit)", hi="max(delta_logit)")
+            .transform_fold(["lo", "hi"], as_=["end", "v"])
+            .mark_line(color="#444", strokeDash=[4, 3]).encode(x="v:Q", y="v:Q"))
+    return (alt.layer(diag, points, data=t).properties(width=280, height=240)
+            .facet(column=alt.Column("panel:N", title=None))
+            .resolve_scale(x="independent", y="independent")
+            .properties(title="Appendix B closed form vs real Δlogit (dashed: y = x)"))
+
+
+__all__ = ["fig_scale_ratio", "fig_ablation_scatter", "fig_norm_share", "fig_share_variants",
+           "fig_norm_ratio", "fig_appendix_b"]

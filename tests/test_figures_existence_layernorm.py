@@ -1,0 +1,226 @@
+"""Figures of chapters 01 and 02 built from small synthetic frames: valid Vega-Lite, the intended
+marks, fields and tooltips, and small embedded data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from selfrepair import existence, layernorm
+from selfrepair.figures import data_rows, validate_spec
+from selfrepair.figures import existence as fe
+from selfrepair.figures import layernorm as fl
+
+
+def per_head(n_layers=4, n_heads=3, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for l in range(n_layers):
+        for h in range(n_heads):
+            de = rng.normal(0.3, 0.3)
+            dde = -de
+            dl = rng.normal(-0.5, 0.5) * de
+            rows.append({"layer": l, "head": h, "label": f"L{l}H{h}", "direct_effect": de,
+                         "delta_direct_effect": dde, "delta_logit": dl, "self_repair": dl - dde})
+    return existence.classify_heads(pd.DataFrame(rows))
+
+
+def tokens(ph, n=30, seed=1, **extra):
+    rng = np.random.default_rng(seed)
+    parts = []
+    for r in ph.itertuples():
+        de = np.abs(rng.normal(r.direct_effect, 0.2, n))
+        dl = -0.5 * de + rng.normal(0, 0.2, n)
+        parts.append(pd.DataFrame({"layer": r.layer, "head": r.head, "label": r.label,
+                                   "row": np.arange(n), "pos": 1, "direct_effect": de,
+                                   "delta_direct_effect": -de, "delta_logit": dl,
+                                   "self_repair": dl + de, **extra}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def spec_of(chart):
+    spec = chart.to_dict()
+    validate_spec(spec)
+    return spec
+
+
+def walk(node):
+    """Every dict in a spec (layers, concats, facets)."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def marks(spec):
+    return {(n["mark"]["type"] if isinstance(n["mark"], dict) else n["mark"])
+            for n in walk(spec) if "mark" in n}
+
+
+def fields(spec, channel):
+    return {n["encoding"][channel].get("field") for n in walk(spec)
+            if "encoding" in n and channel in n["encoding"]}
+
+
+def tooltip_fields(spec):
+    out = set()
+    for n in walk(spec):
+        tips = n.get("encoding", {}).get("tooltip", [])
+        for t in tips if isinstance(tips, list) else [tips]:
+            out.add(t.get("field"))
+    return out
+
+
+def test_fig_self_repair_by_layer():
+    ph = per_head()
+    s = spec_of(fe.fig_self_repair_by_layer(ph))
+    assert {"circle", "line", "rule"} <= marks(s)
+    assert "layer" in fields(s, "x") and "self_repair" in fields(s, "y")
+    assert {"label", "layer", "head", "direct_effect", "delta_logit"} <= tooltip_fields(s)
+    assert any(n.get("encoding", {}).get("y", {}).get("aggregate") == "mean" for n in walk(s))
+    assert data_rows(s) == len(ph)
+
+
+def test_fig_de_vs_delta_logit_has_diagonal_and_intervals():
+    ph = per_head()
+    boot = existence.bootstrap_means(tokens(ph), n_boot=50)
+    s = spec_of(fe.fig_de_vs_delta_logit(ph, boot=boot))
+    assert {"circle", "line", "rule"} <= marks(s)
+    assert fields(s, "x") >= {"direct_effect"} and "delta_logit" in fields(s, "y")
+    assert {"lo", "hi"} <= tooltip_fields(s)
+    # the y = -x line is computed from the data by Vega-Lite
+    assert any(t.get("calculate") == "-datum.x" for n in walk(s) for t in n.get("transform", []))
+    assert data_rows(s) == len(ph)
+
+
+def test_fig_overview_links_layers():
+    ph = per_head()
+    s = spec_of(fe.fig_overview(ph))
+    assert "hconcat" in s and len(s["hconcat"]) == 2
+    params = [p for n in walk(s) for p in n.get("params", [])]
+    assert any(p.get("name") == "layers" and p["select"]["type"] == "interval" for p in params)
+    conds = [n["encoding"]["color"] for n in walk(s)
+             if "encoding" in n and isinstance(n["encoding"].get("color"), dict)
+             and "condition" in n["encoding"]["color"]]
+    assert conds and conds[0]["condition"]["param"] == "layers"
+
+
+def test_featured_tokens_and_fig3():
+    ph = per_head()
+    feat = existence.featured_heads(ph, n=4)
+    top, sample = tokens(ph, n=30), tokens(ph, n=100, seed=2)
+    t = fe.featured_tokens(top, feat, sample, max_per_head=50, seed=0)
+    assert set(t["label"]) == set(feat["label"])
+    assert (t.groupby(["label", "tokens"]).size() <= 50).all()
+    pd.testing.assert_frame_equal(t, fe.featured_tokens(top, feat, sample, max_per_head=50, seed=0))
+    s = spec_of(fe.fig_featured_tokens(t))
+    assert s["facet"]["field"] == "label" and s["columns"] == 2
+    assert "circle" in marks(s) and "tokens" in fields(s, "color")
+    assert {"label", "layer", "head", "row", "pos", "self_repair"} <= tooltip_fields(s)
+    assert data_rows(s) == len(t) <= 4 * 80
+
+
+def test_fig_regions_spread_bootstrap():
+    ph = per_head()
+    tok = tokens(ph)
+    s = spec_of(fe.fig_regions_by_layer(ph))
+    assert marks(s) == {"bar"} and "category" in fields(s, "color")
+    spread = existence.token_spread(tok)
+    s = spec_of(fe.fig_token_spread(spread))
+    assert {"rule", "bar", "tick", "point"} <= marks(s) and "vconcat" in s
+    assert {"label", "median", "share_overcorrecting"} <= tooltip_fields(s)
+    assert data_rows(s) == len(spread)  # both panels share one dataset
+    boot = existence.bootstrap_means(tok, n_boot=50)
+    s = spec_of(fe.fig_bootstrap(boot, ph))
+    assert {"rule", "point"} <= marks(s) and {"lo", "hi", "mean"} <= tooltip_fields(s)
+    assert data_rows(s) == len(boot)
+
+
+# -- chapter 02 ---------------------------------------------------------------------------------
+def head_frame(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    parts = []
+    for ablation in ("resample", "mean", "zero"):
+        for kind, m in (("top-k%", n), ("random sample", 2 * n)):
+            de = rng.normal(0.5, 0.3, m)
+            ratio = rng.normal(1.02, 0.02, m)
+            parts.append(pd.DataFrame({"layer": 3, "head": 1, "label": "L3H1", "row": np.arange(m),
+                                       "pos": 2, "tokens": kind, "ablation": ablation,
+                                       "direct_effect": de, "delta_direct_effect": -de,
+                                       "delta_logit": -0.6 * de, "self_repair": 0.4 * de,
+                                       "from_norm": 0.2 * de, "scale_clean": 10.0,
+                                       "scale_ablated": 10.0 / ratio, "logit": 5.0,
+                                       "ratio": ratio, "norm_ratio": 1 / ratio}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_fig_scale_ratio():
+    t = head_frame()
+    s = spec_of(fl.fig_scale_ratio(t))
+    assert s["facet"]["row"]["field"] == "ablation"
+    assert {"bar", "rule", "text"} <= marks(s)
+    assert any(e.get("bin") for n in walk(s) for e in [n.get("encoding", {}).get("x", {})])
+    assert data_rows(s) == (t["tokens"] == "top-k%").sum()
+
+
+def test_fig_ablation_scatter():
+    t = head_frame()
+    s = spec_of(fl.fig_ablation_scatter(t, max_per_panel=50))
+    assert s["facet"]["column"]["field"] == "ablation"
+    assert {"label", "layer", "head", "ablation", "from_norm", "ratio"} <= tooltip_fields(s)
+    assert data_rows(s) == 3 * 2 * 50
+
+
+def test_fig_norm_share_and_variants():
+    rng = np.random.default_rng(0)
+    top = pd.DataFrame({"layer": np.repeat([0, 1, 2], 40), "head": np.tile(np.repeat([0, 1], 20), 3),
+                        "direct_effect": rng.normal(0.3, 0.3, 120), "from_norm": rng.normal(0.1, 0.2, 120),
+                        "from_block_norms": rng.normal(0.0, 0.1, 120)})
+    top["label"] = "L" + top["layer"].astype(str) + "H" + top["head"].astype(str)
+    shares = layernorm.norm_share(top, top)
+    s = spec_of(fl.fig_norm_share(shares))
+    assert {"circle", "line", "rule"} <= marks(s) and "component" in fields(s, "color")
+    assert {"label", "layer", "head", "share"} <= tooltip_fields(s)
+    assert data_rows(s) == 6 * 2  # heads x (final, block) norms, clipped, top-k%
+    s = spec_of(fl.fig_share_variants(layernorm.layer_shares(shares)))
+    assert s["facet"]["column"]["field"] == "clipping" and "line" in marks(s)
+    assert data_rows(s) == 3 * 2 * 2
+
+
+def test_fig_norm_ratio():
+    t = head_frame()
+    s = spec_of(fl.fig_norm_ratio(t))
+    assert "norm_ratio" in fields(s, "x") and "ablation" in fields(s, "color")
+    assert data_rows(s) == (t["tokens"] == "random sample").sum()
+
+
+def test_fig_appendix_b():
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, par in (("a", True), ("b", False)):
+        for ablation in ("resample", "mean", "zero"):
+            dl = rng.normal(0, 0.3, 400)
+            rows.append(pd.DataFrame({"model": model, "label": "L1H0", "parallel_residual": par,
+                                      "ablation": ablation, "row": 0, "pos": np.arange(400),
+                                      "delta_logit": dl, "closed_form": dl + (0 if par else 0.1),
+                                      "error": 0.0, "ratio": 1.0, "scaled_logit": 1.0,
+                                      "from_mlps": 0.0, "from_block_norms": 0.0}))
+    chk = pd.concat(rows, ignore_index=True)
+    s = spec_of(fl.fig_appendix_b(chk, max_per_panel=300))
+    assert s["facet"]["column"]["field"] == "panel"
+    assert {"circle", "line"} <= marks(s) and "closed_form" in fields(s, "y")
+    assert data_rows(s) == 2 * 300
+
+
+@pytest.mark.parametrize("n", [4000])
+def test_sampling_keeps_charts_small(n):
+    ph = per_head(n_layers=2, n_heads=2)
+    feat = existence.featured_heads(ph, n=4)
+    t = fe.featured_tokens(tokens(ph, n=n), feat, tokens(ph, n=n, seed=3))
+    assert data_rows(spec_of(fe.fig_featured_tokens(t))) <= 5000
+    big = head_frame(n=n)
+    assert data_rows(spec_of(fl.fig_ablation_scatter(big))) <= 5000
