@@ -1,0 +1,79 @@
+"""Figures for the across-models chapter (self-repair paper Fig 1 multi-model, Fig 2 and 20-22).
+
+Pure functions: the tidy frames of :mod:`selfrepair.across` in, an Altair chart out. Runs of this
+project and the paper's released values are told apart by ``source`` (filled vs hollow marks).
+"""
+
+from __future__ import annotations
+
+import altair as alt
+
+HEAD_TIPS = [alt.Tooltip("run:N", title="model"), alt.Tooltip("label:N", title="head"),
+             alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
+             alt.Tooltip("delta_logit:Q", format=".3f", title="Δlogit"),
+             alt.Tooltip("self_repair:Q", format=".3f", title="self-repair")]
+DEPTH = alt.Color("rel_layer:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="relative depth")
+
+
+def fig_layer_profiles(heads) -> alt.FacetChart:
+    """Self-repair paper Fig 1, one panel per model: each head's self-repair (top-k% tokens) by
+    layer, and the layer mean (line). Paper panels show the authors' released values."""
+    points = alt.Chart().mark_point(size=18, filled=True, opacity=0.5).encode(
+        x=alt.X("layer:Q", axis=alt.Axis(format="d", tickMinStep=1)),
+        y=alt.Y("self_repair:Q", title="self-repair"), color=DEPTH, tooltip=HEAD_TIPS)
+    mean = alt.Chart().mark_line(color="black").encode(x="layer:Q", y="mean(self_repair):Q")
+    zero = alt.Chart().mark_rule(color="gray", strokeDash=[2, 2]).encode(y=alt.datum(0))
+    return (alt.layer(points, mean, zero, data=heads).properties(width=220, height=160)
+            .facet(facet=alt.Facet("run:N", title=None, sort=list(dict.fromkeys(heads["run"]))), columns=3)
+            .resolve_scale(x="independent", y="independent")
+            .properties(title="Self-repair per head and layer mean, every model (paper Fig 1)"))
+
+
+def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcatChart:
+    """A model selector (dropdown) driving two views: left, the selected model's heads, direct
+    effect against Δlogit (Fig 2 / 20-22; dashed y = -DE: no self-repair; heads between it and
+    y = 0 are self-repaired); right, mean self-repair by relative depth for every model, the
+    selected one highlighted. ``default``: the run (or the first run of the model) shown first."""
+    runs = list(dict.fromkeys(heads["run"]))
+    of_model = list(dict.fromkeys(heads.loc[heads["model"] == default, "run"]))
+    first = default if default in runs else (of_model or runs)[0]
+    pick = alt.param(name="model", value=first,
+                     bind=alt.binding_select(options=runs, name="model: "))
+    chosen = alt.datum.run == pick
+    base = alt.Chart(heads).transform_filter(chosen)
+    scatter = base.mark_circle(size=30, opacity=0.7).encode(
+        x=alt.X("direct_effect:Q", title="direct effect (top-k% tokens)"),
+        y=alt.Y("delta_logit:Q", title="Δlogit when ablated"), color=DEPTH, tooltip=HEAD_TIPS)
+    no_repair = base.transform_calculate(neg="-datum.direct_effect").mark_line(
+        color="gray", strokeDash=[4, 4]).encode(x="direct_effect:Q", y="neg:Q")
+    zero = alt.Chart(heads).mark_rule(color="gray").encode(y=alt.datum(0))
+    left = (scatter + no_repair + zero).properties(width=300, height=260,
+                                                   title="Heads of the selected model")
+    right = alt.Chart(layers).mark_line(point=True).encode(
+        x=alt.X("rel_layer:Q", title="relative depth (layer / last layer)"),
+        y=alt.Y("self_repair:Q", title="mean self-repair of the layer's heads"),
+        detail="run:N", color=alt.Color("source:N", title="source"),
+        opacity=alt.condition(chosen, alt.value(1.0), alt.value(0.15)),
+        strokeWidth=alt.condition(chosen, alt.value(2.5), alt.value(1.0)),
+        tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("layer:O"),
+                 alt.Tooltip("self_repair:Q", format=".3f"), alt.Tooltip("direct_effect:Q", format=".3f"),
+                 alt.Tooltip("delta_logit:Q", format=".3f")]
+    ).properties(width=300, height=260, title="Per-layer self-repair, all models")
+    return alt.hconcat(left, right).add_params(pick).properties(
+        title="Our measurements beside the paper's released values (Rushing & Nanda 2024)")
+
+
+def fig_claims(table) -> alt.Chart:
+    """The claims table as dots: one row per claim, one dot per model run (shape: source)."""
+    cols = {"frac_repaired_late": "late heads self-repaired", "repaired_share_late": "late self-repair / DE",
+            "norm_share_late": "final-norm part / DE"}
+    long = table.melt(id_vars=["run", "source"], value_vars=list(cols), var_name="claim", value_name="value")
+    long["claim"] = long["claim"].map(cols)
+    return alt.Chart(long).mark_point(size=80, filled=True).encode(
+        x=alt.X("value:Q", title="fraction", axis=alt.Axis(format="%")),
+        y=alt.Y("claim:N", title=None, sort=list(cols.values())),
+        color=alt.Color("run:N", title="model"),
+        shape=alt.Shape("source:N", title="source"),
+        tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("claim:N"),
+                 alt.Tooltip("value:Q", format=".1%")]
+    ).properties(width=360, title="The paper's claims, model by model")

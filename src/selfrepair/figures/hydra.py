@@ -1,0 +1,146 @@
+"""Figures for the Hydra-effect chapter (McGrath et al. 2023, Fig 1, 2, 3, 7, 8).
+
+Pure functions: a tidy frame from :mod:`selfrepair.hydra` in, an Altair chart out.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+
+from . import MAX_ROWS, diverging_color, layer_color
+
+KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
+LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
+
+
+def _by_kind(title: str | None = None) -> alt.Column:
+    return alt.Column("kind:N", title=title, sort=["attn", "mlp"], header=KIND_HEADER)
+
+
+def fig_impact(summary) -> alt.FacetChart:
+    """Hydra Fig 2a/b: per layer, the mean unembedding impact (direct effect) and ablation impact
+    (logit drop) with their 10-90% range over prompts; one panel per kind of layer."""
+    base = alt.Chart(summary).encode(
+        x=alt.X("layer:Q", title="layer", axis=LAYER_AXIS),
+        color=alt.Color("measure:N", title="impact", sort=["unembed", "ablate"],
+                        legend=alt.Legend(labelExpr="datum.label == 'unembed' ? 'Δ unembed (direct effect)'"
+                                                    " : 'Δ ablate (logit drop)'")))
+    band = base.mark_area(opacity=0.2).encode(y=alt.Y("lo:Q", title="effect on the max-likelihood logit"),
+                                              y2="hi:Q")
+    line = base.mark_line(point=True).encode(
+        y="mean:Q",
+        tooltip=[alt.Tooltip("kind:N"), alt.Tooltip("layer:O"), alt.Tooltip("measure:N"),
+                 alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("lo:Q", format=".3f", title="10%"),
+                 alt.Tooltip("hi:Q", format=".3f", title="90%"),
+                 alt.Tooltip("corr:Q", format=".2f", title="corr(DE, drop)"),
+                 alt.Tooltip("frac_de_gt_drop:Q", format=".0%", title="DE > drop")])
+    return (alt.layer(band, line, data=summary).properties(width=300, height=220)
+            .facet(column=_by_kind())
+            .properties(title="Unembedding vs ablation impact per layer (Hydra Fig 2)"))
+
+
+def fig_unembed_vs_ablate(effects) -> alt.Chart:
+    """Hydra Fig 2c: per (prompt, layer) direct effect against the logit drop; the dashed line is
+    drop = DE (no downstream response). Points below it are (partly) compensated."""
+    data = effects[["prompt", "layer", "kind", "label", "direct_effect", "ablation_drop", "compensatory_effect"]]
+    if len(data) > MAX_ROWS - 10:
+        data = data.sample(MAX_ROWS - 10, random_state=0)
+    points = alt.Chart(data).mark_circle(size=18, opacity=0.6).encode(
+        x=alt.X("direct_effect:Q", title="Δ unembed (direct effect)"),
+        y=alt.Y("ablation_drop:Q", title="Δ ablate (logit drop)"),
+        color=layer_color(), shape=alt.Shape("kind:N", title="layer kind"),
+        tooltip=[alt.Tooltip("label:N", title="layer"), alt.Tooltip("prompt:O"),
+                 alt.Tooltip("direct_effect:Q", format=".3f"), alt.Tooltip("ablation_drop:Q", format=".3f"),
+                 alt.Tooltip("compensatory_effect:Q", format=".3f")])
+    diag = alt.Chart(data).mark_line(strokeDash=[4, 4], color="gray").encode(
+        x="direct_effect:Q", y="direct_effect:Q")
+    return (points + diag).properties(title="Direct effect vs logit drop, every prompt and layer (Fig 2c)")
+
+
+def fig_before_after(frame) -> alt.Chart:
+    """Hydra Fig 1/3: each layer's direct effect on one prompt before (black) and after ablating
+    one layer (red: mean over patches; faint: single patches; dashed rule: the ablated layer);
+    one panel per kind of layer."""
+    ablated = frame["ablated"].iloc[0]
+    prompt = frame["prompt"].iloc[0] if "prompt" in frame else ""
+    frame = frame.assign(group=frame["run"].where(frame["run"].isin(["clean", "ablated (mean)"]), "single patch"))
+    base = alt.Chart().encode(
+        x=alt.X("layer:Q", axis=LAYER_AXIS),
+        y=alt.Y("direct_effect:Q", title="direct effect on the max-likelihood logit"),
+        detail="run:N",
+        color=alt.Color("group:N", title=None, sort=["clean", "ablated (mean)", "single patch"],
+                        scale=alt.Scale(domain=["clean", "ablated (mean)", "single patch"],
+                                        range=["black", "#d62728", "#f4a6a6"])),
+        opacity=alt.condition(alt.datum.group == "single patch", alt.value(0.5), alt.value(1.0)),
+        tooltip=[alt.Tooltip("label:N", title="layer"), alt.Tooltip("run:N"),
+                 alt.Tooltip("direct_effect:Q", format=".3f")])
+    mark = alt.Chart().mark_rule(color="#d62728", strokeDash=[3, 3]).encode(x="layer:Q").transform_filter(
+        "datum.run == 'clean' && datum.kind == datum.ablated_kind && datum.layer == datum.ablated_layer")
+    chart = alt.layer(base.mark_line(point=True), mark, data=frame).properties(width=300, height=220)
+    return (chart.facet(column=_by_kind())
+            .properties(title=alt.Title(f"Direct effects before and after ablating {ablated} (Hydra Fig 1, 3)",
+                                        subtitle=f"prompt: {prompt!r}" if prompt else "")))
+
+
+def fig_compensation(effects) -> alt.Chart:
+    """Hydra Fig 7a/c: per (prompt, ablated layer) the ablated layer's direct effect against the
+    compensatory effect (eq. 33), coloured by depth; dashed: CE = DE (full compensation)."""
+    data = effects[["prompt", "layer", "kind", "label", "direct_effect", "compensatory_effect",
+                    "ce_attn", "ce_mlp", "total_effect"]]
+    if len(data) > MAX_ROWS - 10:
+        data = data.sample(MAX_ROWS - 10, random_state=0)
+    points = alt.Chart().mark_circle(size=18, opacity=0.6).encode(
+        x=alt.X("direct_effect:Q", title="direct effect of the ablated layer"),
+        y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"),
+        color=layer_color(),
+        tooltip=[alt.Tooltip("label:N", title="ablated"), alt.Tooltip("prompt:O")]
+        + [alt.Tooltip(f"{c}:Q", format=".3f") for c in
+           ("direct_effect", "compensatory_effect", "ce_attn", "ce_mlp", "total_effect")])
+    diag = alt.Chart().mark_line(strokeDash=[4, 4], color="gray").encode(x="direct_effect:Q", y="direct_effect:Q")
+    return (alt.layer(points, diag, data=data).properties(width=300, height=240)
+            .facet(column=_by_kind("ablated"))
+            .properties(title="Compensation against direct effect (Hydra Fig 7a, c)"))
+
+
+def fig_regression(reg) -> alt.Chart:
+    """Hydra Fig 7d / 8: per ablated attention layer, the regression slope of the compensatory
+    effect on the direct effect (total, attention part, MLP part) and the variance explained."""
+    data = reg[reg["kind"] == "attn"]
+    long = data.melt(id_vars=["layer", "label", "r2", "restored", "n"],
+                     value_vars=["slope", "slope_attn", "slope_mlp"], var_name="fit", value_name="value")
+    long["fit"] = long["fit"].map({"slope": "slope (all downstream)", "slope_attn": "slope: attention part",
+                                   "slope_mlp": "slope: MLP part"})
+    r2 = data.assign(fit="variance explained (R²)", value=data["r2"])[long.columns]
+    both = __import__("pandas").concat([long, r2], ignore_index=True)
+    tips = [alt.Tooltip("label:N", title="ablated"), alt.Tooltip("fit:N"),
+            alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("r2:Q", format=".2f", title="R²"),
+            alt.Tooltip("restored:Q", format=".0%"), alt.Tooltip("n:Q", title="prompts")]
+    lines = alt.Chart(both).mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="ablated attention layer", axis=LAYER_AXIS),
+        y=alt.Y("value:Q", title="slope / R²"),
+        color=alt.Color("fit:N", title=None),
+        strokeDash=alt.condition(alt.datum.fit == "slope (all downstream)", alt.value([1, 0]), alt.value([4, 3])),
+        tooltip=tips)
+    one = alt.Chart(both).mark_rule(color="gray").encode(y=alt.datum(1))
+    return (lines + one).properties(title="Compensation regression per attention layer (Hydra Fig 7d, 8)")
+
+
+def fig_erasure(frame) -> alt.Chart:
+    """Hydra §2.5.2: mean change of each MLP layer's direct effect after ablating each attention
+    layer (blue: MLP's DE rises, e.g. erasure relaxes); the right strip is the MLP's clean DE."""
+    tips = [alt.Tooltip("ablated_layer:O", title="ablated attention layer"), alt.Tooltip("label:N", title="MLP"),
+            alt.Tooltip("delta_direct_effect:Q", format=".3f", title="ΔDE"),
+            alt.Tooltip("clean_direct_effect:Q", format=".3f", title="clean DE"), alt.Tooltip("late:N")]
+    heat = alt.Chart(frame).mark_rect().encode(
+        x=alt.X("ablated_layer:O", title="ablated attention layer"),
+        y=alt.Y("mlp_layer:O", title="MLP layer", sort="descending"),
+        color=diverging_color("delta_direct_effect", title="ΔDE of the MLP"), tooltip=tips)
+    clean = frame[frame["ablated_layer"] == frame["ablated_layer"].min()]
+    top = float(clean["clean_direct_effect"].abs().max()) or 1.0  # symmetric: white = 0
+    strip = alt.Chart(clean).mark_rect().encode(
+        y=alt.Y("mlp_layer:O", title=None, sort="descending", axis=None),
+        color=alt.Color("clean_direct_effect:Q", scale=alt.Scale(scheme="purpleorange", domain=[-top, top]),
+                        title="clean DE of the MLP"), tooltip=tips).properties(width=20, height=260)
+    return (alt.hconcat(heat.properties(width=300, height=260), strip)
+            .resolve_scale(color="independent")
+            .properties(title="Late MLPs respond to attention ablations (erasure, Hydra §2.5.2)"))

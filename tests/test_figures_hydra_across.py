@@ -1,0 +1,172 @@
+"""Figures of the Hydra and across-models chapters, built from small synthetic frames: each spec
+validates against the Vega-Lite schema, uses the intended marks and fields, has tooltips and
+embeds the expected number of rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from selfrepair.figures import MAX_ROWS, data_rows, validate_spec
+from selfrepair.figures import across as fa
+from selfrepair.figures import hydra as fh
+
+L, N = 4, 5  # layers, prompts
+
+
+def _marks(spec) -> set[str]:
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            mark = node.get("mark")
+            if mark is not None:
+                found.add(mark if isinstance(mark, str) else mark["type"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    return found
+
+
+def _fields(spec, channel=None) -> set[str]:
+    out = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            enc = node.get("encoding")
+            if isinstance(enc, dict):
+                for ch, e in enc.items():
+                    if channel in (None, ch):
+                        for item in e if isinstance(e, list) else [e]:
+                            if isinstance(item, dict) and "field" in item:
+                                out.add(item["field"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(spec)
+    return out
+
+
+def _check(chart, rows):
+    spec = chart.to_dict()
+    validate_spec(spec)
+    assert data_rows(spec) == rows
+    assert _fields(spec, "tooltip"), "every chart has tooltips"
+    return spec
+
+
+@pytest.fixture
+def effects():
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(N):
+        for layer in range(L):
+            for kind in ("attn", "mlp"):
+                de = rng.normal()
+                ce = 0.6 * de + rng.normal(scale=0.1)
+                rows.append({"prompt": p, "layer": layer, "kind": kind,
+                             "label": f"{'A' if kind == 'attn' else 'M'}{layer}", "direct_effect": de,
+                             "ablated_direct_effect": 0.0, "total_effect": ce - de,
+                             "compensatory_effect": ce, "ce_attn": ce / 3, "ce_mlp": 2 * ce / 3,
+                             "from_norm": 0.0, "delta_direct_effect": -de, "ablation_drop": de - ce,
+                             "correct": True})
+    return pd.DataFrame(rows)
+
+
+def test_fig_impact(effects):
+    from selfrepair.hydra import impact_summary
+    spec = _check(fh.fig_impact(impact_summary(effects)), 2 * 2 * L)
+    assert {"area", "line"} <= _marks(spec) and spec["facet"]["column"]["field"] == "kind"
+    assert {"mean", "lo", "hi", "corr", "frac_de_gt_drop"} <= _fields(spec)
+
+
+def test_fig_unembed_vs_ablate(effects):
+    spec = _check(fh.fig_unembed_vs_ablate(effects), len(effects))
+    assert "circle" in _marks(spec) and {"direct_effect", "ablation_drop"} <= _fields(spec)
+
+
+def test_fig_unembed_vs_ablate_samples_large_frames(effects):
+    big = pd.concat([effects] * 150, ignore_index=True)
+    spec = fh.fig_unembed_vs_ablate(big).to_dict()
+    assert data_rows(spec) <= MAX_ROWS
+
+
+def test_fig_before_after():
+    P = 3
+    runs = ["clean", "ablated (mean)"] + [f"patch {k}" for k in range(P)]
+    frame = pd.DataFrame([{"layer": c // 2, "kind": ("attn", "mlp")[c % 2], "label": f"X{c}", "run": r,
+                           "direct_effect": float(c), "ablated": "A1", "ablated_layer": 1,
+                           "ablated_kind": "attn", "prompt": "The capital of France is"}
+                          for r in runs for c in range(2 * L)])
+    spec = _check(fh.fig_before_after(frame), len(frame))
+    assert {"line", "rule"} <= _marks(spec) and "A1" in str(spec["title"])
+    assert {"direct_effect", "run", "group"} <= _fields(spec)
+
+
+def test_fig_compensation_and_regression(effects):
+    from selfrepair.hydra import regression
+    spec = _check(fh.fig_compensation(effects), len(effects))
+    assert {"circle", "line"} <= _marks(spec) and "compensatory_effect" in _fields(spec, "y")
+    reg = regression(effects)
+    spec = _check(fh.fig_regression(reg), 4 * L)  # three slopes and R² per attention layer
+    assert {"line", "rule"} <= _marks(spec) and {"value", "fit", "r2"} <= _fields(spec)
+
+
+def test_fig_erasure():
+    frame = pd.DataFrame([{"ablated_layer": a, "mlp_layer": l, "label": f"M{l}",
+                           "clean_direct_effect": -0.1 * l, "delta_direct_effect": 0.05 * (l > a),
+                           "late": l >= 3} for a in range(L) for l in range(L)])
+    spec = _check(fh.fig_erasure(frame), L * L + L)
+    assert _marks(spec) == {"rect"} and "delta_direct_effect" in _fields(spec, "color")
+
+
+@pytest.fixture
+def heads():
+    rows = []
+    for run, source, n_layers in (("toy (ours, resample, 512 tok)", "this project", 3),
+                                  ("gpt2-small (paper)", "paper", 4)):
+        for layer in range(n_layers):
+            for head in range(2):
+                de = 0.1 * (layer + 1)
+                rows.append({"source": source, "run": run, "model": run.split()[0], "ablation": "resample",
+                             "n_layers": n_layers, "layer": layer, "head": head, "label": f"L{layer}H{head}",
+                             "rel_layer": layer / (n_layers - 1), "direct_effect": de,
+                             "ablated_direct_effect": 0.0, "delta_logit": -0.5 * de, "self_repair": 0.5 * de,
+                             "from_heads": 0.1, "from_mlps": 0.1, "from_norm": 0.3 * de})
+    return pd.DataFrame(rows)
+
+
+def test_fig_layer_profiles(heads):
+    spec = _check(fa.fig_layer_profiles(heads), len(heads))
+    assert {"point", "line", "rule"} <= _marks(spec) and spec["facet"]["field"] == "run"
+    assert {"self_repair", "label", "run"} <= _fields(spec)
+
+
+def test_fig_model_explorer_has_a_dropdown(heads):
+    from selfrepair.across import per_layer
+    layers = per_layer(heads)
+    spec = _check(fa.fig_model_explorer(heads, layers, default="toy"), len(heads) + len(layers))
+    (param,) = spec["params"]
+    assert param["bind"]["input"] == "select"
+    assert param["bind"]["options"] == list(dict.fromkeys(heads["run"]))
+    assert param["value"] == "toy (ours, resample, 512 tok)"  # a model name picks its run
+    assert {"circle", "line", "rule"} <= _marks(spec)
+    assert {"direct_effect", "delta_logit", "rel_layer", "self_repair"} <= _fields(spec)
+    assert "(datum.run === model)" in json.dumps(spec)  # both views follow the drop-down
+
+
+def test_fig_claims(heads):
+    from selfrepair.across import compare_models
+    table = compare_models(heads)
+    spec = _check(fa.fig_claims(table), 3 * len(table))
+    assert _marks(spec) == {"point"} and {"value", "claim", "run", "source"} <= _fields(spec)
