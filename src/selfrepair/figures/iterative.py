@@ -1,0 +1,77 @@
+"""Figures for chapter 04, "Iterative inference: self-reinforcing and self-repressing heads"
+(paper §5.3, App. F, G: Fig 18, 19).
+
+Pure functions: a tidy frame from :mod:`selfrepair.iterative` in, an Altair chart out; they need
+only ``altair`` and ``pandas``. ``relative_change = (new DE - DE) / |DE|`` on the head's top-k%
+tokens, after adding alpha x the head's own output to its layer's attention input.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
+CLASS_ORDER = ["self-repressing", "neutral", "self-reinforcing", "weak"]
+CLASS_COLORS = ["#e45756", "#9d9d9d", "#4c78a8", "#d9d9d9"]
+
+
+def _class_color(title: str = "class") -> alt.Color:
+    return alt.Color("class:N", scale=alt.Scale(domain=CLASS_ORDER, range=CLASS_COLORS), title=title)
+
+
+def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
+    """Fig 18/19: per top token of each featured head, its original DE (x) and its new DE (y) after
+    adding alpha x its own output to its input, one colour per alpha; below the dashed y = x line
+    the head represses itself."""
+    base = alt.Chart()
+    diagonal = base.mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1).encode(
+        x="direct_effect:Q", y="direct_effect:Q")
+    zero = base.mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
+    points = base.mark_circle(size=30, opacity=0.7).encode(
+        x=alt.X("direct_effect:Q", title="original direct effect (logits)"),
+        y=alt.Y("new_direct_effect:Q", title="new direct effect (logits)"),
+        color=alt.Color("alpha:O", title="alpha", scale=alt.Scale(scheme="viridis")),
+        tooltip=HEAD_TIPS + [alt.Tooltip("alpha:Q"), alt.Tooltip("row:O"), alt.Tooltip("pos:O"),
+                             alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
+                             alt.Tooltip("new_direct_effect:Q", format=".3f", title="new direct effect")])
+    return alt.layer(zero, diagonal, points, data=tokens).properties(width=240, height=220).facet(
+        column=alt.Column("label:N", title=None)).resolve_scale(x="independent", y="independent").properties(
+        title="A head's direct effect after its own output is added to its input")
+
+
+def fig_response(response: pd.DataFrame) -> alt.LayerChart:
+    """Every head's relative change of mean top-token DE against alpha (alpha = 0: no change),
+    coloured by class (needs a ``class`` column: :func:`selfrepair.iterative.response` with
+    ``classes``)."""
+    base = alt.Chart(response)
+    lines = base.mark_line(point=True, opacity=0.7, strokeWidth=1.2).encode(
+        x=alt.X("alpha:Q", title="alpha (scale of the head's own output added)"),
+        y=alt.Y("relative_change:Q", axis=alt.Axis(format="%"),
+                title="change of mean top-token DE (share of DE)"),
+        detail="label:N", color=_class_color(),
+        tooltip=HEAD_TIPS + [alt.Tooltip("class:N"), alt.Tooltip("alpha:Q"),
+                             alt.Tooltip("relative_change:Q", format=".1%", title="relative change"),
+                             alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
+                             alt.Tooltip("new_direct_effect:Q", format=".3f", title="new direct effect")])
+    zero = base.mark_rule(color="#888").encode(y=alt.datum(0))
+    return alt.layer(zero, lines).properties(width=420, height=280,
+                                             title="How each head responds to its own output")
+
+
+def fig_head_map(classes: pd.DataFrame) -> alt.Chart:
+    """Layer x head map of the relative change at the largest alpha (red: self-repressing, blue:
+    self-reinforcing); the tooltip adds the class, the all-token change and the random control."""
+    return alt.Chart(classes).mark_rect(stroke="white").encode(
+        x=alt.X("head:O", title="head"),
+        y=alt.Y("layer:O", title="layer", sort="descending"),
+        color=alt.Color("relative_change:Q", title="relative change",
+                        scale=alt.Scale(scheme="redblue", domainMid=0, clamp=True, domain=[-1, 1]),
+                        legend=alt.Legend(format="%")),
+        tooltip=HEAD_TIPS + [alt.Tooltip("class:N"), alt.Tooltip("alpha:Q")]
+        + [alt.Tooltip(f"{f}:Q", format=".1%", title=f.replace("_", " "))
+           for f in ("relative_change", "relative_change_all", "control_change")]
+        + [alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
+           alt.Tooltip("specific:N"), alt.Tooltip("monotone:N"), alt.Tooltip("flips:N")],
+    ).properties(width=alt.Step(28), height=alt.Step(16),
+                 title="Response to the head's own output at the largest alpha")

@@ -1,0 +1,127 @@
+"""Figures for chapter 03, "Anti-erasure neurons" (paper §4, App. C: Fig 7, 8, 11-14; §4.2.2).
+
+Pure functions: a tidy frame from :mod:`selfrepair.neurons` in, an Altair chart out; they need only
+``altair`` and ``pandas``. Signs: ``delta = ablated - clean`` direct effect at the clean scales; a
+neuron repairs when its delta is positive; an erasure neuron has a negative clean DE.
+"""
+
+from __future__ import annotations
+
+import json
+
+import altair as alt
+import pandas as pd
+
+# label only 1, 2, 5 x 10^n on log axes (the default labels every tick and they collide)
+LOG_LABELS = ("indexof([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000], "
+              "datum.value) >= 0 ? datum.label : ''")
+HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
+
+
+def _q(*fields: str) -> list[alt.Tooltip]:
+    return [alt.Tooltip(f"{f}:Q", format=".3f", title=f.replace("_", " ")) for f in fields]
+
+
+def _diverging(field: str, title: str) -> alt.Color:
+    return alt.Color(f"{field}:Q", scale=alt.Scale(scheme="redblue", domainMid=0), title=title)
+
+
+def fig_top_neuron(instances: pd.DataFrame) -> alt.FacetChart:
+    """Fig 7: per token (one panel per head), the clean (x) and ablated (y) DE of the neuron that
+    repairs most on that token, coloured by the whole MLP layer's clean DE. Points above the
+    dashed y = x line repaired; left of 0 they are erasure neurons doing anti-erasure."""
+    base = alt.Chart()
+    diagonal = base.mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1).encode(
+        x="neuron_clean_de:Q", y="neuron_clean_de:Q")
+    points = base.mark_circle(size=40, opacity=0.8).encode(
+        x=alt.X("neuron_clean_de:Q", title="top neuron's clean DE (logits)"),
+        y=alt.Y("neuron_ablated_de:Q", title="top neuron's ablated DE (logits)"),
+        color=_diverging("layer_clean", "MLP layer clean DE"),
+        tooltip=HEAD_TIPS + [alt.Tooltip("neuron:O"), alt.Tooltip("row:O"), alt.Tooltip("pos:O")]
+        + _q("neuron_clean_de", "neuron_ablated_de", "layer_clean", "layer_delta", "self_repair",
+             "direct_effect"))
+    zero = base.mark_rule(color="#888", strokeWidth=1).encode(x=alt.datum(0))
+    return alt.layer(zero, diagonal, points, data=instances).properties(width=260, height=240).facet(
+        column=alt.Column("label:N", title=None)).resolve_scale(x="independent", y="independent").properties(
+        title="Top self-repairing neuron per token: clean vs ablated direct effect")
+
+
+def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
+    """Fig 8: share of tokens on which the rank-N repairing neuron (``nth``; the paper's figure) or
+    the top N together (``top_n``) repair at least X% of the head's clean DE."""
+    chart = alt.Chart().mark_line(point=True).encode(
+        x=alt.X("rank:Q", scale=alt.Scale(type="log"), title="N (neuron rank by repair)",
+                axis=alt.Axis(labelExpr=LOG_LABELS)),
+        y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
+                title="share of tokens"),
+        color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort="descending"),
+        tooltip=HEAD_TIPS + [alt.Tooltip("kind:N"), alt.Tooltip("rank:Q"), alt.Tooltip("percent:Q"),
+                             alt.Tooltip("share:Q", format=".1%"), alt.Tooltip("n_instances:Q")])
+    return alt.layer(chart, data=sparsity).properties(width=200, height=180).facet(
+        column=alt.Column("label:N", title=None),
+        row=alt.Row("kind:N", title=None, header=alt.Header(labelExpr=(
+            "datum.value == 'nth' ? 'N-th neuron alone' : 'top N together'")))).properties(
+        title="How often a few neurons repair a given share of the head's direct effect")
+
+
+def fig_cumulative(cumulative: pd.DataFrame) -> alt.FacetChart:
+    """App. C Fig 11-14: cumulative share of the layer's total absolute change in neuron DE against
+    neuron rank (log scale), each neuron coloured by its median clean DE."""
+    base = alt.Chart()
+    x = alt.X("rank:Q", scale=alt.Scale(type="log"), title="neuron rank by |ΔDE| (log)",
+              axis=alt.Axis(labelExpr=LOG_LABELS))
+    y = alt.Y("cumulative_share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
+              title="cumulative share of |ΔDE|")
+    line = base.mark_line(color="#bbb").encode(x=x, y=y)
+    points = base.mark_circle(size=28).encode(
+        x=x, y=y, color=_diverging("median_clean_de", "median clean DE"),
+        tooltip=HEAD_TIPS + [alt.Tooltip("rank:Q"), alt.Tooltip("neuron:O"),
+                             alt.Tooltip("cumulative_share:Q", format=".1%"),
+                             alt.Tooltip("share:Q", format=".2%")]
+        + _q("mean_delta_de", "median_clean_de"))
+    return alt.layer(line, points, data=cumulative).properties(width=240, height=220).facet(
+        column=alt.Column("label:N", title=None)).properties(
+        title="Cumulative share of the absolute change in neuron direct effects")
+
+
+def fig_top_frequency(frequency: pd.DataFrame) -> alt.FacetChart:
+    """§4.2.2: the neurons most often among the top-10 repairing neurons of a token, and on what
+    share of the most self-repaired tokens they are there (paper: at most 16% for Pythia L10H11)."""
+    chart = alt.Chart().mark_bar().encode(
+        x=alt.X("neuron:N", sort=alt.EncodingSortField("frequency", order="descending"),
+                title="neuron"),
+        y=alt.Y("frequency:Q", axis=alt.Axis(format="%"), title="share of tokens in the top 10"),
+        color=_diverging("median_clean_de", "median clean DE"),
+        tooltip=HEAD_TIPS + [alt.Tooltip("neuron:O"), alt.Tooltip("rank:Q"),
+                             alt.Tooltip("frequency:Q", format=".1%"), alt.Tooltip("n_instances:Q")]
+        + _q("median_clean_de"))
+    return alt.layer(chart, data=frequency).properties(width=220, height=200).facet(
+        column=alt.Column("label:N", title=None)).resolve_scale(x="independent").properties(
+        title="Do the same neurons repair on every token?")
+
+
+ERASURE_MEASURES = {
+    "negative_baseline": "all neurons: negative clean DE",
+    "erasure_top": "top-10 repairing: negative clean DE",
+    "erasure_repair_share": "share of repair from erasure neurons",
+    "fig7_anti_erasure": "top neuron does anti-erasure (Fig 7 tokens)",
+    "layer_positive": "whole layer's clean DE > 0",
+}
+
+
+def fig_erasure(summary: pd.DataFrame) -> alt.Chart:
+    """Erasure view (Hydra §2.5.2; paper App. C): per head, how much of the repair comes from
+    erasure neurons, against the share of all neurons with a negative clean DE."""
+    names = list(ERASURE_MEASURES)
+    return alt.Chart(summary).transform_fold(names, as_=["measure", "value"]).transform_calculate(
+        what=" + ".join(f"(datum.measure == {json.dumps(k)} ? {json.dumps(v)} : '')"
+                        for k, v in ERASURE_MEASURES.items())
+    ).mark_bar().encode(
+        x=alt.X("label:N", title="head", sort=alt.EncodingSortField("layer")),
+        xOffset=alt.XOffset("what:N", sort=[ERASURE_MEASURES[k] for k in names]),
+        y=alt.Y("value:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title="share"),
+        color=alt.Color("what:N", sort=[ERASURE_MEASURES[k] for k in names], title=None,
+                        legend=alt.Legend(orient="bottom", columns=2, labelLimit=320)),
+        tooltip=HEAD_TIPS + [alt.Tooltip("what:N", title="measure"),
+                             alt.Tooltip("value:Q", format=".1%")]
+    ).properties(width=420, height=220, title="Erasure neurons among the repairing neurons")
