@@ -163,3 +163,13 @@ def test_single_head_is_cached(tiny_chapter):
     assert path.exists()
     again = layernorm.single_head(cfg, ch.head, "zero", progress=False)
     assert again.heads == [ch.head]
+
+
+def test_head_tokens_refuses_results_from_other_tokens(tiny_chapter):
+    from selfrepair.errors import SelfRepairError
+
+    cfg, ch = tiny_chapter
+    run = layernorm.single_head(cfg, ch.head, "zero", progress=False)
+    run.direct_effect = run.direct_effect + 1.0  # as if computed on another corpus
+    with pytest.raises(SelfRepairError, match="different tokens"):
+        layernorm.head_tokens(ch.top, ch.sample, ch.head, {"zero": run})

@@ -211,8 +211,9 @@ def on_this_model(ex: Existence, model: str = "this model") -> str:
     early-layer heads have negative mean self-repair, more than in the late layers; *imperfect*
     holds when repaired heads lose on average more than 5% of their direct effect and at least half
     of them have a bootstrap interval of mean delta_logit entirely below 0; *noisy* holds when the
-    median head's inter-quartile range of per-token self-repair is at least half its mean direct
-    effect.
+    median late-layer head's inter-quartile range of per-token self-repair is at least half its mean
+    direct effect (late layers: early heads' top-k% direct effects are often tiny, which would
+    inflate the ratio).
     """
     s = ex.summary.set_index("group")
     early, late, all_ = s.loc["early"], s.loc["late"], s.loc["all"]
@@ -223,8 +224,10 @@ def on_this_model(ex: Existence, model: str = "this model") -> str:
     n_rep = int(all_["n_repaired"])
     ci = int(all_.get("n_repaired_ci_below_0", 0))
     imperfect = n_rep > 0 and all_["mean_lost_fraction"] > 0.05 and ci >= n_rep / 2
-    iqr = float(ex.spread["iqr_over_de"].median())
-    over = float(ex.spread["share_overcorrecting"].median())
+    first = int(ex.per_head["layer"].max() + 1) // 2
+    late_spread = ex.spread[ex.spread["layer"] >= first]  # heads whose direct effect is sizeable
+    iqr = float(late_spread["iqr_over_de"].median())
+    over = float(late_spread["share_overcorrecting"].median())
     noisy = np.isfinite(iqr) and iqr >= 0.5
     verdict = {True: "**holds**", False: "**differs**"}
     feat = ex.spread.merge(ex.featured[["layer", "head"]], on=["layer", "head"])
@@ -241,10 +244,10 @@ def on_this_model(ex: Existence, model: str = "this model") -> str:
         f"*Imperfect* {verdict[bool(imperfect)]}: the {n_rep} repaired heads still lose on average "
         f"{_pct(all_['mean_lost_fraction'])} of their direct effect, and {ci} of them have a 95% "
         f"bootstrap interval of mean Δlogit entirely below 0. *Noisy* {verdict[bool(noisy)]}: for the "
-        f"median head the inter-quartile range of per-token self-repair is {_pct(iqr)} of its mean "
+        f"median late-layer head the inter-quartile range of per-token self-repair is {_pct(iqr)} of its mean "
         f"direct effect, and on a median {_pct(over)} of the tokens where the ablation removes direct "
         f"effect the logit goes up instead (overcorrection). Featured heads, with the per-token "
         f"correlation of DE and Δlogit (−1 = no repair at all): {feat_txt}. "
         f"(Verdict rules: late mean self-repair > 0 and ≥ 1/3 of late heads repaired; ≥ 1/3 of "
         f"early heads negative and more than late; repaired heads lose > 5% of DE and ≥ half have "
-        f"intervals below 0; median IQR ≥ 50% of DE.)")
+        f"intervals below 0; median late-layer IQR ≥ 50% of DE.)")

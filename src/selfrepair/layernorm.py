@@ -85,6 +85,14 @@ def head_tokens(top: pd.DataFrame, sample: pd.DataFrame, head: tuple[int, int],
             vals["delta_direct_effect"] = r.delta_direct_effect[layer, h][b, p]
             parts.append(base.assign(ablation=ablation, **{c: v.numpy() for c, v in vals.items()}))
     out = pd.concat(parts, ignore_index=True)
+    de = out.pivot_table(index=["tokens", "row", "pos"], columns="ablation", values="direct_effect")
+    spread = float((de.max(axis=1) - de.min(axis=1)).max()) if len(de) else 0.0
+    if spread > 1e-3 * max(1.0, float(de.abs().max().max())):
+        from .errors import SelfRepairError
+        raise SelfRepairError(
+            f"the clean direct effect of {head_label(*head)} differs by {spread:.3g} between the cached "
+            "sweep and the single-head runs: they were computed on different tokens (was the corpus "
+            "changed?). Delete the cached files under cache_dir and run again.")
     out["ratio"] = out["scale_clean"] / out["scale_ablated"]
     out["norm_ratio"] = out["scale_ablated"] / out["scale_clean"]
     return out
@@ -165,10 +173,10 @@ def appendix_b(model, tokens: torch.Tensor, head: tuple[int, int], reference_mod
                reference_tokens: torch.Tensor | None = None) -> pd.DataFrame:
     """:func:`appendix_b_check` under all three ablations on ``model``'s ``head`` and, if given,
     on the last layer's head 0 of ``reference_model`` (a parallel-residual model where it holds)."""
-    frames = [appendix_b_check(model, tokens, head)]
+    frames = [appendix_b_check(model, tokens, head).assign(role="this model")]
     if reference_model is not None:
         frames.append(appendix_b_check(reference_model, reference_tokens,
-                                       (reference_model.n_layers - 1, 0)))
+                                       (reference_model.n_layers - 1, 0)).assign(role="reference"))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -177,7 +185,9 @@ def appendix_b_table(check: pd.DataFrame) -> pd.DataFrame:
     |Δlogit|, and the largest left-out term (why it fails outside its assumptions)."""
     g = check.assign(abs_error=check["error"].abs(), abs_delta_logit=check["delta_logit"].abs(),
                      left_out=(check["from_heads"] + check["from_mlps"] + check["from_block_norms"]).abs())
-    out = (g.groupby(["model", "label", "parallel_residual", "last_layer", "ablation"], sort=False)
+    keys = (["role"] if "role" in g else []) + ["model", "label", "parallel_residual", "last_layer",
+                                                 "ablation"]
+    out = (g.groupby(keys, sort=False)
            .agg(n=("error", "size"), max_abs_error=("abs_error", "max"),
                 mean_abs_error=("abs_error", "mean"), mean_abs_delta_logit=("abs_delta_logit", "mean"),
                 max_left_out_term=("left_out", "max")).reset_index())
@@ -259,7 +269,7 @@ def on_this_model(ch: LayerNormChapter, model: str = "this model") -> str:
 
     Verdict rules: *S/S' > 1 on most top tokens* holds when the share exceeds 50% under every
     ablation and grows resample -> mean -> zero (weakly); *norm share ~30%* holds when the mean
-    clipped top-k% final-norm share over the second half of the layers is within 15-45%;
+    clipped top-k% final-norm share over all layers is within 15-45%;
     *App. B* holds when its mean relative error is below 1e-3.
     """
     r = ch.ratios.set_index("ablation")
@@ -268,12 +278,12 @@ def on_this_model(ch: LayerNormChapter, model: str = "this model") -> str:
     ordered = all(a <= b + 1e-9 for a, b in zip(shares, shares[1:]))
     first = int(ch.per_head["layer"].max() + 1) // 2
     fin = ch.layers[(ch.layers["tokens"] == "top-k%") & (ch.layers["clipping"] == "clipped")]
-    late = fin[(fin["component"] == "final norm") & (fin["layer"] >= first)]["share"].mean()
-    block = fin[(fin["component"] == "block norms") & (fin["layer"] >= first)]["share"].mean()
-    near = 0.15 <= late <= 0.45
+    final = fin[fin["component"] == "final norm"]
+    overall, late = final["share"].mean(), final[final["layer"] >= first]["share"].mean()
+    block = fin[fin["component"] == "block norms"]["share"].mean()
+    near = 0.15 <= overall <= 0.45
     t = ch.check_table
-    here = t[t["model"] == ch.model.name]
-    ref = t[t["model"] != ch.model.name]
+    here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
     holds_here = bool((here["relative_error"] < 1e-3).all())
     v = {True: "**holds**", False: "**differs**"}
     ratio_txt = ", ".join(f"{_pct(r.loc[a, 'share_ratio_above_1'])} {a} (paper: "
@@ -281,8 +291,9 @@ def on_this_model(ch: LayerNormChapter, model: str = "this model") -> str:
     text = (f"**On {model}** (head {ch.label}, top {ch.meta.get('top_percent', 'k')}% tokens). "
             f"*The ablated residual is smaller, S/S′ > 1* {v[most]}{'' if ordered else ' (but not in the paper’s order resample < mean < zero)'}: "
             f"{ratio_txt}. *The final norm gives back about 30% of the direct effect* {v[near]}: "
-            f"averaged over layers {first}–{int(ch.per_head['layer'].max())}, the clipped top-k% share is "
-            f"{_pct(late)}")
+            f"the clipped top-k% share averages {_pct(overall)} over all layers (layer means "
+            f"{_pct(final['share'].min())}–{_pct(final['share'].max())}; {_pct(late)} over layers "
+            f"{first}–{int(ch.per_head['layer'].max())})")
     if np.isfinite(block):
         text += (f"; this model's sandwich (post-attention/post-feedforward) norms, which the paper "
                  f"does not have, give back a further {_pct(block)}")
@@ -290,12 +301,13 @@ def on_this_model(ch: LayerNormChapter, model: str = "this model") -> str:
              f"{here['relative_error'].mean():.2g} (largest left-out term "
              f"{here['max_left_out_term'].max():.3g} logits)")
     if not (ch.model.parallel_residual and here["last_layer"].all()):
+        why = ("the head is not in the last layer, so later layers also respond"
+               if not here["last_layer"].all() else "the block is sequential, so the last MLP"
+               + (" and the sandwich norms" if ch.model.sandwich else "") + " also respond")
         text += (" — expected, because the closed form assumes nothing but the final norm sits "
-                 "downstream of the head; here " + ("the head is not in the last layer" if not
-                 here["last_layer"].all() else "the block is sequential, so the last MLP") +
-                 (" and the sandwich norms" if ch.model.sandwich else "") + " also respond")
+                 f"downstream of the head; here {why}")
     if len(ref):
         text += (f"; on {ref['model'].iloc[0]} (parallel residual, last-layer head) it holds to a "
                  f"largest error of {ref['max_abs_error'].max():.1e} logits")
     return text + (". (Verdict rules: S/S′ > 1 on more than half the tokens under every ablation; "
-                   "late-layer clipped share within 15–45%; App. B relative error < 1e-3.)")
+                   "clipped share over all layers within 15–45%; App. B relative error < 1e-3.)")

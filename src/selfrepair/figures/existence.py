@@ -76,7 +76,7 @@ def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = 
     """Fig 2: each head's mean direct effect (x) against mean Δlogit when ablated (y) on its
     top-k% tokens, with y = -x (no repair) and the x-axis (perfect repair). Heads selected by
     ``brush`` keep their colour; ``boot`` (bootstrap of ``delta_logit``: ``lo``/``hi``) adds 95%
-    intervals."""
+    intervals. Scroll or drag to zoom and pan."""
     frame = per_head
     if boot is not None:
         frame = per_head.merge(boot[["layer", "head", "lo", "hi"]], on=["layer", "head"], how="left")
@@ -88,7 +88,8 @@ def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = 
     points = alt.Chart().mark_circle(size=55, opacity=0.85).encode(
         x=x, y=y, color=color, tooltip=_tips(frame, "direct_effect", "delta_logit", "self_repair",
                                              "delta_direct_effect", "repair_fraction", "lo", "hi",
-                                             "category"))
+                                             "category")).add_params(
+        alt.selection_interval(bind="scales", name="zoom"))  # scroll to zoom past outlier heads
     layers = _diagonal("direct_effect", "delta_logit")
     if boot is not None:
         layers.append(alt.Chart().mark_rule(opacity=0.35).encode(

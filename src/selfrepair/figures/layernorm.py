@@ -26,7 +26,8 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
     t = tokens[tokens["tokens"] == "top-k%"][["label", "ablation", "ratio"]]
     base = alt.Chart()
     hist = base.mark_bar(opacity=0.85).encode(
-        x=alt.X("ratio:Q", bin=alt.Bin(maxbins=bins), title="S / S′ (clean / ablated final-norm scale)"),
+        x=alt.X("ratio:Q", bin=alt.Bin(maxbins=bins), title="S / S′ (clean / ablated final-norm scale)",
+                axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6)),
         y=alt.Y("count():Q", title="tokens"), color=_ablation_color(),
         tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("ratio:Q", bin=alt.Bin(maxbins=bins), title="S/S′ bin"),
                  alt.Tooltip("count():Q", title="tokens")])
@@ -108,7 +109,8 @@ def fig_norm_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.Chart:
     t = tokens[tokens["tokens"] == "random sample"][["label", "ablation", "norm_ratio"]]
     label = t["label"].iloc[0] if len(t) else ""
     hist = alt.Chart(t).mark_bar(opacity=0.5, binSpacing=0).encode(
-        x=alt.X("norm_ratio:Q", bin=alt.Bin(maxbins=bins), title="S′ / S (ablated / clean residual norm)"),
+        x=alt.X("norm_ratio:Q", bin=alt.Bin(maxbins=bins), title="S′ / S (ablated / clean residual norm)",
+                axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6)),
         y=alt.Y("count():Q", stack=None, title="tokens"), color=_ablation_color(),
         tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("count():Q", title="tokens")])
     one = alt.Chart(t).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
@@ -121,7 +123,8 @@ def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0)
     one panel per model; points on the dashed y = x line mean the formula is exact."""
     t = (check.sample(frac=1.0, random_state=seed).groupby(["model", "ablation"]).head(max_per_panel // 3)
          .sort_values(["model", "ablation"], kind="mergesort"))
-    t = t.assign(panel=t["model"] + " " + t["label"] + (t["parallel_residual"].map(
+    role = (t["role"] + ": ") if "role" in t else ""
+    t = t.assign(panel=role + t["model"] + " " + t["label"] + (t["parallel_residual"].map(
         {True: " (parallel)", False: " (sequential)"})))
     points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
         x=alt.X("delta_logit:Q", title="Δlogit (real)"),
