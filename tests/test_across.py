@@ -87,7 +87,7 @@ def test_compare_models_on_synthetic_heads():
             rows.append({"source": "this project", "run": "toy (ours)", "model": "toy", "ablation": "resample",
                          "n_layers": 4, "layer": layer, "head": head, "direct_effect": de,
                          "ablated_direct_effect": 0.0, "delta_logit": dl, "from_heads": 0.0,
-                         "from_mlps": 0.0, "from_norm": 0.1})
+                         "from_mlps": 0.0, "from_norm": 0.1, "from_block_norms": 0.0})
     heads = pd.DataFrame(rows)
     heads["self_repair"] = heads["delta_logit"] + heads["direct_effect"]
     heads["rel_layer"] = heads["layer"] / 3
@@ -95,7 +95,11 @@ def test_compare_models_on_synthetic_heads():
     assert table["frac_repaired_late"] == pytest.approx(0.5)  # head 0 repaired, head 1 over-broken
     assert table["repaired_share_late"] == pytest.approx((0.4 - 0.2) * 2 / 4)
     assert table["norm_share_late"] == pytest.approx(0.1 * 4 / 4)
-    assert table["n_heads"] == 12
+    assert table["n_heads"] == 12 and table["block_norm_share_late"] == 0
+    heads["from_block_norms"] = 0.05  # a sandwich-norm model: the block norms' share is reported
+    table = across.compare_models(heads)
+    assert table["block_norm_share_late"].iloc[0] == pytest.approx(0.05)
+    assert "sandwich" in across.comparison_markdown(table)
 
 
 def test_comparison_markdown(cache, paper):

@@ -142,7 +142,8 @@ def heads():
                              "n_layers": n_layers, "layer": layer, "head": head, "label": f"L{layer}H{head}",
                              "rel_layer": layer / (n_layers - 1), "direct_effect": de,
                              "ablated_direct_effect": 0.0, "delta_logit": -0.5 * de, "self_repair": 0.5 * de,
-                             "from_heads": 0.1, "from_mlps": 0.1, "from_norm": 0.3 * de})
+                             "from_heads": 0.1, "from_mlps": 0.1, "from_norm": 0.3 * de,
+                             "from_block_norms": 0.0})
     return pd.DataFrame(rows)
 
 
