@@ -2,7 +2,7 @@
 Hydra §2.5.2 "erasure" MLPs).
 
 A head ``(l, h)`` is ablated as in :mod:`selfrepair.self_repair` (resample by default). Neuron ``n``
-of the measured MLP layer ``L`` (default: the last) writes ``act_n * W_out[n]``; its direct effect
+of the measured MLP layer ``L`` (the last) writes ``act_n * W_out[n]``; its direct effect
 is ``DE_n = dir . (act_n W_out[n])`` at the **clean** scales (final norm ``S``; in sandwich models
 also the clean post-feedforward scale ``s``), so the neurons plus the layer's output bias sum to the
 layer's DE. Signs: ``delta = ablated - clean``; a neuron *repairs* when ``delta > 0``. A neuron with
@@ -106,6 +106,9 @@ def measure_neurons(model: Model, tokens: torch.Tensor, heads: list[tuple[int, i
     check_ablation(ablation)
     tokens = check_tokens(model, tokens).cpu()
     L = model.n_layers - 1 if neuron_layer is None else neuron_layer + (model.n_layers if neuron_layer < 0 else 0)
+    if L != model.n_layers - 1:  # ablate_heads(neuron_layer=...) returns the last layer's neurons
+        raise InputError(f"only the last MLP layer ({model.n_layers - 1}) is supported for now, got "
+                         f"neuron_layer={neuron_layer}")
     heads = check_heads(model, heads)
     if not heads:
         raise InputError("no heads to measure: pass at least one (layer, head)")
