@@ -186,3 +186,11 @@ def test_neuron_sweep_is_cached(tmp_path):
     b = neurons.neuron_sweep(cfg, progress=False)
     assert a.heads == b.heads == [(0, 3), (1, 0)]
     assert all(torch.equal(a.data[key], b.data[key]) for key in a.data)
+
+
+def test_instances_are_capped_and_said_so():
+    m = load_model("tiny-gpt2")
+    res = neurons.measure_neurons(m, tokens_for(m, batch=4, seq=10), [(0, 0)], top_percent=50,
+                                  batch_size=4, max_instances=5, progress=False)
+    assert res.get("direct_effect", "instance").shape == (1, 5) and res.meta["capped"]
+    assert "capped by max_instances" in neurons.on_this_model(res)

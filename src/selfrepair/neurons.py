@@ -164,7 +164,8 @@ def measure_neurons(model: Model, tokens: torch.Tensor, heads: list[tuple[int, i
             states[sel] = keep_top(states[sel], {**batch, "score": batch[score_of[sel]]}, k)
     data = {f"{sel}/{key}": v.contiguous() for sel, st in states.items() for key, v in st.items()}
     meta = {**model.describe(), "ablation": ablation, "top_percent": top_percent,
-            "seq_len": tokens.shape[1], "n_rows": len(tokens), "k": k, "batch_size": batch_size}
+            "seq_len": tokens.shape[1], "n_rows": len(tokens), "k": k, "batch_size": batch_size,
+            "capped": k < math.ceil(top_percent / 100 * len(tokens) * seq1)}
     return NeuronResult(heads, L, data, meta)
 
 
@@ -338,7 +339,8 @@ def on_this_model(res: NeuronResult, summ: pd.DataFrame | None = None) -> str:
     m = res.meta
     lines = [f"**On this model** ({m.get('model')}, MLP layer {res.neuron_layer} with {m.get('d_mlp')} "
              f"neurons, {m.get('ablation')} ablation, top {m.get('top_percent'):g}% tokens = "
-             f"{m.get('k')} per head and selection):", ""]
+             f"{m.get('k')} per head and selection"
+             f"{', capped by max_instances: the highest of them' if m.get('capped') else ''}):", ""]
     for r in s.itertuples():
         lines.append(
             f"- **{r.label}** (mean DE {r.direct_effect:+.3f}, self-repair {r.self_repair:+.3f}): the "
