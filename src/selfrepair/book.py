@@ -110,7 +110,7 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
     folder) with ``params`` injected; papermill saves after every cell, so a failing chapter keeps
     its outputs up to the error.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
     dest, logs = out_src / "book", logs or out_src.parent / "logs"
     dest.mkdir(parents=True, exist_ok=True)

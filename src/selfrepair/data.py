@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 import datasets
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .errors import SelfRepairError
 

@@ -40,7 +40,7 @@ def open_model(cfg: RunConfig) -> Model:
     return _model(cfg.model, cfg.device, cfg.dtype)
 
 
-def open_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
+def open_tokens(cfg: RunConfig, model: Model, *, progress: bool = True) -> torch.Tensor:
     """``[n_rows, seq_len]`` token rows of ``cfg.dataset``, each starting with BOS."""
     from .data import load_corpus, pack_tokens, tiny_corpus
 
@@ -53,7 +53,7 @@ def open_tokens(cfg: RunConfig, model: Model) -> torch.Tensor:
                          f"{model.n_ctx} tokens: use seq_len <= {model.n_ctx}")
     corpus = tiny_corpus(seed=cfg.seed) if cfg.dataset == TINY_DATASET else load_corpus(cfg.dataset)
     return pack_tokens(corpus, model.tokenizer, n_tokens=cfg.n_tokens, seq_len=cfg.seq_len,
-                       seed=cfg.seed)
+                       seed=cfg.seed, progress=progress)
 
 
 def cache_params(cfg: RunConfig, model: Model, **extra: Any) -> dict:
@@ -95,7 +95,7 @@ def head_sweep(cfg: RunConfig, ablation: str | None = None, *, progress: bool = 
     path = cache_path(cfg, f"sweep-{ablation}", params)
 
     def compute(p: Path) -> Sweep:
-        tokens = open_tokens(cfg, model)
+        tokens = open_tokens(cfg, model, progress=progress)
         return run_sweep(model, tokens, ablation=ablation, top_percent=cfg.top_percent,
                          batch_size=cfg.batch_size, seed=cfg.seed, path=p, params=params,
                          progress=progress)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
 from .direct_effect import Readout

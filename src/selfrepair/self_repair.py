@@ -26,7 +26,7 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation, default_corrupt_tokens, patch_heads, replacement_z
 from .direct_effect import Readout, block_scales, head_effects, readout

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation, default_corrupt_tokens, replacement_z
 from .direct_effect import head_effects, readout
