@@ -99,9 +99,6 @@ def test_streamed_top_k_is_exact_and_batch_independent(family):
             torch.testing.assert_close(a.get(sel, "delta")[f][order_a], b.get(sel, "delta")[f][order_b])
 
 
-@pytest.mark.xfail(reason="self_repair.ablate_heads returns the LAST layer's neurons whatever "
-                   "neuron_layer is (its watch ignores the layer), so measure_neurons refuses other "
-                   "layers; reported to the lead", strict=False)
 def test_other_neuron_layer():
     m = load_model("tiny-gpt2", dtype="float64")  # sequential: layer 0's MLP is downstream of L0 heads
     tok = tokens_for(m)

@@ -74,7 +74,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         edits: dict[tuple[str, int], Edit] | None = None, watch: Watch | None = None,
         watch_sites: Iterable[str] = (), start_layer: int = 0,
         resume: torch.Tensor | None = None, read_embed: bool = False,
-        last_logits: bool = False, read_layers: dict[str, Iterable[int]] | None = None) -> Pass:
+        last_logits: bool = False, read_layers: dict[str, Iterable[int]] | None = None,
+        stop_after: tuple[str, int] | None = None) -> Pass:
     """One traced forward of ``tokens [batch, pos]``.
 
     Parameters
@@ -90,6 +91,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         which nothing reads.
     last_logits: also run the unembedding and return the logits at the last position only
         (``logits_to_keep=1``); otherwise the pass stops after the final norm.
+    stop_after: ``(site, layer)``: stop the forward right after that site (``tracer.stop()``);
+        the returned pass then has only ``reads`` (final tensors are ``None``).
     """
     # Without sandwich norms a block writes the raw attention / MLP output: alias the sites.
     alias = {} if model.sandwich else {"attn_write": "attn", "mlp_write": "mlp"}
@@ -104,6 +107,10 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     for s in touched:
         if s not in SITES:
             raise ValueError(f"unknown site {s!r}; sites: {SITES}")
+    if stop_after is not None:
+        stop_after = (alias.get(stop_after[0], stop_after[0]), int(stop_after[1]))
+        if stop_after[0] not in touched:
+            raise ValueError(f"stop_after site {stop_after[0]!r} is neither read, watched nor edited")
     if start_layer and resume is None:
         raise ValueError("start_layer > 0 needs `resume`, the residual entering that block")
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
@@ -133,6 +140,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                 if watch is not None:
                     for name in watch_as.get(site, ()):
                         watch(name, layer, value)
+                if stop_after == (site, layer):
+                    tracer.stop()
         norm = model.envoy(model.adapter.final_norm)
         finals.append(norm.input)
         finals.append(norm.output)
@@ -142,6 +151,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
             tracer.stop()
     reads = {name: torch.stack(saved[site]) for name, site in
              ((n, alias.get(n, n)) for n in requested) if saved[site]}
-    embed = finals.pop(0) if read_embed else None
+    embed = finals.pop(0) if read_embed and finals else None
+    if stop_after is not None and len(finals) < 2:
+        return Pass(reads=reads, final_resid=None, final_normed=None, embed=embed, last_logits=None)
     return Pass(reads=reads, final_resid=finals[0], final_normed=finals[1], embed=embed,
                 last_logits=finals[2] if last_logits else None)

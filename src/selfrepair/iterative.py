@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .direct_effect import block_scales, head_effects, readout
 from .errors import InputError
@@ -43,10 +43,6 @@ from .results import head_label, load_tensors, save_tensors
 from .self_repair import check_heads, check_tokens, clean_pass
 
 DEFAULT_ALPHAS = (1.0, 3.0, 5.0)
-
-
-class _Stop(Exception):
-    """Raised inside the trace once the edited layer's ``z`` is read: the rest is not needed."""
 
 
 def check_alphas(alphas) -> tuple[float, ...]:
@@ -92,22 +88,12 @@ def amplified_effects(model: Model, tokens: torch.Tensor, clean: Pass, ro, layer
     delta = torch.stack([a * v for v, a in scaled]).flatten(0, 1)  # [copy * batch, pos, d]
     per = len(alphas) + (control is not None)
     copies = [(h, j) for h in heads for j in range(per)]
-    got = {}
-
-    def stop(site: str, j: int, value: torch.Tensor) -> None:
-        got["z"] = value[:, :-1]
-        raise _Stop
-
     resume = clean.reads["block"][layer - 1].repeat(len(copies), 1, 1) if layer > 0 else None
-    try:
-        run(model, tokens.repeat(len(copies), 1), start_layer=layer, resume=resume,
-            edits={("attn_in", layer): lambda x: x + delta.to(x.dtype)}, watch=stop,
-            watch_sites=("z",))
-    except _Stop:
-        pass
-    if "z" not in got:
-        raise RuntimeError("the amplified pass ended before layer z was read")
-    z = got["z"].unflatten(0, (len(copies), b))
+    # only this layer's z is needed: the pass stops there (the rest of the model never runs)
+    p = run(model, tokens.repeat(len(copies), 1), start_layer=layer, resume=resume,
+            edits={("attn_in", layer): lambda x: x + delta.to(x.dtype)}, read=("z",),
+            read_layers={"z": [layer]}, stop_after=("z", layer))
+    z = p.reads["z"][0][:, :-1].unflatten(0, (len(copies), b))
     de = head_effects(model, z, ro.write_dir(model, "attn", layer), layer)  # [n_heads, copy, b, p]
     new = torch.stack([de[h, i] for i, (h, _) in enumerate(copies)])
     return new.unflatten(0, (len(heads), per))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation, default_corrupt_tokens, replacement_z
 from .direct_effect import neuron_effects, readout
@@ -106,9 +106,9 @@ def measure_neurons(model: Model, tokens: torch.Tensor, heads: list[tuple[int, i
     check_ablation(ablation)
     tokens = check_tokens(model, tokens).cpu()
     L = model.n_layers - 1 if neuron_layer is None else neuron_layer + (model.n_layers if neuron_layer < 0 else 0)
-    if L != model.n_layers - 1:  # ablate_heads(neuron_layer=...) returns the last layer's neurons
-        raise InputError(f"only the last MLP layer ({model.n_layers - 1}) is supported for now, got "
-                         f"neuron_layer={neuron_layer}")
+    if not 0 <= L < model.n_layers:
+        raise InputError(f"neuron_layer={neuron_layer} is out of range: {model.name} has MLP layers "
+                         f"0 .. {model.n_layers - 1}")
     heads = check_heads(model, heads)
     if not heads:
         raise InputError("no heads to measure: pass at least one (layer, head)")

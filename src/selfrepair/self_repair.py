@@ -99,7 +99,8 @@ def ablate_heads(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout, l
 
     def watch(site: str, j: int, value: torch.Tensor) -> None:
         if site == "neurons":
-            saved["neurons"] = value[:, :-1].unflatten(0, (k, b))
+            if j == neuron_layer:
+                saved["neurons"] = value[:, :-1].unflatten(0, (k, b))
             return
         kind = site  # "attn" | "mlp"
         if kind == "mlp" and not downstream_mlp(j):
