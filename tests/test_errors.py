@@ -34,7 +34,10 @@ def test_unsupported_in_memory_model_is_rejected():
 
 
 def test_hub_id_offline_suggests_embedded(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import by huggingface_hub: patch both
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="gemma-3-270m"):
         load_model("EleutherAI/pythia-160m-does-not-exist")
 
