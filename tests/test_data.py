@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from selfrepair.data import (EMBEDDED_CORPUS, DataError, corrupt_tokens, load_corpus, load_prompts,
-                             pack_tokens, prompt_tokens, tiny_corpus)
+from selfrepair.data import (EMBEDDED_CORPUS, DataError, corrupt_tokens, dataset_fingerprint, load_corpus,
+                             load_prompts, pack_tokens, prompt_tokens, tiny_corpus)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +211,20 @@ def test_embedded_corpus_has_300k_gemma_tokens():
     assert tokens.shape == (293, 1024) and (tokens[:, 0] == tok.bos_token_id).all()
     batch = prompt_tokens(load_prompts().head(3), tok)
     assert batch.target_ids.tolist()[0] == tok(" Paris", add_special_tokens=False)["input_ids"][0]
+
+
+def test_changed_local_corpus_changes_the_cache_key(tmp_path):
+    from selfrepair.config import RunConfig
+    from selfrepair.experiment import cache_params, open_model
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "one document"}\n')
+    cfg = RunConfig(model="tiny-gpt2", dataset=str(corpus))
+    model = open_model(cfg)
+    before = cache_params(cfg, model)
+    assert before["corpus"].startswith("sha256:") and before == cache_params(cfg, model)
+    corpus.write_text('{"text": "another document"}\n')
+    assert cache_params(cfg, model)["corpus"] != before["corpus"]
+    embedded = cache_params(RunConfig(model="tiny-gpt2"), model)["corpus"]
+    assert embedded == dataset_fingerprint("embedded") and embedded.startswith("sha256:")
+    assert dataset_fingerprint("NeelNanda/pile-10k") == "NeelNanda/pile-10k"

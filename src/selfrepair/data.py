@@ -36,7 +36,8 @@ from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .errors import SelfRepairError
 
-__all__ = ["EMBEDDED_CORPUS", "DataError", "PromptTokens", "data_dir", "load_corpus", "pack_tokens",
+__all__ = ["EMBEDDED_CORPUS", "DataError", "PromptTokens", "data_dir", "dataset_fingerprint", "load_corpus",
+           "pack_tokens",
            "corrupt_tokens", "load_prompts", "prompt_tokens", "tiny_corpus"]
 
 EMBEDDED_CORPUS = "embedded"
@@ -106,6 +107,26 @@ def load_corpus(dataset: str | os.PathLike = EMBEDDED_CORPUS, *, split: str = "t
         raise DataError(f"Dataset {name!r} has no column {text_column!r}; "
                         f"available columns: {ds.column_names}.")
     return ds
+
+
+def dataset_fingerprint(dataset: str | os.PathLike) -> str:
+    """What the cache key needs to notice a changed corpus: ``sha256:<hex>`` over the bytes of the
+    embedded corpus or of a local file/directory's data files; a hub id is returned unchanged
+    (the hub pins its own revisions)."""
+    import hashlib
+
+    name = os.fspath(dataset)
+    path = data_dir() / EMBEDDED_FILE if name == EMBEDDED_CORPUS else Path(name).expanduser()
+    if not path.exists():
+        return name
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(path).as_posix().encode() if f != path else b"")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def _load_local(path: Path, split: str) -> datasets.Dataset:

@@ -58,9 +58,11 @@ def open_tokens(cfg: RunConfig, model: Model, *, progress: bool = True) -> torch
 
 def cache_params(cfg: RunConfig, model: Model, **extra: Any) -> dict:
     from . import __version__
+    from .data import dataset_fingerprint
 
     dev = resolve_device(cfg.device)
-    return {"model": cfg.model, "revision": model.revision, "dataset": cfg.dataset,
+    corpus = "generated" if cfg.dataset == TINY_DATASET else dataset_fingerprint(cfg.dataset)
+    return {"model": cfg.model, "revision": model.revision, "dataset": cfg.dataset, "corpus": corpus,
             "n_tokens": cfg.n_tokens, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
             "seed": cfg.seed, "top_percent": cfg.top_percent,
             "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", ""),
