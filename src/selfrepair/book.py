@@ -274,10 +274,12 @@ VEGA_BUNDLE = "vendor/vega-bundle.js"  # under html_static_path (book/_static)
 
 
 def _page_assets(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
-    """Load the vega bundle on pages that hold a chart; drop repeated ``<script>`` entries.
+    """Load the vega bundle on pages that hold a chart; drop repeated and thebe ``<script>``s.
 
-    Jupyter Book 1.0.4 registers some inline scripts twice (``const THEBE_JS_URL = ...``), and a
-    repeated top-level ``const`` is a SyntaxError in the browser's console on every page.
+    Jupyter Book 1.0.4 registers some inline scripts twice, and a repeated top-level ``const`` is
+    a SyntaxError in the browser's console on every page. Thebe (live code cells, which this book
+    does not offer: it has no launch buttons) is always registered, with an inline
+    ``THEBE_JS_URL = "https://unpkg.com/..."``; dropping it leaves no external address in a page.
     """
     from .figures import CHART_CLASS
 
@@ -286,6 +288,8 @@ def _page_assets(app: Any, pagename: str, templatename: str, context: dict, doct
     seen, unique = set(), []
     for js in context.get("script_files", []):
         name = getattr(js, "filename", js) or ""  # inline scripts: None or "" (same thing)
+        if "thebe" in str(name).lower() or "THEBE" in getattr(js, "attributes", {}).get("body", ""):
+            continue
         key = (str(name), tuple(sorted(getattr(js, "attributes", {}).items())))
         if key not in seen:
             seen.add(key)

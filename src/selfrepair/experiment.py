@@ -87,6 +87,19 @@ def cached(path: Path, compute: Callable[[Path], T], load: Callable[[Path], T]) 
     return compute(path)
 
 
+def cached_result(cfg: RunConfig, kind: str, params: dict, measure: Callable[[], T],
+                  load: Callable[[Path], T]) -> T:
+    """The result of ``measure()`` for ``params``, from the results cache if it is there and
+    intact; otherwise measured, stamped with ``params`` in its ``meta`` and saved atomically."""
+    def compute(path: Path) -> T:
+        res = measure()
+        res.meta["params"] = params
+        res.save(path)
+        return res
+
+    return cached(cache_path(cfg, kind, params), compute, load)
+
+
 def head_sweep(cfg: RunConfig, ablation: str | None = None, *, progress: bool = True):
     """The all-heads sweep of ``cfg`` (``ablation`` overrides ``cfg.ablation``), cached."""
     from .sweep import Sweep, run_sweep

@@ -179,17 +179,12 @@ def amplification_sweep(cfg, alphas=None, *, progress: bool = True) -> Iterative
     alphas = check_alphas(cfg.extra.get("alphas", DEFAULT_ALPHAS) if alphas is None else alphas)
     model = experiment.open_model(cfg)
     params = experiment.cache_params(cfg, model, kind="iterative", alphas=list(alphas), control=True)
-    path = experiment.cache_path(cfg, "iterative", params)
-
-    def compute(p: Path) -> IterativeResult:
-        res = measure_iterative(model, experiment.open_tokens(cfg, model), alphas,
-                                top_percent=cfg.top_percent, batch_size=cfg.batch_size,
-                                seed=cfg.seed, progress=progress)
-        res.meta["params"] = params
-        res.save(p)
-        return res
-
-    return experiment.cached(path, compute, IterativeResult.load)
+    return experiment.cached_result(
+        cfg, "iterative", params,
+        lambda: measure_iterative(model, experiment.open_tokens(cfg, model), alphas,
+                                  top_percent=cfg.top_percent, batch_size=cfg.batch_size,
+                                  seed=cfg.seed, progress=progress),
+        IterativeResult.load)
 
 
 # -- tidy frames -------------------------------------------------------------------------------

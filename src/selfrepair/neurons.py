@@ -185,17 +185,12 @@ def neuron_sweep(cfg, heads: list[tuple[int, int]] | None = None, *, n_featured:
     heads = check_heads(model, heads)
     params = experiment.cache_params(cfg, model, ablation=cfg.ablation, kind="neurons",
                                      heads=[list(h) for h in heads])
-    path = experiment.cache_path(cfg, "neurons", params)
-
-    def compute(p: Path) -> NeuronResult:
-        res = measure_neurons(model, experiment.open_tokens(cfg, model), heads,
-                              ablation=cfg.ablation, top_percent=cfg.top_percent,
-                              batch_size=cfg.batch_size, progress=progress)
-        res.meta["params"] = params
-        res.save(p)
-        return res
-
-    return experiment.cached(path, compute, NeuronResult.load)
+    return experiment.cached_result(
+        cfg, "neurons", params,
+        lambda: measure_neurons(model, experiment.open_tokens(cfg, model), heads,
+                                ablation=cfg.ablation, top_percent=cfg.top_percent,
+                                batch_size=cfg.batch_size, progress=progress),
+        NeuronResult.load)
 
 
 # -- tidy frames (plain torch/pandas over a NeuronResult) --------------------------------------
