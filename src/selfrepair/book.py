@@ -123,6 +123,8 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
     def one(nb: Path) -> ChapterRun:
         out, log = dest / nb.name, logs / f"{nb.stem}.log"
         started = time.time()
+        if progress:  # the chapter's own progress bars go to its log; say where to follow them
+            bar.write(f"  {nb.stem:<28} running (progress: tail -f {log})")
         with open(log, "w") as fh:
             rc = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(out), "-f",
                                  str(params_file), "-k", kernel, "--cwd", str(nb.parent),
