@@ -129,3 +129,19 @@ def test_mean_ablation_is_global_across_batches(model):
     whole = self_repair(model, tok, ablation="mean", progress=False)
     split = self_repair(model, tok, ablation="mean", batch_size=2, progress=False)
     torch.testing.assert_close(split.delta_logit, whole.delta_logit, atol=2e-5, rtol=1e-4)
+
+
+def test_saved_result_keeps_only_listed_heads_and_loads_back(tmp_path):
+    from selfrepair.results import SelfRepairResult
+
+    model = load_model("tiny-gemma3")
+    tok = torch.randint(0, model.d_vocab, (3, 10), generator=torch.Generator().manual_seed(5))
+    r = self_repair(model, tok, ablation="zero", heads=[(1, 2), (0, 1)], progress=False)
+    path = r.save(tmp_path / "two-heads.safetensors")
+    back = SelfRepairResult.load(path)
+    assert back.heads == r.heads and back.ablation == "zero" and "head_grid" not in back.meta
+    for name, want in r.tensors().items():
+        torch.testing.assert_close(getattr(back, name), want, equal_nan=True, rtol=0, atol=0)
+    everything = self_repair(model, tok, ablation="zero", progress=False)
+    all_path = everything.save(tmp_path / "all-heads.safetensors")
+    assert path.stat().st_size < all_path.stat().st_size / 2  # 2 of the grid's heads, not all of them

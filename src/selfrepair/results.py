@@ -137,11 +137,23 @@ class SelfRepairResult:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        meta = {**self.meta, "ablation": self.ablation, "heads": [list(h) for h in self.heads]}
-        return save_tensors(path, self.tensors(), meta)
+        """Write the listed heads' rows only (unlisted heads are NaN; :meth:`load` restores them)."""
+        n_layers, n_heads = self.direct_effect.shape[:2]
+        meta = {**self.meta, "ablation": self.ablation, "heads": [list(h) for h in self.heads],
+                "head_grid": [n_layers, n_heads]}
+        layer, head = torch.tensor(self.heads, dtype=torch.long).view(-1, 2).unbind(1)
+        tensors = {q: t[layer, head] if q in HEAD_QUANTITIES else t for q, t in self.tensors().items()}
+        return save_tensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SelfRepairResult":
         tensors, meta = load_tensors(path)
         heads = [tuple(h) for h in meta.pop("heads", [])]
+        grid = meta.pop("head_grid", None)
+        if grid is not None:
+            layer, head = torch.tensor(heads, dtype=torch.long).view(-1, 2).unbind(1)
+            for q in HEAD_QUANTITIES:
+                full = torch.full((*grid, *tensors[q].shape[1:]), float("nan"), dtype=tensors[q].dtype)
+                full[layer, head] = tensors[q]
+                tensors[q] = full
         return cls(**tensors, ablation=meta.get("ablation", "resample"), heads=heads, meta=meta)

@@ -156,7 +156,9 @@ def self_repair(model: Model, tokens: torch.Tensor, ablation: str = "resample",
 
     Returns per-head, per-token quantities ``[n_layers, n_heads, batch, seq-1]`` (NaN for heads
     not listed) plus the clean and ablated final-norm scales. ``batch_size`` rows are processed
-    at a time; up to ``max_rows`` rows (heads x batch) share one ablated forward.
+    at a time; up to ``max_rows`` rows (heads x batch) share one ablated forward. The default
+    resample source is all of ``tokens`` rolled by one, whatever ``batch_size`` is
+    (:func:`selfrepair.sweep.run_sweep` rolls each batch instead: call this per batch to match).
     """
     check_ablation(ablation)
     tokens = check_tokens(model, tokens)
