@@ -33,12 +33,16 @@ from selfrepair.book import build_html, stage_source, vendor_assets
 pytestmark = pytest.mark.browser
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHECK_PAGE = "book/chart_check"
+VIEWPORT = (1440, 900)  # a common laptop screen
 PAGE_STATE = """(() => {
   const charts = Array.from(document.querySelectorAll('.%s'));
   return JSON.stringify({
     charts: charts.length,
     drawn: charts.filter(el => el.querySelector('svg, canvas')).length,
     failed: charts.filter(el => el.textContent.includes('[chart')).map(el => el.textContent),
+    overflow: charts.map(el => [el.clientWidth, el.querySelector('svg, canvas')])
+      .filter(([w, d]) => d && d.getBoundingClientRect().width > w + 2)
+      .map(([w, d]) => `${Math.round(d.getBoundingClientRect().width)} px chart in a ${w} px column`),
     math: document.querySelectorAll('.math').length,
     typeset: document.querySelectorAll('mjx-container').length,
     ready: document.readyState,
@@ -146,6 +150,8 @@ def browser(built_book, tmp_path_factory):
         tools = DevTools(target["webSocketDebuggerUrl"])
         for domain in ("Page", "Runtime", "Log", "Network"):
             tools.call(f"{domain}.enable")
+        tools.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
+                   deviceScaleFactor=1, mobile=False)
         yield tools, f"http://127.0.0.1:{port}"
         tools.close()
     finally:
@@ -203,6 +209,8 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book):
         problems = _problems(tools.events, origin)
         if state.get("charts") != state.get("drawn"):
             problems.append(f"{state.get('drawn')} of {state.get('charts')} charts drawn {state.get('failed')}")
+        if state.get("overflow"):  # readers should not have to scroll sideways on a laptop screen
+            problems.append(f"charts wider than the page at {VIEWPORT[0]} px: {state['overflow']}")
         if state.get("math") and not state.get("typeset"):
             problems.append(f"{state['math']} math elements but MathJax typeset none")
         total_charts += state.get("charts", 0)

@@ -47,7 +47,7 @@ def test_fig_top_neuron():
                         neuron_clean_de=rnd, neuron_ablated_de=rnd, layer_clean=rnd, layer_delta=rnd,
                         self_repair=rnd, direct_effect=rnd)
     spec = spec_of(fn.fig_top_neuron(frame))
-    assert spec["facet"]["column"]["field"] == "label"
+    assert spec["facet"]["field"] == "label" and spec["columns"] == 2  # wraps: fits a laptop page
     assert data_rows(spec) == 14
     points = [l for l in layers_of(spec) if mark_of(l) == "circle"][0]
     assert points["encoding"]["x"]["field"] == "neuron_clean_de"
@@ -65,7 +65,7 @@ def test_fig_sparsity():
     (line,) = layers_of(spec)
     assert mark_of(line) == "line"
     assert line["encoding"]["x"]["field"] == "rank" and line["encoding"]["y"]["field"] == "share"
-    assert spec["facet"]["row"]["field"] == "kind"
+    assert spec["facet"]["column"]["field"] == "kind" and spec["facet"]["row"]["field"] == "label"
     assert {"label", "layer", "head", "rank", "percent", "share"} <= tooltip_fields(line)
 
 

@@ -23,7 +23,7 @@ def fig_layer_profiles(heads) -> alt.FacetChart:
         y=alt.Y("self_repair:Q", title="self-repair"), color=DEPTH, tooltip=HEAD_TIPS)
     mean = alt.Chart().mark_line(color="black").encode(x="layer:Q", y="mean(self_repair):Q")
     zero = alt.Chart().mark_rule(color="gray", strokeDash=[2, 2]).encode(y=alt.datum(0))
-    return (alt.layer(points, mean, zero, data=heads).properties(width=220, height=160)
+    return (alt.layer(points, mean, zero, data=heads).properties(width=180, height=160)
             .facet(facet=alt.Facet("run:N", title=None, sort=list(dict.fromkeys(heads["run"]))), columns=3)
             .resolve_scale(x="independent", y="independent")
             .properties(title="Self-repair per head and layer mean, every model (paper Fig 1)"))
@@ -47,7 +47,7 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
     no_repair = base.transform_calculate(neg="-datum.direct_effect").mark_line(
         color="gray", strokeDash=[4, 4]).encode(x="direct_effect:Q", y="neg:Q")
     zero = alt.Chart(heads).mark_rule(color="gray").encode(y=alt.datum(0))
-    left = (scatter + no_repair + zero).properties(width=300, height=260,
+    left = (scatter + no_repair + zero).properties(width=260, height=260,
                                                    title="Heads of the selected model")
     right = alt.Chart(layers).mark_line(point=True).encode(
         x=alt.X("rel_layer:Q", title="relative depth (layer / last layer)"),
@@ -58,7 +58,7 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
         tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("layer:O"),
                  alt.Tooltip("self_repair:Q", format=".3f"), alt.Tooltip("direct_effect:Q", format=".3f"),
                  alt.Tooltip("delta_logit:Q", format=".3f")]
-    ).properties(width=300, height=260, title="Per-layer self-repair, all models")
+    ).properties(width=260, height=260, title="Per-layer self-repair, all models")
     return alt.hconcat(left, right).add_params(pick).properties(
         title="Our measurements beside the paper's released values (Rushing & Nanda 2024)")
 

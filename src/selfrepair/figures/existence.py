@@ -33,7 +33,7 @@ def _head_order(frame: pd.DataFrame) -> list[str]:
 
 def _category_color(legend: bool = True) -> alt.Color:
     return alt.Color("category:N", scale=alt.Scale(domain=CATEGORY_ORDER, range=CATEGORY_COLORS),
-                     title="region", legend=alt.Legend() if legend else None)
+                     title="region", legend=alt.Legend(orient="bottom", direction="horizontal") if legend else None)
 
 
 def _diagonal(x: str, y: str) -> list[alt.Chart]:
@@ -168,10 +168,10 @@ def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
         base.mark_tick(color="black", thickness=2, size=8).encode(y="median:Q"),
         base.mark_point(shape="diamond", color="#e45756", size=25, filled=True).encode(y="mean_de:Q"),
         base.mark_rule(color="#444").encode(y=alt.datum(0)),
-    ).properties(width=620, height=220, title="Per-token spread of self-repair (diamond: mean DE)")
+    ).properties(width=560, height=220, title="Per-token spread of self-repair (diamond: mean DE)")
     over = base.mark_bar(color="#f58518").encode(
         y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%"))
-    ).properties(width=620, height=90)
+    ).properties(width=560, height=90)
     return alt.vconcat(ranges, over)
 
 
@@ -193,4 +193,4 @@ def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> a
         base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% bootstrap CI"),
                                              y2="hi:Q", color=color),
         base.mark_point(filled=True, size=25).encode(y="mean:Q", color=color),
-    ).properties(width=620, height=220, title="Mean Δlogit per head with bootstrap intervals")
+    ).properties(width=560, height=220, title="Mean Δlogit per head with bootstrap intervals")

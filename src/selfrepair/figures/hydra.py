@@ -34,7 +34,7 @@ def fig_impact(summary) -> alt.FacetChart:
                  alt.Tooltip("hi:Q", format=".3f", title="90%"),
                  alt.Tooltip("corr:Q", format=".2f", title="corr(DE, drop)"),
                  alt.Tooltip("frac_de_gt_drop:Q", format=".0%", title="DE > drop")])
-    return (alt.layer(band, line, data=summary).properties(width=300, height=220)
+    return (alt.layer(band, line, data=summary).properties(width=260, height=220)
             .facet(column=_by_kind())
             .properties(title="Unembedding vs ablation impact per layer (Hydra Fig 2)"))
 

@@ -36,7 +36,7 @@ def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
                              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
                              alt.Tooltip("new_direct_effect:Q", format=".3f", title="new direct effect")])
     return alt.layer(zero, diagonal, points, data=tokens).properties(width=240, height=220).facet(
-        column=alt.Column("label:N", title=None)).resolve_scale(x="independent", y="independent").properties(
+        facet=alt.Facet("label:N", title=None), columns=2).resolve_scale(x="independent", y="independent").properties(
         title="A head's direct effect after its own output is added to its input")
 
 

@@ -59,7 +59,7 @@ def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: i
                       "self_repair", "from_norm", "ratio"))
     label = t["label"].iloc[0] if len(t) else ""
     return (alt.layer(*_diagonal("direct_effect", "delta_logit"), points, data=t)
-            .properties(width=230, height=210)
+            .properties(width=180, height=200)
             .facet(column=alt.Column("ablation:N", sort=ABLATIONS, title=None))
             .properties(title=f"{label}: DE vs Δlogit under three ablations"))
 
@@ -97,7 +97,7 @@ def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
                  alt.Tooltip("share:Q", format=".1%", title="layer mean share"),
                  alt.Tooltip("n_heads:Q", title="heads")])
-        .properties(width=300, height=220)
+        .properties(width=260, height=220)
         .facet(column=alt.Column("clipping:N", sort=["unclipped", "clipped"], title=None))
         .resolve_scale(y="independent")
         .properties(title="Final-norm share of DE: unclipped (Fig 9) vs clipped to [0, 1] (Fig 10)"))

@@ -42,7 +42,7 @@ def fig_top_neuron(instances: pd.DataFrame) -> alt.FacetChart:
              "direct_effect"))
     zero = base.mark_rule(color="#888", strokeWidth=1).encode(x=alt.datum(0))
     return alt.layer(zero, diagonal, points, data=instances).properties(width=260, height=240).facet(
-        column=alt.Column("label:N", title=None)).resolve_scale(x="independent", y="independent").properties(
+        facet=alt.Facet("label:N", title=None), columns=2).resolve_scale(x="independent", y="independent").properties(
         title="Top self-repairing neuron per token: clean vs ablated direct effect")
 
 
@@ -57,9 +57,9 @@ def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
         color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort="descending"),
         tooltip=HEAD_TIPS + [alt.Tooltip("kind:N"), alt.Tooltip("rank:Q"), alt.Tooltip("percent:Q"),
                              alt.Tooltip("share:Q", format=".1%"), alt.Tooltip("n_instances:Q")])
-    return alt.layer(chart, data=sparsity).properties(width=200, height=180).facet(
-        column=alt.Column("label:N", title=None),
-        row=alt.Row("kind:N", title=None, header=alt.Header(labelExpr=(
+    return alt.layer(chart, data=sparsity).properties(width=220, height=160).facet(
+        row=alt.Row("label:N", title=None),
+        column=alt.Column("kind:N", title=None, header=alt.Header(labelExpr=(
             "datum.value == 'nth' ? 'N-th neuron alone' : 'top N together'")))).properties(
         title="How often a few neurons repair a given share of the head's direct effect")
 
@@ -80,7 +80,7 @@ def fig_cumulative(cumulative: pd.DataFrame) -> alt.FacetChart:
                              alt.Tooltip("share:Q", format=".2%")]
         + _q("mean_delta_de", "median_clean_de"))
     return alt.layer(line, points, data=cumulative).properties(width=240, height=220).facet(
-        column=alt.Column("label:N", title=None)).properties(
+        facet=alt.Facet("label:N", title=None), columns=2).properties(
         title="Cumulative share of the absolute change in neuron direct effects")
 
 
@@ -95,8 +95,8 @@ def fig_top_frequency(frequency: pd.DataFrame) -> alt.FacetChart:
         tooltip=HEAD_TIPS + [alt.Tooltip("neuron:O"), alt.Tooltip("rank:Q"),
                              alt.Tooltip("frequency:Q", format=".1%"), alt.Tooltip("n_instances:Q")]
         + _q("median_clean_de"))
-    return alt.layer(chart, data=frequency).properties(width=220, height=200).facet(
-        column=alt.Column("label:N", title=None)).resolve_scale(x="independent").properties(
+    return alt.layer(chart, data=frequency).properties(width=260, height=200).facet(
+        facet=alt.Facet("label:N", title=None), columns=2).resolve_scale(x="independent").properties(
         title="Do the same neurons repair on every token?")
 
 
