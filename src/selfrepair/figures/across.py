@@ -12,7 +12,8 @@ HEAD_TIPS = [alt.Tooltip("run:N", title="model"), alt.Tooltip("label:N", title="
              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
              alt.Tooltip("delta_logit:Q", format=".3f", title="Δlogit"),
              alt.Tooltip("self_repair:Q", format=".3f", title="self-repair")]
-DEPTH = alt.Color("rel_layer:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="relative depth")
+DEPTH = alt.Color("rel_layer:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="relative depth",
+                  legend=alt.Legend(orient="bottom"))  # below the panels: they fit a laptop page
 
 
 def fig_layer_profiles(heads) -> alt.FacetChart:
@@ -52,7 +53,7 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
     right = alt.Chart(layers).mark_line(point=True).encode(
         x=alt.X("rel_layer:Q", title="relative depth (layer / last layer)"),
         y=alt.Y("self_repair:Q", title="mean self-repair of the layer's heads"),
-        detail="run:N", color=alt.Color("source:N", title="source"),
+        detail="run:N", color=alt.Color("source:N", title="source", legend=alt.Legend(orient="bottom")),
         opacity=alt.condition(chosen, alt.value(1.0), alt.value(0.15)),
         strokeWidth=alt.condition(chosen, alt.value(2.5), alt.value(1.0)),
         tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("layer:O"),
