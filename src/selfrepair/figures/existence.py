@@ -102,8 +102,8 @@ def fig_overview(per_head: pd.DataFrame, boot: pd.DataFrame | None = None) -> al
     """Fig 1 and Fig 2 side by side, linked: drag across layers in the left chart to highlight
     those layers' heads on the right."""
     brush = alt.selection_interval(encodings=["x"], name="layers")
-    left = fig_self_repair_by_layer(per_head, brush=brush).properties(width=300)
-    right = fig_de_vs_delta_logit(per_head, brush=brush, boot=boot).properties(width=300)
+    left = fig_self_repair_by_layer(per_head, brush=brush).properties(width=280)
+    right = fig_de_vs_delta_logit(per_head, brush=brush, boot=boot).properties(width=280)
     return alt.hconcat(left, right).resolve_scale(color="shared")
 
 
