@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from selfrepair import existence, layernorm
 from selfrepair.figures import data_rows, validate_spec
@@ -224,3 +225,20 @@ def test_sampling_keeps_charts_small(n):
     assert data_rows(spec_of(fe.fig_featured_tokens(t))) <= 5000
     big = head_frame(n=n)
     assert data_rows(spec_of(fl.fig_ablation_scatter(big))) <= 5000
+
+
+def test_fig_decomposition_from_a_real_closure_table():
+    from selfrepair import load_model
+    from selfrepair.book import closure_table
+    from selfrepair.figures import intro
+    from selfrepair.self_repair import self_repair
+
+    model = load_model("tiny-gemma3")
+    tok = torch.randint(0, model.d_vocab, (2, 9), generator=torch.Generator().manual_seed(2))
+    table = closure_table(self_repair(model, tok, ablation="resample", heads=[(0, 1), (1, 3)], progress=False))
+    s = spec_of(intro.fig_decomposition(table))
+    assert {"bar", "tick", "rule"} <= marks(s)
+    assert data_rows(s) == 2 * 4 + 2 + 1  # four eq. 2 terms per head, one tick per head, the zero line
+    bars = next(l for l in s["layer"] if marks(l) == {"bar"})
+    assert bars["encoding"]["x"]["stack"] == "zero" and bars["encoding"]["y"]["sort"] == ["L0H1", "L1H3"]
+    assert {"self_repair", "eq2_gap", "delta_logit"} <= tooltip_fields(s)
