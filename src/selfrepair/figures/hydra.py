@@ -70,13 +70,14 @@ def fig_before_after(frame) -> alt.Chart:
         detail="run:N",
         color=alt.Color("group:N", title=None, sort=["clean", "ablated (mean)", "single patch"],
                         scale=alt.Scale(domain=["clean", "ablated (mean)", "single patch"],
-                                        range=["black", "#d62728", "#f4a6a6"])),
+                                        range=["black", "#d62728", "#f4a6a6"]),
+                        legend=alt.Legend(orient="bottom")),
         opacity=alt.condition(alt.datum.group == "single patch", alt.value(0.5), alt.value(1.0)),
         tooltip=[alt.Tooltip("label:N", title="layer"), alt.Tooltip("run:N"),
                  alt.Tooltip("direct_effect:Q", format=".3f")])
     mark = alt.Chart().mark_rule(color="#d62728", strokeDash=[3, 3]).encode(x="layer:Q").transform_filter(
         "datum.run == 'clean' && datum.kind == datum.ablated_kind && datum.layer == datum.ablated_layer")
-    chart = alt.layer(base.mark_line(point=True), mark, data=frame).properties(width=300, height=220)
+    chart = alt.layer(base.mark_line(point=True), mark, data=frame).properties(width=280, height=220)
     return (chart.facet(column=_by_kind())
             .properties(title=alt.Title(f"Direct effects before and after ablating {ablated} (Hydra Fig 1, 3)",
                                         subtitle=f"prompt: {prompt!r}" if prompt else "")))
