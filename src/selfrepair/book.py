@@ -290,9 +290,10 @@ def _page_assets(app: Any, pagename: str, templatename: str, context: dict, doct
     seen, unique = set(), []
     for js in context.get("script_files", []):
         name = getattr(js, "filename", js) or ""  # inline scripts: None or "" (same thing)
-        if "thebe" in str(name).lower() or "THEBE" in getattr(js, "attributes", {}).get("body", ""):
+        attributes = getattr(js, "attributes", {})
+        if "thebe" in str(name).lower() or "THEBE" in attributes.get("body", ""):
             continue
-        key = (str(name), tuple(sorted(getattr(js, "attributes", {}).items())))
+        key = (str(name), tuple(sorted(attributes.items())))
         if key not in seen:
             seen.add(key)
             unique.append(js)

@@ -23,6 +23,7 @@ Conventions
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -37,8 +38,7 @@ from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 from .errors import SelfRepairError
 
 __all__ = ["EMBEDDED_CORPUS", "DataError", "PromptTokens", "data_dir", "dataset_fingerprint", "load_corpus",
-           "pack_tokens",
-           "corrupt_tokens", "load_prompts", "prompt_tokens", "tiny_corpus"]
+           "pack_tokens", "corrupt_tokens", "load_prompts", "prompt_tokens", "tiny_corpus"]
 
 EMBEDDED_CORPUS = "embedded"
 EMBEDDED_FILE = Path("corpus") / "embedded.jsonl"
@@ -113,15 +113,12 @@ def dataset_fingerprint(dataset: str | os.PathLike) -> str:
     """What the cache key needs to notice a changed corpus: ``sha256:<hex>`` over the bytes of the
     embedded corpus or of a local file/directory's data files; a hub id is returned unchanged
     (the hub pins its own revisions)."""
-    import hashlib
-
     name = os.fspath(dataset)
     path = data_dir() / EMBEDDED_FILE if name == EMBEDDED_CORPUS else Path(name).expanduser()
     if not path.exists():
         return name
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
     digest = hashlib.sha256()
-    for f in files:
+    for f in _data_files(path):
         digest.update(f.relative_to(path).as_posix().encode() if f != path else b"")
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -129,8 +126,13 @@ def dataset_fingerprint(dataset: str | os.PathLike) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _data_files(path: Path) -> list[Path]:
+    """``path`` itself if it is a file, else the data files under it (sorted)."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+
+
 def _load_local(path: Path, split: str) -> datasets.Dataset:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS)
+    files = _data_files(path)
     builders = {_BUILDERS.get(p.suffix) for p in files}
     if not files or None in builders or len(builders) != 1:
         raise DataError(f"{path}: expected json/jsonl/parquet/csv/txt file(s) of one kind, "

@@ -77,6 +77,11 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, json.loads(header.get("meta", "{}"))
 
 
+def _head_index(heads: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layers, heads)`` index tensors of a list of ``(layer, head)`` pairs (possibly empty)."""
+    return torch.tensor(heads, dtype=torch.long).view(-1, 2).unbind(1)
+
+
 @dataclass
 class SelfRepairResult:
     """Per-head, per-token self-repair: each quantity ``[layer, head, batch, pos-1]``.
@@ -141,7 +146,7 @@ class SelfRepairResult:
         n_layers, n_heads = self.direct_effect.shape[:2]
         meta = {**self.meta, "ablation": self.ablation, "heads": [list(h) for h in self.heads],
                 "head_grid": [n_layers, n_heads]}
-        layer, head = torch.tensor(self.heads, dtype=torch.long).view(-1, 2).unbind(1)
+        layer, head = _head_index(self.heads)
         tensors = {q: t[layer, head] if q in HEAD_QUANTITIES else t for q, t in self.tensors().items()}
         return save_tensors(path, tensors, meta)
 
@@ -151,7 +156,7 @@ class SelfRepairResult:
         heads = [tuple(h) for h in meta.pop("heads", [])]
         grid = meta.pop("head_grid", None)
         if grid is not None:
-            layer, head = torch.tensor(heads, dtype=torch.long).view(-1, 2).unbind(1)
+            layer, head = _head_index(heads)
             for q in HEAD_QUANTITIES:
                 full = torch.full((*grid, *tensors[q].shape[1:]), float("nan"), dtype=tensors[q].dtype)
                 full[layer, head] = tensors[q]
