@@ -49,7 +49,7 @@ def naive_self_repair(model, tokens: torch.Tensor, batch_size: int) -> dict[str,
     """One full forward with full logits per head (per batch): delta_logit and self-repair."""
     from selfrepair.ablation import default_corrupt_tokens, head_slice
     from selfrepair.direct_effect import head_effects, readout
-    from selfrepair.self_repair import clean_pass
+    from selfrepair.heads import clean_pass
     from selfrepair.intervene import run
 
     L, H = model.n_layers, model.n_heads
@@ -98,7 +98,7 @@ def naive_self_repair(model, tokens: torch.Tensor, batch_size: int) -> dict[str,
 
 def _worker(method: str, args: dict, queue) -> None:
     from selfrepair import load_model
-    from selfrepair.self_repair import self_repair
+    from selfrepair.heads import self_repair
 
     torch.set_num_threads(args["threads"]) if args["threads"] else None
     model = load_model(args["model"], device=args["device"], dtype=args["dtype"])

@@ -24,6 +24,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _book_renderer():
+    """Charts render as in the book (the offline renderer and theme), restored afterwards."""
+    import altair as alt
+
+    from selfrepair.figures import use_book_renderer
+
+    renderer, theme = alt.renderers.active, alt.theme.active
+    use_book_renderer()
+    yield
+    alt.renderers.enable(renderer)
+    alt.theme.enable(theme)
+
+
 @pytest.fixture(scope="session")
 def executed_book(tmp_path_factory) -> SimpleNamespace:
     """Every ``book/*.ipynb`` executed with papermill on the ``tiny`` profile, in a temp dir.

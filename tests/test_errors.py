@@ -8,7 +8,7 @@ from selfrepair.config import RunConfig
 from selfrepair.errors import (InputError, ModelLoadError, NumericalError,
                                UnsupportedArchitectureError)
 from selfrepair.models import adapter_for, tiny_model
-from selfrepair.self_repair import self_repair
+from selfrepair.heads import self_repair
 
 
 @pytest.fixture(scope="module")

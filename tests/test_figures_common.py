@@ -36,7 +36,8 @@ def _bundle(chart) -> dict:
     return bundle[0] if isinstance(bundle, tuple) else bundle
 
 
-def test_renderer_and_theme_are_enabled_on_import():
+def test_use_book_renderer_enables_renderer_and_theme():
+    figures.use_book_renderer()
     assert alt.renderers.active == figures.RENDERER
     assert alt.theme.active == figures.THEME
     assert VEGALITE_MIME == f"application/vnd.vegalite.v{alt.SCHEMA_VERSION[1]}+json"

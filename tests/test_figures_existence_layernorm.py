@@ -231,7 +231,7 @@ def test_fig_decomposition_from_a_real_closure_table():
     from selfrepair import load_model
     from selfrepair.book import closure_table
     from selfrepair.figures import intro
-    from selfrepair.self_repair import self_repair
+    from selfrepair.heads import self_repair
 
     model = load_model("tiny-gemma3")
     tok = torch.randint(0, model.d_vocab, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -8,7 +8,7 @@ from selfrepair import iterative, load_model
 from selfrepair.config import RunConfig
 from selfrepair.direct_effect import direct_effects, readout, top_percent_mask
 from selfrepair.errors import InputError
-from selfrepair.self_repair import clean_pass
+from selfrepair.heads import clean_pass
 
 from reference import FAMILY, _mod, _norm_parts, capture
 

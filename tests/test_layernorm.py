@@ -45,7 +45,7 @@ def test_appendix_b_needs_the_bias_free_logit(neox64):
     the bias is not divided by the scale."""
     chk = layernorm.appendix_b_check(neox64, tokens_for(neox64), (neox64.n_layers - 1, 0), ["zero"])
     from selfrepair.direct_effect import readout
-    from selfrepair.self_repair import clean_pass
+    from selfrepair.heads import clean_pass
 
     tok = tokens_for(neox64)
     ro = readout(neox64, tok, clean_pass(neox64, tok))

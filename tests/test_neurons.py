@@ -12,7 +12,7 @@ from selfrepair.config import RunConfig
 from selfrepair.direct_effect import direct_effects, neuron_effects, readout, top_percent_mask
 from selfrepair.errors import InputError
 from selfrepair.intervene import run
-from selfrepair.self_repair import CLEAN_READS, ablate_heads
+from selfrepair.heads import CLEAN_READS, ablate_heads
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from selfrepair.direct_effect import direct_effects, readout, top_percent_mask
 from selfrepair.intervene import run
 from selfrepair.models import Model, adapter_for, tiny_model
-from selfrepair.self_repair import self_repair
+from selfrepair.heads import self_repair
 
 configs = st.fixed_dictionaries({
     "family": st.sampled_from(["gpt2", "gpt_neox", "llama", "gemma3"]),

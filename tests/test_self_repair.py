@@ -6,7 +6,7 @@ import torch
 from selfrepair import load_model
 from selfrepair.direct_effect import direct_effects, readout
 from selfrepair.intervene import run
-from selfrepair.self_repair import QUANTITIES, self_repair
+from selfrepair.heads import QUANTITIES, self_repair
 
 from reference import reference_self_repair
 

@@ -6,7 +6,7 @@ import torch
 from selfrepair import EMBEDDED_MODEL, load_model
 from selfrepair.direct_effect import direct_effects, readout
 from selfrepair.intervene import run
-from selfrepair.self_repair import self_repair
+from selfrepair.heads import self_repair
 
 pytestmark = pytest.mark.smoke
 

@@ -15,7 +15,7 @@ from selfrepair.config import RunConfig
 from selfrepair.direct_effect import top_percent_mask
 from selfrepair.experiment import cache_path, cache_params, head_sweep, open_model
 from selfrepair.results import CorruptResultError, load_tensors
-from selfrepair.self_repair import self_repair
+from selfrepair.heads import self_repair
 from selfrepair.sweep import Sweep, run_sweep
 
 

@@ -40,7 +40,7 @@ from .intervene import Pass, run
 from .models import Model
 from .neurons import keep_top
 from .results import head_label, load_tensors, save_tensors
-from .self_repair import check_heads, check_tokens, clean_pass
+from .heads import check_heads, check_tokens, clean_pass
 
 DEFAULT_ALPHAS = (1.0, 3.0, 5.0)
 

@@ -49,7 +49,7 @@ def featured_head(per_head: pd.DataFrame, override=None) -> tuple[int, int]:
 def single_head(cfg, head: tuple[int, int], ablation: str, progress: bool = True) -> SelfRepairResult:
     """Self-repair of one head on the chapter's tokens under ``ablation``, cached on disk."""
     from .experiment import cache_params, cache_path, cached, open_model, open_tokens
-    from .self_repair import self_repair
+    from .heads import self_repair
 
     model = open_model(cfg)
     label = head_label(*head)
@@ -135,7 +135,7 @@ def appendix_b_check(model, tokens: torch.Tensor, head: tuple[int, int],
     from .ablation import default_corrupt_tokens, replacement_z
     from .direct_effect import readout
     from .intervene import run
-    from .self_repair import ablate_heads, check_tokens, clean_pass
+    from .heads import ablate_heads, check_tokens, clean_pass
 
     layer, h = head
     tokens = check_tokens(model, tokens)

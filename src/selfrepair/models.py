@@ -426,8 +426,9 @@ def tiny_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family, **config_kw)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.random.fork_rng(devices=[]):  # HF initialises from the global RNG: leave it as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

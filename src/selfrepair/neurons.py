@@ -38,7 +38,7 @@ from .errors import InputError
 from .intervene import run
 from .models import Model
 from .results import head_label, load_tensors, save_tensors
-from .self_repair import CLEAN_READS, ablate_heads, check_heads, check_tokens
+from .heads import CLEAN_READS, ablate_heads, check_heads, check_tokens
 
 SELECTIONS = ("direct_effect", "self_repair", "mlp_repair")
 SCALARS = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair",

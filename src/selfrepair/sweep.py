@@ -33,7 +33,7 @@ from .intervene import run
 from .models import Model
 from .results import (HEAD_QUANTITIES, CorruptResultError, head_label, load_tensors,
                       save_tensors)
-from .self_repair import ablate_heads, check_tokens, clean_pass
+from .heads import ablate_heads, check_tokens, clean_pass
 
 COLUMNS = HEAD_QUANTITIES + ("scale_clean", "logit")
 KIND_TOP, KIND_SAMPLE = 1, 2

@@ -1,7 +1,7 @@
 """Shared figure machinery: the offline Altair renderer, the book's theme and small helpers.
 
-Importing this package (``from selfrepair.figures import existence`` imports it first) registers
-and enables:
+Importing this package registers (and :func:`use_book_renderer` enables — importing alone does
+not switch the user's renderer or theme):
 
 - the Altair renderer ``"selfrepair"``: every displayed chart becomes a notebook output holding
   the Vega-Lite spec under ``application/vnd.vegalite.v6+json`` (the major version follows
@@ -44,7 +44,7 @@ EMBED_OPTIONS = {"mode": "vega-lite", "renderer": "svg",  # svg: crisp text, eas
 
 __all__ = ["CHART_CLASS", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME", "VEGALITE_MIME",
            "chart_html", "charts_in_notebook", "data_rows", "diverging_color", "ensure_small",
-           "head_tooltip", "layer_color", "render", "validate_spec"]
+           "head_tooltip", "layer_color", "render", "use_book_renderer", "validate_spec"]
 
 
 class ChartTooLargeError(SelfRepairError):
@@ -204,6 +204,12 @@ def _theme() -> alt.theme.ThemeConfig:
 
 
 alt.renderers.register(RENDERER, render)
-alt.renderers.enable(RENDERER)
-alt.theme.register(THEME, enable=True)(_theme)
+alt.theme.register(THEME, enable=False)(_theme)
+
+
+def use_book_renderer() -> None:
+    """Switch Altair to the book's offline renderer and theme (every chapter's first cell calls
+    this; importing :mod:`selfrepair.figures` alone changes nothing)."""
+    alt.renderers.enable(RENDERER)
+    alt.theme.enable(THEME)
 
