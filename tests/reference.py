@@ -72,16 +72,23 @@ def capture(model, family, tokens, patch=None):
     return got
 
 
-def reference_self_repair(model, family, tokens, corrupt, layer, head, *, parallel):
-    """Eq. 1 / eq. 2 quantities ``[batch, pos-1]`` for one head, resample-ablated from ``corrupt``."""
+def reference_self_repair(model, family, tokens, corrupt, layer, head, *, parallel, ablation="resample"):
+    """Eq. 1 / eq. 2 quantities ``[batch, pos-1]`` for one head ablated by ``ablation``: resample
+    from ``corrupt``, mean (the head's clean z averaged over every row and position of ``tokens``)
+    or zero."""
     blocks, o_proj, mlp, final, kind, conv1d, pan, pmn = FAMILY[family]
     cfg = model.config
     n_heads = cfg.num_attention_heads
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     n_layers = cfg.num_hidden_layers
     clean = capture(model, family, tokens)
-    source = capture(model, family, corrupt)
-    abl = capture(model, family, tokens, patch=(layer, head, d_head, source["z"][layer]))
+    if ablation == "resample":
+        repl = capture(model, family, corrupt)["z"][layer]
+    elif ablation == "mean":
+        repl = clean["z"][layer].mean((0, 1), keepdim=True).expand_as(clean["z"][layer])
+    else:
+        repl = torch.zeros_like(clean["z"][layer])
+    abl = capture(model, family, tokens, patch=(layer, head, d_head, repl.to(model.dtype)))
     norm = _mod(model, final)
     tgt = tokens[:, 1:]
     W_U = model.get_output_embeddings().weight.double()

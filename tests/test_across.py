@@ -1,17 +1,26 @@
-"""Across models (selfrepair.across): cached sweeps and the paper's released per-head values."""
+"""Across models (selfrepair.chapters.across): cached sweeps and the paper's released per-head values.
+
+The claims' metrics of :func:`compare_models` are checked against hand computations on a small
+synthetic frame holding both token sets ("top-k%" and "all"); the paper's rows against the raw
+released CSV; cached sweeps against the sweep they were read from.
+"""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from selfrepair import across, experiment
-from selfrepair.config import RunConfig
+from selfrepair import experiment
+from selfrepair.chapters import across
+from selfrepair.config import CorpusConfig
+from selfrepair.sweep import Sweep
 
 PAPER_HEADS = {"gpt2-small": 144, "gpt2-medium": 384, "pythia-160m": 144, "pythia-410m": 384}
+TINY = dict(model="tiny-gpt_neox", dataset="tiny", n_tokens=512, seq_len=32, batch_size=4, top_percent=10)
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +29,22 @@ def paper():
 
 
 @pytest.fixture(scope="module")
+def raw_release():
+    """The released CSV, complete (empty-prefix) set, as {(model, quantity): Series by (layer, head)}."""
+    raw = pd.read_csv(across.reference_path(), dtype={"variant": str}, keep_default_na=False)
+    return raw[raw["variant"] == ""].set_index(["model", "quantity", "layer", "head"])["value"]
+
+
+@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A cache dir with one tiny sweep in it."""
+    """A cache dir holding one tiny sweep, made by experiment.head_sweep; and that sweep."""
     root = tmp_path_factory.mktemp("results")
-    cfg = RunConfig.from_params(model="tiny-gpt_neox", dataset="tiny", n_tokens=256, seq_len=16,
-                                batch_size=4, top_percent=10, cache_dir=str(root))
-    experiment.head_sweep(cfg, progress=False)
-    return root
+    cfg = CorpusConfig.from_params(**TINY, cache_dir=str(root))
+    sweep = experiment.head_sweep(cfg, "resample", progress=False)
+    return root, cfg, sweep
 
 
+# -- the paper's release ----------------------------------------------------------------------
 def test_reference_csv_has_the_four_models_and_quantities(paper):
     assert paper.groupby("model").size().to_dict() == PAPER_HEADS
     for name in across.QUANTITY_NAMES.values():
@@ -49,67 +65,192 @@ def test_reference_values_are_self_consistent(paper):
     assert late["self_repair"].mean() > 0  # the paper's headline, in its own numbers
 
 
-def test_reference_variant_and_attribution(paper):
+def test_reference_matches_the_raw_release(paper, raw_release):
+    """Every value is the released one; self_repair is eq. 1 of the released values; the paper's
+    rows are top-k% means only, and their norm_share is the released percent_LN_of_DE."""
+    assert set(paper["tokens"]) == {"top-k%"}
+    assert (paper["from_block_norms"] == 0).all()
+    for model, g in paper.groupby("model"):
+        key = list(zip(g["layer"], g["head"]))
+
+        def released(q):
+            return raw_release.loc[model, q].loc[key].to_numpy()
+
+        np.testing.assert_array_equal(g["norm_share"].to_numpy(), released("percent_LN_of_DE"))
+        np.testing.assert_array_equal(g["direct_effect"].to_numpy(), released("direct_effects"))
+        np.testing.assert_array_equal(g["delta_logit"].to_numpy(), released("logit_diff"))
+        expected = released("logit_diff") - (released("ablated_direct_effects") - released("direct_effects"))
+        np.testing.assert_allclose(g["self_repair"].to_numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_reference_variant(paper):
     other = across.load_paper_reference(variant="1.0")
     assert set(other["model"]) == {"gpt2-small", "pythia-160m"}
+    assert len(other[other["model"] == "gpt2-small"]) == 144
+    gpt2 = paper[paper["model"] == "gpt2-small"].set_index("label")["direct_effect"]
+    assert not np.allclose(other[other["model"] == "gpt2-small"].set_index("label")["direct_effect"]
+                           .loc[gpt2.index], gpt2)  # a different set of values
     readme = (across.reference_path().parent / "README.md").read_text()
-    assert "starship006/backup_research" in readme and "Rushing" in readme
-    assert "breakdown_self_repair" in across.PAPER_CITATION
+    assert "starship006/backup_research" in readme  # the attribution ships with the data
 
 
-def test_load_cached_sweeps(cache):
-    ours = across.load_cached_sweeps(cache)
-    assert len(ours) == 2 * 4 and set(ours["model"]) == {"tiny-gpt_neox"}
+# -- this project's cached sweeps --------------------------------------------------------------
+def test_load_cached_sweeps_returns_both_token_sets(cache):
+    root, cfg, sweep = cache
+    ours = across.load_cached_sweeps(root)
+    n_heads = sweep.meta["n_layers"] * sweep.meta["n_heads"]
+    assert len(ours) == 2 * n_heads and set(ours["model"]) == {"tiny-gpt_neox"}
+    assert ours.groupby("tokens").size().to_dict() == {"top-k%": n_heads, "all": n_heads}
     assert ours["run"].nunique() == 1 and "resample" in ours["run"].iloc[0]
-    assert set(across.COLUMNS) <= set(ours.columns)
-    assert list(ours["label"][:2]) == ["L0H0", "L0H1"] and ours["rel_layer"].between(0, 1).all()
+    assert set(across.COLUMNS) <= set(ours.columns) and (ours["source"] == "this project").all()
+    assert ours["rel_layer"].between(0, 1).all()
+    assert (ours["rel_layer"] == ours["layer"] / (ours["n_layers"] - 1)).all()
     np.testing.assert_allclose(ours["self_repair"],
                                ours["delta_logit"] - (ours["ablated_direct_effect"] - ours["direct_effect"]),
                                atol=1e-5)
+    per_head = sweep.per_head().set_index(["layer", "head"])
+    for tokens, suffix in (("top-k%", ""), ("all", "_all")):
+        g = ours[ours["tokens"] == tokens].set_index(["layer", "head"]).loc[per_head.index]
+        assert (g["label"] == per_head["label"]).all()
+        for q in ("direct_effect", "delta_logit", "self_repair", "from_norm", "from_block_norms"):
+            np.testing.assert_allclose(g[q], per_head[q + suffix], rtol=0, atol=1e-12, err_msg=f"{tokens} {q}")
+    # the final norm's clipped per-token share of DE over each head's top tokens, by hand
+    top = sweep.tokens_frame("top")
+    top = top[top["direct_effect"] != 0]
+    share = {}
+    for (layer, head), t in top.groupby(["layer", "head"]):
+        share[layer, head] = float(np.mean(np.clip(t["from_norm"].to_numpy() / t["direct_effect"].to_numpy(), 0, 1)))
+    got = ours[ours["tokens"] == "top-k%"].set_index(["layer", "head"])["norm_share"]
+    assert len(share) == n_heads
+    for key, value in share.items():
+        assert got[key] == pytest.approx(value, abs=1e-12)
+    assert ours.loc[ours["tokens"] == "all", "norm_share"].isna().all()
+
+
+def test_chapter_measure_reuses_the_cached_sweep(cache, paper):
+    root, cfg, sweep = cache
+    acfg = across.Config.from_params(**TINY, cache_dir=str(root))
+    ch = across.measure(acfg, progress=False)
+    assert len(list(root.glob("*/sweep-*.safetensors"))) == 1
+    assert len(ch.top_heads) == 8 + len(paper) and len(ch.whole_heads) == 8
+    assert set(ch.whole_heads["source"]) == {"this project"}
+    assert set(ch.table["run"]) == set(ch.heads["run"]) and len(ch.table) == 5
+    assert ch.current == "tiny-gpt_neox"
 
 
 def test_empty_and_damaged_caches(tmp_path, cache):
     empty = across.load_cached_sweeps(tmp_path)
     assert empty.empty and set(across.COLUMNS) <= set(empty.columns)
-    bad = tmp_path / "x" / "sweep-resample-0000.safetensors"
+    root, _, _ = cache
+    good = next(root.glob("*/sweep-*.safetensors"))
+    bad = tmp_path / "x" / "sweep-0000.safetensors"
     bad.parent.mkdir()
     bad.write_bytes(b"not a safetensors file")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / good.name).write_bytes(good.read_bytes())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert across.load_cached_sweeps(tmp_path).empty
-    assert any("damaged" in str(w.message) for w in caught)
+        got = across.load_cached_sweeps(tmp_path)
+    assert any(str(bad) in str(w.message) for w in caught)
+    assert len(got) == 16 and (got["path"] == str(tmp_path / "y" / good.name)).all()  # the good one is read
+    Sweep.load(tmp_path / "y" / good.name)
 
 
-def test_compare_models_on_synthetic_heads():
+# -- the claims' metrics, by hand -----------------------------------------------------------------
+def _row(run, source, n_layers, tokens, layer, head, de, sr, ns, bn, dl):
+    return {"source": source, "run": run, "model": run.split()[0], "ablation": "resample",
+            "tokens": tokens, "n_layers": n_layers, "layer": layer, "head": head,
+            "label": f"L{layer}H{head}", "rel_layer": layer / (n_layers - 1), "direct_effect": de,
+            "ablated_direct_effect": 0.0, "delta_logit": dl, "self_repair": sr, "from_heads": 0.0,
+            "from_mlps": 0.0, "from_norm": 0.0, "from_block_norms": bn, "norm_share": ns}
+
+
+@pytest.fixture
+def synthetic():
+    """Run "toy (ours)": 4 layers x 3 heads (late: layers 2, 3), both token sets with different
+    values; run "ref (paper)": 2 layers x 2 heads (late: layer 1), top-k% only."""
+    ours = "toy (ours)"
     rows = []
-    for layer in range(4):  # 4 layers: late = layers 2, 3 (rel_layer >= 0.5)
-        for head, (de, dl) in enumerate([(1.0, -0.6), (1.0, -1.2), (-0.5, 0.1)]):
-            rows.append({"source": "this project", "run": "toy (ours)", "model": "toy", "ablation": "resample",
-                         "n_layers": 4, "layer": layer, "head": head, "direct_effect": de,
-                         "ablated_direct_effect": 0.0, "delta_logit": dl, "from_heads": 0.0,
-                         "from_mlps": 0.0, "from_norm": 0.1, "from_block_norms": 0.0})
-    heads = pd.DataFrame(rows)
-    heads["self_repair"] = heads["delta_logit"] + heads["direct_effect"]
-    heads["rel_layer"] = heads["layer"] / 3
-    table = across.compare_models(heads).iloc[0]
-    assert table["frac_repaired_late"] == pytest.approx(0.5)  # head 0 repaired, head 1 over-broken
-    assert table["repaired_share_late"] == pytest.approx((0.4 - 0.2) * 2 / 4)
-    assert table["norm_share_late"] == pytest.approx(0.1 * 4 / 4)
-    assert table["n_heads"] == 12 and table["block_norm_share_late"] == 0
-    heads["from_block_norms"] = 0.05  # a sandwich-norm model: the block norms' share is reported
-    table = across.compare_models(heads)
-    assert table["block_norm_share_late"].iloc[0] == pytest.approx(0.05)
-    assert "sandwich" in across.comparison_markdown(table)
+    # top-k%: (layer, head, direct effect, self-repair, norm share, block-norm term)
+    top = [(0, 0, 1.0, 0.5, 0.9, 0.0), (0, 1, 1.0, -0.1, 0.9, 0.0), (0, 2, 1.0, 0.2, 0.9, 0.0),
+           (1, 0, 1.0, 0.0, 0.9, 0.0), (1, 1, 1.0, 0.3, 0.9, 0.0), (1, 2, 1.0, -0.4, 0.9, 0.0),
+           (2, 0, 1.0, 0.2, 0.1, 0.5), (2, 1, 2.0, -0.1, 0.3, 0.6), (2, 2, -0.5, 0.3, 0.5, 9.0),
+           (3, 0, 0.5, 0.0, 0.2, 0.45), (3, 1, 1.5, 0.4, 0.6, 0.3), (3, 2, 0.0, 0.1, 0.4, 7.0)]
+    rows += [_row(ours, "this project", 4, "top-k%", l, h, de, sr, ns, bn, -1.0) for l, h, de, sr, ns, bn in top]
+    # all tokens: (layer, head, direct effect, delta logit); self-repair 5 everywhere
+    every = [(0, 0, 1.0, -0.5), (0, 1, 1.0, -1.5), (0, 2, -1.0, -0.5),
+             (1, 0, 0.5, 0.1), (1, 1, 0.5, -0.25), (1, 2, 0.0, -0.1),
+             (2, 0, 2.0, -2.0), (2, 1, 2.0, -1.0), (2, 2, 1.0, 0.0),
+             (3, 0, 1.0, -0.999), (3, 1, 3.0, -4.0), (3, 2, 0.2, -0.1)]
+    rows += [_row(ours, "this project", 4, "all", l, h, de, 5.0, np.nan, 3.0, dl) for l, h, de, dl in every]
+    paper = [(0, 0, 1.0, -0.2, 0.5), (0, 1, 1.0, 0.7, 0.5), (1, 0, 2.0, 0.3, 0.25), (1, 1, 1.0, 0.2, 0.35)]
+    rows += [_row("ref (paper)", "paper", 2, "top-k%", l, h, de, sr, ns, 0.0, -0.5) for l, h, de, sr, ns in paper]
+    return pd.DataFrame(rows)
 
 
-def test_comparison_markdown(cache, paper):
-    heads = across.combine(across.load_cached_sweeps(cache), paper)
-    table = across.compare_models(heads)
-    assert set(table["source"]) == {"this project", "paper"} and len(table) == 5
-    md = across.comparison_markdown(table, current="tiny-gpt_neox")
-    assert "tiny-gpt_neox" in md and "Paper models" in md and "backup_research" in md
-    assert md.count("holds") + md.count("differs") == 4
-    layers = across.per_layer(heads)
-    assert len(layers) == 2 + 12 + 24 + 12 + 24
-    empty = across.compare_models(across.combine(across.load_cached_sweeps("/nonexistent"), paper))
-    assert "No sweep" in across.comparison_markdown(empty)
+def test_compare_models_by_hand(synthetic):
+    table = across.compare_models(synthetic).set_index("run")
+    assert list(table.index) == ["toy (ours)", "ref (paper)"]
+    t = table.loc["toy (ours)"]
+    assert t["source"] == "this project" and t["n_layers"] == 4 and t["n_heads"] == 12 and t["n_late"] == 6
+    # late top-k% heads with positive self-repair: 0.2, 0.3 (layer 2) and 0.4, 0.1 (layer 3)
+    assert t["frac_self_repaired_late"] == pytest.approx(4 / 6)
+    assert t["norm_share_late"] == pytest.approx((0.1 + 0.3 + 0.5 + 0.2 + 0.6 + 0.4) / 6)
+    # whole-set heads with DE > 0 (10 of 12) strictly between y = -DE and 0: L0H0, L1H1, L2H1, L3H0, L3H2
+    assert t["frac_between_all"] == pytest.approx(5 / 10)
+    assert t["self_repair_late"] == pytest.approx((0.2 - 0.1 + 0.3 + 0.0 + 0.4 + 0.1) / 6)
+    assert t["self_repair_early"] == pytest.approx((0.5 - 0.1 + 0.2 + 0.0 + 0.3 - 0.4) / 6)
+    # late top-k% heads with DE > 0: Σ block-norm term / Σ DE
+    assert t["block_norm_share_late"] == pytest.approx((0.5 + 0.6 + 0.45 + 0.3) / (1.0 + 2.0 + 0.5 + 1.5))
+    p = table.loc["ref (paper)"]
+    assert p["source"] == "paper" and p["n_heads"] == 4 and p["n_late"] == 2
+    assert p["frac_self_repaired_late"] == pytest.approx(1.0)
+    assert p["norm_share_late"] == pytest.approx(0.3)
+    assert np.isnan(p["frac_between_all"])  # the release has no whole-set means
+    assert p["self_repair_early"] == pytest.approx(0.25) and p["block_norm_share_late"] == 0
+
+
+def test_compare_models_on_the_release_by_hand(paper, raw_release):
+    """The paper models' metrics from the raw CSV: late = layer >= n_layers // 2."""
+    table = across.compare_models(paper).set_index("model")
+    for model, n_heads in PAPER_HEADS.items():
+        L = paper.loc[paper["model"] == model, "n_layers"].iloc[0]
+        pct = raw_release.loc[model, "percent_LN_of_DE"]
+        late = pct.index.get_level_values("layer") >= L // 2
+        sr = (raw_release.loc[model, "logit_diff"] - raw_release.loc[model, "ablated_direct_effects"]
+              + raw_release.loc[model, "direct_effects"])
+        row = table.loc[model]
+        assert row["n_heads"] == n_heads and row["n_late"] == late.sum()
+        assert row["norm_share_late"] == pytest.approx(pct[late].mean(), abs=1e-12)
+        assert row["frac_self_repaired_late"] == pytest.approx((sr.loc[pct.index][late] > 0).mean(), abs=1e-12)
+
+
+def test_per_layer_by_hand(synthetic):
+    layers = across.per_layer(synthetic)
+    assert len(layers) == 4 * 2 + 2  # per run, token set and layer
+    got = layers.set_index(["run", "tokens", "layer"])
+    assert got.loc[("toy (ours)", "top-k%", 2), "self_repair"] == pytest.approx((0.2 - 0.1 + 0.3) / 3)
+    assert got.loc[("toy (ours)", "all", 1), "direct_effect"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    assert got.loc[("ref (paper)", "top-k%", 1), "direct_effect"] == pytest.approx(1.5)
+    assert got.loc[("ref (paper)", "top-k%", 1), "rel_layer"] == 1.0
+
+
+def test_comparison_markdown_shows_the_computed_numbers(synthetic):
+    table = across.compare_models(synthetic)
+    md = across.comparison_markdown(table, current="toy")
+    t = table.set_index("run").loc["toy (ours)"]
+    for value in (t["frac_self_repaired_late"], t["norm_share_late"], t["frac_between_all"],
+                  t["block_norm_share_late"]):
+        assert format(value, ".0%") in md
+    assert across.PAPER_CITATION in md and "toy (ours)" in md and "ref" in md  # the paper model by name
+    # the paper models' range (a single paper run: min = max)
+    assert f"{1.0:.0%} to {1.0:.0%}" in md and f"{0.3:.0%} to {0.3:.0%}" in md
+    assert not re.search(r"\bnan\b", md, re.I) and "n/a" not in md
+
+
+def test_comparison_markdown_without_our_runs(paper):
+    empty = across.combine(across.load_cached_sweeps("/nonexistent"), paper)
+    table = across.compare_models(empty)
+    assert set(table["source"]) == {"paper"}
+    md = across.comparison_markdown(table)
+    assert md and not any(m in md for m in table["run"])  # no verdicts without a run of ours

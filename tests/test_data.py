@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from selfrepair.data import (EMBEDDED_CORPUS, DataError, corrupt_tokens, dataset_fingerprint, load_corpus,
-                             load_prompts, pack_tokens, prompt_tokens, tiny_corpus)
+                             load_prompts, pack_documents, pack_tokens, prompt_tokens, resample_sources,
+                             same_document_rows, tiny_corpus)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,85 @@ def test_pack_missing_column_and_bad_lengths(tokenizer):
         pack_tokens(tiny_corpus(4), tokenizer, n_tokens=10, seq_len=8, text_column="body")
     with pytest.raises(DataError, match="seq_len >= 2"):
         pack_tokens(tiny_corpus(4), tokenizer, n_tokens=10, seq_len=1)
+
+
+def test_pack_records_the_documents_of_every_row(tokenizer):
+    corpus = tiny_corpus(16)
+    packed = pack_documents(corpus, tokenizer, n_tokens=300, seq_len=12, seed=4, progress=False)
+    assert torch.equal(packed.tokens, pack_tokens(corpus, tokenizer, n_tokens=300, seq_len=12, seed=4,
+                                                  progress=False))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(4)).tolist()
+    doc_of = []  # which document (in packing order) each stream token belongs to, EOS included
+    for d, i in enumerate(order):
+        doc_of += [d] * (len(tokenizer(corpus["text"][i], add_special_tokens=False)["input_ids"]) + 1)
+    body = 11
+    for r in range(len(packed.tokens)):
+        span = doc_of[r * body:(r + 1) * body]
+        assert (packed.doc_first[r], packed.doc_last[r]) == (span[0], span[-1])
+
+
+def test_empty_corpus_and_non_text_column_are_one_clear_error(tmp_path, tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        load_corpus(empty)
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"text": 3}\n{"text": 4}\n')
+    with pytest.raises(DataError, match="row 0 of the corpus is int.*must hold strings"):
+        pack_tokens(load_corpus(numbers), tokenizer, n_tokens=4, seq_len=2, progress=False)
+    with pytest.raises(DataError, match="no documents"):
+        pack_tokens([], tokenizer, n_tokens=4, seq_len=2, progress=False)
+
+
+# ----------------------------------------------------------------------------- resample sources
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 120), min_size=2, max_size=30), seq=st.integers(2, 24),
+       seed=st.integers(0, 2**31 - 1))
+def test_resample_sources_come_from_other_documents(lengths, seq, seed):
+    """Synthetic multi-document corpora: every row's source shares no document with it whenever
+    such a row exists, and the choice is reproducible from the seed."""
+    stream_docs = [d for d, n in enumerate(lengths) for _ in range(n + 1)]  # + EOS
+    body = seq - 1
+    n_rows = len(stream_docs) // body
+    if n_rows < 2:
+        return
+    first = torch.tensor([stream_docs[r * body] for r in range(n_rows)])
+    last = torch.tensor([stream_docs[(r + 1) * body - 1] for r in range(n_rows)])
+    source = resample_sources(first, last, seed=seed)
+    assert torch.equal(source, resample_sources(first, last, seed=seed))
+    docs = [set(stream_docs[r * body:(r + 1) * body]) for r in range(n_rows)]
+    for i, j in enumerate(source.tolist()):
+        assert i != j
+        possible = any(not (docs[i] & docs[k]) for k in range(n_rows))
+        if possible:
+            assert not (docs[i] & docs[j]), (i, j, docs[i], docs[j])
+    assert same_document_rows(first, last, source) == sum(bool(docs[i] & docs[j]) for i, j in enumerate(source.tolist()))
+
+
+def test_one_document_corpus_resamples_from_a_distant_part():
+    n = 40
+    one = torch.zeros(n, dtype=torch.long)
+    source = resample_sources(one, one, seed=3)
+    assert ((source - torch.arange(n)).abs() >= n // 4).all()
+    assert same_document_rows(one, one, source) == n
+    with pytest.raises(DataError, match="at least 2 rows"):
+        resample_sources(one[:1], one[:1])
+
+
+def test_packed_rows_are_resampled_across_documents():
+    """On the token set chapter 1 measures: almost every row rolled by one would share a document
+    with its source; with resample_sources none does."""
+    from selfrepair.chapters.existence import Config
+    from selfrepair.experiment import open_model, open_tokens
+
+    cfg = Config.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=4096, seq_len=32)
+    data = open_tokens(cfg, open_model(cfg), progress=False)
+    assert data.same_document == 0
+    rolled = torch.roll(torch.arange(len(data)), 1)
+    packed = pack_documents(tiny_corpus(seed=0), open_model(cfg).tokenizer, n_tokens=4096, seq_len=32,
+                            progress=False)
+    assert same_document_rows(packed.doc_first, packed.doc_last, rolled) > len(data) // 2
+    assert torch.equal(data.corrupt_tokens, data.tokens[data.source])
 
 
 # ----------------------------------------------------------------------------- corrupt_tokens
@@ -163,6 +243,15 @@ def test_load_prompts_file():
     assert not df["prompt"].str.endswith(" ").any()
 
 
+def test_load_prompts_missing_columns(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("question,answer\nWhere is Paris?, France\n")
+    with pytest.raises(DataError, match=r"missing columns \['subject', 'relation', 'prompt', 'target'\]"):
+        load_prompts(path)
+    with pytest.raises(DataError, match="not found"):
+        load_prompts(tmp_path / "none.csv")
+
+
 def test_load_prompts_rejects_targets_without_space(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("subject,relation,prompt,target\nFrance,capital,The capital of France is,Paris\n")
@@ -214,17 +303,17 @@ def test_embedded_corpus_has_300k_gemma_tokens():
 
 
 def test_changed_local_corpus_changes_the_cache_key(tmp_path):
-    from selfrepair.config import RunConfig
-    from selfrepair.experiment import cache_params, open_model
+    from selfrepair.chapters.existence import Config
+    from selfrepair.experiment import open_model, open_tokens
 
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text('{"text": "one document"}\n')
-    cfg = RunConfig(model="tiny-gpt2", dataset=str(corpus))
+    cfg = Config(model="tiny-gpt2", dataset=str(corpus))
     model = open_model(cfg)
-    before = cache_params(cfg, model)
-    assert before["corpus"].startswith("sha256:") and before == cache_params(cfg, model)
+    before = open_tokens(cfg, model).fingerprint
+    assert before["corpus"].startswith("sha256:") and before == open_tokens(cfg, model).fingerprint
     corpus.write_text('{"text": "another document"}\n')
-    assert cache_params(cfg, model)["corpus"] != before["corpus"]
-    embedded = cache_params(RunConfig(model="tiny-gpt2"), model)["corpus"]
+    assert open_tokens(cfg, model).fingerprint["corpus"] != before["corpus"]
+    embedded = open_tokens(Config(model="tiny-gpt2"), model).fingerprint["corpus"]
     assert embedded == dataset_fingerprint("embedded") and embedded.startswith("sha256:")
     assert dataset_fingerprint("NeelNanda/pile-10k") == "NeelNanda/pile-10k"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfrepair import load_model
-from selfrepair.config import RunConfig
+from selfrepair.chapters import existence, hydra, intro, iterative, layernorm, neurons
 from selfrepair.errors import (InputError, ModelLoadError, NumericalError,
                                UnsupportedArchitectureError)
 from selfrepair.models import adapter_for, tiny_model
@@ -95,23 +95,43 @@ def test_unknown_device_and_dtype():
             load_model("tiny-gpt2", device="cuda")
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"n_tokens": "many"}, "n_tokens must be int"),
-    ({"seq_len": 1}, "seq_len must be at least 2"),
-    ({"top_percent": 0}, r"top_percent must be in \(0, 100\]"),
-    ({"ablation": "noise"}, "unknown ablation"),
-    ({"featured_heads": ["head 3"]}, "labels like 'L11H2'"),
-    ({"model": 3}, "model must be a string"),
-    ({"n_tokens": 10, "seq_len": 10, "top_percent": 2}, "fewer than one token in the top"),
+@pytest.mark.parametrize("chapter, params, message", [
+    (existence, {"n_tokens": "many"}, "n_tokens must be int"),
+    (existence, {"seq_len": 1}, "seq_len must be at least 2"),
+    (existence, {"top_percent": 0}, r"top_percent must be in \(0, 100\]"),
+    (existence, {"ablation": "noise"}, "unknown ablation"),
+    (existence, {"featured_heads": ["head 3"]}, "labels like 'L11H2'"),
+    (existence, {"model": 3}, "model must be a string"),
+    (existence, {"n_tokens": 10, "seq_len": 10, "top_percent": 2}, "fewer than one token in the top"),
+    (existence, {"n_boot": -5}, "n_boot must be at least 10"),
+    (existence, {"batch_size": 0}, "batch_size must be positive"),
+    (existence, {"dtype": "float8"}, "unknown dtype"),
+    (layernorm, {"ratio_head": "L1"}, "labels like 'L11H2'"),
+    (iterative, {"alphas": "one,two"}, "alphas must be float"),
+    (iterative, {"threshold": -1}, "threshold must be a positive"),
+    (neurons, {"n_featured": 0}, "n_featured must be at least 1"),
+    (hydra, {"n_patches": 0}, "n_patches must be at least 1"),
+    (hydra, {"n_prompts": 1}, "n_prompts must be at least 2"),
+    (intro, {"demo_positions": 1}, "demo_positions >= 2"),
 ])
-def test_parameter_validation(params, message):
+def test_parameter_validation(chapter, params, message):
     with pytest.raises(InputError, match=message):
-        RunConfig.from_params(**params)
+        chapter.Config.from_params(**params)
+
+
+def test_unknown_parameter_lists_the_known_ones():
+    with pytest.raises(InputError, match=r"unknown parameter n_tokns.*known parameters are .*n_tokens"):
+        existence.Config.from_params(n_tokns=512)
+    with pytest.raises(InputError, match="unknown parameter n_tokens.*n_prompts"):
+        hydra.Config.from_params(n_tokens=512)  # the Hydra chapter reads prompts, not a corpus
 
 
 def test_parameters_from_papermill_strings_are_coerced():
-    cfg = RunConfig.from_params(n_tokens="512", top_percent="10", seed="3", chapter_extra=1)
-    assert (cfg.n_tokens, cfg.top_percent, cfg.seed, cfg.extra) == (512, 10.0, 3, {"chapter_extra": 1})
+    cfg = existence.Config.from_params(n_tokens="512", top_percent="10", seed="3", featured_heads="L1H2")
+    assert (cfg.n_tokens, cfg.top_percent, cfg.seed, cfg.featured_heads) == (512, 10.0, 3, ("L1H2",))
+    it = iterative.Config.from_params(alphas="1,3,5", featured_heads=None)
+    assert it.alphas == (1.0, 3.0, 5.0) and it.featured_heads is None
+    assert hydra.Config.from_params(n_prompts="None").n_prompts is None
 
 
 def test_fp16_overflow_raises_guard():

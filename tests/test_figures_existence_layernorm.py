@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from selfrepair import existence, layernorm
+from selfrepair.chapters import existence as ce
+from selfrepair.chapters import featured as featured_frame
 from selfrepair.figures import data_rows, validate_spec
 from selfrepair.figures import existence as fe
 from selfrepair.figures import layernorm as fl
@@ -38,6 +40,12 @@ def tokens(ph, n=30, seed=1, **extra):
                                    "delta_direct_effect": -de, "delta_logit": dl,
                                    "self_repair": dl + de, **extra}))
     return pd.concat(parts, ignore_index=True)
+
+
+def featured(ph, n=4):
+    """Fig 3's heads as the chapter makes them (pinned: the n heads with the largest DE)."""
+    labels = ph.sort_values("direct_effect", ascending=False)["label"].head(n).tolist()
+    return featured_frame(ph, labels, None, rule=ce.FEATURED_RULE)
 
 
 def spec_of(chart):
@@ -98,9 +106,20 @@ def test_fig_de_vs_delta_logit_has_diagonal_and_intervals():
     assert data_rows(s) == len(ph)
 
 
-def test_fig_overview_links_layers():
-    ph = per_head()
-    s = spec_of(fe.fig_overview(ph))
+def panel_rows(spec, panel):
+    """The rows of the dataset a panel of a concatenated chart reads."""
+    names = {n["data"]["name"] for n in walk(panel) if isinstance(n.get("data"), dict) and "name" in n["data"]}
+    if not names and "data" in spec:  # one frame for every panel: Altair moves it to the top
+        names = {spec["data"]["name"]}
+    assert len(names) == 1
+    return spec["datasets"][names.pop()]
+
+
+def test_fig_overview_top_left_whole_set_right():
+    top = per_head()
+    whole = existence.classify_heads(per_head(seed=7).assign(direct_effect=lambda f: f["direct_effect"] / 3))
+    boot = existence.bootstrap_means(tokens(whole), n_boot=50)
+    s = spec_of(fe.fig_overview(top, whole, boot))
     assert "hconcat" in s and len(s["hconcat"]) == 2
     params = [p for n in walk(s) for p in n.get("params", [])]
     assert any(p.get("name") == "layers" and p["select"]["type"] == "interval" for p in params)
@@ -108,11 +127,23 @@ def test_fig_overview_links_layers():
              if "encoding" in n and isinstance(n["encoding"].get("color"), dict)
              and "condition" in n["encoding"]["color"]]
     assert conds and conds[0]["condition"]["param"] == "layers"
+    left, right = (panel_rows(s, p) for p in s["hconcat"])
+    # Fig 1 (left) shows the top-k% means, Fig 2 (right) the whole-set means with their intervals
+    assert [r["self_repair"] for r in left] == pytest.approx(list(top["self_repair"]))
+    assert [r["category"] for r in left] == list(top["category"])
+    assert [r["direct_effect"] for r in right] == pytest.approx(list(whole["direct_effect"]))
+    assert [r["category"] for r in right] == list(whole["category"])
+    assert [r["hi"] for r in right] == pytest.approx(list(boot["hi"]))
+    assert "self_repair" in fields(s["hconcat"][0], "y")
+    assert "delta_logit" in fields(s["hconcat"][1], "y") and "direct_effect" in fields(s["hconcat"][1], "x")
+    # without whole-set means both panels read the same frame
+    s = spec_of(fe.fig_overview(top))
+    assert panel_rows(s, s["hconcat"][0]) == panel_rows(s, s["hconcat"][1])
 
 
 def test_featured_tokens_and_fig3():
     ph = per_head()
-    feat = existence.featured_heads(ph, n=4)
+    feat = featured(ph, n=4)
     top, sample = tokens(ph, n=30), tokens(ph, n=100, seed=2)
     t = fe.featured_tokens(top, feat, sample, max_per_head=50, seed=0)
     assert set(t["label"]) == set(feat["label"])
@@ -220,7 +251,7 @@ def test_fig_appendix_b():
 @pytest.mark.parametrize("n", [4000])
 def test_sampling_keeps_charts_small(n):
     ph = per_head(n_layers=2, n_heads=2)
-    feat = existence.featured_heads(ph, n=4)
+    feat = featured(ph, n=4)
     t = fe.featured_tokens(tokens(ph, n=n), feat, tokens(ph, n=n, seed=3))
     assert data_rows(spec_of(fe.fig_featured_tokens(t))) <= 5000
     big = head_frame(n=n)
@@ -229,16 +260,38 @@ def test_sampling_keeps_charts_small(n):
 
 def test_fig_decomposition_from_a_real_closure_table():
     from selfrepair import load_model
-    from selfrepair.book import closure_table
+    from selfrepair.chapters.intro import closure_markdown, closure_table
     from selfrepair.figures import intro
     from selfrepair.heads import self_repair
 
     model = load_model("tiny-gemma3")
     tok = torch.randint(0, model.d_vocab, (2, 9), generator=torch.Generator().manual_seed(2))
-    table = closure_table(self_repair(model, tok, ablation="resample", heads=[(0, 1), (1, 3)], progress=False))
+    result = self_repair(model, tok, ablation="resample", heads=[(0, 1), (1, 3)], progress=False)
+    table = closure_table(result)
+    assert list(table["label"]) == ["L0H1", "L1H3"]
+    terms = ("from_heads", "from_mlps", "from_norm", "from_block_norms")
+    for (layer, head), row in zip([(0, 1), (1, 3)], table.itertuples()):
+        gap = (result.self_repair[layer, head] - sum(getattr(result, t)[layer, head] for t in terms)).abs()
+        assert row.eq2_gap == pytest.approx(float(gap.max()), abs=1e-9)
+        assert row.eq2_gap < 1e-4  # eq. 2 closes to rounding
+        assert row.self_repair == pytest.approx(float(result.self_repair[layer, head].mean()), abs=1e-7)
+        assert row.from_block_norms == pytest.approx(float(result.from_block_norms[layer, head].mean()), abs=1e-7)
+    assert f"**{table['eq2_gap'].max():.1e}**" in closure_markdown(table)
     s = spec_of(intro.fig_decomposition(table))
     assert {"bar", "tick", "rule"} <= marks(s)
     assert data_rows(s) == 2 * 4 + 2 + 1  # four eq. 2 terms per head, one tick per head, the zero line
     bars = next(l for l in s["layer"] if marks(l) == {"bar"})
     assert bars["encoding"]["x"]["stack"] == "zero" and bars["encoding"]["y"]["sort"] == ["L0H1", "L1H3"]
     assert {"self_repair", "eq2_gap", "delta_logit"} <= tooltip_fields(s)
+
+
+def test_intro_demo_heads_pinned_and_default():
+    from types import SimpleNamespace
+
+    from selfrepair.chapters.intro import demo_heads
+
+    model = SimpleNamespace(n_layers=6, n_heads=4)
+    assert demo_heads(SimpleNamespace(featured_heads=None), model) == sorted({(5, 0), (5, 1), (2, 0)})
+    assert demo_heads(SimpleNamespace(featured_heads=("L3H2", "L0H1")), model) == [(3, 2), (0, 1)]
+    one = SimpleNamespace(n_layers=1, n_heads=1)  # the last layer is the middle one
+    assert demo_heads(SimpleNamespace(featured_heads=None), one) == [(0, 0)]

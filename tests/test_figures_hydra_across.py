@@ -78,7 +78,8 @@ def effects():
                              "label": f"{'A' if kind == 'attn' else 'M'}{layer}", "direct_effect": de,
                              "ablated_direct_effect": 0.0, "total_effect": ce - de,
                              "compensatory_effect": ce, "ce_attn": ce / 3, "ce_mlp": 2 * ce / 3,
-                             "from_norm": 0.0, "delta_direct_effect": -de, "ablation_drop": de - ce,
+                             "from_norm": 0.0, "from_block_norms": 0.0, "delta_direct_effect": -de,
+                             "ablation_drop": de - ce,
                              "correct": True})
     return pd.DataFrame(rows)
 
@@ -130,32 +131,47 @@ def test_fig_erasure():
     assert _marks(spec) == {"rect"} and "delta_direct_effect" in _fields(spec, "color")
 
 
+def _datasets(spec) -> list[dict]:
+    return [row for rows in spec.get("datasets", {}).values() for row in rows]
+
+
 @pytest.fixture
-def heads():
+def chapter():
+    """An across-models chapter from a synthetic per-head frame: one run of ours (3 layers, both
+    token sets, "all" values different from the top-k% ones), one paper run (4 layers, top-k% only)."""
+    from selfrepair.chapters.across import AcrossChapter, compare_models, per_layer
+
     rows = []
-    for run, source, n_layers in (("toy (ours, resample, 512 tok)", "this project", 3),
-                                  ("gpt2-small (paper)", "paper", 4)):
-        for layer in range(n_layers):
-            for head in range(2):
-                de = 0.1 * (layer + 1)
-                rows.append({"source": source, "run": run, "model": run.split()[0], "ablation": "resample",
-                             "n_layers": n_layers, "layer": layer, "head": head, "label": f"L{layer}H{head}",
-                             "rel_layer": layer / (n_layers - 1), "direct_effect": de,
-                             "ablated_direct_effect": 0.0, "delta_logit": -0.5 * de, "self_repair": 0.5 * de,
-                             "from_heads": 0.1, "from_mlps": 0.1, "from_norm": 0.3 * de,
-                             "from_block_norms": 0.0})
-    return pd.DataFrame(rows)
+    for run, source, n_layers, sets in (("toy (ours, resample, 512 tok)", "this project", 3, ("top-k%", "all")),
+                                        ("gpt2-small (paper)", "paper", 4, ("top-k%",))):
+        for tokens in sets:
+            scale = 1.0 if tokens == "top-k%" else 0.1
+            for layer in range(n_layers):
+                for head in range(2):
+                    de = scale * 0.1 * (layer + 1) * (1 if head == 0 else -1)
+                    rows.append({"source": source, "run": run, "model": run.split()[0], "ablation": "resample",
+                                 "tokens": tokens, "n_layers": n_layers, "layer": layer, "head": head,
+                                 "label": f"L{layer}H{head}", "rel_layer": layer / (n_layers - 1),
+                                 "direct_effect": de, "ablated_direct_effect": 0.0, "delta_logit": -0.5 * de,
+                                 "self_repair": 0.5 * de, "from_heads": 0.1, "from_mlps": 0.1,
+                                 "from_norm": 0.3 * de, "from_block_norms": 0.0,
+                                 "norm_share": 0.3 if tokens == "top-k%" else np.nan})
+    heads = pd.DataFrame(rows)
+    return AcrossChapter(heads, compare_models(heads), per_layer(heads), "toy")
 
 
-def test_fig_layer_profiles(heads):
+def test_fig_layer_profiles(chapter):
+    heads = chapter.top_heads
+    assert set(heads["tokens"]) == {"top-k%"} and heads["run"].nunique() == 2
     spec = _check(fa.fig_layer_profiles(heads), len(heads))
     assert {"point", "line", "rule"} <= _marks(spec) and spec["facet"]["field"] == "run"
     assert {"self_repair", "label", "run"} <= _fields(spec)
+    assert spec["facet"]["sort"] == list(dict.fromkeys(heads["run"]))
 
 
-def test_fig_model_explorer_has_a_dropdown(heads):
-    from selfrepair.across import per_layer
-    layers = per_layer(heads)
+def test_fig_model_explorer_has_a_dropdown(chapter):
+    heads, layers = chapter.whole_heads, chapter.top_layers
+    assert set(heads["source"]) == {"this project"} and set(layers["run"]) == set(chapter.heads["run"])
     spec = _check(fa.fig_model_explorer(heads, layers, default="toy"), len(heads) + len(layers))
     (param,) = spec["params"]
     assert param["bind"]["input"] == "select"
@@ -164,10 +180,24 @@ def test_fig_model_explorer_has_a_dropdown(heads):
     assert {"circle", "line", "rule"} <= _marks(spec)
     assert {"direct_effect", "delta_logit", "rel_layer", "self_repair"} <= _fields(spec)
     assert "(datum.run === model)" in json.dumps(spec)  # both views follow the drop-down
+    # the scatter embeds the whole-set means, the profiles the top-k% layer means
+    embedded = {(r["run"], r["label"]): r["direct_effect"] for r in _datasets(spec) if "label" in r}
+    for _, r in heads.iterrows():
+        assert embedded[r["run"], r["label"]] == pytest.approx(r["direct_effect"])
 
 
-def test_fig_claims(heads):
-    from selfrepair.across import compare_models
-    table = compare_models(heads)
+def test_fig_claims(chapter):
+    table = chapter.table
+    cols = ["frac_self_repaired_late", "norm_share_late", "frac_between_all"]
+    assert set(cols) <= set(table.columns)
     spec = _check(fa.fig_claims(table), 3 * len(table))
     assert _marks(spec) == {"point"} and {"value", "claim", "run", "source"} <= _fields(spec)
+    # every run's dots are the table's values (NaN for the paper's whole-set claim)
+    by_run = table.set_index("run")
+    for run in table["run"]:
+        got = [np.nan if r["value"] is None else r["value"] for r in _datasets(spec) if r["run"] == run]
+        np.testing.assert_allclose(np.sort(got), np.sort(by_run.loc[run, cols].to_numpy(float)))
+    ours = table.set_index("run").loc["toy (ours, resample, 512 tok)"]
+    assert ours["frac_self_repaired_late"] == pytest.approx(0.5)  # late layers 1, 2: head 0 of each
+    assert ours["norm_share_late"] == pytest.approx(0.3)
+    assert ours["frac_between_all"] == pytest.approx(1.0)  # DE > 0 heads: Δlogit = -DE/2

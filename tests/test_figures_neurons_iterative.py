@@ -145,3 +145,140 @@ def test_fig_head_map(classes):
     assert spec["encoding"]["x"]["field"] == "head" and spec["encoding"]["y"]["field"] == "layer"
     assert {"label", "layer", "head", "class", "relative_change", "control_change",
             "relative_change_all"} <= tooltip_fields(spec)
+
+
+# -- the figures on the library's own frames (synthetic results, no model) ---------------------------
+def encoded_fields(spec) -> set[str]:
+    """Every field an encoding (or tooltip) of ``spec`` names."""
+    out = set()
+
+    def walk(node, in_encoding=False):
+        if isinstance(node, dict):
+            if in_encoding and isinstance(node.get("field"), str):
+                out.add(node["field"])
+            for key, value in node.items():
+                walk(value, in_encoding or key in ("encoding", "facet", "row", "column"))
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, in_encoding)
+
+    walk(spec)
+    return out
+
+
+def derived_fields(spec) -> set[str]:
+    """Fields that the spec's own transforms create (fold, calculate)."""
+    out = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for t in node.get("transform", []):
+                out.update(t.get("as", []) if isinstance(t.get("as"), list) else [t["as"]] if "as" in t else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec)
+    return out
+
+
+def check_fields(spec, frame):
+    missing = encoded_fields(spec) - derived_fields(spec) - set(frame.columns)
+    assert not missing, f"the chart encodes fields its frame lacks: {sorted(missing)}"
+
+
+def neuron_result(d_mlp=12, k=6, seed=0):
+    import torch
+
+    from selfrepair import neurons as nr
+
+    g = torch.Generator().manual_seed(seed)
+    heads, data = [(2, 0), (3, 1)], {}
+    for sel in nr.SELECTIONS:
+        data[f"{sel}/instance"] = torch.randperm(40, generator=g)[:2 * k].view(2, k)
+        data[f"{sel}/score"] = torch.randn(2, k, generator=g)
+        for q in nr.SCALARS:
+            data[f"{sel}/{q}"] = torch.randn(2, k, generator=g, dtype=torch.float64)
+        data[f"{sel}/direct_effect"] = data[f"{sel}/direct_effect"].abs()
+        data[f"{sel}/clean"] = torch.randn(2, k, d_mlp, generator=g, dtype=torch.float64)
+        data[f"{sel}/delta"] = torch.randn(2, k, d_mlp, generator=g, dtype=torch.float64)
+    return nr.NeuronResult(heads, 4, data, meta={"seq_len": 5, "k": k, "d_mlp": d_mlp,
+                                                 "model": "synthetic", "n_layers": 5})
+
+
+def neuron_chapter():
+    from selfrepair import neurons as nr
+    from selfrepair.chapters import neurons as cn
+
+    res = neuron_result()
+    heads = pd.DataFrame([{"figure": "Fig 7, §4.2.2", "label": "L3H1", "layer": 3, "head": 1},
+                          {"figure": "Fig 8, App. C", "label": "L2H0", "layer": 2, "head": 0},
+                          {"figure": "Fig 8, App. C", "label": "L3H1", "layer": 3, "head": 1}])
+    return cn.NeuronsChapter(res, nr.summary(res), heads, "L3H1", ["L2H0", "L3H1"], [], dict(res.meta))
+
+
+def test_neuron_figures_on_the_chapters_frames():
+    ch = neuron_chapter()
+    f7 = ch.fig7_instances
+    assert set(f7["label"]) == {"L3H1"} and len(f7) == ch.meta["k"]
+    spec = spec_of(fn.fig_top_neuron(f7))
+    check_fields(spec, f7)
+    assert data_rows(spec) == len(f7)
+
+    sp = ch.sparsity
+    spec = spec_of(fn.fig_sparsity(sp))
+    check_fields(spec, sp)
+    assert data_rows(spec) == len(sp) and set(sp["label"]) == {"L2H0", "L3H1"}
+
+    cum = ch.cumulative
+    spec = spec_of(fn.fig_cumulative(cum))
+    check_fields(spec, cum)
+    assert data_rows(spec) == len(cum) == 2 * ch.meta["d_mlp"]  # every rank of a small layer
+
+    freq = ch.top_frequency
+    spec = spec_of(fn.fig_top_frequency(freq))
+    check_fields(spec, freq)
+    assert set(freq["label"]) == {"L3H1"}
+
+    assert set(fn.ERASURE_MEASURES) <= set(ch.summary.columns)  # every bar is a summary column
+    spec = spec_of(fn.fig_erasure(ch.summary))
+    check_fields(spec, ch.summary)
+    assert data_rows(spec) == len(ch.summary) == 2
+
+
+def test_iterative_figures_on_the_chapters_frames():
+    import torch
+
+    from selfrepair import iterative as it
+    from selfrepair.chapters import iterative as ci
+
+    n, k, alphas = 6, 5, (1.0, 3.0, 5.0)
+    g = torch.Generator().manual_seed(0)
+    de = torch.rand(n, k, generator=g, dtype=torch.float64) + 0.5
+    new = de[..., None] * (1 + torch.randn(n, 1, len(alphas), generator=g, dtype=torch.float64)
+                           * torch.tensor(alphas, dtype=torch.float64) / 5)
+    data = {"instance": torch.arange(k).repeat(n, 1), "direct_effect": de, "new_direct_effect": new,
+            "sum_de": de.sum(1), "sum_new": new.sum(1), "n_all": torch.tensor(k),
+            "control_direct_effect": de * 0.95, "sum_control": de.sum(1) * 0.95}
+    res = it.IterativeResult([(l, h) for l in range(3) for h in range(2)], alphas, data,
+                             meta={"seq_len": 4, "n_layers": 3, "model": "synthetic", "top_percent": 2.0, "k": k})
+    classes = it.classify(res, 0.1)
+    ch = ci.IterativeChapter(res, classes, it.featured(classes, 2), ci.FEATURED_RULE, [], dict(res.meta))
+
+    tokens = ch.tokens
+    assert set(tokens["label"]) == set(ch.featured) and len(tokens) == len(ch.featured) * len(alphas) * k
+    spec = spec_of(fi.fig_amplified_tokens(tokens))
+    check_fields(spec, tokens)
+    assert data_rows(spec) == len(tokens)
+
+    resp = ch.response
+    spec = spec_of(fi.fig_response(resp))
+    check_fields(spec, resp)
+    assert data_rows(spec) == len(resp) == n * (len(alphas) + 1)  # alpha = 0 added
+
+    spec = spec_of(fi.fig_head_map(classes))
+    check_fields(spec, classes)
+    assert data_rows(spec) == n
+    assert set(classes["class"]) <= set(fi.CLASS_ORDER)  # every class has its colour

@@ -1,13 +1,20 @@
-"""The Hydra-effect measurement (selfrepair.hydra) on tiny random models of every family.
+"""The Hydra-effect measurement (selfrepair.hydra) and its chapter (selfrepair.chapters.hydra).
 
-Invariants: direct effects + embeddings + biases = the centered logit of the top token; an
-identity patch changes nothing; Δ_ablate = ΔDE_ablated + compensatory effect + final-norm term;
-components not downstream of the ablated one do not move; right padding and batching change
-nothing; and an independent plain-PyTorch recomputation (forward hooks that replace a layer's
-output) agrees with the library.
+Invariants, on tiny random models of every family: direct effects + embeddings + biases = the
+centered logit of the top token; an identity patch changes nothing; Δ_ablate = ΔDE_ablated +
+compensatory effect + from_block_norms + from_norm exactly; components not downstream of the
+ablated one do not move; right padding and batching change nothing; and an independent
+plain-PyTorch recomputation (forward hooks that replace a layer's write) agrees with the library,
+term by term. In sandwich-norm models (Gemma-3) the downstream block norms' rescaling is its own
+term, not part of the compensatory effect; elsewhere that term is exactly 0.
+
+The chapter's metrics (``numbers``/``verdicts``) are recomputed independently from the result's
+tensors, on a real tiny run and on a synthetic result with more layers.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
@@ -15,20 +22,24 @@ import pytest
 import torch
 
 from selfrepair import load_model
-from selfrepair.config import RunConfig
+from selfrepair.batch import PromptSet
+from selfrepair.chapters import hydra as chapter
 from selfrepair.data import load_prompts, prompt_tokens
 from selfrepair.errors import InputError
+from selfrepair.experiment import open_prompts
 from selfrepair.hydra import (HydraResult, before_after, choose_patches, effects_frame, erasure,
-                              fit_line, hydra_effect, hydra_run, impact_summary, regression,
-                              summary, summary_markdown)
+                              fit_line, hydra_effect, impact_summary, regression, restored_share)
+from selfrepair.structure import span
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
-# the module whose output a block adds to the residual: attention, MLP (post-norm for Gemma-3)
-WRITES = {"gpt2": ("transformer.h", "attn.c_proj", "mlp", "transformer.ln_f", "ln"),
-          "gpt_neox": ("gpt_neox.layers", "attention.dense", "mlp", "gpt_neox.final_layer_norm", "ln"),
-          "llama": ("model.layers", "self_attn.o_proj", "mlp", "model.norm", "rms"),
+# blocks, the module whose output a block adds to the residual (attention, MLP: post-norm for
+# Gemma-3), final norm, norm kind, and the raw attention / MLP outputs (the block norms' inputs)
+WRITES = {"gpt2": ("transformer.h", "attn.c_proj", "mlp", "transformer.ln_f", "ln", None, None),
+          "gpt_neox": ("gpt_neox.layers", "attention.dense", "mlp", "gpt_neox.final_layer_norm", "ln",
+                       None, None),
+          "llama": ("model.layers", "self_attn.o_proj", "mlp", "model.norm", "rms", None, None),
           "gemma3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm",
-                     "model.norm", "gemma")}
+                     "model.norm", "gemma", "self_attn.o_proj", "mlp")}
 
 
 def tol(model) -> float:
@@ -54,15 +65,17 @@ def model(family):
 
 @pytest.fixture(scope="module")
 def prompts(model):
-    return prompt_tokens(load_prompts().iloc[:6], model.tokenizer)
+    p = open_prompts(model, None, 6, 0)
+    assert len(set(p.last_pos.tolist())) > 1  # lengths differ: batches are padded
+    return p
 
 
 @pytest.fixture(scope="module")
 def result(model, prompts):
-    return hydra_effect(model, prompts.input_ids, prompts.last_pos, targets=prompts.target_ids,
-                        n_patches=2, max_rows=8, progress=False)
+    return hydra_effect(model, prompts, n_patches=2, max_rows=8, progress=False)
 
 
+# -- an independent recomputation with plain forward hooks ---------------------------------------
 def hf_centered_last(model, prompts, i, hooks=()):
     """Centered full-vocabulary logits (float64) of prompt ``i`` alone, unpadded."""
     tok = prompts.input_ids[i:i + 1, :int(prompts.last_pos[i]) + 1]
@@ -76,6 +89,92 @@ def hf_centered_last(model, prompts, i, hooks=()):
     return logits - logits.mean()
 
 
+def capture(family, model, prompts, i, patch=None):
+    """Prompt ``i``'s last-position writes, raw outputs and final-norm input; ``patch = ((layer,
+    c), value)`` replaces that write at the last position first."""
+    blocks, attn, mlp, final, _, raw_attn, raw_mlp = WRITES[family]
+    layers = _mod(model.hf, blocks)
+    got = {"write": {}, "raw": {}}
+
+    def keep(store, key):
+        return lambda mod, args, out: store.__setitem__(key, out[0, -1].detach().double().clone())
+
+    def replace(value):
+        def hook(mod, args, out):
+            out = out.clone()
+            out[0, -1] = value.to(out.dtype)
+            return out
+        return hook
+
+    hooks = []
+    if patch is not None:
+        (layer, c), value = patch
+        hooks.append((_mod(layers[layer], (attn, mlp)[c]), replace(value)))
+    for layer in range(model.n_layers):
+        for c, (w, r) in enumerate(((attn, raw_attn), (mlp, raw_mlp))):
+            hooks.append((_mod(layers[layer], w), keep(got["write"], (layer, c))))
+            hooks.append((_mod(layers[layer], r or w), keep(got["raw"], (layer, c))))
+    hooks.append((_mod(model.hf, final),
+                  lambda mod, args, out: got.__setitem__("r", args[0][0, -1].detach().double())))
+    got["logits"] = hf_centered_last(model, prompts, i, hooks)
+    return got
+
+
+def _gain(norm, kind):
+    return norm.weight.double() + (1.0 if kind == "gemma" else 0.0)
+
+
+def _eps(norm):
+    return getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+
+
+def reference(family, model, prompts, i, m, src):
+    """Component ``m``'s write at prompt ``i``'s last position replaced by its write on prompt
+    ``src``: the top token's change of centered logit, every component's clean and ablated direct
+    effect at the clean scales (in Gemma-3: raw output through the block norm at its clean scale,
+    except the ablated write itself), the block norms' rescaling and the final-norm term, by hand."""
+    blocks, attn, mlp, final, kind, raw_attn, raw_mlp = WRITES[family]
+    layers, norm = _mod(model.hf, blocks), _mod(model.hf, final)
+    key = divmod(m, 2)
+    clean = capture(family, model, prompts, i)
+    source = capture(family, model, prompts, src)
+    abl = capture(family, model, prompts, i, patch=(key, source["write"][key]))
+    top = int(clean["logits"].argmax())
+    W_U = model.hf.get_output_embeddings().weight.double()
+    u, g = W_U[top] - W_U.mean(0), _gain(norm, kind)
+
+    def lin(x):  # the final norm's linear part
+        return g * (x - x.mean() if kind == "ln" else x)
+
+    def scale(x):
+        return torch.sqrt((x.var(unbiased=False) if kind == "ln" else (x ** 2).mean()) + _eps(norm))
+
+    S, S_new = scale(clean["r"]), scale(abl["r"])
+
+    def de(x):
+        return float((u * lin(x)).sum() / S)
+
+    C = 2 * model.n_layers
+    out = {"top": top, "delta_logit": float(abl["logits"][top] - clean["logits"][top]),
+           "from_norm": float((u * lin(abl["r"])).sum() * (1 / S_new - 1 / S)),
+           "clean_de": [de(clean["write"][divmod(c, 2)]) for c in range(C)],
+           "post_norm_de": [de(abl["write"][divmod(c, 2)]) for c in range(C)],
+           "ablated_de": [], "from_block_norms": 0.0}
+    for c in range(C):
+        lc = divmod(c, 2)
+        if kind != "gemma" or c <= m:  # upstream writes unchanged; the ablated one replaced after its norm
+            out["ablated_de"].append(de(abl["write"][lc]))
+            continue
+        bn = _mod(layers[lc[0]], (attn, mlp)[lc[1]])  # the block norm
+        gb = _gain(bn, "gemma")
+        s_clean = torch.sqrt((clean["raw"][lc] ** 2).mean() + _eps(bn))
+        s_new = torch.sqrt((abl["raw"][lc] ** 2).mean() + _eps(bn))
+        out["ablated_de"].append(de(gb * abl["raw"][lc] / s_clean))
+        out["from_block_norms"] += de(gb * abl["raw"][lc]) * float(1 / s_new - 1 / s_clean)
+    return out
+
+
+# -- the measurement's invariants ---------------------------------------------------------------
 def test_effects_sum_to_centered_logit_of_top_token(model, prompts, result):
     total = result.clean_de.sum(1) + result.embed_de + result.constant
     for i in range(len(result.logit)):
@@ -84,25 +183,26 @@ def test_effects_sum_to_centered_logit_of_top_token(model, prompts, result):
         assert abs(float(result.logit[i]) - float(centered.max())) < 1e-6
         assert abs(float(total[i]) - float(centered.max())) < 1e-6
     assert result.logit.abs().mean() > 0.1  # not vacuous
+    assert torch.equal(result.target, prompts.target_ids)
 
 
 def test_identity_patch_changes_nothing(model, prompts):
-    own = torch.arange(len(prompts.last_pos))[:, None]
-    r = hydra_effect(model, prompts.input_ids, prompts.last_pos, patch_index=own, progress=False)
-    assert r.delta_logit.abs().max() < 1e-6
-    assert r.delta_de.abs().max() < 1e-6
-    assert r.from_norm.abs().max() < 1e-6
+    own = torch.arange(len(prompts))[:, None]
+    r = hydra_effect(model, prompts, patch_index=own, progress=False)
+    for name in ("delta_logit", "delta_de", "from_norm", "from_block_norms"):
+        assert getattr(r, name).abs().max() < 1e-6, name
 
 
 def test_total_effect_decomposes_and_upstream_is_untouched(model, result):
-    torch.testing.assert_close(result.delta_logit, result.delta_de.sum(-1) + result.from_norm,
-                               atol=tol(model), rtol=0)
+    torch.testing.assert_close(result.delta_logit, result.delta_de.sum(-1) + result.from_norm
+                               + result.from_block_norms, atol=tol(model), rtol=0)
     C = result.clean_de.shape[1]
     untouched = ~result.downstream() & ~torch.eye(C, dtype=torch.bool)
+    assert untouched.any()
     assert (result.delta_de * untouched[None, :, None, :]).abs().max() < tol(model)
     eff = effects_frame(result)
-    np.testing.assert_allclose(eff["total_effect"], eff["delta_direct_effect"]
-                               + eff["compensatory_effect"] + eff["from_norm"], atol=tol(model))
+    np.testing.assert_allclose(eff["total_effect"], eff["delta_direct_effect"] + eff["compensatory_effect"]
+                               + eff["from_block_norms"] + eff["from_norm"], atol=tol(model))
     np.testing.assert_allclose(eff["compensatory_effect"], eff["ce_attn"] + eff["ce_mlp"], atol=1e-12)
     assert result.delta_logit.abs().mean() > 1e-3
 
@@ -111,6 +211,7 @@ def test_last_mlp_total_effect_is_its_delta_de_plus_norm_term(model, result):
     m = result.clean_de.shape[1] - 1  # the last layer's MLP: nothing downstream but the final norm
     torch.testing.assert_close(result.delta_logit[:, m],
                                result.delta_de[:, m, :, m] + result.from_norm[:, m], atol=tol(model), rtol=0)
+    assert torch.equal(result.from_block_norms[:, m], torch.zeros_like(result.from_block_norms[:, m]))
     eff = effects_frame(result)
     last = eff[(eff["kind"] == "mlp") & (eff["layer"] == result.n_layers - 1)]
     assert (last["compensatory_effect"] == 0).all()
@@ -123,70 +224,77 @@ def test_parallel_residual_same_layer_mlp_not_downstream(model, result):
 
 
 def test_batching_and_padding_change_nothing(model, prompts, result):
-    one = hydra_effect(model, prompts.input_ids, prompts.last_pos, targets=prompts.target_ids,
-                       patch_index=result.patch_index, max_rows=1, progress=False)
-    for name in ("clean_de", "ablated_de", "delta_logit", "from_norm", "logit"):
-        torch.testing.assert_close(getattr(one, name), getattr(result, name), atol=tol(model), rtol=0)
-    assert torch.equal(one.ml_token, result.ml_token)
+    one = hydra_effect(model, prompts, patch_index=result.patch_index, max_rows=1, progress=False)
+    # junk in the padding (never read) and extra padding columns change nothing either
+    ids = torch.cat([prompts.input_ids, torch.zeros(len(prompts), 5, dtype=torch.long)], 1)
+    pad = torch.arange(ids.shape[1]) > prompts.last_pos[:, None]
+    junk = torch.where(pad, torch.randint(0, 200, ids.shape), ids)
+    padded = PromptSet(junk, prompts.last_pos, prompts.target_ids)
+    more = hydra_effect(model, padded, patch_index=result.patch_index, max_rows=100, progress=False)
+    for other in (one, more):
+        for name in ("clean_de", "ablated_de", "delta_logit", "from_norm", "from_block_norms", "logit",
+                     "embed_de", "constant"):
+            torch.testing.assert_close(getattr(other, name), getattr(result, name), atol=tol(model), rtol=0)
+        assert torch.equal(other.ml_token, result.ml_token)
 
 
 def test_matches_plain_pytorch_hooks(family, model, prompts, result):
     """Replace a layer's write at the last position with a forward hook, unembed in float64."""
-    blocks, attn, mlp, final, kind = WRITES[family]
-    norm = _mod(model.hf, final)
-    W_U = model.hf.get_output_embeddings().weight.double()
     i, k = 1, 0
     src = int(result.patch_index[i, k])
-    for m in (0, 1, 2 * model.n_layers - 2):
-        layer, is_mlp = divmod(m, 2)
-        target = _mod(_mod(model.hf, blocks)[layer], mlp if is_mlp else attn)
-        got = {}
+    C = 2 * model.n_layers
+    for m in (0, 1, C - 2, C - 1):
+        ref = reference(family, model, prompts, i, m, src)
+        assert ref["top"] == int(result.ml_token[i])
+        assert abs(ref["delta_logit"] - float(result.delta_logit[i, m, k])) < 1e-5
+        assert abs(ref["from_norm"] - float(result.from_norm[i, m, k])) < 1e-5
+        assert abs(ref["from_block_norms"] - float(result.from_block_norms[i, m, k])) < 1e-5
+        np.testing.assert_allclose(result.clean_de[i].numpy(), ref["clean_de"], atol=1e-5)
+        np.testing.assert_allclose(result.ablated_de[i, m, k].numpy(), ref["ablated_de"], atol=1e-5)
 
-        def grab(mod, args, out):
-            got["w"] = out[0, -1].detach().clone()
 
-        hf_centered_last(model, prompts, src, hooks=[(target, grab)])
-        writes, final_in = {}, {}
-
-        def patch(mod, args, out):
-            out = out.clone()
-            out[0, -1] = got["w"]
-            return out
-
-        def keep(l, c):
-            return lambda mod, args, out: writes.__setitem__((l, c), out[0, -1].detach().double())
-
-        watch = [(_mod(_mod(model.hf, blocks)[l], p), keep(l, c))
-                 for l in range(model.n_layers) for c, p in ((0, attn), (1, mlp))]
-        watch.append((norm, lambda mod, args, out: final_in.__setitem__("r", args[0][0, -1].double())))
-        clean = hf_centered_last(model, prompts, i)
-        ablated = hf_centered_last(model, prompts, i, hooks=[(target, patch)] + watch)
-        top = int(clean.argmax())
-        assert abs(float(ablated[top] - clean[top]) - float(result.delta_logit[i, m, k])) < 1e-5
-        # direct effects after the ablation, clean final-norm scale, by hand
-        u = W_U[top] - W_U.mean(0)
-        clean_r = {}
-        hf_centered_last(model, prompts, i, hooks=[(norm, lambda mod, a, o: clean_r.__setitem__(
-            "r", a[0][0, -1].double()))])
-        r = clean_r["r"]
-        g = norm.weight.double() + (1.0 if kind == "gemma" else 0.0)
-        if kind == "ln":
-            S = torch.sqrt(r.var(unbiased=False) + norm.eps)
-        else:
-            S = torch.sqrt((r ** 2).mean() + getattr(norm, "eps", getattr(norm, "variance_epsilon", None)))
-        for (l, c), w in writes.items():
-            w = w - w.mean() if kind == "ln" else w
-            assert abs(float((u * g * w).sum() / S) - float(result.ablated_de[i, m, k, 2 * l + c])) < 1e-5
+def test_sandwich_block_norms_are_their_own_term(family, model, prompts, result):
+    """Gemma-3: the downstream block norms' rescaling is ``from_block_norms``, not compensation
+    (CE reads every downstream raw output through its clean block-norm scale); CE + the block term
+    is the change of the downstream post-norm writes' direct effects. Elsewhere the term is 0."""
+    assert model.sandwich == (family == "gemma3")
+    eff = effects_frame(result)
+    if not model.sandwich:
+        assert torch.equal(result.from_block_norms, torch.zeros_like(result.from_block_norms))
+        assert (eff["from_block_norms"] == 0).all()
+        return
+    C, n = result.clean_de.shape[1], len(prompts)
+    d = result.downstream()
+    for m in range(C - 1):  # every component with something downstream
+        assert result.from_block_norms[:, m].abs().max() > 1e-4, m
+    for i in range(n):
+        for m in range(C):
+            src = int(result.patch_index[i, 0])
+            ref = reference(family, model, prompts, i, m, src)
+            down = [c for c in range(C) if d[m, c]]
+            ce = float(result.delta_de[i, m, 0, down].sum())
+            ce_ref = sum(ref["ablated_de"][c] - ref["clean_de"][c] for c in down)
+            post = sum(ref["post_norm_de"][c] - ref["clean_de"][c] for c in down)
+            assert abs(ce - ce_ref) < 1e-5
+            assert abs(ce + float(result.from_block_norms[i, m, 0]) - post) < 1e-5
+    # the identity needs the new term: without it, the remainder is the block norms' rescaling
+    rest = eff["total_effect"] - eff["delta_direct_effect"] - eff["compensatory_effect"] - eff["from_norm"]
+    np.testing.assert_allclose(rest, eff["from_block_norms"], atol=tol(model))
+    assert rest.abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_mean_and_zero_ablation(model, prompts, ablation):
-    r = hydra_effect(model, prompts.input_ids, prompts.last_pos, ablation=ablation, progress=False)
+    r = hydra_effect(model, prompts, ablation=ablation, progress=False)
     assert r.ablated_de.shape[2] == 1 and (r.patch_index == -1).all()
-    torch.testing.assert_close(r.delta_logit, r.delta_de.sum(-1) + r.from_norm, atol=tol(model), rtol=0)
+    torch.testing.assert_close(r.delta_logit, r.delta_de.sum(-1) + r.from_norm + r.from_block_norms,
+                               atol=tol(model), rtol=0)
+    C = r.clean_de.shape[1]
+    own = r.ablated_de[:, torch.arange(C), 0, torch.arange(C)]  # [n, C] the ablated write's new DE
     if ablation == "zero":  # the ablated component writes nothing, so its own DE is 0
-        C = r.clean_de.shape[1]
-        assert r.ablated_de[:, torch.arange(C), 0, torch.arange(C)].abs().max() < 1e-12
+        assert own.abs().max() < 1e-12
+    else:
+        assert own.abs().max() > 1e-6 and r.delta_logit.abs().max() > 1e-6
 
 
 def test_choose_patches():
@@ -200,6 +308,18 @@ def test_choose_patches():
         choose_patches(3, 3)
 
 
+def test_prompt_set_from_prompt_tokens(model, prompts, result):
+    """A PromptSet built directly from selfrepair.data.prompt_tokens measures the same."""
+    df = load_prompts()
+    rows = [int(np.flatnonzero(df["prompt"].to_numpy() == p)[0]) for p in prompts.prompts]
+    pt = prompt_tokens(df.iloc[rows], model.tokenizer)
+    direct = PromptSet(pt.input_ids, pt.last_pos, pt.target_ids)
+    assert torch.equal(direct.input_ids, prompts.input_ids) and torch.equal(direct.target_ids, prompts.target_ids)
+    again = hydra_effect(model, direct, patch_index=result.patch_index, max_rows=8, progress=False)
+    torch.testing.assert_close(again.delta_logit, result.delta_logit, atol=tol(model), rtol=0)
+
+
+# -- frames and summaries -----------------------------------------------------------------------
 def test_fit_line_on_synthetic_data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=500)
@@ -226,31 +346,184 @@ def test_regression_recovers_a_known_slope():
     assert reg.loc[1, "restored"] == pytest.approx(0.7, abs=0.01) and reg.loc[1, "r2"] > 0.99
 
 
-def test_frames_and_markdown(result):
+def test_restored_share_by_hand():
+    """Σ CE / Σ (−ΔDE of the ablated layer) over the chosen kind and layers only."""
+    eff = pd.DataFrame({
+        "kind": ["attn", "attn", "attn", "attn", "mlp", "attn"],
+        "layer": [1, 1, 2, 2, 1, 3],
+        "compensatory_effect": [0.3, 0.1, 0.5, -0.2, 9.0, 9.0],
+        "delta_direct_effect": [-1.0, -0.5, -0.25, 0.25, -9.0, -0.1]})
+    assert restored_share(eff, [1, 2]) == pytest.approx((0.3 + 0.1 + 0.5 - 0.2) / (1.0 + 0.5 + 0.25 - 0.25))
+    assert restored_share(eff, [1]) == pytest.approx(0.4 / 1.5)
+    assert restored_share(eff, range(1, 2), kind="mlp") == pytest.approx(9.0 / 9.0)
+    assert restored_share(eff, [2, 3]) == pytest.approx((0.5 - 0.2 + 9.0) / (0.25 - 0.25 + 0.1))
+    gained = eff.assign(delta_direct_effect=0.5)  # nothing lost: no share
+    assert np.isnan(restored_share(gained, [1, 2]))
+    assert np.isnan(restored_share(eff, [7]))
+
+
+def test_frames(result):
     eff = effects_frame(result)
     n, C = result.clean_de.shape
-    assert len(eff) == n * C and {"layer", "kind", "label"} <= set(eff.columns)
+    assert len(eff) == n * C and {"layer", "kind", "label", "from_block_norms"} <= set(eff.columns)
+    row = eff[(eff["prompt"] == 2) & (eff["kind"] == "mlp") & (eff["layer"] == 0)].iloc[0]
+    assert row["label"] == "M0" and row["direct_effect"] == pytest.approx(float(result.clean_de[2, 1]))
+    assert row["total_effect"] == pytest.approx(float(result.delta_logit[2, 1].mean()))
+    assert row["ablation_drop"] == pytest.approx(-row["total_effect"])
     imp = impact_summary(eff)
     assert len(imp) == 2 * C and set(imp["measure"]) == {"unembed", "ablate"}
+    a0 = imp[(imp["kind"] == "attn") & (imp["layer"] == 0)].iloc[0]
+    de, drop = result.clean_de[:, 0].numpy(), -result.delta_logit[:, 0].mean(1).numpy()
+    assert a0["frac_de_gt_drop"] == pytest.approx(float((de > drop).mean()))
     ba = before_after(result)
     assert len(ba) == C * (2 + result.ablated_de.shape[2])
+    layer = int(result.clean_de[:, 0::2].mean(0).argmax())
+    p = int(result.clean_de[:, 2 * layer].argmax())
+    clean = ba[ba["run"] == "clean"].sort_values(["layer", "kind"])["direct_effect"].to_numpy()
+    np.testing.assert_allclose(clean, result.clean_de[p].numpy())
+    mean = ba[ba["run"] == "ablated (mean)"].sort_values(["layer", "kind"])["direct_effect"].to_numpy()
+    np.testing.assert_allclose(mean, result.ablated_de[p, 2 * layer].mean(0).numpy())
     er = erasure(result)
     assert len(er) == result.n_layers ** 2
     assert (er.loc[er["mlp_layer"] < er["ablated_layer"], "delta_direct_effect"].abs() < 1e-5).all()
-    s = summary(result)
-    assert 0 <= s["n_correct"] <= s["n_prompts"] == n
-    md = summary_markdown(result)
-    assert f"of {n}" in md and ("holds" in md or "differs" in md) and "nan" not in md.lower()
+    got = er.set_index(["ablated_layer", "mlp_layer"])["delta_direct_effect"]
+    for a in range(result.n_layers):
+        for l in range(result.n_layers):
+            assert got[a, l] == pytest.approx(float(result.delta_de[:, 2 * a, :, 2 * l + 1].mean()), abs=1e-12)
 
 
-def test_hydra_run_caches(tmp_path):
-    cfg = RunConfig.from_params(model="tiny-llama", dataset="tiny", n_tokens=512, seq_len=32,
-                                batch_size=4, top_percent=10, cache_dir=str(tmp_path))
-    first = hydra_run(cfg, n_prompts=6, n_patches=2, progress=False)
-    files = list(tmp_path.glob("*/hydra-resample-*.safetensors"))
+# -- the chapter: numbers and verdicts, recomputed from the result's tensors ----------------------
+def expected_numbers(res: HydraResult) -> dict:
+    """The chapter's metrics from the raw tensors, by hand (loops, numpy)."""
+    n, C = res.clean_de.shape
+    L = C // 2
+    de = res.clean_de.numpy()
+    drop = -res.delta_logit.mean(2).numpy()  # [n, C]
+    dde = res.delta_de.mean(2).numpy()  # [n, ablated, readout]
+    down = res.downstream().numpy()
+    ce = np.array([[dde[i, m][down[m]].sum() for m in range(C)] for i in range(n)])
+    mid, late = list(span(L, "middle")), list(span(L, "last_quarter"))
+    attn = [2 * l for l in range(L)]
+    out = {"n_prompts": n, "n_patches": res.ablated_de.shape[2],
+           "n_correct": int(sum(int(a) == int(b) for a, b in zip(res.ml_token, res.target))),
+           "mid": mid, "late": late,
+           "frac_de_gt_drop": float(np.mean(de[:, attn] > drop[:, attn])),
+           "corr": float(np.corrcoef(de[:, attn].ravel(), drop[:, attn].ravel())[0, 1]),
+           "restored_mid": float(sum(ce[:, 2 * l].sum() for l in mid)
+                                 / sum(-dde[:, 2 * l, 2 * l].sum() for l in mid)),
+           "block_mid": float(res.from_block_norms.mean(2).numpy()[:, [2 * l for l in mid]].mean())}
+    num = sum(((de[:, 2 * l] - de[:, 2 * l].mean()) * ce[:, 2 * l]).sum() for l in mid)
+    den = sum(((de[:, 2 * l] - de[:, 2 * l].mean()) ** 2).sum() for l in mid)
+    out["slope_mid"] = float(num / den)
+    slopes, r2s = {}, {}
+    for l in range(L):
+        x, y = de[:, 2 * l], ce[:, 2 * l]
+        b, a = np.polyfit(x, y, 1)
+        slopes[l] = b
+        r2s[l] = 1 - ((y - a - b * x) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    steep = [l for l in range(L) if slopes[l] >= 1]
+    out["slope_from"] = max(steep) + 1 if steep else 0
+    out["r2_layer"] = max(r2s, key=r2s.get)
+    out["r2"] = r2s[out["r2_layer"]]
+    late_mean = de[:, [2 * l + 1 for l in late]].mean(0)
+    out["late_negative"] = int((late_mean < 0).sum())
+    out["late_clean_de"] = float(de[:, [2 * l + 1 for l in late]].sum(1).mean())
+    cases = [(dde[i, 2 * a, [2 * l + 1 for l in late]].sum(), dde[i, 2 * a, 2 * a])
+             for i in range(n) for a in range(late[0])]
+    out["n_cases"] = len(cases)
+    out["opposite"] = float(np.mean([s * own < 0 for s, own in cases])) if cases else float("nan")
+    return out
+
+
+def check_numbers(ch, exp):
+    got = ch.numbers
+    for key in ("n_prompts", "n_patches", "n_correct", "mid", "late", "late_negative", "slope_from",
+                "r2_layer"):
+        assert got[key] == exp[key], key
+    for key in ("frac_de_gt_drop", "corr", "restored_mid", "block_mid", "slope_mid", "r2",
+                "late_clean_de", "opposite"):
+        assert got[key] == pytest.approx(exp[key], rel=1e-6, abs=1e-9), key
+    # the effects frame says the same as the tensors
+    att = ch.effects[ch.effects["kind"] == "attn"]
+    assert float((att["direct_effect"] > att["ablation_drop"]).mean()) == pytest.approx(exp["frac_de_gt_drop"])
+    # the verdicts carry these values and the sizes of what they rest on
+    L = ch.result.n_layers
+    v = {x.claim.key: x for x in ch.verdicts}
+    assert list(v) == ["unembed", "restored", "slope", "erasure"]
+    assert v["unembed"].value == got["frac_de_gt_drop"] and v["unembed"].n == exp["n_prompts"] * L
+    assert v["restored"].value == got["restored_mid"] and v["restored"].n == exp["n_prompts"] * len(exp["mid"])
+    assert v["slope"].value == pytest.approx(exp["slope_from"] / L) and v["slope"].n == L
+    assert v["erasure"].value == got["opposite"] and v["erasure"].n == exp["n_cases"]
+
+
+@pytest.fixture(scope="module")
+def tiny_chapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hydra_cache")
+    cfg = chapter.Config.from_params(model="tiny-gemma3", dtype="float64", n_prompts=6, n_patches=2,
+                                     cache_dir=str(root))
+    return cfg, root, chapter.measure(cfg, progress=False)
+
+
+def test_chapter_numbers_and_verdicts_on_a_tiny_run(tiny_chapter):
+    cfg, _, ch = tiny_chapter
+    exp = expected_numbers(ch.result)
+    assert exp["n_prompts"] == 6 and exp["n_patches"] == 2 and abs(exp["block_mid"]) > 1e-4
+    check_numbers(ch, exp)
+    assert ch.meta["model"] == "tiny-gemma3" and len(ch.meta["prompts"]) == 6
+
+
+def test_chapter_text_shows_the_computed_numbers(tiny_chapter):
+    _, _, ch = tiny_chapter
+    s, text = ch.numbers, chapter.on_this_model(ch)
+    assert f"{s['n_correct']} of {s['n_prompts']}" in text
+    for value, fmt in ((s["frac_de_gt_drop"], ".0%"), (s["restored_mid"], ".0%"), (s["corr"], ".2f"),
+                       (s["slope_mid"], ".2f"), (s["block_mid"], "+.3f"), (s["opposite"], ".0%")):
+        assert format(value, fmt) in text, (value, fmt)
+    assert not re.search(r"\bnan\b", text, re.I)
+
+
+def test_chapter_caches_its_result(tiny_chapter):
+    cfg, root, first = tiny_chapter
+    files = list(root.glob("*/hydra-*.safetensors"))
     assert len(files) == 1
     again = HydraResult.load(files[0])
-    torch.testing.assert_close(again.ablated_de, first.ablated_de)
+    torch.testing.assert_close(again.ablated_de, first.result.ablated_de)
+    torch.testing.assert_close(again.from_block_norms, first.result.from_block_norms)
     assert again.meta["prompts"] == first.meta["prompts"] and len(first.meta["ml_text"]) == 6
-    second = hydra_run(cfg, n_prompts=6, n_patches=2, progress=False)
-    torch.testing.assert_close(second.delta_logit, first.delta_logit)
+    second = chapter.measure(cfg, progress=False)
+    torch.testing.assert_close(second.result.delta_logit, first.result.delta_logit)
+    assert second.numbers == first.numbers
+    assert len(list(root.glob("*/hydra-*.safetensors"))) == 1
+
+
+def synthetic_result(n=7, L=8, P=2, seed=0) -> HydraResult:
+    """Random effects shaped like a real result: components not downstream of the ablated one
+    keep their clean direct effect."""
+    g = torch.Generator().manual_seed(seed)
+    C = 2 * L
+    clean = torch.randn(n, C, generator=g, dtype=torch.float64)
+    res = HydraResult(clean, clean[:, None, None, :].repeat(1, C, P, 1),
+                      torch.randn(n, C, P, generator=g, dtype=torch.float64),
+                      torch.randn(n, C, P, generator=g, dtype=torch.float64) * 0.1,
+                      torch.zeros(n, C, P, dtype=torch.float64),
+                      torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                      clean.sum(1), torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (n,), generator=g),
+                      choose_patches(n, P), torch.tensor(False))
+    move = res.downstream() | torch.eye(C, dtype=torch.bool)
+    noise = torch.randn(n, C, P, C, generator=g, dtype=torch.float64)
+    res.ablated_de = res.ablated_de + noise * move[None, :, None, :]
+    return res
+
+
+def test_chapter_numbers_on_a_synthetic_deep_result():
+    """With 8 layers the regions differ (middle 2-5, last quarter 6-7: 6 earlier attention layers
+    per prompt for the erasure claim)."""
+    res = synthetic_result()
+    eff = effects_frame(res)
+    ch = chapter.HydraChapter(res, eff, regression(eff), impact_summary(eff), before_after(res),
+                              erasure(res), [], {}, {})
+    ch.numbers = chapter.numbers(ch)
+    ch.verdicts = chapter.verdicts(ch)
+    exp = expected_numbers(res)
+    assert exp["mid"] == [2, 3, 4, 5] and exp["late"] == [6, 7] and exp["n_cases"] == 7 * 6
+    check_numbers(ch, exp)

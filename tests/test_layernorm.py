@@ -1,6 +1,10 @@
-"""Invariants of selfrepair.layernorm (chapter 02): App. B closed form, S/S' ratios, norm shares."""
+"""Chapter 02 (LayerNorm self-repair): selfrepair.layernorm's App. B closed form, S/S' ratios,
+App. H's relative boost and norm shares, and selfrepair.chapters.layernorm on a tiny run, checked
+against independent computations."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -8,6 +12,7 @@ import pytest
 import torch
 
 from selfrepair import layernorm, load_model
+from selfrepair.chapters import layernorm as cl
 
 ABLATIONS = ["resample", "mean", "zero"]
 
@@ -62,6 +67,8 @@ def test_appendix_b_not_exact_off_its_assumptions(neox64):
     chk = layernorm.appendix_b_check(neox64, tokens_for(neox64), (0, 0), ["zero"])
     assert not chk["last_layer"].any()
     assert chk["error"].abs().max() > 1e-4
+    left_out = chk["from_heads"] + chk["from_mlps"] + chk["from_block_norms"]
+    np.testing.assert_allclose(chk["error"], -chk["ratio"] * left_out, atol=1e-9)
     gemma = load_model("tiny-gemma3", dtype="float64")
     assert not gemma.parallel_residual
     chk = layernorm.appendix_b_check(gemma, tokens_for(gemma), (gemma.n_layers - 1, 0), ["resample"])
@@ -114,62 +121,315 @@ def test_norm_share_skips_block_norms_when_absent():
     assert set(layernorm.norm_share(top)["component"]) == {"final norm"}
 
 
-def test_featured_head_rule():
-    ph = pd.DataFrame({"layer": [0, 0, 2, 2, 2], "head": [0, 1, 0, 1, 2],
-                       "direct_effect": [9.0, 1.0, 0.5, 0.7, 0.7]})
-    assert layernorm.featured_head(ph) == (2, 1)  # last layer, largest DE, lower head on ties
-    assert layernorm.featured_head(ph, ("L0H1",)) == (0, 1)
+
+
+def test_norm_share_unclipped_and_sample_means():
+    top, sample = _tokens_frame(), _tokens_frame(seed=1)
+    shares = layernorm.norm_share(top, sample)
+    for kind, frame in (("top-k%", top), ("random sample", sample)):
+        for component, col in (("final norm", "from_norm"), ("block norms", "from_block_norms")):
+            f = frame[(frame["label"] == "L2H1")]
+            want = np.mean([a / b for a, b in zip(f[col], f["direct_effect"]) if b != 0])
+            got = shares.query("label == 'L2H1' and tokens == @kind and clipping == 'unclipped' "
+                               "and component == @component")
+            assert got["share"].iloc[0] == pytest.approx(want) and got["n"].iloc[0] == len(f)
+    layers = layernorm.layer_shares(shares)
+    one = layers.query("tokens == 'top-k%' and clipping == 'clipped' and component == 'final norm' "
+                       "and layer == 1")["share"].iloc[0]
+    per_head = shares.query("tokens == 'top-k%' and clipping == 'clipped' and component == 'final norm' "
+                            "and layer == 1")["share"]
+    assert one == pytest.approx(per_head.mean())
+
+
+# -- App. H: the relative boost -----------------------------------------------------------------
+def test_relative_boost_is_the_ratio_minus_one_times_the_logit_gap():
+    assert layernorm.relative_boost(1.1, 2.0) == pytest.approx(0.2)
+    assert layernorm.relative_boost(0.9, -2.0) == pytest.approx(0.2)  # both signs flip
+    assert layernorm.relative_boost(1.0, 14.0) == 0.0
+    r, gap = torch.tensor([1.2, 0.95]), torch.tensor([1.0, -2.0])
+    torch.testing.assert_close(layernorm.relative_boost(r, gap), torch.tensor([0.2, 0.1]))
+    np.testing.assert_allclose(layernorm.relative_boost(r.numpy(), gap.numpy()), [0.2, 0.1], rtol=1e-6)
+
+
+def _ratio_tokens(seed=0):
+    """Per-token rows of one head under two ablations (listed out of order, no "mean"); the random
+    sample's rows are extreme so that using them would show."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for ablation in ("zero", "resample"):
+        for kind, n in (("top-k%", 41), ("random sample", 60)):
+            top = kind == "top-k%"
+            parts.append(pd.DataFrame({
+                "layer": 3, "head": 1, "label": "L3H1", "tokens": kind, "ablation": ablation,
+                "row": np.arange(n), "pos": 0, "ratio": rng.normal(1.01, 0.03, n) if top else 5.0,
+                "logit": rng.normal(1.0, 2.0, n), "competitor_gap": rng.normal(0.5, 1.5, n),
+                "direct_effect": rng.normal(0.4, 0.3, n) if top else 100.0,
+                "from_norm": rng.normal(0.05, 0.1, n), "self_repair": rng.normal(0.1, 0.2, n)}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_ratio_summary_against_a_hand_computation():
+    t = _ratio_tokens()
+    got = layernorm.ratio_summary(t)
+    assert list(got["ablation"]) == ["resample", "zero"]  # ABLATION_ORDER, only those present
+    for row in got.itertuples():
+        g = t[(t["tokens"] == "top-k%") & (t["ablation"] == row.ablation)]
+        ratio, gap = g["ratio"].to_numpy(), g["competitor_gap"].to_numpy()
+        boost = [abs((r - 1) * d) for r, d in zip(ratio, gap)]
+        assert row.n == 41 and row.label == "L3H1"
+        assert row.share_ratio_above_1 == pytest.approx(sum(r > 1 for r in ratio) / 41)
+        assert row.median_ratio == pytest.approx(sorted(ratio)[20])
+        assert row.median_logit_gap == pytest.approx(sorted(gap)[20])
+        assert row.median_abs_boost == pytest.approx(sorted(boost)[20])
+        assert row.median_direct_effect == pytest.approx(sorted(g["direct_effect"])[20])
+        assert row.mean_from_norm == pytest.approx(g["from_norm"].mean())
+        assert row.mean_self_repair == pytest.approx(g["self_repair"].mean())
+        # App. H's boost is not the old (S/S' - 1) * logit
+        assert row.median_abs_boost != pytest.approx(np.median(np.abs((ratio - 1) * g["logit"])), rel=1e-3)
+
+
+# -- the chapter's heads ------------------------------------------------------------------------
+def test_stand_in_head_rule():
+    ph = pd.DataFrame({"layer": [0, 0, 2, 2, 2], "head": [0, 1, 2, 1, 0],
+                       "direct_effect": [9.0, 1.0, 0.7, 0.7, 0.5]})
+    assert cl.stand_in(ph) == (2, 1)  # the last layer only, largest DE, lower head on ties
+    assert cl.stand_in(ph.iloc[::-1]) == (2, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ph = pd.DataFrame({"layer": np.repeat(np.arange(4), 5), "head": np.tile(np.arange(5), 4),
+                           "direct_effect": rng.normal(0, 1, 20)})
+        last = ph[ph["layer"] == 3]
+        assert cl.stand_in(ph) == (3, int(last["head"].iloc[int(np.argmax(last["direct_effect"]))]))
+
+
+# -- the chapter's claims on synthetic results --------------------------------------------------
+def _synthetic_chapter(parallel: bool, last_layer: bool, seed=0) -> cl.LayerNormChapter:
+    rng = np.random.default_rng(seed)
+    top = pd.concat([pd.DataFrame({
+        "layer": l, "head": h, "label": f"L{l}H{h}", "direct_effect": rng.normal(0.4, 0.3, 30),
+        "from_norm": rng.normal(0.1, 0.15, 30), "from_block_norms": rng.normal(0.1, 0.1, 30)})
+        for l in range(4) for h in range(2)], ignore_index=True)
+    shares = layernorm.norm_share(top)
+    chk = []
+    for role, err in (("this model", 1e-3), ("reference", 1.0)):  # the reference must not count
+        for ablation in layernorm.ABLATION_ORDER:
+            dl = rng.normal(0, 0.3, 20)
+            e = rng.normal(0, err, 20)
+            chk.append(pd.DataFrame({"role": role, "model": "m" if role == "this model" else "ref",
+                                     "label": "L3H0", "parallel_residual": parallel,
+                                     "last_layer": last_layer, "ablation": ablation, "delta_logit": dl,
+                                     "error": e, "from_heads": 0.0, "from_mlps": e, "from_block_norms": 0.0}))
+    chk = pd.concat(chk, ignore_index=True)
+    tokens = _ratio_tokens(seed)
+    ratios = layernorm.ratio_summary(tokens)
+    model = SimpleNamespace(n_layers=4, parallel_residual=parallel, sandwich=not parallel)
+    return cl.LayerNormChapter(pd.DataFrame(), (3, 1), (3, 1), tokens, ratios, shares,
+                               layernorm.layer_shares(shares), chk, layernorm.appendix_b_table(chk),
+                               pd.DataFrame(), model, [], {})
+
+
+def _expected_layernorm(ch, tokens_top: pd.DataFrame | None = None) -> dict:
+    """Chapter 2's metrics by hand from per-token frames."""
+    out = {}
+    t = ch.tokens[(ch.tokens["label"] == "L{}H{}".format(*ch.ratio_head)) & (ch.tokens["tokens"] == "top-k%")]
+    ratio = t["ratio"] if "scale_clean" not in t else t["scale_clean"] / t["scale_ablated"]
+    for a in layernorm.ABLATION_ORDER:
+        g = ratio[t["ablation"] == a]
+        if len(g):
+            out[f"ratio_{a}"] = (float((g > 1).mean()), len(g))
+    g = t[t["ablation"] == "resample"]
+    r = ratio[t["ablation"] == "resample"]
+    out["appendix_h"] = (float(np.median(np.abs((r - 1) * g["competitor_gap"]))
+                               / np.median(g["direct_effect"])), len(g))
+    if tokens_top is not None:  # the norm share of every late head from the sweep's top tokens
+        first = ch.model.n_layers // 2
+        per_head = []
+        for (layer, head), f in tokens_top.groupby(["layer", "head"]):
+            f = f[f["direct_effect"] != 0]
+            if layer >= first:
+                per_head.append(np.mean(np.clip(f["from_norm"] / f["direct_effect"], 0, 1)))
+        out["norm_share"] = (float(np.mean(per_head)), len(per_head))
+    here = ch.check[ch.check["role"] == "this model"]
+    rel = max(here[here["ablation"] == a]["error"].abs().mean() / here[here["ablation"] == a]["delta_logit"].abs().mean()
+              for a in set(here["ablation"]))
+    applies = bool(ch.model.parallel_residual and here["last_layer"].all())
+    out["appendix_b"] = (rel if applies else np.nan, len(here))
+    return out
+
+
+@pytest.mark.parametrize("parallel,last_layer", [(True, True), (False, True), (True, False)])
+def test_verdicts_on_synthetic_results(parallel, last_layer):
+    ch = _synthetic_chapter(parallel, last_layer)
+    got = {v.claim.key: v for v in cl.verdicts(ch)}
+    want = _expected_layernorm(ch)
+    first = ch.model.n_layers // 2
+    f = ch.shares.query("tokens == 'top-k%' and clipping == 'clipped' and component == 'final norm'")
+    want["norm_share"] = (f[f["layer"] >= first]["share"].mean(), int((f["layer"] >= first).sum()))
+    assert set(got) == set(want) == {"ratio_resample", "ratio_zero", "norm_share", "appendix_b", "appendix_h"}
+    for key, (value, n) in want.items():
+        assert got[key].value == pytest.approx(value, nan_ok=True), key
+        assert got[key].n == n, key
+    assert (got["appendix_b"].holds is None) == (not (parallel and last_layer))
+    # the block norms' share is reported beside the final norm's, never mixed into it
+    block = ch.shares.query("tokens == 'top-k%' and clipping == 'clipped' and component == 'block norms'")
+    assert block["share"].mean() != pytest.approx(got["norm_share"].value)
+
+
+# -- the chapter on a tiny run ------------------------------------------------------------------
+TINY = dict(model="tiny-gpt_neox", dataset="tiny", n_tokens=512, seq_len=32, batch_size=4, top_percent=10)
 
 
 @pytest.fixture(scope="module")
-def tiny_chapter(tmp_path_factory):
-    from selfrepair.config import RunConfig
+def tiny_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
 
-    cfg = RunConfig.from_params(model="tiny-gpt_neox", dataset="tiny", n_tokens=512, seq_len=32,
-                                batch_size=4, top_percent=10,
-                                cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return cfg, layernorm.measure(cfg, progress=False)
+
+@pytest.fixture(scope="module")
+def tiny_chapter(tiny_cache):
+    cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache)
+    return cfg, cl.measure(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pinned_chapter(tiny_cache):
+    cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_head="L1H0", ablation_head="L0H2")
+    return cfg, cl.measure(cfg, progress=False)
 
 
 def test_measure_on_tiny(tiny_chapter):
     cfg, ch = tiny_chapter
-    assert ch.head[0] == ch.model.n_layers - 1
+    last = ch.per_head[ch.per_head["layer"] == ch.model.n_layers - 1]
+    best = last.sort_values(["direct_effect", "head"], ascending=[False, True]).iloc[0]
+    assert ch.ratio_head == ch.ablation_head == cl.stand_in(ch.per_head) == (best["layer"], best["head"])
+    assert set(ch.heads["reason"]) == {cl.HEAD_RULE}
     t = ch.tokens
     assert set(t["ablation"]) == set(ABLATIONS)
     n = t.groupby(["ablation", "tokens"]).size()
     assert n.xs("top-k%", level="tokens").nunique() == 1  # the same instances under each ablation
     np.testing.assert_allclose(t["ratio"] * t["norm_ratio"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(t["ratio"], t["scale_clean"] / t["scale_ablated"], rtol=1e-6)
     # a last-layer head of a parallel model: only the final norm can repair it
     np.testing.assert_allclose(t["self_repair"], t["from_norm"], atol=1e-5)
     # clean DE does not depend on the ablation (single-head runs agree with the sweep)
     de = t.pivot_table(index=["tokens", "row", "pos"], columns="ablation", values="direct_effect")
     np.testing.assert_allclose(de["mean"], de["resample"], atol=1e-5)
     np.testing.assert_allclose(de["zero"], de["resample"], atol=1e-5)
-    r = ch.ratios.set_index("ablation")
-    assert r["share_ratio_above_1"].between(0, 1).all()
-    assert r.loc["zero", "paper_share_pythia160m_L11H2"] == 1.0
+    pd.testing.assert_frame_equal(ch.ratios, layernorm.ratio_summary(ch.ratio_tokens))
     assert (ch.check_table["max_abs_error"] < 1e-5).all()
-    text = layernorm.on_this_model(ch, cfg.model)
-    assert text.startswith("**On tiny-gpt_neox**") and "90.66%" in text
+    assert set(ch.check_table["role"]) == {"this model"}  # exact here: no reference needed
 
 
-def test_single_head_is_cached(tiny_chapter):
+def test_single_head_runs_are_cached_and_read_at_the_sweeps_instances(tiny_chapter):
+    from selfrepair.experiment import measure, open_model, open_tokens
+    from selfrepair.heads import HeadsSpec
+    from selfrepair.measure import Cache
+
     cfg, ch = tiny_chapter
-    from selfrepair.experiment import cache_params, cache_path, open_model
+    model = open_model(cfg)
+    data = open_tokens(cfg, model, progress=False)
+    for ablation in ("mean", "zero"):
+        spec = HeadsSpec(heads=(ch.ratio_head,), ablation=ablation)
+        assert Cache(cfg.cache_dir).path(spec, model, data).exists()
+        run = measure(cfg, spec, data, progress=False)
+        assert run.heads == [ch.ratio_head]
+        rows = ch.tokens[ch.tokens["ablation"] == ablation]
+        layer, head = ch.ratio_head
+        b, p = rows["row"].to_numpy(copy=True), rows["pos"].to_numpy(copy=True)
+        for q in ("delta_logit", "self_repair", "from_norm", "scale_ablated"):
+            np.testing.assert_allclose(rows[q], getattr(run, q)[layer, head][b, p].numpy(), atol=1e-6)
 
-    path = cache_path(cfg, f"head-{ch.label}-zero",
-                      cache_params(cfg, open_model(cfg), ablation="zero", head=ch.label,
-                                   kind="single_head"))
-    assert path.exists()
-    again = layernorm.single_head(cfg, ch.head, "zero", progress=False)
-    assert again.heads == [ch.head]
+
+def test_logit_and_competitor_gap_match_the_models_own_logits(tiny_chapter):
+    """App. H's inputs, independently: the centred clean logit of the next token, and the gap to
+    the strongest other token with the final norm's bias (not rescaled) taken out, from the
+    model's full output and its weights."""
+    from selfrepair.experiment import open_model, open_tokens
+
+    cfg, ch = tiny_chapter
+    model = open_model(cfg)
+    tokens = open_tokens(cfg, model, progress=False).tokens
+    with torch.no_grad():
+        logits = model.hf(tokens).logits.double()
+    centred = logits - logits.mean(-1, keepdim=True)
+    t = ch.ratio_tokens
+    b, p = torch.tensor(t["row"].to_numpy(copy=True)), torch.tensor(t["pos"].to_numpy(copy=True))
+    target = tokens[b, p + 1]
+    at = centred[b, p]
+    np.testing.assert_allclose(t["logit"], at.gather(1, target[:, None])[:, 0].numpy(), atol=1e-4)
+    others = at.scatter(1, target[:, None], -float("inf"))
+    rival = others.argmax(1)
+    w = model.unembed_weight.double()
+    bias = model.module(model.adapter.final_norm).bias.double()  # GPT-NeoX's LayerNorm has one
+    unembed_bias = getattr(model.module(model.adapter.unembed), "bias", None)
+    gap = at.gather(1, target[:, None])[:, 0] - at.gather(1, rival[:, None])[:, 0] - (w[target] - w[rival]) @ bias
+    if unembed_bias is not None:
+        gap = gap - (unembed_bias.double()[target] - unembed_bias.double()[rival])
+    np.testing.assert_allclose(t["competitor_gap"], gap.numpy(), atol=1e-4)
+
+
+def test_verdicts_on_the_tiny_run(tiny_chapter):
+    from selfrepair.experiment import head_sweep
+
+    cfg, ch = tiny_chapter
+    got = {v.claim.key: v for v in ch.verdicts}
+    want = _expected_layernorm(ch, head_sweep(cfg, "resample", progress=False).tokens_frame("top"))
+    assert set(got) == set(want)
+    for key, (value, n) in want.items():
+        assert got[key].value == pytest.approx(value, rel=1e-6, nan_ok=True), key
+        assert got[key].n == n, key
+    text = cl.on_this_model(ch)
+    assert text.startswith(f"**On {cfg.model}**")
+    lines = text.splitlines()[1:]
+    assert len(lines) == len(ch.verdicts)
+    for line, v in zip(lines, ch.verdicts):
+        assert f"**{format(v.value, v.claim.fmt)}**" in line
+
+
+def test_pinned_heads(tiny_chapter, pinned_chapter):
+    _, default = tiny_chapter
+    cfg, ch = pinned_chapter
+    assert ch.ratio_head == (1, 0) and ch.ablation_head == (0, 2)
+    assert list(ch.heads["label"]) == ["L1H0", "L0H2"]
+    assert list(ch.heads["reason"]) == ["pinned by ratio_head", "pinned by ablation_head"]
+    assert set(ch.ratio_tokens["label"]) == {"L1H0"} and set(ch.ablation_tokens["label"]) == {"L0H2"}
+    assert set(ch.ratios["label"]) == {"L1H0"}
+    pd.testing.assert_frame_equal(ch.ratios, layernorm.ratio_summary(ch.ratio_tokens))
+    # a layer-0 head of a parallel model is repaired by layer 1 as well as by the norm
+    a = ch.ablation_tokens
+    assert (a["self_repair"] - a["from_norm"]).abs().max() > 1e-4
+    # the norm shares do not depend on which heads the figures show
+    pd.testing.assert_frame_equal(ch.shares, default.shares)
+    assert {v.claim.key: v.value for v in ch.verdicts}["norm_share"] == pytest.approx(
+        {v.claim.key: v.value for v in default.verdicts}["norm_share"])
+
+
+def test_ratio_head_alone_and_appendix_b_off_its_assumptions(tiny_cache):
+    cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_head="L0H1")
+    ch = cl.measure(cfg, progress=False)
+    assert ch.ratio_head == ch.ablation_head == (0, 1)
+    assert list(ch.heads["reason"]) == ["pinned by ratio_head", "as ratio_head"]
+    t = ch.check_table
+    here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
+    assert not here["last_layer"].any() and (here["relative_error"] > 1e-3).all()
+    assert ref["last_layer"].all() and ref["parallel_residual"].all() and (ref["max_abs_error"] < 1e-9).all()
+    v = {v.claim.key: v for v in ch.verdicts}["appendix_b"]
+    assert np.isnan(v.value) and v.holds is None and v.n == int(here["n"].sum())
+    want = _expected_layernorm(ch)
+    for key in ("ratio_resample", "ratio_mean", "ratio_zero", "appendix_h"):
+        assert {x.claim.key: x.value for x in ch.verdicts}[key] == pytest.approx(want[key][0])
 
 
 def test_head_tokens_refuses_results_from_other_tokens(tiny_chapter):
     from selfrepair.errors import SelfRepairError
+    from selfrepair.existence import sweep_frames
+    from selfrepair.experiment import head_sweep, measure, open_model, open_tokens
+    from selfrepair.heads import HeadsSpec
 
     cfg, ch = tiny_chapter
-    run = layernorm.single_head(cfg, ch.head, "zero", progress=False)
+    _, top, sample = sweep_frames(head_sweep(cfg, "resample", progress=False))
+    data = open_tokens(cfg, open_model(cfg), progress=False)
+    run = measure(cfg, HeadsSpec(heads=(ch.ratio_head,), ablation="zero"), data, progress=False)
+    assert len(layernorm.head_tokens(top, sample, ch.ratio_head, {"zero": run}))
     run.direct_effect = run.direct_effect + 1.0  # as if computed on another corpus
     with pytest.raises(SelfRepairError, match="different tokens"):
-        layernorm.head_tokens(ch.top, ch.sample, ch.head, {"zero": run})
+        layernorm.head_tokens(top, sample, ch.ratio_head, {"zero": run})

@@ -1,20 +1,28 @@
-"""Chapter 03 (anti-erasure neurons): per-neuron direct effects under a head ablation."""
+"""Chapter 03 (anti-erasure neurons): per-neuron direct effects under a head ablation, and the
+chapter's head choice, pre-flight checks and verdicts."""
 
-import math
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from selfrepair import load_model, neurons
-from selfrepair.ablation import default_corrupt_tokens, patch_heads
-from selfrepair.config import RunConfig
-from selfrepair.direct_effect import direct_effects, neuron_effects, readout, top_percent_mask
+from selfrepair import load_model, neurons as nr
+from selfrepair.batch import TokenSet, clean_batch
+from selfrepair.chapters import neurons as cn
+from selfrepair.direct_effect import direct_effects, neuron_effects, top_percent_mask
 from selfrepair.errors import InputError
-from selfrepair.intervene import run
-from selfrepair.heads import CLEAN_READS, ablate_heads
+from selfrepair.experiment import head_sweep, open_model, open_tokens
+from selfrepair.passes import ablate_heads
+from selfrepair.results import head_label
+from selfrepair.structure import top_k
+from selfrepair.sweep import COLUMNS
+
+from reference import capture
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+SCORE = {"direct_effect": "direct_effect", "self_repair": "self_repair", "mlp_repair": "layer_delta"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -32,162 +40,465 @@ def some_heads(model):
     return [(0, 1), (0, 3)] + ([] if model.parallel_residual else [(last, 2)])
 
 
+def reference_layer_de(m, tok, corrupt, layer, head, L, direction):
+    """Plain PyTorch hooks: MLP layer ``L``'s whole output with head ``(layer, head)``'s slice of the
+    output projection's input taken from ``corrupt``, read along the clean direction."""
+    family = m.adapter.family
+    source = capture(m.hf, family, corrupt)
+    abl = capture(m.hf, family, tok, patch=(layer, head, m.d_head, source["z"][layer]))
+    return (abl["mlp"][L][:, :-1] * direction.cpu()).sum(-1)
+
+
+# -- the measurement ---------------------------------------------------------------------------
 def test_neurons_and_bias_sum_to_the_layer_de_clean_and_ablated(model64):
     m, tok = model64, tokens_for(model64)
     L = m.n_layers - 1
-    clean = run(m, tok, read=CLEAN_READS + ("neurons",), read_embed=True, read_layers={"neurons": [L]})
-    ro = readout(m, tok, clean)
-    de = direct_effects(m, tok, clean, ro, neuron_layers=(L,))
+    corrupt = torch.roll(tok, 1, 0)  # a bare tensor's sources: its rows rolled by one
+    batch = clean_batch(m, tok, corrupt, neuron_layers=(L,))
+    ro = batch.readout
+    de = direct_effects(m, tok, batch.clean, ro, neuron_layers=(L,))
     torch.testing.assert_close(de.neurons[L].sum(0) + de.mlp_bias[L], de.mlps[L], atol=1e-10, rtol=0)
     dm = ro.write_dir(m, "mlp", L)
-    bias = de.mlp_bias[L]
-    corrupt_z = run(m, default_corrupt_tokens(tok), read=("z",)).reads["z"]
-    res = neurons.measure_neurons(m, tok, some_heads(m), top_percent=100, batch_size=len(tok),
-                                  progress=False)
+    # the clean layer DE from plain hooks too
+    clean_ref = (capture(m.hf, m.adapter.family, tok)["mlp"][L][:, :-1] * dm.cpu()).sum(-1)
+    torch.testing.assert_close(de.mlps[L].cpu(), clean_ref, atol=1e-9, rtol=0)
+    repl = batch.replacement("resample")
+    res = nr.measure_neurons(m, tok, some_heads(m), top_percent=100, batch_size=len(tok), progress=False)
+    assert res.heads == some_heads(m) and res.neuron_layer == L
+    torch.testing.assert_close(res.corrupt_tokens, corrupt)
     for f, (layer, head) in enumerate(res.heads):
-        # independent: patch the head in a plain pass and read the MLP layer's whole output
-        p = run(m, tok, read=("mlp",), read_layers={"mlp": [L]},
-                edits={("z", layer): lambda z: patch_heads(m, z, [head], corrupt_z[layer], len(tok))})
-        layer_abl = (m.acc(p.reads["mlp"][0][:, :-1]) * dm).sum(-1)
-        out = ablate_heads(m, tok, clean, ro, layer, [head], corrupt_z[layer], neuron_layer=L)
+        layer_abl = reference_layer_de(m, tok, corrupt, layer, head, L, dm)
+        out = ablate_heads(batch, layer, [head], repl[layer], neuron_layer=L)
         abl_n = neuron_effects(m, out["neurons"][0], dm, L)
-        torch.testing.assert_close(abl_n.sum(0) + bias, layer_abl, atol=1e-9, rtol=0)
+        torch.testing.assert_close((abl_n.sum(0) + de.mlp_bias[L]).cpu(), layer_abl, atol=1e-9, rtol=0)
         # the streamed result, instance by instance
         inst = res.get("direct_effect", "instance")[f]
-        want_delta = (layer_abl - de.mlps[L]).flatten()[inst]
-        torch.testing.assert_close(res.get("direct_effect", "layer_delta")[f], want_delta.cpu(),
-                                   atol=1e-9, rtol=0)
-        torch.testing.assert_close(res.get("direct_effect", "delta")[f].sum(-1), want_delta.cpu(),
-                                   atol=1e-9, rtol=0)
+        assert sorted(inst.tolist()) == list(range(tok.shape[0] * (tok.shape[1] - 1)))
+        want_delta = (layer_abl - de.mlps[L].cpu()).flatten()[inst]
+        torch.testing.assert_close(res.get("direct_effect", "layer_delta")[f], want_delta, atol=1e-9, rtol=0)
+        torch.testing.assert_close(res.get("direct_effect", "delta")[f].sum(-1), want_delta, atol=1e-9, rtol=0)
         torch.testing.assert_close(res.get("direct_effect", "clean")[f],
                                    de.neurons[L].flatten(1).T[inst].cpu(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(res.get("direct_effect", "layer_clean")[f],
+                                   de.mlps[L].flatten()[inst].cpu(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(res.get("direct_effect", "direct_effect")[f],
+                                   de.heads[layer, head].flatten()[inst].cpu(), atol=1e-12, rtol=0)
 
 
 def test_identity_resample_gives_zero_neuron_change(model64):
     row = tokens_for(model64, batch=1)
-    tok = row.repeat(3, 1)  # every row equal: the rolled batch is the batch itself
-    res = neurons.measure_neurons(model64, tok, some_heads(model64), top_percent=50, batch_size=3,
-                                  progress=False)
-    for sel in neurons.SELECTIONS:
-        # zero to rounding (the stacked ablated pass batches rows differently from the clean one)
-        assert res.get(sel, "delta").abs().max() < 1e-12
-        assert res.get(sel, "layer_delta").abs().max() < 1e-12
-        assert res.get(sel, "self_repair").abs().max() < 1e-9
+    tensor = row.repeat(3, 1)  # every row equal: the rolled rows are the rows themselves
+    rows = tokens_for(model64, batch=3, seed=1)
+    own = TokenSet.from_tensor(rows, corrupt_tokens=rows)  # a token set whose sources are itself
+    for data in (tensor, own):
+        res = nr.measure_neurons(model64, data, some_heads(model64), top_percent=50, batch_size=3,
+                                 progress=False)
+        for sel in nr.SELECTIONS:
+            # zero to rounding (the stacked ablated pass batches rows differently from the clean one)
+            assert res.get(sel, "delta").abs().max() < 1e-12
+            assert res.get(sel, "layer_delta").abs().max() < 1e-12
+            assert res.get(sel, "self_repair").abs().max() < 1e-9
+            assert res.get(sel, "clean").abs().max() > 0
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
-def test_streamed_top_k_is_exact_and_batch_independent(family):
+def test_token_set_sources_are_used_and_a_tensor_equals_its_token_set():
+    m = load_model("tiny-llama", dtype="float64")
+    tok, other = tokens_for(m, batch=4), tokens_for(m, batch=4, seed=5)
+    heads = [(0, 2), (1, 1)]
+    kw = dict(top_percent=100, batch_size=2, progress=False)
+    a = nr.measure_neurons(m, tok, heads, **kw)
+    b = nr.measure_neurons(m, TokenSet.from_tensor(tok), heads, **kw)
+    assert all(torch.equal(a.data[k], b.data[k]) for k in a.data)
+    c = nr.measure_neurons(m, TokenSet.from_tensor(tok, corrupt_tokens=other), heads, **kw)
+    torch.testing.assert_close(c.corrupt_tokens, other)
+    dm = clean_batch(m, tok).readout.write_dir(m, "mlp", 1)
+    clean_layer = (capture(m.hf, "llama", tok)["mlp"][1][:, :-1] * dm).sum(-1)
+    for f, (layer, head) in enumerate(heads):
+        want = (reference_layer_de(m, tok, other, layer, head, 1, dm) - clean_layer).flatten()
+        inst = c.get("mlp_repair", "instance")[f]
+        torch.testing.assert_close(c.get("mlp_repair", "layer_delta")[f], want[inst], atol=1e-9, rtol=0)
+
+
+def test_resample_sources_must_match_the_rows():
+    m = load_model("tiny-llama")
+    tok = tokens_for(m, batch=4)
+    for bad in (tok[:1], tok[:, :5]):  # one source row would silently broadcast over every row
+        with pytest.raises(InputError, match="corrupt_tokens has shape"):
+            nr.measure_neurons(m, TokenSet.from_tensor(tok, corrupt_tokens=bad), [(0, 1)],
+                               batch_size=4, progress=False)
+    nr.measure_neurons(m, TokenSet.from_tensor(tok, corrupt_tokens=tok[:1]), [(0, 1)], ablation="zero",
+                       batch_size=4, progress=False)  # no sources read: nothing to match
+
+
+@pytest.mark.parametrize("family,ablation", [("gpt2", "resample"), ("gemma3", "mean"),
+                                             ("gpt_neox", "zero")])
+def test_streamed_top_k_equals_the_full_computation(family, ablation):
     m = load_model("tiny-" + family, dtype="float64")
     tok = tokens_for(m, batch=6, seq=9)
-    heads = [(0, 0), (1, 2)]
-    a = neurons.measure_neurons(m, tok, heads, ablation="zero", top_percent=20, batch_size=2,
-                                progress=False)
-    b = neurons.measure_neurons(m, tok, heads, ablation="zero", top_percent=20, batch_size=6,
-                                progress=False)
-    clean = run(m, tok, read=("z", "attn", "mlp"), read_embed=True)
-    de = direct_effects(m, tok, clean, readout(m, tok, clean)).heads
-    k = math.ceil(0.2 * tok.shape[0] * (tok.shape[1] - 1))
-    for f, (l, h) in enumerate(heads):
-        want = top_percent_mask(de[l, h], 20).flatten().nonzero().flatten()
-        for res in (a, b):
-            inst = res.get("direct_effect", "instance")[f]
-            assert len(inst) == k
-            assert sorted(inst.tolist()) == sorted(want.tolist())
-        for sel in neurons.SELECTIONS:
-            order_a = a.get(sel, "instance")[f].argsort()
-            order_b = b.get(sel, "instance")[f].argsort()
-            torch.testing.assert_close(a.get(sel, "delta")[f][order_a], b.get(sel, "delta")[f][order_b])
+    heads = some_heads(m)
+    full = nr.measure_neurons(m, tok, heads, ablation=ablation, top_percent=100, batch_size=6,
+                              progress=False)
+    k = top_k(tok.shape[0] * (tok.shape[1] - 1), 20)
+    de = direct_effects(m, tok, (b := clean_batch(m, tok)).clean, b.readout).heads
+    for bs in (2, 6):
+        res = nr.measure_neurons(m, tok, heads, ablation=ablation, top_percent=20, batch_size=bs,
+                                 progress=False)
+        assert res.meta["k"] == k and not res.meta["capped"]
+        for f, (l, h) in enumerate(heads):
+            want = top_percent_mask(de[l, h], 20).flatten().nonzero().flatten()
+            assert sorted(res.get("direct_effect", "instance")[f].tolist()) == sorted(want.tolist())
+            for sel in nr.SELECTIONS:
+                # the streamed top-k of each selection = the top-k of the full per-token values
+                order = full.get(sel, SCORE[sel])[f].argsort(descending=True)[:k]
+                want_inst = full.get(sel, "instance")[f][order]
+                inst = res.get(sel, "instance")[f]
+                assert sorted(inst.tolist()) == sorted(want_inst.tolist()), (sel, bs)
+                pos = {int(i): j for j, i in enumerate(full.get(sel, "instance")[f])}
+                at = torch.tensor([pos[int(i)] for i in inst])
+                for name in ("delta", "clean", "self_repair", "layer_delta"):
+                    torch.testing.assert_close(res.get(sel, name)[f], full.get(sel, name)[f][at],
+                                               atol=1e-10, rtol=0)
 
 
 def test_other_neuron_layer():
     m = load_model("tiny-gpt2", dtype="float64")  # sequential: layer 0's MLP is downstream of L0 heads
     tok = tokens_for(m)
-    res = neurons.measure_neurons(m, tok, [(0, 1)], neuron_layer=0, top_percent=100,
-                                  batch_size=len(tok), progress=False)
-    clean = run(m, tok, read=("z", "attn", "mlp", "neurons"), read_embed=True,
-                read_layers={"neurons": [0]})
-    de = direct_effects(m, tok, clean, readout(m, tok, clean), neuron_layers=(0,))
+    res = nr.measure_neurons(m, tok, [(0, 1)], neuron_layer=0, top_percent=100,
+                             batch_size=len(tok), progress=False)
+    assert res.neuron_layer == 0
+    neg = nr.measure_neurons(m, tok, [(0, 1)], neuron_layer=-2, top_percent=100,
+                             batch_size=len(tok), progress=False)
+    assert neg.neuron_layer == 0 and all(torch.equal(res.data[k], neg.data[k]) for k in res.data)
+    b = clean_batch(m, tok, neuron_layers=(0,))
+    de = direct_effects(m, tok, b.clean, b.readout, neuron_layers=(0,))
     inst = res.get("direct_effect", "instance")[0]
     torch.testing.assert_close(res.get("direct_effect", "clean")[0], de.neurons[0].flatten(1).T[inst])
     torch.testing.assert_close(res.get("direct_effect", "layer_clean")[0], de.mlps[0].flatten()[inst])
-    ro = readout(m, tok, clean)
-    corrupt_z = run(m, default_corrupt_tokens(tok), read=("z",)).reads["z"]
-    p = run(m, tok, read=("mlp",), read_layers={"mlp": [0]},
-            edits={("z", 0): lambda z: patch_heads(m, z, [1], corrupt_z[0], len(tok))})
-    layer_abl = (m.acc(p.reads["mlp"][0][:, :-1]) * ro.write_dir(m, "mlp", 0)).sum(-1)
+    layer_abl = reference_layer_de(m, tok, torch.roll(tok, 1, 0), 0, 1, 0, b.readout.write_dir(m, "mlp", 0))
     torch.testing.assert_close(res.get("direct_effect", "layer_delta")[0],
-                               (layer_abl - de.mlps[0]).flatten()[inst])
+                               (layer_abl - de.mlps[0]).flatten()[inst], atol=1e-9, rtol=0)
+    for bad in (2, -3):
+        with pytest.raises(InputError, match="out of range"):
+            nr.measure_neurons(m, tok, [(0, 1)], neuron_layer=bad, progress=False)
 
 
-def test_heads_must_be_upstream_and_featured_heads_respect_it():
+def test_heads_must_be_upstream():
     m = load_model("tiny-gpt_neox")  # parallel residual: last-layer heads do not feed the last MLP
     assert m.parallel_residual
-    with pytest.raises(InputError, match="not upstream"):
-        neurons.measure_neurons(m, tokens_for(m), [(1, 0)], progress=False)
-    per_head = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
-                             "self_repair": [0.1, 0.3, 0.9, 0.8]})
-    assert neurons.featured_heads(per_head, m, n=2) == [(0, 1), (0, 0)]
+    with pytest.raises(InputError, match="not upstream") as e:
+        nr.measure_neurons(m, tokens_for(m), [(0, 0), (1, 0)], progress=False)
+    assert "L1H0" in str(e.value) and "L0H0" not in str(e.value)
+    assert [nr.upstream(m, l, 1) for l in (0, 1)] == [True, False]
     seq = load_model("tiny-llama")
-    assert neurons.featured_heads(per_head, seq, n=2) == [(1, 0), (1, 1)]
-
-
-@pytest.fixture(scope="module")
-def result():
-    m = load_model("tiny-gemma3", dtype="float64")
-    return neurons.measure_neurons(m, tokens_for(m, batch=8, seq=12), [(0, 0), (0, 2), (1, 1)],
-                                   top_percent=25, batch_size=4, progress=False)
-
-
-def test_frames(result):
-    d_mlp, k = result.meta["d_mlp"], result.meta["k"]
-    inst = neurons.instances(result, "mlp_repair")
-    assert len(inst) == 3 * k and set(inst["label"]) == {"L0H0", "L0H2", "L1H1"}
-    delta = inst["neuron_ablated_de"] - inst["neuron_clean_de"]
-    top = result.get("mlp_repair", "delta").max(-1).values.flatten().numpy()
-    assert (abs(delta.to_numpy() - top) < 1e-9).all()
-
-    sp = neurons.sparsity(result)
-    nth = sp[sp["kind"] == "nth"].pivot_table(index=["label", "percent"], columns="rank", values="share")
-    assert (nth.diff(axis=1).fillna(0) <= 1e-12).all().all()  # the N-th neuron repairs less as N grows
-    by_pct = sp.pivot_table(index=["label", "kind", "rank"], columns="percent", values="share")
-    assert (by_pct.diff(axis=1).fillna(0) <= 1e-12).all().all()  # a larger bar is met less often
-
-    cum = neurons.cumulative(result)
-    for _, g in cum.groupby("label"):
-        assert g["cumulative_share"].is_monotonic_increasing
-        assert g["rank"].iloc[-1] == d_mlp and abs(g["cumulative_share"].iloc[-1] - 1) < 1e-9
-    n50 = neurons.neurons_for_share(result, 0.5)
-    for f, n in enumerate(n50):
-        absd = result.get("direct_effect", "delta")[f].abs().sum(0).sort(descending=True).values
-        assert absd[:n].sum() >= 0.5 * absd.sum() - 1e-12 > absd[:n - 1].sum()
-
-    freq = neurons.top_frequency(result, top=10, keep=d_mlp)
-    assert all(abs(g["frequency"].sum() - 10) < 1e-9 for _, g in freq.groupby("label"))
-
-    s = neurons.summary(result)
-    assert list(s["label"]) == ["L0H0", "L0H2", "L1H1"]
-    for col in ("erasure_top", "negative_baseline", "erasure_repair_share", "layer_positive",
-                "fig7_anti_erasure", "max_top_frequency"):
-        assert s[col].between(0, 1).all(), col
-    text = neurons.on_this_model(result, s)
-    assert "L1H1" in text and "16%" in text and f"{d_mlp} neurons" in text
-
-
-def test_neuron_sweep_is_cached(tmp_path):
-    cfg = RunConfig.from_params(model="tiny-llama", dataset="tiny", n_tokens=256, seq_len=32,
-                                batch_size=4, top_percent=10, cache_dir=str(tmp_path),
-                                featured_heads=["L1H0", "L0H3"])
-    a = neurons.neuron_sweep(cfg, progress=False)
-    files = list(tmp_path.rglob("neurons-*.safetensors"))
-    assert len(files) == 1
-    b = neurons.neuron_sweep(cfg, progress=False)
-    assert a.heads == b.heads == [(0, 3), (1, 0)]
-    assert all(torch.equal(a.data[key], b.data[key]) for key in a.data)
+    assert [nr.upstream(seq, l, 1) for l in (0, 1)] == [True, True]
+    assert not nr.upstream(seq, 1, 0)
+    with pytest.raises(InputError, match="no heads"):
+        nr.measure_neurons(seq, tokens_for(seq), [], progress=False)
 
 
 def test_instances_are_capped_and_said_so():
     m = load_model("tiny-gpt2")
-    res = neurons.measure_neurons(m, tokens_for(m, batch=4, seq=10), [(0, 0)], top_percent=50,
-                                  batch_size=4, max_instances=5, progress=False)
-    assert res.get("direct_effect", "instance").shape == (1, 5) and res.meta["capped"]
-    assert "capped by max_instances" in neurons.on_this_model(res)
+    tok = tokens_for(m, batch=4, seq=10)
+    kept = {}
+    for cap in (5, 2048):
+        res = nr.measure_neurons(m, tok, [(0, 0)], top_percent=50, batch_size=4, max_instances=cap,
+                                 progress=False)
+        kept[cap] = res
+        heads = pd.DataFrame([{"figure": f, "label": "L0H0", "layer": 0, "head": 0, "reason": "", "stands_for": ""}
+                              for f in ("Fig 7, §4.2.2", "Fig 8, App. C")])
+        ch = cn.NeuronsChapter(res, nr.summary(res), heads, "L0H0", ["L0H0"], [], dict(res.meta))
+        ch.verdicts = cn.verdicts(ch)
+        assert res.meta["capped"] == (cap == 5)
+        assert ("capped by max_instances" in cn.on_this_model(ch)) == (cap == 5)
+    assert kept[5].get("direct_effect", "instance").shape == (1, 5)
+    assert kept[2048].get("direct_effect", "instance").shape == (1, top_k(36, 50))
+    # the capped run keeps the highest of the uncapped run's instances
+    full = kept[2048]
+    for sel in nr.SELECTIONS:
+        score = full.get(sel, SCORE[sel])[0]
+        want = full.get(sel, "instance")[0][score.argsort(descending=True)[:5]]
+        assert sorted(kept[5].get(sel, "instance")[0].tolist()) == sorted(want.tolist())
+
+
+# -- tidy frames -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def result():
+    m = load_model("tiny-gemma3", dtype="float64")
+    return nr.measure_neurons(m, tokens_for(m, batch=8, seq=12), [(0, 0), (0, 2), (1, 1)],
+                              top_percent=25, batch_size=4, progress=False)
+
+
+def test_frames(result):
+    d_mlp, k = result.meta["d_mlp"], result.meta["k"]
+    inst = nr.instances(result, "mlp_repair")
+    assert len(inst) == 3 * k and set(inst["label"]) == {"L0H0", "L0H2", "L1H1"}
+    delta = inst["neuron_ablated_de"] - inst["neuron_clean_de"]
+    top = result.get("mlp_repair", "delta").max(-1).values.flatten().numpy()
+    assert (abs(delta.to_numpy() - top) < 1e-9).all()
+    seq1 = result.meta["seq_len"] - 1
+    assert (inst["row"] * seq1 + inst["pos"] == result.get("mlp_repair", "instance").flatten().numpy()).all()
+
+    sp = nr.sparsity(result)
+    nth = sp[sp["kind"] == "nth"].pivot_table(index=["label", "percent"], columns="rank", values="share")
+    assert (nth.diff(axis=1).fillna(0) <= 1e-12).all().all()  # the N-th neuron repairs less as N grows
+    by_pct = sp.pivot_table(index=["label", "kind", "rank"], columns="percent", values="share")
+    assert (by_pct.diff(axis=1).fillna(0) <= 1e-12).all().all()  # a larger bar is met less often
+    for f, (l, h) in enumerate(result.heads):  # one cell recomputed by hand
+        de, d = result.get("direct_effect", "direct_effect")[f], result.get("direct_effect", "delta")[f]
+        keep = de > 0
+        top3 = d[keep].sort(-1, descending=True).values[:, :3].sum(-1) / de[keep]
+        row = sp[(sp["label"] == head_label(l, h)) & (sp["kind"] == "top_n") & (sp["rank"] == 3)
+                 & (sp["percent"] == 5)]
+        assert abs(float(row["share"].iloc[0]) - float((top3 >= 0.05).double().mean())) < 1e-12
+
+    cum = nr.cumulative(result)
+    for _, g in cum.groupby("label"):
+        assert g["cumulative_share"].is_monotonic_increasing
+        assert g["rank"].iloc[-1] == d_mlp and abs(g["cumulative_share"].iloc[-1] - 1) < 1e-9
+    n50 = nr.neurons_for_share(result, 0.5)
+    for f, n in enumerate(n50):
+        absd = result.get("direct_effect", "delta")[f].abs().sum(0).sort(descending=True).values
+        assert absd[:n].sum() >= 0.5 * absd.sum() - 1e-12 > absd[:n - 1].sum()
+
+    freq = nr.top_frequency(result, top=10, keep=d_mlp)
+    assert all(abs(g["frequency"].sum() - 10) < 1e-9 for _, g in freq.groupby("label"))
+
+    s = nr.summary(result)
+    assert list(s["label"]) == ["L0H0", "L0H2", "L1H1"]
+    for col in ("erasure_top", "negative_baseline", "erasure_repair_share", "layer_positive",
+                "fig7_anti_erasure", "max_top_frequency"):
+        assert s[col].between(0, 1).all(), col
+    assert list(s["neurons_50"]) == n50 and (s["d_mlp"] == d_mlp).all()
+
+
+# -- the chapter: head choice by the paper's criterion ------------------------------------------
+def per_head_frame(n_layers, n_heads, whole, top=None):
+    """A frame with the columns of :meth:`selfrepair.sweep.Sweep.per_head`: ``whole`` (``[layer,
+    head]``) is the whole-set mean DE (``direct_effect_all``), ``top`` the top-k% mean."""
+    rng = np.random.default_rng(1)
+    whole = np.asarray(whole, float)
+    top = rng.normal(size=whole.shape) if top is None else np.asarray(top, float)
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    df = pd.DataFrame({"layer": layer.flatten(), "head": head.flatten()})
+    df.insert(2, "label", [head_label(l, h) for l, h in zip(df["layer"], df["head"])])
+    df["n_top"], df["n_all"] = 7, 300
+    for q in COLUMNS:
+        df[q] = rng.normal(size=len(df))
+        df[f"{q}_all"] = rng.normal(size=len(df))
+    df["direct_effect"], df["direct_effect_all"] = top.flatten(), whole.flatten()
+    df["delta_direct_effect"] = df["ablated_direct_effect"] - df["direct_effect"]
+    df["delta_direct_effect_all"] = df["ablated_direct_effect_all"] - df["direct_effect_all"]
+    return df
+
+
+def expected_choice(per_head, n_layers, parallel, n_featured):
+    """The paper's criterion written out: the last layer feeding the final MLP is n-2 in a
+    parallel-residual model (its last layer's heads are read by no MLP), n-1 in a sequential one."""
+    last_up = n_layers - 2 if parallel else n_layers - 1
+    up = per_head[per_head["layer"] <= last_up].sort_values(["direct_effect_all", "layer", "head"],
+                                                            ascending=[False, True, True])
+    return up[up["layer"] == last_up]["label"].iloc[0], list(up["label"].iloc[:n_featured])
+
+
+def config(model="tiny-gpt_neox", **kw):
+    return cn.Config.from_params(model=model, dataset="tiny", **kw)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_choose_follows_the_papers_criterion_on_tiny_models(family):
+    m = load_model("tiny-" + family)
+    assert m.parallel_residual == (family == "gpt_neox")
+    # whole-set means rank heads one way, top-k% means the opposite: only the former may decide
+    whole = [[0.1, 0.5, 0.3, 0.2], [0.9, 0.05, 0.7, 0.4]]
+    top = [[0.9, 0.1, 0.2, 0.3], [0.1, 2.0, 0.2, 0.3]]
+    ph = per_head_frame(2, 4, whole, top)
+    ch = cn.choose(config("tiny-" + family, n_featured=3), ph, m)
+    f7, f8 = ch[ch["figure"] == "Fig 7, §4.2.2"], ch[ch["figure"] == "Fig 8, App. C"]
+    want7, want8 = expected_choice(ph, 2, m.parallel_residual, 3)
+    assert list(f7["label"]) == [want7] and list(f8["label"]) == want8
+    # spelled out: parallel -> layer 0 only; sequential -> the last layer's heads count too
+    if m.parallel_residual:
+        assert nr.last_upstream_layer(m) == 0 and want7 == "L0H1" and want8 == ["L0H1", "L0H2", "L0H3"]
+    else:
+        assert nr.last_upstream_layer(m) == 1 and want7 == "L1H0" and want8 == ["L1H0", "L1H2", "L0H1"]
+    # the frame reports the whole-set mean each choice rests on, and why
+    by = ph.set_index("label")["direct_effect_all"]
+    np.testing.assert_allclose(ch["direct_effect"], by[ch["label"]].to_numpy())
+    assert (f7["reason"] == cn.FIG7_RULE).all() and (f8["reason"] == cn.FIG8_RULE).all()
+    assert list(f7["stands_for"]) == [cn.PAPER_FIG7]
+    assert list(f8["stands_for"]) == list(cn.PAPER_FIG8) + [""] * (3 - len(cn.PAPER_FIG8))
+
+
+@pytest.mark.parametrize("n_layers,parallel", [(6, True), (6, False), (3, True)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_choose_on_random_frames_of_deeper_models(n_layers, parallel, seed):
+    rng = np.random.default_rng(seed)
+    model = SimpleNamespace(n_layers=n_layers, parallel_residual=parallel, name="stand-in")
+    whole = rng.normal(size=(n_layers, 5))
+    ph = per_head_frame(n_layers, 5, whole)
+    n = int(rng.integers(1, 8))
+    ch = cn.choose(config(n_featured=n), ph, model)
+    want7, want8 = expected_choice(ph, n_layers, parallel, n)
+    assert list(ch[ch["figure"] == "Fig 7, §4.2.2"]["label"]) == [want7]
+    assert list(ch[ch["figure"] == "Fig 8, App. C"]["label"]) == want8
+    assert nr.last_upstream_layer(model) == (n_layers - 2 if parallel else n_layers - 1)
+
+
+def test_choose_breaks_ties_by_layer_then_head():
+    m = load_model("tiny-gpt2")
+    ph = per_head_frame(2, 4, [[0.5, 0.2, 0.5, 0.1], [0.3, 0.5, 0.1, 0.5]])
+    ch = cn.choose(config("tiny-gpt2", n_featured=3), ph, m)
+    assert list(ch["label"]) == ["L1H1", "L0H0", "L0H2", "L1H1"]
+
+
+def test_pinned_heads_are_used_as_given():
+    m = load_model("tiny-gpt_neox")
+    ph = per_head_frame(2, 4, [[0.1, 0.5, 0.3, 0.2], [0.9, 0.05, 0.7, 0.4]])
+    by = ph.set_index("label")["direct_effect_all"]
+    both = cn.choose(config(fig7_head="L0H3", featured_heads=["L0H2", "L0H0"]), ph, m)
+    assert list(both["label"]) == ["L0H3", "L0H2", "L0H0"]  # in the given order, not by DE
+    assert (both["reason"] == "pinned by the parameters").all() and (both["stands_for"] == "").all()
+    np.testing.assert_allclose(both["direct_effect"], by[both["label"]].to_numpy())
+    # pinning one figure leaves the other to the criterion
+    one = cn.choose(config(fig7_head="L0H0", n_featured=2), ph, m)
+    assert list(one["label"]) == ["L0H0", "L0H1", "L0H2"]
+    assert list(one["reason"]) == ["pinned by the parameters", cn.FIG8_RULE, cn.FIG8_RULE]
+    other = cn.choose(config(featured_heads=["L0H0"]), ph, m)
+    assert list(other["label"]) == ["L0H1", "L0H0"]
+    assert list(other["reason"]) == [cn.FIG7_RULE, "pinned by the parameters"]
+    with pytest.raises(InputError, match="L7H0"):
+        cn.choose(config(fig7_head="L7H0"), ph, m)
+
+
+def test_measure_uses_pinned_heads_without_a_sweep_and_is_cached(tmp_path):
+    cfg = config("tiny-llama", n_tokens=256, seq_len=32, batch_size=4, top_percent=10,
+                 cache_dir=str(tmp_path), fig7_head="L1H0", featured_heads=["L0H3", "L1H0"])
+    a = cn.measure(cfg, progress=False)
+    files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert len(files) == 1 and files[0].startswith("neurons-")  # no sweep: nothing was chosen
+    assert a.fig7 == "L1H0" and a.fig8 == ["L0H3", "L1H0"]
+    assert list(a.heads["label"]) == ["L1H0", "L0H3", "L1H0"]
+    assert (a.heads["reason"] == "pinned by the parameters").all()
+    assert a.result.heads == [(0, 3), (1, 0)]
+    b = cn.measure(cfg, progress=False)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1
+    assert b.result.heads == a.result.heads
+    assert all(torch.equal(a.result.data[key], b.result.data[key]) for key in a.result.data)
+    assert torch.equal(a.result.tokens, b.result.tokens)
+    # the chapter measured its own token set, with that set's resample sources
+    data = open_tokens(cfg, open_model(cfg), progress=False)
+    assert torch.equal(a.result.tokens, data.tokens)
+    assert torch.equal(a.result.corrupt_tokens, data.corrupt_tokens)
+
+
+# -- the chapter: pre-flight checks --------------------------------------------------------------
+def test_check_model_rejects_pinned_heads_not_upstream_of_the_last_mlp(tmp_path):
+    neox, gpt2 = load_model("tiny-gpt_neox"), load_model("tiny-gpt2")
+    cfg = config(fig7_head="L1H0", featured_heads=["L0H1", "L1H2"])
+    with pytest.raises(InputError, match="not upstream") as e:
+        cn.check_model(cfg, neox)
+    msg = str(e.value)
+    assert "L1H0" in msg and "L1H2" in msg and "L0H1" not in msg
+    cn.check_model(config(fig7_head="L0H0", featured_heads=["L0H1", "L0H2"]), neox)  # all upstream
+    cn.check_model(config("tiny-gpt2", fig7_head="L1H0", featured_heads=["L0H1", "L1H2"]), gpt2)
+    with pytest.raises(InputError, match="L1H3"):
+        cn.check_model(config(featured_heads=["L1H3"]), neox)
+    # the chapter's measure runs the check before any forward pass
+    with pytest.raises(InputError, match="L1H0"):
+        cn.measure(config(fig7_head="L1H0", featured_heads=["L0H1"], n_tokens=256, seq_len=32,
+                          cache_dir=str(tmp_path)), progress=False)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+# -- the chapter: verdicts recomputed from the raw tensors -----------------------------------------
+@pytest.fixture(scope="module")
+def chapter(tmp_path_factory):
+    cfg = config("tiny-gpt_neox", dtype="float64", n_tokens=512, seq_len=32, batch_size=8,
+                 top_percent=10, cache_dir=str(tmp_path_factory.mktemp("neurons")))
+    return cfg, cn.measure(cfg, progress=False)
+
+
+def test_chapter_heads_follow_the_sweep(chapter):
+    cfg, ch = chapter
+    m = open_model(cfg)
+    ph = head_sweep(cfg, cfg.ablation, progress=False).per_head()
+    want7, want8 = expected_choice(ph, m.n_layers, m.parallel_residual, cfg.n_featured)
+    assert ch.fig7 == want7 and ch.fig8 == want8
+    assert sorted(ch.result.heads) == sorted({(int(l), int(h)) for l, h in zip(ch.heads["layer"], ch.heads["head"])})
+
+
+@pytest.fixture(scope="module")
+def mixed(chapter):
+    """The Fig 7 head pinned to the layer-0 head of least whole-set DE (so it is not a Fig 8 head:
+    the Fig 8 claims must read the Fig 8 heads only); the Fig 8 heads still chosen."""
+    cfg, _ = chapter
+    ph = head_sweep(cfg, cfg.ablation, progress=False).per_head()
+    low = ph[ph["layer"] == 0].sort_values("direct_effect_all")["label"].iloc[0]
+    cfg = cn.Config.from_params(**{**cfg.as_dict(), "fig7_head": low})
+    return cfg, cn.measure(cfg, progress=False)
+
+
+def test_mixed_pinning(chapter, mixed):
+    (_, auto), (cfg, ch) = chapter, mixed
+    assert ch.fig7 == cfg.fig7_head and ch.fig7 not in ch.fig8 and ch.fig8 == auto.fig8
+    assert list(ch.heads["reason"]) == ["pinned by the parameters"] + [cn.FIG8_RULE] * len(ch.fig8)
+    assert len(ch.result.heads) == len(ch.fig8) + 1
+
+
+@pytest.mark.parametrize("which", ["chapter", "mixed"])
+def test_verdicts_recomputed_independently(which, request):
+    _, ch = request.getfixturevalue(which)
+    res, v = ch.result, {x.claim.key: x for x in ch.verdicts}
+    assert set(v) == {c.key for c in (cn.FIG7, cn.SPARSE, cn.ERASURE, cn.VARIES)}
+    idx = {head_label(*h): i for i, h in enumerate(res.heads)}
+    i7 = idx[ch.fig7]
+
+    # FIG7: on the Fig 7 head's mlp_repair tokens, the top repairing neuron is an erasure neuron
+    # (negative clean DE) whose DE rises under the ablation
+    clean, delta = res.get("mlp_repair", "clean")[i7], res.get("mlp_repair", "delta")[i7]
+    top = delta.argmax(-1)
+    at = torch.arange(len(top))
+    want = float(((clean[at, top] < 0) & (delta[at, top] > 0)).double().mean())
+    assert v["anti_erasure"].value == pytest.approx(want, abs=1e-12)
+    f7 = nr.instances(res, "mlp_repair")
+    f7 = f7[f7["label"] == ch.fig7]
+    assert v["anti_erasure"].value == pytest.approx(
+        float(((f7["neuron_clean_de"] < 0) & (f7["neuron_ablated_de"] > f7["neuron_clean_de"])).mean()))
+    # the mlp_repair tokens are those where the whole layer repairs most
+    full = res.get("mlp_repair", "layer_delta")[i7]
+    assert torch.allclose(delta.sum(-1), full, atol=1e-9)
+
+    # SPARSE: median over the Fig 8 heads of the share of top-k% tokens (with DE > 0) on which
+    # the single top repairing neuron repairs at least 10% of the head's DE
+    shares = []
+    for label in ch.fig8:
+        de, d = (res.get("direct_effect", q)[idx[label]] for q in ("direct_effect", "delta"))
+        keep = de > 0
+        shares.append(float((d[keep].max(-1).values >= 0.1 * de[keep]).double().mean()))
+    assert v["sparse"].value == pytest.approx(float(np.median(shares)), abs=1e-12)
+    assert v["sparse"].n == len(ch.fig8)
+
+    # ERASURE: top-10 repairing neurons with negative clean DE, minus all neurons with one
+    diffs = []
+    for label in ch.fig8:
+        c, d = (res.get("direct_effect", q)[idx[label]] for q in ("clean", "delta"))
+        vals, ids = d.topk(10, -1)
+        rep = vals > 0
+        neg = torch.gather(c, 1, ids) < 0
+        diffs.append(float((neg & rep).sum() / rep.sum()) - float((c < 0).double().mean()))
+    assert v["erasure"].value == pytest.approx(float(np.median(diffs)), abs=1e-12)
+
+    # VARIES: the largest share of the Fig 7 head's most self-repaired tokens on which one neuron
+    # is among the top-10 repairing neurons
+    d = res.get("self_repair", "delta")[i7]
+    counts = np.zeros(d.shape[-1])
+    for row in d:
+        for n in row.topk(10).indices.tolist():
+            counts[n] += 1
+    assert v["varies"].value == pytest.approx(counts.max() / len(d), abs=1e-12)
+    # and those tokens are the head's most self-repaired ones among everything measured
+    sr = res.get("self_repair", "self_repair")[i7]
+    others = res.get("direct_effect", "self_repair")[i7]
+    assert float(sr.min()) >= float(others.sort(descending=True).values[len(sr) - 1]) - 1e-12
+    for x in ch.verdicts:
+        assert x.holds == x.claim.rule(x.value)

@@ -2,9 +2,11 @@
 docs/DEVELOPING.md and runs under papermill on the ``tiny`` profile.
 
 Structure: exactly one ``parameters`` cell of literal assignments with a trailing comment each,
-naming every ``RunConfig`` field; the next code cell builds ``cfg = RunConfig.from_params(...)``;
-``started = time.time()`` early; no ``def``/``class``/loops (comprehensions included) in code
-cells; committed without outputs; the last code cell calls ``provenance``.
+naming exactly the fields of the chapter's config (``selfrepair.chapters.<chapter>.Config``: what
+that chapter uses, nothing "unused here"); the next code cell builds
+``cfg = chapter.Config.from_params(...)`` passing every parameter by name; ``started =
+time.time()`` early; no ``def``/``class``/loops (comprehensions included) in code cells; committed
+without outputs; the last code cell calls ``provenance``.
 
 Execution (the session fixture ``executed_book`` in conftest.py runs them all once): no error,
 at least one chart per chapter, every chart spec valid against
@@ -18,17 +20,15 @@ import io
 import json
 import re
 import tokenize
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from selfrepair.config import RunConfig
+from selfrepair.chapters import CHAPTERS, chapter_module
 from selfrepair.figures import MAX_ROWS, charts_in_notebook, data_rows, validate_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
-CONFIG_FIELDS = {f.name for f in fields(RunConfig)} - {"extra"}
 NO_CHART_OK: set[str] = set()  # every chapter draws at least one chart
 LOOPS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.For, ast.AsyncFor, ast.While,
          ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda)
@@ -55,6 +55,12 @@ def _python(source: str) -> str:
 
 def test_there_are_notebooks():
     assert (ROOT / "book" / "00_introduction.ipynb") in NOTEBOOKS
+    assert sorted(nb.stem[:2] for nb in NOTEBOOKS) == sorted(CHAPTERS), "a notebook without a chapter module"
+
+
+def _parameter_names(path: Path) -> list[str]:
+    cell = next(c for c in _cells(path) if "parameters" in c.get("metadata", {}).get("tags", []))
+    return [stmt.targets[0].id for stmt in ast.parse(_source(cell)).body]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -78,8 +84,9 @@ def test_one_parameters_cell_of_commented_literals(path):
             pytest.fail(f"{path.name}: parameter {name} is not a literal")
         assert stmt.end_lineno in comments, f"{path.name}: parameter {name} needs a trailing comment"
         names.add(name)
-    missing = CONFIG_FIELDS - names
-    assert not missing, f"{path.name}: the parameters cell lacks RunConfig fields {sorted(missing)}"
+    want = set(chapter_module(path.stem).Config.field_names())
+    assert names == want, (f"{path.name}: the parameters cell must list exactly the chapter config's "
+                           f"fields; missing {sorted(want - names)}, not in the config {sorted(names - want)}")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -88,8 +95,15 @@ def test_config_cell_and_start_time(path):
     i = next(i for i, c in enumerate(code) if "parameters" in c.get("metadata", {}).get("tags", []))
     assert i + 1 < len(code), f"{path.name}: no code cell after the parameters cell"
     nxt = _python(_source(code[i + 1]))
-    assert re.search(r"^cfg\s*=\s*RunConfig\.from_params\(", nxt, re.M), \
-        f"{path.name}: the cell after the parameters builds `cfg = RunConfig.from_params(...)`"
+    assert re.search(r"^cfg\s*=\s*chapter\.Config\.from_params\(", nxt, re.M), \
+        f"{path.name}: the cell after the parameters builds `cfg = chapter.Config.from_params(...)`"
+    assert re.search(rf"^from selfrepair\.chapters import {CHAPTERS[path.stem[:2]]} as chapter$", nxt, re.M), \
+        f"{path.name}: import the chapter module as `chapter`"
+    call = next(n for n in ast.walk(ast.parse(nxt)) if isinstance(n, ast.Call)
+                and getattr(n.func, "attr", "") == "from_params")
+    passed = {k.arg for k in call.keywords}
+    assert passed == set(_parameter_names(path)), \
+        f"{path.name}: from_params must receive every parameter; missing {set(_parameter_names(path)) - passed}"
     early = "\n".join(_source(c) for c in code[: i + 2])
     assert re.search(r"^started\s*=\s*time\.time\(\)", early, re.M), \
         f"{path.name}: set `started = time.time()` in or before the cfg cell"
@@ -146,4 +160,5 @@ def test_runs_on_tiny_profile(path, executed_book):
     prov = _provenance(nb)
     tiny = executed_book.params
     assert prov.get("param:model") == tiny["model"], f"provenance says {prov.get('param:model')!r}"
-    assert prov.get("param:n_tokens") == str(tiny["n_tokens"])
+    if "n_tokens" in chapter_module(path.stem).Config.field_names():
+        assert prov.get("param:n_tokens") == str(tiny["n_tokens"])

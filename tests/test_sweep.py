@@ -1,4 +1,5 @@
-"""The streamed sweep: equal to the per-token API, resumable after SIGKILL, checksummed cache."""
+"""The streamed sweep: equal to the per-token API, independent of the batch size, resumable after
+SIGKILL, SIGINT and SIGTERM, checksummed cache whose key ignores speed knobs."""
 
 import os
 import signal
@@ -11,11 +12,13 @@ import pytest
 import torch
 
 from selfrepair import load_model
-from selfrepair.config import RunConfig
+from selfrepair.batch import TokenSet
+from selfrepair.chapters.existence import Config
 from selfrepair.direct_effect import top_percent_mask
-from selfrepair.experiment import cache_path, cache_params, head_sweep, open_model
-from selfrepair.results import CorruptResultError, load_tensors
+from selfrepair.experiment import head_sweep, open_model, open_tokens, sweep_spec
 from selfrepair.heads import self_repair
+from selfrepair.measure import Cache
+from selfrepair.results import CorruptResultError, load_tensors
 from selfrepair.sweep import Sweep, run_sweep
 
 
@@ -27,21 +30,48 @@ def rows(model, n=8, seq=12, seed=0):
 @pytest.mark.parametrize("ablation", ["resample", "mean", "zero"])
 def test_sweep_equals_self_repair_on_top_tokens(family, ablation):
     model = load_model("tiny-" + family)
-    tok = rows(model)
-    sweep = run_sweep(model, tok, ablation=ablation, batch_size=4, top_percent=10, progress=False)
-    batches = (tok[:4], tok[4:]) if ablation == "resample" else (tok,)  # resample pairs rows in a batch
-    parts = [self_repair(model, b, ablation=ablation, progress=False) for b in batches]
-    sr = torch.cat([p.self_repair for p in parts], 2)
-    de = torch.cat([p.direct_effect for p in parts], 2)
-    mask = top_percent_mask(de, 10)
-    want = (sr * mask).sum((2, 3)) / mask.sum((2, 3))
+    tok = rows(model, n=7)  # a last batch of one row: its source comes from the whole set
+    sweep = run_sweep(model, tok, ablation=ablation, batch_size=3, top_percent=10, progress=False)
+    r = self_repair(model, tok, ablation=ablation, progress=False)  # rows rolled by one, as the sweep
+    mask = top_percent_mask(r.direct_effect, 10)
+    want = (r.self_repair * mask).sum((2, 3)) / mask.sum((2, 3))
     got = torch.tensor(sweep.per_head()["self_repair"].to_numpy()).view(want.shape).float()
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
-    top = sweep.tokens("top")
+    top = sweep.tokens_frame("top")
     assert len(top) == mask.sum() and set(top.label) == {f"L{l}H{h}" for l in range(2) for h in range(4)}
     all_mean = torch.tensor(sweep.per_head()["delta_logit_all"].to_numpy()).view(want.shape).float()
-    torch.testing.assert_close(all_mean, torch.cat([p.delta_logit for p in parts], 2).mean((2, 3)).float(),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(all_mean, r.delta_logit.mean((2, 3)).float(), atol=1e-5, rtol=1e-4)
+    assert torch.equal(sweep.tokens, tok) and torch.equal(sweep.corrupt_tokens, torch.roll(tok, 1, 0))
+
+
+def test_sample_is_uniform_over_instances_and_the_same_for_every_head():
+    model = load_model("tiny-gpt2")
+    tok = rows(model, n=8, seq=12)
+    sweep = run_sweep(model, tok, ablation="zero", batch_size=4, sample_size=40, seed=2, progress=False)
+    sample = sweep.tokens_frame("sample")
+    per_head = sample.groupby("label")[["row", "pos"]].apply(lambda g: tuple(map(tuple, g.to_numpy())))
+    assert per_head.nunique() == 1 and len(per_head.iloc[0]) == 40  # the same 40 instances per head
+    r = self_repair(model, tok, ablation="zero", progress=False)
+    one = sample[sample["label"] == "L1H2"]
+    want = r.delta_logit[1, 2][one["row"].to_numpy(copy=True), one["pos"].to_numpy(copy=True)].numpy()
+    assert abs(one["delta_logit"].to_numpy() - want).max() < 1e-5
+
+
+def test_lone_last_row_equals_the_same_row_inside_a_full_batch():
+    """A last batch of one row is measured with the same resample source as in a full batch."""
+    model = load_model("tiny-gpt_neox")
+    tok = rows(model, n=5)
+    corrupt = torch.roll(tok, 2, 0)
+    lone = run_sweep(model, TokenSet.from_tensor(tok, corrupt), batch_size=2, top_percent=100,
+                     sample_size=0, progress=False)  # batches of 2, 2 and 1 row
+    full = run_sweep(model, TokenSet.from_tensor(tok, corrupt), batch_size=5, top_percent=100,
+                     sample_size=0, progress=False)
+    a, b = lone.tokens_frame("top"), full.tokens_frame("top")
+    last = a[a["row"] == 4].sort_values(["layer", "head", "pos"]).reset_index(drop=True)
+    want = b[b["row"] == 4].sort_values(["layer", "head", "pos"]).reset_index(drop=True)
+    assert len(last) == model.n_layers * model.n_heads * (tok.shape[1] - 1)
+    cols = ["direct_effect", "delta_logit", "self_repair", "from_norm"]
+    assert abs(last[cols].to_numpy() - want[cols].to_numpy()).max() < 1e-5
 
 
 def test_same_seed_gives_identical_results(tmp_path):
@@ -61,11 +91,15 @@ def _cli(out_dir):
     return [sys.executable, "-m", "selfrepair.cli", *CLI, "--out", str(out_dir)]
 
 
+def _config(out_dir, **kw):
+    return Config.from_params(**{**dict(model="tiny-gpt2", dataset="tiny", n_tokens=768, seq_len=16,
+                                        batch_size=2, top_percent=5, cache_dir=str(out_dir)), **kw})
+
+
 def _result_file(out_dir):
-    cfg = RunConfig.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=768, seq_len=16,
-                                batch_size=2, top_percent=5, cache_dir=str(out_dir))
-    return cache_path(cfg, "sweep-resample",
-                      cache_params(cfg, open_model(cfg), ablation="resample", kind="head_sweep"))
+    cfg = _config(out_dir)
+    model = open_model(cfg)
+    return Cache(cfg.cache_dir).path(sweep_spec(cfg), model, open_tokens(cfg, model))
 
 
 def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
@@ -75,7 +109,7 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline:  # wait for a few checkpoints, then kill mid-run
-            if partial.exists() and int(load_tensors(partial)[0]["next"]) >= 3:
+            if partial.exists() and int(load_tensors(partial)[0]["next_row"]) >= 6:
                 break  # load_tensors would raise if a checkpoint were ever half-written
             assert proc.poll() is None, "the sweep finished before it could be interrupted"
             time.sleep(0.02)
@@ -85,8 +119,8 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not out.exists() and partial.exists()
-    done_before = int(load_tensors(partial)[0]["next"])
-    assert 3 <= done_before < 24
+    done_before = int(load_tensors(partial)[0]["next_row"])
+    assert 6 <= done_before < 48
     resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert out.exists() and not partial.exists()
@@ -95,19 +129,50 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
     a, b = Sweep.load(out), Sweep.load(_result_file(tmp_path / "b"))
     for k, v in b.tensors().items():
         assert torch.equal(v, a.tensors()[k]), k
-    assert a.meta["params"] == b.meta["params"] and a.meta["seed"] == 0
+    assert a.meta["key"] == b.meta["key"] and a.meta["seed"] == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, sig):
+    out = _result_file(tmp_path / "a")
+    partial = out.with_name(out.name + ".partial")
+    proc = subprocess.Popen(_cli(tmp_path / "a"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            if partial.exists() and int(load_tensors(partial)[0]["next_row"]) >= 6:
+                break
+            assert proc.poll() is None, "the sweep finished before it could be interrupted"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err
+    assert "resume" in err and signal.Signals(sig).name in err
+    state, _ = load_tensors(partial)  # intact: it loads and passes its checksum
+    assert not out.exists() and 6 <= int(state["next_row"]) < 48
+    resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    fresh = subprocess.run(_cli(tmp_path / "b"), capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    a, b = Sweep.load(out), Sweep.load(_result_file(tmp_path / "b"))
+    for k, v in b.tensors().items():
+        assert torch.equal(v, a.tensors()[k]), k
 
 
 def test_truncated_cache_is_detected_and_recomputed(tmp_path):
-    cfg = RunConfig.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=256, seq_len=16,
-                                batch_size=4, top_percent=10, cache_dir=str(tmp_path))
+    cfg = _config(tmp_path, n_tokens=256, batch_size=4, top_percent=10)
     first = head_sweep(cfg, progress=False)
-    path = cache_path(cfg, "sweep-resample", cache_params(cfg, open_model(cfg), ablation="resample",
-                                                           kind="head_sweep"))
+    model = open_model(cfg)
+    path = Cache(cfg.cache_dir).path(sweep_spec(cfg), model, open_tokens(cfg, model))
     assert path.exists()
-    meta = Sweep.load(path).meta
-    for key in ("model", "dataset", "n_tokens", "seed", "version"):
-        assert key in meta["params"], key
+    key = Sweep.load(path).meta["key"]
+    assert {"model", "version", "dtype"} <= set(key["model"])
+    assert {"dataset", "corpus", "n_rows", "seq_len", "seed"} <= set(key["data"])
+    assert {"ablation", "top_percent", "sample_size", "seed"} <= set(key["spec"])
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptResultError):
@@ -118,13 +183,33 @@ def test_truncated_cache_is_detected_and_recomputed(tmp_path):
     assert Sweep.load(path).n_all == first.n_all
 
 
-def test_changed_parameters_change_the_cache_key(tmp_path):
-    base = dict(model="tiny-gpt2", dataset="tiny", n_tokens=256, seq_len=16, cache_dir=str(tmp_path))
-    a, b = RunConfig.from_params(**base), RunConfig.from_params(**base, seed=1)
-    m = open_model(a)
-    pa = cache_path(a, "sweep-resample", cache_params(a, m, ablation="resample"))
-    pb = cache_path(b, "sweep-resample", cache_params(b, m, ablation="resample"))
-    assert pa != pb and pa.parent == pb.parent
+def _path(cfg, ablation="resample"):
+    model = open_model(cfg)
+    return Cache(cfg.cache_dir).path(sweep_spec(cfg, ablation), model, open_tokens(cfg, model))
+
+
+def test_changed_parameters_change_the_cache_key_and_speed_knobs_do_not(tmp_path):
+    base = _path(_config(tmp_path))
+    for change in ({"seed": 1}, {"n_tokens": 1024}, {"seq_len": 32}, {"top_percent": 10},
+                   {"dataset": "embedded"}):
+        assert _path(_config(tmp_path, **change)) != base, change
+    assert _path(_config(tmp_path), "zero") != base
+    assert _path(_config(tmp_path, batch_size=7)) == base  # speed only
+    assert _path(_config(tmp_path, n_boot=50, featured_heads=["L1H1"])) == base  # chapter-1 extras
+    assert _path(_config(tmp_path, n_tokens=767)) == base  # the same whole rows
+
+
+def test_results_equal_whatever_the_batch_size(tmp_path):
+    a = head_sweep(_config(tmp_path / "a", n_tokens=256, batch_size=3), progress=False)
+    b = head_sweep(_config(tmp_path / "b", n_tokens=256, batch_size=16), progress=False)
+    torch.testing.assert_close(a.sum_all, b.sum_all, atol=1e-5, rtol=1e-5)
+    for kind in ("top", "sample"):  # the same tokens and values, whatever order the batches wrote them
+        fa, fb = (s.tokens_frame(kind).sort_values(["layer", "head", "row", "pos"]).reset_index(drop=True)
+                  for s in (a, b))
+        assert fa[["layer", "head", "row", "pos"]].equals(fb[["layer", "head", "row", "pos"]])
+        assert abs(fa["self_repair"] - fb["self_repair"]).max() < 1e-5
+    assert a.meta["key"] == b.meta["key"]
+    assert a.meta["run"]["batch_size"] == 3 and a.meta["run"]["world_size"] == 1
 
 
 def test_out_of_memory_retries_once_with_fewer_rows_then_explains(monkeypatch):
@@ -137,7 +222,7 @@ def test_out_of_memory_retries_once_with_fewer_rows_then_explains(monkeypatch):
     real, calls = sw.ablate_heads, []
 
     def flaky(*args, **kw):
-        calls.append(len(args[5]))
+        calls.append(len(args[2]))
         if len(calls) == 1:
             raise torch.OutOfMemoryError("simulated")
         return real(*args, **kw)

@@ -3,8 +3,9 @@
 A head's output is ``z_h @ W_O[h]``, so replacing the head's ``d_head`` slice ``z_h`` of the
 output projection's input replaces its output exactly (``b_O`` and the other heads untouched).
 
-- ``resample``: the same head's ``z_h`` on other tokens at the same positions (default: the
-  batch rolled by one, as the paper's code does);
+- ``resample``: the same head's ``z_h`` on other tokens at the same positions (a token set packed
+  from a corpus takes each row's source from another document, :mod:`selfrepair.data`; a bare
+  tensor of rows is rolled by one);
 - ``mean``: the mean of the head's clean ``z_h`` over batch and positions (the output is linear
   in ``z_h``, so this is the mean output);
 - ``zero``: zeros (the head writes nothing).
@@ -24,14 +25,6 @@ def check_ablation(ablation: str) -> str:
     if ablation not in ABLATIONS:
         raise InputError(f"unknown ablation {ablation!r}: use one of {', '.join(ABLATIONS)}")
     return ablation
-
-
-def default_corrupt_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """The paper's resample source: the batch rolled by one (row i reads row i-1)."""
-    if tokens.shape[0] < 2:
-        raise InputError("resample ablation needs a batch of at least 2 sequences (the corrupt "
-                         "tokens are the batch rolled by one); pass more rows or corrupt_tokens")
-    return torch.roll(tokens, 1, 0)
 
 
 def replacement_z(model: Model, ablation: str, clean_z: torch.Tensor,

@@ -1,9 +1,11 @@
 """Command line: ``selfrepair book``, ``selfrepair sweep`` and ``selfrepair fetch-js``.
 
-Parameter names are the notebooks' (``RunConfig`` fields); ``--tokens`` is ``n_tokens``. The
-precedence for the book is: notebook defaults < ``--profile`` < flags (``--model``, ``--param
-name=value``, ...); ``cache_dir`` is always passed as an absolute path because papermill runs
-each notebook from ``book/``.
+Parameter names are the notebooks' (each chapter's config fields); ``--tokens`` is ``n_tokens``.
+The precedence for the book is: notebook defaults < ``--profile`` (its per-chapter ``chapters:``
+entries over its common ones) < flags (``--model``, ``--param name=value``, ...); ``cache_dir`` is
+always passed as an absolute path because papermill runs each notebook from ``book/``. Every
+chapter's parameters are checked before the first chapter runs. A run stopped with Ctrl-C or
+SIGTERM saves its last finished batch and exits with 130 / 143 and a line saying how to resume.
 """
 
 from __future__ import annotations
@@ -82,22 +84,28 @@ def cmd_book(args: argparse.Namespace) -> int:
     from .book import find_root, load_profile, run_book
 
     root = find_root(args.root)
-    params = {**load_profile(args.profile, root), **_flags(args), **dict(args.param)}
+    profile = load_profile(args.profile, root)
+    per_chapter = profile.pop("chapters", {})
+    flags = {**_flags(args), **dict(args.param)}
+    per_chapter = {k: {n: v for n, v in over.items() if n not in flags} for k, over in per_chapter.items()}
+    params = {**profile, **flags}
     params["cache_dir"] = str((args.cache_dir or root / "results").resolve())
-    return run_book(root, args.out or root / "book" / "_build", params=params,
+    return run_book(root, args.out or root / "book" / "_build", params=params, per_chapter=per_chapter,
                     chapters=args.chapters, jobs=args.jobs, strict=args.strict,
                     execute=args.execute, build=args.build)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .config import RunConfig
-    from .experiment import head_sweep
+    from .chapters import check
+    from .chapters.existence import Config
+    from .experiment import measure, open_model, open_tokens, sweep_spec
+    from .measure import Cache
 
-    cfg = RunConfig.from_params(**_flags(args), cache_dir=str(args.out))
-    sweep = head_sweep(cfg)
-    per_head = sweep.per_head()
-    print(per_head.to_string(index=False, max_rows=40))
-    print(f"cached under {args.out.resolve()}")
+    cfg = Config.from_params(**{"ablation": "resample", **_flags(args)}, cache_dir=str(args.out))
+    check(cfg)  # the model, the corpus and the shapes, before the first forward pass
+    model, data, spec = open_model(cfg), open_tokens(cfg, open_model(cfg)), sweep_spec(cfg, cfg.ablation)
+    print(measure(cfg, spec, data).per_head().to_string(index=False, max_rows=40))
+    print(f"cached as {Cache(cfg.cache_dir).path(spec, model, data).resolve()}")
     return 0
 
 
@@ -111,12 +119,17 @@ def cmd_fetch_js(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .interrupt import Interrupted
+
     args = parser().parse_args(argv)
     try:
         return {"book": cmd_book, "sweep": cmd_sweep, "fetch-js": cmd_fetch_js}[args.command](args)
     except SelfRepairError as e:
         print(f"selfrepair {args.command}: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"selfrepair {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

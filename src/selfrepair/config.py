@@ -1,15 +1,23 @@
-"""Run parameters shared by the notebooks' ``parameters`` cells, the CLI and cached metadata.
+"""Run parameters: one validated, typed config per chapter, one snake_case name per parameter.
 
-One snake_case name per parameter everywhere. :meth:`RunConfig.from_params` validates types and
-values and raises one :class:`~selfrepair.errors.InputError` naming the parameter and what to
-pass instead (papermill injects strings from the command line, so numeric strings are accepted).
+:class:`RunConfig` holds what every chapter needs (model, device, dtype, seed);
+:class:`CorpusConfig` adds the token set of the corpus chapters (dataset, n_tokens, seq_len,
+top_percent), their batch size and the results cache. Each chapter derives its own config from one of them with exactly the
+parameters it uses (``selfrepair.chapters.<chapter>.Config``); its notebook's ``parameters`` cell
+lists the same names.
+
+:meth:`Config.from_params` converts the values papermill and the command line pass (strings such
+as ``"512"``, lists for tuples), rejects unknown names with the list of known ones, checks every
+value and raises one :class:`~selfrepair.errors.InputError` naming the parameter and what to pass.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 from .ablation import ABLATIONS
 from .errors import InputError
@@ -17,58 +25,148 @@ from .errors import InputError
 HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
 
 
+def parse_head(label: str) -> tuple[int, int]:
+    m = HEAD_LABEL.match(str(label))
+    if not m:
+        raise InputError(f"head label must look like 'L11H2', got {label!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _origin(tp) -> tuple[Any, tuple, bool]:
+    """(base type, type args, optional) of an annotation such as ``tuple[str, ...] | None``."""
+    args = typing.get_args(tp)
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        optional = len(rest) < len(args)
+        tp = rest[0]
+        args = typing.get_args(tp)
+    return typing.get_origin(tp) or tp, args, optional
+
+
+def _coerce(name: str, value: Any, tp) -> Any:
+    base, args, optional = _origin(tp)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")
+                         and optional):
+        if optional:
+            return None
+        raise InputError(f"parameter {name} must be {getattr(base, '__name__', base)}, got None")
+    if base is tuple:
+        items = [value] if isinstance(value, (str, int, float)) else value
+        if isinstance(value, str) and "," in value:  # "1,3,5" from a command line
+            items = [v for v in value.strip("[]()").split(",") if v.strip()]
+        try:
+            items = list(items)
+        except TypeError:
+            raise InputError(f"parameter {name} must be a list, got {value!r}") from None
+        return tuple(_coerce(name, v, args[0]) for v in items)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise InputError(f"parameter {name} must be true or false, got {value!r}")
+    if base in (int, float):
+        if isinstance(value, bool):
+            raise InputError(f"parameter {name} must be {base.__name__}, got bool {value!r}")
+        try:
+            out = base(value)
+        except (TypeError, ValueError):
+            raise InputError(f"parameter {name} must be {base.__name__}, got {type(value).__name__} "
+                             f"{value!r}") from None
+        if base is int and isinstance(value, float) and value != out:
+            raise InputError(f"parameter {name} must be a whole number, got {value!r}")
+        return out
+    if base is str:
+        if not isinstance(value, str):
+            raise InputError(f"parameter {name} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _heads(name: str, labels) -> None:
+    for item in labels or ():
+        if not HEAD_LABEL.match(item):
+            raise InputError(f"{name} must be labels like 'L11H2', got {item!r}")
+
+
 @dataclass(frozen=True)
-class RunConfig:
-    model: str = "gemma-3-270m"  # hub id, local directory, "gemma-3-270m" or "tiny-<family>"
-    dataset: str = "embedded"  # "embedded", a local file/dir, or a hub dataset id
-    n_tokens: int = 8192  # tokens measured (rounded up to whole rows)
-    seq_len: int = 128  # tokens per row, BOS included
-    batch_size: int = 8  # rows per forward pass
-    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
-    dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
-    top_percent: float = 2.0  # per head, the top k% of tokens by clean direct effect
-    seed: int = 0  # corrupt-token pairing, bootstrap, samples and featured-head choice
-    ablation: str = "resample"  # "resample", "mean" or "zero"
-    featured_heads: tuple[str, ...] | None = None  # e.g. ("L17H3",); None = chosen automatically
-    cache_dir: str = "results"  # where computed results are cached
-    extra: dict = field(default_factory=dict, compare=False)  # chapter-specific parameters
+class Config:
+    """A validated set of parameters (see module docstring)."""
+
+    HEAD_FIELDS: ClassVar[tuple[str, ...]] = ()  # fields holding head labels (checked)
 
     @classmethod
-    def from_params(cls, **params: Any) -> "RunConfig":
-        """Build and validate from notebook/CLI parameters; unknown names go to ``extra``."""
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in params.items() if k in known}
-        extra = {k: v for k, v in params.items() if k not in known}
-        for name, kind in (("n_tokens", int), ("seq_len", int), ("batch_size", int), ("seed", int)):
-            if name in kwargs:
-                kwargs[name] = _coerce(name, kwargs[name], kind)
-        if "top_percent" in kwargs:
-            kwargs["top_percent"] = _coerce("top_percent", kwargs["top_percent"], float)
-        for name in ("model", "dataset", "device", "ablation", "cache_dir"):
-            if name in kwargs and not isinstance(kwargs[name], str):
-                raise InputError(f"parameter {name} must be a string, got "
-                                 f"{type(kwargs[name]).__name__} {kwargs[name]!r}")
-        if kwargs.get("dtype") is not None and not isinstance(kwargs["dtype"], str):
-            raise InputError(f"parameter dtype must be a string or None, got {kwargs['dtype']!r}")
-        if kwargs.get("featured_heads") is not None:
-            kwargs["featured_heads"] = _heads(kwargs["featured_heads"])
-        cfg = cls(**kwargs, extra=extra)
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_params(cls, **params: Any):
+        """Build and validate from notebook/CLI parameters."""
+        known = cls.field_names()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise InputError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                             f"for {cls.__module__.split('.')[-1]}: the known parameters are "
+                             f"{', '.join(known)}")
+        hints = typing.get_type_hints(cls)
+        cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in params.items()})
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        for name in self.HEAD_FIELDS:
+            value = getattr(self, name)
+            _heads(name, [value] if isinstance(value, str) else value)
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """What every chapter runs with."""
+
+    model: str = "gemma-3-270m"  # hub id, local directory, "gemma-3-270m" or "tiny-<family>"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
+    dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
+    seed: int = 0  # resample sources, samples, bootstrap
+
+    def validate(self) -> None:
+        super().validate()
+        if self.seed < 0:
+            raise InputError(f"seed must be >= 0, got {self.seed}")
+        if self.dtype is not None:
+            from .models import DTYPES
+            if self.dtype not in DTYPES:
+                raise InputError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)} or None")
+        if not self.model.strip():
+            raise InputError("model must name a model: a hub id, a local directory, 'gemma-3-270m' "
+                             "or 'tiny-<family>'")
+
+
+@dataclass(frozen=True)
+class CorpusConfig(RunConfig):
+    """Chapters measured on tokens of a corpus."""
+
+    dataset: str = "embedded"  # "embedded", "tiny", a local file/dir or a hub dataset id
+    n_tokens: int = 8192  # tokens measured (rounded up to whole rows)
+    seq_len: int = 128  # tokens per row, BOS included
+    top_percent: float = 2.0  # per head, the top k% of tokens by clean direct effect
+    batch_size: int = 8  # rows per forward pass: speed only, never in the cache key
+    cache_dir: str = "results"  # where computed results are cached
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be positive, got {self.batch_size}")
         if self.n_tokens < 1:
             raise InputError(f"n_tokens must be positive, got {self.n_tokens}")
         if self.seq_len < 2:
             raise InputError(f"seq_len must be at least 2, got {self.seq_len}")
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be positive, got {self.batch_size}")
         if not 0 < self.top_percent <= 100:
             raise InputError(f"top_percent must be in (0, 100], got {self.top_percent}")
-        if self.ablation not in ABLATIONS:
-            raise InputError(f"unknown ablation {self.ablation!r}: use one of {', '.join(ABLATIONS)}")
-        rows = -(-self.n_tokens // self.seq_len)
-        if rows * (self.seq_len - 1) * self.top_percent / 100 < 1:
+        if self.n_instances * self.top_percent / 100 < 1:
             raise InputError(f"n_tokens={self.n_tokens} gives fewer than one token in the top "
                              f"{self.top_percent}% per head: raise n_tokens or top_percent")
 
@@ -76,35 +174,11 @@ class RunConfig:
     def n_rows(self) -> int:
         return -(-self.n_tokens // self.seq_len)
 
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["featured_heads"] = list(self.featured_heads) if self.featured_heads else None
-        return d
+    @property
+    def n_instances(self) -> int:
+        return self.n_rows * (self.seq_len - 1)
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    if isinstance(value, bool):
-        raise InputError(f"parameter {name} must be {kind.__name__}, got bool {value!r}")
-    try:
-        out = kind(value)
-    except (TypeError, ValueError):
-        raise InputError(f"parameter {name} must be {kind.__name__}, got {type(value).__name__} "
-                         f"{value!r}") from None
-    if kind is int and isinstance(value, float) and value != out:
-        raise InputError(f"parameter {name} must be a whole number, got {value!r}")
-    return out
-
-
-def _heads(value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else list(value)
-    for item in items:
-        if not isinstance(item, str) or not HEAD_LABEL.match(item):
-            raise InputError(f"featured_heads must be labels like 'L11H2', got {item!r}")
-    return tuple(items)
-
-
-def parse_head(label: str) -> tuple[int, int]:
-    m = HEAD_LABEL.match(label)
-    if not m:
-        raise InputError(f"head label must look like 'L11H2', got {label!r}")
-    return int(m.group(1)), int(m.group(2))
+def check_ablation_name(ablation: str) -> None:
+    if ablation not in ABLATIONS:
+        raise InputError(f"unknown ablation {ablation!r}: use one of {', '.join(ABLATIONS)}")

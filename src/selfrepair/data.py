@@ -8,11 +8,11 @@ Conventions
   corpus in which documents are separated by one EOS token (as TransformerLens'
   ``tokenize_and_concatenate``, used by the self-repair paper, does).  Position ``p``
   of a row is therefore the ``p``-th input position of the model; there is no padding.
-* **Resample source**: :func:`corrupt_tokens` returns the batch whose row ``i`` is
-  the clean row that should be patched *into* row ``i``.  With ``seed=None`` this is
-  ``torch.roll(tokens, 1, 0)``: row ``i`` receives row ``i - 1`` (row 0 receives the
-  last row), the paper's choice.  With a seed it is a random derangement (no row is
-  its own source).
+* **Resample source**: a packed token set records which documents each row spans
+  (:func:`pack_documents`) and :func:`resample_sources` gives each row a source row that
+  shares no document with it (seeded), as the paper's code resamples from other text.  For a
+  bare tensor without document information :func:`corrupt_tokens` rolls the batch by one
+  (row ``i`` receives row ``i - 1``) or, with a seed, draws a random derangement.
 * **Prompts** are right-padded: :func:`prompt_tokens` puts BOS at position 0, the
   prompt at positions ``1 .. length - 1`` and padding after that, so ``last_pos =
   length - 1`` is the last real token.  In a causal model the logits at real
@@ -35,10 +35,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
-from .errors import SelfRepairError
+from .errors import InputError
 
-__all__ = ["EMBEDDED_CORPUS", "DataError", "PromptTokens", "data_dir", "dataset_fingerprint", "load_corpus",
-           "pack_tokens", "corrupt_tokens", "load_prompts", "prompt_tokens", "tiny_corpus"]
+__all__ = ["EMBEDDED_CORPUS", "DataError", "Packed", "PromptTokens", "corrupt_tokens", "data_dir",
+           "dataset_fingerprint", "load_corpus", "load_prompts", "pack_documents", "pack_tokens",
+           "prompt_tokens", "resample_sources", "same_document_rows", "tiny_corpus"]
 
 EMBEDDED_CORPUS = "embedded"
 EMBEDDED_FILE = Path("corpus") / "embedded.jsonl"
@@ -48,8 +49,8 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parq
              ".txt": "text"}
 
 
-class DataError(SelfRepairError):
-    """A corpus, dataset or prompt file could not be loaded or used as asked (a ``ValueError``)."""
+class DataError(InputError):
+    """A corpus, dataset or prompt file could not be loaded or used as asked (an ``InputError``)."""
 
 
 def data_dir() -> Path:
@@ -137,7 +138,16 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
     if not files or None in builders or len(builders) != 1:
         raise DataError(f"{path}: expected json/jsonl/parquet/csv/txt file(s) of one kind, "
                         f"found {[p.name for p in files][:10]}.")
-    return datasets.load_dataset(builders.pop(), data_files={split: [str(p) for p in files]}, split=split)
+    empty = [p.name for p in files if p.stat().st_size == 0]
+    if empty:
+        raise DataError(f"{path}: the corpus file(s) {empty[:5]} are empty: write one document per "
+                        "line (jsonl: {\"text\": \"...\"}) or use dataset='embedded'.")
+    try:
+        return datasets.load_dataset(builders.pop(), data_files={split: [str(p) for p in files]},
+                                     split=split)
+    except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise DataError(f"{path}: could not be read as a corpus ({type(e).__name__}: {e}); check the "
+                        "file's format (one JSON object per line for .jsonl).") from e
 
 
 def _texts(dataset: datasets.Dataset | Sequence[str], text_column: str) -> Sequence[str]:
@@ -147,6 +157,71 @@ def _texts(dataset: datasets.Dataset | Sequence[str], text_column: str) -> Seque
                             f"{dataset.column_names}.")
         return dataset[text_column]
     return dataset
+
+
+def _check_strings(batch: list, rows: list[int], text_column: str) -> None:
+    """One clear error for a document that is not text (a tokenizer's own error names no row)."""
+    for row, doc in zip(rows, batch):
+        if not isinstance(doc, str):
+            raise DataError(f"row {row} of the corpus is {type(doc).__name__} "
+                            f"{str(doc)[:40]!r}, not text: the column {text_column!r} must hold "
+                            "strings (pass text_column= to name the column that does).")
+
+
+class Packed(NamedTuple):
+    """Token rows and, for each row, the documents its tokens come from (see :func:`pack_documents`)."""
+
+    tokens: torch.Tensor  #: ``[rows, seq_len]`` LongTensor, BOS first
+    doc_first: torch.Tensor  #: ``[rows]`` index (in packing order) of the row's first document
+    doc_last: torch.Tensor  #: ``[rows]`` index of its last document (EOS counts with the one before)
+
+
+def pack_documents(dataset: datasets.Dataset | Sequence[str], tokenizer, *, n_tokens: int,
+                   seq_len: int, bos_token_id: int | None = None, text_column: str = "text",
+                   seed: int = 0, progress: bool = True, batch_docs: int = 64) -> Packed:
+    """:func:`pack_tokens`, also returning which documents each row spans (what the resample
+    source of a row must avoid, :func:`resample_sources`)."""
+    if seq_len < 2 or n_tokens < 1:
+        raise DataError(f"need seq_len >= 2 and n_tokens >= 1, got seq_len={seq_len}, n_tokens={n_tokens}")
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    bos = bos_token_id if bos_token_id is not None else (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+    if bos is None or eos is None:
+        raise DataError("tokenizer has neither a BOS nor an EOS token; pass bos_token_id explicitly")
+    texts = _texts(dataset, text_column)
+    if len(texts) == 0:
+        raise DataError("the corpus holds no documents: check the file (an empty file or a filter "
+                        "that removed everything) or use dataset='embedded'.")
+    n_rows = math.ceil(n_tokens / seq_len)
+    body = seq_len - 1
+    needed = n_rows * body
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream: list[int] = []
+    ends: list[int] = []  # ends[d]: stream length after document d (its EOS included)
+    with tqdm(total=needed, unit="tok", desc="packing tokens", disable=not progress) as bar:
+        for start in range(0, len(order), batch_docs):
+            picked = order[start:start + batch_docs]
+            batch = [texts[i] for i in picked]
+            _check_strings(batch, picked, text_column)
+            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+                before = len(stream)
+                stream.extend(ids)
+                stream.append(eos)
+                ends.append(len(stream))
+                bar.update(min(len(stream), needed) - min(before, needed))
+            if len(stream) >= needed:
+                break
+    if len(stream) < needed:
+        raise DataError(f"corpus too small: it has {len(stream)} tokens (documents plus EOS separators) "
+                        f"but {n_rows} rows x {body} tokens = {needed} are needed for n_tokens={n_tokens}, "
+                        f"seq_len={seq_len}; ask for fewer tokens or use a larger corpus.")
+    rows = torch.tensor(stream[:needed], dtype=torch.long).view(n_rows, body)
+    tokens = torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
+    ends_t = torch.tensor(ends)
+    first_tok = torch.arange(n_rows) * body
+    doc_first = torch.searchsorted(ends_t, first_tok, right=True)
+    doc_last = torch.searchsorted(ends_t, first_tok + body - 1, right=True)
+    return Packed(tokens, doc_first, doc_last)
 
 
 def pack_tokens(dataset: datasets.Dataset | Sequence[str], tokenizer, *, n_tokens: int, seq_len: int,
@@ -185,41 +260,17 @@ def pack_tokens(dataset: datasets.Dataset | Sequence[str], tokenizer, *, n_token
     Raises
     ------
     DataError
-        If the corpus has too few tokens, or no BOS/EOS id can be found.
+        If the corpus is empty or too small, a document is not a string, or no BOS/EOS id
+        can be found.
     """
-    if seq_len < 2 or n_tokens < 1:
-        raise DataError(f"need seq_len >= 2 and n_tokens >= 1, got seq_len={seq_len}, n_tokens={n_tokens}")
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    bos = bos_token_id if bos_token_id is not None else (
-        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
-    if bos is None or eos is None:
-        raise DataError("tokenizer has neither a BOS nor an EOS token; pass bos_token_id explicitly")
-    texts = _texts(dataset, text_column)
-    n_rows = math.ceil(n_tokens / seq_len)
-    body = seq_len - 1
-    needed = n_rows * body
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    stream: list[int] = []
-    with tqdm(total=needed, unit="tok", desc="packing tokens", disable=not progress) as bar:
-        for start in range(0, len(order), batch_docs):
-            batch = [texts[i] for i in order[start:start + batch_docs]]
-            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-                before = len(stream)
-                stream.extend(ids)
-                stream.append(eos)
-                bar.update(min(len(stream), needed) - min(before, needed))
-            if len(stream) >= needed:
-                break
-    if len(stream) < needed:
-        raise DataError(f"corpus too small: it has {len(stream)} tokens (documents plus EOS separators) "
-                        f"but {n_rows} rows x {body} tokens = {needed} are needed for n_tokens={n_tokens}, "
-                        f"seq_len={seq_len}; ask for fewer tokens or use a larger corpus.")
-    rows = torch.tensor(stream[:needed], dtype=torch.long).view(n_rows, body)
-    return torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
+    return pack_documents(dataset, tokenizer, n_tokens=n_tokens, seq_len=seq_len,
+                          bos_token_id=bos_token_id, text_column=text_column, seed=seed,
+                          progress=progress, batch_docs=batch_docs).tokens
 
 
 def corrupt_tokens(tokens: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
-    """Resample-ablation source: each row replaced by a *different* row of the batch.
+    """Resample-ablation source for a bare token tensor (no document information): each row
+    replaced by a *different* row of the batch.
 
     Parameters
     ----------
@@ -227,13 +278,11 @@ def corrupt_tokens(tokens: torch.Tensor, *, seed: int | None = None) -> torch.Te
         ``[batch, ...]`` tensor with ``batch >= 2``.
     seed
         ``None`` (default): ``torch.roll(tokens, 1, 0)``, so row ``i`` gets row ``i - 1``
-        (the paper's choice).  An int: a random derangement drawn with a seeded
-        ``torch.Generator`` (uniform over permutations without fixed points).
+        (the paper's code pairs consecutive batches).  An int: a random derangement drawn with a
+        seeded ``torch.Generator`` (uniform over permutations without fixed points).
 
-    Returns
-    -------
-    torch.Tensor
-        Same shape and dtype as ``tokens``.
+    Token sets packed from a corpus use :func:`resample_sources` instead, which also keeps a row
+    away from the documents it was cut from.
     """
     if tokens.dim() < 1 or tokens.shape[0] < 2:
         raise DataError(f"corrupt_tokens needs a batch of at least 2 rows, got shape {tuple(tokens.shape)}")
@@ -244,6 +293,49 @@ def corrupt_tokens(tokens: torch.Tensor, *, seed: int | None = None) -> torch.Te
         perm = torch.randperm(n, generator=gen)
         if not bool((perm == torch.arange(n)).any()):
             return tokens[perm.to(tokens.device)]
+
+
+def resample_sources(doc_first: torch.Tensor, doc_last: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """For each row of a packed token set, the row whose activations replace it under resample
+    ablation (``[rows]`` row indices).
+
+    The paper's code takes the resampled activations from the next batch of The Pile, i.e. from
+    other text, and its argument needs the replacement to be unrelated to the clean tokens (the
+    resampled head's direct effect near zero). Consecutive packed rows are mostly chunks of the
+    same document, so rolling the rows by one would resample a row from its own document. Here each
+    row's source is drawn uniformly (seeded) among the rows that share **no document** with it.
+    Only where no such row exists (a corpus of one long document) the source is drawn among the rows
+    at least a quarter of the token set away (a distant part of the same document);
+    :func:`same_document_rows` counts those rows.
+    """
+    first, last = torch.as_tensor(doc_first).long(), torch.as_tensor(doc_last).long()
+    n = len(first)
+    if n < 2:
+        raise DataError(f"resample ablation needs at least 2 rows of tokens (one row's source is "
+                        f"another row), got {n}: raise n_tokens or lower seq_len.")
+    # rows are in stream order, so the rows sharing a document with row i form one interval
+    lo = torch.searchsorted(last, first, right=False)  # first row whose last doc >= my first doc
+    hi = torch.searchsorted(first, last, right=True) - 1  # last row whose first doc <= my last doc
+    n_other = lo + (n - 1 - hi)
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.rand(n, generator=g, dtype=torch.float64) * n_other.clamp_min(1)).long()
+    source = torch.where(u < lo, u, hi + 1 + (u - lo))
+    alone = (n_other == 0).nonzero().flatten()
+    if len(alone):  # one document covers these rows' whole neighbourhood: take a distant row
+        far = max(1, n // 4)
+        rows = torch.arange(n)
+        for i in alone.tolist():
+            options = rows[(rows - i).abs() >= far]
+            source[i] = options[int(torch.randint(len(options), (1,), generator=g))]
+    return source
+
+
+def same_document_rows(doc_first: torch.Tensor, doc_last: torch.Tensor, source: torch.Tensor) -> int:
+    """How many rows share a document with their resample ``source`` row (0 unless the corpus is
+    too uniform for :func:`resample_sources` to avoid it)."""
+    first, last = torch.as_tensor(doc_first), torch.as_tensor(doc_last)
+    s = torch.as_tensor(source)
+    return int(((first[s] <= last) & (first <= last[s])).sum())
 
 
 def load_prompts(path: str | os.PathLike | None = None) -> pd.DataFrame:

@@ -75,6 +75,38 @@ def readout(model: Model, tokens: torch.Tensor, clean: Pass) -> Readout:
     return out
 
 
+def at_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x [..., batch, seq, ...]`` (batch at dim -3 or 0) at each row's position ``pos [batch]``."""
+    rows = torch.arange(len(pos), device=x.device)
+    return x[rows, pos.to(x.device)] if x.dim() == 3 else x[:, rows, pos.to(x.device)]
+
+
+def last_readout(model: Model, clean: Pass, pos: torch.Tensor,
+                 targets: torch.Tensor | None = None) -> Readout:
+    """Frozen-norm readout at each row's position ``pos [batch]`` (a prompt's last real token) of
+    ``targets``, default the clean run's maximum-likelihood token there (Hydra §2.3.1: the real
+    unembedding applied to the real final-norm output). Every tensor is ``[batch, ...]``, one
+    position per row; sandwich models get the clean block scales ``[layer, batch]`` (reads
+    ``attn`` and ``mlp`` needed)."""
+    norm = model.module(model.adapter.final_norm)
+    normed = at_positions(clean.final_normed, pos)
+    if targets is None:
+        with torch.no_grad():
+            targets = model.module(model.adapter.unembed)(normed).argmax(-1)
+    targets = targets.to(model.device)
+    u = model.centered_unembed(targets)
+    b, cb = model.norm_bias(norm), model.centered_unembed_bias(targets)
+    out = Readout(targets=targets, u=u, d=model.readout(norm, u),
+                  scale=model.norm_scale(norm, at_positions(clean.final_resid, pos)),
+                  logit=(u * model.acc(normed)).sum(-1) + cb, bias=cb + (0.0 if b is None else u @ b))
+    check_finite({"final-norm scale": out.scale, "clean logit": out.logit}, "reading the clean run",
+                 model.name, model.dtype)
+    if model.sandwich:
+        out.attn_scale = block_scales(model, "attn", at_positions(clean.reads["attn"], pos)[:, :, None])[..., 0]
+        out.mlp_scale = block_scales(model, "mlp", at_positions(clean.reads["mlp"], pos)[:, :, None])[..., 0]
+    return out
+
+
 def block_scales(model: Model, kind: str, raw: torch.Tensor, layers: range | None = None) -> torch.Tensor:
     """RMS scale ``s`` of each sandwich norm on raw block outputs ``[layer, batch, pos, d]``."""
     path = model.adapter.post_attn_norm if kind == "attn" else model.adapter.post_mlp_norm
@@ -140,13 +172,12 @@ def direct_effects(model: Model, tokens: torch.Tensor, clean: Pass, ro: Readout,
 
 
 def top_percent_mask(values: torch.Tensor, percent: float) -> torch.Tensor:
-    """Per leading index, mark the ``ceil(percent/100 * N)`` largest of the last two dims
+    """Per leading index, mark the :func:`~selfrepair.structure.top_k` largest of the last two dims
     (``batch, pos``) — the paper's top-2% tokens by clean direct effect. NaNs never selected."""
-    if not 0 < percent <= 100:
-        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    from .structure import top_k
+
     flat = values.flatten(-2)
-    n = flat.shape[-1]
-    k = max(1, math.ceil(percent / 100 * n))
+    k = top_k(flat.shape[-1], percent)
     filled = torch.where(torch.isnan(flat), torch.full_like(flat, -math.inf), flat)
     idx = filled.topk(k, dim=-1).indices
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)

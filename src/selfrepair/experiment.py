@@ -1,33 +1,32 @@
-"""From a :class:`~selfrepair.config.RunConfig` to results: the notebooks' and CLI's entry point.
+"""From a config to results: the model, the data and the cached measurements a chapter reads.
 
-Loads (and memoizes) the model and the token rows, and computes or loads cached results. The
-cache key is a hash of everything that changes the numbers — model, revision, dataset, token
-count, sequence length, batch size, ablation, top-k%, seed, dtype, device type and the library
-version — so re-running the book's text does not recompute, and a change of any of them does.
-A damaged cache file is detected (checksum), reported with a warning and recomputed.
+- :func:`open_model` — the config's model, loaded once per process;
+- :func:`open_tokens` — the config's :class:`~selfrepair.batch.TokenSet` (packed from its corpus,
+  each row's resample source from another document, tokenized only when first used);
+- :func:`open_prompts` — the factual prompts of the Hydra chapter as a :class:`~selfrepair.batch.PromptSet`;
+- :func:`measure` — a spec's result from the results cache (:class:`selfrepair.measure.Cache`),
+  computed and saved when missing;
+- :func:`provenance` — the table every chapter ends with.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
-import re
 import time
-import warnings
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import pandas as pd
 import torch
 
-from .config import RunConfig
-from .models import Model, load_model, resolve_device, resolve_dtype
-from .results import CorruptResultError
+from .batch import PromptSet, TokenSet
+from .config import CorpusConfig, RunConfig
+from .errors import InputError
+from .measure import Cache, RunOptions, Spec
+from .models import Model, load_model
 
-T = TypeVar("T")
 TINY_DATASET = "tiny"  # a small synthetic in-memory corpus for tests and quick runs
+SOURCE_RULE = "other-document"  # version of the resample-source rule (selfrepair.data.resample_sources)
 
 
 @lru_cache(maxsize=2)
@@ -40,82 +39,94 @@ def open_model(cfg: RunConfig) -> Model:
     return _model(cfg.model, cfg.device, cfg.dtype)
 
 
-def open_tokens(cfg: RunConfig, model: Model, *, progress: bool = True) -> torch.Tensor:
-    """``[n_rows, seq_len]`` token rows of ``cfg.dataset``, each starting with BOS."""
-    from .data import load_corpus, pack_tokens, tiny_corpus
-
-    if model.tokenizer is None:
-        from .errors import InputError
-        raise InputError(f"{model.name} has no tokenizer: pass tokenizer= to load_model")
-    if cfg.seq_len > model.n_ctx:
-        from .errors import InputError
-        raise InputError(f"seq_len={cfg.seq_len} is longer than {model.name}'s context of "
-                         f"{model.n_ctx} tokens: use seq_len <= {model.n_ctx}")
-    corpus = tiny_corpus(seed=cfg.seed) if cfg.dataset == TINY_DATASET else load_corpus(cfg.dataset)
-    return pack_tokens(corpus, model.tokenizer, n_tokens=cfg.n_tokens, seq_len=cfg.seq_len,
-                       seed=cfg.seed, progress=progress)
-
-
-def cache_params(cfg: RunConfig, model: Model, **extra: Any) -> dict:
-    from . import __version__
+def corpus_fingerprint(dataset: str, seed: int) -> str:
     from .data import dataset_fingerprint
 
-    dev = resolve_device(cfg.device)
-    corpus = "generated" if cfg.dataset == TINY_DATASET else dataset_fingerprint(cfg.dataset)
-    return {"model": cfg.model, "revision": model.revision, "dataset": cfg.dataset, "corpus": corpus,
-            "n_tokens": cfg.n_tokens, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-            "seed": cfg.seed, "top_percent": cfg.top_percent,
-            "dtype": str(resolve_dtype(cfg.dtype, dev)).replace("torch.", ""),
-            "device_type": dev.type, "version": __version__, **extra}
+    return f"generated:tiny_corpus(seed={seed})" if dataset == TINY_DATASET else dataset_fingerprint(dataset)
 
 
-def cache_path(cfg: RunConfig, kind: str, params: dict) -> Path:
-    """``<cache_dir>/<model slug>/<kind>-<hash>.safetensors``."""
-    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model).strip("_")
-    return Path(cfg.cache_dir) / slug / f"{kind}-{key}.safetensors"
+def open_tokens(cfg: CorpusConfig, model: Model, *, progress: bool = True) -> TokenSet:
+    """``cfg``'s token rows ``[n_rows, seq_len]`` (each starting with BOS) with their resample
+    sources; the corpus is read and tokenized on first use of the rows, not before."""
+    if model.tokenizer is None:
+        raise InputError(f"{model.name} has no tokenizer: pass tokenizer= to load_model or save "
+                         "the tokenizer next to the model")
+    if cfg.seq_len > model.n_ctx:
+        raise InputError(f"seq_len={cfg.seq_len} is longer than {model.name}'s context of "
+                         f"{model.n_ctx} tokens: use seq_len <= {model.n_ctx}")
+    fingerprint = {"dataset": cfg.dataset, "corpus": corpus_fingerprint(cfg.dataset, cfg.seed),
+                   "n_rows": cfg.n_rows, "seq_len": cfg.seq_len, "seed": cfg.seed,
+                   "sources": SOURCE_RULE}
+
+    def load() -> dict:
+        from .data import load_corpus, pack_documents, resample_sources, same_document_rows, tiny_corpus
+
+        corpus = tiny_corpus(seed=cfg.seed) if cfg.dataset == TINY_DATASET else load_corpus(cfg.dataset)
+        packed = pack_documents(corpus, model.tokenizer, n_tokens=cfg.n_tokens, seq_len=cfg.seq_len,
+                                seed=cfg.seed, progress=progress)
+        if int(packed.tokens.max()) >= model.d_vocab:
+            raise InputError(f"the tokenizer of {model.name} produced ids up to {int(packed.tokens.max())} "
+                             f"but the model has {model.d_vocab} embeddings: use the model's own tokenizer")
+        source = (resample_sources(packed.doc_first, packed.doc_last, seed=cfg.seed)
+                  if len(packed.tokens) > 1 else None)
+        return {"tokens": packed.tokens, "source": source,
+                "corrupt_tokens": None if source is None else packed.tokens[source],
+                "same_document": None if source is None else
+                same_document_rows(packed.doc_first, packed.doc_last, source)}
+
+    return TokenSet(fingerprint, load)
 
 
-def cached(path: Path, compute: Callable[[Path], T], load: Callable[[Path], T]) -> T:
-    """Load ``path`` if present and intact; otherwise ``compute(path)`` (which writes it)."""
-    if path.exists():
-        try:
-            return load(path)
-        except CorruptResultError as e:
-            warnings.warn(f"cached result {path} is corrupt ({e}); recomputing it")
-            path.unlink()
-    return compute(path)
+def open_prompts(model: Model, path: str | None = None, n_prompts: int | None = None,
+                 seed: int = 0) -> PromptSet:
+    """The factual prompts (``data/factual_prompts.csv`` or ``path``) as a right-padded
+    :class:`PromptSet`; ``n_prompts`` keeps a seeded subset (``None``: all)."""
+    import hashlib
+
+    from .data import load_prompts, prompt_tokens
+
+    if model.tokenizer is None:
+        raise InputError(f"{model.name} has no tokenizer: the prompts cannot be tokenized")
+    prompts = load_prompts(path)
+    if n_prompts is not None:
+        if n_prompts < 2:
+            raise InputError(f"n_prompts must be at least 2 (a prompt's resample source is another "
+                             f"prompt), got {n_prompts}")
+        keep = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
+        prompts = prompts.iloc[keep[:min(n_prompts, len(prompts))].sort().values.numpy()]
+    prompts = prompts.reset_index(drop=True)
+    pt = prompt_tokens(prompts, model.tokenizer)
+    if int(pt.input_ids.max()) >= model.d_vocab:
+        raise InputError(f"the tokenizer of {model.name} produced ids outside its embeddings")
+    digest = hashlib.sha256(prompts[["prompt", "target"]].to_csv(index=False).encode()).hexdigest()[:16]
+    return PromptSet(pt.input_ids, pt.last_pos, pt.target_ids, list(prompts["prompt"]),
+                     list(prompts["target"]), fingerprint={"prompts": f"sha256:{digest}",
+                                                           "n_prompts": len(prompts)})
 
 
-def cached_result(cfg: RunConfig, kind: str, params: dict, measure: Callable[[], T],
-                  load: Callable[[Path], T]) -> T:
-    """The result of ``measure()`` for ``params``, from the results cache if it is there and
-    intact; otherwise measured, stamped with ``params`` in its ``meta`` and saved atomically."""
-    def compute(path: Path) -> T:
-        res = measure()
-        res.meta["params"] = params
-        res.save(path)
-        return res
-
-    return cached(cache_path(cfg, kind, params), compute, load)
+def measure(cfg: RunConfig, spec: Spec, data: Any, *, progress: bool = True, **options: Any):
+    """``spec``'s result on ``cfg``'s model and ``data``, from ``cfg.cache_dir`` (computed and saved
+    if missing). ``options`` are :class:`~selfrepair.measure.RunOptions` (speed knobs)."""
+    if not hasattr(cfg, "cache_dir"):
+        raise InputError(f"{type(cfg).__name__} has no cache_dir: this chapter caches nothing")
+    if isinstance(cfg, CorpusConfig):
+        options.setdefault("batch_size", cfg.batch_size)
+    return Cache(cfg.cache_dir).get(spec, open_model(cfg), data,
+                                    RunOptions(progress=progress, **options))
 
 
-def head_sweep(cfg: RunConfig, ablation: str | None = None, *, progress: bool = True):
-    """The all-heads sweep of ``cfg`` (``ablation`` overrides ``cfg.ablation``), cached."""
-    from .sweep import Sweep, run_sweep
+def sweep_spec(cfg: CorpusConfig, ablation: str = "resample"):
+    """The spec of ``cfg``'s all-heads sweep (the same for chapters 1, 2, 3 and 6, so they share
+    one cache entry)."""
+    from .sweep import SweepSpec
 
-    ablation = ablation or cfg.ablation
-    model = open_model(cfg)
-    params = cache_params(cfg, model, ablation=ablation, kind="head_sweep")
-    path = cache_path(cfg, f"sweep-{ablation}", params)
+    return SweepSpec(ablation=ablation, top_percent=cfg.top_percent, seed=cfg.seed)
 
-    def compute(p: Path) -> Sweep:
-        tokens = open_tokens(cfg, model, progress=progress)
-        return run_sweep(model, tokens, ablation=ablation, top_percent=cfg.top_percent,
-                         batch_size=cfg.batch_size, seed=cfg.seed, path=p, params=params,
-                         progress=progress)
 
-    return cached(path, compute, Sweep.load)
+def head_sweep(cfg: CorpusConfig, ablation: str = "resample", *, progress: bool = True):
+    """The all-heads sweep of ``cfg``'s token set under ``ablation`` (cached)."""
+    return measure(cfg, sweep_spec(cfg, ablation), open_tokens(cfg, open_model(cfg), progress=progress),
+                   progress=progress)
 
 
 def provenance(cfg: RunConfig, started: float | None = None, **extra: Any) -> pd.DataFrame:
@@ -129,9 +140,7 @@ def provenance(cfg: RunConfig, started: float | None = None, **extra: Any) -> pd
     rows = {"selfrepair": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "nnsight": nnsight.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
-            **{k: v for k, v in model.describe().items()},
-            **{f"param:{k}": v for k, v in cfg.as_dict().items() if k != "extra"},
-            **{f"param:{k}": v for k, v in cfg.extra.items()}, **extra}
+            **model.describe(), **{f"param:{k}": v for k, v in cfg.as_dict().items()}, **extra}
     if started is not None:
         rows["wall_time_s"] = round(time.time() - started, 1)
     return pd.DataFrame({"item": list(rows), "value": [str(v) for v in rows.values()]})

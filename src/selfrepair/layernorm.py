@@ -13,56 +13,28 @@ Conventions (see ``PAPER.md``):
 - App. B closed form, valid for a head in the **last layer of a parallel-residual model** (nothing
   downstream but the final norm): ``delta_logit = (S/S' - 1) * logit + (S/S') * delta_DE``, where
   ``logit`` is the part of the centred clean logit that the scale multiplies, i.e. the logit minus
-  the constant bias terms (final-norm bias + unembedding bias): ``Readout.logit - Readout.bias``;
+  the constant bias terms (final-norm bias + unembedding bias): ``Readout.logit - Readout.bias``.
+  Equivalently ``self_repair = (S/S' - 1) * (logit + delta_DE)``: positive exactly when ``S/S' > 1``
+  and ``logit + delta_DE`` (the logit the head's removal would leave) is positive, or both are
+  below their thresholds;
+- App. H: the norm boosts token A over token B by ``(S/S' - 1) * (logit_A - logit_B)``; with A the
+  correct token and B its strongest competitor on the clean run, and the logits taken without the
+  bias terms the scale does not multiply (the sweep's ``competitor_gap``), this is how much the
+  norm's rescaling alone moves the prediction;
 - norm share (§3.2, App. A): per instance ``from_norm / direct_effect``, clipped to [0, 1] (or not),
   averaged over the head's top-k% instances (or over a random sample of all instances).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import torch
 
 from .results import SelfRepairResult, head_label
 
-# Pythia-160M L11H2, top-2% tokens (§3.2): share of tokens with S/S' > 1 per ablation.
-PAPER_RATIO_SHARE = {"resample": 0.9066, "mean": 0.9875, "zero": 1.0}
-PAPER_NORM_SHARE = 0.30  # "LayerNorm can explain around 30% of the direct effect" (§3.2, Fig 10)
 ABLATION_ORDER = ("resample", "mean", "zero")
 TOKEN_COLUMNS = ("direct_effect", "delta_direct_effect", "delta_logit", "self_repair", "from_heads",
                  "from_mlps", "from_norm", "from_block_norms", "scale_clean", "scale_ablated", "logit")
-
-
-def featured_head(per_head: pd.DataFrame, override=None) -> tuple[int, int]:
-    """The chapter's head: the first of ``override`` (``cfg.featured_heads``) if given, else the
-    last-layer head with the largest mean top-k% direct effect (lowest head index on ties)."""
-    from .config import parse_head
-
-    if override:
-        return parse_head(override[0])
-    last = per_head[per_head["layer"] == per_head["layer"].max()]
-    row = last.sort_values(["direct_effect", "head"], ascending=[False, True], kind="mergesort").iloc[0]
-    return int(row["layer"]), int(row["head"])
-
-
-def single_head(cfg, head: tuple[int, int], ablation: str, progress: bool = True) -> SelfRepairResult:
-    """Self-repair of one head on the chapter's tokens under ``ablation``, cached on disk."""
-    from .experiment import cache_params, cache_path, cached, open_model, open_tokens
-    from .heads import self_repair
-
-    model = open_model(cfg)
-    label = head_label(*head)
-    path = cache_path(cfg, f"head-{label}-{ablation}",
-                      cache_params(cfg, model, ablation=ablation, head=label, kind="single_head"))
-
-    def compute(p):
-        r = self_repair(model, open_tokens(cfg, model), ablation=ablation, heads=[head],
-                        batch_size=cfg.batch_size, progress=progress)
-        r.save(p)
-        return r
-
-    return cached(path, compute, SelfRepairResult.load)
 
 
 def head_tokens(top: pd.DataFrame, sample: pd.DataFrame, head: tuple[int, int],
@@ -74,7 +46,7 @@ def head_tokens(top: pd.DataFrame, sample: pd.DataFrame, head: tuple[int, int],
     parts = []
     for kind, frame in (("top-k%", top), ("random sample", sample)):
         rows = frame[(frame["layer"] == layer) & (frame["head"] == h)]
-        base = rows[["layer", "head", "label", "row", "pos"]].assign(tokens=kind)
+        base = rows[["layer", "head", "label", "row", "pos", "competitor_gap"]].assign(tokens=kind)
         if "resample" not in results:
             parts.append(base.assign(ablation="resample", **{c: rows[c].to_numpy() for c in TOKEN_COLUMNS}))
         b = torch.tensor(rows["row"].to_numpy(dtype="int64", copy=True))
@@ -98,20 +70,28 @@ def head_tokens(top: pd.DataFrame, sample: pd.DataFrame, head: tuple[int, int],
     return out
 
 
+def relative_boost(ratio, competitor_gap):
+    """App. H: how much the norm's rescaling alone raises the correct token over its strongest
+    competitor, ``(S/S' - 1) * (logit_A - logit_B)`` with the logits' scale-multiplied parts
+    (``competitor_gap``); tensors, arrays or scalars."""
+    return (ratio - 1) * competitor_gap
+
+
 def ratio_summary(tokens: pd.DataFrame) -> pd.DataFrame:
-    """Per ablation, on the head's top-k% tokens: the share with ``S/S' > 1`` (beside the paper's
-    Pythia-160M L11H2 numbers), the median ratio, and App. H's point — the median size of the
-    "norm on existing logits" term ``(S/S' - 1) * logit`` next to the median direct effect and the
-    mean final-norm self-repair."""
+    """Per ablation, on the head's top-k% tokens: the share with ``S/S' > 1`` (Fig 4), the median
+    ratio, App. H's relative boost of the correct token over its strongest competitor
+    (:func:`relative_boost`, median of its size) next to the median direct effect, and the mean
+    final-norm self-repair."""
     t = tokens[tokens["tokens"] == "top-k%"]
     rows = []
     for ablation in [a for a in ABLATION_ORDER if a in set(t["ablation"])]:
         g = t[t["ablation"] == ablation]
+        boost = relative_boost(g["ratio"], g["competitor_gap"])
         rows.append({"ablation": ablation, "label": g["label"].iloc[0], "n": len(g),
                      "share_ratio_above_1": float((g["ratio"] > 1).mean()),
-                     "paper_share_pythia160m_L11H2": PAPER_RATIO_SHARE[ablation],
                      "median_ratio": float(g["ratio"].median()),
-                     "median_existing_logit_term": float(((g["ratio"] - 1) * g["logit"]).median()),
+                     "median_logit_gap": float(g["competitor_gap"].median()),
+                     "median_abs_boost": float(boost.abs().median()),
                      "median_direct_effect": float(g["direct_effect"].median()),
                      "mean_from_norm": float(g["from_norm"].mean()),
                      "mean_self_repair": float(g["self_repair"].mean())})
@@ -126,30 +106,28 @@ def appendix_b_delta_logit(ratio, logit, delta_direct_effect):
 
 
 def appendix_b_check(model, tokens: torch.Tensor, head: tuple[int, int],
-                     ablations=ABLATION_ORDER) -> pd.DataFrame:
+                     ablations=ABLATION_ORDER, corrupt_tokens: torch.Tensor | None = None) -> pd.DataFrame:
     """Per token and ablation: the model's real ``delta_logit`` for ablating ``head`` on ``tokens``
-    (one batch, one clean pass; resample pairs rows as the batch rolled by one, mean uses this
-    batch's mean) beside the App. B closed form, their ``error``, and the terms the closed form
-    leaves out (``from_heads``, ``from_mlps``, ``from_block_norms``: zero only for a last-layer
-    head of a parallel-residual model)."""
-    from .ablation import default_corrupt_tokens, replacement_z
-    from .direct_effect import readout
-    from .intervene import run
-    from .heads import ablate_heads, check_tokens, clean_pass
+    (one batch, one clean pass; resample from ``corrupt_tokens``, default the rows rolled by one;
+    mean uses this batch's mean) beside the App. B closed form, their ``error``, and the terms the
+    closed form leaves out (``from_heads``, ``from_mlps``, ``from_block_norms``: zero only for a
+    last-layer head of a parallel-residual model)."""
+    from .batch import clean_batch
+    from .data import corrupt_tokens as roll
+    from .heads import check_tokens
+    from .passes import ablate_heads
 
     layer, h = head
     tokens = check_tokens(model, tokens)
+    corrupt = roll(tokens) if corrupt_tokens is None else check_tokens(model, corrupt_tokens)
     frames = []
     with torch.no_grad():
-        clean = clean_pass(model, tokens)
-        ro = readout(model, tokens, clean)
+        batch = clean_batch(model, tokens, corrupt)
+        ro = batch.readout
         scaled_logit = (ro.logit - ro.bias).double().cpu()  # the part the scale multiplies
         for ablation in ablations:
-            corrupt = (run(model, default_corrupt_tokens(tokens), read=("z",)).reads["z"]
-                       if ablation == "resample" else None)
-            repl = replacement_z(model, ablation, clean.reads["z"], corrupt)
-            out = {k: v[0].double().cpu() for k, v in
-                   ablate_heads(model, tokens, clean, ro, layer, [h], repl[layer]).items()}
+            repl = batch.replacement(ablation)
+            out = {k: v[0].double().cpu() for k, v in ablate_heads(batch, layer, [h], repl[layer]).items()}
             ratio = ro.scale.double().cpu() / out["scale_ablated"]
             d_de = out["ablated_direct_effect"] - out["direct_effect"]
             b, p = torch.meshgrid(torch.arange(ratio.shape[0]), torch.arange(ratio.shape[1]),
@@ -170,10 +148,11 @@ def appendix_b_check(model, tokens: torch.Tensor, head: tuple[int, int],
 
 
 def appendix_b(model, tokens: torch.Tensor, head: tuple[int, int], reference_model=None,
-               reference_tokens: torch.Tensor | None = None) -> pd.DataFrame:
+               reference_tokens: torch.Tensor | None = None,
+               corrupt_tokens: torch.Tensor | None = None) -> pd.DataFrame:
     """:func:`appendix_b_check` under all three ablations on ``model``'s ``head`` and, if given,
     on the last layer's head 0 of ``reference_model`` (a parallel-residual model where it holds)."""
-    frames = [appendix_b_check(model, tokens, head).assign(role="this model")]
+    frames = [appendix_b_check(model, tokens, head, corrupt_tokens=corrupt_tokens).assign(role="this model")]
     if reference_model is not None:
         frames.append(appendix_b_check(reference_model, reference_tokens,
                                        (reference_model.n_layers - 1, 0)).assign(role="reference"))
@@ -221,93 +200,3 @@ def layer_shares(shares: pd.DataFrame) -> pd.DataFrame:
     """Layer means of :func:`norm_share` per variant (the lines of Fig 6 / Fig 9-10)."""
     keys = ["tokens", "clipping", "component", "layer"]
     return shares.groupby(keys, sort=True)["share"].agg(share="mean", n_heads="size").reset_index()
-
-
-# -- the chapter in one call ----------------------------------------------------------------------
-class LayerNormChapter:
-    """Everything chapter 02 shows, computed once from the cached sweep and single-head runs."""
-
-    def __init__(self, cfg, progress: bool = True, reference: bool = True):
-        from .existence import sweep_frames
-        from .experiment import head_sweep, open_model, open_tokens
-        from .models import load_model
-
-        sweep = head_sweep(cfg, "resample", progress=progress)
-        self.per_head, self.top, self.sample = sweep_frames(sweep)
-        self.meta = sweep.meta
-        self.head = featured_head(self.per_head, cfg.featured_heads)
-        self.label = head_label(*self.head)
-        runs = {a: single_head(cfg, self.head, a, progress) for a in ("mean", "zero")}
-        self.tokens = head_tokens(self.top, self.sample, self.head, runs)
-        self.ratios = ratio_summary(self.tokens)
-        self.shares = norm_share(self.top, self.sample)
-        self.layers = layer_shares(self.shares)
-        model = open_model(cfg)
-        self.model = model
-        ref = ref_tokens = None
-        if reference and not (model.parallel_residual and self.head[0] == model.n_layers - 1):
-            ref = load_model("tiny-gpt_neox", dtype="float64")
-            g = torch.Generator().manual_seed(cfg.seed)
-            ref_tokens = torch.randint(0, ref.d_vocab, (4, 32), generator=g)
-        rows = open_tokens(cfg, model)[:max(2, cfg.batch_size)]
-        self.check = appendix_b(model, rows, self.head, ref, ref_tokens)
-        self.check_table = appendix_b_table(self.check)
-
-
-def measure(cfg, progress: bool = True) -> LayerNormChapter:
-    """Chapter 02: the resample sweep (shared, cached), mean and zero ablation of the featured head
-    (cached), norm shares of every head, and the App. B check (here and on tiny-gpt_neox)."""
-    return LayerNormChapter(cfg, progress=progress)
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
-
-
-def on_this_model(ch: LayerNormChapter, model: str = "this model") -> str:
-    """The "On this model" paragraph: §3's claims re-tested, numbers interpolated.
-
-    Verdict rules: *S/S' > 1 on most top tokens* holds when the share exceeds 50% under every
-    ablation and grows resample -> mean -> zero (weakly); *norm share ~30%* holds when the mean
-    clipped top-k% final-norm share over all layers is within 15-45%;
-    *App. B* holds when its mean relative error is below 1e-3.
-    """
-    r = ch.ratios.set_index("ablation")
-    shares = [r.loc[a, "share_ratio_above_1"] for a in ABLATION_ORDER if a in r.index]
-    most = all(s > 0.5 for s in shares)
-    ordered = all(a <= b + 1e-9 for a, b in zip(shares, shares[1:]))
-    first = int(ch.per_head["layer"].max() + 1) // 2
-    fin = ch.layers[(ch.layers["tokens"] == "top-k%") & (ch.layers["clipping"] == "clipped")]
-    final = fin[fin["component"] == "final norm"]
-    overall, late = final["share"].mean(), final[final["layer"] >= first]["share"].mean()
-    block = fin[fin["component"] == "block norms"]["share"].mean()
-    near = 0.15 <= overall <= 0.45
-    t = ch.check_table
-    here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
-    holds_here = bool((here["relative_error"] < 1e-3).all())
-    v = {True: "**holds**", False: "**differs**"}
-    ratio_txt = ", ".join(f"{_pct(r.loc[a, 'share_ratio_above_1'])} {a} (paper: "
-                          f"{100 * PAPER_RATIO_SHARE[a]:g}%)" for a in ABLATION_ORDER if a in r.index)
-    text = (f"**On {model}** (head {ch.label}, top {ch.meta.get('top_percent', 'k')}% tokens). "
-            f"*The ablated residual is smaller, S/S′ > 1* {v[most]}{'' if ordered else ' (but not in the paper’s order resample < mean < zero)'}: "
-            f"{ratio_txt}. *The final norm gives back about 30% of the direct effect* {v[near]}: "
-            f"the clipped top-k% share averages {_pct(overall)} over all layers (layer means "
-            f"{_pct(final['share'].min())}–{_pct(final['share'].max())}; {_pct(late)} over layers "
-            f"{first}–{int(ch.per_head['layer'].max())})")
-    if np.isfinite(block):
-        text += (f"; this model's sandwich (post-attention/post-feedforward) norms, which the paper "
-                 f"does not have, give back a further {_pct(block)}")
-    text += (f". *Appendix B's closed form* {v[holds_here]} here: mean relative error "
-             f"{here['relative_error'].mean():.2g} (largest left-out term "
-             f"{here['max_left_out_term'].max():.3g} logits)")
-    if not (ch.model.parallel_residual and here["last_layer"].all()):
-        why = ("the head is not in the last layer, so later layers also respond"
-               if not here["last_layer"].all() else "the block is sequential, so the last MLP"
-               + (" and the sandwich norms" if ch.model.sandwich else "") + " also respond")
-        text += (" — expected, because the closed form assumes nothing but the final norm sits "
-                 f"downstream of the head; here {why}")
-    if len(ref):
-        text += (f"; on {ref['model'].iloc[0]} (parallel residual, last-layer head) it holds to a "
-                 f"largest error of {ref['max_abs_error'].max():.1e} logits")
-    return text + (". (Verdict rules: S/S′ > 1 on more than half the tokens under every ablation; "
-                   "clipped share over all layers within 15–45%; App. B relative error < 1e-3.)")

@@ -9,7 +9,8 @@ layer's DE. Signs: ``delta = ablated - clean``; a neuron *repairs* when ``delta 
 a negative clean DE is an *erasure* neuron (it was pushing the correct logit down); when it repairs
 it performs **anti-erasure**: it erases less once the head is gone (§4).
 
-Only heads upstream of ``L`` are measured (layer < L, or = L in a sequential block). In sandwich
+Only heads upstream of ``L`` are measured (:func:`selfrepair.structure.reads`: layer < L, or = L in a
+sequential block). In sandwich
 models the change of the layer's norm scale ``s`` is not a neuron's and is left out here (it is in
 ``from_block_norms`` of the head decomposition).
 
@@ -23,22 +24,24 @@ at most ``max_instances``) are kept by a streamed running top-k, each with its f
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
-from .ablation import check_ablation, default_corrupt_tokens, replacement_z
-from .direct_effect import neuron_effects, readout
+from .ablation import check_ablation
+from .batch import TokenSet, batches, mean_z
+from .direct_effect import neuron_effects
 from .errors import InputError
-from .intervene import run
+from .heads import check_heads, check_tokens
+from .measure import RunOptions, Spec
 from .models import Model
-from .results import head_label, load_tensors, save_tensors
-from .heads import CLEAN_READS, ablate_heads, check_heads, check_tokens
+from .passes import ablate_heads
+from .results import Result, head_label
+from .structure import reads, top_k
+from .sweep import check_token_set
 
 SELECTIONS = ("direct_effect", "self_repair", "mlp_repair")
 SCALARS = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair",
@@ -46,45 +49,35 @@ SCALARS = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair
 
 
 @dataclass
-class NeuronResult:
+class NeuronResult(Result):
     """Per featured head and selection: ``{sel}/{name}`` -> ``[head, k]`` (``instance``, ``score``
     and :data:`SCALARS`) or ``[head, k, d_mlp]`` (``clean``: neuron clean DE, ``delta``)."""
 
-    heads: list[tuple[int, int]]
+    heads: list
     neuron_layer: int
-    data: dict[str, torch.Tensor]
-    meta: dict = field(default_factory=dict)
+    data: dict
+    tokens: torch.Tensor | None = None  # [rows, seq] the rows measured
+    corrupt_tokens: torch.Tensor | None = None  # their resample sources
 
     def get(self, selection: str, name: str) -> torch.Tensor:
         if selection not in SELECTIONS:
             raise InputError(f"unknown selection {selection!r}: use one of {', '.join(SELECTIONS)}")
         return self.data[f"{selection}/{name}"]
 
-    def save(self, path: str | Path) -> Path:
-        meta = {**self.meta, "heads": [list(h) for h in self.heads], "neuron_layer": self.neuron_layer}
-        return save_tensors(path, self.data, meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "NeuronResult":
-        data, meta = load_tensors(path)
-        return cls([tuple(h) for h in meta["heads"]], int(meta["neuron_layer"]), data, meta)
+    def to_frame(self) -> pd.DataFrame:
+        return instances(self, "direct_effect")
 
 
 def upstream(model: Model, layer: int, neuron_layer: int) -> bool:
     """Whether a head of ``layer`` can change the neurons of MLP layer ``neuron_layer``."""
-    return layer < neuron_layer or (layer == neuron_layer and not model.parallel_residual)
+    return reads(model.parallel_residual, "attn", layer, "mlp", neuron_layer)
 
 
-def featured_heads(per_head: pd.DataFrame, model: Model, n: int = 4,
-                   neuron_layer: int | None = None) -> list[tuple[int, int]]:
-    """The ``n`` heads upstream of the neuron layer with the largest mean self-repair on their top
-    tokens (a sweep's ``per_head()``), preferring the later half of the layers (§4.2 picks late
-    heads before the final MLP layer)."""
+def last_upstream_layer(model: Model, neuron_layer: int | None = None) -> int:
+    """The last layer whose heads feed MLP layer ``neuron_layer`` (default the last): the paper's
+    "attention head right before the final MLP layer" (§4.1)."""
     L = model.n_layers - 1 if neuron_layer is None else neuron_layer
-    ok = per_head[[upstream(model, int(l), L) for l in per_head["layer"]]]
-    late = ok[ok["layer"] >= model.n_layers // 2]
-    pick = (late if len(late) else ok).sort_values("self_repair", ascending=False).head(n)
-    return [(int(l), int(h)) for l, h in zip(pick["layer"], pick["head"])]
+    return L if upstream(model, L, L) else L - 1
 
 
 def keep_top(state: dict | None, new: dict, k: int) -> dict:
@@ -97,18 +90,25 @@ def keep_top(state: dict | None, new: dict, k: int) -> dict:
             for key, v in new.items()}
 
 
-def measure_neurons(model: Model, tokens: torch.Tensor, heads: list[tuple[int, int]], *,
-                    ablation: str = "resample", top_percent: float = 2.0, batch_size: int = 8,
-                    neuron_layer: int | None = None, max_instances: int = 2048,
-                    progress: bool = True) -> NeuronResult:
-    """Clean and ablated DE of every neuron of MLP layer ``neuron_layer`` (default last) for each
-    head in ``heads``, on each selection's top-k% instances of ``tokens [rows, seq]``."""
-    check_ablation(ablation)
-    tokens = check_tokens(model, tokens).cpu()
+def resolve_neuron_layer(model: Model, neuron_layer: int | None) -> int:
     L = model.n_layers - 1 if neuron_layer is None else neuron_layer + (model.n_layers if neuron_layer < 0 else 0)
     if not 0 <= L < model.n_layers:
         raise InputError(f"neuron_layer={neuron_layer} is out of range: {model.name} has MLP layers "
                          f"0 .. {model.n_layers - 1}")
+    return L
+
+
+def measure_neurons(model: Model, tokens: torch.Tensor | TokenSet, heads: list[tuple[int, int]], *,
+                    ablation: str = "resample", top_percent: float = 2.0, batch_size: int = 8,
+                    neuron_layer: int | None = None, max_instances: int = 2048,
+                    progress: bool = True) -> NeuronResult:
+    """Clean and ablated DE of every neuron of MLP layer ``neuron_layer`` (default last) for each
+    head in ``heads``, on each selection's top-k% instances of ``tokens [rows, seq]`` (a tensor,
+    resampled from its rows rolled by one, or a :class:`~selfrepair.batch.TokenSet`)."""
+    check_ablation(ablation)
+    data = tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(check_tokens(model, tokens).cpu())
+    check_tokens(model, data.tokens)
+    L = resolve_neuron_layer(model, neuron_layer)
     heads = check_heads(model, heads)
     if not heads:
         raise InputError("no heads to measure: pass at least one (layer, head)")
@@ -116,37 +116,25 @@ def measure_neurons(model: Model, tokens: torch.Tensor, heads: list[tuple[int, i
     if bad:
         raise InputError(f"heads {bad} are not upstream of MLP layer {L} (parallel residual: the same "
                          "layer's MLP does not read its heads): pick earlier heads")
-    if ablation == "resample" and batch_size < 2:
-        raise InputError("resample ablation pairs rows inside a batch: use batch_size >= 2")
-    seq1 = tokens.shape[1] - 1
-    k = min(max_instances, max(1, math.ceil(top_percent / 100 * len(tokens) * seq1)))
+    check_token_set(model, data, ablation)  # resample sources: valid ids, the rows' own shape
+    seq1 = data.seq_len - 1
+    k = min(max_instances, top_k(data.n_instances, top_percent))
     layers = sorted({l for l, _ in heads})
-    mean_z = None
-    if ablation == "mean":  # the mean over every token, as the sweep takes it
-        from .sweep import thresholds
-        _, mean_z = thresholds(model, tokens, 1, batch_size, with_mean_z=True, progress=False)
+    mz = mean_z(model, data, batch_size) if ablation == "mean" else None
     states: dict[str, dict | None] = {s: None for s in SELECTIONS}
-    for start in tqdm(range(0, len(tokens), batch_size), desc="neurons", disable=not progress):
-        tok = tokens[start:start + batch_size].to(model.device)
-        clean = run(model, tok, read=CLEAN_READS + ("neurons",), read_embed=True,
-                    read_layers={"neurons": [L]})
-        ro = readout(model, tok, clean)
+    score_of = {"direct_effect": "direct_effect", "self_repair": "self_repair", "mlp_repair": "layer_delta"}
+    for batch in tqdm(batches(model, data, batch_size, ablation=ablation, neuron_layers=(L,)),
+                      total=-(-len(data) // batch_size), desc="neurons", disable=not progress):
+        ro = batch.readout
         dm = ro.write_dir(model, "mlp", L)
-        clean_n = neuron_effects(model, clean.reads["neurons"][0][:, :-1], dm, L)  # [d_mlp, b, p]
+        clean_n = neuron_effects(model, batch.clean.reads["neurons"][0][:, :-1], dm, L)  # [d_mlp, b, p]
         bias = model.mlp_out_bias(L)
         layer_clean = clean_n.sum(0) + (0.0 if bias is None else dm @ bias)
-        if ablation == "resample":
-            corrupt = run(model, default_corrupt_tokens(tok), read=("z",), read_layers={"z": layers})
-            repl = dict(zip(layers, corrupt.reads["z"]))
-        elif ablation == "mean":
-            repl = {l: mean_z[l].to(model.device, model.dtype) for l in layers}
-        else:
-            zero = replacement_z(model, "zero", clean.reads["z"], None)
-            repl = {l: zero[l] for l in layers}
+        repl = batch.replacement(ablation, mz)
         parts = []
         for layer in layers:
             hs = [h for l, h in heads if l == layer]
-            out = ablate_heads(model, tok, clean, ro, layer, hs, repl[layer], neuron_layer=L)
+            out = ablate_heads(batch, layer, hs, repl[layer], neuron_layer=L)
             delta = neuron_effects(model, out["neurons"], dm, L) - clean_n[:, None]  # [d_mlp, k, b, p]
             q = {name: out[name] for name in SCALARS[:4]}
             q["layer_clean"] = layer_clean.expand_as(q["direct_effect"])
@@ -155,42 +143,37 @@ def measure_neurons(model: Model, tokens: torch.Tensor, heads: list[tuple[int, i
             q["clean"] = clean_n.flatten(1).T.cpu().expand(len(hs), -1, -1)
             q["delta"] = delta.flatten(2).permute(1, 2, 0).cpu()  # [k, instance, d_mlp]
             parts.append(q)
-        batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        n = batch["direct_effect"].shape[1]
-        batch["instance"] = torch.arange(start * seq1, start * seq1 + n).expand(len(heads), -1)
-        score_of = {"direct_effect": "direct_effect", "self_repair": "self_repair",
-                    "mlp_repair": "layer_delta"}
+        new = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        new["instance"] = batch.instances().expand(len(heads), -1)
         for sel in SELECTIONS:
-            states[sel] = keep_top(states[sel], {**batch, "score": batch[score_of[sel]]}, k)
-    data = {f"{sel}/{key}": v.contiguous() for sel, st in states.items() for key, v in st.items()}
-    meta = {**model.describe(), "ablation": ablation, "top_percent": top_percent,
-            "seq_len": tokens.shape[1], "n_rows": len(tokens), "k": k, "batch_size": batch_size,
-            "capped": k < math.ceil(top_percent / 100 * len(tokens) * seq1)}
-    return NeuronResult(heads, L, data, meta)
+            states[sel] = keep_top(states[sel], {**new, "score": new[score_of[sel]]}, k)
+    rec = data.record()
+    return NeuronResult(heads, L, {f"{sel}/{key}": v.contiguous() for sel, st in states.items()
+                                   for key, v in st.items()},
+                        tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
+                        meta={**model.describe(), "ablation": ablation, "top_percent": top_percent,
+                              "seq_len": data.seq_len, "n_rows": len(data), "k": k,
+                              "capped": k < top_k(len(data) * seq1, top_percent)})
 
 
-def neuron_sweep(cfg, heads: list[tuple[int, int]] | None = None, *, n_featured: int = 4,
-                 progress: bool = True) -> NeuronResult:
-    """:func:`measure_neurons` for ``cfg`` (cached). Heads: ``heads``, else ``cfg.featured_heads``,
-    else :func:`featured_heads` of the cached all-heads sweep."""
-    from . import experiment
-    from .config import parse_head
+@dataclass(frozen=True)
+class NeuronSpec(Spec):
+    """The neurons of one MLP layer under the ablation of each listed head (chapter 3)."""
 
-    model = experiment.open_model(cfg)
-    if heads is None and cfg.featured_heads:
-        heads = [parse_head(x) for x in cfg.featured_heads]
-    if heads is None:
-        heads = featured_heads(experiment.head_sweep(cfg, progress=progress).per_head(), model,
-                               int(n_featured))
-    heads = check_heads(model, heads)
-    params = experiment.cache_params(cfg, model, ablation=cfg.ablation, kind="neurons",
-                                     heads=[list(h) for h in heads])
-    return experiment.cached_result(
-        cfg, "neurons", params,
-        lambda: measure_neurons(model, experiment.open_tokens(cfg, model), heads,
-                                ablation=cfg.ablation, top_percent=cfg.top_percent,
-                                batch_size=cfg.batch_size, progress=progress),
-        NeuronResult.load)
+    kind = "neurons"
+    result = NeuronResult
+
+    heads: tuple[tuple[int, int], ...]  # the ablated heads, upstream of the neuron layer
+    ablation: str = "resample"
+    top_percent: float = 2.0  # per head and selection, the top k% of tokens kept
+    neuron_layer: int | None = None  # None: the last MLP layer
+    max_instances: int = 2048  # cap on the tokens kept per head and selection (memory)
+
+    def compute(self, model: Model, data: TokenSet, options: RunOptions) -> NeuronResult:
+        return measure_neurons(model, data, list(self.heads), ablation=self.ablation,
+                               top_percent=self.top_percent, batch_size=options.batch_size,
+                               neuron_layer=self.neuron_layer, max_instances=self.max_instances,
+                               progress=options.progress)
 
 
 # -- tidy frames (plain torch/pandas over a NeuronResult) --------------------------------------
@@ -326,35 +309,3 @@ def summary(res: NeuronResult, top: int = 10) -> pd.DataFrame:
                      "max_top_frequency": float(freq["frequency"].iloc[i]),
                      "max_top_neuron": int(freq["neuron"].iloc[i])})
     return pd.DataFrame(rows)
-
-
-def on_this_model(res: NeuronResult, summ: pd.DataFrame | None = None) -> str:
-    """The chapter's "On this model" paragraph (Markdown), every number computed."""
-    s = summary(res) if summ is None else summ
-    m = res.meta
-    lines = [f"**On this model** ({m.get('model')}, MLP layer {res.neuron_layer} with {m.get('d_mlp')} "
-             f"neurons, {m.get('ablation')} ablation, top {m.get('top_percent'):g}% tokens = "
-             f"{m.get('k')} per head and selection"
-             f"{', capped by max_instances: the highest of them' if m.get('capped') else ''}):", ""]
-    for r in s.itertuples():
-        lines.append(
-            f"- **{r.label}** (mean DE {r.direct_effect:+.3f}, self-repair {r.self_repair:+.3f}): the "
-            f"layer's neurons repair {r.layer_delta:+.3f}; the top neuron alone a median "
-            f"{100 * r.top1_fraction:.1f}% of the head's DE; half of the absolute change sits in "
-            f"{r.neurons_50} neurons ({100 * r.neurons_50 / r.d_mlp:.1f}% of the layer), 90% in "
-            f"{r.neurons_90}; erasure neurons are {100 * r.erasure_top:.0f}% of the top-10 repairing "
-            f"neurons (of all neurons: {100 * r.negative_baseline:.0f}%) and carry "
-            f"{100 * r.erasure_repair_share:.0f}% of the positive ΔDE; the most frequent top-10 neuron "
-            f"(N{r.max_top_neuron}) is there on {100 * r.max_top_frequency:.0f}% of the most "
-            f"self-repaired tokens.")
-    n = len(s)
-    sparse = int((s["neurons_50"] <= 0.05 * s["d_mlp"]).sum())
-    erasing = int((s["erasure_top"] > s["negative_baseline"] + 0.05).sum())
-    lines += ["", f"Against the paper: *sparse repair* (half of the absolute change in at most 5% of "
-              f"the neurons) holds for {sparse} of {n} heads; erasure neurons are over-represented "
-              f"among the top-10 repairing neurons (by more than 5 points over all neurons) for "
-              f"{erasing} of {n}; the largest top-10 frequency is {100 * s['max_top_frequency'].max():.0f}% "
-              f"(paper: at most 16% for Pythia-160M L10H11, on many more tokens); the whole layer's clean "
-              f"DE is positive on a median {100 * s['layer_positive'].median():.0f}% of the heads' top "
-              f"tokens (paper: almost always on Fig 7's tokens)."]
-    return "\n".join(lines)

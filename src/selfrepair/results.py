@@ -1,8 +1,15 @@
-"""Result containers: tensors plus metadata, tidy frames, and safe files.
+"""Results: one base for every measurement's output, and safe files.
+
+Every result (:class:`SelfRepairResult` here; the sweep's, the neurons', the iterative and the
+Hydra measurements' in their modules) is a dataclass deriving from :class:`Result`: its tensor
+fields (and dicts of tensors) are saved as tensors, its other fields as JSON, and ``meta`` holds
+the provenance the results cache writes (spec, model identity, data fingerprint, speed knobs,
+versions). ``to_frame()`` gives a tidy frame with the canonical columns ``layer, head, label``.
 
 Files are safetensors (no pickles) with the metadata as JSON inside the header, written
-atomically (temporary file + rename) so a reader never sees a partial file, and verified by a
-SHA-256 of the tensor bytes stored in the header.
+atomically (temporary file + rename) so a reader never sees a partial file — a write that fails
+(disk full, permission denied) leaves the previous file intact — and verified by a SHA-256 of the
+tensor bytes stored in the header.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
+
+from .errors import SelfRepairError
 
 HEAD_QUANTITIES = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair",
                    "from_heads", "from_mlps", "from_norm", "from_block_norms", "scale_ablated")
@@ -26,7 +36,11 @@ def head_label(layer: int, head: int) -> str:
 
 
 class CorruptResultError(RuntimeError):
-    """A result file is truncated or its checksum does not match."""
+    """A result file is truncated, its checksum does not match, or it holds another result type."""
+
+
+class ResultWriteError(SelfRepairError):
+    """A result could not be written (disk full, permission denied); the previous file is intact."""
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -40,23 +54,32 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write ``tensors`` + ``meta`` to ``path`` atomically, with a checksum."""
+    """Write ``tensors`` + ``meta`` to ``path`` atomically, with a checksum.
+
+    A failing write (``OSError``: disk full, permission denied, ...) removes its temporary file,
+    leaves whatever was at ``path`` untouched and raises :class:`ResultWriteError` naming the path.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = {"meta": json.dumps(meta, sort_keys=True, default=str), "sha256": _digest(tensors)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         save_file(tensors, tmp, metadata=header)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
+    except OSError as e:
+        raise ResultWriteError(f"could not write {path} ({e.strerror or e}); the previous file there, "
+                               "if any, is unchanged. Free some space or pick a writable cache_dir, "
+                               "then run again.") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -77,17 +100,89 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, json.loads(header.get("meta", "{}"))
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class Result:
+    """The base of every result: tensors + JSON attributes + ``meta``, one file.
+
+    Subclasses are dataclasses. Tensor fields and ``dict[str, Tensor]`` fields are stored as
+    tensors (a dict's entries as ``"<field>/<key>"``), every other field as JSON (lists of pairs
+    come back as lists of tuples). ``meta`` is free-form provenance, written by the results cache.
+    """
+
+    meta: dict = field(default_factory=dict, kw_only=True)
+
+    TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("heads",)  # JSON lists of pairs -> lists of tuples
+
+    def _fields(self):
+        return [f for f in fields(self) if f.name != "meta"]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in self._fields():
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v
+            elif isinstance(v, dict) and v and all(isinstance(x, torch.Tensor) for x in v.values()):
+                out.update({f"{f.name}/{k}": x for k, x in v.items()})
+        return out
+
+    def attributes(self) -> dict:
+        tensor_names = {k.split("/", 1)[0] for k in self.tensors()}
+        return {f.name: _jsonable(getattr(self, f.name)) for f in self._fields()
+                if f.name not in tensor_names and not isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        meta = {**self.meta, "result": type(self).__name__, "attributes": self.attributes()}
+        return save_tensors(path, self.tensors(), meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        tensors, meta = load_tensors(path)
+        kind = meta.pop("result", None)
+        if kind is not None and kind != cls.__name__:
+            raise CorruptResultError(f"{path} holds a {kind}, not a {cls.__name__}")
+        attrs = meta.pop("attributes", {})
+        return cls._restore(tensors, attrs, meta)
+
+    @classmethod
+    def _restore(cls, tensors: dict, attrs: dict, meta: dict):
+        kwargs: dict[str, Any] = {}
+        for key, t in tensors.items():
+            if "/" in key:
+                name, sub = key.split("/", 1)
+                kwargs.setdefault(name, {})[sub] = t
+            else:
+                kwargs[key] = t
+        for name, value in attrs.items():
+            if name in cls.TUPLE_FIELDS and value is not None:
+                value = [tuple(v) for v in value]
+            kwargs[name] = value
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in names}, meta=meta)
+
+    def to_frame(self) -> pd.DataFrame:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+
 def _head_index(heads: list) -> tuple[torch.Tensor, torch.Tensor]:
     """``(layers, heads)`` index tensors of a list of ``(layer, head)`` pairs (possibly empty)."""
     return torch.tensor(heads, dtype=torch.long).view(-1, 2).unbind(1)
 
 
 @dataclass
-class SelfRepairResult:
-    """Per-head, per-token self-repair: each quantity ``[layer, head, batch, pos-1]``.
+class SelfRepairResult(Result):
+    """Per-head, per-token self-repair: each quantity ``[layer, head, batch, pos-1]`` (NaN for
+    heads not listed in ``heads``).
 
     Signs: ``delta_logit = ablated - clean``; ``self_repair = delta_logit - (ablated_direct_effect
-    - direct_effect)`` = ``from_heads + from_mlps + from_norm + from_block_norms``.
+    - direct_effect)`` = ``from_heads + from_mlps + from_norm + from_block_norms``. ``tokens`` and
+    ``corrupt_tokens`` are the rows measured and their resample sources.
     """
 
     direct_effect: torch.Tensor
@@ -101,17 +196,14 @@ class SelfRepairResult:
     scale_ablated: torch.Tensor
     scale_clean: torch.Tensor  # [batch, pos-1]
     logit: torch.Tensor  # [batch, pos-1] centered clean logit of the next token
+    tokens: torch.Tensor | None = None  # [batch, seq] the rows measured
+    corrupt_tokens: torch.Tensor | None = None  # [batch, seq] their resample sources
     ablation: str = "resample"
     heads: list = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
 
     @property
     def delta_direct_effect(self) -> torch.Tensor:
         return self.ablated_direct_effect - self.direct_effect
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to_frame(self, mask: torch.Tensor | None = None) -> pd.DataFrame:
         """Tidy per-token frame (one row per head x token) of the listed heads; ``mask``
@@ -141,24 +233,20 @@ class SelfRepairResult:
         out["n_tokens"] = df.groupby(["layer", "head"], sort=True).size().to_numpy()
         return out
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the listed heads' rows only (unlisted heads are NaN; :meth:`load` restores them)."""
-        n_layers, n_heads = self.direct_effect.shape[:2]
-        meta = {**self.meta, "ablation": self.ablation, "heads": [list(h) for h in self.heads],
-                "head_grid": [n_layers, n_heads]}
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The listed heads' rows only (unlisted heads are NaN; :meth:`load` restores them)."""
         layer, head = _head_index(self.heads)
-        tensors = {q: t[layer, head] if q in HEAD_QUANTITIES else t for q, t in self.tensors().items()}
-        return save_tensors(path, tensors, meta)
+        return {q: t[layer, head] if q in HEAD_QUANTITIES else t for q, t in super().tensors().items()}
+
+    def attributes(self) -> dict:
+        return {**super().attributes(), "head_grid": list(self.direct_effect.shape[:2])}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SelfRepairResult":
-        tensors, meta = load_tensors(path)
-        heads = [tuple(h) for h in meta.pop("heads", [])]
-        grid = meta.pop("head_grid", None)
-        if grid is not None:
-            layer, head = _head_index(heads)
-            for q in HEAD_QUANTITIES:
-                full = torch.full((*grid, *tensors[q].shape[1:]), float("nan"), dtype=tensors[q].dtype)
-                full[layer, head] = tensors[q]
-                tensors[q] = full
-        return cls(**tensors, ablation=meta.get("ablation", "resample"), heads=heads, meta=meta)
+    def _restore(cls, tensors: dict, attrs: dict, meta: dict):
+        grid = attrs.pop("head_grid")
+        layer, head = _head_index([tuple(h) for h in attrs.get("heads", [])])
+        for q in HEAD_QUANTITIES:
+            full = torch.full((*grid, *tensors[q].shape[1:]), float("nan"), dtype=tensors[q].dtype)
+            full[layer, head] = tensors[q]
+            tensors[q] = full
+        return super()._restore(tensors, attrs, meta)

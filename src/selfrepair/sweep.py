@@ -5,42 +5,48 @@ tokens:
 
 1. *clean* (cheap): every head's clean direct effect per token; a running per-head top-k keeps
    the exact top ``top_percent``% instances (the paper's 2% of tokens by DE); for ``mean``
-   ablation the mean ``z`` is accumulated as well.
-2. *ablate*: every head ablated (:func:`selfrepair.self_repair.ablate_heads`); per head, sums of
-   every quantity over all tokens and over its top instances, and the per-token values of its
-   top instances plus a fixed random sample of instances (same for all heads, from ``seed``).
+   ablation the mean ``z`` over every token is accumulated as well; and each token's
+   ``competitor_gap`` — how far the correct token's logit is above its strongest competitor's, in
+   the part of the logits the final norm's scale multiplies (App. H).
+2. *ablate*: every head ablated (:func:`selfrepair.passes.ablate_heads`); per head, sums of
+   every quantity over all tokens (the paper's Fig 2 "across the whole dataset") and over its top
+   instances (Fig 1), and the per-token values of its top instances plus a uniform random sample
+   of instances, the same for all heads (Fig 3's "tokens of the distribution").
 
-After every ``checkpoint_every`` batches the state is written atomically next to the result;
-an interrupted run started again with the same parameters resumes from it and produces the same
-numbers as an uninterrupted one (same batches, same order of summation).
+Each row's resample source is fixed for the whole token set (from another document, see
+:func:`selfrepair.data.resample_sources`), so the numbers do not depend on ``batch_size`` and a
+lone last row is measured like any other. After every batch the state is written atomically
+beside the result; an interrupted run started again resumes from it (at the same row, whatever
+the batch size) and produces the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
-from .ablation import check_ablation, default_corrupt_tokens, replacement_z
-from .direct_effect import head_effects, readout
+from .ablation import check_ablation
+from .batch import TokenSet, batches, clean_batch, tensor_digest
 from .errors import InputError
-from .intervene import run
+from .interrupt import graceful
+from .measure import RunOptions, Spec
 from .models import Model
-from .results import (HEAD_QUANTITIES, CorruptResultError, head_label, load_tensors,
-                      save_tensors)
-from .heads import ablate_heads, check_tokens, clean_pass
+from .passes import HEAD_QUANTITIES, ablate_heads
+from .results import CorruptResultError, Result, head_label, load_tensors, save_tensors
+from .structure import top_k
 
-COLUMNS = HEAD_QUANTITIES + ("scale_clean", "logit")
+COLUMNS = HEAD_QUANTITIES + ("scale_clean", "logit", "competitor_gap")
 KIND_TOP, KIND_SAMPLE = 1, 2
+SAMPLE_SIZE = 5000  # the paper's Fig 3: 5,000 individual tokens of the distribution
 
 
 @dataclass
-class Sweep:
+class Sweep(Result):
     """Per-head summaries and selected per-token values of an all-heads sweep."""
 
     sum_all: torch.Tensor  # [layer, head, column] sums over every token
@@ -49,181 +55,270 @@ class Sweep:
     n_top: torch.Tensor  # [layer, head]
     tok_index: torch.Tensor  # [n, 4] layer, head, instance (row * (seq-1) + pos), kind
     tok_values: torch.Tensor  # [n, column]
-    meta: dict = field(default_factory=dict)
+    tokens: torch.Tensor | None = None  # [rows, seq] the rows measured
+    corrupt_tokens: torch.Tensor | None = None  # [rows, seq] their resample sources
 
     @property
     def n_layers(self) -> int:
         return self.sum_all.shape[0]
 
-    def per_head(self) -> pd.DataFrame:
-        """One row per head: ``<q>`` = mean over the head's top instances, ``<q>_all`` = mean over
-        all tokens, ``n_top``; canonical columns ``layer, head, label``."""
+    @property
+    def seq1(self) -> int:
+        return (self.tokens.shape[1] if self.tokens is not None else self.meta["seq_len"]) - 1
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
         L, H, _ = self.sum_all.shape
-        rows = []
-        for l in range(L):
-            for h in range(H):
-                row = {"layer": l, "head": h, "label": head_label(l, h), "n_top": int(self.n_top[l, h])}
-                for i, q in enumerate(COLUMNS):
-                    row[q] = float(self.sum_top[l, h, i] / max(1, self.n_top[l, h]))
-                    row[f"{q}_all"] = float(self.sum_all[l, h, i] / max(1, self.n_all))
-                rows.append(row)
-        df = pd.DataFrame(rows)
+        return [(l, h) for l in range(L) for h in range(H)]
+
+    def per_head(self) -> pd.DataFrame:
+        """One row per head: ``<q>`` = mean over the head's top instances (Fig 1), ``<q>_all`` =
+        mean over every token (Fig 2), ``n_top``, ``n_all``; canonical columns ``layer, head, label``."""
+        L, H, _ = self.sum_all.shape
+        top = (self.sum_top / self.n_top.clamp_min(1)[..., None]).double()
+        every = (self.sum_all / max(1, self.n_all)).double()
+        layer, head = torch.meshgrid(torch.arange(L), torch.arange(H), indexing="ij")
+        df = pd.DataFrame({"layer": layer.flatten().numpy(), "head": head.flatten().numpy()})
+        df.insert(2, "label", [head_label(l, h) for l, h in zip(df["layer"], df["head"])])
+        df["n_top"], df["n_all"] = self.n_top.flatten().numpy(), self.n_all
+        for i, q in enumerate(COLUMNS):
+            df[q] = top[..., i].flatten().numpy()
+            df[f"{q}_all"] = every[..., i].flatten().numpy()
         df["delta_direct_effect"] = df["ablated_direct_effect"] - df["direct_effect"]
+        df["delta_direct_effect_all"] = df["ablated_direct_effect_all"] - df["direct_effect_all"]
         return df
 
-    def tokens(self, kind: str = "top") -> pd.DataFrame:
-        """Per-token rows of ``kind`` "top" (each head's top instances) or "sample"."""
+    def to_frame(self) -> pd.DataFrame:
+        return self.per_head()
+
+    def tokens_frame(self, kind: str = "top") -> pd.DataFrame:
+        """Per-token rows of ``kind`` "top" (each head's top instances) or "sample" (a uniform
+        sample of all instances, the same for every head)."""
         sel = self.tok_index[:, 3] == (KIND_TOP if kind == "top" else KIND_SAMPLE)
         idx, vals = self.tok_index[sel], self.tok_values[sel]
-        seq1 = self.meta["seq_len"] - 1
-        df = pd.DataFrame(vals.numpy(), columns=list(COLUMNS))
+        df = pd.DataFrame(vals.double().numpy(), columns=list(COLUMNS))
         df.insert(0, "layer", idx[:, 0].numpy())
         df.insert(1, "head", idx[:, 1].numpy())
         df.insert(2, "label", [head_label(l, h) for l, h in idx[:, :2].tolist()])
-        df.insert(3, "row", (idx[:, 2] // seq1).numpy())
-        df.insert(4, "pos", (idx[:, 2] % seq1).numpy())
+        df.insert(3, "row", (idx[:, 2] // self.seq1).numpy())
+        df.insert(4, "pos", (idx[:, 2] % self.seq1).numpy())
         df["delta_direct_effect"] = df["ablated_direct_effect"] - df["direct_effect"]
         return df
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"sum_all": self.sum_all, "sum_top": self.sum_top, "n_top": self.n_top,
-                "n_all": torch.tensor(self.n_all), "tok_index": self.tok_index,
-                "tok_values": self.tok_values}
 
-    def save(self, path: str | Path) -> Path:
-        return save_tensors(path, self.tensors(), self.meta)
+@dataclass(frozen=True)
+class SweepSpec(Spec):
+    """Every head of the model ablated on every token (chapters 1, 2, 3 and 6)."""
 
-    @classmethod
-    def load(cls, path: str | Path) -> "Sweep":
-        t, meta = load_tensors(path)
-        return cls(t["sum_all"], t["sum_top"], int(t["n_all"]), t["n_top"], t["tok_index"],
-                   t["tok_values"], meta)
+    kind = "sweep"
+    result = Sweep
 
+    ablation: str = "resample"  # what replaces each head's output
+    top_percent: float = 2.0  # per head, the top k% of tokens by clean direct effect
+    sample_size: int = SAMPLE_SIZE  # instances kept per head for per-token views (uniform sample)
+    seed: int = 0  # which instances the sample holds
 
-def _state_path(path: Path | None) -> Path | None:
-    return None if path is None else path.with_name(path.name + ".partial")
-
-
-def _load_state(state_path: Path | None, meta: dict) -> dict | None:
-    if state_path is None or not state_path.exists():
-        return None
-    try:
-        state, smeta = load_tensors(state_path)
-    except CorruptResultError:
-        import warnings
-        warnings.warn(f"checkpoint {state_path} is corrupt; starting this sweep again")
-        return None
-    return state if smeta.get("params") == meta.get("params") else None
+    def compute(self, model: Model, data: TokenSet, options: RunOptions) -> Sweep:
+        return run_sweep(model, data, ablation=self.ablation, top_percent=self.top_percent,
+                         sample_size=self.sample_size, seed=self.seed, batch_size=options.batch_size,
+                         max_rows=options.max_rows, checkpoint=options.checkpoint,
+                         progress=options.progress)
 
 
-def thresholds(model: Model, tokens: torch.Tensor, k: int, batch_size: int, *,
-               with_mean_z: bool, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pass 1: each head's top-``k`` instance indices ``[layer, head, k]`` by clean DE (and the
-    mean ``z`` over all tokens when needed)."""
+def competitor(model: Model, normed: torch.Tensor, targets: torch.Tensor,
+               chunk: int = 32768) -> torch.Tensor:
+    """The highest-scoring token other than the target on the clean run, ``[batch, pos-1]`` ids,
+    from final-norm outputs ``normed [batch, pos-1, d_model]`` (the vocabulary in chunks, so
+    262k-token vocabularies never hold all logits at once)."""
+    w = model.unembed_weight
+    b = getattr(model.module(model.adapter.unembed), "bias", None)
+    x = model.acc(normed)
+    best = torch.full(targets.shape, -float("inf"), device=x.device, dtype=x.dtype)
+    best_i = torch.zeros(targets.shape, device=x.device, dtype=torch.long)
+    for start in range(0, w.shape[0], chunk):
+        logits = x @ model.acc(w[start:start + chunk]).T
+        if b is not None:
+            logits = logits + model.acc(b[start:start + chunk])
+        inside = (targets >= start) & (targets < start + chunk)
+        if inside.any():  # the target itself does not compete
+            logits[inside, (targets[inside] - start)] = -float("inf")
+        top = logits.max(-1)
+        better = top.values > best
+        best = torch.where(better, top.values, best)
+        best_i = torch.where(better, top.indices + start, best_i)
+    return best_i
+
+
+def competitor_gap(model: Model, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``logit_A - logit_B`` of the target A and its strongest competitor B (:func:`competitor`) in
+    the part the final norm's scale multiplies, ``(W_U[A] - W_U[B]) . (normed - b)`` with ``b`` the
+    final norm's bias (App. H: the norm's rescaling moves A against B by ``(S/S' - 1)`` times this;
+    the biases are not rescaled)."""
+    x = model.acc(normed)
+    b = model.norm_bias(model.module(model.adapter.final_norm))
+    if b is not None:
+        x = x - b
+    w = model.unembed_weight
+    diff = model.acc(w[targets]) - model.acc(w[competitor(model, normed, targets)])
+    return (diff * x).sum(-1)
+
+
+def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_mean_z: bool,
+               progress: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Pass 1: each head's top-``k`` instance indices ``[layer, head, k]`` by clean DE, the mean ``z``
+    over all tokens (when needed) and every instance's ``competitor_gap`` ``[n_instances]``."""
     L, H = model.n_layers, model.n_heads
-    best_v = torch.full((L, H, 0), -math.inf)
+    best_v = torch.full((L, H, 0), -float("inf"))
     best_i = torch.zeros((L, H, 0), dtype=torch.long)
-    z_sum, seq1 = None, tokens.shape[1] - 1
-    for start in tqdm(range(0, len(tokens), batch_size), desc="clean pass", disable=not progress):
-        tok = tokens[start:start + batch_size]
-        clean = clean_pass(model, tok)
-        ro = readout(model, tok, clean)
-        de = torch.stack([head_effects(model, clean.reads["z"][l][:, :-1],
-                                       ro.write_dir(model, "attn", l), l) for l in range(L)])
-        idx = torch.arange(start * seq1, (start + len(tok)) * seq1).expand(L, H, -1)
-        v = torch.cat([best_v, de.flatten(2).cpu()], -1)
-        i = torch.cat([best_i, idx], -1)
+    z_sum, runner = None, []
+    for batch in tqdm(batches(model, data, batch_size), total=-(-len(data) // batch_size),
+                      desc="clean pass", disable=not progress):
+        de = batch.all_head_de()
+        v = torch.cat([best_v, de.flatten(2).cpu().float()], -1)
+        i = torch.cat([best_i, batch.instances().expand(L, H, -1)], -1)
         top = v.topk(min(k, v.shape[-1]), dim=-1)
         best_v, best_i = top.values, i.gather(-1, top.indices)
+        runner.append(competitor_gap(model, batch.clean.final_normed[:, :-1],
+                                     batch.readout.targets).flatten().cpu().float())
         if with_mean_z:
-            zs = clean.reads["z"].float().sum((1, 2)).cpu()
+            zs = batch.clean.reads["z"].double().sum((1, 2)).cpu()
             z_sum = zs if z_sum is None else z_sum + zs
-    mean_z = None if z_sum is None else (z_sum / tokens.numel())[:, None, None]
-    return best_i.sort(-1).values, mean_z
+    mean_z = None if z_sum is None else (z_sum / data.tokens.numel())[:, None, None].float()
+    return best_i.sort(-1).values, mean_z, torch.cat(runner)
 
 
-def run_sweep(model: Model, tokens: torch.Tensor, *, ablation: str = "resample",
+def _as_token_set(tokens, corrupt_tokens=None) -> TokenSet:
+    return tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(tokens, corrupt_tokens)
+
+
+def check_token_set(model: Model, data: TokenSet, ablation: str) -> None:
+    """Everything about ``data`` that the sweep needs, checked before the first forward pass."""
+    from .heads import check_tokens
+
+    check_tokens(model, data.tokens)
+    if ablation == "resample":
+        check_tokens(model, data.corrupt_tokens, "corrupt_tokens")
+        if data.corrupt_tokens.shape != data.tokens.shape:
+            raise InputError(f"corrupt_tokens has shape {tuple(data.corrupt_tokens.shape)} but tokens "
+                             f"has {tuple(data.tokens.shape)}: resampling patches the same positions, "
+                             "so they must match")
+
+
+def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = "resample",
               top_percent: float = 2.0, batch_size: int = 8, seed: int = 0,
-              sample_size: int = 512, max_rows: int = 64, path: str | Path | None = None,
-              checkpoint_every: int = 1, params: dict | None = None,
-              progress: bool = True) -> Sweep:
-    """Sweep every head of ``model`` over ``tokens [rows, seq]`` (see module docstring).
+              sample_size: int = SAMPLE_SIZE, max_rows: int = 64,
+              corrupt_tokens: torch.Tensor | None = None, path: str | Path | None = None,
+              checkpoint: str | Path | None = None, progress: bool = True) -> Sweep:
+    """Sweep every head of ``model`` over ``tokens [rows, seq]`` (a tensor or a
+    :class:`~selfrepair.batch.TokenSet`); see the module docstring.
 
-    With ``path``, the finished sweep is written there and a checkpoint beside it while it runs.
+    Resample sources: a token set's own; for a tensor ``corrupt_tokens`` or else the rows rolled
+    by one (over the whole tensor, not per batch). ``checkpoint`` (default ``<path>.partial``)
+    keeps the partial state after every batch; with ``path`` the finished sweep is written there.
     """
     check_ablation(ablation)
-    tokens = check_tokens(model, tokens).cpu()
-    if ablation == "resample" and batch_size < 2:
-        raise InputError("resample ablation pairs rows inside a batch: use batch_size >= 2")
-    L, H, seq1 = model.n_layers, model.n_heads, tokens.shape[1] - 1
-    n_inst = len(tokens) * seq1
-    k = max(1, math.ceil(top_percent / 100 * n_inst))
+    data = _as_token_set(tokens, corrupt_tokens)
+    check_token_set(model, data, ablation)
+    if batch_size < 1 or max_rows < 1 or sample_size < 0:
+        raise InputError(f"batch_size and max_rows must be positive and sample_size >= 0, got "
+                         f"{batch_size}, {max_rows}, {sample_size}")
+    L, H = model.n_layers, model.n_heads
+    n_inst = data.n_instances
+    k = top_k(n_inst, top_percent)
     path = None if path is None else Path(path)
-    meta = {**model.describe(), "ablation": ablation, "top_percent": top_percent, "seed": seed,
-            "batch_size": batch_size, "seq_len": tokens.shape[1], "n_rows": len(tokens),
-            "params": params or {}}
-    state_path = _state_path(path)
-    state = _load_state(state_path, meta)
+    state_path = Path(checkpoint) if checkpoint is not None else (
+        None if path is None else path.with_name(path.name + ".partial"))
+    ident = {"ablation": ablation, "top_percent": top_percent, "seed": seed, "sample_size": sample_size,
+             "data": tensor_digest(data.tokens, data.corrupt_tokens if ablation == "resample" else None),
+             "model": model.name}
+    state = _load_state(state_path, ident)
     if state is None:
-        top_idx, mean_z = thresholds(model, tokens, k, batch_size, with_mean_z=ablation == "mean",
-                                     progress=progress)
+        top_idx, mean_z, runner = thresholds(model, data, k, batch_size, with_mean_z=ablation == "mean",
+                                             progress=progress)
         g = torch.Generator().manual_seed(seed)
         sample = torch.randperm(n_inst, generator=g)[:min(sample_size, n_inst)].sort().values
-        state = {"top_idx": top_idx, "sample": sample, "next": torch.tensor(0),
-                 "sum_all": torch.zeros(L, H, len(COLUMNS)), "sum_top": torch.zeros(L, H, len(COLUMNS)),
+        state = {"top_idx": top_idx, "sample": sample, "competitor_gap": runner, "next_row": torch.tensor(0),
+                 "sum_all": torch.zeros(L, H, len(COLUMNS), dtype=torch.float64),
+                 "sum_top": torch.zeros(L, H, len(COLUMNS), dtype=torch.float64),
                  "n_top": torch.zeros(L, H, dtype=torch.long),
                  "tok_index": torch.zeros(0, 4, dtype=torch.long),
                  "tok_values": torch.zeros(0, len(COLUMNS))}
         if mean_z is not None:
             state["mean_z"] = mean_z
-    starts = list(range(0, len(tokens), batch_size))
-    done = int(state["next"])
-    bar = tqdm(total=len(starts), initial=done, desc=f"{ablation} sweep", unit="batch",
-               disable=not progress)
-    last_save = time.monotonic()
+    done = int(state["next_row"])
+    bar = tqdm(total=len(data), initial=done, desc=f"{ablation} sweep", unit="row", disable=not progress)
     chunks_i, chunks_v = [], []  # per-token rows since the last consolidation (no O(n^2) concat)
-    for bi in range(done, len(starts)):
-        start = starts[bi]
-        idx, vals, max_rows = _batch_with_oom_retry(model, tokens[start:start + batch_size],
-                                                    start * seq1, ablation, state, max_rows)
-        chunks_i.extend(idx)
-        chunks_v.extend(vals)
-        state["next"] = torch.tensor(bi + 1)
-        bar.update()
-        if state_path is not None and ((bi + 1) % checkpoint_every == 0 or time.monotonic() - last_save > 60):
+
+    snapshot: dict = {}
+    kept = [0]  # per-token chunks that belong to finished batches
+
+    def restore() -> None:  # back to the end of the last finished batch
+        state.update(snapshot)
+        del chunks_i[kept[0]:], chunks_v[kept[0]:]
+
+    def save_state() -> None:
+        if state_path is not None:
             _consolidate(state, chunks_i, chunks_v)
-            save_tensors(state_path, state, meta)
-            last_save = time.monotonic()
+            save_tensors(state_path, state, {"ident": ident})
+
+    with graceful(save_state, restore=restore,
+                  resume_hint=f"run the same command again to resume ({state_path})") as guard:
+        for start in range(done, len(data), batch_size):
+            stop = min(len(data), start + batch_size)
+            snapshot.update({k: state[k].clone() for k in ("sum_all", "sum_top", "n_top", "next_row")})
+            kept[0] = len(chunks_i)
+            idx, vals, max_rows = _batch_with_oom_retry(model, data, start, stop, ablation, state,
+                                                        max_rows, snapshot)
+            chunks_i.extend(idx)
+            chunks_v.extend(vals)
+            state["next_row"] = torch.tensor(stop)
+            bar.update(stop - start)
+            guard.checkpoint()
     bar.close()
     _consolidate(state, chunks_i, chunks_v)
-    sweep = Sweep(state["sum_all"], state["sum_top"], n_inst, state["n_top"], state["tok_index"],
-                  state["tok_values"], {**meta, "n_tokens": int(tokens.numel())})
+    rec = data.record()
+    sweep = Sweep(state["sum_all"].float(), state["sum_top"].float(), n_inst, state["n_top"],
+                  state["tok_index"], state["tok_values"], tokens=rec["tokens"],
+                  corrupt_tokens=rec.get("corrupt_tokens"),
+                  meta={**model.describe(), "ablation": ablation, "top_percent": top_percent,
+                        "seed": seed, "sample_size": sample_size, "seq_len": data.seq_len,
+                        "n_rows": len(data), "n_tokens": int(data.tokens.numel()),
+                        "same_document_sources": data.same_document})
     if path is not None:
         sweep.save(path)
-        if state_path.exists():
-            state_path.unlink()
+    if state_path is not None and state_path.exists():
+        state_path.unlink()
     return sweep
 
 
-def _batch_with_oom_retry(model: Model, tok: torch.Tensor, offset: int, ablation: str,
-                          state: dict, max_rows: int) -> tuple[list, list, int]:
-    """One batch; out of GPU memory, retry once with half the rows per pass, then explain."""
-    snapshot = {k: state[k].clone() for k in ("sum_all", "sum_top", "n_top")}
+def _load_state(state_path: Path | None, ident: dict) -> dict | None:
+    if state_path is None or not state_path.exists():
+        return None
     try:
-        return (*_sweep_batch(model, tok, offset, ablation, state, max_rows), max_rows)
+        state, smeta = load_tensors(state_path)
+    except CorruptResultError:
+        warnings.warn(f"checkpoint {state_path} is corrupt; starting this sweep again")
+        return None
+    return state if smeta.get("ident") == ident else None
+
+
+def _batch_with_oom_retry(model: Model, data: TokenSet, start: int, stop: int, ablation: str,
+                          state: dict, max_rows: int, snapshot: dict) -> tuple[list, list, int]:
+    """One batch; out of GPU memory, retry once with half the rows per pass, then explain."""
+    try:
+        return (*_sweep_batch(model, data, start, stop, ablation, state, max_rows), max_rows)
     except torch.OutOfMemoryError:
-        state.update(snapshot)  # undo the partial sums of the failed attempt
+        state.update({k: v.clone() for k, v in snapshot.items()})  # undo the failed attempt's sums
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
         smaller = max(1, max_rows // 2)
-        import warnings
         warnings.warn(f"out of memory with max_rows={max_rows}; retrying with {smaller}")
         try:
-            return (*_sweep_batch(model, tok, offset, ablation, state, smaller), smaller)
+            return (*_sweep_batch(model, data, start, stop, ablation, state, smaller), smaller)
         except torch.OutOfMemoryError as e:
             raise InputError(
                 f"out of memory even with max_rows={smaller} (rows of heads x batch per pass): use "
-                f"a smaller batch_size (now {len(tok)}) or seq_len, dtype='bfloat16', or a device "
+                f"a smaller batch_size (now {stop - start}) or seq_len, dtype='bfloat16', or a device "
                 "with more memory. Progress so far is checkpointed; rerun to resume.") from e
 
 
@@ -235,39 +330,39 @@ def _consolidate(state: dict, chunks_i: list, chunks_v: list) -> None:
         chunks_v.clear()
 
 
-def _sweep_batch(model: Model, tok: torch.Tensor, offset: int, ablation: str, state: dict,
+def _sweep_batch(model: Model, data: TokenSet, start: int, stop: int, ablation: str, state: dict,
                  max_rows: int) -> tuple[list, list]:
-    """Ablate every head on one batch, fold the sums into ``state``; return new per-token rows."""
-    tok = tok.to(model.device)
-    b, seq1 = tok.shape[0], tok.shape[1] - 1
-    clean = clean_pass(model, tok)
-    ro = readout(model, tok, clean)
-    corrupt_z = None
-    if ablation == "resample":
-        corrupt_z = run(model, default_corrupt_tokens(tok), read=("z",)).reads["z"]
-    repl = (state["mean_z"].to(model.device, model.dtype) if ablation == "mean"
-            else replacement_z(model, ablation, clean.reads["z"], corrupt_z))
-    inst = torch.arange(offset, offset + b * seq1)
+    """Ablate every head on rows ``start:stop``, fold the sums into ``state``; return new per-token rows."""
+    corrupt = data.corrupt_tokens[start:stop] if ablation == "resample" else None
+    batch = clean_batch(model, data.tokens[start:stop], corrupt, start=start)
+    repl = batch.replacement(ablation, state.get("mean_z"))
+    b, inst = batch.rows, batch.instances()
     in_sample = torch.isin(inst, state["sample"])
+    gap = state["competitor_gap"][inst]
     per = max(1, max_rows // b)
     new_index, new_values = [], []
     for layer in range(model.n_layers):
         for j in range(0, model.n_heads, per):
             heads = list(range(j, min(model.n_heads, j + per)))
-            out = ablate_heads(model, tok, clean, ro, layer, heads, repl[layer])
+            out = ablate_heads(batch, layer, heads, repl[layer])
+            shape = out["delta_logit"].shape
             cols = torch.stack([out[q] for q in HEAD_QUANTITIES]
-                               + [ro.scale.expand_as(out["delta_logit"]),
-                                  ro.logit.expand_as(out["delta_logit"])], -1).cpu()
+                               + [batch.readout.scale.expand(shape), batch.readout.logit.expand(shape),
+                                  gap.view(b, -1).to(out["delta_logit"]).expand(shape)], -1).cpu()
             cols = cols.flatten(1, 2)  # [head, instance, column]
             for k, h in enumerate(heads):
-                state["sum_all"][layer, h] += cols[k].sum(0)
+                state["sum_all"][layer, h] += cols[k].double().sum(0)
                 top = torch.isin(inst, state["top_idx"][layer, h])
-                state["sum_top"][layer, h] += cols[k][top].sum(0)
+                state["sum_top"][layer, h] += cols[k][top].double().sum(0)
                 state["n_top"][layer, h] += int(top.sum())
-                for mask, kind in ((top, 1), (in_sample, 2)):
+                for mask, kind in ((top, KIND_TOP), (in_sample, KIND_SAMPLE)):
                     n = int(mask.sum())
                     if n:
                         new_index.append(torch.stack([torch.full((n,), layer), torch.full((n,), h),
                                                       inst[mask], torch.full((n,), kind)], 1))
-                        new_values.append(cols[k][mask])
+                        new_values.append(cols[k][mask].float())
     return new_index, new_values
+
+
+__all__ = ["COLUMNS", "SAMPLE_SIZE", "Sweep", "SweepSpec", "competitor", "competitor_gap", "run_sweep",
+           "thresholds"]

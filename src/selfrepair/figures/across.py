@@ -31,10 +31,11 @@ def fig_layer_profiles(heads) -> alt.FacetChart:
 
 
 def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcatChart:
-    """A model selector (dropdown) driving two views: left, the selected model's heads, direct
-    effect against Δlogit (Fig 2 / 20-22; dashed y = -DE: no self-repair; heads between it and
-    y = 0 are self-repaired); right, mean self-repair by relative depth for every model, the
-    selected one highlighted. ``default``: the run (or the first run of the model) shown first."""
+    """A model selector (dropdown) driving two views: left, the selected run's heads, whole-set mean
+    direct effect against Δlogit (``heads``: Fig 2 / 20-22's setup; dashed y = -DE: no
+    self-repair; heads between it and y = 0 are self-repaired); right, mean top-k% self-repair by
+    relative depth for every run (``layers``), the selected one highlighted. ``default``: the run
+    (or the first run of the model) shown first."""
     runs = list(dict.fromkeys(heads["run"]))
     of_model = list(dict.fromkeys(heads.loc[heads["model"] == default, "run"]))
     first = default if default in runs else (of_model or runs)[0]
@@ -43,8 +44,8 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
     chosen = alt.datum.run == pick
     base = alt.Chart(heads).transform_filter(chosen)
     scatter = base.mark_circle(size=30, opacity=0.7).encode(
-        x=alt.X("direct_effect:Q", title="direct effect (top-k% tokens)"),
-        y=alt.Y("delta_logit:Q", title="Δlogit when ablated"), color=DEPTH, tooltip=HEAD_TIPS)
+        x=alt.X("direct_effect:Q", title="mean direct effect, every token"),
+        y=alt.Y("delta_logit:Q", title="mean Δlogit when ablated"), color=DEPTH, tooltip=HEAD_TIPS)
     no_repair = base.transform_calculate(neg="-datum.direct_effect").mark_line(
         color="gray", strokeDash=[4, 4]).encode(x="direct_effect:Q", y="neg:Q")
     zero = alt.Chart(heads).mark_rule(color="gray").encode(y=alt.datum(0))
@@ -52,7 +53,7 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
                                                    title="Heads of the selected model")
     right = alt.Chart(layers).mark_line(point=True).encode(
         x=alt.X("rel_layer:Q", title="relative depth (layer / last layer)"),
-        y=alt.Y("self_repair:Q", title="mean self-repair of the layer's heads"),
+        y=alt.Y("self_repair:Q", title="layer mean of top-k% self-repair"),
         detail="run:N", color=alt.Color("source:N", title="source", legend=alt.Legend(orient="bottom")),
         opacity=alt.condition(chosen, alt.value(1.0), alt.value(0.15)),
         strokeWidth=alt.condition(chosen, alt.value(2.5), alt.value(1.0)),
@@ -66,8 +67,9 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
 
 def fig_claims(table) -> alt.Chart:
     """The claims table as dots: one row per claim, one dot per model run (shape: source)."""
-    cols = {"frac_repaired_late": "late heads self-repaired", "repaired_share_late": "late self-repair / DE",
-            "norm_share_late": "final-norm part / DE"}
+    cols = {"frac_self_repaired_late": "late heads self-repaired (top-k%)",
+            "norm_share_late": "final-norm share of DE (top-k%, clipped)",
+            "frac_between_all": "heads between y = −x and 0 (every token)"}
     long = table.melt(id_vars=["run", "source"], value_vars=list(cols), var_name="claim", value_name="value")
     long["claim"] = long["claim"].map(cols)
     return alt.Chart(long).mark_point(size=80, filled=True).encode(

@@ -51,8 +51,9 @@ def _diagonal(x: str, y: str) -> list[alt.Chart]:
 
 def fig_self_repair_by_layer(per_head: pd.DataFrame, column: str = "self_repair",
                              brush: alt.Parameter | None = None) -> alt.LayerChart:
-    """Fig 1: each head's mean ``column`` over its top-k% tokens against its layer, with the
-    layer-mean line. With ``brush`` (an x-interval selection) dragging over layers selects them."""
+    """Fig 1: each head's mean ``column`` over its top-k% tokens (a per-head frame of top-k% means)
+    against its layer, with the layer-mean line. With ``brush`` (an x-interval selection) dragging
+    over layers selects them."""
     base = alt.Chart(per_head)
     points = base.mark_circle(size=45, opacity=0.8).encode(
         x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
@@ -68,15 +69,15 @@ def fig_self_repair_by_layer(per_head: pd.DataFrame, column: str = "self_repair"
                                                      title=f"layer mean {column.replace('_', ' ')}")])
     zero = base.mark_rule(color="#888").encode(y=alt.datum(0))
     return alt.layer(zero, points, mean).properties(
-        title=f"Per-head {column.replace('_', '-')} by layer (line: layer mean)")
+        title=f"Per-head {column.replace('_', '-')}, top-k% tokens")
 
 
 def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = None,
                           boot: pd.DataFrame | None = None) -> alt.LayerChart:
-    """Fig 2: each head's mean direct effect (x) against mean Δlogit when ablated (y) on its
-    top-k% tokens, with y = -x (no repair) and the x-axis (perfect repair). Heads selected by
-    ``brush`` keep their colour; ``boot`` (bootstrap of ``delta_logit``: ``lo``/``hi``) adds 95%
-    intervals. Scroll or drag to zoom and pan."""
+    """Fig 2: each head's mean direct effect (x) against mean Δlogit when ablated (y) over every
+    token (a per-head frame of whole-set means), with y = -x (no repair) and the x-axis (perfect
+    repair). Heads selected by ``brush`` keep their colour; ``boot`` (bootstrap of ``delta_logit``:
+    ``lo``/``hi``) adds 95% intervals. Scroll or drag to zoom and pan."""
     frame = per_head
     if boot is not None:
         frame = per_head.merge(boot[["layer", "head", "lo", "hi"]], on=["layer", "head"], how="left")
@@ -95,15 +96,17 @@ def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = 
         layers.append(alt.Chart().mark_rule(opacity=0.35).encode(
             x="direct_effect:Q", y="lo:Q", y2="hi:Q", color=color))
     return alt.layer(*layers, points, data=frame).properties(
-        title="Direct effect vs Δlogit per head (dashed: y = −x, no repair)")
+        title="DE vs Δlogit per head, every token")
 
 
-def fig_overview(per_head: pd.DataFrame, boot: pd.DataFrame | None = None) -> alt.HConcatChart:
-    """Fig 1 and Fig 2 side by side, linked: drag across layers in the left chart to highlight
-    those layers' heads on the right."""
+def fig_overview(top: pd.DataFrame, whole: pd.DataFrame | None = None,
+                 boot: pd.DataFrame | None = None) -> alt.HConcatChart:
+    """Fig 1 (``top``: per-head top-k% means) and Fig 2 (``whole``: per-head whole-set means; default
+    ``top``) side by side, linked: drag across layers in the left chart to highlight those layers'
+    heads on the right."""
     brush = alt.selection_interval(encodings=["x"], name="layers")
-    left = fig_self_repair_by_layer(per_head, brush=brush).properties(width=280)
-    right = fig_de_vs_delta_logit(per_head, brush=brush, boot=boot).properties(width=280)
+    left = fig_self_repair_by_layer(top, brush=brush).properties(width=280)
+    right = fig_de_vs_delta_logit(top if whole is None else whole, brush=brush, boot=boot).properties(width=280)
     return alt.hconcat(left, right).resolve_scale(color="shared")
 
 
@@ -152,9 +155,10 @@ def fig_regions_by_layer(per_head: pd.DataFrame) -> alt.Chart:
 
 
 def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
-    """Noise: per head, the 10-90% (thin) and 25-75% (thick) range of per-token self-repair on its
-    top-k% tokens with the median (tick) and mean DE (diamond); below, the share of tokens where
-    the ablation removes direct effect but the logit goes up (overcorrection)."""
+    """Noise: per head, the 10-90% (thin) and 25-75% (thick) range of per-token self-repair on a
+    uniform sample of tokens (or its top-k% tokens: whichever ``spread`` was computed on) with the
+    median (tick) and mean DE (diamond); below, the share of tokens where the ablation removes
+    direct effect but the logit goes up (overcorrection)."""
     order = _head_order(spread)
     x = alt.X("label:N", sort=order, title="head", axis=alt.Axis(labelAngle=-90, labelFontSize=8))
     tips = _tips(spread, "n", "mean_de", "mean", "median", "q10", "q25", "q75", "q90", "iqr_over_de",
@@ -168,7 +172,7 @@ def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
         base.mark_tick(color="black", thickness=2, size=8).encode(y="median:Q"),
         base.mark_point(shape="diamond", color="#e45756", size=25, filled=True).encode(y="mean_de:Q"),
         base.mark_rule(color="#444").encode(y=alt.datum(0)),
-    ).properties(width=560, height=220, title="Per-token spread of self-repair (diamond: mean DE)")
+    ).properties(width=560, height=220, title="Per-token self-repair, sampled tokens (diamond: mean DE)")
     over = base.mark_bar(color="#f58518").encode(
         y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%"))
     ).properties(width=560, height=90)
@@ -176,8 +180,8 @@ def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
 
 
 def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> alt.LayerChart:
-    """Imperfection with uncertainty: each head's mean Δlogit on its top-k% tokens with a 95%
-    bootstrap interval; an interval entirely below 0 means the repair is measurably incomplete."""
+    """Imperfection with uncertainty: each head's mean Δlogit on a uniform sample of tokens with a
+    95% bootstrap interval; an interval entirely below 0 means the repair is measurably incomplete."""
     frame = boot.assign(interval=pd.cut(boot["hi"], [-float("inf"), 0, float("inf")],
                                         labels=["below 0", "contains or above 0"]).astype(str))
     if per_head is not None and "category" in per_head:
@@ -193,4 +197,4 @@ def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> a
         base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% bootstrap CI"),
                                              y2="hi:Q", color=color),
         base.mark_point(filled=True, size=25).encode(y="mean:Q", color=color),
-    ).properties(width=560, height=220, title="Mean Δlogit per head with bootstrap intervals")
+    ).properties(width=560, height=220, title="Mean Δlogit per head, sampled tokens (95% CI)")

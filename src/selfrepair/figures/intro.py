@@ -1,6 +1,6 @@
 """Figure for chapter 00, "Introduction": eq. 2's terms next to eq. 1's self-repair.
 
-Pure function: the per-head table of :func:`selfrepair.book.closure_table` in, Altair chart out.
+Pure function: the per-head table of :func:`selfrepair.chapters.intro.closure_table` in, Altair chart out.
 """
 
 from __future__ import annotations

@@ -14,34 +14,27 @@ A failing chapter keeps its partial executed notebook (the error is visible in t
 book is still built, and :func:`run_book` returns a non-zero exit code naming the chapter.
 
 Offline: the pages load vega + vega-lite + vega-embed and MathJax from ``_static/vendor``, made by
-:func:`vendor_assets` (the vega bundle from the installed ``vl-convert-python``; MathJax from
-the npm registry once, cached under ``.cache/npm`` and checked against a pinned sha512).
+:func:`selfrepair.book.assets.vendor_assets`; the Sphinx extension :mod:`selfrepair.book.sphinx`
+puts the bundle on chart pages.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import yaml
 
-from .errors import InputError
+from ..errors import InputError, SelfRepairError
+from .assets import vendor_assets
 
-MATHJAX = {"version": "3.2.2", "license": "Apache-2.0",
-           "sha512": "Bt+SSVU8eBG27zChVewOicYs7Xsdt40qm4+UpHyX7k0/O9NliPc+x77k1/FEsPsjKPZGJvtRZM1vO+geW0OhGw=="}
-MATHJAX_KEEP = ("LICENSE", "es5/tex-chtml.js", "es5/output/chtml/fonts/woff-v2/",
-                "es5/input/tex/extensions/", "es5/a11y/", "es5/ui/")
-VEGA_LICENSE = "BSD-3-Clause"  # vega, vega-lite and vega-embed alike
 STAGED = ("_config.yml", "_toc.yml", "book/references.bib")
 
 
@@ -49,7 +42,7 @@ def find_root(start: str | Path | None = None) -> Path:
     """The book's root: the first of ``start`` (default cwd) and its parents holding ``_toc.yml``
     and ``book/``, else the source checkout this package was installed from."""
     here = Path(start or Path.cwd()).resolve()
-    for d in (here, *here.parents, Path(__file__).resolve().parents[2]):
+    for d in (here, *here.parents, Path(__file__).resolve().parents[3]):
         if (d / "_toc.yml").is_file() and (d / "book").is_dir():
             return d
     raise InputError(f"no book found at or above {here}: run from the repository root or pass --root")
@@ -70,14 +63,73 @@ def chapter_notebooks(root: Path, wanted: Iterable[str] | None = None) -> list[P
 
 
 def load_profile(profile: str | Path | None, root: Path) -> dict:
-    """Parameters of a profile (``tiny``, ``cpu``, ``paper`` or a YAML path); ``None`` -> ``{}``."""
+    """Parameters of a profile (``tiny``, ``cpu``, ``paper`` or a YAML path); ``None`` -> ``{}``.
+
+    A profile holds parameters for every chapter and, under ``chapters:``, per-chapter overrides
+    keyed by the chapter's two-digit prefix (the ``paper`` profile runs each chapter on the paper's
+    model for its figures, with the paper's heads)."""
     if profile is None:
         return {}
     path = Path(profile) if str(profile).endswith((".yaml", ".yml")) else root / "book" / "profiles" / f"{profile}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in (root / "book" / "profiles").glob("*.yaml"))
         raise InputError(f"unknown profile {profile!r}: use one of {', '.join(names)} or a .yaml path")
-    return yaml.safe_load(path.read_text()) or {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("chapters", {}), dict):
+        raise InputError(f"{path}: a profile is a mapping of parameter names to values (and an "
+                         "optional 'chapters:' mapping of chapter prefixes to overrides)")
+    if "chapters" in data:  # YAML reads an unquoted 01 as the integer 1
+        data["chapters"] = {(f"{k:02d}" if isinstance(k, int) else str(k)): v or {}
+                            for k, v in data["chapters"].items()}
+    return data
+
+
+def config_class(notebook: Path):
+    """The config type of a chapter notebook (:data:`selfrepair.chapters.CHAPTERS`)."""
+    from ..chapters import chapter_module
+
+    return chapter_module(notebook.stem).Config
+
+
+def chapter_params(notebook: Path, params: dict, per_chapter: dict | None = None) -> dict:
+    """The parameters one chapter takes: ``params`` (with the chapter's own overrides from
+    ``per_chapter[prefix]`` applied on top) restricted to its config's fields."""
+    merged = {**params, **(per_chapter or {}).get(notebook.stem[:2], {})}
+    names = set(config_class(notebook).field_names())
+    return {k: v for k, v in merged.items() if k in names}
+
+
+def plan(notebooks: list[Path], params: dict, per_chapter: dict | None = None, *,
+         check: bool = True) -> dict[str, dict]:
+    """Validate every chapter's parameters before anything runs; ``{stem: parameters}``.
+
+    Fails with one :class:`InputError` for a parameter no selected chapter takes (listing the ones
+    they do), a bad value (naming the chapter), or — with ``check`` — anything about the model, the
+    corpus, the prompts or the heads that would otherwise only fail inside a chapter
+    (:func:`selfrepair.chapters.check`)."""
+    from ..chapters import CHAPTERS, check as check_chapter
+
+    per_chapter = per_chapter or {}
+    bad_keys = [k for k in per_chapter if k not in CHAPTERS]
+    if bad_keys:
+        raise InputError(f"the profile's chapters: section names unknown chapters {bad_keys}")
+    known = sorted(set().union(*(config_class(nb).field_names() for nb in notebooks)))
+    given = set(params) | {k for nb in notebooks for k in per_chapter.get(nb.stem[:2], {})}
+    unknown = sorted(given - set(known))
+    if unknown:
+        raise InputError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                         f"the chapters run here take {', '.join(known)}")
+    out = {}
+    for nb in notebooks:
+        sub = chapter_params(nb, params, per_chapter)
+        try:
+            cfg = config_class(nb).from_params(**sub)
+            if check:
+                check_chapter(cfg)
+        except SelfRepairError as e:  # the same error type, naming the chapter
+            raise type(e)(f"chapter {nb.stem}: {e}") from None
+        out[nb.stem] = sub
+    return out
 
 
 @dataclass
@@ -107,21 +159,24 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
     """Run each notebook with papermill into ``out_src/book/``; one failure does not stop the others.
 
     Each chapter runs in its own ``python -m papermill`` process (cwd: the source notebook's
-    folder) with ``params`` injected; papermill saves after every cell, so a failing chapter keeps
-    its outputs up to the error.
+    folder) with its parameters injected: ``params[stem]`` when ``params`` is keyed by notebook
+    stem (:func:`plan`), else the entries of ``params`` that the chapter's config takes.
+    papermill saves after every cell, so a failing chapter keeps its outputs up to the error.
     """
     from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
     dest, logs = out_src / "book", logs or out_src.parent / "logs"
     dest.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    params_file = logs / "parameters.yaml"
-    params_file.write_text(yaml.safe_dump(params, sort_keys=True))
+    by_stem = params if notebooks and all(nb.stem in params for nb in notebooks) else {
+        nb.stem: chapter_params(nb, params) for nb in notebooks}
     bar = tqdm(total=len(notebooks), unit="chapter", desc="chapters",
                disable=not (progress and sys.stderr.isatty()))
 
     def one(nb: Path) -> ChapterRun:
         out, log = dest / nb.name, logs / f"{nb.stem}.log"
+        params_file = logs / f"{nb.stem}.parameters.yaml"
+        params_file.write_text(yaml.safe_dump(by_stem[nb.stem], sort_keys=True))
         started = time.time()
         if progress:  # the chapter's own progress bars go to its log; say where to follow them
             bar.write(f"  {nb.stem:<28} running (progress: tail -f {log})")
@@ -174,51 +229,6 @@ def stage_source(root: Path, src: Path) -> list[str]:
     return dropped
 
 
-def vendor_assets(static: Path, npm_cache: Path, *, force: bool = False) -> dict:
-    """Write ``static/vendor/``: ``vega-bundle.js`` (vega, vega-lite, vega-embed from
-    ``vl_convert.javascript_bundle``) and ``mathjax/`` (MathJax from ``npm pack``, sha512-checked),
-    plus ``VERSIONS.json`` with versions and licenses. Skipped when ``VERSIONS.json`` is current."""
-    import altair as alt
-    import vl_convert
-
-    vendor = static / "vendor"
-    vl = alt.SCHEMA_VERSION.lstrip("v")
-    versions = {"vega": vl_convert.get_vega_version(), "vega-lite": vl,
-                "vega-embed": vl_convert.get_vega_embed_version(), "vl-convert": vl_convert.__version__,
-                "vega-license": VEGA_LICENSE, "mathjax": MATHJAX["version"],
-                "mathjax-license": MATHJAX["license"]}
-    stamp = vendor / "VERSIONS.json"
-    if not force and stamp.is_file() and json.loads(stamp.read_text()) == versions:
-        return versions
-    vendor.mkdir(parents=True, exist_ok=True)
-    bundle = vl_convert.javascript_bundle(vl_version=".".join(vl.split(".")[:2]))
-    # A function scope keeps the bundle's minified top-level names off the page's global scope.
-    (vendor / "vega-bundle.js").write_text(f"/* vega {versions['vega']}, vega-lite {vl}, vega-embed "
-                                           f"{versions['vega-embed']} ({VEGA_LICENSE}) */\n"
-                                           f"(function () {{\n{bundle}\n}})();\n")
-    tgz = npm_cache / f"mathjax-{MATHJAX['version']}.tgz"
-    if not tgz.is_file():
-        npm_cache.mkdir(parents=True, exist_ok=True)
-        try:
-            subprocess.run(["npm", "pack", f"mathjax@{MATHJAX['version']}", "--silent",
-                            "--pack-destination", str(npm_cache)], check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise InputError(f"cannot fetch MathJax with npm ({e}); put mathjax-{MATHJAX['version']}"
-                             f".tgz from the npm registry into {npm_cache}") from e
-    if base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode() != MATHJAX["sha512"]:
-        raise InputError(f"{tgz} does not match the pinned sha512 of mathjax {MATHJAX['version']}")
-    shutil.rmtree(vendor / "mathjax", ignore_errors=True)
-    with tarfile.open(tgz) as tar:
-        for member in tar.getmembers():
-            rel = member.name.removeprefix("package/")
-            if member.isfile() and rel.startswith(MATHJAX_KEEP):
-                target = vendor / "mathjax" / rel.removeprefix("es5/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tar.extractfile(member).read())
-    stamp.write_text(json.dumps(versions, indent=1) + "\n")
-    return versions
-
-
 def build_html(src: Path, html: Path, *, strict: bool = True) -> int:
     """``jupyter-book build`` of ``src`` into ``html`` (warnings are errors when ``strict``)."""
     import warnings
@@ -237,9 +247,10 @@ def build_html(src: Path, html: Path, *, strict: bool = True) -> int:
 
 
 def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | None = None,
-             jobs: int = 1, strict: bool = True, execute: bool = True, build: bool = True,
-             progress: bool = True) -> int:
-    """Execute the chapters, build the HTML and report; the exit code (0 when all went well)."""
+             per_chapter: dict | None = None, jobs: int = 1, strict: bool = True,
+             execute: bool = True, build: bool = True, progress: bool = True) -> int:
+    """Validate every chapter's parameters (:func:`plan`), execute the chapters, build the HTML and
+    report; the exit code (0 when all went well). Bad parameters raise before anything runs."""
     out, src = out.resolve(), out.resolve() / "src"
     failed: list[ChapterRun] = []
     started = time.time()
@@ -250,10 +261,13 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
             notebooks.insert(0, intro)
         kept = sorted(nb.stem for nb in (src / "book").glob("*.ipynb")
                       if (root / "book" / nb.name) not in notebooks)
+        print(f"checking the parameters of {len(notebooks)} chapter(s) ...", flush=True)
+        by_stem = plan(notebooks, params, per_chapter)
         print(f"executing {len(notebooks)} chapter(s) with "
               + ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+              + (f" (per-chapter overrides: {per_chapter})" if per_chapter else "")
               + (f"\nkept from an earlier run: {', '.join(kept)}" if kept else ""))
-        failed = [r for r in execute_chapters(notebooks, params, src, logs=out / "logs", jobs=jobs,
+        failed = [r for r in execute_chapters(notebooks, by_stem, src, logs=out / "logs", jobs=jobs,
                                               progress=progress) if not r.ok]
     if build:
         vendor_assets(root / "book" / "_static", root / ".cache" / "npm")
@@ -269,71 +283,3 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
         print(f"chapter {run.name} FAILED: {run.error}\n  its executed notebook (error shown): "
               f"{run.executed}", file=sys.stderr)
     return 1 if failed else 0
-
-
-# -- Sphinx extension (``_config.yml``: ``sphinx: extra_extensions: [selfrepair.book]``) ------------
-VEGA_BUNDLE = "vendor/vega-bundle.js"  # under html_static_path (book/_static)
-
-
-def _page_assets(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
-    """Load the vega bundle on pages that hold a chart; drop repeated and thebe ``<script>``s.
-
-    Jupyter Book 1.0.4 registers some inline scripts twice, and a repeated top-level ``const`` is
-    a SyntaxError in the browser's console on every page. Thebe (live code cells, which this book
-    does not offer: it has no launch buttons) is always registered, with an inline
-    ``THEBE_JS_URL = "https://unpkg.com/..."``; dropping it leaves no external address in a page.
-    """
-    from .figures import CHART_CLASS
-
-    if CHART_CLASS in context.get("body", ""):
-        app.add_js_file(VEGA_BUNDLE)  # inside html-page-context: this page only
-    seen, unique = set(), []
-    for js in context.get("script_files", []):
-        name = getattr(js, "filename", js) or ""  # inline scripts: None or "" (same thing)
-        attributes = getattr(js, "attributes", {})
-        if "thebe" in str(name).lower() or "THEBE" in attributes.get("body", ""):
-            continue
-        key = (str(name), tuple(sorted(attributes.items())))
-        if key not in seen:
-            seen.add(key)
-            unique.append(js)
-    context["script_files"] = unique
-
-
-def setup(app: Any) -> dict:
-    app.connect("html-page-context", _page_assets, priority=900)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
-
-
-# -- reading aids for the introduction ----------------------------------------------------------
-def demo_heads(cfg: Any, model: Any) -> list[tuple[int, int]]:
-    """``cfg.featured_heads`` as ``(layer, head)``, else the first two heads of the last layer and
-    head 0 of a middle layer (late heads are where the paper finds most self-repair; a middle
-    one has downstream heads and MLPs, so every term of eq. 2 is exercised)."""
-    from .config import parse_head
-
-    if cfg.featured_heads:
-        return [parse_head(h) for h in cfg.featured_heads]
-    last = model.n_layers - 1
-    return sorted({(last, h) for h in range(min(2, model.n_heads))} | {((model.n_layers - 1) // 2, 0)})
-
-
-def closure_table(result: Any) -> Any:
-    """Per head, the means of eq. 1 and eq. 2's terms and the largest per-token gap
-    ``|self_repair - (from_heads + from_mlps + from_norm + from_block_norms)|``."""
-    frame = result.to_frame()
-    terms = ["from_heads", "from_mlps", "from_norm", "from_block_norms"]
-    frame["eq2_gap"] = (frame["self_repair"] - frame[terms].sum(axis=1)).abs()
-    agg = {q: "mean" for q in ["delta_logit", "delta_direct_effect", "self_repair", *terms]}
-    return frame.groupby("label", sort=False).agg({**agg, "eq2_gap": "max"}).reset_index()
-
-
-def closure_markdown(table: Any, tol: float = 1e-3) -> str:
-    """One Markdown sentence on how closely eq. 2 closes in ``table`` (from :func:`closure_table`)."""
-    worst = float(table["eq2_gap"].max())
-    verdict = ("rounding error, as it should be when the norm term is computed directly rather "
-               "than taken as a remainder" if worst <= tol else
-               f"**more than the {tol:g} expected from rounding: something is wrong** (see the "
-               "gotchas appendix)")
-    return (f"Over {len(table)} heads and every token, the largest gap between eq. 1's self-repair "
-            f"and the sum of eq. 2's terms is **{worst:.1e}** logits: {verdict}.")

@@ -1,0 +1,239 @@
+"""What every measurement starts from: the token set and the shared clean batch.
+
+- :class:`TokenSet` — the rows of tokens a measurement reads and, for each row, its resample
+  source (the tokens whose activations replace it under resample ablation), plus a fingerprint
+  that identifies them in the results cache without materialising them. Packed from a corpus by
+  :func:`selfrepair.experiment.open_tokens` (sources from other documents,
+  :func:`selfrepair.data.resample_sources`) or wrapped around a tensor by :meth:`TokenSet.from_tensor`.
+- :class:`PromptSet` — right-padded prompts with the position of each prompt's last real token
+  (the Hydra chapter's data).
+- :class:`CleanBatch` — one clean forward of some rows: the reads every measurement needs
+  (``z``, ``attn``, ``mlp``, ``block``, embeddings, optionally neurons), the frozen-norm
+  :class:`~selfrepair.direct_effect.Readout`, the clean direct effects of the heads, and the
+  replacement of every head's output under each ablation. :func:`clean_batch` makes one; the
+  patched passes of :mod:`selfrepair.passes` take it.
+
+Position ``p`` predicts token ``p + 1``; an *instance* is ``row * (seq - 1) + p``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .ablation import ABLATIONS, check_ablation, replacement_z
+from .direct_effect import Readout, head_effects, last_readout, readout
+from .errors import InputError
+from .intervene import Pass, run
+from .models import Model
+
+CLEAN_READS = ("z", "attn", "mlp", "block")
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """``sha256:<hex>`` of tensors' shapes, dtypes and bytes (``None`` counts as absent)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().contiguous().cpu()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+class TokenSet:
+    """Token rows ``[n, seq]`` and their resample sources ``corrupt_tokens [n, seq]``.
+
+    ``fingerprint`` is what the results cache keys on: the recipe (corpus digest, ``n_tokens``,
+    ``seq_len``, ``seed``) for a packed corpus, a digest of the tensors for :meth:`from_tensor`.
+    The rows themselves are only produced (tokenized) when first used.
+    """
+
+    def __init__(self, fingerprint: dict, load: Callable[[], dict]):
+        self.fingerprint = dict(fingerprint)
+        self._load, self._data = load, None
+
+    @classmethod
+    def from_tensor(cls, tokens: torch.Tensor, corrupt_tokens: torch.Tensor | None = None,
+                    source: torch.Tensor | None = None) -> "TokenSet":
+        """Rows given directly; their resample source is ``corrupt_tokens`` (or ``tokens[source]``),
+        default the rows rolled by one (:func:`selfrepair.data.corrupt_tokens`)."""
+        tokens = tokens.detach().cpu().long()
+        if corrupt_tokens is None and source is not None:
+            corrupt_tokens = tokens[torch.as_tensor(source).long()]
+        data = {"tokens": tokens, "corrupt_tokens": None if corrupt_tokens is None else
+                corrupt_tokens.detach().cpu().long(), "source": source, "same_document": None}
+        return cls({"tokens": tensor_digest(tokens, data["corrupt_tokens"])}, lambda: data)
+
+    def _get(self) -> dict:
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._get()["tokens"]
+
+    @property
+    def corrupt_tokens(self) -> torch.Tensor:
+        """Each row's resample source; the rows rolled by one when none was given."""
+        data = self._get()
+        if data["corrupt_tokens"] is None:
+            from .data import corrupt_tokens
+            if len(data["tokens"]) < 2:
+                raise InputError("resample ablation needs at least 2 rows of tokens (one row's source "
+                                 "is another row): pass more rows or corrupt_tokens")
+            data["corrupt_tokens"] = corrupt_tokens(data["tokens"])
+        return data["corrupt_tokens"]
+
+    @property
+    def source(self) -> torch.Tensor | None:
+        """Row index of each row's source, when the sources are rows of this set."""
+        return self._get()["source"]
+
+    @property
+    def same_document(self) -> int | None:
+        """Rows whose source shares a document with them (``None``: no document information)."""
+        return self._get()["same_document"]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def n_instances(self) -> int:
+        return len(self) * (self.seq_len - 1)
+
+    def record(self) -> dict[str, torch.Tensor]:
+        """The exact token ids a result was measured on (saved with it)."""
+        out = {"tokens": self.tokens}
+        if self._get()["corrupt_tokens"] is not None or len(self) > 1:
+            out["corrupt_tokens"] = self.corrupt_tokens
+        return out
+
+
+@dataclass
+class PromptSet:
+    """Right-padded prompts (BOS first) and the position of each prompt's last real token."""
+
+    input_ids: torch.Tensor  # [n, max_len]
+    last_pos: torch.Tensor  # [n]
+    target_ids: torch.Tensor  # [n] first token of each prompt's dataset answer
+    prompts: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            self.fingerprint = {"prompts": tensor_digest(self.input_ids, self.last_pos, self.target_ids)}
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts ``idx`` cut to their longest, padding replaced by BOS (never read: every read
+        and edit is at a prompt's last real position, which attends only to earlier positions)."""
+        tok = self.input_ids[idx, :int(self.last_pos[idx].max()) + 1]
+        real = torch.arange(tok.shape[1]) <= self.last_pos[idx, None]
+        return torch.where(real, tok, tok[:, :1]), self.last_pos[idx]
+
+
+@dataclass
+class CleanBatch:
+    """One clean forward of ``tokens [b, seq]`` (rows ``start .. start + b`` of a token set)."""
+
+    model: Model
+    tokens: torch.Tensor
+    corrupt: torch.Tensor | None
+    start: int
+    clean: Pass
+    readout: Readout
+    _corrupt_z: torch.Tensor | None = None
+    _head_de: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq1(self) -> int:
+        return self.tokens.shape[1] - 1
+
+    def instances(self) -> torch.Tensor:
+        """Instance ids ``row * (seq - 1) + pos`` of this batch's positions, row-major ``[b * (seq-1)]``."""
+        return torch.arange(self.start * self.seq1, (self.start + self.rows) * self.seq1)
+
+    def head_de(self, layer: int) -> torch.Tensor:
+        """Clean direct effect of every head of ``layer`` ``[n_heads, b, seq-1]``."""
+        if layer not in self._head_de:
+            self._head_de[layer] = head_effects(self.model, self.clean.reads["z"][layer][:, :-1],
+                                                self.readout.write_dir(self.model, "attn", layer), layer)
+        return self._head_de[layer]
+
+    def all_head_de(self) -> torch.Tensor:
+        """``[layer, head, b, seq-1]``."""
+        return torch.stack([self.head_de(l) for l in range(self.model.n_layers)])
+
+    def corrupt_z(self) -> torch.Tensor:
+        """Every layer's ``z`` on the resample source rows ``[layer, b, seq, n_heads * d_head]``."""
+        if self._corrupt_z is None:
+            if self.corrupt is None:
+                raise InputError("this batch has no resample source rows: build it with corrupt tokens")
+            self._corrupt_z = run(self.model, self.corrupt, read=("z",)).reads["z"]
+        return self._corrupt_z
+
+    def replacement(self, ablation: str, mean_z: torch.Tensor | None = None) -> torch.Tensor:
+        """Every layer's replacement ``z`` under ``ablation`` (``[layer, b or 1, seq or 1, ...]``);
+        ``mean`` uses ``mean_z`` (the token set's mean, :func:`mean_z`) or else this batch's mean."""
+        check_ablation(ablation)
+        if ablation == "mean" and mean_z is not None:
+            return mean_z.to(self.model.device, self.model.dtype)
+        corrupt = self.corrupt_z() if ablation == "resample" else None
+        return replacement_z(self.model, ablation, self.clean.reads["z"], corrupt)
+
+
+def clean_batch(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None = None, *,
+                start: int = 0, neuron_layers: tuple[int, ...] = (),
+                extra_reads: tuple[str, ...] = (), last_pos: torch.Tensor | None = None) -> CleanBatch:
+    """The clean pass of ``tokens`` (reads ``z``, ``attn``, ``mlp``, ``block``, the embeddings and
+    the neurons of ``neuron_layers``) and its frozen-norm readout: of every next token, or, with
+    ``last_pos [b]``, of the maximum-likelihood token at each row's position ``last_pos`` (prompts)."""
+    tokens = tokens.to(model.device)
+    reads = CLEAN_READS + tuple(extra_reads) + (("neurons",) if neuron_layers else ())
+    p = run(model, tokens, read=reads, read_embed=True,
+            read_layers={"neurons": sorted(neuron_layers)} if neuron_layers else None)
+    ro = readout(model, tokens, p) if last_pos is None else last_readout(model, p, last_pos)
+    return CleanBatch(model, tokens, None if corrupt is None else corrupt.to(model.device), start, p, ro)
+
+
+def batches(model: Model, data: TokenSet, batch_size: int, *, ablation: str | None = None,
+            start_row: int = 0, **kw):
+    """:class:`CleanBatch` es of ``data``, ``batch_size`` rows at a time from ``start_row`` (the
+    resample source rows attached when ``ablation == "resample"``)."""
+    for start in range(start_row, len(data), batch_size):
+        stop = min(len(data), start + batch_size)
+        corrupt = data.corrupt_tokens[start:stop] if ablation == "resample" else None
+        yield clean_batch(model, data.tokens[start:stop], corrupt, start=start, **kw)
+
+
+def mean_z(model: Model, data: TokenSet, batch_size: int) -> torch.Tensor:
+    """Each head's clean ``z`` averaged over every token of ``data`` ``[layer, 1, 1, n_heads*d_head]``
+    (what mean ablation writes: a head's output is linear in ``z``, so this is its mean output)."""
+    total = None
+    for start in range(0, len(data), batch_size):
+        z = run(model, data.tokens[start:start + batch_size].to(model.device), read=("z",)).reads["z"]
+        s = z.double().sum((1, 2))
+        total = s if total is None else total + s
+    return (total / data.tokens.numel())[:, None, None].to(model.dtype)
+
+
+__all__ = ["ABLATIONS", "CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet", "batches",
+           "clean_batch", "mean_z", "tensor_digest"]

@@ -1,0 +1,184 @@
+"""Chapter 2 — LayerNorm self-repair (self-repair paper §3, App. A, B, D, H; Fig 4-6, 9, 10, 15-17).
+
+Heads: the paper's Fig 4 uses Pythia-160M L11H2 and Fig 5 L11H10 (its caption says L11H0, as does
+Fig 15's), both chosen by eye ("demonstrates this phenomena well", "selected as it shows our point
+well"). The ``paper`` profile pins them (``ratio_head``, ``ablation_head``); on other models both
+figures use the last-layer head with the largest mean top-k% direct effect, standing in for both.
+
+Tokens: the heads' top-k% tokens by direct effect (Fig 4, 5, 6, 10 — "filtering for the top 2% of
+tokens according to direct effect") and the uniform sample of all tokens (Fig 9's unclipped view and
+App. D's residual-norm ratios, "without filtering").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from .. import layernorm as ln
+from ..claims import Claim, Verdict, at_least, between, below, render
+from ..config import CorpusConfig, parse_head
+from ..existence import sweep_frames
+from ..experiment import head_sweep, measure as cached, open_model, open_tokens
+from ..heads import HeadsSpec
+from ..models import load_model
+from ..results import head_label
+from ..structure import late_start
+from . import check
+
+PAPER_HEADS = {"ratio_head": "L11H2", "ablation_head": "L11H10"}  # Pythia-160M, Fig 4 and Fig 5
+HEAD_RULE = "the last-layer head with the largest mean top-k% direct effect"
+
+RATIO = {a: Claim(f"ratio_{a}", f"On a head's top tokens the ablated residual is smaller, S/S′ > 1 "
+                  f"({a} ablation)", "§3.2, Fig 4", "the share of the ratio head's top-k% tokens "
+                  "with S/S′ > 1", at_least(0.5), paper=p,
+                  paper_context="Pythia-160M L11H2", fmt=".1%")
+         for a, p in (("resample", 0.9066), ("mean", 0.9875), ("zero", 1.0))}
+SHARE = Claim("norm_share", "LayerNorm explains around 30% of a head's direct effect across many layers",
+              "§3.2, Fig 6/10", "the final norm's clipped per-token share of direct effect "
+              "(from_norm / DE, clipped to [0, 1], top-k% tokens), averaged over the late-layer heads",
+              between(0.15, 0.45), paper=0.30, paper_context="several models, top 2% tokens", fmt=".0%")
+APP_B = Claim("appendix_b", "For a last-layer head of a parallel-attention model, "
+              "Δlogit = (S/S′ − 1)·logit + (S/S′)·ΔDE", "§3.1, App. B",
+              "the closed form's mean absolute error relative to mean |Δlogit| on one batch",
+              below(1e-3), fmt=".1e")
+APP_H = Claim("appendix_h", "Even a ratio near 1 moves a logit by a nontrivial fraction of a direct "
+              "effect", "App. H", "the median |(S/S′ − 1)·(logit − logit of the strongest other token)| "
+              "over the ratio head's top-k% tokens (resample), relative to their median direct effect",
+              at_least(0.05), fmt=".1%")
+
+
+@dataclass(frozen=True)
+class Config(CorpusConfig):
+    ratio_head: str | None = None  # Fig 4 and App. H's head (the paper: L11H2); None: the stand-in rule
+    ablation_head: str | None = None  # Fig 5 and App. D's head (the paper: L11H10); None: as ratio_head
+
+    HEAD_FIELDS = ("ratio_head", "ablation_head")
+
+
+def figure_heads(cfg: Config, per_head: pd.DataFrame) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(ratio head, ablation head)``: pinned by ``ratio_head`` / ``ablation_head`` or the stand-in."""
+    ratio = parse_head(cfg.ratio_head) if cfg.ratio_head else stand_in(per_head)
+    return ratio, parse_head(cfg.ablation_head) if cfg.ablation_head else ratio
+
+
+def stand_in(per_head: pd.DataFrame) -> tuple[int, int]:
+    """:data:`HEAD_RULE` (lowest head index on ties)."""
+    last = per_head[per_head["layer"] == per_head["layer"].max()]
+    row = last.sort_values(["direct_effect", "head"], ascending=[False, True], kind="mergesort").iloc[0]
+    return int(row["layer"]), int(row["head"])
+
+
+@dataclass
+class LayerNormChapter:
+    """Everything chapter 2 shows."""
+
+    heads: pd.DataFrame  # the figures' heads: figure, label, reason
+    ratio_head: tuple[int, int]
+    ablation_head: tuple[int, int]
+    tokens: pd.DataFrame  # per token of both heads, three ablations (top-k% and sample)
+    ratios: pd.DataFrame  # Fig 4 / App. H summary of the ratio head
+    shares: pd.DataFrame  # norm share per head (Fig 6, 9, 10)
+    layers: pd.DataFrame  # layer means of the shares
+    check: pd.DataFrame  # App. B per token
+    check_table: pd.DataFrame
+    per_head: pd.DataFrame
+    model: object
+    verdicts: list
+    meta: dict
+
+    @property
+    def ratio_tokens(self) -> pd.DataFrame:
+        """Per-token rows of the Fig 4 head (three ablations)."""
+        return self.tokens[self.tokens["label"] == head_label(*self.ratio_head)]
+
+    @property
+    def ablation_tokens(self) -> pd.DataFrame:
+        """Per-token rows of the Fig 5 / App. D head (three ablations)."""
+        return self.tokens[self.tokens["label"] == head_label(*self.ablation_head)]
+
+
+def measure(cfg: Config, progress: bool = True, reference: bool = True) -> LayerNormChapter:
+    """The shared resample sweep, the figures' heads under mean and zero ablation (cached), every
+    head's norm share and the App. B check (here and on a tiny parallel-residual GPT-NeoX)."""
+    check(cfg)
+    sweep = head_sweep(cfg, "resample", progress=progress)
+    per_head, top, sample = sweep_frames(sweep)
+    ratio, abl = figure_heads(cfg, per_head)
+    heads = tuple(sorted({ratio, abl}))
+    model = open_model(cfg)
+    data = open_tokens(cfg, model, progress=progress)
+    runs = {a: cached(cfg, HeadsSpec(heads=heads, ablation=a), data, progress=progress)
+            for a in ("mean", "zero")}
+    tokens = pd.concat([ln.head_tokens(top, sample, h, runs) for h in heads], ignore_index=True)
+    ratios = ln.ratio_summary(tokens[tokens["label"] == head_label(*ratio)])
+    shares = ln.norm_share(top, sample)
+    ref = ref_tokens = None
+    if reference and not (model.parallel_residual and ratio[0] == model.n_layers - 1):
+        ref = load_model("tiny-gpt_neox", dtype="float64")
+        g = torch.Generator().manual_seed(cfg.seed)
+        ref_tokens = torch.randint(0, ref.d_vocab, (4, 32), generator=g)
+    rows = slice(0, max(2, min(cfg.batch_size, len(data))))
+    b_check = ln.appendix_b(model, data.tokens[rows], ratio, ref, ref_tokens,
+                            corrupt_tokens=data.corrupt_tokens[rows])
+    fig = pd.DataFrame([
+        {"figure": "Fig 4, App. H (S/S′)", "label": head_label(*ratio), "paper": PAPER_HEADS["ratio_head"],
+         "reason": "pinned by ratio_head" if cfg.ratio_head else HEAD_RULE},
+        {"figure": "Fig 5, App. D (three ablations)", "label": head_label(*abl),
+         "paper": PAPER_HEADS["ablation_head"],
+         "reason": "pinned by ablation_head" if cfg.ablation_head else
+         ("as ratio_head" if cfg.ratio_head else HEAD_RULE)}])
+    ch = LayerNormChapter(fig, ratio, abl, tokens, ratios, shares, ln.layer_shares(shares), b_check,
+                          ln.appendix_b_table(b_check), per_head, model, [], dict(sweep.meta))
+    ch.verdicts = verdicts(ch)
+    return ch
+
+
+def verdicts(ch: LayerNormChapter) -> list[Verdict]:
+    r = ch.ratios.set_index("ablation")
+    out = [Verdict(RATIO[a], float(r.loc[a, "share_ratio_above_1"]), int(r.loc[a, "n"]),
+                   f"top-k% tokens of {head_label(*ch.ratio_head)}") for a in ln.ABLATION_ORDER if a in r.index]
+    first = late_start(ch.model.n_layers)
+    clipped = ch.shares[(ch.shares["tokens"] == "top-k%") & (ch.shares["clipping"] == "clipped")]
+    final = clipped[clipped["component"] == "final norm"]
+    late = final[final["layer"] >= first]
+    block = clipped[(clipped["component"] == "block norms") & (clipped["layer"] >= first)]
+    detail = f"Over every layer's heads it is {final['share'].mean():.0%}."
+    if len(block):
+        detail += (f" This model's sandwich (post-attention / post-feedforward) norms, which the "
+                   f"paper's models do not have, give back a further {block['share'].mean():.0%}.")
+    out.append(Verdict(SHARE, float(late["share"].mean()), len(late), "late-layer heads", detail))
+    t = ch.check_table
+    here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
+    applies = bool(ch.model.parallel_residual and here["last_layer"].all())
+    if applies:
+        value, detail = float(here["relative_error"].max()), ""
+    else:
+        why = ("the head is not in the last layer, so later layers also respond"
+               if not here["last_layer"].all() else "the block is sequential, so the last MLP"
+               + (" and the sandwich norms" if ch.model.sandwich else "") + " also respond")
+        value = float("nan")
+        detail = (f"Its assumptions do not hold on this model ({why}): here its relative error is "
+                  f"{here['relative_error'].max():.2g}, the size of the terms it leaves out "
+                  f"(largest {here['max_left_out_term'].max():.3g} logits).")
+        if len(ref):
+            detail += (f" On {ref['model'].iloc[0]} (parallel residual, last-layer head) the error is "
+                       f"{ref['relative_error'].max():.1e}.")
+    out.append(Verdict(APP_B, value, int(here["n"].sum()), "token-ablations", detail))
+    if "resample" in r.index and r.loc["resample", "median_direct_effect"] > 0:
+        out.append(Verdict(APP_H, float(r.loc["resample", "median_abs_boost"]
+                                        / r.loc["resample", "median_direct_effect"]),
+                           int(r.loc["resample", "n"]), "tokens",
+                           f"The median ratio is {r.loc['resample', 'median_ratio']:.3f} and the median "
+                           f"gap between the correct token's logit and its strongest competitor's "
+                           f"{r.loc['resample', 'median_logit_gap']:+.2f} logits."))
+    return out
+
+
+def on_this_model(ch: LayerNormChapter) -> str:
+    m = ch.meta
+    intro = (f"**On {m.get('model')}** (ratio head {head_label(*ch.ratio_head)}, ablation head "
+             f"{head_label(*ch.ablation_head)}; top {m.get('top_percent'):g}% tokens by direct effect).")
+    return render(ch.verdicts, intro)

@@ -1,0 +1,185 @@
+"""Chapter 3 — anti-erasure neurons (self-repair paper §4, App. C; Hydra §2.5.2).
+
+Heads, as the paper picks them:
+
+- Fig 7 and §4.2.2 — Pythia-160M L10H11, "an attention head right before the final MLP layer"
+  (``fig7_head``); on other models the head with the largest mean direct effect over every token in
+  the last layer whose heads feed the final MLP layer;
+- Fig 8 and App. C Fig 11-14 — "heads before the final MLP layer which have a large average direct
+  effect across tokens" (Pythia-160M L7H8, GPT2-Small L9H11, Pythia-410M L17H4, Llama-7B L30H8;
+  ``featured_heads``); on other models the ``n_featured`` heads upstream of the final MLP layer with
+  the largest whole-set mean direct effect.
+
+Tokens: Fig 7 the tokens where the last MLP layer repairs most (``mlp_repair``); §4.2.2 those where
+the head is self-repaired most (``self_repair``); Fig 8 and 11-14 each head's top-k% tokens by
+direct effect (``direct_effect``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .. import neurons as nr
+from ..claims import Claim, Verdict, above, at_least, below, render
+from ..config import CorpusConfig, check_ablation_name, parse_head
+from ..errors import InputError
+from ..existence import whole_set_means
+from ..experiment import head_sweep, measure as cached, open_model, open_tokens
+from . import check, featured
+
+PAPER_FIG7 = "L10H11"  # Pythia-160M
+PAPER_FIG8 = ("L7H8",)  # Pythia-160M (Fig 8 and Fig 13; the other three models' heads in the text)
+FIG7_RULE = ("the head with the largest whole-set mean direct effect in the last layer whose heads "
+             "feed the final MLP layer")
+FIG8_RULE = "the heads upstream of the final MLP layer with the largest whole-set mean direct effect"
+
+FIG7 = Claim("anti_erasure", "On the tokens where the last MLP layer repairs most, its top repairing "
+             "neuron is mostly an erasure neuron erasing less", "§4.1, Fig 7",
+             "the share of the Fig 7 head's mlp_repair tokens whose top repairing neuron has a negative "
+             "clean direct effect that rises when the head is ablated", above(0.5), fmt=".0%")
+SPARSE = Claim("sparse", "A sparse set of neurons repairs heavily", "§4.2, Fig 8",
+               "the median over the Fig 8 heads of the share of their top-k% tokens on which the single "
+               "top repairing neuron repairs at least 10% of the head's direct effect", at_least(0.2),
+               paper=0.4, paper_context="Llama-7B L30H8, “over 40% of instances”", fmt=".0%")
+ERASURE = Claim("erasure", "The top repairing neurons are mostly erasure neurons", "§4.2, App. C",
+                "how much more often the top-10 repairing neurons have a negative clean direct effect "
+                "than the layer's neurons in general (median over the Fig 8 heads, share points)",
+                above(0.05), fmt="+.0%")
+VARIES = Claim("varies", "The repairing neurons differ across prompts", "§4.2.2",
+               "the largest share of the Fig 7 head's most self-repaired tokens on which one neuron is "
+               "among the top-10 repairing neurons", below(0.5), paper=0.16,
+               paper_context="Pythia-160M L10H11", fmt=".0%")
+
+
+@dataclass(frozen=True)
+class Config(CorpusConfig):
+    ablation: str = "resample"  # what replaces a head's output (the paper: resample)
+    fig7_head: str | None = None  # Fig 7 / §4.2.2 head (the paper: L10H11); None: by the paper's criterion
+    featured_heads: tuple[str, ...] | None = None  # Fig 8 / App. C heads (the paper: L7H8); None: by the criterion
+    n_featured: int = 3  # Fig 8 heads chosen when featured_heads is None
+
+    HEAD_FIELDS = ("fig7_head", "featured_heads")
+
+    def validate(self) -> None:
+        super().validate()
+        check_ablation_name(self.ablation)
+        if self.n_featured < 1:
+            raise InputError(f"n_featured must be at least 1, got {self.n_featured}")
+
+
+def check_model(cfg: Config, model) -> None:
+    """Pinned heads must feed the last MLP layer (its neurons are what this chapter measures)."""
+    labels = ([cfg.fig7_head] if cfg.fig7_head else []) + list(cfg.featured_heads or ())
+    bad = [l for l in labels if not nr.upstream(model, parse_head(l)[0], model.n_layers - 1)]
+    if bad:
+        raise InputError(f"heads {bad} are not upstream of the last MLP layer ({model.n_layers - 1}) of "
+                         f"{model.name}" + (" (parallel residual: the same layer's MLP does not read "
+                                            "its heads)" if model.parallel_residual else "")
+                         + ": pick heads of earlier layers")
+
+
+@dataclass
+class NeuronsChapter:
+    result: nr.NeuronResult
+    summary: pd.DataFrame  # one row per measured head
+    heads: pd.DataFrame  # which head serves which figure, and why
+    fig7: str  # label of the Fig 7 / §4.2.2 head
+    fig8: list  # labels of the Fig 8 heads
+    verdicts: list
+    meta: dict
+
+    def _only(self, frame: pd.DataFrame, labels) -> pd.DataFrame:
+        return frame[frame["label"].isin(list(labels))].reset_index(drop=True)
+
+    @property
+    def fig7_instances(self) -> pd.DataFrame:
+        """Fig 7: the Fig 7 head's tokens where the last MLP layer repairs most."""
+        return self._only(nr.instances(self.result, "mlp_repair"), [self.fig7])
+
+    @property
+    def sparsity(self) -> pd.DataFrame:
+        """Fig 8: the Fig 8 heads' top-k% tokens by direct effect."""
+        return self._only(nr.sparsity(self.result), self.fig8)
+
+    @property
+    def cumulative(self) -> pd.DataFrame:
+        """App. C Fig 11-14, the Fig 8 heads."""
+        return self._only(nr.cumulative(self.result), self.fig8)
+
+    @property
+    def top_frequency(self) -> pd.DataFrame:
+        """§4.2.2: the Fig 7 head's most self-repaired tokens."""
+        return self._only(nr.top_frequency(self.result), [self.fig7])
+
+
+def choose(cfg: Config, per_head: pd.DataFrame, model) -> pd.DataFrame:
+    """The heads of Fig 7 and Fig 8 with the reason each was chosen."""
+    L = model.n_layers - 1
+    whole = whole_set_means(per_head)
+    up = whole[[nr.upstream(model, int(l), L) for l in whole["layer"]]]
+    by_de = ["direct_effect", "layer", "head"]
+    last = up[up["layer"] == nr.last_upstream_layer(model)]
+    f7 = featured(whole, [cfg.fig7_head] if cfg.fig7_head else None,
+                  lambda ph: last.sort_values(by_de, ascending=[False, True, True], kind="mergesort").head(1),
+                  rule=FIG7_RULE, stands_for=(PAPER_FIG7,)).assign(figure="Fig 7, §4.2.2")
+    f8 = featured(whole, cfg.featured_heads,
+                  lambda ph: up.sort_values(by_de, ascending=[False, True, True], kind="mergesort")
+                  .head(cfg.n_featured), rule=FIG8_RULE, stands_for=PAPER_FIG8).assign(figure="Fig 8, App. C")
+    return pd.concat([f7, f8], ignore_index=True)[["figure", "layer", "head", "label", "direct_effect",
+                                                    "reason", "stands_for"]]
+
+
+def measure(cfg: Config, progress: bool = True) -> NeuronsChapter:
+    check(cfg)
+    model = open_model(cfg)
+    pinned = cfg.fig7_head and cfg.featured_heads
+    if pinned:  # the paper's heads: no sweep needed to choose them
+        labels = [cfg.fig7_head, *cfg.featured_heads]
+        heads = pd.DataFrame([{"figure": "Fig 7, §4.2.2" if i == 0 else "Fig 8, App. C", "label": l,
+                               "layer": parse_head(l)[0], "head": parse_head(l)[1],
+                               "reason": "pinned by the parameters", "stands_for": ""}
+                              for i, l in enumerate(labels)])
+    else:
+        heads = choose(cfg, head_sweep(cfg, cfg.ablation, progress=progress).per_head(), model)
+    pairs = tuple(sorted({(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])}))
+    spec = nr.NeuronSpec(heads=pairs, ablation=cfg.ablation, top_percent=cfg.top_percent)
+    res = cached(cfg, spec, open_tokens(cfg, model, progress=progress), progress=progress)
+    ch = NeuronsChapter(res, nr.summary(res), heads, heads["label"].iloc[0],
+                        list(heads[heads["figure"] != "Fig 7, §4.2.2"]["label"]), [], dict(res.meta))
+    ch.verdicts = verdicts(ch)
+    return ch
+
+
+def verdicts(ch: NeuronsChapter) -> list[Verdict]:
+    s = ch.summary.set_index("label")
+    f7, f8 = s.loc[ch.fig7], s.loc[[l for l in ch.fig8 if l in s.index]]
+    k = int(ch.meta.get("k", 0))
+    share10 = nr.sparsity(ch.result)
+    top1 = share10[(share10["kind"] == "nth") & (share10["rank"] == 1) & (share10["percent"] == 10)]
+    top1 = top1[top1["label"].isin(ch.fig8)]
+    return [
+        Verdict(FIG7, float(f7["fig7_anti_erasure"]), k, f"tokens of {ch.fig7}",
+                f"On a median {f7['layer_positive']:.0%} of {ch.fig7}'s top tokens the whole layer's "
+                "clean direct effect is positive (the paper: frequently extremely positive)."),
+        Verdict(SPARSE, float(top1["share"].median()), len(top1), "heads",
+                "Half of the layer's absolute change sits in "
+                + ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} neurons for {l}" for l, r in f8.iterrows())
+                + "."),
+        Verdict(ERASURE, float((f8["erasure_top"] - f8["negative_baseline"]).median()), len(f8), "heads",
+                "Erasure neurons carry " + ", ".join(f"{r.erasure_repair_share:.0%} ({l})"
+                                                     for l, r in f8.iterrows())
+                + " of the positive ΔDE."),
+        Verdict(VARIES, float(f7["max_top_frequency"]), k, f"tokens of {ch.fig7}",
+                f"The most frequent one is neuron {int(f7['max_top_neuron'])}."),
+    ]
+
+
+def on_this_model(ch: NeuronsChapter) -> str:
+    m = ch.meta
+    intro = (f"**On {m.get('model')}** (MLP layer {ch.result.neuron_layer} with {m.get('d_mlp')} neurons, "
+             f"{m.get('ablation')} ablation, top {m.get('top_percent'):g}% tokens = {m.get('k')} per head "
+             f"and selection{', capped by max_instances: the highest of them' if m.get('capped') else ''}; "
+             f"Fig 7 head {ch.fig7}, Fig 8 heads {', '.join(ch.fig8)}).")
+    return render(ch.verdicts, intro)

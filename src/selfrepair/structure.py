@@ -1,0 +1,85 @@
+"""The one place that says which layers are "late", how many tokens "the top k%" is, and which
+components are downstream of which (self-repair paper §2.1-2.2, eq. 2; Hydra eq. 33).
+
+- **Layer regions.** *Early* = the first half of the layers, *late* = the second half
+  (``layer >= n_layers // 2``); *middle* = the middle half (Hydra's "intermediate layers");
+  *last quarter* = the Hydra paper's "late MLP layers". Models of different depth are compared at
+  the same relative depth ``layer / (n_layers - 1)``.
+- **Top-k%.** ``ceil(percent / 100 * n)`` of ``n`` instances, at least one (the paper's top 2% of
+  tokens by clean direct effect).
+- **Downstream.** A component reads another's output if it sits in a later layer; inside one block
+  the MLP reads the attention output in a sequential block (GPT-2, Llama, Gemma) but not in a
+  parallel-residual one (GPT-NeoX/Pythia, GPT-J), where both read the same residual stream.
+"""
+
+from __future__ import annotations
+
+import math
+
+KINDS = ("attn", "mlp")  # the two writers of a block, in execution order
+
+
+def late_start(n_layers: int) -> int:
+    """The first late layer: ``n_layers // 2``."""
+    return n_layers // 2
+
+
+def region(layer: int, n_layers: int) -> str:
+    """``"early"`` or ``"late"``."""
+    return "late" if layer >= late_start(n_layers) else "early"
+
+
+def span(n_layers: int, which: str) -> range:
+    """The layers of a region: ``"early"``, ``"late"``, ``"middle"`` (the middle half) or
+    ``"last_quarter"`` (at least one layer)."""
+    if which == "early":
+        return range(0, late_start(n_layers))
+    if which == "late":
+        return range(late_start(n_layers), n_layers)
+    if which == "middle":
+        lo = round(n_layers / 4)
+        return range(lo, max(lo + 1, round(3 * n_layers / 4)))
+    if which == "last_quarter":
+        return range(n_layers - max(1, n_layers // 4), n_layers)
+    raise ValueError(f"unknown region {which!r}")
+
+
+def relative_depth(layer, n_layers):
+    """``layer / (n_layers - 1)`` (0 = first layer, 1 = last); works on scalars and arrays."""
+    import numpy as np
+
+    return layer / np.maximum(1, n_layers - 1)
+
+
+def is_late(layer, n_layers):
+    """Whether ``layer`` is in the later half (``layer >= n_layers // 2``); scalars or arrays."""
+    return layer >= n_layers // 2
+
+
+def top_k(n: int, percent: float) -> int:
+    """How many of ``n`` instances the top ``percent``% are: ``ceil(percent/100 * n)``, >= 1."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"percent must be in (0, 100], got {percent}")
+    return max(1, math.ceil(percent / 100 * n - 1e-9))
+
+
+def reads(parallel_residual: bool, src_kind: str, src_layer: int, dst_kind: str,
+          dst_layer: int) -> bool:
+    """Whether component ``(dst_kind, dst_layer)`` reads the output of ``(src_kind, src_layer)``
+    (kinds ``"attn"`` / ``"mlp"``): it is in a later layer, or it is the same block's MLP reading
+    its attention in a sequential block."""
+    if dst_layer != src_layer:
+        return dst_layer > src_layer
+    return src_kind == "attn" and dst_kind == "mlp" and not parallel_residual
+
+
+def component_reads(parallel_residual: bool, n_layers: int):
+    """``[ablated, readout]`` bool matrix over components ``c = 2 * layer + (0 attn, 1 mlp)``:
+    whether the readout component is downstream of the ablated one."""
+    import torch
+
+    c = torch.arange(2 * n_layers)
+    layer, kind = c // 2, c % 2
+    later = layer[None, :] > layer[:, None]
+    same_block = (layer[None, :] == layer[:, None]) & (kind[:, None] == 0) & (kind[None, :] == 1)
+    return later | (same_block & (not parallel_residual))
