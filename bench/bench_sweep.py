@@ -47,14 +47,15 @@ def _peak_memory(device: torch.device) -> float:
 
 def naive_self_repair(model, tokens: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
     """One full forward with full logits per head (per batch): delta_logit and self-repair."""
-    from selfrepair.ablation import default_corrupt_tokens, head_slice
+    from selfrepair.ablation import head_slice
+    from selfrepair.data import corrupt_tokens
     from selfrepair.direct_effect import head_effects, readout
     from selfrepair.heads import clean_pass
     from selfrepair.intervene import run
 
     L, H = model.n_layers, model.n_heads
     out = {q: [] for q in ("delta_logit", "self_repair")}
-    corrupt_all = default_corrupt_tokens(tokens)  # the batch rolled by one, as the library does
+    corrupt_all = corrupt_tokens(tokens)  # the rows rolled by one, as the library does for a tensor
     for start in range(0, len(tokens), batch_size):
         tok = tokens[start:start + batch_size].to(model.device)
         tgt = tok[:, 1:]
