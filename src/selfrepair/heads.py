@@ -61,6 +61,18 @@ def check_tokens(model: Model, tokens: torch.Tensor, name: str = "tokens") -> to
     return tokens.to(model.device)
 
 
+def check_token_set(model: Model, data: TokenSet, ablation: str) -> None:
+    """``data``'s rows (and, for resample ablation, their sources: valid ids, the rows' own shape),
+    checked before the first forward pass."""
+    check_tokens(model, data.tokens)
+    if ablation == "resample":
+        check_tokens(model, data.corrupt_tokens, "corrupt_tokens")
+        if data.corrupt_tokens.shape != data.tokens.shape:
+            raise InputError(f"corrupt_tokens has shape {tuple(data.corrupt_tokens.shape)} but tokens "
+                             f"has {tuple(data.tokens.shape)}: resampling patches the same positions, "
+                             "so they must match")
+
+
 def check_heads(model: Model, heads: Iterable[tuple[int, int]] | None) -> list[tuple[int, int]]:
     """``None`` -> every head; else validated ``(layer, head)`` pairs (negative layer counts back)."""
     if heads is None:
@@ -106,13 +118,7 @@ def self_repair(model: Model, tokens: torch.Tensor | TokenSet, ablation: str = "
     check_ablation(ablation)
     data = tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(
         check_tokens(model, tokens).cpu(), corrupt_tokens)
-    check_tokens(model, data.tokens)
-    if ablation == "resample":
-        check_tokens(model, data.corrupt_tokens, "corrupt_tokens")
-        if data.corrupt_tokens.shape != data.tokens.shape:
-            raise InputError(f"corrupt_tokens has shape {tuple(data.corrupt_tokens.shape)} but tokens "
-                             f"has {tuple(data.tokens.shape)}: resampling patches the same positions, "
-                             "so they must match")
+    check_token_set(model, data, ablation)
     pairs = check_heads(model, heads)
     n, seq = data.tokens.shape
     batch_size = min(n, batch_size or n)

@@ -35,13 +35,12 @@ from .ablation import check_ablation
 from .batch import TokenSet, batches, mean_z
 from .direct_effect import neuron_effects
 from .errors import InputError
-from .heads import check_heads, check_tokens
+from .heads import check_heads, check_token_set, check_tokens
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import ablate_heads
 from .results import Result, head_label
 from .structure import reads, top_k
-from .sweep import check_token_set
 
 SELECTIONS = ("direct_effect", "self_repair", "mlp_repair")
 SCALARS = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair",

@@ -36,6 +36,7 @@ from .errors import InputError
 from .interrupt import graceful
 from .measure import RunOptions, Spec
 from .models import Model
+from .heads import check_token_set
 from .passes import HEAD_QUANTITIES, ablate_heads
 from .results import CorruptResultError, Result, head_label, load_tensors, save_tensors
 from .structure import top_k
@@ -189,19 +190,6 @@ def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_me
 
 def _as_token_set(tokens, corrupt_tokens=None) -> TokenSet:
     return tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(tokens, corrupt_tokens)
-
-
-def check_token_set(model: Model, data: TokenSet, ablation: str) -> None:
-    """Everything about ``data`` that the sweep needs, checked before the first forward pass."""
-    from .heads import check_tokens
-
-    check_tokens(model, data.tokens)
-    if ablation == "resample":
-        check_tokens(model, data.corrupt_tokens, "corrupt_tokens")
-        if data.corrupt_tokens.shape != data.tokens.shape:
-            raise InputError(f"corrupt_tokens has shape {tuple(data.corrupt_tokens.shape)} but tokens "
-                             f"has {tuple(data.tokens.shape)}: resampling patches the same positions, "
-                             "so they must match")
 
 
 def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = "resample",
