@@ -49,8 +49,8 @@ def naive_self_repair(model, tokens: torch.Tensor, batch_size: int) -> dict[str,
     """One full forward with full logits per head (per batch): delta_logit and self-repair."""
     from selfrepair.ablation import head_slice
     from selfrepair.data import corrupt_tokens
-    from selfrepair.direct_effect import head_effects, readout
-    from selfrepair.heads import clean_pass
+    from selfrepair.batch import clean_batch
+    from selfrepair.direct_effect import head_effects
     from selfrepair.intervene import run
 
     L, H = model.n_layers, model.n_heads
@@ -59,8 +59,8 @@ def naive_self_repair(model, tokens: torch.Tensor, batch_size: int) -> dict[str,
     for start in range(0, len(tokens), batch_size):
         tok = tokens[start:start + batch_size].to(model.device)
         tgt = tok[:, 1:]
-        clean = clean_pass(model, tok)
-        ro = readout(model, tok, clean)
+        batch = clean_batch(model, tok)
+        clean, ro = batch.clean, batch.readout
         corrupt = corrupt_all[start:start + batch_size].to(model.device)
         corrupt_z = run(model, corrupt, read=("z",)).reads["z"]
         with torch.no_grad():

@@ -223,11 +223,17 @@ def test_fig_norm_share_and_variants():
     assert data_rows(s) == 3 * 2 * 2
 
 
-def test_fig_norm_ratio():
+def test_fig_norm_ratio_embeds_bins_that_count_every_sampled_token():
     t = head_frame()
-    s = spec_of(fl.fig_norm_ratio(t))
-    assert "norm_ratio" in fields(s, "x") and "ablation" in fields(s, "color")
-    assert data_rows(s) == (t["tokens"] == "random sample").sum()
+    sample = t[t["tokens"] == "random sample"]
+    s = spec_of(fl.fig_norm_ratio(t, bins=20))
+    assert "lo" in fields(s, "x") and "ablation" in fields(s, "color")
+    n_ablations = sample["ablation"].nunique()
+    assert data_rows(s) <= 2 * 20 * n_ablations  # the bins (twice: bars and rule share the data)
+    h = fl.histogram(sample, "norm_ratio", "ablation", bins=20)
+    assert h.groupby("ablation")["count"].sum().to_dict() == sample.groupby("ablation").size().to_dict()
+    big = pd.concat([sample] * 40, ignore_index=True)  # 5,000+ sampled tokens per ablation still fit
+    assert data_rows(spec_of(fl.fig_norm_ratio(big))) <= 2 * 40 * n_ablations
 
 
 def test_fig_appendix_b():

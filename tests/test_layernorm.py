@@ -49,11 +49,10 @@ def test_appendix_b_needs_the_bias_free_logit(neox64):
     """Using the full centred logit (with the final-norm and unembedding bias) breaks the identity:
     the bias is not divided by the scale."""
     chk = layernorm.appendix_b_check(neox64, tokens_for(neox64), (neox64.n_layers - 1, 0), ["zero"])
-    from selfrepair.direct_effect import readout
-    from selfrepair.heads import clean_pass
+    from selfrepair.batch import clean_batch
 
     tok = tokens_for(neox64)
-    ro = readout(neox64, tok, clean_pass(neox64, tok))
+    ro = clean_batch(neox64, tok).readout
     bias = ro.bias.double().flatten().numpy()
     assert np.abs(bias).max() > 1e-3
     wrong = layernorm.appendix_b_delta_logit(chk["ratio"], chk["scaled_logit"] + bias,

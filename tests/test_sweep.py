@@ -240,3 +240,20 @@ def test_out_of_memory_retries_once_with_fewer_rows_then_explains(monkeypatch):
     with pytest.raises(InputError, match="out of memory even with max_rows=8.*smaller batch_size"):
         with pytest.warns(UserWarning):
             run_sweep(model, tok, batch_size=4, max_rows=16, progress=False)
+
+
+@pytest.mark.parametrize("args", [["--tokens", "20000", "--seq-len", "64"],
+                                  ["--tokens", "1000", "--seq-len", "33", "--batch-size", "3"]])
+def test_sweeps_with_a_last_batch_of_one_row_complete(tmp_path, args, capsys):
+    """The two commands that used to run every batch and then die ("resample ablation needs a batch
+    of at least 2 sequences"): 313 rows in batches of 8, and 31 rows in batches of 3."""
+    from selfrepair.cli import main
+
+    rc = main(["sweep", "--model", "tiny-gpt_neox", *args, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    path = Path(out.strip().splitlines()[-1].removeprefix("cached as "))
+    sweep = Sweep.load(path)
+    n_rows = -(-int(args[1]) // int(args[3]))
+    assert sweep.meta["n_rows"] == n_rows and n_rows % sweep.meta["run"]["batch_size"] == 1
+    assert int(sweep.n_top.sum()) > 0 and not list(tmp_path.glob("**/*.partial"))

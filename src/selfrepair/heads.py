@@ -31,9 +31,8 @@ import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import CLEAN_READS, TokenSet, clean_batch, mean_z
+from .batch import TokenSet, clean_batch, mean_z
 from .errors import InputError
-from .intervene import Pass, run
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import HEAD_QUANTITIES, ablate_heads
@@ -90,12 +89,6 @@ def check_heads(model: Model, heads: Iterable[tuple[int, int]] | None) -> list[t
                              f"{model.n_heads - 1})")
         out.append((layer, head))
     return sorted(set(out))
-
-
-def clean_pass(model: Model, tokens: torch.Tensor, **kw) -> Pass:
-    """The clean forward every measurement starts from (reads ``z``, ``attn``, ``mlp``, ``block``
-    and the embeddings); :func:`selfrepair.batch.clean_batch` adds the readout."""
-    return run(model, tokens, read=CLEAN_READS, read_embed=True, **kw)
 
 
 def self_repair(model: Model, tokens: torch.Tensor | TokenSet, ablation: str = "resample",

@@ -117,6 +117,8 @@ def numbers(ch: HydraChapter) -> dict:
             "frac_de_gt_drop": float((att["direct_effect"] > att["ablation_drop"]).mean()),
             "corr": float(att["direct_effect"].corr(att["ablation_drop"])),
             "restored_mid": hy.restored_share(eff, mid), "slope_mid": hy.pooled_slope(eff, mid),
+            "ce_mid": float(att[att["layer"].isin(mid)]["compensatory_effect"].mean()),
+            "lost_mid": float(-att[att["layer"].isin(mid)]["delta_direct_effect"].mean()),
             "block_mid": float(att[att["layer"].isin(mid)]["from_block_norms"].mean()),
             "slope_from": (int(at_or_above.max()) + 1 if len(at_or_above) else int(slopes.index.min()))
             if len(slopes) else None,
@@ -143,8 +145,13 @@ def verdicts(ch: HydraChapter) -> list[Verdict]:
         Verdict(UNEMBED, s["frac_de_gt_drop"], n_pairs, "(prompt, layer) pairs",
                 f"The two correlate with r = {s['corr']:.2f}."),
         Verdict(RESTORED, s["restored_mid"], s["n_prompts"] * len(s["mid"]), f"(prompt, layer) pairs of "
-                f"layers {_span(s['mid'])}", f"The slope of compensation on direct effect, pooled within "
-                f"these layers, is {s['slope_mid']:.2f}.{block}"),
+                f"layers {_span(s['mid'])}", f"An ablation there removes a mean {s['lost_mid']:+.3f} logits "
+                f"of direct effect and the downstream layers change theirs by a mean "
+                f"{s['ce_mid']:+.3f}"
+                + (" (on average downstream breakage outweighs compensation)" if s["ce_mid"] < 0 else "")
+                + ". The slope of "
+                f"compensation on direct effect, pooled within these layers — how much of each extra "
+                f"logit of direct effect is given back — is {s['slope_mid']:.2f}.{block}"),
         Verdict(SLOPE, float("nan") if frm is None else frm / L, L, "attention layers",
                 ("" if frm is None else f"That is from layer {frm} of {L} on.") + r2),
         # one case per (prompt, attention layer before the late MLPs)

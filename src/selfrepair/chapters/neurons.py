@@ -161,8 +161,8 @@ def verdicts(ch: NeuronsChapter) -> list[Verdict]:
     top1 = top1[top1["label"].isin(ch.fig8)]
     return [
         Verdict(FIG7, float(f7["fig7_anti_erasure"]), k, f"tokens of {ch.fig7}",
-                f"On a median {f7['layer_positive']:.0%} of {ch.fig7}'s top tokens the whole layer's "
-                "clean direct effect is positive (the paper: frequently extremely positive)."),
+                f"On {f7['layer_positive']:.0%} of {ch.fig7}'s top tokens the whole layer's clean direct "
+                "effect is positive (the paper: frequently extremely positive)."),
         Verdict(SPARSE, float(top1["share"].median()), len(top1), "heads",
                 "Half of the layer's absolute change sits in "
                 + ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} neurons for {l}" for l, r in f8.iterrows())

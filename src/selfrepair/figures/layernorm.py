@@ -103,17 +103,34 @@ def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
         .properties(title="Final-norm share of DE: unclipped (Fig 9) vs clipped to [0, 1] (Fig 10)"))
 
 
+def histogram(values: pd.DataFrame, column: str, by: str, bins: int = 40) -> pd.DataFrame:
+    """Counts of ``column`` in ``bins`` equal bins shared by every group of ``by`` (a chart of
+    thousands of tokens then embeds only the bins): columns ``by, lo, hi, count``."""
+    import numpy as np
+
+    x = values[column].to_numpy(float)
+    edges = np.histogram_bin_edges(x[np.isfinite(x)], bins=bins) if np.isfinite(x).any() else np.array([0.0, 1.0])
+    rows = []
+    for key, g in values.groupby(by, sort=False):
+        counts, _ = np.histogram(g[column].to_numpy(float), bins=edges)
+        rows += [{by: key, "lo": lo, "hi": hi, "count": int(c)} for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+    return pd.DataFrame(rows)
+
+
 def fig_norm_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.Chart:
-    """App. D / Fig 15: ``S'/S`` (= ||r'||/||r|| for RMSNorm; centred residual for LayerNorm) on a
-    random sample of all tokens — no filtering by direct effect — per ablation."""
+    """App. D / Fig 15: ``S'/S`` (= ||r'||/||r|| for RMSNorm; centred residual for LayerNorm) on the
+    uniform sample of all tokens — no filtering by direct effect — per ablation (binned here, so
+    the chart embeds counts, not tokens)."""
     t = tokens[tokens["tokens"] == "random sample"][["label", "ablation", "norm_ratio"]]
     label = t["label"].iloc[0] if len(t) else ""
-    hist = alt.Chart(t).mark_bar(opacity=0.5, binSpacing=0).encode(
-        x=alt.X("norm_ratio:Q", bin=alt.Bin(maxbins=bins), title="S′ / S (ablated / clean residual norm)",
+    h = histogram(t, "norm_ratio", "ablation", bins)
+    hist = alt.Chart(h).mark_bar(opacity=0.5, binSpacing=0).encode(
+        x=alt.X("lo:Q", title="S′ / S (ablated / clean residual norm)",
                 axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6)),
-        y=alt.Y("count():Q", stack=None, title="tokens"), color=_ablation_color(),
-        tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("count():Q", title="tokens")])
-    one = alt.Chart(t).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
+        x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens"), color=_ablation_color(),
+        tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("lo:Q", format=".4f", title="from"),
+                 alt.Tooltip("hi:Q", format=".4f", title="to"), alt.Tooltip("count:Q", title="tokens")])
+    one = alt.Chart(h).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
     return alt.layer(hist, one).properties(
         width=480, height=220, title=f"{label}: residual-norm ratio on a random sample of tokens")
 
