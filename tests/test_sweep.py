@@ -257,3 +257,37 @@ def test_sweeps_with_a_last_batch_of_one_row_complete(tmp_path, args, capsys):
     n_rows = -(-int(args[1]) // int(args[3]))
     assert sweep.meta["n_rows"] == n_rows and n_rows % sweep.meta["run"]["batch_size"] == 1
     assert int(sweep.n_top.sum()) > 0 and not list(tmp_path.glob("**/*.partial"))
+
+
+@pytest.mark.parametrize("when", ["mid-batch", "while-saving"])
+def test_interruption_at_any_point_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, when):
+    """SIGTERM in the middle of a batch (the batch is undone) or while a checkpoint is written (the
+    write completes, nothing is undone): either way the resumed sweep equals an uninterrupted one."""
+    import selfrepair.sweep as sw
+    from selfrepair.interrupt import Interrupted
+
+    model = load_model("tiny-gpt2")
+    tok = rows(model, n=10)
+    want = run_sweep(model, tok, batch_size=2, sample_size=30, progress=False)
+    calls = {"n": 0}
+    target = sw.ablate_heads if when == "mid-batch" else sw.save_tensors
+
+    def signal_once(*args, **kwargs):  # the 3rd ablated pass, or the first checkpoint write
+        calls["n"] += 1
+        if calls["n"] == (3 if when == "mid-batch" else 1):
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered at the next bytecode
+        return target(*args, **kwargs)
+
+    monkeypatch.setattr(sw, "ablate_heads" if when == "mid-batch" else "save_tensors", signal_once)
+    part = tmp_path / "sweep.safetensors"
+    with pytest.raises(Interrupted, match="SIGTERM.*resume") as info:
+        run_sweep(model, tok, batch_size=2, sample_size=30, path=part, progress=False)
+    assert info.value.saved == (when == "while-saving")
+    monkeypatch.undo()
+    assert not part.exists() and part.with_name(part.name + ".partial").exists()
+    got = run_sweep(model, tok, batch_size=2, sample_size=30, path=part, progress=False)
+    torch.testing.assert_close(got.sum_all, want.sum_all, atol=1e-6, rtol=1e-6)
+    for kind in ("top", "sample"):
+        a = got.tokens_frame(kind).sort_values(["layer", "head", "row", "pos"]).reset_index(drop=True)
+        b = want.tokens_frame(kind).sort_values(["layer", "head", "row", "pos"]).reset_index(drop=True)
+        assert a[["layer", "head", "row", "pos"]].equals(b[["layer", "head", "row", "pos"]]), kind

@@ -18,11 +18,12 @@ from typing import Callable
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT or SIGTERM after saving its last finished step."""
+    """A run stopped by SIGINT or SIGTERM after saving its last finished step (``saved``: the
+    signal came while a checkpoint was being written, which then completed)."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, saved: bool = False):
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.saved = signum, saved
 
     @property
     def exit_code(self) -> int:
@@ -49,9 +50,9 @@ class Guard:
                 self.saving = False
             self.cost = time.monotonic() - now
             self.last_save = time.monotonic()
-            if self.pending is not None:
+            if self.pending is not None:  # the step and its checkpoint are complete: nothing to undo
                 signum, self.pending = self.pending, None
-                raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
+                raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum, saved=True)
 
 
 @contextmanager
@@ -81,10 +82,11 @@ def graceful(save: Callable[[], None], *, restore: Callable[[], None] | None = N
         for sig, old in installed.items():  # a second Ctrl-C while saving aborts for real
             signal.signal(sig, old)
         installed.clear()
-        if restore is not None:
-            restore()
-        save()
-        raise Interrupted(f"{e}: the last finished step is saved; {resume_hint}", e.signum) from None
+        if not e.saved:
+            if restore is not None:
+                restore()
+            save()
+        raise Interrupted(f"{e}: the last finished step is saved; {resume_hint}", e.signum, e.saved) from None
     finally:
         for sig, old in installed.items():
             signal.signal(sig, old)

@@ -85,15 +85,20 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by :func:`save_tensors`; :class:`CorruptResultError` if damaged."""
-    from safetensors import safe_open
+    """Read a file written by :func:`save_tensors`; :class:`CorruptResultError` if damaged.
+
+    The file is read in one go and parsed from memory, so a reader racing a writer that replaces
+    the file (a checkpoint being updated) sees one whole version, never the header of one and the
+    data of another (``safetensors.safe_open`` opens the path more than once)."""
+    from safetensors.torch import load
 
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for truncated headers/data
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as e:  # truncated headers or data raise several types
         raise CorruptResultError(f"{path} is unreadable ({e})") from e
     if "sha256" not in header or _digest(tensors) != header["sha256"]:
         raise CorruptResultError(f"{path} failed its checksum")

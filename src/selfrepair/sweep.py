@@ -237,31 +237,37 @@ def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = 
     bar = tqdm(total=len(data), initial=done, desc=f"{ablation} sweep", unit="row", disable=not progress)
     chunks_i, chunks_v = [], []  # per-token rows since the last consolidation (no O(n^2) concat)
 
-    snapshot: dict = {}
-    kept = [0]  # per-token chunks that belong to finished batches
+    def take_snapshot() -> None:  # the state at the end of the last finished batch
+        snapshot.update({k: state[k].clone() for k in ("sum_all", "sum_top", "n_top", "next_row")})
+        snapshot["rows"] = rows[0]
 
-    def restore() -> None:  # back to the end of the last finished batch
-        state.update(snapshot)
-        del chunks_i[kept[0]:], chunks_v[kept[0]:]
+    def restore() -> None:  # back to the snapshot, whatever was consolidated since
+        _consolidate(state, chunks_i, chunks_v)
+        state.update({k: v for k, v in snapshot.items() if k != "rows"})
+        state["tok_index"] = state["tok_index"][:snapshot["rows"]]
+        state["tok_values"] = state["tok_values"][:snapshot["rows"]]
 
     def save_state() -> None:
         if state_path is not None:
             _consolidate(state, chunks_i, chunks_v)
             save_tensors(state_path, state, {"ident": ident})
 
+    snapshot: dict = {}
+    rows = [len(state["tok_index"])]  # per-token rows of the finished batches (state + chunks)
+    take_snapshot()
     with graceful(save_state, restore=restore,
                   resume_hint=f"run the same command again to resume ({state_path})") as guard:
         for start in range(done, len(data), batch_size):
             stop = min(len(data), start + batch_size)
-            snapshot.update({k: state[k].clone() for k in ("sum_all", "sum_top", "n_top", "next_row")})
-            kept[0] = len(chunks_i)
             idx, vals, max_rows = _batch_with_oom_retry(model, data, start, stop, ablation, state,
                                                         max_rows, snapshot)
             chunks_i.extend(idx)
             chunks_v.extend(vals)
+            rows[0] += sum(len(i) for i in idx)
             state["next_row"] = torch.tensor(stop)
             bar.update(stop - start)
             guard.checkpoint()
+            take_snapshot()
     bar.close()
     _consolidate(state, chunks_i, chunks_v)
     rec = data.record()
@@ -296,7 +302,7 @@ def _batch_with_oom_retry(model: Model, data: TokenSet, start: int, stop: int, a
     try:
         return (*_sweep_batch(model, data, start, stop, ablation, state, max_rows), max_rows)
     except torch.OutOfMemoryError:
-        state.update({k: v.clone() for k, v in snapshot.items()})  # undo the failed attempt's sums
+        state.update({k: v.clone() for k, v in snapshot.items() if k != "rows"})  # undo the failed attempt
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
         smaller = max(1, max_rows // 2)
