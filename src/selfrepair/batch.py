@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .ablation import ABLATIONS, check_ablation, replacement_z
+from .ablation import check_ablation, replacement_z
 from .direct_effect import Readout, head_effects, last_readout, readout
 from .errors import InputError
 from .intervene import Pass, run
@@ -235,5 +235,5 @@ def mean_z(model: Model, data: TokenSet, batch_size: int) -> torch.Tensor:
     return (total / data.tokens.numel())[:, None, None].to(model.dtype)
 
 
-__all__ = ["ABLATIONS", "CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet", "batches",
+__all__ = ["CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet", "batches",
            "clean_batch", "mean_z", "tensor_digest"]

@@ -19,7 +19,6 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from .ablation import ABLATIONS
 from .errors import InputError
 
 HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
@@ -177,8 +176,3 @@ class CorpusConfig(RunConfig):
     @property
     def n_instances(self) -> int:
         return self.n_rows * (self.seq_len - 1)
-
-
-def check_ablation_name(ablation: str) -> None:
-    if ablation not in ABLATIONS:
-        raise InputError(f"unknown ablation {ablation!r}: use one of {', '.join(ABLATIONS)}")

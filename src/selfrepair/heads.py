@@ -35,8 +35,8 @@ from .batch import TokenSet, clean_batch, mean_z
 from .errors import InputError
 from .measure import RunOptions, Spec
 from .models import Model
-from .passes import HEAD_QUANTITIES, ablate_heads
-from .results import SelfRepairResult
+from .passes import ablate_heads
+from .results import HEAD_QUANTITIES, SelfRepairResult
 
 QUANTITIES = HEAD_QUANTITIES
 

@@ -32,8 +32,6 @@ from .intervene import run
 from .models import Model
 from .structure import reads
 
-HEAD_QUANTITIES = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair",
-                   "from_heads", "from_mlps", "from_norm", "from_block_norms", "scale_ablated")
 WRITE_SITES = ("attn_write", "mlp_write")
 
 

@@ -37,8 +37,8 @@ from .interrupt import graceful
 from .measure import RunOptions, Spec
 from .models import Model
 from .heads import check_token_set
-from .passes import HEAD_QUANTITIES, ablate_heads
-from .results import CorruptResultError, Result, head_label, load_tensors, save_tensors
+from .passes import ablate_heads
+from .results import HEAD_QUANTITIES, CorruptResultError, Result, head_label, load_tensors, save_tensors
 from .structure import top_k
 
 COLUMNS = HEAD_QUANTITIES + ("scale_clean", "logit", "competitor_gap")

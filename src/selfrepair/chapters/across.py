@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..ablation import check_ablation
 from ..claims import Claim, Verdict, at_least, between, render
-from ..config import CorpusConfig, check_ablation_name
+from ..config import CorpusConfig
 from ..existence import top_means, whole_set_means
 from ..experiment import head_sweep
 from ..layernorm import norm_share
@@ -209,7 +210,7 @@ class Config(CorpusConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_ablation_name(self.ablation)
+        check_ablation(self.ablation)
 
 
 @dataclass

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..ablation import check_ablation
 from .. import existence as ex
 from ..claims import Claim, Verdict, at_least, render
-from ..config import CorpusConfig, check_ablation_name
+from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep
 from ..structure import late_start
@@ -65,7 +66,7 @@ class Config(CorpusConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_ablation_name(self.ablation)
+        check_ablation(self.ablation)
         if self.n_boot < 10:
             raise InputError(f"n_boot must be at least 10 bootstrap resamples, got {self.n_boot}")
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..ablation import check_ablation
 from .. import hydra as hy
 from ..claims import Claim, Verdict, above, at_most, between, render
-from ..config import RunConfig, check_ablation_name
+from ..config import RunConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_prompts
 from ..structure import span
@@ -51,7 +52,7 @@ class Config(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_ablation_name(self.ablation)
+        check_ablation(self.ablation)
         if self.n_patches < 1:
             raise InputError(f"n_patches must be at least 1, got {self.n_patches}")
         if self.n_prompts is not None and self.n_prompts < 2:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pandas as pd
 
+from ..ablation import check_ablation
 from ..batch import TokenSet
-from ..config import CorpusConfig, RunConfig, check_ablation_name, parse_head
+from ..config import CorpusConfig, RunConfig, parse_head
 from ..errors import InputError
 from ..experiment import open_model, open_tokens
 from ..heads import self_repair
@@ -34,7 +35,7 @@ class Config(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_ablation_name(self.ablation)
+        check_ablation(self.ablation)
         if self.demo_rows < 1 or self.demo_positions < 2:
             raise InputError(f"demo_rows must be >= 1 and demo_positions >= 2, got {self.demo_rows}, "
                              f"{self.demo_positions}")

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..ablation import check_ablation
 from .. import neurons as nr
 from ..claims import Claim, Verdict, above, at_least, below, render
-from ..config import CorpusConfig, check_ablation_name, parse_head
+from ..config import CorpusConfig, parse_head
 from ..errors import InputError
 from ..existence import whole_set_means
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
@@ -64,7 +65,7 @@ class Config(CorpusConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_ablation_name(self.ablation)
+        check_ablation(self.ablation)
         if self.n_featured < 1:
             raise InputError(f"n_featured must be at least 1, got {self.n_featured}")
 
