@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+
+from selfrepair.claims import wilson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -334,7 +336,10 @@ def test_verdicts_on_synthetic_results(seed):
     for key, (value, n) in want.items():
         assert got[key].value == pytest.approx(value, nan_ok=True), key
         assert got[key].n == n, key
-        assert got[key].holds == (None if not np.isfinite(value) else got[key].claim.rule(value))
+        # every chapter-1 metric is a share: a Wilson interval, and a verdict only if it is clear
+        lo, hi = wilson(round(value * n), n) if n else (np.nan, np.nan)
+        assert (got[key].lo, got[key].hi) == pytest.approx((lo, hi), nan_ok=True), key
+        assert got[key].holds == got[key].claim.rule.decide(lo, hi), key
 
 
 def test_exists_and_imperfect_read_the_whole_set_means_not_the_top_ones():
@@ -491,4 +496,5 @@ def test_verdicts_on_the_tiny_run(tiny):
     lines = text.splitlines()[1:]
     assert len(lines) == len(ce.CLAIMS)
     for line, v in zip(lines, ex.verdicts):
-        assert f"**{format(v.value, v.claim.fmt)}**" in line and f"over {v.n:,} " in line
+        assert f"**{format(v.value, v.claim.fmt)}**" in line and f" {v.n:,} " in line
+        assert f"**{v.word}**" in line and "95% interval" in line

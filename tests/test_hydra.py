@@ -450,10 +450,13 @@ def check_numbers(ch, exp):
     L = ch.result.n_layers
     v = {x.claim.key: x for x in ch.verdicts}
     assert list(v) == ["unembed", "restored", "slope", "erasure"]
-    assert v["unembed"].value == got["frac_de_gt_drop"] and v["unembed"].n == exp["n_prompts"] * L
+    assert v["unembed"].value == pytest.approx(got["frac_de_gt_drop"]) and v["unembed"].n == exp["n_prompts"] * L
     assert v["restored"].value == got["restored_mid"] and v["restored"].n == exp["n_prompts"] * len(exp["mid"])
     assert v["slope"].value == pytest.approx(exp["slope_from"] / L) and v["slope"].n == L
-    assert v["erasure"].value == got["opposite"] and v["erasure"].n == exp["n_cases"]
+    assert v["erasure"].value == pytest.approx(got["opposite"]) and v["erasure"].n == exp["n_cases"]
+    # a model that completes (almost) no prompt gets no Hydra verdict, only its numbers
+    if got["n_correct"] < max(10, 0.25 * got["n_prompts"]):
+        assert all(x.holds is None and "prompts correctly" in x.why for x in v.values())
 
 
 @pytest.fixture(scope="module")

@@ -134,11 +134,15 @@ def per_layer(heads: pd.DataFrame) -> pd.DataFrame:
 
 MANY = Claim("many", "Many heads in later layers are self-repaired", "§2.2, Fig 1",
              "the share of late-layer heads with positive mean self-repair on their top-k% tokens",
-             at_least(0.5), fmt=".0%")
+             at_least(0.5), fmt=".0%",
+             reading="{value} of the {n} {unit} lose less logit than their direct effect on their top "
+                     "tokens.")
 SHARE = Claim("norm_share", "The final LayerNorm explains around 30% of a head's direct effect",
               "§3.2, Fig 6", "the mean over late-layer heads of the clipped per-token share from_norm / DE "
               "on their top-k% tokens (the released percent_LN_of_DE for the paper's models)",
-              between(0.15, 0.45), paper=0.30, fmt=".0%")
+              between(0.15, 0.45), paper=0.30, fmt=".0%",
+              reading="The final norm alone gives back {value} of a head's direct effect, on average "
+                      "over the {n} {unit}.")
 
 
 def compare_models(heads: pd.DataFrame) -> pd.DataFrame:
@@ -180,8 +184,18 @@ def _range(values: pd.Series, fmt: str) -> str:
     return "n/a" if v.empty else f"{format(v.min(), fmt)} to {format(v.max(), fmt)}"
 
 
-def comparison_markdown(table: pd.DataFrame, current: str | None = None) -> str:
-    """Each claim per cached run of this project, with the paper models' released range."""
+def _late_heads(heads: pd.DataFrame | None, run: str) -> pd.DataFrame | None:
+    if heads is None:
+        return None
+    top = heads[(heads["run"] == run) & (heads["tokens"] == "top-k%")]
+    return top[is_late(top["layer"], top["n_layers"])]
+
+
+def comparison_markdown(table: pd.DataFrame, current: str | None = None,
+                        heads: pd.DataFrame | None = None) -> str:
+    """Each claim per cached run of this project, with the paper models' released range. With
+    ``heads`` (the per-head frame behind ``table``) every verdict carries its 95% interval over the
+    run's late heads; without, the values stand alone."""
     ours, paper = table[table["source"] != "paper"], table[table["source"] == "paper"]
     if current is not None and (ours["model"] == current).any():
         ours = pd.concat([ours[ours["model"] == current], ours[ours["model"] != current]])
@@ -192,10 +206,18 @@ def comparison_markdown(table: pd.DataFrame, current: str | None = None) -> str:
              f"{ours['model'].nunique()} model(s); the paper's released values: {pm} "
              f"({PAPER_CITATION})."]
     for claim, col in ((MANY, "frac_self_repaired_late"), (SHARE, "norm_share_late")):
-        verdicts = [Verdict(claim, float(r[col]), int(r["n_late"]), f"late heads of {r['run']}",
-                            f"(Plus {r['block_norm_share_late']:.0%} of DE from the sandwich block norms.)"
-                            if col == "norm_share_late" and abs(r["block_norm_share_late"]) > 0 else "")
-                    for _, r in ours.iterrows()]
+        verdicts = []
+        for _, r in ours.iterrows():
+            unit = f"late heads of {r['run']}"
+            extra = (f"(Plus {r['block_norm_share_late']:.0%} of DE from the sandwich block norms.)"
+                     if col == "norm_share_late" and abs(r["block_norm_share_late"]) > 0 else "")
+            late = _late_heads(heads, r["run"])
+            if late is None:
+                verdicts.append(Verdict(claim, float(r[col]), int(r["n_late"]), unit, extra))
+            elif claim is MANY:
+                verdicts.append(Verdict.share(claim, late["self_repair"] > 0, unit, extra))
+            else:
+                verdicts.append(Verdict.mean(claim, late["norm_share"], unit, extra))
         parts.append(render(verdicts) + f"\n  The paper's models: {_range(paper[col], claim.fmt)}.")
     parts.append("- *Across the whole distribution, heads between y = −x and the x-axis* (Fig 2, "
                  "20-22; whole-set means, which the paper's release does not contain): "

@@ -41,18 +41,26 @@ FEATURED_RULE = ("two late-layer heads with the largest whole-set mean self-repa
 
 MANY = Claim("many", "Many heads in later layers are self-repaired", "§2.2, Fig 1",
              "the share of late-layer heads whose mean self-repair on their top-k% tokens is positive",
-             at_least(0.5), fmt=".0%")
+             at_least(0.5), fmt=".0%",
+             reading="{value} of the {n} {unit} lose less logit than their direct effect on the tokens "
+                     "where they matter most (positive mean self-repair on their top-k% tokens).")
 EXISTS = Claim("exists", "Across the whole distribution many heads fall between y = −x and the x-axis",
                "§2.2, Fig 2", "the share of heads with a positive whole-set mean direct effect that lie "
-               "there (0 > Δlogit > −DE)", at_least(1 / 3), fmt=".0%")
+               "there (0 > Δlogit > −DE)", at_least(1 / 3), fmt=".0%",
+               reading="Averaged over every token, {value} of the {n} {unit} sit between the line of no "
+                       "repair and the line of perfect repair.")
 IMPERFECT = Claim("imperfect", "Self-repair is imperfect: repaired heads still cost a noticeable "
                   "logit difference", "§2.2", "the share of those heads whose 95% bootstrap interval "
-                  "of mean Δlogit (uniform sample) lies entirely below 0", at_least(0.5), fmt=".0%")
+                  "of mean Δlogit (uniform sample) lies entirely below 0", at_least(0.5), fmt=".0%",
+                  reading="For {value} of the {n} {unit}, removing the head measurably lowers the "
+                          "correct token's logit (its 95% interval of mean Δlogit is below zero).")
 NOISY = Claim("noisy", "Self-repair is noisy: many heads with a significant direct effect show no "
               "clear correlation between DE and Δlogit", "§2.3, Fig 3",
               "the share of late-layer heads with a top-k% direct effect above the late median whose "
               "per-token correlation of DE and Δlogit on the sample is weaker than −0.5 (r > −0.5)",
-              at_least(0.25), fmt=".0%")
+              at_least(0.25), fmt=".0%",
+              reading="For {value} of the {n} {unit}, how much a token loses barely follows how much the "
+                      "head contributed to it (a per-token correlation weaker than −0.5).")
 CLAIMS = (MANY, EXISTS, IMPERFECT, NOISY)
 
 
@@ -140,20 +148,18 @@ def verdicts(r: Existence) -> list[Verdict]:
     over = r.spread[r.spread["layer"] >= first]["share_overcorrecting"].median()
     n_sample = int(r.sample.groupby(["layer", "head"]).size().max()) if len(r.sample) else 0
     return [
-        Verdict(MANY, float((late_top["self_repair"] > 0).mean()), len(late_top), "late-layer heads",
-                f"Their mean top-k% self-repair is {late_top['self_repair'].mean():+.3f} logits. "
-                f"(Not a claim of the paper: {(early_top['self_repair'] < 0).mean():.0%} of the "
-                f"early-layer heads have negative top-k% self-repair.)"),
-        Verdict(EXISTS, len(repaired) / len(positive) if len(positive) else np.nan, len(positive),
-                "heads with a positive direct effect"),
-        Verdict(IMPERFECT, float((ci["hi"] < 0).mean()) if len(ci) else np.nan, len(ci),
-                f"repaired heads ({n_sample:,} sampled tokens each)",
-                f"On average they still lose {lost:.0%} of their direct effect (−Δlogit / DE of the "
-                "whole-set means)." if np.isfinite(lost) else ""),
-        Verdict(NOISY, float(weak.mean()) if len(corr) else np.nan, len(corr), "heads",
-                f"On a median late-layer head, {over:.0%} of the sampled tokens on which the ablation "
-                "removes direct effect see the logit go up instead (overcorrection)."
-                if np.isfinite(over) else ""),
+        Verdict.share(MANY, late_top["self_repair"] > 0, "late-layer heads",
+                      f"Their mean top-k% self-repair is {late_top['self_repair'].mean():+.3f} logits. "
+                      f"(Not a claim of the paper: {(early_top['self_repair'] < 0).mean():.0%} of the "
+                      f"early-layer heads have negative top-k% self-repair.)"),
+        Verdict.share(EXISTS, positive["category"] == "repaired", "heads with a positive direct effect"),
+        Verdict.share(IMPERFECT, ci["hi"] < 0, f"repaired heads ({n_sample:,} sampled tokens each)",
+                      f"On average they still lose {lost:.0%} of their direct effect (−Δlogit / DE of "
+                      "the whole-set means)." if np.isfinite(lost) else ""),
+        Verdict.share(NOISY, weak, "late-layer heads with a large direct effect",
+                      f"On a median late-layer head, {over:.0%} of the sampled tokens on which the "
+                      "ablation removes direct effect see the logit go up instead (overcorrection)."
+                      if np.isfinite(over) else ""),
     ]
 
 

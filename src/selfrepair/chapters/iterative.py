@@ -29,10 +29,14 @@ FEATURED_RULE = ("the most self-repressing, then the most self-reinforcing heads
 
 EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output they write less",
               "App. G, Fig 19", "the number of heads classified self-repressing that respond to their "
-              "own output beyond a random push of the same size (specific)", at_least(1), fmt=".0f")
+              "own output beyond a random push of the same size (specific)", at_least(1), fmt=".0f",
+              reading="{value} of the {n} {unit} write less when fed their own output, by more than "
+                      "a random push of the same size changes them.")
 PROPORTIONAL = Claim("proportional", "The repression is proportional to how much output is added",
                      "App. F, Fig 18", "the share of the self-repressing heads whose top-token direct "
-                     "effect falls monotonically as alpha grows", above(0.5), fmt=".0%")
+                     "effect falls monotonically as alpha grows", above(0.5), fmt=".0%",
+                     reading="For {value} of the {n} {unit}, each larger dose of their own output "
+                             "lowers their direct effect further.")
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,11 @@ def verdicts(ch: IterativeChapter) -> list[Verdict]:
     for label in rep["label"]:
         g = resp[resp["label"] == label].sort_values("alpha")
         falling.append(bool((np.diff(g["new_direct_effect"].to_numpy()) <= 0).all()))
-    return [
+    return [  # a count of heads: exact, no sampling interval
         Verdict(EXIST, float(rep["specific"].sum()), len(ok), "classified heads",
                 f"{len(rep)} heads are classified self-repressing and "
                 f"{int((ok['class'] == 'self-reinforcing').sum())} self-reinforcing."),
-        Verdict(PROPORTIONAL, float(np.mean(falling)) if falling else float("nan"), len(falling),
-                "self-repressing heads"),
+        Verdict.share(PROPORTIONAL, falling, "self-repressing heads"),
     ]
 
 

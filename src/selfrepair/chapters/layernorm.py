@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .. import layernorm as ln
-from ..claims import Claim, Verdict, at_least, between, below, render
+from ..claims import Claim, Verdict, at_least, between, below, bootstrap, render
 from ..config import CorpusConfig, parse_head
 from ..existence import sweep_frames
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
@@ -34,20 +35,27 @@ HEAD_RULE = "the last-layer head with the largest mean top-k% direct effect"
 RATIO = {a: Claim(f"ratio_{a}", f"On a head's top tokens the ablated residual is smaller, S/S′ > 1 "
                   f"({a} ablation)", "§3.2, Fig 4", "the share of the ratio head's top-k% tokens "
                   "with S/S′ > 1", at_least(0.5), paper=p,
-                  paper_context="Pythia-160M L11H2", fmt=".1%")
+                  paper_context="Pythia-160M L11H2", fmt=".1%",
+                  reading="The ablation shrinks the residual stream, so the final norm amplifies every "
+                          "logit, on {value} of the {n} {unit}.")
          for a, p in (("resample", 0.9066), ("mean", 0.9875), ("zero", 1.0))}
 SHARE = Claim("norm_share", "LayerNorm explains around 30% of a head's direct effect across many layers",
               "§3.2, Fig 6/10", "the final norm's clipped per-token share of direct effect "
               "(from_norm / DE, clipped to [0, 1], top-k% tokens), averaged over the late-layer heads",
-              between(0.15, 0.45), paper=0.30, paper_context="several models, top 2% tokens", fmt=".0%")
+              between(0.15, 0.45), paper=0.30, paper_context="several models, top 2% tokens", fmt=".0%",
+              reading="On average over the {n} {unit}, the final norm's rescaling alone gives back "
+                      "{value} of a head's direct effect (per token, clipped to [0, 1]).")
 APP_B = Claim("appendix_b", "For a last-layer head of a parallel-attention model, "
               "Δlogit = (S/S′ − 1)·logit + (S/S′)·ΔDE", "§3.1, App. B",
               "the closed form's mean absolute error relative to mean |Δlogit| on one batch",
-              below(1e-3), fmt=".1e")
+              below(1e-3), fmt=".1e",
+              reading="The closed form misses the real Δlogit by {value} of its size, over {n} {unit}.")
 APP_H = Claim("appendix_h", "Even a ratio near 1 moves a logit by a nontrivial fraction of a direct "
               "effect", "App. H", "the median |(S/S′ − 1)·(logit − logit of the strongest other token)| "
               "over the ratio head's top-k% tokens (resample), relative to their median direct effect",
-              at_least(0.05), fmt=".1%")
+              at_least(0.05), fmt=".1%",
+              reading="The norm's rescaling alone moves the correct token against its strongest "
+                      "competitor by {value} of a typical direct effect (medians over {n} {unit}).")
 
 
 @dataclass(frozen=True)
@@ -138,8 +146,10 @@ def measure(cfg: Config, progress: bool = True, reference: bool = True) -> Layer
 
 def verdicts(ch: LayerNormChapter) -> list[Verdict]:
     r = ch.ratios.set_index("ablation")
-    out = [Verdict(RATIO[a], float(r.loc[a, "share_ratio_above_1"]), int(r.loc[a, "n"]),
-                   f"top-k% tokens of {head_label(*ch.ratio_head)}") for a in ln.ABLATION_ORDER if a in r.index]
+    top = ch.ratio_tokens[ch.ratio_tokens["tokens"] == "top-k%"]
+    out = [Verdict.share(RATIO[a], top[top["ablation"] == a]["ratio"] > 1,
+                         f"top-k% tokens of {head_label(*ch.ratio_head)}")
+           for a in ln.ABLATION_ORDER if a in r.index]
     first = late_start(ch.model.n_layers)
     clipped = ch.shares[(ch.shares["tokens"] == "top-k%") & (ch.shares["clipping"] == "clipped")]
     final = clipped[clipped["component"] == "final norm"]
@@ -149,31 +159,32 @@ def verdicts(ch: LayerNormChapter) -> list[Verdict]:
     if len(block):
         detail += (f" This model's sandwich (post-attention / post-feedforward) norms, which the "
                    f"paper's models do not have, give back a further {block['share'].mean():.0%}.")
-    out.append(Verdict(SHARE, float(late["share"].mean()), len(late), "late-layer heads", detail))
+    out.append(Verdict.mean(SHARE, late["share"], "late-layer heads", detail))
     t = ch.check_table
     here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
     applies = bool(ch.model.parallel_residual and here["last_layer"].all())
-    if applies:
-        value, detail = float(here["relative_error"].max()), ""
-    else:
-        why = ("the head is not in the last layer, so later layers also respond"
-               if not here["last_layer"].all() else "the block is sequential, so the last MLP"
-               + (" and the sandwich norms" if ch.model.sandwich else "") + " also respond")
-        value = float("nan")
-        detail = (f"Its assumptions do not hold on this model ({why}): here its relative error is "
-                  f"{here['relative_error'].max():.2g}, the size of the terms it leaves out "
-                  f"(largest {here['max_left_out_term'].max():.3g} logits).")
-        if len(ref):
-            detail += (f" On {ref['model'].iloc[0]} (parallel residual, last-layer head) the error is "
-                       f"{ref['relative_error'].max():.1e}.")
-    out.append(Verdict(APP_B, value, int(here["n"].sum()), "token-ablations", detail))
-    if "resample" in r.index and r.loc["resample", "median_direct_effect"] > 0:
-        out.append(Verdict(APP_H, float(r.loc["resample", "median_abs_boost"]
-                                        / r.loc["resample", "median_direct_effect"]),
-                           int(r.loc["resample", "n"]), "tokens",
-                           f"The median ratio is {r.loc['resample', 'median_ratio']:.3f} and the median "
-                           f"gap between the correct token's logit and its strongest competitor's "
-                           f"{r.loc['resample', 'median_logit_gap']:+.2f} logits."))
+    why, detail = "", ""
+    if not applies:
+        why = ("its assumption fails here: the head is not in the last layer, so later layers also "
+               "respond" if not here["last_layer"].all() else "its assumption fails here: the block is "
+               "sequential, so the last MLP" + (" and the sandwich norms" if ch.model.sandwich else "")
+               + " also respond")
+        detail = (f"The error is the size of the terms the formula leaves out (largest "
+                  f"{here['max_left_out_term'].max():.3g} logits).")
+    if len(ref):
+        detail += (f" On {ref['model'].iloc[0]} (parallel residual, last-layer head), where it applies, "
+                   f"the error is {ref['relative_error'].max():.1e}.")
+    # exact: the same tokens give the same error, there is no sampling to put an interval on
+    out.append(Verdict(APP_B, float(here["relative_error"].max()), int(here["n"].sum()),
+                       "token-ablations", detail.strip(), why=why))
+    g = top[top["ablation"] == "resample"]
+    if len(g) and g["direct_effect"].median() > 0:
+        pairs = np.c_[ln.relative_boost(g["ratio"], g["competitor_gap"]).abs(), g["direct_effect"]]
+        lo, hi = bootstrap(pairs, lambda a: np.median(a[:, 0]) / np.median(a[:, 1]))
+        out.append(Verdict(APP_H, float(np.median(pairs[:, 0]) / np.median(pairs[:, 1])), len(g),
+                           "top-k% tokens", f"The median ratio S/S′ is {g['ratio'].median():.3f} and the "
+                           f"median gap between the correct token's logit and its strongest competitor's "
+                           f"{g['competitor_gap'].median():+.2f} logits.", lo, hi))
     return out
 
 

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+import torch
 
 from ..ablation import check_ablation
 from .. import neurons as nr
-from ..claims import Claim, Verdict, above, at_least, below, render
+from ..claims import Claim, Verdict, above, at_least, below, bootstrap, render
 from ..config import CorpusConfig, parse_head
 from ..errors import InputError
 from ..existence import whole_set_means
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
+from ..results import head_label
 from . import check, featured
 
 PAPER_FIG7 = "L10H11"  # Pythia-160M
@@ -39,19 +42,28 @@ FIG8_RULE = "the heads upstream of the final MLP layer with the largest whole-se
 FIG7 = Claim("anti_erasure", "On the tokens where the last MLP layer repairs most, its top repairing "
              "neuron is mostly an erasure neuron erasing less", "§4.1, Fig 7",
              "the share of the Fig 7 head's mlp_repair tokens whose top repairing neuron has a negative "
-             "clean direct effect that rises when the head is ablated", above(0.5), fmt=".0%")
+             "clean direct effect that rises when the head is ablated", above(0.5), fmt=".0%",
+             reading="On {value} of the {n} {unit}, the neuron that repairs most was pushing the "
+                     "correct token down and pushes it down less once the head is gone.")
 SPARSE = Claim("sparse", "A sparse set of neurons repairs heavily", "§4.2, Fig 8",
-               "the median over the Fig 8 heads of the share of their top-k% tokens on which the single "
-               "top repairing neuron repairs at least 10% of the head's direct effect", at_least(0.2),
-               paper=0.4, paper_context="Llama-7B L30H8, “over 40% of instances”", fmt=".0%")
+               "the share of the Fig 8 heads' top-k% (head, token) pairs with a positive direct effect on "
+               "which the single top repairing neuron repairs at least 10% of the head's direct effect",
+               at_least(0.2), paper=0.4, paper_context="Llama-7B L30H8, “over 40% of instances”",
+               fmt=".0%",
+               reading="On {value} of the {n} {unit}, one neuron alone gives back at least a tenth of "
+                       "what the head contributed.")
 ERASURE = Claim("erasure", "The top repairing neurons are mostly erasure neurons", "§4.2, App. C",
-                "how much more often the top-10 repairing neurons have a negative clean direct effect "
-                "than the layer's neurons in general (median over the Fig 8 heads, share points)",
-                above(0.05), fmt="+.0%")
+                "the mean over the Fig 8 heads' top-k% tokens of (the share of erasure neurons, negative "
+                "clean direct effect, among the top-10 repairing neurons − their share among all the "
+                "layer's neurons)", above(0.05), fmt="+.0%",
+                reading="Among the neurons that repair most, erasure neurons are {value} more common "
+                        "than among all of the layer's neurons (mean over {n} {unit}).")
 VARIES = Claim("varies", "The repairing neurons differ across prompts", "§4.2.2",
                "the largest share of the Fig 7 head's most self-repaired tokens on which one neuron is "
                "among the top-10 repairing neurons", below(0.5), paper=0.16,
-               paper_context="Pythia-160M L10H11", fmt=".0%")
+               paper_context="Pythia-160M L10H11", fmt=".0%",
+               reading="No neuron is among the ten that repair most on more than {value} of the {n} "
+                       "{unit}.")
 
 
 @dataclass(frozen=True)
@@ -153,27 +165,52 @@ def measure(cfg: Config, progress: bool = True) -> NeuronsChapter:
     return ch
 
 
+def per_token(ch: NeuronsChapter) -> dict[str, np.ndarray]:
+    """The per-token evidence behind the claims: ``anti_erasure`` (Fig 7 head's mlp_repair tokens),
+    ``top1_tenth`` and ``erasure_excess`` (the Fig 8 heads' top-k% tokens with DE > 0) and
+    ``in_top10`` (the Fig 7 head's self_repair tokens x neurons)."""
+    res = ch.result
+    f7 = ch.fig7_instances
+    index = {head_label(l, h): i for i, (l, h) in enumerate(res.heads)}
+    top1, excess = [], []
+    for label in ch.fig8:
+        i = index[label]
+        de, clean, delta = (res.get("direct_effect", q)[i] for q in ("direct_effect", "clean", "delta"))
+        keep = de > 0
+        top1.append((delta[keep].max(-1).values / de[keep] >= 0.1).numpy())
+        t = delta.topk(min(10, delta.shape[-1]), -1)
+        rep = t.values > 0
+        neg = clean.gather(-1, t.indices) < 0
+        share = ((neg & rep).sum(-1) / rep.sum(-1).clamp_min(1)).double()
+        excess.append((share - (clean < 0).double().mean(-1))[rep.any(-1)].numpy())
+    delta = res.get("self_repair", "delta")[index[ch.fig7]]
+    in_top10 = torch.zeros_like(delta, dtype=torch.bool).scatter_(
+        -1, delta.topk(min(10, delta.shape[-1]), -1).indices, True)
+    return {"anti_erasure": ((f7["neuron_clean_de"] < 0) & (f7["neuron_ablated_de"] > f7["neuron_clean_de"])).to_numpy(),
+            "top1_tenth": np.concatenate(top1) if top1 else np.zeros(0, bool),
+            "erasure_excess": np.concatenate(excess) if excess else np.zeros(0),
+            "in_top10": in_top10.numpy()}
+
+
 def verdicts(ch: NeuronsChapter) -> list[Verdict]:
     s = ch.summary.set_index("label")
     f7, f8 = s.loc[ch.fig7], s.loc[[l for l in ch.fig8 if l in s.index]]
-    k = int(ch.meta.get("k", 0))
-    share10 = nr.sparsity(ch.result)
-    top1 = share10[(share10["kind"] == "nth") & (share10["rank"] == 1) & (share10["percent"] == 10)]
-    top1 = top1[top1["label"].isin(ch.fig8)]
+    ev = per_token(ch)
+    freq = ev["in_top10"].mean(0) if len(ev["in_top10"]) else np.zeros(1)
+    lo, hi = bootstrap(ev["in_top10"], lambda a: a.mean(0).max())
     return [
-        Verdict(FIG7, float(f7["fig7_anti_erasure"]), k, f"tokens of {ch.fig7}",
-                f"On {f7['layer_positive']:.0%} of {ch.fig7}'s top tokens the whole layer's clean direct "
-                "effect is positive (the paper: frequently extremely positive)."),
-        Verdict(SPARSE, float(top1["share"].median()), len(top1), "heads",
-                "Half of the layer's absolute change sits in "
-                + ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} neurons for {l}" for l, r in f8.iterrows())
-                + "."),
-        Verdict(ERASURE, float((f8["erasure_top"] - f8["negative_baseline"]).median()), len(f8), "heads",
-                "Erasure neurons carry " + ", ".join(f"{r.erasure_repair_share:.0%} ({l})"
-                                                     for l, r in f8.iterrows())
-                + " of the positive ΔDE."),
-        Verdict(VARIES, float(f7["max_top_frequency"]), k, f"tokens of {ch.fig7}",
-                f"The most frequent one is neuron {int(f7['max_top_neuron'])}."),
+        Verdict.share(FIG7, ev["anti_erasure"], f"tokens where {ch.fig7} is repaired most by the last MLP layer",
+                      f"On {f7['layer_positive']:.0%} of {ch.fig7}'s top tokens the whole layer's clean "
+                      "direct effect is positive (the paper: frequently extremely positive)."),
+        Verdict.share(SPARSE, ev["top1_tenth"], "(head, token) pairs of the Fig 8 heads",
+                      "Half of the layer's absolute change sits in "
+                      + ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} neurons for {l}" for l, r in f8.iterrows())
+                      + "."),
+        Verdict.mean(ERASURE, ev["erasure_excess"], "(head, token) pairs of the Fig 8 heads",
+                     "Erasure neurons carry " + ", ".join(f"{r.erasure_repair_share:.0%} ({l})"
+                                                          for l, r in f8.iterrows()) + " of the positive ΔDE."),
+        Verdict(VARIES, float(freq.max()), len(ev["in_top10"]), f"tokens where {ch.fig7} is self-repaired most",
+                f"The most frequent one is neuron {int(freq.argmax())}.", lo, hi),
     ]
 
 
