@@ -236,3 +236,33 @@ def test_html_names_no_external_script_style_or_font(built_book):
             rest = re.sub(r"<a\b[^>]*>.*?</a>", "", text, flags=re.S)
             bad += [f"{path.name}: {m}" for m in re.findall(r"https?://[^\s\"'<>]+", rest)]
     assert not bad, "\n".join(bad[:20])
+
+
+TEX_LEFTOVERS = re.compile(r"\$|\\\(|\\\)|\\\[|\\\]|\\(?:mathrm|frac|Delta|text|cdot|odot|lVert|left|right)\b")
+
+
+def unrendered_tex(html: str) -> list[str]:
+    """TeX left as text in a page: delimiters or commands outside the math elements MathJax
+    typesets (scripts, styles and code blocks, where such characters are legitimate, are skipped)."""
+    body = re.sub(r"<(script|style|pre|code)\b.*?</\1>", " ", html, flags=re.S | re.I)
+    body = re.sub(r'<(span|div)[^>]*class="[^"]*\bmath\b[^"]*"[^>]*>.*?</\1>', " ", body, flags=re.S)
+    text = re.sub(r"<[^>]+>", " ", body)
+    text = text.replace("&#36;", "$").replace("&dollar;", "$")
+    return [text[max(0, m.start() - 40):m.end() + 40].strip() for m in TEX_LEFTOVERS.finditer(text)]
+
+
+def test_unrendered_tex_is_found():
+    broken = ('<p>so self-repair happens <span class="math notranslate">\\(x\\)</span>'
+              '$\\(\\Delta\\mathrm{logit} = 1\\)\\( when \\)S/S\' &gt; 1$</p>')
+    assert unrendered_tex(broken)
+    fine = ('<p>the head <span class="math notranslate nohighlight">\\(\\Delta\\mathrm{DE}\\)</span> '
+            'costs <code>$HOME</code></p><script>var a = "$";</script>')
+    assert unrendered_tex(fine) == []
+
+
+def test_no_page_has_unrendered_tex(built_book):
+    pages = sorted(built_book.rglob("*.html"))
+    assert any("layernorm" in p.name for p in pages)
+    leftovers = {str(p.relative_to(built_book)): found[:3] for p in pages
+                 if (found := unrendered_tex(p.read_text(encoding="utf-8")))}
+    assert not leftovers, json.dumps(leftovers, indent=1, ensure_ascii=False)

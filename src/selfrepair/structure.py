@@ -83,3 +83,40 @@ def component_reads(parallel_residual: bool, n_layers: int):
     later = layer[None, :] > layer[:, None]
     same_block = (layer[None, :] == layer[:, None]) & (kind[:, None] == 0) & (kind[None, :] == 1)
     return later | (same_block & (not parallel_residual))
+
+
+def architecture(model) -> dict:
+    """What the model that ran is made of, as the chapters' prose needs it: ``parallel`` (attention
+    and MLP read the same residual), ``sandwich`` (each block's writes are normalized:
+    post-attention / post-feedforward norms), ``norm`` ("LayerNorm" or "RMSNorm"), ``gqa`` (fewer
+    key/value heads than query heads)."""
+    cfg = model.hf.config
+    kv = getattr(cfg, "num_key_value_heads", None) or model.n_heads
+    return {"name": model.name, "family": model.adapter.family, "n_layers": model.n_layers,
+            "n_heads": model.n_heads, "parallel": bool(model.parallel_residual),
+            "sandwich": bool(model.sandwich),
+            "norm": "LayerNorm" if model.adapter.norm == "layernorm" else "RMSNorm", "gqa": kv < model.n_heads}
+
+
+def architecture_markdown(model) -> str:
+    """One paragraph on the model that ran: its blocks, its norms and what they mean for what is
+    downstream of a head — computed from the model, never assumed."""
+    a = architecture(model)
+    blocks = ("**parallel-residual**: attention and the MLP read the same residual stream, so a layer's "
+              "MLP is *not* downstream of that layer's heads, and a last-layer head has nothing "
+              "downstream but the final norm" if a["parallel"] else
+              "**sequential**: the MLP reads the attention's output, so a layer's MLP *is* downstream of "
+              "that layer's heads, and even a last-layer head is followed by one MLP")
+    norm = ("LayerNorm (it subtracts the mean and divides by the standard deviation)" if a["norm"] == "LayerNorm"
+            else "RMSNorm (it divides by the root mean square, without centering)")
+    text = (f"**The model that ran:** `{a['name']}`, {a['n_layers']} layers of {a['n_heads']} attention "
+            f"heads. Its blocks are {blocks}. Its norms are {norm}.")
+    if a["sandwich"]:
+        text += (" Each block also normalizes what its attention and its MLP write before adding it to "
+                 "the residual stream (post-attention and post-feedforward norms, often called "
+                 "*sandwich* norms). Their scales are frozen at the clean run like the final norm's, "
+                 "and their change under an ablation is one more term of eq. 2, `from_block_norms`.")
+    if a["gqa"]:
+        text += (" Several query heads share one key/value head, so a head is ablated through its slice "
+                 "of the attention output's input, never through the shared values.")
+    return text

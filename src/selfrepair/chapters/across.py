@@ -264,3 +264,18 @@ def measure(cfg: Config, progress: bool = True) -> AcrossChapter:
     head_sweep(cfg, cfg.ablation, progress=progress)
     heads = combine(load_cached_sweeps(cfg.cache_dir), load_paper_reference())
     return AcrossChapter(heads, compare_models(heads), per_layer(heads), cfg.model)
+
+
+def model_notes(cfg: Config) -> str:
+    """What the architecture of the current model means for its row of the comparison."""
+    from ..experiment import open_model
+    from ..structure import architecture
+
+    a = architecture(open_model(cfg))
+    text = (f"- **{cfg.model}** has {'parallel-residual' if a['parallel'] else 'sequential'} blocks (as the "
+            f"paper's {'Pythia' if a['parallel'] else 'GPT-2'} models do) and {a['norm']} (the paper's "
+            "models all use LayerNorm).")
+    if a["sandwich"]:
+        text += (" It also normalizes each block's write; that norm share is a separate term "
+                 "(`from_block_norms`), not counted in the final norm's share.")
+    return text

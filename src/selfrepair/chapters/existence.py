@@ -178,3 +178,23 @@ def on_this_model(r: Existence) -> str:
              f"every token for Fig 2, a uniform sample of {n_sample:,} tokens for the "
              f"per-token views).{src}")
     return render(r.verdicts, intro)
+
+
+def model_notes(cfg: Config) -> str:
+    """What the architecture of the model that ran means for this chapter's numbers."""
+    from ..experiment import open_model
+    from ..structure import architecture
+
+    a = architecture(open_model(cfg))
+    if a["parallel"]:
+        text = ("- **Parallel-residual blocks.** As in the paper's Pythia, a last-layer head of this "
+                "model has nothing downstream but the final norm, so its self-repair can only come "
+                "from the norm (chapter 2).")
+    else:
+        text = ("- **Sequential blocks.** A last-layer head of this model is still followed by that "
+                "layer's MLP, so its self-repair can come from the MLP as well as from the final norm "
+                "— unlike in the paper's parallel-attention Pythia.")
+    if a["sandwich"]:
+        text += (" This model also normalizes each block's write (post-attention and post-feedforward "
+                 "norms); their share of the repair is the term `from_block_norms`.")
+    return text

@@ -200,3 +200,23 @@ def on_this_model(ch: HydraChapter) -> str:
              "token of the answer); as in the Hydra paper, every number reads the top token, right or "
              "wrong.")
     return render(ch.verdicts, intro)
+
+
+def model_notes(cfg: Config) -> str:
+    """What the architecture of the model that ran means for this chapter."""
+    from ..structure import architecture
+
+    a = architecture(open_model(cfg))
+    lines = []
+    if a["sandwich"]:
+        lines.append("- **A layer's write is normalized.** This model passes attention's and the MLP's "
+                     "outputs through post-attention / post-feedforward norms before adding them; it is "
+                     "that post-norm write that is replaced, so the ablated block's own norm cannot "
+                     "rescale the replacement. The downstream blocks' norms rescale too: that is reported "
+                     "as its own term (`from_block_norms`), not counted as compensation.")
+    lines.append("- **The same layer's MLP.** " + (
+        "The blocks are parallel-residual: a layer's MLP reads the same residual as its attention, so "
+        "it cannot compensate for that attention layer (its cells in the erasure map are zero)."
+        if a["parallel"] else "The blocks are sequential: a layer's MLP reads its attention's output, "
+        "so it is the first component that can compensate for it."))
+    return "\n".join(lines)

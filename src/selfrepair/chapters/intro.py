@@ -18,6 +18,7 @@ from ..config import CorpusConfig, RunConfig, parse_head
 from ..errors import InputError
 from ..experiment import open_model, open_tokens
 from ..heads import self_repair
+from ..structure import architecture_markdown  # noqa: F401 - shown by the introduction
 from . import check
 
 POOL_ROWS = 64  # rows the demo rows' resample sources are drawn from (several documents)

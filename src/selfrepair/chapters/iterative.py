@@ -139,3 +139,17 @@ def on_this_model(ch: IterativeChapter, threshold: float) -> str:
                  f"effect by a median {100 * ok['control_change'].median():+.0f}% (their own output: "
                  f"{100 * ok['relative_change'].median():+.0f}%).")
     return text + "\n\n" + render(ch.verdicts)
+
+
+def model_notes(cfg: Config) -> str:
+    """What the architecture of the model that ran means for this chapter."""
+    from ..structure import architecture
+
+    if architecture(open_model(cfg))["sandwich"]:
+        return ("- **What \"the head's output\" is here.** This model normalizes each attention write "
+                "(a post-attention norm with gain g and scale s), so a head adds g ⊙ z_h·W_O[h] / s "
+                "to the residual stream, with s frozen at its clean value — its share of the block's "
+                "write. Adding the raw z_h·W_O[h] instead would be a different push, much smaller "
+                "wherever g/s ≫ 1.")
+    return ("- **What \"the head's output\" is here.** As in the paper's models, a head adds "
+            "z_h·W_O[h] to the residual stream, and that is what is fed back.")

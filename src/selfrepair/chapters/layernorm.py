@@ -193,3 +193,23 @@ def on_this_model(ch: LayerNormChapter) -> str:
     intro = (f"**On {m.get('model')}** (ratio head {head_label(*ch.ratio_head)}, ablation head "
              f"{head_label(*ch.ablation_head)}; top {m.get('top_percent'):g}% tokens by direct effect).")
     return render(ch.verdicts, intro)
+
+
+def model_notes(cfg: Config) -> str:
+    """What the architecture of the model that ran means for this chapter."""
+    from ..structure import architecture
+
+    a = architecture(open_model(cfg))
+    lines = [f"- **The final norm is {a['norm']}.** " + (
+        "S′/S is the ratio of the mean-centred residuals' norms." if a["norm"] == "LayerNorm" else
+        "S′/S is the ratio of the residual norms ‖r′‖/‖r‖, up to the norm's ε.")]
+    lines.append("- **Appendix B applies here.** The blocks are parallel-residual, so a last-layer head "
+                 "has nothing downstream but the final norm." if a["parallel"] else
+                 "- **Appendix B does not apply here.** The blocks are sequential, so even a last-layer "
+                 "head is followed by an MLP; the tiny parallel-residual model shows where it holds.")
+    if a["sandwich"]:
+        lines.append("- **Norms on each block's write.** This model normalizes what attention and the "
+                     "MLP write (post-attention and post-feedforward norms). Their scale changes are a "
+                     "separate term, `from_block_norms`, shown beside the final norm in the share "
+                     "charts and never folded into \"LayerNorm\".")
+    return "\n".join(lines)

@@ -221,3 +221,21 @@ def on_this_model(ch: NeuronsChapter) -> str:
              f"and selection{', capped by max_instances: the highest of them' if m.get('capped') else ''}; "
              f"Fig 7 head {ch.fig7}, Fig 8 heads {', '.join(ch.fig8)}).")
     return render(ch.verdicts, intro)
+
+
+def model_notes(cfg: Config) -> str:
+    """What the architecture of the model that ran means for this chapter."""
+    from ..structure import architecture
+
+    model = open_model(cfg)
+    a = architecture(model)
+    lines = ["- **Which heads feed the last MLP layer.** " + (
+        "The blocks are parallel-residual: the last layer's heads do not feed the last MLP layer, so "
+        f"the Fig 7 head comes from layer {nr.last_upstream_layer(model)}." if a["parallel"] else
+        "The blocks are sequential: the last layer's heads feed the last MLP layer too.")]
+    if a["sandwich"]:
+        lines.append("- **The MLP's write is normalized.** It passes through a post-feedforward norm. "
+                     "Neuron direct effects use that norm's clean scale, so they add up to the layer's "
+                     "ΔDE at the clean scale; the part of the repair that comes from the norm's scale "
+                     "changing is no neuron's (chapter 2 counts it as `from_block_norms`).")
+    return "\n".join(lines)

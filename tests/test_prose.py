@@ -1,0 +1,78 @@
+"""Prose that follows the run: on a model without sandwich norms no chapter's text — its Markdown
+cells and the Markdown it computes — mentions sandwich norms, block norms or Gemma; on models that
+have them, the computed notes do. Checked on the prose the chapters actually produce, for two
+families (tiny GPT-NeoX: parallel residual, LayerNorm; tiny Llama: sequential, RMSNorm)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from selfrepair import load_model
+from selfrepair.book import chapter_notebooks, execute_chapters, load_profile
+from selfrepair.chapters import chapter_module
+from selfrepair.structure import architecture_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT = re.compile(r"sandwich|gemma|post-attention|post-feedforward|block.norm|from_block_norms", re.I)
+
+
+def prose(executed: Path) -> str:
+    """The Markdown a reader of an executed chapter sees: its Markdown cells and Markdown outputs."""
+    nb = json.loads(executed.read_text(encoding="utf-8"))
+    parts = []
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            parts.append("".join(cell["source"]))
+        for out in cell.get("outputs", []):
+            md = out.get("data", {}).get("text/markdown")
+            if md:
+                parts.append("".join(md))
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def llama_book(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama_book")
+    params = {**load_profile("tiny", ROOT), "model": "tiny-llama", "cache_dir": str(out / "results")}
+    runs = execute_chapters(chapter_notebooks(ROOT), params, out / "src", logs=out / "logs", jobs=2,
+                            progress=False)
+    return {r.name: r for r in runs}
+
+
+def _check(runs: dict, family: str):
+    assert len(runs) == len(chapter_notebooks(ROOT))
+    for name, run in runs.items():
+        assert run.ok, f"{name} failed on tiny-{family}: {run.error}"
+        text = prose(run.executed)
+        found = sorted({m.group(0) for m in ABSENT.finditer(text)})
+        assert not found, f"{name} on tiny-{family} mentions {found}, which this model does not have"
+        assert "On the model that ran" in text or "On the current model" in text or name[:2] == "00", name
+
+
+def test_gpt_neox_prose_names_no_feature_it_lacks(executed_book):
+    _check(executed_book.runs, "gpt_neox")
+    intro = prose(executed_book.runs["00_introduction"].executed)
+    assert "**parallel-residual**" in intro and "LayerNorm (it subtracts the mean" in intro
+
+
+def test_llama_prose_names_no_feature_it_lacks(llama_book):
+    _check(llama_book, "llama")
+    intro = prose(llama_book["00_introduction"].executed)
+    assert "**sequential**" in intro and "RMSNorm" in intro and "share one key/value head" in intro
+
+
+@pytest.mark.parametrize("family, present", [("gemma3", True), ("gpt2", False), ("gpt_neox", False)])
+def test_notes_speak_of_sandwich_norms_exactly_when_the_model_has_them(family, present):
+    model = load_model("tiny-" + family)
+    texts = [architecture_markdown(model)]
+    for prefix in ("01", "02", "03", "04", "05", "06"):
+        module = chapter_module(prefix)
+        texts.append(module.model_notes(module.Config.from_params(model="tiny-" + family)))
+    if present:  # the introduction and the chapters whose numbers the block norms change say so
+        assert all(re.search(r"post-attention|post-feedforward|normalizes", t) for t in texts[:6]), family
+    else:
+        assert not any(ABSENT.search(t) for t in texts), family
