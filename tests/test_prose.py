@@ -76,3 +76,20 @@ def test_notes_speak_of_sandwich_norms_exactly_when_the_model_has_them(family, p
         assert all(re.search(r"post-attention|post-feedforward|normalizes", t) for t in texts[:6]), family
     else:
         assert not any(ABSENT.search(t) for t in texts), family
+
+
+def test_the_worked_example_is_computed_and_consistent():
+    from selfrepair.chapters.intro import TOY_COMPONENTS, worked_example
+
+    w = worked_example()
+    n = w.numbers
+    assert w.table["direct_effect"].sum() == pytest.approx(n["logit"])  # DEs add up to the logit
+    assert n["self_repair"] == pytest.approx(n["norm_term"])  # nothing downstream but the norm
+    assert n["closed_form"] == pytest.approx(n["delta_logit"])  # App. B holds on the toy
+    assert f"**{n['logit']:.3f}**" in w.text and f"{n['self_repair']:+.3f}" in w.text
+    # other numbers, other paragraph: nothing in it is typed in
+    bigger = {**TOY_COMPONENTS, "head B": (3.0, -1.0, 2.0)}
+    v = worked_example(bigger)
+    assert v.numbers["logit"] != pytest.approx(n["logit"]) and v.text != w.text
+    assert f"**{v.numbers['logit_ablated']:.3f}**" in v.text
+    assert v.numbers["self_repair"] == pytest.approx(v.numbers["norm_term"])
