@@ -165,10 +165,9 @@ def verdicts(ch: LayerNormChapter) -> list[Verdict]:
     applies = bool(ch.model.parallel_residual and here["last_layer"].all())
     why, detail = "", ""
     if not applies:
-        why = ("its assumption fails here: the head is not in the last layer, so later layers also "
-               "respond" if not here["last_layer"].all() else "its assumption fails here: the block is "
-               "sequential, so the last MLP" + (" and the sandwich norms" if ch.model.sandwich else "")
-               + " also respond")
+        why = ("its assumption fails: the head is not in the last layer, so later layers also respond"
+               if not here["last_layer"].all() else "its assumption fails: the block is sequential, so "
+               "the last MLP" + (" and the sandwich norms" if ch.model.sandwich else "") + " also respond")
         detail = (f"The error is the size of the terms the formula leaves out (largest "
                   f"{here['max_left_out_term'].max():.3g} logits).")
     if len(ref):
