@@ -151,3 +151,20 @@ def test_a_failed_write_keeps_the_previous_entry(tmp_path, monkeypatch):
         first.save(path)
     assert path.read_bytes() == before and not list(path.parent.glob(".*.tmp"))
     assert torch.equal(Sweep.load(path).sum_all, first.sum_all)
+
+
+def test_a_chapter_packs_its_corpus_once(monkeypatch):
+    """The chapter's check and its measurements read one TokenSet: the corpus is packed once."""
+    import selfrepair.data as data
+    from selfrepair.chapters import check
+
+    calls = []
+    pack = data.pack_documents
+    monkeypatch.setattr(data, "pack_documents", lambda *a, **k: calls.append(1) or pack(*a, **k))
+    cfg = existence.Config.from_params(**{**TINY, "seed": 12345})
+    model = open_model(cfg)
+    check(cfg)
+    tokens = open_tokens(cfg, model)
+    assert tokens is open_tokens(cfg, model) and len(tokens) > 1 and calls == [1]
+    other = open_tokens(existence.Config.from_params(**{**TINY, "seed": 12346}), model)
+    assert len(other) == len(tokens) and not torch.equal(other.tokens, tokens.tokens) and calls == [1, 1]

@@ -2,7 +2,8 @@
 
 - :func:`open_model` — the config's model, loaded once per process;
 - :func:`open_tokens` — the config's :class:`~selfrepair.batch.TokenSet` (packed from its corpus,
-  each row's resample source from another document, tokenized only when first used);
+  each row's resample source from another document, tokenized only when first used, once per
+  model and corpus in a process);
 - :func:`open_prompts` — the factual prompts of the Hydra chapter as a :class:`~selfrepair.batch.PromptSet`;
 - :func:`measure` — a spec's result from the results cache (:class:`selfrepair.measure.Cache`),
   computed and saved when missing;
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from functools import lru_cache
@@ -27,6 +29,10 @@ from .models import Model, load_model
 
 TINY_DATASET = "tiny"  # a small synthetic in-memory corpus for tests and quick runs
 SOURCE_RULE = "other-document"  # version of the resample-source rule (selfrepair.data.resample_sources)
+# open_tokens' sets, by (model, fingerprint): a chapter's check and its measurements share one packing.
+# The model is held with its set so that its id is not reused while the entry lives.
+_TOKEN_SETS: dict[tuple[int, str], tuple[Model, TokenSet]] = {}
+_MAX_TOKEN_SETS = 8
 
 
 @lru_cache(maxsize=2)
@@ -47,7 +53,8 @@ def corpus_fingerprint(dataset: str, seed: int) -> str:
 
 def open_tokens(cfg: CorpusConfig, model: Model, *, progress: bool = True) -> TokenSet:
     """``cfg``'s token rows ``[n_rows, seq_len]`` (each starting with BOS) with their resample
-    sources; the corpus is read and tokenized on first use of the rows, not before."""
+    sources; the corpus is read and tokenized on first use of the rows, not before, and once per
+    model and fingerprint in a process (later calls return the same set)."""
     if model.tokenizer is None:
         raise InputError(f"{model.name} has no tokenizer: pass tokenizer= to load_model or save "
                          "the tokenizer next to the model")
@@ -74,7 +81,12 @@ def open_tokens(cfg: CorpusConfig, model: Model, *, progress: bool = True) -> To
                 "same_document": None if source is None else
                 same_document_rows(packed.doc_first, packed.doc_last, source)}
 
-    return TokenSet(fingerprint, load)
+    key = (id(model), json.dumps(fingerprint, sort_keys=True))
+    if key not in _TOKEN_SETS:
+        if len(_TOKEN_SETS) >= _MAX_TOKEN_SETS:
+            del _TOKEN_SETS[next(iter(_TOKEN_SETS))]
+        _TOKEN_SETS[key] = (model, TokenSet(fingerprint, load))
+    return _TOKEN_SETS[key][1]
 
 
 def open_prompts(model: Model, path: str | None = None, n_prompts: int | None = None,

@@ -60,6 +60,15 @@ def check_tokens(model: Model, tokens: torch.Tensor, name: str = "tokens") -> to
     return tokens.to(model.device)
 
 
+def token_set(model: Model, tokens: torch.Tensor | TokenSet,
+              corrupt_tokens: torch.Tensor | None = None) -> TokenSet:
+    """``tokens`` as a :class:`TokenSet`: a set as it is, a tensor checked (:func:`check_tokens`)
+    and wrapped with its resample sources ``corrupt_tokens`` (default its rows rolled by one)."""
+    if isinstance(tokens, TokenSet):
+        return tokens
+    return TokenSet.from_tensor(check_tokens(model, tokens).cpu(), corrupt_tokens)
+
+
 def check_token_set(model: Model, data: TokenSet, ablation: str) -> None:
     """``data``'s rows (and, for resample ablation, their sources: valid ids, the rows' own shape),
     checked before the first forward pass."""
@@ -109,8 +118,7 @@ def self_repair(model: Model, tokens: torch.Tensor | TokenSet, ablation: str = "
     changes the numbers.
     """
     check_ablation(ablation)
-    data = tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(
-        check_tokens(model, tokens).cpu(), corrupt_tokens)
+    data = token_set(model, tokens, corrupt_tokens)
     check_token_set(model, data, ablation)
     pairs = check_heads(model, heads)
     n, seq = data.tokens.shape

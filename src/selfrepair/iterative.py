@@ -35,7 +35,7 @@ from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .batch import TokenSet, batches
 from .errors import InputError
-from .heads import check_heads, check_tokens
+from .heads import check_heads, check_tokens, token_set
 from .measure import RunOptions, Spec
 from .models import Model
 from .neurons import keep_top
@@ -85,7 +85,7 @@ def measure_iterative(model: Model, tokens: torch.Tensor | TokenSet, alphas=DEFA
     ``batch_size`` rows at a time; keeps each head's top-k% tokens by clean DE and all-token sums.
     ``control``: also the norm-matched random push at the largest alpha (seeded by ``seed``)."""
     alphas = check_alphas(alphas)
-    data = tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(check_tokens(model, tokens).cpu())
+    data = token_set(model, tokens)
     check_tokens(model, data.tokens)
     heads = check_heads(model, heads)
     k = top_k(data.n_instances, top_percent)

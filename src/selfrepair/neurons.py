@@ -35,7 +35,7 @@ from .ablation import check_ablation
 from .batch import TokenSet, batches, mean_z
 from .direct_effect import neuron_effects
 from .errors import InputError
-from .heads import check_heads, check_token_set, check_tokens
+from .heads import check_heads, check_token_set, check_tokens, token_set
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import ablate_heads
@@ -105,7 +105,7 @@ def measure_neurons(model: Model, tokens: torch.Tensor | TokenSet, heads: list[t
     head in ``heads``, on each selection's top-k% instances of ``tokens [rows, seq]`` (a tensor,
     resampled from its rows rolled by one, or a :class:`~selfrepair.batch.TokenSet`)."""
     check_ablation(ablation)
-    data = tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(check_tokens(model, tokens).cpu())
+    data = token_set(model, tokens)
     check_tokens(model, data.tokens)
     L = resolve_neuron_layer(model, neuron_layer)
     heads = check_heads(model, heads)

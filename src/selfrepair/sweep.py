@@ -36,7 +36,7 @@ from .errors import InputError
 from .interrupt import graceful
 from .measure import RunOptions, Spec
 from .models import Model
-from .heads import check_token_set
+from .heads import check_token_set, token_set
 from .passes import ablate_heads
 from .results import HEAD_QUANTITIES, CorruptResultError, Result, head_label, load_tensors, save_tensors
 from .structure import top_k
@@ -188,10 +188,6 @@ def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_me
     return best_i.sort(-1).values, mean_z, torch.cat(runner)
 
 
-def _as_token_set(tokens, corrupt_tokens=None) -> TokenSet:
-    return tokens if isinstance(tokens, TokenSet) else TokenSet.from_tensor(tokens, corrupt_tokens)
-
-
 def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = "resample",
               top_percent: float = 2.0, batch_size: int = 8, seed: int = 0,
               sample_size: int = SAMPLE_SIZE, max_rows: int = 64,
@@ -205,7 +201,7 @@ def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = 
     keeps the partial state after every batch; with ``path`` the finished sweep is written there.
     """
     check_ablation(ablation)
-    data = _as_token_set(tokens, corrupt_tokens)
+    data = token_set(model, tokens, corrupt_tokens)
     check_token_set(model, data, ablation)
     if batch_size < 1 or max_rows < 1 or sample_size < 0:
         raise InputError(f"batch_size and max_rows must be positive and sample_size >= 0, got "

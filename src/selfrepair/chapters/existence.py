@@ -169,7 +169,7 @@ def on_this_model(r: Existence) -> str:
     same = m.get("same_document_sources")
     src = ("" if r.meta.get("ablation") != "resample" else
            " Every row's resample source is a row from another document"
-           + (f" (for {same} rows the corpus left no choice but a distant part of the same one)"
+           + (f" (for {same} row{'s' if same != 1 else ''} the corpus left no choice but a distant part of the same one)"
               if same else "") + ".")
     # the sample actually drawn: sample_size is a cap, a small run samples every instance
     n_sample = int(r.sample.groupby(["layer", "head"]).size().max()) if len(r.sample) else 0
