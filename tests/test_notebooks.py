@@ -5,7 +5,8 @@ Structure: exactly one ``parameters`` cell of literal assignments with a trailin
 naming exactly the fields of the chapter's config (``selfrepair.chapters.<chapter>.Config``: what
 that chapter uses, nothing "unused here"); the next code cell builds
 ``cfg = chapter.Config.from_params(...)`` passing every parameter by name; ``started =
-time.time()`` early; no ``def``/``class``/loops (comprehensions included) in code cells; committed
+time.time()`` early; no ``def``/``class``/loops (comprehensions included) in code cells but
+exercise solutions; committed
 without outputs; the last code cell calls ``provenance``.
 
 Execution (the session fixture ``executed_book`` in conftest.py runs them all once): no error,
@@ -111,7 +112,11 @@ def test_config_cell_and_start_time(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_no_def_class_or_loops(path):
+    """Exercise solutions (cells tagged ``solution``, folded in the book and stubbed in student
+    notebooks; see tests/test_exercises.py) are the one place a reader's function is written."""
     for n, cell in enumerate(_code(path)):
+        if "solution" in cell.get("metadata", {}).get("tags", []):
+            continue
         for node in ast.walk(ast.parse(_python(_source(cell)))):
             assert not isinstance(node, LOOPS), (
                 f"{path.name} code cell {n}: {type(node).__name__} at line {node.lineno} — "

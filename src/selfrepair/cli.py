@@ -1,4 +1,4 @@
-"""Command line: ``selfrepair book``, ``selfrepair sweep`` and ``selfrepair fetch-js``.
+"""Command line: ``selfrepair book``, ``selfrepair sweep``, ``selfrepair student`` and ``selfrepair fetch-js``.
 
 Parameter names are the notebooks' (each chapter's config fields); ``--tokens`` is ``n_tokens``.
 The precedence for the book is: notebook defaults < ``--profile`` (its per-chapter ``chapters:``
@@ -69,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ablation", default="resample", help="resample, mean or zero")
     s.add_argument("--out", type=Path, default=Path("results"), help="results cache directory")
 
+    t = sub.add_parser("student", help="write the chapter notebooks with the exercise solutions "
+                       "stripped (stubs in their place), for a course to hand out")
+    t.add_argument("--out", type=Path, default=Path("student"), help="folder to write (default: student/)")
+    t.add_argument("--chapters", nargs="+", metavar="NN", help="only these chapters (e.g. 01 03)")
+    t.add_argument("--root", type=Path, help="the book's root (default: found from the cwd)")
+
     f = sub.add_parser("fetch-js", help="write the offline vega bundle and MathJax into book/_static/vendor")
     f.add_argument("--root", type=Path)
     f.add_argument("--force", action="store_true", help="rewrite even if up to date")
@@ -109,6 +115,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_student(args: argparse.Namespace) -> int:
+    from .book import chapter_notebooks, find_root
+    from .exercises.student import export
+
+    root = find_root(args.root)
+    written = export(chapter_notebooks(root, args.chapters), args.out)
+    print(f"{len(written)} student notebooks in {args.out}/ (solutions stripped; run them with the "
+          "selfrepair package installed)")
+    return 0
+
+
 def cmd_fetch_js(args: argparse.Namespace) -> int:
     from .book import find_root, vendor_assets
 
@@ -123,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     try:
-        return {"book": cmd_book, "sweep": cmd_sweep, "fetch-js": cmd_fetch_js}[args.command](args)
+        return {"book": cmd_book, "sweep": cmd_sweep, "student": cmd_student,
+                "fetch-js": cmd_fetch_js}[args.command](args)
     except SelfRepairError as e:
         print(f"selfrepair {args.command}: {e}", file=sys.stderr)
         return 2
