@@ -206,3 +206,16 @@ def test_student_cli_writes_every_chapter(tmp_path):
 
     assert main(["student", "--root", str(ROOT), "--out", str(tmp_path / "student")]) == 0
     assert sorted(p.name for p in (tmp_path / "student").glob("*.ipynb")) == [p.name for p in NOTEBOOKS]
+
+
+def test_teaching_plan_counts_the_chapters_exercises():
+    from selfrepair.exercises.plan import teaching_markdown, teaching_plan
+
+    plan = teaching_plan(ROOT).set_index("chapter")
+    assert list(plan.index) == [p.stem[:2] for p in NOTEBOOKS]
+    for prefix, row in plan.iterrows():
+        assert row["implement exercises"] == sum(e.chapter == prefix for e in exercises.EXERCISES.values())
+        (path,) = [p for p in NOTEBOOKS if p.stem.startswith(prefix)]
+        assert row["predict questions"] == sum("reveal" in _tags(c) for c in _cells(path))
+        assert row["class time (min)"] >= 3 * row["predict questions"] + 15 * row["implement exercises"] - 5
+    assert f"over {len(plan)} chapters" in teaching_markdown(plan.reset_index())

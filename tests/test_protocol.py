@@ -85,7 +85,7 @@ def test_stand_ins_are_chosen_by_the_papers_criterion_when_not_pinned():
 
 def test_unknown_and_bad_parameters_fail_before_any_chapter_runs(tmp_path):
     notebooks = chapter_notebooks(ROOT)
-    with pytest.raises(InputError, match=r"unknown parameter n_tokns: the chapters run here take .*n_tokens"):
+    with pytest.raises(InputError, match=r"unknown parameter n_tokns: the book.s chapters take .*n_tokens"):
         plan(notebooks, {"n_tokns": 5}, check=False)
     with pytest.raises(InputError, match=r"chapter 01_self_repair_exists: n_boot must be at least 10"):
         plan(notebooks, {**TINY, "n_boot": -5}, check=False)
@@ -168,3 +168,11 @@ def test_a_chapter_packs_its_corpus_once(monkeypatch):
     assert tokens is open_tokens(cfg, model) and len(tokens) > 1 and calls == [1]
     other = open_tokens(existence.Config.from_params(**{**TINY, "seed": 12346}), model)
     assert len(other) == len(tokens) and not torch.equal(other.tokens, tokens.tokens) and calls == [1, 1]
+
+
+def test_one_chapter_with_a_whole_book_profile():
+    """`--chapters 00 --profile tiny`: the profile's parameters for the other chapters are not errors."""
+    profile = load_profile("tiny", ROOT)
+    per_chapter = profile.pop("chapters", {})
+    out = plan(chapter_notebooks(ROOT, ["00"]), profile, per_chapter, check=False)
+    assert list(out) == ["00_introduction"] and "n_tokens" not in out["00_introduction"]

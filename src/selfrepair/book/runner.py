@@ -103,8 +103,8 @@ def plan(notebooks: list[Path], params: dict, per_chapter: dict | None = None, *
          check: bool = True) -> dict[str, dict]:
     """Validate every chapter's parameters before anything runs; ``{stem: parameters}``.
 
-    Fails with one :class:`InputError` for a parameter no selected chapter takes (listing the ones
-    they do), a bad value (naming the chapter), or — with ``check`` — anything about the model, the
+    Fails with one :class:`InputError` for a parameter no chapter of the book takes (listing the
+    ones they do), a bad value (naming the chapter), or — with ``check`` — anything about the model, the
     corpus, the prompts or the heads that would otherwise only fail inside a chapter
     (:func:`selfrepair.chapters.check`)."""
     from ..chapters import CHAPTERS, check as check_chapter
@@ -113,12 +113,14 @@ def plan(notebooks: list[Path], params: dict, per_chapter: dict | None = None, *
     bad_keys = [k for k in per_chapter if k not in CHAPTERS]
     if bad_keys:
         raise InputError(f"the profile's chapters: section names unknown chapters {bad_keys}")
-    known = sorted(set().union(*(config_class(nb).field_names() for nb in notebooks)))
+    # a profile's parameters are for the whole book: one that only chapters not selected take is fine
+    book = sorted({p for nb in notebooks for p in nb.parent.glob("*.ipynb")} | set(notebooks))
+    known = sorted(set().union(*(config_class(nb).field_names() for nb in book)))
     given = set(params) | {k for nb in notebooks for k in per_chapter.get(nb.stem[:2], {})}
     unknown = sorted(given - set(known))
     if unknown:
         raise InputError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
-                         f"the chapters run here take {', '.join(known)}")
+                         f"the book's chapters take {', '.join(known)}")
     out = {}
     for nb in notebooks:
         sub = chapter_params(nb, params, per_chapter)
