@@ -217,3 +217,18 @@ def test_book_workflow_build_step_builds_the_book(tmp_path):
     external = [f"{p}.html: {m}" for p in pages for m in re.findall(
         r'<(?:script|link|img)[^>]+(?:src|href)="https?://[^"]+"', (html / f"{p}.html").read_text())]
     assert not external, "\n".join(external[:10])
+
+
+def test_pages_artifact_check_finds_a_hidden_asset(tmp_path):
+    """The artifact check above can fail: a file under a dot-folder is left out of the upload,
+    one under _static is not, and a page naming the first is reported."""
+    html = tmp_path / "html"
+    for rel in ("_static/a.js", ".assets/b.js", ".buildinfo"):
+        (html / rel).parent.mkdir(parents=True, exist_ok=True)
+        (html / rel).write_text("x")
+    (html / "index.html").write_text('<script src="_static/a.js"></script><script src=".assets/b.js">'
+                                     '</script><a href="https://example.org/">x</a><a href="#top">t</a>')
+    artifact = pages_artifact(html, {}, tmp_path)
+    assert artifact == {"_static/a.js", "index.html"}
+    assert local_references(html / "index.html", html) - artifact == {".assets/b.js"}
+    assert ".assets/b.js" in pages_artifact(html, {"with": {"include-hidden-files": True}}, tmp_path)
