@@ -31,7 +31,7 @@ test: setup setup-browser
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not smoke and not browser"
+	$(BIN)/python -m pytest -q -m "not smoke and not browser and not workflow"
 
 smoke: setup
 	$(BIN)/python -m pytest -q -m smoke
