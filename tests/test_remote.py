@@ -164,6 +164,16 @@ def test_chapter_measurements_remote_local_equal_the_local_ones(tmp_path, chapte
     _model.cache_clear()
 
 
+def test_remote_flag_reaches_every_chapter_as_the_remote_parameter():
+    from selfrepair.cli import _flags, parser
+
+    assert _flags(parser().parse_args(["book", "--profile", "tiny", "--remote", "local"]))["remote"] == "local"
+    assert _flags(parser().parse_args(["sweep", "--remote", "--model", "m"]))["remote"] == "ndif"
+    assert "remote" not in _flags(parser().parse_args(["sweep", "--model", "m"]))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["sweep", "--remote", "elsewhere"])
+
+
 # -- errors ------------------------------------------------------------------------------------
 @pytest.fixture
 def ndif(monkeypatch):
