@@ -100,6 +100,25 @@ def test_a_tiny_model_name_is_saved_and_wrapped_with_the_same_weights(traces):
     assert traces[0] == 1 and max_diff(a.reads, b.reads) <= TOL
 
 
+def test_a_shipped_model_references_the_servers_modules_and_carries_no_weights(tmp_path):
+    """What a trace's closures take along: the model pickles with its modules as nnsight's
+    persistent ids, so the copy the server rebuilds reads the server's weights, not shipped ones."""
+    from nnsight.intervention.serialization import dumps, loads
+
+    from selfrepair.intervene import ship_library
+
+    tiny_model("gpt2", d_head=32, d_mlp=1024).save_pretrained(tmp_path)  # 2.3 MB of weights
+    m = load_model(tmp_path, remote="local")
+    ship_library()
+    blob = dumps(m)
+    weights = sum(p.numel() * p.element_size() for p in m.hf.parameters())
+    assert len(blob) < weights / 4, (len(blob), weights)
+    copy = loads(blob, m.nn._remoteable_persistent_objects())
+    assert copy.hf is m.hf and copy.nn._module is m.hf and copy.tokenizer is None
+    assert copy.module(copy.adapter.attn_out, 1) is m.module(m.adapter.attn_out, 1)
+    assert copy.envoy(copy.adapter.final_norm)._module is m.module(m.adapter.final_norm)
+
+
 def _cached(root: Path) -> dict[str, dict]:
     out = {}
     for f in sorted(root.glob("**/*.safetensors")):

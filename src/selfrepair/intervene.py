@@ -210,7 +210,7 @@ def host() -> str:
     return CONFIG.API.HOST
 
 
-def check_remote(source: str, revision: str | None = None) -> None:
+def check_remote(source: str) -> None:
     """Before loading anything: an API key is configured, the NDIF host answers and it hosts
     ``source`` (a hub id). One :class:`~selfrepair.errors.RemoteError` saying what failed."""
     import httpx

