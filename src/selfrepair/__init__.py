@@ -12,7 +12,7 @@ user's Altair renderer (the book switches to its offline renderer explicitly, wi
 :func:`selfrepair.figures.use_book_renderer`).
 """
 
-from .errors import (InputError, ModelLoadError, NumericalError, SelfRepairError,
+from .errors import (InputError, ModelLoadError, NumericalError, RemoteError, SelfRepairError,
                      UnsupportedArchitectureError)
 from .heads import self_repair
 from .models import EMBEDDED_MODEL, Model, load_model, tiny_model
@@ -22,5 +22,5 @@ from .sweep import Sweep, run_sweep
 __version__ = "0.1.0"
 
 __all__ = ["EMBEDDED_MODEL", "InputError", "Model", "ModelLoadError", "NumericalError",
-           "SelfRepairError", "SelfRepairResult", "Sweep", "UnsupportedArchitectureError",
+           "RemoteError", "SelfRepairError", "SelfRepairResult", "Sweep", "UnsupportedArchitectureError",
            "load_model", "run_sweep", "self_repair", "tiny_model", "__version__"]

@@ -20,7 +20,7 @@ from .errors import SelfRepairError
 
 FLAGS = {"model": "model", "dataset": "dataset", "tokens": "n_tokens", "seq_len": "seq_len",
          "batch_size": "batch_size", "device": "device", "dtype": "dtype", "ablation": "ablation",
-         "top_percent": "top_percent", "seed": "seed"}
+         "top_percent": "top_percent", "seed": "seed", "remote": "remote"}
 
 
 def _param(text: str) -> tuple[str, object]:
@@ -40,6 +40,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32, bfloat16, float64 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--top-percent", type=float, dest="top_percent")
     p.add_argument("--seed", type=int)
+    p.add_argument("--remote", nargs="?", const="ndif", choices=("ndif", "local"),
+                   help="run every forward pass through nnsight's remote path: on NDIF (bare "
+                        "--remote; API key from NDIF_API_KEY or nnsight's config) or 'local' (its "
+                        "in-process simulation)")
 
 
 def parser() -> argparse.ArgumentParser:

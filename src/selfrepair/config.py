@@ -129,6 +129,7 @@ class RunConfig(Config):
     model: str = "gemma-3-270m"  # hub id, local directory, "gemma-3-270m" or "tiny-<family>"
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
     dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
+    remote: str | None = None  # None: run here; "local": simulated remote path; "ndif": on NDIF
     seed: int = 0  # resample sources, samples, bootstrap
 
     def validate(self) -> None:
@@ -139,6 +140,9 @@ class RunConfig(Config):
             from .models import DTYPES
             if self.dtype not in DTYPES:
                 raise InputError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)} or None")
+        if self.remote is not None:
+            from .models import resolve_remote
+            resolve_remote(self.remote)
         if not self.model.strip():
             raise InputError("model must name a model: a hub id, a local directory, 'gemma-3-270m' "
                              "or 'tiny-<family>'")

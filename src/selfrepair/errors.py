@@ -21,6 +21,10 @@ class InputError(SelfRepairError):
     """Tokens, heads, layers, ablation names or parameters are malformed or out of range."""
 
 
+class RemoteError(SelfRepairError):
+    """The remote path (NDIF) cannot run: no API key, server unreachable, model not hosted."""
+
+
 class NumericalError(SelfRepairError):
     """A computed quantity is inf or NaN (usually fp16 overflow)."""
 

@@ -36,13 +36,14 @@ _MAX_TOKEN_SETS = 8
 
 
 @lru_cache(maxsize=2)
-def _model(name: str, device: str, dtype: str | None) -> Model:
-    return load_model(name, device=device, dtype=dtype)
+def _model(name: str, device: str, dtype: str | None, remote: str | None = None) -> Model:
+    return load_model(name, device=device, dtype=dtype, remote=remote)
 
 
 def open_model(cfg: RunConfig) -> Model:
-    """The model named by ``cfg`` (loaded once per process)."""
-    return _model(cfg.model, cfg.device, cfg.dtype)
+    """The model named by ``cfg`` (loaded once per process), wrapped for the remote path when
+    ``cfg.remote`` says so."""
+    return _model(cfg.model, cfg.device, cfg.dtype, cfg.remote)
 
 
 def corpus_fingerprint(dataset: str, seed: int) -> str:

@@ -5,6 +5,13 @@ activations, a patched pass that replaces head outputs (``z`` slices), whole lay
 block's attention input, and a resumed pass that skips the blocks before the first edited layer
 by replaying the clean run's block outputs (nnsight ``skip``). It returns plain tensors.
 
+Remote execution (``load_model(..., remote=True | "local")``): the same trace runs through
+nnsight's remote path (NDIF, or its in-process simulation ``"local"``, which serializes and
+deserializes the block with local modules hidden). Everything a trace computes reaches the caller
+only as a saved value: ``watch`` callbacks and ``final`` reductions *return* what they reduce
+(per-token scalars, selected rows), which is saved and brought back instead of the activations.
+The library's own functions travel by value (``nnsight.register(selfrepair)``).
+
 Sites, in the order a block executes them (reads and edits must follow this order):
 
 =============  ================================================================================
@@ -24,17 +31,20 @@ Sites, in the order a block executes them (reads and edits must follow this orde
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import nnsight
 import torch
 
+from .errors import ModelLoadError, RemoteError
 from .models import Model
 
 SITES = ("attn_in", "z", "attn", "attn_write", "neurons", "mlp", "mlp_write", "block")
 Edit = Callable[[torch.Tensor], torch.Tensor]
-Watch = Callable[[str, int, torch.Tensor], None]
+Watch = Callable[[str, int, torch.Tensor], Any]  # returns what it reduces (or None)
+Final = Callable[[torch.Tensor, torch.Tensor], Any]  # (final resid, final normed) -> reductions
 
 
 @dataclass
@@ -46,6 +56,8 @@ class Pass:
     final_normed: torch.Tensor  # output of the final norm [batch, pos, d_model]
     embed: torch.Tensor | None  # input of block 0 (token + position embeddings) when read
     last_logits: torch.Tensor | None  # full-vocabulary logits at the last position, when asked
+    watched: dict = field(default_factory=dict)  # (site name, layer) -> what ``watch`` returned
+    final: Any = None  # what ``final`` returned (then final_resid / final_normed are None)
 
 
 def _site_envoy(model: Model, site: str, layer: int):
@@ -75,7 +87,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         watch_sites: Iterable[str] = (), start_layer: int = 0,
         resume: torch.Tensor | None = None, read_embed: bool = False,
         last_logits: bool = False, read_layers: dict[str, Iterable[int]] | None = None,
-        stop_after: tuple[str, int] | None = None) -> Pass:
+        stop_after: tuple[str, int] | None = None, final: Final | None = None) -> Pass:
     """One traced forward of ``tokens [batch, pos]``.
 
     Parameters
@@ -84,7 +96,9 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         in ``read_layers[site]``), stacked along a new first dimension in layer order.
     edits: ``{(site, layer): f}``; ``f`` gets the site's value and returns its replacement.
     watch: called as ``watch(site, layer, value)`` for each site in ``watch_sites`` (after any
-        edit), inside the trace; lets callers reduce large tensors on the fly.
+        edit), inside the trace; lets callers reduce large tensors on the fly. What it returns
+        (``None``: nothing) is saved as ``Pass.watched[(site, layer)]``; it must not rely on
+        changing outside state, which a remote trace would change on the server only.
     start_layer, resume: blocks ``< start_layer`` are not run (nnsight ``skip``); the residual
         stream entering block ``start_layer`` is ``resume [batch, pos, d_model]`` (the clean run's
         output of block ``start_layer - 1``). Earlier skipped blocks pass the same tensor along,
@@ -93,6 +107,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         (``logits_to_keep=1``); otherwise the pass stops after the final norm.
     stop_after: ``(site, layer)``: stop the forward right after that site (``tracer.stop()``);
         the returned pass then has only ``reads`` (final tensors are ``None``).
+    final: ``final(resid, normed)`` of the final norm's input and output, computed inside the
+        trace; only its result comes back (``Pass.final``), not the two full tensors.
     """
     # Without sandwich norms a block writes the raw attention / MLP output: alias the sites.
     alias = {} if model.sandwich else {"attn_write": "attn", "mlp_write": "mlp"}
@@ -117,9 +133,13 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     order = [s for s in SITES if s in touched]
     n_layers = model.n_layers
     kwargs = {"logits_to_keep": 1} if last_logits else {}
-    with torch.no_grad(), model.nn.trace(tokens, **kwargs) as tracer:
+    if model.remote:
+        ship_library()
+        kwargs["remote"] = model.remote
+    with remote_errors(model), torch.no_grad(), model.nn.trace(tokens, **kwargs) as tracer:
         saved = nnsight.save({s: [] for s in read})
         finals = nnsight.save([])
+        watched = nnsight.save({})
         blocks = model.envoy(model.adapter.blocks)
         if read_embed:
             finals.append(blocks[0].input)
@@ -139,12 +159,17 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                     saved[site].append(value)
                 if watch is not None:
                     for name in watch_as.get(site, ()):
-                        watch(name, layer, value)
+                        reduced = watch(name, layer, value)
+                        if reduced is not None:
+                            watched[(name, layer)] = reduced
                 if stop_after == (site, layer):
                     tracer.stop()
         norm = model.envoy(model.adapter.final_norm)
-        finals.append(norm.input)
-        finals.append(norm.output)
+        if final is not None:
+            finals.append(final(norm.input, norm.output))
+        else:
+            finals.append(norm.input)
+            finals.append(norm.output)
         if last_logits:
             finals.append(model.envoy(model.adapter.unembed).output[:, -1])
         else:
@@ -152,7 +177,86 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     reads = {name: torch.stack(saved[site]) for name, site in
              ((n, alias.get(n, n)) for n in requested) if saved[site]}
     embed = finals.pop(0) if read_embed and finals else None
-    if stop_after is not None and len(finals) < 2:
-        return Pass(reads=reads, final_resid=None, final_normed=None, embed=embed, last_logits=None)
+    watched = dict(watched)
+    if stop_after is not None and len(finals) < (1 if final is not None else 2):
+        return Pass(reads=reads, final_resid=None, final_normed=None, embed=embed, last_logits=None,
+                    watched=watched)
+    if final is not None:
+        return Pass(reads=reads, final_resid=None, final_normed=None, embed=embed,
+                    last_logits=finals[1] if last_logits else None, watched=watched, final=finals[0])
     return Pass(reads=reads, final_resid=finals[0], final_normed=finals[1], embed=embed,
-                last_logits=finals[2] if last_logits else None)
+                last_logits=finals[2] if last_logits else None, watched=watched)
+
+
+# -- the remote path (NDIF) ---------------------------------------------------------------------
+NDIF_MODELS_HINT = ("NDIF hosts only the models it lists: see `python -c \"import nnsight; "
+                    "print(nnsight.status())\"` or https://nnsight.net/status")
+KEY_HINT = ("set the NDIF API key with `export NDIF_API_KEY=...` or once with "
+            "`python -c \"import nnsight; nnsight.login()\"` (nnsight's own configuration, "
+            "~/.config/nnsight/config.yaml); get a key at https://login.ndif.us")
+
+
+def ship_library() -> None:
+    """Send this library's functions with every remote request by value (``nnsight.register``):
+    the server has nnsight, torch and transformers, not ``selfrepair``."""
+    import selfrepair
+
+    nnsight.register(selfrepair)
+
+
+def host() -> str:
+    from nnsight.schema.config import CONFIG
+
+    return CONFIG.API.HOST
+
+
+def check_remote(source: str) -> None:
+    """Before loading anything: an API key is configured, the NDIF host answers and it hosts
+    ``source`` (a hub id). One :class:`~selfrepair.errors.RemoteError` saying what failed."""
+    import httpx
+    from nnsight.schema.config import CONFIG
+
+    if not CONFIG.API.APIKEY:
+        raise RemoteError(f"remote=True needs an NDIF API key and none is configured: {KEY_HINT}.")
+    try:
+        r = httpx.get(f"{host()}/status", timeout=httpx.Timeout(5.0, read=30.0),
+                      headers={"ndif-api-key": CONFIG.API.APIKEY})
+        r.raise_for_status()
+        deployments = r.json().get("deployments", {})
+    except (httpx.HTTPError, ValueError) as e:
+        raise RemoteError(f"the NDIF server at {host()} is unreachable or did not answer ({e}). "
+                          "Check the network, or the host (env NDIF_HOST / nnsight's CONFIG.API.HOST); "
+                          "remote='local' simulates the remote path without a server.") from e
+    hosted = sorted({d.get("repo_id", name) for name, d in deployments.items()})
+    if source not in hosted:
+        raise RemoteError(f"model {source!r} is not hosted on {host()}. {NDIF_MODELS_HINT}; now: "
+                          f"{', '.join(hosted) or 'none'}. Run it locally (no remote) instead.")
+
+
+def remote_wrapper(path: str, *, dtype: torch.dtype, revision: str | None = None) -> Any:
+    """nnsight's Hugging Face wrapper around a hub id or ``save_pretrained`` directory, weights
+    loaded here too (the library's linear readouts read ``W_O``, the norms and the unembedding)."""
+    from nnsight import TransformersModel
+
+    try:
+        return TransformersModel(path, task="text-generation", dispatch=True, dtype=dtype,
+                                 revision=revision)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"cannot wrap {path!r} for the remote path: {str(e).splitlines()[0]}") from e
+
+
+@contextlib.contextmanager
+def remote_errors(model: Model):
+    """A failed remote request as one :class:`~selfrepair.errors.RemoteError` naming the host."""
+    if model.remote is not True:
+        yield
+        return
+    from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteError
+
+    try:
+        yield
+    except NNsightRemoteError as e:
+        raise RemoteError(f"the remote run of {model.name} on {host()} failed: {e}") from e
+    except (OSError, ConnectionError) as e:  # websocket / socket errors: no server there
+        raise RemoteError(f"the NDIF server at {host()} is unreachable ({e}): check the network "
+                          "and NDIF_HOST, or run with remote='local'.") from e

@@ -16,7 +16,7 @@ measurements, the prompts for the Hydra chapter)::
 
 A damaged file (checksum) or one whose stored key differs is recomputed with a warning; a write
 that fails leaves the previous entry intact. Speed knobs (:class:`RunOptions`) are recorded in the
-result's ``meta`` (as is ``world_size``), not in the key.
+result's ``meta`` (as are ``world_size`` and ``remote``, where the passes ran), not in the key.
 """
 
 from __future__ import annotations
@@ -136,5 +136,6 @@ def stamp(key: dict, model: Model, options: RunOptions, seconds: float) -> dict:
     it ran with (``world_size`` included) and its wall time."""
     run = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("checkpoint", "progress")}
     return {**model.describe(), "key": json.loads(json.dumps(key, default=str)),
-            "run": {**run, "world_size": 1, "device": str(resolve_device(model.device)),
+            "run": {**run, "world_size": 1, "remote": model.remote,
+                    "device": str(resolve_device(model.device)),
                     "wall_time_s": round(seconds, 1)}}

