@@ -233,9 +233,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> cuda when available else cpu; one clear error for bad names."""
+    """``None``/``"auto"`` -> cuda when available else cpu; one clear error for bad names. Under
+    a launcher (``torchrun``), an unnumbered ``cuda`` is this process's GPU ``LOCAL_RANK``."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -244,6 +245,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"device {device!r} requested but no CUDA GPU is visible: use device='cpu'")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return dev
 
 
