@@ -286,6 +286,10 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     with ``save_pretrained``, an in-memory ``transformers.PreTrainedModel``, the embedded default
     ``"gemma-3-270m"``, or ``"tiny-<family>"`` (a random-weight test model).
     """
+    hub: dict = {}
+    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(TINY_PREFIX) \
+            and str(source) != EMBEDDED_MODEL:
+        hub = _hub_access(str(source), revision)  # before importing transformers: fail at once
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     dev = resolve_device(device)
@@ -307,8 +311,9 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
                 "revision_sha256": _sha256_prefix()}
     elif isinstance(source, (str, os.PathLike)):
         src = str(source)
+        hub = {"revision": revision, **hub}
         try:
-            config = AutoConfig.from_pretrained(src, revision=revision)
+            config = AutoConfig.from_pretrained(src, **hub)
         except (OSError, ValueError) as e:
             where = "local directory" if Path(src).exists() else "hub id"
             raise ModelLoadError(
@@ -316,10 +321,10 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
                 f"network access; offline, use the embedded default model='{EMBEDDED_MODEL}' or a "
                 "local directory saved with save_pretrained().") from e
         adapter_for(config.model_type)  # fail before downloading weights
-        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, revision=revision)
+        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, **hub)
         if tokenizer is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(src, revision=revision)
+                tokenizer = AutoTokenizer.from_pretrained(src, **hub)
             except (OSError, ValueError):
                 tokenizer = None  # a local random model may have none; token tensors still work
         name, meta = src, {}
@@ -329,6 +334,26 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     adapter = adapter_for(hf.config.model_type)
     hf = hf.to(device=dev, dtype=dt)
     return Model(hf, adapter, tokenizer=tokenizer, name=name, revision=revision, meta=meta)
+
+
+def _hub_access(src: str, revision: str | None) -> dict:
+    """``{}`` for a local directory or a reachable hub; ``{"local_files_only": True}`` for a hub
+    id that is in the local cache while the hub cannot be reached; else one clear error at once
+    (no retries: :mod:`selfrepair.hub`)."""
+    from . import hub
+
+    if Path(src).expanduser().exists():
+        return {}
+    reason = hub.offline_reason()
+    if reason is None:
+        return {}
+    if hub.cached_file(src, "config.json", revision=revision):
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"cannot load model {src!r}: it is a hub id, the hub cannot be used ({reason}) and the model "
+        f"is not in the local Hugging Face cache ({hub.cache_dir()}). Pass a local directory saved "
+        f"with save_pretrained(), use the embedded default model='{EMBEDDED_MODEL}', or download it "
+        "once where there is network (the cache, HF_HOME, can be copied here).")
 
 
 def _from_pretrained(cls: Any, src: str, **kw: Any) -> Any:
