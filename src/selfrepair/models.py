@@ -129,7 +129,17 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where token ids go in and where every read and effect lives (the input embedding's
+        device; with a ``device_map`` the layers may sit on other devices)."""
         return next(self.hf.parameters()).device
+
+    def block_device(self, layer: int) -> torch.device:
+        """The device block ``layer`` runs on (differs from :attr:`device` under a ``device_map``)."""
+        return next(_get(self.hf, self.adapter.blocks)[layer].parameters()).device
+
+    def home(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight on :attr:`device` in the effect dtype (a no-op copy-free view on one device)."""
+        return w.to(device=self.device, dtype=self.effect_dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,7 +157,7 @@ class Model:
     # -- weights (float32 views for effect arithmetic) ----------------------------------------
     @cached_property
     def unembed_weight(self) -> torch.Tensor:
-        return self.module(self.adapter.unembed).weight  # [d_vocab, d_model]
+        return self.module(self.adapter.unembed).weight.to(self.device)  # [d_vocab, d_model]
 
     @cached_property
     def unembed_mean(self) -> torch.Tensor:
@@ -167,10 +177,10 @@ class Model:
         b = getattr(self.module(self.adapter.unembed), "bias", None)
         if b is None:
             return torch.zeros(targets.shape, device=targets.device, dtype=self.effect_dtype)
-        return b[targets].to(self.effect_dtype) - self.unembed_bias_mean
+        return self.home(b)[targets] - self.unembed_bias_mean
 
     def norm_gain(self, norm: torch.nn.Module) -> torch.Tensor:
-        w = norm.weight.to(self.effect_dtype)
+        w = self.home(norm.weight)
         return 1.0 + w if self.adapter.norm == "gemma_rmsnorm" else w
 
     def norm_eps(self, norm: torch.nn.Module) -> float:
@@ -189,7 +199,7 @@ class Model:
 
     def norm_bias(self, norm: torch.nn.Module) -> torch.Tensor | None:
         b = getattr(norm, "bias", None)
-        return None if b is None else b.to(self.effect_dtype)
+        return None if b is None else self.home(b)
 
     def readout(self, norm: torch.nn.Module, u: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The vector ``d`` with ``u . n(x) = d . x`` for the linear part ``n`` of ``norm``."""
@@ -200,22 +210,22 @@ class Model:
 
     def head_out_weight(self, layer: int) -> torch.Tensor:
         """``W_O`` per head, ``[n_heads, d_head, d_model]`` fp32 (column slices of o_proj)."""
-        w = self.module(self.adapter.attn_out, layer).weight.to(self.effect_dtype)
+        w = self.home(self.module(self.adapter.attn_out, layer).weight)
         w = w if self.adapter.conv1d else w.T  # -> [n_heads * d_head, d_model]
         return w.reshape(self.n_heads, self.d_head, self.d_model)
 
     def attn_out_bias(self, layer: int) -> torch.Tensor | None:
         b = getattr(self.module(self.adapter.attn_out, layer), "bias", None)
-        return None if b is None else b.to(self.effect_dtype)
+        return None if b is None else self.home(b)
 
     def neuron_out_weight(self, layer: int) -> torch.Tensor:
         """Each neuron's output direction, ``[d_mlp, d_model]`` fp32."""
-        w = self.module(self.adapter.mlp_out, layer).weight.to(self.effect_dtype)
+        w = self.home(self.module(self.adapter.mlp_out, layer).weight)
         return w if self.adapter.conv1d else w.T
 
     def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
         b = getattr(self.module(self.adapter.mlp_out, layer), "bias", None)
-        return None if b is None else b.to(self.effect_dtype)
+        return None if b is None else self.home(b)
 
     def describe(self) -> dict:
         """Identity and shape, recorded with every cached result."""
@@ -279,12 +289,20 @@ def embedded_gguf() -> Path:
 
 
 def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, revision: str | None = None) -> Model:
+               dtype: str | torch.dtype | None = None, revision: str | None = None,
+               device_map: str | dict | None = None) -> Model:
     """Load a causal LM for the self-repair measurements.
 
     ``source`` is a hub id (``"EleutherAI/pythia-160m"``, needs network), a local directory saved
     with ``save_pretrained``, an in-memory ``transformers.PreTrainedModel``, the embedded default
     ``"gemma-3-270m"``, or ``"tiny-<family>"`` (a random-weight test model).
+
+    ``device_map`` (accelerate) spreads a model too large for one device over the GPUs of one
+    machine: ``"auto"`` (balanced over the visible GPUs, else the CPU) or a ``{module: device}``
+    dict. Directories and hub ids load straight onto their devices; other sources are dispatched
+    after loading (``accelerate.dispatch_model``, hooks on every module). Token ids go to the
+    input embedding's device; reads come back to it and edits go to the device of the module that
+    reads them (:mod:`selfrepair.intervene`). ``device`` then only picks the default dtype.
     """
     hub: dict = {}
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(TINY_PREFIX) \
@@ -293,6 +311,8 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     dev = resolve_device(device)
+    if device_map is not None:
+        dev = resolve_device("cuda" if torch.cuda.is_available() and device is None else device)
     if dtype is None and isinstance(source, PreTrainedModel):
         dtype = source.dtype  # an in-memory model keeps its precision unless asked otherwise
     dt = resolve_dtype(dtype, dev)
@@ -321,7 +341,8 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
                 f"network access; offline, use the embedded default model='{EMBEDDED_MODEL}' or a "
                 "local directory saved with save_pretrained().") from e
         adapter_for(config.model_type)  # fail before downloading weights
-        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, **hub)
+        placed = {} if device_map is None else {"device_map": device_map}
+        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, **hub, **placed)
         if tokenizer is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(src, **hub)
@@ -332,8 +353,37 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
         raise InputError(f"cannot load a model from {type(source).__name__}: pass a hub id, a local "
                          f"directory, a PreTrainedModel or '{EMBEDDED_MODEL}'")
     adapter = adapter_for(hf.config.model_type)
-    hf = hf.to(device=dev, dtype=dt)
+    if device_map is None:
+        hf = hf.to(device=dev, dtype=dt)
+    elif getattr(hf, "hf_device_map", None) is None:  # not placed by from_pretrained
+        hf = dispatch(hf.to(dt), device_map)
+    elif any(str(d) in ("disk", "meta") for d in hf.hf_device_map.values()):
+        raise InputError(f"{name} does not fit on the devices of this machine (device_map offloads "
+                         "modules to disk): the measurements read weights directly; use more GPUs, "
+                         "dtype='bfloat16' or a smaller model")
     return Model(hf, adapter, tokenizer=tokenizer, name=name, revision=revision, meta=meta)
+
+
+def dispatch(hf: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
+    """``hf`` spread over devices by accelerate (``"auto"``: balanced over the visible GPUs, or
+    the CPU), with accelerate's hooks on every module even when one device holds it all (so the
+    multi-device code path is the one that runs)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if device_map == "auto":
+        no_split = getattr(hf, "_no_split_modules", None) or []
+        if torch.cuda.is_available():
+            memory = get_balanced_memory(hf, no_split_module_classes=no_split)
+            device_map = infer_auto_device_map(hf, max_memory=memory, no_split_module_classes=no_split)
+        else:
+            device_map = {"": "cpu"}
+    elif not isinstance(device_map, dict):
+        raise InputError(f"device_map must be 'auto' or a {{module: device}} dict, got {device_map!r}")
+    if any(str(d) in ("disk", "meta") for d in device_map.values()):
+        raise InputError("device_map places modules on disk or meta (offloading): the measurements "
+                         "read weights directly, so every module must sit on a GPU or the CPU")
+    return dispatch_model(hf, device_map=device_map, force_hooks=True)
 
 
 def _hub_access(src: str, revision: str | None) -> dict:
