@@ -37,7 +37,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, dest="seq_len")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", help="float32, bfloat16, float64 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", help="float32, bfloat16, float64 (default: float32)")
     p.add_argument("--top-percent", type=float, dest="top_percent")
     p.add_argument("--seed", type=int)
 
