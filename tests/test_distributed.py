@@ -149,3 +149,12 @@ def test_a_killed_rank_resumes_its_shard_to_the_same_result(tmp_path, one_proces
     print(f"max |resumed 2 processes - 1 process| = {worst:.3g}")
     assert Sweep.load(entry).meta["run"]["world_size"] == 2
     assert not list(tmp_path.glob("**/*.partial*"))
+
+
+def test_the_book_under_torchrun_says_how_to_precompute_instead(monkeypatch, capsys):
+    from selfrepair.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["book", "--profile", "tiny", "--no-build", "--chapters", "01"]) == 2
+    err = capsys.readouterr().err
+    assert "does not shard" in err and "torchrun --nproc-per-node N -m selfrepair.cli sweep" in err
