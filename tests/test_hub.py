@@ -86,3 +86,10 @@ def test_cached_hub_model_loads_without_network(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok") and "Retrying" not in r.stderr
+
+
+def test_a_missing_local_directory_is_not_taken_for_a_hub_id(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError, match="no such local directory"):
+        load_model(str(tmp_path / "never-saved"))
+    assert time.monotonic() - start < 10

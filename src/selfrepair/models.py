@@ -313,8 +313,6 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     dev = resolve_device(device)
-    if device_map is not None:
-        dev = resolve_device("cuda" if torch.cuda.is_available() and device is None else device)
     if dtype is None and isinstance(source, PreTrainedModel):
         dtype = source.dtype  # an in-memory model keeps its precision unless asked otherwise
     dt = resolve_dtype(dtype, dev)
@@ -396,6 +394,9 @@ def _hub_access(src: str, revision: str | None) -> dict:
 
     if Path(src).expanduser().exists():
         return {}
+    if src.startswith(("/", ".", "~")) or Path(src).is_absolute():
+        raise ModelLoadError(f"cannot load model {src!r}: no such local directory. Pass a directory "
+                             f"saved with save_pretrained(), a hub id, or model='{EMBEDDED_MODEL}'.")
     reason = hub.offline_reason()
     if reason is None:
         return {}
