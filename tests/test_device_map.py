@@ -33,6 +33,9 @@ def test_dispatched_model_equals_the_single_device_run(family):
         b = self_repair(spread, tok, ablation=ablation, progress=False)
         for q in ("direct_effect", "delta_logit", "self_repair", "from_norm", "scale_ablated"):
             torch.testing.assert_close(getattr(b, q), getattr(a, q), atol=1e-6, rtol=1e-6, msg=q)
+    auto = load_model("tiny-" + family, device_map="auto")  # on a CPU-only machine: {"": "cpu"}
+    torch.testing.assert_close(self_repair(auto, tok, progress=False).self_repair,
+                               self_repair(one, tok, progress=False).self_repair, atol=1e-6, rtol=1e-6)
     sa = run_sweep(one, tok, batch_size=2, top_percent=20, progress=False)
     sb = run_sweep(spread, tok, batch_size=2, top_percent=20, progress=False)
     for k, v in sa.tensors().items():
