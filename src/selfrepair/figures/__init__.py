@@ -143,6 +143,103 @@ def charts_in_notebook(nb: Any) -> list[dict]:
 
 # -- the renderer -------------------------------------------------------------------------------
 _counter = itertools.count()
+NARROWEST_VIEW = 120  # px: the fallback never draws a view narrower than this
+LAYOUTS = ("as designed", "stacked", "stacked, narrowed", "narrowed")  # data-layout after drawing
+
+# Fitting a chart to its column, in the browser. Single and layered views need nothing: the figure
+# functions give them width "container" and Vega redraws them at the column's width. Vega-Lite has
+# no container width for compound charts (facet, concat), so they are drawn as designed (they fit
+# from 1440 px down to 1024 px) and, only when the drawing is wider than its column (a phone), drawn
+# again stacked — side-by-side views one under the other, a wrapped facet in one column, a column
+# facet as a wrapped one — and, if still too wide (any chart), narrowed: every fixed view width
+# reduced by the excess (never below NARROWEST_VIEW px), discrete steps by a quarter, long chart
+# titles wrapped onto lines. `data-layout` on the element says which (LAYOUTS); it is set when the
+# last drawing is done. A window resize that changes the column's width fits again.
+FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
+    var COMPOUND = ["hconcat", "vconcat", "concat", "facet", "repeat"];
+    function copy(s) { return JSON.parse(JSON.stringify(s)); }
+    function views(n, f) {  // f(view) for every spec node below n (n included)
+      if (!n || typeof n !== "object") return;
+      f(n);
+      ["hconcat", "vconcat", "concat", "layer"].forEach(function (k) {
+        (Array.isArray(n[k]) ? n[k] : []).forEach(function (c) { views(c, f); });
+      });
+      if (n.spec) views(n.spec, f);
+    }
+    function stack(spec) {
+      var s = copy(spec);
+      views(s, function (n) {
+        if (Array.isArray(n.hconcat)) { n.vconcat = n.hconcat; delete n.hconcat; }
+        if (Array.isArray(n.concat)) n.columns = 1;
+        if (n.facet && n.spec) {
+          if (n.facet.field !== undefined) n.columns = 1;
+          else if (n.facet.column && !n.facet.row) { n.facet = n.facet.column; n.columns = 1; }
+        }
+      });
+      return s;
+    }
+    function wrap(text, chars) {  // a title as lines of at most `chars` characters
+      var lines = [], line = "";
+      String(text).split(" ").forEach(function (w) {
+        if (line && (line + " " + w).length > chars) { lines.push(line); line = w; }
+        else line = line ? line + " " + w : w;
+      });
+      return line ? lines.concat([line]) : lines;
+    }
+    function narrow(spec, by, chars) {
+      var s = copy(spec);
+      views(s, function (n) {
+        if (typeof n.width === "number") n.width = Math.max(%(narrowest)d, Math.round(n.width - by));
+        else if (n.width && typeof n.width.step === "number")
+          n.width = {step: Math.max(4, Math.floor(n.width.step * 0.75))};
+        if (typeof n.title === "string") n.title = wrap(n.title, chars);
+        else if (n.title && typeof n.title.text === "string") {
+          n.title.text = wrap(n.title.text, chars);
+          if (typeof n.title.subtitle === "string") n.title.subtitle = wrap(n.title.subtitle, chars);
+        }
+      });
+      return s;
+    }
+    function excess(el) {
+      var d = el.querySelector("svg, canvas");
+      return d ? d.getBoundingClientRect().width - el.clientWidth : 0;
+    }
+    return function (el, spec, opts) {
+      var result = null, busy, width = -1;
+      function draw(s) {
+        if (result) { result.finalize(); result = null; }
+        return vegaEmbed(el, s, opts).then(function (r) { result = r; });
+      }
+      function fit() {
+        width = el.clientWidth;
+        delete el.dataset.layout;
+        var compound = COMPOUND.some(function (k) { return k in spec; }), layout = "as designed";
+        var s = spec, tries = 0;
+        function next() {
+          if (excess(el) <= 2 || tries > 5) { el.dataset.layout = layout; return; }
+          tries += 1;
+          if (compound && layout === "as designed") { s = stack(s); layout = "stacked"; }
+          else {
+            s = narrow(s, excess(el) + 4, Math.max(20, Math.floor(el.clientWidth / 7.5)));
+            layout = compound ? "stacked, narrowed" : "narrowed";
+          }
+          return draw(s).then(next);
+        }
+        return draw(s).then(next).catch(function (err) {
+          el.textContent = "[chart failed: " + err + "]"; console.error(err);
+        });
+      }
+      busy = fit();
+      var timer = null;
+      window.addEventListener("resize", function () {
+        clearTimeout(timer);
+        timer = setTimeout(function () {
+          if (el.clientWidth !== width) busy = busy.then(fit);
+        }, 250);
+      });
+    };
+  })();
+""" % {"narrowest": NARROWEST_VIEW}
 
 
 def chart_html(spec: dict, embed_options: dict | None = None) -> str:
@@ -171,9 +268,8 @@ def chart_html(spec: dict, embed_options: dict | None = None) -> str:
             'open the book built by `selfrepair book`]";\n'
             "    return;\n"
             "  }\n"
-            f"  vegaEmbed(el, {js(spec)}, {js(opts)})"
-            '.catch(function (err) { el.textContent = "[chart failed: " + err + "]"; '
-            "console.error(err); });\n"
+            f"{FIT_JS}"
+            f"  window.selfrepairFit(el, {js(spec)}, {js(opts)});\n"
             "})();\n"
             "</script>")
 
