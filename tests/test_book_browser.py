@@ -37,7 +37,10 @@ WIDTHS = {"laptop": 1440, "small laptop": 1024, "phone": 390}  # viewport widths
 HEIGHT = 900
 PAGE_STATE = """(() => {
   const charts = Array.from(document.querySelectorAll('.%(chart)s'));
-  const shown = el => el.offsetParent !== null && el.getBoundingClientRect().height > 0;
+  // what a reader sees without a click: not inside a closed <details> (a folded cell, the
+  // full frame under a table), laid out and of some height
+  const shown = el => !el.closest('details:not([open])') && el.offsetParent !== null
+    && el.getBoundingClientRect().height > 0;
   const px = r => Math.round(r.width);
   const tables = Array.from(document.querySelectorAll('.cell_output table')).filter(shown);
   return JSON.stringify({

@@ -9,7 +9,10 @@ not switch the user's renderer or theme):
   ``text/html`` ``<div class="selfrepair-chart">`` plus an inline ``<script>`` that calls the
   page-global ``vegaEmbed``. The HTML names no URL and uses no requirejs: the book serves one
   local bundle of vega, vega-lite and vega-embed from ``_static`` (see :mod:`selfrepair.book`),
-  so the built book draws its charts offline.
+  so the built book draws its charts offline. The script fits the chart to its column
+  (:data:`FIT_JS`): a compound chart wider than the column (on a phone) is redrawn stacked and
+  narrowed; single and layered views are drawn at the column's width by Vega itself (the figure
+  functions give them ``width="container"``).
 - the theme ``"selfrepair"`` (system fonts only — no web fonts —, 400 x 260 views, no title
   anchor surprises).
 
@@ -143,7 +146,7 @@ def charts_in_notebook(nb: Any) -> list[dict]:
 
 # -- the renderer -------------------------------------------------------------------------------
 _counter = itertools.count()
-NARROWEST_VIEW = 120  # px: the fallback never draws a view narrower than this
+NARROWEST_VIEW = 100  # px: the fallback never draws a view narrower than this (two fit a phone)
 LAYOUTS = ("as designed", "stacked", "stacked, narrowed", "narrowed")  # data-layout after drawing
 
 # Fitting a chart to its column, in the browser. Single and layered views need nothing: the figure
@@ -152,8 +155,8 @@ LAYOUTS = ("as designed", "stacked", "stacked, narrowed", "narrowed")  # data-la
 # from 1440 px down to 1024 px) and, only when the drawing is wider than its column (a phone), drawn
 # again stacked — side-by-side views one under the other, a wrapped facet in one column, a column
 # facet as a wrapped one — and, if still too wide (any chart), narrowed: every fixed view width
-# reduced by the excess (never below NARROWEST_VIEW px), discrete steps by a quarter, long chart
-# titles wrapped onto lines. `data-layout` on the element says which (LAYOUTS); it is set when the
+# (and the theme's default width) reduced by the excess (never below NARROWEST_VIEW px), discrete
+# steps by a quarter, long chart titles wrapped onto lines. `data-layout` on the element says which (LAYOUTS); it is set when the
 # last drawing is done. A window resize that changes the column's width fits again.
 FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
     var COMPOUND = ["hconcat", "vconcat", "concat", "facet", "repeat"];
@@ -198,6 +201,9 @@ FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
           if (typeof n.title.subtitle === "string") n.title.subtitle = wrap(n.title.subtitle, chars);
         }
       });
+      var view = (s.config || {}).view;  // views without a width of their own: the theme's
+      if (view && typeof view.continuousWidth === "number")
+        view.continuousWidth = Math.max(%(narrowest)d, Math.round(view.continuousWidth - by));
       return s;
     }
     function excess(el) {
