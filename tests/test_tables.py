@@ -107,7 +107,7 @@ def test_table_html_shows_chosen_columns_and_the_full_frame(frame):
     shown, full = parsed.tables
     assert shown["head"] == ["head", "tokens", "share ratio above 1", "median S/S′"]
     assert full["head"] == list(frame.columns)  # every column, under the frame's names
-    assert 'class="column-name">median_ratio<' in t._repr_html_()
+    assert 'class="column-name">median_<wbr>ratio<' in t._repr_html_()  # wraps after _ only
     assert "<details" in t._repr_html_() and "All 7 columns (3 more than above)" in t._repr_html_()
     for row, (_, values) in zip(shown["rows"], frame.iterrows()):
         assert row[0] == values["label"] and row[1] == f"{values['n']:,}"

@@ -77,6 +77,11 @@ def _superscript(n: int) -> str:
     return str(n).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
 
+def _breakable(name: str) -> str:
+    """A column name that may wrap after its underscores (``delta_direct_<wbr>effect``)."""
+    return html.escape(name).replace("_", "_<wbr>")
+
+
 def parse_number(text: str) -> float:
     """The number a formatted cell shows (the inverse of :func:`format_number` up to rounding)."""
     t = text.replace(",", "").replace("−", "-")
@@ -120,7 +125,7 @@ class Table:
                    for c in columns]
         head = "".join(
             f'<th class="{"num" if num else "text"}" title="{html.escape(c)}">'
-            + (f'{html.escape(self.header(c))}<span class="column-name">{html.escape(c)}</span>'
+            + (f'{html.escape(self.header(c))}<span class="column-name">{_breakable(c)}</span>'
                if readable and self.header(c) not in (c, "") else html.escape(self.header(c) if readable else c))
             + "</th>"
             for c, num in zip(columns, numeric))

@@ -245,11 +245,10 @@ def model_notes(cfg: Config) -> str:
 # -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
 HEADS_TABLE = Layout(("figure", "label", "direct_effect", "reason", "stands_for"))
 SUMMARY_TABLE = Layout(("label", "direct_effect", "self_repair", "layer_positive", "neurons_50", "d_mlp",
-                        "erasure_repair_share", "negative_baseline", "max_top_frequency", "max_top_neuron"),
+                        "erasure_repair_share", "negative_baseline", "max_top_frequency"),
                        percent=("layer_positive", "erasure_repair_share", "negative_baseline",
                                 "max_top_frequency"),
                        names={"layer_positive": "layer's clean DE > 0", "neurons_50": "neurons for half",
                               "d_mlp": "neurons", "erasure_repair_share": "repair by erasure neurons",
                               "negative_baseline": "neurons with DE < 0",
-                              "max_top_frequency": "most frequent in top 10",
-                              "max_top_neuron": "that neuron"})
+                              "max_top_frequency": "most frequent in top 10"})

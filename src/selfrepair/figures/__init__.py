@@ -192,7 +192,8 @@ FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
     function narrow(spec, by, chars) {
       var s = copy(spec);
       views(s, function (n) {
-        if (typeof n.width === "number") n.width = Math.max(%(narrowest)d, Math.round(n.width - by));
+        if (typeof n.width === "number" && n.width > %(narrowest)d)  // narrower, never wider
+          n.width = Math.max(%(narrowest)d, Math.round(n.width - by));
         else if (n.width && typeof n.width.step === "number")
           n.width = {step: Math.max(4, Math.floor(n.width.step * 0.75))};
         if (typeof n.title === "string") n.title = wrap(n.title, chars);
@@ -202,7 +203,7 @@ FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
         }
       });
       var view = (s.config || {}).view;  // views without a width of their own: the theme's
-      if (view && typeof view.continuousWidth === "number")
+      if (view && typeof view.continuousWidth === "number" && view.continuousWidth > %(narrowest)d)
         view.continuousWidth = Math.max(%(narrowest)d, Math.round(view.continuousWidth - by));
       return s;
     }

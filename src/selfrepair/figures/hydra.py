@@ -23,7 +23,7 @@ def fig_impact(summary) -> alt.FacetChart:
     base = alt.Chart(summary).encode(
         x=alt.X("layer:Q", title="layer", axis=LAYER_AXIS),
         color=alt.Color("measure:N", title="impact", sort=["unembed", "ablate"],
-                        legend=alt.Legend(orient="bottom",  # two panels and a legend fit 1024 px
+                        legend=alt.Legend(orient="bottom", columns=1,  # fits 1024 px and a phone
                                           labelExpr="datum.label == 'unembed' ? 'Δ unembed (direct effect)'"
                                                     " : 'Δ ablate (logit drop)'")))
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("lo:Q", title="effect on the max-likelihood logit"),
