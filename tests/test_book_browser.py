@@ -1,5 +1,8 @@
 """Open every page of a built book in headless Chromium: charts drawn, math typeset, no console
-errors, and no request to any host but the local server (the book works offline).
+errors, and no request to any host but the local server (the book works offline); read at 1440,
+1024 and 390 px: no chart wider than its column at any of them, no table wider than its column on
+a laptop, no page that scrolls sideways on a phone (see the test's docstring); the parameters cells
+shown and the boilerplate folded; and no page naming a folder of the machine that built it.
 
 Builds from the notebooks executed on the ``tiny`` profile by conftest's ``executed_book`` plus a
 synthetic page with a few charts (so the renderer is checked even before chapters exist), serves

@@ -227,7 +227,7 @@ FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
           tries += 1;
           if (compound && layout === "as designed") { s = stack(s); layout = "stacked"; }
           else {
-            s = narrow(s, excess(el) + 4, Math.max(20, Math.floor(el.clientWidth / 7.5)));
+            s = narrow(s, excess(el) + 4, Math.max(20, Math.floor(el.clientWidth / 8.5)));  // ~8 px a character
             layout = compound ? "stacked, narrowed" : "narrowed";
           }
           return draw(s).then(next);
