@@ -11,7 +11,7 @@ import torch
 from selfrepair import existence, layernorm
 from selfrepair.chapters import existence as ce
 from selfrepair.chapters import featured as featured_frame
-from selfrepair.figures import data_rows, validate_spec
+from selfrepair.figures import check_width, data_rows, validate_spec
 from selfrepair.figures import existence as fe
 from selfrepair.figures import layernorm as fl
 
@@ -51,6 +51,7 @@ def featured(ph, n=4):
 def spec_of(chart):
     spec = chart.to_dict()
     validate_spec(spec)
+    check_width(spec)  # fits the book's column from 1440 px down to 1024 px
     return spec
 
 

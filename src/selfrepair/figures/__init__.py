@@ -45,8 +45,8 @@ MAX_ROWS = 5000  # rows a chart may embed: aggregate or sample before plotting
 EMBED_OPTIONS = {"mode": "vega-lite", "renderer": "svg",  # svg: crisp text, easy to test for
                  "actions": {"export": True, "source": False, "compiled": False, "editor": False}}
 
-__all__ = ["CHART_CLASS", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME", "VEGALITE_MIME",
-           "chart_html", "charts_in_notebook", "data_rows", "diverging_color", "ensure_small",
+__all__ = ["CHART_CLASS", "COLUMN_AT_1024", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME",
+           "VEGALITE_MIME", "VIEWS_AT_1024", "chart_html", "check_width", "charts_in_notebook", "data_rows", "diverging_color", "ensure_small",
            "head_tooltip", "layer_color", "render", "use_book_renderer", "validate_spec"]
 
 
@@ -128,6 +128,53 @@ def validate_spec(spec: dict) -> None:
     error = next(iter(_validator().iter_errors(spec)), None)
     if error is not None:
         raise error
+
+
+COLUMN_AT_1024 = 743  # px: the book's text column in a 1024 px wide window
+VIEWS_AT_1024 = 600  # px of views side by side that leave room for axes and a legend in it
+
+
+def check_width(spec: dict) -> None:
+    """Raise ``ValueError`` unless ``spec`` is sized to fit the book's column (for tests, like
+    :func:`validate_spec`): a single or layered chart takes ``width="container"`` (or discrete
+    steps), a compound chart (facet, concat: Vega-Lite has no container width for them) uses no
+    ``"container"`` and its views side by side are at most :data:`VIEWS_AT_1024` px wide."""
+    compound = [k for k in ("hconcat", "vconcat", "concat", "facet", "repeat") if k in spec]
+    if not compound:
+        width = spec.get("width")
+        if width != "container" and not (isinstance(width, dict) and "step" in width):
+            raise ValueError(f"a single or layered chart should have width 'container', not {width!r}")
+        return
+    if '"container"' in json.dumps(spec):
+        raise ValueError("a compound chart cannot be drawn at the container's width (Vega-Lite)")
+    wide = _views_wide(spec, spec)
+    if wide > VIEWS_AT_1024:
+        raise ValueError(f"{compound[0]} chart: its views side by side are {wide} px wide; at most "
+                         f"{VIEWS_AT_1024} px fit a 1024 px page (narrower views, wrapped facets)")
+
+
+def _views_wide(node: dict, top: dict) -> int:
+    if "hconcat" in node:
+        return sum(_views_wide(c, top) for c in node["hconcat"])
+    if "vconcat" in node:
+        return max(_views_wide(c, top) for c in node["vconcat"])
+    if "concat" in node:
+        widths = [_views_wide(c, top) for c in node["concat"]]
+        n = node.get("columns") or len(widths)
+        return max(sum(widths[i:i + n]) for i in range(0, len(widths), n))
+    if "facet" in node:
+        facet, inner = node["facet"], _views_wide(node["spec"], top)
+        if "field" in facet:
+            return inner * (node.get("columns") or _levels(facet["field"], top))
+        return inner * (_levels(facet["column"]["field"], top) if "column" in facet else 1)
+    width = node.get("width", 400)
+    return width if isinstance(width, (int, float)) else 400
+
+
+def _levels(field: str, spec: dict) -> int:
+    """Distinct values of ``field`` in the chart's data (the panels a facet draws)."""
+    rows = [r for values in spec.get("datasets", {}).values() for r in values]
+    return max(1, len({json.dumps(r.get(field)) for r in rows if field in r}))
 
 
 def charts_in_notebook(nb: Any) -> list[dict]:
