@@ -68,6 +68,7 @@ PAGE_STATE = """(() => {
     math: document.querySelectorAll('.math').length,
     typeset: document.querySelectorAll('mjx-container').length,
     ready: document.readyState,
+    url: location.href,
   });
 })()""" % {"chart": figures.CHART_CLASS}
 
@@ -217,7 +218,8 @@ def _visit(tools: DevTools, url: str) -> dict:
     deadline, state = time.time() + 30, {}
     while time.time() < deadline:
         state = json.loads(tools.evaluate(PAGE_STATE) or "{}")
-        if (state.get("ready") == "complete" and state["laid_out"] + len(state["failed"]) == state["charts"]
+        if (state.get("url") == url and state.get("ready") == "complete"  # the new page, not the last one
+                and state["laid_out"] + len(state["failed"]) == state["charts"]
                 and (state["math"] == 0 or state["typeset"] > 0)):
             break
         time.sleep(0.2)
