@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..experiment import open_model, open_tokens, shown_path
 from ..heads import self_repair
 from ..structure import architecture_markdown
-from ..tables import Layout, table
+from ..tables import Layout, Table, table
 from . import check
 
 POOL_ROWS = 64  # rows the demo rows' resample sources are drawn from (several documents)
@@ -165,7 +165,6 @@ def worked_example(components: dict | None = None, u=TOY_U, removed: str = "head
     return WorkedExample(table, n, text)
 
 
-
 # -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
 TOY_TABLE = Layout(("component", "vector", "direct_effect", "after_ablation"))
 CLOSURE_TABLE = Layout(("label", "delta_logit", "delta_direct_effect", "self_repair", "from_heads",
@@ -173,7 +172,7 @@ CLOSURE_TABLE = Layout(("label", "delta_logit", "delta_direct_effect", "self_rep
                        names={"self_repair": "self-repair (eq. 1)"}, optional=("from_block_norms",))
 
 
-def shape_table(model: Any):
+def shape_table(model: Any) -> Table:
     """The model's identity and shape (:meth:`selfrepair.models.Model.describe`) as a table."""
     return table(pd.Series({k: shown_path(v) for k, v in model.describe().items()}, name="value"),
                  names={"item": "", "value": ""})
