@@ -51,5 +51,5 @@ def executed_book(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("book")
     params = {**load_profile("tiny", ROOT), "cache_dir": str(out / "results")}
     runs = execute_chapters(chapter_notebooks(ROOT), params, out / "src", logs=out / "logs",
-                            jobs=2, progress=False)
+                            jobs=2, progress=False, workdir=out)  # injected: cache_dir = "results"
     return SimpleNamespace(root=ROOT, out=out, params=params, runs={r.name: r for r in runs})

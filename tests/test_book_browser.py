@@ -1,5 +1,8 @@
 """Open every page of a built book in headless Chromium: charts drawn, math typeset, no console
-errors, and no request to any host but the local server (the book works offline).
+errors, and no request to any host but the local server (the book works offline); read at 1440,
+1024 and 390 px: no chart wider than its column at any of them, no table wider than its column on
+a laptop, no page that scrolls sideways on a phone (see the test's docstring); the parameters cells
+shown and the boilerplate folded; and no page naming a folder of the machine that built it.
 
 Builds from the notebooks executed on the ``tiny`` profile by conftest's ``executed_book`` plus a
 synthetic page with a few charts (so the renderer is checked even before chapters exist), serves
@@ -33,21 +36,41 @@ from selfrepair.book import build_html, stage_source, vendor_assets
 pytestmark = pytest.mark.browser
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHECK_PAGE = "book/chart_check"
-VIEWPORT = (1440, 900)  # a common laptop screen
+WIDTHS = {"laptop": 1440, "small laptop": 1024, "phone": 390}  # viewport widths (px) every page is read at
+HEIGHT = 900
 PAGE_STATE = """(() => {
-  const charts = Array.from(document.querySelectorAll('.%s'));
+  const charts = Array.from(document.querySelectorAll('.%(chart)s'));
+  // what a reader sees without a click: not inside a closed <details> (a folded cell, the
+  // full frame under a table), laid out and of some height
+  const shown = el => !el.closest('details:not([open])') && el.offsetParent !== null
+    && el.getBoundingClientRect().height > 0;
+  const px = r => Math.round(r.width);
+  const tables = Array.from(document.querySelectorAll('.cell_output table')).filter(shown);
   return JSON.stringify({
     charts: charts.length,
     drawn: charts.filter(el => el.querySelector('svg, canvas')).length,
+    laid_out: charts.filter(el => el.dataset.layout).length,
     failed: charts.filter(el => el.textContent.includes('[chart')).map(el => el.textContent),
     overflow: charts.map(el => [el.clientWidth, el.querySelector('svg, canvas')])
       .filter(([w, d]) => d && d.getBoundingClientRect().width > w + 2)
-      .map(([w, d]) => `${Math.round(d.getBoundingClientRect().width)} px chart in a ${w} px column`),
+      .map(([w, d]) => `${px(d.getBoundingClientRect())} px chart in a ${w} px column`),
+    refitted: charts.map(el => el.dataset.layout).filter(l => l && l !== 'as designed'),
+    tables: tables.length,
+    table_overflow: tables.map(t => [t, t.closest('.cell_output')])
+      .filter(([t, box]) => t.getBoundingClientRect().width > box.clientWidth + 2)
+      .map(([t, box]) => `${px(t.getBoundingClientRect())} px table in a ${box.clientWidth} px column: `
+                         + t.textContent.trim().slice(0, 60)),
+    page_width: document.documentElement.scrollWidth,
+    viewport: window.innerWidth,
+    parameters_shown: Array.from(document.querySelectorAll(
+      '.tag_parameters .cell_input, .tag_injected-parameters .cell_input')).map(shown),
+    folded_shown: Array.from(document.querySelectorAll('.tag_hide-input .cell_input')).map(shown),
     math: document.querySelectorAll('.math').length,
     typeset: document.querySelectorAll('mjx-container').length,
     ready: document.readyState,
+    url: location.href,
   });
-})()""" % figures.CHART_CLASS
+})()""" % {"chart": figures.CHART_CLASS}
 
 
 def _browser() -> str | None:
@@ -150,8 +173,6 @@ def browser(built_book, tmp_path_factory):
         tools = DevTools(target["webSocketDebuggerUrl"])
         for domain in ("Page", "Runtime", "Log", "Network"):
             tools.call(f"{domain}.enable")
-        tools.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
-                   deviceScaleFactor=1, mobile=False)
         yield tools, f"http://127.0.0.1:{port}"
         tools.close()
     finally:
@@ -164,6 +185,15 @@ def browser(built_book, tmp_path_factory):
 def _pages(html: Path) -> list[str]:
     return sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html")
                   if "_static" not in p.parts and "_sources" not in p.parts)
+
+
+REDIRECT = re.compile(r'^\s*<meta http-equiv="Refresh" content="0; url=([^"]+)"\s*/?>\s*$', re.I)
+
+
+def _redirect(path: Path) -> str | None:
+    """The page a redirect stub (the book's index.html) sends the reader to, else None."""
+    m = REDIRECT.match(path.read_text(encoding="utf-8", errors="replace"))
+    return (path.parent / m.group(1)).resolve().as_posix() if m else None
 
 
 def _problems(events: list[dict], origin: str) -> list[str]:
@@ -189,37 +219,117 @@ def _problems(events: list[dict], origin: str) -> list[str]:
     return out
 
 
-def test_every_page_draws_charts_and_math_offline(browser, built_book):
+def _visit(tools: DevTools, url: str) -> dict:
+    """Load ``url`` and wait until every chart is drawn and laid out (the renderer sets
+    ``data-layout`` when its last drawing is done) and MathJax has typeset the math."""
+    tools.events.clear()
+    tools.call("Page.navigate", url=url)
+    deadline, state = time.time() + 30, {}
+    while time.time() < deadline:
+        state = json.loads(tools.evaluate(PAGE_STATE) or "{}")
+        if (state.get("url") == url and state.get("ready") == "complete"  # the new page, not the last one
+                and state["laid_out"] + len(state["failed"]) == state["charts"]
+                and (state["math"] == 0 or state["typeset"] > 0)):
+            break
+        time.sleep(0.2)
+    time.sleep(0.3)  # let late console messages arrive
+    return json.loads(tools.evaluate(PAGE_STATE) or "{}")
+
+
+@pytest.mark.parametrize("screen", list(WIDTHS))
+def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
+    """Every page at each width: charts drawn, math typeset, no console error, no request to
+    another host; the parameters cells shown and the boilerplate folded.
+
+    At 1440 and 1024 px (laptops) no chart and no table is wider than its column, and every chart
+    is drawn as its figure function designed it (single and layered views at the column's width,
+    compound charts at widths that fit). At phone width (390 px, mobile emulation) the renderer may
+    redraw a compound chart stacked (views one under the other, facets in one column) and narrowed;
+    there no chart may be wider than its column either, and the page must not scroll sideways
+    (a table wider than the phone scrolls inside its output box, which the page check allows)."""
     tools, origin = browser
+    width = WIDTHS[screen]
+    tools.call("Emulation.setDeviceMetricsOverride", width=width, height=HEIGHT, deviceScaleFactor=1,
+               mobile=width < 600)
     pages = _pages(built_book)
     assert f"{CHECK_PAGE}.html" in pages and "book/00_introduction.html" in pages
-    report, total_charts = {}, 0
+    targets = {p: _redirect(built_book / p) for p in pages}
+    assert all(t is None or t in {(built_book / q).resolve().as_posix() for q in pages}
+               for t in targets.values()), targets
+    pages = [p for p in pages if targets[p] is None]  # a stub's target is read in its own right
+    report, totals = {}, {"charts": 0, "refitted": 0, "tables": 0}
     for page in pages:
-        tools.events.clear()
-        tools.call("Page.navigate", url=f"{origin}/{page}")
-        deadline, state = time.time() + 20, {}
-        while time.time() < deadline:
-            state = json.loads(tools.evaluate(PAGE_STATE) or "{}")
-            if (state.get("ready") == "complete" and state["drawn"] + len(state["failed"]) == state["charts"]
-                    and (state["math"] == 0 or state["typeset"] > 0)):
-                break
-            time.sleep(0.2)
-        time.sleep(0.3)  # let late console messages arrive
+        state = _visit(tools, f"{origin}/{page}")
         tools.evaluate("1")
         problems = _problems(tools.events, origin)
         if state.get("charts") != state.get("drawn"):
             problems.append(f"{state.get('drawn')} of {state.get('charts')} charts drawn {state.get('failed')}")
-        if state.get("overflow"):  # readers should not have to scroll sideways on a laptop screen
-            problems.append(f"charts wider than the page at {VIEWPORT[0]} px: {state['overflow']}")
+        if state.get("overflow"):  # a chart that scrolls or is cut off does not fit
+            problems.append(f"charts wider than their column at {width} px: {state['overflow']}")
+        if width >= 1024 and state.get("refitted"):
+            problems.append(f"charts not drawn as designed at {width} px: {state['refitted']} "
+                            "(make the fig_* function fit a 1024 px page)")
+        if width >= 1024 and state.get("table_overflow"):
+            problems.append(f"tables wider than their column at {width} px: {state['table_overflow']}")
+        # wider content makes a phone's layout viewport wider than the screen (innerWidth grows)
+        if max(state.get("page_width", 0), state.get("viewport", 0)) > width + 1:
+            problems.append(f"the page is wider than the {width} px screen: {state['page_width']} px")
+        if not all(state.get("parameters_shown", [])):
+            problems.append(f"a parameters cell is hidden: {state.get('parameters_shown')}")
+        if any(state.get("folded_shown", [])):
+            problems.append("a cell tagged hide-input shows its input without a click")
         if state.get("math") and not state.get("typeset"):
             problems.append(f"{state['math']} math elements but MathJax typeset none")
-        total_charts += state.get("charts", 0)
-        print(f"{page}: {state.get('drawn')}/{state.get('charts')} charts drawn, "
+        for key in totals:
+            totals[key] += len(state.get(key) or []) if key == "refitted" else state.get(key, 0)
+        print(f"{width} px {page}: {state.get('drawn')}/{state.get('charts')} charts drawn "
+              f"({len(state.get('refitted') or [])} refitted), {state.get('tables')} tables, "
               f"{state.get('typeset')} formulas typeset, {len(problems)} problems")
         if problems:
             report[page] = problems
-    assert not report, json.dumps(report, indent=1)
-    assert total_charts >= 3
+    print(f"{width} px: {totals}")
+    assert not report, json.dumps(report, indent=1, ensure_ascii=False)
+    assert totals["charts"] >= 3
+
+
+def machine_paths(executed_book) -> dict[str, str]:
+    """Folders of the machine that built the book, which no page may name."""
+    import os
+
+    paths = {"the repository root": executed_book.root, "the build folder": executed_book.out,
+             "$HOME": Path.home(), "the Python environment": Path(sys.prefix),
+             "the interpreter": Path(sys.executable).parent}
+    out = {}
+    for what, path in paths.items():
+        for form in {str(path), os.path.realpath(path)}:
+            if len(form) > 1:  # "/" names nothing
+                out[form] = what
+    return out
+
+
+def paths_named(text: str, paths: dict[str, str]) -> list[str]:
+    """Which of ``paths`` ``text`` names (as a whole folder: followed by a separator, a quote, a
+    tag or a space, so /root does not match /rooted)."""
+    return sorted({f"{what} ({p})" for p, what in paths.items()
+                   if re.search(re.escape(p) + r"(?=[/\\\"'<\s&]|$)", text)})
+
+
+def test_paths_named_finds_folders():
+    paths = {"/home/ann": "$HOME", "/tmp/book0": "the build folder"}
+    assert paths_named('<td>/home/ann/results</td> cache_dir = "/tmp/book0"', paths) == [
+        "$HOME (/home/ann)", "the build folder (/tmp/book0)"]
+    assert paths_named("<p>/home/anne and /tmp/book01 and results</p>", paths) == []
+
+
+def test_no_page_names_a_path_of_the_building_machine(built_book, executed_book):
+    """The injected parameters (cache_dir), the provenance table and every other output: no page
+    names the repository's folder, the build folder, $HOME or the Python environment."""
+    paths = machine_paths(executed_book)
+    pages = _pages(built_book)
+    assert len(pages) > 5
+    found = {page: named for page in pages
+             if (named := paths_named((built_book / page).read_text(encoding="utf-8"), paths))}
+    assert not found, json.dumps(found, indent=1)
 
 
 def test_html_names_no_external_script_style_or_font(built_book):

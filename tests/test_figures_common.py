@@ -104,3 +104,20 @@ def test_charts_in_notebook_reads_specs_back(heads, tmp_path):
     for source in (path, str(path), json.loads(path.read_text()), nbformat.read(path, as_version=4)):
         specs = charts_in_notebook(source)
         assert specs == [bundle[VEGALITE_MIME]]
+
+
+def test_check_width_rejects_charts_too_wide_for_1024_px(heads):
+    from selfrepair.figures import check_width
+
+    check_width(_chart(heads).properties(width="container").to_dict())
+    with pytest.raises(ValueError, match="width 'container'"):
+        check_width(_chart(heads).properties(width=500).to_dict())
+    check_width(alt.hconcat(_chart(heads).properties(width=280), _chart(heads).properties(width=280)).to_dict())
+    with pytest.raises(ValueError, match="hconcat chart: its views side by side are 800 px"):
+        check_width(alt.hconcat(_chart(heads).properties(width=400), _chart(heads).properties(width=400)).to_dict())
+    with pytest.raises(ValueError, match="facet chart: .* 750 px"):  # three layers, three panels
+        check_width(_chart(pd.concat([heads, heads.assign(layer=2)])).properties(width=250)
+                    .facet(column="layer:O").to_dict())
+    check_width(_chart(heads).properties(width=250).facet(facet="label:N", columns=2).to_dict())
+    with pytest.raises(ValueError, match="container"):
+        check_width(alt.hconcat(_chart(heads).properties(width="container"), _chart(heads)).to_dict())

@@ -11,7 +11,7 @@ import torch
 from selfrepair import existence, layernorm
 from selfrepair.chapters import existence as ce
 from selfrepair.chapters import featured as featured_frame
-from selfrepair.figures import data_rows, validate_spec
+from selfrepair.figures import check_width, data_rows, validate_spec
 from selfrepair.figures import existence as fe
 from selfrepair.figures import layernorm as fl
 
@@ -51,6 +51,7 @@ def featured(ph, n=4):
 def spec_of(chart):
     spec = chart.to_dict()
     validate_spec(spec)
+    check_width(spec)  # fits the book's column from 1440 px down to 1024 px
     return spec
 
 
@@ -249,7 +250,7 @@ def test_fig_appendix_b():
                                       "from_mlps": 0.0, "from_block_norms": 0.0}))
     chk = pd.concat(rows, ignore_index=True)
     s = spec_of(fl.fig_appendix_b(chk, max_per_panel=300))
-    assert s["facet"]["column"]["field"] == "panel"
+    assert s["facet"]["field"] == "panel" and s["columns"] == 2  # wraps: any number of models fits
     assert {"circle", "line"} <= marks(s) and "closed_form" in fields(s, "y")
     assert data_rows(s) == 2 * 300
 

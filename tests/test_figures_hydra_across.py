@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from selfrepair.figures import MAX_ROWS, data_rows, validate_spec
+from selfrepair.figures import MAX_ROWS, check_width, data_rows, validate_spec
 from selfrepair.figures import across as fa
 from selfrepair.figures import hydra as fh
 
@@ -60,6 +60,7 @@ def _fields(spec, channel=None) -> set[str]:
 def _check(chart, rows):
     spec = chart.to_dict()
     validate_spec(spec)
+    check_width(spec)  # fits the book's column from 1440 px down to 1024 px
     assert data_rows(spec) == rows
     assert _fields(spec, "tooltip"), "every chart has tooltips"
     return spec

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from selfrepair.figures import MAX_ROWS, data_rows, validate_spec
+from selfrepair.figures import MAX_ROWS, check_width, data_rows, validate_spec
 from selfrepair.figures import iterative as fi
 from selfrepair.figures import neurons as fn
 
@@ -23,6 +23,7 @@ def heads_frame(n_per_head: int, **cols) -> pd.DataFrame:
 def spec_of(chart) -> dict:
     spec = chart.to_dict()
     validate_spec(spec)
+    check_width(spec)  # fits the book's column from 1440 px down to 1024 px
     assert data_rows(spec) <= MAX_ROWS
     return spec
 

@@ -6,8 +6,8 @@ naming exactly the fields of the chapter's config (``selfrepair.chapters.<chapte
 that chapter uses, nothing "unused here"); the next code cell builds
 ``cfg = chapter.Config.from_params(...)`` passing every parameter by name; ``started =
 time.time()`` early; no ``def``/``class``/loops (comprehensions included) in code cells but
-exercise solutions; committed
-without outputs; the last code cell calls ``provenance``.
+exercise solutions; committed without outputs; the last code cell calls ``provenance``; the config
+cell and the provenance cell are folded (``hide-input``), the parameters cell is not.
 
 Execution (the session fixture ``executed_book`` in conftest.py runs them all once): no error,
 at least one chart per chapter, every chart spec valid against
@@ -110,6 +110,23 @@ def test_config_cell_and_start_time(path):
         f"{path.name}: set `started = time.time()` in or before the cfg cell"
 
 
+FOLDED = {"hide-input", "hide-cell", "remove-input", "remove-cell"}  # Jupyter Book 1.x cell tags
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_boilerplate_folded_parameters_visible(path):
+    """The imports/timing/config cell and the provenance cell's input are folded (``hide-input``:
+    one click shows them); the parameters cell is not: a reader sees what the page was run with."""
+    code = _code(path)
+    tags = [set(c.get("metadata", {}).get("tags", [])) for c in code]
+    i = next(i for i, t in enumerate(tags) if "parameters" in t)
+    assert not tags[i] & FOLDED, f"{path.name}: the parameters cell is hidden by {tags[i] & FOLDED}"
+    assert "hide-input" in tags[i + 1], f"{path.name}: tag the config cell after the parameters 'hide-input'"
+    assert "hide-input" in tags[-1], f"{path.name}: tag the provenance cell 'hide-input'"
+    shown = [n for n, t in enumerate(tags) if t & FOLDED and n not in (i + 1, len(code) - 1)]
+    assert not shown, f"{path.name}: code cells {shown} are folded too; only the boilerplate is"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_no_def_class_or_loops(path):
     """Exercise solutions (cells tagged ``solution``, folded in the book and stubbed in student
@@ -167,3 +184,8 @@ def test_runs_on_tiny_profile(path, executed_book):
     assert prov.get("param:model") == tiny["model"], f"provenance says {prov.get('param:model')!r}"
     if "n_tokens" in chapter_module(path.stem).Config.field_names():
         assert prov.get("param:n_tokens") == str(tiny["n_tokens"])
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert len(injected) == 1 and not set(injected[0]["metadata"]["tags"]) & FOLDED
+    if "cache_dir" in chapter_module(path.stem).Config.field_names():  # no path of this machine
+        assert re.search(r'^cache_dir = "results"$', _source(injected[0]), re.M), _source(injected[0])
+        assert prov.get("param:cache_dir") == "results"

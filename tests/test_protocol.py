@@ -176,3 +176,19 @@ def test_one_chapter_with_a_whole_book_profile():
     per_chapter = profile.pop("chapters", {})
     out = plan(chapter_notebooks(ROOT, ["00"]), profile, per_chapter, check=False)
     assert list(out) == ["00_introduction"] and "n_tokens" not in out["00_introduction"]
+
+
+def test_injected_paths_are_relative_to_the_book_root(tmp_path):
+    """The runner injects paths under the kernel's working directory (the book's root) relative to
+    it, so the executed notebook shows ``cache_dir = "results"``, not this machine's folders;
+    provenance shows other absolute paths by their last part."""
+    from selfrepair.book.runner import relative_paths
+    from selfrepair.experiment import shown_path
+
+    root = tmp_path / "book"
+    params = {"cache_dir": str(root / "results"), "prompts": str(root / "data" / "p.csv"),
+              "model": "tiny-gpt_neox", "n_tokens": 512, "dataset": "/elsewhere/corpus.jsonl"}
+    assert relative_paths(params, root) == {**params, "cache_dir": "results", "prompts": "data/p.csv"}
+    assert shown_path(str(root / "results"), root) == "results"
+    assert shown_path("/scratch/models/pythia-160m", root) == "…/pythia-160m"
+    assert shown_path("tiny-gpt_neox", root) == "tiny-gpt_neox" and shown_path(3, root) == 3

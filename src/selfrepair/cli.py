@@ -3,7 +3,8 @@
 Parameter names are the notebooks' (each chapter's config fields); ``--tokens`` is ``n_tokens``.
 The precedence for the book is: notebook defaults < ``--profile`` (its per-chapter ``chapters:``
 entries over its common ones) < flags (``--model``, ``--param name=value``, ...); ``cache_dir`` is
-always passed as an absolute path because papermill runs each notebook from ``book/``. Every
+resolved here (default: ``results/`` at the root) and each notebook runs from the book's root, so
+the book shows it relative to the root (``cache_dir = "results"``), not as a path of this machine. Every
 chapter's parameters are checked before the first chapter runs. A run stopped with Ctrl-C or
 SIGTERM saves its last finished batch and exits with 130 / 143 and a line saying how to resume.
 """

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -142,8 +144,25 @@ def head_sweep(cfg: CorpusConfig, ablation: str = "resample", *, progress: bool 
                    progress=progress)
 
 
+def shown_path(value: Any, root: str | Path | None = None) -> Any:
+    """``value`` as the book shows it: an absolute path under ``root`` (default: the working
+    directory, the book's root when ``selfrepair book`` runs a chapter) relative to it, any other
+    absolute path as ``…/<its last part>``; other values unchanged.
+
+    Where a model directory or a corpus file sat on the machine that built the book tells a reader
+    nothing and names that machine's folders; its name (``…/pythia-160m``) is what identifies it,
+    and a path under the book (``results``, ``data/...``) is where the reader's own copy has it."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    path, base = Path(value).resolve(), Path(root or Path.cwd()).resolve()
+    if path.is_relative_to(base):
+        return path.relative_to(base).as_posix() or "."
+    return f"…/{path.name}"
+
+
 def provenance(cfg: RunConfig, started: float | None = None, **extra: Any) -> pd.DataFrame:
-    """The table every chapter ends with: versions, model, device, parameters, wall time."""
+    """The table every chapter ends with: versions, model, device, parameters, wall time.
+    Paths are shown by :func:`shown_path` (relative to the book's root, or ``…/<name>``)."""
     import nnsight
     import transformers
 
@@ -156,4 +175,4 @@ def provenance(cfg: RunConfig, started: float | None = None, **extra: Any) -> pd
             **model.describe(), **{f"param:{k}": v for k, v in cfg.as_dict().items()}, **extra}
     if started is not None:
         rows["wall_time_s"] = round(time.time() - started, 1)
-    return pd.DataFrame({"item": list(rows), "value": [str(v) for v in rows.values()]})
+    return pd.DataFrame({"item": list(rows), "value": [str(shown_path(v)) for v in rows.values()]})

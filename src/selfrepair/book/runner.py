@@ -21,6 +21,7 @@ puts the bundle on chart pages.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,18 +157,40 @@ def _error_of(executed: Path, log: Path) -> str:
     return lines[-1] if lines else "papermill failed before running the notebook"
 
 
+def relative_paths(params: dict, workdir: Path) -> dict:
+    """``params`` with every absolute path under ``workdir`` written relative to it (``cache_dir``
+    ``/repo/results`` -> ``results``); other values unchanged.
+
+    papermill writes the injected parameters into the executed notebook, and so into the book: a
+    reader sees the parameters that were used, not the folders of the machine that built the book.
+    A path outside ``workdir`` (an explicit ``--cache-dir /scratch/...``) is kept as given."""
+    out = {}
+    for name, value in params.items():
+        if isinstance(value, str) and os.path.isabs(value):
+            path = Path(value).resolve()
+            if path.is_relative_to(workdir):
+                value = path.relative_to(workdir).as_posix() or "."
+        out[name] = value
+    return out
+
+
 def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs: Path | None = None,
-                     jobs: int = 1, kernel: str = "python3", progress: bool = True) -> list[ChapterRun]:
+                     jobs: int = 1, kernel: str = "python3", progress: bool = True,
+                     workdir: Path | None = None) -> list[ChapterRun]:
     """Run each notebook with papermill into ``out_src/book/``; one failure does not stop the others.
 
-    Each chapter runs in its own ``python -m papermill`` process (cwd: the source notebook's
-    folder) with its parameters injected: ``params[stem]`` when ``params`` is keyed by notebook
-    stem (:func:`plan`), else the entries of ``params`` that the chapter's config takes.
-    papermill saves after every cell, so a failing chapter keeps its outputs up to the error.
+    Each chapter runs in its own ``python -m papermill`` process whose kernel works in ``workdir``
+    (default: the book's root, the folder above ``book/``; relative paths such as the default
+    ``cache_dir = "results"`` resolve against it), with its parameters injected: ``params[stem]``
+    when ``params`` is keyed by notebook stem (:func:`plan`), else the entries of ``params`` that
+    the chapter's config takes; absolute paths under ``workdir`` are injected relative to it
+    (:func:`relative_paths`). papermill saves after every cell, so a failing chapter keeps its
+    outputs up to the error.
     """
     from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
     dest, logs = out_src / "book", logs or out_src.parent / "logs"
+    workdir = Path(workdir or (notebooks[0].parent.parent if notebooks else Path.cwd())).resolve()
     dest.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     by_stem = params if notebooks and all(nb.stem in params for nb in notebooks) else {
@@ -178,13 +201,13 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
     def one(nb: Path) -> ChapterRun:
         out, log = dest / nb.name, logs / f"{nb.stem}.log"
         params_file = logs / f"{nb.stem}.parameters.yaml"
-        params_file.write_text(yaml.safe_dump(by_stem[nb.stem], sort_keys=True))
+        params_file.write_text(yaml.safe_dump(relative_paths(by_stem[nb.stem], workdir), sort_keys=True))
         started = time.time()
         if progress:  # the chapter's own progress bars go to its log; say where to follow them
             bar.write(f"  {nb.stem:<28} running (progress: tail -f {log})")
         with open(log, "w") as fh:
             rc = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(out), "-f",
-                                 str(params_file), "-k", kernel, "--cwd", str(nb.parent),
+                                 str(params_file), "-k", kernel, "--cwd", str(workdir),
                                  "--no-progress-bar", "--log-output"], stdout=fh,
                                 stderr=subprocess.STDOUT).returncode
         run = ChapterRun(nb.stem, out, rc == 0, time.time() - started,
@@ -270,7 +293,7 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
               + (f" (per-chapter overrides: {per_chapter})" if per_chapter else "")
               + (f"\nkept from an earlier run: {', '.join(kept)}" if kept else ""))
         failed = [r for r in execute_chapters(notebooks, by_stem, src, logs=out / "logs", jobs=jobs,
-                                              progress=progress) if not r.ok]
+                                              progress=progress, workdir=root) if not r.ok]
     if build:
         vendor_assets(root / "book" / "_static", root / ".cache" / "npm")
         dropped = stage_source(root, src)

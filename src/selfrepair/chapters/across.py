@@ -38,6 +38,7 @@ from ..experiment import head_sweep
 from ..layernorm import norm_share
 from ..results import CorruptResultError, head_label
 from ..structure import is_late, relative_depth
+from ..tables import Layout
 from . import check
 
 PAPER_CITATION = ("Rushing & Nanda (2024), values released in starship006/backup_research "
@@ -279,3 +280,13 @@ def model_notes(cfg: Config) -> str:
         text += (" It also normalizes each block's write; that norm share is a separate term "
                  "(`from_block_norms`), not counted in the final norm's share.")
     return text
+
+
+# -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
+CLAIMS_TABLE = Layout(("run", "n_heads", "frac_self_repaired_late", "norm_share_late", "frac_between_all",
+                       "self_repair_late", "self_repair_early"),
+                      percent=("frac_self_repaired_late", "norm_share_late", "frac_between_all"),
+                      names={"run": "run", "frac_self_repaired_late": "late heads self-repaired",
+                             "norm_share_late": "final-norm share of DE (late)",
+                             "frac_between_all": "heads between y = −x and 0",
+                             "self_repair_late": "self-repair, late", "self_repair_early": "self-repair, early"})

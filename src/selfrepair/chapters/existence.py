@@ -30,6 +30,7 @@ from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep
 from ..structure import late_start
+from ..tables import Layout
 from . import check, featured
 
 PAPER_FIG3 = ("L22H11", "L20H6", "L23H1", "L20H14")  # Pythia-410M, handpicked (Fig 3)
@@ -198,3 +199,14 @@ def model_notes(cfg: Config) -> str:
         text += (" This model also normalizes each block's write (post-attention and post-feedforward "
                  "norms); their share of the repair is the term `from_block_norms`.")
     return text
+
+
+# -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
+FEATURED_TABLE = Layout(("label", "reason", "stands_for"))
+SUMMARY_TABLE = Layout(("group", "layers", "n_heads", "n_repaired", "n_overcorrected", "n_broken",
+                        "n_no direct effect", "mean_lost_fraction", "n_repaired_ci_below_0"),
+                       percent=("mean_lost_fraction",),
+                       names={"n_repaired": "repaired", "n_overcorrected": "over-corrected",
+                              "n_broken": "broken", "n_no direct effect": "no DE",
+                              "mean_lost_fraction": "DE the repaired still lose",
+                              "n_repaired_ci_below_0": "repaired, CI below 0"})

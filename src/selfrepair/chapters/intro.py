@@ -16,9 +16,10 @@ from ..ablation import check_ablation
 from ..batch import TokenSet
 from ..config import CorpusConfig, RunConfig, parse_head
 from ..errors import InputError
-from ..experiment import open_model, open_tokens
+from ..experiment import open_model, open_tokens, shown_path
 from ..heads import self_repair
 from ..structure import architecture_markdown
+from ..tables import Layout, Table, table
 from . import check
 
 POOL_ROWS = 64  # rows the demo rows' resample sources are drawn from (several documents)
@@ -164,5 +165,19 @@ def worked_example(components: dict | None = None, u=TOY_U, removed: str = "head
     return WorkedExample(table, n, text)
 
 
-__all__ = ["Config", "Intro", "WorkedExample", "architecture_markdown", "closure_markdown", "closure_table",
-           "demo_heads", "demo_tokens", "measure", "worked_example"]
+# -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
+TOY_TABLE = Layout(("component", "vector", "direct_effect", "after_ablation"))
+CLOSURE_TABLE = Layout(("label", "delta_logit", "delta_direct_effect", "self_repair", "from_heads",
+                        "from_mlps", "from_norm", "from_block_norms", "eq2_gap"),
+                       names={"self_repair": "self-repair (eq. 1)"}, optional=("from_block_norms",))
+
+
+def shape_table(model: Any) -> Table:
+    """The model's identity and shape (:meth:`selfrepair.models.Model.describe`) as a table."""
+    return table(pd.Series({k: shown_path(v) for k, v in model.describe().items()}, name="value"),
+                 names={"item": "", "value": ""})
+
+
+__all__ = ["CLOSURE_TABLE", "Config", "Intro", "TOY_TABLE", "WorkedExample",
+           "architecture_markdown", "closure_markdown", "closure_table", "demo_heads",
+           "demo_tokens", "measure", "shape_table", "worked_example"]

@@ -27,6 +27,7 @@ from ..heads import HeadsSpec
 from ..models import load_model
 from ..results import head_label
 from ..structure import late_start
+from ..tables import Layout
 from . import check
 
 PAPER_HEADS = {"ratio_head": "L11H2", "ablation_head": "L11H10"}  # Pythia-160M, Fig 4 and Fig 5
@@ -212,3 +213,15 @@ def model_notes(cfg: Config) -> str:
                      "separate term, `from_block_norms`, shown beside the final norm in the share "
                      "charts and never folded into \"LayerNorm\".")
     return "\n".join(lines)
+
+
+# -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
+HEADS_TABLE = Layout(("figure", "label", "paper", "reason"))
+RATIOS_TABLE = Layout(("ablation", "label", "n", "share_ratio_above_1", "median_ratio", "median_abs_boost",
+                       "median_direct_effect"), percent=("share_ratio_above_1",),
+                      names={"share_ratio_above_1": "tokens with S/S′ > 1", "median_ratio": "median S/S′",
+                             "median_abs_boost": "median |boost|", "median_direct_effect": "median DE"})
+CHECK_TABLE = Layout(("role", "model", "label", "parallel_residual", "ablation", "n", "max_abs_error",
+                      "mean_abs_error", "max_left_out_term"),
+                     names={"max_abs_error": "largest |error|", "mean_abs_error": "mean |error|",
+                            "max_left_out_term": "largest left-out term"})

@@ -31,6 +31,7 @@ from ..errors import InputError
 from ..existence import whole_set_means
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
 from ..results import head_label
+from ..tables import Layout
 from . import check, featured
 
 PAPER_FIG7 = "L10H11"  # Pythia-160M
@@ -239,3 +240,15 @@ def model_notes(cfg: Config) -> str:
                      "ΔDE at the clean scale; the part of the repair that comes from the norm's scale "
                      "changing is no neuron's (chapter 2 counts it as `from_block_norms`).")
     return "\n".join(lines)
+
+
+# -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
+HEADS_TABLE = Layout(("figure", "label", "direct_effect", "reason", "stands_for"))
+SUMMARY_TABLE = Layout(("label", "direct_effect", "self_repair", "layer_positive", "neurons_50", "d_mlp",
+                        "erasure_repair_share", "negative_baseline", "max_top_frequency"),
+                       percent=("layer_positive", "erasure_repair_share", "negative_baseline",
+                                "max_top_frequency"),
+                       names={"layer_positive": "layer's clean DE > 0", "neurons_50": "neurons for half",
+                              "d_mlp": "neurons", "erasure_repair_share": "repair by erasure neurons",
+                              "negative_baseline": "neurons with DE < 0",
+                              "max_top_frequency": "most frequent in top 10"})

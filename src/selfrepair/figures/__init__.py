@@ -9,7 +9,10 @@ not switch the user's renderer or theme):
   ``text/html`` ``<div class="selfrepair-chart">`` plus an inline ``<script>`` that calls the
   page-global ``vegaEmbed``. The HTML names no URL and uses no requirejs: the book serves one
   local bundle of vega, vega-lite and vega-embed from ``_static`` (see :mod:`selfrepair.book`),
-  so the built book draws its charts offline.
+  so the built book draws its charts offline. The script fits the chart to its column
+  (:data:`FIT_JS`): a compound chart wider than the column (on a phone) is redrawn stacked and
+  narrowed; single and layered views are drawn at the column's width by Vega itself (the figure
+  functions give them ``width="container"``).
 - the theme ``"selfrepair"`` (system fonts only — no web fonts —, 400 x 260 views, no title
   anchor surprises).
 
@@ -42,8 +45,8 @@ MAX_ROWS = 5000  # rows a chart may embed: aggregate or sample before plotting
 EMBED_OPTIONS = {"mode": "vega-lite", "renderer": "svg",  # svg: crisp text, easy to test for
                  "actions": {"export": True, "source": False, "compiled": False, "editor": False}}
 
-__all__ = ["CHART_CLASS", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME", "VEGALITE_MIME",
-           "chart_html", "charts_in_notebook", "data_rows", "diverging_color", "ensure_small",
+__all__ = ["CHART_CLASS", "COLUMN_AT_1024", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME",
+           "VEGALITE_MIME", "VIEWS_AT_1024", "chart_html", "check_width", "charts_in_notebook", "data_rows", "diverging_color", "ensure_small",
            "head_tooltip", "layer_color", "render", "use_book_renderer", "validate_spec"]
 
 
@@ -127,6 +130,53 @@ def validate_spec(spec: dict) -> None:
         raise error
 
 
+COLUMN_AT_1024 = 743  # px: the book's text column in a 1024 px wide window
+VIEWS_AT_1024 = 600  # px of views side by side that leave room for axes and a legend in it
+
+
+def check_width(spec: dict) -> None:
+    """Raise ``ValueError`` unless ``spec`` is sized to fit the book's column (for tests, like
+    :func:`validate_spec`): a single or layered chart takes ``width="container"`` (or discrete
+    steps), a compound chart (facet, concat: Vega-Lite has no container width for them) uses no
+    ``"container"`` and its views side by side are at most :data:`VIEWS_AT_1024` px wide."""
+    compound = [k for k in ("hconcat", "vconcat", "concat", "facet", "repeat") if k in spec]
+    if not compound:
+        width = spec.get("width")
+        if width != "container" and not (isinstance(width, dict) and "step" in width):
+            raise ValueError(f"a single or layered chart should have width 'container', not {width!r}")
+        return
+    if '"container"' in json.dumps(spec):
+        raise ValueError("a compound chart cannot be drawn at the container's width (Vega-Lite)")
+    wide = _views_wide(spec, spec)
+    if wide > VIEWS_AT_1024:
+        raise ValueError(f"{compound[0]} chart: its views side by side are {wide} px wide; at most "
+                         f"{VIEWS_AT_1024} px fit a 1024 px page (narrower views, wrapped facets)")
+
+
+def _views_wide(node: dict, top: dict) -> int:
+    if "hconcat" in node:
+        return sum(_views_wide(c, top) for c in node["hconcat"])
+    if "vconcat" in node:
+        return max(_views_wide(c, top) for c in node["vconcat"])
+    if "concat" in node:
+        widths = [_views_wide(c, top) for c in node["concat"]]
+        n = node.get("columns") or len(widths)
+        return max(sum(widths[i:i + n]) for i in range(0, len(widths), n))
+    if "facet" in node:
+        facet, inner = node["facet"], _views_wide(node["spec"], top)
+        if "field" in facet:
+            return inner * (node.get("columns") or _levels(facet["field"], top))
+        return inner * (_levels(facet["column"]["field"], top) if "column" in facet else 1)
+    width = node.get("width", 400)
+    return width if isinstance(width, (int, float)) else 400
+
+
+def _levels(field: str, spec: dict) -> int:
+    """Distinct values of ``field`` in the chart's data (the panels a facet draws)."""
+    rows = [r for values in spec.get("datasets", {}).values() for r in values]
+    return max(1, len({json.dumps(r.get(field)) for r in rows if field in r}))
+
+
 def charts_in_notebook(nb: Any) -> list[dict]:
     """Vega-Lite specs displayed by an executed notebook (a path, an ``nbformat`` node or a dict),
     in output order — the specs the ``"selfrepair"`` renderer stored next to their HTML."""
@@ -143,6 +193,107 @@ def charts_in_notebook(nb: Any) -> list[dict]:
 
 # -- the renderer -------------------------------------------------------------------------------
 _counter = itertools.count()
+NARROWEST_VIEW = 100  # px: the fallback never draws a view narrower than this (two fit a phone)
+LAYOUTS = ("as designed", "stacked", "stacked, narrowed", "narrowed")  # data-layout after drawing
+
+# Fitting a chart to its column, in the browser. Single and layered views need nothing: the figure
+# functions give them width "container" and Vega redraws them at the column's width. Vega-Lite has
+# no container width for compound charts (facet, concat), so they are drawn as designed (they fit
+# from 1440 px down to 1024 px) and, only when the drawing is wider than its column (a phone), drawn
+# again stacked — side-by-side views one under the other, a wrapped facet in one column, a column
+# facet as a wrapped one — and, if still too wide (any chart), narrowed: every fixed view width
+# (and the theme's default width) reduced by the excess (never below NARROWEST_VIEW px), discrete
+# steps by a quarter, long chart titles wrapped onto lines. `data-layout` on the element says which (LAYOUTS); it is set when the
+# last drawing is done. A window resize that changes the column's width fits again.
+FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
+    var COMPOUND = ["hconcat", "vconcat", "concat", "facet", "repeat"];
+    function copy(s) { return JSON.parse(JSON.stringify(s)); }
+    function views(n, f) {  // f(view) for every spec node below n (n included)
+      if (!n || typeof n !== "object") return;
+      f(n);
+      ["hconcat", "vconcat", "concat", "layer"].forEach(function (k) {
+        (Array.isArray(n[k]) ? n[k] : []).forEach(function (c) { views(c, f); });
+      });
+      if (n.spec) views(n.spec, f);
+    }
+    function stack(spec) {
+      var s = copy(spec);
+      views(s, function (n) {
+        if (Array.isArray(n.hconcat)) { n.vconcat = n.hconcat; delete n.hconcat; }
+        if (Array.isArray(n.concat)) n.columns = 1;
+        if (n.facet && n.spec) {
+          if (n.facet.field !== undefined) n.columns = 1;
+          else if (n.facet.column && !n.facet.row) { n.facet = n.facet.column; n.columns = 1; }
+        }
+      });
+      return s;
+    }
+    function wrap(text, chars) {  // a title as lines of at most `chars` characters
+      var lines = [], line = "";
+      String(text).split(" ").forEach(function (w) {
+        if (line && (line + " " + w).length > chars) { lines.push(line); line = w; }
+        else line = line ? line + " " + w : w;
+      });
+      return line ? lines.concat([line]) : lines;
+    }
+    function narrow(spec, by, chars) {
+      var s = copy(spec);
+      views(s, function (n) {
+        if (typeof n.width === "number" && n.width > %(narrowest)d)  // narrower, never wider
+          n.width = Math.max(%(narrowest)d, Math.round(n.width - by));
+        else if (n.width && typeof n.width.step === "number")
+          n.width = {step: Math.max(4, Math.floor(n.width.step * 0.75))};
+        if (typeof n.title === "string") n.title = wrap(n.title, chars);
+        else if (n.title && typeof n.title.text === "string") {
+          n.title.text = wrap(n.title.text, chars);
+          if (typeof n.title.subtitle === "string") n.title.subtitle = wrap(n.title.subtitle, chars);
+        }
+      });
+      var view = (s.config || {}).view;  // views without a width of their own: the theme's
+      if (view && typeof view.continuousWidth === "number" && view.continuousWidth > %(narrowest)d)
+        view.continuousWidth = Math.max(%(narrowest)d, Math.round(view.continuousWidth - by));
+      return s;
+    }
+    function excess(el) {
+      var d = el.querySelector("svg, canvas");
+      return d ? d.getBoundingClientRect().width - el.clientWidth : 0;
+    }
+    return function (el, spec, opts) {
+      var result = null, busy, width = -1;
+      function draw(s) {
+        if (result) { result.finalize(); result = null; }
+        return vegaEmbed(el, s, opts).then(function (r) { result = r; });
+      }
+      function fit() {
+        width = el.clientWidth;
+        delete el.dataset.layout;
+        var compound = COMPOUND.some(function (k) { return k in spec; }), layout = "as designed";
+        var s = spec, tries = 0;
+        function next() {
+          if (excess(el) <= 2 || tries > 5) { el.dataset.layout = layout; return; }
+          tries += 1;
+          if (compound && layout === "as designed") { s = stack(s); layout = "stacked"; }
+          else {
+            s = narrow(s, excess(el) + 4, Math.max(20, Math.floor(el.clientWidth / 8.5)));  // ~8 px a character
+            layout = compound ? "stacked, narrowed" : "narrowed";
+          }
+          return draw(s).then(next);
+        }
+        return draw(s).then(next).catch(function (err) {
+          el.textContent = "[chart failed: " + err + "]"; console.error(err);
+        });
+      }
+      busy = fit();
+      var timer = null;
+      window.addEventListener("resize", function () {
+        clearTimeout(timer);
+        timer = setTimeout(function () {
+          if (el.clientWidth !== width) busy = busy.then(fit);
+        }, 250);
+      });
+    };
+  })();
+""" % {"narrowest": NARROWEST_VIEW}
 
 
 def chart_html(spec: dict, embed_options: dict | None = None) -> str:
@@ -171,9 +322,8 @@ def chart_html(spec: dict, embed_options: dict | None = None) -> str:
             'open the book built by `selfrepair book`]";\n'
             "    return;\n"
             "  }\n"
-            f"  vegaEmbed(el, {js(spec)}, {js(opts)})"
-            '.catch(function (err) { el.textContent = "[chart failed: " + err + "]"; '
-            "console.error(err); });\n"
+            f"{FIT_JS}"
+            f"  window.selfrepairFit(el, {js(spec)}, {js(opts)});\n"
             "})();\n"
             "</script>")
 

@@ -24,7 +24,7 @@ def fig_layer_profiles(heads) -> alt.FacetChart:
         y=alt.Y("self_repair:Q", title="self-repair"), color=DEPTH, tooltip=HEAD_TIPS)
     mean = alt.Chart().mark_line(color="black").encode(x="layer:Q", y="mean(self_repair):Q")
     zero = alt.Chart().mark_rule(color="gray", strokeDash=[2, 2]).encode(y=alt.datum(0))
-    return (alt.layer(points, mean, zero, data=heads).properties(width=180, height=160)
+    return (alt.layer(points, mean, zero, data=heads).properties(width=160, height=160)  # 3 fit 1024 px
             .facet(facet=alt.Facet("run:N", title=None, sort=list(dict.fromkeys(heads["run"]))), columns=3)
             .resolve_scale(x="independent", y="independent")
             .properties(title="Self-repair per head and layer mean, every model (paper Fig 1)"))
@@ -75,8 +75,8 @@ def fig_claims(table) -> alt.Chart:
     return alt.Chart(long).mark_point(size=80, filled=True).encode(
         x=alt.X("value:Q", title="fraction", axis=alt.Axis(format="%")),
         y=alt.Y("claim:N", title=None, sort=list(cols.values())),
-        color=alt.Color("run:N", title="model"),
-        shape=alt.Shape("source:N", title="source"),
+        color=alt.Color("run:N", title="model", legend=alt.Legend(orient="bottom", columns=2)),
+        shape=alt.Shape("source:N", title="source", legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("claim:N"),
                  alt.Tooltip("value:Q", format=".1%")]
-    ).properties(width=360, title="The paper's claims, model by model")
+    ).properties(width="container", title="The paper's claims, model by model")

@@ -33,7 +33,7 @@ def _head_order(frame: pd.DataFrame) -> list[str]:
 
 def _category_color(legend: bool = True) -> alt.Color:
     return alt.Color("category:N", scale=alt.Scale(domain=CATEGORY_ORDER, range=CATEGORY_COLORS),
-                     title="region", legend=alt.Legend(orient="bottom", direction="horizontal") if legend else None)
+                     title="region", legend=alt.Legend(orient="bottom", columns=2) if legend else None)
 
 
 def _diagonal(x: str, y: str) -> list[alt.Chart]:
@@ -69,7 +69,7 @@ def fig_self_repair_by_layer(per_head: pd.DataFrame, column: str = "self_repair"
                                                      title=f"layer mean {column.replace('_', ' ')}")])
     zero = base.mark_rule(color="#888").encode(y=alt.datum(0))
     return alt.layer(zero, points, mean).properties(
-        title=f"Per-head {column.replace('_', '-')}, top-k% tokens")
+        width="container", title=f"Per-head {column.replace('_', '-')}, top-k% tokens")
 
 
 def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = None,
@@ -96,7 +96,7 @@ def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = 
         layers.append(alt.Chart().mark_rule(opacity=0.35).encode(
             x="direct_effect:Q", y="lo:Q", y2="hi:Q", color=color))
     return alt.layer(*layers, points, data=frame).properties(
-        title="DE vs Δlogit per head, every token")
+        width="container", title="DE vs Δlogit per head, every token")
 
 
 def fig_overview(top: pd.DataFrame, whole: pd.DataFrame | None = None,
@@ -132,7 +132,8 @@ def fig_featured_tokens(tokens: pd.DataFrame, columns: int = 2) -> alt.FacetChar
         x=alt.X("direct_effect:Q", title="direct effect DE"),
         y=alt.Y("delta_logit:Q", title="Δlogit"),
         color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
-                                                    range=["#4c78a8", "#bab0ac"]), title="tokens"),
+                                                    range=["#4c78a8", "#bab0ac"]), title="tokens",
+                        legend=alt.Legend(orient="bottom")),  # two panels and a legend fit 1024 px
         tooltip=_tips(tokens, "tokens", "row", "pos", "direct_effect", "delta_logit", "self_repair",
                       "delta_direct_effect"))
     return (alt.layer(*_diagonal("direct_effect", "delta_logit"), points, data=tokens)
@@ -151,7 +152,7 @@ def fig_regions_by_layer(per_head: pd.DataFrame) -> alt.Chart:
         order=alt.Order("category:N"),
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("category:N", title="region"),
                  alt.Tooltip("count():Q", title="heads")],
-    ).properties(title="Where each layer's heads fall in Fig 2")
+    ).properties(width="container", title="Where each layer's heads fall in Fig 2")
 
 
 def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
@@ -197,4 +198,4 @@ def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> a
         base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% bootstrap CI"),
                                              y2="hi:Q", color=color),
         base.mark_point(filled=True, size=25).encode(y="mean:Q", color=color),
-    ).properties(width=560, height=220, title="Mean Δlogit per head, sampled tokens (95% CI)")
+    ).properties(width="container", height=220, title="Mean Δlogit per head, sampled tokens (95% CI)")

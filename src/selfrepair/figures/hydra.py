@@ -23,7 +23,8 @@ def fig_impact(summary) -> alt.FacetChart:
     base = alt.Chart(summary).encode(
         x=alt.X("layer:Q", title="layer", axis=LAYER_AXIS),
         color=alt.Color("measure:N", title="impact", sort=["unembed", "ablate"],
-                        legend=alt.Legend(labelExpr="datum.label == 'unembed' ? 'Δ unembed (direct effect)'"
+                        legend=alt.Legend(orient="bottom", columns=1,  # fits 1024 px and a phone
+                                          labelExpr="datum.label == 'unembed' ? 'Δ unembed (direct effect)'"
                                                     " : 'Δ ablate (logit drop)'")))
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("lo:Q", title="effect on the max-likelihood logit"),
                                               y2="hi:Q")
@@ -54,7 +55,8 @@ def fig_unembed_vs_ablate(effects) -> alt.Chart:
                  alt.Tooltip("compensatory_effect:Q", format=".3f")])
     diag = alt.Chart(data).mark_line(strokeDash=[4, 4], color="gray").encode(
         x="direct_effect:Q", y="direct_effect:Q")
-    return (points + diag).properties(title="Direct effect vs logit drop, every prompt and layer (Fig 2c)")
+    return (points + diag).properties(width="container",
+                                      title="Direct effect vs logit drop, every prompt and layer (Fig 2c)")
 
 
 def fig_before_after(frame) -> alt.Chart:
@@ -123,7 +125,8 @@ def fig_regression(reg) -> alt.Chart:
         strokeDash=alt.condition(alt.datum.fit == "slope (all downstream)", alt.value([1, 0]), alt.value([4, 3])),
         tooltip=tips)
     one = alt.Chart(both).mark_rule(color="gray").encode(y=alt.datum(1))
-    return (lines + one).properties(title="Compensation regression per attention layer (Hydra Fig 7d, 8)")
+    return (lines + one).properties(width="container",
+                                    title="Compensation regression per attention layer (Hydra Fig 7d, 8)")
 
 
 def fig_erasure(frame) -> alt.Chart:

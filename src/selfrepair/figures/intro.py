@@ -36,5 +36,5 @@ def fig_decomposition(table: pd.DataFrame) -> alt.LayerChart:
                  alt.Tooltip("eq2_gap:Q", format=".1e", title="largest per-token gap")])
     zero = alt.Chart(pd.DataFrame({"x": [0.0]})).mark_rule(color="#888").encode(x="x:Q")
     return alt.layer(zero, bars, tick).properties(
-        width=520, height=alt.Step(34),
+        width="container", height=alt.Step(34),
         title="Eq. 2's terms (bars) add up to eq. 1's self-repair (black tick)")

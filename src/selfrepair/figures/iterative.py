@@ -55,7 +55,7 @@ def fig_response(response: pd.DataFrame) -> alt.LayerChart:
                              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
                              alt.Tooltip("new_direct_effect:Q", format=".3f", title="new direct effect")])
     zero = base.mark_rule(color="#888").encode(y=alt.datum(0))
-    return alt.layer(zero, lines).properties(width=420, height=280,
+    return alt.layer(zero, lines).properties(width="container", height=280,
                                              title="How each head responds to its own output")
 
 

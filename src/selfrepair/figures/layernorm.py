@@ -16,8 +16,9 @@ ABLATIONS = ["resample", "mean", "zero"]
 ABLATION_COLORS = ["#4c78a8", "#f58518", "#54a24b"]
 
 
-def _ablation_color(title: str = "ablation") -> alt.Color:
-    return alt.Color("ablation:N", scale=alt.Scale(domain=ABLATIONS, range=ABLATION_COLORS), title=title)
+def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -> alt.Color:
+    return alt.Color("ablation:N", scale=alt.Scale(domain=ABLATIONS, range=ABLATION_COLORS), title=title,
+                     **({"legend": legend} if legend is not None else {}))
 
 
 def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
@@ -54,7 +55,8 @@ def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: i
         x=alt.X("direct_effect:Q", title="direct effect DE"),
         y=alt.Y("delta_logit:Q", title="Δlogit"),
         color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
-                                                    range=["#4c78a8", "#bab0ac"]), title="tokens"),
+                                                    range=["#4c78a8", "#bab0ac"]), title="tokens",
+                        legend=alt.Legend(orient="bottom")),  # three panels and a legend fit 1024 px
         tooltip=_tips(t, "ablation", "tokens", "row", "pos", "direct_effect", "delta_logit",
                       "self_repair", "from_norm", "ratio"))
     label = t["label"].iloc[0] if len(t) else ""
@@ -82,7 +84,7 @@ def fig_norm_share(shares: pd.DataFrame, paper: float = 0.30) -> alt.LayerChart:
                                                                      title="layer mean")])
     ref = base.mark_rule(color="#444", strokeDash=[2, 2]).encode(y=alt.datum(paper))
     return alt.layer(ref, points, line).properties(
-        title="Share of each head's direct effect the norms give back (dotted: paper ≈ 30%)")
+        width="container", title="Share of each head's direct effect the norms give back (dotted: paper ≈ 30%)")
 
 
 def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
@@ -93,7 +95,8 @@ def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
         x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
         y=alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%")),
         color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
-                                                    range=["#4c78a8", "#bab0ac"]), title="tokens"),
+                                                    range=["#4c78a8", "#bab0ac"]), title="tokens",
+                        legend=alt.Legend(orient="bottom")),  # two panels and a legend fit 1024 px
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
                  alt.Tooltip("share:Q", format=".1%", title="layer mean share"),
                  alt.Tooltip("n_heads:Q", title="heads")])
@@ -132,12 +135,14 @@ def fig_norm_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.Chart:
                  alt.Tooltip("hi:Q", format=".4f", title="to"), alt.Tooltip("count:Q", title="tokens")])
     one = alt.Chart(h).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
     return alt.layer(hist, one).properties(
-        width=480, height=220, title=f"{label}: residual-norm ratio on a random sample of tokens")
+        width="container", height=220, title=f"{label}: residual-norm ratio on a random sample of tokens")
 
 
-def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0) -> alt.FacetChart:
+def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0,
+                   columns: int = 2) -> alt.FacetChart:
     """App. B: the closed form ``(S/S'-1)·logit + (S/S')·ΔDE`` (y) against the real Δlogit (x),
-    one panel per model; points on the dashed y = x line mean the formula is exact."""
+    one panel per model (``columns`` to a row, so that any number of models fits the page); points
+    on the dashed y = x line mean the formula is exact."""
     t = (check.sample(frac=1.0, random_state=seed).groupby(["model", "ablation"]).head(max_per_panel // 3)
          .sort_values(["model", "ablation"], kind="mergesort"))
     role = (t["role"] + ": ") if "role" in t else ""
@@ -146,7 +151,7 @@ def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0)
     points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
         x=alt.X("delta_logit:Q", title="Δlogit (real)"),
         y=alt.Y("closed_form:Q", title="App. B closed form"),
-        color=_ablation_color(),
+        color=_ablation_color(legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("panel:N", title="model, head"), alt.Tooltip("ablation:N"),
                  alt.Tooltip("row:Q"), alt.Tooltip("pos:Q")] +
                 [alt.Tooltip(f"{c}:Q", format=".3g") for c in
@@ -156,7 +161,7 @@ def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0)
             .transform_fold(["lo", "hi"], as_=["end", "v"])
             .mark_line(color="#444", strokeDash=[4, 3]).encode(x="v:Q", y="v:Q"))
     return (alt.layer(diag, points, data=t).properties(width=280, height=240)
-            .facet(column=alt.Column("panel:N", title=None))
+            .facet(facet=alt.Facet("panel:N", title=None), columns=columns)
             .resolve_scale(x="independent", y="independent")
             .properties(title="Appendix B closed form vs real Δlogit (dashed: y = x)"))
 

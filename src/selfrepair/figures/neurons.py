@@ -54,7 +54,8 @@ def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
                 axis=alt.Axis(labelExpr=LOG_LABELS)),
         y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
                 title="share of tokens"),
-        color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort="descending"),
+        color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort="descending",
+                        legend=alt.Legend(orient="bottom")),  # a phone's column holds the two panels
         tooltip=HEAD_TIPS + [alt.Tooltip("kind:N"), alt.Tooltip("rank:Q"), alt.Tooltip("percent:Q"),
                              alt.Tooltip("share:Q", format=".1%"), alt.Tooltip("n_instances:Q")])
     return alt.layer(chart, data=sparsity).properties(width=220, height=160).facet(
@@ -124,4 +125,4 @@ def fig_erasure(summary: pd.DataFrame) -> alt.Chart:
                         legend=alt.Legend(orient="bottom", columns=2, labelLimit=320)),
         tooltip=HEAD_TIPS + [alt.Tooltip("what:N", title="measure"),
                              alt.Tooltip("value:Q", format=".1%")]
-    ).properties(width=420, height=220, title="Erasure neurons among the repairing neurons")
+    ).properties(width="container", height=220, title="Erasure neurons among the repairing neurons")

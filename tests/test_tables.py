@@ -1,0 +1,169 @@
+"""Paper-style tables (``selfrepair.tables``): significant digits, percentages, readable headers,
+only the chosen columns, the full frame one click away, and the numbers shown equal the frame's
+rounded values. Also: every chapter's table layouts name columns its frames have."""
+
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selfrepair import tables
+from selfrepair.errors import InputError
+from selfrepair.tables import Layout, format_number, parse_number, table
+
+
+@pytest.mark.parametrize("value, shown", [
+    (7.533534, "7.53"), (0.0458123, "0.0458"), (-0.001626, "−0.00163"), (1234.56, "1,235"),
+    (0.99999, "1.00"), (2.197921e-07, "2.20×10⁻⁷"), (-3.3e-05, "−3.30×10⁻⁵"), (0.0, "0"),
+    (np.int64(8192), "8,192"), (5, "5"), (float("nan"), "—"), (None, "—"), (True, "yes"),
+    (np.bool_(False), "no"), ("L1H0", "L1H0")])
+def test_format_number(value, shown):
+    assert format_number(value) == shown
+
+
+def test_percent_and_digits():
+    assert format_number(0.9066, percent=True) == "90.7%"
+    assert format_number(1.0, percent=True) == "100.0%"
+    assert format_number(7.533534, digits=2) == "7.5"
+    with pytest.raises(InputError, match="digits"):
+        format_number(1.0, digits=0)
+
+
+def test_no_scientific_notation_in_ordinary_ranges():
+    for v in np.geomspace(1e-4, 9.99e5, 60):
+        for sign in (1, -1):
+            assert "×10" not in format_number(sign * float(v)) and "e" not in format_number(sign * float(v))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(min_value=-1e9, max_value=1e9, allow_nan=False).filter(lambda v: abs(v) > 1e-300),
+       st.integers(1, 5))
+def test_shown_number_is_the_value_rounded(value, digits):
+    """Invariant: a cell reads back as the value to ``digits`` significant digits (integers-valued
+    magnitudes of 10^digits and more keep their whole part)."""
+    back = parse_number(format_number(value, digits))
+    magnitude = math.floor(math.log10(abs(value)))
+    if abs(value) >= 10 ** (digits - 1) and tables.ORDINARY[0] <= abs(value) < tables.ORDINARY[1]:
+        assert back == pytest.approx(round(value), abs=0.5 + 1e-9)
+    else:
+        assert back == pytest.approx(float(f"{value:.{digits - 1}e}"), rel=1e-9, abs=10.0 ** (magnitude - digits))
+
+
+class _Cells(HTMLParser):
+    """The header and body text of every table in a piece of HTML."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cell, self._in_name = [], None, False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append({"head": [], "rows": []})
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("th", "td"):
+            self._cell = []
+        elif tag == "span" and ("class", "column-name") in attrs:
+            self._in_name = True
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr":
+            t = self.tables[-1]
+            (t["rows"] if t["head"] else t["head"]).extend([self._row] if t["head"] else self._row)
+        elif tag == "span":
+            self._in_name = False
+
+    def handle_data(self, data):
+        if self._cell is not None and not self._in_name:
+            self._cell.append(data)
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"label": ["L0H1", "L1H0", "L1H3"], "n": [50, 124, 8192],
+                         "share_ratio_above_1": [0.72, 0.86, 0.98], "median_ratio": rng.normal(1, 0.01, 3),
+                         "eq2_gap": [2.2e-7, 1.9e-7, 1.4e-7], "unused": rng.normal(0, 100, 3),
+                         "from_block_norms": 0.0})
+
+
+def test_table_html_shows_chosen_columns_and_the_full_frame(frame):
+    t = table(frame, ["label", "n", "share_ratio_above_1", "median_ratio", "from_block_norms"],
+              percent=["share_ratio_above_1"], names={"median_ratio": "median S/S′"},
+              optional=["from_block_norms"])
+    assert t.columns == ("label", "n", "share_ratio_above_1", "median_ratio")  # all-zero optional dropped
+    parsed = _Cells()
+    parsed.feed(t._repr_html_())
+    shown, full = parsed.tables
+    assert shown["head"] == ["head", "tokens", "share ratio above 1", "median S/S′"]
+    assert full["head"] == list(frame.columns)  # every column, under the frame's names
+    assert 'class="column-name">median_<wbr>ratio<' in t._repr_html_()  # wraps after _ only
+    assert "<details" in t._repr_html_() and "All 7 columns (3 more than above)" in t._repr_html_()
+    for row, (_, values) in zip(shown["rows"], frame.iterrows()):
+        assert row[0] == values["label"] and row[1] == f"{values['n']:,}"
+        assert row[2] == f"{values['share_ratio_above_1'] * 100:.1f}%"
+        assert parse_number(row[3]) == pytest.approx(float(f"{values['median_ratio']:.2e}"))
+    for row, (_, values) in zip(full["rows"], frame.iterrows()):  # the hidden frame: same numbers
+        assert parse_number(row[4]) == pytest.approx(float(f"{values['eq2_gap']:.2e}"))
+        assert "e-07" not in row[4] and "×10⁻⁷" in row[4]
+
+
+def test_layout_and_errors(frame):
+    layout = Layout(("label", "unused"), names={"unused": "a number"})
+    t = layout(frame)
+    assert list(t.shown().columns) == ["head", "a number"] and t.frame is frame
+    assert "L1H3" in repr(t)
+    with pytest.raises(InputError, match="no column 'missing'.*it has label"):
+        table(frame, ["label", "missing"])
+    series = table(pd.Series({"model": "tiny-gpt_neox", "n_layers": 2, "revision": None}, name="value"))
+    assert series.cells() == [["model", "tiny-gpt_neox"], ["n_layers", "2"], ["revision", "—"]]
+
+
+def test_html_escapes_cells():
+    t = table(pd.DataFrame({"reason": ["<script>x</script> & more"]}))
+    assert "<script>" not in t._repr_html_() and "&lt;script&gt;" in t._repr_html_()
+
+
+def _layouts():
+    from selfrepair.chapters import across, existence, intro, layernorm, neurons
+
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}": obj for m in (intro, existence, layernorm, neurons, across)
+            for name, obj in vars(m).items() if isinstance(obj, Layout)}
+
+
+def test_chapters_declare_table_layouts():
+    names = set(_layouts())
+    assert {"intro.TOY_TABLE", "intro.CLOSURE_TABLE", "existence.SUMMARY_TABLE", "existence.FEATURED_TABLE",
+            "layernorm.HEADS_TABLE", "layernorm.RATIOS_TABLE", "layernorm.CHECK_TABLE",
+            "neurons.HEADS_TABLE", "neurons.SUMMARY_TABLE", "across.CLAIMS_TABLE"} <= names
+    for name, layout in _layouts().items():
+        assert set(layout.percent) <= set(layout.columns), name
+        assert len(layout.columns) <= 11, f"{name}: a table a page can hold shows a few columns"
+
+
+def test_notebook_tables_are_paper_tables(executed_book):
+    """Every table an executed chapter shows is a paper-style table (or the provenance table),
+    with no e+00 notation, and its numbers are those of the frame behind it."""
+    import json
+
+    for name, run in executed_book.runs.items():
+        nb = json.loads(run.executed.read_text(encoding="utf-8"))
+        for cell in nb["cells"]:
+            for out in cell.get("outputs", []):
+                page = "".join(out.get("data", {}).get("text/html", ""))
+                if "<table" not in page or "selfrepair-chart" in page:
+                    continue
+                is_provenance = "provenance(" in "".join(cell["source"])
+                assert tables.TABLE_CLASS in page or is_provenance, \
+                    f"{name}: a DataFrame dump in `{''.join(cell['source']).strip()[-60:]}`"
+                assert not re.search(r"\d\.\d+e[+-]\d\d", re.sub(r"<[^>]+>", " ", page)), name
