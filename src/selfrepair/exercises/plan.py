@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..tables import Layout
+
 READ_WPM = 150  # technical prose with equations and charts to read
 PREDICT_MIN = 3  # write a prediction down, then compare with the revealed answer
 IMPLEMENT_MIN = 15  # write a short function, run the check, fix it
+PLAN_TABLE = Layout(("chapter", "title", "predict questions", "implement exercises", "class time (min)"))
 LABEL = re.compile(r"^:label: (predict|implement)-", re.M)
 
 
@@ -53,4 +56,4 @@ def teaching_markdown(plan: pd.DataFrame) -> str:
             "exercise (the running time of a chapter is in its provenance table).")
 
 
-__all__ = ["IMPLEMENT_MIN", "PREDICT_MIN", "READ_WPM", "teaching_markdown", "teaching_plan"]
+__all__ = ["IMPLEMENT_MIN", "PLAN_TABLE", "PREDICT_MIN", "READ_WPM", "teaching_markdown", "teaching_plan"]
