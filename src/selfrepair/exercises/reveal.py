@@ -43,12 +43,13 @@ def largest_term(live, model) -> str:
     if not last:
         return "None of the live check's heads is in the last layer: set `featured_heads` to one that is."
     r = last[0]
-    term = max(TERMS, key=lambda q: abs(r[q]))
+    terms = [q for q in TERMS if q != "from_block_norms" or model.sandwich]  # only terms this model has
+    term = max(terms, key=lambda q: abs(r[q]))
     downstream = ("only the final norm (in a parallel-residual block the same layer's MLP does not read "
                   "the attention output)" if model.parallel_residual else
                   "the same block's MLP and the final norm")
     return (f"For {r.label}, a last-layer head, the largest term is **{TERM_NAMES[term]}** "
-            f"({r[term]:.3g}; the others: " + ", ".join(f"{TERM_NAMES[q]} {r[q]:.3g}" for q in TERMS
+            f"({r[term]:.3g}; the others: " + ", ".join(f"{TERM_NAMES[q]} {r[q]:.3g}" for q in terms
                                                        if q != term) +
             f"). Downstream of a last-layer head of this model is {downstream}.")
 
