@@ -183,3 +183,31 @@ def test_spec_is_cached_and_backward_refuses_edits(tmp_path):
         run(model, tokens_for(model), edits={("z", 0): lambda z: z}, backward=lambda r, n: n.sum())
     with pytest.raises(InputError):
         attribution_patching(model, tokens_for(model), ablation="nonsense")
+
+
+def test_chapter_on_a_new_local_model(tmp_path):
+    """The chapter's parameters work on a model saved to a local directory: it shares chapter 1's
+    sweep (one cache entry), its verdicts are computed, and bad parameters give one clear error."""
+    from selfrepair.chapters import atp as chapter
+    from selfrepair.chapters import existence
+    from selfrepair.models import tiny_model, tiny_tokenizer
+
+    path = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    common = dict(model=str(path), dataset="tiny", n_tokens=256, seq_len=16, batch_size=4,
+                  top_percent=10, cache_dir=str(tmp_path / "cache"))
+    ch = chapter.measure(chapter.Config.from_params(**common), progress=False)
+    existence.measure(existence.Config.from_params(**common, n_boot=10), progress=False)
+    sweeps = list((tmp_path / "cache").rglob("sweep-*.safetensors"))
+    assert len(sweeps) == 1  # chapter 1 reused the sweep chapter 7 made
+    assert len(ch.heads) == 2 * 4 and ch.ranks["k"] == 4
+    assert ch.heads["error"].abs().max() > 0 and ch.heads["error_direct"].abs().max() < 1e-5
+    assert [v.claim.key for v in ch.verdicts] == [c.key for c in chapter.CLAIMS]
+    assert all(v.value == v.value for v in ch.verdicts)  # finite metrics, not NaN
+    assert ch.cost["wall time (s)"].notna().all()
+    assert "L" in chapter.on_this_model(ch) and "agree" in chapter.consistency(ch)
+    with pytest.raises(InputError, match="top_heads"):
+        chapter.Config.from_params(**common, top_heads=0)
+    with pytest.raises(InputError, match="ablation"):
+        chapter.Config.from_params(**common, ablation="none")
