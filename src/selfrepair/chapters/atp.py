@@ -135,9 +135,13 @@ def on_this_model(ch: AtpChapter) -> str:
     worst = ch.heads.loc[ch.heads["error"].abs().idxmax()]
     c = ch.cost
     ratio = c["sweep / AtP"].iloc[0]
-    cost = (f" The sweep took {c['wall time (s)'].iloc[0]:,.1f} s and AtP {c['wall time (s)'].iloc[1]:,.2f} s: "
-            f"AtP was {ratio:,.0f}× faster." if math.isfinite(ratio) else
-            " The sweep's wall time is not recorded, so the cost ratio is not available.")
+    if math.isfinite(ratio):
+        faster = (f"AtP was {ratio:,.1f}× faster" if ratio >= 1 else
+                  f"AtP was {1 / ratio:,.1f}× slower")
+        cost = (f" The sweep took {c['wall time (s)'].iloc[0]:,.1f} s and AtP {c['wall time (s)'].iloc[1]:,.2f} s: "
+                f"{faster}.")
+    else:
+        cost = " The sweep's wall time is not recorded, so the cost ratio is not available."
     intro = (f"**On {m.get('model')}** ({m.get('n_tokens', 0):,} tokens in rows of {m.get('seq_len')}, "
              f"{m.get('ablation')} ablation; whole-set means per head). The largest gap is "
              f"{worst['label']}: exact Δlogit {worst['exact']:+.3g}, AtP {worst['atp']:+.3g}, of which "
