@@ -38,9 +38,9 @@ TOP = Claim("top", "AtP, used as a prefilter, finds the components that matter m
 BLIND = Claim("blind", "Self-repair is what a linear estimate cannot see", "this book (eq. 1, 2)",
               "the share of the heads' self-repair that AtP's estimate of it (AtP − ΔDE) explains, "
               "1 − Σ(self-repair − AtP's self-repair)² / Σ self-repair² over the heads (1: all of it; "
-              "0: no better than assuming no self-repair; negative: worse)", at_most(0.5), fmt=".0%",
-              reading="AtP's estimate explains {value} of the self-repair of the {n} {unit} "
-                      "(1 − the error's sum of squares over the self-repair's).")
+              "0: no better than assuming no self-repair; negative: worse)", at_most(0.5), fmt=".2f",
+              reading="Against the exact self-repair of the {n} {unit}, AtP's estimate of it has "
+                      "R² = {value} (1: AtP sees all of it; 0 or below: none).")
 CLAIMS = (RANKS, TOP, BLIND)
 
 
