@@ -14,6 +14,11 @@ only as a saved value: ``watch`` callbacks and ``final`` reductions *return* wha
 (per-token scalars, selected rows), which is saved and brought back instead of the activations.
 The library's own functions travel by value (``nnsight.register(selfrepair)``).
 
+Under a ``device_map`` (layers on several GPUs) every value read comes back to the model's
+device (:attr:`selfrepair.models.Model.device`, where the callers' tensors live), an edit sees
+the value there and its result goes to the device of the module that reads it, and a replayed
+residual goes to the device of the block it stands for. On one device these moves are no-ops.
+
 Sites, in the order a block executes them (reads and edits must follow this order):
 
 =============  ================================================================================
@@ -145,6 +150,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
     order = [s for s in SITES if s in touched]
     n_layers = model.n_layers
+    home = model.device
     kwargs = {"logits_to_keep": 1} if last_logits else {}
     if model.remote:
         ship_library()
@@ -162,9 +168,9 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         zs = []
         blocks = model.envoy(model.adapter.blocks)
         if read_embed:
-            finals.append(blocks[0].input)
+            finals.append(blocks[0].input.to(home))
         for layer in range(start_layer):
-            blocks[layer].skip(resume)
+            blocks[layer].skip(resume.to(model.block_device(layer)))
         if backward is not None:
             blocks[start_layer].input = blocks[start_layer].input.detach().requires_grad_(True)
         for layer in range(start_layer, n_layers):
@@ -173,38 +179,38 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                 value = envoy.input if slot == "input" else envoy.output
                 if backward is not None and site == "z":
                     zs.append(value)
-                if (site, layer) in edits:
-                    value = edits[(site, layer)](value)
+                if (site, layer) in edits:  # the edit works on `home`; its result goes to the reader
+                    value = edits[(site, layer)](value.to(home)).to(value.device)
                     if slot == "input":
                         envoy.input = value
                     else:
                         envoy.output = value
                 if site in saved and (site not in only or layer in only[site]):
-                    saved[site].append(value)
+                    saved[site].append(value.to(home))
                 if watch is not None:
                     for name in watch_as.get(site, ()):
-                        reduced = watch(name, layer, value)
+                        reduced = watch(name, layer, value.to(home))
                         if reduced is not None:
                             watched[(name, layer)] = reduced
                 if stop_after == (site, layer):
                     tracer.stop()
         norm = model.envoy(model.adapter.final_norm)
         if backward is not None:
-            resid, normed = norm.input, norm.output
+            resid, normed = norm.input.to(home), norm.output.to(home)
             metric = backward(resid, normed)
             finals.append(resid.detach())
             finals.append(normed.detach())
             with metric.backward():
                 for z in reversed(zs):  # gradients arrive in the reverse of the forward order
-                    grads.append(z.grad)
+                    grads.append(z.grad.to(home))
             tracer.stop()
         elif final is not None:
-            finals.append(final(norm.input, norm.output))
+            finals.append(final(norm.input.to(home), norm.output.to(home)))
         else:
-            finals.append(norm.input)
-            finals.append(norm.output)
+            finals.append(norm.input.to(home))
+            finals.append(norm.output.to(home))
         if last_logits:
-            finals.append(model.envoy(model.adapter.unembed).output[:, -1])
+            finals.append(model.envoy(model.adapter.unembed).output[:, -1].to(home))
         else:
             tracer.stop()
     reads = {name: torch.stack(saved[site]).detach() for name, site in
