@@ -143,3 +143,39 @@ def reference_self_repair(model, family, tokens, corrupt, layer, head, *, parall
         out["from_block_norms"] = torch.zeros_like(out["from_norm"])
     out["self_repair"] = out["delta_logit"] - (out["ablated_direct_effect"] - out["direct_effect"])
     return out
+
+
+def reference_atp(model, family, tokens, corrupt):
+    """AtP per head ``[layer, head]``, summed over every predicting position: ``sum_p (z'_h - z_h) .
+    dM/dz_h`` with ``M`` the sum of the centered logits of the next tokens from the model's own
+    full-vocabulary output (float64), gradients by plain autograd through forward pre-hooks that
+    keep each out-projection input (no nnsight, no library code). ``z'`` is the head's ``z`` on
+    ``corrupt`` (resample ablation)."""
+    blocks, o_proj, *_ = FAMILY[family]
+    cfg = model.config
+    n_heads = cfg.num_attention_heads
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    n_layers = cfg.num_hidden_layers
+    repl = capture(model, family, corrupt)["z"]
+    zs, hooks = {}, []
+    for l in range(n_layers):
+        def pre(mod, args, l=l):
+            args[0].retain_grad()
+            zs[l] = args[0]
+        hooks.append(_mod(_mod(model, blocks)[l], o_proj).register_forward_pre_hook(pre))
+    emb = model.get_input_embeddings()
+    # gradients with respect to activations: make the embedding output a leaf that requires grad
+    hooks.append(emb.register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True)))
+    try:
+        with torch.enable_grad():
+            logits = model(tokens).logits.double()
+            logits = logits - logits.mean(-1, keepdim=True)
+            logits[:, :-1].gather(-1, tokens[:, 1:, None]).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    for l in range(n_layers):
+        dz = (repl[l] - zs[l].detach().double()) * zs[l].grad.double()
+        out[l] = dz.unflatten(-1, (n_heads, d_head)).sum((0, 1, 3))
+    return out

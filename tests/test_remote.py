@@ -146,7 +146,7 @@ def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces)
     assert ma["key"] == mb["key"] and ma["run"]["remote"] is False and mb["run"]["remote"] == "local"
 
 
-CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across"]
+CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across", "atp"]
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

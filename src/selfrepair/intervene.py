@@ -3,7 +3,9 @@
 One function, :func:`run`, covers every pass the paper needs: a clean pass that reads
 activations, a patched pass that replaces head outputs (``z`` slices), whole layer writes or a
 block's attention input, and a resumed pass that skips the blocks before the first edited layer
-by replaying the clean run's block outputs (nnsight ``skip``). It returns plain tensors.
+by replaying the clean run's block outputs (nnsight ``skip``), and a clean pass with one
+backward (``backward=metric``: the gradient of a scalar read off the final norm with respect to
+every layer's ``z``, nnsight's ``with loss.backward():`` / ``.grad``). It returns plain tensors.
 
 Remote execution (``load_model(..., remote=True | "local")``): the same trace runs through
 nnsight's remote path (NDIF, or its in-process simulation ``"local"``, which serializes and
@@ -63,6 +65,7 @@ class Pass:
     last_logits: torch.Tensor | None  # full-vocabulary logits at the last position, when asked
     watched: dict = field(default_factory=dict)  # (site name, layer) -> what ``watch`` returned
     final: Any = None  # what ``final`` returned (then final_resid / final_normed are None)
+    grads: dict = field(default_factory=dict)  # "z" -> [layer, batch, pos, n_heads*d_head] d metric / d z
 
 
 def _site_envoy(model: Model, site: str, layer: int):
@@ -92,7 +95,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         watch_sites: Iterable[str] = (), start_layer: int = 0,
         resume: torch.Tensor | None = None, read_embed: bool = False,
         last_logits: bool = False, read_layers: dict[str, Iterable[int]] | None = None,
-        stop_after: tuple[str, int] | None = None, final: Final | None = None) -> Pass:
+        stop_after: tuple[str, int] | None = None, final: Final | None = None,
+        backward: Final | None = None) -> Pass:
     """One traced forward of ``tokens [batch, pos]``.
 
     Parameters
@@ -114,6 +118,12 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         the returned pass then has only ``reads`` (final tensors are ``None``).
     final: ``final(resid, normed)`` of the final norm's input and output, computed inside the
         trace; only its result comes back (``Pass.final``), not the two full tensors.
+    backward: ``backward(resid, normed)`` of the final norm's input and output returning a
+        scalar; the pass then runs with autograd on (from the residual entering the first block
+        run, so gradients flow through every block, norm and attention pattern, but never into
+        the weights, which stay ``requires_grad=False``) and one backward of that scalar gives
+        ``Pass.grads["z"]``, its gradient with respect to every layer's ``z`` (layers
+        ``>= start_layer``), in the model's dtype. No edits, stops or ``final`` with it.
     """
     # Without sandwich norms a block writes the raw attention / MLP output: alias the sites.
     alias = {} if model.sandwich else {"attn_write": "attn", "mlp_write": "mlp"}
@@ -132,6 +142,9 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         stop_after = (alias.get(stop_after[0], stop_after[0]), int(stop_after[1]))
         if stop_after[0] not in touched:
             raise ValueError(f"stop_after site {stop_after[0]!r} is neither read, watched nor edited")
+    if backward is not None and (edits or stop_after is not None or final is not None or last_logits):
+        raise ValueError("backward= runs a clean pass with one backward: no edits, stop_after, "
+                         "final or last_logits with it")
     if start_layer and resume is None:
         raise ValueError("start_layer > 0 needs `resume`, the residual entering that block")
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
@@ -142,19 +155,30 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     if model.remote:
         ship_library()
         kwargs["remote"] = model.remote
-    with remote_errors(model), torch.no_grad(), model.nn.trace(tokens, **kwargs) as tracer:
+    if backward is not None and "z" not in order:
+        order = [s for s in SITES if s in touched | {"z"}]
+    # Gradients are with respect to activations only: autograd is on for a backward pass, and the
+    # residual entering the first block run is made a leaf that requires grad (weights never do).
+    grad_mode = torch.enable_grad() if backward is not None else torch.no_grad()
+    with remote_errors(model), grad_mode, model.nn.trace(tokens, **kwargs) as tracer:
         saved = nnsight.save({s: [] for s in read})
         finals = nnsight.save([])
         watched = nnsight.save({})
+        grads = nnsight.save([])
+        zs = []
         blocks = model.envoy(model.adapter.blocks)
         if read_embed:
             finals.append(blocks[0].input.to(home))
         for layer in range(start_layer):
             blocks[layer].skip(resume.to(model.block_device(layer)))
+        if backward is not None:
+            blocks[start_layer].input = blocks[start_layer].input.detach().requires_grad_(True)
         for layer in range(start_layer, n_layers):
             for site in order:
                 envoy, slot = _site_envoy(model, site, layer)
                 value = envoy.input if slot == "input" else envoy.output
+                if backward is not None and site == "z":
+                    zs.append(value)
                 if (site, layer) in edits:  # the edit works on `home`; its result goes to the reader
                     value = edits[(site, layer)](value.to(home)).to(value.device)
                     if slot == "input":
@@ -171,7 +195,16 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                 if stop_after == (site, layer):
                     tracer.stop()
         norm = model.envoy(model.adapter.final_norm)
-        if final is not None:
+        if backward is not None:
+            resid, normed = norm.input.to(home), norm.output.to(home)
+            metric = backward(resid, normed)
+            finals.append(resid.detach())
+            finals.append(normed.detach())
+            with metric.backward():
+                for z in reversed(zs):  # gradients arrive in the reverse of the forward order
+                    grads.append(z.grad.to(home))
+            tracer.stop()
+        elif final is not None:
             finals.append(final(norm.input.to(home), norm.output.to(home)))
         else:
             finals.append(norm.input.to(home))
@@ -180,7 +213,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
             finals.append(model.envoy(model.adapter.unembed).output[:, -1].to(home))
         else:
             tracer.stop()
-    reads = {name: torch.stack(saved[site]) for name, site in
+    reads = {name: torch.stack(saved[site]).detach() for name, site in
              ((n, alias.get(n, n)) for n in requested) if saved[site]}
     embed = finals.pop(0) if read_embed and finals else None
     watched = dict(watched)
@@ -191,7 +224,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         return Pass(reads=reads, final_resid=None, final_normed=None, embed=embed,
                     last_logits=finals[1] if last_logits else None, watched=watched, final=finals[0])
     return Pass(reads=reads, final_resid=finals[0], final_normed=finals[1], embed=embed,
-                last_logits=finals[2] if last_logits else None, watched=watched)
+                last_logits=finals[2] if last_logits else None, watched=watched,
+                grads={"z": torch.stack(list(grads)[::-1])} if backward is not None else {})
 
 
 # -- the remote path (NDIF) ---------------------------------------------------------------------

@@ -179,3 +179,21 @@ def norm_share_range(ch) -> str:
     lo, hi = t.loc[t["norm_share_late"].idxmin()], t.loc[t["norm_share_late"].idxmax()]
     return (f"The late layers' clipped norm share runs from {_pct(lo.norm_share_late)} ({lo.run}) to "
             f"{_pct(hi.norm_share_late)} ({hi.run}).")
+
+
+# -- chapter 7 ---------------------------------------------------------------------------------------
+def atp_direction(ch) -> str:
+    """For the exact top-k heads by |Δlogit|: how often AtP overstates the ablation's effect, and
+    which part of exact − AtP (the final norm's or the downstream components') is the larger."""
+    h = _frame(ch.heads)
+    k = ch.ranks["k"]
+    top = h.assign(a=h["exact"].abs()).sort_values(["a", "layer", "head"], ascending=[False, True, True],
+                                                   kind="mergesort").head(k)
+    over = int((top["atp"].abs() > top["exact"].abs()).sum())
+    norm, down = top["error_norm"].abs().sum(), top["error_downstream"].abs().sum()
+    larger = "the final norm's" if norm > down else "the downstream components'"
+    return (f"Of the exact top {k} heads, AtP overstates the effect of {over} (|AtP| > |exact|) and "
+            f"understates it for {k - over}. Their errors are mostly {larger} part: Σ|error_norm| = "
+            f"{norm:.3g}, Σ|error_downstream| = {down:.3g} logits. A first-order estimate overstates a "
+            "head's effect where the rest of the network compensates (self-repair), understates it "
+            "where the reaction amplifies the loss.")

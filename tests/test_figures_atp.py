@@ -1,0 +1,65 @@
+"""Figures of the attribution-patching chapter, built from small synthetic frames: each spec
+validates against the Vega-Lite schema, uses the intended marks and fields, has tooltips naming
+the head ``L{l}H{h}`` and embeds the expected number of rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from selfrepair.atp import layer_errors
+from selfrepair.figures import atp as fa
+from selfrepair.figures import data_rows, validate_spec
+
+from test_figures_hydra_across import _fields, _marks
+
+L, H = 3, 4
+
+
+@pytest.fixture
+def heads():
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer in range(L):
+        for head in range(H):
+            exact = rng.normal()
+            norm, down = rng.normal(scale=0.1), rng.normal(scale=0.2)
+            rows.append({"layer": layer, "head": head, "label": f"L{layer}H{head}", "exact": exact,
+                         "atp": exact - norm - down, "error": norm + down, "error_norm": norm,
+                         "error_downstream": down, "delta_direct_effect": -abs(exact),
+                         "self_repair": exact + abs(exact), "atp_self_repair": exact + abs(exact) - norm - down})
+    return pd.DataFrame(rows)
+
+
+def _check(chart, rows):
+    spec = chart.to_dict()
+    validate_spec(spec)
+    assert data_rows(spec) == rows
+    return spec
+
+
+def test_fig_atp_vs_exact(heads):
+    spec = _check(fa.fig_atp_vs_exact(heads), L * H)
+    assert {"circle", "line"} <= _marks(spec)
+    assert {"exact", "atp"} <= _fields(spec, "x") | _fields(spec, "y")
+    assert {"label", "error", "error_norm", "error_downstream"} <= _fields(spec, "tooltip")
+
+
+def test_fig_layer_error(heads):
+    layers = layer_errors(heads)
+    assert len(layers) == L and (layers["n_heads"] == H).all()
+    spec = _check(fa.fig_layer_error(layers), L)
+    assert {"bar", "tick"} <= _marks(spec)
+    assert {"abs_error", "abs_exact"} <= _fields(spec, "y") and "layer" in _fields(spec, "tooltip")
+
+
+def test_fig_error_decomposition(heads):
+    long = fa.decomposition_frame(heads)
+    assert len(long) == 2 * L * H and set(long["term"]) == set(fa.TERMS.values())
+    spec = _check(fa.fig_error_decomposition(heads), 2 * L * H + L * H)
+    assert {"bar", "tick", "rule"} <= _marks(spec)
+    assert {"value", "error"} <= _fields(spec, "y") and "label" in _fields(spec, "tooltip")
+    # the stacked parts add up to the total error, head by head
+    total = long.groupby("label")["value"].sum()
+    np.testing.assert_allclose(total.loc[heads["label"]].to_numpy(), heads["error"].to_numpy())
