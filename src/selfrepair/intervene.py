@@ -82,12 +82,19 @@ def _site_envoy(model: Model, site: str, layer: int):
     raise ValueError(f"unknown site {site!r}; sites: {SITES}")
 
 
+def _norm_path(model: Model, site: str) -> str:
+    """The block norm whose output is a write site (sandwich models)."""
+    return model.adapter.post_attn_norm if site == "attn_write" else model.adapter.post_mlp_norm
+
+
 def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         edits: dict[tuple[str, int], Edit] | None = None, watch: Watch | None = None,
         watch_sites: Iterable[str] = (), start_layer: int = 0,
         resume: torch.Tensor | None = None, read_embed: bool = False,
         last_logits: bool = False, read_layers: dict[str, Iterable[int]] | None = None,
-        stop_after: tuple[str, int] | None = None, final: Final | None = None) -> Pass:
+        stop_after: tuple[str, int] | None = None, final: Final | None = None,
+        freeze: dict[tuple[str, int], torch.Tensor] | None = None,
+        freeze_final: torch.Tensor | None = None) -> Pass:
     """One traced forward of ``tokens [batch, pos]``.
 
     Parameters
@@ -109,6 +116,12 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         the returned pass then has only ``reads`` (final tensors are ``None``).
     final: ``final(resid, normed)`` of the final norm's input and output, computed inside the
         trace; only its result comes back (``Pass.final``), not the two full tensors.
+    freeze: ``{(site, layer): scale [batch, pos]}`` for the write sites ``attn_write`` /
+        ``mlp_write`` of sandwich models: that block norm divides by ``scale`` instead of its own
+        RMS (its output becomes ``g * x / scale`` of its input ``x``, :meth:`Model.frozen_norm`),
+        before any edit of the same site. A frozen norm cannot react to an edit upstream of it.
+    freeze_final: ``scale [batch, pos]``: the final norm likewise (``n(x) / scale + b``); what
+        ``final`` and the logits see is the frozen norm's output.
     """
     # Without sandwich norms a block writes the raw attention / MLP output: alias the sites.
     alias = {} if model.sandwich else {"attn_write": "attn", "mlp_write": "mlp"}
@@ -119,7 +132,12 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     for s in watch_sites:
         watch_as.setdefault(alias.get(s, s), []).append(s)
     watch_sites = tuple(watch_as)
-    touched = set(read) | set(watch_sites) | {s for s, _ in edits}
+    freeze = dict(freeze or {})
+    for s, _ in freeze:
+        if s not in ("attn_write", "mlp_write") or not model.sandwich:
+            raise ValueError(f"cannot freeze site {s!r}: only the block norms of sandwich models "
+                             "(attn_write, mlp_write) and the final norm (freeze_final) have a scale")
+    touched = set(read) | set(watch_sites) | {s for s, _ in edits} | {s for s, _ in freeze}
     for s in touched:
         if s not in SITES:
             raise ValueError(f"unknown site {s!r}; sites: {SITES}")
@@ -148,7 +166,12 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         for layer in range(start_layer, n_layers):
             for site in order:
                 envoy, slot = _site_envoy(model, site, layer)
-                value = envoy.input if slot == "input" else envoy.output
+                if (site, layer) in freeze:  # a write site: the block norm's output, rebuilt
+                    value = model.frozen_norm(model.module(_norm_path(model, site), layer),
+                                              envoy.input, freeze[(site, layer)], kind="rms")
+                    envoy.output = value
+                else:
+                    value = envoy.input if slot == "input" else envoy.output
                 if (site, layer) in edits:
                     value = edits[(site, layer)](value)
                     if slot == "input":
@@ -165,11 +188,17 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                 if stop_after == (site, layer):
                     tracer.stop()
         norm = model.envoy(model.adapter.final_norm)
-        if final is not None:
-            finals.append(final(norm.input, norm.output))
+        resid = norm.input
+        if freeze_final is not None:
+            normed = model.frozen_norm(model.module(model.adapter.final_norm), resid, freeze_final)
+            norm.output = normed
         else:
-            finals.append(norm.input)
-            finals.append(norm.output)
+            normed = norm.output
+        if final is not None:
+            finals.append(final(resid, normed))
+        else:
+            finals.append(resid)
+            finals.append(normed)
         if last_logits:
             finals.append(model.envoy(model.adapter.unembed).output[:, -1])
         else:
