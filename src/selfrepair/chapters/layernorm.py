@@ -224,9 +224,10 @@ def frozen_markdown(ch: LayerNormChapter) -> str:
     f = ch.frozen
     s = fz.summary(f)
     m = ch.model
-    first = int(f["layer"].min())
-    lines = [f"**On {ch.meta.get('model')}** ({s['n_heads']} heads: {FROZEN_RULE}, layers {first}–"
-             f"{int(f['layer'].max())}; means over each head's top {ch.meta.get('top_percent'):g}% tokens)."]
+    first, last = int(f["layer"].min()), int(f["layer"].max())
+    layers = f"layer {first}" if first == last else f"layers {first}–{last}"
+    lines = [f"**On {ch.meta.get('model')}** ({s['n_heads']} heads: {FROZEN_RULE}, {layers}; means "
+             f"over each head's top {ch.meta.get('top_percent'):g}% tokens)."]
     lines.append(f"- **Freezing the norms.** Of the {s['n_positive']} heads with positive live self-repair, "
                  f"{s['n_halved']} lose more than half of it when the norms cannot react "
                  f"({s['n_halved'] / max(1, s['n_positive']):.0%}). Mean self-repair: "
