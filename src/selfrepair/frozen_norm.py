@@ -77,7 +77,8 @@ class FrozenNormResult(Result):
     def at(self, rows: pd.DataFrame) -> pd.DataFrame:
         """``rows`` (columns ``layer, head, row, pos``, e.g. the sweep's top-k% instances of the
         listed heads) with this result's values at those instances."""
-        rows = rows[[tuple(h) in set(self.heads) for h in zip(rows["layer"], rows["head"])]]
+        listed = set(self.heads)
+        rows = rows[[tuple(h) in listed for h in zip(rows["layer"], rows["head"])]]
         i = torch.tensor([self.index(h) for h in zip(rows["layer"], rows["head"])], dtype=torch.long)
         b = torch.tensor(rows["row"].to_numpy(dtype="int64", copy=True))
         p = torch.tensor(rows["pos"].to_numpy(dtype="int64", copy=True))

@@ -83,8 +83,8 @@ def _freeze_plan(batch: CleanBatch, layer: int, k: int, freeze: str | None) -> d
         for j in range(layer, model.n_layers):
             for kind in ("attn", "mlp"):
                 if reads(model.parallel_residual, "attn", layer, kind, j):
-                    plan["edits"][(kind, j)] = (
-                        lambda v, x=clean.reads[kind][j].repeat(k, 1, 1): x.to(v.dtype))
+                    plan["edits"][(kind, j)] = (  # repeated when the pass reaches it, not before
+                        lambda v, x=clean.reads[kind][j]: x.repeat(k, 1, 1).to(v.dtype))
     return plan
 
 
