@@ -226,3 +226,31 @@ def test_per_head_means_and_summary_by_hand():
     bad = top.assign(direct_effect=top["direct_effect"] + 1.0)
     with pytest.raises(SelfRepairError, match="different tokens"):
         per_head(bad, res)
+
+
+def test_chapter_section_on_a_new_local_sandwich_model(tmp_path):
+    """Chapter 2's parameters on a model saved to a local directory (a random Gemma-3: sandwich
+    norms, sequential blocks), as a reader would bring one: the section measures the late heads,
+    and its paragraph takes the sandwich branch with numbers from the result."""
+    from selfrepair import load_model
+    from selfrepair.chapters import layernorm as cl
+    from selfrepair.figures import data_rows, validate_spec
+    from selfrepair.figures import layernorm as figs
+
+    src = load_model("tiny-gemma3")
+    src.hf.save_pretrained(tmp_path / "m")
+    src.tokenizer.save_pretrained(tmp_path / "m")
+    cfg = cl.Config.from_params(model=str(tmp_path / "m"), dataset="tiny", n_tokens=256, seq_len=32,
+                                batch_size=4, top_percent=10, cache_dir=str(tmp_path / "cache"))
+    ch = cl.measure(cfg, progress=False, reference=False)
+    f = ch.frozen
+    assert list(f["label"]) == [f"L1H{h}" for h in range(ch.model.n_heads)]
+    assert f["from_block_norms"].abs().max() > 1e-4  # the sandwich norms react in the live pass
+    assert (f["self_repair_frozen"] != f["self_repair"]).all()
+    s = summary(f)
+    text = cl.frozen_markdown(ch)
+    assert "They need not agree here" in text and f"{s['max_gap']:+.3g}" in text
+    assert "norms_only" in {v.claim.key for v in ch.verdicts}
+    spec = figs.fig_frozen_norm(f).to_dict()
+    validate_spec(spec)
+    assert data_rows(spec) == 5 * len(f)
