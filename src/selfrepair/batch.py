@@ -215,11 +215,12 @@ def clean_batch(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None
 
 
 def batches(model: Model, data: TokenSet, batch_size: int, *, ablation: str | None = None,
-            start_row: int = 0, **kw):
-    """:class:`CleanBatch` es of ``data``, ``batch_size`` rows at a time from ``start_row`` (the
-    resample source rows attached when ``ablation == "resample"``)."""
-    for start in range(start_row, len(data), batch_size):
-        stop = min(len(data), start + batch_size)
+            start_row: int = 0, stop_row: int | None = None, **kw):
+    """:class:`CleanBatch` es of ``data``, ``batch_size`` rows at a time from ``start_row`` up to
+    ``stop_row`` (default: the end; the resample source rows attached when ``ablation == "resample"``)."""
+    end = len(data) if stop_row is None else min(len(data), stop_row)
+    for start in range(start_row, end, batch_size):
+        stop = min(end, start + batch_size)
         corrupt = data.corrupt_tokens[start:stop] if ablation == "resample" else None
         yield clean_batch(model, data.tokens[start:stop], corrupt, start=start, **kw)
 

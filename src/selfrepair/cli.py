@@ -37,7 +37,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, dest="seq_len")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", help="float32, bfloat16, float64 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--dtype", help="float32, bfloat16, float64 (default: float32)")
     p.add_argument("--top-percent", type=float, dest="top_percent")
     p.add_argument("--seed", type=int)
     p.add_argument("--remote", nargs="?", const="ndif", choices=("ndif", "local"),
@@ -92,7 +92,13 @@ def _flags(args: argparse.Namespace) -> dict:
 
 def cmd_book(args: argparse.Namespace) -> int:
     from .book import find_root, load_profile, run_book
+    from .distributed import launched
 
+    if launched():
+        raise SelfRepairError("`selfrepair book` runs its chapters in papermill kernels and does not shard: "
+                              "precompute the heavy sweep with `torchrun --nproc-per-node N -m "
+                              "selfrepair.cli sweep ...` (same parameters), then run the book once, "
+                              "without torchrun; it reads that cache entry")
     root = find_root(args.root)
     profile = load_profile(args.profile, root)
     per_chapter = profile.pop("chapters", {})
@@ -113,9 +119,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     cfg = Config.from_params(**{"ablation": "resample", **_flags(args)}, cache_dir=str(args.out))
     check(cfg)  # the model, the corpus and the shapes, before the first forward pass
+    from .distributed import close, world
+
     model, data, spec = open_model(cfg), open_tokens(cfg, open_model(cfg)), sweep_spec(cfg, cfg.ablation)
-    print(measure(cfg, spec, data).per_head().to_string(index=False, max_rows=40))
-    print(f"cached as {Cache(cfg.cache_dir).path(spec, model, data).resolve()}")
+    try:
+        sweep = measure(cfg, spec, data)  # under torchrun: sharded over the ranks, written by rank 0
+        if world(model.device).main:
+            print(sweep.per_head().to_string(index=False, max_rows=40))
+            print(f"cached as {Cache(cfg.cache_dir).path(spec, model, data).resolve()}")
+    finally:
+        close()
     return 0
 
 

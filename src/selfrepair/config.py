@@ -128,7 +128,7 @@ class RunConfig(Config):
 
     model: str = "gemma-3-270m"  # hub id, local directory, "gemma-3-270m" or "tiny-<family>"
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto"
-    dtype: str | None = None  # None: fp32 on CPU, bf16 on GPU
+    dtype: str | None = None  # None: fp32 (GPU too, until bf16 is shown to agree)
     remote: str | None = None  # None: run here; "local": simulated remote path; "ndif": on NDIF
     seed: int = 0  # resample sources, samples, bootstrap
 

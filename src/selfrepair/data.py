@@ -97,6 +97,14 @@ def load_corpus(dataset: str | os.PathLike = EMBEDDED_CORPUS, *, split: str = "t
     elif Path(name).suffix in _BUILDERS or name.startswith((".", "/", "~")):
         raise DataError(f"Local corpus path {name!r} does not exist.")
     else:
+        from .hub import offline_env, offline_reason
+
+        reason = offline_reason()
+        if reason is not None and not offline_env():  # HF_HUB_OFFLINE: datasets reads its own cache
+            raise DataError(
+                f"Could not load dataset {name!r}: it is a hub id and the hub cannot be used ({reason}). "
+                f"Use dataset='{EMBEDDED_CORPUS}' (the committed corpus) or a local file, or set "
+                "HF_HUB_OFFLINE=1 if the dataset is in the local Hugging Face datasets cache.")
         try:
             ds = datasets.load_dataset(name, split=split)
         except Exception as exc:  # noqa: BLE001 -- hub errors come in many types

@@ -12,6 +12,11 @@ only as a saved value: ``watch`` callbacks and ``final`` reductions *return* wha
 (per-token scalars, selected rows), which is saved and brought back instead of the activations.
 The library's own functions travel by value (``nnsight.register(selfrepair)``).
 
+Under a ``device_map`` (layers on several GPUs) every value read comes back to the model's
+device (:attr:`selfrepair.models.Model.device`, where the callers' tensors live), an edit sees
+the value there and its result goes to the device of the module that reads it, and a replayed
+residual goes to the device of the block it stands for. On one device these moves are no-ops.
+
 Sites, in the order a block executes them (reads and edits must follow this order):
 
 =============  ================================================================================
@@ -150,6 +155,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
     order = [s for s in SITES if s in touched]
     n_layers = model.n_layers
+    home = model.device
     kwargs = {"logits_to_keep": 1} if last_logits else {}
     if model.remote:
         ship_library()
@@ -160,47 +166,49 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         watched = nnsight.save({})
         blocks = model.envoy(model.adapter.blocks)
         if read_embed:
-            finals.append(blocks[0].input)
+            finals.append(blocks[0].input.to(home))
         for layer in range(start_layer):
-            blocks[layer].skip(resume)
+            blocks[layer].skip(resume.to(model.block_device(layer)))
         for layer in range(start_layer, n_layers):
             for site in order:
                 envoy, slot = _site_envoy(model, site, layer)
-                if (site, layer) in freeze:  # a write site: the block norm's output, rebuilt
-                    value = model.frozen_norm(model.module(_norm_path(model, site), layer),
-                                              envoy.input, freeze[(site, layer)], kind="rms")
+                if (site, layer) in freeze:  # a write site: the block norm's output, rebuilt on `home`
+                    x = envoy.input
+                    value = model.frozen_norm(model.module(_norm_path(model, site), layer), x.to(home),
+                                              freeze[(site, layer)], kind="rms").to(x.device)
                     envoy.output = value
                 else:
                     value = envoy.input if slot == "input" else envoy.output
-                if (site, layer) in edits:
-                    value = edits[(site, layer)](value)
+                if (site, layer) in edits:  # the edit works on `home`; its result goes to the reader
+                    value = edits[(site, layer)](value.to(home)).to(value.device)
                     if slot == "input":
                         envoy.input = value
                     else:
                         envoy.output = value
                 if site in saved and (site not in only or layer in only[site]):
-                    saved[site].append(value)
+                    saved[site].append(value.to(home))
                 if watch is not None:
                     for name in watch_as.get(site, ()):
-                        reduced = watch(name, layer, value)
+                        reduced = watch(name, layer, value.to(home))
                         if reduced is not None:
                             watched[(name, layer)] = reduced
                 if stop_after == (site, layer):
                     tracer.stop()
         norm = model.envoy(model.adapter.final_norm)
-        resid = norm.input
+        x = norm.input
+        resid = x.to(home)
         if freeze_final is not None:
             normed = model.frozen_norm(model.module(model.adapter.final_norm), resid, freeze_final)
-            norm.output = normed
+            norm.output = normed.to(x.device)
         else:
-            normed = norm.output
+            normed = norm.output.to(home)
         if final is not None:
             finals.append(final(resid, normed))
         else:
             finals.append(resid)
             finals.append(normed)
         if last_logits:
-            finals.append(model.envoy(model.adapter.unembed).output[:, -1])
+            finals.append(model.envoy(model.adapter.unembed).output[:, -1].to(home))
         else:
             tracer.stop()
     reads = {name: torch.stack(saved[site]) for name, site in

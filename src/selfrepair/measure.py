@@ -120,22 +120,28 @@ class Cache:
     def get(self, spec: Spec, model: Model, data: Any, options: RunOptions = RunOptions()) -> Result:
         """The result of ``spec`` on ``model`` and ``data``: loaded if cached, else computed (with
         its checkpoint beside the entry), stamped with its provenance and saved atomically."""
+        from .distributed import world
+
         cached = self.load(spec, model, data)
         if cached is not None:
             return cached
+        w = world(model.device)  # under torchrun: every rank computes (its shard), rank 0 writes
         path = self.path(spec, model, data)
         started = time.time()
         res = spec.compute(model, data, replace(options, checkpoint=path.with_name(path.name + ".partial")))
-        res.meta.update(stamp(self.key(spec, model, data), model, options, time.time() - started))
-        res.save(path)
+        res.meta.update(stamp(self.key(spec, model, data), model, options, time.time() - started,
+                              world_size=w.size))
+        if w.main:
+            res.save(path)
+        w.barrier()
         return res
 
 
-def stamp(key: dict, model: Model, options: RunOptions, seconds: float) -> dict:
+def stamp(key: dict, model: Model, options: RunOptions, seconds: float, *, world_size: int = 1) -> dict:
     """The provenance every cached result carries: its key, the model's shape, the speed knobs
-    it ran with (``world_size`` included) and its wall time."""
+    it ran with (``world_size``, the number of processes, included) and its wall time."""
     run = {f.name: getattr(options, f.name) for f in fields(options) if f.name not in ("checkpoint", "progress")}
     return {**model.describe(), "key": json.loads(json.dumps(key, default=str)),
-            "run": {**run, "world_size": 1, "remote": model.remote,
+            "run": {**run, "world_size": world_size, "remote": model.remote,
                     "device": str(resolve_device(model.device)),
                     "wall_time_s": round(seconds, 1)}}

@@ -157,7 +157,17 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where token ids go in and where every read and effect lives (the input embedding's
+        device; with a ``device_map`` the layers may sit on other devices)."""
         return next(self.hf.parameters()).device
+
+    def block_device(self, layer: int) -> torch.device:
+        """The device block ``layer`` runs on (differs from :attr:`device` under a ``device_map``)."""
+        return next(_get(self.hf, self.adapter.blocks)[layer].parameters()).device
+
+    def home(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight on :attr:`device` in the effect dtype (a no-op copy-free view on one device)."""
+        return w.to(device=self.device, dtype=self.effect_dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -175,7 +185,7 @@ class Model:
     # -- weights (float32 views for effect arithmetic) ----------------------------------------
     @cached_property
     def unembed_weight(self) -> torch.Tensor:
-        return self.module(self.adapter.unembed).weight  # [d_vocab, d_model]
+        return self.module(self.adapter.unembed).weight.to(self.device)  # [d_vocab, d_model]
 
     @cached_property
     def unembed_mean(self) -> torch.Tensor:
@@ -195,10 +205,10 @@ class Model:
         b = getattr(self.module(self.adapter.unembed), "bias", None)
         if b is None:
             return torch.zeros(targets.shape, device=targets.device, dtype=self.effect_dtype)
-        return b[targets].to(self.effect_dtype) - self.unembed_bias_mean
+        return self.home(b)[targets] - self.unembed_bias_mean
 
     def norm_gain(self, norm: torch.nn.Module) -> torch.Tensor:
-        w = norm.weight.to(self.effect_dtype)
+        w = self.home(norm.weight)
         return 1.0 + w if self.adapter.norm == "gemma_rmsnorm" else w
 
     def norm_eps(self, norm: torch.nn.Module) -> float:
@@ -217,7 +227,7 @@ class Model:
 
     def norm_bias(self, norm: torch.nn.Module) -> torch.Tensor | None:
         b = getattr(norm, "bias", None)
-        return None if b is None else b.to(self.effect_dtype)
+        return None if b is None else self.home(b)
 
     def readout(self, norm: torch.nn.Module, u: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The vector ``d`` with ``u . n(x) = d . x`` for the linear part ``n`` of ``norm``."""
@@ -240,22 +250,22 @@ class Model:
 
     def head_out_weight(self, layer: int) -> torch.Tensor:
         """``W_O`` per head, ``[n_heads, d_head, d_model]`` fp32 (column slices of o_proj)."""
-        w = self.module(self.adapter.attn_out, layer).weight.to(self.effect_dtype)
+        w = self.home(self.module(self.adapter.attn_out, layer).weight)
         w = w if self.adapter.conv1d else w.T  # -> [n_heads * d_head, d_model]
         return w.reshape(self.n_heads, self.d_head, self.d_model)
 
     def attn_out_bias(self, layer: int) -> torch.Tensor | None:
         b = getattr(self.module(self.adapter.attn_out, layer), "bias", None)
-        return None if b is None else b.to(self.effect_dtype)
+        return None if b is None else self.home(b)
 
     def neuron_out_weight(self, layer: int) -> torch.Tensor:
         """Each neuron's output direction, ``[d_mlp, d_model]`` fp32."""
-        w = self.module(self.adapter.mlp_out, layer).weight.to(self.effect_dtype)
+        w = self.home(self.module(self.adapter.mlp_out, layer).weight)
         return w if self.adapter.conv1d else w.T
 
     def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
         b = getattr(self.module(self.adapter.mlp_out, layer), "bias", None)
-        return None if b is None else b.to(self.effect_dtype)
+        return None if b is None else self.home(b)
 
     def describe(self) -> dict:
         """Identity and shape, recorded with every cached result."""
@@ -273,9 +283,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> cuda when available else cpu; one clear error for bad names."""
+    """``None``/``"auto"`` -> cuda when available else cpu; one clear error for bad names. Under
+    a launcher (``torchrun``), an unnumbered ``cuda`` is this process's GPU ``LOCAL_RANK``."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -284,13 +295,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"device {device!r} requested but no CUDA GPU is visible: use device='cpu'")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` -> fp32 on CPU, bf16 on GPU (fp16 overflows Gemma's residual stream)."""
+    """``None`` -> fp32, on GPU too: bf16 becomes the GPU default only once ``bench/gpu.sh`` shows
+    it moves no head's share of top tokens with ``S/S' > 1`` by more than 0.5 percentage points
+    (not measured yet). fp16 overflows Gemma's residual stream."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -329,7 +344,7 @@ def resolve_remote(remote: Any) -> bool | str:
 
 def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, revision: str | None = None,
-               remote: bool | str = False) -> Model:
+               remote: bool | str = False, device_map: str | dict | None = None) -> Model:
     """Load a causal LM for the self-repair measurements.
 
     ``source`` is a hub id (``"EleutherAI/pythia-160m"``, needs network), a local directory saved
@@ -342,13 +357,26 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     the model is nnsight's Hugging Face wrapper, which needs a hub id or a directory (a tiny model
     is saved to a temporary directory first); its weights are loaded here as well, for the
     library's linear readouts.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+    ``device_map`` (accelerate) spreads a model too large for one device over the GPUs of one
+    machine: ``"auto"`` (balanced over the visible GPUs, else the CPU) or a ``{module: device}``
+    dict. Directories and hub ids load straight onto their devices; other sources are dispatched
+    after loading (``accelerate.dispatch_model``, hooks on every module). Token ids go to the
+    input embedding's device; reads come back to it and edits go to the device of the module that
+    reads them (:mod:`selfrepair.intervene`). ``device`` then only picks the default dtype.
+    """
     remote = resolve_remote(remote)
-    if remote:
+    if remote and device_map is not None:
+        raise InputError("device_map places the model on this machine's devices, remote runs it on "
+                         "the server (or its local simulation): pass one of them")
+    if remote:  # the key and the server first; then the weights the readouts need (hub check too)
         return _load_remote(source, tokenizer=tokenizer, device=device, dtype=dtype,
                             revision=revision, remote=remote)
+    hub: dict = {}
+    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(TINY_PREFIX) \
+            and str(source) != EMBEDDED_MODEL:
+        hub = _hub_access(str(source), revision)  # before importing transformers: fail at once
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
     dev = resolve_device(device)
     if dtype is None and isinstance(source, PreTrainedModel):
         dtype = source.dtype  # an in-memory model keeps its precision unless asked otherwise
@@ -368,8 +396,9 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
                 "revision_sha256": _sha256_prefix()}
     elif isinstance(source, (str, os.PathLike)):
         src = str(source)
+        hub = {"revision": revision, **hub}
         try:
-            config = AutoConfig.from_pretrained(src, revision=revision)
+            config = AutoConfig.from_pretrained(src, **hub)
         except (OSError, ValueError) as e:
             where = "local directory" if Path(src).exists() else "hub id"
             raise ModelLoadError(
@@ -377,10 +406,11 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
                 f"network access; offline, use the embedded default model='{EMBEDDED_MODEL}' or a "
                 "local directory saved with save_pretrained().") from e
         adapter_for(config.model_type)  # fail before downloading weights
-        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, revision=revision)
+        placed = {} if device_map is None else {"device_map": device_map}
+        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, **hub, **placed)
         if tokenizer is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(src, revision=revision)
+                tokenizer = AutoTokenizer.from_pretrained(src, **hub)
             except (OSError, ValueError):
                 tokenizer = None  # a local random model may have none; token tensors still work
         name, meta = src, {}
@@ -388,7 +418,14 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
         raise InputError(f"cannot load a model from {type(source).__name__}: pass a hub id, a local "
                          f"directory, a PreTrainedModel or '{EMBEDDED_MODEL}'")
     adapter = adapter_for(hf.config.model_type)
-    hf = hf.to(device=dev, dtype=dt)
+    if device_map is None:
+        hf = hf.to(device=dev, dtype=dt)
+    elif getattr(hf, "hf_device_map", None) is None:  # not placed by from_pretrained
+        hf = dispatch(hf.to(dt), device_map)
+    elif any(str(d) in ("disk", "meta") for d in hf.hf_device_map.values()):
+        raise InputError(f"{name} does not fit on the devices of this machine (device_map offloads "
+                         "modules to disk): the measurements read weights directly; use more GPUs, "
+                         "dtype='bfloat16' or a smaller model")
     return Model(hf, adapter, tokenizer=tokenizer, name=name, revision=revision, meta=meta)
 
 
@@ -420,6 +457,7 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
                              f"{intervene.NDIF_MODELS_HINT}. remote='local' simulates the remote "
                              "path with it.")
         intervene.check_remote(src)
+        _hub_access(src, revision)  # its weights load here too: fail at once if they cannot
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from transformers import AutoConfig
@@ -460,6 +498,51 @@ def _saved_tiny(family: str) -> Path:
         tiny_tokenizer().save_pretrained(root)
         _TINY_DIRS[family] = root
     return _TINY_DIRS[family]
+
+
+def dispatch(hf: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
+    """``hf`` spread over devices by accelerate (``"auto"``: balanced over the visible GPUs, or
+    the CPU), with accelerate's hooks on every module even when one device holds it all (so the
+    multi-device code path is the one that runs)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if device_map == "auto":
+        no_split = getattr(hf, "_no_split_modules", None) or []
+        if torch.cuda.is_available():
+            memory = get_balanced_memory(hf, no_split_module_classes=no_split)
+            device_map = infer_auto_device_map(hf, max_memory=memory, no_split_module_classes=no_split)
+        else:
+            device_map = {"": "cpu"}
+    elif not isinstance(device_map, dict):
+        raise InputError(f"device_map must be 'auto' or a {{module: device}} dict, got {device_map!r}")
+    if any(str(d) in ("disk", "meta") for d in device_map.values()):
+        raise InputError("device_map places modules on disk or meta (offloading): the measurements "
+                         "read weights directly, so every module must sit on a GPU or the CPU")
+    return dispatch_model(hf, device_map=device_map, force_hooks=True)
+
+
+def _hub_access(src: str, revision: str | None) -> dict:
+    """``{}`` for a local directory or a reachable hub; ``{"local_files_only": True}`` for a hub
+    id that is in the local cache while the hub cannot be reached; else one clear error at once
+    (no retries: :mod:`selfrepair.hub`)."""
+    from . import hub
+
+    if Path(src).expanduser().exists():
+        return {}
+    if src.startswith(("/", ".", "~")) or Path(src).is_absolute():
+        raise ModelLoadError(f"cannot load model {src!r}: no such local directory. Pass a directory "
+                             f"saved with save_pretrained(), a hub id, or model='{EMBEDDED_MODEL}'.")
+    reason = hub.offline_reason()
+    if reason is None:
+        return {}
+    if hub.cached_file(src, "config.json", revision=revision):
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"cannot load model {src!r}: it is a hub id, the hub cannot be used ({reason}) and the model "
+        f"is not in the local Hugging Face cache ({hub.cache_dir()}). Pass a local directory saved "
+        f"with save_pretrained(), use the embedded default model='{EMBEDDED_MODEL}', or download it "
+        "once where there is network (the cache, HF_HOME, can be copied here).")
 
 
 def _from_pretrained(cls: Any, src: str, **kw: Any) -> Any:

@@ -17,11 +17,23 @@ Each row's resample source is fixed for the whole token set (from another docume
 :func:`selfrepair.data.resample_sources`), so the numbers do not depend on ``batch_size`` and a
 lone last row is measured like any other. After every batch the state is written atomically
 beside the result; an interrupted run started again resumes from it (at the same row, whatever
-the batch size) and produces the same numbers as an uninterrupted one.
+the batch size) and produces the same numbers as an uninterrupted one. Per-token rows are stored
+sorted by (kind, layer, head, instance), whatever the batch size.
+
+Under ``torchrun --nproc-per-node N`` (:mod:`selfrepair.distributed`) rank ``r`` measures the
+contiguous rows ``World.shard``: pass 1 merges exactly (the global top-k of every rank's top-k
+candidates, summed ``z``, the gaps of every row), pass 2 runs on each shard alone, and the sums,
+counts and per-token rows are merged at the end; every rank returns the same :class:`Sweep` and
+only rank 0 writes it. Each rank checkpoints its own shard (``<checkpoint>.rank<r>-of-<N>``); a
+restart with the same N resumes every shard where its last checkpoint left it. A restart with
+another number of processes (one included) finds checkpoints it cannot use and refuses with a
+message saying how to resume, rather than silently starting again.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +44,7 @@ from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
 from .batch import TokenSet, batches, clean_batch, tensor_digest
+from .distributed import World, world
 from .errors import InputError
 from .interrupt import graceful
 from .measure import RunOptions, Spec
@@ -165,15 +178,21 @@ def competitor_gap(model: Model, normed: torch.Tensor, targets: torch.Tensor) ->
 
 
 def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_mean_z: bool,
-               progress: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+               progress: bool, world: World = World()
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Pass 1: each head's top-``k`` instance indices ``[layer, head, k]`` by clean DE, the mean ``z``
-    over all tokens (when needed) and every instance's ``competitor_gap`` ``[n_instances]``."""
+    over all tokens (when needed) and every instance's ``competitor_gap`` ``[n_instances]``.
+
+    With several processes each rank runs the clean pass on its own rows (``world.shard``) and
+    the results are merged exactly: the global top-``k`` is the top-``k`` of every rank's top-``k``
+    candidates, ``z`` sums are added, the gaps are concatenated in row order (the same on every rank)."""
     L, H = model.n_layers, model.n_heads
+    lo, hi = world.shard(len(data))
     best_v = torch.full((L, H, 0), -float("inf"))
     best_i = torch.zeros((L, H, 0), dtype=torch.long)
-    z_sum, runner = None, []
-    for batch in tqdm(batches(model, data, batch_size), total=-(-len(data) // batch_size),
-                      desc="clean pass", disable=not progress):
+    z_sum, runner = None, [torch.zeros(0)]
+    for batch in tqdm(batches(model, data, batch_size, start_row=lo, stop_row=hi),
+                      total=-(-(hi - lo) // batch_size), desc="clean pass", disable=not progress):
         de = batch.all_head_de()
         v = torch.cat([best_v, de.flatten(2).cpu().float()], -1)
         i = torch.cat([best_i, batch.instances().expand(L, H, -1)], -1)
@@ -184,8 +203,17 @@ def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_me
         if with_mean_z:
             zs = batch.clean.reads["z"].double().sum((1, 2)).cpu()
             z_sum = zs if z_sum is None else z_sum + zs
+    runner = torch.cat(runner)
+    if world.size > 1:
+        parts = world.gather((best_v, best_i, z_sum, runner))
+        v, i = torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
+        top = v.topk(min(k, v.shape[-1]), dim=-1)
+        best_i = i.gather(-1, top.indices)
+        sums = [p[2] for p in parts if p[2] is not None]
+        z_sum = None if not sums else sum(sums[1:], sums[0])
+        runner = torch.cat([p[3] for p in parts])
     mean_z = None if z_sum is None else (z_sum / data.tokens.numel())[:, None, None].float()
-    return best_i.sort(-1).values, mean_z, torch.cat(runner)
+    return best_i.sort(-1).values, mean_z, runner
 
 
 def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = "resample",
@@ -209,19 +237,30 @@ def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = 
     L, H = model.n_layers, model.n_heads
     n_inst = data.n_instances
     k = top_k(n_inst, top_percent)
+    w = world(model.device)
+    lo, hi = w.shard(len(data))
+    progress = progress and w.main
     path = None if path is None else Path(path)
-    state_path = Path(checkpoint) if checkpoint is not None else (
+    base = Path(checkpoint) if checkpoint is not None else (
         None if path is None else path.with_name(path.name + ".partial"))
+    state_path = None if base is None else shard_checkpoint(base, w)
+    _refuse_other_world_sizes(base, w)
     ident = {"ablation": ablation, "top_percent": top_percent, "seed": seed, "sample_size": sample_size,
              "data": tensor_digest(data.tokens, data.corrupt_tokens if ablation == "resample" else None),
              "model": model.name}
+    if w.size > 1:
+        ident.update(world_size=w.size, rank=w.rank, rows=[lo, hi])
     state = _load_state(state_path, ident)
-    if state is None:
+    if state is not None:
+        print(f"selfrepair: {_who(w)}resuming {ablation} sweep at row {int(state['next_row'])} of "
+              f"rows {lo}..{hi} from {state_path}", file=sys.stderr)
+    if not w.all(state is not None):  # pass 1 is collective: every rank takes part
         top_idx, mean_z, runner = thresholds(model, data, k, batch_size, with_mean_z=ablation == "mean",
-                                             progress=progress)
+                                             progress=progress, world=w)
+    if state is None:
         g = torch.Generator().manual_seed(seed)
         sample = torch.randperm(n_inst, generator=g)[:min(sample_size, n_inst)].sort().values
-        state = {"top_idx": top_idx, "sample": sample, "competitor_gap": runner, "next_row": torch.tensor(0),
+        state = {"top_idx": top_idx, "sample": sample, "competitor_gap": runner, "next_row": torch.tensor(lo),
                  "sum_all": torch.zeros(L, H, len(COLUMNS), dtype=torch.float64),
                  "sum_top": torch.zeros(L, H, len(COLUMNS), dtype=torch.float64),
                  "n_top": torch.zeros(L, H, dtype=torch.long),
@@ -230,7 +269,8 @@ def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = 
         if mean_z is not None:
             state["mean_z"] = mean_z
     done = int(state["next_row"])
-    bar = tqdm(total=len(data), initial=done, desc=f"{ablation} sweep", unit="row", disable=not progress)
+    bar = tqdm(total=hi - lo, initial=done - lo, desc=f"{_who(w)}{ablation} sweep", unit="row",
+               disable=not progress)
     chunks_i, chunks_v = [], []  # per-token rows since the last consolidation (no O(n^2) concat)
 
     def take_snapshot() -> None:  # the state at the end of the last finished batch
@@ -253,8 +293,8 @@ def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = 
     take_snapshot()
     with graceful(save_state, restore=restore,
                   resume_hint=f"run the same command again to resume ({state_path})") as guard:
-        for start in range(done, len(data), batch_size):
-            stop = min(len(data), start + batch_size)
+        for start in range(done, hi, batch_size):
+            stop = min(hi, start + batch_size)
             idx, vals, max_rows = _batch_with_oom_retry(model, data, start, stop, ablation, state,
                                                         max_rows, snapshot)
             chunks_i.extend(idx)
@@ -266,19 +306,74 @@ def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = 
             take_snapshot()
     bar.close()
     _consolidate(state, chunks_i, chunks_v)
+    merged = _merge(state, w)
+    order = _canonical_order(merged["tok_index"], L, H, n_inst)
     rec = data.record()
-    sweep = Sweep(state["sum_all"].float(), state["sum_top"].float(), n_inst, state["n_top"],
-                  state["tok_index"], state["tok_values"], tokens=rec["tokens"],
+    sweep = Sweep(merged["sum_all"].float(), merged["sum_top"].float(), n_inst, merged["n_top"],
+                  merged["tok_index"][order], merged["tok_values"][order], tokens=rec["tokens"],
                   corrupt_tokens=rec.get("corrupt_tokens"),
                   meta={**model.describe(), "ablation": ablation, "top_percent": top_percent,
                         "seed": seed, "sample_size": sample_size, "seq_len": data.seq_len,
                         "n_rows": len(data), "n_tokens": int(data.tokens.numel()),
                         "same_document_sources": data.same_document})
-    if path is not None:
+    if path is not None and w.main:
         sweep.save(path)
+    w.barrier()  # every shard is merged (and the result written) before any checkpoint goes
     if state_path is not None and state_path.exists():
         state_path.unlink()
     return sweep
+
+
+def shard_checkpoint(base: Path, w: World) -> Path:
+    """Where rank ``w.rank`` keeps its shard's partial state: ``base`` itself for one process,
+    ``<base>.rank<r>-of-<N>`` for N."""
+    return base if w.size == 1 else base.with_name(f"{base.name}.rank{w.rank}-of-{w.size}")
+
+
+def _who(w: World) -> str:
+    return "" if w.size == 1 else f"rank {w.rank} of {w.size}: "
+
+
+def _refuse_other_world_sizes(base: Path | None, w: World) -> None:
+    """Checkpoints of this sweep left by a run with another number of processes shard the rows
+    differently: rather than silently recompute (or mix shards), say how to resume."""
+    if base is None or not base.parent.is_dir():
+        return
+    found = {}
+    for p in base.parent.iterdir():
+        if p.name == base.name:
+            found.setdefault(1, []).append(p)
+        elif p.name.startswith(base.name + ".rank"):
+            m = re.fullmatch(r"\.rank\d+-of-(\d+)", p.name[len(base.name):])
+            if m:
+                found.setdefault(int(m.group(1)), []).append(p)
+    others = {n: ps for n, ps in found.items() if n != w.size}
+    if others:
+        n, ps = next(iter(sorted(others.items())))
+        how = "without torchrun" if n == 1 else f"under torchrun --nproc-per-node {n}"
+        raise InputError(
+            f"this sweep was interrupted in a run with {n} process{'es' if n > 1 else ''} (checkpoint"
+            f"{'s' if len(ps) > 1 else ''} {', '.join(str(p) for p in sorted(ps))}); this run has "
+            f"{w.size}. Resume it {how}, or delete those files to start the sweep again.")
+
+
+def _merge(state: dict, w: World) -> dict:
+    """Every rank's sums, counts and per-token rows, added and concatenated in rank order."""
+    names = ("sum_all", "sum_top", "n_top", "tok_index", "tok_values")
+    if w.size == 1:
+        return {k: state[k] for k in names}
+    parts = w.gather({k: state[k] for k in names})
+    out = {k: sum((p[k] for p in parts[1:]), parts[0][k]) for k in ("sum_all", "sum_top", "n_top")}
+    out.update({k: torch.cat([p[k] for p in parts]) for k in ("tok_index", "tok_values")})
+    return out
+
+
+def _canonical_order(tok_index: torch.Tensor, n_layers: int, n_heads: int, n_inst: int) -> torch.Tensor:
+    """Per-token rows sorted by (kind, layer, head, instance): the stored order depends neither on
+    the batch size nor on how many processes shared the rows."""
+    layer, head, inst, kind = tok_index.unbind(1)
+    key = ((kind * n_layers + layer) * n_heads + head) * n_inst + inst
+    return torch.argsort(key)
 
 
 def _load_state(state_path: Path | None, ident: dict) -> dict | None:
