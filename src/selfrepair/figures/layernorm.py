@@ -182,8 +182,8 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.HConcatChart:
         y=alt.Y("value:Q", title="mean over top-k% tokens (logits)"),
         color=color,
         shape=alt.Shape("measure:N", scale=alt.Scale(domain=FROZEN_MEASURES,
-                                                     range=["circle", "triangle-down", "square", "stroke"]),
-                        legend=None),
+                                                     range=["circle", "triangle-down", "square", "diamond"]),
+                        title="self-repair"),
         tooltip=_tips(long, "measure", "value", "direct_effect", "n"))
     zero = alt.Chart(long).mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
     left = alt.layer(zero, dots).properties(width=max(240, 14 * len(heads)), height=240,
