@@ -37,12 +37,13 @@ def _norm_parts(norm, kind, x):
     return torch.sqrt((x ** 2).mean(-1) + eps), x * gain
 
 
-def capture(model, family, tokens, patch=None):
-    """Run ``model`` with hooks; ``patch = (layer, head, d_head, z_replacement)``."""
+def capture(model, family, tokens, patch=None, outputs=()):
+    """Run ``model`` with hooks; ``patch = (layer, head, d_head, z_replacement)``; ``outputs``:
+    ``(module, f)`` pairs whose output is replaced by ``f(input, output)`` (registered first)."""
     blocks, o_proj, mlp, final, *_ = FAMILY[family]
     n_layers = len(_mod(model, blocks))
     got = {"z": {}, "mlp": {}, "attn": {}}
-    hooks = []
+    hooks = [m.register_forward_hook(lambda mod, a, o, f=f: f(a[0], o)) for m, f in outputs]
     for l in range(n_layers):
         blk = _mod(model, blocks)[l]
 
@@ -179,3 +180,63 @@ def reference_atp(model, family, tokens, corrupt):
         dz = (repl[l] - zs[l].detach().double()) * zs[l].grad.double()
         out[l] = dz.unflatten(-1, (n_heads, d_head)).sum((0, 1, 3))
     return out
+
+
+def reference_frozen(model, family, tokens, corrupt, layer, head, *, parallel, freeze):
+    """``delta_logit`` and ``self_repair`` ``[batch, pos-1]`` of one head resample-ablated with
+    ``freeze = "norms"`` (forward hooks make the final norm and, for Gemma, every block norm of
+    layers >= ``layer`` divide by the clean run's scale, by hand) or ``"components"`` (hooks put
+    the clean output on every downstream attention output projection and MLP)."""
+    blocks, o_proj, mlp, final, kind, conv1d, pan, pmn = FAMILY[family]
+    cfg = model.config
+    n_heads, n_layers = cfg.num_attention_heads, cfg.num_hidden_layers
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    clean = capture(model, family, tokens)
+    repl = capture(model, family, corrupt)["z"][layer]
+    norm = _mod(model, final)
+    blk = _mod(model, blocks)
+    outputs = []
+    if freeze == "norms":
+        S, _ = _norm_parts(norm, kind, clean["resid"])
+
+        def final_frozen(x, o, S=S):
+            _, nx = _norm_parts(norm, kind, x)
+            b = norm.bias.double() if getattr(norm, "bias", None) is not None else 0.0
+            return (nx / S[..., None] + b).to(o.dtype)
+
+        outputs.append((norm, final_frozen))
+        if pan is not None:
+            for l in range(layer, n_layers):
+                for site, which in (("attn", pan), ("mlp", pmn)):
+                    bn = _mod(blk[l], which)
+                    s = torch.sqrt((clean[site][l] ** 2).mean(-1) + bn.eps)
+                    outputs.append((bn, lambda x, o, bn=bn, s=s: (
+                        x.double() * (bn.weight.double() + 1) / s[..., None]).to(o.dtype)))
+    elif freeze == "components":
+        for l in range(layer, n_layers):
+            if l > layer:
+                outputs.append((_mod(blk[l], o_proj), lambda x, o, l=l: clean["attn"][l].to(o.dtype)))
+            if l > layer or not parallel:
+                outputs.append((_mod(blk[l], mlp), lambda x, o, l=l: clean["mlp"][l].to(o.dtype)))
+    else:
+        raise ValueError(freeze)
+    abl = capture(model, family, tokens, patch=(layer, head, d_head, repl.to(model.dtype)), outputs=outputs)
+    tgt = tokens[:, 1:]
+    W_U = model.get_output_embeddings().weight.double()
+    u = W_U[tgt] - W_U.mean(0)
+    S, _ = _norm_parts(norm, kind, clean["resid"][:, :-1])
+    w = _mod(blk[layer], o_proj).weight.double()
+    w = (w if conv1d else w.T)[head * d_head:(head + 1) * d_head]
+    change = (abl["z"][layer] - clean["z"][layer])[:, :-1, head * d_head:(head + 1) * d_head] @ w
+    if pan is not None:  # the head's share of its block's write, at the clean block scale
+        bn = _mod(blk[layer], pan)
+        s = torch.sqrt((clean["attn"][layer][:, :-1] ** 2).mean(-1) + bn.eps)
+        change = change * (bn.weight.double() + 1) / s[..., None]
+    if kind == "ln":
+        change = (change - change.mean(-1, keepdim=True)) * norm.weight.double()
+    else:
+        change = change * (norm.weight.double() + (1.0 if kind == "gemma" else 0.0))
+    d_de = (u * change).sum(-1) / S
+    delta_logit = (abl["logits"][:, :-1].gather(-1, tgt[..., None])
+                   - clean["logits"][:, :-1].gather(-1, tgt[..., None]))[..., 0]
+    return {"delta_logit": delta_logit, "self_repair": delta_logit - d_de}

@@ -255,6 +255,25 @@ def test_fig_appendix_b():
     assert data_rows(s) == 2 * 300
 
 
+def test_fig_frozen_norm():
+    rng = np.random.default_rng(0)
+    heads = pd.DataFrame([{"layer": l, "head": h, "label": f"L{l}H{h}"} for l in (3, 2) for h in range(3)])
+    heads = heads.assign(direct_effect=rng.normal(0.5, 0.2, 6), n=10, self_repair=rng.normal(0.1, 0.05, 6),
+                         self_repair_frozen=rng.normal(0.0, 0.05, 6), self_repair_norms_only=rng.normal(0.05, 0.02, 6),
+                         from_norm=rng.normal(0.1, 0.05, 6), from_block_norms=0.0)
+    heads = heads.assign(norm_terms=heads["from_norm"], removed=heads["self_repair"] - heads["self_repair_frozen"])
+    heads["gap"] = heads["removed"] - heads["norm_terms"]
+    s = spec_of(fl.fig_frozen_norm(heads))
+    assert len(s["hconcat"]) == 2
+    assert {"point", "circle", "line", "rule"} <= marks(s)
+    assert {"value"} <= fields(s, "y") and {"removed"} <= fields(s, "y") and {"norm_terms"} <= fields(s, "x")
+    left = s["hconcat"][0]["layer"][1]["encoding"]
+    assert left["x"]["sort"] == [f"L{l}H{h}" for l in (2, 3) for h in range(3)]  # by layer, head
+    assert left["color"]["scale"]["domain"] == fl.FROZEN_MEASURES
+    assert "gap" in tooltip_fields(s)
+    assert data_rows(s) == 4 * 6 + 6  # four measures per head (left), one point per head (right)
+
+
 @pytest.mark.parametrize("n", [4000])
 def test_sampling_keeps_charts_small(n):
     ph = per_head(n_layers=2, n_heads=2)

@@ -227,7 +227,7 @@ def _synthetic_chapter(parallel: bool, last_layer: bool, seed=0) -> cl.LayerNorm
                                pd.DataFrame(), model, [], {})
 
 
-def _expected_layernorm(ch, tokens_top: pd.DataFrame | None = None) -> dict:
+def _expected_layernorm(ch, tokens_top: pd.DataFrame | None = None, cfg=None) -> dict:
     """Chapter 2's metrics by hand from per-token frames."""
     out = {}
     t = ch.tokens[(ch.tokens["label"] == "L{}H{}".format(*ch.ratio_head)) & (ch.tokens["tokens"] == "top-k%")]
@@ -248,6 +248,21 @@ def _expected_layernorm(ch, tokens_top: pd.DataFrame | None = None) -> dict:
             if layer >= first:
                 per_head.append(np.mean(np.clip(f["from_norm"] / f["direct_effect"], 0, 1)))
         out["norm_share"] = (float(np.mean(per_head)), len(per_head))
+    if cfg is not None:  # norms only, from the cached frozen-norm result
+        from selfrepair.experiment import measure, open_tokens
+        from selfrepair.frozen_norm import FrozenNormSpec
+
+        first = ch.model.n_layers // 2
+        late = tuple((l, h) for l in range(first, ch.model.n_layers) for h in range(ch.model.n_heads))
+        res = measure(cfg, FrozenNormSpec(heads=late), open_tokens(cfg, ch.model, progress=False),
+                      progress=False)
+        shares = []
+        for i, (layer, head) in enumerate(res.heads):
+            f = tokens_top[(tokens_top["layer"] == layer) & (tokens_top["head"] == head)]
+            only = [float(res.norms_only["self_repair"][i, r, p]) for r, p in zip(f["row"], f["pos"])]
+            if f["direct_effect"].mean() > 0:
+                shares.append(np.mean(only) / f["direct_effect"].mean())
+        out["norms_only"] = (float(np.mean(shares)), len(shares))
     here = ch.check[ch.check["role"] == "this model"]
     rel = max(here[here["ablation"] == a]["error"].abs().mean() / here[here["ablation"] == a]["delta_logit"].abs().mean()
               for a in set(here["ablation"]))
@@ -370,7 +385,8 @@ def test_verdicts_on_the_tiny_run(tiny_chapter):
 
     cfg, ch = tiny_chapter
     got = {v.claim.key: v for v in ch.verdicts}
-    want = _expected_layernorm(ch, head_sweep(cfg, "resample", progress=False).tokens_frame("top"))
+    want = _expected_layernorm(ch, head_sweep(cfg, "resample", progress=False).tokens_frame("top"), cfg)
+    assert "norms_only" in want
     assert set(got) == set(want)
     for key, (value, n) in want.items():
         assert got[key].value == pytest.approx(value, rel=1e-6, nan_ok=True), key
@@ -432,3 +448,23 @@ def test_head_tokens_refuses_results_from_other_tokens(tiny_chapter):
     run.direct_effect = run.direct_effect + 1.0  # as if computed on another corpus
     with pytest.raises(SelfRepairError, match="different tokens"):
         layernorm.head_tokens(top, sample, ch.ratio_head, {"zero": run})
+
+
+def test_frozen_norm_section_on_the_tiny_run(tiny_chapter):
+    """The late heads of the tiny (parallel, 2-layer) model are last-layer heads: only the final
+    norm is downstream, so freezing it leaves no self-repair and the norms-only pass is the live one."""
+    from selfrepair.frozen_norm import summary
+
+    cfg, ch = tiny_chapter
+    f = ch.frozen
+    assert list(f["label"]) == [f"L1H{h}" for h in range(ch.model.n_heads)]
+    assert (f["n"] == ch.per_head.set_index("label").loc[f["label"], "n_top"].to_numpy()).all()
+    np.testing.assert_allclose(f["self_repair_frozen"], 0, atol=1e-6)
+    np.testing.assert_allclose(f["self_repair_norms_only"], f["self_repair"], atol=1e-6)
+    np.testing.assert_allclose(f["removed"], f["from_norm"], atol=1e-6)
+    assert f["from_norm"].abs().max() > 1e-3
+    s = summary(f)
+    text = cl.frozen_markdown(ch)
+    assert text.startswith(f"**On {cfg.model}**")
+    assert f"Of the {s['n_positive']} heads with positive live self-repair, {s['n_halved']} lose" in text
+    assert "rounding." in text

@@ -92,3 +92,25 @@ def test_top_percent_selects_ceil_and_dominates(a, b, p, percent, seed):
         chosen, rest = values[i][mask[i]], values[i][~mask[i]]
         if len(rest):
             assert chosen.min() >= rest.max()
+
+
+@settings(**SETTINGS)
+@given(configs)
+def test_frozen_norm_ablation_closes_eq2_in_both_passes(c):
+    """Norms frozen: what is left is the components' reaction; norms only: the norms' terms; and
+    without sandwich norms, freezing removes exactly the live ``from_norm``."""
+    from selfrepair.batch import TokenSet
+    from selfrepair.frozen_norm import frozen_norm_ablation
+
+    model, tok = build(c)
+    heads = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads)]
+    fr = frozen_norm_ablation(model, TokenSet.from_tensor(tok), heads, progress=False)
+    live = self_repair(model, tok, ablation="resample", progress=False)
+    atol = 1e-10 if model.adapter.norm == "layernorm" else 2e-6
+    f, o = fr.frozen, fr.norms_only
+    torch.testing.assert_close(f["self_repair"], f["from_heads"] + f["from_mlps"], atol=atol, rtol=0)
+    torch.testing.assert_close(o["self_repair"], o["from_norm"] + o["from_block_norms"], atol=atol, rtol=0)
+    if not model.sandwich:
+        flat = lambda t: t.flatten(0, 1)  # noqa: E731 - [layer, head] -> the result's head order
+        torch.testing.assert_close(flat(live.self_repair) - f["self_repair"], flat(live.from_norm),
+                                   atol=atol, rtol=0)

@@ -80,11 +80,13 @@ def test_reads_patches_and_passes_equal_the_local_run(tmp_path, family, traces):
             "edited_mlp": edited.reads["mlp"], "watched": edited.watched[("attn", 1)],
             "final_last": edited.final[0], "final_norm": edited.final[1],
             "heads": ablate_heads(batch, 0, [0, 3], repl[0], neuron_layer=1),
+            "frozen_norms": ablate_heads(batch, 0, [1], repl[0], freeze="norms"),
+            "norms_only": ablate_heads(batch, 0, [2], repl[0], freeze="components"),
             "amplify": amplify_heads(batch, 1, [1, 2], (0.5, 2.0)),
             "writes": ablate_writes(prompts, pos, 1, prompts.clean.reads["mlp"][0][[1, 2, 0], pos[[1, 2, 0]]],
                                     torch.zeros(3, 2 * here.n_layers)),
         }
-    assert traces[0] >= 6  # every pass of the remote model went through the simulated remote path
+    assert traces[0] >= 8  # every pass of the remote model went through the simulated remote path
     assert got[False]["watched"].shape == (3,)  # what a watch returns is what comes back
     for name in got[False]:
         assert max_diff(got[False][name], got["local"][name]) <= TOL, name

@@ -90,13 +90,20 @@ def _site_envoy(model: Model, site: str, layer: int):
     raise ValueError(f"unknown site {site!r}; sites: {SITES}")
 
 
+def _norm_path(model: Model, site: str) -> str:
+    """The block norm whose output is a write site (sandwich models)."""
+    return model.adapter.post_attn_norm if site == "attn_write" else model.adapter.post_mlp_norm
+
+
 def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         edits: dict[tuple[str, int], Edit] | None = None, watch: Watch | None = None,
         watch_sites: Iterable[str] = (), start_layer: int = 0,
         resume: torch.Tensor | None = None, read_embed: bool = False,
         last_logits: bool = False, read_layers: dict[str, Iterable[int]] | None = None,
         stop_after: tuple[str, int] | None = None, final: Final | None = None,
-        backward: Final | None = None) -> Pass:
+        backward: Final | None = None,
+        freeze: dict[tuple[str, int], torch.Tensor] | None = None,
+        freeze_final: torch.Tensor | None = None) -> Pass:
     """One traced forward of ``tokens [batch, pos]``.
 
     Parameters
@@ -124,6 +131,12 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         the weights, which stay ``requires_grad=False``) and one backward of that scalar gives
         ``Pass.grads["z"]``, its gradient with respect to every layer's ``z`` (layers
         ``>= start_layer``), in the model's dtype. No edits, stops or ``final`` with it.
+    freeze: ``{(site, layer): scale [batch, pos]}`` for the write sites ``attn_write`` /
+        ``mlp_write`` of sandwich models: that block norm divides by ``scale`` instead of its own
+        RMS (its output becomes ``g * x / scale`` of its input ``x``, :meth:`Model.frozen_norm`),
+        before any edit of the same site. A frozen norm cannot react to an edit upstream of it.
+    freeze_final: ``scale [batch, pos]``: the final norm likewise (``n(x) / scale + b``); what
+        ``final`` and the logits see is the frozen norm's output.
     """
     # Without sandwich norms a block writes the raw attention / MLP output: alias the sites.
     alias = {} if model.sandwich else {"attn_write": "attn", "mlp_write": "mlp"}
@@ -134,7 +147,12 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     for s in watch_sites:
         watch_as.setdefault(alias.get(s, s), []).append(s)
     watch_sites = tuple(watch_as)
-    touched = set(read) | set(watch_sites) | {s for s, _ in edits}
+    freeze = dict(freeze or {})
+    for s, _ in freeze:
+        if s not in ("attn_write", "mlp_write") or not model.sandwich:
+            raise ValueError(f"cannot freeze site {s!r}: only the block norms of sandwich models "
+                             "(attn_write, mlp_write) and the final norm (freeze_final) have a scale")
+    touched = set(read) | set(watch_sites) | {s for s, _ in edits} | {s for s, _ in freeze}
     for s in touched:
         if s not in SITES:
             raise ValueError(f"unknown site {s!r}; sites: {SITES}")
@@ -142,9 +160,10 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         stop_after = (alias.get(stop_after[0], stop_after[0]), int(stop_after[1]))
         if stop_after[0] not in touched:
             raise ValueError(f"stop_after site {stop_after[0]!r} is neither read, watched nor edited")
-    if backward is not None and (edits or stop_after is not None or final is not None or last_logits):
+    if backward is not None and (edits or stop_after is not None or final is not None or last_logits
+                                 or freeze or freeze_final is not None):
         raise ValueError("backward= runs a clean pass with one backward: no edits, stop_after, "
-                         "final or last_logits with it")
+                         "final, last_logits or frozen norms with it")
     if start_layer and resume is None:
         raise ValueError("start_layer > 0 needs `resume`, the residual entering that block")
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
@@ -176,7 +195,13 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
         for layer in range(start_layer, n_layers):
             for site in order:
                 envoy, slot = _site_envoy(model, site, layer)
-                value = envoy.input if slot == "input" else envoy.output
+                if (site, layer) in freeze:  # a write site: the block norm's output, rebuilt on `home`
+                    x = envoy.input
+                    value = model.frozen_norm(model.module(_norm_path(model, site), layer), x.to(home),
+                                              freeze[(site, layer)], kind="rms").to(x.device)
+                    envoy.output = value
+                else:
+                    value = envoy.input if slot == "input" else envoy.output
                 if backward is not None and site == "z":
                     zs.append(value)
                 if (site, layer) in edits:  # the edit works on `home`; its result goes to the reader
@@ -204,15 +229,23 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                 for z in reversed(zs):  # gradients arrive in the reverse of the forward order
                     grads.append(z.grad.to(home))
             tracer.stop()
-        elif final is not None:
-            finals.append(final(norm.input.to(home), norm.output.to(home)))
         else:
-            finals.append(norm.input.to(home))
-            finals.append(norm.output.to(home))
-        if last_logits:
-            finals.append(model.envoy(model.adapter.unembed).output[:, -1].to(home))
-        else:
-            tracer.stop()
+            x = norm.input
+            resid = x.to(home)
+            if freeze_final is not None:
+                normed = model.frozen_norm(model.module(model.adapter.final_norm), resid, freeze_final)
+                norm.output = normed.to(x.device)
+            else:
+                normed = norm.output.to(home)
+            if final is not None:
+                finals.append(final(resid, normed))
+            else:
+                finals.append(resid)
+                finals.append(normed)
+            if last_logits:
+                finals.append(model.envoy(model.adapter.unembed).output[:, -1].to(home))
+            else:
+                tracer.stop()
     reads = {name: torch.stack(saved[site]).detach() for name, site in
              ((n, alias.get(n, n)) for n in requested) if saved[site]}
     embed = finals.pop(0) if read_embed and finals else None

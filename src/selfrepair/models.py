@@ -236,6 +236,18 @@ class Model:
             d = d - d.mean(-1, keepdim=True)
         return d
 
+    def frozen_norm(self, norm: torch.nn.Module, x: torch.Tensor, scale: torch.Tensor,
+                    kind: str | None = None) -> torch.Tensor:
+        """``norm`` applied to ``x [..., d_model]`` with its divisor fixed at ``scale [...]``:
+        ``n(x) / scale + b`` (``n`` linear: centering for LayerNorm, the gain), in ``x``'s dtype.
+        With ``scale = norm_scale(norm, x)`` it is the norm itself, to rounding."""
+        v = x.to(self.effect_dtype)
+        if (kind or self.adapter.norm) == "layernorm":
+            v = v - v.mean(-1, keepdim=True)
+        out = v * self.norm_gain(norm) / scale.to(self.effect_dtype)[..., None]
+        b = self.norm_bias(norm)
+        return (out if b is None else out + b).to(x.dtype)
+
     def head_out_weight(self, layer: int) -> torch.Tensor:
         """``W_O`` per head, ``[n_heads, d_head, d_model]`` fp32 (column slices of o_proj)."""
         w = self.home(self.module(self.adapter.attn_out, layer).weight)

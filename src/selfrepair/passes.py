@@ -1,7 +1,9 @@
 """Every patched forward pass of the library, each starting from a :class:`~selfrepair.batch.CleanBatch`.
 
 - :func:`ablate_heads` — replace heads' outputs (their ``z`` slices) and measure eq. 1 and every
-  term of eq. 2 per token (self-repair paper §2.1, §3.2); optionally the neurons of one MLP layer.
+  term of eq. 2 per token (self-repair paper §2.1, §3.2); optionally the neurons of one MLP layer;
+  optionally with the norms frozen at their clean scales, or every downstream component frozen
+  but the norms (``freeze``: §3's opening experiment, §5.2's "freezing LayerNorm while ablating").
 - :func:`amplify_heads` — add each head's own clean write, scaled, to the input of its layer's
   attention and read its new direct effect (App. F/G: self-reinforcing / repressing heads).
 - :func:`ablate_writes` — replace a whole attention or MLP layer's write at each prompt's last
@@ -33,6 +35,8 @@ from .models import Model
 from .structure import reads
 
 WRITE_SITES = ("attn_write", "mlp_write")
+# What ``ablate_heads(freeze=...)`` holds at the clean run (None: nothing, the live ablation):
+FREEZE = ("norms", "final_norm", "components")
 
 
 def _resume(batch: CleanBatch, layer: int, copies: int) -> torch.Tensor | None:
@@ -49,18 +53,64 @@ def _block_norm_term(model: Model, batch: CleanBatch, kind: str, j: int, raw: to
     return (raw * direction * gain).sum(-1) * (1 / s_new - 1 / clean_scale)
 
 
+def check_freeze(freeze: str | None) -> None:
+    if freeze is not None and freeze not in FREEZE:
+        from .errors import InputError
+        raise InputError(f"unknown freeze {freeze!r}: use None (a live ablation), "
+                         + ", ".join(repr(f) for f in FREEZE))
+
+
+def _freeze_plan(batch: CleanBatch, layer: int, k: int, freeze: str | None) -> dict:
+    """``run`` keywords for ``freeze`` (``k`` stacked copies of the batch):
+
+    - ``"norms"``: the final norm and, in sandwich models, every block norm from the ablated
+      layer's post-attention norm on divide by their clean scales (``freeze`` / ``freeze_final``);
+    - ``"final_norm"``: the final norm only;
+    - ``"components"``: every attention and MLP output downstream of ``layer`` replaced by its
+      clean value (``edits`` at sites ``attn`` / ``mlp``); the norms stay live.
+    """
+    model, clean = batch.model, batch.clean
+    plan: dict = {"edits": {}}
+    if freeze in ("norms", "final_norm"):
+        plan["freeze_final"] = model.norm_scale(model.module(model.adapter.final_norm),
+                                                model.acc(clean.final_resid)).repeat(k, 1)
+    if freeze == "norms" and model.sandwich:
+        plan["freeze"] = {(site, j): block_scales(model, kind, clean.reads[kind][j][None],
+                                                  range(j, j + 1))[0].repeat(k, 1)
+                          for j in range(layer, model.n_layers)
+                          for kind, site in zip(("attn", "mlp"), WRITE_SITES)}
+    if freeze == "components":
+        for j in range(layer, model.n_layers):
+            for kind in ("attn", "mlp"):
+                if reads(model.parallel_residual, "attn", layer, kind, j):
+                    plan["edits"][(kind, j)] = (  # repeated when the pass reaches it, not before
+                        lambda v, x=clean.reads[kind][j]: x.repeat(k, 1, 1).to(v.dtype))
+    return plan
+
+
 def ablate_heads(batch: CleanBatch, layer: int, heads: Sequence[int], repl: torch.Tensor, *,
-                 neuron_layer: int | None = None) -> dict[str, torch.Tensor]:
+                 neuron_layer: int | None = None, freeze: str | None = None) -> dict[str, torch.Tensor]:
     """Ablate ``heads`` of ``layer`` (one stacked pass); every quantity ``[head, batch, pos-1]``.
 
     ``repl`` is the replacement ``z`` of this layer (``[batch or 1, pos or 1, n_heads*d_head]``).
     With ``neuron_layer`` the ablated neuron activations of that MLP layer are returned too
     (``"neurons"``, ``[head, batch, pos-1, d_mlp]``).
+
+    ``freeze`` (:data:`FREEZE`, see :func:`_freeze_plan`) holds part of the model at the clean run
+    while the heads are ablated; ``delta_logit`` is then read from that pass's own final-norm
+    output, and the frozen parts' terms of eq. 2 are zero by construction: ``"norms"`` and
+    ``"final_norm"`` give ``from_norm = 0`` (``"norms"`` also ``from_block_norms = 0``),
+    ``"components"`` gives ``from_heads = from_mlps = 0`` (computed, not set). So in every mode
+    ``self_repair = from_heads + from_mlps + from_norm + from_block_norms``. ``scale_ablated`` is
+    always the final-norm scale of the ablated residual (what a live norm would divide by).
     """
+    check_freeze(freeze)
     model, ro, clean = batch.model, batch.readout, batch.clean
     heads = list(heads)
     k, b = len(heads), batch.rows
     clean_normed = model.acc(clean.final_normed[:, :-1])
+    plan = _freeze_plan(batch, layer, k, freeze)
+    frozen_blocks = freeze == "norms"
 
     # Both run inside the trace and return per-token reductions, which are all that comes back.
     def watch(site: str, j: int, value: torch.Tensor) -> dict | None:
@@ -75,23 +125,27 @@ def ablate_heads(batch: CleanBatch, layer: int, heads: Sequence[int], repl: torc
         if kind == "mlp" or j > layer:  # the ablated layer's own change is the head's ΔDE
             terms["from_heads" if kind == "attn" else "from_mlps"] = (
                 (v - clean_v) * ro.write_dir(model, kind, j)).sum(-1)
-        if model.sandwich:
+        if model.sandwich and not frozen_blocks:
             s_old = (ro.attn_scale if kind == "attn" else ro.mlp_scale)[j]
             terms["from_block_norms"] = _block_norm_term(model, batch, kind, j, v, ro.dir, s_old)
         return terms
+
+    frozen_final = "freeze_final" in plan
 
     def final(resid: torch.Tensor, normed: torch.Tensor) -> dict[str, torch.Tensor]:
         resid = model.acc(resid[:, :-1]).unflatten(0, (k, b))
         scale_new = model.norm_scale(model.module(model.adapter.final_norm), resid)
         normed = model.acc(normed[:, :-1]).unflatten(0, (k, b))
-        return {"delta_logit": (ro.u * (normed - clean_normed)).sum(-1),
-                "from_norm": (ro.d * resid).sum(-1) * (1 / scale_new - 1 / ro.scale),
+        from_norm = (torch.zeros_like(scale_new) if frozen_final else
+                     (ro.d * resid).sum(-1) * (1 / scale_new - 1 / ro.scale))
+        return {"delta_logit": (ro.u * (normed - clean_normed)).sum(-1), "from_norm": from_norm,
                 "scale_ablated": scale_new}
 
     sites = ("attn", "mlp") + (("neurons",) if neuron_layer is not None else ())
     p = run(model, batch.tokens.repeat(k, 1), start_layer=layer, resume=_resume(batch, layer, k),
-            watch=watch, watch_sites=sites, final=final,
-            edits={("z", layer): lambda z: patch_heads(model, z, heads, repl, b)})
+            watch=watch, watch_sites=sites, final=final, freeze=plan.get("freeze"),
+            freeze_final=plan.get("freeze_final"),
+            edits={("z", layer): lambda z: patch_heads(model, z, heads, repl, b), **plan["edits"]})
     acc = defaultdict(lambda: torch.zeros(k, b, batch.seq1, device=model.device, dtype=model.effect_dtype))
     saved = {}
     for terms in p.watched.values():  # in the order the pass met them, as a running sum would

@@ -5,6 +5,16 @@ Fig 15's), both chosen by eye ("demonstrates this phenomena well", "selected as 
 well"). The ``paper`` profile pins them (``ratio_head``, ``ablation_head``); on other models both
 figures use the last-layer head with the largest mean top-k% direct effect, standing in for both.
 
+Frozen-norm ablation (§3's opening experiment, §5.2's "freezing LayerNorm while ablating"): every
+head of the late half of the layers (:data:`FROZEN_RULE`; where the paper finds self-repair, and
+what the ``cpu`` profile's time budget allows) is ablated twice more, with the norms frozen and
+with everything downstream frozen but the norms (:mod:`selfrepair.frozen_norm`). Measured on the
+2-core machine on 2026-12-01 (embedded Gemma-3-270M, 18 layers of 4 heads): both passes for the 36
+late heads cost 0.56x the live ablation of all 72 heads on the same rows (4 rows, heavily loaded
+machine), and 0.35x the whole cached sweep on 1,024 tokens — about 2-4 minutes on the ``cpu``
+profile, whose sweep is about 6 minutes. All 72 heads would cost about 2.1x the sweep (a head in
+layer ``l`` runs ``n_layers - l`` blocks), some 12 more minutes, past the book's 25-minute budget.
+
 Tokens: the heads' top-k% tokens by direct effect (Fig 4, 5, 6, 10 — "filtering for the top 2% of
 tokens according to direct effect") and the uniform sample of all tokens (Fig 9's unclipped view and
 App. D's residual-norm ratios, "without filtering").
@@ -18,20 +28,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import frozen_norm as fz
 from .. import layernorm as ln
-from ..claims import Claim, Verdict, at_least, between, below, bootstrap, render
+from ..claims import Claim, Verdict, above, at_least, between, below, bootstrap, render
 from ..config import CorpusConfig, parse_head
 from ..existence import sweep_frames
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
 from ..heads import HeadsSpec
 from ..models import load_model
 from ..results import head_label
-from ..structure import late_start
+from ..structure import late_start, span
 from ..tables import Layout
 from . import check
 
 PAPER_HEADS = {"ratio_head": "L11H2", "ablation_head": "L11H10"}  # Pythia-160M, Fig 4 and Fig 5
 HEAD_RULE = "the last-layer head with the largest mean top-k% direct effect"
+FROZEN_RULE = "every head of the late half of the layers"
 
 RATIO = {a: Claim(f"ratio_{a}", f"On a head's top tokens the ablated residual is smaller, S/S′ > 1 "
                   f"({a} ablation)", "§3.2, Fig 4", "the share of the ratio head's top-k% tokens "
@@ -57,6 +69,13 @@ APP_H = Claim("appendix_h", "Even a ratio near 1 moves a logit by a nontrivial f
               at_least(0.05), fmt=".1%",
               reading="The norm's rescaling alone moves the correct token against its strongest "
                       "competitor by {value} of a typical direct effect (medians over {n} {unit}).")
+NORMS_ONLY = Claim("norms_only", "With every downstream component frozen except the norm, the norm "
+                   "alone still recovers part of a head's direct effect", "§3",
+                   "per late-layer head, the mean norms-only self-repair over its top-k% tokens "
+                   "divided by its mean direct effect there, averaged over the heads",
+                   above(0.0), fmt=".1%",
+                   reading="With only the norms live, they give back {value} of a head's direct "
+                           "effect on average over the {n} {unit}.")
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,7 @@ class LayerNormChapter:
     model: object
     verdicts: list
     meta: dict
+    frozen: pd.DataFrame | None = None  # per late head: live, norms-frozen, norms-only self-repair
 
     @property
     def ratio_tokens(self) -> pd.DataFrame:
@@ -139,8 +159,11 @@ def measure(cfg: Config, progress: bool = True, reference: bool = True) -> Layer
          "paper": PAPER_HEADS["ablation_head"],
          "reason": "pinned by ablation_head" if cfg.ablation_head else
          ("as ratio_head" if cfg.ratio_head else HEAD_RULE)}])
+    late = tuple((l, h) for l in span(model.n_layers, "late") for h in range(model.n_heads))
+    frozen = cached(cfg, fz.FrozenNormSpec(heads=late, ablation="resample"), data, progress=progress)
     ch = LayerNormChapter(fig, ratio, abl, tokens, ratios, shares, ln.layer_shares(shares), b_check,
-                          ln.appendix_b_table(b_check), per_head, model, [], dict(sweep.meta))
+                          ln.appendix_b_table(b_check), per_head, model, [], dict(sweep.meta),
+                          fz.per_head(top, frozen))
     ch.verdicts = verdicts(ch)
     return ch
 
@@ -177,6 +200,13 @@ def verdicts(ch: LayerNormChapter) -> list[Verdict]:
     # exact: the same tokens give the same error, there is no sampling to put an interval on
     out.append(Verdict(APP_B, float(here["relative_error"].max()), int(here["n"].sum()),
                        "token-ablations", detail.strip(), why=why))
+    if ch.frozen is not None:
+        f = ch.frozen[ch.frozen["direct_effect"] > 0]
+        out.append(Verdict.mean(NORMS_ONLY, f["self_repair_norms_only"] / f["direct_effect"],
+                                "late-layer heads with a positive direct effect",
+                                f"With the norms frozen instead, the mean self-repair of these heads is "
+                                f"{f['self_repair_frozen'].mean():+.3g} logits, against "
+                                f"{f['self_repair'].mean():+.3g} live."))
     g = top[top["ablation"] == "resample"]
     if len(g) and g["direct_effect"].median() > 0:
         pairs = np.c_[ln.relative_boost(g["ratio"], g["competitor_gap"]).abs(), g["direct_effect"]]
@@ -193,6 +223,40 @@ def on_this_model(ch: LayerNormChapter) -> str:
     intro = (f"**On {m.get('model')}** (ratio head {head_label(*ch.ratio_head)}, ablation head "
              f"{head_label(*ch.ablation_head)}; top {m.get('top_percent'):g}% tokens by direct effect).")
     return render(ch.verdicts, intro)
+
+
+def frozen_markdown(ch: LayerNormChapter) -> str:
+    """The frozen-norm section's paragraph, computed from ``ch.frozen``."""
+    f = ch.frozen
+    s = fz.summary(f)
+    m = ch.model
+    first, last = int(f["layer"].min()), int(f["layer"].max())
+    layers = f"layer {first}" if first == last else f"layers {first}–{last}"
+    lines = [f"**On {ch.meta.get('model')}** ({s['n_heads']} heads: {FROZEN_RULE}, {layers}; means "
+             f"over each head's top {ch.meta.get('top_percent'):g}% tokens)."]
+    lines.append(f"- **Freezing the norms.** Of the {s['n_positive']} heads with positive live self-repair, "
+                 f"{s['n_halved']} lose more than half of it when the norms cannot react "
+                 f"({s['n_halved'] / max(1, s['n_positive']):.0%}). Mean self-repair: "
+                 f"{s['mean_self_repair']:+.3g} logits live, {s['mean_frozen']:+.3g} with the norms frozen.")
+    if m.sandwich:
+        lines.append(f"- **Against eq. 2.** Freezing removes {s['mean_self_repair'] - s['mean_frozen']:+.3g} "
+                     f"logits on average, eq. 2's norm terms (`from_norm + from_block_norms`) are "
+                     f"{s['mean_norm_terms']:+.3g}. They need not agree here: with the block norms frozen, "
+                     f"every later component reads a different residual. The largest per-head gap is "
+                     f"{s['max_gap']:+.3g} logits ({s['max_gap_head']}), against norm terms up to "
+                     f"{s['max_norm_terms']:.3g}.")
+    else:
+        exact = abs(s["max_gap"]) <= 1e-4 * max(1.0, s["max_norm_terms"])
+        lines.append(f"- **Against eq. 2.** Nothing but the unembedding reads the final norm, so freezing it "
+                     f"should remove exactly `from_norm`. The largest per-head gap between the two is "
+                     f"{abs(s['max_gap']):.1e} logits ({s['max_gap_head']}), for norm terms up to "
+                     f"{s['max_norm_terms']:.3g}: " + ("rounding." if exact else
+                                                       "more than rounding, which points to a fault."))
+    lines.append(f"- **The norms alone.** With every downstream component frozen, the norms give back "
+                 f"{s['mean_norms_only']:+.3g} logits on average, against eq. 2's live norm terms of "
+                 f"{s['mean_norm_terms']:+.3g} (the live norm also rescales what the later components "
+                 f"changed; the frozen components change nothing).")
+    return "\n".join(lines)
 
 
 def model_notes(cfg: Config) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from .existence import _diagonal, _tips
+from .existence import _diagonal, _head_order, _tips
 
 ABLATIONS = ["resample", "mean", "zero"]
 ABLATION_COLORS = ["#4c78a8", "#f58518", "#54a24b"]
@@ -166,5 +166,46 @@ def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0,
             .properties(title="Appendix B closed form vs real Δlogit (dashed: y = x)"))
 
 
+FROZEN_MEASURES = ["live", "norms frozen", "norms only", "eq. 2 norm terms"]
+FROZEN_COLORS = ["#4c78a8", "#e45756", "#54a24b", "#444444"]
+
+
+def fig_frozen_norm(heads: pd.DataFrame) -> alt.HConcatChart:
+    """§3 / §5.2: per head (rows of :func:`selfrepair.frozen_norm.per_head`), the mean top-k%
+    self-repair of the live ablation, with the norms frozen and with only the norms live, beside
+    eq. 2's norm terms of the live ablation (``from_norm + from_block_norms``; left). Right: what
+    freezing removes (live − frozen) against those norm terms; on the dashed y = x line exactly
+    when freezing the norms removes eq. 2's norm terms and nothing else."""
+    from selfrepair.frozen_norm import long_frame
+
+    long = long_frame(heads)
+    color = alt.Color("measure:N", scale=alt.Scale(domain=FROZEN_MEASURES, range=FROZEN_COLORS),
+                      title="self-repair")
+    dots = alt.Chart(long).mark_point(filled=True, size=45, opacity=0.85).encode(
+        x=alt.X("label:N", sort=_head_order(heads), title="head",
+                axis=alt.Axis(labelAngle=-90, labelOverlap="greedy")),
+        y=alt.Y("value:Q", title="mean over top-k% tokens (logits)"),
+        color=color,
+        shape=alt.Shape("measure:N", scale=alt.Scale(domain=FROZEN_MEASURES,
+                                                     range=["circle", "triangle-down", "square", "diamond"]),
+                        title="self-repair"),
+        tooltip=_tips(long, "measure", "value", "direct_effect", "n"))
+    zero = alt.Chart(long).mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
+    left = alt.layer(zero, dots).properties(width=max(240, 14 * len(heads)), height=240,
+                                            title="Self-repair: live, norms frozen, norms only")
+    diag = (alt.Chart(heads).transform_aggregate(lo="min(norm_terms)", hi="max(norm_terms)")
+            .transform_fold(["lo", "hi"], as_=["end", "v"])
+            .mark_line(color="#444", strokeDash=[4, 3]).encode(x="v:Q", y="v:Q"))
+    points = alt.Chart(heads).mark_circle(size=45, opacity=0.8, color="#e45756").encode(
+        x=alt.X("norm_terms:Q", title="eq. 2 norm terms (from_norm + from_block_norms)"),
+        y=alt.Y("removed:Q", title="live − norms-frozen self-repair"),
+        tooltip=_tips(heads, "norm_terms", "removed", "gap", "from_norm", "from_block_norms",
+                      "self_repair", "self_repair_frozen"))
+    right = alt.layer(diag, points).properties(width=240, height=240,
+                                               title="What freezing removes vs eq. 2 (dashed: y = x)")
+    return alt.hconcat(left, right).properties(
+        title="Ablating with the norms frozen (§3, §5.2), per head")
+
+
 __all__ = ["fig_scale_ratio", "fig_ablation_scatter", "fig_norm_share", "fig_share_variants",
-           "fig_norm_ratio", "fig_appendix_b"]
+           "fig_norm_ratio", "fig_appendix_b", "fig_frozen_norm"]
