@@ -376,3 +376,17 @@ def test_no_page_has_unrendered_tex(built_book):
     leftovers = {str(p.relative_to(built_book)): found[:3] for p in pages
                  if (found := unrendered_tex(p.read_text(encoding="utf-8")))}
     assert not leftovers, json.dumps(leftovers, indent=1, ensure_ascii=False)
+
+
+def test_local_links_of_every_page_resolve(built_book):
+    """Every relative link of every built page (the landing page's chapter map is plain HTML, which
+    Sphinx does not check) points to a file of the build."""
+    broken = []
+    for page in _pages(built_book):
+        text = (built_book / page).read_text(encoding="utf-8")
+        for href in re.findall(r'<a [^>]*href="([^"#]+)[^"]*"', text):
+            if urlparse(href).scheme or href.startswith(("/", "mailto:")):
+                continue
+            if not (built_book / page).parent.joinpath(href).resolve().is_file():
+                broken.append(f"{page}: {href}")
+    assert not broken, broken
