@@ -10,7 +10,7 @@ import pytest
 
 from selfrepair.atp import layer_errors
 from selfrepair.figures import atp as fa
-from selfrepair.figures import data_rows, validate_spec
+from selfrepair.figures import check_width, data_rows, validate_spec
 
 from test_figures_hydra_across import _fields, _marks
 
@@ -35,6 +35,7 @@ def heads():
 def _check(chart, rows):
     spec = chart.to_dict()
     validate_spec(spec)
+    check_width(spec)  # fits the book's column at 1024 px
     assert data_rows(spec) == rows
     return spec
 

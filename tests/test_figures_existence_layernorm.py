@@ -264,10 +264,11 @@ def test_fig_frozen_norm():
     heads = heads.assign(norm_terms=heads["from_norm"], removed=heads["self_repair"] - heads["self_repair_frozen"])
     heads["gap"] = heads["removed"] - heads["norm_terms"]
     s = spec_of(fl.fig_frozen_norm(heads))
-    assert len(s["hconcat"]) == 2
+    assert len(s["vconcat"]) == 2  # stacked: the per-head panel takes the column
+    check_width(s)
     assert {"point", "circle", "line", "rule"} <= marks(s)
     assert {"value"} <= fields(s, "y") and {"removed"} <= fields(s, "y") and {"norm_terms"} <= fields(s, "x")
-    left = s["hconcat"][0]["layer"][1]["encoding"]
+    left = s["vconcat"][0]["layer"][1]["encoding"]
     assert left["x"]["sort"] == [f"L{l}H{h}" for l in (2, 3) for h in range(3)]  # by layer, head
     assert left["color"]["scale"]["domain"] == fl.FROZEN_MEASURES
     assert "gap" in tooltip_fields(s)

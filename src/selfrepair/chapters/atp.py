@@ -25,6 +25,7 @@ from ..claims import Claim, Verdict, at_least, at_most, render
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
+from ..tables import Layout
 from . import check
 
 RANKS = Claim("ranks", "AtP ranks components like the exact ablation it approximates",
@@ -66,6 +67,12 @@ class AtpChapter:
     cost: pd.DataFrame  # wall time of the sweep and of AtP, and their ratio
     verdicts: list
     meta: dict
+
+
+COST_TABLE = Layout(("measurement", "passes per batch", "wall time (s)", "sweep / AtP"))
+LAYERS_TABLE = Layout(("layer", "n_heads", "abs_exact", "abs_error", "error_norm", "error_downstream"),
+                      names={"abs_exact": "mean |exact Δlogit|", "abs_error": "mean |exact − AtP|",
+                             "error_norm": "final norm's part", "error_downstream": "downstream part"})
 
 
 def cost_table(sweep_meta: dict, atp: at.Atp, n_layers: int) -> pd.DataFrame:

@@ -37,7 +37,7 @@ def fig_atp_vs_exact(heads: pd.DataFrame) -> alt.LayerChart:
                              "delta_direct_effect", "self_repair", "atp_self_repair"),
     ).add_params(alt.selection_interval(bind="scales", name="zoom"))
     return alt.layer(line, points, data=heads).properties(
-        title="AtP vs the exact ablation, per head (dashed: y = x)", width=340, height=300)
+        title="AtP vs the exact ablation, per head (dashed: y = x)", width="container", height=300)
 
 
 def fig_layer_error(layers: pd.DataFrame) -> alt.LayerChart:
@@ -53,7 +53,8 @@ def fig_layer_error(layers: pd.DataFrame) -> alt.LayerChart:
     ticks = base.mark_tick(color="black", thickness=2, size=18).encode(
         x="layer:O", y="abs_exact:Q", tooltip=tips)
     return alt.layer(bars, ticks).properties(
-        title="Per layer: mean |exact − AtP| (bars) and mean |exact Δlogit| (ticks)", width=340, height=220)
+        title="Per layer: mean |exact − AtP| (bars) and mean |exact Δlogit| (ticks)", width="container",
+        height=220)
 
 
 def decomposition_frame(heads: pd.DataFrame) -> pd.DataFrame:
@@ -81,4 +82,5 @@ def fig_error_decomposition(heads: pd.DataFrame) -> alt.LayerChart:
         tooltip=head_tooltip("error", "error_norm", "error_downstream"))
     zero = alt.Chart(heads).mark_rule(color="#888").encode(y=alt.datum(0))
     return alt.layer(zero, bars, total).properties(
-        title="Where AtP's error comes from: exact − AtP per head (tick: total)", height=240)
+        title="Where AtP's error comes from: exact − AtP per head (tick: total)", width="container",
+        height=240)

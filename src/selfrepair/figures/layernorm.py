@@ -10,6 +10,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from . import VIEWS_AT_1024
 from .existence import _diagonal, _head_order, _tips
 
 ABLATIONS = ["resample", "mean", "zero"]
@@ -170,10 +171,10 @@ FROZEN_MEASURES = ["live", "norms frozen", "norms only", "eq. 2 norm terms"]
 FROZEN_COLORS = ["#4c78a8", "#e45756", "#54a24b", "#444444"]
 
 
-def fig_frozen_norm(heads: pd.DataFrame) -> alt.HConcatChart:
+def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
     """§3 / §5.2: per head (rows of :func:`selfrepair.frozen_norm.per_head`), the mean top-k%
     self-repair of the live ablation, with the norms frozen and with only the norms live, beside
-    eq. 2's norm terms of the live ablation (``from_norm + from_block_norms``; left). Right: what
+    eq. 2's norm terms of the live ablation (``from_norm + from_block_norms``; top). Below: what
     freezing removes (live − frozen) against those norm terms; on the dashed y = x line exactly
     when freezing the norms removes eq. 2's norm terms and nothing else."""
     from selfrepair.frozen_norm import long_frame
@@ -191,7 +192,7 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.HConcatChart:
                         title="self-repair"),
         tooltip=_tips(long, "measure", "value", "direct_effect", "n"))
     zero = alt.Chart(long).mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
-    left = alt.layer(zero, dots).properties(width=max(240, 14 * len(heads)), height=240,
+    left = alt.layer(zero, dots).properties(width=min(VIEWS_AT_1024, max(240, 14 * len(heads))), height=240,
                                             title="Self-repair: live, norms frozen, norms only")
     diag = (alt.Chart(heads).transform_aggregate(lo="min(norm_terms)", hi="max(norm_terms)")
             .transform_fold(["lo", "hi"], as_=["end", "v"])
@@ -203,7 +204,7 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.HConcatChart:
                       "self_repair", "self_repair_frozen"))
     right = alt.layer(diag, points).properties(width=240, height=240,
                                                title="What freezing removes vs eq. 2 (dashed: y = x)")
-    return alt.hconcat(left, right).properties(
+    return alt.vconcat(left, right).properties(  # stacked: the per-head panel is wide
         title="Ablating with the norms frozen (§3, §5.2), per head")
 
 
