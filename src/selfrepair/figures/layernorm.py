@@ -181,7 +181,7 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
 
     long = long_frame(heads)
     color = alt.Color("measure:N", scale=alt.Scale(domain=FROZEN_MEASURES, range=FROZEN_COLORS),
-                      title="self-repair")
+                      title="self-repair", legend=alt.Legend(orient="bottom", columns=2))
     dots = alt.Chart(long).mark_point(filled=True, size=45, opacity=0.85).encode(
         x=alt.X("label:N", sort=_head_order(heads), title="head",
                 axis=alt.Axis(labelAngle=-90, labelOverlap="greedy")),
@@ -189,7 +189,7 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
         color=color,
         shape=alt.Shape("measure:N", scale=alt.Scale(domain=FROZEN_MEASURES,
                                                      range=["circle", "triangle-down", "square", "diamond"]),
-                        title="self-repair"),
+                        title="self-repair", legend=alt.Legend(orient="bottom", columns=2)),
         tooltip=_tips(long, "measure", "value", "direct_effect", "n"))
     zero = alt.Chart(long).mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
     left = alt.layer(zero, dots).properties(width=min(VIEWS_AT_1024, max(240, 14 * len(heads))), height=240,
