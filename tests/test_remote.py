@@ -148,7 +148,29 @@ def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces)
     assert ma["key"] == mb["key"] and ma["run"]["remote"] is False and mb["run"]["remote"] == "local"
 
 
-CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across", "atp"]
+CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across"]
+
+
+def test_the_gradient_pass_refuses_the_remote_path(tmp_path):
+    """Chapter 7's backward pass is not supported remotely yet: one clear error, not wrong numbers."""
+    from selfrepair.chapters import atp
+    from selfrepair.book import load_profile
+    from selfrepair.errors import InputError, RemoteError
+    from selfrepair.experiment import _model
+
+    profile = load_profile("tiny", Path(__file__).resolve().parents[1])
+    profile.pop("chapters", None)
+    names = set(atp.Config.field_names())
+    params = {k: v for k, v in profile.items() if k in names}
+    with pytest.raises(InputError, match="gradient pass does not run through nnsight's remote path"):
+        atp.Config.from_params(**params, cache_dir=str(tmp_path), remote="local")
+    from selfrepair import load_model
+    from selfrepair.intervene import run
+
+    model = load_model("tiny-gpt_neox", remote="local")
+    with pytest.raises(RemoteError, match="gradient pass .* does not run through nnsight's remote path"):
+        run(model, torch.randint(0, 256, (2, 8)), backward=lambda resid, normed: normed.sum())
+    _model.cache_clear()
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

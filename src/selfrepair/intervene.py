@@ -164,6 +164,10 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                                  or freeze or freeze_final is not None):
         raise ValueError("backward= runs a clean pass with one backward: no edits, stop_after, "
                          "final, last_logits or frozen norms with it")
+    if backward is not None and model.remote:
+        raise RemoteError("the gradient pass (backward=, chapter 7's attribution patching) does not run "
+                          "through nnsight's remote path yet (its backward comes back empty in the "
+                          "remote simulation): run it with remote=None")
     if start_layer and resume is None:
         raise ValueError("start_layer > 0 needs `resume`, the residual entering that block")
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
@@ -229,23 +233,25 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                 for z in reversed(zs):  # gradients arrive in the reverse of the forward order
                     grads.append(z.grad.to(home))
             tracer.stop()
-        else:
+        elif freeze_final is not None:
             x = norm.input
             resid = x.to(home)
-            if freeze_final is not None:
-                normed = model.frozen_norm(model.module(model.adapter.final_norm), resid, freeze_final)
-                norm.output = normed.to(x.device)
-            else:
-                normed = norm.output.to(home)
+            normed = model.frozen_norm(model.module(model.adapter.final_norm), resid, freeze_final)
+            norm.output = normed.to(x.device)
             if final is not None:
                 finals.append(final(resid, normed))
             else:
                 finals.append(resid)
                 finals.append(normed)
-            if last_logits:
-                finals.append(model.envoy(model.adapter.unembed).output[:, -1].to(home))
-            else:
-                tracer.stop()
+        elif final is not None:
+            finals.append(final(norm.input.to(home), norm.output.to(home)))
+        else:
+            finals.append(norm.input.to(home))
+            finals.append(norm.output.to(home))
+        if last_logits:
+            finals.append(model.envoy(model.adapter.unembed).output[:, -1].to(home))
+        else:
+            tracer.stop()
     reads = {name: torch.stack(saved[site]).detach() for name, site in
              ((n, alias.get(n, n)) for n in requested) if saved[site]}
     embed = finals.pop(0) if read_embed and finals else None
