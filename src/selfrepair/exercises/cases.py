@@ -17,7 +17,7 @@ Conventions (as in the book): position ``p`` predicts token ``p + 1``, so per-to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -67,7 +67,7 @@ class Case:
             x = x - x.mean(-1, keepdim=True)
         return x * self.gain
 
-    @property
+    @cached_property  # every check of eq. 1 reads it: computed once per case
     def delta_direct_effect(self) -> torch.Tensor:
         """``[batch, pos-1]`` ΔDE of the ablated head (ablated − clean, both at the clean scale)."""
         from .answers import direct_effect
@@ -94,7 +94,7 @@ def make_case(family: str = "gpt2", head: tuple[int, int] | None = None, seed: i
     """A case on ``tiny-<family>`` (2 layers, 4 heads of 8, d_model 32) with ``head`` (default
     head 1 of layer 0, so the last layer is downstream of it) resample-ablated: its ``z`` replaced
     by its ``z`` on the rows rolled by one. Cached: the checks build each case once."""
-    model = load_model(f"{'tiny-'}{family}", dtype="float32")
+    model = load_model(f"tiny-{family}", dtype="float32")
     layer, h = head if head is not None else (0, 1)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 256, (ROWS, SEQ), generator=g)
@@ -146,7 +146,7 @@ def make_hydra_case(family: str = "gpt2", seed: int = 0) -> HydraCase:
     from ..batch import PromptSet
     from ..hydra import hydra_effect
 
-    model = load_model(f"{'tiny-'}{family}", dtype="float32")
+    model = load_model(f"tiny-{family}", dtype="float32")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 256, (6, 10), generator=g)
     ids[:, 0] = model.tokenizer.bos_token_id

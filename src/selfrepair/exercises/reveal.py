@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 
 TERMS = ("from_heads", "from_mlps", "from_block_norms", "from_norm")
 TERM_NAMES = {"from_heads": "downstream heads", "from_mlps": "downstream MLP layers",
@@ -20,15 +19,10 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}%"
 
 
-def _frame(x) -> pd.DataFrame:
-    """The DataFrame behind a table (chapters may hand display-ready tables to the notebook)."""
-    return getattr(x, "frame", x)
-
-
 # -- chapter 0 ---------------------------------------------------------------------------------------
 def no_reaction(live) -> str:
     """If nothing downstream reacted, Δlogit = ΔDE_head; the measured Δlogit of the first head."""
-    r = _frame(live.table).iloc[0]
+    r = live.table.iloc[0]
     gap = r.delta_logit - r.delta_direct_effect
     return (f"With nothing downstream reacting, Δlogit would be exactly the head's own change, "
             f"ΔDE = {r.delta_direct_effect:.3g} for {r.label} (averaged over the live check's tokens). "
@@ -38,7 +32,7 @@ def no_reaction(live) -> str:
 
 def largest_term(live, model) -> str:
     """Which eq. 2 term is largest for the last-layer heads of the live check."""
-    t = _frame(live.table)
+    t = live.table
     last = [r for _, r in t.iterrows() if int(r.label[1:].split("H")[0]) == model.n_layers - 1]
     if not last:
         return "None of the live check's heads is in the last layer: set `featured_heads` to one that is."
@@ -57,7 +51,7 @@ def largest_term(live, model) -> str:
 # -- chapter 1 ---------------------------------------------------------------------------------------
 def late_heads(ex) -> str:
     """How many late heads with a positive direct effect are self-repaired (whole-set means)."""
-    s = _frame(ex.summary).set_index("group").loc["late"]
+    s = ex.summary.set_index("group").loc["late"]
     n = int(s.n_positive_de)
     if n == 0:
         return "No late-layer head has a positive whole-set direct effect on this run."
@@ -69,7 +63,7 @@ def late_heads(ex) -> str:
 
 def noise(ex) -> str:
     """The per-token spread of the head with the largest mean direct effect (uniform sample)."""
-    sp = _frame(ex.spread)
+    sp = ex.spread
     r = sp.loc[sp["mean_de"].idxmax()]
     return (f"{r.label} (the largest mean direct effect, {r.mean_de:.3g}): over {int(r.n)} sampled "
             f"tokens its self-repair runs from {r.q10:.3g} (10th percentile) to {r.q90:.3g} (90th), "
@@ -80,7 +74,7 @@ def noise(ex) -> str:
 # -- chapter 2 ---------------------------------------------------------------------------------------
 def zero_ratio(ch) -> str:
     """Share of the ratio head's top tokens with S/S′ > 1 under each ablation."""
-    r = _frame(ch.ratios).set_index("ablation")
+    r = ch.ratios.set_index("ablation")
     label = r["label"].iloc[0]
     shares = ", ".join(f"{_pct(r.loc[a, 'share_ratio_above_1'])} ({a})" for a in r.index)
     return (f"S/S′ > 1 on {shares} of {label}'s top tokens. Zero ablation removes the head's whole "
@@ -90,7 +84,7 @@ def zero_ratio(ch) -> str:
 
 def share(ch) -> str:
     """The clipped final-norm share of DE on top tokens, by layer."""
-    lay = _frame(ch.layers)
+    lay = ch.layers
     g = lay[(lay["tokens"] == "top-k%") & (lay["clipping"] == "clipped") & (lay["component"] == "final norm")]
     best = g.loc[g["share"].idxmax()]
     return (f"Averaged over heads, the final norm gives back {_pct(g['share'].mean())} of a head's "
@@ -102,7 +96,7 @@ def share(ch) -> str:
 # -- chapter 3 ---------------------------------------------------------------------------------------
 def erasure(ch) -> str:
     """Whether the top repairing neurons erase (negative clean DE), against all neurons."""
-    s = _frame(ch.summary)
+    s = ch.summary
     r = s.iloc[0]
     return (f"For {r.label}: {_pct(r.erasure_top)} of its top repairing neurons have a negative clean "
             f"direct effect, against {_pct(r.negative_baseline)} of all neurons of the last MLP layer; "
@@ -112,7 +106,7 @@ def erasure(ch) -> str:
 
 def sparse(ch) -> str:
     """How many neurons carry half of the repair."""
-    s = _frame(ch.summary)
+    s = ch.summary
     parts = ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} for {r.label}" for _, r in s.iterrows())
     return f"Half of the neurons' repair is carried by {parts}."
 
@@ -120,7 +114,7 @@ def sparse(ch) -> str:
 # -- chapter 4 ---------------------------------------------------------------------------------------
 def classes(ch) -> str:
     """Counts of self-reinforcing / self-repressing / neutral / weak heads."""
-    c = _frame(ch.classes)
+    c = ch.classes
     counts = c["class"].value_counts()
     alpha = c["alpha"].max()
     text = ", ".join(f"{int(n)} {name}" for name, n in counts.items())
@@ -130,7 +124,7 @@ def classes(ch) -> str:
 
 def control(ch) -> str:
     """How the heads respond to a random push of the same norm."""
-    c = _frame(ch.classes)
+    c = ch.classes
     own, rnd = c["relative_change"].abs().median(), c["control_change"].abs().median()
     n_spec = int(c["specific"].sum())
     return (f"The median |relative change| is {own:.2g} for the head's own output and {rnd:.2g} for "
@@ -141,7 +135,7 @@ def control(ch) -> str:
 # -- chapter 5 ---------------------------------------------------------------------------------------
 def drop_vs_de(ch) -> str:
     """How often a layer's direct effect exceeds the logit drop its ablation causes."""
-    e = _frame(ch.effects)
+    e = ch.effects
     a = e[e["kind"] == "attn"]
     frac = float((a["direct_effect"] > a["ablation_drop"]).mean())
     return (f"For {_pct(frac)} of the (prompt, attention layer) pairs the layer's direct effect is "
@@ -151,7 +145,7 @@ def drop_vs_de(ch) -> str:
 
 def late_mlps(ch) -> str:
     """The sign of late MLP layers' ΔDE when an attention layer is ablated."""
-    er = _frame(ch.erasure)
+    er = ch.erasure
     late = er[er["late"]]
     if late.empty:
         return "This model has no late MLP layer downstream of an attention layer."
@@ -166,7 +160,7 @@ def late_mlps(ch) -> str:
 # -- chapter 6 ---------------------------------------------------------------------------------------
 def holds(ch) -> str:
     """On how many runs most late heads self-repair."""
-    t = _frame(ch.table)
+    t = ch.table
     ok = t["frac_self_repaired_late"] > 0.5
     runs = ", ".join(f"{r.run} {_pct(r.frac_self_repaired_late)}" for _, r in t.iterrows())
     return (f"Most late heads are self-repaired on {int(ok.sum())} of {len(t)} runs "
@@ -175,7 +169,7 @@ def holds(ch) -> str:
 
 def norm_share_range(ch) -> str:
     """The range of the late layers' norm share across runs."""
-    t = _frame(ch.table).dropna(subset=["norm_share_late"])
+    t = ch.table.dropna(subset=["norm_share_late"])
     lo, hi = t.loc[t["norm_share_late"].idxmin()], t.loc[t["norm_share_late"].idxmax()]
     return (f"The late layers' clipped norm share runs from {_pct(lo.norm_share_late)} ({lo.run}) to "
             f"{_pct(hi.norm_share_late)} ({hi.run}).")
@@ -185,7 +179,7 @@ def norm_share_range(ch) -> str:
 def atp_direction(ch) -> str:
     """For the exact top-k heads by |Δlogit|: how often AtP overstates the ablation's effect, and
     which part of exact − AtP (the final norm's or the downstream components') is the larger."""
-    h = _frame(ch.heads)
+    h = ch.heads
     k = ch.ranks["k"]
     top = h.assign(a=h["exact"].abs()).sort_values(["a", "layer", "head"], ascending=[False, True, True],
                                                    kind="mergesort").head(k)
