@@ -27,6 +27,10 @@ Sites, in the order a block executes them (reads and edits must follow this orde
 ``z``          input of the attention output projection: ``[.., n_heads * d_head]``, head h is
                the slice ``h*d_head:(h+1)*d_head``
 ``attn``       output of the attention output projection (the sum of heads plus ``b_O``)
+``pattern``    the attention probabilities ``[.., n_heads, query, key]`` (read only): the attention
+               module's second output, which Hugging Face returns under ``eager`` attention only
+               (``sdpa`` returns ``None``), so a pass that reads it runs with eager attention
+               (:func:`eager_attention`; the same numbers to float rounding)
 ``attn_write`` what the attention writes to the residual (sandwich models: the post-attention
                norm's output; otherwise the same tensor as ``attn``)
 ``neurons``    input of the MLP down projection (the hidden activations)
@@ -48,7 +52,7 @@ import torch
 from .errors import ModelLoadError, RemoteError
 from .models import Model
 
-SITES = ("attn_in", "z", "attn", "attn_write", "neurons", "mlp", "mlp_write", "block")
+SITES = ("attn_in", "z", "attn", "pattern", "attn_write", "neurons", "mlp", "mlp_write", "block")
 Edit = Callable[[torch.Tensor], torch.Tensor]
 Watch = Callable[[str, int, torch.Tensor], Any]  # returns what it reduces (or None)
 Final = Callable[[torch.Tensor, torch.Tensor], Any]  # (final resid, final normed) -> reductions
@@ -77,6 +81,8 @@ def _site_envoy(model: Model, site: str, layer: int):
         return model.envoy(a.attn_out, layer), "input"
     if site == "attn":
         return model.envoy(a.attn_out, layer), "output"
+    if site == "pattern":
+        return model.envoy(a.attn, layer), "weights"
     if site == "neurons":
         return model.envoy(a.mlp_out, layer), "input"
     if site == "mlp":
@@ -88,6 +94,22 @@ def _site_envoy(model: Model, site: str, layer: int):
     if site == "block":
         return model.envoy(a.blocks)[layer], "output"
     raise ValueError(f"unknown site {site!r}; sites: {SITES}")
+
+
+@contextlib.contextmanager
+def eager_attention(model: Model, on: bool = True):
+    """Run the model's attention ``eager`` while inside (when ``on``), restoring its own after:
+    only eager attention returns the probabilities (the ``pattern`` site). Hugging Face modules
+    read ``config._attn_implementation`` at every forward, and every attention module of a model
+    shares its config."""
+    config = model.hf.config
+    before = config._attn_implementation
+    if on:
+        config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def _norm_path(model: Model, site: str) -> str:
@@ -156,6 +178,11 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     for s in touched:
         if s not in SITES:
             raise ValueError(f"unknown site {s!r}; sites: {SITES}")
+    if any(s == "pattern" for s, _ in edits):
+        raise ValueError("the pattern site is read only: edit z or attn_in instead")
+    if "pattern" in touched and model.remote:
+        raise RemoteError("reading attention patterns needs eager attention on this machine's copy of "
+                          "the model: run it with remote=None")
     if stop_after is not None:
         stop_after = (alias.get(stop_after[0], stop_after[0]), int(stop_after[1]))
         if stop_after[0] not in touched:
@@ -183,7 +210,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     # Gradients are with respect to activations only: autograd is on for a backward pass, and the
     # residual entering the first block run is made a leaf that requires grad (weights never do).
     grad_mode = torch.enable_grad() if backward is not None else torch.no_grad()
-    with remote_errors(model), grad_mode, model.nn.trace(tokens, **kwargs) as tracer:
+    with remote_errors(model), grad_mode, eager_attention(model, "pattern" in touched), \
+            model.nn.trace(tokens, **kwargs) as tracer:
         saved = nnsight.save({s: [] for s in read})
         finals = nnsight.save([])
         watched = nnsight.save({})
@@ -204,6 +232,8 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                     value = model.frozen_norm(model.module(_norm_path(model, site), layer), x.to(home),
                                               freeze[(site, layer)], kind="rms").to(x.device)
                     envoy.output = value
+                elif slot == "weights":
+                    value = envoy.output[1]
                 else:
                     value = envoy.input if slot == "input" else envoy.output
                 if backward is not None and site == "z":

@@ -48,16 +48,17 @@ class Adapter:
     parallel_residual_attr: str | None = None  # config flag; None = sequential block
     post_attn_norm: str | None = None  # sandwich norm on the attention write (Gemma-2/3)
     post_mlp_norm: str | None = None  # sandwich norm on the MLP write
+    attn: str = "self_attn"  # attention module, relative to a block; its output[1]: the pattern (eager)
 
 
 ADAPTERS: dict[str, Adapter] = {
     a.family: a
     for a in (
         Adapter("gpt2", ("gpt2",), "transformer.h", "attn.c_proj", "mlp", "mlp.c_proj",
-                "transformer.ln_f", "lm_head", "layernorm", "ln_1", conv1d=True),
+                "transformer.ln_f", "lm_head", "layernorm", "ln_1", conv1d=True, attn="attn"),
         Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention.dense", "mlp",
                 "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head", "layernorm", "input_layernorm",
-                parallel_residual_attr="use_parallel_residual"),
+                parallel_residual_attr="use_parallel_residual", attn="attention"),
         Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers", "self_attn.o_proj", "mlp",
                 "mlp.down_proj", "model.norm", "lm_head", "rmsnorm", "input_layernorm"),
         Adapter("gemma3", ("gemma3_text", "gemma3"), "model.layers", "self_attn.o_proj", "mlp",

@@ -1,0 +1,237 @@
+"""Name movers and backup name movers in IOI (Wang et al. 2023 §3.2-3.4; self-repair paper
+App. G), measured on the logit difference ``IO − S`` at each prompt's end position.
+
+- **Readout.** ``u = u_IO − u_S`` (:func:`diff_readout`): every direct effect is on the logit
+  difference, the final norm (and in sandwich models the block norms) frozen at the clean
+  scales. All components' DEs (heads, attention output biases, MLP layers, embeddings) plus the
+  constant terms sum to the clean logit difference.
+- **Name movers** (:func:`select_name_movers`): among the heads whose attention from the end goes
+  more to IO than to S (mean over prompts), the ``n`` with the largest mean DE on the logit
+  difference (positive DE only); or heads given by label.
+- **Ablation**: the name movers' outputs (``z`` slices) at the end position together, replaced
+  by their mean over the prompt set (Wang et al.'s mean ablation; here the mean over these
+  prompts' end positions), by the end-position ``z`` of the prompt two on (resample: another name
+  pair, as prompts come in ABBA/BABA pairs) or by zeros. Every head's DE is read again:
+  backups are heads whose DE grows. ``self_repair = delta_logit − ΔDE_name_movers`` (eq. 1), and
+  ``delta_logit = ΔDE_name_movers + from_heads + from_mlps + from_norm + from_block_norms``.
+- **Residual moving** (App. G): layer ``target``'s heads read the clean residual that entered the
+  first name mover's layer ``source`` (every attention and MLP layer in between skipped, i.e.
+  zero-ablated, at every position); ``moved_de [n, layer, head]`` (NaN before ``source``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .ablation import check_ablation
+from .batch import clean_batch
+from .direct_effect import Readout, at_positions, last_readout
+from .ioi import IoiPrompts
+from .measure import RunOptions, Spec
+from .models import Model
+from .prompt_passes import ablate_heads_at, attention_from, clean_head_de, clean_mlp_de, moved_residual_de
+from .results import Result, head_label
+
+
+def diff_readout(model: Model, clean, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor) -> Readout:
+    """The frozen-norm readout of ``logit(IO) − logit(S)`` at ``pos`` (linear in ``u``: the
+    difference of the two tokens' readouts)."""
+    a, b = last_readout(model, clean, pos, io), last_readout(model, clean, pos, s)
+    return Readout(targets=a.targets, u=a.u - b.u, d=a.d - b.d, scale=a.scale, logit=a.logit - b.logit,
+                   bias=a.bias - b.bias, attn_scale=a.attn_scale, mlp_scale=a.mlp_scale)
+
+
+@dataclass
+class IoiResult(Result):
+    """Per prompt ``n``: clean and ablated direct effects on the logit difference, attention from
+    the end, and the residual-moving pass."""
+
+    logit_diff: torch.Tensor  # [n] clean logit difference IO − S (the model's real output)
+    head_de: torch.Tensor  # [n, layer, head] clean DE on the logit difference
+    mlp_de: torch.Tensor  # [n, layer]
+    attn_bias_de: torch.Tensor  # [n, layer] output-projection biases
+    embed_de: torch.Tensor  # [n]
+    constant: torch.Tensor  # [n] final-norm bias + unembedding bias terms
+    attn_io: torch.Tensor  # [n, layer, head] attention from the end to IO
+    attn_s1: torch.Tensor  # [n, layer, head] ... to S's first occurrence
+    attn_s2: torch.Tensor  # [n, layer, head] ... to S's second occurrence
+    ml_token: torch.Tensor  # [n] the clean run's top token at the end
+    io_token: torch.Tensor  # [n]
+    name_movers: torch.Tensor  # [k, 2] (layer, head)
+    ablated_head_de: torch.Tensor  # [n, layer, head] after the name movers' ablation
+    ablated_mlp_de: torch.Tensor  # [n, layer]
+    delta_logit: torch.Tensor  # [n] change of the real logit difference
+    from_norm: torch.Tensor  # [n]
+    from_block_norms: torch.Tensor  # [n]
+    moved_de: torch.Tensor  # [n, layer, head] reading the residual that entered `source`
+    source_layer: torch.Tensor  # [] the first name mover's layer
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        return [tuple(map(int, r)) for r in self.name_movers]
+
+    def nm_mask(self) -> torch.Tensor:
+        m = torch.zeros(self.head_de.shape[1:], dtype=torch.bool)
+        for l, h in self.heads:
+            m[l, h] = True
+        return m
+
+    def to_frame(self) -> pd.DataFrame:
+        return head_frame(self)
+
+
+def select_name_movers(head_de: torch.Tensor, attn_io: torch.Tensor, attn_s: torch.Tensor,
+                       n: int) -> tuple[list[tuple[int, int]], bool]:
+    """(name movers, whether the rule found any): the ``n`` heads with the largest mean DE among
+    those with a positive mean DE that attend more to IO than to S from the end (means over
+    prompts, ``[n_prompts, layer, head]`` inputs). If none qualifies, the ``n`` heads with the
+    largest mean DE (so later steps still run; the flag says the rule failed)."""
+    de, io, s = head_de.mean(0), attn_io.mean(0), attn_s.mean(0)
+    H = de.shape[1]
+    ok = (de > 0) & (io > s)
+    score = torch.where(ok, de, torch.full_like(de, -float("inf"))).flatten()
+    k = min(n, int(ok.sum()))
+    found = k > 0
+    idx = score.topk(k).indices if found else de.flatten().topk(min(n, de.numel())).indices
+    return [(int(i) // H, int(i) % H) for i in idx], found
+
+
+def ioi_measure(model: Model, data: IoiPrompts, *, ablation: str = "mean", n_name_movers: int = 3,
+                name_movers: tuple[tuple[int, int], ...] = (), batch_size: int = 16,
+                progress: bool = True) -> IoiResult:
+    """The clean pass, the name movers' ablation and the residual-moving passes (module docstring)."""
+    check_ablation(ablation)
+    n, L, H = len(data), model.n_layers, model.n_heads
+    chunks = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    acc = model.effect_dtype
+    out = {k: torch.zeros(n, L, H, dtype=acc) for k in ("head_de", "attn_io", "attn_s1", "attn_s2")}
+    out.update({k: torch.zeros(n, L, dtype=acc) for k in ("mlp_de", "attn_bias_de")})
+    out.update({k: torch.zeros(n, dtype=acc) for k in ("logit_diff", "embed_de", "constant")})
+    ml = torch.zeros(n, dtype=torch.long)
+    z_end = torch.zeros(L, n, H * model.d_head, dtype=model.dtype)
+    cleans = []
+    for idx in tqdm(chunks, desc="IOI clean", disable=not progress):
+        tok, pos = data.rows(idx)
+        batch = clean_batch(model, tok, last_pos=pos)
+        ml[idx] = batch.readout.targets.cpu()
+        batch.readout = ro = diff_readout(model, batch.clean, pos, data.io_token[idx], data.s_token[idx])
+        cleans.append((idx, batch, pos))
+        out["head_de"][idx] = clean_head_de(batch, pos).permute(2, 0, 1).cpu()
+        out["mlp_de"][idx] = clean_mlp_de(batch, pos).T.cpu()
+        for j in range(L):
+            b = model.attn_out_bias(j)
+            if b is not None:
+                out["attn_bias_de"][idx, j] = (ro.write_dir(model, "attn", j) @ b).cpu()
+        out["embed_de"][idx] = (model.acc(at_positions(batch.clean.embed, pos)) * ro.dir).sum(-1).cpu()
+        out["constant"][idx], out["logit_diff"][idx] = ro.bias.cpu(), ro.logit.cpu()
+        pat = attention_from(batch, pos)  # [L, b, H, key]
+        for key, at in (("attn_io", data.io_pos), ("attn_s1", data.s1_pos), ("attn_s2", data.s2_pos)):
+            where = at[idx].to(pat.device)[None, :, None, None].expand(L, -1, H, 1)
+            out[key][idx] = pat.gather(-1, where)[..., 0].permute(1, 0, 2).cpu()
+        z_end[:, idx] = at_positions(batch.clean.reads["z"], pos).cpu()
+    found = True
+    if name_movers:
+        heads = [tuple(h) for h in name_movers]
+    else:
+        heads, found = select_name_movers(out["head_de"], out["attn_io"], out["attn_s1"], n_name_movers)
+    layers = sorted({l for l, _ in heads})
+    ab = {k: torch.zeros(n, L, H, dtype=acc) for k in ("ablated_head_de", "moved_de")}
+    ab["moved_de"].fill_(float("nan"))
+    ab["ablated_mlp_de"] = torch.zeros(n, L, dtype=acc)
+    terms = {k: torch.zeros(n, dtype=acc) for k in ("delta_logit", "from_norm", "from_block_norms")}
+    source = min(layers)
+    bar = tqdm(total=len(chunks) * (1 + L - source), desc=f"{ablation} ablation, residual moving",
+               disable=not progress)
+    for idx, batch, pos in cleans:
+        repl = {}
+        for j in layers:
+            if ablation == "mean":
+                repl[j] = z_end[j].double().mean(0, keepdim=True).to(model.dtype)
+            elif ablation == "resample":
+                repl[j] = z_end[j][(idx + 2) % n]
+            else:
+                repl[j] = torch.zeros(1, H * model.d_head, dtype=model.dtype)
+            repl[j] = repl[j].to(model.device)
+        got = ablate_heads_at(batch, pos, heads, repl)
+        ab["ablated_head_de"][idx] = got["head_de"].permute(2, 0, 1).cpu()
+        ab["ablated_mlp_de"][idx] = got["mlp_de"].T.cpu()
+        for k in terms:
+            terms[k][idx] = got[k].cpu()
+        bar.update()
+        for target in range(source, L):
+            ab["moved_de"][idx, target] = moved_residual_de(batch, pos, source, target).T.cpu()
+            bar.update()
+    bar.close()
+    return IoiResult(**out, ml_token=ml, io_token=data.io_token.clone(),
+                     name_movers=torch.tensor(heads, dtype=torch.long).reshape(-1, 2), **ab, **terms,
+                     source_layer=torch.tensor(source),
+                     meta={**model.describe(), "ablation": ablation, "rule_found": found,
+                           "pinned": bool(name_movers), "n_name_movers": n_name_movers})
+
+
+@dataclass(frozen=True)
+class IoiSpec(Spec):
+    """Chapter 8: IOI's name movers, their mean ablation and the residual-moving passes."""
+
+    kind = "ioi"
+    result = IoiResult
+
+    ablation: str = "mean"  # what replaces the name movers' outputs at the end
+    n_name_movers: int = 3  # how many heads the selection rule takes
+    name_movers: tuple[str, ...] = ()  # pinned heads (labels); empty: the selection rule
+
+    def compute(self, model: Model, data: IoiPrompts, options: RunOptions) -> IoiResult:
+        from .config import parse_head
+
+        res = ioi_measure(model, data, ablation=self.ablation, n_name_movers=self.n_name_movers,
+                          name_movers=tuple(parse_head(h) for h in self.name_movers),
+                          batch_size=options.batch_size, progress=options.progress)
+        res.meta.update(prompts=list(data.texts), names=list(data.names), dropped=list(data.dropped))
+        return res
+
+
+# -- frames ----------------------------------------------------------------------------------------
+def head_frame(res: IoiResult) -> pd.DataFrame:
+    """One row per head: mean clean DE on the logit difference, attention from the end to IO / S,
+    DE after the name movers' ablation and its change, DE reading the moved residual."""
+    L, H = res.head_de.shape[1:]
+    nm = res.nm_mask()
+    mean = lambda t: t.double().mean(0).flatten().numpy()  # noqa: E731
+    moved = res.moved_de.double().mean(0).flatten().numpy()
+    df = pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)], "head": list(range(H)) * L})
+    df.insert(2, "label", [head_label(l, h) for l, h in zip(df["layer"], df["head"])])
+    df = df.assign(direct_effect=mean(res.head_de), attn_io=mean(res.attn_io), attn_s=mean(res.attn_s1),
+                   attn_s2=mean(res.attn_s2), ablated_direct_effect=mean(res.ablated_head_de),
+                   moved_direct_effect=moved, name_mover=nm.flatten().numpy())
+    df["delta_direct_effect"] = df["ablated_direct_effect"] - df["direct_effect"]
+    df["moved_delta"] = df["moved_direct_effect"] - df["direct_effect"]
+    return df
+
+
+def repair_frame(res: IoiResult) -> pd.DataFrame:
+    """One row per prompt: the name movers' clean DE and its change, Δ logit difference, eq. 1's
+    self-repair and its parts (other heads, MLP layers, final norm, block norms)."""
+    nm = res.nm_mask()
+    dde = res.ablated_head_de - res.head_de
+    nm_dde = dde[:, nm].sum(-1)
+    return pd.DataFrame({
+        "prompt": range(len(res.logit_diff)), "logit_diff": res.logit_diff.numpy(),
+        "nm_direct_effect": res.head_de[:, nm].sum(-1).numpy(), "nm_delta_de": nm_dde.numpy(),
+        "delta_logit": res.delta_logit.numpy(), "self_repair": (res.delta_logit - nm_dde).numpy(),
+        "from_heads": dde[:, ~nm].sum(-1).numpy(),
+        "from_mlps": (res.ablated_mlp_de - res.mlp_de).sum(-1).numpy(),
+        "from_norm": res.from_norm.numpy(), "from_block_norms": res.from_block_norms.numpy()})
+
+
+def backups(heads: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` heads (not name movers) whose mean DE grows most under the ablation (ΔDE > 0)."""
+    up = heads[~heads["name_mover"] & (heads["delta_direct_effect"] > 0)]
+    return up.sort_values(["delta_direct_effect", "layer", "head"], ascending=[False, True, True]).head(n)
+
+
+__all__ = ["IoiResult", "IoiSpec", "backups", "diff_readout", "head_frame", "ioi_measure",
+           "repair_frame", "select_name_movers"]

@@ -1,0 +1,153 @@
+"""Patched passes read at one position per prompt (the IOI chapter's end position), each one
+:func:`selfrepair.intervene.run` call starting from a :class:`~selfrepair.batch.CleanBatch`
+(the passes of the corpus chapters are in :mod:`selfrepair.passes`).
+
+- :func:`ablate_heads_at` — replace several heads' outputs (their ``z`` slices, in any layers,
+  all in one pass) at each row's position ``pos`` and read every head's and MLP layer's new
+  direct effect there, the real change of the readout and the norms' terms (eq. 1 and 2 of the
+  self-repair paper for a group of heads).
+- :func:`attention_from` — every head's attention probabilities from each row's position ``pos``
+  (a clean pass of its own, under eager attention: the only one that returns them).
+- :func:`moved_residual_de` — run layer ``target``'s attention on the residual stream that
+  entered layer ``source`` (every attention and MLP layer in between skipped, which is zero-
+  ablating all of them) and read its heads' direct effects at ``pos``.
+
+Direct effects use the batch's readout (``batch.readout``: its direction may be any linear
+readout, e.g. ``u_IO − u_S``) at the clean scales; ``delta = ablated − clean``; ``from_norm =
+u . n(r') (1/S' − 1/S)`` and ``from_block_norms`` are computed directly, so that
+``delta_logit = Σ ΔDE_heads + Σ ΔDE_mlps + from_norm + from_block_norms`` is an identity.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ablation import head_slice
+from .batch import CleanBatch
+from .direct_effect import at_positions, head_effects
+from .errors import check_finite
+from .intervene import run
+from .passes import _block_norm_term
+
+
+def _resid_entering(batch: CleanBatch, layer: int) -> torch.Tensor:
+    """The clean residual stream entering block ``layer`` (the embeddings for layer 0)."""
+    return batch.clean.embed if layer == 0 else batch.clean.reads["block"][layer - 1]
+
+
+def ablate_heads_at(batch: CleanBatch, pos: torch.Tensor, heads: list[tuple[int, int]],
+                    repl: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ablate ``heads`` (``(layer, head)`` pairs) at each row's position ``pos [b]``, together.
+
+    ``repl[layer]`` is that layer's replacement ``z`` at ``pos``, ``[b or 1, n_heads*d_head]``
+    (only the ablated heads' slices are used). Returns ``head_de [layer, head, b]`` and
+    ``mlp_de [layer, b]`` after the ablation (clean values for layers before the first ablated
+    one), ``delta_logit [b]`` (the readout's real change), ``from_norm`` and ``from_block_norms``.
+    The batch needs the reads ``z``, ``mlp``, ``block`` and ``embed`` (``clean_batch`` has them)."""
+    model, ro, clean = batch.model, batch.readout, batch.clean
+    if not heads:
+        raise ValueError("ablate_heads_at needs at least one head")
+    b = batch.rows
+    rows = torch.arange(b, device=model.device)
+    pos = pos.to(model.device)
+    first = min(layer for layer, _ in heads)
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in heads:
+        by_layer.setdefault(layer, []).append(h)
+
+    def edit_for(layer: int):
+        def edit(z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()
+            r = repl[layer].to(z.device, z.dtype).expand(b, -1)
+            for h in by_layer[layer]:
+                sl = head_slice(model, h)
+                z[rows, pos, sl] = r[:, sl]
+            return z
+        return edit
+
+    def watch(site: str, j: int, value: torch.Tensor) -> dict:
+        v = model.acc(value[rows, pos])  # [b, ...] the end position only
+        if site == "z":
+            return {"heads": head_effects(model, v, ro.write_dir(model, "attn", j), j)}
+        out = {}
+        if site == "mlp":
+            out["de"] = (v * ro.write_dir(model, "mlp", j)).sum(-1)
+        if model.sandwich:
+            s_old = (ro.attn_scale if site == "attn" else ro.mlp_scale)[j]
+            out["block"] = _block_norm_term(model, batch, site, j, v, ro.dir, s_old)
+        return out
+
+    def final(resid: torch.Tensor, normed: torch.Tensor) -> dict:
+        return {"resid": model.acc(resid[rows, pos]), "normed": model.acc(normed[rows, pos])}
+
+    p = run(model, batch.tokens, start_layer=first,
+            resume=batch.clean.reads["block"][first - 1] if first > 0 else None,
+            watch=watch, watch_sites=("z", "attn", "mlp"), final=final,
+            edits={("z", layer): edit_for(layer) for layer in by_layer})
+    head_de = clean_head_de(batch, pos)
+    mlp_de = clean_mlp_de(batch, pos)
+    block = torch.zeros(b, device=model.device, dtype=model.effect_dtype)
+    for (site, j), terms in p.watched.items():  # in the order the pass met them
+        if "heads" in terms:
+            head_de[j] = terms["heads"]
+        if "de" in terms:
+            mlp_de[j] = terms["de"]
+        if "block" in terms:
+            block = block + terms["block"]
+    norm = model.module(model.adapter.final_norm)
+    scale = model.norm_scale(norm, p.final["resid"])
+    logit = (ro.u * p.final["normed"]).sum(-1) + _unembed_bias(model, ro)
+    out = {"head_de": head_de, "mlp_de": mlp_de, "delta_logit": logit - ro.logit,
+           "from_norm": (ro.d * p.final["resid"]).sum(-1) * (1 / scale - 1 / ro.scale),
+           "from_block_norms": block}
+    check_finite(out, f"ablating heads {heads} at the end position", model.name, model.dtype)
+    return out
+
+
+def _unembed_bias(model, ro) -> torch.Tensor:
+    """The readout's unembedding-bias term: ``ro.bias`` less the final norm's bias term."""
+    b = model.norm_bias(model.module(model.adapter.final_norm))
+    return ro.bias - (0.0 if b is None else ro.u @ b)
+
+
+def clean_head_de(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
+    """Every head's clean direct effect at ``pos`` ``[layer, head, b]``."""
+    model, ro = batch.model, batch.readout
+    return torch.stack([head_effects(model, at_positions(batch.clean.reads["z"][j], pos),
+                                     ro.write_dir(model, "attn", j), j) for j in range(model.n_layers)])
+
+
+def clean_mlp_de(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
+    """Every MLP layer's clean direct effect at ``pos`` ``[layer, b]`` (its output bias included)."""
+    model, ro = batch.model, batch.readout
+    return torch.stack([(model.acc(at_positions(batch.clean.reads["mlp"][j], pos))
+                         * ro.write_dir(model, "mlp", j)).sum(-1) for j in range(model.n_layers)])
+
+
+def attention_from(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
+    """Every head's attention from each row's position ``pos`` to every key ``[layer, b, head, key]``
+    (clean run; a pass of its own so that the batch's clean pass keeps the model's own attention
+    implementation: eager softmax runs in fp32 even in fp64 models)."""
+    model = batch.model
+    p = run(model, batch.tokens, read=("pattern",), stop_after=("pattern", model.n_layers - 1))
+    return model.acc(at_positions(p.reads["pattern"].movedim(2, 3), pos.to(model.device)))
+
+
+def moved_residual_de(batch: CleanBatch, pos: torch.Tensor, source: int, target: int) -> torch.Tensor:
+    """The direct effects ``[head, b]`` at ``pos`` of layer ``target``'s heads when that layer reads
+    the clean residual stream that entered layer ``source <= target`` (nnsight ``skip`` of every
+    block before ``target``; the pass stops at ``target``'s ``z``). ``source == target`` is the
+    clean run."""
+    model, ro = batch.model, batch.readout
+    if not 0 <= source <= target < model.n_layers:
+        raise ValueError(f"need 0 <= source <= target < {model.n_layers}, got {source}, {target}")
+    if target == 0:
+        p = run(model, batch.tokens, read=("z",), read_layers={"z": [0]}, stop_after=("z", 0))
+    else:
+        p = run(model, batch.tokens, start_layer=target, resume=_resid_entering(batch, source),
+                read=("z",), read_layers={"z": [target]}, stop_after=("z", target))
+    z = at_positions(p.reads["z"][0], pos.to(model.device))
+    return head_effects(model, z, ro.write_dir(model, "attn", target), target)
+
+
+__all__ = ["ablate_heads_at", "attention_from", "clean_head_de", "clean_mlp_de", "moved_residual_de"]
