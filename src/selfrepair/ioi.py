@@ -55,6 +55,8 @@ NAMES = (
     "Martin", "Mary", "Matthew", "Michael", "Paul", "Peter", "Rachel", "Richard", "Robert",
     "Rose", "Ryan", "Sarah", "Scott", "Simon", "Steven", "Thomas", "Tyler", "Victoria", "William",
 )
+# Stand-ins for a tokenizer that keeps none of NAMES whole (byte-level: one character is one token).
+LETTER_NAMES = tuple("ABCDEFGH")
 PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station")
 OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack")
 ORDERS = ("ABBA", "BABA")
@@ -208,5 +210,5 @@ def summary(diff: torch.Tensor) -> dict[str, float]:
             "mean_logit_diff": float(d.mean()), "median_logit_diff": float(d.median())}
 
 
-__all__ = ["NAMES", "OBJECTS", "ORDERS", "PLACES", "TEMPLATES", "IoiPrompts", "fill", "ioi_prompts",
+__all__ = ["LETTER_NAMES", "NAMES", "OBJECTS", "ORDERS", "PLACES", "TEMPLATES", "IoiPrompts", "fill", "ioi_prompts",
            "logit_diff", "name_token", "summary", "usable_names"]

@@ -17,7 +17,8 @@ from ..errors import InputError
 from ..results import head_label
 
 CHAPTERS = {"00": "intro", "01": "existence", "02": "layernorm", "03": "neurons",
-            "04": "iterative", "05": "hydra", "06": "across", "07": "atp"}
+            "04": "iterative", "05": "hydra", "06": "across", "07": "atp",
+            "08": "ioi"}
 
 
 def chapter_module(prefix: str):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import answers as A
-from .cases import Case, HydraCase, Run, make_case, make_hydra_case
+from .cases import Case, HydraCase, IoiCase, Run, make_case, make_hydra_case, make_ioi_case
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -113,6 +113,10 @@ def _top_inputs():
     g = torch.Generator().manual_seed(1)
     return [("210 tokens (7 rows of 30), top 2%", (torch.randn(7, 30, generator=g), 2.0)),
             ("33 tokens, top 10%", (A.direct_effect(make_case("gpt2"), make_case("gpt2").clean, 0, 1), 10.0))]
+
+
+def _ioi_inputs():
+    return [(c.name, (c.logits, c.end_pos, c.io, c.s)) for c in map(make_ioi_case, ("gpt2", "llama"))]
 
 
 UNCENTERED = ("logits not centred",
@@ -225,6 +229,18 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
                  Mistake("bottom", "those are the *smallest* values: take the largest.", A.tp_bottom),
                  Mistake("fraction",
                          "`percent` is a percentage (2 means 2%), not a fraction.", A.tp_fraction))),
+    Exercise("ioi_metrics", "08", "ioi_metrics(logits, end_pos, io, s) -> (logit_diff [n], accuracy)",
+             _ioi_inputs, A.ioi_metrics, (
+                 Mistake("S minus IO",
+                         "the sign is flipped: the logit difference is logit(IO) − logit(S), positive "
+                         "when the model prefers the indirect object.", A.ioi_flipped),
+                 Mistake("last column",
+                         "you read the last column of `logits`: prompts are right-padded, so each one "
+                         "ends at its own `end_pos[i]` — read the logits there.", A.ioi_last_column),
+                 Mistake("probabilities",
+                         "you took the difference of probabilities: the metric is the difference of "
+                         "the raw logits (centring, or a log-softmax, would not change it; a softmax "
+                         "does).", A.ioi_probabilities))),
 )}
 
 
@@ -301,5 +317,5 @@ def check(name: str, fn: Callable) -> Feedback:
                     f"input{'s' if n > 1 else ''}: {'; '.join(label for label, _ in inputs)}.")
 
 
-__all__ = ["Case", "EXERCISES", "Exercise", "Feedback", "HydraCase", "Mistake", "Run", "check",
-           "make_case", "make_hydra_case"]
+__all__ = ["Case", "EXERCISES", "Exercise", "Feedback", "HydraCase", "IoiCase", "Mistake", "Run", "check",
+           "make_case", "make_hydra_case", "make_ioi_case"]

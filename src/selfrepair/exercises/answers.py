@@ -294,3 +294,23 @@ def tp_bottom(values, percent):
 
 def tp_fraction(values, percent):
     return top_percent(values, min(100.0, percent * 100))
+
+
+# -- chapter 8: the IOI metric -----------------------------------------------------------------------
+def ioi_metrics(logits, end_pos, io, s):
+    """``(logit(IO) − logit(S) at each prompt's end [n], the share of prompts where it is > 0)``."""
+    rows = torch.arange(len(end_pos))
+    diff = logits[rows, end_pos, io] - logits[rows, end_pos, s]
+    return diff, (diff > 0).float().mean()
+
+
+def ioi_flipped(logits, end_pos, io, s):
+    return ioi_metrics(logits, end_pos, s, io)
+
+
+def ioi_last_column(logits, end_pos, io, s):
+    return ioi_metrics(logits, torch.full_like(end_pos, logits.shape[1] - 1), io, s)
+
+
+def ioi_probabilities(logits, end_pos, io, s):
+    return ioi_metrics(logits.softmax(-1), end_pos, io, s)

@@ -157,4 +157,30 @@ def make_hydra_case(family: str = "gpt2", seed: int = 0) -> HydraCase:
     return HydraCase(name=f"tiny-{family} ({blocks} blocks)", delta_de=res.delta_de.mean(2).float(),
                      total_effect=res.delta_logit.mean(2).float(), from_norm=res.from_norm.mean(2).float(),
                      parallel=model.parallel_residual)
-__all__ = ["Case", "HydraCase", "Run", "make_case", "make_hydra_case"]
+
+
+@dataclass(frozen=True)
+class IoiCase:
+    """IOI prompts run through a tiny model: the full logits and where each prompt ends."""
+
+    name: str
+    logits: torch.Tensor  # [n, pos, d_vocab] the model's raw logits (prompts right-padded)
+    end_pos: torch.Tensor  # [n] each prompt's last token (it predicts the answer)
+    io: torch.Tensor  # [n] the indirect object's token
+    s: torch.Tensor  # [n] the subject's token
+
+
+@lru_cache(maxsize=4)
+def make_ioi_case(family: str = "gpt2", n_prompts: int = 8, seed: int = 0) -> IoiCase:
+    """Chapter 8's prompts (one-letter names: the byte tokenizer keeps them whole) on a tiny model."""
+    from ..ioi import ioi_prompts
+
+    model = load_model(f"tiny-{family}", dtype="float32")
+    data = ioi_prompts(model.tokenizer, n_prompts, seed=seed, names=list("ABCDEFGH"))
+    with torch.no_grad():
+        logits = model.hf(data.input_ids).logits.float()
+    return IoiCase(name=f"tiny-{family}, {n_prompts} IOI prompts of {len(set(data.end_pos.tolist()))} lengths",
+                   logits=logits, end_pos=data.end_pos, io=data.io_token, s=data.s_token)
+
+
+__all__ = ["Case", "HydraCase", "IoiCase", "Run", "make_case", "make_hydra_case", "make_ioi_case"]

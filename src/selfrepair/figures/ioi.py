@@ -1,0 +1,93 @@
+"""Figures for chapter 08, "Backup name movers in IOI".
+
+Pure functions: a frame of :mod:`selfrepair.name_movers` (per head: :func:`~selfrepair.name_movers.head_frame`;
+per prompt: :func:`~selfrepair.name_movers.repair_frame`) or chapter 8's long ``moving`` frame in,
+Altair chart out. Every direct effect is on the logit difference ``IO − S`` at the end position,
+read at the clean scales; ``delta = ablated − clean``.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+from . import diverging_color, head_tooltip
+
+HEAD_FIELDS = ("direct_effect", "attn_io", "attn_s", "ablated_direct_effect", "delta_direct_effect",
+               "moved_direct_effect")
+RUNS = ["clean", "name movers ablated", "residual moved"]
+RUN_COLORS = ["#4c78a8", "#e45756", "#54a24b"]
+
+
+def _heatmap(heads: pd.DataFrame, field: str, title: str, legend: str) -> alt.LayerChart:
+    """Layer (y, top to bottom) by head (x) cells coloured by ``field`` (centred at 0); name
+    movers outlined in black."""
+    base = alt.Chart(heads).encode(
+        x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="ascending"))
+    cells = base.mark_rect().encode(
+        color=diverging_color(field, title=legend),
+        tooltip=head_tooltip(*HEAD_FIELDS, "name_mover:N"))
+    movers = base.transform_filter("datum.name_mover").mark_rect(
+        fill=None, stroke="black", strokeWidth=2).encode(tooltip=head_tooltip(*HEAD_FIELDS))
+    return alt.layer(cells, movers).properties(title=title, width="container", height=260)
+
+
+def fig_head_de(heads: pd.DataFrame) -> alt.LayerChart:
+    """Every head's mean direct effect on the logit difference (clean run); name movers outlined."""
+    return _heatmap(heads, "direct_effect", "Direct effect on logit(IO) − logit(S), per head "
+                    "(outlined: the name movers)", "DE (logits)")
+
+
+def fig_backup_change(heads: pd.DataFrame) -> alt.LayerChart:
+    """Every head's change of direct effect when the name movers are ablated (blue: grows)."""
+    return _heatmap(heads, "delta_direct_effect", "Change of each head's direct effect when the name "
+                    "movers are ablated (outlined: the name movers)", "ΔDE (logits)")
+
+
+def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
+    """Per prompt: the name movers' direct effect lost (x, ``−ΔDE``) against the drop of the logit
+    difference (y, ``−Δ logit diff``); on the dashed line ``y = x`` nothing repairs, below it the
+    rest of the network gives some back (eq. 1's self-repair is the vertical distance)."""
+    data = repair.assign(lost=-repair["nm_delta_de"], drop=-repair["delta_logit"])
+    tips = [alt.Tooltip("prompt:O"), alt.Tooltip("lost:Q", format=".3g", title="DE lost"),
+            alt.Tooltip("drop:Q", format=".3g", title="logit diff drop"),
+            alt.Tooltip("self_repair:Q", format=".3g", title="self-repair"),
+            alt.Tooltip("from_heads:Q", format=".3g", title="other heads"),
+            alt.Tooltip("from_mlps:Q", format=".3g", title="MLP layers"),
+            alt.Tooltip("from_norm:Q", format=".3g", title="final norm"),
+            alt.Tooltip("logit_diff:Q", format=".3g", title="clean logit diff")]
+    line = (alt.Chart().transform_aggregate(a="min(lost)", b="max(lost)", c="min(drop)", d="max(drop)")
+            .transform_calculate(lo="min(datum.a, datum.c)", hi="max(datum.b, datum.d)")
+            .transform_fold(["lo", "hi"], as_=["end", "v"])
+            .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
+            .encode(x=alt.X("v:Q"), y=alt.Y("v:Q")))
+    points = alt.Chart().mark_circle(size=50, opacity=0.7).encode(
+        x=alt.X("lost:Q", title="name movers' direct effect lost, −ΔDE (logits)"),
+        y=alt.Y("drop:Q", title="drop of the logit difference (logits)"),
+        color=alt.Color("self_repair:Q", scale=alt.Scale(scheme="redblue", domainMid=0),
+                        title="self-repair"),
+        tooltip=tips).add_params(alt.selection_interval(bind="scales", name="zoom"))
+    return alt.layer(line, points, data=data).properties(
+        title="Per prompt: logit-difference drop vs the direct effect lost (dashed: no repair)",
+        width="container", height=300)
+
+
+def fig_moving(moving: pd.DataFrame) -> alt.Chart:
+    """Per shown head (name movers, then backups): its mean direct effect on the logit difference
+    in the clean run, with the name movers ablated, and reading the residual that entered the
+    first name mover's layer (grouped bars)."""
+    order = list(dict.fromkeys(moving.sort_values(["role", "layer", "head"], ascending=[False, True, True])["label"]))
+    return alt.Chart(moving).mark_bar().encode(
+        x=alt.X("label:N", sort=order, title="head (name movers first)"),
+        xOffset=alt.XOffset("run:N", sort=RUNS),
+        y=alt.Y("direct_effect:Q", title="DE on logit diff (logits)"),
+        color=alt.Color("run:N", sort=RUNS, scale=alt.Scale(domain=RUNS, range=RUN_COLORS), title="run",
+                        legend=alt.Legend(orient="bottom")),
+        tooltip=[alt.Tooltip("label:N", title="head"), alt.Tooltip("role:N"), alt.Tooltip("run:N"),
+                 alt.Tooltip("direct_effect:Q", format=".3g", title="DE"),
+                 alt.Tooltip("later:N", title="after the first name mover's layer")],
+    ).properties(title="Name movers and backups: clean, name movers ablated, residual moved",
+                 width="container", height=260)
+
+
+__all__ = ["fig_backup_change", "fig_head_de", "fig_moving", "fig_self_repair"]
