@@ -111,6 +111,10 @@ WRONG = [
      "return total_effect - delta_de[:, ablated]"),
     ("compensation", "same block's MLP left out", "(later | same_block_mlp)", "later"),
     ("top_percent", "rounded down", "math.ceil(percent / 100 * values.numel())", "int(percent / 100 * values.numel())"),
+    ("ioi_metrics", "S minus IO", "logits[rows, end_pos, io] - logits[rows, end_pos, s]",
+     "logits[rows, end_pos, s] - logits[rows, end_pos, io]"),
+    ("ioi_metrics", "last column", "logits[rows, end_pos, io] - logits[rows, end_pos, s]",
+     "logits[rows, -1, io] - logits[rows, -1, s]"),
 ]
 MESSAGE_WORDS = {"logits not centred": "centred", "ablated norm scale": "clean",
                  "sliced after o_proj": "input"}
@@ -174,6 +178,21 @@ def test_top_percent_and_compensation_references_equal_the_library():
             # Hydra's identity: Δ_ablate = ΔDE_m + CE + from_norm (no block norms in these models)
             torch.testing.assert_close(c.delta_de[:, m, m] + ce + c.from_norm[:, m], c.total_effect[:, m],
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_ioi_metrics_reference_equals_the_library():
+    from selfrepair import ioi, load_model
+    from selfrepair.exercises import make_ioi_case
+    from selfrepair.name_movers import ioi_measure
+
+    c = make_ioi_case("gpt2")
+    diff, acc = A.ioi_metrics(c.logits, c.end_pos, c.io, c.s)
+    torch.testing.assert_close(diff, ioi.logit_diff(c.logits, c.end_pos, c.io, c.s))
+    assert float(acc) == pytest.approx(ioi.summary(diff)["accuracy"])
+    model = load_model("tiny-gpt2", dtype="float32")  # the chapter's frozen-norm readout: the same value
+    data = ioi.ioi_prompts(model.tokenizer, 8, names=list("ABCDEFGH"))
+    res = ioi_measure(model, data, batch_size=8, progress=False)
+    torch.testing.assert_close(res.logit_diff, diff, rtol=1e-4, atol=1e-4)
 
 
 def test_relative_change_reference_is_the_ratio_of_top_token_means():

@@ -173,6 +173,21 @@ def test_the_gradient_pass_refuses_the_remote_path(tmp_path):
     _model.cache_clear()
 
 
+def test_attention_patterns_refuse_the_remote_path():
+    """Chapter 8 reads attention patterns (eager attention on this machine's copy): one clear
+    error for the chapter's config and for the pattern site, not a pattern of None."""
+    from selfrepair import load_model
+    from selfrepair.chapters import ioi
+    from selfrepair.errors import InputError, RemoteError
+    from selfrepair.intervene import run
+
+    with pytest.raises(InputError, match="eager attention"):
+        ioi.Config.from_params(model="tiny-gpt_neox", remote="local")
+    model = load_model("tiny-gpt_neox", remote="local")
+    with pytest.raises(RemoteError, match="eager attention"):
+        run(model, torch.randint(0, 256, (2, 8)), read=("pattern",))
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_measurements_remote_local_equal_the_local_ones(tmp_path, chapter, traces):
     import importlib

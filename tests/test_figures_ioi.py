@@ -1,0 +1,93 @@
+"""Figures of the IOI chapter (chapter 8), built from small synthetic frames: each spec validates
+against the Vega-Lite schema, fits the book's column, uses the intended marks and fields, names the
+head ``L{l}H{h}`` in its tooltips and embeds the expected number of rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from selfrepair.chapters.ioi import moving_frame
+from selfrepair.figures import check_width, data_rows, validate_spec
+from selfrepair.figures import ioi as fi
+
+from test_figures_hydra_across import _fields, _marks
+
+L, H, N = 3, 4, 10
+
+
+@pytest.fixture
+def heads():
+    rng = np.random.default_rng(0)
+    rows = [{"layer": l, "head": h, "label": f"L{l}H{h}", "direct_effect": rng.normal(),
+             "attn_io": rng.uniform(), "attn_s": rng.uniform(), "attn_s2": rng.uniform(),
+             "ablated_direct_effect": rng.normal(), "moved_direct_effect": rng.normal(),
+             "name_mover": (l, h) in {(1, 0), (1, 2)}} for l in range(L) for h in range(H)]
+    df = pd.DataFrame(rows)
+    df["delta_direct_effect"] = df["ablated_direct_effect"] - df["direct_effect"]
+    return df
+
+
+@pytest.fixture
+def repair():
+    rng = np.random.default_rng(1)
+    parts = {k: rng.normal(size=N) for k in ("from_heads", "from_mlps", "from_norm", "from_block_norms")}
+    nm_dde = -np.abs(rng.normal(size=N))
+    delta = nm_dde + sum(parts.values())
+    return pd.DataFrame({"prompt": range(N), "logit_diff": rng.normal(size=N), "nm_direct_effect": -nm_dde,
+                         "nm_delta_de": nm_dde, "delta_logit": delta, "self_repair": delta - nm_dde, **parts})
+
+
+def _check(chart, rows):
+    spec = chart.to_dict()
+    validate_spec(spec)
+    check_width(spec)
+    assert data_rows(spec) == rows
+    return spec
+
+
+def _tooltip_fields(spec) -> set[str]:
+    out = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            tip = node.get("tooltip")
+            for t in tip if isinstance(tip, list) else [tip] if isinstance(tip, dict) else []:
+                out.add(t.get("field"))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(spec)
+    return out
+
+
+@pytest.mark.parametrize("fig,field", [(fi.fig_head_de, "direct_effect"),
+                                       (fi.fig_backup_change, "delta_direct_effect")])
+def test_heatmaps(heads, fig, field):
+    spec = _check(fig(heads), L * H)
+    assert _marks(spec) == {"rect"}
+    assert {"head"} <= _fields(spec, "x") and {"layer"} <= _fields(spec, "y")
+    assert field in _fields(spec, "color")
+    assert {"label", "attn_io", "attn_s", "delta_direct_effect", "moved_direct_effect"} <= _tooltip_fields(spec)
+    assert "datum.name_mover" in str(spec)  # the name movers are outlined
+
+
+def test_fig_self_repair(repair):
+    spec = _check(fi.fig_self_repair(repair), N)
+    assert {"circle", "line"} <= _marks(spec)
+    assert {"lost"} <= _fields(spec, "x") and {"drop"} <= _fields(spec, "y")
+    assert {"self_repair", "from_heads", "from_norm"} <= _tooltip_fields(spec)
+
+
+def test_fig_moving(heads):
+    shown = pd.concat([heads[heads["name_mover"]], heads[~heads["name_mover"]].head(3)])
+    moving = moving_frame(heads, shown, source=1)
+    assert len(moving) == 3 * len(shown) and set(moving["run"]) == set(fi.RUNS)
+    assert set(moving.loc[moving["role"] == "name mover", "label"]) == {"L1H0", "L1H2"}
+    assert (moving["later"] == (moving["layer"] > 1)).all()
+    spec = _check(fi.fig_moving(moving), len(moving))
+    assert _marks(spec) == {"bar"} and "label" in _fields(spec, "x") and "direct_effect" in _fields(spec, "y")
+    assert {"label", "run", "role"} <= _tooltip_fields(spec)
