@@ -163,7 +163,7 @@ def measure(cfg: Config, progress: bool = True) -> IoiChapter:
             "s": model.tokenizer.decode([int(data.s_token[0])])}
     ch = IoiChapter(performance=ioi.summary(res.logit_diff), heads=heads, name_movers=movers, backups=ups,
                     repair=repair, moving=moving_frame(heads, pd.concat([movers, ups]), source),
-                    prompts=info, verdicts=[], meta={**res.meta, "source_layer": source,
+                    prompts=info, verdicts=[], meta={**res.meta, "source_layer": source, "sandwich": model.sandwich,
                                                      "top_is_io": float((res.ml_token == res.io_token).double().mean())})
     ch.verdicts = verdicts(ch)
     return ch
@@ -241,8 +241,9 @@ def repair_table(ch: IoiChapter) -> pd.DataFrame:
             ("self-repair (eq. 1)", r["self_repair"].mean()),
             ("… other heads (from_heads)", r["from_heads"].mean()),
             ("… MLP layers (from_mlps)", r["from_mlps"].mean()),
-            ("… final norm (from_norm)", r["from_norm"].mean()),
-            ("… block norms (from_block_norms)", r["from_block_norms"].mean())]
+            ("… final norm (from_norm)", r["from_norm"].mean())]
+    if ch.meta.get("sandwich"):  # only models with norms on the blocks' writes have this term
+        rows.append(("… block norms (from_block_norms)", r["from_block_norms"].mean()))
     return pd.DataFrame({"quantity": [q for q, _ in rows], "mean": [v for _, v in rows],
                          "share of the DE lost": [v / lost if lost and math.isfinite(lost) else math.nan
                                                   for _, v in rows]})
@@ -256,3 +257,21 @@ def on_this_model(ch: IoiChapter) -> str:
              f"{r['delta_logit'].mean():+.3g} where the name movers' direct effect changes by "
              f"{r['nm_delta_de'].mean():+.3g}.")
     return render(ch.verdicts, intro)
+
+
+def model_notes(cfg: Config) -> str:
+    """What the architecture of the model that ran means for this chapter's numbers."""
+    from ..structure import architecture
+
+    a = architecture(open_model(cfg))
+    lines = ["- **Parallel-residual blocks.** A layer's MLP reads the same residual as its attention, "
+             "so an ablated name mover's own-layer MLP is not downstream of it; the residual-moving "
+             "pass skips attention and MLP of every layer in between alike." if a["parallel"] else
+             "- **Sequential blocks.** A name mover's own-layer MLP reads its output, so it is "
+             "downstream and its reaction is part of eq. 2's MLP term."]
+    if a["sandwich"]:
+        lines.append("- **Norms on each block's write.** The post-attention norm of the name movers' layer "
+                     "rescales its other heads' writes when the name movers are ablated; that reaction, and "
+                     "every later block norm's, is the `from_block_norms` row of the table, not part of "
+                     "any head's ΔDE.")
+    return "\n".join(lines)

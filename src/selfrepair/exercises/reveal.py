@@ -199,14 +199,14 @@ def ioi_repair(ch) -> str:
     and which part of eq. 2 gives back the most."""
     r = ch.repair
     lost, drop = -r["nm_delta_de"].mean(), -r["delta_logit"].mean()
-    parts = {q: r[q].mean() for q in TERMS}
+    parts = {q: r[q].mean() for q in TERMS if q != "from_block_norms" or ch.meta.get("sandwich")}
     top = max(parts, key=lambda q: abs(parts[q]))
     share = f" ({_pct(drop / lost)} of it)" if lost > 0 else ""
     less = "less than" if drop < lost else "more than"
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "
             f"drops by {drop:.3g}{share}: {less} the direct effect lost, on {ch.performance['n_prompts']} "
             f"prompts of {ch.meta.get('model')}. The largest part of eq. 2 is {TERM_NAMES[top]} "
-            f"({parts[top]:+.3g} logits; " + ", ".join(f"{TERM_NAMES[q]} {parts[q]:+.3g}" for q in TERMS
+            f"({parts[top]:+.3g} logits; " + ", ".join(f"{TERM_NAMES[q]} {parts[q]:+.3g}" for q in parts
                                                       if q != top) +
             "). Wang et al. found backup name movers in GPT-2 small that take over part of the name movers' "
             "job when those are knocked out; whether a model does, and how much, is what this run measures.")
