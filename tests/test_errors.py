@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfrepair import load_model
-from selfrepair.chapters import existence, hydra, intro, iterative, layernorm, neurons
+from selfrepair.chapters import existence, hydra, intro, ioi, iterative, layernorm, neurons
 from selfrepair.errors import (InputError, ModelLoadError, NumericalError,
                                UnsupportedArchitectureError)
 from selfrepair.models import adapter_for, tiny_model
@@ -113,6 +113,9 @@ def test_unknown_device_and_dtype():
     (hydra, {"n_patches": 0}, "n_patches must be at least 1"),
     (hydra, {"n_prompts": 1}, "n_prompts must be at least 2"),
     (intro, {"demo_positions": 1}, "demo_positions >= 2"),
+    (ioi, {"n_prompts": 7}, "even number"),
+    (ioi, {"n_name_movers": 0}, "n_name_movers must be at least 1"),
+    (ioi, {"name_movers": ["9.9"]}, "labels like 'L11H2'"),
 ])
 def test_parameter_validation(chapter, params, message):
     with pytest.raises(InputError, match=message):
