@@ -240,6 +240,11 @@ def test_moved_de_is_nan_before_the_source_layer_and_frames_are_tidy():
     heads = nm.head_frame(res)
     assert len(heads) == model.n_layers * model.n_heads and int(heads["name_mover"].sum()) == len(res.heads)
     assert list(heads.columns[:3]) == ["layer", "head", "label"]
+    torch.testing.assert_close(torch.tensor(heads["attn_s"].to_numpy()),
+                               torch.tensor((heads["attn_s1"] + heads["attn_s2"]).to_numpy()))
+    if res.meta["rule_found"]:  # every name mover attends more to IO than to S's two occurrences
+        movers = heads[heads["name_mover"]]
+        assert (movers["attn_io"] > movers["attn_s"]).all() and (movers["direct_effect"] > 0).all()
     ups = nm.backups(heads, 2)
     assert not ups["name_mover"].any() and (ups["delta_direct_effect"] > 0).all() and len(ups) <= 2
 

@@ -6,8 +6,8 @@ App. G), measured on the logit difference ``IO − S`` at each prompt's end posi
   scales. All components' DEs (heads, attention output biases, MLP layers, embeddings) plus the
   constant terms sum to the clean logit difference.
 - **Name movers** (:func:`select_name_movers`): among the heads whose attention from the end goes
-  more to IO than to S (mean over prompts), the ``n`` with the largest mean DE on the logit
-  difference (positive DE only); or heads given by label.
+  more to IO than to S (both of S's occurrences together; means over prompts), the ``n`` with the
+  largest mean DE on the logit difference (positive DE only); or heads given by label.
 - **Ablation**: the name movers' outputs (``z`` slices) at the end position together, replaced
   by their mean over the prompt set (Wang et al.'s mean ablation; here the mean over these
   prompts' end positions), by the end-position ``z`` of the prompt two on (resample: another name
@@ -137,7 +137,8 @@ def ioi_measure(model: Model, data: IoiPrompts, *, ablation: str = "mean", n_nam
     if name_movers:
         heads = [tuple(h) for h in name_movers]
     else:
-        heads, found = select_name_movers(out["head_de"], out["attn_io"], out["attn_s1"], n_name_movers)
+        heads, found = select_name_movers(out["head_de"], out["attn_io"], out["attn_s1"] + out["attn_s2"],
+                                          n_name_movers)
     layers = sorted({l for l, _ in heads})
     ab = {k: torch.zeros(n, L, H, dtype=acc) for k in ("ablated_head_de", "moved_de")}
     ab["moved_de"].fill_(float("nan"))
@@ -196,7 +197,8 @@ class IoiSpec(Spec):
 
 # -- frames ----------------------------------------------------------------------------------------
 def head_frame(res: IoiResult) -> pd.DataFrame:
-    """One row per head: mean clean DE on the logit difference, attention from the end to IO / S,
+    """One row per head: mean clean DE on the logit difference, attention from the end to IO and to
+    S (``attn_s``: both occurrences, ``attn_s1`` + ``attn_s2``),
     DE after the name movers' ablation and its change, DE reading the moved residual."""
     L, H = res.head_de.shape[1:]
     nm = res.nm_mask()
@@ -204,8 +206,9 @@ def head_frame(res: IoiResult) -> pd.DataFrame:
     moved = res.moved_de.double().mean(0).flatten().numpy()
     df = pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)], "head": list(range(H)) * L})
     df.insert(2, "label", [head_label(l, h) for l, h in zip(df["layer"], df["head"])])
-    df = df.assign(direct_effect=mean(res.head_de), attn_io=mean(res.attn_io), attn_s=mean(res.attn_s1),
-                   attn_s2=mean(res.attn_s2), ablated_direct_effect=mean(res.ablated_head_de),
+    df = df.assign(direct_effect=mean(res.head_de), attn_io=mean(res.attn_io),
+                   attn_s=mean(res.attn_s1 + res.attn_s2), attn_s1=mean(res.attn_s1), attn_s2=mean(res.attn_s2),
+                   ablated_direct_effect=mean(res.ablated_head_de),
                    moved_direct_effect=moved, name_mover=nm.flatten().numpy())
     df["delta_direct_effect"] = df["ablated_direct_effect"] - df["direct_effect"]
     df["moved_delta"] = df["moved_direct_effect"] - df["direct_effect"]

@@ -225,11 +225,18 @@ def selection_markdown(ch: IoiChapter) -> str:
         rule = "pinned by the parameters"
     elif m.get("rule_found"):
         rule = ("the heads with the largest mean direct effect on the logit difference among those "
-                "attending from the end more to IO than to S")
+                "attending from the end more to IO than to S, both its occurrences together")
     else:
         rule = ("**no head** has a positive direct effect and attends more to IO than to S, so the rule "
                 "finds no name mover; the heads with the largest direct effect stand in")
-    return f"Name movers ({rule}): {names}. The residual is moved from layer {m['source_layer']}."
+    h = ch.heads
+    floor = ch.name_movers["direct_effect"].min() if len(ch.name_movers) else float("inf")
+    left = h[~h["name_mover"] & (h["direct_effect"] > floor)].sort_values("direct_effect", ascending=False)
+    out = (", ".join(f"{r.label} (DE {r.direct_effect:.3g}, attention to IO {r.attn_io:.2f}, to S {r.attn_s:.2f})"
+                     for r in left.head(5).itertuples()))
+    aside = (f" Heads with a larger direct effect that the rule leaves out, attending to S at least as much as "
+             f"to IO: {out}." if len(left) else "")
+    return f"Name movers ({rule}): {names}.{aside} The residual is moved from layer {m['source_layer']}."
 
 
 def repair_table(ch: IoiChapter) -> pd.DataFrame:

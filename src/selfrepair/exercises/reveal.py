@@ -201,10 +201,12 @@ def ioi_repair(ch) -> str:
     lost, drop = -r["nm_delta_de"].mean(), -r["delta_logit"].mean()
     parts = {q: r[q].mean() for q in TERMS if q != "from_block_norms" or ch.meta.get("sandwich")}
     top = max(parts, key=lambda q: abs(parts[q]))
-    share = f" ({_pct(drop / lost)} of it)" if lost > 0 else ""
+    share = f" ({_pct(drop / lost)} of it)" if lost > 0 and drop > 0 else ""
+    moved = (f"drops by {drop:.3g}{share}" if drop > 0 else
+             f"does not drop at all but rises by {-drop:.3g} (overcorrection)")
     less = "less than" if drop < lost else "more than"
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "
-            f"drops by {drop:.3g}{share}: {less} the direct effect lost, on {ch.performance['n_prompts']} "
+            f"{moved}: {less} the direct effect lost, on {ch.performance['n_prompts']} "
             f"prompts of {ch.meta.get('model')}. The largest part of eq. 2 is {TERM_NAMES[top]} "
             f"({parts[top]:+.3g} logits; " + ", ".join(f"{TERM_NAMES[q]} {parts[q]:+.3g}" for q in parts
                                                       if q != top) +
