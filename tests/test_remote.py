@@ -173,6 +173,29 @@ def test_the_gradient_pass_refuses_the_remote_path(tmp_path):
     _model.cache_clear()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "gemma3"])
+def test_end_position_passes_remote_equal_local(family):
+    """Chapter 8's passes that need no attention pattern (the name movers' ablation at the end, the
+    residual-moving pass) run through the remote simulation and agree with the local run."""
+    from selfrepair import ioi, load_model
+    from selfrepair import name_movers as nm
+    from selfrepair.batch import clean_batch
+    from selfrepair.prompt_passes import ablate_heads_at, moved_residual_de
+
+    out = {}
+    for remote in (False, "local"):
+        m = load_model(f"tiny-{family}", remote=remote)
+        data = ioi.ioi_prompts(m.tokenizer, 8, names=list("ABCDEFGH"))
+        tok, pos = data.rows(torch.arange(len(data)))
+        b = clean_batch(m, tok, last_pos=pos)
+        b.readout = nm.diff_readout(m, b.clean, pos, data.io_token, data.s_token)
+        zero = torch.zeros(1, m.n_heads * m.d_head)
+        out[remote] = {**ablate_heads_at(b, pos, [(0, 1), (1, 2)], {0: zero, 1: zero}),
+                       "moved": moved_residual_de(b, pos, 0, 1)}
+    for key, value in out[False].items():
+        torch.testing.assert_close(out["local"][key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
 def test_attention_patterns_refuse_the_remote_path():
     """Chapter 8 reads attention patterns (eager attention on this machine's copy): one clear
     error for the chapter's config and for the pattern site, not a pattern of None."""
