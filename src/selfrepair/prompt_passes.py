@@ -44,7 +44,7 @@ def ablate_heads_at(batch: CleanBatch, pos: torch.Tensor, heads: list[tuple[int,
     ``mlp_de [layer, b]`` after the ablation (clean values for layers before the first ablated
     one), ``delta_logit [b]`` (the readout's real change), ``from_norm`` and ``from_block_norms``.
     The batch needs the reads ``z``, ``mlp``, ``block`` and ``embed`` (``clean_batch`` has them)."""
-    model, ro, clean = batch.model, batch.readout, batch.clean
+    model, ro = batch.model, batch.readout
     if not heads:
         raise ValueError("ablate_heads_at needs at least one head")
     b = batch.rows
