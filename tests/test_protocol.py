@@ -53,7 +53,8 @@ def test_paper_profile_runs_each_chapter_on_the_papers_model_with_its_heads():
     assert cfgs["01_self_repair_exists"].model == "EleutherAI/pythia-410m"
     assert cfgs["02_layernorm"].model == cfgs["03_anti_erasure"].model == "EleutherAI/pythia-160m"
     assert cfgs["04_iterative_inference"].model == "gpt2-medium"
-    assert cfgs["08_backup_name_movers"].model == "gpt2"  # IOI's model (Wang et al. 2023)
+    assert cfgs["08_backup_name_movers"].model == "gpt2"  # IOI's model and name movers (Wang et al. 2023)
+    assert cfgs["08_backup_name_movers"].name_movers == ("L9H9", "L9H6", "L10H0")
     assert all(c.n_tokens == 1_000_000 for k, c in cfgs.items() if hasattr(c, "n_tokens"))
     # each chapter's own head choice returns the paper's heads, whatever the sweep says
     ex_cfg = cfgs["01_self_repair_exists"]
