@@ -289,3 +289,19 @@ def test_chapter_config_errors():
         check(chapter.Config.from_params(model="tiny-gpt2", name_movers=["L5H0"]))
     with pytest.raises(InputError, match="one token"):
         check(chapter.Config.from_params(model="tiny-gpt2", names=["Mary", "John"]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pattern_site_equals_the_models_own_attention_output(family):
+    """The ``pattern`` read is what Hugging Face returns with ``output_attentions`` under eager
+    attention (an independent path: no nnsight)."""
+    from selfrepair.intervene import eager_attention, run
+
+    model = load_model(f"tiny-{family}", dtype="float64")
+    tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    got = run(model, tokens, read=("pattern",)).reads["pattern"]
+    with eager_attention(model), torch.no_grad():
+        want = torch.stack(model.hf(tokens, output_attentions=True).attentions)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="read only"):
+        run(model, tokens, edits={("pattern", 0): lambda p: p})
