@@ -262,6 +262,11 @@ def test_chapter_on_a_tiny_model(tmp_path):
     assert v["does_ioi"].value == pytest.approx(float((r["logit_diff"] > 0).mean()))
     assert v["repaired"].value == pytest.approx(float(r["self_repair"].mean()), rel=1e-5, abs=1e-7)
     assert v["backups"].value == pytest.approx(float(r["from_heads"].mean()), rel=1e-5, abs=1e-7)
+    later = ch.backups[ch.backups["layer"] > ch.meta["source_layer"]]
+    assert r["moved_gain"].mean() == pytest.approx(  # mean of per-prompt sums = sum of the heads' means
+        float((later["moved_direct_effect"] - later["direct_effect"]).sum()), rel=1e-5, abs=1e-7)
+    if len(later):
+        assert v["moved"].value == pytest.approx(r["moved_gain"].mean(), rel=1e-9)
     assert {x.claim.key for x in ch.verdicts} == {c.key for c in chapter.CLAIMS}
     if not v["does_ioi"].holds:  # a random model is not shown to do IOI: the others are undecided
         assert all(v[k].holds is None and "IOI" in v[k].why for k in ("repaired", "backups", "moved"))

@@ -230,11 +230,21 @@ def repair_frame(res: IoiResult) -> pd.DataFrame:
         "from_norm": res.from_norm.numpy(), "from_block_norms": res.from_block_norms.numpy()})
 
 
+def moved_gain(res: IoiResult, heads: list[tuple[int, int]]):
+    """Per prompt, the summed change of ``heads``' direct effects when their layers read the moved
+    residual (``moved_de − head_de``); zeros for no heads. ``heads`` must be at or after the source
+    layer (earlier ones have no moved value)."""
+    out = torch.zeros(len(res.logit_diff), dtype=torch.float64)
+    for l, h in heads:
+        out += (res.moved_de[:, l, h] - res.head_de[:, l, h]).double()
+    return out.numpy()
+
+
 def backups(heads: pd.DataFrame, n: int) -> pd.DataFrame:
     """The ``n`` heads (not name movers) whose mean DE grows most under the ablation (ΔDE > 0)."""
     up = heads[~heads["name_mover"] & (heads["delta_direct_effect"] > 0)]
     return up.sort_values(["delta_direct_effect", "layer", "head"], ascending=[False, True, True]).head(n)
 
 
-__all__ = ["IoiResult", "IoiSpec", "backups", "diff_readout", "head_frame", "ioi_measure",
+__all__ = ["IoiResult", "IoiSpec", "backups", "diff_readout", "head_frame", "ioi_measure", "moved_gain",
            "repair_frame", "select_name_movers"]

@@ -119,7 +119,7 @@ class IoiChapter:
     heads: pd.DataFrame  # per head (name_movers.head_frame)
     name_movers: pd.DataFrame  # rows of `heads`
     backups: pd.DataFrame  # rows of `heads`
-    repair: pd.DataFrame  # per prompt (name_movers.repair_frame)
+    repair: pd.DataFrame  # per prompt (name_movers.repair_frame; moved_gain: the later backups, name_movers.moved_gain)
     moving: pd.DataFrame  # long: backups (and name movers) under clean / ablated / moved
     prompts: dict  # counts, names kept and dropped, an example
     verdicts: list
@@ -154,8 +154,7 @@ def measure(cfg: Config, progress: bool = True) -> IoiChapter:
     source = int(res.source_layer)
     repair = nm.repair_frame(res)
     later = [(int(b.layer), int(b.head)) for b in ups.itertuples() if b.layer > source]
-    repair["moved_gain"] = sum(((res.moved_de[:, l, h] - res.head_de[:, l, h]).double().numpy()
-                                for l, h in later), start=0.0 * repair["logit_diff"].to_numpy())
+    repair["moved_gain"] = nm.moved_gain(res, later)  # the backups after the source layer
     stand_in = not cfg.names and set(data.names) <= set(ioi.LETTER_NAMES)  # NAMES has no one-letter name
     info = {"n": len(data), "names": list(data.names), "dropped": list(data.dropped), "stand_in": stand_in,
             "n_templates": len(ioi.TEMPLATES), "example": data.texts[0],
