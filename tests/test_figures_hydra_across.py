@@ -116,7 +116,7 @@ def test_fig_before_after():
 
 
 def test_fig_compensation_and_regression(effects):
-    from selfrepair.hydra import regression
+    from selfrepair.hydra_regression import regression
     spec = _check(fh.fig_compensation(effects), len(effects))
     assert {"circle", "line"} <= _marks(spec) and "compensatory_effect" in _fields(spec, "y")
     reg = regression(effects)

@@ -27,8 +27,9 @@ from selfrepair.chapters import hydra as chapter
 from selfrepair.data import load_prompts, prompt_tokens
 from selfrepair.errors import InputError
 from selfrepair.experiment import open_prompts
-from selfrepair.hydra import (HydraResult, before_after, choose_patches, effects_frame, erasure,
-                              fit_line, hydra_effect, impact_summary, regression, restored_share)
+from selfrepair.hydra import (HydraResult, before_after, choose_patches, effects_frame, hydra_effect,
+                              impact_summary)
+from selfrepair.hydra_regression import erasure, fit_line, regression, restored_share
 from selfrepair.structure import span
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
