@@ -433,6 +433,19 @@ def expected_numbers(res: HydraResult) -> dict:
              for i in range(n) for a in range(late[0])]
     out["n_cases"] = len(cases)
     out["opposite"] = float(np.mean([s * own < 0 for s, own in cases])) if cases else float("nan")
+    own_de = res.ablated_de.mean(2).numpy()  # [n, ablated, readout]
+    out["own_ratio"] = (sum(abs(own_de[i, 2 * l, 2 * l]) for i in range(n) for l in range(L))
+                        / sum(abs(de[i, 2 * l]) for i in range(n) for l in range(L)))
+    out["top_share"], out["top_uniform"] = [], []  # per (ablated attention layer, prompt)
+    for a in range(L):
+        later = [2 * l for l in range(L) if down[2 * a, 2 * l]]
+        if len(later) < 2:
+            continue
+        for i in range(n):
+            v = np.abs(dde[i, 2 * a, later])
+            if v.sum() > 0:
+                out["top_share"].append(v.max() / v.sum())
+                out["top_uniform"].append(1 / len(later))
     return out
 
 
@@ -450,11 +463,17 @@ def check_numbers(ch, exp):
     # the verdicts carry these values and the sizes of what they rest on
     L = ch.result.n_layers
     v = {x.claim.key: x for x in ch.verdicts}
-    assert list(v) == ["unembed", "restored", "slope", "erasure"]
+    assert list(v) == ["unembed", "restored", "slope", "erasure", "own", "localised"]
     assert v["unembed"].value == pytest.approx(got["frac_de_gt_drop"]) and v["unembed"].n == exp["n_prompts"] * L
     assert v["restored"].value == got["restored_mid"] and v["restored"].n == exp["n_prompts"] * len(exp["mid"])
     assert v["slope"].value == pytest.approx(exp["slope_from"] / L) and v["slope"].n == L
     assert v["erasure"].value == pytest.approx(got["opposite"]) and v["erasure"].n == exp["n_cases"]
+    assert v["own"].value == pytest.approx(exp["own_ratio"]) and v["own"].n == exp["n_prompts"] * L
+    assert got["own_ratio"] == pytest.approx(exp["own_ratio"])
+    if exp["top_share"]:
+        assert v["localised"].value == pytest.approx(np.mean(exp["top_share"]))
+        assert got["top_share_uniform"] == pytest.approx(np.mean(exp["top_uniform"]))
+    assert v["localised"].n == len(exp["top_share"])
     # a model that completes (almost) no prompt gets no Hydra verdict, only its numbers
     if got["n_correct"] < max(10, 0.25 * got["n_prompts"]):
         assert all(x.holds is None and "prompts correctly" in x.why for x in v.values())
@@ -510,6 +529,8 @@ def synthetic_result(n=7, L=8, P=2, seed=0) -> HydraResult:
                       torch.randn(n, C, P, generator=g, dtype=torch.float64),
                       torch.randn(n, C, P, generator=g, dtype=torch.float64) * 0.1,
                       torch.zeros(n, C, P, dtype=torch.float64),
+                      torch.randn(n, C, generator=g, dtype=torch.float64),  # mean_write_de
+                      torch.randn(n, C, generator=g, dtype=torch.float64),  # source_mean_de
                       torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
                       clean.sum(1), torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (n,), generator=g),
                       choose_patches(n, P), torch.tensor(False))

@@ -222,7 +222,7 @@ def _synthetic_chapter(parallel: bool, last_layer: bool, seed=0) -> cl.LayerNorm
     tokens = _ratio_tokens(seed)
     ratios = layernorm.ratio_summary(tokens)
     model = SimpleNamespace(n_layers=4, parallel_residual=parallel, sandwich=not parallel)
-    return cl.LayerNormChapter(pd.DataFrame(), (3, 1), (3, 1), tokens, ratios, shares,
+    return cl.LayerNormChapter(pd.DataFrame(), (3, 1), (3, 1), tokens, ratios, [(3, 1)], ratios, shares,
                                layernorm.layer_shares(shares), chk, layernorm.appendix_b_table(chk),
                                pd.DataFrame(), model, [], {})
 

@@ -142,7 +142,8 @@ def _top_shares(values: np.ndarray) -> tuple[int, float, float]:
 def localisation_summary(loc: pd.DataFrame) -> pd.DataFrame:
     """Per ablated component and readout kind ("attn", "mlp", "all"): the downstream components'
     total mean |ΔDE|, the one that changes most and the shares of the total in the top 1 / top 2
-    (``uniform``: the top-1 share if every downstream component changed alike)."""
+    (``uniform``: the top-1 share if every downstream component changed alike; ``first``: the
+    first downstream component of that kind)."""
     rows = []
     d = loc[loc["position"] == "downstream"]
     for (layer, kind), g in d.groupby(["ablated_layer", "ablated_kind"], sort=True):
@@ -153,6 +154,7 @@ def localisation_summary(loc: pd.DataFrame) -> pd.DataFrame:
                          "readout_kind": readout, "n_downstream": len(h),
                          "total_abs_delta_de": float(h["abs_delta_de"].sum()),
                          "top": h["readout"].iloc[i] if i >= 0 else "", "share_top1": top1, "share_top2": top2,
+                         "first": h["readout"].iloc[0] if len(h) else "",
                          "uniform": 1 / len(h) if len(h) else np.nan})
     return pd.DataFrame(rows)
 

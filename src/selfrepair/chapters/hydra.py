@@ -123,6 +123,12 @@ class HydraChapter:
     best: pd.DataFrame | None = None  # Fig 7b: the attention layer with the highest R²
     panels: pd.DataFrame | None = None  # Fig 8: attention / MLP parts at evenly spaced layers
 
+    @property
+    def attention_localisation(self) -> pd.DataFrame:
+        """:attr:`local_summary` of the attention ablations, later attention and MLP layers apart."""
+        s = self.local_summary
+        return s[(s["ablated_kind"] == "attn") & s["readout_kind"].isin(["attn", "mlp"])].reset_index(drop=True)
+
 
 def measure(cfg: Config, progress: bool = True) -> HydraChapter:
     check(cfg)
@@ -265,8 +271,8 @@ def local_verdict(res: hy.HydraResult, s: dict, why: str) -> Verdict:
     """:data:`LOCAL`: the mean top-1 share, beside what an even spread would give."""
     share, _ = hc.prompt_top_share(res)
     return Verdict.mean(LOCAL, share, "(prompt, ablated attention layer) cases",
-                        f"If every later attention layer changed alike, the share would be "
-                        f"{s['top_share_uniform']:.0%}.", why=why)
+                        (f"If every later attention layer changed alike, the share would be "
+                         f"{s['top_share_uniform']:.0%}." if len(share) else ""), why=why)
 
 
 def on_this_model(ch: HydraChapter) -> str:

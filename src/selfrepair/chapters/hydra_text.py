@@ -91,10 +91,10 @@ def localisation_markdown(ch) -> str:
         g = attn[attn["readout_kind"] == kind]
         if not len(g):
             continue
-        nxt = sum(t == f"{'A' if kind == 'attn' else 'M'}{l + 1}" for t, l in zip(g["top"], g["ablated_layer"]))
+        nxt = int((g["top"] == g["first"]).sum())
         lines.append(f"- **Later {word} layers**: the one that changes most carries a mean {_pct(g['share_top1'].mean())} "
                      f"of their Σ mean |ΔDE| (top two: {_pct(g['share_top2'].mean())}; an even spread would "
-                     f"give {_pct(g['uniform'].mean())}); it is the very next {word} layer for {nxt} of the "
+                     f"give {_pct(g['uniform'].mean())}); it is the first later {word} layer for {nxt} of the "
                      f"{len(g)} ablated layers.")
     g = attn[attn["readout_kind"] == "all"]
     if len(g):
