@@ -36,8 +36,8 @@ def app_d_markdown(ch) -> str:
                         "(median |S/S′ − 1|)" if label in spread else "") + ".")
     if len(spread) > 1:
         hi, lo = max(spread, key=spread.get), min(spread, key=spread.get)
-        lines.append(f"- As in App. D, heads differ: zero ablation is most extreme for {hi} "
-                     f"({spread[hi]:.1f}x) and closest to resample for {lo} ({spread[lo]:.1f}x).")
+        lines.append(f"- Relative to resample ablation, zero ablation moves the scale most for {hi} "
+                     f"({spread[hi]:.1f}x) and least for {lo} ({spread[lo]:.1f}x); App. D finds heads of both kinds.")
     return "\n".join(lines)
 
 
