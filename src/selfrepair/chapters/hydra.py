@@ -190,8 +190,8 @@ def own_numbers(res: hy.HydraResult) -> dict:
     own, clean = own_arrays(res)
     share, uniform = hc.prompt_top_share(res)
     return {"own_ratio": float(own.sum() / clean.sum()) if clean.sum() > 0 else float("nan"),
-            "top_share": float(share.mean()) if len(share) else float("nan"),
-            "top_share_uniform": float(uniform.mean()) if len(uniform) else float("nan")}
+            "top_share": float(share.mean()) if len(share) else None,  # None: no such case
+            "top_share_uniform": float(uniform.mean()) if len(uniform) else None}
 
 
 def own_arrays(res: hy.HydraResult) -> tuple[np.ndarray, np.ndarray]:
