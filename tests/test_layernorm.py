@@ -340,16 +340,19 @@ def test_single_head_runs_are_cached_and_read_at_the_sweeps_instances(tiny_chapt
     cfg, ch = tiny_chapter
     model = open_model(cfg)
     data = open_tokens(cfg, model, progress=False)
+    heads = tuple(sorted({ch.ratio_head, ch.ablation_head, *ch.app_d}))  # one run for every head shown
+    assert len(heads) == cl.N_APP_D
     for ablation in ("mean", "zero"):
-        spec = HeadsSpec(heads=(ch.ratio_head,), ablation=ablation)
+        spec = HeadsSpec(heads=heads, ablation=ablation)
         assert Cache(cfg.cache_dir).path(spec, model, data).exists()
         run = measure(cfg, spec, data, progress=False)
-        assert run.heads == [ch.ratio_head]
-        rows = ch.tokens[ch.tokens["ablation"] == ablation]
-        layer, head = ch.ratio_head
-        b, p = rows["row"].to_numpy(copy=True), rows["pos"].to_numpy(copy=True)
-        for q in ("delta_logit", "self_repair", "from_norm", "scale_ablated"):
-            np.testing.assert_allclose(rows[q], getattr(run, q)[layer, head][b, p].numpy(), atol=1e-6)
+        assert run.heads == list(heads)
+        for layer, head in heads:
+            rows = ch.tokens[(ch.tokens["ablation"] == ablation) & (ch.tokens["layer"] == layer)
+                             & (ch.tokens["head"] == head)]
+            b, p = rows["row"].to_numpy(copy=True), rows["pos"].to_numpy(copy=True)
+            for q in ("delta_logit", "self_repair", "from_norm", "scale_ablated"):
+                np.testing.assert_allclose(rows[q], getattr(run, q)[layer, head][b, p].numpy(), atol=1e-6)
 
 
 def test_logit_and_competitor_gap_match_the_models_own_logits(tiny_chapter):
