@@ -5,6 +5,15 @@ from ``n_patches`` other prompts, averaged: the paper's eq. 39), reading the cle
 The paper's "≈70%" is its measure: the share of the reduction in the token's logit that the
 downstream layers restore when a middle layer is ablated (§6) — the compensatory effect over the
 direct effect the ablation removes, here summed over the middle layers' prompts.
+
+Controls (§2.5.2, App. A; :mod:`selfrepair.hydra_controls`): the ablated layer's own direct effect
+under each ablation, a noise ablation of every layer beside the resample one (the write plus
+Gaussian noise, σ = ``noise_scale`` x the write's RMS, ``n_noise`` draws), how localised the
+downstream changes are, and Fig 7b / Fig 8's panels. Measured on the 2-core machine on
+2026-12-01 (embedded Gemma-3-270M, 215 prompts, other jobs sharing the CPU): the noise pass with
+one draw cost 0.46x the resample pass with three patches under the same load (278 s against
+598 s); the resample pass alone took 162 s on a quiet machine, so noise adds about 75 s to the
+``cpu`` profile. Everything else is computed from the two cached results.
 """
 
 from __future__ import annotations
