@@ -11,9 +11,10 @@ under each ablation, a noise ablation of every layer beside the resample one (th
 Gaussian noise, σ = ``noise_scale`` x the write's RMS, ``n_noise`` draws), how localised the
 downstream changes are, and Fig 7b / Fig 8's panels. Measured on the 2-core machine on
 2026-12-01 (embedded Gemma-3-270M, 215 prompts, other jobs sharing the CPU): the noise pass with
-one draw cost 0.46x the resample pass with three patches under the same load (278 s against
-598 s); the resample pass alone took 162 s on a quiet machine, so noise adds about 75 s to the
-``cpu`` profile. Everything else is computed from the two cached results.
+one draw cost 0.46x and 0.64x the resample pass with three patches in two runs under the same
+load (278 s against 598 s; 351 s against 547 s); the resample pass alone took 162 s on a quiet
+machine, so noise adds about 75-105 s to the ``cpu`` profile. Everything else is computed from
+the two cached results.
 """
 
 from __future__ import annotations

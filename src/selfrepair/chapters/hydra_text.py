@@ -122,9 +122,8 @@ def panels_markdown(ch) -> str:
                  f"(R² {fits.loc[l, ('r2', 'MLP')]:.2f})" for l in fits.index]
         lines.append("- **Fig 8.** Slopes of the two parts of compensation on the ablated layer's direct "
                      "effect: " + "; ".join(cells) + ".")
-        mlp_more = [int(l) for l in fits.index
-                    if abs(fits.loc[l, ("slope", "MLP")]) > abs(fits.loc[l, ("slope", "attention")])]
-        lines.append("- The MLP part is the steeper one at " + (
+        mlp_more = [int(l) for l in fits.index if fits.loc[l, ("r2", "MLP")] > fits.loc[l, ("r2", "attention")]]
+        lines.append("- The MLP part is the more predictive one (higher R²) at " + (
             f"layer(s) {', '.join(map(str, mlp_more))}" if mlp_more else "none of these layers")
-            + " (the paper: the balance shifts from attention to MLPs with depth).")
+            + " (the paper: \"by layer 22 [...] the MLP response is considerably more predictive\").")
     return "\n".join(lines)
