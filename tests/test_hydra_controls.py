@@ -224,3 +224,45 @@ def test_fig8_selection_and_fits():
     np.testing.assert_allclose(p["fit"], p["slope"] * p["direct_effect"] + p["intercept"])
     empty = hc.best_layer_points(eff, reg.assign(r2=np.nan))
     assert isinstance(empty, pd.DataFrame) and not len(empty)
+
+
+# -- the chapter's computed paragraphs -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_chapter(tmp_path_factory):
+    from selfrepair.chapters import hydra as chapter
+    cfg = chapter.Config.from_params(model="tiny-llama", dtype="float64", n_prompts=6, n_patches=2,
+                                     noise_scale=2.0, n_noise=2, cache_dir=str(tmp_path_factory.mktemp("c")))
+    return cfg, chapter.measure(cfg, progress=False)
+
+
+def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
+    from selfrepair.chapters import hydra as chapter
+    cfg, ch = tiny_chapter
+    assert ch.noise.meta["noise_scale"] == 2.0 and ch.noise.ablated_de.shape[2] == 2
+    own_md = chapter.own_markdown(ch)
+    s = ch.own_summary.set_index("ablation")
+    for name in ("resample", "resample (every source)", "mean", "noise"):
+        assert f"{s.loc[name, 'ratio']:.0%}" in own_md or f"{s.loc[name, 'patch_ratio']:.0%}" in own_md, name
+    assert "σ = 2 ×" in own_md and "Zero**: 0%" in own_md
+    noise_md = chapter.noise_markdown(ch)
+    c = ch.comparison[ch.comparison["kind"] == "attn"]
+    for name in ("resample", "noise"):
+        assert f"{c[c['ablation'] == name]['abs_total_effect'].mean():.3f}" in noise_md
+    loc_md = chapter.localisation_markdown(ch)
+    mlp = ch.attention_localisation[(ch.attention_localisation["readout_kind"] == "mlp")
+                                    & (ch.attention_localisation["n_downstream"] >= 2)]
+    assert f"{mlp['share_top1'].mean():.0%}" in loc_md and "is 0 —" in loc_md
+    panels_md = chapter.panels_markdown(ch)
+    assert f"R² = {ch.best['r2'].iloc[0]:.2f}" in panels_md and ch.best["label"].iloc[0] in panels_md
+    assert set(ch.attention_localisation["ablated_kind"]) == {"attn"}
+    assert set(ch.attention_localisation["readout_kind"]) == {"attn", "mlp"}
+    for text in (own_md, noise_md, loc_md, panels_md):
+        assert "nan" not in text.lower().split()
+
+
+def test_chapter_rejects_a_negative_noise_scale():
+    from selfrepair.chapters import hydra as chapter
+    with pytest.raises(InputError, match="noise_scale must be at least 0"):
+        chapter.Config.from_params(model="tiny-llama", noise_scale=-1.0)
+    with pytest.raises(InputError, match="n_noise must be at least 1"):
+        chapter.Config.from_params(model="tiny-llama", n_noise=0)
