@@ -49,6 +49,13 @@ def own_direct_effects(results: dict[str, HydraResult]) -> dict[str, torch.Tenso
     return out
 
 
+def own_sizes(res: HydraResult) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, L]`` each: |own direct effect| of every ablated attention layer in its ablated run
+    (patch-averaged) and |clean direct effect|."""
+    own = own_direct_effects({"ablated": res})["ablated"].mean(2)
+    return own[:, 0::2].abs().numpy(), res.clean_de[:, 0::2].abs().numpy()
+
+
 def own_effects(results: dict[str, HydraResult]) -> pd.DataFrame:
     """Per (ablation, ablated component): the mean |clean DE| over prompts, the mean |own DE| in
     the ablated run (patch-averaged per prompt: ``abs_ablated``; per single patch: ``abs_patch``),

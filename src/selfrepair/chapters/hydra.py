@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..ablation import check_ablation
 from .. import hydra as hy
@@ -196,20 +195,12 @@ def numbers(ch: HydraChapter) -> dict:
 
 
 def own_numbers(res: hy.HydraResult) -> dict:
-    """:data:`OWN`'s and :data:`LOCAL`'s values (see :func:`own_arrays`)."""
-    own, clean = own_arrays(res)
+    """:data:`OWN`'s and :data:`LOCAL`'s values (:func:`~selfrepair.hydra_controls.own_sizes`)."""
+    own, clean = hc.own_sizes(res)
     share, uniform = hc.prompt_top_share(res)
     return {"own_ratio": float(own.sum() / clean.sum()) if clean.sum() > 0 else float("nan"),
             "top_share": float(share.mean()) if len(share) else None,  # None: no such case
             "top_share_uniform": float(uniform.mean()) if len(uniform) else None}
-
-
-def own_arrays(res: hy.HydraResult) -> tuple[np.ndarray, np.ndarray]:
-    """``[n, L]`` each: |own direct effect| of every ablated attention layer in its ablated run
-    (patch-averaged) and |clean direct effect|."""
-    C = res.clean_de.shape[1]
-    own = res.ablated_de[:, torch.arange(C), :, torch.arange(C)].permute(1, 0, 2).mean(2)[:, 0::2]
-    return own.abs().numpy(), res.clean_de[:, 0::2].abs().numpy()
 
 
 def _span(layers: list[int]) -> str:
@@ -269,7 +260,7 @@ def verdicts(ch: HydraChapter) -> list[Verdict]:
 
 def own_verdict(res: hy.HydraResult, s: dict) -> Verdict:
     """:data:`OWN`, with a bootstrap over prompts of the ratio of sums."""
-    own, clean = own_arrays(res)
+    own, clean = hc.own_sizes(res)
     pairs = np.c_[own.sum(1), clean.sum(1)]
     lo, hi = bootstrap(pairs, lambda a: a[:, 0].sum() / a[:, 1].sum() if a[:, 1].sum() > 0 else np.nan)
     return Verdict(OWN, s["own_ratio"], own.size, f"(prompt, attention layer) pairs, {s['n_patches']} "
