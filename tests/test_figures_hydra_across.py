@@ -116,7 +116,7 @@ def test_fig_before_after():
 
 
 def test_fig_compensation_and_regression(effects):
-    from selfrepair.hydra import regression
+    from selfrepair.hydra_regression import regression
     spec = _check(fh.fig_compensation(effects), len(effects))
     assert {"circle", "line"} <= _marks(spec) and "compensatory_effect" in _fields(spec, "y")
     reg = regression(effects)
@@ -130,6 +130,49 @@ def test_fig_erasure():
                            "late": l >= 3} for a in range(L) for l in range(L)])
     spec = _check(fh.fig_erasure(frame), L * L + L)
     assert _marks(spec) == {"rect"} and "delta_direct_effect" in _fields(spec, "color")
+
+
+# -- the controls and panels (selfrepair.hydra_controls), built from a synthetic result -------------
+@pytest.fixture
+def synthetic():
+    from test_hydra import synthetic_result
+    return synthetic_result(n=N, L=L, P=2)
+
+
+def test_fig_own_effect(synthetic):
+    from selfrepair.hydra_controls import own_effects
+    own = own_effects({"resample": synthetic})
+    spec = _check(fh.fig_own_effect(own), len(own))
+    assert {"line", "rule"} <= _marks(spec) and "ratio" in _fields(spec, "y")
+    assert set(own["ablation"]) == {"resample", "resample (every source)", "mean", "zero"}
+
+
+def test_fig_noise_vs_resample(synthetic):
+    from selfrepair.hydra_controls import ablation_comparison
+    comp = ablation_comparison({"resample": synthetic, "noise": synthetic})
+    spec = _check(fh.fig_noise_vs_resample(comp), 2 * len(comp))  # two measures per row
+    assert spec["facet"]["row"]["field"] == "measure" and "ablation" in _fields(spec, "color")
+
+
+def test_fig_localisation(synthetic):
+    from selfrepair.hydra_controls import localisation
+    loc = localisation(synthetic)
+    spec = _check(fh.fig_localisation(loc), (2 * L) ** 2 - 2 * L)  # every pair but the ablated itself
+    assert _marks(spec) == {"rect"} and "abs_delta_de" in _fields(spec, "color")
+
+
+def test_fig_best_layer_and_panels(synthetic):
+    from selfrepair.hydra import effects_frame
+    from selfrepair.hydra_controls import best_layer_points, layer_panels, panel_layers
+    from selfrepair.hydra_regression import regression
+    eff = effects_frame(synthetic)
+    best = best_layer_points(eff, regression(eff))
+    spec = _check(fh.fig_best_layer(best), N)
+    assert {"circle", "line"} <= _marks(spec) and "R²" in str(spec["title"]) and "fit" in _fields(spec, "y")
+    panels = layer_panels(eff, panel_layers(L))
+    spec = _check(fh.fig_layer_panels(panels), len(panels))
+    assert len(panels) == 2 * N * len(panel_layers(L)) and "part" in _fields(spec, "color")
+    assert spec["columns"] == 4
 
 
 def _datasets(spec) -> list[dict]:

@@ -27,8 +27,9 @@ from selfrepair.chapters import hydra as chapter
 from selfrepair.data import load_prompts, prompt_tokens
 from selfrepair.errors import InputError
 from selfrepair.experiment import open_prompts
-from selfrepair.hydra import (HydraResult, before_after, choose_patches, effects_frame, erasure,
-                              fit_line, hydra_effect, impact_summary, regression, restored_share)
+from selfrepair.hydra import (HydraResult, before_after, choose_patches, effects_frame, hydra_effect,
+                              impact_summary)
+from selfrepair.hydra_regression import erasure, fit_line, regression, restored_share
 from selfrepair.structure import span
 
 FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
@@ -432,6 +433,19 @@ def expected_numbers(res: HydraResult) -> dict:
              for i in range(n) for a in range(late[0])]
     out["n_cases"] = len(cases)
     out["opposite"] = float(np.mean([s * own < 0 for s, own in cases])) if cases else float("nan")
+    own_de = res.ablated_de.mean(2).numpy()  # [n, ablated, readout]
+    out["own_ratio"] = (sum(abs(own_de[i, 2 * l, 2 * l]) for i in range(n) for l in range(L))
+                        / sum(abs(de[i, 2 * l]) for i in range(n) for l in range(L)))
+    out["top_share"], out["top_uniform"] = [], []  # per (ablated attention layer, prompt)
+    for a in range(L):
+        later = [2 * l for l in range(L) if down[2 * a, 2 * l]]
+        if len(later) < 2:
+            continue
+        for i in range(n):
+            v = np.abs(dde[i, 2 * a, later])
+            if v.sum() > 0:
+                out["top_share"].append(v.max() / v.sum())
+                out["top_uniform"].append(1 / len(later))
     return out
 
 
@@ -449,14 +463,22 @@ def check_numbers(ch, exp):
     # the verdicts carry these values and the sizes of what they rest on
     L = ch.result.n_layers
     v = {x.claim.key: x for x in ch.verdicts}
-    assert list(v) == ["unembed", "restored", "slope", "erasure"]
+    assert list(v) == ["unembed", "restored", "slope", "erasure", "own", "localised"]
     assert v["unembed"].value == pytest.approx(got["frac_de_gt_drop"]) and v["unembed"].n == exp["n_prompts"] * L
     assert v["restored"].value == got["restored_mid"] and v["restored"].n == exp["n_prompts"] * len(exp["mid"])
     assert v["slope"].value == pytest.approx(exp["slope_from"] / L) and v["slope"].n == L
     assert v["erasure"].value == pytest.approx(got["opposite"]) and v["erasure"].n == exp["n_cases"]
-    # a model that completes (almost) no prompt gets no Hydra verdict, only its numbers
+    assert v["own"].value == pytest.approx(exp["own_ratio"]) and v["own"].n == exp["n_prompts"] * L
+    assert got["own_ratio"] == pytest.approx(exp["own_ratio"])
+    if exp["top_share"]:
+        assert v["localised"].value == pytest.approx(np.mean(exp["top_share"]))
+        assert got["top_share_uniform"] == pytest.approx(np.mean(exp["top_uniform"]))
+    assert v["localised"].n == len(exp["top_share"])
+    # a model that completes (almost) no prompt gets no Hydra verdict, only its numbers; whether
+    # an ablation removes the ablated layer's direct effect is about the ablation, decided anyway
     if got["n_correct"] < max(10, 0.25 * got["n_prompts"]):
-        assert all(x.holds is None and "prompts correctly" in x.why for x in v.values())
+        assert all(x.holds is None and "prompts correctly" in x.why for k, x in v.items() if k != "own")
+    assert not v["own"].why
 
 
 @pytest.fixture(scope="module")
@@ -488,15 +510,18 @@ def test_chapter_text_shows_the_computed_numbers(tiny_chapter):
 def test_chapter_caches_its_result(tiny_chapter):
     cfg, root, first = tiny_chapter
     files = list(root.glob("*/hydra-*.safetensors"))
-    assert len(files) == 1
-    again = HydraResult.load(files[0])
+    assert len(files) == 2  # the chapter's ablation and the noise ablation beside it
+    loaded = {r.meta["ablation"]: r for r in map(HydraResult.load, files)}
+    assert set(loaded) == {"resample", "noise"} and loaded["noise"].meta["noise_scale"] == cfg.noise_scale
+    torch.testing.assert_close(loaded["noise"].ablated_de, first.noise.ablated_de)
+    again = loaded["resample"]
     torch.testing.assert_close(again.ablated_de, first.result.ablated_de)
     torch.testing.assert_close(again.from_block_norms, first.result.from_block_norms)
     assert again.meta["prompts"] == first.meta["prompts"] and len(first.meta["ml_text"]) == 6
     second = chapter.measure(cfg, progress=False)
     torch.testing.assert_close(second.result.delta_logit, first.result.delta_logit)
     assert second.numbers == first.numbers
-    assert len(list(root.glob("*/hydra-*.safetensors"))) == 1
+    assert len(list(root.glob("*/hydra-*.safetensors"))) == 2
 
 
 def synthetic_result(n=7, L=8, P=2, seed=0) -> HydraResult:
@@ -509,6 +534,8 @@ def synthetic_result(n=7, L=8, P=2, seed=0) -> HydraResult:
                       torch.randn(n, C, P, generator=g, dtype=torch.float64),
                       torch.randn(n, C, P, generator=g, dtype=torch.float64) * 0.1,
                       torch.zeros(n, C, P, dtype=torch.float64),
+                      torch.randn(n, C, generator=g, dtype=torch.float64),  # mean_write_de
+                      torch.randn(n, C, generator=g, dtype=torch.float64),  # source_mean_de
                       torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
                       clean.sum(1), torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (n,), generator=g),
                       choose_patches(n, P), torch.tensor(False))

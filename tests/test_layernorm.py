@@ -222,7 +222,7 @@ def _synthetic_chapter(parallel: bool, last_layer: bool, seed=0) -> cl.LayerNorm
     tokens = _ratio_tokens(seed)
     ratios = layernorm.ratio_summary(tokens)
     model = SimpleNamespace(n_layers=4, parallel_residual=parallel, sandwich=not parallel)
-    return cl.LayerNormChapter(pd.DataFrame(), (3, 1), (3, 1), tokens, ratios, shares,
+    return cl.LayerNormChapter(pd.DataFrame(), (3, 1), (3, 1), tokens, ratios, [(3, 1)], ratios, shares,
                                layernorm.layer_shares(shares), chk, layernorm.appendix_b_table(chk),
                                pd.DataFrame(), model, [], {})
 
@@ -314,7 +314,7 @@ def test_measure_on_tiny(tiny_chapter):
     last = ch.per_head[ch.per_head["layer"] == ch.model.n_layers - 1]
     best = last.sort_values(["direct_effect", "head"], ascending=[False, True]).iloc[0]
     assert ch.ratio_head == ch.ablation_head == cl.stand_in(ch.per_head) == (best["layer"], best["head"])
-    assert set(ch.heads["reason"]) == {cl.HEAD_RULE}
+    assert set(ch.heads["reason"][:2]) == {cl.HEAD_RULE} and set(ch.heads["reason"][2:]) == {cl.APP_D_RULE}
     t = ch.tokens
     assert set(t["ablation"]) == set(ABLATIONS)
     n = t.groupby(["ablation", "tokens"]).size()
@@ -340,16 +340,19 @@ def test_single_head_runs_are_cached_and_read_at_the_sweeps_instances(tiny_chapt
     cfg, ch = tiny_chapter
     model = open_model(cfg)
     data = open_tokens(cfg, model, progress=False)
+    heads = tuple(sorted({ch.ratio_head, ch.ablation_head, *ch.app_d}))  # one run for every head shown
+    assert len(heads) == cl.N_APP_D
     for ablation in ("mean", "zero"):
-        spec = HeadsSpec(heads=(ch.ratio_head,), ablation=ablation)
+        spec = HeadsSpec(heads=heads, ablation=ablation)
         assert Cache(cfg.cache_dir).path(spec, model, data).exists()
         run = measure(cfg, spec, data, progress=False)
-        assert run.heads == [ch.ratio_head]
-        rows = ch.tokens[ch.tokens["ablation"] == ablation]
-        layer, head = ch.ratio_head
-        b, p = rows["row"].to_numpy(copy=True), rows["pos"].to_numpy(copy=True)
-        for q in ("delta_logit", "self_repair", "from_norm", "scale_ablated"):
-            np.testing.assert_allclose(rows[q], getattr(run, q)[layer, head][b, p].numpy(), atol=1e-6)
+        assert run.heads == list(heads)
+        for layer, head in heads:
+            rows = ch.tokens[(ch.tokens["ablation"] == ablation) & (ch.tokens["layer"] == layer)
+                             & (ch.tokens["head"] == head)]
+            b, p = rows["row"].to_numpy(copy=True), rows["pos"].to_numpy(copy=True)
+            for q in ("delta_logit", "self_repair", "from_norm", "scale_ablated"):
+                np.testing.assert_allclose(rows[q], getattr(run, q)[layer, head][b, p].numpy(), atol=1e-6)
 
 
 def test_logit_and_competitor_gap_match_the_models_own_logits(tiny_chapter):
@@ -403,8 +406,9 @@ def test_pinned_heads(tiny_chapter, pinned_chapter):
     _, default = tiny_chapter
     cfg, ch = pinned_chapter
     assert ch.ratio_head == (1, 0) and ch.ablation_head == (0, 2)
-    assert list(ch.heads["label"]) == ["L1H0", "L0H2"]
-    assert list(ch.heads["reason"]) == ["pinned by ratio_head", "pinned by ablation_head"]
+    assert list(ch.heads["label"][:2]) == ["L1H0", "L0H2"]
+    assert list(ch.heads["reason"]) == ["pinned by ratio_head", "pinned by ablation_head"] + [cl.APP_D_RULE] * 3
+    assert ch.app_d[0] == (1, 0)  # App. D's default starts from the ratio head
     assert set(ch.ratio_tokens["label"]) == {"L1H0"} and set(ch.ablation_tokens["label"]) == {"L0H2"}
     assert set(ch.ratios["label"]) == {"L1H0"}
     pd.testing.assert_frame_equal(ch.ratios, layernorm.ratio_summary(ch.ratio_tokens))
@@ -421,7 +425,7 @@ def test_ratio_head_alone_and_appendix_b_off_its_assumptions(tiny_cache):
     cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_head="L0H1")
     ch = cl.measure(cfg, progress=False)
     assert ch.ratio_head == ch.ablation_head == (0, 1)
-    assert list(ch.heads["reason"]) == ["pinned by ratio_head", "as ratio_head"]
+    assert list(ch.heads["reason"][:2]) == ["pinned by ratio_head", "as ratio_head"]
     t = ch.check_table
     here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
     assert not here["last_layer"].any() and (here["relative_error"] > 1e-3).all()
@@ -432,6 +436,67 @@ def test_ratio_head_alone_and_appendix_b_off_its_assumptions(tiny_cache):
     want = _expected_layernorm(ch)
     for key in ("ratio_resample", "ratio_mean", "ratio_zero", "appendix_h"):
         assert {x.claim.key: x.value for x in ch.verdicts}[key] == pytest.approx(want[key][0])
+
+
+# -- App. D (Fig 16-17): Fig 4's procedure for a list of heads --------------------------------------
+def test_app_d_heads_default_rule(tiny_chapter):
+    _, ch = tiny_chapter
+    last = ch.per_head[ch.per_head["layer"] == ch.model.n_layers - 1].sort_values(
+        ["direct_effect", "head"], ascending=[False, True])
+    ranked = [(int(l), int(h)) for l, h in zip(last["layer"], last["head"])]
+    assert ch.app_d == ranked[:cl.N_APP_D] and ch.app_d[0] == ch.ratio_head
+    assert cl.last_layer_ranking(ch.per_head) == ranked
+    _check_app_d(ch)
+
+
+def _check_app_d(ch):
+    """Shares of S/S' > 1 per head and ablation, by hand from the per-token scales."""
+    labels = ["L{}H{}".format(*h) for h in ch.app_d]
+    assert list(ch.app_d_ratios["label"].drop_duplicates()) == labels
+    assert set(ch.app_d_tokens["label"]) == set(labels)
+    assert list(ch.heads.loc[ch.heads["figure"].str.startswith("App. D"), "label"]) == labels
+    for label in labels:
+        for ablation in ("resample", "mean", "zero"):
+            t = ch.tokens[(ch.tokens["label"] == label) & (ch.tokens["ablation"] == ablation)
+                          & (ch.tokens["tokens"] == "top-k%")]
+            row = ch.app_d_ratios[(ch.app_d_ratios["label"] == label) & (ch.app_d_ratios["ablation"] == ablation)]
+            assert len(row) == 1 and row["n"].iloc[0] == len(t) > 0
+            share = float((t["scale_clean"] / t["scale_ablated"] > 1).mean())
+            assert row["share_ratio_above_1"].iloc[0] == pytest.approx(share)
+    # the ratio head's rows are Fig 4's own numbers: one computation, not two
+    if ch.app_d[0] == ch.ratio_head:
+        first = ch.app_d_ratios[ch.app_d_ratios["label"] == labels[0]].reset_index(drop=True)
+        pd.testing.assert_frame_equal(first, ch.ratios)
+    md = cl.app_d_markdown(ch)
+    for label in labels:
+        assert f"**{label}**" in md
+    zero = ch.app_d_ratios[ch.app_d_ratios["ablation"] == "zero"]
+    assert f"{zero['share_ratio_above_1'].iloc[0]:.1%} (zero)" in md
+
+
+def test_app_d_pinned_heads(tiny_cache):
+    cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_heads=["L0H3", "L1H1", "L0H3"])
+    ch = cl.measure(cfg, progress=False)
+    assert ch.app_d == [(0, 3), (1, 1)]  # in the given order, repeats dropped
+    assert set(ch.heads.loc[ch.heads["figure"].str.startswith("App. D"), "reason"]) == {"pinned by ratio_heads"}
+    assert list(ch.heads.loc[ch.heads["figure"].str.startswith("App. D"), "paper"]) == [
+        "L11H10 (GPT-2 small)", "L11H3 (GPT-2 small)"]
+    _check_app_d(ch)
+
+
+def test_app_d_heads_must_be_heads_of_the_model(tiny_cache):
+    from selfrepair.errors import InputError
+
+    cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_heads=["L1H0", "L9H0"])
+    with pytest.raises(InputError, match="ratio_heads: L9H0 is not a head of tiny-gpt_neox"):
+        cl.measure(cfg, progress=False)
+
+
+def test_ratio_summary_keeps_the_heads_order():
+    t = pd.concat([_ratio_tokens(1).assign(label="L3H2"), _ratio_tokens()], ignore_index=True)
+    got = layernorm.ratio_summary(t, order=["L3H1", "L3H2"])
+    assert list(got["label"]) == ["L3H1", "L3H1", "L3H2", "L3H2"]
+    pd.testing.assert_frame_equal(got.iloc[:2].reset_index(drop=True), layernorm.ratio_summary(_ratio_tokens()))
 
 
 def test_head_tokens_refuses_results_from_other_tokens(tiny_chapter):

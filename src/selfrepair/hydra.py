@@ -12,8 +12,13 @@ attention / MLP output. Component ``c = 2 * layer + (0 attention, 1 MLP)``.
   = the centered clean logit.
 - **Ablation** (Hydra §2.4, App. A): the write of component ``m`` *at the last position only*
   (``do(A_t^m = a_t^m(x'))``, eq. 11) is replaced by the same component's last-position write on
-  ``n_patches`` other prompts (resample; seeded), by its mean over the prompts (mean) or zeros.
-  Every quantity below is computed per patch; frames average over patches (eq. 39).
+  ``n_patches`` other prompts (resample; seeded), by its mean over the prompts (mean), zeros, or
+  (noise) the write itself plus Gaussian noise, ``n_patches`` seeded draws of ``N(0, σ²)`` per
+  prompt with ``σ = noise_scale x`` the RMS of that component's clean write over the prompt set
+  (:func:`noisy_writes`). Eq. 37 puts the noise on the *input* (causal tracing, Meng et al.,
+  whose σ is 3x the embeddings' std); here it is on the layer's write, so that it is a control of
+  this one layer, as resample is. Every quantity below is computed per patch; frames average over
+  patches (eq. 39).
 - **Total effect** ``Δ_ablate = logit' - logit`` from the model's real final-norm output (eq. 12,
   18). ``ΔDE_c = dir . (write'_c - write_c)``, clean scale ``S`` (eq. 34).
 - **Compensatory effect** (eq. 33) ``CE = Σ_{c downstream of m} ΔDE_c`` — later attention layers
@@ -41,7 +46,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
-from .ablation import check_ablation
+from .ablation import ABLATIONS
 from .batch import PromptSet, clean_batch
 from .direct_effect import at_positions
 from .errors import InputError
@@ -49,7 +54,32 @@ from .measure import RunOptions, Spec
 from .models import Model
 from .passes import WRITE_SITES, ablate_writes
 from .results import Result
-from .structure import KINDS, component_reads, span
+from .structure import KINDS, component_reads
+
+
+HYDRA_ABLATIONS = ABLATIONS + ("noise",)  # what can replace a whole layer's write
+
+
+def check_hydra_ablation(ablation: str, noise_scale: float | None = None) -> str:
+    """``ablation`` is one of :data:`HYDRA_ABLATIONS`; ``noise`` needs a ``noise_scale >= 0``."""
+    if ablation not in HYDRA_ABLATIONS:
+        raise InputError(f"unknown ablation {ablation!r}: use one of {', '.join(HYDRA_ABLATIONS)}")
+    if ablation == "noise" and (noise_scale is None or not noise_scale >= 0):
+        raise InputError(f"noise ablation needs noise_scale >= 0 (σ as a multiple of the write's RMS), "
+                         f"got {noise_scale!r}")
+    return ablation
+
+
+def noisy_writes(writes: torch.Tensor, n_patches: int, noise_scale: float, seed: int = 0) -> torch.Tensor:
+    """``[2, n, P, L, d]``: each clean last-position write ``writes [2, n, L, d]`` plus ``P`` draws of
+    ``N(0, σ²)`` with ``σ = noise_scale x`` the RMS of that (kind, layer)'s write over the prompts and
+    dimensions. The draws come from one generator seeded by ``seed`` over the whole array, so they
+    do not depend on how prompts are batched; ``noise_scale = 0`` returns the writes unchanged."""
+    sigma = noise_scale * writes.double().pow(2).mean((1, 3)).sqrt()  # [2, L]
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn((writes.shape[0], writes.shape[1], n_patches, *writes.shape[2:]), generator=g,
+                      dtype=torch.float64)
+    return (writes.double()[:, :, None] + sigma[:, None, None, :, None] * eps).to(writes.dtype)
 
 
 def component_label(kind: str, layer: int) -> str:
@@ -74,6 +104,8 @@ class HydraResult(Result):
     delta_logit: torch.Tensor  # [n, C, P] total effect Δ_ablate
     from_norm: torch.Tensor  # [n, C, P] final-norm scale term
     from_block_norms: torch.Tensor  # [n, C, P] downstream block norms' scale terms (sandwich models)
+    mean_write_de: torch.Tensor  # [n, C] DE of each component's mean write (mean ablation's own DE)
+    source_mean_de: torch.Tensor  # [n, C] own DE averaged over every other prompt as source (eq. 39, P = n-1)
     embed_de: torch.Tensor  # [n] embeddings' direct effect
     constant: torch.Tensor  # [n] final-norm bias + unembedding bias terms
     logit: torch.Tensor  # [n] centered clean logit of the max-likelihood token
@@ -102,7 +134,7 @@ class HydraResult(Result):
 
 def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample", n_patches: int = 5,
                  seed: int = 0, patch_index: torch.Tensor | None = None, max_rows: int = 128,
-                 progress: bool = True) -> HydraResult:
+                 noise_scale: float | None = None, progress: bool = True) -> HydraResult:
     """Ablate every attention and MLP layer of ``model`` on each prompt (see module docstring).
 
     ``prompts`` are right-padded (:class:`~selfrepair.batch.PromptSet`); right padding is exact in a
@@ -110,14 +142,14 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
     at each prompt's last real position. Prompts are sorted by length and run ``max_rows //
     n_patches`` at a time, so that one ablated pass holds at most ``max_rows`` (prompt, patch) rows.
     ``patch_index [n, P]`` overrides the seeded resample sources (a prompt's own index is an identity
-    patch).
+    patch). ``noise``: ``n_patches`` noise draws per prompt, ``σ = noise_scale x`` RMS of the write.
     """
-    check_ablation(ablation)
+    check_hydra_ablation(ablation, noise_scale)
     n, C = len(prompts), 2 * model.n_layers
     if ablation == "resample":
         patch_index = choose_patches(n, n_patches, seed) if patch_index is None else patch_index
     else:
-        patch_index = torch.full((n, 1), -1, dtype=torch.long)
+        patch_index = torch.full((n, n_patches if ablation == "noise" else 1), -1, dtype=torch.long)
     P = patch_index.shape[1]
     order = torch.argsort(prompts.last_pos, stable=True)
     per = max(1, max_rows // P)
@@ -131,6 +163,7 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
     # pass 1: clean last-position writes of every prompt (the resample sources) and clean effects
     writes = torch.zeros(2, n, model.n_layers, model.d_model, dtype=acc)
     clean_de, ml_token = torch.zeros(n, C, dtype=acc), torch.zeros(n, dtype=torch.long)
+    dirs = torch.zeros(n, model.d_model, dtype=acc)  # each prompt's readout direction
     out = {k: torch.zeros(n, dtype=acc) for k in ("embed_de", "constant", "logit")}
     cleans = [clean_chunk(idx) for idx in tqdm(chunks, desc="clean", disable=not progress)]
     for idx, (batch, pos) in zip(chunks, cleans):
@@ -139,10 +172,16 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
             w = model.acc(at_positions(batch.clean.reads[site], pos))  # [L, b, d]
             writes[k, idx] = w.transpose(0, 1).cpu()
             clean_de[idx, k::2] = (w * ro.dir).sum(-1).T.cpu()
+        dirs[idx] = model.acc(ro.dir).cpu()
         out["embed_de"][idx] = (model.acc(at_positions(batch.clean.embed, pos)) * ro.dir).sum(-1).cpu()
         out["constant"][idx], out["logit"][idx], ml_token[idx] = ro.bias.cpu(), ro.logit.cpu(), ro.targets.cpu()
+    own = {"mean_write_de": torch.einsum("kld,nd->nlk", writes.mean(1), dirs).reshape(n, C),
+           "source_mean_de": (torch.einsum("kld,nd->nlk", writes.sum(1), dirs).reshape(n, C) - clean_de)
+           / max(1, n - 1)}
     if ablation == "resample":
         repl_all = writes[:, patch_index]  # [2, n, P, L, d]
+    elif ablation == "noise":
+        repl_all = noisy_writes(writes, P, noise_scale, seed)
     else:
         mean = writes.mean(1) if ablation == "mean" else torch.zeros_like(writes[:, 0])
         repl_all = mean[:, None, None].expand(2, n, 1, *mean.shape[1:])
@@ -159,12 +198,12 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
                 terms[key][idx, m] = got[key].unflatten(0, (P, len(idx))).T.cpu()
             bar.update()
     bar.close()
-    return HydraResult(clean_de, ablated_de, **terms, ml_token=ml_token,
+    return HydraResult(clean_de, ablated_de, **terms, **own, ml_token=ml_token,
                        target=prompts.target_ids.clone(), patch_index=patch_index,
                        parallel_residual=torch.tensor(model.parallel_residual),
                        input_ids=prompts.input_ids, **out,
                        meta={**model.describe(), "ablation": ablation, "n_patches": P, "seed": seed,
-                             "write_sites": list(WRITE_SITES)})
+                             "noise_scale": noise_scale, "write_sites": list(WRITE_SITES)})
 
 
 @dataclass(frozen=True)
@@ -174,13 +213,15 @@ class HydraSpec(Spec):
     kind = "hydra"
     result = HydraResult
 
-    ablation: str = "resample"  # what replaces a layer's write
-    n_patches: int = 3  # resample sources per prompt, averaged
-    seed: int = 0  # which prompts are each prompt's sources
+    ablation: str = "resample"  # what replaces a layer's write (HYDRA_ABLATIONS)
+    n_patches: int = 3  # resample sources (or noise draws) per prompt, averaged
+    seed: int = 0  # which prompts are each prompt's sources; the noise draws
+    noise_scale: float | None = None  # noise: σ as a multiple of the write's RMS (None otherwise)
 
     def compute(self, model: Model, data: PromptSet, options: RunOptions) -> HydraResult:
         res = hydra_effect(model, data, ablation=self.ablation, n_patches=self.n_patches, seed=self.seed,
-                           max_rows=max(options.max_rows, 128), progress=options.progress)
+                           max_rows=max(options.max_rows, 128), noise_scale=self.noise_scale,
+                           progress=options.progress)
         dec = model.tokenizer.decode if model.tokenizer is not None else str
         res.meta.update(prompts=list(data.prompts), target_text=list(data.targets),
                         ml_text=[dec([int(t)]) for t in res.ml_token])
@@ -251,69 +292,3 @@ def before_after(res: HydraResult, layer: int | None = None, kind: str = "attn",
                           "run": name, "direct_effect": float(v[c]), "ablated": component_label(kind, layer),
                           "ablated_layer": layer, "ablated_kind": kind,
                           "prompt": prompts[prompt]} for name, v in runs for c in range(C)])
-
-
-def fit_line(x, y) -> tuple[float, float, float]:
-    """Least-squares ``y = slope * x + intercept`` and R² (NaN when x or y is constant)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 2 or np.ptp(x) == 0:
-        return np.nan, np.nan, np.nan
-    slope, intercept = np.polyfit(x, y, 1)
-    ss = ((y - y.mean()) ** 2).sum()
-    r2 = 1 - ((y - slope * x - intercept) ** 2).sum() / ss if ss > 0 else np.nan
-    return float(slope), float(intercept), float(r2)
-
-
-def pooled_slope(effects: pd.DataFrame, layers, kind: str = "attn") -> float:
-    """Within-layer slope of compensation on direct effect pooled over ``layers`` (Σ cov / Σ var):
-    each layer keeps its own intercept (its indirect breakage), layers whose direct effect varies
-    more weigh more."""
-    g = effects[(effects["kind"] == kind) & effects["layer"].isin(list(layers))]
-    g = g.assign(x=g.groupby("layer")["direct_effect"].transform(lambda v: v - v.mean()))
-    var = (g["x"] ** 2).sum()
-    return float((g["x"] * g["compensatory_effect"]).sum() / var) if var > 0 else float("nan")
-
-
-def restored_share(effects: pd.DataFrame, layers, kind: str = "attn") -> float:
-    """The Hydra paper's "restore approximately 70% of the reduction in token logits" (§6): the
-    compensation as a share of the logit reduction an ablation would cause without it, Σ CE /
-    Σ (−ΔDE of the ablated layer), over every prompt of the ablated ``layers``."""
-    g = effects[(effects["kind"] == kind) & effects["layer"].isin(list(layers))]
-    lost = -g["delta_direct_effect"].sum()
-    return float(g["compensatory_effect"].sum() / lost) if lost > 0 else float("nan")
-
-
-def regression(effects: pd.DataFrame) -> pd.DataFrame:
-    """Hydra Fig 7d / 8: per ablated (kind, layer), the regression of the compensatory effect
-    (and its attention / MLP parts) on the direct effect across prompts; ``restored`` = mean CE /
-    mean lost direct effect (``-delta_direct_effect``)."""
-    rows = []
-    for (kind, layer), g in effects.groupby(["kind", "layer"], sort=True):
-        slope, intercept, r2 = fit_line(g["direct_effect"], g["compensatory_effect"])
-        lost = -g["delta_direct_effect"].mean()
-        rows.append({"kind": kind, "layer": layer, "label": component_label(kind, layer),
-                     "n": len(g), "slope": slope, "intercept": intercept, "r2": r2,
-                     "slope_attn": fit_line(g["direct_effect"], g["ce_attn"])[0],
-                     "slope_mlp": fit_line(g["direct_effect"], g["ce_mlp"])[0],
-                     "mean_direct_effect": g["direct_effect"].mean(),
-                     "restored": g["compensatory_effect"].mean() / lost if lost > 0 else np.nan})
-    return pd.DataFrame(rows)
-
-
-def late_mlp_layers(n_layers: int) -> list[int]:
-    """The "late MLPs" of the erasure claim: :func:`selfrepair.structure.span` ``"last_quarter"``."""
-    return list(span(n_layers, "last_quarter"))
-
-
-def erasure(res: HydraResult) -> pd.DataFrame:
-    """Hydra §2.5.2: per (ablated attention layer, MLP layer) the MLP's mean clean DE and its mean
-    ΔDE after the ablation (0 where the MLP is not downstream)."""
-    L = res.n_layers
-    dde = res.delta_de.mean((0, 2))[0::2, 1::2]  # [attn ablated, mlp readout]
-    clean = res.clean_de[:, 1::2].mean(0)
-    late = set(late_mlp_layers(L))
-    return pd.DataFrame([{"ablated_layer": a, "mlp_layer": l, "label": component_label("mlp", l),
-                          "clean_direct_effect": float(clean[l]), "delta_direct_effect": float(dde[a, l]),
-                          "late": l in late} for a in range(L) for l in range(L)])
-
-

@@ -77,24 +77,27 @@ def relative_boost(ratio, competitor_gap):
     return (ratio - 1) * competitor_gap
 
 
-def ratio_summary(tokens: pd.DataFrame) -> pd.DataFrame:
-    """Per ablation, on the head's top-k% tokens: the share with ``S/S' > 1`` (Fig 4), the median
+def ratio_summary(tokens: pd.DataFrame, order=None) -> pd.DataFrame:
+    """Per head (``label``, in ``order`` or as they appear) and ablation, on the head's top-k%
+    tokens: the share with ``S/S' > 1`` (Fig 4; App. D Fig 16-17 for other heads), the median
     ratio, App. H's relative boost of the correct token over its strongest competitor
     (:func:`relative_boost`, median of its size) next to the median direct effect, and the mean
     final-norm self-repair."""
     t = tokens[tokens["tokens"] == "top-k%"]
     rows = []
-    for ablation in [a for a in ABLATION_ORDER if a in set(t["ablation"])]:
-        g = t[t["ablation"] == ablation]
-        boost = relative_boost(g["ratio"], g["competitor_gap"])
-        rows.append({"ablation": ablation, "label": g["label"].iloc[0], "n": len(g),
-                     "share_ratio_above_1": float((g["ratio"] > 1).mean()),
-                     "median_ratio": float(g["ratio"].median()),
-                     "median_logit_gap": float(g["competitor_gap"].median()),
-                     "median_abs_boost": float(boost.abs().median()),
-                     "median_direct_effect": float(g["direct_effect"].median()),
-                     "mean_from_norm": float(g["from_norm"].mean()),
-                     "mean_self_repair": float(g["self_repair"].mean())})
+    for label in (order if order is not None else t["label"].drop_duplicates()):
+        h = t[t["label"] == label]
+        for ablation in [a for a in ABLATION_ORDER if a in set(h["ablation"])]:
+            g = h[h["ablation"] == ablation]
+            boost = relative_boost(g["ratio"], g["competitor_gap"])
+            rows.append({"ablation": ablation, "label": label, "n": len(g),
+                         "share_ratio_above_1": float((g["ratio"] > 1).mean()),
+                         "median_ratio": float(g["ratio"].median()),
+                         "median_logit_gap": float(g["competitor_gap"].median()),
+                         "median_abs_boost": float(boost.abs().median()),
+                         "median_direct_effect": float(g["direct_effect"].median()),
+                         "mean_from_norm": float(g["from_norm"].mean()),
+                         "mean_self_repair": float(g["self_repair"].mean())})
     return pd.DataFrame(rows)
 
 

@@ -5,6 +5,16 @@ from ``n_patches`` other prompts, averaged: the paper's eq. 39), reading the cle
 The paper's "≈70%" is its measure: the share of the reduction in the token's logit that the
 downstream layers restore when a middle layer is ablated (§6) — the compensatory effect over the
 direct effect the ablation removes, here summed over the middle layers' prompts.
+
+Controls (§2.5.2, App. A; :mod:`selfrepair.hydra_controls`): the ablated layer's own direct effect
+under each ablation, a noise ablation of every layer beside the resample one (the write plus
+Gaussian noise, σ = ``noise_scale`` x the write's RMS, ``n_noise`` draws), how localised the
+downstream changes are, and Fig 7b / Fig 8's panels. Measured on the 2-core machine on
+2026-12-01 (embedded Gemma-3-270M, 215 prompts, other jobs sharing the CPU): the noise pass with
+one draw cost 0.46x and 0.64x the resample pass with three patches in two runs under the same
+load (278 s against 598 s; 351 s against 547 s); the resample pass alone took 162 s on a quiet
+machine, so noise adds about 75-105 s to the ``cpu`` profile. Everything else is computed from
+the two cached results.
 """
 
 from __future__ import annotations
@@ -16,12 +26,16 @@ import pandas as pd
 
 from ..ablation import check_ablation
 from .. import hydra as hy
-from ..claims import Claim, Verdict, above, at_most, between, bootstrap, render
+from .. import hydra_controls as hc
+from .. import hydra_regression as hr
+from ..claims import Claim, Verdict, above, at_most, below, between, bootstrap, render
 from ..config import RunConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_prompts
 from ..structure import span
 from . import check
+from .hydra_text import (LOCAL_TABLE, OWN_TABLE, localisation_markdown, noise_markdown,  # noqa: F401 (the notebook's)
+                         own_markdown, panels_markdown)
 
 PAPER_SLOPE_FROM = 13 / 32  # slope < 1 at every layer past 13 of Chinchilla-7B's 32 (§4.2)
 
@@ -48,6 +62,18 @@ ERASURE = Claim("erasure", "Late MLP layers erase: when an attention layer is ab
                 "layer's change", above(0.5), fmt=".0%",
                 reading="In {value} of the {n} {unit}, the late MLPs move against the change of the "
                         "attention layer that was ablated.")
+OWN = Claim("own", "Resample ablations reduce the ablated layer's Δ_unembed to approximately zero when "
+            "averaged across patches", "§2.5.2", "Σ |own direct effect in the ablated run, averaged over "
+            "the patches| / Σ |clean direct effect| over every (prompt, attention layer)", below(0.25),
+            fmt=".0%", reading="Averaged over its patches, an ablated attention layer keeps {value} of its "
+                               "clean direct effect's size ({n} {unit}).")
+LOCAL = Claim("localised", "Downstream effects of an attention ablation are localised: apart from one "
+              "attention layer (the Hydra effect), later attention layers are almost unchanged", "§2.5.2",
+              "per (prompt, ablated attention layer with at least two later attention layers), the share "
+              "of the later attention layers' Σ |ΔDE| carried by the one that changes most, averaged",
+              above(0.5), fmt=".0%",
+              reading="The later attention layer that changes most carries {value} of the later "
+                      "attention layers' change, on average over {n} {unit}.")
 
 
 @dataclass(frozen=True)
@@ -57,6 +83,8 @@ class Config(RunConfig):
     n_prompts: int | None = None  # prompts measured (None: all; an int: a seeded subset)
     n_patches: int = 3  # resample sources per prompt, averaged (the Hydra paper used 15)
     featured_layer: int | None = None  # attention layer of the before/after figure; None: the largest mean direct effect
+    noise_scale: float = 3.0  # noise ablation: σ of the Gaussian added to a layer's write, in units of that write's RMS
+    n_noise: int = 1  # noise draws per prompt (each one ablated pass per layer)
     cache_dir: str = "results"  # where computed results are cached
 
     def validate(self) -> None:
@@ -64,6 +92,10 @@ class Config(RunConfig):
         check_ablation(self.ablation)
         if self.n_patches < 1:
             raise InputError(f"n_patches must be at least 1, got {self.n_patches}")
+        if not self.noise_scale >= 0:
+            raise InputError(f"noise_scale must be at least 0 (σ in units of the write's RMS), got {self.noise_scale}")
+        if self.n_noise < 1:
+            raise InputError(f"n_noise must be at least 1, got {self.n_noise}")
         if self.n_prompts is not None and self.n_prompts < 2:
             raise InputError(f"n_prompts must be at least 2 (or None for all), got {self.n_prompts}")
 
@@ -91,6 +123,20 @@ class HydraChapter:
     verdicts: list
     numbers: dict
     meta: dict
+    noise: hy.HydraResult | None = None  # every layer noise-ablated (σ = noise_scale x the write's RMS)
+    own: pd.DataFrame | None = None  # per (ablation, component): own DE in the ablated run vs clean
+    own_summary: pd.DataFrame | None = None  # per ablation, over attention layers
+    comparison: pd.DataFrame | None = None  # per (ablation, component): noise beside resample
+    localisation: pd.DataFrame | None = None  # per (ablated, readout component): mean |ΔDE|
+    local_summary: pd.DataFrame | None = None  # per ablated component: top-1 / top-2 shares
+    best: pd.DataFrame | None = None  # Fig 7b: the attention layer with the highest R²
+    panels: pd.DataFrame | None = None  # Fig 8: attention / MLP parts at evenly spaced layers
+
+    @property
+    def attention_localisation(self) -> pd.DataFrame:
+        """:attr:`local_summary` of the attention ablations, later attention and MLP layers apart."""
+        s = self.local_summary
+        return s[(s["ablated_kind"] == "attn") & s["readout_kind"].isin(["attn", "mlp"])].reset_index(drop=True)
 
 
 def measure(cfg: Config, progress: bool = True) -> HydraChapter:
@@ -101,8 +147,16 @@ def measure(cfg: Config, progress: bool = True) -> HydraChapter:
     res = cached(cfg, hy.HydraSpec(ablation=cfg.ablation, n_patches=n_patches, seed=cfg.seed), data,
                  progress=progress)
     eff = hy.effects_frame(res)
-    ch = HydraChapter(res, eff, hy.regression(eff), hy.impact_summary(eff),
-                      hy.before_after(res, layer=cfg.featured_layer), hy.erasure(res), [], {}, dict(res.meta))
+    noise = cached(cfg, hy.HydraSpec(ablation="noise", n_patches=cfg.n_noise, seed=cfg.seed,
+                                     noise_scale=cfg.noise_scale), data, progress=progress)
+    reg = hr.regression(eff)
+    results = {cfg.ablation: res, "noise": noise}
+    own = hc.own_effects(results)
+    loc = hc.localisation(res)
+    ch = HydraChapter(res, eff, reg, hy.impact_summary(eff), hy.before_after(res, layer=cfg.featured_layer),
+                      hr.erasure(res), [], {}, dict(res.meta), noise, own, hc.own_summary(own),
+                      hc.ablation_comparison(results), loc, hc.localisation_summary(loc),
+                      hc.best_layer_points(eff, reg), hc.layer_panels(eff, hc.panel_layers(res.n_layers)))
     ch.numbers = numbers(ch)
     ch.verdicts = verdicts(ch)
     return ch
@@ -115,7 +169,7 @@ def numbers(ch: HydraChapter) -> dict:
     slopes = attn["slope"].dropna()
     at_or_above = slopes[slopes >= 1].index
     mid = list(span(L, "middle"))
-    late = hy.late_mlp_layers(L)
+    late = hr.late_mlp_layers(L)
     dde = res.delta_de.mean(2)
     ablated = [2 * m for m in range(late[0])]
     late_sum = dde[:, ablated][:, :, [2 * l + 1 for l in late]].sum(-1)
@@ -126,7 +180,7 @@ def numbers(ch: HydraChapter) -> dict:
             "n_patches": res.ablated_de.shape[2], "mid": mid, "late": late,
             "frac_de_gt_drop": float((att["direct_effect"] > att["ablation_drop"]).mean()),
             "corr": float(att["direct_effect"].corr(att["ablation_drop"])),
-            "restored_mid": hy.restored_share(eff, mid), "slope_mid": hy.pooled_slope(eff, mid),
+            "restored_mid": hr.restored_share(eff, mid), "slope_mid": hr.pooled_slope(eff, mid),
             "ce_mid": float(att[att["layer"].isin(mid)]["compensatory_effect"].mean()),
             "lost_mid": float(-att[att["layer"].isin(mid)]["delta_direct_effect"].mean()),
             "block_mid": float(att[att["layer"].isin(mid)]["from_block_norms"].mean()),
@@ -136,7 +190,17 @@ def numbers(ch: HydraChapter) -> dict:
             "r2": None if best is None else float(attn.loc[best, "r2"]),
             "late_negative": int((res.clean_de[:, 1::2][:, late].mean(0) < 0).sum()),
             "late_clean_de": float(res.clean_de[:, 1::2][:, late].sum(1).mean()),
-            "opposite": float((late_sum * self_d < 0).float().mean()) if late[0] else float("nan")}
+            "opposite": float((late_sum * self_d < 0).float().mean()) if late[0] else float("nan"),
+            **own_numbers(res)}
+
+
+def own_numbers(res: hy.HydraResult) -> dict:
+    """:data:`OWN`'s and :data:`LOCAL`'s values (:func:`~selfrepair.hydra_controls.own_sizes`)."""
+    own, clean = hc.own_sizes(res)
+    share, uniform = hc.prompt_top_share(res)
+    return {"own_ratio": float(own.sum() / clean.sum()) if clean.sum() > 0 else float("nan"),
+            "top_share": float(share.mean()) if len(share) else None,  # None: no such case
+            "top_share_uniform": float(uniform.mean()) if len(uniform) else None}
 
 
 def _span(layers: list[int]) -> str:
@@ -189,7 +253,27 @@ def verdicts(ch: HydraChapter) -> list[Verdict]:
         Verdict.share(ERASURE, opposite.numpy(), "(prompt, earlier attention layer) cases",
                       f"{s['late_negative']} of the last {len(late)} MLP layers ({_span(late)}) push "
                       f"the top token down on average (together {s['late_clean_de']:+.2f} logits).", why=why),
+        own_verdict(res, s),
+        local_verdict(res, s, why),
     ]
+
+
+def own_verdict(res: hy.HydraResult, s: dict) -> Verdict:
+    """:data:`OWN`, with a bootstrap over prompts of the ratio of sums."""
+    own, clean = hc.own_sizes(res)
+    pairs = np.c_[own.sum(1), clean.sum(1)]
+    lo, hi = bootstrap(pairs, lambda a: a[:, 0].sum() / a[:, 1].sum() if a[:, 1].sum() > 0 else np.nan)
+    return Verdict(OWN, s["own_ratio"], own.size, f"(prompt, attention layer) pairs, {s['n_patches']} "
+                   "patch(es) each", "A single patch is noisier, and other ablations differ: see the "
+                   "section on the ablated layer's own direct effect.", lo, hi)
+
+
+def local_verdict(res: hy.HydraResult, s: dict, why: str) -> Verdict:
+    """:data:`LOCAL`: the mean top-1 share, beside what an even spread would give."""
+    share, _ = hc.prompt_top_share(res)
+    return Verdict.mean(LOCAL, share, "(prompt, ablated attention layer) cases",
+                        (f"If every later attention layer changed alike, the share would be "
+                         f"{s['top_share_uniform']:.0%}." if len(share) else ""), why=why)
 
 
 def on_this_model(ch: HydraChapter) -> str:

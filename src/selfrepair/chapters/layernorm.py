@@ -4,6 +4,15 @@ Heads: the paper's Fig 4 uses Pythia-160M L11H2 and Fig 5 L11H10 (its caption sa
 Fig 15's), both chosen by eye ("demonstrates this phenomena well", "selected as it shows our point
 well"). The ``paper`` profile pins them (``ratio_head``, ``ablation_head``); on other models both
 figures use the last-layer head with the largest mean top-k% direct effect, standing in for both.
+App. D (Fig 16-17) repeats Fig 4's procedure on GPT-2 small's L11H10 and L11H3: ``ratio_heads``
+runs it for any list of heads (the ``appendix_d`` profile pins those two on GPT-2 small); by
+default on the ratio head and the next two last-layer heads by mean top-k% direct effect
+(:data:`APP_D_RULE`). It is the same computation as Fig 4 (:func:`selfrepair.layernorm.head_tokens`,
+:func:`~selfrepair.layernorm.ratio_summary`, one cached mean / zero run over all the chapter's heads).
+Measured on the 2-core machine on 2026-12-01 (embedded Gemma-3-270M, 8,192 tokens, other jobs
+sharing the CPU): mean + zero for three last-layer heads took 186 s against 215 s for one — the
+clean passes dominate and a last-layer head's ablated pass runs one block, so the two extra heads
+cost no measurable time.
 
 Frozen-norm ablation (§3's opening experiment, §5.2's "freezing LayerNorm while ablating"): every
 head of the late half of the layers (:data:`FROZEN_RULE`; where the paper finds self-repair, and
@@ -40,10 +49,13 @@ from ..results import head_label
 from ..structure import late_start, span
 from ..tables import Layout
 from . import check
+from .layernorm_text import APP_D_TABLE, FROZEN_RULE, app_d_markdown, frozen_markdown  # noqa: F401 (the notebook's)
 
 PAPER_HEADS = {"ratio_head": "L11H2", "ablation_head": "L11H10"}  # Pythia-160M, Fig 4 and Fig 5
 HEAD_RULE = "the last-layer head with the largest mean top-k% direct effect"
-FROZEN_RULE = "every head of the late half of the layers"
+APP_D_HEADS = ("L11H10", "L11H3")  # GPT-2 small, App. D Fig 16 and 17
+APP_D_RULE = "the ratio head, then the last-layer heads with the next largest mean top-k% direct effects"
+N_APP_D = 3  # heads of the default App. D rule (cheap: a last-layer head's passes run one block)
 
 RATIO = {a: Claim(f"ratio_{a}", f"On a head's top tokens the ablated residual is smaller, S/S′ > 1 "
                   f"({a} ablation)", "§3.2, Fig 4", "the share of the ratio head's top-k% tokens "
@@ -82,8 +94,9 @@ NORMS_ONLY = Claim("norms_only", "With every downstream component frozen except 
 class Config(CorpusConfig):
     ratio_head: str | None = None  # Fig 4 and App. H's head (the paper: L11H2); None: the stand-in rule
     ablation_head: str | None = None  # Fig 5 and App. D's head (the paper: L11H10); None: as ratio_head
+    ratio_heads: tuple[str, ...] | None = None  # App. D Fig 16-17: Fig 4 for these heads (the paper: L11H10, L11H3 of GPT-2 small); None: APP_D_RULE
 
-    HEAD_FIELDS = ("ratio_head", "ablation_head")
+    HEAD_FIELDS = ("ratio_head", "ablation_head", "ratio_heads")
 
 
 def figure_heads(cfg: Config, per_head: pd.DataFrame) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -94,9 +107,21 @@ def figure_heads(cfg: Config, per_head: pd.DataFrame) -> tuple[tuple[int, int], 
 
 def stand_in(per_head: pd.DataFrame) -> tuple[int, int]:
     """:data:`HEAD_RULE` (lowest head index on ties)."""
+    return last_layer_ranking(per_head)[0]
+
+
+def last_layer_ranking(per_head: pd.DataFrame) -> list[tuple[int, int]]:
+    """The last layer's heads by mean top-k% direct effect, largest first (lower head on ties)."""
     last = per_head[per_head["layer"] == per_head["layer"].max()]
-    row = last.sort_values(["direct_effect", "head"], ascending=[False, True], kind="mergesort").iloc[0]
-    return int(row["layer"]), int(row["head"])
+    rows = last.sort_values(["direct_effect", "head"], ascending=[False, True], kind="mergesort")
+    return [(int(l), int(h)) for l, h in zip(rows["layer"], rows["head"])]
+
+
+def ratio_heads(cfg: Config, per_head: pd.DataFrame, ratio: tuple[int, int]) -> list[tuple[int, int]]:
+    """App. D's heads: ``ratio_heads`` if pinned, else :data:`APP_D_RULE` (:data:`N_APP_D` heads)."""
+    if cfg.ratio_heads:
+        return list(dict.fromkeys(parse_head(h) for h in cfg.ratio_heads))
+    return ([ratio] + [h for h in last_layer_ranking(per_head) if h != ratio])[:N_APP_D]
 
 
 @dataclass
@@ -108,6 +133,8 @@ class LayerNormChapter:
     ablation_head: tuple[int, int]
     tokens: pd.DataFrame  # per token of both heads, three ablations (top-k% and sample)
     ratios: pd.DataFrame  # Fig 4 / App. H summary of the ratio head
+    app_d: list  # App. D's heads (Fig 4's procedure for each)
+    app_d_ratios: pd.DataFrame  # their summary, per head and ablation
     shares: pd.DataFrame  # norm share per head (Fig 6, 9, 10)
     layers: pd.DataFrame  # layer means of the shares
     check: pd.DataFrame  # App. B per token
@@ -124,6 +151,11 @@ class LayerNormChapter:
         return self.tokens[self.tokens["label"] == head_label(*self.ratio_head)]
 
     @property
+    def app_d_tokens(self) -> pd.DataFrame:
+        """Per-token rows of App. D's heads (three ablations)."""
+        return self.tokens[self.tokens["label"].isin([head_label(*h) for h in self.app_d])]
+
+    @property
     def ablation_tokens(self) -> pd.DataFrame:
         """Per-token rows of the Fig 5 / App. D head (three ablations)."""
         return self.tokens[self.tokens["label"] == head_label(*self.ablation_head)]
@@ -136,13 +168,16 @@ def measure(cfg: Config, progress: bool = True, reference: bool = True) -> Layer
     sweep = head_sweep(cfg, "resample", progress=progress)
     per_head, top, sample = sweep_frames(sweep)
     ratio, abl = figure_heads(cfg, per_head)
-    heads = tuple(sorted({ratio, abl}))
+    app_d = ratio_heads(cfg, per_head, ratio)
+    heads = tuple(sorted({ratio, abl, *app_d}))
     model = open_model(cfg)
     data = open_tokens(cfg, model, progress=progress)
     runs = {a: cached(cfg, HeadsSpec(heads=heads, ablation=a), data, progress=progress)
             for a in ("mean", "zero")}
     tokens = pd.concat([ln.head_tokens(top, sample, h, runs) for h in heads], ignore_index=True)
     ratios = ln.ratio_summary(tokens[tokens["label"] == head_label(*ratio)])
+    app_d_ratios = ln.ratio_summary(tokens[tokens["label"].isin([head_label(*h) for h in app_d])],
+                                    order=[head_label(*h) for h in app_d])
     shares = ln.norm_share(top, sample)
     ref = ref_tokens = None
     if reference and not (model.parallel_residual and ratio[0] == model.n_layers - 1):
@@ -158,10 +193,13 @@ def measure(cfg: Config, progress: bool = True, reference: bool = True) -> Layer
         {"figure": "Fig 5, App. D (three ablations)", "label": head_label(*abl),
          "paper": PAPER_HEADS["ablation_head"],
          "reason": "pinned by ablation_head" if cfg.ablation_head else
-         ("as ratio_head" if cfg.ratio_head else HEAD_RULE)}])
+         ("as ratio_head" if cfg.ratio_head else HEAD_RULE)}]
+        + [{"figure": "App. D, Fig 16–17 (Fig 4's procedure)", "label": head_label(*h),
+            "paper": f"{APP_D_HEADS[i]} (GPT-2 small)" if i < len(APP_D_HEADS) else "",
+            "reason": "pinned by ratio_heads" if cfg.ratio_heads else APP_D_RULE} for i, h in enumerate(app_d)])
     late = tuple((l, h) for l in span(model.n_layers, "late") for h in range(model.n_heads))
     frozen = cached(cfg, fz.FrozenNormSpec(heads=late, ablation="resample"), data, progress=progress)
-    ch = LayerNormChapter(fig, ratio, abl, tokens, ratios, shares, ln.layer_shares(shares), b_check,
+    ch = LayerNormChapter(fig, ratio, abl, tokens, ratios, app_d, app_d_ratios, shares, ln.layer_shares(shares), b_check,
                           ln.appendix_b_table(b_check), per_head, model, [], dict(sweep.meta),
                           fz.per_head(top, frozen))
     ch.verdicts = verdicts(ch)
@@ -223,40 +261,6 @@ def on_this_model(ch: LayerNormChapter) -> str:
     intro = (f"**On {m.get('model')}** (ratio head {head_label(*ch.ratio_head)}, ablation head "
              f"{head_label(*ch.ablation_head)}; top {m.get('top_percent'):g}% tokens by direct effect).")
     return render(ch.verdicts, intro)
-
-
-def frozen_markdown(ch: LayerNormChapter) -> str:
-    """The frozen-norm section's paragraph, computed from ``ch.frozen``."""
-    f = ch.frozen
-    s = fz.summary(f)
-    m = ch.model
-    first, last = int(f["layer"].min()), int(f["layer"].max())
-    layers = f"layer {first}" if first == last else f"layers {first}–{last}"
-    lines = [f"**On {ch.meta.get('model')}** ({s['n_heads']} heads: {FROZEN_RULE}, {layers}; means "
-             f"over each head's top {ch.meta.get('top_percent'):g}% tokens)."]
-    lines.append(f"- **Freezing the norms.** Of the {s['n_positive']} heads with positive live self-repair, "
-                 f"{s['n_halved']} lose more than half of it when the norms cannot react "
-                 f"({s['n_halved'] / max(1, s['n_positive']):.0%}). Mean self-repair: "
-                 f"{s['mean_self_repair']:+.3g} logits live, {s['mean_frozen']:+.3g} with the norms frozen.")
-    if m.sandwich:
-        lines.append(f"- **Against eq. 2.** Freezing removes {s['mean_self_repair'] - s['mean_frozen']:+.3g} "
-                     f"logits on average, eq. 2's norm terms (`from_norm + from_block_norms`) are "
-                     f"{s['mean_norm_terms']:+.3g}. They need not agree here: with the block norms frozen, "
-                     f"every later component reads a different residual. The largest per-head gap is "
-                     f"{s['max_gap']:+.3g} logits ({s['max_gap_head']}), against norm terms up to "
-                     f"{s['max_norm_terms']:.3g}.")
-    else:
-        exact = abs(s["max_gap"]) <= 1e-4 * max(1.0, s["max_norm_terms"])
-        lines.append(f"- **Against eq. 2.** Nothing but the unembedding reads the final norm, so freezing it "
-                     f"should remove exactly `from_norm`. The largest per-head gap between the two is "
-                     f"{abs(s['max_gap']):.1e} logits ({s['max_gap_head']}), for norm terms up to "
-                     f"{s['max_norm_terms']:.3g}: " + ("rounding." if exact else
-                                                       "more than rounding, which points to a fault."))
-    lines.append(f"- **The norms alone.** With every downstream component frozen, the norms give back "
-                 f"{s['mean_norms_only']:+.3g} logits on average, against eq. 2's live norm terms of "
-                 f"{s['mean_norm_terms']:+.3g} (the live norm also rescales what the later components "
-                 f"changed; the frozen components change nothing).")
-    return "\n".join(lines)
 
 
 def model_notes(cfg: Config) -> str:

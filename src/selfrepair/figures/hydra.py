@@ -148,3 +148,103 @@ def fig_erasure(frame) -> alt.Chart:
     return (alt.hconcat(heat.properties(width=300, height=260), strip)
             .resolve_scale(color="independent")
             .properties(title="Late MLPs respond to attention ablations (erasure, Hydra §2.5.2)"))
+
+
+ABLATION_COLORS = alt.Scale(domain=["resample", "mean", "zero", "noise", "resample (every source)"],
+                            range=["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9ecae9"])
+
+
+def fig_own_effect(own) -> alt.FacetChart:
+    """§2.5.2: per ablated layer, the size of its own direct effect in the ablated run (averaged
+    over patches) relative to its clean size, one line per ablation; 0 = the ablation removes the
+    layer's direct effect, 1 = as large as it was."""
+    data = own[["ablation", "layer", "kind", "label", "n_patches", "ratio", "patch_ratio", "abs_clean",
+                "mean_ablated", "mean_clean"]]
+    tips = [alt.Tooltip("label:N", title="ablated"), alt.Tooltip("ablation:N"), alt.Tooltip("n_patches:Q", title="patches"),
+            alt.Tooltip("ratio:Q", format=".0%", title="patch mean / clean"),
+            alt.Tooltip("patch_ratio:Q", format=".0%", title="one patch / clean"),
+            alt.Tooltip("mean_ablated:Q", format=".3f", title="mean own DE"),
+            alt.Tooltip("mean_clean:Q", format=".3f", title="mean clean DE")]
+    lines = alt.Chart().mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS),
+        y=alt.Y("ratio:Q", title="mean |own DE| / mean |clean DE|", axis=alt.Axis(format="%")),
+        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=alt.Legend(orient="bottom")),
+        tooltip=tips)
+    one = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(y=alt.datum(1))
+    return (alt.layer(lines, one, data=data).properties(width=280, height=220).facet(column=_by_kind("ablated"))
+            .properties(title="The ablated layer's own direct effect in the ablated run (Hydra §2.5.2)"))
+
+
+def fig_noise_vs_resample(comparison) -> alt.FacetChart:
+    """App. A: per ablated layer and ablation, the mean |total effect| per patch (top) and the
+    per-patch slope of compensation on the direct effect removed (bottom)."""
+    long = comparison.melt(id_vars=["ablation", "layer", "kind", "label", "lost", "compensation", "r2"],
+                           value_vars=["abs_total_effect", "slope"], var_name="measure", value_name="value")
+    tips = [alt.Tooltip("label:N", title="ablated"), alt.Tooltip("ablation:N"), alt.Tooltip("measure:N"),
+            alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("lost:Q", format=".3f", title="DE removed"),
+            alt.Tooltip("compensation:Q", format=".3f"), alt.Tooltip("r2:Q", format=".2f", title="R² of the slope")]
+    lines = alt.Chart().mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS), y=alt.Y("value:Q", title=None),
+        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=alt.Legend(orient="bottom")),
+        tooltip=tips)
+    header = alt.Header(labelExpr="datum.value == 'slope' ? 'compensation per logit removed' : 'mean |Δ ablate| per patch'")
+    return (alt.layer(lines, data=long).properties(width=280, height=160)
+            .facet(column=_by_kind("ablated"), row=alt.Row("measure:N", title=None, header=header,
+                                                          sort=["abs_total_effect", "slope"]))
+            .resolve_scale(y="independent")
+            .properties(title="Noise beside resample ablation, per layer (Hydra App. A)"))
+
+
+def fig_localisation(loc) -> alt.FacetChart:
+    """§2.5.2: mean |ΔDE| of every readout layer (rows) after ablating each layer (columns), one
+    panel per (ablated kind, readout kind); cells not downstream of the ablated layer are 0."""
+    data = loc[loc["position"] != "self"]
+    tips = [alt.Tooltip("ablated:N"), alt.Tooltip("readout:N"), alt.Tooltip("position:N"),
+            alt.Tooltip("abs_delta_de:Q", format=".4f", title="mean |ΔDE|"),
+            alt.Tooltip("mean_delta_de:Q", format=".4f", title="mean ΔDE")]
+    heat = alt.Chart().mark_rect().encode(
+        x=alt.X("ablated_layer:O", title="ablated layer"),
+        y=alt.Y("readout_layer:O", title="readout layer", sort="descending"),
+        color=alt.Color("abs_delta_de:Q", scale=alt.Scale(scheme="greys"), title="mean |ΔDE|",
+                        legend=alt.Legend(orient="bottom")), tooltip=tips)
+    row = alt.Header(labelExpr="datum.value == 'attn' ? 'later attention' : 'later MLPs'")
+    return (alt.layer(heat, data=data).properties(width=260, height=200)
+            .facet(column=_by_kind("ablated"), row=alt.Row("readout_kind:N", title=None, header=row, sort=["attn", "mlp"]))
+            .properties(title="Which later layers change after an ablation (Hydra §2.5.2)"))
+
+
+def fig_best_layer(points) -> alt.Chart:
+    """Hydra Fig 7b: compensation against direct effect at the attention layer with the highest
+    R², with its least-squares line (solid) and CE = DE (dashed)."""
+    label = points["label"].iloc[0] if len(points) else ""
+    r2 = float(points["r2"].iloc[0]) if len(points) else float("nan")
+    slope = float(points["slope"].iloc[0]) if len(points) else float("nan")
+    tips = [alt.Tooltip("prompt:O"), alt.Tooltip("direct_effect:Q", format=".3f"),
+            alt.Tooltip("compensatory_effect:Q", format=".3f"), alt.Tooltip("ce_attn:Q", format=".3f"),
+            alt.Tooltip("ce_mlp:Q", format=".3f")]
+    x = alt.X("direct_effect:Q", title=f"direct effect of {label}")
+    pts = alt.Chart().mark_circle(size=30, opacity=0.7).encode(
+        x=x, y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"), tooltip=tips)
+    fit = alt.Chart().mark_line(color="#d62728").encode(x=x, y="fit:Q")
+    diag = alt.Chart().mark_line(strokeDash=[4, 4], color="gray").encode(x=x, y="direct_effect:Q")
+    return alt.layer(pts, fit, diag, data=points).properties(
+        width="container", title=f"{label}: compensation vs direct effect, R² = {r2:.2f}, slope {slope:.2f} (Hydra Fig 7b)")
+
+
+def fig_layer_panels(panels) -> alt.FacetChart:
+    """Hydra Fig 8: per selected ablated attention layer, ΔDE of the downstream attention layers
+    and of the downstream MLP layers against the ablated layer's direct effect, with their fits."""
+    tips = [alt.Tooltip("label:N", title="ablated"), alt.Tooltip("prompt:O"), alt.Tooltip("part:N"),
+            alt.Tooltip("direct_effect:Q", format=".3f"), alt.Tooltip("delta_de:Q", format=".3f", title="ΔDE"),
+            alt.Tooltip("slope:Q", format=".2f"), alt.Tooltip("r2:Q", format=".2f", title="R²")]
+    color = alt.Color("part:N", title="downstream", scale=alt.Scale(domain=["attention", "MLP"],
+                                                                     range=["#4c78a8", "#e45756"]),
+                      legend=alt.Legend(orient="bottom"))
+    x = alt.X("direct_effect:Q", title="direct effect of the ablated layer")
+    pts = alt.Chart().mark_circle(size=16, opacity=0.6).encode(x=x, y=alt.Y("delta_de:Q", title="ΔDE downstream"),
+                                                               color=color, tooltip=tips)
+    fit = alt.Chart().mark_line().encode(x=x, y="fit:Q", color=color, detail="part:N")
+    return (alt.layer(pts, fit, data=panels).properties(width=130, height=150)
+            .facet(facet=alt.Facet("label:N", title=None, sort=alt.EncodingSortField(field="layer", op="min")), columns=4)
+            .resolve_scale(x="independent", y="independent")
+            .properties(title="Attention and MLP parts of compensation at a selection of layers (Hydra Fig 8)"))

@@ -23,15 +23,18 @@ def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -
 
 
 def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
-    """Fig 4: histogram of ``S/S'`` on the head's top-k% tokens, one row per ablation, with the
-    line at 1 and the share of tokens above it (computed by Vega-Lite from the same rows)."""
+    """Fig 4 (and App. D Fig 16-17 for more heads): histograms of ``S/S'`` on each head's top-k%
+    tokens, one row per head and one column per ablation, with the line at 1 and the share of
+    tokens above it (computed by Vega-Lite from the same rows)."""
     t = tokens[tokens["tokens"] == "top-k%"][["label", "ablation", "ratio"]]
+    labels = list(t["label"].drop_duplicates())
     base = alt.Chart()
     hist = base.mark_bar(opacity=0.85).encode(
         x=alt.X("ratio:Q", bin=alt.Bin(maxbins=bins), title="S / S′ (clean / ablated final-norm scale)",
-                axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6)),
-        y=alt.Y("count():Q", title="tokens"), color=_ablation_color(),
-        tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("ratio:Q", bin=alt.Bin(maxbins=bins), title="S/S′ bin"),
+                axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6, labelAngle=-30)),
+        y=alt.Y("count():Q", title="tokens"), color=_ablation_color(legend=alt.Legend(orient="bottom")),
+        tooltip=[alt.Tooltip("label:N", title="head"), alt.Tooltip("ablation:N"),
+                 alt.Tooltip("ratio:Q", bin=alt.Bin(maxbins=bins), title="S/S′ bin"),
                  alt.Tooltip("count():Q", title="tokens")])
     one = base.mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
     share = (base.transform_calculate(above="datum.ratio > 1 ? 1 : 0")
@@ -40,11 +43,13 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
              .encode(text=alt.Text("share:Q", format=".1%"),
                      tooltip=[alt.Tooltip("share:Q", format=".2%", title="share S/S′ > 1"),
                               alt.Tooltip("n:Q", title="tokens")]))
-    label = t["label"].iloc[0] if len(t) else ""
-    return (alt.layer(hist, one, share, data=t).properties(width=480, height=110)
-            .facet(row=alt.Row("ablation:N", sort=ABLATIONS, title=None))
-            .resolve_scale(y="independent")
-            .properties(title=f"{label}: S/S′ on its top-k% tokens (text: share > 1)"))
+    title = (f"{labels[0]}: S/S′ on its top-k% tokens (text: share > 1)" if len(labels) == 1 else
+             "S/S′ on each head's top-k% tokens, three ablations (text: share > 1)")
+    return (alt.layer(hist, one, share, data=t).properties(width=170, height=110)
+            .facet(row=alt.Row("label:N", sort=labels, title=None),
+                   column=alt.Column("ablation:N", sort=ABLATIONS, title=None))
+            .resolve_scale(x="independent", y="independent")
+            .properties(title=title))
 
 
 def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: int = 0) -> alt.FacetChart:
