@@ -164,10 +164,6 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                                  or freeze or freeze_final is not None):
         raise ValueError("backward= runs a clean pass with one backward: no edits, stop_after, "
                          "final, last_logits or frozen norms with it")
-    if backward is not None and model.remote:
-        raise RemoteError("the gradient pass (backward=, chapter 7's attribution patching) does not run "
-                          "through nnsight's remote path yet (its backward comes back empty in the "
-                          "remote simulation): run it with remote=None")
     if start_layer and resume is None:
         raise ValueError("start_layer > 0 needs `resume`, the residual entering that block")
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
@@ -229,9 +225,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
             metric = backward(resid, normed)
             finals.append(resid.detach())
             finals.append(normed.detach())
-            with metric.backward():
-                for z in reversed(zs):  # gradients arrive in the reverse of the forward order
-                    grads.append(z.grad.to(home))
+            grads.extend(backward_grads(metric, zs, home))
             tracer.stop()
         elif freeze_final is not None:
             x = norm.input
@@ -265,6 +259,22 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     return Pass(reads=reads, final_resid=finals[0], final_normed=finals[1], embed=embed,
                 last_logits=finals[2] if last_logits else None, watched=watched,
                 grads={"z": torch.stack(list(grads)[::-1])} if backward is not None else {})
+
+
+def backward_grads(metric: torch.Tensor, zs: list, home: torch.device) -> list[torch.Tensor]:
+    """One backward of ``metric`` inside a trace: the gradient of each of ``zs``, last first
+    (gradients arrive in the reverse of the forward order).
+
+    Its own function, not a block nested in :func:`run`'s trace: nnsight finds a ``with`` block
+    by its line in the source file, and a trace that went the remote way runs its body
+    re-generated from the parsed source, whose lines are not the file's (in the local simulation
+    the nested ``with metric.backward():`` was then not found and ran as a bare backward). A
+    function runs from its own source (on the server: shipped by value with its lines kept)."""
+    out = []
+    with metric.backward():
+        for z in reversed(zs):
+            out.append(z.grad.to(home))
+    return out
 
 
 # -- the remote path (NDIF) ---------------------------------------------------------------------
