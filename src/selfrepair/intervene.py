@@ -7,12 +7,14 @@ by replaying the clean run's block outputs (nnsight ``skip``), and a clean pass 
 backward (``backward=metric``: the gradient of a scalar read off the final norm with respect to
 every layer's ``z``, nnsight's ``with loss.backward():`` / ``.grad``). It returns plain tensors.
 
-Remote execution (``load_model(..., remote=True | "local")``): the same trace runs through
-nnsight's remote path (NDIF, or its in-process simulation ``"local"``, which serializes and
-deserializes the block with local modules hidden). Everything a trace computes reaches the caller
-only as a saved value: ``watch`` callbacks and ``final`` reductions *return* what they reduce
-(per-token scalars, selected rows), which is saved and brought back instead of the activations.
-The library's own functions travel by value (``nnsight.register(selfrepair)``).
+Remote execution (``load_model(..., remote=True | "local")``, :mod:`selfrepair.remote`): the
+same trace runs through nnsight's remote path (NDIF, or its in-process simulation ``"local"``,
+which serializes and deserializes the block with local modules hidden), one request per trace,
+or as one of the traces of a session (:func:`selfrepair.remote.in_session`, one request for
+many). Everything a trace computes reaches the caller only as a saved value: ``watch`` callbacks
+and ``final`` reductions *return* what they reduce (per-token scalars, selected rows), which is
+saved and brought back instead of the activations. The library's own functions travel by value
+(``nnsight.register(selfrepair)``).
 
 Under a ``device_map`` (layers on several GPUs) every value read comes back to the model's
 device (:attr:`selfrepair.models.Model.device`, where the callers' tensors live), an edit sees
@@ -45,8 +47,9 @@ from typing import Any, Callable, Iterable
 import nnsight
 import torch
 
-from .errors import ModelLoadError, RemoteError
 from .models import Model
+from .remote import (KEY_HINT, NDIF_MODELS_HINT, check_remote, host, in_session,  # noqa: F401
+                     remote_errors, remote_wrapper, ship_library)
 
 SITES = ("attn_in", "z", "attn", "attn_write", "neurons", "mlp", "mlp_write", "block")
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -171,7 +174,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     n_layers = model.n_layers
     home = model.device
     kwargs = {"logits_to_keep": 1} if last_logits else {}
-    if model.remote:
+    if model.remote and not model.in_session:  # in a session the whole session is the request
         ship_library()
         kwargs["remote"] = model.remote
     if backward is not None and "z" not in order:
@@ -275,77 +278,3 @@ def backward_grads(metric: torch.Tensor, zs: list, home: torch.device) -> list[t
         for z in reversed(zs):
             out.append(z.grad.to(home))
     return out
-
-
-# -- the remote path (NDIF) ---------------------------------------------------------------------
-NDIF_MODELS_HINT = ("NDIF hosts only the models it lists: see `python -c \"import nnsight; "
-                    "print(nnsight.status())\"` or https://nnsight.net/status")
-KEY_HINT = ("set the NDIF API key with `export NDIF_API_KEY=...` or once with "
-            "`python -c \"import nnsight; nnsight.login()\"` (nnsight's own configuration, "
-            "~/.config/nnsight/config.yaml); get a key at https://login.ndif.us")
-
-
-def ship_library() -> None:
-    """Send this library's functions with every remote request by value (``nnsight.register``):
-    the server has nnsight, torch and transformers, not ``selfrepair``."""
-    import selfrepair
-
-    nnsight.register(selfrepair)
-
-
-def host() -> str:
-    from nnsight.schema.config import CONFIG
-
-    return CONFIG.API.HOST
-
-
-def check_remote(source: str) -> None:
-    """Before loading anything: an API key is configured, the NDIF host answers and it hosts
-    ``source`` (a hub id). One :class:`~selfrepair.errors.RemoteError` saying what failed."""
-    import httpx
-    from nnsight.schema.config import CONFIG
-
-    if not CONFIG.API.APIKEY:
-        raise RemoteError(f"remote=True needs an NDIF API key and none is configured: {KEY_HINT}.")
-    try:
-        r = httpx.get(f"{host()}/status", timeout=httpx.Timeout(5.0, read=30.0),
-                      headers={"ndif-api-key": CONFIG.API.APIKEY})
-        r.raise_for_status()
-        deployments = r.json().get("deployments", {})
-    except (httpx.HTTPError, ValueError) as e:
-        raise RemoteError(f"the NDIF server at {host()} is unreachable or did not answer ({e}). "
-                          "Check the network, or the host (env NDIF_HOST / nnsight's CONFIG.API.HOST); "
-                          "remote='local' simulates the remote path without a server.") from e
-    hosted = sorted({d.get("repo_id", name) for name, d in deployments.items()})
-    if source not in hosted:
-        raise RemoteError(f"model {source!r} is not hosted on {host()}. {NDIF_MODELS_HINT}; now: "
-                          f"{', '.join(hosted) or 'none'}. Run it locally (no remote) instead.")
-
-
-def remote_wrapper(path: str, *, dtype: torch.dtype, revision: str | None = None) -> Any:
-    """nnsight's Hugging Face wrapper around a hub id or ``save_pretrained`` directory, weights
-    loaded here too (the library's linear readouts read ``W_O``, the norms and the unembedding)."""
-    from nnsight import TransformersModel
-
-    try:
-        return TransformersModel(path, task="text-generation", dispatch=True, dtype=dtype,
-                                 revision=revision)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot wrap {path!r} for the remote path: {str(e).splitlines()[0]}") from e
-
-
-@contextlib.contextmanager
-def remote_errors(model: Model):
-    """A failed remote request as one :class:`~selfrepair.errors.RemoteError` naming the host."""
-    if model.remote is not True:
-        yield
-        return
-    from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteError
-
-    try:
-        yield
-    except NNsightRemoteError as e:
-        raise RemoteError(f"the remote run of {model.name} on {host()} failed: {e}") from e
-    except (OSError, ConnectionError) as e:  # websocket / socket errors: no server there
-        raise RemoteError(f"the NDIF server at {host()} is unreachable ({e}): check the network "
-                          "and NDIF_HOST, or run with remote='local'.") from e
