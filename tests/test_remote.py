@@ -275,3 +275,78 @@ def test_models_the_remote_path_cannot_name_are_refused(tmp_path, ndif):
         load_model(saved_dir(tmp_path, "gpt2"), remote=True)
     with pytest.raises(InputError, match="unknown remote 'yes'"):
         load_model("tiny-gpt2", remote="yes")
+
+
+# -- remote=True against a server in this process (tests/ndif_fake.py) ------------------------
+def _tensor_bytes(value) -> int:
+    """Bytes of every tensor in a (nested) returned value."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+@pytest.fixture
+def ndif_server(monkeypatch):
+    """``remote=True`` with the NDIF calls faked: the source checks pass and every request goes to
+    a :class:`FakeNDIF` holding its own copy of the weights; ``serve(path)`` returns its log."""
+    import sys
+
+    from nnsight.modeling.mixins.remotable import Remotable
+
+    from selfrepair import models
+    from selfrepair.remote import remote_wrapper
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ndif_fake import FakeNDIF
+
+    def serve(path: Path) -> list:
+        server, log = remote_wrapper(str(path), dtype=torch.float32), []
+        monkeypatch.setattr(models, "_ndif_source", lambda src, revision: None)
+        monkeypatch.setattr(Remotable, "_remote_backend", lambda self, *a: FakeNDIF(server, log))
+        return log
+
+    return serve
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_path, family, ndif_server):
+    from selfrepair.errors import RemoteError
+    from selfrepair.sweep import COLUMNS, run_sweep
+
+    path = tmp_path / family
+    tiny_model(family, d_head=32).save_pretrained(path)  # d_model 128: activations dwarf reductions
+    tiny_tokenizer().save_pretrained(path)
+    log = ndif_server(path)
+    here, there = load_model(path), load_model(path, remote=True)
+    assert there.remote is True and not there.weights_here and there.device == torch.device("cpu")
+    assert {p.device.type for p in there.hf.parameters()} == {"meta"}  # nothing materialized here
+    tok = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+    # one trace, one request: what it reads comes back whole (the full-activation yardstick)
+    full = run(there, tok[:4], read=("z", "attn", "mlp", "block"), read_embed=True)
+    assert max_diff(full.reads, run(here, tok[:4], read=("z", "attn", "mlp", "block")).reads) <= TOL
+    clean_pass = log[-1].down
+    assert clean_pass >= _tensor_bytes(full.reads)
+    with pytest.raises(RemoteError, match="weights are not loaded here.*outside a remote session"):
+        clean_batch(there, tok[:4])  # a readout here needs the weights
+    log.clear()
+
+    a = run_sweep(here, tok, batch_size=4, sample_size=20, progress=False)
+    b = run_sweep(there, tok, batch_size=4, sample_size=20, progress=False)
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2 * 2  # one session per batch (2) and pass: clean and every ablated pass
+    L, H, C, n = here.n_layers, here.n_heads, len(COLUMNS), 4 * 31  # 4 rows x 31 positions a batch
+    for i, r in enumerate(log):
+        if i < 2:  # pass 1: per head and token one DE, per token its instance and competitor gap
+            bound = L * H * n * 4 + n * (8 + 4)
+        else:  # pass 2: per head the sums and counts, per returned token row its index and values
+            rows = sum(len(t) for t in r.saved["out"]["index"])
+            bound = L * H * (2 * C * 8 + 8) + rows * (4 * 8 + C * 4)
+        assert _tensor_bytes(r.saved) == bound, i  # nothing else comes back
+        assert r.down <= 1.5 * bound + 16_000, (i, r.down, bound)  # pickle framing only
+        assert 10 * r.down < clean_pass, (i, r.down, clean_pass)  # never the activations

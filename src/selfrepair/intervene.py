@@ -182,7 +182,10 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     # Gradients are with respect to activations only: autograd is on for a backward pass, and the
     # residual entering the first block run is made a leaf that requires grad (weights never do).
     grad_mode = torch.enable_grad() if backward is not None else torch.no_grad()
-    with remote_errors(model), grad_mode, model.nn.trace(tokens, **kwargs) as tracer:
+    # in a session this runs on the server, where nothing is remote (and a decorated function,
+    # shipped by value from its source, comes without its decorator: no remote_errors there)
+    errors = contextlib.nullcontext() if model.in_session else remote_errors(model)
+    with errors, grad_mode, model.nn.trace(tokens, **kwargs) as tracer:
         saved = nnsight.save({s: [] for s in read})
         finals = nnsight.save([])
         watched = nnsight.save({})

@@ -124,5 +124,6 @@ def in_session(model: Any, fn: Callable, *args: Any, **kwargs: Any) -> Any:
     inner.in_session = True
     ship_library()
     with remote_errors(model), model.nn.session(remote=model.remote):
-        out = nnsight.save(fn(inner, *args, **kwargs))
+        with torch.no_grad():  # the server's weights may require grad: no graphs behind a readout
+            out = nnsight.save(fn(inner, *args, **kwargs))
     return out
