@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfrepair import load_model
+from selfrepair import load_model, self_repair
 from selfrepair.batch import clean_batch
 from selfrepair.errors import InputError, RemoteError
 from selfrepair.intervene import run
@@ -350,3 +350,11 @@ def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_pa
         assert _tensor_bytes(r.saved) == bound, i  # nothing else comes back
         assert r.down <= 1.5 * bound + 16_000, (i, r.down, bound)  # pickle framing only
         assert 10 * r.down < clean_pass, (i, r.down, clean_pass)  # never the activations
+
+    # chapter 0's listed heads, mean ablation: the mean z and the ablations, a request per batch each
+    log.clear()
+    heads = [(0, 1), (1, 2), (1, 3)]
+    a, b = (self_repair(m, tok, "mean", heads=heads, batch_size=4, progress=False) for m in (here, there))
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2 + 2 and all(10 * r.down < clean_pass for r in log)
