@@ -358,3 +358,22 @@ def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_pa
     for k, v in a.tensors().items():
         assert max_diff(v, b.tensors()[k]) <= TOL, k
     assert len(log) == 2 + 2 and all(10 * r.down < clean_pass for r in log)
+
+
+def test_cli_sweep_remote_true_without_weights_equals_the_local_sweep(tmp_path, capsys, ndif_server):
+    from selfrepair.cli import main
+
+    path = saved_dir(tmp_path, "gemma3")
+    log = ndif_server(path)
+    args = ["sweep", "--model", str(path), "--dataset", "tiny", "--tokens", "192", "--seq-len", "16",
+            "--batch-size", "4", "--top-percent", "10"]
+    assert main([*args, "--out", str(tmp_path / "here")]) == 0 and not log
+    assert main([*args, "--remote", "--out", str(tmp_path / "there")]) == 0
+    assert len(log) == 2 * 3  # 12 rows, 3 batches, two passes
+    capsys.readouterr()
+    here, there = _cached(tmp_path / "here"), _cached(tmp_path / "there")
+    assert here.keys() == there.keys() and len(here) == 1
+    (a, ma), (b, mb) = here.popitem()[1], there.popitem()[1]
+    for k in a:
+        assert max_diff(a[k], b[k]) <= TOL, k
+    assert mb["run"]["remote"] is True
