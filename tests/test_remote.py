@@ -107,7 +107,7 @@ def test_a_shipped_model_references_the_servers_modules_and_carries_no_weights(t
     persistent ids, so the copy the server rebuilds reads the server's weights, not shipped ones."""
     from nnsight.intervention.serialization import dumps, loads
 
-    from selfrepair.intervene import ship_library
+    from selfrepair.remote import ship_library
 
     tiny_model("gpt2", d_head=32, d_mlp=1024).save_pretrained(tmp_path)  # 2.3 MB of weights
     m = load_model(tmp_path, remote="local")
@@ -376,4 +376,4 @@ def test_cli_sweep_remote_true_without_weights_equals_the_local_sweep(tmp_path, 
     (a, ma), (b, mb) = here.popitem()[1], there.popitem()[1]
     for k in a:
         assert max_diff(a[k], b[k]) <= TOL, k
-    assert mb["run"]["remote"] is True
+    assert ma["key"] == mb["key"] and mb["run"]["remote"] is True

@@ -48,8 +48,7 @@ import nnsight
 import torch
 
 from .models import Model
-from .remote import (KEY_HINT, NDIF_MODELS_HINT, check_remote, host, in_session,  # noqa: F401
-                     remote_errors, remote_wrapper, ship_library)
+from .remote import remote_errors, ship_library
 
 SITES = ("attn_in", "z", "attn", "attn_write", "neurons", "mlp", "mlp_write", "block")
 Edit = Callable[[torch.Tensor], torch.Tensor]

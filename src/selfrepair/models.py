@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, ModelLoadError, UnsupportedArchitectureError
+from .errors import InputError, ModelLoadError, RemoteError, UnsupportedArchitectureError
 
 EMBEDDED_MODEL = "gemma-3-270m"
 TINY_PREFIX = "tiny-"
@@ -101,13 +101,11 @@ CACHED_WEIGHTS = ("unembed_weight", "unembed_mean", "unembed_bias_mean")
 
 
 def raise_no_weights(model: "Model") -> None:
-    from .errors import RemoteError
-
     raise RemoteError(
         f"{model.name} runs on NDIF (remote=True) and its weights are not loaded here, but this "
-        "measurement reads a weight outside a remote session. The sweep (`selfrepair sweep`, "
-        "chapters' head sweeps) runs every readout on the server; run the others with "
-        "remote='local' (the weights loaded here) or without remote.")
+        "measurement reads a weight outside a remote session. The sweep (`selfrepair sweep`, the "
+        "chapters' head sweeps) and self_repair run every readout on the server; run the other "
+        "measurements with remote='local' (the weights loaded here) or without remote.")
 
 
 def _get(root: Any, path: str) -> Any:

@@ -94,7 +94,7 @@ def remote_wrapper(path: str, *, dtype: torch.dtype, revision: str | None = None
 
 
 @contextlib.contextmanager
-def remote_errors(model: Model):
+def remote_errors(model: Any):
     """A failed remote request as one :class:`~selfrepair.errors.RemoteError` naming the host."""
     if model.remote is not True:
         yield
