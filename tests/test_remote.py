@@ -377,3 +377,29 @@ def test_cli_sweep_remote_true_without_weights_equals_the_local_sweep(tmp_path, 
     for k in a:
         assert max_diff(a[k], b[k]) <= TOL, k
     assert ma["key"] == mb["key"] and mb["run"]["remote"] is True
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3"])
+def test_remote_true_amplification_and_frozen_norms_equal_the_local_run(tmp_path, family, ndif_server):
+    """Chapters 4 and 2's own measurements: one request per batch, no weights here."""
+    from selfrepair.batch import TokenSet
+    from selfrepair.frozen_norm import frozen_norm_ablation
+    from selfrepair.iterative import measure_iterative
+
+    path = saved_dir(tmp_path, family)
+    log = ndif_server(path)
+    here, there = load_model(path), load_model(path, remote=True)
+    assert not there.weights_here
+    tok = torch.randint(0, 256, (6, 12), generator=torch.Generator().manual_seed(2))
+    heads = [(0, 2), (1, 0), (1, 3)]
+    a, b = (measure_iterative(m, tok, (0.5, 2.0), heads=heads, batch_size=4, progress=False)
+            for m in (here, there))
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2  # 6 rows, 2 batches
+    log.clear()
+    data = TokenSet.from_tensor(tok)
+    a, b = (frozen_norm_ablation(m, data, heads, batch_size=4, progress=False) for m in (here, there))
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2
