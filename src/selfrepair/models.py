@@ -104,8 +104,9 @@ def raise_no_weights(model: "Model") -> None:
     raise RemoteError(
         f"{model.name} runs on NDIF (remote=True) and its weights are not loaded here, but this "
         "measurement reads a weight outside a remote session. The sweep (`selfrepair sweep`, the "
-        "chapters' head sweeps) and self_repair run every readout on the server; run the other "
-        "measurements with remote='local' (the weights loaded here) or without remote.")
+        "chapters' head sweeps), self_repair, the amplification and the frozen-norm ablations run "
+        "every readout on the server; run the others (neurons, Hydra, AtP) with remote='local' "
+        "(the weights loaded here) or without remote.")
 
 
 def _get(root: Any, path: str) -> Any:

@@ -10,7 +10,8 @@ goes there:
   passes that use its values and the reductions over them — inside one nnsight ``session`` on
   the server; its traces run there as ordinary (non-remote) traces, the clean activations never
   leave the server and only the function's result (per-head sums, selected per-token rows) is
-  brought back. The sweep's two passes run this way (:mod:`selfrepair.sweep`).
+  brought back. The sweep's two passes (:mod:`selfrepair.sweep_batch`), ``self_repair``, the mean
+  ``z``, the amplification and the frozen-norm ablations run this way.
 
 With ``remote=True`` the model is built on the meta device here (no weights: a 70B model needs
 none on this machine), so every readout has to run on the server, inside a session; a weight
