@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfrepair import load_model
+from selfrepair import load_model, self_repair
 from selfrepair.batch import clean_batch
 from selfrepair.errors import InputError, RemoteError
 from selfrepair.intervene import run
@@ -107,7 +107,7 @@ def test_a_shipped_model_references_the_servers_modules_and_carries_no_weights(t
     persistent ids, so the copy the server rebuilds reads the server's weights, not shipped ones."""
     from nnsight.intervention.serialization import dumps, loads
 
-    from selfrepair.intervene import ship_library
+    from selfrepair.remote import ship_library
 
     tiny_model("gpt2", d_head=32, d_mlp=1024).save_pretrained(tmp_path)  # 2.3 MB of weights
     m = load_model(tmp_path, remote="local")
@@ -137,7 +137,7 @@ def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces)
     assert main([*args, "--out", str(tmp_path / "here")]) == 0
     assert traces[0] == 0
     assert main([*args, "--remote", "local", "--out", str(tmp_path / "there")]) == 0
-    assert traces[0] > 2 * 4  # clean and ablated passes of 3 batches went the remote way
+    assert traces[0] == 2 * 3  # one session per batch (3 batches) and pass (clean, ablated)
     capsys.readouterr()
     here, there = _cached(tmp_path / "here"), _cached(tmp_path / "there")
     assert here.keys() == there.keys() and len(here) == 1  # the same cache key: remote is not in it
@@ -148,29 +148,23 @@ def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces)
     assert ma["key"] == mb["key"] and ma["run"]["remote"] is False and mb["run"]["remote"] == "local"
 
 
-CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across"]
+CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across", "atp"]
 
 
-def test_the_gradient_pass_refuses_the_remote_path(tmp_path):
-    """Chapter 7's backward pass is not supported remotely yet: one clear error, not wrong numbers."""
-    from selfrepair.chapters import atp
-    from selfrepair.book import load_profile
-    from selfrepair.errors import InputError, RemoteError
-    from selfrepair.experiment import _model
-
-    profile = load_profile("tiny", Path(__file__).resolve().parents[1])
-    profile.pop("chapters", None)
-    names = set(atp.Config.field_names())
-    params = {k: v for k, v in profile.items() if k in names}
-    with pytest.raises(InputError, match="gradient pass does not run through nnsight's remote path"):
-        atp.Config.from_params(**params, cache_dir=str(tmp_path), remote="local")
-    from selfrepair import load_model
-    from selfrepair.intervene import run
-
-    model = load_model("tiny-gpt_neox", remote="local")
-    with pytest.raises(RemoteError, match="gradient pass .* does not run through nnsight's remote path"):
-        run(model, torch.randint(0, 256, (2, 8)), backward=lambda resid, normed: normed.sum())
-    _model.cache_clear()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_gradient_pass_equals_the_local_one(tmp_path, family, traces):
+    """Chapter 7's backward pass: its ``with metric.backward():`` runs in a function of its own,
+    which nnsight finds by its source line (a block nested in the traced body is re-generated
+    source under the remote path, whose lines are not the file's)."""
+    path = saved_dir(tmp_path, family)
+    here, there = load_model(path), load_model(path, remote="local")
+    tok = torch.randint(0, here.d_vocab, (2, 8), generator=torch.Generator().manual_seed(3))
+    metric = lambda resid, normed: (normed[:, :-1] * resid[:, 1:]).sum()  # noqa: E731
+    a, b = run(here, tok, backward=metric), run(there, tok, backward=metric)
+    assert traces[0] == 1
+    assert a.grads["z"].shape == (here.n_layers, 2, 8, here.n_heads * here.d_head)
+    assert float(a.grads["z"].abs().sum()) > 0  # not the empty backward
+    assert max_diff(a.grads, b.grads) <= TOL and max_diff(a.final_resid, b.final_resid) <= TOL
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "gemma3"])
@@ -319,3 +313,131 @@ def test_models_the_remote_path_cannot_name_are_refused(tmp_path, ndif):
         load_model(saved_dir(tmp_path, "gpt2"), remote=True)
     with pytest.raises(InputError, match="unknown remote 'yes'"):
         load_model("tiny-gpt2", remote="yes")
+
+
+# -- remote=True against a server in this process (tests/ndif_fake.py) ------------------------
+def _tensor_bytes(value) -> int:
+    """Bytes of every tensor in a (nested) returned value."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+@pytest.fixture
+def ndif_server(monkeypatch):
+    """``remote=True`` with the NDIF calls faked: the source checks pass and every request goes to
+    a :class:`FakeNDIF` holding its own copy of the weights; ``serve(path)`` returns its log."""
+    import sys
+
+    from nnsight.modeling.mixins.remotable import Remotable
+
+    from selfrepair import models
+    from selfrepair.remote import remote_wrapper
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ndif_fake import FakeNDIF
+
+    def serve(path: Path) -> list:
+        server, log = remote_wrapper(str(path), dtype=torch.float32), []
+        monkeypatch.setattr(models, "_ndif_source", lambda src, revision: None)
+        monkeypatch.setattr(Remotable, "_remote_backend", lambda self, *a: FakeNDIF(server, log))
+        return log
+
+    return serve
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_path, family, ndif_server):
+    from selfrepair.errors import RemoteError
+    from selfrepair.sweep import COLUMNS, run_sweep
+
+    path = tmp_path / family
+    tiny_model(family, d_head=32).save_pretrained(path)  # d_model 128: activations dwarf reductions
+    tiny_tokenizer().save_pretrained(path)
+    log = ndif_server(path)
+    here, there = load_model(path), load_model(path, remote=True)
+    assert there.remote is True and not there.weights_here and there.device == torch.device("cpu")
+    assert {p.device.type for p in there.hf.parameters()} == {"meta"}  # nothing materialized here
+    tok = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+    # one trace, one request: what it reads comes back whole (the full-activation yardstick)
+    full = run(there, tok[:4], read=("z", "attn", "mlp", "block"), read_embed=True)
+    assert max_diff(full.reads, run(here, tok[:4], read=("z", "attn", "mlp", "block")).reads) <= TOL
+    clean_pass = log[-1].down
+    assert clean_pass >= _tensor_bytes(full.reads)
+    with pytest.raises(RemoteError, match="weights are not loaded here.*outside a remote session"):
+        clean_batch(there, tok[:4])  # a readout here needs the weights
+    log.clear()
+
+    a = run_sweep(here, tok, batch_size=4, sample_size=20, progress=False)
+    b = run_sweep(there, tok, batch_size=4, sample_size=20, progress=False)
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2 * 2  # one session per batch (2) and pass: clean and every ablated pass
+    L, H, C, n = here.n_layers, here.n_heads, len(COLUMNS), 4 * 31  # 4 rows x 31 positions a batch
+    for i, r in enumerate(log):
+        if i < 2:  # pass 1: per head and token one DE, per token its instance and competitor gap
+            bound = L * H * n * 4 + n * (8 + 4)
+        else:  # pass 2: per head the sums and counts, per returned token row its index and values
+            rows = sum(len(t) for t in r.saved["out"]["index"])
+            bound = L * H * (2 * C * 8 + 8) + rows * (4 * 8 + C * 4)
+        assert _tensor_bytes(r.saved) == bound, i  # nothing else comes back
+        assert r.down <= 1.5 * bound + 16_000, (i, r.down, bound)  # pickle framing only
+        assert 10 * r.down < clean_pass, (i, r.down, clean_pass)  # never the activations
+
+    # chapter 0's listed heads, mean ablation: the mean z and the ablations, a request per batch each
+    log.clear()
+    heads = [(0, 1), (1, 2), (1, 3)]
+    a, b = (self_repair(m, tok, "mean", heads=heads, batch_size=4, progress=False) for m in (here, there))
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2 + 2 and all(10 * r.down < clean_pass for r in log)
+
+
+def test_cli_sweep_remote_true_without_weights_equals_the_local_sweep(tmp_path, capsys, ndif_server):
+    from selfrepair.cli import main
+
+    path = saved_dir(tmp_path, "gemma3")
+    log = ndif_server(path)
+    args = ["sweep", "--model", str(path), "--dataset", "tiny", "--tokens", "192", "--seq-len", "16",
+            "--batch-size", "4", "--top-percent", "10"]
+    assert main([*args, "--out", str(tmp_path / "here")]) == 0 and not log
+    assert main([*args, "--remote", "--out", str(tmp_path / "there")]) == 0
+    assert len(log) == 2 * 3  # 12 rows, 3 batches, two passes
+    capsys.readouterr()
+    here, there = _cached(tmp_path / "here"), _cached(tmp_path / "there")
+    assert here.keys() == there.keys() and len(here) == 1
+    (a, ma), (b, mb) = here.popitem()[1], there.popitem()[1]
+    for k in a:
+        assert max_diff(a[k], b[k]) <= TOL, k
+    assert ma["key"] == mb["key"] and mb["run"]["remote"] is True
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3"])
+def test_remote_true_amplification_and_frozen_norms_equal_the_local_run(tmp_path, family, ndif_server):
+    """Chapters 4 and 2's own measurements: one request per batch, no weights here."""
+    from selfrepair.batch import TokenSet
+    from selfrepair.frozen_norm import frozen_norm_ablation
+    from selfrepair.iterative import measure_iterative
+
+    path = saved_dir(tmp_path, family)
+    log = ndif_server(path)
+    here, there = load_model(path), load_model(path, remote=True)
+    assert not there.weights_here
+    tok = torch.randint(0, 256, (6, 12), generator=torch.Generator().manual_seed(2))
+    heads = [(0, 2), (1, 0), (1, 3)]
+    a, b = (measure_iterative(m, tok, (0.5, 2.0), heads=heads, batch_size=4, progress=False)
+            for m in (here, there))
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2  # 6 rows, 2 batches
+    log.clear()
+    data = TokenSet.from_tensor(tok)
+    a, b = (frozen_norm_ablation(m, data, heads, batch_size=4, progress=False) for m in (here, there))
+    for k, v in a.tensors().items():
+        assert max_diff(v, b.tensors()[k]) <= TOL, k
+    assert len(log) == 2

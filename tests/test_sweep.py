@@ -213,7 +213,7 @@ def test_results_equal_whatever_the_batch_size(tmp_path):
 
 
 def test_out_of_memory_retries_once_with_fewer_rows_then_explains(monkeypatch):
-    import selfrepair.sweep as sw
+    import selfrepair.sweep_batch as sw
     from selfrepair.errors import InputError
 
     model = load_model("tiny-gpt2")
@@ -263,13 +263,15 @@ def test_sweeps_with_a_last_batch_of_one_row_complete(tmp_path, args, capsys):
 def test_interruption_at_any_point_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, when):
     """SIGTERM in the middle of a batch (the batch is undone) or while a checkpoint is written (the
     write completes, nothing is undone): either way the resumed sweep equals an uninterrupted one."""
-    import selfrepair.sweep as sw
+    import selfrepair.sweep as sweep
+    import selfrepair.sweep_batch as batch
     from selfrepair.interrupt import Interrupted
 
     model = load_model("tiny-gpt2")
     tok = rows(model, n=10)
     want = run_sweep(model, tok, batch_size=2, sample_size=30, progress=False)
     calls = {"n": 0}
+    sw = batch if when == "mid-batch" else sweep  # where the sweep looks each one up
     target = sw.ablate_heads if when == "mid-batch" else sw.save_tensors
 
     def signal_once(*args, **kwargs):  # the 3rd ablated pass, or the first checkpoint write

@@ -29,6 +29,7 @@ from .direct_effect import Readout, head_effects, last_readout, readout
 from .errors import InputError
 from .intervene import Pass, run
 from .models import Model
+from .remote import in_session
 
 CLEAN_READS = ("z", "attn", "mlp", "block")
 
@@ -229,11 +230,16 @@ def mean_z(model: Model, data: TokenSet, batch_size: int) -> torch.Tensor:
     """Each head's clean ``z`` averaged over every token of ``data`` ``[layer, 1, 1, n_heads*d_head]``
     (what mean ablation writes: a head's output is linear in ``z``, so this is its mean output)."""
     total = None
-    for start in range(0, len(data), batch_size):
-        z = run(model, data.tokens[start:start + batch_size].to(model.device), read=("z",)).reads["z"]
-        s = z.double().sum((1, 2))
+    for start in range(0, len(data), batch_size):  # on the remote path only the sums come back
+        s = in_session(model, z_sum, data.tokens[start:start + batch_size])
         total = s if total is None else total + s
     return (total / data.tokens.numel())[:, None, None].to(model.dtype)
+
+
+def z_sum(model: Model, tokens: torch.Tensor) -> torch.Tensor:
+    """Every layer's clean ``z`` summed over the rows and positions of ``tokens``:
+    ``[layer, n_heads * d_head]`` fp64."""
+    return run(model, tokens.to(model.device), read=("z",)).reads["z"].double().sum((1, 2))
 
 
 __all__ = ["CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet", "batches",

@@ -43,12 +43,13 @@ import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import TokenSet, batches, mean_z
+from .batch import TokenSet, clean_batch, mean_z
 from .errors import SelfRepairError
 from .heads import check_heads, check_token_set
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import ablate_heads
+from .remote import in_session
 from .results import Result, head_label
 
 MODES = {"frozen": "norms", "norms_only": "components"}  # result prefix -> ablate_heads(freeze=)
@@ -122,18 +123,16 @@ def frozen_norm_ablation(model: Model, data: TokenSet, heads, ablation: str = "r
     mz = mean_z(model, data, batch_size) if ablation == "mean" else None
     bar = tqdm(total=-(-n // batch_size) * len(groups), desc="frozen-norm ablation", unit="pass",
                disable=not progress)
-    for batch in batches(model, data, batch_size, ablation=ablation):
-        rows = slice(batch.start, batch.start + batch.rows)
-        repl = batch.replacement(ablation, mz)
-        for layer, hs in groups:
+    for start in range(0, n, batch_size):
+        rows = slice(start, min(n, start + batch_size))
+        corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
+        # one request per batch on the remote path: only the per-token terms come back
+        got = in_session(model, _batch_frozen, data.tokens[rows], corrupt, start, ablation, mz, groups)
+        for (layer, hs), res in zip(groups, got):
             idx = [pairs.index((layer, h)) for h in hs]
-            for prefix, freeze in MODES.items():
-                res = ablate_heads(batch, layer, hs, repl[layer], freeze=freeze)
-                for t in TERMS:
-                    out[f"{prefix}/{t}"][idx, rows] = res[t].cpu()
-            out["direct_effect"][idx, rows] = res["direct_effect"].cpu()
-            out["ablated_direct_effect"][idx, rows] = res["ablated_direct_effect"].cpu()
-            bar.update()
+            for name, value in res.items():
+                out[name][idx, rows] = value
+        bar.update(len(groups))
     bar.close()
     rec = data.record()
     return FrozenNormResult(out["direct_effect"], out["ablated_direct_effect"],
@@ -141,6 +140,25 @@ def frozen_norm_ablation(model: Model, data: TokenSet, heads, ablation: str = "r
                             {t: out[f"norms_only/{t}"] for t in TERMS},
                             tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
                             ablation=ablation, heads=pairs, meta={**model.describe(), "ablation": ablation})
+
+
+def _batch_frozen(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
+                  ablation: str, mz: torch.Tensor | None, groups: list) -> list[dict]:
+    """One batch of :func:`frozen_norm_ablation`: per group ``(layer, heads)`` the terms of both
+    passes and the heads' clean / ablated DEs, ``{name: [head, b, seq-1]}`` on the CPU."""
+    batch = clean_batch(model, tokens, corrupt, start=start)
+    repl = batch.replacement(ablation, mz)
+    out = []
+    for layer, hs in groups:
+        got = {}
+        for prefix, freeze in MODES.items():
+            res = ablate_heads(batch, layer, hs, repl[layer], freeze=freeze)
+            for t in TERMS:
+                got[f"{prefix}/{t}"] = res[t].cpu()
+        got["direct_effect"] = res["direct_effect"].cpu()
+        got["ablated_direct_effect"] = res["ablated_direct_effect"].cpu()
+        out.append(got)
+    return out
 
 
 @dataclass(frozen=True)

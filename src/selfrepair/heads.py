@@ -36,6 +36,7 @@ from .errors import InputError
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import ablate_heads
+from .remote import in_session
 from .results import HEAD_QUANTITIES, SelfRepairResult
 
 QUANTITIES = HEAD_QUANTITIES
@@ -141,19 +142,31 @@ def self_repair(model: Model, tokens: torch.Tensor | TokenSet, ablation: str = "
     for start in range(0, n, batch_size):
         rows = slice(start, min(n, start + batch_size))
         corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
-        batch = clean_batch(model, data.tokens[rows], corrupt, start=start)
-        repl = batch.replacement(ablation, mz)
-        scale_clean[rows], logit[rows] = batch.readout.scale.cpu(), batch.readout.logit.cpu()
-        for layer, hs in groups:
-            out = ablate_heads(batch, layer, hs, repl[layer])
+        # one request per batch on the remote path: only the per-token quantities come back
+        got = in_session(model, _batch_heads, data.tokens[rows], corrupt, start, ablation, mz, groups)
+        scale_clean[rows], logit[rows] = got["scale_clean"], got["logit"]
+        for (layer, hs), out in zip(groups, got["groups"]):
             for q in QUANTITIES:
-                result[q][layer, hs, rows] = out[q].cpu()
-            bar.update()
+                result[q][layer, hs, rows] = out[q]
+        bar.update(len(groups))
     bar.close()
     rec = data.record()
     return SelfRepairResult(**result, scale_clean=scale_clean, logit=logit, tokens=rec["tokens"],
                             corrupt_tokens=rec.get("corrupt_tokens"), ablation=ablation, heads=pairs,
                             meta={**model.describe(), "ablation": ablation})
+
+
+def _batch_heads(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
+                 ablation: str, mz: torch.Tensor | None, groups: list) -> dict:
+    """One batch of :func:`self_repair`: the clean scale and logit ``[b, seq-1]`` and, per group
+    ``(layer, heads)`` (one stacked pass each), every quantity ``[head, b, seq-1]`` (on the CPU)."""
+    batch = clean_batch(model, tokens, corrupt, start=start)
+    repl = batch.replacement(ablation, mz)
+    out = {"scale_clean": batch.readout.scale.cpu(), "logit": batch.readout.logit.cpu(), "groups": []}
+    for layer, hs in groups:
+        res = ablate_heads(batch, layer, hs, repl[layer])
+        out["groups"].append({q: res[q].cpu() for q in QUANTITIES})
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,14 @@ by replaying the clean run's block outputs (nnsight ``skip``), and a clean pass 
 backward (``backward=metric``: the gradient of a scalar read off the final norm with respect to
 every layer's ``z``, nnsight's ``with loss.backward():`` / ``.grad``). It returns plain tensors.
 
-Remote execution (``load_model(..., remote=True | "local")``): the same trace runs through
-nnsight's remote path (NDIF, or its in-process simulation ``"local"``, which serializes and
-deserializes the block with local modules hidden). Everything a trace computes reaches the caller
-only as a saved value: ``watch`` callbacks and ``final`` reductions *return* what they reduce
-(per-token scalars, selected rows), which is saved and brought back instead of the activations.
-The library's own functions travel by value (``nnsight.register(selfrepair)``).
+Remote execution (``load_model(..., remote=True | "local")``, :mod:`selfrepair.remote`): the
+same trace runs through nnsight's remote path (NDIF, or its in-process simulation ``"local"``,
+which serializes and deserializes the block with local modules hidden), one request per trace,
+or as one of the traces of a session (:func:`selfrepair.remote.in_session`, one request for
+many). Everything a trace computes reaches the caller only as a saved value: ``watch`` callbacks
+and ``final`` reductions *return* what they reduce (per-token scalars, selected rows), which is
+saved and brought back instead of the activations. The library's own functions travel by value
+(``nnsight.register(selfrepair)``).
 
 Under a ``device_map`` (layers on several GPUs) every value read comes back to the model's
 device (:attr:`selfrepair.models.Model.device`, where the callers' tensors live), an edit sees
@@ -49,8 +51,9 @@ from typing import Any, Callable, Iterable
 import nnsight
 import torch
 
-from .errors import ModelLoadError, RemoteError
+from .errors import RemoteError
 from .models import Model
+from .remote import remote_errors, ship_library
 
 SITES = ("attn_in", "z", "attn", "pattern", "attn_write", "neurons", "mlp", "mlp_write", "block")
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -191,10 +194,6 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                                  or freeze or freeze_final is not None):
         raise ValueError("backward= runs a clean pass with one backward: no edits, stop_after, "
                          "final, last_logits or frozen norms with it")
-    if backward is not None and model.remote:
-        raise RemoteError("the gradient pass (backward=, chapter 7's attribution patching) does not run "
-                          "through nnsight's remote path yet (its backward comes back empty in the "
-                          "remote simulation): run it with remote=None")
     if start_layer and resume is None:
         raise ValueError("start_layer > 0 needs `resume`, the residual entering that block")
     only = {alias.get(s, s): set(ls) for s, ls in (read_layers or {}).items()}
@@ -202,7 +201,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     n_layers = model.n_layers
     home = model.device
     kwargs = {"logits_to_keep": 1} if last_logits else {}
-    if model.remote:
+    if model.remote and not model.in_session:  # in a session the whole session is the request
         ship_library()
         kwargs["remote"] = model.remote
     if backward is not None and "z" not in order:
@@ -210,8 +209,12 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     # Gradients are with respect to activations only: autograd is on for a backward pass, and the
     # residual entering the first block run is made a leaf that requires grad (weights never do).
     grad_mode = torch.enable_grad() if backward is not None else torch.no_grad()
-    with remote_errors(model), grad_mode, eager_attention(model, "pattern" in touched), \
-            model.nn.trace(tokens, **kwargs) as tracer:
+    # in a session this runs on the server, where nothing is remote (and a decorated function,
+    # shipped by value from its source, comes without its decorator: no remote_errors there)
+    errors = contextlib.nullcontext() if model.in_session else remote_errors(model)
+    # (nor eager_attention: the pattern site, the only one that needs it, never runs remotely)
+    attention = eager_attention(model) if "pattern" in touched else contextlib.nullcontext()
+    with errors, grad_mode, attention, model.nn.trace(tokens, **kwargs) as tracer:
         saved = nnsight.save({s: [] for s in read})
         finals = nnsight.save([])
         watched = nnsight.save({})
@@ -259,9 +262,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
             metric = backward(resid, normed)
             finals.append(resid.detach())
             finals.append(normed.detach())
-            with metric.backward():
-                for z in reversed(zs):  # gradients arrive in the reverse of the forward order
-                    grads.append(z.grad.to(home))
+            grads.extend(backward_grads(metric, zs, home))
             tracer.stop()
         elif freeze_final is not None:
             x = norm.input
@@ -297,75 +298,17 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                 grads={"z": torch.stack(list(grads)[::-1])} if backward is not None else {})
 
 
-# -- the remote path (NDIF) ---------------------------------------------------------------------
-NDIF_MODELS_HINT = ("NDIF hosts only the models it lists: see `python -c \"import nnsight; "
-                    "print(nnsight.status())\"` or https://nnsight.net/status")
-KEY_HINT = ("set the NDIF API key with `export NDIF_API_KEY=...` or once with "
-            "`python -c \"import nnsight; nnsight.login()\"` (nnsight's own configuration, "
-            "~/.config/nnsight/config.yaml); get a key at https://login.ndif.us")
+def backward_grads(metric: torch.Tensor, zs: list, home: torch.device) -> list[torch.Tensor]:
+    """One backward of ``metric`` inside a trace: the gradient of each of ``zs``, last first
+    (gradients arrive in the reverse of the forward order).
 
-
-def ship_library() -> None:
-    """Send this library's functions with every remote request by value (``nnsight.register``):
-    the server has nnsight, torch and transformers, not ``selfrepair``."""
-    import selfrepair
-
-    nnsight.register(selfrepair)
-
-
-def host() -> str:
-    from nnsight.schema.config import CONFIG
-
-    return CONFIG.API.HOST
-
-
-def check_remote(source: str) -> None:
-    """Before loading anything: an API key is configured, the NDIF host answers and it hosts
-    ``source`` (a hub id). One :class:`~selfrepair.errors.RemoteError` saying what failed."""
-    import httpx
-    from nnsight.schema.config import CONFIG
-
-    if not CONFIG.API.APIKEY:
-        raise RemoteError(f"remote=True needs an NDIF API key and none is configured: {KEY_HINT}.")
-    try:
-        r = httpx.get(f"{host()}/status", timeout=httpx.Timeout(5.0, read=30.0),
-                      headers={"ndif-api-key": CONFIG.API.APIKEY})
-        r.raise_for_status()
-        deployments = r.json().get("deployments", {})
-    except (httpx.HTTPError, ValueError) as e:
-        raise RemoteError(f"the NDIF server at {host()} is unreachable or did not answer ({e}). "
-                          "Check the network, or the host (env NDIF_HOST / nnsight's CONFIG.API.HOST); "
-                          "remote='local' simulates the remote path without a server.") from e
-    hosted = sorted({d.get("repo_id", name) for name, d in deployments.items()})
-    if source not in hosted:
-        raise RemoteError(f"model {source!r} is not hosted on {host()}. {NDIF_MODELS_HINT}; now: "
-                          f"{', '.join(hosted) or 'none'}. Run it locally (no remote) instead.")
-
-
-def remote_wrapper(path: str, *, dtype: torch.dtype, revision: str | None = None) -> Any:
-    """nnsight's Hugging Face wrapper around a hub id or ``save_pretrained`` directory, weights
-    loaded here too (the library's linear readouts read ``W_O``, the norms and the unembedding)."""
-    from nnsight import TransformersModel
-
-    try:
-        return TransformersModel(path, task="text-generation", dispatch=True, dtype=dtype,
-                                 revision=revision)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot wrap {path!r} for the remote path: {str(e).splitlines()[0]}") from e
-
-
-@contextlib.contextmanager
-def remote_errors(model: Model):
-    """A failed remote request as one :class:`~selfrepair.errors.RemoteError` naming the host."""
-    if model.remote is not True:
-        yield
-        return
-    from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteError
-
-    try:
-        yield
-    except NNsightRemoteError as e:
-        raise RemoteError(f"the remote run of {model.name} on {host()} failed: {e}") from e
-    except (OSError, ConnectionError) as e:  # websocket / socket errors: no server there
-        raise RemoteError(f"the NDIF server at {host()} is unreachable ({e}): check the network "
-                          "and NDIF_HOST, or run with remote='local'.") from e
+    Its own function, not a block nested in :func:`run`'s trace: nnsight finds a ``with`` block
+    by its line in the source file, and a trace that went the remote way runs its body
+    re-generated from the parsed source, whose lines are not the file's (in the local simulation
+    the nested ``with metric.backward():`` was then not found and ran as a bare backward). A
+    function runs from its own source (on the server: shipped by value with its lines kept)."""
+    out = []
+    with metric.backward():
+        for z in reversed(zs):
+            out.append(z.grad.to(home))
+    return out

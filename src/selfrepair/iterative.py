@@ -33,13 +33,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
-from .batch import TokenSet, batches
+from .batch import TokenSet, clean_batch
 from .errors import InputError
 from .heads import check_heads, check_tokens, token_set
 from .measure import RunOptions, Spec
 from .models import Model
 from .neurons import keep_top
 from .passes import amplify_heads
+from .remote import in_session
 from .results import Result, head_label
 from .structure import top_k
 
@@ -93,18 +94,14 @@ def measure_iterative(model: Model, tokens: torch.Tensor | TokenSet, alphas=DEFA
     per = len(alphas) + control
     dt = model.effect_dtype
     state, sum_de, sum_new = None, torch.zeros(len(heads), dtype=dt), torch.zeros(len(heads), per, dtype=dt)
-    for batch in tqdm(batches(model, data, batch_size), total=-(-len(data) // batch_size),
+    for start in tqdm(range(0, len(data), batch_size), total=-(-len(data) // batch_size),
                       desc="amplify", disable=not progress):
-        des, news = [], []
-        for layer in layers:
-            hs = [h for l, h in heads if l == layer]
-            des.append(batch.head_de(layer)[hs])
-            news.append(amplify_heads(batch, layer, hs, alphas, seed if control else None))
-        de = torch.cat(des).flatten(1).cpu()  # [head, instance]
-        new = torch.cat(news).flatten(2).transpose(1, 2).cpu()  # [head, instance, alpha]
+        # one request per batch on the remote path: only the heads' DEs per token come back
+        de, new, inst = in_session(model, _batch_amplify, data.tokens[start:start + batch_size],
+                                   start, heads, layers, alphas, seed if control else None)
         sum_de += de.sum(1)
         sum_new += new.sum(1)
-        inst = batch.instances().expand(len(heads), -1)
+        inst = inst.expand(len(heads), -1)
         state = keep_top(state, {"score": de, "direct_effect": de, "new_direct_effect": new,
                                  "instance": inst}, k)
     new = state.pop("new_direct_effect")
@@ -116,6 +113,21 @@ def measure_iterative(model: Model, tokens: torch.Tensor | TokenSet, alphas=DEFA
     meta = {**model.describe(), "top_percent": top_percent, "seq_len": data.seq_len,
             "n_rows": len(data), "k": k}
     return IterativeResult(heads, alphas, out, tokens=data.tokens, meta=meta)
+
+
+def _batch_amplify(model: Model, tokens: torch.Tensor, start: int, heads: list, layers: list,
+                   alphas: tuple, control: int | None) -> tuple:
+    """One batch of :func:`measure_iterative`: the clean DE ``[head, instance]`` and the amplified
+    DEs ``[head, instance, alpha (+ control)]`` of ``heads`` (CPU), and the batch's instance ids."""
+    batch = clean_batch(model, tokens, start=start)
+    des, news = [], []
+    for layer in layers:
+        hs = [h for l, h in heads if l == layer]
+        des.append(batch.head_de(layer)[hs])
+        news.append(amplify_heads(batch, layer, hs, alphas, control))
+    de = torch.cat(des).flatten(1).cpu()  # [head, instance]
+    new = torch.cat(news).flatten(2).transpose(1, 2).cpu()  # [head, instance, alpha]
+    return de, new, batch.instances()
 
 
 @dataclass(frozen=True)

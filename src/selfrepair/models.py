@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, ModelLoadError, UnsupportedArchitectureError
+from .errors import InputError, ModelLoadError, RemoteError, UnsupportedArchitectureError
 
 EMBEDDED_MODEL = "gemma-3-270m"
 TINY_PREFIX = "tiny-"
@@ -98,6 +98,18 @@ class cached_property:  # noqa: N801 - functools.cached_property without its loc
         return value
 
 
+CACHED_WEIGHTS = ("unembed_weight", "unembed_mean", "unembed_bias_mean")
+
+
+def raise_no_weights(model: "Model") -> None:
+    raise RemoteError(
+        f"{model.name} runs on NDIF (remote=True) and its weights are not loaded here, but this "
+        "measurement reads a weight outside a remote session. The sweep (`selfrepair sweep`, the "
+        "chapters' head sweeps), self_repair, the amplification and the frozen-norm ablations run "
+        "every readout on the server; run the others (neurons, Hydra, AtP) with remote='local' "
+        "(the weights loaded here) or without remote.")
+
+
 def _get(root: Any, path: str) -> Any:
     for part in path.split("."):
         root = root[int(part)] if part.isdigit() else getattr(root, part)
@@ -116,6 +128,7 @@ class Model:
     meta: dict = field(default_factory=dict)
     remote: bool | str = False  # True: traces run on NDIF; "local": nnsight's simulation of that
     wrapper: Any = None  # nnsight's Hugging Face wrapper of ``hf`` (the remote path needs it)
+    in_session: bool = False  # a copy running inside one remote session (remote.in_session)
 
     def __post_init__(self):
         from nnsight import NNsight  # the one nnsight object; interventions live in intervene.py
@@ -128,8 +141,10 @@ class Model:
         self.n_heads = cfg.num_attention_heads
         self.d_model = cfg.hidden_size
         self.d_head = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
-        self.d_vocab = self.unembed_weight.shape[0]
-        self.d_mlp = self.neuron_out_weight(0).shape[0]
+        # shapes only (remote=True holds the weights on the meta device)
+        self.d_vocab = self.module(self.adapter.unembed).weight.shape[0]
+        w = self.module(self.adapter.mlp_out, 0).weight  # Linear [d_model, d_mlp]; Conv1D [d_mlp, d_model]
+        self.d_mlp = w.shape[0] if self.adapter.conv1d else w.shape[1]
         self.n_ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions")
         attr = self.adapter.parallel_residual_attr
         self.parallel_residual = bool(attr and getattr(cfg, attr, False))
@@ -143,7 +158,14 @@ class Model:
         if self.remote:
             self.hf.__dict__["_persistent_id"] = f"Module:{self.nn.path}"
             state["tokenizer"] = None
+            for name in CACHED_WEIGHTS:  # views of weights: recomputed from the server's modules
+                state.pop(name, None)
         return state
+
+    @property
+    def weights_here(self) -> bool:
+        """Whether this process holds the weights (``False`` under ``remote=True``: meta device)."""
+        return not next(self.hf.parameters()).is_meta
 
     # -- modules -------------------------------------------------------------------------------
     def module(self, path: str, layer: int | None = None) -> torch.nn.Module:
@@ -160,7 +182,8 @@ class Model:
     def device(self) -> torch.device:
         """Where token ids go in and where every read and effect lives (the input embedding's
         device; with a ``device_map`` the layers may sit on other devices)."""
-        return next(self.hf.parameters()).device
+        d = next(self.hf.parameters()).device
+        return torch.device("cpu") if d.type == "meta" else d  # remote=True: results land on the CPU
 
     def block_device(self, layer: int) -> torch.device:
         """The device block ``layer`` runs on (differs from :attr:`device` under a ``device_map``)."""
@@ -168,6 +191,8 @@ class Model:
 
     def home(self, w: torch.Tensor) -> torch.Tensor:
         """A weight on :attr:`device` in the effect dtype (a no-op copy-free view on one device)."""
+        if w.is_meta:
+            raise_no_weights(self)
         return w.to(device=self.device, dtype=self.effect_dtype)
 
     @property
@@ -186,7 +211,10 @@ class Model:
     # -- weights (float32 views for effect arithmetic) ----------------------------------------
     @cached_property
     def unembed_weight(self) -> torch.Tensor:
-        return self.module(self.adapter.unembed).weight.to(self.device)  # [d_vocab, d_model]
+        w = self.module(self.adapter.unembed).weight
+        if w.is_meta:
+            raise_no_weights(self)
+        return w.to(self.device)  # [d_vocab, d_model]
 
     @cached_property
     def unembed_mean(self) -> torch.Tensor:
@@ -356,8 +384,9 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     ``NDIF_API_KEY``; a hub id NDIF hosts); ``remote="local"`` runs it through nnsight's local
     simulation of that path (serialized and deserialized with local modules hidden). Either way
     the model is nnsight's Hugging Face wrapper, which needs a hub id or a directory (a tiny model
-    is saved to a temporary directory first); its weights are loaded here as well, for the
-    library's linear readouts.
+    is saved to a temporary directory first). Under ``remote=True`` no weight is loaded here (the
+    module is built on the meta device): the sweep runs its readouts on the server, one session
+    per batch, and a measurement that reads weights here says so; ``remote="local"`` loads them.
 
     ``device_map`` (accelerate) spreads a model too large for one device over the GPUs of one
     machine: ``"auto"`` (balanced over the visible GPUs, else the CPU) or a ``{module: device}``
@@ -435,7 +464,7 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
     """``source`` wrapped for the remote path (see :func:`load_model`)."""
     from transformers import PreTrainedModel
 
-    from . import intervene
+    from . import remote as ndif
 
     hint = ("the remote path needs a hub id or a directory saved with save_pretrained(): nnsight's "
             "Hugging Face wrapper names the model to the server by it")
@@ -444,7 +473,7 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
     src, name, meta = str(source), str(source), {}
     if src.startswith(TINY_PREFIX) or src == EMBEDDED_MODEL:
         if remote is True:
-            raise InputError(f"{src!r} cannot run on NDIF: {intervene.NDIF_MODELS_HINT}. "
+            raise InputError(f"{src!r} cannot run on NDIF: {ndif.NDIF_MODELS_HINT}. "
                              "remote='local' simulates the remote path with it.")
         if src == EMBEDDED_MODEL:
             src = str(embedded_checkpoint())
@@ -453,12 +482,7 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
         else:
             src, meta = str(_saved_tiny(src[len(TINY_PREFIX):])), {"weights": "random (seed 0)"}
     elif remote is True:
-        if Path(src).exists():
-            raise InputError(f"{src!r} is a local directory, which NDIF cannot load: "
-                             f"{intervene.NDIF_MODELS_HINT}. remote='local' simulates the remote "
-                             "path with it.")
-        intervene.check_remote(src)
-        _hub_access(src, revision)  # its weights load here too: fail at once if they cannot
+        _ndif_source(src, revision)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     from transformers import AutoConfig
@@ -467,8 +491,10 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
         adapter_for(AutoConfig.from_pretrained(src, revision=revision).model_type)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model {src!r}: {str(e).splitlines()[0]}") from e
-    wrapper = intervene.remote_wrapper(src, dtype=dt, revision=revision)
-    hf = wrapper._module.to(device=dev, dtype=dt)
+    # remote=True: the module on the meta device (no weights here; every readout runs on the
+    # server); remote="local" simulates the server in this process, which needs them
+    wrapper = ndif.remote_wrapper(src, dtype=dt, revision=revision, dispatch=remote is not True)
+    hf = wrapper._module if remote is True else wrapper._module.to(device=dev, dtype=dt)
     if tokenizer is None and name.startswith(TINY_PREFIX):
         tokenizer = tiny_tokenizer()
     elif tokenizer is None:  # the tokenizer the local path loads (not the wrapper's, which it pads)
@@ -479,6 +505,19 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
             tokenizer = None
     return Model(hf, adapter_for(hf.config.model_type), tokenizer=tokenizer,
                  name=name, revision=revision, meta=meta, remote=remote, wrapper=wrapper)
+
+
+def _ndif_source(src: str, revision: str | None) -> None:
+    """``src`` can run on NDIF: a hub id (not a local directory), with a key, the server up and
+    the model hosted there (:func:`selfrepair.remote.check_remote`); its config readable here."""
+    from . import remote as ndif
+
+    if Path(src).exists():
+        raise InputError(f"{src!r} is a local directory, which NDIF cannot load: "
+                         f"{ndif.NDIF_MODELS_HINT}. remote='local' simulates the remote "
+                         "path with it.")
+    ndif.check_remote(src)
+    _hub_access(src, revision)  # its config loads here: fail at once if it cannot
 
 
 _TINY_DIRS: dict[str, Path] = {}

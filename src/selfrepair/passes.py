@@ -29,7 +29,7 @@ import torch
 from .ablation import patch_heads
 from .batch import CleanBatch
 from .direct_effect import block_scales, head_effects
-from .errors import check_finite
+from .errors import InputError, check_finite
 from .intervene import run
 from .models import Model
 from .structure import reads
@@ -55,7 +55,6 @@ def _block_norm_term(model: Model, batch: CleanBatch, kind: str, j: int, raw: to
 
 def check_freeze(freeze: str | None) -> None:
     if freeze is not None and freeze not in FREEZE:
-        from .errors import InputError
         raise InputError(f"unknown freeze {freeze!r}: use None (a live ablation), "
                          + ", ".join(repr(f) for f in FREEZE))
 

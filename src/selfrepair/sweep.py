@@ -43,19 +43,19 @@ import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import TokenSet, batches, clean_batch, tensor_digest
+from .batch import TokenSet, tensor_digest
 from .distributed import World, world
 from .errors import InputError
 from .interrupt import graceful
 from .measure import RunOptions, Spec
 from .models import Model
 from .heads import check_token_set, token_set
-from .passes import ablate_heads
-from .results import HEAD_QUANTITIES, CorruptResultError, Result, head_label, load_tensors, save_tensors
+from .remote import in_session
+from .results import CorruptResultError, Result, head_label, load_tensors, save_tensors
 from .structure import top_k
+from .sweep_batch import COLUMNS, KIND_SAMPLE, KIND_TOP, ablated_sums, clean_summary
+from .sweep_batch import competitor, competitor_gap  # noqa: F401 - the sweep's own quantities
 
-COLUMNS = HEAD_QUANTITIES + ("scale_clean", "logit", "competitor_gap")
-KIND_TOP, KIND_SAMPLE = 1, 2
 SAMPLE_SIZE = 5000  # the paper's Fig 3: 5,000 individual tokens of the distribution
 
 
@@ -139,44 +139,6 @@ class SweepSpec(Spec):
                          progress=options.progress)
 
 
-def competitor(model: Model, normed: torch.Tensor, targets: torch.Tensor,
-               chunk: int = 32768) -> torch.Tensor:
-    """The highest-scoring token other than the target on the clean run, ``[batch, pos-1]`` ids,
-    from final-norm outputs ``normed [batch, pos-1, d_model]`` (the vocabulary in chunks, so
-    262k-token vocabularies never hold all logits at once)."""
-    w = model.unembed_weight
-    b = getattr(model.module(model.adapter.unembed), "bias", None)
-    x = model.acc(normed)
-    best = torch.full(targets.shape, -float("inf"), device=x.device, dtype=x.dtype)
-    best_i = torch.zeros(targets.shape, device=x.device, dtype=torch.long)
-    for start in range(0, w.shape[0], chunk):
-        logits = x @ model.acc(w[start:start + chunk]).T
-        if b is not None:
-            logits = logits + model.acc(b[start:start + chunk])
-        inside = (targets >= start) & (targets < start + chunk)
-        if inside.any():  # the target itself does not compete
-            logits[inside, (targets[inside] - start)] = -float("inf")
-        top = logits.max(-1)
-        better = top.values > best
-        best = torch.where(better, top.values, best)
-        best_i = torch.where(better, top.indices + start, best_i)
-    return best_i
-
-
-def competitor_gap(model: Model, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``logit_A - logit_B`` of the target A and its strongest competitor B (:func:`competitor`) in
-    the part the final norm's scale multiplies, ``(W_U[A] - W_U[B]) . (normed - b)`` with ``b`` the
-    final norm's bias (App. H: the norm's rescaling moves A against B by ``(S/S' - 1)`` times this;
-    the biases are not rescaled)."""
-    x = model.acc(normed)
-    b = model.norm_bias(model.module(model.adapter.final_norm))
-    if b is not None:
-        x = x - b
-    w = model.unembed_weight
-    diff = model.acc(w[targets]) - model.acc(w[competitor(model, normed, targets)])
-    return (diff * x).sum(-1)
-
-
 def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_mean_z: bool,
                progress: bool, world: World = World()
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -191,18 +153,17 @@ def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_me
     best_v = torch.full((L, H, 0), -float("inf"))
     best_i = torch.zeros((L, H, 0), dtype=torch.long)
     z_sum, runner = None, [torch.zeros(0)]
-    for batch in tqdm(batches(model, data, batch_size, start_row=lo, stop_row=hi),
-                      total=-(-(hi - lo) // batch_size), desc="clean pass", disable=not progress):
-        de = batch.all_head_de()
-        v = torch.cat([best_v, de.flatten(2).cpu().float()], -1)
-        i = torch.cat([best_i, batch.instances().expand(L, H, -1)], -1)
+    for start in tqdm(range(lo, hi, batch_size), total=-(-(hi - lo) // batch_size),
+                      desc="clean pass", disable=not progress):
+        stop = min(hi, start + batch_size)  # one request per batch on the remote path
+        c = in_session(model, clean_summary, data.tokens[start:stop], start, with_mean_z)
+        v = torch.cat([best_v, c["de"]], -1)
+        i = torch.cat([best_i, c["instances"].expand(L, H, -1)], -1)
         top = v.topk(min(k, v.shape[-1]), dim=-1)
         best_v, best_i = top.values, i.gather(-1, top.indices)
-        runner.append(competitor_gap(model, batch.clean.final_normed[:, :-1],
-                                     batch.readout.targets).flatten().cpu().float())
+        runner.append(c["competitor_gap"])
         if with_mean_z:
-            zs = batch.clean.reads["z"].double().sum((1, 2)).cpu()
-            z_sum = zs if z_sum is None else z_sum + zs
+            z_sum = c["z_sum"] if z_sum is None else z_sum + c["z_sum"]
     runner = torch.cat(runner)
     if world.size > 1:
         parts = world.gather((best_v, best_i, z_sum, runner))
@@ -417,36 +378,16 @@ def _consolidate(state: dict, chunks_i: list, chunks_v: list) -> None:
 
 def _sweep_batch(model: Model, data: TokenSet, start: int, stop: int, ablation: str, state: dict,
                  max_rows: int) -> tuple[list, list]:
-    """Ablate every head on rows ``start:stop``, fold the sums into ``state``; return new per-token rows."""
+    """Ablate every head on rows ``start:stop`` (one request on the remote path: only the sums
+    and the selected per-token rows come back), fold the sums into ``state``; return the new
+    per-token rows."""
     corrupt = data.corrupt_tokens[start:stop] if ablation == "resample" else None
-    batch = clean_batch(model, data.tokens[start:stop], corrupt, start=start)
-    repl = batch.replacement(ablation, state.get("mean_z"))
-    b, inst = batch.rows, batch.instances()
-    in_sample = torch.isin(inst, state["sample"])
-    gap = state["competitor_gap"][inst]
-    per = max(1, max_rows // b)
-    new_index, new_values = [], []
-    for layer in range(model.n_layers):
-        for j in range(0, model.n_heads, per):
-            heads = list(range(j, min(model.n_heads, j + per)))
-            out = ablate_heads(batch, layer, heads, repl[layer])
-            shape = out["delta_logit"].shape
-            cols = torch.stack([out[q] for q in HEAD_QUANTITIES]
-                               + [batch.readout.scale.expand(shape), batch.readout.logit.expand(shape),
-                                  gap.view(b, -1).to(out["delta_logit"]).expand(shape)], -1).cpu()
-            cols = cols.flatten(1, 2)  # [head, instance, column]
-            for k, h in enumerate(heads):
-                state["sum_all"][layer, h] += cols[k].double().sum(0)
-                top = torch.isin(inst, state["top_idx"][layer, h])
-                state["sum_top"][layer, h] += cols[k][top].double().sum(0)
-                state["n_top"][layer, h] += int(top.sum())
-                for mask, kind in ((top, KIND_TOP), (in_sample, KIND_SAMPLE)):
-                    n = int(mask.sum())
-                    if n:
-                        new_index.append(torch.stack([torch.full((n,), layer), torch.full((n,), h),
-                                                      inst[mask], torch.full((n,), kind)], 1))
-                        new_values.append(cols[k][mask].float())
-    return new_index, new_values
+    out = in_session(model, ablated_sums, data.tokens[start:stop], corrupt, start, ablation,
+                     state.get("mean_z"), state["top_idx"], state["sample"],
+                     state["competitor_gap"][start * (data.seq_len - 1):stop * (data.seq_len - 1)], max_rows)
+    for name in ("sum_all", "sum_top", "n_top"):
+        state[name] += out[name]
+    return out["index"], out["values"]
 
 
 __all__ = ["COLUMNS", "SAMPLE_SIZE", "Sweep", "SweepSpec", "competitor", "competitor_gap", "run_sweep",

@@ -55,9 +55,6 @@ class Config(CorpusConfig):
         check_ablation(self.ablation)
         if self.top_heads < 1:
             raise InputError(f"top_heads must be at least 1, got {self.top_heads}")
-        if self.remote is not None:  # before the sweep, not after it (intervene.run refuses too)
-            raise InputError("chapter 7's gradient pass does not run through nnsight's remote path yet: "
-                             "run this chapter with remote=None (the other chapters take --remote)")
 
 
 @dataclass
