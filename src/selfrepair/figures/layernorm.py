@@ -45,7 +45,8 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
                               alt.Tooltip("n:Q", title="tokens")]))
     title = (f"{labels[0]}: S/S′ on its top-k% tokens (text: share > 1)" if len(labels) == 1 else
              "S/S′ on each head's top-k% tokens, three ablations (text: share > 1)")
-    return (alt.layer(hist, one, share, data=t).properties(width=170, height=110)
+    # 140 px: three columns, each with its own y axis (independent scales), fit a 743 px column
+    return (alt.layer(hist, one, share, data=t).properties(width=140, height=110)
             .facet(row=alt.Row("label:N", sort=labels, title=None),
                    column=alt.Column("ablation:N", sort=ABLATIONS, title=None))
             .resolve_scale(x="independent", y="independent")
