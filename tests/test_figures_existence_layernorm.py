@@ -196,7 +196,7 @@ def head_frame(n=60, seed=0):
 def test_fig_scale_ratio():
     t = head_frame()
     s = spec_of(fl.fig_scale_ratio(t))
-    assert s["facet"]["column"]["field"] == "ablation" and s["facet"]["row"]["field"] == "label"
+    assert s["facet"]["field"] == "panel" and s["columns"] == 3
     assert {"bar", "rule", "text"} <= marks(s)
     assert any(e.get("bin") for n in walk(s) for e in [n.get("encoding", {}).get("x", {})])
     assert data_rows(s) == (t["tokens"] == "top-k%").sum()
@@ -206,7 +206,7 @@ def test_fig_scale_ratio_for_several_heads():
     """App. D: one row of three ablations per head, in the order the heads come."""
     t = pd.concat([head_frame(seed=1).assign(label="L3H2", head=2), head_frame()], ignore_index=True)
     s = spec_of(fl.fig_scale_ratio(t))
-    assert s["facet"]["row"]["sort"] == ["L3H2", "L3H1"] and s["facet"]["column"]["sort"] == fl.ABLATIONS
+    assert s["facet"]["sort"] == [f"{h} · {a}" for h in ["L3H2", "L3H1"] for a in fl.ABLATIONS]
     assert data_rows(s) == (t["tokens"] == "top-k%").sum()
     assert "each head" in json.dumps(s["title"])
 

@@ -151,7 +151,8 @@ def test_fig_noise_vs_resample(synthetic):
     from selfrepair.hydra_controls import ablation_comparison
     comp = ablation_comparison({"resample": synthetic, "noise": synthetic})
     spec = _check(fh.fig_noise_vs_resample(comp), 2 * len(comp))  # two measures per row
-    assert spec["facet"]["row"]["field"] == "measure" and "ablation" in _fields(spec, "color")
+    assert spec["facet"]["field"] == "panel" and spec["columns"] == 2 and "ablation" in _fields(spec, "color")
+    assert len(spec["facet"]["sort"]) == 4  # two kinds of layer x two measures
 
 
 def test_fig_localisation(synthetic):

@@ -74,6 +74,7 @@ LOCAL = Claim("localised", "Downstream effects of an attention ablation are loca
               above(0.5), fmt=".0%",
               reading="The later attention layer that changes most carries {value} of the later "
                       "attention layers' change, on average over {n} {unit}.")
+CLAIMS = (UNEMBED, RESTORED, SLOPE, ERASURE, OWN, LOCAL)
 
 
 @dataclass(frozen=True)

@@ -187,10 +187,14 @@ def fig_noise_vs_resample(comparison) -> alt.FacetChart:
         x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS), y=alt.Y("value:Q", title=None),
         color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=alt.Legend(orient="bottom")),
         tooltip=tips)
-    header = alt.Header(labelExpr="datum.value == 'slope' ? 'compensation per logit removed' : 'mean |Δ ablate| per patch'")
+    # one wrapped facet of "kind: measure" panels, two to a row (a row x column facet cannot be
+    # re-wrapped into one column on a phone)
+    kinds = {"attn": "attention layers", "mlp": "MLP layers"}
+    measures = {"abs_total_effect": "mean |Δ ablate| per patch", "slope": "compensation per logit removed"}
+    long["panel"] = long["kind"].map(kinds) + ": " + long["measure"].map(measures)
+    panels = [f"{kinds[k]}: {measures[m]}" for m in measures for k in kinds]
     return (alt.layer(lines, data=long).properties(width=280, height=160)
-            .facet(column=_by_kind("ablated"), row=alt.Row("measure:N", title=None, header=header,
-                                                          sort=["abs_total_effect", "slope"]))
+            .facet(facet=alt.Facet("panel:N", sort=panels, title=None), columns=2)
             .resolve_scale(y="independent")
             .properties(title="Noise beside resample ablation, per layer (Hydra App. A)"))
 

@@ -26,11 +26,15 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
     """Fig 4 (and App. D Fig 16-17 for more heads): histograms of ``S/S'`` on each head's top-k%
     tokens, one row per head and one column per ablation, with the line at 1 and the share of
     tokens above it (computed by Vega-Lite from the same rows)."""
-    t = tokens[tokens["tokens"] == "top-k%"][["label", "ablation", "ratio"]]
+    t = tokens[tokens["tokens"] == "top-k%"][["label", "ablation", "ratio"]].copy()
     labels = list(t["label"].drop_duplicates())
+    # one wrapped facet of "head · ablation" panels, three to a row (a row x column facet cannot
+    # be re-wrapped into one column on a phone)
+    t["panel"] = t["label"] + " · " + t["ablation"]
+    panels = [f"{h} · {a}" for h in labels for a in ABLATIONS]
     base = alt.Chart()
     hist = base.mark_bar(opacity=0.85).encode(
-        x=alt.X("ratio:Q", bin=alt.Bin(maxbins=bins), title="S / S′ (clean / ablated final-norm scale)",
+        x=alt.X("ratio:Q", bin=alt.Bin(maxbins=bins), title="S / S′",
                 axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6, labelAngle=-30)),
         y=alt.Y("count():Q", title="tokens"), color=_ablation_color(legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("label:N", title="head"), alt.Tooltip("ablation:N"),
@@ -43,12 +47,12 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
              .encode(text=alt.Text("share:Q", format=".1%"),
                      tooltip=[alt.Tooltip("share:Q", format=".2%", title="share S/S′ > 1"),
                               alt.Tooltip("n:Q", title="tokens")]))
-    title = (f"{labels[0]}: S/S′ on its top-k% tokens (text: share > 1)" if len(labels) == 1 else
-             "S/S′ on each head's top-k% tokens, three ablations (text: share > 1)")
-    # 140 px: three columns, each with its own y axis (independent scales), fit a 743 px column
-    return (alt.layer(hist, one, share, data=t).properties(width=140, height=110)
-            .facet(row=alt.Row("label:N", sort=labels, title=None),
-                   column=alt.Column("ablation:N", sort=ABLATIONS, title=None))
+    title = (f"{labels[0]}: S/S′ (clean / ablated final-norm scale) on its top-k% tokens (text: share > 1)"
+             if len(labels) == 1 else
+             "S/S′ (clean / ablated final-norm scale) on each head's top-k% tokens (text: share > 1)")
+    # 150 px: three panels, each with its own axes (independent scales), fit a 743 px column
+    return (alt.layer(hist, one, share, data=t).properties(width=150, height=110)
+            .facet(facet=alt.Facet("panel:N", sort=panels, title=None), columns=len(ABLATIONS))
             .resolve_scale(x="independent", y="independent")
             .properties(title=title))
 
