@@ -152,6 +152,8 @@ def fig_erasure(frame) -> alt.Chart:
 
 ABLATION_COLORS = alt.Scale(domain=["resample", "mean", "zero", "noise", "resample (every source)"],
                             range=["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9ecae9"])
+# the scale's five ablations in two columns below the chart, so the legend fits a phone
+ABLATION_LEGEND = alt.Legend(orient="bottom", columns=2)
 
 
 def fig_own_effect(own) -> alt.FacetChart:
@@ -168,7 +170,7 @@ def fig_own_effect(own) -> alt.FacetChart:
     lines = alt.Chart().mark_line(point=True).encode(
         x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS),
         y=alt.Y("ratio:Q", title="mean |own DE| / mean |clean DE|", axis=alt.Axis(format="%")),
-        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=alt.Legend(orient="bottom")),
+        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=ABLATION_LEGEND),
         tooltip=tips)
     one = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(y=alt.datum(1))
     return (alt.layer(lines, one, data=data).properties(width=280, height=220).facet(column=_by_kind("ablated"))
@@ -185,7 +187,7 @@ def fig_noise_vs_resample(comparison) -> alt.FacetChart:
             alt.Tooltip("compensation:Q", format=".3f"), alt.Tooltip("r2:Q", format=".2f", title="R² of the slope")]
     lines = alt.Chart().mark_line(point=True).encode(
         x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS), y=alt.Y("value:Q", title=None),
-        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=alt.Legend(orient="bottom")),
+        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=ABLATION_LEGEND),
         tooltip=tips)
     # one wrapped facet of "kind: measure" panels, two to a row (a row x column facet cannot be
     # re-wrapped into one column on a phone)
