@@ -47,22 +47,6 @@ def _check(chart, rows):
     return spec
 
 
-def _tooltip_fields(spec) -> set[str]:
-    out = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            tip = node.get("tooltip")
-            for t in tip if isinstance(tip, list) else [tip] if isinstance(tip, dict) else []:
-                out.add(t.get("field"))
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-    walk(spec)
-    return out
-
 
 @pytest.mark.parametrize("fig,field", [(fi.fig_head_de, "direct_effect"),
                                        (fi.fig_backup_change, "delta_direct_effect")])
@@ -71,7 +55,7 @@ def test_heatmaps(heads, fig, field):
     assert _marks(spec) == {"rect"}
     assert {"head"} <= _fields(spec, "x") and {"layer"} <= _fields(spec, "y")
     assert field in _fields(spec, "color")
-    assert {"label", "attn_io", "attn_s", "delta_direct_effect", "moved_direct_effect"} <= _tooltip_fields(spec)
+    assert {"label", "attn_io", "attn_s", "delta_direct_effect", "moved_direct_effect"} <= _fields(spec, "tooltip")
     assert "datum.name_mover" in str(spec)  # the name movers are outlined
 
 
@@ -79,7 +63,7 @@ def test_fig_self_repair(repair):
     spec = _check(fi.fig_self_repair(repair), N)
     assert {"circle", "line"} <= _marks(spec)
     assert {"lost"} <= _fields(spec, "x") and {"drop"} <= _fields(spec, "y")
-    assert {"self_repair", "from_heads", "from_norm"} <= _tooltip_fields(spec)
+    assert {"self_repair", "from_heads", "from_norm"} <= _fields(spec, "tooltip")
 
 
 def test_fig_moving(heads):
@@ -90,4 +74,4 @@ def test_fig_moving(heads):
     assert (moving["later"] == (moving["layer"] > 1)).all()
     spec = _check(fi.fig_moving(moving), len(moving))
     assert _marks(spec) == {"bar"} and "label" in _fields(spec, "x") and "direct_effect" in _fields(spec, "y")
-    assert {"label", "run", "role"} <= _tooltip_fields(spec)
+    assert {"label", "run", "role"} <= _fields(spec, "tooltip")
