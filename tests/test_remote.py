@@ -19,10 +19,9 @@ from selfrepair.errors import InputError, RemoteError
 from selfrepair.intervene import run
 from selfrepair.models import tiny_model, tiny_tokenizer
 from selfrepair.passes import ablate_heads, ablate_writes, amplify_heads
-from selfrepair.results import load_tensors
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
-TOL = 1e-6
+from remote_helpers import (FAMILIES, TOL, cached, max_diff, ndif_server,  # noqa: F401 - a fixture
+                            saved_dir, tensor_bytes)
 
 
 @pytest.fixture
@@ -38,24 +37,6 @@ def traces(monkeypatch):
 
     monkeypatch.setattr(LocalSimulationBackend, "__call__", counted)
     return count
-
-
-def saved_dir(tmp_path: Path, family: str) -> Path:
-    path = tmp_path / family
-    tiny_model(family).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-def max_diff(a, b) -> float:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        return max([max_diff(a[k], b[k]) for k in a] or [0.0])
-    if a is None or b is None:
-        assert a is None and b is None
-        return 0.0
-    assert a.shape == b.shape
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -121,13 +102,6 @@ def test_a_shipped_model_references_the_servers_modules_and_carries_no_weights(t
     assert copy.envoy(copy.adapter.final_norm)._module is m.module(m.adapter.final_norm)
 
 
-def _cached(root: Path) -> dict[str, dict]:
-    out = {}
-    for f in sorted(root.glob("**/*.safetensors")):
-        out[f.relative_to(root).as_posix()] = load_tensors(f)
-    return out
-
-
 def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces):
     from selfrepair.cli import main
 
@@ -139,7 +113,7 @@ def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces)
     assert main([*args, "--remote", "local", "--out", str(tmp_path / "there")]) == 0
     assert traces[0] == 2 * 3  # one session per batch (3 batches) and pass (clean, ablated)
     capsys.readouterr()
-    here, there = _cached(tmp_path / "here"), _cached(tmp_path / "there")
+    here, there = cached(tmp_path / "here"), cached(tmp_path / "there")
     assert here.keys() == there.keys() and len(here) == 1  # the same cache key: remote is not in it
     (a, ma), (b, mb) = here.popitem()[1], there.popitem()[1]
     assert a.keys() == b.keys()
@@ -229,7 +203,7 @@ def test_chapter_measurements_remote_local_equal_the_local_ones(tmp_path, chapte
         for k in a:
             assert max_diff(a[k], b[k]) <= TOL, k
         return
-    here, there = _cached(tmp_path / "None"), _cached(tmp_path / "local")
+    here, there = cached(tmp_path / "None"), cached(tmp_path / "local")
     assert here.keys() == there.keys() and here
     for f in here:
         (a, ma), (b, mb) = here[f], there[f]
@@ -316,40 +290,6 @@ def test_models_the_remote_path_cannot_name_are_refused(tmp_path, ndif):
 
 
 # -- remote=True against a server in this process (tests/ndif_fake.py) ------------------------
-def _tensor_bytes(value) -> int:
-    """Bytes of every tensor in a (nested) returned value."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-@pytest.fixture
-def ndif_server(monkeypatch):
-    """``remote=True`` with the NDIF calls faked: the source checks pass and every request goes to
-    a :class:`FakeNDIF` holding its own copy of the weights; ``serve(path)`` returns its log."""
-    import sys
-
-    from nnsight.modeling.mixins.remotable import Remotable
-
-    from selfrepair import models
-    from selfrepair.remote import remote_wrapper
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ndif_fake import FakeNDIF
-
-    def serve(path: Path) -> list:
-        server, log = remote_wrapper(str(path), dtype=torch.float32), []
-        monkeypatch.setattr(models, "_ndif_source", lambda src, revision: None)
-        monkeypatch.setattr(Remotable, "_remote_backend", lambda self, *a: FakeNDIF(server, log))
-        return log
-
-    return serve
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_path, family, ndif_server):
     from selfrepair.errors import RemoteError
@@ -368,7 +308,7 @@ def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_pa
     full = run(there, tok[:4], read=("z", "attn", "mlp", "block"), read_embed=True)
     assert max_diff(full.reads, run(here, tok[:4], read=("z", "attn", "mlp", "block")).reads) <= TOL
     clean_pass = log[-1].down
-    assert clean_pass >= _tensor_bytes(full.reads)
+    assert clean_pass >= tensor_bytes(full.reads)
     with pytest.raises(RemoteError, match="weights are not loaded here.*outside a remote session"):
         clean_batch(there, tok[:4])  # a readout here needs the weights
     log.clear()
@@ -385,7 +325,7 @@ def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_pa
         else:  # pass 2: per head the sums and counts, per returned token row its index and values
             rows = sum(len(t) for t in r.saved["out"]["index"])
             bound = L * H * (2 * C * 8 + 8) + rows * (4 * 8 + C * 4)
-        assert _tensor_bytes(r.saved) == bound, i  # nothing else comes back
+        assert tensor_bytes(r.saved) == bound, i  # nothing else comes back
         assert r.down <= 1.5 * bound + 16_000, (i, r.down, bound)  # pickle framing only
         assert 10 * r.down < clean_pass, (i, r.down, clean_pass)  # never the activations
 
@@ -409,7 +349,7 @@ def test_cli_sweep_remote_true_without_weights_equals_the_local_sweep(tmp_path, 
     assert main([*args, "--remote", "--out", str(tmp_path / "there")]) == 0
     assert len(log) == 2 * 3  # 12 rows, 3 batches, two passes
     capsys.readouterr()
-    here, there = _cached(tmp_path / "here"), _cached(tmp_path / "there")
+    here, there = cached(tmp_path / "here"), cached(tmp_path / "there")
     assert here.keys() == there.keys() and len(here) == 1
     (a, ma), (b, mb) = here.popitem()[1], there.popitem()[1]
     for k in a:
