@@ -30,6 +30,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from .batch import clean_batch
+from .data import corrupt_tokens as roll
+from .heads import check_tokens
+from .passes import ablate_heads
+from .remote import in_session
 from .results import SelfRepairResult, head_label
 
 ABLATION_ORDER = ("resample", "mean", "zero")
@@ -115,39 +120,43 @@ def appendix_b_check(model, tokens: torch.Tensor, head: tuple[int, int],
     mean uses this batch's mean) beside the App. B closed form, their ``error``, and the terms the
     closed form leaves out (``from_heads``, ``from_mlps``, ``from_block_norms``: zero only for a
     last-layer head of a parallel-residual model)."""
-    from .batch import clean_batch
-    from .data import corrupt_tokens as roll
-    from .heads import check_tokens
-    from .passes import ablate_heads
-
     layer, h = head
     tokens = check_tokens(model, tokens)
     corrupt = roll(tokens) if corrupt_tokens is None else check_tokens(model, corrupt_tokens)
+    got = in_session(model, _appendix_b_batch, tokens, corrupt, layer, h, tuple(ablations))
+    scaled_logit = got["scaled_logit"]
     frames = []
-    with torch.no_grad():
-        batch = clean_batch(model, tokens, corrupt)
-        ro = batch.readout
-        scaled_logit = (ro.logit - ro.bias).double().cpu()  # the part the scale multiplies
-        for ablation in ablations:
-            repl = batch.replacement(ablation)
-            out = {k: v[0].double().cpu() for k, v in ablate_heads(batch, layer, [h], repl[layer]).items()}
-            ratio = ro.scale.double().cpu() / out["scale_ablated"]
-            d_de = out["ablated_direct_effect"] - out["direct_effect"]
-            b, p = torch.meshgrid(torch.arange(ratio.shape[0]), torch.arange(ratio.shape[1]),
-                                  indexing="ij")
-            frame = pd.DataFrame({
-                "row": b.flatten().numpy(), "pos": p.flatten().numpy(),
-                "ratio": ratio.flatten().numpy(), "scaled_logit": scaled_logit.flatten().numpy(),
-                "delta_direct_effect": d_de.flatten().numpy(),
-                "delta_logit": out["delta_logit"].flatten().numpy(),
-                "closed_form": appendix_b_delta_logit(ratio, scaled_logit, d_de).flatten().numpy()})
-            for q in ("from_heads", "from_mlps", "from_block_norms", "from_norm"):
-                frame[q] = out[q].flatten().numpy()
-            frames.append(frame.assign(ablation=ablation))
+    for ablation, out in zip(ablations, got["ablations"]):
+        ratio = got["scale"] / out["scale_ablated"]
+        d_de = out["ablated_direct_effect"] - out["direct_effect"]
+        b, p = torch.meshgrid(torch.arange(ratio.shape[0]), torch.arange(ratio.shape[1]), indexing="ij")
+        frame = pd.DataFrame({
+            "row": b.flatten().numpy(), "pos": p.flatten().numpy(),
+            "ratio": ratio.flatten().numpy(), "scaled_logit": scaled_logit.flatten().numpy(),
+            "delta_direct_effect": d_de.flatten().numpy(),
+            "delta_logit": out["delta_logit"].flatten().numpy(),
+            "closed_form": appendix_b_delta_logit(ratio, scaled_logit, d_de).flatten().numpy()})
+        for q in ("from_heads", "from_mlps", "from_block_norms", "from_norm"):
+            frame[q] = out[q].flatten().numpy()
+        frames.append(frame.assign(ablation=ablation))
     frame = pd.concat(frames, ignore_index=True)
     frame["error"] = frame["closed_form"] - frame["delta_logit"]
     return frame.assign(model=model.name, parallel_residual=model.parallel_residual,
                         last_layer=layer == model.n_layers - 1, label=head_label(layer, h))
+
+
+def _appendix_b_batch(model, tokens: torch.Tensor, corrupt: torch.Tensor, layer: int, h: int,
+                      ablations: tuple[str, ...]) -> dict:
+    """:func:`appendix_b_check`'s one batch (one request on the remote path): the clean scale and
+    scaled logit ``[b, seq-1]`` and, per ablation, the head's quantities (float64, on the CPU)."""
+    batch = clean_batch(model, tokens, corrupt)
+    ro = batch.readout
+    out = {"scale": ro.scale.double().cpu(), "scaled_logit": (ro.logit - ro.bias).double().cpu(),
+           "ablations": []}
+    for ablation in ablations:
+        got = ablate_heads(batch, layer, [h], batch.replacement(ablation)[layer])
+        out["ablations"].append({k: v[0].double().cpu() for k, v in got.items()})
+    return out
 
 
 def appendix_b(model, tokens: torch.Tensor, head: tuple[int, int], reference_model=None,
