@@ -65,3 +65,55 @@ def test_every_chapter_runs_remote_true_without_weights_and_equals_the_local_run
             assert max_diff(a[k], b[k]) <= TOL, (f, k)
         assert ma["run"]["remote"] is False and mb["run"]["remote"] is True
         assert ma["key"] == mb["key"], f  # where a measurement runs is not part of what it is
+
+
+def _run_notebook_here(notebook: Path, params: dict, workdir: Path) -> dict:
+    """Every code cell of ``notebook`` executed in this process (so the in-process server
+    answers its requests), the parameters cell followed by ``params`` as papermill injects them."""
+    import contextlib
+    import io
+    import os
+
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    ns: dict = {"__name__": "__main__"}
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            for cell in nb.cells:
+                if cell.cell_type != "code":
+                    continue
+                exec(compile(cell.source, f"{notebook.name}", "exec"), ns)  # noqa: S102 - our own book
+                if "parameters" in cell.metadata.get("tags", []):
+                    ns.update(params)
+    finally:
+        os.chdir(cwd)
+    return ns
+
+
+@pytest.mark.parametrize("chapter", _chapters())
+def test_every_notebook_runs_remote_true_without_weights(tmp_path, chapter, ndif_server):
+    """The whole chapter as a reader runs it with ``remote="ndif"``: every cell, not only the
+    measurement (its tables, texts, figures and exercises), with no weight on this machine."""
+    from selfrepair.book import chapter_notebooks
+    from selfrepair.book.runner import chapter_params
+
+    notebook = next(nb for nb in chapter_notebooks(ROOT)
+                    if CHAPTERS[nb.name[:2]] == chapter)
+    profile = load_profile("tiny", ROOT)
+    per_chapter = profile.pop("chapters", None)
+    path = saved_dir(tmp_path, profile["model"].removeprefix("tiny-"))
+    log = ndif_server(path)
+    params = chapter_params(notebook, {**profile, "model": str(path), "remote": "ndif",
+                                       "cache_dir": str(tmp_path / "results")}, per_chapter)
+    _model.cache_clear()
+    try:
+        ns = _run_notebook_here(notebook, params, tmp_path)
+        there = _model(str(path), ns["cfg"].device, ns["cfg"].dtype, "ndif")
+        assert ns["cfg"].remote == "ndif" and ns["cfg"].model == str(path) and not there.weights_here
+        assert {p.device.type for p in there.hf.parameters()} == {"meta"}
+    finally:
+        _model.cache_clear()
+    assert log, "the chapter sent no request"
