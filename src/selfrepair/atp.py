@@ -122,8 +122,7 @@ class Atp(Result):
     atp_frozen: torch.Tensor  # [layer, head] the same for the frozen-norm readout
     delta_direct_effect: torch.Tensor  # [layer, head] sum of ΔDE_head (clean scales, exact)
     n_all: int  # instances summed (rows x (seq - 1))
-    # wall time of AtP alone: replacements + one forward and backward per batch (remote: the server's)
-    seconds_atp: float
+    seconds_atp: float  # wall time of AtP alone: replacements + a forward and backward a batch (server's)
     ablation: str = "resample"
     tokens: torch.Tensor | None = None  # [rows, seq] the rows measured
     corrupt_tokens: torch.Tensor | None = None  # [rows, seq] their resample sources
