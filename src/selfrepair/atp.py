@@ -60,13 +60,14 @@ import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import CleanBatch, TokenSet, batches, mean_z
+from .batch import CleanBatch, TokenSet, clean_batch, mean_z
 from .direct_effect import head_effects
 from .errors import InputError, check_finite
 from .heads import check_token_set, token_set
 from .intervene import run
 from .measure import RunOptions, Spec
 from .models import Model
+from .remote import in_session
 from .results import Result, head_label
 
 
@@ -121,7 +122,7 @@ class Atp(Result):
     atp_frozen: torch.Tensor  # [layer, head] the same for the frozen-norm readout
     delta_direct_effect: torch.Tensor  # [layer, head] sum of ΔDE_head (clean scales, exact)
     n_all: int  # instances summed (rows x (seq - 1))
-    seconds_atp: float  # wall time of AtP alone: replacements + one forward and backward per batch
+    seconds_atp: float  # wall time of AtP alone: replacements + a forward and backward a batch (server's)
     ablation: str = "resample"
     tokens: torch.Tensor | None = None  # [rows, seq] the rows measured
     corrupt_tokens: torch.Tensor | None = None  # [rows, seq] their resample sources
@@ -153,7 +154,9 @@ def attribution_patching(model: Model, tokens: torch.Tensor | TokenSet, ablation
                          progress: bool = True) -> Atp:
     """AtP of every head of ``model`` on every token of ``tokens`` (a tensor or token set; its
     resample sources as :func:`selfrepair.heads.self_repair` takes them); see the module docstring.
-    ``batch_size`` rows at a time (speed only)."""
+    ``batch_size`` rows at a time (speed only), each one request on the remote path
+    (:func:`_batch_atp`; mean ablation: first the mean ``z``, a request per batch too), so
+    ``seconds_atp`` is then the server's wall time of AtP."""
     check_ablation(ablation)
     data = token_set(model, tokens, corrupt_tokens)
     check_token_set(model, data, ablation)
@@ -163,20 +166,35 @@ def attribution_patching(model: Model, tokens: torch.Tensor | TokenSet, ablation
     sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("atp", "atp_frozen", "delta_direct_effect")}
     mz = mean_z(model, data, batch_size) if ablation == "mean" else None
     seconds = 0.0
-    for batch in tqdm(batches(model, data, batch_size, ablation=ablation), total=-(-len(data) // batch_size),
-                      desc="attribution patching", disable=not progress):
-        t0 = time.perf_counter()
-        repl = batch.replacement(ablation, mz)  # resample: one forward of the source rows
-        seconds += time.perf_counter() - t0
-        out = atp_batch(batch, repl)
-        seconds += float(out.pop("seconds"))
+    for start in tqdm(range(0, len(data), batch_size), desc="attribution patching", disable=not progress):
+        rows = slice(start, start + batch_size)
+        corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
+        # one request per batch on the remote path: only the [layer, head] sums come back
+        out = in_session(model, _batch_atp, data.tokens[rows], corrupt, start, ablation, mz)
+        seconds += out.pop("seconds")
         for k, v in out.items():
-            sums[k] += v.double().cpu()
+            sums[k] += v
     rec = data.record()
     return Atp(**sums, n_all=data.n_instances, seconds_atp=round(seconds, 3), ablation=ablation,
                tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
                meta={**model.describe(), "ablation": ablation, "n_tokens": int(data.tokens.numel()),
                      "seq_len": data.seq_len})
+
+
+def _batch_atp(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
+               ablation: str, mz: torch.Tensor | None) -> dict:
+    """One batch of :func:`attribution_patching` (rows ``start .. start + len(tokens)``, resample
+    sources ``corrupt``): its clean pass, the replacement (resample: one forward of the source
+    rows), the two gradient passes and the exact ΔDE. Returns only the ``[layer, head]`` sums
+    (fp64, CPU) and ``seconds``, the wall time of AtP alone (replacement and live-norm gradient
+    pass; on the remote path the server's)."""
+    batch = clean_batch(model, tokens, corrupt, start=start)
+    started = time.perf_counter()
+    repl = batch.replacement(ablation, mz)
+    seconds = time.perf_counter() - started
+    out = atp_batch(batch, repl)
+    seconds += float(out.pop("seconds"))
+    return {**{k: v.double().cpu() for k, v in out.items()}, "seconds": seconds}
 
 
 @dataclass(frozen=True)

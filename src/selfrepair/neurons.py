@@ -20,6 +20,11 @@ at most ``max_instances``) are kept by a streamed running top-k, each with its f
 - ``"direct_effect"``: the head's top-k% tokens by clean DE (§4.2: Fig 8, App. C Fig 11-14);
 - ``"self_repair"``: the tokens where the head is self-repaired most (eq. 1; §4.2.2);
 - ``"mlp_repair"``: the tokens where layer ``L`` repairs most (its summed neuron ``delta``; Fig 7).
+
+Each batch is one request on the remote path (:func:`_batch_neurons`): it is given each
+selection's current ``k``-th best score per head (:func:`kth_best`) and returns only the rows that
+can still enter the running top-k (:func:`entrants`), never every instance's neuron vectors; the
+merge (:func:`keep_top`) happens here, with the same result as merging every row.
 """
 
 from __future__ import annotations
@@ -32,19 +37,21 @@ import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import TokenSet, batches, mean_z
+from .batch import CleanBatch, TokenSet, clean_batch, mean_z
 from .direct_effect import neuron_effects
 from .errors import InputError
 from .heads import check_heads, check_token_set, check_tokens, token_set
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import ablate_heads
+from .remote import in_session
 from .results import Result, head_label
 from .structure import reads, top_k
 
 SELECTIONS = ("direct_effect", "self_repair", "mlp_repair")
 SCALARS = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair",
            "layer_clean", "layer_delta")  # layer_*: the whole MLP layer (neurons + bias)
+SCORE_OF = {"direct_effect": "direct_effect", "self_repair": "self_repair", "mlp_repair": "layer_delta"}
 
 
 @dataclass
@@ -79,14 +86,38 @@ def last_upstream_layer(model: Model, neuron_layer: int | None = None) -> int:
     return L if upstream(model, L, L) else L - 1
 
 
+def take(rows: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx [head, m]`` of each ``[head, n, ...]`` tensor of ``rows``, per head."""
+    return {key: v.gather(1, idx.view(*idx.shape, *([1] * (v.dim() - 2))).expand(-1, -1, *v.shape[2:]))
+            for key, v in rows.items()}
+
+
 def keep_top(state: dict | None, new: dict, k: int) -> dict:
     """Merge ``new`` into ``state`` (dicts of ``[head, n, ...]``), keeping per head the ``k`` largest
     ``score`` (a streamed running top-k; also used by :mod:`selfrepair.iterative`)."""
     if state is not None:
         new = {key: torch.cat([state[key], new[key]], 1) for key in new}
-    top = new["score"].topk(min(k, new["score"].shape[1]), dim=1).indices  # [head, k]
-    return {key: v.gather(1, top.view(*top.shape, *([1] * (v.dim() - 2))).expand(-1, -1, *v.shape[2:]))
-            for key, v in new.items()}
+    return take(new, new["score"].topk(min(k, new["score"].shape[1]), dim=1).indices)
+
+
+def kth_best(state: dict | None, k: int, n_heads: int) -> torch.Tensor:
+    """Per head the ``k``-th best ``score`` a running top-k (:func:`keep_top`) holds ``[head]``:
+    what a new row must reach to enter it; ``-inf`` while it holds fewer than ``k``."""
+    if state is None or state["score"].shape[1] < k:
+        return torch.full((n_heads,), -float("inf"))
+    return state["score"].min(1).values
+
+
+def entrants(rows: dict, score: torch.Tensor, floor: torch.Tensor, k: int) -> dict:
+    """The rows of ``rows`` (``[head, n, ...]``) that can still enter a running top-``k`` whose
+    ``k``-th best score per head is ``floor [head]`` (:func:`kth_best`): per head its ``m`` best by
+    ``score [head, n]``, with ``m`` the most rows any head has scoring at least its floor (NaN too:
+    ``topk`` ranks it first), at most ``k``. Every row that could enter is among them, so
+    :func:`keep_top` of the state and these equals it of the state and all ``rows``; only these
+    leave the server."""
+    reach = ~(score < floor.to(score.device, score.dtype)[:, None])
+    m = min(k, int(reach.sum(1).max()))
+    return take(rows, score.topk(m, dim=1).indices)
 
 
 def resolve_neuron_layer(model: Model, neuron_layer: int | None) -> int:
@@ -118,34 +149,17 @@ def measure_neurons(model: Model, tokens: torch.Tensor | TokenSet, heads: list[t
     check_token_set(model, data, ablation)  # resample sources: valid ids, the rows' own shape
     seq1 = data.seq_len - 1
     k = min(max_instances, top_k(data.n_instances, top_percent))
-    layers = sorted({l for l, _ in heads})
     mz = mean_z(model, data, batch_size) if ablation == "mean" else None
     states: dict[str, dict | None] = {s: None for s in SELECTIONS}
-    score_of = {"direct_effect": "direct_effect", "self_repair": "self_repair", "mlp_repair": "layer_delta"}
-    for batch in tqdm(batches(model, data, batch_size, ablation=ablation, neuron_layers=(L,)),
-                      total=-(-len(data) // batch_size), desc="neurons", disable=not progress):
-        ro = batch.readout
-        dm = ro.write_dir(model, "mlp", L)
-        clean_n = neuron_effects(model, batch.clean.reads["neurons"][0][:, :-1], dm, L)  # [d_mlp, b, p]
-        bias = model.mlp_out_bias(L)
-        layer_clean = clean_n.sum(0) + (0.0 if bias is None else dm @ bias)
-        repl = batch.replacement(ablation, mz)
-        parts = []
-        for layer in layers:
-            hs = [h for l, h in heads if l == layer]
-            out = ablate_heads(batch, layer, hs, repl[layer], neuron_layer=L)
-            delta = neuron_effects(model, out["neurons"], dm, L) - clean_n[:, None]  # [d_mlp, k, b, p]
-            q = {name: out[name] for name in SCALARS[:4]}
-            q["layer_clean"] = layer_clean.expand_as(q["direct_effect"])
-            q["layer_delta"] = delta.sum(0)
-            q = {name: v.flatten(1).cpu() for name, v in q.items()}  # [k, instance]
-            q["clean"] = clean_n.flatten(1).T.cpu().expand(len(hs), -1, -1)
-            q["delta"] = delta.flatten(2).permute(1, 2, 0).cpu()  # [k, instance, d_mlp]
-            parts.append(q)
-        new = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        new["instance"] = batch.instances().expand(len(heads), -1)
+    for start in tqdm(range(0, len(data), batch_size), desc="neurons", disable=not progress):
+        rows = slice(start, start + batch_size)
+        corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
+        floors = {sel: kth_best(states[sel], k, len(heads)) for sel in SELECTIONS}
+        # one request per batch on the remote path: only the rows that can enter the top-k come back
+        got = in_session(model, _batch_neurons, data.tokens[rows], corrupt, start, ablation, mz,
+                         heads, L, floors, k)
         for sel in SELECTIONS:
-            states[sel] = keep_top(states[sel], {**new, "score": new[score_of[sel]]}, k)
+            states[sel] = keep_top(states[sel], {**got[sel], "score": got[sel][SCORE_OF[sel]]}, k)
     rec = data.record()
     return NeuronResult(heads, L, {f"{sel}/{key}": v.contiguous() for sel, st in states.items()
                                    for key, v in st.items()},
@@ -153,6 +167,46 @@ def measure_neurons(model: Model, tokens: torch.Tensor | TokenSet, heads: list[t
                         meta={**model.describe(), "ablation": ablation, "top_percent": top_percent,
                               "seq_len": data.seq_len, "n_rows": len(data), "k": k,
                               "capped": k < top_k(len(data) * seq1, top_percent)})
+
+
+def _batch_neurons(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
+                   ablation: str, mz: torch.Tensor | None, heads: list[tuple[int, int]], L: int,
+                   floors: dict[str, torch.Tensor], k: int) -> dict:
+    """One batch of :func:`measure_neurons` (rows ``start .. start + len(tokens)``, resample
+    sources ``corrupt``): per selection only the :func:`entrants` of its running top-``k`` given
+    ``floors[sel]`` (each head's ``k``-th best score so far) among the batch's rows
+    (:func:`neuron_rows`), on the CPU."""
+    batch = clean_batch(model, tokens, corrupt, start=start, neuron_layers=(L,))
+    new = neuron_rows(batch, heads, L, batch.replacement(ablation, mz))
+    return {sel: {key: v.cpu() for key, v in entrants(new, new[SCORE_OF[sel]], floors[sel], k).items()}
+            for sel in SELECTIONS}
+
+
+def neuron_rows(batch: CleanBatch, heads: list[tuple[int, int]], L: int, repl: torch.Tensor) -> dict:
+    """Every head of ``heads`` ablated with ``repl`` (one stacked pass per layer) on every instance
+    of ``batch``: ``[head, instance]`` :data:`SCALARS` and ``instance``, ``[head, instance, d_mlp]``
+    ``clean`` (each neuron of MLP layer ``L``'s clean DE) and ``delta`` (its change), on the
+    model's device."""
+    model = batch.model
+    dm = batch.readout.write_dir(model, "mlp", L)
+    clean_n = neuron_effects(model, batch.clean.reads["neurons"][0][:, :-1], dm, L)  # [d_mlp, b, p]
+    bias = model.mlp_out_bias(L)
+    layer_clean = clean_n.sum(0) + (0.0 if bias is None else dm @ bias)
+    parts = []
+    for layer in sorted({l for l, _ in heads}):
+        hs = [h for l, h in heads if l == layer]
+        out = ablate_heads(batch, layer, hs, repl[layer], neuron_layer=L)
+        delta = neuron_effects(model, out["neurons"], dm, L) - clean_n[:, None]  # [d_mlp, k, b, p]
+        q = {name: out[name] for name in SCALARS[:4]}
+        q["layer_clean"] = layer_clean.expand_as(q["direct_effect"])
+        q["layer_delta"] = delta.sum(0)
+        q = {name: v.flatten(1) for name, v in q.items()}  # [k, instance]
+        q["clean"] = clean_n.flatten(1).T.expand(len(hs), -1, -1)
+        q["delta"] = delta.flatten(2).permute(1, 2, 0)  # [k, instance, d_mlp]
+        parts.append(q)
+    new = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    new["instance"] = batch.instances().to(new["delta"].device).expand(len(heads), -1)
+    return new
 
 
 @dataclass(frozen=True)

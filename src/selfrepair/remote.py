@@ -11,7 +11,7 @@ goes there:
   the server; its traces run there as ordinary (non-remote) traces, the clean activations never
   leave the server and only the function's result (per-head sums, selected per-token rows) is
   brought back. The sweep's two passes (:mod:`selfrepair.sweep_batch`), ``self_repair``, the mean
-  ``z``, the amplification and the frozen-norm ablations run this way.
+  ``z``, the amplification, the frozen-norm ablations, the neurons and AtP run this way.
 
 With ``remote=True`` the model is built on the meta device here (no weights: a 70B model needs
 none on this machine), so every readout has to run on the server, inside a session; a weight
