@@ -7,7 +7,7 @@
   direct effect there, the real change of the readout and the norms' terms (eq. 1 and 2 of the
   self-repair paper for a group of heads).
 - :func:`attention_from` — every head's attention probabilities from each row's position ``pos``
-  (a clean pass of its own, under eager attention: the only one that returns them).
+  (a clean pass of its own, under the model's own attention implementation: the `pattern` site).
 - :func:`moved_residual_de` — run layer ``target``'s attention on the residual stream that
   entered layer ``source`` (every attention and MLP layer in between skipped, which is zero-
   ablating all of them) and read its heads' direct effects at ``pos``.
@@ -126,8 +126,8 @@ def clean_mlp_de(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
 
 def attention_from(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
     """Every head's attention from each row's position ``pos`` to every key ``[layer, b, head, key]``
-    (clean run; a pass of its own so that the batch's clean pass keeps the model's own attention
-    implementation: eager softmax runs in fp32 even in fp64 models)."""
+    (clean run, a pass of its own that stops after the last layer's pattern; the probabilities are
+    the model family's eager ones, whose softmax runs in fp32 even in fp64 models)."""
     model = batch.model
     p = run(model, batch.tokens, read=("pattern",), stop_after=("pattern", model.n_layers - 1))
     return model.acc(at_positions(p.reads["pattern"].movedim(2, 3), pos.to(model.device)))
