@@ -114,7 +114,7 @@ def ioi_measure(model: Model, data: IoiPrompts, *, ablation: str = "mean", n_nam
     which runs the chunk's clean pass again there). Only ``[b, layer, head]``-sized values and, for
     mean ablation, each chunk's ``z`` sum at the end come back. Locally the same code, plain calls."""
     check_ablation(ablation)
-    n, L = len(data), model.n_layers
+    n = len(data)
     chunks = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
     got = [in_session(model, clean_chunk, *data.rows(idx), data.io_token[idx], data.s_token[idx],
                       torch.stack([data.io_pos[idx], data.s1_pos[idx], data.s2_pos[idx]]), ablation == "mean")
