@@ -284,8 +284,7 @@ def test_chapter_config_errors():
 
     with pytest.raises(InputError, match="even"):
         chapter.Config.from_params(n_prompts=9)
-    with pytest.raises(InputError, match="remote=None"):
-        chapter.Config.from_params(remote="local")
+    assert chapter.Config.from_params(remote="local").remote == "local"  # patterns need no eager model
     with pytest.raises(InputError, match="unknown ablation"):
         chapter.Config.from_params(ablation="half")
     with pytest.raises(InputError, match="L11H2"):
@@ -298,15 +297,29 @@ def test_chapter_config_errors():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pattern_site_equals_the_models_own_attention_output(family):
-    """The ``pattern`` read is what Hugging Face returns with ``output_attentions`` under eager
-    attention (an independent path: no nnsight)."""
-    from selfrepair.intervene import eager_attention, run
+    """The ``pattern`` read, under the model's own attention implementation (sdpa, which returns no
+    probabilities), is what Hugging Face returns with ``output_attentions`` from a second copy run
+    eager (an independent path: no nnsight); 21 positions exceed tiny Gemma 3's sliding window, so
+    its boolean sliding mask is exercised. The model's attention implementation is never changed.
+    Tolerance: eager softmax runs in fp32 (GPT-2's in the model's dtype), and the two copies' fp64
+    residuals differ in the last bits (sdpa vs eager), which can move an fp32 rounding."""
+    from selfrepair.intervene import run
 
     model = load_model(f"tiny-{family}", dtype="float64")
-    tokens = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    ref = load_model(f"tiny-{family}", dtype="float64")
+    assert model.hf.config._attn_implementation == "sdpa" and model.hf.config is not ref.hf.config
+    ref.hf.config._attn_implementation = "eager"
+    tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1))
+    if family == "gemma3":
+        assert model.hf.config.sliding_window < tokens.shape[1]
+    plain = run(model, tokens, read=("block",)).reads["block"]  # before .source instruments attention
     got = run(model, tokens, read=("pattern",)).reads["pattern"]
-    with eager_attention(model), torch.no_grad():
-        want = torch.stack(model.hf(tokens, output_attentions=True).attentions)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert model.hf.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        want = torch.stack(ref.hf(tokens, output_attentions=True).attentions)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12 if family == "gpt2" else 1e-6)
+    both = run(model, tokens, read=("pattern", "block")).reads["block"]
+    torch.testing.assert_close(both, plain, rtol=0, atol=0)  # reading it changes nothing in the pass
+    assert model.hf.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="read only"):
         run(model, tokens, edits={("pattern", 0): lambda p: p})

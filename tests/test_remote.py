@@ -122,7 +122,7 @@ def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces)
     assert ma["key"] == mb["key"] and ma["run"]["remote"] is False and mb["run"]["remote"] == "local"
 
 
-CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across", "atp"]
+CHAPTERS = ["intro", "existence", "layernorm", "neurons", "iterative", "hydra", "across", "atp", "ioi"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -164,19 +164,21 @@ def test_end_position_passes_remote_equal_local(family):
         torch.testing.assert_close(out["local"][key], value, rtol=1e-6, atol=1e-6, msg=key)
 
 
-def test_attention_patterns_refuse_the_remote_path():
-    """Chapter 8 reads attention patterns (eager attention on this machine's copy): one clear
-    error for the chapter's config and for the pattern site, not a pattern of None."""
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "gemma3"])
+def test_attention_patterns_remote_local_equal_the_local_ones(family, traces):
+    """The pattern site (the ``attention_interface`` call's inputs through nnsight ``.source``, the
+    probabilities computed in the trace) runs through the remote simulation, and the model's own
+    attention implementation is left as it was there too."""
     from selfrepair import load_model
-    from selfrepair.chapters import ioi
-    from selfrepair.errors import InputError, RemoteError
     from selfrepair.intervene import run
 
-    with pytest.raises(InputError, match="eager attention"):
-        ioi.Config.from_params(model="tiny-gpt_neox", remote="local")
-    model = load_model("tiny-gpt_neox", remote="local")
-    with pytest.raises(RemoteError, match="eager attention"):
-        run(model, torch.randint(0, 256, (2, 8)), read=("pattern",))
+    tok = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(2))
+    here, there = load_model(f"tiny-{family}"), load_model(f"tiny-{family}", remote="local")
+    a, b = run(here, tok, read=("pattern",)), run(there, tok, read=("pattern",))
+    assert traces[0] == 1
+    assert a.reads["pattern"].shape == (here.n_layers, 2, here.n_heads, 21, 21)
+    assert max_diff(a.reads, b.reads) <= TOL
+    assert there.hf.config._attn_implementation == here.hf.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)

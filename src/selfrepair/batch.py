@@ -27,7 +27,7 @@ import torch
 from .ablation import check_ablation, replacement_z
 from .direct_effect import Readout, head_effects, last_readout, readout
 from .errors import InputError
-from .intervene import Pass, run
+from .intervene import Pass, Watch, run
 from .models import Model
 from .remote import in_session
 
@@ -203,13 +203,16 @@ class CleanBatch:
 
 def clean_batch(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None = None, *,
                 start: int = 0, neuron_layers: tuple[int, ...] = (),
-                extra_reads: tuple[str, ...] = (), last_pos: torch.Tensor | None = None) -> CleanBatch:
+                extra_reads: tuple[str, ...] = (), last_pos: torch.Tensor | None = None,
+                watch: Watch | None = None, watch_sites: tuple[str, ...] = ()) -> CleanBatch:
     """The clean pass of ``tokens`` (reads ``z``, ``attn``, ``mlp``, ``block``, the embeddings and
     the neurons of ``neuron_layers``) and its frozen-norm readout: of every next token, or, with
-    ``last_pos [b]``, of the maximum-likelihood token at each row's position ``last_pos`` (prompts)."""
+    ``last_pos [b]``, of the maximum-likelihood token at each row's position ``last_pos`` (prompts).
+    ``watch`` / ``watch_sites``: reductions of more sites in the same pass (``clean.watched``;
+    :func:`selfrepair.intervene.run`), e.g. the attention pattern at one position."""
     tokens = tokens.to(model.device)
     reads = CLEAN_READS + tuple(extra_reads) + (("neurons",) if neuron_layers else ())
-    p = run(model, tokens, read=reads, read_embed=True,
+    p = run(model, tokens, read=reads, read_embed=True, watch=watch, watch_sites=watch_sites,
             read_layers={"neurons": sorted(neuron_layers)} if neuron_layers else None)
     ro = readout(model, tokens, p) if last_pos is None else last_readout(model, p, last_pos)
     return CleanBatch(model, tokens, None if corrupt is None else corrupt.to(model.device), start, p, ro)

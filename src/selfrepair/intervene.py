@@ -26,13 +26,14 @@ Sites, in the order a block executes them (reads and edits must follow this orde
 =============  ================================================================================
 ``attn_in``    input of the norm in front of attention: the residual stream as the heads read it
                (editing it changes what the heads see, not the residual stream itself)
+``pattern``    the attention probabilities ``[.., n_heads, query, key]`` (read only), computed
+               from the inputs of the attention module's ``attention_interface(...)`` call (query
+               and key after rotary / q-k norms, the layer's mask, the scaling; nnsight
+               ``.source``) by the model family's own eager attention (:func:`eager_pattern`):
+               the pass itself runs with the model's attention implementation, unchanged
 ``z``          input of the attention output projection: ``[.., n_heads * d_head]``, head h is
                the slice ``h*d_head:(h+1)*d_head``
 ``attn``       output of the attention output projection (the sum of heads plus ``b_O``)
-``pattern``    the attention probabilities ``[.., n_heads, query, key]`` (read only): the attention
-               module's second output, which Hugging Face returns under ``eager`` attention only
-               (``sdpa`` returns ``None``), so a pass that reads it runs with eager attention
-               (:func:`eager_attention`; the same numbers to float rounding)
 ``attn_write`` what the attention writes to the residual (sandwich models: the post-attention
                norm's output; otherwise the same tensor as ``attn``)
 ``neurons``    input of the MLP down projection (the hidden activations)
@@ -45,17 +46,17 @@ Sites, in the order a block executes them (reads and edits must follow this orde
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import nnsight
 import torch
 
-from .errors import RemoteError
 from .models import Model
 from .remote import remote_errors, ship_library
 
-SITES = ("attn_in", "z", "attn", "pattern", "attn_write", "neurons", "mlp", "mlp_write", "block")
+SITES = ("attn_in", "pattern", "z", "attn", "attn_write", "neurons", "mlp", "mlp_write", "block")
 Edit = Callable[[torch.Tensor], torch.Tensor]
 Watch = Callable[[str, int, torch.Tensor], Any]  # returns what it reduces (or None)
 Final = Callable[[torch.Tensor, torch.Tensor], Any]  # (final resid, final normed) -> reductions
@@ -99,20 +100,39 @@ def _site_envoy(model: Model, site: str, layer: int):
     raise ValueError(f"unknown site {site!r}; sites: {SITES}")
 
 
-@contextlib.contextmanager
-def eager_attention(model: Model, on: bool = True):
-    """Run the model's attention ``eager`` while inside (when ``on``), restoring its own after:
-    only eager attention returns the probabilities (the ``pattern`` site). Hugging Face modules
-    read ``config._attn_implementation`` at every forward, and every attention module of a model
-    shares its config."""
-    config = model.hf.config
-    before = config._attn_implementation
-    if on:
-        config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
+ATTENTION_CALL = "attention_interface_1"  # the `attention_interface(self, q, k, v, mask, ...)` call
+
+
+def eager_pattern(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The attention probabilities ``[batch, n_heads, query, key]`` of one ``attention_interface``
+    call, from its inputs ``(module, query, key, value, mask, ...)``: what the model family's own
+    ``eager_attention_forward`` returns (its softmax dtype, GQA key repeat, soft-capping), fed the
+    additive float mask eager attention gets (:func:`additive_mask`), without dropout."""
+    module, query, key, value, mask = args[:5]
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    mask = additive_mask(mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
+    return eager(module, query, key, value, mask, *args[5:], **{**kwargs, "dropout": 0.0})[1]
+
+
+def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """The mask as eager attention adds it: ``0`` where a query may attend, the dtype's minimum
+    where not. Under ``sdpa`` Hugging Face passes ``None`` for a purely causal layer (the query
+    positions are the last ``q_len`` keys) or a boolean mask (``True``: attend, e.g. a sliding
+    window); a float mask is already additive."""
+    if mask is None:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def _pattern(envoy) -> torch.Tensor:
+    """The ``pattern`` site's value in a trace: :func:`eager_pattern` of the inputs of the attention
+    module's ``attention_interface`` call (nnsight ``.source``, which instruments the module's
+    forward the first time; a trace that reads no pattern never touches it)."""
+    args, kwargs = getattr(envoy.source, ATTENTION_CALL).inputs
+    return eager_pattern(args, kwargs)
 
 
 def _norm_path(model: Model, site: str) -> str:
@@ -183,9 +203,6 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
             raise ValueError(f"unknown site {s!r}; sites: {SITES}")
     if any(s == "pattern" for s, _ in edits):
         raise ValueError("the pattern site is read only: edit z or attn_in instead")
-    if "pattern" in touched and model.remote:
-        raise RemoteError("reading attention patterns needs eager attention on this machine's copy of "
-                          "the model: run it with remote=None")
     if stop_after is not None:
         stop_after = (alias.get(stop_after[0], stop_after[0]), int(stop_after[1]))
         if stop_after[0] not in touched:
@@ -212,9 +229,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
     # in a session this runs on the server, where nothing is remote (and a decorated function,
     # shipped by value from its source, comes without its decorator: no remote_errors there)
     errors = contextlib.nullcontext() if model.in_session else remote_errors(model)
-    # (nor eager_attention: the pattern site, the only one that needs it, never runs remotely)
-    attention = eager_attention(model) if "pattern" in touched else contextlib.nullcontext()
-    with errors, grad_mode, attention, model.nn.trace(tokens, **kwargs) as tracer:
+    with errors, grad_mode, model.nn.trace(tokens, **kwargs) as tracer:
         saved = nnsight.save({s: [] for s in read})
         finals = nnsight.save([])
         watched = nnsight.save({})
@@ -236,7 +251,7 @@ def run(model: Model, tokens: torch.Tensor, *, read: Iterable[str] = (),
                                               freeze[(site, layer)], kind="rms").to(x.device)
                     envoy.output = value
                 elif slot == "weights":
-                    value = envoy.output[1]
+                    value = _pattern(envoy)
                 else:
                     value = envoy.input if slot == "input" else envoy.output
                 if backward is not None and site == "z":

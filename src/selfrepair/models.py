@@ -48,7 +48,7 @@ class Adapter:
     parallel_residual_attr: str | None = None  # config flag; None = sequential block
     post_attn_norm: str | None = None  # sandwich norm on the attention write (Gemma-2/3)
     post_mlp_norm: str | None = None  # sandwich norm on the MLP write
-    attn: str = "self_attn"  # attention module, relative to a block; its output[1]: the pattern (eager)
+    attn: str = "self_attn"  # attention module, relative to a block (its attention_interface call: the pattern)
 
 
 ADAPTERS: dict[str, Adapter] = {

@@ -28,12 +28,15 @@ import torch
 from tqdm import tqdm
 
 from .ablation import check_ablation
-from .batch import clean_batch
+from .batch import CleanBatch, clean_batch
 from .direct_effect import Readout, at_positions, last_readout
+from .intervene import run
 from .ioi import IoiPrompts
 from .measure import RunOptions, Spec
 from .models import Model
-from .prompt_passes import ablate_heads_at, attention_from, clean_head_de, clean_mlp_de, moved_residual_de
+from .prompt_passes import (ablate_heads_at, clean_head_de, clean_mlp_de, end_pattern, moved_residual_de,
+                            watched_pattern)
+from .remote import in_session
 from .results import Result, head_label
 
 
@@ -103,36 +106,20 @@ def select_name_movers(head_de: torch.Tensor, attn_io: torch.Tensor, attn_s: tor
 def ioi_measure(model: Model, data: IoiPrompts, *, ablation: str = "mean", n_name_movers: int = 3,
                 name_movers: tuple[tuple[int, int], ...] = (), batch_size: int = 16,
                 progress: bool = True) -> IoiResult:
-    """The clean pass, the name movers' ablation and the residual-moving passes (module docstring)."""
+    """The clean pass, the name movers' ablation and the residual-moving passes (module docstring).
+
+    Two requests per chunk of ``batch_size`` prompts on the remote path (:func:`in_session`):
+    the clean pass with its per-prompt reductions (:func:`clean_chunk`), then, once the name movers
+    are chosen from every prompt's, the ablation and residual-moving passes (:func:`ablated_chunk`,
+    which runs the chunk's clean pass again there). Only ``[b, layer, head]``-sized values and, for
+    mean ablation, each chunk's ``z`` sum at the end come back. Locally the same code, plain calls."""
     check_ablation(ablation)
-    n, L, H = len(data), model.n_layers, model.n_heads
+    n = len(data)
     chunks = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
-    acc = model.effect_dtype
-    out = {k: torch.zeros(n, L, H, dtype=acc) for k in ("head_de", "attn_io", "attn_s1", "attn_s2")}
-    out.update({k: torch.zeros(n, L, dtype=acc) for k in ("mlp_de", "attn_bias_de")})
-    out.update({k: torch.zeros(n, dtype=acc) for k in ("logit_diff", "embed_de", "constant")})
-    ml = torch.zeros(n, dtype=torch.long)
-    z_end = torch.zeros(L, n, H * model.d_head, dtype=model.dtype)
-    cleans = []
-    for idx in tqdm(chunks, desc="IOI clean", disable=not progress):
-        tok, pos = data.rows(idx)
-        batch = clean_batch(model, tok, last_pos=pos)
-        ml[idx] = batch.readout.targets.cpu()
-        batch.readout = ro = diff_readout(model, batch.clean, pos, data.io_token[idx], data.s_token[idx])
-        cleans.append((idx, batch, pos))
-        out["head_de"][idx] = clean_head_de(batch, pos).permute(2, 0, 1).cpu()
-        out["mlp_de"][idx] = clean_mlp_de(batch, pos).T.cpu()
-        for j in range(L):
-            b = model.attn_out_bias(j)
-            if b is not None:
-                out["attn_bias_de"][idx, j] = (ro.write_dir(model, "attn", j) @ b).cpu()
-        out["embed_de"][idx] = (model.acc(at_positions(batch.clean.embed, pos)) * ro.dir).sum(-1).cpu()
-        out["constant"][idx], out["logit_diff"][idx] = ro.bias.cpu(), ro.logit.cpu()
-        pat = attention_from(batch, pos)  # [L, b, H, key]
-        for key, at in (("attn_io", data.io_pos), ("attn_s1", data.s1_pos), ("attn_s2", data.s2_pos)):
-            where = at[idx].to(pat.device)[None, :, None, None].expand(L, -1, H, 1)
-            out[key][idx] = pat.gather(-1, where)[..., 0].permute(1, 0, 2).cpu()
-        z_end[:, idx] = at_positions(batch.clean.reads["z"], pos).cpu()
+    got = [in_session(model, clean_chunk, *data.rows(idx), data.io_token[idx], data.s_token[idx],
+                      torch.stack([data.io_pos[idx], data.s1_pos[idx], data.s2_pos[idx]]), ablation == "mean")
+           for idx in tqdm(chunks, desc="IOI clean", disable=not progress)]
+    out = _joined(model, got, CLEAN_KEYS)
     found = True
     if name_movers:
         heads = [tuple(h) for h in name_movers]
@@ -140,38 +127,123 @@ def ioi_measure(model: Model, data: IoiPrompts, *, ablation: str = "mean", n_nam
         heads, found = select_name_movers(out["head_de"], out["attn_io"], out["attn_s1"] + out["attn_s2"],
                                           n_name_movers)
     layers = sorted({l for l, _ in heads})
-    ab = {k: torch.zeros(n, L, H, dtype=acc) for k in ("ablated_head_de", "moved_de")}
-    ab["moved_de"].fill_(float("nan"))
-    ab["ablated_mlp_de"] = torch.zeros(n, L, dtype=acc)
-    terms = {k: torch.zeros(n, dtype=acc) for k in ("delta_logit", "from_norm", "from_block_norms")}
+    mean = ({j: (sum(g["z_sum"][j] for g in got) / n)[None].to(model.dtype) for j in layers}
+            if ablation == "mean" else None)
     source = min(layers)
-    bar = tqdm(total=len(chunks) * (1 + L - source), desc=f"{ablation} ablation, residual moving",
-               disable=not progress)
-    for idx, batch, pos in cleans:
-        repl = {}
-        for j in layers:
-            if ablation == "mean":
-                repl[j] = z_end[j].double().mean(0, keepdim=True).to(model.dtype)
-            elif ablation == "resample":
-                repl[j] = z_end[j][(idx + 2) % n]
-            else:
-                repl[j] = torch.zeros(1, H * model.d_head, dtype=model.dtype)
-            repl[j] = repl[j].to(model.device)
-        got = ablate_heads_at(batch, pos, heads, repl)
-        ab["ablated_head_de"][idx] = got["head_de"].permute(2, 0, 1).cpu()
-        ab["ablated_mlp_de"][idx] = got["mlp_de"].T.cpu()
-        for k in terms:
-            terms[k][idx] = got[k].cpu()
-        bar.update()
-        for target in range(source, L):
-            ab["moved_de"][idx, target] = moved_residual_de(batch, pos, source, target).T.cpu()
-            bar.update()
-    bar.close()
-    return IoiResult(**out, ml_token=ml, io_token=data.io_token.clone(),
-                     name_movers=torch.tensor(heads, dtype=torch.long).reshape(-1, 2), **ab, **terms,
+    ab = []
+    for idx in tqdm(chunks, desc=f"{ablation} ablation, residual moving", disable=not progress):
+        src = resample_rows(data, idx) if ablation == "resample" else (None, None, None)
+        ab.append(in_session(model, ablated_chunk, *data.rows(idx), data.io_token[idx], data.s_token[idx],
+                             heads, ablation, mean, *src, source))
+    return IoiResult(**out, **_joined(model, ab, ABLATED_KEYS), io_token=data.io_token.clone(),
+                     name_movers=torch.tensor(heads, dtype=torch.long).reshape(-1, 2),
                      source_layer=torch.tensor(source),
                      meta={**model.describe(), "ablation": ablation, "rule_found": found,
                            "pinned": bool(name_movers), "n_name_movers": n_name_movers})
+
+
+CLEAN_KEYS = ("logit_diff", "head_de", "mlp_de", "attn_bias_de", "embed_de", "constant", "attn_io",
+              "attn_s1", "attn_s2", "ml_token")
+ABLATED_KEYS = ("ablated_head_de", "ablated_mlp_de", "delta_logit", "from_norm", "from_block_norms",
+                "moved_de")
+
+
+def resample_rows(data: IoiPrompts, idx: torch.Tensor) -> tuple:
+    """Where the resample sources of prompts ``idx`` (each the prompt two on: another name pair)
+    are: ``which [b]``, an index into ``idx`` followed by the sources outside the chunk, and those
+    outside sources' prompts ``(tokens, end positions)`` (``None`` when every source is inside).
+    A source inside the chunk is read off the chunk's own clean pass, the others need a pass of
+    their own, so a chunk's request runs only the few rows past its end again."""
+    src = (idx + 2) % len(data)
+    inside = {int(i): k for k, i in enumerate(idx)}
+    outside = [int(i) for i in src if int(i) not in inside]
+    where = {**inside, **{i: len(idx) + k for k, i in enumerate(outside)}}
+    which = torch.tensor([where[int(i)] for i in src])
+    tok, pos = data.rows(torch.tensor(outside)) if outside else (None, None)
+    return which, tok, pos
+
+
+def _joined(model: Model, chunks: list[dict], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The chunks' per-prompt values, concatenated in prompt order (effects in the effect dtype)."""
+    cat = {k: torch.cat([c[k] for c in chunks]) for k in keys}
+    return {k: v if k == "ml_token" else v.to(model.effect_dtype) for k, v in cat.items()}
+
+
+def _clean(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor,
+           **kw) -> tuple[CleanBatch, torch.Tensor]:
+    """The clean pass of a chunk with the logit-difference readout, and the clean top token."""
+    batch = clean_batch(model, tok, last_pos=pos, **kw)
+    ml = batch.readout.targets
+    batch.readout = diff_readout(model, batch.clean, pos, io, s)
+    return batch, ml
+
+
+def clean_chunk(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor,
+                at: torch.Tensor, with_z_sum: bool) -> dict[str, torch.Tensor]:
+    """One chunk's clean pass (the attention from the end watched in it) and its per-prompt
+    reductions ``[b, ...]`` (on the CPU): every head's, MLP layer's, output bias's and the
+    embeddings' DE on the logit difference, the constant terms, the logit difference, the top
+    token, the attention from the end to ``at = [IO, S1, S2] positions [3, b]``; with
+    ``with_z_sum``, every layer's ``z`` at the end summed over the chunk ``[layer, n_heads*d_head]``
+    (fp64: the mean ablation's numerator)."""
+    batch, ml = _clean(model, tok, pos, io, s, watch=end_pattern(model, pos), watch_sites=("pattern",))
+    ro, L = batch.readout, model.n_layers
+    bias = [model.attn_out_bias(j) for j in range(L)]
+    out = {"ml_token": ml.cpu(), "logit_diff": ro.logit.cpu(), "constant": ro.bias.cpu(),
+           "head_de": clean_head_de(batch, pos).permute(2, 0, 1).cpu(),
+           "mlp_de": clean_mlp_de(batch, pos).T.cpu(),
+           "attn_bias_de": torch.stack([torch.zeros_like(ro.logit) if b is None else ro.write_dir(model, "attn", j) @ b
+                                        for j, b in enumerate(bias)], 1).cpu(),
+           "embed_de": (model.acc(at_positions(batch.clean.embed, pos)) * ro.dir).sum(-1).cpu()}
+    pat = watched_pattern(model, batch.clean.watched)  # [L, b, H, key]
+    for key, where in zip(("attn_io", "attn_s1", "attn_s2"), at.to(pat.device)):
+        index = where[None, :, None, None].expand(L, -1, model.n_heads, 1)
+        out[key] = pat.gather(-1, index)[..., 0].permute(1, 0, 2).cpu()
+    if with_z_sum:
+        out["z_sum"] = at_positions(batch.clean.reads["z"], pos).double().sum(1).cpu()
+    return out
+
+
+def ablated_chunk(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor,
+                  heads: list[tuple[int, int]], ablation: str, mean: dict[int, torch.Tensor] | None,
+                  which: torch.Tensor | None, src_tok: torch.Tensor | None, src_pos: torch.Tensor | None,
+                  source: int) -> dict:
+    """One chunk's clean pass again, ``heads`` ablated together at the end (:func:`ablate_heads_at`;
+    ``mean[layer]`` the mean ablation's ``z``; resample: :func:`resample_rows`' ``which``,
+    ``src_tok``, ``src_pos``) and every layer from ``source`` on reading the residual that entered
+    ``source`` (:func:`moved_residual_de`). Per prompt ``[b, ...]`` on the CPU: the ablated head and
+    MLP DEs, eq. 1's terms, ``moved_de`` (NaN before ``source``)."""
+    batch, _ = _clean(model, tok, pos, io, s)
+    L, H = model.n_layers, model.n_heads
+    layers = sorted({l for l, _ in heads})
+    if ablation == "mean":
+        repl = {j: mean[j].to(model.device) for j in layers}
+    elif ablation == "resample":
+        repl = _resampled(batch, pos, layers, which, src_tok, src_pos)
+    else:
+        repl = {j: torch.zeros(1, H * model.d_head, dtype=model.dtype, device=model.device) for j in layers}
+    got = ablate_heads_at(batch, pos, heads, repl)
+    out = {"ablated_head_de": got["head_de"].permute(2, 0, 1).cpu(), "ablated_mlp_de": got["mlp_de"].T.cpu(),
+           **{k: got[k].cpu() for k in ("delta_logit", "from_norm", "from_block_norms")}}
+    moved = torch.full((len(pos), L, H), float("nan"), dtype=model.effect_dtype)
+    for target in range(source, L):
+        moved[:, target] = moved_residual_de(batch, pos, source, target).T.cpu()
+    out["moved_de"] = moved
+    return out
+
+
+def _resampled(batch: CleanBatch, pos: torch.Tensor, layers: list[int], which: torch.Tensor,
+               src_tok: torch.Tensor | None, src_pos: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    """Each ablated layer's resample replacement at the end ``[b, n_heads*d_head]``: the clean ``z``
+    at the end of each row's source (:func:`resample_rows`), from the chunk's own clean pass or,
+    for the sources past the chunk, from a pass of theirs up to the last ablated layer."""
+    model = batch.model
+    z = {j: at_positions(batch.clean.reads["z"][j], pos.to(model.device)) for j in layers}
+    if src_tok is not None:
+        more = run(model, src_tok.to(model.device), read=("z",), read_layers={"z": layers},
+                   stop_after=("z", max(layers))).reads["z"]
+        z = {j: torch.cat([z[j], at_positions(more[k], src_pos.to(model.device))]) for k, j in enumerate(layers)}
+    return {j: z[j][which.to(model.device)] for j in layers}
 
 
 @dataclass(frozen=True)
@@ -246,5 +318,5 @@ def backups(heads: pd.DataFrame, n: int) -> pd.DataFrame:
     return up.sort_values(["delta_direct_effect", "layer", "head"], ascending=[False, True, True]).head(n)
 
 
-__all__ = ["IoiResult", "IoiSpec", "backups", "diff_readout", "head_frame", "ioi_measure", "moved_gain",
-           "repair_frame", "select_name_movers"]
+__all__ = ["IoiResult", "IoiSpec", "ablated_chunk", "backups", "clean_chunk", "diff_readout", "head_frame",
+           "ioi_measure", "moved_gain", "repair_frame", "select_name_movers"]

@@ -7,7 +7,7 @@
   direct effect there, the real change of the readout and the norms' terms (eq. 1 and 2 of the
   self-repair paper for a group of heads).
 - :func:`attention_from` — every head's attention probabilities from each row's position ``pos``
-  (a clean pass of its own, under eager attention: the only one that returns them).
+  (a clean pass of its own, under the model's own attention implementation: the `pattern` site).
 - :func:`moved_residual_de` — run layer ``target``'s attention on the residual stream that
   entered layer ``source`` (every attention and MLP layer in between skipped, which is zero-
   ablating all of them) and read its heads' direct effects at ``pos``.
@@ -126,11 +126,29 @@ def clean_mlp_de(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
 
 def attention_from(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
     """Every head's attention from each row's position ``pos`` to every key ``[layer, b, head, key]``
-    (clean run; a pass of its own so that the batch's clean pass keeps the model's own attention
-    implementation: eager softmax runs in fp32 even in fp64 models)."""
+    (clean run, a pass of its own that stops after the last layer's pattern; the probabilities are
+    the model family's eager ones, whose softmax runs in fp32 even in fp64 models). A clean pass
+    can watch the same (:func:`end_pattern`, then :func:`watched_pattern`)."""
     model = batch.model
-    p = run(model, batch.tokens, read=("pattern",), stop_after=("pattern", model.n_layers - 1))
-    return model.acc(at_positions(p.reads["pattern"].movedim(2, 3), pos.to(model.device)))
+    p = run(model, batch.tokens, watch=end_pattern(model, pos), watch_sites=("pattern",),
+            stop_after=("pattern", model.n_layers - 1))
+    return watched_pattern(model, p.watched)
+
+
+def end_pattern(model, pos: torch.Tensor):
+    """A ``watch`` for the ``pattern`` site keeping only each row's query position ``pos [b]``:
+    ``[b, head, key]`` per layer, so a trace never brings the whole pattern back."""
+    pos = pos.to(model.device)
+    rows = torch.arange(len(pos), device=model.device)
+
+    def watch(site: str, layer: int, value: torch.Tensor) -> torch.Tensor:
+        return model.acc(value[rows, :, pos])
+    return watch
+
+
+def watched_pattern(model, watched: dict) -> torch.Tensor:
+    """The patterns :func:`end_pattern` kept in a pass, stacked ``[layer, b, head, key]``."""
+    return torch.stack([watched[("pattern", layer)] for layer in range(model.n_layers)])
 
 
 def moved_residual_de(batch: CleanBatch, pos: torch.Tensor, source: int, target: int) -> torch.Tensor:
@@ -150,4 +168,5 @@ def moved_residual_de(batch: CleanBatch, pos: torch.Tensor, source: int, target:
     return head_effects(model, z, ro.write_dir(model, "attn", target), target)
 
 
-__all__ = ["ablate_heads_at", "attention_from", "clean_head_de", "clean_mlp_de", "moved_residual_de"]
+__all__ = ["ablate_heads_at", "attention_from", "clean_head_de", "clean_mlp_de", "end_pattern",
+           "moved_residual_de", "watched_pattern"]

@@ -81,9 +81,6 @@ class Config(RunConfig):
                             ("batch_size", self.batch_size)):
             if value < 1:
                 raise InputError(f"{name} must be at least 1, got {value}")
-        if self.remote is not None:
-            raise InputError("chapter 8 reads attention patterns, which needs eager attention on this "
-                             "machine's copy of the model: run it with remote=None")
 
 
 def prompts(cfg: Config, model) -> ioi.IoiPrompts:
