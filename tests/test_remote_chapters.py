@@ -15,7 +15,7 @@ from selfrepair.experiment import _model
 from remote_helpers import TOL, cached, max_diff, ndif_server, saved_dir  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_YET = {"neurons", "hydra", "atp", "ioi"}  # measurements that still read weights outside a session
+NOT_YET = {"neurons", "atp", "ioi"}  # measurements that still read weights outside a session
 
 
 def _chapters():
