@@ -1,7 +1,7 @@
 """Chapter 5's measurement (selfrepair.hydra.hydra_effect) with ``remote=True`` against the
 in-process NDIF server (tests/ndif_fake.py): no weight here, one request per chunk of prompts for
-its effects (and, with more than one chunk, one before it for the sums over every prompt), every
-tensor equal to the local run's to 1e-6, and what comes back exactly the per-prompt effects and
+its effects (and, with more than one chunk, requests of ``max_rows`` prompts before them for the
+sums over every prompt), every tensor equal to the local run's to 1e-6, and what comes back exactly the per-prompt effects and
 those sums: no activation, no per-prompt ``d_model`` vector."""
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ CASES = [("resample", 2, 4), ("mean", 1, 4), ("zero", 1, 4), ("noise", 2, 4),
          ("mean", 1, 64)]  # (ablation, P, max_rows): several chunks each; the last, one chunk
 
 
-def _requests(chunks: list) -> list[tuple[str, int]]:
-    """What :func:`hydra_effect` sends, in order, as (kind, prompts): one request per chunk for the
-    sums over every prompt (only with several chunks), then one per chunk for its effects."""
-    effects = [("effects", len(c)) for c in chunks]
-    return ([("sums", len(c)) for c in chunks] if len(chunks) > 1 else []) + effects
+def _requests(prompts, n_patches: int, max_rows: int) -> list[tuple[str, int]]:
+    """What :func:`hydra_effect` sends, in order, as (kind, prompts): with several chunks, one
+    request per ``max_rows`` prompts for the sums over every prompt; then one per chunk for its
+    effects."""
+    chunks = hydra_chunks(prompts, n_patches, max_rows)
+    sums = [("sums", len(c)) for c in hydra_chunks(prompts, 1, max_rows)] if len(chunks) > 1 else []
+    return sums + [("effects", len(c)) for c in chunks]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -47,14 +49,15 @@ def test_remote_true_hydra_equals_the_local_run_and_brings_back_only_per_prompt_
             assert max_diff(v, b.tensors()[k]) <= TOL, (case, k)
         if ablation != "zero":  # not vacuous: the ablation moved the logit
             assert a.delta_logit.abs().max() > 1e-3, case
-        chunks = hydra_chunks(prompts, P, max_rows)
-        assert (len(chunks) == 1) == (max_rows == 64), case  # both paths: several chunks and one
-        assert len(log) == len(_requests(chunks)), case
+        expected = _requests(prompts, P, max_rows)
+        n_effects = sum(kind == "effects" for kind, _ in expected)
+        assert (n_effects == 1) == (max_rows == 64), case  # both paths: several chunks and one
+        assert len(log) == len(expected), case
         # per prompt, every measured field's bytes, computed from the result (all but the
         # prompts' own records): less than one d_model vector of the model's dtype
         per_prompt = sum(t[0].numel() * t.element_size() for k, t in a.tensors().items() if k not in NOT_RETURNED)
         assert per_prompt < d * 4, (case, per_prompt)
-        for r, (kind, rows) in zip(log, _requests(chunks)):
+        for r, (kind, rows) in zip(log, expected):
             bound = 2 * L * (d + 1) * 8 if kind == "sums" else rows * per_prompt  # fp64 sums; the chunk's prompts
             assert tensor_bytes(r.saved) == bound, (case, kind)  # nothing else comes back
             assert r.down <= 1.5 * bound + 16_000, (case, kind, r.down, bound)  # pickle framing only

@@ -13,9 +13,9 @@ attention / MLP output. Component ``c = 2 * layer + (0 attention, 1 MLP)``.
 - **Ablation** (Hydra §2.4, App. A): the write of component ``m`` *at the last position only*
   (``do(A_t^m = a_t^m(x'))``, eq. 11) is replaced by the same component's last-position write on
   ``n_patches`` other prompts (resample; seeded), by its mean over the prompts (mean), zeros, or
-  (noise) the write itself plus Gaussian noise, ``n_patches`` seeded draws of ``N(0, σ²)`` per
-  prompt with ``σ = noise_scale x`` the RMS of that component's clean write over the prompt set
-  (:func:`noisy_writes`). Eq. 37 puts the noise on the *input* (causal tracing, Meng et al.,
+  (noise) the write itself plus Gaussian noise, ``n_patches`` draws of ``N(0, σ²)`` per prompt,
+  seeded by (seed, prompt), with ``σ = noise_scale x`` the RMS of that component's clean write
+  over the prompt set (:func:`noise_sigma`, :func:`noisy_writes`). Eq. 37 puts the noise on the *input* (causal tracing, Meng et al.,
   whose σ is 3x the embeddings' std); here it is on the layer's write, so that it is a control of
   this one layer, as resample is. Every quantity below is computed per patch; frames average over
   patches (eq. 39).
@@ -34,7 +34,8 @@ attention / MLP output. Component ``c = 2 * layer + (0 attention, 1 MLP)``.
 Prompts are right-padded (exact in a causal model: every read and edit is at a prompt's last real
 position, which never attends to the padding after it). Each ablated pass
 (:func:`selfrepair.passes.ablate_writes`) starts at the ablated block from the clean residual
-(nnsight ``skip``) and stops at the final norm.
+(nnsight ``skip``) and stops at the final norm. On the remote path every pass runs on the server,
+one request per chunk of prompts (:func:`hydra_effect`), and only per-prompt effects come back.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
     a plain call), :func:`_chunk_effects`: the chunk's clean pass, its resample sources, the
     replacements and the ``2 * n_layers`` ablated passes, back only per-prompt effects. The mean,
     the noise's σ and the own-effect controls need sums over every prompt first: with more than
-    one chunk, a request per chunk before (:func:`write_sums`) brings back only those sums. No
-    activation and no per-prompt ``d_model`` vector comes back.
+    one chunk, requests of ``max_rows`` prompts before (:func:`write_sums`, a clean pass each)
+    bring back only those sums. No activation and no per-prompt ``d_model`` vector comes back.
     """
     check_hydra_ablation(ablation, noise_scale)
     if seed < 0:
@@ -175,9 +176,9 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
     P = patch_index.shape[1]
     chunks = hydra_chunks(prompts, P, max_rows)
     sums = None  # one chunk: it holds every prompt, and its own clean pass gives the sums
-    if len(chunks) > 1:
+    if len(chunks) > 1:  # a clean pass has no patches: max_rows prompts a request
         parts = [in_session(model, write_sums, *prompts.rows(idx))
-                 for idx in tqdm(chunks, desc="clean", disable=not progress)]
+                 for idx in tqdm(hydra_chunks(prompts, 1, max_rows), desc="clean", disable=not progress)]
         sums = {k: torch.stack([s[k] for s in parts]).sum(0) for k in parts[0]}
     out = {}
     bar = tqdm(total=len(chunks) * C, desc=f"{ablation} layer ablations", disable=not progress)
@@ -217,10 +218,14 @@ def _sums(writes: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"sum": w.sum(2), "sq": w.pow(2).sum((2, 3))}
 
 
+def clean_writes(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[2, L, b, d]``: :func:`last_writes` of a clean pass of ``tokens`` that reads nothing else."""
+    return last_writes(model, run(model, tokens.to(model.device), read=WRITE_SITES), pos)
+
+
 def write_sums(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
     """One chunk's clean pass reduced to :func:`_sums` of its prompts' last-position writes (CPU)."""
-    w = last_writes(model, run(model, tokens.to(model.device), read=WRITE_SITES), pos)
-    return {k: v.cpu() for k, v in _sums(w).items()}
+    return {k: v.cpu() for k, v in _sums(clean_writes(model, tokens, pos)).items()}
 
 
 def _pool(prompts: PromptSet, idx: torch.Tensor, patch_index: torch.Tensor) -> dict:
@@ -244,9 +249,7 @@ def _replacements(model: Model, writes: torch.Tensor, idx: torch.Tensor, ablatio
     the write plus noise (:func:`noisy_writes`, σ from ``sums["sq"]``)."""
     if ablation == "resample":
         if sources["rows"] is not None:
-            tok, pos = sources["rows"]
-            outside = last_writes(model, run(model, tok.to(model.device), read=WRITE_SITES), pos)
-            writes = torch.cat([writes, outside], 2)
+            writes = torch.cat([writes, clean_writes(model, *sources["rows"])], 2)
         return writes[:, :, sources["at"].T.reshape(-1).to(writes.device)]
     if ablation == "noise":
         sigma = noise_sigma(sums["sq"], n * model.d_model, noise_scale)
