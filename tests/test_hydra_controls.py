@@ -117,6 +117,22 @@ def test_noisy_writes_draw_per_prompt_whatever_the_batch():
     assert (eps[..., 0, :] - eps[..., 1, :]).abs().min() > 0  # each prompt its own draws
 
 
+def test_only_the_noise_key_names_its_draws(tmp_path, model, prompts):
+    """A noise result drawn the old way (one generator over every prompt) is not reused from a
+    cache: the noise key names the per-prompt draws; the other ablations' keys are their fields."""
+    from dataclasses import asdict
+
+    from selfrepair.hydra import NOISE_DRAWS
+    from selfrepair.measure import Cache
+
+    noise, resample = HydraSpec(ablation="noise", noise_scale=3.0), HydraSpec()
+    assert noise.key() == {"kind": "hydra", **asdict(noise), "noise_draws": NOISE_DRAWS}
+    assert resample.key() == {"kind": "hydra", **asdict(resample)}
+    cache = Cache(tmp_path)
+    before = cache.key(noise, model, prompts) | {"spec": {"kind": "hydra", **asdict(noise)}}
+    assert cache.key(noise, model, prompts) != before  # the old entry's key: recomputed
+
+
 def test_noise_needs_a_scale():
     with pytest.raises(InputError, match="noise_scale >= 0"):
         HydraSpec(ablation="noise").compute(None, None, RunOptions())

@@ -61,6 +61,7 @@ from .structure import KINDS, component_reads
 
 
 HYDRA_ABLATIONS = ABLATIONS + ("noise",)  # what can replace a whole layer's write
+NOISE_DRAWS = "per prompt, numpy default_rng([seed, prompt])"  # how noisy_writes draws (in a noise key)
 TERMS = ("delta_logit", "from_norm", "from_block_norms")  # an ablated pass's scalar terms per (prompt, patch)
 
 
@@ -294,6 +295,12 @@ class HydraSpec(Spec):
     n_patches: int = 3  # resample sources (or noise draws) per prompt, averaged
     seed: int = 0  # which prompts are each prompt's sources; the noise draws
     noise_scale: float | None = None  # noise: σ as a multiple of the write's RMS (None otherwise)
+
+    def key(self) -> dict:
+        """A noise result's key also names how its draws are made (:data:`NOISE_DRAWS`), so an
+        entry drawn another way (before the draws were per prompt) is recomputed, not reused."""
+        key = super().key()
+        return {**key, "noise_draws": NOISE_DRAWS} if self.ablation == "noise" else key
 
     def compute(self, model: Model, data: PromptSet, options: RunOptions) -> HydraResult:
         res = hydra_effect(model, data, ablation=self.ablation, n_patches=self.n_patches, seed=self.seed,
