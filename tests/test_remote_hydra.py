@@ -1,8 +1,8 @@
 """Chapter 5's measurement (selfrepair.hydra.hydra_effect) with ``remote=True`` against the
 in-process NDIF server (tests/ndif_fake.py): no weight here, one request per chunk of prompts for
 its effects (and, with more than one chunk, requests of ``max_rows`` prompts before them for the
-sums over every prompt), every tensor equal to the local run's to 1e-6, and what comes back exactly the per-prompt effects and
-those sums: no activation, no per-prompt ``d_model`` vector."""
+sums over every prompt), every tensor equal to the local run's to 1e-6, and what comes back
+exactly the per-prompt effects and those sums: no activation, no per-prompt ``d_model`` vector."""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ attention / MLP output. Component ``c = 2 * layer + (0 attention, 1 MLP)``.
   ``n_patches`` other prompts (resample; seeded), by its mean over the prompts (mean), zeros, or
   (noise) the write itself plus Gaussian noise, ``n_patches`` draws of ``N(0, σ²)`` per prompt,
   seeded by (seed, prompt), with ``σ = noise_scale x`` the RMS of that component's clean write
-  over the prompt set (:func:`noise_sigma`, :func:`noisy_writes`). Eq. 37 puts the noise on the *input* (causal tracing, Meng et al.,
-  whose σ is 3x the embeddings' std); here it is on the layer's write, so that it is a control of
-  this one layer, as resample is. Every quantity below is computed per patch; frames average over
+  over the prompt set (:func:`noise_sigma`, :func:`noisy_writes`). Eq. 37 puts the noise on the
+  *input* (causal tracing, Meng et al., whose σ is 3x the embeddings' std); here it is on the
+  layer's write, so that it is a control of this one layer, as resample is. Every quantity below is computed per patch; frames average over
   patches (eq. 39).
 - **Total effect** ``Δ_ablate = logit' - logit`` from the model's real final-norm output (eq. 12,
   18). ``ΔDE_c = dir . (write'_c - write_c)``, clean scale ``S`` (eq. 34).
