@@ -1,8 +1,9 @@
 """The Hydra measurement's controls and panels (selfrepair.hydra_controls, noise ablation in
 selfrepair.hydra), on tiny random models of every family.
 
-- noise ablation with σ = 0 is the identity; its draws are seeded, do not depend on batching, and
-  scale with ``noise_scale`` (the own direct effect is affine in it: the same draws, scaled);
+- noise ablation with σ = 0 is the identity; its draws are seeded per prompt, do not depend on
+  batching, and scale with ``noise_scale`` (the own direct effect is affine in it: the same draws,
+  scaled);
 - the ablated layer's own direct effect: exactly 0 under zero ablation, the direct effect of the
   mean write under mean ablation, and the every-source resample average equals a real resample run
   with every other prompt as a patch;
@@ -22,7 +23,7 @@ from selfrepair import hydra_controls as hc
 from selfrepair import load_model
 from selfrepair.errors import InputError
 from selfrepair.experiment import open_prompts
-from selfrepair.hydra import HydraSpec, effects_frame, hydra_effect, noisy_writes
+from selfrepair.hydra import HydraSpec, effects_frame, hydra_effect, noise_sigma, noisy_writes
 from selfrepair.hydra_regression import fit_line, regression
 from selfrepair.measure import RunOptions
 
@@ -87,14 +88,49 @@ def test_noise_is_seeded_batch_independent_and_scales_with_sigma(model, prompts)
 
 def test_noisy_writes_sigma_is_a_multiple_of_the_write_rms():
     g = torch.Generator().manual_seed(0)
-    writes = torch.randn(2, 400, 3, 64, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0])[:, None, None, None]
-    noisy = noisy_writes(writes, 4, 3.0, seed=1)
-    assert noisy.shape == (2, 400, 4, 3, 64)
+    writes = torch.randn(2, 3, 400, 64, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0])[:, None, None, None]
+    prompts = torch.arange(400)
+    sums = {"sq": writes.pow(2).sum((2, 3))}
+    sigma = noise_sigma(sums["sq"], 400 * 64, 3.0)
+    rms = writes.pow(2).mean((2, 3)).sqrt()  # [2, L]
+    torch.testing.assert_close(sigma, 3.0 * rms, rtol=1e-12, atol=0)
+    noisy = noisy_writes(writes, prompts, 4, sigma, seed=1)
+    assert noisy.shape == (2, 3, 4, 400, 64)
     eps = noisy - writes[:, :, None]
-    rms = writes.pow(2).mean((1, 3)).sqrt()  # [2, L]
-    np.testing.assert_allclose(eps.std((1, 2, 4)).numpy(), 3.0 * rms.numpy(), rtol=0.02)
-    assert torch.equal(noisy_writes(writes, 4, 0.0, seed=1), writes[:, :, None].expand_as(noisy))
-    assert torch.equal(noisy, noisy_writes(writes, 4, 3.0, seed=1))
+    np.testing.assert_allclose(eps.std((2, 3, 4)).numpy(), 3.0 * rms.numpy(), rtol=0.02)
+    assert torch.equal(noisy_writes(writes, prompts, 4, 0 * sigma, seed=1), writes[:, :, None].expand_as(noisy))
+    assert torch.equal(noisy, noisy_writes(writes, prompts, 4, sigma, seed=1))
+
+
+def test_noisy_writes_draw_per_prompt_whatever_the_batch():
+    """A prompt's draws depend on (seed, its index) only: a chunk of prompts draws exactly its rows
+    of the whole set's draws, in any order; one more patch keeps the first draws."""
+    writes = torch.randn(2, 3, 10, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma, prompts = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 4.0]]), torch.arange(10)
+    every = noisy_writes(writes, prompts, 3, sigma, seed=2)
+    chunk = torch.tensor([7, 2, 5])
+    assert torch.equal(noisy_writes(writes[:, :, chunk], chunk, 3, sigma, seed=2), every[:, :, :, chunk])
+    assert torch.equal(noisy_writes(writes, prompts, 2, sigma, seed=2), every[:, :, :2])
+    other = noisy_writes(writes, prompts, 3, sigma, seed=3)
+    assert (other - every).abs().min() > 0  # another seed: other draws everywhere
+    eps = (every - writes[:, :, None]) / sigma[:, :, None, None, None]
+    assert (eps[..., 0, :] - eps[..., 1, :]).abs().min() > 0  # each prompt its own draws
+
+
+def test_only_the_noise_key_names_its_draws(tmp_path, model, prompts):
+    """A noise result drawn the old way (one generator over every prompt) is not reused from a
+    cache: the noise key names the per-prompt draws; the other ablations' keys are their fields."""
+    from dataclasses import asdict
+
+    from selfrepair.hydra import NOISE_DRAWS
+    from selfrepair.measure import Cache
+
+    noise, resample = HydraSpec(ablation="noise", noise_scale=3.0), HydraSpec()
+    assert noise.key() == {"kind": "hydra", **asdict(noise), "noise_draws": NOISE_DRAWS}
+    assert resample.key() == {"kind": "hydra", **asdict(resample)}
+    cache = Cache(tmp_path)
+    before = cache.key(noise, model, prompts) | {"spec": {"kind": "hydra", **asdict(noise)}}
+    assert cache.key(noise, model, prompts) != before  # the old entry's key: recomputed
 
 
 def test_noise_needs_a_scale():

@@ -15,15 +15,10 @@ from selfrepair.experiment import _model
 from remote_helpers import TOL, cached, max_diff, ndif_server, saved_dir  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_YET = {"hydra"}  # measurements that still read weights outside a session
+CHAPTER_NAMES = sorted(CHAPTERS.values())
 
 
-def _chapters():
-    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="reads weights outside a session"))
-            if c in NOT_YET else c for c in sorted(CHAPTERS.values())]
-
-
-@pytest.mark.parametrize("chapter", _chapters())
+@pytest.mark.parametrize("chapter", CHAPTER_NAMES)
 def test_every_chapter_runs_remote_true_without_weights_and_equals_the_local_run(tmp_path, chapter,
                                                                                    ndif_server):
     mod = importlib.import_module(f"selfrepair.chapters.{chapter}")
@@ -93,7 +88,7 @@ def _run_notebook_here(notebook: Path, params: dict, workdir: Path) -> dict:
     return ns
 
 
-@pytest.mark.parametrize("chapter", _chapters())
+@pytest.mark.parametrize("chapter", CHAPTER_NAMES)
 def test_every_notebook_runs_remote_true_without_weights(tmp_path, chapter, ndif_server):
     """The whole chapter as a reader runs it with ``remote="ndif"``: every cell, not only the
     measurement (its tables, texts, figures and exercises), with no weight on this machine."""

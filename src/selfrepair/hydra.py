@@ -13,11 +13,11 @@ attention / MLP output. Component ``c = 2 * layer + (0 attention, 1 MLP)``.
 - **Ablation** (Hydra §2.4, App. A): the write of component ``m`` *at the last position only*
   (``do(A_t^m = a_t^m(x'))``, eq. 11) is replaced by the same component's last-position write on
   ``n_patches`` other prompts (resample; seeded), by its mean over the prompts (mean), zeros, or
-  (noise) the write itself plus Gaussian noise, ``n_patches`` seeded draws of ``N(0, σ²)`` per
-  prompt with ``σ = noise_scale x`` the RMS of that component's clean write over the prompt set
-  (:func:`noisy_writes`). Eq. 37 puts the noise on the *input* (causal tracing, Meng et al.,
-  whose σ is 3x the embeddings' std); here it is on the layer's write, so that it is a control of
-  this one layer, as resample is. Every quantity below is computed per patch; frames average over
+  (noise) the write itself plus Gaussian noise, ``n_patches`` draws of ``N(0, σ²)`` per prompt,
+  seeded by (seed, prompt), with ``σ = noise_scale x`` the RMS of that component's clean write
+  over the prompt set (:func:`noise_sigma`, :func:`noisy_writes`). Eq. 37 puts the noise on the
+  *input* (causal tracing, Meng et al., whose σ is 3x the embeddings' std); here it is on the
+  layer's write, so that it is a control of this one layer, as resample is. Every quantity below is computed per patch; frames average over
   patches (eq. 39).
 - **Total effect** ``Δ_ablate = logit' - logit`` from the model's real final-norm output (eq. 12,
   18). ``ΔDE_c = dir . (write'_c - write_c)``, clean scale ``S`` (eq. 34).
@@ -34,7 +34,8 @@ attention / MLP output. Component ``c = 2 * layer + (0 attention, 1 MLP)``.
 Prompts are right-padded (exact in a causal model: every read and edit is at a prompt's last real
 position, which never attends to the padding after it). Each ablated pass
 (:func:`selfrepair.passes.ablate_writes`) starts at the ablated block from the clean residual
-(nnsight ``skip``) and stops at the final norm.
+(nnsight ``skip``) and stops at the final norm. On the remote path every pass runs on the server,
+one request per chunk of prompts (:func:`hydra_effect`), and only per-prompt effects come back.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ from .ablation import ABLATIONS
 from .batch import PromptSet, clean_batch
 from .direct_effect import at_positions
 from .errors import InputError
+from .intervene import Pass, run
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import WRITE_SITES, ablate_writes
+from .remote import in_session
 from .results import Result
 from .structure import KINDS, component_reads
 
 
 HYDRA_ABLATIONS = ABLATIONS + ("noise",)  # what can replace a whole layer's write
+NOISE_DRAWS = "per prompt, numpy default_rng([seed, prompt])"  # how noisy_writes draws (in a noise key)
+TERMS = ("delta_logit", "from_norm", "from_block_norms")  # an ablated pass's scalar terms per (prompt, patch)
 
 
 def check_hydra_ablation(ablation: str, noise_scale: float | None = None) -> str:
@@ -70,16 +75,26 @@ def check_hydra_ablation(ablation: str, noise_scale: float | None = None) -> str
     return ablation
 
 
-def noisy_writes(writes: torch.Tensor, n_patches: int, noise_scale: float, seed: int = 0) -> torch.Tensor:
-    """``[2, n, P, L, d]``: each clean last-position write ``writes [2, n, L, d]`` plus ``P`` draws of
-    ``N(0, σ²)`` with ``σ = noise_scale x`` the RMS of that (kind, layer)'s write over the prompts and
-    dimensions. The draws come from one generator seeded by ``seed`` over the whole array, so they
-    do not depend on how prompts are batched; ``noise_scale = 0`` returns the writes unchanged."""
-    sigma = noise_scale * writes.double().pow(2).mean((1, 3)).sqrt()  # [2, L]
-    g = torch.Generator().manual_seed(seed)
-    eps = torch.randn((writes.shape[0], writes.shape[1], n_patches, *writes.shape[2:]), generator=g,
-                      dtype=torch.float64)
-    return (writes.double()[:, :, None] + sigma[:, None, None, :, None] * eps).to(writes.dtype)
+def noise_sigma(sq_sum: torch.Tensor, count: int, noise_scale: float) -> torch.Tensor:
+    """``[2, L]``: ``σ = noise_scale x`` the RMS of each (kind, layer)'s write, from the sum of its
+    squares ``sq_sum [2, L]`` over ``count`` values (every prompt's last-position write, every
+    dimension)."""
+    return noise_scale * (sq_sum.double() / count).sqrt()
+
+
+def noisy_writes(writes: torch.Tensor, prompts: torch.Tensor, n_patches: int, sigma: torch.Tensor,
+                 seed: int = 0) -> torch.Tensor:
+    """``[2, L, P, b, d]``: the clean last-position writes ``writes [2, L, b, d]`` of the prompts
+    numbered ``prompts [b]``, each plus ``P`` draws of ``N(0, σ²)`` (``sigma [2, L]``, from
+    :func:`noise_sigma`). Prompt ``i``'s draws ``[P, 2, L, d]`` come from a generator seeded by
+    ``(seed, i)`` (numpy's ``default_rng``), so they depend neither on how prompts are batched nor on
+    the other prompts — a chunk draws only its own — and the first draws stay the same when ``P``
+    grows; ``σ = 0`` returns the writes unchanged."""
+    shape = (n_patches, *writes.shape[:2], writes.shape[-1])
+    eps = torch.stack([torch.from_numpy(np.random.default_rng([seed, int(i)]).standard_normal(shape))
+                       for i in prompts]).permute(2, 3, 1, 0, 4).to(writes.device)  # [2, L, P, b, d]
+    sigma = sigma.to(writes.device, torch.float64)[:, :, None, None, None]
+    return (writes.double()[:, :, None] + sigma * eps).to(writes.dtype)
 
 
 def component_label(kind: str, layer: int) -> str:
@@ -143,67 +158,130 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
     n_patches`` at a time, so that one ablated pass holds at most ``max_rows`` (prompt, patch) rows.
     ``patch_index [n, P]`` overrides the seeded resample sources (a prompt's own index is an identity
     patch). ``noise``: ``n_patches`` noise draws per prompt, ``σ = noise_scale x`` RMS of the write.
+
+    On the remote path each chunk is one request (:func:`~selfrepair.remote.in_session`; locally
+    a plain call), :func:`_chunk_effects`: the chunk's clean pass, its resample sources, the
+    replacements and the ``2 * n_layers`` ablated passes, back only per-prompt effects. The mean,
+    the noise's σ and the own-effect controls need sums over every prompt first: with more than
+    one chunk, requests of ``max_rows`` prompts before (:func:`write_sums`, a clean pass each)
+    bring back only those sums. No activation and no per-prompt ``d_model`` vector comes back.
     """
     check_hydra_ablation(ablation, noise_scale)
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
     n, C = len(prompts), 2 * model.n_layers
     if ablation == "resample":
         patch_index = choose_patches(n, n_patches, seed) if patch_index is None else patch_index
     else:
         patch_index = torch.full((n, n_patches if ablation == "noise" else 1), -1, dtype=torch.long)
     P = patch_index.shape[1]
-    order = torch.argsort(prompts.last_pos, stable=True)
-    per = max(1, max_rows // P)
-    chunks = [order[i:i + per] for i in range(0, n, per)]
-    acc = model.effect_dtype
-
-    def clean_chunk(idx: torch.Tensor):
-        tok, pos = prompts.rows(idx)
-        return clean_batch(model, tok, last_pos=pos, extra_reads=WRITE_SITES), pos
-
-    # pass 1: clean last-position writes of every prompt (the resample sources) and clean effects
-    writes = torch.zeros(2, n, model.n_layers, model.d_model, dtype=acc)
-    clean_de, ml_token = torch.zeros(n, C, dtype=acc), torch.zeros(n, dtype=torch.long)
-    dirs = torch.zeros(n, model.d_model, dtype=acc)  # each prompt's readout direction
-    out = {k: torch.zeros(n, dtype=acc) for k in ("embed_de", "constant", "logit")}
-    cleans = [clean_chunk(idx) for idx in tqdm(chunks, desc="clean", disable=not progress)]
-    for idx, (batch, pos) in zip(chunks, cleans):
-        ro = batch.readout
-        for k, site in enumerate(WRITE_SITES):
-            w = model.acc(at_positions(batch.clean.reads[site], pos))  # [L, b, d]
-            writes[k, idx] = w.transpose(0, 1).cpu()
-            clean_de[idx, k::2] = (w * ro.dir).sum(-1).T.cpu()
-        dirs[idx] = model.acc(ro.dir).cpu()
-        out["embed_de"][idx] = (model.acc(at_positions(batch.clean.embed, pos)) * ro.dir).sum(-1).cpu()
-        out["constant"][idx], out["logit"][idx], ml_token[idx] = ro.bias.cpu(), ro.logit.cpu(), ro.targets.cpu()
-    own = {"mean_write_de": torch.einsum("kld,nd->nlk", writes.mean(1), dirs).reshape(n, C),
-           "source_mean_de": (torch.einsum("kld,nd->nlk", writes.sum(1), dirs).reshape(n, C) - clean_de)
-           / max(1, n - 1)}
-    if ablation == "resample":
-        repl_all = writes[:, patch_index]  # [2, n, P, L, d]
-    elif ablation == "noise":
-        repl_all = noisy_writes(writes, P, noise_scale, seed)
-    else:
-        mean = writes.mean(1) if ablation == "mean" else torch.zeros_like(writes[:, 0])
-        repl_all = mean[:, None, None].expand(2, n, 1, *mean.shape[1:])
-    # pass 2: every component ablated, the patches of a chunk stacked along the batch
-    ablated_de = torch.zeros(n, C, P, C, dtype=acc)
-    terms = {k: torch.zeros(n, C, P, dtype=acc) for k in ("delta_logit", "from_norm", "from_block_norms")}
+    chunks = hydra_chunks(prompts, P, max_rows)
+    sums = None  # one chunk: it holds every prompt, and its own clean pass gives the sums
+    if len(chunks) > 1:  # a clean pass has no patches: max_rows prompts a request
+        parts = [in_session(model, write_sums, *prompts.rows(idx))
+                 for idx in tqdm(hydra_chunks(prompts, 1, max_rows), desc="clean", disable=not progress)]
+        sums = {k: torch.stack([s[k] for s in parts]).sum(0) for k in parts[0]}
+    out = {}
     bar = tqdm(total=len(chunks) * C, desc=f"{ablation} layer ablations", disable=not progress)
-    for idx, (batch, pos) in zip(chunks, cleans):
-        for m in range(C):
-            repl = repl_all[m % 2, idx, :, m // 2].transpose(0, 1).reshape(P * len(idx), -1)
-            got = ablate_writes(batch, pos, m, repl.to(model.device), clean_de[idx])
-            ablated_de[idx, m] = got["direct_effect"].unflatten(0, (P, len(idx))).transpose(0, 1).cpu()
-            for key in terms:
-                terms[key][idx, m] = got[key].unflatten(0, (P, len(idx))).T.cpu()
-            bar.update()
+    for idx in chunks:
+        tok, pos = prompts.rows(idx)
+        sources = _pool(prompts, idx, patch_index) if ablation == "resample" else None
+        got = in_session(model, _chunk_effects, tok, pos, idx, ablation, P, n, sums, sources, noise_scale, seed)
+        for key, value in got.items():
+            out.setdefault(key, value.new_zeros((n, *value.shape[1:])))[idx] = value
+        bar.update(C)
     bar.close()
-    return HydraResult(clean_de, ablated_de, **terms, **own, ml_token=ml_token,
-                       target=prompts.target_ids.clone(), patch_index=patch_index,
+    return HydraResult(**out, target=prompts.target_ids.clone(), patch_index=patch_index,
                        parallel_residual=torch.tensor(model.parallel_residual),
-                       input_ids=prompts.input_ids, **out,
+                       input_ids=prompts.input_ids,
                        meta={**model.describe(), "ablation": ablation, "n_patches": P, "seed": seed,
                              "noise_scale": noise_scale, "write_sites": list(WRITE_SITES)})
+
+
+def last_writes(model: Model, clean: Pass, pos: torch.Tensor) -> torch.Tensor:
+    """``[2, L, b, d]``: every layer's attention and MLP write (:data:`WRITE_SITES`) at each row's
+    position ``pos`` of a pass that read them."""
+    return torch.stack([model.acc(at_positions(clean.reads[site], pos)) for site in WRITE_SITES])
+
+
+def hydra_chunks(prompts: PromptSet, n_patches: int, max_rows: int) -> list[torch.Tensor]:
+    """The prompts sorted by length, ``max_rows // n_patches`` at a time (one ablated pass holds
+    at most ``max_rows`` (prompt, patch) rows): each chunk's prompt indices."""
+    order = torch.argsort(prompts.last_pos, stable=True)
+    per = max(1, max_rows // n_patches)
+    return [order[i:i + per] for i in range(0, len(order), per)]
+
+
+def _sums(writes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``sum [2, L, d]`` of last-position writes ``writes [2, L, b, d]`` over the prompts and
+    ``sq [2, L]``, the sum of their squares over prompts and dimensions (fp64)."""
+    w = writes.double()
+    return {"sum": w.sum(2), "sq": w.pow(2).sum((2, 3))}
+
+
+def clean_writes(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``[2, L, b, d]``: :func:`last_writes` of a clean pass of ``tokens`` that reads nothing else."""
+    return last_writes(model, run(model, tokens.to(model.device), read=WRITE_SITES), pos)
+
+
+def write_sums(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One chunk's clean pass reduced to :func:`_sums` of its prompts' last-position writes (CPU)."""
+    return {k: v.cpu() for k, v in _sums(clean_writes(model, tokens, pos)).items()}
+
+
+def _pool(prompts: PromptSet, idx: torch.Tensor, patch_index: torch.Tensor) -> dict:
+    """The resample sources of the chunk ``idx``: ``rows`` (tokens, last positions) of the prompts
+    its patches draw from outside it (``None``: none), and ``at [b, P]``, each patch's row in the
+    pool of the chunk's own prompts followed by those."""
+    pi = patch_index[idx]
+    outside = torch.unique(pi[~torch.isin(pi, idx)])
+    pool = torch.cat([idx, outside])
+    row = torch.full((len(prompts),), -1, dtype=torch.long)
+    row[pool] = torch.arange(len(pool))
+    return {"rows": prompts.rows(outside) if len(outside) else None, "at": row[pi]}
+
+
+def _replacements(model: Model, writes: torch.Tensor, idx: torch.Tensor, ablation: str, n_patches: int,
+                  n: int, sums: dict, sources: dict | None, noise_scale: float | None,
+                  seed: int) -> torch.Tensor:
+    """``[2, L, P * b, d]`` (patch-major rows): what replaces each layer's write on each prompt of a
+    chunk whose clean writes are ``writes [2, L, b, d]``: its resample sources' writes (one clean
+    pass of those outside the chunk), the mean over every prompt (``sums["sum"] / n``), zero, or
+    the write plus noise (:func:`noisy_writes`, σ from ``sums["sq"]``)."""
+    if ablation == "resample":
+        if sources["rows"] is not None:
+            writes = torch.cat([writes, clean_writes(model, *sources["rows"])], 2)
+        return writes[:, :, sources["at"].T.reshape(-1).to(writes.device)]
+    if ablation == "noise":
+        sigma = noise_sigma(sums["sq"], n * model.d_model, noise_scale)
+        return noisy_writes(writes, idx, n_patches, sigma, seed).flatten(2, 3)
+    if ablation == "zero":
+        return torch.zeros_like(writes)
+    return (sums["sum"].to(writes.device) / n).to(writes.dtype)[:, :, None].expand_as(writes)
+
+
+def _chunk_effects(model: Model, tokens: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor,
+                   ablation: str, n_patches: int, n: int, sums: dict | None, sources: dict | None,
+                   noise_scale: float | None, seed: int) -> dict[str, torch.Tensor]:
+    """One chunk ``idx`` of :func:`hydra_effect`: its clean pass, every component ablated (one
+    stacked pass of its ``P`` patches each), and back only the per-prompt fields of
+    :class:`HydraResult` (``[b, ...]``, CPU). ``sums``: :func:`_sums` over all ``n`` prompts
+    (``None``: this chunk holds them all), for the mean, σ and the own-effect controls."""
+    batch = clean_batch(model, tokens, last_pos=pos, extra_reads=WRITE_SITES)
+    ro, b, C = batch.readout, len(pos), 2 * model.n_layers
+    w = last_writes(model, batch.clean, pos)
+    sums = _sums(w) if sums is None else sums
+    clean_de = (w * ro.dir).sum(-1).permute(2, 1, 0).reshape(b, C)  # c = 2 * layer + kind
+    total = torch.einsum("kld,bd->blk", sums["sum"].to(w), ro.dir).reshape(b, C)
+    out = {"clean_de": clean_de, "mean_write_de": total / n, "source_mean_de": (total - clean_de) / max(1, n - 1),
+           "embed_de": (model.acc(at_positions(batch.clean.embed, pos)) * ro.dir).sum(-1),
+           "constant": ro.bias, "logit": ro.logit, "ml_token": ro.targets}
+    repl = _replacements(model, w, idx, ablation, n_patches, n, sums, sources, noise_scale, seed)
+    per = [ablate_writes(batch, pos, m, repl[m % 2, m // 2], clean_de) for m in range(C)]
+    out["ablated_de"] = torch.stack([g["direct_effect"].unflatten(0, (-1, b)).transpose(0, 1) for g in per], 1)
+    for key in TERMS:
+        out[key] = torch.stack([g[key].unflatten(0, (-1, b)).T for g in per], 1)  # [b, C, P]
+    return {k: v.cpu() for k, v in out.items()}
 
 
 @dataclass(frozen=True)
@@ -217,6 +295,12 @@ class HydraSpec(Spec):
     n_patches: int = 3  # resample sources (or noise draws) per prompt, averaged
     seed: int = 0  # which prompts are each prompt's sources; the noise draws
     noise_scale: float | None = None  # noise: σ as a multiple of the write's RMS (None otherwise)
+
+    def key(self) -> dict:
+        """A noise result's key also names how its draws are made (:data:`NOISE_DRAWS`), so an
+        entry drawn another way (before the draws were per prompt) is recomputed, not reused."""
+        key = super().key()
+        return {**key, "noise_draws": NOISE_DRAWS} if self.ablation == "noise" else key
 
     def compute(self, model: Model, data: PromptSet, options: RunOptions) -> HydraResult:
         res = hydra_effect(model, data, ablation=self.ablation, n_patches=self.n_patches, seed=self.seed,

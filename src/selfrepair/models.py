@@ -104,10 +104,9 @@ CACHED_WEIGHTS = ("unembed_weight", "unembed_mean", "unembed_bias_mean")
 def raise_no_weights(model: "Model") -> None:
     raise RemoteError(
         f"{model.name} runs on NDIF (remote=True) and its weights are not loaded here, but this "
-        "measurement reads a weight outside a remote session. The sweep (`selfrepair sweep`, the "
-        "chapters' head sweeps), self_repair, the amplification and the frozen-norm ablations run "
-        "every readout on the server; run the others (neurons, Hydra, AtP) with remote='local' "
-        "(the weights loaded here) or without remote.")
+        "code reads a weight outside a remote session. Every measurement of the library runs its "
+        "readouts on the server (selfrepair.remote.in_session); run code of your own that reads "
+        "weights inside in_session, or with remote='local' (the weights loaded here) or without remote.")
 
 
 def _get(root: Any, path: str) -> Any:
