@@ -94,3 +94,16 @@ def test_gpu_script_runs_end_to_end_in_its_small_cpu_mode(tmp_path):
     assert (out / "bench.json").exists() and (out / "pythia-160m-random" / "config.json").exists()
     assert (out / "book" / "src" / "book" / "01_self_repair_exists.ipynb").exists()
     assert "chapter 1: ok" in report
+
+
+def test_remote_bytes_script_reports_every_measurement_below_one_clean_pass():
+    """bench/remote_bytes.py runs (its numbers are held exactly by tests/test_remote*.py): every
+    measurement's largest answer is smaller than one clean pass's reads."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "remote_bytes.py")], capture_output=True,
+                         text=True, timeout=600, check=True).stdout.splitlines()
+    clean = float(out[0].split(": ")[1].split()[0])
+    rows = [line.split() for line in out[2:]]
+    assert len(rows) == 6
+    for row in rows:
+        requests, down = int(row[-5]), float(row[-4])
+        assert requests >= 2 and 0 < down < clean / 10, row
