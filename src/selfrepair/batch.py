@@ -201,6 +201,18 @@ class CleanBatch:
         return replacement_z(self.model, ablation, self.clean.reads["z"], corrupt)
 
 
+def source_pool(prompts, idx: torch.Tensor, sources: torch.Tensor) -> dict:
+    """Where the resample sources ``sources [b, P]`` (prompt indices) of the chunk of prompts
+    ``idx`` are, for a chunk whose request reads its own prompts' clean pass: ``at [b, P]``, each
+    source's row in the pool of the chunk's own prompts followed by the sources outside it, and
+    ``rows``, those outside prompts' ``prompts.rows(...)`` (tokens, last positions; ``None`` when
+    every source is inside), the only ones that need a pass of their own."""
+    outside = torch.unique(sources[~torch.isin(sources, idx)])
+    row = torch.full((len(prompts),), -1, dtype=torch.long)
+    row[torch.cat([idx, outside])] = torch.arange(len(idx) + len(outside))
+    return {"rows": prompts.rows(outside) if len(outside) else None, "at": row[sources]}
+
+
 def clean_batch(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None = None, *,
                 start: int = 0, neuron_layers: tuple[int, ...] = (),
                 extra_reads: tuple[str, ...] = (), last_pos: torch.Tensor | None = None,

@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import ABLATIONS
-from .batch import PromptSet, clean_batch
+from .batch import PromptSet, clean_batch, source_pool
 from .direct_effect import at_positions
 from .errors import InputError
 from .intervene import Pass, run
@@ -185,7 +185,7 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
     bar = tqdm(total=len(chunks) * C, desc=f"{ablation} layer ablations", disable=not progress)
     for idx in chunks:
         tok, pos = prompts.rows(idx)
-        sources = _pool(prompts, idx, patch_index) if ablation == "resample" else None
+        sources = source_pool(prompts, idx, patch_index[idx]) if ablation == "resample" else None
         got = in_session(model, _chunk_effects, tok, pos, idx, ablation, P, n, sums, sources, noise_scale, seed)
         for key, value in got.items():
             out.setdefault(key, value.new_zeros((n, *value.shape[1:])))[idx] = value
@@ -227,18 +227,6 @@ def clean_writes(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> torch
 def write_sums(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
     """One chunk's clean pass reduced to :func:`_sums` of its prompts' last-position writes (CPU)."""
     return {k: v.cpu() for k, v in _sums(clean_writes(model, tokens, pos)).items()}
-
-
-def _pool(prompts: PromptSet, idx: torch.Tensor, patch_index: torch.Tensor) -> dict:
-    """The resample sources of the chunk ``idx``: ``rows`` (tokens, last positions) of the prompts
-    its patches draw from outside it (``None``: none), and ``at [b, P]``, each patch's row in the
-    pool of the chunk's own prompts followed by those."""
-    pi = patch_index[idx]
-    outside = torch.unique(pi[~torch.isin(pi, idx)])
-    pool = torch.cat([idx, outside])
-    row = torch.full((len(prompts),), -1, dtype=torch.long)
-    row[pool] = torch.arange(len(pool))
-    return {"rows": prompts.rows(outside) if len(outside) else None, "at": row[pi]}
 
 
 def _replacements(model: Model, writes: torch.Tensor, idx: torch.Tensor, ablation: str, n_patches: int,

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .ablation import check_ablation
-from .batch import CleanBatch, clean_batch
+from .batch import CleanBatch, clean_batch, source_pool
 from .direct_effect import Readout, at_positions, last_readout
 from .intervene import run
 from .ioi import IoiPrompts
@@ -153,14 +153,11 @@ def resample_rows(data: IoiPrompts, idx: torch.Tensor) -> tuple:
     are: ``which [b]``, an index into ``idx`` followed by the sources outside the chunk, and those
     outside sources' prompts ``(tokens, end positions)`` (``None`` when every source is inside).
     A source inside the chunk is read off the chunk's own clean pass, the others need a pass of
-    their own, so a chunk's request runs only the few rows past its end again."""
-    src = (idx + 2) % len(data)
-    inside = {int(i): k for k, i in enumerate(idx)}
-    outside = [int(i) for i in src if int(i) not in inside]
-    where = {**inside, **{i: len(idx) + k for k, i in enumerate(outside)}}
-    which = torch.tensor([where[int(i)] for i in src])
-    tok, pos = data.rows(torch.tensor(outside)) if outside else (None, None)
-    return which, tok, pos
+    their own, so a chunk's request runs only the few rows past its end again
+    (:func:`~selfrepair.batch.source_pool`, as Hydra's chunks do)."""
+    pool = source_pool(data, idx, ((idx + 2) % len(data))[:, None])
+    tok, pos = pool["rows"] if pool["rows"] is not None else (None, None)
+    return pool["at"][:, 0], tok, pos
 
 
 def _joined(model: Model, chunks: list[dict], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
