@@ -230,17 +230,6 @@ def clean_batch(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None
     return CleanBatch(model, tokens, None if corrupt is None else corrupt.to(model.device), start, p, ro)
 
 
-def batches(model: Model, data: TokenSet, batch_size: int, *, ablation: str | None = None,
-            start_row: int = 0, stop_row: int | None = None, **kw):
-    """:class:`CleanBatch` es of ``data``, ``batch_size`` rows at a time from ``start_row`` up to
-    ``stop_row`` (default: the end; the resample source rows attached when ``ablation == "resample"``)."""
-    end = len(data) if stop_row is None else min(len(data), stop_row)
-    for start in range(start_row, end, batch_size):
-        stop = min(end, start + batch_size)
-        corrupt = data.corrupt_tokens[start:stop] if ablation == "resample" else None
-        yield clean_batch(model, data.tokens[start:stop], corrupt, start=start, **kw)
-
-
 def mean_z(model: Model, data: TokenSet, batch_size: int) -> torch.Tensor:
     """Each head's clean ``z`` averaged over every token of ``data`` ``[layer, 1, 1, n_heads*d_head]``
     (what mean ablation writes: a head's output is linear in ``z``, so this is its mean output)."""
@@ -257,5 +246,5 @@ def z_sum(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     return run(model, tokens.to(model.device), read=("z",)).reads["z"].double().sum((1, 2))
 
 
-__all__ = ["CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet", "batches",
-           "clean_batch", "mean_z", "tensor_digest"]
+__all__ = ["CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet",
+           "clean_batch", "mean_z", "source_pool", "tensor_digest"]
