@@ -77,3 +77,24 @@ def ndif_server(monkeypatch):
         return log
 
     return serve
+
+
+def assert_same_chapter_results(chapter: str, results: dict, roots: dict, remote) -> None:
+    """A chapter measured locally (``results[None]``, cache under ``roots[None]``) and on the remote
+    path ``remote`` gave the same numbers (1e-6): the measured result's tensors for ``intro``
+    (it caches nothing), else every cache entry, under the same key, its run recording where."""
+    if chapter == "intro":
+        a, b = results[None].result.tensors(), results[remote].result.tensors()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert max_diff(a[k], b[k]) <= TOL, k
+        return
+    here, there = cached(roots[None]), cached(roots[remote])
+    assert here.keys() == there.keys() and here
+    for f in here:
+        (a, ma), (b, mb) = here[f], there[f]
+        assert a.keys() == b.keys(), f
+        for k in a:
+            assert max_diff(a[k], b[k]) <= TOL, (f, k)
+        assert ma["run"]["remote"] is False and mb["run"]["remote"] == (True if remote == "ndif" else remote)
+        assert ma["key"] == mb["key"], f  # where a measurement runs is not part of what it is

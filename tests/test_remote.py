@@ -20,8 +20,8 @@ from selfrepair.intervene import run
 from selfrepair.models import tiny_model, tiny_tokenizer
 from selfrepair.passes import ablate_heads, ablate_writes, amplify_heads
 
-from remote_helpers import (FAMILIES, TOL, cached, max_diff, ndif_server,  # noqa: F401 - a fixture
-                            saved_dir, tensor_bytes)
+from remote_helpers import (FAMILIES, TOL, assert_same_chapter_results, cached, max_diff,  # noqa: F401
+                            ndif_server, saved_dir, tensor_bytes)
 
 
 @pytest.fixture
@@ -200,18 +200,7 @@ def test_chapter_measurements_remote_local_equal_the_local_ones(tmp_path, chapte
         cfg = mod.Config.from_params(**params, remote=remote)
         results[remote] = mod.measure(cfg, progress=False)
     assert traces[0] > 0, "the remote-local chapter ran no trace through the remote path"
-    if chapter == "intro":  # caches nothing: compare the measured result's tensors
-        a, b = results[None].result.tensors(), results["local"].result.tensors()
-        for k in a:
-            assert max_diff(a[k], b[k]) <= TOL, k
-        return
-    here, there = cached(tmp_path / "None"), cached(tmp_path / "local")
-    assert here.keys() == there.keys() and here
-    for f in here:
-        (a, ma), (b, mb) = here[f], there[f]
-        for k in a:
-            assert max_diff(a[k], b[k]) <= TOL, (f, k)
-        assert ma["run"]["remote"] is False and mb["run"]["remote"] == "local"
+    assert_same_chapter_results(chapter, results, {r: tmp_path / str(r) for r in (None, "local")}, "local")
     _model.cache_clear()
 
 

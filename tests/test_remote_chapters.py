@@ -12,7 +12,7 @@ from selfrepair.book import load_profile
 from selfrepair.chapters import CHAPTERS
 from selfrepair.experiment import _model
 
-from remote_helpers import TOL, cached, max_diff, ndif_server, saved_dir  # noqa: F401 - a fixture
+from remote_helpers import assert_same_chapter_results, ndif_server, saved_dir  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER_NAMES = sorted(CHAPTERS.values())
@@ -45,21 +45,7 @@ def test_every_chapter_runs_remote_true_without_weights_and_equals_the_local_run
     finally:
         _model.cache_clear()
     assert log, "the remote chapter sent no request"
-    if chapter == "intro":  # caches nothing: compare the measured result's tensors
-        a, b = results[None].result.tensors(), results["ndif"].result.tensors()
-        assert a.keys() == b.keys()
-        for k in a:
-            assert max_diff(a[k], b[k]) <= TOL, k
-        return
-    here, there = cached(tmp_path / "None"), cached(tmp_path / "ndif")
-    assert here.keys() == there.keys() and here
-    for f in here:
-        (a, ma), (b, mb) = here[f], there[f]
-        assert a.keys() == b.keys(), f
-        for k in a:
-            assert max_diff(a[k], b[k]) <= TOL, (f, k)
-        assert ma["run"]["remote"] is False and mb["run"]["remote"] is True
-        assert ma["key"] == mb["key"], f  # where a measurement runs is not part of what it is
+    assert_same_chapter_results(chapter, results, {r: tmp_path / str(r) for r in (None, "ndif")}, "ndif")
 
 
 def _run_notebook_here(notebook: Path, params: dict, workdir: Path) -> dict:
