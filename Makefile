@@ -12,11 +12,12 @@ BOOK_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every version comes from constraints.txt (the lock the book and the tests run on); torch 2.13.0:
+# on these machines pip takes a local CPU build, elsewhere a CUDA one.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch is pinned (2.13.0): on these machines pip takes a local CPU build; elsewhere CUDA
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[book,test]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -30,8 +31,9 @@ setup-browser:
 test: setup setup-browser
 	$(BIN)/python -m pytest -q
 
+# The unit layer (under 2 minutes): every test but those marked slow (tests/conftest.py).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not smoke and not browser and not workflow"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 smoke: setup
 	$(BIN)/python -m pytest -q -m smoke

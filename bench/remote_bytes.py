@@ -36,7 +36,7 @@ def main() -> None:
     models.tiny_model("gemma3", d_head=32).save_pretrained(path)
     models.tiny_tokenizer().save_pretrained(path)
     server, log = remote_wrapper(str(path), dtype=torch.float32), []
-    models._ndif_source = lambda src, revision: None  # the fake server hosts this directory
+    models.loading._ndif_source = lambda src, revision: None  # the fake server hosts this directory
     Remotable._remote_backend = lambda self, *a: FakeNDIF(server, log)
     m = load_model(path, remote=True)
     tok = torch.randint(0, m.d_vocab, (8, 32), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,5 @@
-"""Shared fixtures: autouse seeding, and the book's notebooks executed once per session.
+"""Shared fixtures: autouse seeding, the book built once per session, every chapter run once per
+mode (here, ``remote="local"``, its notebook with ``remote="ndif"``).
 
 Keep this file small: fixtures used by one test file belong in that file.
 """
@@ -7,13 +8,25 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# Tests that need one of these session fixtures are marked `slow` (see pytest_collection_modifyitems).
+SLOW_FIXTURES = {"book", "chapter_runs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow``: every test that needs the book built or a chapter run (the session fixtures below),
+    loads the real model (``smoke``), or is marked ``slow`` by hand; ``make test-fast`` (``pytest
+    -m "not slow"``) leaves them out, ``make test`` runs everything."""
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.get_closest_marker("smoke"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -39,17 +52,20 @@ def _book_renderer():
 
 
 @pytest.fixture(scope="session")
-def executed_book(tmp_path_factory) -> SimpleNamespace:
-    """Every ``book/*.ipynb`` executed with papermill on the ``tiny`` profile, in a temp dir.
+def book(tmp_path_factory):
+    """The book built once per test run, as the Pages workflow's build step builds it (``make
+    book`` on the ``tiny`` profile, in a copy of the repository): tests/book_helpers.py. Shared by
+    tests/test_notebooks.py (one test per chapter), test_prose.py, test_book_browser.py and
+    test_workflows.py."""
+    from book_helpers import build_book
 
-    Shared by tests/test_notebooks.py (one test per chapter) and tests/test_book_browser.py
-    (which builds the HTML from these executed copies). ``runs`` maps a notebook's stem to its
-    :class:`selfrepair.book.ChapterRun`; ``params`` are the injected parameters.
-    """
-    from selfrepair.book import chapter_notebooks, execute_chapters, load_profile
+    return build_book(tmp_path_factory.mktemp("book") / "repo")
 
-    out = tmp_path_factory.mktemp("book")
-    params = {**load_profile("tiny", ROOT), "cache_dir": str(out / "results")}
-    runs = execute_chapters(chapter_notebooks(ROOT), params, out / "src", logs=out / "logs",
-                            jobs=2, progress=False, workdir=out)  # injected: cache_dir = "results"
-    return SimpleNamespace(root=ROOT, out=out, params=params, runs={r.name: r for r in runs})
+
+@pytest.fixture(scope="session")
+def chapter_runs(tmp_path_factory):
+    """Every chapter once per mode on a saved tiny model, each run made when first asked for:
+    here, ``remote="local"`` and its whole notebook with ``remote="ndif"`` (tests/chapter_runs.py)."""
+    from chapter_runs import ChapterRuns
+
+    return ChapterRuns(tmp_path_factory.mktemp("chapters"))

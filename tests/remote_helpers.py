@@ -13,7 +13,7 @@ import torch
 from selfrepair.models import tiny_model, tiny_tokenizer
 from selfrepair.results import load_tensors
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 TOL = 1e-6
 
 
@@ -25,8 +25,24 @@ def saved_dir(tmp_path: Path, family: str, **config) -> Path:
     return path
 
 
+def here_and_there(path: Path, log: list):
+    """``path`` loaded here and with ``remote=True`` (the ``ndif_server`` fixture serving it):
+    the remote load's check of its adapter (selfrepair/adapter_check.py) ran on the server as one
+    request that brought back a few numbers only (an error and a scale per piece and layer)."""
+    from selfrepair import load_model
+
+    log.clear()
+    here, there = load_model(path), load_model(path, remote=True)
+    assert len(log) == 1 and log[0].down < 20_000, log
+    log.clear()
+    return here, there
+
+
 def max_diff(a, b) -> float:
-    """The largest absolute difference of two tensors, or of dicts of them (same keys)."""
+    """The largest absolute difference of two tensors, or of dicts of them (same keys), or of two
+    patched passes' :class:`~selfrepair.terms.Terms`."""
+    if hasattr(a, "tensors"):
+        a, b = a.tensors(), b.tensors()
     if isinstance(a, dict):
         assert a.keys() == b.keys()
         return max([max_diff(a[k], b[k]) for k in a] or [0.0])
@@ -64,7 +80,7 @@ def ndif_server(monkeypatch):
 
     from nnsight.modeling.mixins.remotable import Remotable
 
-    from selfrepair import models
+    from selfrepair.models import loading
     from selfrepair.remote import remote_wrapper
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -72,7 +88,7 @@ def ndif_server(monkeypatch):
 
     def serve(path: Path) -> list:
         server, log = remote_wrapper(str(path), dtype=torch.float32), []
-        monkeypatch.setattr(models, "_ndif_source", lambda src, revision: None)
+        monkeypatch.setattr(loading, "_ndif_source", lambda src, revision: None)
         monkeypatch.setattr(Remotable, "_remote_backend", lambda self, *a: FakeNDIF(server, log))
         return log
 

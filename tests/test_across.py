@@ -84,9 +84,16 @@ def test_reference_matches_the_raw_release(paper, raw_release):
 
 
 def test_reference_variant(paper):
+    """The 1.0_ files are whole-set means (the script's PERCENTILE = 1.0: every token): small means
+    with negative minima, which a top-2% mean by direct effect cannot have."""
     other = across.load_paper_reference(variant="1.0")
-    assert set(other["model"]) == {"gpt2-small", "pythia-160m"}
+    assert set(other["model"]) == {"gpt2-small", "pythia-160m"} and set(other["tokens"]) == {"all"}
     assert len(other[other["model"] == "gpt2-small"]) == 144
+    for model, g in other.groupby("model"):
+        top = paper[paper["model"] == model]
+        assert g["direct_effect"].min() < 0 < top["direct_effect"].min()
+        assert g["direct_effect"].mean() < top["direct_effect"].mean() / 5
+    assert other["norm_share"].isna().all()  # no percent_*_of_DE among the 1.0_ files
     gpt2 = paper[paper["model"] == "gpt2-small"].set_index("label")["direct_effect"]
     assert not np.allclose(other[other["model"] == "gpt2-small"].set_index("label")["direct_effect"]
                            .loc[gpt2.index], gpt2)  # a different set of values
@@ -127,13 +134,33 @@ def test_load_cached_sweeps_returns_both_token_sets(cache):
     assert ours.loc[ours["tokens"] == "all", "norm_share"].isna().all()
 
 
+def test_an_entry_of_an_older_sweep_layout_beside_the_current_one_is_not_read_twice(cache, tmp_path):
+    """A cache that held the sweep before it kept per-row sums (``SweepSpec.layout``) holds the
+    same run twice: only the current entry is read."""
+    import shutil
+
+    from selfrepair.results import load_tensors, save_tensors
+
+    root, cfg, sweep = cache
+    copy = tmp_path / "cache"
+    shutil.copytree(root, copy)
+    entry = next(copy.glob("*/sweep-*.safetensors"))
+    tensors, meta = load_tensors(entry)
+    meta["key"]["spec"].pop("layout")  # as written before the layout was part of the key
+    save_tensors(entry.with_name("sweep-0000000000000000.safetensors"),
+                 {k: v for k, v in tensors.items() if k != "sum_row"}, meta)
+    pd.testing.assert_frame_equal(across.load_cached_sweeps(copy).drop(columns="path"),
+                                  across.load_cached_sweeps(root).drop(columns="path"))
+
+
 def test_chapter_measure_reuses_the_cached_sweep(cache, paper):
     root, cfg, sweep = cache
     acfg = across.Config.from_params(**TINY, cache_dir=str(root))
     ch = across.measure(acfg, progress=False)
     assert len(list(root.glob("*/sweep-*.safetensors"))) == 1
-    assert len(ch.top_heads) == 8 + len(paper) and len(ch.whole_heads) == 8
-    assert set(ch.whole_heads["source"]) == {"this project"}
+    assert len(ch.top_heads) == 8 + len(paper) and len(ch.whole_heads) == 8 + 2 * 144
+    assert set(ch.whole_heads["source"]) == {"this project", "paper"}  # the release's 1.0_ files
+    assert set(ch.whole_heads.loc[ch.whole_heads["source"] == "paper", "model"]) == {"gpt2-small", "pythia-160m"}
     assert set(ch.table["run"]) == set(ch.heads["run"]) and len(ch.table) == 5
     assert ch.current == "tiny-gpt_neox"
 
@@ -158,7 +185,8 @@ def test_empty_and_damaged_caches(tmp_path, cache):
 
 # -- the claims' metrics, by hand -----------------------------------------------------------------
 def _row(run, source, n_layers, tokens, layer, head, de, sr, ns, bn, dl):
-    return {"source": source, "run": run, "model": run.split()[0], "ablation": "resample",
+    return {"source": source, "run": run, "model": run.split()[0], "fold_value_biases": source == "paper",
+            "ablation": "resample",
             "tokens": tokens, "n_layers": n_layers, "layer": layer, "head": head,
             "label": f"L{layer}H{head}", "rel_layer": layer / (n_layers - 1), "direct_effect": de,
             "ablated_direct_effect": 0.0, "delta_logit": dl, "self_repair": sr, "from_heads": 0.0,
@@ -225,6 +253,26 @@ def test_compare_models_on_the_release_by_hand(paper, raw_release):
         assert row["frac_self_repaired_late"] == pytest.approx((sr.loc[pct.index][late] > 0).mean(), abs=1e-12)
 
 
+def test_release_whole_set_beside_ours_by_hand():
+    """Fig 2 / 20-22's metric on the release's whole-set means, from the raw CSV; the token counts
+    read off the authors' script; the two Pythia-160M whole-set files' agreement."""
+    raw = pd.read_csv(across.reference_path(), dtype={"variant": str}, keep_default_na=False)
+    table = across.compare_models(across.load_paper_release()).set_index("model")
+    for model in ("gpt2-small", "pythia-160m"):
+        r = raw[(raw["variant"] == "1.0") & (raw["model"] == model)]
+        de = r[r["quantity"] == "direct_effects"].set_index(["layer", "head"])["value"]
+        dl = r[r["quantity"] == "logit_diff"].set_index(["layer", "head"])["value"].loc[de.index]
+        pos = de > 0
+        want = ((dl[pos] < 0) & (dl[pos] > -de[pos])).mean()
+        assert table.loc[model, "frac_between_all"] == pytest.approx(want, abs=1e-12)
+    assert np.isnan(table.loc["gpt2-medium", "frac_between_all"])  # top-2% files only
+    assert across.release_tokens() == 27 * 30 * 128 == 103_680  # ((100,000 // 3,840) + 1) x 3,840
+    agree = across.release_agreement()
+    assert agree["n"] == 144 and 0.5 < agree["r_direct_effect"] < 0.999
+    md = across.release_markdown()
+    assert "103,680" in md and "128" in md and f"{agree['r_direct_effect']:.2f}" in md
+
+
 def test_per_layer_by_hand(synthetic):
     layers = across.per_layer(synthetic)
     assert len(layers) == 4 * 2 + 2  # per run, token set and layer
@@ -237,15 +285,65 @@ def test_per_layer_by_hand(synthetic):
 
 def test_comparison_markdown_shows_the_computed_numbers(synthetic):
     table = across.compare_models(synthetic)
-    md = across.comparison_markdown(table, current="toy")
+    md = across.comparison_markdown(table, current="toy")  # no estimates: every verdict cannot tell
     t = table.set_index("run").loc["toy (ours)"]
     for value in (t["frac_self_repaired_late"], t["norm_share_late"], t["frac_between_all"],
                   t["block_norm_share_late"]):
         assert format(value, ".0%") in md
     assert across.PAPER_CITATION in md and "toy (ours)" in md and "ref" in md  # the paper model by name
-    # the paper models' range (a single paper run: min = max)
-    assert f"{1.0:.0%} to {1.0:.0%}" in md and f"{0.3:.0%} to {0.3:.0%}" in md
+    assert md.count("**cannot tell**") == len(across.CLAIMS) and "no per-document sums" in md
+    assert f"ref {1.0:.0%}" in md and f"ref {0.3:.0%}" in md  # the release's values, one per model
+    assert "no interval of their own" in md
     assert not re.search(r"\bnan\b", md, re.I) and "n/a" not in md
+
+
+def test_run_estimates_by_hand_from_the_cached_sweep(cache):
+    """Each run's three statistics by hand with pandas from the sweep's token rows and per-row
+    sums; replicates of the norm share recompute every head's mean on resampled documents."""
+    from selfrepair.uncertainty import Bootstrap, Clusters
+
+    root, cfg, sweep = cache
+    est = across.run_estimates(sweep, 200, 3)
+    ph, top = sweep.per_head(), sweep.tokens_frame("top")
+    late = ph[ph["layer"] >= sweep.n_layers // 2]
+    assert est["many"].value == pytest.approx((late["self_repair"] > 0).mean()) and est["many"].n == len(late)
+    pos = ph[ph["direct_effect_all"] > 0]
+    band = (pos["delta_logit_all"] < 0) & (pos["delta_logit_all"] > -pos["direct_effect_all"])
+    assert est["between"].value == pytest.approx(band.mean()) and est["between"].n == len(pos)
+
+    def norm_share(tokens):
+        f = tokens[(tokens["direct_effect"] != 0) & (tokens["layer"] >= sweep.n_layers // 2)]
+        share = (f["from_norm"] / f["direct_effect"]).clip(0, 1)
+        return share.groupby([f["layer"], f["head"]]).mean().mean()
+
+    assert est["norm_share"].value == pytest.approx(norm_share(top))
+    t = across.compare_models(across.load_cached_sweeps(root)).iloc[0]
+    assert est["norm_share"].value == pytest.approx(t["norm_share_late"])  # the table's number, same statistic
+    clusters = Clusters.documents(sweep.main_document.numpy())
+    assert all(e.clusters == clusters.n and e.cluster_unit == "documents" and e.seed == 3 for e in est.values())
+    boot = Bootstrap.over(clusters, 200, 3)
+    shares = clusters.head_sums(across.clipped_shares(top), ["share"], *sweep.sum_all.shape[:2])
+    first = sweep.n_layers // 2
+    reps = boot.replicates(lambda x: np.nanmean(
+        (x[:, first:, :, 1] / x[:, first:, :, 0]).reshape(len(x), -1), 1), shares)
+    for i in (0, 9, 150):
+        docs = np.repeat(np.arange(clusters.n), boot.weights[i].astype(int))
+        drawn = pd.concat([top[clusters.of_row[top["row"].to_numpy()] == d] for d in docs])
+        assert reps[i] == pytest.approx(norm_share(drawn))
+
+
+@pytest.mark.parametrize("lo, hi, where", [(0.2, 0.4, "inside"), (0.35, 0.5, "below"), (0.1, 0.25, "above")])
+def test_the_releases_value_is_placed_against_our_interval(lo, hi, where):
+    from selfrepair.uncertainty import Estimate
+
+    e = Estimate((lo + hi) / 2, lo, hi, 8, "late-layer heads", 30, "documents", 0, 1000)
+    assert across._against(0.3, e, ".0%").startswith(where)
+    paper = pd.DataFrame({"model": ["pythia-160m"], "frac_between_all": [0.3]})
+    ours = pd.DataFrame({"model": ["EleutherAI/pythia-160m"], "run": ["p160 (ours)"]})
+    text = across.release_values(across.BETWEEN, paper, {"a": 0.3, "b": 0.35}, ours,
+                                 {"p160 (ours)": {"between": e}})
+    assert f"the release's 30% lies {where} our 95% interval" in text and "30% and 35%" in text
+    assert across.paper_model("gpt2") == "gpt2-small" and across.paper_model("tiny-gpt2") is None
 
 
 def test_comparison_markdown_without_our_runs(paper):

@@ -15,14 +15,14 @@ from selfrepair.atp import AtpSpec, attribution_patching, compare, rank_agreemen
 from selfrepair.batch import clean_batch
 from selfrepair.errors import InputError
 from selfrepair.heads import self_repair
-from selfrepair.intervene import run
+from selfrepair.intervene import gradients, run
 from selfrepair.measure import Cache
 from selfrepair.passes import ablate_heads
 from selfrepair.sweep import run_sweep
 
 from reference import reference_atp
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 
 
 def tokens_for(model, batch=4, seq=10, seed=0):
@@ -40,7 +40,7 @@ def test_gradient_matches_plain_autograd(model64):
     tok = tokens_for(model64)
     corrupt = torch.roll(tok, 1, 0)
     got = attribution_patching(model64, tok, corrupt_tokens=corrupt, batch_size=2, progress=False)
-    want = reference_atp(model64.hf, model64.adapter.family, tok, corrupt)
+    want = reference_atp(model64.hf, tok, corrupt)
     assert want.abs().max() > 1e-2  # not vacuous
     torch.testing.assert_close(got.atp.double(), want, rtol=3e-5, atol=3e-6)
 
@@ -125,7 +125,7 @@ def test_interpolated_patch_error_is_second_order(family):
     rel, parts = {}, {}
     for alpha in (0.1, 0.01):
         out = ablate_heads(b, layer, heads, z + alpha * (zc - z))
-        s = {k: v.sum((1, 2)).double() for k, v in out.items()}
+        s = {k: v.sum((1, 2)).double() for k, v in out.tensors().items()}
         n = b.rows * b.seq1
         atp = alpha * torch.tensor(a[a.layer == layer]["atp"].to_numpy()) * n
         norm = alpha * torch.tensor(a[a.layer == layer]["atp_norm"].to_numpy()) * n
@@ -179,8 +179,10 @@ def test_spec_is_cached_and_backward_refuses_edits(tmp_path):
     assert cache.path(AtpSpec(), model, data).name.startswith("atp-")
     torch.testing.assert_close(first.atp, again.atp, rtol=0, atol=0)
     assert first.seconds_atp > 0 and "run" in again.meta
-    with pytest.raises(ValueError, match="backward"):
+    with pytest.raises(TypeError, match="backward"):  # the backward pass is intervene.gradients
         run(model, tokens_for(model), edits={("z", 0): lambda z: z}, backward=lambda r, n: n.sum())
+    with pytest.raises(TypeError, match="edits"):  # which takes no edits: a clean pass only
+        gradients(model, tokens_for(model), lambda r, n: n.sum(), edits={("z", 0): lambda z: z})
     with pytest.raises(InputError):
         attribution_patching(model, tokens_for(model), ablation="nonsense")
 
@@ -211,3 +213,115 @@ def test_chapter_on_a_new_local_model(tmp_path):
         chapter.Config.from_params(**common, top_heads=0)
     with pytest.raises(InputError, match="ablation"):
         chapter.Config.from_params(**common, ablation="none")
+
+
+def test_per_row_sums_add_up_and_do_not_depend_on_the_batch():
+    """Each row's AtP (a bootstrap's unit) sums to the totals and is the same whatever rows share
+    its batch: rows of a batch do not interact."""
+    model = load_model("tiny-gpt_neox", dtype="float64")
+    tok = tokens_for(model, batch=5, seq=9, seed=2)
+    a = attribution_patching(model, tok, batch_size=2, progress=False)
+    b = attribution_patching(model, tok, batch_size=5, progress=False)
+    assert a.row.shape == (5, model.n_layers, model.n_heads, 3)
+    torch.testing.assert_close(a.row, b.row)
+    for i, name in enumerate(("atp", "atp_frozen", "delta_direct_effect")):
+        torch.testing.assert_close(a.row[..., i].sum(0), getattr(a, name))
+
+
+# -- the chapter's verdicts on the uncertainty layer ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_chapter(tmp_path_factory):
+    from selfrepair.chapters import atp as chapter
+    from selfrepair.experiment import head_sweep
+
+    cfg = chapter.Config.from_params(model="tiny-gpt_neox", dataset="tiny", n_tokens=2048, seq_len=32,
+                                     batch_size=8, top_percent=10, top_heads=3, n_boot=200,
+                                     cache_dir=str(tmp_path_factory.mktemp("atp")))
+    return cfg, chapter.measure(cfg, progress=False), head_sweep(cfg, cfg.ablation, progress=False)
+
+
+def _by_hand(sweep, atp_rows, docs):
+    """Per head (pandas), whole-set means over the rows of the documents ``docs`` (repeats count):
+    exact Δlogit, self-repair, AtP and AtP's self-repair."""
+    import numpy as np
+    import pandas as pd
+
+    from selfrepair.sweep_batch import ROW_COLUMNS
+
+    doc = np.unique(sweep.main_document.numpy(), return_inverse=True)[1]
+    rows = np.concatenate([np.flatnonzero(doc == d) for d in docs])
+    s, a = sweep.sum_row.double().numpy()[rows].sum(0), atp_rows.double().numpy()[rows].sum(0)
+    n = len(rows) * sweep.seq1
+    L, H = s.shape[:2]
+    return pd.DataFrame({"exact": (s[..., ROW_COLUMNS.index("delta_logit")] / n).ravel(),
+                         "self_repair": (s[..., ROW_COLUMNS.index("self_repair")] / n).ravel(),
+                         "atp": (a[..., 0] / n).ravel(), "atp_sr": ((a[..., 0] - a[..., 2]) / n).ravel()})
+
+
+def _top(values, k):
+    import numpy as np
+    return set(np.argsort(-np.asarray(values), kind="stable")[:k])
+
+
+def test_verdicts_against_pandas_by_hand(tiny_chapter):
+    import numpy as np
+
+    from selfrepair.chapters import atp as chapter
+
+    cfg, ch, sweep = tiny_chapter
+    ev = ch.evidence
+    n_docs = ev.clusters.n
+    assert n_docs >= 4 and ev.clusters.unit == "documents"
+    every = _by_hand(sweep, ch.result.row, range(n_docs))
+    v = {x.claim.key: x for x in ch.verdicts}
+    rho = every["exact"].abs().rank().corr(every["atp"].abs().rank())
+    assert v["ranks"].value == pytest.approx(rho) == pytest.approx(ch.ranks["spearman"])
+    miss = ((every["self_repair"] - every["atp_sr"]) ** 2).sum() / (every["self_repair"] ** 2).sum()
+    assert v["blind"].value == pytest.approx(miss, rel=1e-9)
+    select, test = ev.clusters.halves(cfg.seed)
+    assert set(select).isdisjoint(test) and len(select) + len(test) == n_docs
+    k = ch.ranks["k"]
+    chosen = _top(_by_hand(sweep, ch.result.row, select)["exact"].abs(), k)
+    tested = _by_hand(sweep, ch.result.row, test)
+    assert v["top"].value == pytest.approx(len(chosen & _top(tested["atp"].abs(), k)) / k)
+    assert v["top"].n == k and v["top"].estimate.clusters == len(test)
+    assert v["ranks"].estimate.clusters == n_docs and v["ranks"].estimate.n_boot == 200
+    _, _, mask = chapter.chosen_on_half(ev, k, cfg.seed)
+    assert set(np.flatnonzero(mask)) == chosen
+
+
+def test_the_top_heads_are_chosen_blind_to_the_test_half(tiny_chapter):
+    import numpy as np
+
+    from selfrepair.chapters import atp as chapter
+
+    cfg, ch, _ = tiny_chapter
+    ev = ch.evidence
+    select, test, chosen = chapter.chosen_on_half(ev, ch.ranks["k"], cfg.seed)
+    noisy = ev.sums.copy()
+    noisy[test] = np.random.default_rng(0).normal(size=noisy[test].shape) * 100
+    again = chapter.chosen_on_half(chapter.Evidence(ev.clusters, noisy), ch.ranks["k"], cfg.seed)[2]
+    assert (again == chosen).all()
+
+
+def test_replicates_recompute_ranks_overlap_and_miss_on_resampled_documents(tiny_chapter):
+    import numpy as np
+
+    from selfrepair.chapters import atp as chapter
+    from selfrepair.uncertainty import Bootstrap
+
+    cfg, ch, sweep = tiny_chapter
+    ev, k = ch.evidence, ch.ranks["k"]
+    boot = Bootstrap.over(ev.clusters, 30, 5)
+    rho = boot.replicates(chapter.spearman, ev.sums)
+    miss = boot.replicates(chapter.missed, ev.sums)
+    chosen = np.zeros(len(ch.heads), bool)
+    chosen[:k] = True
+    kept = boot.replicates(lambda t: chapter.kept(t, chosen), ev.sums)
+    for i in (0, 7, 22):
+        docs = np.repeat(np.arange(ev.clusters.n), boot.weights[i].astype(int))
+        h = _by_hand(sweep, ch.result.row, docs)
+        assert rho[i] == pytest.approx(h["exact"].abs().rank(method="first").corr(h["atp"].abs().rank(method="first")))
+        assert miss[i] == pytest.approx(((h["self_repair"] - h["atp_sr"]) ** 2).sum() / (h["self_repair"] ** 2).sum())
+        assert kept[i] == pytest.approx(len(set(range(k)) & _top(h["atp"].abs(), k)) / k)
+    assert np.unique(rho[1:]).size > 1

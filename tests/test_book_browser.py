@@ -1,12 +1,18 @@
 """Open every page of a built book in headless Chromium: charts drawn, math typeset, no console
 errors, and no request to any host but the local server (the book works offline); read at 1440,
-1024 and 390 px: no chart wider than its column at any of them, no table wider than its column on
-a laptop, no page that scrolls sideways on a phone (see the test's docstring); the parameters cells
-shown and the boilerplate folded; and no page naming a folder of the machine that built it.
+1024 and 390 px: no chart wider than its column or narrower than 200 px (or shrunk to views under
+100 px), no facet panel without marks and no axis under an empty facet slot, no legend entry whose
+colour no mark draws, no inline math wider than its paragraph, at any of them; no table wider than
+its column on a laptop, no page that scrolls sideways on a phone (see the test's docstring); the
+parameters cells shown and the boilerplate folded; and no page naming a folder of the machine that
+built it.
+The built pages' text: no "draw(s)" / "patch(es)" templates, no emoji, no integer column printed
+with a decimal point.
 
-Builds from the notebooks executed on the ``tiny`` profile by conftest's ``executed_book`` plus a
-synthetic page with a few charts (so the renderer is checked even before chapters exist), serves
-the HTML with ``python -m http.server`` on 127.0.0.1 and drives Chromium through the DevTools
+Reads the book conftest's ``book`` built (once per test run, as the Pages workflow builds it, on
+the ``tiny`` profile) and, beside it, a synthetic page with a few charts built on its own (so the
+renderer is checked whatever the chapters draw), serves both with ``python -m http.server`` on
+127.0.0.1 and drives Chromium through the DevTools
 protocol (``websocket-client``). Needs Debian's ``chromium`` (``apt-get install -y chromium``);
 skipped, with that message, where no Chromium can be found.
 """
@@ -14,6 +20,7 @@ skipped, with that message, where no Chromium can be found.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -31,15 +38,64 @@ import pytest
 import yaml
 
 from selfrepair import figures
-from selfrepair.book import build_html, stage_source, vendor_assets
+from selfrepair.book import build_html
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.browser
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHECK_PAGE = "book/chart_check"
+CHECK_PAGE = "chart_check/book/chart_check"
 WIDTHS = {"laptop": 1440, "small laptop": 1024, "phone": 390}  # viewport widths (px) every page is read at
 HEIGHT = 900
+# Reading a drawn chart (Vega's SVG): a view's plot area is the background of the root group, or of
+# each facet cell / concatenated view; a facet cell's marks are its `role-mark` items; a column
+# footer holds the x-axis drawn under the last panel of each column; a legend's symbols carry the
+# colour of the marks they name (a colour legend has several colours; shape legends are skipped).
+CHART_JS = """
+  const title = svg => (svg.querySelector('g.role-title text') || {}).textContent || '(untitled)';
+  const plotWidths = svg => {
+    const bg = sel => Array.from(svg.querySelectorAll(sel)).map(p => Math.round(p.getBoundingClientRect().width));
+    const views = bg('g.role-scope.cell > g > path.background').concat(
+      bg('g.role-scope[class*="concat_"] > g > path.background'));
+    return views.length ? views : bg('g.role-frame.root > g > path.background');
+  };
+  const emptyPanels = svg => {
+    const cells = Array.from(svg.querySelectorAll('g.role-scope.cell > g'));
+    const out = cells.filter(c => !c.querySelector('g.role-mark > *')).map(() => 'a facet panel without marks');
+    const boxes = cells.map(c => (c.querySelector('path.background') || c).getBoundingClientRect());
+    svg.querySelectorAll('g.role-column-footer > g').forEach(f => {
+      const r = f.getBoundingClientRect();
+      const above = boxes.filter(b => b.left < r.right - 2 && b.right > r.left + 2 && b.bottom <= r.top + 2);
+      if (!above.length || r.top - Math.max(...above.map(b => b.bottom)) > 20)
+        out.push('an axis under an empty facet slot');
+    });
+    return out;
+  };
+  const paint = e => {
+    const f = (e.getAttribute('fill') || '').toLowerCase();
+    return f && f !== 'none' && f !== 'transparent' ? f : (e.getAttribute('stroke') || '').toLowerCase();
+  };
+  const unmarkedLegend = svg => {
+    const drawn = new Set();
+    svg.querySelectorAll('g.role-mark > *').forEach(e => ['fill', 'stroke'].forEach(a => {
+      const v = (e.getAttribute(a) || '').toLowerCase(); if (v) drawn.add(v); }));
+    const out = [];
+    svg.querySelectorAll('g.role-legend').forEach(lg => {
+      if (lg.querySelector('g.role-legend-gradient')) return;  // a continuous scale: no entries
+      const colours = Array.from(lg.querySelectorAll('g.role-legend-symbol > path')).map(paint);
+      const labels = Array.from(lg.querySelectorAll('g.role-legend-label > text')).map(t => t.textContent);
+      if (colours.length > 1 && new Set(colours).size < 2) return;  // shapes, not colours
+      colours.forEach((c, i) => { if (!drawn.has(c)) out.push(labels[i]); });
+    });
+    return out;
+  };
+"""
+# px: no chart narrower; its widest view not narrower (a single view shrunk to make room for a long
+# title or legend), and no view collapsed (a one-column strip beside a heatmap may be narrow)
+CHART_MIN, VIEW_MIN = 200, figures.NARROWEST_VIEW
 PAGE_STATE = """(() => {
   const charts = Array.from(document.querySelectorAll('.%(chart)s'));
+%(chart_js)s
   // what a reader sees without a click: not inside a closed <details> (a folded cell, the
   // full frame under a table), laid out and of some height
   const shown = el => !el.closest('details:not([open])') && el.offsetParent !== null
@@ -60,6 +116,21 @@ PAGE_STATE = """(() => {
       .filter(([t, box]) => t.getBoundingClientRect().width > box.clientWidth + 2)
       .map(([t, box]) => `${px(t.getBoundingClientRect())} px table in a ${box.clientWidth} px column: `
                          + t.textContent.trim().slice(0, 60)),
+    too_narrow: charts.map(el => el.querySelector('svg.marks')).filter(svg => svg)
+      .map(svg => [svg, plotWidths(svg)])
+      .filter(([svg, widths]) => svg.getBoundingClientRect().width < %(chart_min)d
+              || Math.max(0, ...widths) < %(view_min)d || widths.some(w => w < 10))
+      .map(([svg, widths]) => `${px(svg.getBoundingClientRect())} px chart, views ${widths.join(', ')} px`
+                              + `: ${title(svg)}`),
+    empty_panels: charts.map(el => el.querySelector('svg.marks')).filter(svg => svg)
+      .flatMap(svg => emptyPanels(svg).map(what => `${what}: ${title(svg)}`)),
+    unmarked_legend: charts.map(el => el.querySelector('svg.marks')).filter(svg => svg)
+      .flatMap(svg => unmarkedLegend(svg).map(label => `"${label}": ${title(svg)}`)),
+    math_overflow: Array.from(document.querySelectorAll('mjx-container:not([display="true"])')).filter(shown)
+      .map(m => [m, m.closest('p, li, dd, td, th, .cell_output, .admonition, section')])
+      .filter(([m, box]) => box && m.getBoundingClientRect().right > box.getBoundingClientRect().right + 2)
+      .map(([m, box]) => `${px(m.getBoundingClientRect())} px of math in a ${px(box.getBoundingClientRect())} px `
+                         + `box: ${(m.getAttribute('aria-label') || m.textContent).slice(0, 60)}`),
     page_width: document.documentElement.scrollWidth,
     viewport: window.innerWidth,
     parameters_shown: Array.from(document.querySelectorAll(
@@ -70,7 +141,7 @@ PAGE_STATE = """(() => {
     ready: document.readyState,
     url: location.href,
   });
-})()""" % {"chart": figures.CHART_CLASS}
+})()""" % {"chart": figures.CHART_CLASS, "chart_js": CHART_JS, "chart_min": CHART_MIN, "view_min": VIEW_MIN}
 
 
 def _browser() -> str | None:
@@ -103,20 +174,23 @@ def _chart_check_notebook() -> nbformat.NotebookNode:
 
 
 @pytest.fixture(scope="module")
-def built_book(executed_book) -> Path:
-    """The HTML of the executed chapters plus the chart-check page, built with warnings as errors."""
-    root, src = executed_book.root, executed_book.out / "src"
-    vendor_assets(root / "book" / "_static", root / ".cache" / "npm")
-    stage_source(root, src)
-    nbformat.write(_chart_check_notebook(), src / f"{CHECK_PAGE}.ipynb")
-    toc = yaml.safe_load((src / "_toc.yml").read_text())
-    toc["parts"][-1]["chapters"].append({"file": CHECK_PAGE})
-    (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True))
-    html = executed_book.out / "html"
+def built_book(book, tmp_path_factory) -> Path:
+    """The site served: the book's HTML (linked, not copied) and, under ``chart_check/``, the
+    chart-check page built as a book of its own with the book's config and assets (warnings are
+    errors)."""
+    assert (book.html / "index.html").is_file(), f"the book was not built:\n{book.log}"
+    site, src = tmp_path_factory.mktemp("site") / "html", tmp_path_factory.mktemp("chart_check")
+    shutil.copytree(book.html, site, copy_function=os.link)
+    for rel in ("_config.yml", "book/references.bib"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(book.root / rel, src / rel)
+    shutil.copytree(book.root / "book" / "_static", src / "book" / "_static")
+    nbformat.write(_chart_check_notebook(), src / "book" / "chart_check.ipynb")
+    (src / "_toc.yml").write_text(yaml.safe_dump({"format": "jb-book", "root": "book/chart_check"}))
     started = time.time()
-    assert build_html(src, html, strict=True) == 0, "the book build failed (warnings are errors)"
-    print(f"tiny book built in {time.time() - started:.1f} s")
-    return html
+    assert build_html(src, site / "chart_check", strict=True) == 0, "the check page's build failed"
+    print(f"chart-check page built in {time.time() - started:.1f} s")
+    return site
 
 
 class DevTools:
@@ -266,6 +340,13 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
             problems.append(f"{state.get('drawn')} of {state.get('charts')} charts drawn {state.get('failed')}")
         if state.get("overflow"):  # a chart that scrolls or is cut off does not fit
             problems.append(f"charts wider than their column at {width} px: {state['overflow']}")
+        for key, what in (("too_narrow", f"charts narrower than {CHART_MIN} px (widest view under {VIEW_MIN} px, "
+                                         "or a view collapsed)"),
+                          ("empty_panels", "facet panels without marks"),
+                          ("unmarked_legend", "legend entries no mark draws"),
+                          ("math_overflow", "inline math wider than its paragraph")):
+            if state.get(key):
+                problems.append(f"{what} at {width} px: {state[key]}")
         if width >= 1024 and state.get("refitted"):
             problems.append(f"charts not drawn as designed at {width} px: {state['refitted']} "
                             "(make the fig_* function fit a 1024 px page)")
@@ -292,11 +373,9 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
     assert totals["charts"] >= 3
 
 
-def machine_paths(executed_book) -> dict[str, str]:
+def machine_paths(book) -> dict[str, str]:
     """Folders of the machine that built the book, which no page may name."""
-    import os
-
-    paths = {"the repository root": executed_book.root, "the build folder": executed_book.out,
+    paths = {"the repository root": ROOT, "the repository copy built": book.root, "the build folder": book.out,
              "$HOME": Path.home(), "the Python environment": Path(sys.prefix),
              "the interpreter": Path(sys.executable).parent}
     out = {}
@@ -321,10 +400,10 @@ def test_paths_named_finds_folders():
     assert paths_named("<p>/home/anne and /tmp/book01 and results</p>", paths) == []
 
 
-def test_no_page_names_a_path_of_the_building_machine(built_book, executed_book):
+def test_no_page_names_a_path_of_the_building_machine(built_book, book):
     """The injected parameters (cache_dir), the provenance table and every other output: no page
     names the repository's folder, the build folder, $HOME or the Python environment."""
-    paths = machine_paths(executed_book)
+    paths = machine_paths(book)
     pages = _pages(built_book)
     assert len(pages) > 5
     found = {page: named for page in pages
@@ -342,8 +421,9 @@ def test_html_names_no_external_script_style_or_font(built_book):
         bad += [f"{path.name}: {m}" for m in re.findall(r"<script[^>]+src=\"https?://[^\"]+\"", text)]
         bad += [f"{path.name}: {m}" for m in re.findall(r"<link[^>]+href=\"https?://[^>]+>", text)]
         bad += [f"{path.name}: {m}" for m in re.findall(r"url\(['\"]?https?://[^)]+\)", text)]
-        if path.suffix == ".html":  # outside links, a page names no other host at all (thebe did)
-            rest = re.sub(r"<a\b[^>]*>.*?</a>", "", text, flags=re.S)
+        if path.suffix == ".html":  # outside links and text shown as code (a BibTeX entry's url, an
+            # address to fill in), a page names no other host at all (thebe did, in a script)
+            rest = re.sub(r"<a\b[^>]*>.*?</a>|<(pre|code)\b[^>]*>.*?</\1>", "", text, flags=re.S)
             bad += [f"{path.name}: {m}" for m in re.findall(r"https?://[^\s\"'<>]+", rest)]
     assert not bad, "\n".join(bad[:20])
 
@@ -390,3 +470,83 @@ def test_local_links_of_every_page_resolve(built_book):
             if not (built_book / page).parent.joinpath(href).resolve().is_file():
                 broken.append(f"{page}: {href}")
     assert not broken, broken
+
+
+TEMPLATE = re.compile(r"[A-Za-z]\((?:s|es)\)")  # "draw(s)", "patch(es)": a count's noun left unchosen
+EMOJI = re.compile("[\u2600-\u27bf\U0001f300-\U0001faff\ufe0f]")  # a missing-glyph box on many systems
+WHOLE = re.compile(r"^(?:[−-]?\d{1,3}(?:,\d{3})*|[−-]?\d+|—)$")  # an integer as a table prints it
+
+
+def page_text(html: str) -> str:
+    """What a reader reads: the page without scripts, styles and code (where "f(s)" is Python)."""
+    import html as markup
+
+    body = re.sub(r"<(script|style|pre|code)\b.*?</\1>", " ", html, flags=re.S | re.I)
+    return markup.unescape(re.sub(r"<[^>]+>", " ", body))
+
+
+def decimal_integers(html: str) -> list[str]:
+    """Cells of paper-style tables whose numeric column counts or indexes (``selfrepair.tables.
+    integer_name`` of the frame's column name, the header's ``title``) but which print a decimal
+    point."""
+    from html.parser import HTMLParser
+
+    from selfrepair.tables import TABLE_CLASS, integer_name
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.bad, self.names, self.col, self.cell, self.table = [], [], 0, None, False
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "table":
+                self.table, self.names = TABLE_CLASS in (attrs.get("class") or ""), []
+            elif tag == "tr":
+                self.col = 0
+            elif tag == "th" and self.table:  # a numeric column (class "num") of an integer name
+                self.names.append(attrs.get("title") or "" if "num" in (attrs.get("class") or "") else "")
+            elif tag == "td" and self.table:
+                self.cell = []
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.cell is not None:
+                name = self.names[self.col] if self.col < len(self.names) else ""
+                text = "".join(self.cell).strip()
+                if integer_name(name) and not WHOLE.match(text):
+                    self.bad.append(f"{name} = {text}")
+                self.col, self.cell = self.col + 1, None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell.append(data)
+
+    parser = Cells()
+    parser.feed(html)
+    return parser.bad
+
+
+def test_leftovers_are_found():
+    page = ('<p>3 resample source(s), 1 draw(s) ✅ and layers 0, 5 and 16</p><pre>def f(s): pass</pre>'
+            '<table class="selfrepair-table"><thead><tr><th class="num" title="layer">layer</th>'
+            '<th class="num" title="abs_error">e</th><th class="text" title="layers">layers</th></tr></thead>'
+            '<tbody><tr><td>1.00</td><td>0.5</td><td>0-1</td></tr><tr><td>10</td><td>2</td><td>2-3</td></tr></tbody></table>')
+    text = page_text(page)
+    assert TEMPLATE.findall(text) == ["e(s)", "w(s)"] and EMOJI.findall(text) == ["✅"]
+    assert decimal_integers(page) == ["layer = 1.00"]
+
+
+def test_no_page_has_plural_templates_emoji_or_decimal_integers(built_book):
+    """The generated text of every page: counts with their noun in the right number (not
+    "patch(es)"), no emoji (a missing-glyph box where the font has none), and integer table
+    columns (layer, head, n_*, ...) printed as integers."""
+    found = {}
+    for page in _pages(built_book):
+        html = (built_book / page).read_text(encoding="utf-8")
+        text = page_text(html)
+        bad = ([f"template: …{text[max(0, m.start() - 40):m.end()]}" for m in TEMPLATE.finditer(text)]
+               + [f"emoji: …{text[max(0, m.start() - 40):m.end()]}" for m in EMOJI.finditer(text)]
+               + [f"integer column with a decimal point: {c}" for c in decimal_integers(html)])
+        if bad:
+            found[page] = bad[:5]
+    assert not found, json.dumps(found, indent=1, ensure_ascii=False)

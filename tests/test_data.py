@@ -15,8 +15,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from selfrepair.data import (EMBEDDED_CORPUS, DataError, corrupt_tokens, dataset_fingerprint, load_corpus,
-                             load_prompts, pack_documents, pack_tokens, prompt_tokens, resample_sources,
-                             same_document_rows, tiny_corpus)
+                             load_prompts, pack, pack_documents, pack_tokens, pack_windows, prompt_tokens,
+                             resample_sources, same_document_rows, tiny_corpus)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,66 @@ def test_pack_records_the_documents_of_every_row(tokenizer):
     for r in range(len(packed.tokens)):
         span = doc_of[r * body:(r + 1) * body]
         assert (packed.doc_first[r], packed.doc_last[r]) == (span[0], span[-1])
+        counts = {d: span.count(d) for d in span}  # the document holding most of the row (ties: earlier)
+        assert packed.doc_main[r] == min(counts, key=lambda d: (-counts[d], d))
+    assert len(set(packed.doc_main.tolist())) > 1 and (packed.doc_main.diff() >= 0).all()
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_one_window_per_document(tokenizer):
+    """packing='document': every row is BOS then a contiguous window of one document, no document
+    twice, documents shorter than the window passed over, the offsets reproducible from the seed."""
+    corpus = tiny_corpus(40)
+    texts = corpus["text"]
+    packed = pack_windows(corpus, tokenizer, n_tokens=12 * 10, seq_len=12, seed=5, progress=False)
+    assert packed.tokens.shape == (10, 12) and (packed.tokens[:, 0] == tokenizer.bos_token_id).all()
+    assert torch.equal(packed.doc_first, packed.doc_last) and torch.equal(packed.doc_first, packed.doc_main)
+    assert len(set(packed.doc_main.tolist())) == 10 and (packed.doc_main.diff() > 0).all()
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(5)).tolist()
+    for row, d in zip(packed.tokens, packed.doc_main.tolist()):
+        ids, window = _ids(tokenizer, texts[order[d]]), row[1:].tolist()
+        assert any(ids[k:k + 11] == window for k in range(len(ids) - 10)), d
+    skipped = [d for d in range(int(packed.doc_main[-1])) if d not in packed.doc_main.tolist()]
+    assert all(len(_ids(tokenizer, texts[order[d]])) < 11 for d in skipped)
+    again = pack_windows(corpus, tokenizer, n_tokens=120, seq_len=12, seed=5, progress=False)
+    other = pack_windows(corpus, tokenizer, n_tokens=120, seq_len=12, seed=6, progress=False)
+    assert torch.equal(again.tokens, packed.tokens) and not torch.equal(other.tokens, packed.tokens)
+
+
+def test_pack_dispatches_and_too_few_documents_says_what_to_do(tokenizer):
+    corpus = tiny_corpus(16)
+    kw = dict(n_tokens=300, seq_len=12, seed=4, progress=False)
+    assert torch.equal(pack(corpus, tokenizer, packing="concatenate", **kw).tokens,
+                       pack_documents(corpus, tokenizer, **kw).tokens)
+    with pytest.raises(DataError, match="corpus too small for packing=.document., which needs one document of at least 11 tokens per row.*packing='concatenate'"):
+        pack(corpus, tokenizer, packing="document", **kw)  # 25 rows, 16 documents
+    with pytest.raises(DataError, match="packing must be one of"):
+        pack(corpus, tokenizer, packing="windows", **kw)
+
+
+def test_document_packing_makes_every_row_its_own_cluster():
+    """The corpus chapters' default: rows from distinct documents, so the cluster bootstrap resamples
+    rows; the cache fingerprint names the packing only when it is not the concatenation that came
+    first (whose entries keep their keys)."""
+    from selfrepair.chapters.existence import Config
+    from selfrepair.experiment import open_model, open_tokens
+    from selfrepair.uncertainty import Clusters
+
+    cfg = Config.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=4096, seq_len=32)
+    assert cfg.packing == "document"
+    data = open_tokens(cfg, open_model(cfg), progress=False)
+    assert Clusters.documents(data.main_document.numpy()).n == len(data) == 128
+    assert data.same_document == 0 and data.fingerprint["packing"] == "document"
+    assert "n_docs=512" in data.fingerprint["corpus"]
+    joined = Config.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=4096, seq_len=32,
+                                packing="concatenate")
+    fp = open_tokens(joined, open_model(joined), progress=False).fingerprint
+    assert "packing" not in fp and fp["corpus"] == "generated:tiny_corpus(seed=0)"
+    with pytest.raises(Exception, match="packing must be one of 'document', 'concatenate'"):
+        Config.from_params(model="tiny-gpt2", packing="windows")
 
 
 def test_empty_corpus_and_non_text_column_are_one_clear_error(tmp_path, tokenizer):
@@ -145,7 +205,8 @@ def test_packed_rows_are_resampled_across_documents():
     from selfrepair.chapters.existence import Config
     from selfrepair.experiment import open_model, open_tokens
 
-    cfg = Config.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=4096, seq_len=32)
+    cfg = Config.from_params(model="tiny-gpt2", dataset="tiny", n_tokens=4096, seq_len=32,
+                             packing="concatenate")
     data = open_tokens(cfg, open_model(cfg), progress=False)
     assert data.same_document == 0
     rolled = torch.roll(torch.arange(len(data)), 1)

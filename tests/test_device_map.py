@@ -9,7 +9,7 @@ import torch
 from selfrepair import load_model, run_sweep, self_repair
 from selfrepair.errors import InputError
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 
 
 def per_module_map(model) -> dict:

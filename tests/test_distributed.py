@@ -1,6 +1,7 @@
-"""Sweeps over several processes (torchrun, gloo on CPU): the one-process cache entry, exactly
-merged; each rank resumes its own shard after one of them is killed; another number of processes
-is refused with a message saying how to resume."""
+"""Measurements over several processes (torchrun, gloo on CPU): every measurement writes the
+one-process cache entry, exactly merged (one launch, tests/distributed_worker.py; the top-k%
+selections on repeated rows identical); a sweep's rank resumes its own shard after one of them is
+killed; another number of processes is refused with a message saying how to resume."""
 
 import os
 import shutil
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from selfrepair.checkpoint import progress
 from selfrepair.distributed import World
-from selfrepair.results import load_tensors
 from selfrepair.sweep import Sweep
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -27,6 +28,38 @@ def _env():
     src = str(Path(__file__).resolve().parents[1] / "src")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1"}
+
+
+def test_every_measurement_under_two_processes_writes_the_one_process_entry(tmp_path):
+    """One torchrun launch runs all eight measurements (and the three top-k% ones on repeated
+    rows); each entry has the one-process entry's name and key, its tensors equal to 1e-5 and
+    its selections (integer tensors) exactly equal."""
+    from driver_cases import assert_same
+    from distributed_worker import measure_all
+
+    measure_all(tmp_path / "one")
+    worker = Path(__file__).with_name("distributed_worker.py")
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", str(worker), str(tmp_path / "two")],
+                       capture_output=True, text=True, timeout=900, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d).glob("*/*.safetensors"))
+                for d in ("one", "two"))
+    assert one == two and len(one) == 11, (one, two)
+    assert not list((tmp_path / "two").glob("**/*.partial*"))
+    kinds = {"heads", "frozen_norm", "iterative", "atp", "neurons", "sweep", "hydra", "ioi"}
+    assert {p.name.split("-")[0] for p in one} == kinds
+    for rel in one:
+        a, b = (_result_type(rel).load(tmp_path / d / rel) for d in ("one", "two"))
+        assert a.meta["key"] == b.meta["key"] and b.meta["run"]["world_size"] == 2, rel
+        assert_same(b, a, exact=False)
+
+
+def _result_type(path: Path):
+    """The result class an entry holds (by its kind)."""
+    from driver_cases import SPECS
+
+    kind = path.name.split("-")[0]
+    return next(s.result for s in SPECS.values() if s.kind == kind)
 
 
 def _cmd(out: Path, nproc: int) -> list[str]:
@@ -121,7 +154,7 @@ def test_a_killed_rank_resumes_its_shard_to_the_same_result(tmp_path, one_proces
     deadline, killed = time.monotonic() + 300, None
     try:
         while time.monotonic() < deadline:  # rank 1 (rows 24..48) has finished a few batches
-            if rank1.exists() and int(load_tensors(rank1)[0]["next_row"]) >= 28:
+            if rank1.exists() and progress(rank1).get("resample sweep", 0) >= 28:
                 killed = _rank_pid(proc.pid, 1)
                 break
             assert proc.poll() is None, "the sweep finished before rank 1 could be killed"
@@ -134,7 +167,7 @@ def test_a_killed_rank_resumes_its_shard_to_the_same_result(tmp_path, one_proces
             proc.kill()
     assert proc.returncode != 0
     assert not entry.exists() and rank1.exists() and rank0.exists()
-    at1 = int(load_tensors(rank1)[0]["next_row"])
+    at1 = progress(rank1)["resample sweep"]
     assert 28 <= at1 < 48  # rank 1 stopped mid-shard
 
     other = _run(tmp_path, 1)  # one process cannot use two shards' checkpoints: it says how to resume
@@ -157,4 +190,4 @@ def test_the_book_under_torchrun_says_how_to_precompute_instead(monkeypatch, cap
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["book", "--profile", "tiny", "--no-build", "--chapters", "01"]) == 2
     err = capsys.readouterr().err
-    assert "does not shard" in err and "torchrun --nproc-per-node N -m selfrepair.cli sweep" in err
+    assert "does not shard" in err and "torchrun --nproc-per-node N -m selfrepair.cli measure" in err

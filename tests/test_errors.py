@@ -7,7 +7,7 @@ from selfrepair import load_model
 from selfrepair.chapters import existence, hydra, intro, ioi, iterative, layernorm, neurons
 from selfrepair.errors import (InputError, ModelLoadError, NumericalError,
                                UnsupportedArchitectureError)
-from selfrepair.models import adapter_for, tiny_model
+from selfrepair.models import Model, adapter_for, tiny_model
 from selfrepair.heads import self_repair
 
 
@@ -108,7 +108,7 @@ def test_unknown_device_and_dtype():
     (existence, {"dtype": "float8"}, "unknown dtype"),
     (layernorm, {"ratio_head": "L1"}, "labels like 'L11H2'"),
     (iterative, {"alphas": "one,two"}, "alphas must be float"),
-    (iterative, {"threshold": -1}, "threshold must be a positive"),
+    (iterative, {"n_featured": 0}, "n_featured must be at least 1"),
     (neurons, {"n_featured": 0}, "n_featured must be at least 1"),
     (hydra, {"n_patches": 0}, "n_patches must be at least 1"),
     (hydra, {"n_prompts": 1}, "n_prompts must be at least 2"),
@@ -141,6 +141,9 @@ def test_fp16_overflow_raises_guard():
     hf = tiny_model("gpt2", weight_scale=1.0)
     with torch.no_grad():  # force an overflow in half precision
         hf.transformer.h[0].mlp.c_proj.weight.mul_(1e5)  # weights stay finite, activations do not
-    m = load_model(hf.half())
+    with pytest.raises(NumericalError, match="checking the adapter at load.*dtype='float32' or "
+                                             "dtype='bfloat16'"):
+        load_model(hf.half())  # the load-time check meets the overflow first
+    m = Model(hf.half(), adapter_for("gpt2"))  # unchecked: the measurement's own guard
     with pytest.raises(NumericalError, match="dtype='float32' or dtype='bfloat16'"):
         self_repair(m, tok(m), ablation="zero", progress=False)

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from selfrepair.claims import wilson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +21,8 @@ from selfrepair.chapters import existence as ce
 from selfrepair.chapters import featured
 from selfrepair.errors import InputError
 from selfrepair.structure import top_k
+from selfrepair.sweep import ROW_COLUMNS
+from selfrepair.uncertainty import Bootstrap, Clusters
 
 QUANTITIES = list(existence.MEANS)
 
@@ -60,6 +62,49 @@ def synthetic_tokens(per_head: pd.DataFrame, n=40, seed=1) -> pd.DataFrame:
                                    "delta_direct_effect": dde, "delta_logit": dl,
                                    "self_repair": dl - dde}))
     return pd.concat(parts, ignore_index=True)
+
+
+def synthetic_run(n_layers=6, n_heads=4, n_docs=24, per_row=12, seed=0) -> dict:
+    """A token-level run shaped like a sweep: documents of 1-3 rows, every head's DE, ablated DE,
+    Δlogit and self-repair on every token, with an offset shared by a document's tokens (they are
+    correlated); each head's top 10% tokens by DE, a uniform sample of 60% of the instances (the
+    same for every head), the per-head frame and the chapter's Evidence of it."""
+    rng = np.random.default_rng(seed)
+    doc_of_row = np.repeat(np.arange(n_docs), rng.integers(1, 4, n_docs))
+    n_rows = len(doc_of_row)
+    row, pos = np.divmod(np.arange(n_rows * per_row), per_row)
+    parts = []
+    for l in range(n_layers):
+        for h in range(n_heads):
+            scale, kept = rng.uniform(0.05, 0.4) * rng.choice([1, 1, 1, -1]), rng.uniform(-0.3, 1.3)
+            de = rng.normal(scale, abs(scale), n_rows * per_row)
+            dde = -de + rng.normal(0, 0.02, len(de))
+            dl = -kept * de + rng.normal(0, 0.05, n_docs)[doc_of_row][row] + rng.normal(0, 0.1, len(de))
+            parts.append(pd.DataFrame({"layer": l, "head": h, "label": f"L{l}H{h}", "row": row, "pos": pos,
+                                       "direct_effect": de, "ablated_direct_effect": de + dde,
+                                       "delta_logit": dl, "self_repair": dl - dde, "delta_direct_effect": dde}))
+    every = pd.concat(parts, ignore_index=True)
+    k = max(1, len(row) // 10)
+    top = every.sort_values("direct_effect", ascending=False, kind="mergesort").groupby(["layer", "head"]).head(k)
+    top = top.sort_values(["layer", "head", "row", "pos"]).reset_index(drop=True)
+    chosen = rng.permutation(len(row))[:int(0.6 * len(row))]
+    sample = every[(every["row"] * per_row + every["pos"]).isin(chosen)].reset_index(drop=True)
+    cl = Clusters.documents(doc_of_row)
+    L, H = n_layers, n_heads
+    ev = existence.Evidence(cl, cl.head_sums(every, existence.WHOLE[1:], L, H),
+                            cl.head_sums(top, existence.TOP[1:], L, H),
+                            cl.head_sums(sample, (), L, H, moments_of=("direct_effect", "delta_logit")))
+    keys = ["layer", "head", "label"]
+    per_head = top.groupby(keys)[QUANTITIES_BY_TOKEN].mean().join(
+        every.groupby(keys)[QUANTITIES_BY_TOKEN].mean().add_suffix("_all")).reset_index()
+    per_head["n_top"], per_head["n_all"] = k, len(row)
+    for q in set(QUANTITIES) - set(QUANTITIES_BY_TOKEN):  # the decomposition terms: not simulated
+        per_head[q] = per_head[f"{q}_all"] = 0.0
+    return {"all": every, "top": top, "sample": sample, "evidence": ev, "per_head": per_head}
+
+
+QUANTITIES_BY_TOKEN = ["direct_effect", "ablated_direct_effect", "delta_direct_effect", "delta_logit",
+                       "self_repair"]
 
 
 def head_region(de: float, dl: float) -> str:
@@ -127,46 +172,58 @@ def test_layer_means():
         assert lm.loc[lm["layer"] == layer, "self_repair"].iloc[0] == pytest.approx(want)
 
 
-def test_bootstrap_contains_mean_and_is_deterministic():
-    tok = synthetic_tokens(synthetic_per_head())
-    a = existence.bootstrap_means(tok, "delta_logit", n_boot=300, seed=7)
-    b = existence.bootstrap_means(tok, "delta_logit", n_boot=300, seed=7)
-    pd.testing.assert_frame_equal(a, b)
-    assert ((a["lo"] <= a["mean"]) & (a["mean"] <= a["hi"])).all()
-    np.testing.assert_allclose(a["mean"], tok.groupby(["layer", "head"])["delta_logit"].mean())
-    assert (a["n"] == 40).all()
-    c = existence.bootstrap_means(tok, "delta_logit", n_boot=300, seed=8)
-    assert not np.allclose(a["lo"], c["lo"])
+def test_head_intervals_are_intervals_of_the_whole_set_means():
+    """Fig 2's intervals: per head, the cluster bootstrap of the plotted whole-set means (every
+    token), so each interval holds its point; documents resampled, seeded."""
+    run = synthetic_run(seed=3)
+    ev = run["evidence"]
+    got = existence.head_intervals(ev, n_boot=300, seed=4)
+    whole = run["all"].groupby(["layer", "head"])[["delta_logit", "direct_effect"]].mean()
+    np.testing.assert_allclose(got["mean"], whole["delta_logit"].to_numpy())
+    np.testing.assert_allclose(got["de"], whole["direct_effect"].to_numpy())
+    assert ((got["lo"] <= got["mean"]) & (got["mean"] <= got["hi"])).all()
+    assert ((got["de_lo"] <= got["de"]) & (got["de"] <= got["de_hi"])).all()
+    assert (got["n"] == run["all"].groupby(["layer", "head"]).size().to_numpy()).all()
+    assert (got["clusters"] == ev.clusters.n).all() and set(got["cluster_unit"]) == {"documents"}
+    pd.testing.assert_frame_equal(got, existence.head_intervals(ev, n_boot=300, seed=4))
+    assert not np.allclose(got["lo"], existence.head_intervals(ev, n_boot=300, seed=5)["lo"])
 
 
-def test_bootstrap_interval_is_the_percentile_interval_of_the_heads_own_generator():
-    """Per-head seeding: head (l, h) resamples with ``default_rng([seed, l, h])``."""
-    tok = synthetic_tokens(synthetic_per_head(n_layers=2, n_heads=2), n=25)
-    got = existence.bootstrap_means(tok, n_boot=400, seed=3, ci=0.9).set_index("label")
-    for (layer, head), g in tok.groupby(["layer", "head"]):
-        x = g["delta_logit"].to_numpy()
-        rng = np.random.default_rng([3, layer, head])
-        boots = x[rng.integers(0, len(x), size=(400, len(x)))].mean(1)
-        row = got.loc[f"L{layer}H{head}"]
-        assert row["lo"] == pytest.approx(np.quantile(boots, 0.05))
-        assert row["hi"] == pytest.approx(np.quantile(boots, 0.95))
+def test_evidence_sums_every_token_of_every_cluster():
+    run = synthetic_run(seed=1)
+    ev, all_tokens = run["evidence"], run["all"]
+    total = ev.whole.sum(0)  # [layer, head, WHOLE]
+    for (layer, head), g in all_tokens.groupby(["layer", "head"]):
+        assert total[layer, head, 0] == len(g)
+        for i, q in enumerate(existence.WHOLE[1:], 1):
+            assert total[layer, head, i] == pytest.approx(g[q].sum())
+    doc = ev.clusters.of_row[all_tokens["row"].to_numpy()]  # one cluster's sum: its documents' rows
+    g = all_tokens[(doc == 2) & (all_tokens["layer"] == 1) & (all_tokens["head"] == 0)]
+    assert ev.whole[2, 1, 0, 3] == pytest.approx(g["delta_logit"].sum())
 
 
-def test_bootstrap_of_a_head_does_not_depend_on_other_heads():
-    tok = synthetic_tokens(synthetic_per_head())
-    whole = existence.bootstrap_means(tok, n_boot=200, seed=0)
-    one = existence.bootstrap_means(tok[tok["label"] == "L2H1"], n_boot=200, seed=0)
-    pd.testing.assert_frame_equal(whole[whole["label"] == "L2H1"].reset_index(drop=True), one)
-    shuffled = existence.bootstrap_means(tok.sample(frac=1.0, random_state=0).sort_values(
-        ["layer", "head", "row"], kind="mergesort"), n_boot=200, seed=0)
-    pd.testing.assert_frame_equal(whole, shuffled)
-
-
-def test_bootstrap_interval_narrows_with_more_tokens():
-    ph = synthetic_per_head(n_layers=1, n_heads=1)
-    small = existence.bootstrap_means(synthetic_tokens(ph, n=20), n_boot=500)
-    big = existence.bootstrap_means(synthetic_tokens(ph, n=2000), n_boot=500)
-    assert (big["hi"] - big["lo"]).iloc[0] < (small["hi"] - small["lo"]).iloc[0]
+def test_a_replicate_recomputes_every_heads_means_and_class_on_resampled_documents():
+    """Replicate i of the bootstrap equals the statistic computed by pandas on the token rows of the
+    documents replicate i drew (with their multiplicities): per-head means and the classification
+    are recomputed, not carried over from the estimate."""
+    run = synthetic_run(seed=2)
+    ev, first = run["evidence"], 3
+    boot = Bootstrap.over(ev.clusters, 50, 0)
+    many = boot.replicates(lambda t: existence.share_self_repaired(t, first), ev.top)
+    exists = boot.replicates(existence.share_in_band, ev.whole)
+    for i in (0, 7, 31):
+        docs = np.repeat(np.arange(ev.clusters.n), boot.weights[i].astype(int))
+        def resampled(frame):
+            parts = [frame[ev.clusters.of_row[frame["row"].to_numpy()] == d] for d in docs]
+            return pd.concat(parts)
+        top = resampled(run["top"]).groupby(["layer", "head"])["self_repair"].mean()
+        late = top[top.index.get_level_values("layer") >= first]
+        assert many[i] == pytest.approx((late > 0).mean())
+        whole = resampled(run["all"]).groupby(["layer", "head"])[["direct_effect", "delta_logit"]].mean()
+        pos = whole[whole["direct_effect"] > 0]
+        band = (pos["delta_logit"] < 0) & (pos["delta_logit"] > -pos["direct_effect"])
+        assert exists[i] == pytest.approx(band.mean())
+    assert np.unique(many[1:]).size > 1 or np.unique(exists[1:]).size > 1  # replicates do differ
 
 
 def test_token_spread():
@@ -192,12 +249,9 @@ def test_token_spread():
 
 def test_imperfection_summary_against_a_hand_count():
     ph = synthetic_per_head()
-    tok = synthetic_tokens(ph)
-    boot = existence.bootstrap_means(tok, n_boot=100)
-    s = existence.imperfection_summary(ph, boot).set_index("group")
+    s = existence.imperfection_summary(ph).set_index("group")
     assert s.loc["all", "n_heads"] == 24
     assert s.loc["early", "layers"] == "0-2" and s.loc["late", "layers"] == "3-5"
-    hi = {(r.layer, r.head): r.hi for r in boot.itertuples()}
     for group, layers in (("early", range(0, 3)), ("late", range(3, 6)), ("all", range(6))):
         heads = [r for r in ph.itertuples() if r.layer in layers]
         cats = [head_region(r.direct_effect, r.delta_logit) for r in heads]
@@ -209,7 +263,6 @@ def test_imperfection_summary_against_a_hand_count():
         assert s.loc[group, "share_repaired"] == pytest.approx(len(rep) / len(positive))
         assert s.loc[group, "mean_lost_fraction"] == pytest.approx(
             np.mean([-r.delta_logit / r.direct_effect for r in rep]))
-        assert s.loc[group, "n_repaired_ci_below_0"] == sum(hi[(r.layer, r.head)] < 0 for r in rep)
         assert s.loc[group, "share_negative_self_repair"] == pytest.approx(
             np.mean([r.self_repair < 0 for r in heads]))
 
@@ -298,33 +351,43 @@ def test_pinned_featured_heads_are_used_as_given():
 
 
 # -- the chapter's claims on synthetic results --------------------------------------------------
-def expected_verdicts(top, whole, boot, spread) -> dict[str, tuple[float, int]]:
-    """The four metrics of chapter 1, by hand: (value, n)."""
-    first = (int(top["layer"].max()) + 1) // 2
-    late = [r for r in top.itertuples() if r.layer >= first]
-    many = np.mean([r.self_repair > 0 for r in late])
-    positive = [r for r in whole.itertuples() if r.direct_effect > 0]
-    repaired = [r for r in positive if -r.direct_effect < r.delta_logit < 0]
-    hi = {(b.layer, b.head): b.hi for b in boot.itertuples()}
-    imperfect = np.mean([hi[(r.layer, r.head)] < 0 for r in repaired]) if repaired else np.nan
-    median = np.median([r.direct_effect for r in late])
-    corr = {(s.layer, s.head): s.corr_de_delta_logit for s in spread.itertuples()}
-    big = [r for r in late if r.direct_effect >= median]
-    noisy = np.mean([corr[(r.layer, r.head)] > -0.5 for r in big])
-    return {"many": (many, len(late)), "exists": (len(repaired) / len(positive), len(positive)),
-            "imperfect": (imperfect, len(repaired)), "noisy": (noisy, len(big))}
+def expected_verdicts(run: dict, seed: int) -> dict[str, tuple[float, int]]:
+    """The four metrics of chapter 1 by hand with pandas, (value, n): MANY on the top-k% means of
+    the late heads, EXISTS on the whole-set means, IMPERFECT selected on one half of the documents
+    and read on the other, NOISY on the sample's correlations of the late heads with a large DE."""
+    keys = ["layer", "head"]
+    first = (int(run["all"]["layer"].max()) + 1) // 2
+    top = run["top"].groupby(keys)[["self_repair", "direct_effect"]].mean()
+    late = top[top.index.get_level_values("layer") >= first]
+    whole = run["all"].groupby(keys)[["direct_effect", "delta_logit"]].mean()
+    pos = whole[whole["direct_effect"] > 0]
+    band = (pos["delta_logit"] < 0) & (pos["delta_logit"] > -pos["direct_effect"])
+    clusters = run["evidence"].clusters
+    select, test = clusters.halves(seed)
+    doc = clusters.of_row[run["all"]["row"].to_numpy()]
+    a = run["all"][np.isin(doc, select)].groupby(keys)[["direct_effect", "delta_logit"]].mean()
+    picked = a[(a["direct_effect"] > 0) & (a["delta_logit"] < 0) & (a["delta_logit"] > -a["direct_effect"])].index
+    b = run["all"][np.isin(doc, test)].groupby(keys)["delta_logit"].mean()
+    big = late[late["direct_effect"] >= late["direct_effect"].median()]
+    r = run["sample"].groupby(keys).apply(lambda g: np.corrcoef(g["direct_effect"], g["delta_logit"])[0, 1],
+                                          include_groups=False)
+    return {"many": ((late["self_repair"] > 0).mean(), len(late)),
+            "exists": (band.mean(), len(pos)),
+            "imperfect": ((b.loc[picked] < 0).mean() if len(picked) else np.nan, len(picked)),
+            "noisy": ((r.loc[big.index] > -0.5).mean(), len(big))}
 
 
-def synthetic_existence(seed=0) -> ce.Existence:
-    ph = synthetic_per_head(seed=seed)
-    top = existence.classify_heads(existence.top_means(ph))
-    whole = existence.classify_heads(existence.whole_set_means(ph))
-    sample = synthetic_tokens(whole.assign(direct_effect=whole["direct_effect"].abs()), n=30, seed=seed)
-    boot = existence.bootstrap_means(sample, n_boot=100, seed=seed)
-    spread = synthetic_spread(ph, seed=seed + 1).assign(share_overcorrecting=0.1)
-    empty = pd.DataFrame()
-    return ce.Existence(top=top, whole=whole, top_tokens=empty, sample=sample, featured=empty, boot=boot,
-                        spread=spread, spread_top=empty, summary=empty, verdicts=[], meta={})
+def synthetic_existence(seed=0, n_boot=200) -> ce.Existence:
+    run = synthetic_run(seed=seed)
+    ph = run["per_head"]
+    spread = existence.token_spread(run["sample"])
+    return ce.Existence(top=existence.classify_heads(existence.top_means(ph)),
+                        whole=existence.classify_heads(existence.whole_set_means(ph)),
+                        top_tokens=run["top"], sample=run["sample"], featured=pd.DataFrame(),
+                        boot=existence.head_intervals(run["evidence"], n_boot, seed), spread=spread,
+                        spread_top=pd.DataFrame(), summary=pd.DataFrame(), verdicts=[],
+                        meta={"n_rows": len(run["evidence"].clusters.of_row)}, evidence=run["evidence"],
+                        n_boot=n_boot, seed=seed)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -332,14 +395,36 @@ def test_verdicts_on_synthetic_results(seed):
     r = synthetic_existence(seed)
     got = {v.claim.key: v for v in ce.verdicts(r)}
     assert [v.claim for v in ce.verdicts(r)] == list(ce.CLAIMS)
-    want = expected_verdicts(r.top, r.whole, r.boot, r.spread)
-    for key, (value, n) in want.items():
-        assert got[key].value == pytest.approx(value, nan_ok=True), key
-        assert got[key].n == n, key
-        # every chapter-1 metric is a share: a Wilson interval, and a verdict only if it is clear
-        lo, hi = wilson(round(value * n), n) if n else (np.nan, np.nan)
-        assert (got[key].lo, got[key].hi) == pytest.approx((lo, hi), nan_ok=True), key
-        assert got[key].holds == got[key].claim.rule.decide(lo, hi), key
+    for key, (value, n) in expected_verdicts(synthetic_run(seed=seed), seed).items():
+        v = got[key]
+        assert v.value == pytest.approx(value, nan_ok=True), key
+        assert v.n == n, key
+        e = v.estimate  # every chapter-1 verdict is a cluster bootstrap, seeded by the chapter's seed
+        assert (e.seed, e.n_boot, e.cluster_unit) == (seed, 200, "documents"), key
+        want_clusters = len(ce.repaired_on_half(r.evidence, seed)[1]) if key == "imperfect" else r.evidence.clusters.n
+        assert e.clusters == want_clusters, key
+        if e.reliable and not v.why:
+            assert v.holds == v.claim.rule.decide(v.lo, v.hi), key
+        assert v.claim.rule.word in ("many", "most")
+
+
+def test_imperfect_selects_on_one_half_and_tests_on_the_other():
+    """The halves are disjoint and cover every document; the selection reads only its half (the
+    test half can be changed at will without changing which heads are selected) and the test only
+    the other."""
+    r = synthetic_existence(1)
+    ev = r.evidence
+    select, test, selected = ce.repaired_on_half(ev, r.seed)
+    assert not set(select) & set(test) and set(select) | set(test) == set(range(ev.clusters.n))
+    assert selected.any()
+    broken = ev.whole.copy()
+    dl = existence.WHOLE.index("delta_logit")
+    broken[test, ..., dl] = -5 * np.abs(broken[test, ..., existence.WHOLE.index("direct_effect")]) - 1
+    r.evidence = existence.Evidence(ev.clusters, broken, ev.top, ev.sample)
+    again = ce.repaired_on_half(r.evidence, r.seed)[2]
+    assert np.array_equal(again, selected)  # the test half never selects
+    v = {x.claim.key: x for x in ce.verdicts(r)}["imperfect"]
+    assert v.value == 1.0  # ... and is what is tested: every selected head now loses logit there
 
 
 def test_exists_and_imperfect_read_the_whole_set_means_not_the_top_ones():
@@ -347,24 +432,44 @@ def test_exists_and_imperfect_read_the_whole_set_means_not_the_top_ones():
     means broken removes every repaired head."""
     r = synthetic_existence(1)
     base = {v.claim.key: v.value for v in ce.verdicts(r)}
-    broken_top = r.top.assign(delta_logit=-2 * r.top["direct_effect"].abs() - 1)
-    r.top = existence.classify_heads(broken_top)
+    ev = r.evidence
+    top = ev.top.copy()
+    top[..., existence.TOP.index("self_repair")] = -np.abs(top[..., existence.TOP.index("self_repair")]) - 1
+    r.evidence = existence.Evidence(ev.clusters, ev.whole, top, ev.sample)
     moved = {v.claim.key: v.value for v in ce.verdicts(r)}
+    assert moved["many"] == 0 and base["many"] > 0
     assert moved["exists"] == base["exists"] and moved["imperfect"] == pytest.approx(base["imperfect"], nan_ok=True)
-    r.whole = existence.classify_heads(r.whole.assign(delta_logit=-2 * r.whole["direct_effect"].abs() - 1))
+    whole = ev.whole.copy()
+    whole[..., existence.WHOLE.index("delta_logit")] = (-2 * np.abs(whole[..., existence.WHOLE.index("direct_effect")])
+                                                        - whole[..., 0])
+    r.evidence = existence.Evidence(ev.clusters, whole, ev.top, ev.sample)
     assert base["exists"] > 0
     assert {v.claim.key: v.value for v in ce.verdicts(r)}["exists"] == 0
 
 
-def test_on_this_model_reports_the_sample_actually_drawn():
-    """sample_size is a cap: a run with fewer instances samples all of them, and says so."""
+def test_too_few_documents_cannot_tell_and_say_why():
+    r = synthetic_existence(0)
+    ev = r.evidence
+    keep = ev.clusters.of_row < 5  # the rows of the first 5 documents
+    few = Clusters.documents(ev.clusters.of_row[keep])
+    r.evidence = existence.Evidence(few, ev.whole[:5], ev.top[:5], ev.sample[:5])
+    for v in ce.verdicts(r):
+        assert v.word == "cannot tell", v.claim.key
+        assert "independent documents" in v.why or "no head" in v.why, v.claim.key
+
+
+def test_on_this_model_reports_the_sample_documents_and_seed():
+    """sample_size is a cap: a run with fewer instances samples all of them, and says so; the
+    intro names the documents resampled, the replicates and the seed."""
     r = synthetic_existence(2)
     r.meta = {"model": "m", "n_tokens": 620, "seq_len": 32, "ablation": "resample", "top_percent": 2.0,
-              "sample_size": 5000}
+              "sample_size": 5000, "n_rows": len(r.evidence.clusters.of_row)}
     r.verdicts = ce.verdicts(r)
     n = int(r.sample.groupby(["layer", "head"]).size().max())
     intro = ce.on_this_model(r).splitlines()[0]
     assert f"sample of {n:,} tokens" in intro and "5,000" not in intro
+    assert f"from {r.evidence.clusters.n} independent documents" in intro
+    assert "(200 replicates, seed 2)" in intro
 
 
 # -- the chapter on a tiny run ------------------------------------------------------------------
@@ -410,6 +515,17 @@ def test_whole_set_means_are_means_over_every_token(tiny):
         for q in ("direct_effect", "delta_logit", "self_repair", "from_norm", "from_heads"):
             assert row[q] == pytest.approx(_values(res, q, layer, head).mean(), abs=1e-6), q
         assert row["category"] == head_region(row["direct_effect"], row["delta_logit"])
+        # Fig 2's interval is around the plotted whole-set mean, over every token
+        b = _head(ex.boot, layer, head).iloc[0]
+        assert b["n"] == tiny["data"].n_instances
+        assert b["mean"] == pytest.approx(row["delta_logit"], abs=1e-5) and b["lo"] <= b["mean"] <= b["hi"]
+        # the per-row sums the bootstrap resamples are each row's own tokens
+        for i, q in enumerate(ROW_COLUMNS):
+            np.testing.assert_allclose(sweep.sum_row[:, layer, head, i].numpy(),
+                                       getattr(res, q)[layer, head].double().sum(-1).numpy(), atol=1e-4)
+    # the clusters are the documents of the token set (each row with the one holding most of it)
+    assert torch.equal(sweep.main_document, tiny["data"].main_document)
+    assert ex.evidence.clusters.n == len(set(tiny["data"].main_document.tolist())) >= 10
     # the regions and the summary of "imperfect" are those of the whole-set means
     s = ex.summary.set_index("group")
     for c in existence.CATEGORIES:
@@ -459,8 +575,6 @@ def test_spread_is_computed_on_the_uniform_sample(tiny):
         idx = np.argsort(-every_de, kind="stable")[:k]
         assert _head(ex.spread_top, layer, head)["corr_de_delta_logit"].iloc[0] == pytest.approx(
             np.corrcoef(every_de[idx], every_dl[idx])[0, 1], abs=1e-3)
-        b = _head(ex.boot, layer, head).iloc[0]
-        assert b["n"] == n and b["mean"] == pytest.approx(dl.mean(), abs=1e-6)
 
 
 def test_featured_heads_default_and_pinned(tiny):
@@ -478,18 +592,30 @@ def test_featured_heads_default_and_pinned(tiny):
 
 
 def test_verdicts_on_the_tiny_run(tiny):
-    ex = tiny["ex"]
+    """Point values and n from the sweep by hand (top-k% and whole-set means, the sample's
+    correlations; "imperfect" from the per-row sums of the two halves of the documents)."""
+    ex, sweep = tiny["ex"], tiny["sweep"]
     got = {v.claim.key: v for v in ex.verdicts}
-    # the spread the NOISY claim reads is recomputed from the sample; the regions from the sweep
-    spread = ex.sample.groupby(["layer", "head"]).apply(
+    ph = sweep.per_head()
+    first = sweep.n_layers // 2
+    late = ph[ph["layer"] >= first]
+    assert (got["many"].value, got["many"].n) == pytest.approx(((late["self_repair"] > 0).mean(), len(late)))
+    pos = ph[ph["direct_effect_all"] > 0]
+    band = (pos["delta_logit_all"] < 0) & (pos["delta_logit_all"] > -pos["direct_effect_all"])
+    assert (got["exists"].value, got["exists"].n) == pytest.approx((band.mean(), len(pos)))
+    corr = ex.sample.groupby(["layer", "head"]).apply(
         lambda g: np.corrcoef(g["direct_effect"], g["delta_logit"])[0, 1], include_groups=False)
-    spread = spread.rename("corr_de_delta_logit").reset_index()
-    whole = existence.whole_set_means(tiny["sweep"].per_head())
-    top = existence.top_means(tiny["sweep"].per_head())
-    want = expected_verdicts(top, whole, ex.boot, spread)
-    for key, (value, n) in want.items():
-        assert got[key].value == pytest.approx(value, nan_ok=True), key
-        assert got[key].n == n, key
+    big = late[late["direct_effect"] >= late["direct_effect"].median()]
+    weak = corr.loc[list(zip(big["layer"], big["head"]))] > -0.5
+    assert (got["noisy"].value, got["noisy"].n) == pytest.approx((weak.mean(), len(big)))
+    doc = np.unique(sweep.main_document.numpy(), return_inverse=True)[1]
+    select, test = Clusters.documents(sweep.main_document.numpy()).halves(tiny["cfg"].seed)
+    rows = sweep.sum_row.double().numpy()
+    a, b = rows[np.isin(doc, select)].sum(0), rows[np.isin(doc, test)].sum(0)  # [layer, head, ROW_COLUMNS]
+    de_a, dl_a = a[..., 0], a[..., 2]  # sums over the same tokens per head: their signs and ratio are the means'
+    picked = (de_a > 0) & (dl_a < 0) & (dl_a > -de_a)
+    want = (b[..., 2][picked] < 0).mean() if picked.any() else np.nan
+    assert got["imperfect"].n == picked.sum() and got["imperfect"].value == pytest.approx(want, nan_ok=True)
     text = ce.on_this_model(ex)
     assert text.startswith(f"**On {tiny['cfg'].model}**")
     assert f"sample of {min(5000, tiny['data'].n_instances):,} tokens" in text.splitlines()[0]
@@ -497,4 +623,4 @@ def test_verdicts_on_the_tiny_run(tiny):
     assert len(lines) == len(ce.CLAIMS)
     for line, v in zip(lines, ex.verdicts):
         assert f"**{format(v.value, v.claim.fmt)}**" in line and f" {v.n:,} " in line
-        assert f"**{v.word}**" in line and "95% interval" in line
+        assert f"**{v.word}**" in line and "95% interval" in line and f"seed {tiny['cfg'].seed}" in line

@@ -121,3 +121,40 @@ def test_check_width_rejects_charts_too_wide_for_1024_px(heads):
     check_width(_chart(heads).properties(width=250).facet(facet="label:N", columns=2).to_dict())
     with pytest.raises(ValueError, match="container"):
         check_width(alt.hconcat(_chart(heads).properties(width="container"), _chart(heads)).to_dict())
+
+
+def test_present_keeps_the_legend_order_of_what_is_drawn():
+    assert figures.present(["a", "b", "c"], pd.Series(["c", "a", None])) == ["a", "c"]
+    assert figures.present(["a", "b"], []) == []
+
+
+def test_labels_only_prints_at_most_max_labels():
+    expr = figures.labels_only([f"L{i}H0" for i in range(40)])
+    shown = json.loads(expr.split("indexof(")[1].split(", datum.value")[0])
+    assert shown == [f"L{i}H0" for i in range(figures.MAX_LABELS)]
+    assert expr.endswith("? datum.label : ''")
+
+
+def test_fit_script_wraps_long_titles_before_the_first_drawing():
+    """A container-width view shrinks to make room for a title wider than the column (to zero
+    width on a phone): the renderer's script wraps titles to the column before drawing."""
+    html = figures.chart_html({"mark": "point", "title": "x" * 10})
+    assert "titles(spec, Math.max(20, Math.floor(el.clientWidth / 8)))" in html
+    assert "function titles(spec, chars)" in html
+
+
+def test_data_rows_counts_data_not_axis_values():
+    spec = {"data": {"values": [{"a": 1}, {"a": 2}]}, "mark": "point",
+            "encoding": {"x": {"field": "a", "type": "quantitative", "axis": {"values": [0.5, 1.5, 2.5]}}},
+            "layer": [{"data": {"values": [{"a": 3}]}, "mark": "rule"}]}
+    assert data_rows(spec) == 3
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 18, 60])
+def test_layer_axis_ticks_whole_layers_only(n_layers):
+    """Fig 6 / 10 on a 2-layer model printed "0, 1, 1": a tick at 0.5 formatted as an integer."""
+    x = figures.layer_axis(pd.DataFrame({"layer": range(n_layers)})).to_dict()
+    values = x["axis"]["values"]
+    assert all(isinstance(v, int) for v in values) and values[0] == 0 and values[-1] <= n_layers - 1
+    assert len(values) <= figures.MAX_LABELS and x["axis"]["format"] == "d"
+    assert x["scale"]["domain"] == [-0.5, n_layers - 0.5]

@@ -13,9 +13,11 @@ import torch
 from selfrepair import existence, layernorm
 from selfrepair.chapters import existence as ce
 from selfrepair.chapters import featured as featured_frame
+from selfrepair import figures
 from selfrepair.figures import check_width, data_rows, validate_spec
 from selfrepair.figures import existence as fe
 from selfrepair.figures import layernorm as fl
+from selfrepair.uncertainty import Clusters
 
 
 def per_head(n_layers=4, n_heads=3, seed=0):
@@ -42,6 +44,17 @@ def tokens(ph, n=30, seed=1, **extra):
                                    "delta_direct_effect": -de, "delta_logit": dl,
                                    "self_repair": dl + de, **extra}))
     return pd.concat(parts, ignore_index=True)
+
+
+def intervals(ph, n=30):
+    """Fig 2's per-head intervals as the chapter makes them: a cluster bootstrap (each token row its
+    own document here) of the whole-set means of :func:`tokens`."""
+    tok = tokens(ph, n=n).assign(ablated_direct_effect=0.0)
+    L, H = int(ph["layer"].max()) + 1, int(ph["head"].max()) + 1
+    cl = Clusters.rows(n)
+    cl = Clusters(cl.of_row, "documents")
+    ev = existence.Evidence(cl, cl.head_sums(tok, existence.WHOLE[1:], L, H), None, None)
+    return existence.head_intervals(ev, n_boot=50, seed=0)
 
 
 def featured(ph, n=4):
@@ -99,7 +112,7 @@ def test_fig_self_repair_by_layer():
 
 def test_fig_de_vs_delta_logit_has_diagonal_and_intervals():
     ph = per_head()
-    boot = existence.bootstrap_means(tokens(ph), n_boot=50)
+    boot = intervals(ph)
     s = spec_of(fe.fig_de_vs_delta_logit(ph, boot=boot))
     assert {"circle", "line", "rule"} <= marks(s)
     assert fields(s, "x") >= {"direct_effect"} and "delta_logit" in fields(s, "y")
@@ -121,7 +134,7 @@ def panel_rows(spec, panel):
 def test_fig_overview_top_left_whole_set_right():
     top = per_head()
     whole = existence.classify_heads(per_head(seed=7).assign(direct_effect=lambda f: f["direct_effect"] / 3))
-    boot = existence.bootstrap_means(tokens(whole), n_boot=50)
+    boot = intervals(whole)
     s = spec_of(fe.fig_overview(top, whole, boot))
     assert "hconcat" in s and len(s["hconcat"]) == 2
     params = [p for n in walk(s) for p in n.get("params", [])]
@@ -166,13 +179,46 @@ def test_fig_regions_spread_bootstrap():
     assert marks(s) == {"bar"} and "category" in fields(s, "color")
     spread = existence.token_spread(tok)
     s = spec_of(fe.fig_token_spread(spread))
-    assert {"rule", "bar", "tick", "point"} <= marks(s) and "vconcat" in s
+    assert {"rule", "bar", "point"} <= marks(s) and "vconcat" in s  # the median: a short rule
     assert {"label", "median", "share_overcorrecting"} <= tooltip_fields(s)
     assert data_rows(s) == len(spread)  # both panels share one dataset
-    boot = existence.bootstrap_means(tok, n_boot=50)
+    boot = intervals(ph)
     s = spec_of(fe.fig_bootstrap(boot, ph))
     assert {"rule", "point"} <= marks(s) and {"lo", "hi", "mean"} <= tooltip_fields(s)
     assert data_rows(s) == len(boot)
+
+
+def test_per_head_charts_label_layers_not_heads():
+    """72 heads (18 layers x 4, the embedded model): the x-axis is the layer, 18 labels at the
+    layers' middles with a layer's heads side by side in it (a gap between layers), not 72 head
+    labels; a model with more than 25 layers labels every other one."""
+    ph = per_head(n_layers=18, n_heads=4)
+    tok = tokens(ph, n=12)
+    for chart in (fe.fig_token_spread(existence.token_spread(tok)),
+                  fe.fig_bootstrap(intervals(ph, n=12), ph)):
+        s = spec_of(chart)
+        assert fields(s, "x") <= {"slot", "slot_lo"} and "slot" in fields(s, "x")
+        axes = [n["encoding"]["x"]["axis"] for n in walk(s) if "axis" in n.get("encoding", {}).get("x", {})]
+        assert axes and all(a["values"] == [l + 0.5 for l in range(18)] and a["labelAngle"] == 0 for a in axes)
+        rows = pd.DataFrame(next(iter(s["datasets"].values())))
+        for layer, heads in rows.groupby("layer"):  # inside its layer, in head order
+            assert (heads.sort_values("head")["slot"].diff().dropna() > 0).all()
+            assert heads["slot_lo"].min() > layer and heads["slot_hi"].max() < layer + 1
+        assert {"label", "layer", "head"} <= tooltip_fields(s)  # the head on hover
+        bars = [n for n in walk(s) if "x2" in n.get("encoding", {}) and marks(n) == {"bar"}]
+        assert all("y2" in n["encoding"] for n in bars)  # bars from their base, not dashes
+        zero = [n for n in walk(s) if n.get("encoding", {}).get("y", {}).get("datum") == 0]
+        assert zero and all("x" not in n["encoding"] for n in zero)  # the zero line spans the chart
+    many = figures.layer_x(per_head(n_layers=36, n_heads=2)).to_dict()["axis"]["values"]
+    assert many == [l + 0.5 for l in range(0, 36, 2)] and len(many) <= figures.MAX_LABELS
+
+
+def test_bootstrap_legend_lists_only_drawn_intervals():
+    ph = per_head()
+    boot = intervals(ph).assign(hi=-1.0, lo=-2.0)  # all below 0
+    s = spec_of(fe.fig_bootstrap(boot, ph))
+    domains = [n["encoding"]["color"]["scale"]["domain"] for n in walk(s) if "color" in n.get("encoding", {})]
+    assert domains and all(d == ["below 0"] for d in domains)
 
 
 # -- chapter 02 ---------------------------------------------------------------------------------
@@ -230,6 +276,14 @@ def test_fig_norm_share_and_variants():
     assert {"circle", "line", "rule"} <= marks(s) and "component" in fields(s, "color")
     assert {"label", "layer", "head", "share"} <= tooltip_fields(s)
     assert data_rows(s) == 6 * 2  # heads x (final, block) norms, clipped, top-k%
+    assert "Fig 10" in json.dumps(s["title"]) and "Fig 6" not in json.dumps(s["title"])
+    repair = layernorm.norm_repair(top)  # Fig 6: the norm's self-repair in logits, not a share
+    np.testing.assert_allclose(repair[repair["component"] == "final norm"]["self_repair"],
+                               top.groupby(["layer", "head"])["from_norm"].mean().to_numpy())
+    s = spec_of(fl.fig_norm_repair(repair))
+    assert {"circle", "line", "rule"} <= marks(s) and "self_repair" in fields(s, "y")
+    assert {"label", "layer", "head", "self_repair", "n"} <= tooltip_fields(s)
+    assert data_rows(s) == 6 * 2 and "Fig 6" in json.dumps(s["title"])
     s = spec_of(fl.fig_share_variants(layernorm.layer_shares(shares)))
     assert s["facet"]["column"]["field"] == "clipping" and "line" in marks(s)
     assert data_rows(s) == 3 * 2 * 2
@@ -247,6 +301,37 @@ def test_fig_norm_ratio_embeds_bins_that_count_every_sampled_token():
     big = pd.concat([sample] * 40, ignore_index=True)  # 5,000+ sampled tokens per ablation still fit
     assert data_rows(spec_of(fl.fig_norm_ratio(big))) <= 2 * 40 * n_ablations
 
+
+def _x_domains(spec):
+    return [n["encoding"]["x"]["scale"]["domain"] for n in walk(spec)
+            if n.get("encoding", {}).get("x", {}).get("field") == "lo"]
+
+
+def test_fig_norm_ratio_fits_its_axis_to_the_ratios():
+    """Fig 15: ratios near 1 on an axis from their smallest to their largest bin (not from 0: the
+    bars' default zero baseline drew 0-1.1 with every bar in a spike at 1)."""
+    t = head_frame()
+    s = spec_of(fl.fig_norm_ratio(t, bins=20))
+    sample = t.loc[t["tokens"] == "random sample", "norm_ratio"]
+    (domain,) = _x_domains(s)
+    assert domain[0] == pytest.approx(sample.min()) and domain[1] == pytest.approx(sample.max())
+    assert all(n["encoding"]["x"]["scale"]["zero"] is False for n in walk(s)
+               if n.get("encoding", {}).get("x", {}).get("field") == "lo")
+    assert "hconcat" not in s  # no outliers: one panel at the column's width
+    bars = [n for n in walk(s) if n.get("encoding", {}).get("x2")]
+    assert bars and all(n["encoding"]["y2"] == {"datum": 0} for n in bars)  # bars from 0, not dashes
+
+
+def test_fig_norm_ratio_zooms_beside_the_full_range_when_outliers_squeeze_it():
+    t = head_frame(n=200)
+    sample = t["tokens"] == "random sample"
+    t.loc[sample & (t["row"] < 2), "norm_ratio"] = 0.2  # a few tokens far below the spike
+    s = spec_of(fl.fig_norm_ratio(t, bins=20))
+    full, zoom = _x_domains(s)
+    assert full[0] == pytest.approx(0.2) and zoom[0] > 0.9  # the zoom holds the spike, not 0.2
+    assert len(s["hconcat"]) == 2 and "zoom" in json.dumps(s["hconcat"][1]["title"])
+    bins = [r for rows in s["datasets"].values() for r in rows]
+    assert sum(r["count"] for r in bins if r["lo"] < 0.5) > 0  # the outliers are in the full panel
 
 def test_fig_appendix_b():
     rng = np.random.default_rng(0)
@@ -282,8 +367,29 @@ def test_fig_frozen_norm():
     left = s["vconcat"][0]["layer"][1]["encoding"]
     assert left["x"]["sort"] == [f"L{l}H{h}" for l in (2, 3) for h in range(3)]  # by layer, head
     assert left["color"]["scale"]["domain"] == fl.FROZEN_MEASURES
+    # the four values of a head side by side (equal ones stay visible), the legend above the panel
+    # it names (not under the bottom panel, which draws one series)
+    assert left["xOffset"]["field"] == "measure" and left["color"]["legend"]["orient"] == "top"
     assert "gap" in tooltip_fields(s)
     assert data_rows(s) == 4 * 6 + 6  # four measures per head (left), one point per head (right)
+
+
+def test_fig_frozen_norm_legend_and_labels():
+    """A measure with no value is not in the legend; of 40 heads only the 25 with the largest live
+    self-repair are labelled (the rest on hover)."""
+    rng = np.random.default_rng(1)
+    heads = pd.DataFrame([{"layer": l, "head": h, "label": f"L{l}H{h}"} for l in range(10) for h in range(4)])
+    heads = heads.assign(direct_effect=0.5, n=10, self_repair=rng.normal(0.1, 0.05, 40),
+                         self_repair_frozen=rng.normal(0.0, 0.05, 40), self_repair_norms_only=np.nan,
+                         from_norm=0.1, from_block_norms=0.0)
+    heads = heads.assign(norm_terms=heads["from_norm"], removed=heads["self_repair"] - heads["self_repair_frozen"])
+    heads["gap"] = heads["removed"] - heads["norm_terms"]
+    left = spec_of(fl.fig_frozen_norm(heads))["vconcat"][0]["layer"][1]["encoding"]
+    assert left["color"]["scale"]["domain"] == ["live", "norms frozen", "eq. 2 norm terms"]
+    assert left["shape"]["scale"]["domain"] == left["color"]["scale"]["domain"]
+    shown = json.loads(left["x"]["axis"]["labelExpr"].split("indexof(")[1].split(", datum.value")[0])
+    top = heads.reindex(heads["self_repair"].abs().sort_values(ascending=False).index)["label"][:25]
+    assert shown == list(top) and len(shown) == figures.MAX_LABELS
 
 
 @pytest.mark.parametrize("n", [4000])

@@ -66,7 +66,15 @@ def test_fig_sparsity():
     (line,) = layers_of(spec)
     assert mark_of(line) == "line"
     assert line["encoding"]["x"]["field"] == "rank" and line["encoding"]["y"]["field"] == "share"
-    assert spec["facet"]["column"]["field"] == "kind" and spec["facet"]["row"]["field"] == "label"
+    # small multiples in a grid that fits the column: one wrapped facet of head · kind panels, a
+    # head's two panels side by side (a phone stacks a wrapped facet into one column)
+    assert spec["facet"]["field"] == "panel" and spec["columns"] == 2
+    assert spec["facet"]["sort"] == ["L2H0 · N-th neuron alone", "L2H0 · top N together",
+                                     "L3H1 · N-th neuron alone", "L3H1 · top N together"]
+    assert spec["spec"]["width"] >= 260  # not the 220 px panels of a row x column grid
+    panels = {r["panel"] for r in next(iter(spec["datasets"].values()))}
+    assert panels == set(spec["facet"]["sort"])  # every panel has marks, every mark a panel
+    assert line["encoding"]["color"]["scale"]["scheme"]["extent"][0] >= 0.3  # no near-white line
     assert {"label", "layer", "head", "rank", "percent", "share"} <= tooltip_fields(line)
 
 
@@ -79,9 +87,24 @@ def test_fig_cumulative():
     assert data_rows(spec) == 40
     marks = {mark_of(l): l for l in layers_of(spec)}
     assert set(marks) == {"line", "circle"}
-    assert marks["circle"]["encoding"]["color"]["field"] == "median_clean_de"
+    color = marks["circle"]["encoding"]["color"]
+    # categorical colours dark enough on white (not a diverging scale, white at 0), the legend's
+    # title whole, and every panel its own x-axis (no axis under an empty slot)
+    assert color["field"] == "sign" and color["type"] == "nominal"
+    assert set(color["scale"]["domain"]) == {"negative (erasure)", "positive"}
+    assert all(sum(int(c[i:i + 2], 16) for i in (1, 3, 5)) < 3 * 200 for c in color["scale"]["range"])
+    assert color["legend"]["titleLimit"] >= 300
+    assert spec["resolve"]["axis"]["x"] == "independent"
     assert marks["circle"]["encoding"]["x"]["scale"]["type"] == "log"
     assert {"label", "neuron", "rank", "cumulative_share", "median_clean_de"} <= tooltip_fields(marks["circle"])
+
+
+def test_fig_cumulative_legend_lists_only_drawn_signs():
+    frame = heads_frame(3, rank=lambda n: np.tile(np.arange(1, 4), 2), neuron=lambda n: np.arange(n),
+                        cumulative_share=lambda n: np.tile([0.3, 0.6, 1.0], 2), share=lambda n: np.full(n, 0.3),
+                        mean_delta_de=lambda n: np.ones(n), median_clean_de=lambda n: np.full(n, 0.2))
+    color = layers_of(spec_of(fn.fig_cumulative(frame)))[1]["encoding"]["color"]
+    assert color["scale"]["domain"] == ["positive"]
 
 
 def test_fig_top_frequency():
@@ -185,8 +208,13 @@ def derived_fields(spec) -> set[str]:
     return out
 
 
+def embedded_fields(spec) -> set[str]:
+    """Columns of the rows the chart carries (a figure may add a column, e.g. a facet's panel)."""
+    return {k for rows in spec.get("datasets", {}).values() for row in rows for k in row}
+
+
 def check_fields(spec, frame):
-    missing = encoded_fields(spec) - derived_fields(spec) - set(frame.columns)
+    missing = encoded_fields(spec) - derived_fields(spec) - set(frame.columns) - embedded_fields(spec)
     assert not missing, f"the chart encodes fields its frame lacks: {sorted(missing)}"
 
 

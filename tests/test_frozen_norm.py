@@ -52,17 +52,17 @@ def test_eq2_closes_in_every_mode_and_frozen_terms_vanish(case):
     model, _, _, runs = case
     for layer, modes in runs.items():
         for freeze, o in modes.items():
-            parts = o["from_heads"] + o["from_mlps"] + o["from_norm"] + o["from_block_norms"]
-            close(o["self_repair"], parts, tol(model))
-        assert torch.all(modes["norms"]["from_norm"] == 0) and torch.all(modes["norms"]["from_block_norms"] == 0)
-        assert torch.all(modes["final_norm"]["from_norm"] == 0)
-        assert torch.all(modes["components"]["from_heads"] == 0)
-        assert torch.all(modes["components"]["from_mlps"] == 0)
+            parts = o.from_heads + o.from_mlps + o.from_norm + o.from_block_norms
+            close(o.self_repair, parts, tol(model))
+        assert torch.all(modes["norms"].from_norm == 0) and torch.all(modes["norms"].from_block_norms == 0)
+        assert torch.all(modes["final_norm"].from_norm == 0)
+        assert torch.all(modes["components"].from_heads == 0)
+        assert torch.all(modes["components"].from_mlps == 0)
         # the live pass's terms are not all zero: the checks above could fail
         live = modes[None]
-        assert live["from_norm"].abs().max() > 1e-3
+        assert live.from_norm.abs().max() > 1e-3
         if layer < model.n_layers - 1:
-            assert live["from_heads"].abs().max() > 1e-3
+            assert live.from_heads.abs().max() > 1e-3
 
 
 def test_freezing_the_final_norm_removes_exactly_from_norm(case):
@@ -71,9 +71,9 @@ def test_freezing_the_final_norm_removes_exactly_from_norm(case):
     model, _, _, runs = case
     for modes in runs.values():
         live, ff = modes[None], modes["final_norm"]
-        close(live["self_repair"] - ff["self_repair"], live["from_norm"], tol(model))
+        close(live.self_repair - ff.self_repair, live.from_norm, tol(model))
         for q in ("from_heads", "from_mlps", "from_block_norms", "scale_ablated"):
-            close(ff[q], live[q], tol(model))
+            close(getattr(ff, q), getattr(live, q), tol(model))
 
 
 def test_frozen_norms_without_sandwich_equal_eq2s_component_terms(case):
@@ -82,8 +82,8 @@ def test_frozen_norms_without_sandwich_equal_eq2s_component_terms(case):
         live, fr = modes[None], modes["norms"]
         if model.sandwich:
             continue
-        close(fr["self_repair"], live["from_heads"] + live["from_mlps"], tol(model))
-        close(live["self_repair"] - fr["self_repair"], live["from_norm"], tol(model))
+        close(fr.self_repair, live.from_heads + live.from_mlps, tol(model))
+        close(live.self_repair - fr.self_repair, live.from_norm, tol(model))
 
 
 def test_frozen_block_norms_change_what_later_components_read(case):
@@ -96,11 +96,11 @@ def test_frozen_block_norms_change_what_later_components_read(case):
     gaps = []
     for modes in runs.values():
         live, fr = modes[None], modes["norms"]
-        d_de = fr["ablated_direct_effect"] - fr["direct_effect"]
-        close(fr["delta_logit"], d_de + fr["from_heads"] + fr["from_mlps"], tol(model))
-        gaps.append((live["from_mlps"] - fr["from_mlps"]).abs().max())
-        removed = live["self_repair"] - fr["self_repair"]
-        norm_terms = live["from_norm"] + live["from_block_norms"]
+        d_de = fr.ablated_direct_effect - fr.direct_effect
+        close(fr.delta_logit, d_de + fr.from_heads + fr.from_mlps, tol(model))
+        gaps.append((live.from_mlps - fr.from_mlps).abs().max())
+        removed = live.self_repair - fr.self_repair
+        norm_terms = live.from_norm + live.from_block_norms
         gaps.append((removed - norm_terms).abs().max())
     assert max(gaps) > 1e-3  # not the non-sandwich identity
 
@@ -113,17 +113,17 @@ def test_norms_only_is_appendix_b_without_sandwich(case):
     scaled_logit = ro.logit - ro.bias
     for modes in runs.values():
         co = modes["components"]
-        ratio = ro.scale / co["scale_ablated"]
-        d_de = co["ablated_direct_effect"] - co["direct_effect"]
+        ratio = ro.scale / co.scale_ablated
+        d_de = co.ablated_direct_effect - co.direct_effect
         if model.sandwich:  # the ablated layer's own post-attention norm reacts as well
-            close(co["self_repair"], co["from_norm"] + co["from_block_norms"], tol(model))
-            assert co["from_block_norms"].abs().max() > 1e-3
+            close(co.self_repair, co.from_norm + co.from_block_norms, tol(model))
+            assert co.from_block_norms.abs().max() > 1e-3
         else:
-            close(co["delta_logit"], layernorm.appendix_b_delta_logit(ratio, scaled_logit, d_de), tol(model))
-            close(co["self_repair"], co["from_norm"], tol(model))
+            close(co.delta_logit, layernorm.appendix_b_delta_logit(ratio, scaled_logit, d_de), tol(model))
+            close(co.self_repair, co.from_norm, tol(model))
     last = runs[model.n_layers - 1]
     if model.parallel_residual:  # nothing downstream of a last-layer head: the same pass as live
-        close(last["components"]["delta_logit"], last[None]["delta_logit"], tol(model))
+        close(last["components"].delta_logit, last[None].delta_logit, tol(model))
 
 
 @pytest.mark.parametrize("freeze", ["norms", "components"])
@@ -132,12 +132,11 @@ def test_against_a_plain_pytorch_reference(case, freeze):
     family = model.adapter.family
     for layer in (0, model.n_layers - 1):
         for head in (0, model.n_heads - 1):
-            ref = reference_frozen(model.hf, family, tok, corrupt_tokens(tok), layer, head,
-                                   parallel=model.parallel_residual, freeze=freeze)
+            ref = reference_frozen(model.hf, tok, corrupt_tokens(tok), layer, head, freeze=freeze)
             got = runs[layer][freeze]
             assert ref["delta_logit"].abs().max() > 1e-4  # not vacuous
             for q in ("delta_logit", "self_repair"):
-                close(got[q][head], ref[q], 10 * tol(model))
+                close(getattr(got, q)[head], ref[q], 10 * tol(model))
 
 
 def test_identity_ablation_changes_nothing(case):
@@ -147,7 +146,7 @@ def test_identity_ablation_changes_nothing(case):
     for freeze in ("norms", "components"):
         o = ablate_heads(batch, 1, [0, 1], repl[1], freeze=freeze)
         for q in ("delta_logit", "self_repair", "from_heads", "from_mlps", "from_block_norms"):
-            assert o[q].abs().max() < tol(model), (freeze, q)
+            assert getattr(o, q).abs().max() < tol(model), (freeze, q)
 
 
 def test_batch_size_invariance_and_spec(case, tmp_path):
@@ -162,8 +161,8 @@ def test_batch_size_invariance_and_spec(case, tmp_path):
         for q, t in getattr(whole, prefix).items():
             close(getattr(ones, prefix)[q], t, 1e-8)
     # the same numbers as the pass on the whole batch (rows rolled by one: the same sources)
-    close(whole.frozen["self_repair"][0], runs[0]["norms"]["self_repair"][1], 1e-8)
-    close(whole.norms_only["self_repair"][1], runs[model.n_layers - 1]["components"]["self_repair"][0], 1e-8)
+    close(whole.frozen["self_repair"][0], runs[0]["norms"].self_repair[1], 1e-8)
+    close(whole.norms_only["self_repair"][1], runs[model.n_layers - 1]["components"].self_repair[0], 1e-8)
     spec = FrozenNormSpec(heads=tuple(heads))
     cache = Cache(tmp_path)
     first = cache.get(spec, model, data, RunOptions(progress=False))

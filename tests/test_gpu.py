@@ -10,7 +10,7 @@ from selfrepair.models import tiny_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 QUANTITIES = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair", "from_heads",
               "from_mlps", "from_norm", "from_block_norms", "scale_ablated")
 

@@ -29,7 +29,7 @@ from selfrepair.measure import RunOptions
 
 from test_hydra import capture, synthetic_result, tol
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -8,7 +8,7 @@ import torch
 from selfrepair import load_model
 from selfrepair.intervene import SITES, run
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -24,7 +25,7 @@ from selfrepair.errors import InputError
 from selfrepair.models import tiny_tokenizer
 from selfrepair.prompt_passes import ablate_heads_at, attention_from, clean_head_de, moved_residual_de
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 LETTERS = list("ABCDEFGH")
 
 
@@ -196,9 +197,10 @@ def test_identity_ablation_changes_nothing(family):
     rows = torch.arange(len(pos))
     repl = {l: batch.clean.reads["z"][l][rows, pos] for l, _ in heads}  # each head's own clean output
     got = ablate_heads_at(batch, pos, heads, repl)
-    torch.testing.assert_close(got["head_de"], clean_head_de(batch, pos), rtol=0, atol=1e-10)
-    for key in ("delta_logit", "from_norm", "from_block_norms"):
-        assert got[key].abs().max() < 1e-9, key
+    torch.testing.assert_close(got.head_de, clean_head_de(batch, pos), rtol=0, atol=1e-10)
+    for key, value in got.tensors().items():
+        if key not in ("head_de", "mlp_de"):
+            assert value.abs().max() < 1e-9, key
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -250,32 +252,124 @@ def test_moved_de_is_nan_before_the_source_layer_and_frames_are_tidy():
 
 
 # -- the chapter ---------------------------------------------------------------------------------
-def test_chapter_on_a_tiny_model(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_chapter(tmp_path_factory):
     from selfrepair.chapters import ioi as chapter
 
-    cfg = chapter.Config.from_params(model="tiny-gpt2", n_prompts=12, batch_size=4, cache_dir=str(tmp_path))
-    ch = chapter.measure(cfg, progress=False)
+    cfg = chapter.Config.from_params(model="tiny-gpt2", n_prompts=40, batch_size=8, n_boot=200,
+                                     cache_dir=str(tmp_path_factory.mktemp("ioi")))
+    return cfg, chapter.measure(cfg, progress=False)
+
+
+def test_chapter_on_a_tiny_model(tiny_chapter):
+    """The verdicts' statistics by hand with pandas: the halves of the prompt pairs, the name movers
+    and backups chosen on one, the repair share, the backups' growth and the residual moving on the
+    other."""
+    from selfrepair.chapters import ioi as chapter
+
+    cfg, ch = tiny_chapter
+    res, r, sp = ch.result, ch.repair, ch.split
     assert ch.prompts["stand_in"] and ch.prompts["names"] == list(ioi.LETTER_NAMES)
     assert "stand in" in chapter.performance_markdown(ch)
-    r = ch.repair  # the verdicts' metrics, recomputed from the frames
+    pair = np.arange(40) // 2
+    select, test = sp.select, sp.test
+    assert set(select).isdisjoint(test) and sorted([*select, *test]) == list(range(20))
+    sel, tst = np.isin(pair, select), np.isin(pair, test)
+    # the name movers: the rule on the selection half's prompts only
+    heads, _ = nm.select_name_movers(res.head_de[torch.from_numpy(sel)], res.attn_io[torch.from_numpy(sel)],
+                                     (res.attn_s1 + res.attn_s2)[torch.from_numpy(sel)], cfg.n_name_movers)
+    assert res.heads == heads and res.meta["select_seed"] == cfg.seed
+    # the backups: the largest mean ΔDE on the selection half (not name movers, ΔDE > 0)
+    L, H = res.head_de.shape[1:]
+    dde = (res.ablated_head_de - res.head_de).double().numpy()
+    frame = pd.DataFrame([(l, h, dde[sel, l, h].mean()) for l in range(L) for h in range(H)
+                          if (l, h) not in heads], columns=["layer", "head", "d"])
+    want = frame[frame["d"] > 0].sort_values(["d", "layer", "head"], ascending=[False, True, True]).head(cfg.n_backups)
+    assert sp.backups == list(zip(want["layer"], want["head"]))
     v = {x.claim.key: x for x in ch.verdicts}
-    assert v["does_ioi"].value == pytest.approx(float((r["logit_diff"] > 0).mean()))
-    assert v["repaired"].value == pytest.approx(float(r["self_repair"].mean()), rel=1e-5, abs=1e-7)
-    assert v["backups"].value == pytest.approx(float(r["from_heads"].mean()), rel=1e-5, abs=1e-7)
-    later = ch.backups[ch.backups["layer"] > ch.meta["source_layer"]]
-    assert r["moved_gain"].mean() == pytest.approx(  # mean of per-prompt sums = sum of the heads' means
-        float((later["moved_direct_effect"] - later["direct_effect"]).sum()), rel=1e-5, abs=1e-7)
-    if len(later):
-        assert v["moved"].value == pytest.approx(r["moved_gain"].mean(), rel=1e-9)
-    assert {x.claim.key for x in ch.verdicts} == {c.key for c in chapter.CLAIMS}
+    assert list(v) == [c.key for c in chapter.CLAIMS]
+    assert v["does_ioi"].value == pytest.approx(float((r["logit_diff"] > 0).mean())) and v["does_ioi"].n == 40
+    t = r[tst]
+    assert v["repaired"].value == pytest.approx(t["self_repair"].sum() / -t["nm_delta_de"].sum(), rel=1e-9)
+    gain = sum((dde[:, l, h] for l, h in sp.backups), np.zeros(40))
+    assert v["backups"].value == pytest.approx(gain[tst].mean(), rel=1e-9, abs=1e-12)
+    later = [(l, h) for l, h in sp.backups if l > ch.meta["source_layer"]]
+    moved = sum(((res.moved_de - res.head_de).double().numpy()[:, l, h] for l, h in later), np.zeros(40))
+    assert v["moved"].value == pytest.approx(moved[tst].mean(), rel=1e-9, abs=1e-12)
+    for key in ("repaired", "backups", "moved"):
+        e = v[key].estimate
+        assert (e.clusters, e.cluster_unit, e.n) == (10, "prompt pairs", 20), key
+    assert v["does_ioi"].estimate.clusters == 20
     if not v["does_ioi"].holds:  # a random model is not shown to do IOI: the others are undecided
         assert all(v[k].holds is None and "IOI" in v[k].why for k in ("repaired", "backups", "moved"))
     table = chapter.repair_table(ch)
     assert table["share of the DE lost"].iloc[0] == pytest.approx(1.0)
     assert table["mean"].iloc[2] == pytest.approx(table["mean"].iloc[0] - table["mean"].iloc[1], rel=1e-5, abs=1e-7)  # eq. 1
-    assert isinstance(chapter.on_this_model(ch), str) and "**On tiny-gpt2**" in chapter.on_this_model(ch)
+    assert "**On tiny-gpt2**" in chapter.on_this_model(ch)
     again = chapter.measure(cfg, progress=False)  # from the cache: the same numbers
     pd.testing.assert_frame_equal(again.heads, ch.heads)
+
+
+def test_the_selection_is_blind_to_the_test_half(tiny_chapter):
+    """Changing every value of the test half's prompts changes neither the name movers the rule
+    picks nor the backups."""
+    from selfrepair.chapters import ioi as chapter
+
+    cfg, ch = tiny_chapter
+    res, sp = ch.result, ch.split
+    tst = torch.from_numpy(sp.prompts(sp.test))
+    sel = nm.selection_prompts(40, cfg.seed)
+    assert set(sel.tolist()) == set(np.flatnonzero(sp.prompts(sp.select)).tolist())
+    noisy = {k: v.clone() for k, v in (("head_de", res.head_de), ("attn_io", res.attn_io))}
+    g = torch.Generator().manual_seed(1)
+    for v in noisy.values():
+        v[tst] = torch.randn(v[tst].shape, generator=g, dtype=v.dtype) * 10
+    heads, _ = nm.select_name_movers(noisy["head_de"][sel], noisy["attn_io"][sel],
+                                     (res.attn_s1 + res.attn_s2)[sel], cfg.n_name_movers)
+    assert heads == res.heads
+    from dataclasses import replace
+    changed = replace(res, ablated_head_de=res.ablated_head_de.clone())
+    changed.ablated_head_de[tst] += 100.0
+    assert chapter.backups_on(changed, sp.prompts(sp.select), cfg.n_backups) == sp.backups
+
+
+def test_replicates_recompute_the_repair_share_on_resampled_pairs(tiny_chapter):
+    from selfrepair.chapters import ioi as chapter
+    from selfrepair.uncertainty import Bootstrap
+
+    cfg, ch = tiny_chapter
+    r, sp = ch.repair, ch.split
+    boot = Bootstrap(len(sp.test), 30, 2, "prompt pairs")
+    reps = boot.replicates(chapter.share_back, chapter.pair_sums(ch, "self_repair", -r["nm_delta_de"])[sp.test])
+    pair = np.arange(len(r)) // 2
+    for i in (0, 4, 19):
+        drawn = np.repeat(sp.test, boot.weights[i].astype(int))
+        rows = pd.concat([r[pair == p] for p in drawn])
+        assert reps[i] == pytest.approx(rows["self_repair"].sum() / -rows["nm_delta_de"].sum(), rel=1e-6)
+    assert np.unique(reps[1:]).size > 1
+
+
+@pytest.mark.parametrize("lo, hi, outcome, word", [
+    (-0.6, -0.1, "no repair", "differs"), (0.2, 0.6, "partial repair", "holds"),
+    (0.0, 0.9, "partial repair", "holds"),  # both ends exactly on the partial region's bounds
+    (0.92, 1.05, "full repair", "differs"), (0.9, 1.1, "partial repair or full repair", "cannot tell"),
+    (1.3, 2.1, "over-correction", "differs"), (1.0, 1.5, "full repair or over-correction", "differs"),
+    (-0.2, 0.4, "no repair or partial repair", "cannot tell"),
+    (0.5, 1.5, "partial repair or full repair or over-correction", "cannot tell")])
+def test_partial_full_and_over_repair_are_told_apart(lo, hi, outcome, word):
+    from selfrepair.chapters import ioi as chapter
+    from selfrepair.claims import Verdict, render
+    from selfrepair.uncertainty import Estimate
+
+    assert chapter.repair_outcome(lo, hi) == outcome
+    v = Verdict.of(chapter.REPAIRED, Estimate((lo + hi) / 2, lo, hi, 48, "prompts", 24, "prompt pairs", 0, 1000),
+                   f"Outcome: **{outcome}**.")
+    assert v.word == word and word in v.outcomes
+    text = render([v])
+    assert f"**{word}**" in text and f"**{outcome}**" in text
+    rule = text[text.index("<details>"):]
+    for region in ("no repair", "partial repair", "full repair", "over-correction"):
+        assert region in rule  # the rule names every outcome it tells apart
 
 
 def test_chapter_config_errors():

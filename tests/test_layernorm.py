@@ -11,8 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
+from claim_checks import check_outcomes, resampled
 from selfrepair import layernorm, load_model
 from selfrepair.chapters import layernorm as cl
+from selfrepair.chapters import layernorm_claims as lc
+from selfrepair.claims import WORDS, _fmt
+from selfrepair.uncertainty import Bootstrap, Clusters
 
 ABLATIONS = ["resample", "mean", "zero"]
 
@@ -202,90 +206,165 @@ def test_stand_in_head_rule():
 
 
 # -- the chapter's claims on synthetic results --------------------------------------------------
-def _synthetic_chapter(parallel: bool, last_layer: bool, seed=0) -> cl.LayerNormChapter:
+def synthetic_run(seed=0, n_layers=4, n_heads=3, n_docs=24, per_row=6, parallel=True, last_layer=True) -> dict:
+    """Per-token frames shaped like the chapter's, on documents of 1-3 rows with an offset shared by
+    a document's tokens: the sweep's top-k% rows of every head, the three ablations' rows of the
+    last-layer heads, App. B's check on every row, and the norms-only rows of the late heads."""
     rng = np.random.default_rng(seed)
-    top = pd.concat([pd.DataFrame({
-        "layer": l, "head": h, "label": f"L{l}H{h}", "direct_effect": rng.normal(0.4, 0.3, 30),
-        "from_norm": rng.normal(0.1, 0.15, 30), "from_block_norms": rng.normal(0.1, 0.1, 30)})
-        for l in range(4) for h in range(2)], ignore_index=True)
-    shares = layernorm.norm_share(top)
+    doc_of_row = np.repeat(np.arange(n_docs), rng.integers(1, 4, n_docs))
+    n_rows = len(doc_of_row)
+    row = np.repeat(np.arange(n_rows), per_row)
+    pos = np.tile(np.arange(per_row), n_rows)
+    shared = rng.normal(0, 1, n_docs)[doc_of_row][row]
+
+    def head_frame(l, h):
+        de = np.abs(rng.normal(0.4, 0.3, len(row))) + 0.01 * rng.normal(size=len(row))
+        clean = rng.uniform(0.8, 1.2, len(row))
+        return pd.DataFrame({"layer": l, "head": h, "label": f"L{l}H{h}", "row": row, "pos": pos,
+                             "direct_effect": de, "scale_clean": clean,
+                             "scale_ablated": clean / (1 + rng.normal(0.01 * h, 0.02, len(row)) + 0.01 * shared),
+                             "competitor_gap": rng.normal(1.0, 2.0, len(row)),
+                             "from_norm": rng.normal(0.1 * (h + 1), 0.2, len(row)) * de + 0.05 * shared,
+                             "from_block_norms": rng.normal(0.05, 0.05, len(row)),
+                             "self_repair": rng.normal(0.1, 0.2, len(row)), "logit": rng.normal(1, 2, len(row))})
+
+    top = pd.concat([head_frame(l, h) for l in range(n_layers) for h in range(n_heads)], ignore_index=True)
+    last = top[top["layer"] == n_layers - 1]
+    tokens = pd.concat([last.assign(tokens="top-k%", ablation=a,
+                                    ratio=rng.normal(1.0 + 0.02 * i + 0.01 * last["head"], 0.02, len(last)))
+                        for i, a in enumerate(layernorm.ABLATION_ORDER)], ignore_index=True)
+    tokens["scale_ablated"] = tokens["scale_clean"] / tokens["ratio"]
     chk = []
-    for role, err in (("this model", 1e-3), ("reference", 1.0)):  # the reference must not count
+    for role in ("this model", "reference"):  # the reference must not count
         for ablation in layernorm.ABLATION_ORDER:
-            dl = rng.normal(0, 0.3, 20)
-            e = rng.normal(0, err, 20)
+            n = n_rows * per_row if role == "this model" else 20
+            e = rng.normal(0, 1e-4 if role == "this model" else 1.0, n)
             chk.append(pd.DataFrame({"role": role, "model": "m" if role == "this model" else "ref",
-                                     "label": "L3H0", "parallel_residual": parallel,
-                                     "last_layer": last_layer, "ablation": ablation, "delta_logit": dl,
+                                     "label": f"L{n_layers - 1}H0", "parallel_residual": parallel,
+                                     "last_layer": last_layer, "ablation": ablation,
+                                     "row": row if role == "this model" else np.arange(n) % 4,
+                                     "delta_logit": rng.normal(0, 0.3, n) + 0.1 * (shared if role == "this model" else 0),
                                      "error": e, "from_heads": 0.0, "from_mlps": e, "from_block_norms": 0.0}))
     chk = pd.concat(chk, ignore_index=True)
-    tokens = _ratio_tokens(seed)
-    ratios = layernorm.ratio_summary(tokens)
-    model = SimpleNamespace(n_layers=4, parallel_residual=parallel, sandwich=not parallel)
-    return cl.LayerNormChapter(pd.DataFrame(), (3, 1), (3, 1), tokens, ratios, [(3, 1)], ratios, shares,
-                               layernorm.layer_shares(shares), chk, layernorm.appendix_b_table(chk),
-                               pd.DataFrame(), model, [], {})
+    late = top[top["layer"] >= n_layers // 2]
+    frozen = late.assign(self_repair_norms_only=late["from_norm"] + 0.02 * rng.normal(size=len(late)))
+    return {"doc_of_row": doc_of_row, "top": top, "tokens": tokens, "check": chk, "frozen": frozen,
+            "check_rows": np.arange(n_rows), "model": SimpleNamespace(n_layers=n_layers, n_heads=n_heads,
+                                                                      parallel_residual=parallel,
+                                                                      sandwich=not parallel)}
 
 
-def _expected_layernorm(ch, tokens_top: pd.DataFrame | None = None, cfg=None) -> dict:
-    """Chapter 2's metrics by hand from per-token frames."""
-    out = {}
-    t = ch.tokens[(ch.tokens["label"] == "L{}H{}".format(*ch.ratio_head)) & (ch.tokens["tokens"] == "top-k%")]
-    ratio = t["ratio"] if "scale_clean" not in t else t["scale_clean"] / t["scale_ablated"]
+def synthetic_chapter(run: dict, n_boot=200, seed=0) -> cl.LayerNormChapter:
+    model, top, tokens = run["model"], run["top"], run["tokens"]
+    shares = layernorm.norm_share(top)
+    ratio_head = (model.n_layers - 1, 1)
+    ch = cl.LayerNormChapter(pd.DataFrame(), ratio_head, ratio_head, ratio_head, tokens,
+                             layernorm.ratio_summary(tokens), [ratio_head], pd.DataFrame(), shares,
+                             layernorm.layer_shares(shares), pd.DataFrame(), run["check"],
+                             layernorm.appendix_b_table(run["check"]), pd.DataFrame(), model, [], {},
+                             n_boot=n_boot, seed=seed)
+    clusters = Clusters.documents(run["doc_of_row"])
+    ch.evidence = cl.evidence(clusters, model, tokens, top, run["check"], run["check_rows"], run["frozen"])
+    return ch
+
+
+def expected_layernorm(tokens: pd.DataFrame, top: pd.DataFrame, check: pd.DataFrame, n_layers: int,
+                       frozen: pd.DataFrame | None = None) -> dict:
+    """Chapter 2's metrics by hand with pandas, (value, n): S/S′ and App. H over every last-layer
+    head, the norm share and the norms-only repair over every late head, App. B over its rows."""
+    out, keys = {}, ["layer", "head"]
+    last = n_layers - 1
+    t = tokens[(tokens["tokens"] == "top-k%") & (tokens["layer"] == last)]
+    ratio = t["scale_clean"] / t["scale_ablated"]
     for a in layernorm.ABLATION_ORDER:
-        g = ratio[t["ablation"] == a]
+        g = t[t["ablation"] == a].assign(above=ratio[t["ablation"] == a] > 1)
         if len(g):
-            out[f"ratio_{a}"] = (float((g > 1).mean()), len(g))
-    g = t[t["ablation"] == "resample"]
-    r = ratio[t["ablation"] == "resample"]
-    out["appendix_h"] = (float(np.median(np.abs((r - 1) * g["competitor_gap"]))
-                               / np.median(g["direct_effect"])), len(g))
-    if tokens_top is not None:  # the norm share of every late head from the sweep's top tokens
-        first = ch.model.n_layers // 2
-        per_head = []
-        for (layer, head), f in tokens_top.groupby(["layer", "head"]):
-            f = f[f["direct_effect"] != 0]
-            if layer >= first:
-                per_head.append(np.mean(np.clip(f["from_norm"] / f["direct_effect"], 0, 1)))
-        out["norm_share"] = (float(np.mean(per_head)), len(per_head))
-    if cfg is not None:  # norms only, from the cached frozen-norm result
-        from selfrepair.experiment import measure, open_tokens
-        from selfrepair.frozen_norm import FrozenNormSpec
-
-        first = ch.model.n_layers // 2
-        late = tuple((l, h) for l in range(first, ch.model.n_layers) for h in range(ch.model.n_heads))
-        res = measure(cfg, FrozenNormSpec(heads=late), open_tokens(cfg, ch.model, progress=False),
-                      progress=False)
-        shares = []
-        for i, (layer, head) in enumerate(res.heads):
-            f = tokens_top[(tokens_top["layer"] == layer) & (tokens_top["head"] == head)]
-            only = [float(res.norms_only["self_repair"][i, r, p]) for r, p in zip(f["row"], f["pos"])]
-            if f["direct_effect"].mean() > 0:
-                shares.append(np.mean(only) / f["direct_effect"].mean())
-        out["norms_only"] = (float(np.mean(shares)), len(shares))
-    here = ch.check[ch.check["role"] == "this model"]
+            per_head = g.groupby(keys)["above"].mean()
+            out[f"ratio_{a}"] = (per_head.mean(), len(per_head))
+    g = top[top["layer"] == last]
+    boost = ((g["scale_clean"] / g["scale_ablated"] - 1) * g["competitor_gap"]).abs()
+    per_head = g.assign(boost=boost).groupby(keys).apply(lambda f: f["boost"].sum() / f["direct_effect"].sum(),
+                                                         include_groups=False)
+    out["appendix_h"] = (per_head.mean(), len(per_head))
+    late = top[(top["layer"] >= n_layers // 2) & (top["direct_effect"] != 0)]
+    per_head = late.assign(s=(late["from_norm"] / late["direct_effect"]).clip(0, 1)).groupby(keys)["s"].mean()
+    out["norm_share"] = (per_head.mean(), len(per_head))
+    here = check[check["role"] == "this model"]
     rel = max(here[here["ablation"] == a]["error"].abs().mean() / here[here["ablation"] == a]["delta_logit"].abs().mean()
               for a in set(here["ablation"]))
-    out["appendix_b"] = (rel, len(here))  # reported either way; decided only where it applies
+    out["appendix_b"] = (rel, len(here))
+    if frozen is not None:
+        per_head = frozen.groupby(keys)["self_repair_norms_only"].mean()
+        out["norms_only"] = (per_head.mean(), len(per_head))
     return out
 
 
-@pytest.mark.parametrize("parallel,last_layer", [(True, True), (False, True), (True, False)])
-def test_verdicts_on_synthetic_results(parallel, last_layer):
-    ch = _synthetic_chapter(parallel, last_layer)
+@pytest.mark.parametrize("seed", range(3))
+def test_verdicts_on_synthetic_results(seed):
+    run = synthetic_run(seed)
+    ch = synthetic_chapter(run, seed=seed)
     got = {v.claim.key: v for v in cl.verdicts(ch)}
-    want = _expected_layernorm(ch)
-    first = ch.model.n_layers // 2
-    f = ch.shares.query("tokens == 'top-k%' and clipping == 'clipped' and component == 'final norm'")
-    want["norm_share"] = (f[f["layer"] >= first]["share"].mean(), int((f["layer"] >= first).sum()))
-    assert set(got) == set(want) == {"ratio_resample", "ratio_zero", "norm_share", "appendix_b", "appendix_h"}
+    assert [v.claim for v in cl.verdicts(ch)] == list(cl.CLAIMS)
+    want = expected_layernorm(run["tokens"], run["top"], run["check"], 4, run["frozen"])
+    assert set(got) == set(want)
     for key, (value, n) in want.items():
-        assert got[key].value == pytest.approx(value, nan_ok=True), key
-        assert got[key].n == n, key
-    assert (got["appendix_b"].holds is None) == (not (parallel and last_layer))
+        v = got[key]
+        assert v.value == pytest.approx(value), key
+        assert v.n == n, key
+        e = v.estimate  # a cluster bootstrap over the documents, seeded by the chapter's seed
+        assert (e.seed, e.n_boot, e.cluster_unit, e.clusters) == (seed, 200, "documents", 24), key
+        assert v.word == WORDS[v.claim.rule.decide(v.lo, v.hi)] and e.reliable, key
+    assert got["ratio_resample"].unit.startswith("last-layer heads") and got["norm_share"].unit == "late-layer heads"
     # the block norms' share is reported beside the final norm's, never mixed into it
     block = ch.shares.query("tokens == 'top-k%' and clipping == 'clipped' and component == 'block norms'")
     assert block["share"].mean() != pytest.approx(got["norm_share"].value)
+
+
+@pytest.mark.parametrize("parallel,last_layer", [(True, True), (False, True), (True, False)])
+def test_appendix_b_is_decided_only_where_its_assumption_holds(parallel, last_layer):
+    ch = synthetic_chapter(synthetic_run(1, parallel=parallel, last_layer=last_layer))
+    v = {v.claim.key: v for v in cl.verdicts(ch)}["appendix_b"]
+    assert v.lo <= v.value <= v.hi and v.estimate.clusters == 24
+    untestable = "the claim's assumption does not hold on this run"
+    if parallel and last_layer:
+        assert v.word == "holds" and not v.why  # an error of 1e-4 of |Δlogit|-sized noise: below 1e-3
+        assert untestable not in cl.render([v])
+    else:  # the rule's text names this outcome, not only a straddling or unreliable interval
+        assert v.word == "cannot tell" and "assumption fails" in v.why
+        assert "cannot tell when" in cl.render([v]) and untestable in cl.render([v])
+
+
+def test_a_replicate_recomputes_every_heads_statistic_on_resampled_documents():
+    """Replicate i equals the metric computed by pandas on the rows of the documents it drew (with
+    their multiplicities): each head's share, clipped share and boost recomputed, not carried over."""
+    run = synthetic_run(2)
+    ch = synthetic_chapter(run)
+    ev = ch.evidence
+    boot = Bootstrap.over(ev.clusters, 30, 0)
+    reps = {"ratio_zero": boot.replicates(lc.mean_over_heads, ev.ratio["zero"]),
+            "norm_share": boot.replicates(lc.mean_over_heads, ev.share),
+            "appendix_h": boot.replicates(lc.boost_fraction, ev.boost),
+            "appendix_b": boot.replicates(lc.worst_relative_error, ev.check)}
+    for i in (0, 4, 17):
+        w = boot.weights[i]
+        frames = {k: resampled(run[k], ev.clusters.of_row, w) for k in ("tokens", "top", "frozen")}
+        chk = run["check"]
+        here = resampled(chk[chk["role"] == "this model"], ev.clusters.of_row, w)
+        want = expected_layernorm(frames["tokens"], frames["top"], here.assign(role="this model"), 4)
+        for key, r in reps.items():
+            assert r[i] == pytest.approx(want[key][0]), (key, i)
+    assert np.unique(reps["ratio_zero"][1:]).size > 1  # replicates do differ
+
+
+@pytest.mark.parametrize("claim", cl.CLAIMS, ids=lambda c: c.key)
+def test_every_outcome_of_every_rule_is_printed_as_it_is_described(claim):
+    check_outcomes(claim)
+
+
+def test_too_few_documents_cannot_tell_and_say_why():
+    run = synthetic_run(0, n_docs=6)
+    for v in cl.verdicts(synthetic_chapter(run)):
+        assert v.word == "cannot tell" and "independent documents" in v.why, v.claim.key
 
 
 # -- the chapter on a tiny run ------------------------------------------------------------------
@@ -305,7 +384,8 @@ def tiny_chapter(tiny_cache):
 
 @pytest.fixture(scope="module")
 def pinned_chapter(tiny_cache):
-    cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_head="L1H0", ablation_head="L0H2")
+    cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_head="L1H0", ablation_head="L0H2",
+                                fig15_head="L0H3")
     return cfg, cl.measure(cfg, progress=False)
 
 
@@ -313,8 +393,14 @@ def test_measure_on_tiny(tiny_chapter):
     cfg, ch = tiny_chapter
     last = ch.per_head[ch.per_head["layer"] == ch.model.n_layers - 1]
     best = last.sort_values(["direct_effect", "head"], ascending=[False, True]).iloc[0]
-    assert ch.ratio_head == ch.ablation_head == cl.stand_in(ch.per_head) == (best["layer"], best["head"])
-    assert set(ch.heads["reason"][:2]) == {cl.HEAD_RULE} and set(ch.heads["reason"][2:]) == {cl.APP_D_RULE}
+    assert ch.ratio_head == ch.ablation_head == ch.fig15_head == cl.stand_in(ch.per_head) == (best["layer"], best["head"])
+    assert set(ch.heads["reason"][:2]) == {cl.HEAD_RULE} and set(ch.heads["reason"][3:]) == {cl.APP_D_RULE}
+    assert ch.heads["reason"][2] == "as the Fig 5 head" and ch.heads["paper"][2] == "L11H0"
+    # Fig 6: the norm's self-repair in logits, the mean of from_norm over each head's top-k% tokens
+    top = ch.repair[ch.repair["component"] == "final norm"].set_index("label")["self_repair"]
+    assert len(top) == ch.model.n_layers * ch.model.n_heads
+    np.testing.assert_allclose(top.loc[ch.per_head["label"]].to_numpy(), ch.per_head["from_norm"].to_numpy(),
+                               rtol=1e-5, atol=1e-7)
     t = ch.tokens
     assert set(t["ablation"]) == set(ABLATIONS)
     n = t.groupby(["ablation", "tokens"]).size()
@@ -340,8 +426,9 @@ def test_single_head_runs_are_cached_and_read_at_the_sweeps_instances(tiny_chapt
     cfg, ch = tiny_chapter
     model = open_model(cfg)
     data = open_tokens(cfg, model, progress=False)
-    heads = tuple(sorted({ch.ratio_head, ch.ablation_head, *ch.app_d}))  # one run for every head shown
-    assert len(heads) == cl.N_APP_D
+    last = {(ch.model.n_layers - 1, h) for h in range(ch.model.n_heads)}  # every last-layer head: the class
+    heads = tuple(sorted({ch.ratio_head, ch.ablation_head, ch.fig15_head, *ch.app_d} | last))  # one run
+    assert len(heads) == ch.model.n_heads
     for ablation in ("mean", "zero"):
         spec = HeadsSpec(heads=heads, ablation=ablation)
         assert Cache(cfg.cache_dir).path(spec, model, data).exists()
@@ -383,33 +470,59 @@ def test_logit_and_competitor_gap_match_the_models_own_logits(tiny_chapter):
     np.testing.assert_allclose(t["competitor_gap"], gap.numpy(), atol=1e-4)
 
 
+def _frozen_rows(cfg, ch, top):
+    """The norms-only pass at the sweep's top-k% rows of the late heads, from the cached result."""
+    from selfrepair.experiment import measure, open_tokens
+    from selfrepair.frozen_norm import FrozenNormSpec
+
+    first = ch.model.n_layers // 2
+    late = tuple((l, h) for l in range(first, ch.model.n_layers) for h in range(ch.model.n_heads))
+    res = measure(cfg, FrozenNormSpec(heads=late), open_tokens(cfg, ch.model, progress=False), progress=False)
+    rows = []
+    for i, (layer, head) in enumerate(res.heads):
+        f = top[(top["layer"] == layer) & (top["head"] == head)]
+        rows.append(f.assign(self_repair_norms_only=[float(res.norms_only["self_repair"][i, r, p])
+                                                     for r, p in zip(f["row"], f["pos"])]))
+    return pd.concat(rows, ignore_index=True)
+
+
 def test_verdicts_on_the_tiny_run(tiny_chapter):
-    from selfrepair.experiment import head_sweep
+    """Point values and n by hand from the sweep's top-k% rows, the single-head runs and the
+    cached frozen-norm result; the clusters are the token set's documents."""
+    from selfrepair.experiment import head_sweep, open_tokens
 
     cfg, ch = tiny_chapter
     got = {v.claim.key: v for v in ch.verdicts}
-    want = _expected_layernorm(ch, head_sweep(cfg, "resample", progress=False).tokens_frame("top"), cfg)
-    assert "norms_only" in want
+    top = head_sweep(cfg, "resample", progress=False).tokens_frame("top")
+    want = expected_layernorm(ch.tokens, top, ch.check, ch.model.n_layers, _frozen_rows(cfg, ch, top))
     assert set(got) == set(want)
     for key, (value, n) in want.items():
         assert got[key].value == pytest.approx(value, rel=1e-6, nan_ok=True), key
         assert got[key].n == n, key
+    data = open_tokens(cfg, ch.model, progress=False)
+    assert ch.evidence.clusters.n == len(set(data.main_document.tolist()))
+    assert got["appendix_b"].estimate.clusters == len(set(ch.evidence.clusters.of_row[ch.check["row"]]))
     text = cl.on_this_model(ch)
-    assert text.startswith(f"**On {cfg.model}**")
+    assert text.startswith(f"**On {cfg.model}**") and f"seed {cfg.seed}" in text.splitlines()[0]
     lines = text.splitlines()[1:]
     assert len(lines) == len(ch.verdicts)
     for line, v in zip(lines, ch.verdicts):
-        assert f"**{format(v.value, v.claim.fmt)}**" in line
+        assert f"**{_fmt(v.value, v.claim.fmt)}**" in line  # App. B's .1e as 1.6×10⁻⁶, not 1.6e-06
+        assert "e-0" not in line
 
 
 def test_pinned_heads(tiny_chapter, pinned_chapter):
     _, default = tiny_chapter
     cfg, ch = pinned_chapter
-    assert ch.ratio_head == (1, 0) and ch.ablation_head == (0, 2)
-    assert list(ch.heads["label"][:2]) == ["L1H0", "L0H2"]
-    assert list(ch.heads["reason"]) == ["pinned by ratio_head", "pinned by ablation_head"] + [cl.APP_D_RULE] * 3
+    assert ch.ratio_head == (1, 0) and ch.ablation_head == (0, 2) and ch.fig15_head == (0, 3)
+    assert list(ch.heads["label"][:3]) == ["L1H0", "L0H2", "L0H3"]
+    assert list(ch.heads["reason"]) == (["pinned by ratio_head", "pinned by ablation_head", "pinned by fig15_head"]
+                                        + [cl.APP_D_RULE] * 3)
     assert ch.app_d[0] == (1, 0)  # App. D's default starts from the ratio head
     assert set(ch.ratio_tokens["label"]) == {"L1H0"} and set(ch.ablation_tokens["label"]) == {"L0H2"}
+    f15 = ch.fig15_tokens  # Fig 15: its own head, under the three ablations, on the uniform sample too
+    assert set(f15["label"]) == {"L0H3"} and set(f15["ablation"]) == set(ABLATIONS)
+    assert (f15["tokens"] == "random sample").any()
     assert set(ch.ratios["label"]) == {"L1H0"}
     pd.testing.assert_frame_equal(ch.ratios, layernorm.ratio_summary(ch.ratio_tokens))
     # a layer-0 head of a parallel model is repaired by layer 1 as well as by the norm
@@ -421,11 +534,11 @@ def test_pinned_heads(tiny_chapter, pinned_chapter):
         {v.claim.key: v.value for v in default.verdicts}["norm_share"])
 
 
-def test_ratio_head_alone_and_appendix_b_off_its_assumptions(tiny_cache):
+def test_ratio_head_alone_and_appendix_b_off_its_assumptions(tiny_cache, tiny_chapter):
     cfg = cl.Config.from_params(**TINY, cache_dir=tiny_cache, ratio_head="L0H1")
     ch = cl.measure(cfg, progress=False)
     assert ch.ratio_head == ch.ablation_head == (0, 1)
-    assert list(ch.heads["reason"][:2]) == ["pinned by ratio_head", "as ratio_head"]
+    assert list(ch.heads["reason"][:3]) == ["pinned by ratio_head", "as ratio_head", "as the Fig 5 head"]
     t = ch.check_table
     here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
     assert not here["last_layer"].any() and (here["relative_error"] > 1e-3).all()
@@ -433,9 +546,10 @@ def test_ratio_head_alone_and_appendix_b_off_its_assumptions(tiny_cache):
     v = {v.claim.key: v for v in ch.verdicts}["appendix_b"]
     assert v.value == pytest.approx(here["relative_error"].max()) and v.holds is None
     assert v.n == int(here["n"].sum()) and "not in the last layer" in v.why
-    want = _expected_layernorm(ch)
-    for key in ("ratio_resample", "ratio_mean", "ratio_zero", "appendix_h"):
-        assert {x.claim.key: x.value for x in ch.verdicts}[key] == pytest.approx(want[key][0])
+    _, default = tiny_chapter
+    for key in ("ratio_resample", "ratio_mean", "ratio_zero", "appendix_h", "norm_share"):  # the class, not the head
+        assert {x.claim.key: x.value for x in ch.verdicts}[key] == pytest.approx(
+            {x.claim.key: x.value for x in default.verdicts}[key])
 
 
 # -- App. D (Fig 16-17): Fig 4's procedure for a list of heads --------------------------------------

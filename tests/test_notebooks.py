@@ -1,7 +1,9 @@
 """Every chapter notebook (``book/*.ipynb``, picked up automatically) follows the notebook rules of
 docs/DEVELOPING.md and runs under papermill on the ``tiny`` profile.
 
-Structure: exactly one ``parameters`` cell of literal assignments with a trailing comment each,
+Structure: the first code cell, right after the title, is the install cell of
+:func:`selfrepair.book.launch.install_cell` (the same in every notebook, hidden in the book); exactly
+one ``parameters`` cell of literal assignments with a trailing comment each,
 naming exactly the fields of the chapter's config (``selfrepair.chapters.<chapter>.Config``: what
 that chapter uses, nothing "unused here"); the next code cell builds
 ``cfg = chapter.Config.from_params(...)`` passing every parameter by name; ``started =
@@ -9,7 +11,8 @@ time.time()`` early; no ``def``/``class``/loops (comprehensions included) in cod
 exercise solutions; committed without outputs; the last code cell calls ``provenance``; the config
 cell and the provenance cell are folded (``hide-input``), the parameters cell is not.
 
-Execution (the session fixture ``executed_book`` in conftest.py runs them all once): no error,
+Execution (the session fixture ``book`` in conftest.py: the book built once, as the Pages
+workflow builds it, on the ``tiny`` profile): no error,
 at least one chart per chapter, every chart spec valid against
 the Vega-Lite schema and small, and the injected parameters visible in the provenance table.
 """
@@ -23,8 +26,10 @@ import re
 import tokenize
 from pathlib import Path
 
+import nbformat
 import pytest
 
+from selfrepair.book.launch import INSTALL_TAGS, install_cell
 from selfrepair.chapters import CHAPTERS, chapter_module
 from selfrepair.figures import MAX_ROWS, charts_in_notebook, data_rows, validate_spec
 
@@ -110,7 +115,39 @@ def test_config_cell_and_start_time(path):
         f"{path.name}: set `started = time.time()` in or before the cfg cell"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_says_what_ran_right_after_the_config(path):
+    """The cell after the config cell says what ran, on what (``selfrepair.setting.run_summary``),
+    shown: a reader meets the model and the data before the first result — at the top, right
+    after the install cell, before the method (issue: say what ran at the top of every chapter)."""
+    code = _code(path)
+    i = next(i for i, c in enumerate(code) if "parameters" in c.get("metadata", {}).get("tags", []))
+    assert re.search(r"^display\(Markdown\(run_summary\(cfg\)\)\)$", _source(code[i + 2]), re.M), \
+        f"{path.name}: the cell after the config cell is `display(Markdown(run_summary(cfg)))`"
+    assert not set(code[i + 2].get("metadata", {}).get("tags", [])) & FOLDED
+    if path.stem.startswith("00"):
+        return  # the introduction's run is its live check of eq. 2, a section of its own further down
+    cells = nbformat.read(path, as_version=4).cells
+    first = next(j for j, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    above = [c for c in cells[1:first] if not c.source.startswith("The parameters of this chapter")]
+    assert all(c.cell_type == "code" for c in above), \
+        f"{path.name}: only the title and the install cell come before the parameters (what ran is at the top)"
+
+
 FOLDED = {"hide-input", "hide-cell", "remove-input", "remove-cell"}  # Jupyter Book 1.x cell tags
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_installs_the_library(path):
+    """Colab, Binder or a Jupyter without the library run this cell first; it is the same cell in
+    every notebook (``python -m selfrepair.book.launch`` writes it), right after the title."""
+    cells = _cells(path)
+    first = next(i for i, c in enumerate(cells) if c["cell_type"] == "code")
+    assert first == 1 and cells[0]["cell_type"] == "markdown" and cells[0]["source"][0].startswith("# "), \
+        f"{path.name}: the install cell comes right after the title cell"
+    assert _source(cells[first]) == install_cell(), \
+        f"{path.name}: the first code cell is not the install cell: run `python -m selfrepair.book.launch`"
+    assert cells[first]["metadata"].get("tags") == INSTALL_TAGS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -123,7 +160,7 @@ def test_boilerplate_folded_parameters_visible(path):
     assert not tags[i] & FOLDED, f"{path.name}: the parameters cell is hidden by {tags[i] & FOLDED}"
     assert "hide-input" in tags[i + 1], f"{path.name}: tag the config cell after the parameters 'hide-input'"
     assert "hide-input" in tags[-1], f"{path.name}: tag the provenance cell 'hide-input'"
-    shown = [n for n, t in enumerate(tags) if t & FOLDED and n not in (i + 1, len(code) - 1)]
+    shown = [n for n, t in enumerate(tags) if t & FOLDED and n not in (0, i + 1, len(code) - 1)]
     assert not shown, f"{path.name}: code cells {shown} are folded too; only the boilerplate is"
 
 
@@ -165,8 +202,8 @@ def _provenance(nb: dict) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs_on_tiny_profile(path, executed_book):
-    run = executed_book.runs[path.stem]
+def test_runs_on_tiny_profile(path, book):
+    run = book.runs[path.stem]
     assert run.ok, f"{path.name} failed on the tiny profile: {run.error}\n(executed: {run.executed})"
     nb = json.loads(run.executed.read_text(encoding="utf-8"))
     errors = [o for o in _outputs(nb) if o.get("output_type") == "error"]
@@ -180,7 +217,7 @@ def test_runs_on_tiny_profile(path, executed_book):
         assert data_rows(spec) <= MAX_ROWS
 
     prov = _provenance(nb)
-    tiny = executed_book.params
+    tiny = book.params
     assert prov.get("param:model") == tiny["model"], f"provenance says {prov.get('param:model')!r}"
     if "n_tokens" in chapter_module(path.stem).Config.field_names():
         assert prov.get("param:n_tokens") == str(tiny["n_tokens"])

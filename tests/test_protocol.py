@@ -61,13 +61,31 @@ def test_paper_profile_runs_each_chapter_on_the_papers_model_with_its_heads():
     fig3 = featured(_per_head(24, 16), ex_cfg.featured_heads, lambda ph: ph.head(4), rule="rule")
     assert list(fig3["label"]) == ["L22H11", "L20H6", "L23H1", "L20H14"]
     assert set(fig3["reason"]) == {"pinned by the parameters"}
-    ratio, abl = layernorm.figure_heads(cfgs["02_layernorm"], _per_head(12, 12))
-    assert (ratio, abl) == ((11, 2), (11, 10))
+    ratio, abl, fig15 = layernorm.figure_heads(cfgs["02_layernorm"], _per_head(12, 12))
+    assert (ratio, abl, fig15) == ((11, 2), (11, 10), (11, 0))
     heads = neurons.choose(cfgs["03_anti_erasure"], _per_head(12, 12), _Shape(12, 12, parallel_residual=True))
     assert list(heads["label"]) == ["L10H11", "L7H8"]
     classes = pd.DataFrame({"label": ["L21H1", "L3H0"], "class": ["neutral", "self-repressing"],
                             "direct_effect": [1.0, 2.0], "relative_change": [0.0, -0.5]})
     assert iterative.it.featured(classes, 4, cfgs["04_iterative_inference"].featured_heads) == ["L21H1"]
+
+
+def test_paper_profile_uses_the_papers_conventions():
+    """Value biases folded wherever a chapter's numbers depend on them (TransformerLens, which the
+    paper's code used), chapter 3 on each head's full top 2%, Fig 15 on its caption's L11H0, and
+    Hydra's 15 resample sources per prompt."""
+    cfgs = _paper_configs()
+    takes = {stem for stem, c in cfgs.items() if hasattr(c, "fold_value_biases")}
+    assert takes == set(cfgs) - {"05_hydra"}  # a layer's whole write does not depend on it
+    assert all(cfgs[stem].fold_value_biases is True for stem in takes)
+    ch3 = cfgs["03_anti_erasure"]
+    spec = neurons.spec(ch3, ((10, 11), (7, 8)))
+    assert ch3.top_percent == 2.0 and spec.top_percent == 2.0 and spec.max_instances is None
+    assert cfgs["02_layernorm"].fig15_head == "L11H0"
+    assert cfgs["05_hydra"].n_patches == 15
+    defaults = {stem: chapter_module(stem).Config() for stem in cfgs}  # off unless asked
+    assert not any(getattr(c, "fold_value_biases", False) for c in defaults.values())
+    assert defaults["05_hydra"].n_patches == 3 and defaults["02_layernorm"].fig15_head is None
 
 
 class _Shape:
@@ -80,9 +98,9 @@ class _Shape:
 def test_stand_ins_are_chosen_by_the_papers_criterion_when_not_pinned():
     per_head = _per_head(12, 12, seed=3)
     cfg = layernorm.Config.from_params(**TINY)
-    ratio, abl = layernorm.figure_heads(cfg, per_head)
+    ratio, abl, fig15 = layernorm.figure_heads(cfg, per_head)
     last = per_head[per_head["layer"] == 11]
-    assert ratio == (11, int(last.loc[last["direct_effect"].idxmax(), "head"])) and abl == ratio
+    assert ratio == (11, int(last.loc[last["direct_effect"].idxmax(), "head"])) and abl == ratio == fig15
 
 
 def test_unknown_and_bad_parameters_fail_before_any_chapter_runs(tmp_path):
@@ -92,7 +110,7 @@ def test_unknown_and_bad_parameters_fail_before_any_chapter_runs(tmp_path):
     with pytest.raises(InputError, match=r"chapter 01_self_repair_exists: n_boot must be at least 10"):
         plan(notebooks, {**TINY, "n_boot": -5}, check=False)
     with pytest.raises(InputError, match="unknown chapters"):
-        plan(notebooks, TINY, {"09": {"model": "x"}}, check=False)
+        plan(notebooks, TINY, {"99": {"model": "x"}}, check=False)
     # checks that need the model and the data, still before any forward pass
     with pytest.raises(InputError, match="chapter 02_layernorm: ratio_head: L7H0 is not a head of tiny-gpt_neox"):
         plan(notebooks, {**TINY, "ratio_head": "L7H0", "cache_dir": str(tmp_path)})
@@ -157,12 +175,12 @@ def test_a_failed_write_keeps_the_previous_entry(tmp_path, monkeypatch):
 
 def test_a_chapter_packs_its_corpus_once(monkeypatch):
     """The chapter's check and its measurements read one TokenSet: the corpus is packed once."""
-    import selfrepair.data as data
+    import selfrepair.packing as packing
     from selfrepair.chapters import check
 
     calls = []
-    pack = data.pack_documents
-    monkeypatch.setattr(data, "pack_documents", lambda *a, **k: calls.append(1) or pack(*a, **k))
+    pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda *a, **k: calls.append(1) or pack(*a, **k))
     cfg = existence.Config.from_params(**{**TINY, "seed": 12345})
     model = open_model(cfg)
     check(cfg)

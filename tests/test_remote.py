@@ -16,12 +16,12 @@ import torch
 from selfrepair import load_model, self_repair
 from selfrepair.batch import clean_batch
 from selfrepair.errors import InputError, RemoteError
-from selfrepair.intervene import run
+from selfrepair.intervene import gradients, run
 from selfrepair.models import tiny_model, tiny_tokenizer
 from selfrepair.passes import ablate_heads, ablate_writes, amplify_heads
 
 from remote_helpers import (FAMILIES, TOL, assert_same_chapter_results, cached, max_diff,  # noqa: F401
-                            ndif_server, saved_dir, tensor_bytes)
+                            here_and_there, ndif_server, saved_dir, tensor_bytes)
 
 
 @pytest.fixture
@@ -134,11 +134,12 @@ def test_the_gradient_pass_equals_the_local_one(tmp_path, family, traces):
     here, there = load_model(path), load_model(path, remote="local")
     tok = torch.randint(0, here.d_vocab, (2, 8), generator=torch.Generator().manual_seed(3))
     metric = lambda resid, normed: (normed[:, :-1] * resid[:, 1:]).sum()  # noqa: E731
-    a, b = run(here, tok, backward=metric), run(there, tok, backward=metric)
+    traces[0] = 0  # loading a saved folder the remote way runs its load-time check as one trace
+    a, b = gradients(here, tok, metric), gradients(there, tok, metric)
     assert traces[0] == 1
-    assert a.grads["z"].shape == (here.n_layers, 2, 8, here.n_heads * here.d_head)
-    assert float(a.grads["z"].abs().sum()) > 0  # not the empty backward
-    assert max_diff(a.grads, b.grads) <= TOL and max_diff(a.final_resid, b.final_resid) <= TOL
+    assert a.z.shape == (here.n_layers, 2, 8, here.n_heads * here.d_head)
+    assert float(a.z.abs().sum()) > 0  # not the empty backward
+    assert max_diff(a.z, b.z) <= TOL and max_diff(a.final_resid, b.final_resid) <= TOL
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "gemma3"])
@@ -158,7 +159,7 @@ def test_end_position_passes_remote_equal_local(family):
         b = clean_batch(m, tok, last_pos=pos)
         b.readout = nm.diff_readout(m, b.clean, pos, data.io_token, data.s_token)
         zero = torch.zeros(1, m.n_heads * m.d_head)
-        out[remote] = {**ablate_heads_at(b, pos, [(0, 1), (1, 2)], {0: zero, 1: zero}),
+        out[remote] = {**ablate_heads_at(b, pos, [(0, 1), (1, 2)], {0: zero, 1: zero}).tensors(),
                        "moved": moved_residual_de(b, pos, 0, 1)}
     for key, value in out[False].items():
         torch.testing.assert_close(out["local"][key], value, rtol=1e-6, atol=1e-6, msg=key)
@@ -182,26 +183,15 @@ def test_attention_patterns_remote_local_equal_the_local_ones(family, traces):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_chapter_measurements_remote_local_equal_the_local_ones(tmp_path, chapter, traces):
-    import importlib
-
-    from selfrepair.book import load_profile
-    from selfrepair.experiment import _model
-
-    mod = importlib.import_module(f"selfrepair.chapters.{chapter}")
-    profile = load_profile("tiny", Path(__file__).resolve().parents[1])
-    profile.pop("chapters", None)
-    names = set(mod.Config.field_names())
-    results = {}
-    for remote in (None, "local"):
-        params = {k: v for k, v in profile.items() if k in names}
-        if "cache_dir" in names:
-            params["cache_dir"] = str(tmp_path / str(remote))
-        cfg = mod.Config.from_params(**params, remote=remote)
-        results[remote] = mod.measure(cfg, progress=False)
+def test_chapter_measurements_remote_local_equal_the_local_ones(chapter, chapter_runs, traces):
+    """Each chapter's measurement on a saved tiny model (conftest's ``chapter_runs``: the local run
+    is the one tests/test_remote_chapters.py compares its notebook with)."""
+    local = chapter_runs.local(chapter)
+    traces[0] = 0
+    results = {None: local, "local": chapter_runs.simulated(chapter)}
     assert traces[0] > 0, "the remote-local chapter ran no trace through the remote path"
-    assert_same_chapter_results(chapter, results, {r: tmp_path / str(r) for r in (None, "local")}, "local")
-    _model.cache_clear()
+    assert_same_chapter_results(chapter, results, {None: chapter_runs.cache(chapter, "local"),
+                                                   "local": chapter_runs.cache(chapter, "simulated")}, "local")
 
 
 def test_remote_flag_reaches_every_chapter_as_the_remote_parameter():
@@ -284,7 +274,7 @@ def test_models_the_remote_path_cannot_name_are_refused(tmp_path, ndif):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_path, family, ndif_server):
     from selfrepair.errors import RemoteError
-    from selfrepair.sweep import COLUMNS, run_sweep
+    from selfrepair.sweep import COLUMNS, ROW_COLUMNS, run_sweep
 
     path = tmp_path / family
     tiny_model(family, d_head=32).save_pretrained(path)  # d_model 128: activations dwarf reductions
@@ -313,9 +303,10 @@ def test_remote_true_holds_no_weights_and_brings_back_only_the_reductions(tmp_pa
     for i, r in enumerate(log):
         if i < 2:  # pass 1: per head and token one DE, per token its instance and competitor gap
             bound = L * H * n * 4 + n * (8 + 4)
-        else:  # pass 2: per head the sums and counts, per returned token row its index and values
+        else:  # pass 2: per head the sums and counts (and per row of the batch its sums of
+            # ROW_COLUMNS), per returned token row its index and values
             rows = sum(len(t) for t in r.saved["out"]["index"])
-            bound = L * H * (2 * C * 8 + 8) + rows * (4 * 8 + C * 4)
+            bound = L * H * (2 * C * 8 + 8 + 4 * len(ROW_COLUMNS) * 4) + rows * (4 * 8 + C * 4)
         assert tensor_bytes(r.saved) == bound, i  # nothing else comes back
         assert r.down <= 1.5 * bound + 16_000, (i, r.down, bound)  # pickle framing only
         assert 10 * r.down < clean_pass, (i, r.down, clean_pass)  # never the activations
@@ -338,7 +329,7 @@ def test_cli_sweep_remote_true_without_weights_equals_the_local_sweep(tmp_path, 
             "--batch-size", "4", "--top-percent", "10"]
     assert main([*args, "--out", str(tmp_path / "here")]) == 0 and not log
     assert main([*args, "--remote", "--out", str(tmp_path / "there")]) == 0
-    assert len(log) == 2 * 3  # 12 rows, 3 batches, two passes
+    assert len(log) == 1 + 2 * 3  # the load-time check; 12 rows, 3 batches, two passes
     capsys.readouterr()
     here, there = cached(tmp_path / "here"), cached(tmp_path / "there")
     assert here.keys() == there.keys() and len(here) == 1
@@ -357,7 +348,7 @@ def test_remote_true_amplification_and_frozen_norms_equal_the_local_run(tmp_path
 
     path = saved_dir(tmp_path, family)
     log = ndif_server(path)
-    here, there = load_model(path), load_model(path, remote=True)
+    here, there = here_and_there(path, log)
     assert not there.weights_here
     tok = torch.randint(0, 256, (6, 12), generator=torch.Generator().manual_seed(2))
     heads = [(0, 2), (1, 0), (1, 3)]

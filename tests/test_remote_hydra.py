@@ -1,8 +1,8 @@
 """Chapter 5's measurement (selfrepair.hydra.hydra_effect) with ``remote=True`` against the
 in-process NDIF server (tests/ndif_fake.py): no weight here, one request per chunk of prompts for
-its effects (and, with more than one chunk, requests of ``max_rows`` prompts before them for the
-sums over every prompt), every tensor equal to the local run's to 1e-6, and what comes back
-exactly the per-prompt effects and those sums: no activation, no per-prompt ``d_model`` vector."""
+its effects after requests of ``max_rows`` prompts for the sums over every prompt, every tensor
+equal to the local run's to 1e-6, and what comes back exactly the per-prompt effects and those
+sums: no activation, no per-prompt ``d_model`` vector."""
 
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ CASES = [("resample", 2, 4), ("mean", 1, 4), ("zero", 1, 4), ("noise", 2, 4),
 
 
 def _requests(prompts, n_patches: int, max_rows: int) -> list[tuple[str, int]]:
-    """What :func:`hydra_effect` sends, in order, as (kind, prompts): with several chunks, one
-    request per ``max_rows`` prompts for the sums over every prompt; then one per chunk for its
+    """What :func:`hydra_effect` sends, in order, as (kind, prompts): one request per ``max_rows``
+    prompts for the sums over every prompt (the driver's first stage); then one per chunk for its
     effects."""
-    chunks = hydra_chunks(prompts, n_patches, max_rows)
-    sums = [("sums", len(c)) for c in hydra_chunks(prompts, 1, max_rows)] if len(chunks) > 1 else []
-    return sums + [("effects", len(c)) for c in chunks]
+    sums = [("sums", len(c)) for c in hydra_chunks(prompts, 1, max_rows)]
+    return sums + [("effects", len(c)) for c in hydra_chunks(prompts, n_patches, max_rows)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

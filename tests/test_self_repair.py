@@ -10,7 +10,7 @@ from selfrepair.heads import QUANTITIES, self_repair
 
 from reference import reference_self_repair
 
-FAMILIES = ["gpt2", "gpt_neox", "llama", "gemma3"]
+from families import CORE as FAMILIES
 ABLATIONS = ["resample", "mean", "zero"]
 
 
@@ -95,8 +95,7 @@ def test_matches_plain_pytorch_reference(model64, ablation):
                     batch_size=2, progress=False)  # mean over all rows, whatever the batch size
     tol = 1e-5 if family == "gemma3" else 1e-9  # HF computes Gemma norms in float32
     for layer, head in heads:
-        ref = reference_self_repair(model64.hf, family, tok, corrupt, layer, head,
-                                    parallel=model64.parallel_residual, ablation=ablation)
+        ref = reference_self_repair(model64.hf, tok, corrupt, layer, head, ablation=ablation)
         for q, want in ref.items():
             got = getattr(r, q)[layer, head].double()
             torch.testing.assert_close(got, want.double(), atol=tol, rtol=tol, msg=f"{family} {q}")

@@ -18,8 +18,9 @@ from selfrepair.direct_effect import top_percent_mask
 from selfrepair.experiment import head_sweep, open_model, open_tokens, sweep_spec
 from selfrepair.heads import self_repair
 from selfrepair.measure import Cache
+from selfrepair.checkpoint import progress
 from selfrepair.results import CorruptResultError, load_tensors
-from selfrepair.sweep import Sweep, run_sweep
+from selfrepair.sweep import COLUMNS, ROW_COLUMNS, Sweep, run_sweep
 
 
 def rows(model, n=8, seq=12, seed=0):
@@ -42,6 +43,13 @@ def test_sweep_equals_self_repair_on_top_tokens(family, ablation):
     all_mean = torch.tensor(sweep.per_head()["delta_logit_all"].to_numpy()).view(want.shape).float()
     torch.testing.assert_close(all_mean, r.delta_logit.mean((2, 3)).float(), atol=1e-5, rtol=1e-4)
     assert torch.equal(sweep.tokens, tok) and torch.equal(sweep.corrupt_tokens, torch.roll(tok, 1, 0))
+    # per-row sums (what the cluster bootstrap resamples): each row's own tokens, adding up to sum_all
+    for i, q in enumerate(ROW_COLUMNS):
+        want_rows = getattr(r, q).sum(-1).permute(2, 0, 1).float()  # [row, layer, head]
+        torch.testing.assert_close(sweep.sum_row[..., i], want_rows, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sweep.sum_row[..., i].double().sum(0),
+                                   sweep.sum_all[..., COLUMNS.index(q)].double(), atol=1e-4, rtol=1e-5)
+    assert sweep.main_document is None  # a bare tensor: no documents known, each row its own unit
 
 
 def test_sample_is_uniform_over_instances_and_the_same_for_every_head():
@@ -109,7 +117,7 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline:  # wait for a few checkpoints, then kill mid-run
-            if partial.exists() and int(load_tensors(partial)[0]["next_row"]) >= 6:
+            if partial.exists() and progress(partial).get("resample sweep", 0) >= 6:
                 break  # load_tensors would raise if a checkpoint were ever half-written
             assert proc.poll() is None, "the sweep finished before it could be interrupted"
             time.sleep(0.02)
@@ -119,7 +127,7 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not out.exists() and partial.exists()
-    done_before = int(load_tensors(partial)[0]["next_row"])
+    done_before = progress(partial)["resample sweep"]
     assert 6 <= done_before < 48
     resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -141,7 +149,7 @@ def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, 
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline:
-            if partial.exists() and int(load_tensors(partial)[0]["next_row"]) >= 6:
+            if partial.exists() and progress(partial).get("resample sweep", 0) >= 6:
                 break
             assert proc.poll() is None, "the sweep finished before it could be interrupted"
             time.sleep(0.02)
@@ -152,8 +160,8 @@ def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, 
             proc.kill()
     assert proc.returncode == 128 + sig, err
     assert "resume" in err and signal.Signals(sig).name in err
-    state, _ = load_tensors(partial)  # intact: it loads and passes its checksum
-    assert not out.exists() and 6 <= int(state["next_row"]) < 48
+    load_tensors(partial)  # intact: it loads and passes its checksum
+    assert not out.exists() and 6 <= progress(partial)["resample sweep"] < 48
     resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     fresh = subprocess.run(_cli(tmp_path / "b"), capture_output=True, text=True, timeout=300)
@@ -203,6 +211,8 @@ def test_results_equal_whatever_the_batch_size(tmp_path):
     a = head_sweep(_config(tmp_path / "a", n_tokens=256, batch_size=3), progress=False)
     b = head_sweep(_config(tmp_path / "b", n_tokens=256, batch_size=16), progress=False)
     torch.testing.assert_close(a.sum_all, b.sum_all, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.sum_row, b.sum_row, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.main_document, b.main_document) and a.main_document.shape == (len(a.tokens),)
     for kind in ("top", "sample"):  # the same tokens and values, whatever order the batches wrote them
         fa, fb = (s.tokens_frame(kind).sort_values(["layer", "head", "row", "pos"]).reset_index(drop=True)
                   for s in (a, b))
@@ -212,7 +222,7 @@ def test_results_equal_whatever_the_batch_size(tmp_path):
     assert a.meta["run"]["batch_size"] == 3 and a.meta["run"]["world_size"] == 1
 
 
-def test_out_of_memory_retries_once_with_fewer_rows_then_explains(monkeypatch):
+def test_out_of_memory_retries_with_fewer_rows_then_explains(monkeypatch):
     import selfrepair.sweep_batch as sw
     from selfrepair.errors import InputError
 
@@ -222,22 +232,23 @@ def test_out_of_memory_retries_once_with_fewer_rows_then_explains(monkeypatch):
     real, calls = sw.ablate_heads, []
 
     def flaky(*args, **kw):
-        calls.append(len(args[2]))
+        calls.append(args[0].rows * len(args[2]))  # rows of one patched pass: batch rows x heads
         if len(calls) == 1:
             raise torch.OutOfMemoryError("simulated")
         return real(*args, **kw)
 
     monkeypatch.setattr(sw, "ablate_heads", flaky)
-    with pytest.warns(UserWarning, match="retrying with 8"):
+    with pytest.warns(UserWarning, match="retrying as 2 \\+ 2 with max_rows=8"):
         got = run_sweep(model, tok, batch_size=4, max_rows=16, progress=False)
-    assert calls[0] == 4 and max(calls[1:]) == 2  # 16 rows / 4 = 4 heads, then 8 / 4 = 2
+    assert calls[0] == 16 and max(calls[1:]) == 8  # 4 rows x 4 heads, then 2 rows x 4 heads
     torch.testing.assert_close(got.sum_top, want.sum_top)
+    assert torch.equal(got.tok_index, want.tok_index)
 
     def always(*args, **kw):
         raise torch.OutOfMemoryError("simulated")
 
     monkeypatch.setattr(sw, "ablate_heads", always)
-    with pytest.raises(InputError, match="out of memory even with max_rows=8.*smaller batch_size"):
+    with pytest.raises(InputError, match="out of memory on one row with max_rows=1.*smaller seq_len"):
         with pytest.warns(UserWarning):
             run_sweep(model, tok, batch_size=4, max_rows=16, progress=False)
 
@@ -263,7 +274,7 @@ def test_sweeps_with_a_last_batch_of_one_row_complete(tmp_path, args, capsys):
 def test_interruption_at_any_point_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, when):
     """SIGTERM in the middle of a batch (the batch is undone) or while a checkpoint is written (the
     write completes, nothing is undone): either way the resumed sweep equals an uninterrupted one."""
-    import selfrepair.sweep as sweep
+    import selfrepair.checkpoint as checkpoint
     import selfrepair.sweep_batch as batch
     from selfrepair.interrupt import Interrupted
 
@@ -271,7 +282,7 @@ def test_interruption_at_any_point_resumes_to_the_uninterrupted_result(tmp_path,
     tok = rows(model, n=10)
     want = run_sweep(model, tok, batch_size=2, sample_size=30, progress=False)
     calls = {"n": 0}
-    sw = batch if when == "mid-batch" else sweep  # where the sweep looks each one up
+    sw = batch if when == "mid-batch" else checkpoint  # where the driver looks each one up
     target = sw.ablate_heads if when == "mid-batch" else sw.save_tensors
 
     def signal_once(*args, **kwargs):  # the 3rd ablated pass, or the first checkpoint write
@@ -289,6 +300,7 @@ def test_interruption_at_any_point_resumes_to_the_uninterrupted_result(tmp_path,
     assert not part.exists() and part.with_name(part.name + ".partial").exists()
     got = run_sweep(model, tok, batch_size=2, sample_size=30, path=part, progress=False)
     torch.testing.assert_close(got.sum_all, want.sum_all, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.sum_row, want.sum_row, atol=1e-6, rtol=1e-6)
     for kind in ("top", "sample"):
         a = got.tokens_frame(kind).sort_values(["layer", "head", "row", "pos"]).reset_index(drop=True)
         b = want.tokens_frame(kind).sort_values(["layer", "head", "row", "pos"]).reset_index(drop=True)

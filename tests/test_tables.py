@@ -107,7 +107,8 @@ def test_table_html_shows_chosen_columns_and_the_full_frame(frame):
     shown, full = parsed.tables
     assert shown["head"] == ["head", "tokens", "share ratio above 1", "median S/S′"]
     assert full["head"] == list(frame.columns)  # every column, under the frame's names
-    assert 'class="column-name">median_<wbr>ratio<' in t._repr_html_()  # wraps after _ only
+    assert '<th class="num" title="median_ratio">median S/S′</th>' in t._repr_html_()  # one header row
+    assert ">median_<wbr>ratio<" in t._repr_html_()  # the frame's name in the full table, wraps after _
     assert "<details" in t._repr_html_() and "All 7 columns (3 more than above)" in t._repr_html_()
     for row, (_, values) in zip(shown["rows"], frame.iterrows()):
         assert row[0] == values["label"] and row[1] == f"{values['n']:,}"
@@ -127,6 +128,46 @@ def test_layout_and_errors(frame):
         table(frame, ["label", "missing"])
     series = table(pd.Series({"model": "tiny-gpt_neox", "n_layers": 2, "revision": None}, name="value"))
     assert series.cells() == [["model", "tiny-gpt_neox"], ["n_layers", "2"], ["revision", "—"]]
+
+
+def test_every_column_shown_is_shown_once(frame):
+    """A table showing every column of its frame has no folded copy of itself."""
+    html = table(frame[["label", "n"]])._repr_html_()
+    assert html.count("<table") == 1 and "<details" not in html
+
+
+def test_integer_columns_stay_integers():
+    """An all-numeric frame: iterating rows would upcast ``layer`` and ``n_heads`` to floats
+    ("1.00", "4.00"); a float column of whole layer indices (a groupby's output) is shown whole,
+    a float column of means that happen to be whole is not."""
+    f = pd.DataFrame({"layer": [0, 1, 10], "n_heads": [4, 4, 4], "abs_error": [0.0069, 0.0016, 0.5],
+                      "readout_layer": [2.0, 3.0, float("nan")], "mean_share": [1.0, 2.0, 3.0]})
+    cells = table(f).cells()
+    assert [r[:2] for r in cells] == [["0", "4"], ["1", "4"], ["10", "4"]]
+    assert [r[3] for r in cells] == ["2", "3", "—"] and cells[0][4] == "1.00"
+    assert tables.integer_column("n_tokens", pd.Series([8192.0])) and not tables.integer_column("share", pd.Series([1.0]))
+    assert not tables.integer_column("layer", pd.Series([True, False]))
+
+
+@pytest.mark.parametrize("n, noun, want", [(1, ("draw",), "1 draw"), (3, ("draw",), "3 draws"),
+                                           (0, ("patch", "patches"), "0 patches"), (1, ("patch", "patches"), "1 patch"),
+                                           (8192, ("token",), "8,192 tokens")])
+def test_counted(n, noun, want):
+    assert tables.counted(n, *noun) == want
+
+
+def test_listed():
+    assert tables.listed([3], "layer") == "layer 3"
+    assert tables.listed([0, 5, 16], "layer") == "layers 0, 5 and 16"
+
+
+def test_folded_shows_one_line_and_the_table_behind_a_click():
+    f = pd.DataFrame({"item": ["model", "n_layers"], "value": ["tiny-gpt_neox", "2"]})
+    shown = tables.folded(f, "Ran on tiny-gpt_neox & more.", "Every version")
+    html = shown._repr_html_()
+    assert html.index("Ran on tiny-gpt_neox &amp; more.") < html.index("<details")
+    assert "<summary>Every version</summary>" in html and html.count("<table") == 1
+    assert repr(shown) == f.to_string()  # the text form is the frame's
 
 
 def test_html_escapes_cells():
@@ -151,12 +192,12 @@ def test_chapters_declare_table_layouts():
         assert len(layout.columns) <= 11, f"{name}: a table a page can hold shows a few columns"
 
 
-def test_notebook_tables_are_paper_tables(executed_book):
+def test_notebook_tables_are_paper_tables(book):
     """Every table an executed chapter shows is a paper-style table (or the provenance table),
     with no e+00 notation, and its numbers are those of the frame behind it."""
     import json
 
-    for name, run in executed_book.runs.items():
+    for name, run in book.runs.items():
         nb = json.loads(run.executed.read_text(encoding="utf-8"))
         for cell in nb["cells"]:
             for out in cell.get("outputs", []):

@@ -1,36 +1,28 @@
 """The GitHub Actions workflows: actionlint finds nothing, and the Pages workflow's build step,
 run as the workflow runs it (on the ``tiny`` profile), builds the book the upload step publishes.
 
-The build test copies the repository's files (tracked and untracked-but-not-ignored, as a
-checkout of the working tree would give) into a temp dir, restores ``.cache/npm`` there as the
-workflow's cache step does, and runs the ``build`` step's ``run:`` command with the workflow's
-shell. Only two things differ from the workflow: ``PROFILE=tiny`` (the workflow sets
-``PROFILE: cpu``) and ``VENV``, the virtual environment running these tests (the workflow's
-``setup`` step makes ``.venv``; the Makefile reads both with ``?=``).
+The build is conftest's ``book``: the ``build`` step's ``run:`` command, made once per test run in
+a copy of the repository (tests/book_helpers.py says how it differs from the workflow), and shared
+with the tests that read the executed chapters and open the HTML.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT / ".github" / "workflows"
-BOOK = WORKFLOWS / "book.yml"
-# GitHub's `shell: bash` (https://docs.github.com/actions/reference/workflow-syntax-for-github-actions#jobsjob_idstepsshell)
-BASH = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c"]
-HTML = "book/_build/html"
+from book_helpers import BASH, BOOK, GITHUB, HTML, ROOT, WORKFLOWS, copy_of_repository, job_env, load, step
 
 
 def actionlint() -> str | None:
@@ -41,19 +33,6 @@ def actionlint() -> str | None:
         if binary.is_file():
             return str(binary)
     return shutil.which("actionlint")
-
-
-def load(path: Path) -> dict:
-    data = yaml.safe_load(path.read_text())
-    if True in data:  # YAML 1.1 reads the key `on` as True
-        data["on"] = data.pop(True)
-    return data
-
-
-def step(job: dict, step_id: str) -> dict:
-    found = [s for s in job["steps"] if s.get("id") == step_id]
-    assert len(found) == 1, f"expected one step with id {step_id!r}, found {len(found)}"
-    return found[0]
 
 
 def uses(job: dict, action: str) -> list[dict]:
@@ -82,6 +61,24 @@ def test_actionlint_finds_a_broken_workflow(tmp_path):
                    "      - uses: actions/upload-pages-artifact@v5\n        with: {paht: x}\n")
     out = subprocess.run([exe, "-color=false", str(bad)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "paht" in out.stdout, out.stdout + out.stderr
+
+
+def test_book_workflow_names_its_own_repository():
+    """The book's buttons and its notebooks' install cell name the repository the workflow runs in
+    (a fork's book names the fork), never a fixed one, and the launch buttons' notebooks are pushed
+    before the build."""
+    build = load(BOOK)["jobs"]["build"]
+    env = job_env(build)
+    assert env["SELFREPAIR_REPOSITORY"] == "https://github.com/someone/selfrepair-fork"
+    assert env["SELFREPAIR_COMMIT"] == GITHUB["github.sha"] and env["SELFREPAIR_LAUNCH_BRANCH"]
+    assert build["permissions"] == {"contents": "write"}, "the notebooks branch needs contents: write"
+    names = [s.get("id") or s.get("uses", "").split("@")[0] for s in build["steps"]]
+    assert names.index("setup") < names.index("notebooks") < names.index("build")
+    assert step(build, "notebooks")["run"].strip() == ".venv/bin/python -m selfrepair.book.launch --publish"
+    gpu = load(WORKFLOWS / "book-gpu.yml")["jobs"]["build"]["env"]
+    assert all(gpu[k] == build["env"][k] for k in build["env"]), "book-gpu.yml names the book otherwise"
+    text = BOOK.read_text() + (WORKFLOWS / "book-gpu.yml").read_text()
+    assert not re.search(r"github\.com/(?!\$)", text), "a workflow names a repository"
 
 
 def test_book_workflow_publishes_the_make_book_html():
@@ -125,19 +122,6 @@ def test_gpu_workflow_builds_the_paper_profile_on_a_gpu_runner():
     assert uses(build, "actions/cache/restore") and uses(build, "actions/cache/save")
 
 
-def copy_of_repository(dest: Path) -> Path:
-    """The working tree's files that git would check out or add (not the ignored ones: no
-    .venv, results/, book/_build), modification times kept so make judges the venv as here."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel
-        if src.is_file():  # deleted but still tracked: not in the working tree
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
 def pages_artifact(html: Path, upload: dict, dest: Path) -> set[str]:
     """The files actions/upload-pages-artifact@v5 puts in the Pages artifact: its tar command
     (v5 action.yml: --exclude=.git --exclude=.github and, unless include-hidden-files is true,
@@ -166,37 +150,22 @@ def local_references(page: Path, html: Path) -> set[str]:
     return out
 
 
-def _stamp(path: Path) -> int | None:
-    return path.stat().st_mtime_ns if path.is_file() else None
-
-
 @pytest.mark.workflow
-def test_book_workflow_build_step_builds_the_book(tmp_path):
+def test_book_workflow_build_step_builds_the_book(book, tmp_path):
     wf = load(BOOK)
-    command = step(wf["jobs"]["build"], "build")["run"]
-    repo = copy_of_repository(tmp_path / "repo")
-    if (ROOT / ".cache" / "npm").is_dir():  # the workflow restores it with the results cache
-        shutil.copytree(ROOT / ".cache" / "npm", repo / ".cache" / "npm")
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    env.update(PROFILE="tiny", VENV=sys.prefix)
-    # The workflow's setup step has made the venv; here it must already be current, or `make
-    # book` would reinstall this venv from the temp copy.
-    fresh = subprocess.run(["make", "-q", "setup"], cwd=repo, env=env, capture_output=True, text=True)
-    if fresh.returncode != 0:
-        why = (f"`make setup` is not current for {sys.prefix} (make -q setup: exit "
-               f"{fresh.returncode}): run the tests with `make test`, which installs first")
+    if not book.via_make:
+        why = (f"`make setup` is not current for {sys.prefix}: the book was built by "
+               f"`{book.command}` instead of the workflow's command; run the tests with `make test`, "
+               "which installs first")
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
-
-    ours = _stamp(ROOT / HTML / "index.html")
-    started = time.time()
-    run = subprocess.run([*BASH, command], cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
-    seconds = time.time() - started
-    log = f"$ {command}  (PROFILE=tiny, {seconds:.0f} s)\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    log = f"$ {book.command}  (PROFILE=tiny, {book.seconds:.0f} s)\n{book.log}"
     print(log)
-    assert run.returncode == 0, log
-    assert "--profile tiny" in run.stdout, "make did not pass PROFILE on to selfrepair book"
+    assert book.command == step(wf["jobs"]["build"], "build")["run"]
+    assert book.returncode == 0, log
+    assert "--profile tiny" in book.log, "make did not pass PROFILE on to selfrepair book"
+    repo = book.root
 
     upload = step(wf["jobs"]["build"], "upload")
     html = repo / upload["with"]["path"]
@@ -204,7 +173,7 @@ def test_book_workflow_build_step_builds_the_book(tmp_path):
     pages = [toc["root"], *(c["file"] for p in toc["parts"] for c in p["chapters"])]
     missing = [f"{p}.html" for p in pages if not (html / f"{p}.html").is_file()]
     assert (html / "index.html").is_file() and not missing, f"not built: {missing}"
-    assert _stamp(ROOT / HTML / "index.html") == ours, "the build wrote into the working tree's book/_build"
+    assert not book.wrote_working_tree, "the build wrote into the working tree's book/_build"
 
     # What Pages serves: every file a page names is in the artifact (_static included).
     artifact = pages_artifact(html, upload, tmp_path)
@@ -217,6 +186,9 @@ def test_book_workflow_build_step_builds_the_book(tmp_path):
     external = [f"{p}.html: {m}" for p in pages for m in re.findall(
         r'<(?:script|link|img)[^>]+(?:src|href)="https?://[^"]+"', (html / f"{p}.html").read_text())]
     assert not external, "\n".join(external[:10])
+
+    # The buttons naming the repository the job's env gave (a fork's) and every chart's files:
+    # tests/test_book_files.py, on this same build.
 
 
 def test_pages_artifact_check_finds_a_hidden_asset(tmp_path):
@@ -232,3 +204,35 @@ def test_pages_artifact_check_finds_a_hidden_asset(tmp_path):
     assert artifact == {"_static/a.js", "index.html"}
     assert local_references(html / "index.html", html) - artifact == {".assets/b.js"}
     assert ".assets/b.js" in pages_artifact(html, {"with": {"include-hidden-files": True}}, tmp_path)
+
+
+def test_publish_step_pushes_the_notebooks_the_launch_buttons_open(tmp_path):
+    """The workflow's publish step, run in a git checkout of the repository's files with a bare
+    ``origin``: the branch gets one commit on top of the checkout's, whose only change is every
+    notebook's install cell naming the repository at the commit; the working tree is untouched."""
+    from selfrepair.book.launch import install_cell
+
+    wf = load(BOOK)
+    repo, origin = copy_of_repository(tmp_path / "repo"), tmp_path / "origin.git"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "x"], ["remote", "add", "origin", str(origin)]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, **job_env(wf["jobs"]["build"])}
+    command = step(wf["jobs"]["build"], "notebooks")["run"].replace(".venv/bin/python", sys.executable)
+    run = subprocess.run([*BASH, command], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    branch = env["SELFREPAIR_LAUNCH_BRANCH"]
+    bare = ["git", "--git-dir", str(origin)]
+    parents = subprocess.run([*bare, "log", "-1", "--format=%P", branch], capture_output=True, text=True).stdout.split()
+    assert parents == [head]
+    changed = subprocess.run([*bare, "diff", "--name-only", head, branch], capture_output=True, text=True).stdout.split()
+    assert changed == sorted(f"book/{p.name}" for p in (repo / "book").glob("*.ipynb"))
+    source = f"git+{env['SELFREPAIR_REPOSITORY']}@{env['SELFREPAIR_COMMIT']}"
+    for path in changed:
+        nb = json.loads(subprocess.run([*bare, "show", f"{branch}:{path}"], capture_output=True, text=True).stdout)
+        assert "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"]) == install_cell(source)
+    status = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert status == "", f"the step changed the working tree: {status}"

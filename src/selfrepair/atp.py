@@ -33,7 +33,7 @@ Conventions (the same as the sweep's, :mod:`selfrepair.heads`, so the two are co
 
   so ``exact - AtP = (from_norm - atp_norm) + (downstream - atp_downstream)`` exactly, with
   ``exact = delta_logit`` and ``downstream = from_heads + from_mlps + from_block_norms`` from the
-  cached sweep. AtP's error is the self-repair it does not see: ``exact - AtP = self_repair -
+  cached sweep. AtP's error is the self-repair beyond its first order: ``exact - AtP = self_repair -
   (AtP - ΔDE)``. Which block is downstream follows eq. 2 (the same layer's MLP in a sequential
   block, not in a parallel-residual one); in sandwich models (Gemma-2/3) the ablated layer's own
   post-attention norm reacts to the head's change, and its first order sits in ``AtP_frozen - ΔDE``
@@ -57,17 +57,15 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import CleanBatch, TokenSet, clean_batch, mean_z
+from .batch import CleanBatch, TokenSet, clean_batch, token_set
+from .driver import Driver, Stage, collect
 from .direct_effect import head_effects
 from .errors import InputError, check_finite
-from .heads import check_token_set, token_set
-from .intervene import run
+from .intervene import gradients
 from .measure import RunOptions, Spec
 from .models import Model
-from .remote import in_session
 from .results import Result, head_label
 
 
@@ -85,33 +83,41 @@ def readout_gradients(batch: CleanBatch, *, frozen: bool = False) -> torch.Tenso
             return (model.acc(resid[:, :-1]) * ro.dir).sum()
         return (model.acc(normed[:, :-1]) * ro.u).sum()
 
-    return model.acc(run(model, batch.tokens, backward=metric).grads["z"])
+    return model.acc(gradients(model, batch.tokens, metric).z)
 
 
 def head_sums(model: Model, delta_z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``sum_{batch, pos} (Δz_h . g_h)`` per head: ``delta_z``, ``grad`` ``[layer, batch, pos,
     n_heads*d_head]`` -> ``[layer, head]``."""
+    return row_sums(model, delta_z, grad).sum(0)
+
+
+def row_sums(model: Model, delta_z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``sum_pos (Δz_h . g_h)`` per row and head ``[batch, layer, head]``: a row's own AtP estimate
+    (rows of a batch do not interact, so ``dM/dz`` of a row is that of the row's own terms of M)."""
     prod = (model.acc(delta_z) * grad).unflatten(-1, (model.n_heads, model.d_head))
-    return prod.sum((1, 2, 4))
+    return prod.sum((2, 4)).transpose(0, 1)
 
 
 def atp_batch(batch: CleanBatch, repl: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-head sums over ``batch``'s tokens ``[layer, head]``: ``atp`` (live norm), ``atp_frozen``
-    (frozen-norm readout), ``delta_direct_effect`` (exact ΔDE of the head); and ``seconds``, the
-    wall time of AtP alone (the replacement and the backward pass with the live norm)."""
+    (frozen-norm readout), ``delta_direct_effect`` (exact ΔDE of the head); ``row`` the same three
+    per row ``[batch, layer, head, 3]`` (what a bootstrap over rows or documents resamples); and
+    ``seconds``, the wall time of AtP alone (the replacement and the backward pass with the live norm)."""
     model, clean = batch.model, batch.clean
     started = time.perf_counter()
     repl = repl.expand_as(clean.reads["z"])
     delta_z = model.acc(repl) - model.acc(clean.reads["z"])
-    atp = head_sums(model, delta_z, readout_gradients(batch))
+    atp = row_sums(model, delta_z, readout_gradients(batch))
     seconds = time.perf_counter() - started
-    frozen = head_sums(model, delta_z, readout_gradients(batch, frozen=True))
+    frozen = row_sums(model, delta_z, readout_gradients(batch, frozen=True))
     dde = torch.stack([
         (head_effects(model, repl[l][:, :-1], batch.readout.write_dir(model, "attn", l), l)
-         - batch.head_de(l)).sum((1, 2)) for l in range(model.n_layers)])
-    out = {"atp": atp, "atp_frozen": frozen, "delta_direct_effect": dde}
+         - batch.head_de(l)).sum(2).T for l in range(model.n_layers)], 1)  # [batch, layer, head]
+    row = torch.stack([atp, frozen, dde], -1)
+    out = {"atp": atp.sum(0), "atp_frozen": frozen.sum(0), "delta_direct_effect": dde.sum(0)}
     check_finite(out, "attribution patching", model.name, model.dtype)
-    return {**out, "seconds": torch.tensor(seconds)}
+    return {**out, "row": row, "seconds": torch.tensor(seconds)}
 
 
 @dataclass
@@ -126,6 +132,7 @@ class Atp(Result):
     ablation: str = "resample"
     tokens: torch.Tensor | None = None  # [rows, seq] the rows measured
     corrupt_tokens: torch.Tensor | None = None  # [rows, seq] their resample sources
+    row: torch.Tensor | None = None  # [rows, layer, head, ROW_TERMS] each row's sums (fp64)
 
     @property
     def heads(self) -> list[tuple[int, int]]:
@@ -158,43 +165,23 @@ def attribution_patching(model: Model, tokens: torch.Tensor | TokenSet, ablation
     (:func:`_batch_atp`; mean ablation: first the mean ``z``, a request per batch too), so
     ``seconds_atp`` is then the server's wall time of AtP."""
     check_ablation(ablation)
-    data = token_set(model, tokens, corrupt_tokens)
-    check_token_set(model, data, ablation)
-    if batch_size < 1:
-        raise InputError(f"batch_size must be positive, got {batch_size}")
-    L, H = model.n_layers, model.n_heads
-    sums = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("atp", "atp_frozen", "delta_direct_effect")}
-    mz = mean_z(model, data, batch_size) if ablation == "mean" else None
-    seconds = 0.0
-    for start in tqdm(range(0, len(data), batch_size), desc="attribution patching", disable=not progress):
-        rows = slice(start, start + batch_size)
-        corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
-        # one request per batch on the remote path: only the [layer, head] sums come back
-        out = in_session(model, _batch_atp, data.tokens[rows], corrupt, start, ablation, mz)
-        seconds += out.pop("seconds")
-        for k, v in out.items():
-            sums[k] += v
-    rec = data.record()
-    return Atp(**sums, n_all=data.n_instances, seconds_atp=round(seconds, 3), ablation=ablation,
-               tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
-               meta={**model.describe(), "ablation": ablation, "n_tokens": int(data.tokens.numel()),
-                     "seq_len": data.seq_len})
+    return AtpSpec(ablation).compute(model, token_set(model, tokens, corrupt_tokens),
+                                     RunOptions(batch_size=batch_size, progress=progress))
 
 
-def _batch_atp(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
-               ablation: str, mz: torch.Tensor | None) -> dict:
-    """One batch of :func:`attribution_patching` (rows ``start .. start + len(tokens)``, resample
-    sources ``corrupt``): its clean pass, the replacement (resample: one forward of the source
-    rows), the two gradient passes and the exact ΔDE. Returns only the ``[layer, head]`` sums
-    (fp64, CPU) and ``seconds``, the wall time of AtP alone (replacement and live-norm gradient
-    pass; on the remote path the server's)."""
-    batch = clean_batch(model, tokens, corrupt, start=start)
+def _batch_atp(model: Model, rows: dict, ablation: str, mz: torch.Tensor | None) -> dict:
+    """One batch of :func:`attribution_patching` (inside its request): its clean pass, the
+    replacement (resample: one forward of the source rows), the two gradient passes and the exact
+    ΔDE. Returns only each row's ``[layer, head]`` sums of :data:`ROW_TERMS` (``row``, fp64, CPU;
+    the batch's sums are their sum) and ``seconds``, the wall time of AtP alone (replacement and
+    live-norm gradient pass; on the remote path the server's)."""
+    batch = clean_batch(model, rows["tokens"], rows["corrupt"], start=rows["start"])
     started = time.perf_counter()
     repl = batch.replacement(ablation, mz)
     seconds = time.perf_counter() - started
     out = atp_batch(batch, repl)
-    seconds += float(out.pop("seconds"))
-    return {**{k: v.double().cpu() for k, v in out.items()}, "seconds": seconds}
+    seconds += float(out["seconds"])
+    return {"row": out["row"].double().cpu(), "seconds": seconds}
 
 
 @dataclass(frozen=True)
@@ -205,10 +192,26 @@ class AtpSpec(Spec):
     result = Atp
 
     ablation: str = "resample"  # what replaces each head's output (as in the sweep)
+    layout = 1  # 1: per-row sums (Atp.row); older entries lack them
 
     def compute(self, model: Model, data: TokenSet, options: RunOptions) -> Atp:
-        return attribution_patching(model, data, self.ablation, batch_size=options.batch_size,
-                                    progress=options.progress)
+        """The driver runs :func:`_batch_atp` on every batch (after the mean ``z`` for mean
+        ablation) and collects its per-row sums in row order."""
+        check_ablation(self.ablation)
+        run = Driver(model, data, options, key=self.key(), sources=self.ablation == "resample")
+        mz = run.mean_z() if self.ablation == "mean" else None
+        got = run.run(Stage("attribution patching", _batch_atp, collect(summed=("seconds",)),
+                            args=(self.ablation, mz), sources=self.ablation == "resample"))
+        row = got["row"]  # [rows, layer, head, ROW_TERMS], in row order
+        sums = {k: row[..., i].sum(0) for i, k in enumerate(ROW_TERMS)}
+        rec = run.record()
+        return Atp(**sums, n_all=data.n_instances, seconds_atp=round(float(got["seconds"]), 3),
+                   ablation=self.ablation, tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"), row=row,
+                   meta=run.meta(ablation=self.ablation, n_tokens=int(data.tokens.numel()),
+                                 seq_len=data.seq_len))
+
+
+ROW_TERMS = ("atp", "atp_frozen", "delta_direct_effect")  # Atp.row's last axis
 
 
 # -- AtP against the exact ablation ------------------------------------------------------------
@@ -270,5 +273,5 @@ def layer_errors(frame: pd.DataFrame) -> pd.DataFrame:
     return out.assign(n_heads=g.size().to_numpy())
 
 
-__all__ = ["Atp", "AtpSpec", "atp_batch", "attribution_patching", "compare", "head_sums",
-           "layer_errors", "rank_agreement", "readout_gradients"]
+__all__ = ["ROW_TERMS", "Atp", "AtpSpec", "atp_batch", "attribution_patching", "compare", "head_sums",
+           "layer_errors", "rank_agreement", "readout_gradients", "row_sums"]

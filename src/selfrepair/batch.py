@@ -29,7 +29,6 @@ from .direct_effect import Readout, head_effects, last_readout, readout
 from .errors import InputError
 from .intervene import Pass, Watch, run
 from .models import Model
-from .remote import in_session
 
 CLEAN_READS = ("z", "attn", "mlp", "block")
 
@@ -68,7 +67,8 @@ class TokenSet:
         if corrupt_tokens is None and source is not None:
             corrupt_tokens = tokens[torch.as_tensor(source).long()]
         data = {"tokens": tokens, "corrupt_tokens": None if corrupt_tokens is None else
-                corrupt_tokens.detach().cpu().long(), "source": source, "same_document": None}
+                corrupt_tokens.detach().cpu().long(), "source": source, "same_document": None,
+                "main_document": None}
         return cls({"tokens": tensor_digest(tokens, data["corrupt_tokens"])}, lambda: data)
 
     def _get(self) -> dict:
@@ -102,6 +102,13 @@ class TokenSet:
         """Rows whose source shares a document with them (``None``: no document information)."""
         return self._get()["same_document"]
 
+    @property
+    def main_document(self) -> torch.Tensor | None:
+        """``[rows]``: the document (in packing order) holding most of each row's tokens
+        (:mod:`selfrepair.packing`); rows of one document are one unit of
+        independence (:meth:`selfrepair.uncertainty.Clusters.documents`). ``None``: not known."""
+        return self._get().get("main_document")
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -119,6 +126,46 @@ class TokenSet:
         if self._get()["corrupt_tokens"] is not None or len(self) > 1:
             out["corrupt_tokens"] = self.corrupt_tokens
         return out
+
+
+def check_tokens(model: Model, tokens: torch.Tensor, name: str = "tokens") -> torch.Tensor:
+    """A ``[batch, seq]`` integer tensor of valid ids, ``2 <= seq <= n_ctx``; else one clear error."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise InputError(f"{name} must be an integer tensor [batch, seq], got {shape}; tokenize "
+                         "with selfrepair.data.pack_tokens or model.tokenizer(..., return_tensors='pt')")
+    if tokens.shape[0] < 1:
+        raise InputError(f"{name} holds no rows: pass at least one row of tokens")
+    if tokens.shape[1] < 2:
+        raise InputError(f"{name} needs at least 2 positions (position p predicts token p+1)")
+    if tokens.shape[1] > model.n_ctx:
+        raise InputError(f"{name} has {tokens.shape[1]} positions but {model.name} has a context of "
+                         f"{model.n_ctx}: use seq_len <= {model.n_ctx}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.d_vocab):
+        raise InputError(f"{name} holds ids outside [0, {model.d_vocab}): were they made with "
+                         "another model's tokenizer?")
+    return tokens.to(model.device)
+
+
+def token_set(model: Model, tokens: torch.Tensor | TokenSet,
+              corrupt_tokens: torch.Tensor | None = None) -> TokenSet:
+    """``tokens`` as a :class:`TokenSet`: a set as it is, a tensor checked (:func:`check_tokens`)
+    and wrapped with its resample sources ``corrupt_tokens`` (default its rows rolled by one)."""
+    if isinstance(tokens, TokenSet):
+        return tokens
+    return TokenSet.from_tensor(check_tokens(model, tokens).cpu(), corrupt_tokens)
+
+
+def check_token_set(model: Model, data: TokenSet, ablation: str) -> None:
+    """``data``'s rows (and, for resample ablation, their sources: valid ids, the rows' own shape),
+    checked before the first forward pass."""
+    check_tokens(model, data.tokens)
+    if ablation == "resample":
+        check_tokens(model, data.corrupt_tokens, "corrupt_tokens")
+        if data.corrupt_tokens.shape != data.tokens.shape:
+            raise InputError(f"corrupt_tokens has shape {tuple(data.corrupt_tokens.shape)} but tokens "
+                             f"has {tuple(data.tokens.shape)}: resampling patches the same positions, "
+                             "so they must match")
 
 
 @dataclass
@@ -230,21 +277,17 @@ def clean_batch(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None
     return CleanBatch(model, tokens, None if corrupt is None else corrupt.to(model.device), start, p, ro)
 
 
-def mean_z(model: Model, data: TokenSet, batch_size: int) -> torch.Tensor:
-    """Each head's clean ``z`` averaged over every token of ``data`` ``[layer, 1, 1, n_heads*d_head]``
-    (what mean ablation writes: a head's output is linear in ``z``, so this is its mean output)."""
-    total = None
-    for start in range(0, len(data), batch_size):  # on the remote path only the sums come back
-        s = in_session(model, z_sum, data.tokens[start:start + batch_size])
-        total = s if total is None else total + s
-    return (total / data.tokens.numel())[:, None, None].to(model.dtype)
-
-
 def z_sum(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """Every layer's clean ``z`` summed over the rows and positions of ``tokens``:
     ``[layer, n_heads * d_head]`` fp64."""
     return run(model, tokens.to(model.device), read=("z",)).reads["z"].double().sum((1, 2))
 
 
-__all__ = ["CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet",
-           "clean_batch", "mean_z", "source_pool", "tensor_digest"]
+def z_sum_rows(model: Model, rows: dict) -> torch.Tensor:
+    """:func:`z_sum` of a batch's ``rows["tokens"]`` (the driver's mean-ablation stage,
+    :meth:`selfrepair.driver.Driver.mean_z`: one request per batch, only the sums come back)."""
+    return z_sum(model, rows["tokens"])
+
+
+__all__ = ["CLEAN_READS", "CleanBatch", "PromptSet", "TokenSet", "check_token_set", "check_tokens",
+           "clean_batch", "source_pool", "tensor_digest", "token_set", "z_sum", "z_sum_rows"]

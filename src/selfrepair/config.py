@@ -148,6 +148,9 @@ class RunConfig(Config):
                              "or 'tiny-<family>'")
 
 
+PACKING_NAMES = ("document", "concatenate")  # selfrepair.packing.PACKINGS: one window per document / documents joined
+
+
 @dataclass(frozen=True)
 class CorpusConfig(RunConfig):
     """Chapters measured on tokens of a corpus."""
@@ -155,9 +158,11 @@ class CorpusConfig(RunConfig):
     dataset: str = "embedded"  # "embedded", "tiny", a local file/dir or a hub dataset id
     n_tokens: int = 8192  # tokens measured (rounded up to whole rows)
     seq_len: int = 128  # tokens per row, BOS included
+    packing: str = "document"  # "document": each row a window of its own document; "concatenate": documents joined and cut into rows (the paper's code)
     top_percent: float = 2.0  # per head, the top k% of tokens by clean direct effect
     batch_size: int = 8  # rows per forward pass: speed only, never in the cache key
     cache_dir: str = "results"  # where computed results are cached
+    fold_value_biases: bool = False  # TransformerLens's convention (the paper's code): each b_V·W_O in the layer's bias, not the head's output
 
     def validate(self) -> None:
         super().validate()
@@ -167,6 +172,10 @@ class CorpusConfig(RunConfig):
             raise InputError(f"n_tokens must be positive, got {self.n_tokens}")
         if self.seq_len < 2:
             raise InputError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.packing not in PACKING_NAMES:
+            raise InputError(f"packing must be one of {', '.join(map(repr, PACKING_NAMES))}, got "
+                             f"{self.packing!r}: 'document' cuts each row from its own document, "
+                             "'concatenate' joins the documents and cuts the stream into rows")
         if not 0 < self.top_percent <= 100:
             raise InputError(f"top_percent must be in (0, 100], got {self.top_percent}")
         if self.n_instances * self.top_percent / 100 < 1:

@@ -2,17 +2,12 @@
 
 Conventions
 -----------
-* **Token batches** are ``torch.LongTensor`` of shape ``[batch, seq_len]``.  Every row
-  produced by :func:`pack_tokens` starts with the BOS token at column 0; the remaining
-  ``seq_len - 1`` columns are a contiguous window of the concatenated, shuffled
-  corpus in which documents are separated by one EOS token (as TransformerLens'
-  ``tokenize_and_concatenate``, used by the self-repair paper, does).  Position ``p``
-  of a row is therefore the ``p``-th input position of the model; there is no padding.
-* **Resample source**: a packed token set records which documents each row spans
-  (:func:`pack_documents`) and :func:`resample_sources` gives each row a source row that
-  shares no document with it (seeded), as the paper's code resamples from other text.  For a
-  bare tensor without document information :func:`corrupt_tokens` rolls the batch by one
-  (row ``i`` receives row ``i - 1``) or, with a seed, draws a random derangement.
+* **Token batches** are ``torch.LongTensor`` of shape ``[batch, seq_len]``, BOS at column 0:
+  :mod:`selfrepair.packing` cuts them from a corpus (one window per document, or documents
+  concatenated as the paper's code does) and pairs each row with a resample source from other
+  text; its names are re-exported here.  For a bare tensor without document information
+  :func:`corrupt_tokens` rolls the batch by one (row ``i`` receives row ``i - 1``) or, with a
+  seed, draws a random derangement.
 * **Prompts** are right-padded: :func:`prompt_tokens` puts BOS at position 0, the
   prompt at positions ``1 .. length - 1`` and padding after that, so ``last_pos =
   length - 1`` is the last real token.  In a causal model the logits at real
@@ -24,7 +19,6 @@ Conventions
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import random
 from pathlib import Path
@@ -33,13 +27,12 @@ from typing import NamedTuple, Sequence
 import datasets
 import pandas as pd
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .errors import InputError
 
 __all__ = ["EMBEDDED_CORPUS", "DataError", "Packed", "PromptTokens", "corrupt_tokens", "data_dir",
-           "dataset_fingerprint", "load_corpus", "load_prompts", "pack_documents", "pack_tokens",
-           "prompt_tokens", "resample_sources", "same_document_rows", "tiny_corpus"]
+           "dataset_fingerprint", "load_corpus", "load_prompts", "pack", "pack_documents", "pack_tokens",
+           "pack_windows", "prompt_tokens", "resample_sources", "same_document_rows", "tiny_corpus"]
 
 EMBEDDED_CORPUS = "embedded"
 EMBEDDED_FILE = Path("corpus") / "embedded.jsonl"
@@ -54,9 +47,18 @@ class DataError(InputError):
 
 
 def data_dir() -> Path:
-    """Directory holding the embedded data: ``$SELFREPAIR_DATA_DIR`` or ``<repo>/data``."""
+    """Directory holding the embedded data: ``$SELFREPAIR_DATA_DIR``, else ``<repo>/data`` in a
+    checkout, else the copy a wheel installs as ``selfrepair._data`` (pyproject.toml)."""
     env = os.environ.get("SELFREPAIR_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[2] / "data"
+    if checkout.is_dir():
+        return checkout
+    import importlib.util
+
+    spec = importlib.util.find_spec("selfrepair._data")
+    return Path(next(iter(spec.submodule_search_locations))) if spec else checkout
 
 
 def load_corpus(dataset: str | os.PathLike = EMBEDDED_CORPUS, *, split: str = "train",
@@ -176,106 +178,6 @@ def _check_strings(batch: list, rows: list[int], text_column: str) -> None:
                             "strings (pass text_column= to name the column that does).")
 
 
-class Packed(NamedTuple):
-    """Token rows and, for each row, the documents its tokens come from (see :func:`pack_documents`)."""
-
-    tokens: torch.Tensor  #: ``[rows, seq_len]`` LongTensor, BOS first
-    doc_first: torch.Tensor  #: ``[rows]`` index (in packing order) of the row's first document
-    doc_last: torch.Tensor  #: ``[rows]`` index of its last document (EOS counts with the one before)
-
-
-def pack_documents(dataset: datasets.Dataset | Sequence[str], tokenizer, *, n_tokens: int,
-                   seq_len: int, bos_token_id: int | None = None, text_column: str = "text",
-                   seed: int = 0, progress: bool = True, batch_docs: int = 64) -> Packed:
-    """:func:`pack_tokens`, also returning which documents each row spans (what the resample
-    source of a row must avoid, :func:`resample_sources`)."""
-    if seq_len < 2 or n_tokens < 1:
-        raise DataError(f"need seq_len >= 2 and n_tokens >= 1, got seq_len={seq_len}, n_tokens={n_tokens}")
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    bos = bos_token_id if bos_token_id is not None else (
-        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
-    if bos is None or eos is None:
-        raise DataError("tokenizer has neither a BOS nor an EOS token; pass bos_token_id explicitly")
-    texts = _texts(dataset, text_column)
-    if len(texts) == 0:
-        raise DataError("the corpus holds no documents: check the file (an empty file or a filter "
-                        "that removed everything) or use dataset='embedded'.")
-    n_rows = math.ceil(n_tokens / seq_len)
-    body = seq_len - 1
-    needed = n_rows * body
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    stream: list[int] = []
-    ends: list[int] = []  # ends[d]: stream length after document d (its EOS included)
-    with tqdm(total=needed, unit="tok", desc="packing tokens", disable=not progress) as bar:
-        for start in range(0, len(order), batch_docs):
-            picked = order[start:start + batch_docs]
-            batch = [texts[i] for i in picked]
-            _check_strings(batch, picked, text_column)
-            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
-                before = len(stream)
-                stream.extend(ids)
-                stream.append(eos)
-                ends.append(len(stream))
-                bar.update(min(len(stream), needed) - min(before, needed))
-            if len(stream) >= needed:
-                break
-    if len(stream) < needed:
-        raise DataError(f"corpus too small: it has {len(stream)} tokens (documents plus EOS separators) "
-                        f"but {n_rows} rows x {body} tokens = {needed} are needed for n_tokens={n_tokens}, "
-                        f"seq_len={seq_len}; ask for fewer tokens or use a larger corpus.")
-    rows = torch.tensor(stream[:needed], dtype=torch.long).view(n_rows, body)
-    tokens = torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), rows], dim=1)
-    ends_t = torch.tensor(ends)
-    first_tok = torch.arange(n_rows) * body
-    doc_first = torch.searchsorted(ends_t, first_tok, right=True)
-    doc_last = torch.searchsorted(ends_t, first_tok + body - 1, right=True)
-    return Packed(tokens, doc_first, doc_last)
-
-
-def pack_tokens(dataset: datasets.Dataset | Sequence[str], tokenizer, *, n_tokens: int, seq_len: int,
-                bos_token_id: int | None = None, text_column: str = "text", seed: int = 0,
-                progress: bool = True, batch_docs: int = 64) -> torch.Tensor:
-    """Tokenize documents and pack them into BOS-prefixed rows of ``seq_len`` tokens.
-
-    Documents are visited in an order shuffled by ``seed``, tokenized without special
-    tokens, joined with one EOS token between documents, cut into chunks of
-    ``seq_len - 1`` tokens, and each chunk is prefixed with BOS.  Only as many
-    documents as needed are tokenized.
-
-    Parameters
-    ----------
-    dataset
-        A :class:`datasets.Dataset` (documents in ``text_column``) or a sequence of str.
-    tokenizer
-        Any Hugging Face tokenizer (called as ``tokenizer(list_of_str)``).
-    n_tokens
-        Total tokens wanted in the output, BOS included; rounded up to whole rows, so
-        the result has ``ceil(n_tokens / seq_len)`` rows.
-    seq_len
-        Row length (>= 2), BOS included.
-    bos_token_id
-        Token put at column 0; default ``tokenizer.bos_token_id``, else its EOS id.
-    seed
-        Seed of the document-order shuffle.
-    progress
-        Show a tqdm bar (in tokens).
-
-    Returns
-    -------
-    torch.LongTensor
-        Shape ``[ceil(n_tokens / seq_len), seq_len]``.
-
-    Raises
-    ------
-    DataError
-        If the corpus is empty or too small, a document is not a string, or no BOS/EOS id
-        can be found.
-    """
-    return pack_documents(dataset, tokenizer, n_tokens=n_tokens, seq_len=seq_len,
-                          bos_token_id=bos_token_id, text_column=text_column, seed=seed,
-                          progress=progress, batch_docs=batch_docs).tokens
-
-
 def corrupt_tokens(tokens: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
     """Resample-ablation source for a bare token tensor (no document information): each row
     replaced by a *different* row of the batch.
@@ -301,49 +203,6 @@ def corrupt_tokens(tokens: torch.Tensor, *, seed: int | None = None) -> torch.Te
         perm = torch.randperm(n, generator=gen)
         if not bool((perm == torch.arange(n)).any()):
             return tokens[perm.to(tokens.device)]
-
-
-def resample_sources(doc_first: torch.Tensor, doc_last: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
-    """For each row of a packed token set, the row whose activations replace it under resample
-    ablation (``[rows]`` row indices).
-
-    The paper's code takes the resampled activations from the next batch of The Pile, i.e. from
-    other text, and its argument needs the replacement to be unrelated to the clean tokens (the
-    resampled head's direct effect near zero). Consecutive packed rows are mostly chunks of the
-    same document, so rolling the rows by one would resample a row from its own document. Here each
-    row's source is drawn uniformly (seeded) among the rows that share **no document** with it.
-    Only where no such row exists (a corpus of one long document) the source is drawn among the rows
-    at least a quarter of the token set away (a distant part of the same document);
-    :func:`same_document_rows` counts those rows.
-    """
-    first, last = torch.as_tensor(doc_first).long(), torch.as_tensor(doc_last).long()
-    n = len(first)
-    if n < 2:
-        raise DataError(f"resample ablation needs at least 2 rows of tokens (one row's source is "
-                        f"another row), got {n}: raise n_tokens or lower seq_len.")
-    # rows are in stream order, so the rows sharing a document with row i form one interval
-    lo = torch.searchsorted(last, first, right=False)  # first row whose last doc >= my first doc
-    hi = torch.searchsorted(first, last, right=True) - 1  # last row whose first doc <= my last doc
-    n_other = lo + (n - 1 - hi)
-    g = torch.Generator().manual_seed(seed)
-    u = (torch.rand(n, generator=g, dtype=torch.float64) * n_other.clamp_min(1)).long()
-    source = torch.where(u < lo, u, hi + 1 + (u - lo))
-    alone = (n_other == 0).nonzero().flatten()
-    if len(alone):  # one document covers these rows' whole neighbourhood: take a distant row
-        far = max(1, n // 4)
-        rows = torch.arange(n)
-        for i in alone.tolist():
-            options = rows[(rows - i).abs() >= far]
-            source[i] = options[int(torch.randint(len(options), (1,), generator=g))]
-    return source
-
-
-def same_document_rows(doc_first: torch.Tensor, doc_last: torch.Tensor, source: torch.Tensor) -> int:
-    """How many rows share a document with their resample ``source`` row (0 unless the corpus is
-    too uniform for :func:`resample_sources` to avoid it)."""
-    first, last = torch.as_tensor(doc_first), torch.as_tensor(doc_last)
-    s = torch.as_tensor(source)
-    return int(((first[s] <= last) & (first <= last[s])).sum())
 
 
 def load_prompts(path: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -428,3 +287,9 @@ def tiny_corpus(n_docs: int = 64, seed: int = 0) -> datasets.Dataset:
                      for _ in range(rng.randint(2, 6))]
         docs.append(" ".join(sentences))
     return datasets.Dataset.from_dict({"text": docs, "pile_set_name": ["Synthetic"] * n_docs})
+
+
+# the packing of a corpus into token rows lives in selfrepair.packing (it needs _texts and
+# DataError above); its names stay importable from here
+from .packing import (Packed, pack, pack_documents, pack_tokens, pack_windows,  # noqa: E402
+                      resample_sources, same_document_rows)

@@ -21,6 +21,7 @@ import torch
 from .errors import check_finite
 from .intervene import Pass
 from .models import Model
+from .terms import block_scales, write_direction
 
 
 @dataclass
@@ -43,12 +44,14 @@ class Readout:
 
     def write_dir(self, model: Model, kind: str, layer: int) -> torch.Tensor:
         """Direction for the raw output of a block's attention (``kind="attn"``) or MLP: in
-        sandwich models ``dir * g / s`` with the block norm's clean scale; otherwise ``dir``."""
-        if not model.sandwich:
-            return self.dir
-        norm = model.module(model.adapter.post_attn_norm if kind == "attn" else model.adapter.post_mlp_norm, layer)
-        s = (self.attn_scale if kind == "attn" else self.mlp_scale)[layer]
-        return self.dir * model.norm_gain(norm) / s[..., None]
+        sandwich models ``dir * g / s`` with the block norm's clean scale; otherwise ``dir``
+        (times the family's write scale, granite's ``residual_multiplier``)."""
+        return write_direction(model, kind, layer, self.dir, self.block_scale(kind, layer))
+
+    def block_scale(self, kind: str, layer: int) -> torch.Tensor | None:
+        """The clean scale ``s`` of block ``layer``'s ``kind`` norm (``None`` without sandwich norms)."""
+        scales = self.attn_scale if kind == "attn" else self.mlp_scale
+        return None if scales is None else scales[layer]
 
 
 def targets_of(tokens: torch.Tensor) -> torch.Tensor:
@@ -105,14 +108,6 @@ def last_readout(model: Model, clean: Pass, pos: torch.Tensor,
         out.attn_scale = block_scales(model, "attn", at_positions(clean.reads["attn"], pos)[:, :, None])[..., 0]
         out.mlp_scale = block_scales(model, "mlp", at_positions(clean.reads["mlp"], pos)[:, :, None])[..., 0]
     return out
-
-
-def block_scales(model: Model, kind: str, raw: torch.Tensor, layers: range | None = None) -> torch.Tensor:
-    """RMS scale ``s`` of each sandwich norm on raw block outputs ``[layer, batch, pos, d]``."""
-    path = model.adapter.post_attn_norm if kind == "attn" else model.adapter.post_mlp_norm
-    layers = layers if layers is not None else range(raw.shape[0])
-    return torch.stack([model.norm_scale(model.module(path, l), raw[i], kind="rms")
-                        for i, l in enumerate(layers)])
 
 
 def head_effects(model: Model, z: torch.Tensor, direction: torch.Tensor, layer: int) -> torch.Tensor:

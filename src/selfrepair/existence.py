@@ -26,19 +26,28 @@ Regions of the paper's Fig 2/3 (x = clean ``direct_effect`` DE, y = ``delta_logi
 - **broken** (below y = -x): ``delta_logit <= -DE`` — downstream breakage, not self-repair;
 - heads or tokens with ``DE <= 0`` are **no direct effect** and left out of the shares.
 
-*Imperfect* means the repaired heads' mean ``delta_logit`` is not 0: we report the fraction of the
-direct effect that is lost (``-delta_logit / DE``) and how many repaired heads have a bootstrap
-confidence interval of mean ``delta_logit`` entirely below 0. *Noisy* means the per-token spread
-within a head is wide compared with its mean.
+*Imperfect* means the repaired heads' mean ``delta_logit`` is not 0: heads are selected as repaired
+on one half of the documents and their ``delta_logit`` is read on the other (a head picked because
+its mean fell below 0 would otherwise be tested on the noise that picked it). *Noisy* means the
+per-token spread within a head is wide compared with its mean.
+
+**Uncertainty** (:mod:`selfrepair.uncertainty`): :func:`evidence` turns a sweep into per-cluster
+sums (the rows of one document together); each statistic below is a function of their
+weighted totals, ``[replicate, layer, head, column]``, so a bootstrap replicate recomputes every
+head's means and classification before it counts heads.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from .results import head_label
 from .structure import late_start
+from .sweep_batch import ROW_COLUMNS
+from .uncertainty import Bootstrap, Clusters, pearson, ratio, share
 
 KEYS = ["layer", "head", "label"]
 CATEGORIES = ("repaired", "overcorrected", "broken", "no direct effect")
@@ -90,22 +99,118 @@ def layer_means(per_head: pd.DataFrame, column: str = "self_repair") -> pd.DataF
                          "n_heads": g.size().to_numpy()})
 
 
-def bootstrap_means(tokens: pd.DataFrame, column: str = "delta_logit", n_boot: int = 1000,
-                    seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
-    """Per head: ``mean`` of ``column`` over its rows and a percentile bootstrap interval
-    ``lo``/``hi`` (``n_boot`` resamples of the head's rows with replacement). Each head draws from
-    its own generator seeded by ``(seed, layer, head)``, so a head's interval does not depend on
-    which other heads are in the frame."""
-    rows = []
-    alpha = (1 - ci) / 2
-    for (layer, head), g in tokens.groupby(["layer", "head"], sort=True):
-        x = g[column].to_numpy(float)
-        rng = np.random.default_rng([seed, int(layer), int(head)])
-        boots = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1)
-        lo, hi = np.quantile(boots, [alpha, 1 - alpha])
-        rows.append({"layer": layer, "head": head, "label": head_label(layer, head),
-                     "column": column, "n": len(x), "mean": x.mean(), "lo": lo, "hi": hi})
-    return pd.DataFrame(rows)
+# -- what every verdict of chapter 1 resamples: per-cluster sums (selfrepair.uncertainty) ---------
+WHOLE = ("n",) + ROW_COLUMNS  # every token: count, then the sums of ROW_COLUMNS
+TOP = ("n", "direct_effect", "delta_logit", "self_repair")  # each head's top-k% tokens
+
+
+@dataclass
+class Evidence:
+    """Per-cluster sums of an all-heads sweep, ``[cluster, layer, head, column]``: the
+    sufficient statistics of every chapter-1 statistic. ``whole`` over every token (columns
+    :data:`WHOLE`), ``top`` over each head's top-k% tokens (:data:`TOP`), ``sample`` the moments
+    of (DE, Δlogit) on the uniform sample (:data:`selfrepair.uncertainty.MOMENTS`)."""
+
+    clusters: Clusters
+    whole: np.ndarray
+    top: np.ndarray
+    sample: np.ndarray
+
+    @property
+    def n_layers(self) -> int:
+        return self.whole.shape[1]
+
+
+def clusters_of(sweep) -> Clusters:
+    """The units of independence of a sweep's rows: the rows of one document
+    (:meth:`Clusters.documents`), each row its own where no document is known."""
+    if sweep.main_document is None:
+        return Clusters.rows(len(sweep.sum_row))
+    return Clusters.documents(sweep.main_document.numpy())
+
+
+def evidence(sweep) -> Evidence:
+    """:class:`Evidence` of a :class:`~selfrepair.sweep.Sweep` (which keeps per-row sums)."""
+    if sweep.sum_row is None:
+        raise ValueError("this sweep has no per-row sums (written before they were kept): "
+                         "delete the cached entry so it is measured again")
+    clusters, (L, H) = clusters_of(sweep), sweep.sum_all.shape[:2]
+    rows = sweep.sum_row.double().numpy()
+    count = np.full(rows.shape[:3] + (1,), float(sweep.seq1))
+    top, sample = sweep.tokens_frame("top"), sweep.tokens_frame("sample")
+    return Evidence(clusters, clusters.sum_rows(np.concatenate([count, rows], -1)),
+                    clusters.head_sums(top, TOP[1:], L, H),
+                    clusters.head_sums(sample, (), L, H, moments_of=("direct_effect", "delta_logit")))
+
+
+def mean_of(totals: np.ndarray, table: tuple[str, ...], name: str) -> np.ndarray:
+    """Per head, the mean of ``name`` from totals ``[..., table]`` (NaN over no token)."""
+    return ratio(totals[..., table.index(name)], totals[..., 0])
+
+
+def in_band(de: np.ndarray, dl: np.ndarray) -> np.ndarray:
+    """Fig 2's repaired region for DE > 0: ``-DE < Δlogit < 0``."""
+    return (de > 0) & (dl < 0) & (dl > -de)
+
+
+def share_self_repaired(top: np.ndarray, first: int) -> np.ndarray:
+    """Per replicate: the share of heads in layers ``first ..`` whose top-k% mean self-repair is > 0."""
+    sr = mean_of(top, TOP, "self_repair")[:, first:]
+    return share(sr > 0, within=np.isfinite(sr))
+
+
+def share_in_band(whole: np.ndarray) -> np.ndarray:
+    """Per replicate: the share of heads with a positive whole-set DE that lie in the band."""
+    de, dl = mean_of(whole, WHOLE, "direct_effect"), mean_of(whole, WHOLE, "delta_logit")
+    return share(in_band(de, dl), within=de > 0)
+
+
+def band_margin(whole: np.ndarray) -> np.ndarray:
+    """Per head, how far inside the band its whole-set means lie: ``min(-Δlogit, Δlogit + DE)``
+    (> 0 inside, < 0 outside; NaN for DE <= 0)."""
+    de, dl = mean_of(whole, WHOLE, "direct_effect"), mean_of(whole, WHOLE, "delta_logit")
+    return np.where(de > 0, np.minimum(-dl, dl + de), np.nan)
+
+
+def share_losing(whole: np.ndarray, selected: np.ndarray) -> np.ndarray:
+    """Per replicate: the share of the ``selected`` heads whose whole-set mean Δlogit is < 0."""
+    dl = mean_of(whole, WHOLE, "delta_logit")
+    return share(dl < 0, within=selected & np.isfinite(dl))
+
+
+def lost_fraction(whole: np.ndarray, selected: np.ndarray) -> np.ndarray:
+    """Per replicate: the ``selected`` heads' summed −Δlogit over their summed DE (whole-set means):
+    the share of their direct effect that is not repaired (0: perfect repair)."""
+    de, dl = mean_of(whole, WHOLE, "direct_effect"), mean_of(whole, WHOLE, "delta_logit")
+    axes = tuple(range(1, de.ndim))
+    return ratio(np.where(selected, -dl, 0).sum(axes), np.where(selected, de, 0).sum(axes))
+
+
+def share_uncorrelated(top: np.ndarray, sample: np.ndarray, first: int, clear: float) -> np.ndarray:
+    """Per replicate: among heads in layers ``first ..`` with a top-k% DE at least their median,
+    the share whose per-token correlation of DE and Δlogit on the sample is not clear (r > ``clear``)."""
+    de = mean_of(top, TOP, "direct_effect")[:, first:]
+    big = de >= np.nanmedian(de, axis=(1, 2), keepdims=True)
+    r = pearson(sample[:, first:])
+    return share(r > clear, within=big & np.isfinite(r))
+
+
+def head_intervals(ev: Evidence, n_boot: int, seed: int) -> pd.DataFrame:
+    """Per head, its whole-set means of Δlogit (``mean``, ``lo``/``hi``) and DE (``de``,
+    ``de_lo``/``de_hi``) with 95% cluster-bootstrap intervals (Fig 2's points and their intervals),
+    ``n`` tokens and the ``clusters`` resampled."""
+    boot = Bootstrap.over(ev.clusters, n_boot, seed)
+    dl = boot.intervals(lambda t: mean_of(t, WHOLE, "delta_logit"), ev.whole)
+    de = boot.intervals(lambda t: mean_of(t, WHOLE, "direct_effect"), ev.whole)
+    L, H = ev.whole.shape[1:3]
+    layer, head = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
+    out = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel()})
+    out["label"] = [head_label(l, h) for l, h in zip(out["layer"], out["head"])]
+    out["column"], out["n"] = "delta_logit", ev.whole.sum(0)[..., 0].ravel().astype(int)
+    out["mean"], out["lo"], out["hi"] = (a.ravel() for a in dl)
+    out["de"], out["de_lo"], out["de_hi"] = (a.ravel() for a in de)
+    out["clusters"], out["cluster_unit"] = ev.clusters.n, ev.clusters.unit
+    return out
 
 
 def token_spread(tokens: pd.DataFrame) -> pd.DataFrame:
@@ -135,14 +240,12 @@ def token_spread(tokens: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def imperfection_summary(per_head: pd.DataFrame, boot: pd.DataFrame | None = None) -> pd.DataFrame:
+def imperfection_summary(per_head: pd.DataFrame) -> pd.DataFrame:
     """One row per layer group ("early" = first half of the layers, "late", "all"): head counts
     per region, mean self-repair, the share of heads with negative self-repair, and for the repaired
-    heads the mean fraction of direct effect lost (``-delta_logit / DE``); with ``boot`` (bootstrap
-    of ``delta_logit``) also how many repaired heads have an interval entirely below 0."""
+    heads the mean fraction of direct effect lost (``-delta_logit / DE``). Descriptive: the
+    chapter's verdict on "imperfect" selects and tests on disjoint halves of the documents."""
     heads = classify_heads(per_head)
-    if boot is not None:
-        heads = heads.merge(boot[["layer", "head", "hi"]], on=["layer", "head"], how="left")
     first = late_start(int(heads["layer"].max()) + 1)
     groups = {"early": heads[heads["layer"] < first], "late": heads[heads["layer"] >= first],
               "all": heads}
@@ -161,7 +264,5 @@ def imperfection_summary(per_head: pd.DataFrame, boot: pd.DataFrame | None = Non
                if len(rep) else np.nan}
         for c in CATEGORIES:
             row[f"n_{c}"] = int((g["category"] == c).sum())
-        if boot is not None:
-            row["n_repaired_ci_below_0"] = int((rep["hi"] < 0).sum())
         rows.append(row)
     return pd.DataFrame(rows)

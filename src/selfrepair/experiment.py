@@ -7,7 +7,8 @@
 - :func:`open_prompts` — the factual prompts of the Hydra chapter as a :class:`~selfrepair.batch.PromptSet`;
 - :func:`measure` — a spec's result from the results cache (:class:`selfrepair.measure.Cache`),
   computed and saved when missing;
-- :func:`provenance` — the table every chapter ends with.
+- :func:`provenance` — the table every chapter ends with (one line, the table folded);
+- :func:`run_summary` — what a chapter ran, on what, in words (the cell near its top).
 """
 
 from __future__ import annotations
@@ -38,20 +39,31 @@ _MAX_TOKEN_SETS = 8
 
 
 @lru_cache(maxsize=2)
-def _model(name: str, device: str, dtype: str | None, remote: str | None = None) -> Model:
-    return load_model(name, device=device, dtype=dtype, remote=remote)
+def _model(name: str, device: str, dtype: str | None, remote: str | None = None,
+           fold_value_biases: bool = False) -> Model:
+    return load_model(name, device=device, dtype=dtype, remote=remote,
+                      fold_value_biases=fold_value_biases)
 
 
 def open_model(cfg: RunConfig) -> Model:
     """The model named by ``cfg`` (loaded once per process), wrapped for the remote path when
-    ``cfg.remote`` says so."""
-    return _model(cfg.model, cfg.device, cfg.dtype, cfg.remote)
+    ``cfg.remote`` says so, its value biases folded when the chapter's ``fold_value_biases`` says
+    so (a chapter without that parameter is not changed by it: the model as it is)."""
+    return _model(cfg.model, cfg.device, cfg.dtype, cfg.remote, getattr(cfg, "fold_value_biases", False))
 
 
-def corpus_fingerprint(dataset: str, seed: int) -> str:
+def tiny_documents(cfg: CorpusConfig) -> int:
+    """How many documents the generated ``"tiny"`` corpus has for ``cfg``: 64 when packed by
+    concatenation (as before the packing was a parameter), 512 for one window per row."""
+    return 64 if cfg.packing == "concatenate" else 512
+
+
+def corpus_fingerprint(dataset: str, seed: int, n_docs: int = 64) -> str:
     from .data import dataset_fingerprint
 
-    return f"generated:tiny_corpus(seed={seed})" if dataset == TINY_DATASET else dataset_fingerprint(dataset)
+    if dataset != TINY_DATASET:
+        return dataset_fingerprint(dataset)
+    return f"generated:tiny_corpus(seed={seed}{'' if n_docs == 64 else f', n_docs={n_docs}'})"
 
 
 def open_tokens(cfg: CorpusConfig, model: Model, *, progress: bool = True) -> TokenSet:
@@ -64,16 +76,20 @@ def open_tokens(cfg: CorpusConfig, model: Model, *, progress: bool = True) -> To
     if cfg.seq_len > model.n_ctx:
         raise InputError(f"seq_len={cfg.seq_len} is longer than {model.name}'s context of "
                          f"{model.n_ctx} tokens: use seq_len <= {model.n_ctx}")
-    fingerprint = {"dataset": cfg.dataset, "corpus": corpus_fingerprint(cfg.dataset, cfg.seed),
+    fingerprint = {"dataset": cfg.dataset, "corpus": corpus_fingerprint(cfg.dataset, cfg.seed, tiny_documents(cfg)),
                    "n_rows": cfg.n_rows, "seq_len": cfg.seq_len, "seed": cfg.seed,
                    "sources": SOURCE_RULE}
+    if cfg.packing != "concatenate":  # the packing before this parameter existed keeps its keys
+        fingerprint["packing"] = cfg.packing
 
     def load() -> dict:
-        from .data import load_corpus, pack_documents, resample_sources, same_document_rows, tiny_corpus
+        from .data import load_corpus, tiny_corpus
+        from .packing import pack, resample_sources, same_document_rows
 
-        corpus = tiny_corpus(seed=cfg.seed) if cfg.dataset == TINY_DATASET else load_corpus(cfg.dataset)
-        packed = pack_documents(corpus, model.tokenizer, n_tokens=cfg.n_tokens, seq_len=cfg.seq_len,
-                                seed=cfg.seed, progress=progress)
+        corpus = (tiny_corpus(tiny_documents(cfg), seed=cfg.seed) if cfg.dataset == TINY_DATASET
+                  else load_corpus(cfg.dataset))
+        packed = pack(corpus, model.tokenizer, packing=cfg.packing, n_tokens=cfg.n_tokens,
+                      seq_len=cfg.seq_len, seed=cfg.seed, progress=progress)
         if int(packed.tokens.max()) >= model.d_vocab:
             raise InputError(f"the tokenizer of {model.name} produced ids up to {int(packed.tokens.max())} "
                              f"but the model has {model.d_vocab} embeddings: use the model's own tokenizer")
@@ -82,7 +98,8 @@ def open_tokens(cfg: CorpusConfig, model: Model, *, progress: bool = True) -> To
         return {"tokens": packed.tokens, "source": source,
                 "corrupt_tokens": None if source is None else packed.tokens[source],
                 "same_document": None if source is None else
-                same_document_rows(packed.doc_first, packed.doc_last, source)}
+                same_document_rows(packed.doc_first, packed.doc_last, source),
+                "main_document": packed.doc_main}
 
     key = (id(model), json.dumps(fingerprint, sort_keys=True))
     if key not in _TOKEN_SETS:
@@ -160,19 +177,29 @@ def shown_path(value: Any, root: str | Path | None = None) -> Any:
     return f"…/{path.name}"
 
 
-def provenance(cfg: RunConfig, started: float | None = None, **extra: Any) -> pd.DataFrame:
-    """The table every chapter ends with: versions, model, device, parameters, wall time.
-    Paths are shown by :func:`shown_path` (relative to the book's root, or ``…/<name>``)."""
+def provenance(cfg: RunConfig, started: float | None = None, **extra: Any):
+    """The table every chapter ends with (versions, model, device, parameters, wall time), shown
+    as one line — what ran, with which library, in how long — and the whole table folded below
+    it (:func:`selfrepair.tables.folded`; its ``.frame`` has the columns ``item, value``). A config
+    that runs no model (the scorecard's) has no model rows. Paths are shown by :func:`shown_path`
+    (relative to the book's root, or ``…/<name>``)."""
     import nnsight
     import transformers
 
     from . import __version__
+    from .tables import folded
 
-    model = open_model(cfg)
+    described = open_model(cfg).describe() if isinstance(cfg, RunConfig) else {}  # the scorecard runs none
     rows = {"selfrepair": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "nnsight": nnsight.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
-            **model.describe(), **{f"param:{k}": v for k, v in cfg.as_dict().items()}, **extra}
+            **described, **{f"param:{k}": v for k, v in cfg.as_dict().items()}, **extra}
     if started is not None:
         rows["wall_time_s"] = round(time.time() - started, 1)
-    return pd.DataFrame({"item": list(rows), "value": [str(shown_path(v)) for v in rows.values()]})
+    frame = pd.DataFrame({"item": list(rows), "value": [str(shown_path(v)) for v in rows.values()]})
+    took = f" in {rows['wall_time_s']:,.1f} s" if "wall_time_s" in rows else ""
+    where = f"Ran on {rows['model']} ({rows['dtype']}, {cfg.device})" if described else "Ran, loading no model,"
+    summary = (f"{where}{took} with selfrepair "
+               f"{__version__}, torch {torch.__version__}, transformers {transformers.__version__} "
+               f"and nnsight {nnsight.__version__}.")
+    return folded(frame, summary, label=f"Every version and parameter ({len(frame)} rows)")

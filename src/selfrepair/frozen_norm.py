@@ -35,21 +35,17 @@ What the algebra says (tests/test_frozen_norm.py checks each, per token):
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
-from .ablation import check_ablation
-from .batch import TokenSet, clean_batch, mean_z
+from .batch import TokenSet, clean_batch
 from .errors import SelfRepairError
-from .heads import check_heads, check_token_set
+from .heads import check_heads, each_head, head_groups
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import ablate_heads
-from .remote import in_session
 from .results import Result, head_label
 
 MODES = {"frozen": "norms", "norms_only": "components"}  # result prefix -> ablate_heads(freeze=)
@@ -105,60 +101,25 @@ class FrozenNormResult(Result):
 def frozen_norm_ablation(model: Model, data: TokenSet, heads, ablation: str = "resample", *,
                          batch_size: int = 8, max_rows: int = 64, progress: bool = True) -> FrozenNormResult:
     """Both passes (module docstring) for each of ``heads`` on every token of ``data``."""
-    check_ablation(ablation)
-    check_token_set(model, data, ablation)
-    pairs = check_heads(model, heads)
-    n, seq = data.tokens.shape
-    batch_size = max(1, min(n, batch_size))
-    by_layer = defaultdict(list)
-    for layer, head in pairs:
-        by_layer[layer].append(head)
-    per = max(1, max_rows // batch_size)
-    groups = [(layer, hs[j:j + per]) for layer, hs in sorted(by_layer.items())
-              for j in range(0, len(hs), per)]
-    shape = (len(pairs), n, seq - 1)
-    out = {"direct_effect": torch.zeros(shape, dtype=model.effect_dtype),
-           "ablated_direct_effect": torch.zeros(shape, dtype=model.effect_dtype),
-           **{f"{p}/{t}": torch.zeros(shape, dtype=model.effect_dtype) for p in MODES for t in TERMS}}
-    mz = mean_z(model, data, batch_size) if ablation == "mean" else None
-    bar = tqdm(total=-(-n // batch_size) * len(groups), desc="frozen-norm ablation", unit="pass",
-               disable=not progress)
-    for start in range(0, n, batch_size):
-        rows = slice(start, min(n, start + batch_size))
-        corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
-        # one request per batch on the remote path: only the per-token terms come back
-        got = in_session(model, _batch_frozen, data.tokens[rows], corrupt, start, ablation, mz, groups)
-        for (layer, hs), res in zip(groups, got):
-            idx = [pairs.index((layer, h)) for h in hs]
-            for name, value in res.items():
-                out[name][idx, rows] = value
-        bar.update(len(groups))
-    bar.close()
-    rec = data.record()
-    return FrozenNormResult(out["direct_effect"], out["ablated_direct_effect"],
-                            {t: out[f"frozen/{t}"] for t in TERMS},
-                            {t: out[f"norms_only/{t}"] for t in TERMS},
-                            tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
-                            ablation=ablation, heads=pairs, meta={**model.describe(), "ablation": ablation})
+    spec = FrozenNormSpec(heads=tuple(check_heads(model, heads)), ablation=ablation)
+    return spec.compute(model, data, RunOptions(batch_size=max(1, min(len(data), batch_size)),
+                                                max_rows=max_rows, progress=progress))
 
 
-def _batch_frozen(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
-                  ablation: str, mz: torch.Tensor | None, groups: list) -> list[dict]:
-    """One batch of :func:`frozen_norm_ablation`: per group ``(layer, heads)`` the terms of both
-    passes and the heads' clean / ablated DEs, ``{name: [head, b, seq-1]}`` on the CPU."""
-    batch = clean_batch(model, tokens, corrupt, start=start)
+def _batch_frozen(model: Model, rows: dict, ablation: str, mz: torch.Tensor | None, pairs: list) -> dict:
+    """One batch of :func:`frozen_norm_ablation` (inside its request): the terms of both passes and
+    the heads' clean / ablated DEs, ``{name: [b, head, seq-1]}`` (``pairs`` in order) on the CPU."""
+    batch = clean_batch(model, rows["tokens"], rows["corrupt"], start=rows["start"])
     repl = batch.replacement(ablation, mz)
-    out = []
-    for layer, hs in groups:
-        got = {}
+    got = {}
+    for layer, hs in head_groups(pairs, max(1, rows["max_rows"] // batch.rows)):
+        per = {}
         for prefix, freeze in MODES.items():
             res = ablate_heads(batch, layer, hs, repl[layer], freeze=freeze)
-            for t in TERMS:
-                got[f"{prefix}/{t}"] = res[t].cpu()
-        got["direct_effect"] = res["direct_effect"].cpu()
-        got["ablated_direct_effect"] = res["ablated_direct_effect"].cpu()
-        out.append(got)
-    return out
+            per.update({f"{prefix}/{t}": getattr(res, t) for t in TERMS})
+        per["direct_effect"], per["ablated_direct_effect"] = res.direct_effect, res.ablated_direct_effect
+        got.update({(layer, h): {k: v[i].cpu() for k, v in per.items()} for i, h in enumerate(hs)})
+    return {k: torch.stack([got[p][k] for p in pairs], 1) for k in got[pairs[0]]}
 
 
 @dataclass(frozen=True)
@@ -172,9 +133,15 @@ class FrozenNormSpec(Spec):
     ablation: str = "resample"
 
     def compute(self, model: Model, data: TokenSet, options: RunOptions) -> FrozenNormResult:
-        return frozen_norm_ablation(model, data, list(self.heads), self.ablation,
-                                    batch_size=options.batch_size, max_rows=options.max_rows,
-                                    progress=options.progress)
+        """The driver runs :func:`_batch_frozen` on every batch; per-row outputs in row order."""
+        run, pairs, got = each_head(self, model, data, options, "frozen-norm ablation", _batch_frozen)
+        out = {k: v.transpose(0, 1).to(model.effect_dtype).contiguous() for k, v in got.items()}
+        rec = run.record()
+        return FrozenNormResult(out["direct_effect"], out["ablated_direct_effect"],
+                                {t: out[f"frozen/{t}"] for t in TERMS},
+                                {t: out[f"norms_only/{t}"] for t in TERMS},
+                                tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
+                                ablation=self.ablation, heads=pairs, meta=run.meta(ablation=self.ablation))
 
 
 def per_head(top: pd.DataFrame, result: FrozenNormResult) -> pd.DataFrame:

@@ -28,58 +28,23 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import TokenSet, clean_batch, mean_z
+from .batch import TokenSet, check_token_set, check_tokens, clean_batch, token_set  # noqa: F401 - re-exported
+from .driver import Driver, Stage, collect
 from .errors import InputError
 from .measure import RunOptions, Spec
 from .models import Model
-from .passes import ablate_heads
-from .remote import in_session
+from .passes import CAPPED, ablate_heads
 from .results import HEAD_QUANTITIES, SelfRepairResult
 
 QUANTITIES = HEAD_QUANTITIES
 
 
-def check_tokens(model: Model, tokens: torch.Tensor, name: str = "tokens") -> torch.Tensor:
-    """A ``[batch, seq]`` integer tensor of valid ids, ``2 <= seq <= n_ctx``; else one clear error."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
-        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise InputError(f"{name} must be an integer tensor [batch, seq], got {shape}; tokenize "
-                         "with selfrepair.data.pack_tokens or model.tokenizer(..., return_tensors='pt')")
-    if tokens.shape[0] < 1:
-        raise InputError(f"{name} holds no rows: pass at least one row of tokens")
-    if tokens.shape[1] < 2:
-        raise InputError(f"{name} needs at least 2 positions (position p predicts token p+1)")
-    if tokens.shape[1] > model.n_ctx:
-        raise InputError(f"{name} has {tokens.shape[1]} positions but {model.name} has a context of "
-                         f"{model.n_ctx}: use seq_len <= {model.n_ctx}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.d_vocab):
-        raise InputError(f"{name} holds ids outside [0, {model.d_vocab}): were they made with "
-                         "another model's tokenizer?")
-    return tokens.to(model.device)
-
-
-def token_set(model: Model, tokens: torch.Tensor | TokenSet,
-              corrupt_tokens: torch.Tensor | None = None) -> TokenSet:
-    """``tokens`` as a :class:`TokenSet`: a set as it is, a tensor checked (:func:`check_tokens`)
-    and wrapped with its resample sources ``corrupt_tokens`` (default its rows rolled by one)."""
-    if isinstance(tokens, TokenSet):
-        return tokens
-    return TokenSet.from_tensor(check_tokens(model, tokens).cpu(), corrupt_tokens)
-
-
-def check_token_set(model: Model, data: TokenSet, ablation: str) -> None:
-    """``data``'s rows (and, for resample ablation, their sources: valid ids, the rows' own shape),
-    checked before the first forward pass."""
-    check_tokens(model, data.tokens)
-    if ablation == "resample":
-        check_tokens(model, data.corrupt_tokens, "corrupt_tokens")
-        if data.corrupt_tokens.shape != data.tokens.shape:
-            raise InputError(f"corrupt_tokens has shape {tuple(data.corrupt_tokens.shape)} but tokens "
-                             f"has {tuple(data.tokens.shape)}: resampling patches the same positions, "
-                             "so they must match")
+def quantities(model: Model) -> tuple[str, ...]:
+    """What :func:`self_repair` returns per head: :data:`QUANTITIES`, and the Δlogit after the
+    final cap of a soft-capped model (Gemma-2)."""
+    return QUANTITIES + ((CAPPED,) if model.logit_softcap is not None else ())
 
 
 def check_heads(model: Model, heads: Iterable[tuple[int, int]] | None) -> list[tuple[int, int]]:
@@ -120,53 +85,50 @@ def self_repair(model: Model, tokens: torch.Tensor | TokenSet, ablation: str = "
     """
     check_ablation(ablation)
     data = token_set(model, tokens, corrupt_tokens)
-    check_token_set(model, data, ablation)
-    pairs = check_heads(model, heads)
-    n, seq = data.tokens.shape
-    batch_size = min(n, batch_size or n)
-    if batch_size < 1 or max_rows < 1:
-        raise InputError(f"batch_size and max_rows must be positive, got {batch_size}, {max_rows}")
-    shape = (model.n_layers, model.n_heads, n, seq - 1)
-    result = {q: torch.full(shape, float("nan"), dtype=model.effect_dtype) for q in QUANTITIES}
-    scale_clean = torch.empty(n, seq - 1, dtype=model.effect_dtype)
-    logit = torch.empty(n, seq - 1, dtype=model.effect_dtype)
+    spec = HeadsSpec(heads=tuple(check_heads(model, heads)), ablation=ablation)
+    n = len(check_tokens(model, data.tokens))
+    return spec.compute(model, data, RunOptions(batch_size=min(n, batch_size or n), max_rows=max_rows,
+                                                progress=progress))
+
+
+def head_groups(pairs: list[tuple[int, int]], per: int) -> list[tuple[int, list[int]]]:
+    """``(layer, heads)`` groups of ``pairs``: each layer's heads, ``per`` at a time (one stacked
+    pass each)."""
     by_layer = defaultdict(list)
     for layer, head in pairs:
         by_layer[layer].append(head)
-    mz = mean_z(model, data, batch_size) if ablation == "mean" else None
-    per = max(1, max_rows // batch_size)
-    groups = [(layer, hs[j:j + per]) for layer, hs in sorted(by_layer.items())
-              for j in range(0, len(hs), per)]
-    bar = tqdm(total=-(-n // batch_size) * len(groups), desc="self-repair", unit="pass",
-               disable=not progress)
-    for start in range(0, n, batch_size):
-        rows = slice(start, min(n, start + batch_size))
-        corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
-        # one request per batch on the remote path: only the per-token quantities come back
-        got = in_session(model, _batch_heads, data.tokens[rows], corrupt, start, ablation, mz, groups)
-        scale_clean[rows], logit[rows] = got["scale_clean"], got["logit"]
-        for (layer, hs), out in zip(groups, got["groups"]):
-            for q in QUANTITIES:
-                result[q][layer, hs, rows] = out[q]
-        bar.update(len(groups))
-    bar.close()
-    rec = data.record()
-    return SelfRepairResult(**result, scale_clean=scale_clean, logit=logit, tokens=rec["tokens"],
-                            corrupt_tokens=rec.get("corrupt_tokens"), ablation=ablation, heads=pairs,
-                            meta={**model.describe(), "ablation": ablation})
+    return [(layer, hs[j:j + per]) for layer, hs in sorted(by_layer.items()) for j in range(0, len(hs), per)]
 
 
-def _batch_heads(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
-                 ablation: str, mz: torch.Tensor | None, groups: list) -> dict:
-    """One batch of :func:`self_repair`: the clean scale and logit ``[b, seq-1]`` and, per group
-    ``(layer, heads)`` (one stacked pass each), every quantity ``[head, b, seq-1]`` (on the CPU)."""
-    batch = clean_batch(model, tokens, corrupt, start=start)
+def _batch_heads(model: Model, rows: dict, ablation: str, mz: torch.Tensor | None, pairs: list) -> dict:
+    """One batch of :func:`self_repair` (inside its request): the clean scale and logit ``[b, seq-1]``
+    and every quantity ``[b, head, seq-1]`` of ``pairs`` (in their order; the heads of a layer
+    ablated ``max_rows // b`` at a time in one stacked pass), on the CPU."""
+    batch = clean_batch(model, rows["tokens"], rows["corrupt"], start=rows["start"])
     repl = batch.replacement(ablation, mz)
-    out = {"scale_clean": batch.readout.scale.cpu(), "logit": batch.readout.logit.cpu(), "groups": []}
-    for layer, hs in groups:
+    out = {"scale_clean": batch.readout.scale.cpu(), "logit": batch.readout.logit.cpu()}
+    got = {}
+    for layer, hs in head_groups(pairs, max(1, rows["max_rows"] // batch.rows)):
         res = ablate_heads(batch, layer, hs, repl[layer])
-        out["groups"].append({q: res[q].cpu() for q in QUANTITIES})
+        got.update({(layer, h): {q: getattr(res, q)[i].cpu() for q in quantities(model)}
+                     for i, h in enumerate(hs)})
+    for q in quantities(model):
+        out[q] = torch.stack([got[p][q] for p in pairs], 1)
     return out
+
+
+def each_head(spec, model: Model, data: TokenSet, options: RunOptions, name: str, batch) -> tuple:
+    """The driver's one stage over the rows for a spec that ablates ``spec.heads`` one at a time
+    with ``spec.ablation`` (:class:`HeadsSpec`, :class:`~selfrepair.frozen_norm.FrozenNormSpec`):
+    ``batch(model, rows, ablation, mean_z, pairs)`` per batch, per-row outputs collected in row
+    order. Returns the driver (for its record and meta), the checked pairs and the outputs."""
+    check_ablation(spec.ablation)
+    pairs = check_heads(model, spec.heads)
+    resample = spec.ablation == "resample"
+    run = Driver(model, data, options, key=spec.key(), sources=resample)
+    mz = run.mean_z() if spec.ablation == "mean" else None
+    got = run.run(Stage(name, batch, collect(), args=(spec.ablation, mz, pairs), sources=resample))
+    return run, pairs, got
 
 
 @dataclass(frozen=True)
@@ -180,6 +142,16 @@ class HeadsSpec(Spec):
     ablation: str = "resample"
 
     def compute(self, model: Model, data: TokenSet, options: RunOptions) -> SelfRepairResult:
-        return self_repair(model, data, self.ablation, heads=list(self.heads),
-                           batch_size=options.batch_size, max_rows=options.max_rows,
-                           progress=options.progress)
+        """The driver runs :func:`_batch_heads` on every batch (after the mean ``z`` for mean
+        ablation); the per-row outputs come back in row order and are laid out per head."""
+        run, pairs, got = each_head(self, model, data, options, "self-repair", _batch_heads)
+        n, seq = data.tokens.shape
+        shape = (model.n_layers, model.n_heads, n, seq - 1)
+        result = {q: torch.full(shape, float("nan"), dtype=model.effect_dtype) for q in quantities(model)}
+        layer, head = torch.tensor(pairs, dtype=torch.long).view(-1, 2).unbind(1)
+        for q in quantities(model):
+            result[q][layer, head] = got[q].transpose(0, 1).to(model.effect_dtype)
+        rec = run.record()
+        return SelfRepairResult(**result, scale_clean=got["scale_clean"], logit=got["logit"],
+                                tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
+                                ablation=self.ablation, heads=pairs, meta=run.meta(ablation=self.ablation))

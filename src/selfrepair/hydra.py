@@ -40,22 +40,21 @@ one request per chunk of prompts (:func:`hydra_effect`), and only per-prompt eff
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import ABLATIONS
-from .batch import PromptSet, clean_batch, source_pool
+from .batch import PromptSet, clean_batch
 from .direct_effect import at_positions
+from .driver import Driver, Stage, collect
 from .errors import InputError
 from .intervene import Pass, run
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import WRITE_SITES, ablate_writes
-from .remote import in_session
 from .results import Result
 from .structure import KINDS, component_reads
 
@@ -158,44 +157,40 @@ def hydra_effect(model: Model, prompts: PromptSet, *, ablation: str = "resample"
     n_patches`` at a time, so that one ablated pass holds at most ``max_rows`` (prompt, patch) rows.
     ``patch_index [n, P]`` overrides the seeded resample sources (a prompt's own index is an identity
     patch). ``noise``: ``n_patches`` noise draws per prompt, ``σ = noise_scale x`` RMS of the write.
-
-    On the remote path each chunk is one request (:func:`~selfrepair.remote.in_session`; locally
-    a plain call), :func:`_chunk_effects`: the chunk's clean pass, its resample sources, the
-    replacements and the ``2 * n_layers`` ablated passes, back only per-prompt effects. The mean,
-    the noise's σ and the own-effect controls need sums over every prompt first: with more than
-    one chunk, requests of ``max_rows`` prompts before (:func:`write_sums`, a clean pass each)
-    bring back only those sums. No activation and no per-prompt ``d_model`` vector comes back.
     """
-    check_hydra_ablation(ablation, noise_scale)
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
-    n, C = len(prompts), 2 * model.n_layers
+    spec = HydraSpec(ablation=ablation, n_patches=n_patches, seed=seed, noise_scale=noise_scale)
+    return effects(spec, model, prompts, RunOptions(max_rows=max_rows, progress=progress), patch_index)
+
+
+def effects(spec: "HydraSpec", model: Model, prompts: PromptSet, options: RunOptions,
+            patch_index: torch.Tensor | None = None) -> HydraResult:
+    """``spec`` through the driver, two stages over the prompts sorted by length: the sums over
+    every prompt of the last-position writes and of their squares (:func:`write_sums`,
+    ``max_rows`` prompts a request: a clean pass has no patches; for the mean, σ and the
+    own-effect controls), then one request per chunk of ``max_rows // P`` prompts
+    (:func:`_chunk_effects`: the chunk's clean pass, its resample sources, the replacements and the
+    ``2 * n_layers`` ablated passes), back only per-prompt effects. No activation and no per-prompt
+    ``d_model`` vector comes back."""
+    check_hydra_ablation(spec.ablation, spec.noise_scale)
+    if spec.seed < 0:
+        raise InputError(f"seed must be >= 0, got {spec.seed}")
+    n, ablation = len(prompts), spec.ablation
     if ablation == "resample":
-        patch_index = choose_patches(n, n_patches, seed) if patch_index is None else patch_index
+        patch_index = choose_patches(n, spec.n_patches, spec.seed) if patch_index is None else patch_index
     else:
-        patch_index = torch.full((n, n_patches if ablation == "noise" else 1), -1, dtype=torch.long)
+        patch_index = torch.full((n, spec.n_patches if ablation == "noise" else 1), -1, dtype=torch.long)
     P = patch_index.shape[1]
-    chunks = hydra_chunks(prompts, P, max_rows)
-    sums = None  # one chunk: it holds every prompt, and its own clean pass gives the sums
-    if len(chunks) > 1:  # a clean pass has no patches: max_rows prompts a request
-        parts = [in_session(model, write_sums, *prompts.rows(idx))
-                 for idx in tqdm(hydra_chunks(prompts, 1, max_rows), desc="clean", disable=not progress)]
-        sums = {k: torch.stack([s[k] for s in parts]).sum(0) for k in parts[0]}
-    out = {}
-    bar = tqdm(total=len(chunks) * C, desc=f"{ablation} layer ablations", disable=not progress)
-    for idx in chunks:
-        tok, pos = prompts.rows(idx)
-        sources = source_pool(prompts, idx, patch_index[idx]) if ablation == "resample" else None
-        got = in_session(model, _chunk_effects, tok, pos, idx, ablation, P, n, sums, sources, noise_scale, seed)
-        for key, value in got.items():
-            out.setdefault(key, value.new_zeros((n, *value.shape[1:])))[idx] = value
-        bar.update(C)
-    bar.close()
+    run = Driver(model, prompts, options, key=spec.key())
+    order = torch.argsort(prompts.last_pos, stable=True)
+    sums = run.run(Stage("clean", write_sums, order=order, batch_size=options.max_rows, unit="prompt"))
+    out = run.run(Stage(f"{ablation} layer ablations", _chunk_effects, collect(),
+                        args=(ablation, P, n, sums, spec.noise_scale, spec.seed), order=order,
+                        sources=patch_index if ablation == "resample" else False,
+                        batch_size=max(1, options.max_rows // P), unit="prompt"))
     return HydraResult(**out, target=prompts.target_ids.clone(), patch_index=patch_index,
-                       parallel_residual=torch.tensor(model.parallel_residual),
-                       input_ids=prompts.input_ids,
-                       meta={**model.describe(), "ablation": ablation, "n_patches": P, "seed": seed,
-                             "noise_scale": noise_scale, "write_sites": list(WRITE_SITES)})
+                       parallel_residual=torch.tensor(model.parallel_residual), input_ids=prompts.input_ids,
+                       meta=run.meta(ablation=ablation, n_patches=P, seed=spec.seed,
+                                     noise_scale=spec.noise_scale, write_sites=list(WRITE_SITES)))
 
 
 def last_writes(model: Model, clean: Pass, pos: torch.Tensor) -> torch.Tensor:
@@ -224,9 +219,9 @@ def clean_writes(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> torch
     return last_writes(model, run(model, tokens.to(model.device), read=WRITE_SITES), pos)
 
 
-def write_sums(model: Model, tokens: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+def write_sums(model: Model, rows: dict) -> dict[str, torch.Tensor]:
     """One chunk's clean pass reduced to :func:`_sums` of its prompts' last-position writes (CPU)."""
-    return {k: v.cpu() for k, v in _sums(clean_writes(model, tokens, pos)).items()}
+    return {k: v.cpu() for k, v in _sums(clean_writes(model, rows["tokens"], rows["last_pos"])).items()}
 
 
 def _replacements(model: Model, writes: torch.Tensor, idx: torch.Tensor, ablation: str, n_patches: int,
@@ -248,17 +243,17 @@ def _replacements(model: Model, writes: torch.Tensor, idx: torch.Tensor, ablatio
     return (sums["sum"].to(writes.device) / n).to(writes.dtype)[:, :, None].expand_as(writes)
 
 
-def _chunk_effects(model: Model, tokens: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor,
-                   ablation: str, n_patches: int, n: int, sums: dict | None, sources: dict | None,
+def _chunk_effects(model: Model, rows: dict, ablation: str, n_patches: int, n: int, sums: dict,
                    noise_scale: float | None, seed: int) -> dict[str, torch.Tensor]:
-    """One chunk ``idx`` of :func:`hydra_effect`: its clean pass, every component ablated (one
+    """One chunk of prompts (the driver's ``rows``: ``tokens``, ``last_pos``, ``index``, resample
+    sources in ``pool``) of :func:`hydra_effect`: its clean pass, every component ablated (one
     stacked pass of its ``P`` patches each), and back only the per-prompt fields of
-    :class:`HydraResult` (``[b, ...]``, CPU). ``sums``: :func:`_sums` over all ``n`` prompts
-    (``None``: this chunk holds them all), for the mean, σ and the own-effect controls."""
+    :class:`HydraResult` (``[b, ...]``, CPU). ``sums``: :func:`_sums` over all ``n`` prompts, for
+    the mean, σ and the own-effect controls."""
+    tokens, pos, idx, sources = rows["tokens"], rows["last_pos"], rows["index"], rows.get("pool")
     batch = clean_batch(model, tokens, last_pos=pos, extra_reads=WRITE_SITES)
     ro, b, C = batch.readout, len(pos), 2 * model.n_layers
     w = last_writes(model, batch.clean, pos)
-    sums = _sums(w) if sums is None else sums
     clean_de = (w * ro.dir).sum(-1).permute(2, 1, 0).reshape(b, C)  # c = 2 * layer + kind
     total = torch.einsum("kld,bd->blk", sums["sum"].to(w), ro.dir).reshape(b, C)
     out = {"clean_de": clean_de, "mean_write_de": total / n, "source_mean_de": (total - clean_de) / max(1, n - 1),
@@ -266,9 +261,9 @@ def _chunk_effects(model: Model, tokens: torch.Tensor, pos: torch.Tensor, idx: t
            "constant": ro.bias, "logit": ro.logit, "ml_token": ro.targets}
     repl = _replacements(model, w, idx, ablation, n_patches, n, sums, sources, noise_scale, seed)
     per = [ablate_writes(batch, pos, m, repl[m % 2, m // 2], clean_de) for m in range(C)]
-    out["ablated_de"] = torch.stack([g["direct_effect"].unflatten(0, (-1, b)).transpose(0, 1) for g in per], 1)
+    out["ablated_de"] = torch.stack([g.direct_effect.unflatten(0, (-1, b)).transpose(0, 1) for g in per], 1)
     for key in TERMS:
-        out[key] = torch.stack([g[key].unflatten(0, (-1, b)).T for g in per], 1)  # [b, C, P]
+        out[key] = torch.stack([getattr(g, key).unflatten(0, (-1, b)).T for g in per], 1)  # [b, C, P]
     return {k: v.cpu() for k, v in out.items()}
 
 
@@ -291,9 +286,7 @@ class HydraSpec(Spec):
         return {**key, "noise_draws": NOISE_DRAWS} if self.ablation == "noise" else key
 
     def compute(self, model: Model, data: PromptSet, options: RunOptions) -> HydraResult:
-        res = hydra_effect(model, data, ablation=self.ablation, n_patches=self.n_patches, seed=self.seed,
-                           max_rows=max(options.max_rows, 128), noise_scale=self.noise_scale,
-                           progress=options.progress)
+        res = effects(self, model, data, replace(options, max_rows=max(options.max_rows, 128)))
         dec = model.tokenizer.decode if model.tokenizer is not None else str
         res.meta.update(prompts=list(data.prompts), target_text=list(data.targets),
                         ml_text=[dec([int(t)]) for t in res.ml_token])

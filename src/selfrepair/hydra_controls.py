@@ -166,28 +166,40 @@ def localisation_summary(loc: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def prompt_top_share(res: HydraResult, kind: str = "attn",
-                     min_downstream: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Per (prompt, ablated attention layer with at least ``min_downstream`` later ``kind``
-    layers): the share of the later ``kind`` layers' Σ |ΔDE| (patch-averaged) carried by the
-    largest, and ``1 / k`` (the share if all ``k`` of them changed alike). Cases where nothing
-    later changes are left out."""
+def prompt_top_parts(res: HydraResult, kind: str = "attn",
+                     min_downstream: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(top [n, m], total [n, m], k [m])`` for the ``m`` ablated attention layers with at least
+    ``min_downstream`` later ``kind`` layers: per prompt, the largest |ΔDE| (patch-averaged) among
+    those later layers, their summed |ΔDE|, and how many there are (``k``)."""
     dde = res.delta_de.mean(2).abs()
     down, C = res.downstream(), dde.shape[1]
     want = KINDS.index(kind)
-    shares, uniform = [], []
+    tops, totals, ks = [], [], []
     for m in range(0, C, 2):
         cols = [c for c in range(C) if down[m, c] and c % 2 == want]
         if len(cols) < min_downstream:
             continue
         v = dde[:, m][:, cols]
-        tot = v.sum(1)
-        ok = tot > 0
-        shares.append((v.max(1).values[ok] / tot[ok]).numpy())
-        uniform.append(np.full(int(ok.sum()), 1 / len(cols)))
-    if not shares:
-        return np.array([]), np.array([])
-    return np.concatenate(shares), np.concatenate(uniform)
+        tops.append(v.max(1).values.numpy())
+        totals.append(v.sum(1).numpy())
+        ks.append(len(cols))
+    n = dde.shape[0]
+    if not ks:
+        return np.zeros((n, 0)), np.zeros((n, 0)), np.zeros(0, int)
+    return np.stack(tops, 1), np.stack(totals, 1), np.array(ks)
+
+
+def prompt_top_share(res: HydraResult, kind: str = "attn",
+                     min_downstream: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per (prompt, ablated attention layer with at least ``min_downstream`` later ``kind``
+    layers): the share of the later ``kind`` layers' Σ |ΔDE| (patch-averaged) carried by the
+    largest, and ``1 / k`` (the share if all ``k`` of them changed alike). Cases where nothing
+    later changes are left out (:func:`prompt_top_parts`)."""
+    top, total, k = prompt_top_parts(res, kind, min_downstream)
+    top, total = top.T, total.T  # ablated layer by ablated layer, prompts within
+    ok = total > 0
+    uniform = np.broadcast_to(1 / np.maximum(k, 1)[:, None], total.shape)
+    return top[ok] / total[ok], uniform[ok]
 
 
 def panel_layers(n_layers: int, k: int = 4) -> list[int]:

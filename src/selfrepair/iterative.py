@@ -27,21 +27,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .batch import TokenSet, clean_batch
+from .driver import Driver, Stage, folding
 from .errors import InputError
-from .heads import check_heads, check_tokens, token_set
+from .heads import check_heads, token_set
 from .measure import RunOptions, Spec
 from .models import Model
-from .neurons import keep_top
 from .passes import amplify_heads
-from .remote import in_session
 from .results import Result, head_label
+from .selection import TIE_RULE, keep_top
 from .structure import top_k
 
 DEFAULT_ALPHAS = (1.0, 3.0, 5.0)
@@ -83,43 +83,49 @@ def measure_iterative(model: Model, tokens: torch.Tensor | TokenSet, alphas=DEFA
                       batch_size: int = 8, control: bool = True, seed: int = 0,
                       progress: bool = True) -> IterativeResult:
     """Clean and amplified DE of every (or each listed) head over ``tokens [rows, seq]``, streamed
-    ``batch_size`` rows at a time; keeps each head's top-k% tokens by clean DE and all-token sums.
-    ``control``: also the norm-matched random push at the largest alpha (seeded by ``seed``)."""
-    alphas = check_alphas(alphas)
-    data = token_set(model, tokens)
-    check_tokens(model, data.tokens)
-    heads = check_heads(model, heads)
-    k = top_k(data.n_instances, top_percent)
+    ``batch_size`` rows at a time; keeps each head's top-k% tokens by clean DE (ties: the lower
+    token index, :data:`~selfrepair.selection.TIE_RULE`) and all-token sums. ``control``: also the
+    norm-matched random push at the largest alpha (seeded by ``seed``)."""
+    spec = AmplifySpec(alphas=check_alphas(alphas), top_percent=top_percent, control=control, seed=seed)
+    return amplify(spec, model, token_set(model, tokens), RunOptions(batch_size=batch_size, progress=progress),
+                   heads)
+
+
+def amplify(spec: "AmplifySpec", model: Model, data: TokenSet, options: RunOptions,
+            heads: list[tuple[int, int]] | None = None) -> IterativeResult:
+    """``spec`` on ``data`` through the driver: :func:`_batch_amplify` per batch, its sums and its
+    own top-k folded into the running ones (:func:`_merge`)."""
+    alphas, heads = check_alphas(spec.alphas), check_heads(model, heads)
+    run = Driver(model, data, options, key=spec.key())
+    k = top_k(data.n_instances, spec.top_percent)
     layers = sorted({l for l, _ in heads})
-    per = len(alphas) + control
-    dt = model.effect_dtype
-    state, sum_de, sum_new = None, torch.zeros(len(heads), dtype=dt), torch.zeros(len(heads), per, dtype=dt)
-    for start in tqdm(range(0, len(data), batch_size), total=-(-len(data) // batch_size),
-                      desc="amplify", disable=not progress):
-        # one request per batch on the remote path: only the heads' DEs per token come back
-        de, new, inst = in_session(model, _batch_amplify, data.tokens[start:start + batch_size],
-                                   start, heads, layers, alphas, seed if control else None)
-        sum_de += de.sum(1)
-        sum_new += new.sum(1)
-        inst = inst.expand(len(heads), -1)
-        state = keep_top(state, {"score": de, "direct_effect": de, "new_direct_effect": new,
-                                 "instance": inst}, k)
-    new = state.pop("new_direct_effect")
-    out = {key: v.contiguous() for key, v in state.items() if key != "score"}
-    out.update(new_direct_effect=new[..., :len(alphas)].contiguous(), sum_de=sum_de,
-               sum_new=sum_new[:, :len(alphas)].contiguous(), n_all=torch.tensor(data.n_instances))
-    if control:
-        out.update(control_direct_effect=new[..., -1].contiguous(), sum_control=sum_new[:, -1].contiguous())
-    meta = {**model.describe(), "top_percent": top_percent, "seq_len": data.seq_len,
-            "n_rows": len(data), "k": k}
+    state = run.run(Stage("amplify", _batch_amplify, folding(partial(_merge, k=k)),
+                          args=(heads, layers, alphas, spec.seed if spec.control else None, k)))
+    top = dict(state["top"])
+    new = top.pop("new_direct_effect")
+    out = {key: v.contiguous() for key, v in top.items() if key != "score"}
+    out.update(new_direct_effect=new[..., :len(alphas)].contiguous(), sum_de=state["sum_de"],
+               sum_new=state["sum_new"][:, :len(alphas)].contiguous(), n_all=torch.tensor(data.n_instances))
+    if spec.control:
+        out.update(control_direct_effect=new[..., -1].contiguous(),
+                   sum_control=state["sum_new"][:, -1].contiguous())
+    meta = run.meta(top_percent=spec.top_percent, seq_len=data.seq_len, n_rows=len(data), k=k)
     return IterativeResult(heads, alphas, out, tokens=data.tokens, meta=meta)
 
 
-def _batch_amplify(model: Model, tokens: torch.Tensor, start: int, heads: list, layers: list,
-                   alphas: tuple, control: int | None) -> tuple:
-    """One batch of :func:`measure_iterative`: the clean DE ``[head, instance]`` and the amplified
-    DEs ``[head, instance, alpha (+ control)]`` of ``heads`` (CPU), and the batch's instance ids."""
-    batch = clean_batch(model, tokens, start=start)
+def _merge(a: dict, b: dict, *, k: int) -> dict:
+    """Two runs' sums added and their top-k merged (rows of ``a`` first)."""
+    return {"sum_de": a["sum_de"] + b["sum_de"], "sum_new": a["sum_new"] + b["sum_new"],
+            "top": keep_top(a["top"], b["top"], k)}
+
+
+def _batch_amplify(model: Model, rows: dict, heads: list, layers: list, alphas: tuple,
+                   control: int | None, k: int) -> dict:
+    """One batch of :func:`measure_iterative` (inside its request): per head the sums over the
+    batch's instances of the clean DE ``sum_de [head]`` and of the amplified DEs ``sum_new [head,
+    alpha (+ control)]``, and the batch's own top-``k`` rows (``top``: clean DE as ``score``, the
+    amplified DEs, ``instance``), on the CPU."""
+    batch = clean_batch(model, rows["tokens"], start=rows["start"])
     des, news = [], []
     for layer in layers:
         hs = [h for l, h in heads if l == layer]
@@ -127,7 +133,10 @@ def _batch_amplify(model: Model, tokens: torch.Tensor, start: int, heads: list, 
         news.append(amplify_heads(batch, layer, hs, alphas, control))
     de = torch.cat(des).flatten(1).cpu()  # [head, instance]
     new = torch.cat(news).flatten(2).transpose(1, 2).cpu()  # [head, instance, alpha]
-    return de, new, batch.instances()
+    inst = batch.instances().expand(len(heads), -1)
+    return {"sum_de": de.sum(1), "sum_new": new.sum(1),
+            "top": keep_top(None, {"score": de, "direct_effect": de, "new_direct_effect": new,
+                                   "instance": inst}, k)}
 
 
 @dataclass(frozen=True)
@@ -142,10 +151,12 @@ class AmplifySpec(Spec):
     control: bool = True  # also a random push of the same norm at the largest alpha
     seed: int = 0  # the control's random directions
 
+    def key(self) -> dict:
+        """Also the tie rule of the top-k% selection (:data:`~selfrepair.selection.TIE_RULE`)."""
+        return {**super().key(), "ties": TIE_RULE}
+
     def compute(self, model: Model, data: TokenSet, options: RunOptions) -> IterativeResult:
-        return measure_iterative(model, data, self.alphas, top_percent=self.top_percent,
-                                 batch_size=options.batch_size, control=self.control, seed=self.seed,
-                                 progress=options.progress)
+        return amplify(self, model, data, options)
 
 
 # -- tidy frames -------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ Conventions (see ``PAPER.md``):
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -155,16 +156,21 @@ def _appendix_b_batch(model, tokens: torch.Tensor, corrupt: torch.Tensor, layer:
            "ablations": []}
     for ablation in ablations:
         got = ablate_heads(batch, layer, [h], batch.replacement(ablation)[layer])
-        out["ablations"].append({k: v[0].double().cpu() for k, v in got.items()})
+        out["ablations"].append({k: v[0].double().cpu() for k, v in got.tensors().items()})
     return out
 
 
 def appendix_b(model, tokens: torch.Tensor, head: tuple[int, int], reference_model=None,
                reference_tokens: torch.Tensor | None = None,
-               corrupt_tokens: torch.Tensor | None = None) -> pd.DataFrame:
-    """:func:`appendix_b_check` under all three ablations on ``model``'s ``head`` and, if given,
-    on the last layer's head 0 of ``reference_model`` (a parallel-residual model where it holds)."""
-    frames = [appendix_b_check(model, tokens, head, corrupt_tokens=corrupt_tokens).assign(role="this model")]
+               corrupt_tokens: torch.Tensor | None = None, batch_size: int | None = None) -> pd.DataFrame:
+    """:func:`appendix_b_check` under all three ablations on ``model``'s ``head`` (``batch_size``
+    rows at a time, ``row`` counting every row given; mean ablation uses each batch's mean) and, if
+    given, on the last layer's head 0 of ``reference_model`` (a parallel-residual model where it
+    holds)."""
+    step = len(tokens) if batch_size is None else max(1, batch_size)
+    frames = [appendix_b_check(model, tokens[i:i + step], head,
+                               corrupt_tokens=None if corrupt_tokens is None else corrupt_tokens[i:i + step])
+              .assign(role="this model").eval(f"row = row + {i}") for i in range(0, len(tokens), step)]
     if reference_model is not None:
         frames.append(appendix_b_check(reference_model, reference_tokens,
                                        (reference_model.n_layers - 1, 0)).assign(role="reference"))
@@ -190,7 +196,8 @@ def norm_share(top: pd.DataFrame, sample: pd.DataFrame | None = None) -> pd.Data
     """Per head, the share of its direct effect that the norms give back (§3.2, App. A): the mean
     over instances of ``from_norm / direct_effect`` (component "final norm"; "block norms" uses
     ``from_block_norms``, sandwich models only), clipped to [0, 1] or not, over the head's top-k%
-    instances (Fig 6/10) and over the random sample of all instances (Fig 9). Instances with
+    instances (clipped: Fig 10) and over the random sample of all instances (unclipped: Fig 9, "we
+    average across the entire distribution and do not clip"). Instances with
     ``direct_effect == 0`` are left out. Long format: one row per head x variant."""
     parts = []
     for kind, frame in (("top-k%", top), ("random sample", sample)):
@@ -208,7 +215,82 @@ def norm_share(top: pd.DataFrame, sample: pd.DataFrame | None = None) -> pd.Data
     return pd.concat(parts, ignore_index=True)
 
 
+def norm_repair(top: pd.DataFrame) -> pd.DataFrame:
+    """Fig 6 ("we measure the LayerNorm self-repair when resample ablating individual heads"):
+    per head, the mean over its top-k% instances of the final norm's self-repair in **logits**
+    (``from_norm``, component "final norm"; sandwich models also ``from_block_norms``, "block
+    norms"), with ``n`` instances. Long format: ``layer, head, label, component, self_repair, n``."""
+    parts = []
+    for component, col in (("final norm", "from_norm"), ("block norms", "from_block_norms")):
+        if component == "block norms" and not top[col].abs().gt(0).any():
+            continue
+        g = top.groupby(["layer", "head", "label"], sort=True)[col]
+        parts.append(g.agg(self_repair="mean", n="size").reset_index().assign(component=component))
+    return pd.concat(parts, ignore_index=True)
+
+
 def layer_shares(shares: pd.DataFrame) -> pd.DataFrame:
-    """Layer means of :func:`norm_share` per variant (the lines of Fig 6 / Fig 9-10)."""
+    """Layer means of :func:`norm_share` per variant (the lines of Fig 9-10)."""
     keys = ["tokens", "clipping", "component", "layer"]
     return shares.groupby(keys, sort=True)["share"].agg(share="mean", n_heads="size").reset_index()
+
+
+# -- what chapter 2's verdicts resample: per-cluster sums per head (selfrepair.uncertainty) -------
+def check_rows(clusters, n_clusters: int, max_rows: int) -> np.ndarray:
+    """The first rows of a token set, in order, until they hold ``n_clusters`` clusters (documents)
+    or ``max_rows`` rows: the rows App. B's check runs on (its interval resamples their clusters)."""
+    seen, rows = set(), []
+    for row, c in enumerate(clusters.of_row[:max_rows]):
+        if len(seen) >= n_clusters and c not in seen:
+            break
+        seen.add(int(c))
+        rows.append(row)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def head_sums(frame: pd.DataFrame, clusters, heads, values: dict) -> np.ndarray:
+    """``[cluster, head, 1 + c]`` over the rows of ``frame`` belonging to ``heads`` (a list of
+    ``(layer, head)``, in that order): each cluster's count and the sums of ``values`` (name ->
+    function of the frame giving one number per row)."""
+    index = {tuple(h): i for i, h in enumerate(heads)}
+    group = np.array([index.get((l, h), -1) for l, h in zip(frame["layer"], frame["head"])], dtype=np.int64)
+    keep = group >= 0
+    f = frame[keep]
+    cols = np.stack([np.asarray(fn(f), dtype=np.float64) for fn in values.values()], -1) if values else \
+        np.zeros((len(f), 0))
+    return clusters.sum_tokens(f["row"].to_numpy(), cols, group[keep], len(heads))
+
+
+def ratio_sums(tokens: pd.DataFrame, clusters, heads) -> dict[str, np.ndarray]:
+    """Per ablation, ``[cluster, head, 2]``: the count of each head's top-k% tokens and how many of
+    them have ``S/S' > 1`` (Fig 4's share), ``tokens`` from :func:`head_tokens`."""
+    top = tokens[tokens["tokens"] == "top-k%"]
+    return {a: head_sums(top[top["ablation"] == a], clusters, heads, {"above": lambda f: f["ratio"] > 1})
+            for a in ABLATION_ORDER if (top["ablation"] == a).any()}
+
+
+def boost_sums(top: pd.DataFrame, clusters, heads) -> np.ndarray:
+    """``[cluster, head, 3]`` on each head's top-k% tokens (the resample sweep's rows): count, the
+    sum of App. H's ``|relative_boost|`` and the sum of the direct effect."""
+    ratio = top["scale_clean"] / top["scale_ablated"]
+    return head_sums(top.assign(ratio=ratio), clusters, heads,
+                     {"boost": lambda f: relative_boost(f["ratio"], f["competitor_gap"]).abs(),
+                      "de": lambda f: f["direct_effect"]})
+
+
+def share_sums(top: pd.DataFrame, clusters, heads) -> np.ndarray:
+    """``[cluster, head, 2]``: the count of each head's top-k% tokens with a non-zero direct effect
+    and the sum of the final norm's share ``from_norm / direct_effect`` clipped to [0, 1] (Fig 10,
+    :func:`norm_share`)."""
+    f = top[top["direct_effect"] != 0]
+    return head_sums(f, clusters, heads, {"clipped": lambda g: (g["from_norm"] / g["direct_effect"]).clip(0, 1)})
+
+
+def check_sums(check: pd.DataFrame, clusters, rows) -> np.ndarray:
+    """``[cluster, ablation, 3]`` of App. B's check on this model (``rows[i]``: the token set's row
+    of the check's row ``i``): count, sum of ``|error|`` and of ``|delta_logit|`` per ablation."""
+    c = check[check["role"] == "this model"]
+    ablations = [a for a in ABLATION_ORDER if (c["ablation"] == a).any()]
+    group = c["ablation"].map({a: i for i, a in enumerate(ablations)}).to_numpy()
+    values = np.c_[c["error"].abs().to_numpy(float), c["delta_logit"].abs().to_numpy(float)]
+    return clusters.sum_tokens(np.asarray(rows)[c["row"].to_numpy()], values, group, len(ablations))

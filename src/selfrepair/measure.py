@@ -52,10 +52,14 @@ class Spec:
 
     kind: ClassVar[str] = "measurement"
     result: ClassVar[type] = Result
+    layout: ClassVar[int] = 0  # bumped when the result gains what an older entry lacks
 
     def key(self) -> dict:
-        """The spec's part of the cache key: its kind and every field (JSON-able)."""
-        return {"kind": self.kind, **json.loads(json.dumps(asdict(self), default=str))}
+        """The spec's part of the cache key: its kind, every field (JSON-able) and, once bumped,
+        the result's ``layout`` (so an entry written before a result gained a field is
+        recomputed, never misread)."""
+        key = {"kind": self.kind, **json.loads(json.dumps(asdict(self), default=str))}
+        return {**key, "layout": self.layout} if self.layout else key
 
     def compute(self, model: Model, data: Any, options: RunOptions) -> Result:  # pragma: no cover
         raise NotImplementedError
@@ -69,6 +73,8 @@ def model_identity(model: Model) -> dict:
 
     ident = {"model": model.name, "revision": model.revision, "dtype": str(model.dtype).replace("torch.", ""),
              "device_type": model.device.type, "version": __version__}
+    if model.meta.get("fold_value_biases"):  # TransformerLens's convention: other head outputs
+        ident["fold_value_biases"] = True
     if model.meta.get("revision_sha256"):
         ident["weights"] = model.meta["revision_sha256"]
     local = Path(str(model.name))
@@ -88,11 +94,26 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
+def results_root(cache_dir: str | os.PathLike) -> Path:
+    """The folder ``cache_dir`` names: as given when absolute; a relative one from the book's root
+    (the first of the working directory and its parents holding ``_toc.yml`` and ``book/``: where
+    ``selfrepair book`` runs every chapter), so a chapter run in a reader's Jupyter from ``book/``
+    reads and writes the entries ``make book`` wrote; outside a checkout, from the working directory."""
+    path = Path(cache_dir).expanduser()
+    if path.is_absolute():
+        return path
+    here = Path.cwd()
+    root = next((d for d in (here, *here.parents)
+                 if (d / "_toc.yml").is_file() and (d / "book").is_dir()), None)
+    return root / path if root is not None else path
+
+
 class Cache:
-    """Results on disk under ``root``, keyed by spec + model identity + data fingerprint."""
+    """Results on disk under ``root`` (:func:`results_root`), keyed by spec + model identity + data
+    fingerprint."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = results_root(root)
 
     def key(self, spec: Spec, model: Model, data: Any) -> dict:
         return {"spec": spec.key(), "model": model_identity(model), "data": dict(data.fingerprint)}
@@ -120,20 +141,23 @@ class Cache:
     def get(self, spec: Spec, model: Model, data: Any, options: RunOptions = RunOptions()) -> Result:
         """The result of ``spec`` on ``model`` and ``data``: loaded if cached, else computed (with
         its checkpoint beside the entry), stamped with its provenance and saved atomically."""
+        from .checkpoint import remove
         from .distributed import world
 
-        cached = self.load(spec, model, data)
-        if cached is not None:
-            return cached
         w = world(model.device)  # under torchrun: every rank computes (its shard), rank 0 writes
+        cached = self.load(spec, model, data)
+        if w.all(cached is not None):  # every rank reads it, or every rank takes part in computing it
+            return cached
         path = self.path(spec, model, data)
+        partial = path.with_name(path.name + ".partial")
         started = time.time()
-        res = spec.compute(model, data, replace(options, checkpoint=path.with_name(path.name + ".partial")))
+        res = spec.compute(model, data, replace(options, checkpoint=partial))
         res.meta.update(stamp(self.key(spec, model, data), model, options, time.time() - started,
                               world_size=w.size))
         if w.main:
             res.save(path)
-        w.barrier()
+        w.barrier()  # the entry is written before any rank's checkpoint goes
+        remove(partial, w)
         return res
 
 

@@ -7,7 +7,9 @@ App. G), measured on the logit difference ``IO − S`` at each prompt's end posi
   constant terms sum to the clean logit difference.
 - **Name movers** (:func:`select_name_movers`): among the heads whose attention from the end goes
   more to IO than to S (both of S's occurrences together; means over prompts), the ``n`` with the
-  largest mean DE on the logit difference (positive DE only); or heads given by label.
+  largest mean DE on the logit difference (positive DE only); or heads given by label. With
+  ``select_seed`` the rule reads only the prompts of one seeded half of the prompt pairs
+  (:func:`selection_prompts`), so that what the name movers do can be tested on the other half.
 - **Ablation**: the name movers' outputs (``z`` slices) at the end position together, replaced
   by their mean over the prompt set (Wang et al.'s mean ablation; here the mean over these
   prompts' end positions), by the end-position ``z`` of the prompt two on (resample: another name
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from .ablation import check_ablation
 from .batch import CleanBatch, clean_batch, source_pool
+from .driver import Driver, Stage, collect
 from .direct_effect import Readout, at_positions, last_readout
 from .intervene import run
 from .ioi import IoiPrompts
@@ -36,8 +39,8 @@ from .measure import RunOptions, Spec
 from .models import Model
 from .prompt_passes import (ablate_heads_at, clean_head_de, clean_mlp_de, end_pattern, moved_residual_de,
                             watched_pattern)
-from .remote import in_session
 from .results import Result, head_label
+from .uncertainty import Clusters
 
 
 def diff_readout(model: Model, clean, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor) -> Readout:
@@ -103,43 +106,64 @@ def select_name_movers(head_de: torch.Tensor, attn_io: torch.Tensor, attn_s: tor
     return [(int(i) // H, int(i) % H) for i in idx], found
 
 
+def pair_clusters(n: int) -> Clusters:
+    """The units of independence of ``n`` IOI prompts: one cluster per ABBA/BABA pair (the two
+    prompts of a pair share names, place, object and template, :func:`selfrepair.ioi.ioi_prompts`)."""
+    return Clusters(np.arange(int(n)) // 2, "prompt pairs")
+
+
+def selection_prompts(n: int, seed: int) -> torch.Tensor:
+    """The prompts of the selection half of the pairs (``pair_clusters(n).halves(seed)[0]``): where
+    the name movers are chosen when the test is to be made on the other half."""
+    clusters = pair_clusters(n)
+    return torch.from_numpy(np.flatnonzero(clusters.rows_of(clusters.halves(seed)[0])))
+
+
 def ioi_measure(model: Model, data: IoiPrompts, *, ablation: str = "mean", n_name_movers: int = 3,
                 name_movers: tuple[tuple[int, int], ...] = (), batch_size: int = 16,
-                progress: bool = True) -> IoiResult:
+                progress: bool = True, select_seed: int | None = None) -> IoiResult:
     """The clean pass, the name movers' ablation and the residual-moving passes (module docstring).
+    ``select_seed``: the selection rule reads only :func:`selection_prompts` (None: every prompt)."""
+    spec = IoiSpec(ablation=ablation, n_name_movers=n_name_movers,
+                   name_movers=tuple(head_label(*h) for h in name_movers), select_seed=select_seed)
+    return measure_ioi(spec, model, data, RunOptions(batch_size=batch_size, progress=progress))
 
-    Two requests per chunk of ``batch_size`` prompts on the remote path (:func:`in_session`):
-    the clean pass with its per-prompt reductions (:func:`clean_chunk`), then, once the name movers
-    are chosen from every prompt's, the ablation and residual-moving passes (:func:`ablated_chunk`,
-    which runs the chunk's clean pass again there). Only ``[b, layer, head]``-sized values and, for
-    mean ablation, each chunk's ``z`` sum at the end come back. Locally the same code, plain calls."""
-    check_ablation(ablation)
+
+def measure_ioi(spec: "IoiSpec", model: Model, data: IoiPrompts, options: RunOptions) -> IoiResult:
+    """``spec`` through the driver, two stages over the prompts (two requests per chunk of
+    ``batch_size`` prompts on the remote path): the clean pass with its per-prompt reductions
+    (:func:`clean_chunk`), then, once the name movers are chosen from every prompt's, the ablation
+    and residual-moving passes (:func:`ablated_chunk`, which runs the chunk's clean pass again
+    there; resample sources: :func:`resample_rows`). Only ``[b, layer, head]``-sized values and,
+    for mean ablation, each chunk's ``z`` sum at the end come back. Locally the same code, plain
+    calls."""
+    from .config import parse_head
+
+    check_ablation(spec.ablation)
+    run = Driver(model, data, options, key=spec.key())
     n = len(data)
-    chunks = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
-    got = [in_session(model, clean_chunk, *data.rows(idx), data.io_token[idx], data.s_token[idx],
-                      torch.stack([data.io_pos[idx], data.s1_pos[idx], data.s2_pos[idx]]), ablation == "mean")
-           for idx in tqdm(chunks, desc="IOI clean", disable=not progress)]
+    per_item = {"io": data.io_token, "s": data.s_token,
+                "at": torch.stack([data.io_pos, data.s1_pos, data.s2_pos], 1)}
+    got = run.run(Stage("IOI clean", clean_chunk, collect(summed=("z_sum",)), args=(spec.ablation == "mean",),
+                        per_item=per_item, unit="prompt"))
     out = _joined(model, got, CLEAN_KEYS)
-    found = True
-    if name_movers:
-        heads = [tuple(h) for h in name_movers]
-    else:
-        heads, found = select_name_movers(out["head_de"], out["attn_io"], out["attn_s1"] + out["attn_s2"],
-                                          n_name_movers)
+    found, heads = True, [parse_head(h) for h in spec.name_movers]
+    if not heads:
+        sel = slice(None) if spec.select_seed is None else selection_prompts(n, spec.select_seed)
+        heads, found = select_name_movers(out["head_de"][sel], out["attn_io"][sel],
+                                          (out["attn_s1"] + out["attn_s2"])[sel], spec.n_name_movers)
     layers = sorted({l for l, _ in heads})
-    mean = ({j: (sum(g["z_sum"][j] for g in got) / n)[None].to(model.dtype) for j in layers}
-            if ablation == "mean" else None)
+    mean = {j: (got["z_sum"][j] / n)[None].to(model.dtype) for j in layers} if spec.ablation == "mean" else None
     source = min(layers)
-    ab = []
-    for idx in tqdm(chunks, desc=f"{ablation} ablation, residual moving", disable=not progress):
-        src = resample_rows(data, idx) if ablation == "resample" else (None, None, None)
-        ab.append(in_session(model, ablated_chunk, *data.rows(idx), data.io_token[idx], data.s_token[idx],
-                             heads, ablation, mean, *src, source))
+    ab = run.run(Stage(f"{spec.ablation} ablation, residual moving", ablated_chunk, collect(),
+                       args=(heads, spec.ablation, mean, source),
+                       sources=resample_sources(n) if spec.ablation == "resample" else False,
+                       per_item={"io": data.io_token, "s": data.s_token}, unit="prompt"))
     return IoiResult(**out, **_joined(model, ab, ABLATED_KEYS), io_token=data.io_token.clone(),
                      name_movers=torch.tensor(heads, dtype=torch.long).reshape(-1, 2),
                      source_layer=torch.tensor(source),
-                     meta={**model.describe(), "ablation": ablation, "rule_found": found,
-                           "pinned": bool(name_movers), "n_name_movers": n_name_movers})
+                     meta=run.meta(ablation=spec.ablation, rule_found=found, pinned=bool(spec.name_movers),
+                                   n_name_movers=spec.n_name_movers, select_seed=spec.select_seed))
 
 
 CLEAN_KEYS = ("logit_diff", "head_de", "mlp_de", "attn_bias_de", "embed_de", "constant", "attn_io",
@@ -148,22 +172,28 @@ ABLATED_KEYS = ("ablated_head_de", "ablated_mlp_de", "delta_logit", "from_norm",
                 "moved_de")
 
 
+def resample_sources(n: int) -> torch.Tensor:
+    """``[n, 1]``: each prompt's resample source, the prompt two on (another name pair, as prompts
+    come in ABBA/BABA pairs)."""
+    return ((torch.arange(n) + 2) % n)[:, None]
+
+
 def resample_rows(data: IoiPrompts, idx: torch.Tensor) -> tuple:
     """Where the resample sources of prompts ``idx`` (each the prompt two on: another name pair)
     are: ``which [b]``, an index into ``idx`` followed by the sources outside the chunk, and those
     outside sources' prompts ``(tokens, end positions)`` (``None`` when every source is inside).
     A source inside the chunk is read off the chunk's own clean pass, the others need a pass of
     their own, so a chunk's request runs only the few rows past its end again
-    (:func:`~selfrepair.batch.source_pool`, as Hydra's chunks do)."""
-    pool = source_pool(data, idx, ((idx + 2) % len(data))[:, None])
+    (:func:`~selfrepair.batch.source_pool`, as Hydra's chunks do; the driver gives a chunk's request
+    this pool as ``rows["pool"]``)."""
+    pool = source_pool(data, idx, resample_sources(len(data))[idx])
     tok, pos = pool["rows"] if pool["rows"] is not None else (None, None)
     return pool["at"][:, 0], tok, pos
 
 
-def _joined(model: Model, chunks: list[dict], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The chunks' per-prompt values, concatenated in prompt order (effects in the effect dtype)."""
-    cat = {k: torch.cat([c[k] for c in chunks]) for k in keys}
-    return {k: v if k == "ml_token" else v.to(model.effect_dtype) for k, v in cat.items()}
+def _joined(model: Model, got: dict, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The per-prompt values ``keys`` of a stage (in prompt order), effects in the effect dtype."""
+    return {k: got[k] if k == "ml_token" else got[k].to(model.effect_dtype) for k in keys}
 
 
 def _clean(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor,
@@ -175,14 +205,14 @@ def _clean(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Tensor,
     return batch, ml
 
 
-def clean_chunk(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor,
-                at: torch.Tensor, with_z_sum: bool) -> dict[str, torch.Tensor]:
+def clean_chunk(model: Model, rows: dict, with_z_sum: bool) -> dict[str, torch.Tensor]:
     """One chunk's clean pass (the attention from the end watched in it) and its per-prompt
     reductions ``[b, ...]`` (on the CPU): every head's, MLP layer's, output bias's and the
     embeddings' DE on the logit difference, the constant terms, the logit difference, the top
-    token, the attention from the end to ``at = [IO, S1, S2] positions [3, b]``; with
+    token, the attention from the end to ``rows["at"]`` (IO, S1, S2 positions ``[b, 3]``); with
     ``with_z_sum``, every layer's ``z`` at the end summed over the chunk ``[layer, n_heads*d_head]``
     (fp64: the mean ablation's numerator)."""
+    tok, pos, io, s, at = rows["tokens"], rows["last_pos"], rows["io"], rows["s"], rows["at"].T
     batch, ml = _clean(model, tok, pos, io, s, watch=end_pattern(model, pos), watch_sites=("pattern",))
     ro, L = batch.readout, model.n_layers
     bias = [model.attn_out_bias(j) for j in range(L)]
@@ -201,27 +231,27 @@ def clean_chunk(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Te
     return out
 
 
-def ablated_chunk(model: Model, tok: torch.Tensor, pos: torch.Tensor, io: torch.Tensor, s: torch.Tensor,
-                  heads: list[tuple[int, int]], ablation: str, mean: dict[int, torch.Tensor] | None,
-                  which: torch.Tensor | None, src_tok: torch.Tensor | None, src_pos: torch.Tensor | None,
-                  source: int) -> dict:
+def ablated_chunk(model: Model, rows: dict, heads: list[tuple[int, int]], ablation: str,
+                  mean: dict[int, torch.Tensor] | None, source: int) -> dict:
     """One chunk's clean pass again, ``heads`` ablated together at the end (:func:`ablate_heads_at`;
-    ``mean[layer]`` the mean ablation's ``z``; resample: :func:`resample_rows`' ``which``,
-    ``src_tok``, ``src_pos``) and every layer from ``source`` on reading the residual that entered
+    ``mean[layer]`` the mean ablation's ``z``; resample: each prompt's source from ``rows["pool"]``,
+    :func:`resample_rows`) and every layer from ``source`` on reading the residual that entered
     ``source`` (:func:`moved_residual_de`). Per prompt ``[b, ...]`` on the CPU: the ablated head and
     MLP DEs, eq. 1's terms, ``moved_de`` (NaN before ``source``)."""
+    tok, pos, io, s = rows["tokens"], rows["last_pos"], rows["io"], rows["s"]
     batch, _ = _clean(model, tok, pos, io, s)
     L, H = model.n_layers, model.n_heads
     layers = sorted({l for l, _ in heads})
     if ablation == "mean":
         repl = {j: mean[j].to(model.device) for j in layers}
     elif ablation == "resample":
-        repl = _resampled(batch, pos, layers, which, src_tok, src_pos)
+        src_tok, src_pos = rows["pool"]["rows"] or (None, None)
+        repl = _resampled(batch, pos, layers, rows["pool"]["at"][:, 0], src_tok, src_pos)
     else:
         repl = {j: torch.zeros(1, H * model.d_head, dtype=model.dtype, device=model.device) for j in layers}
     got = ablate_heads_at(batch, pos, heads, repl)
-    out = {"ablated_head_de": got["head_de"].permute(2, 0, 1).cpu(), "ablated_mlp_de": got["mlp_de"].T.cpu(),
-           **{k: got[k].cpu() for k in ("delta_logit", "from_norm", "from_block_norms")}}
+    out = {"ablated_head_de": got.head_de.permute(2, 0, 1).cpu(), "ablated_mlp_de": got.mlp_de.T.cpu(),
+           **{k: getattr(got, k).cpu() for k in ("delta_logit", "from_norm", "from_block_norms")}}
     moved = torch.full((len(pos), L, H), float("nan"), dtype=model.effect_dtype)
     for target in range(source, L):
         moved[:, target] = moved_residual_de(batch, pos, source, target).T.cpu()
@@ -253,13 +283,10 @@ class IoiSpec(Spec):
     ablation: str = "mean"  # what replaces the name movers' outputs at the end
     n_name_movers: int = 3  # how many heads the selection rule takes
     name_movers: tuple[str, ...] = ()  # pinned heads (labels); empty: the selection rule
+    select_seed: int | None = None  # the rule reads one seeded half of the prompt pairs (None: every prompt)
 
     def compute(self, model: Model, data: IoiPrompts, options: RunOptions) -> IoiResult:
-        from .config import parse_head
-
-        res = ioi_measure(model, data, ablation=self.ablation, n_name_movers=self.n_name_movers,
-                          name_movers=tuple(parse_head(h) for h in self.name_movers),
-                          batch_size=options.batch_size, progress=options.progress)
+        res = measure_ioi(self, model, data, options)
         res.meta.update(prompts=list(data.texts), names=list(data.names), dropped=list(data.dropped))
         return res
 
@@ -316,4 +343,5 @@ def backups(heads: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 __all__ = ["IoiResult", "IoiSpec", "ablated_chunk", "backups", "clean_chunk", "diff_readout", "head_frame",
-           "ioi_measure", "moved_gain", "repair_frame", "select_name_movers"]
+           "ioi_measure", "measure_ioi", "moved_gain", "pair_clusters", "repair_frame", "select_name_movers",
+           "selection_prompts"]

@@ -14,12 +14,20 @@ sequential block). In sandwich
 models the change of the layer's norm scale ``s`` is not a neuron's and is left out here (it is in
 ``from_block_norms`` of the head decomposition).
 
-Memory stays bounded: per featured head and per *selection* the top-k% instances (``top_percent``,
-at most ``max_instances``) are kept by a streamed running top-k, each with its full neuron vectors:
+Per featured head and per *selection* every one of the top-k% instances (``top_percent``; an
+optional ``max_instances`` caps them at the highest, off by default) is kept by a streamed running
+top-k, each with its full neuron vectors (clean DE and change, ``2 x d_mlp`` floats):
 
 - ``"direct_effect"``: the head's top-k% tokens by clean DE (§4.2: Fig 8, App. C Fig 11-14);
 - ``"self_repair"``: the tokens where the head is self-repaired most (eq. 1; §4.2.2);
 - ``"mlp_repair"``: the tokens where layer ``L`` repairs most (its summed neuron ``delta``; Fig 7).
+
+Memory, for the ``paper`` profile (1M tokens of Pythia-160M in rows of 128: 7,813 rows x 127 =
+992,251 instances; top 2% = 19,846 per head and selection; ``d_mlp`` = 3,072, fp32): 19,846 x 2 x
+3,072 x 4 B = 0.49 GB per head and selection, 2.9 GB for its two heads (L10H11, L7H8) and three
+selections, twice that at the moment a batch's rows are merged in — within a GPU machine's memory,
+so the paper's full 2% is kept, not a sample. (A cap of 2,048, the earlier default, kept the top
+~0.2% there.) The saved entry is the same 2.9 GB.
 
 Each batch is one request on the remote path (:func:`_batch_neurons`): it is given each
 selection's current ``k``-th best score per head (:func:`kth_best`) and returns only the rows that
@@ -30,22 +38,23 @@ merge (:func:`keep_top`) happens here, with the same result as merging every row
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import CleanBatch, TokenSet, clean_batch, mean_z
+from .batch import CleanBatch, TokenSet, clean_batch
 from .direct_effect import neuron_effects
 from .errors import InputError
-from .heads import check_heads, check_token_set, check_tokens, token_set
+from .driver import Driver, Fold, Stage
+from .heads import check_heads, token_set
 from .measure import RunOptions, Spec
 from .models import Model
 from .passes import ablate_heads
-from .remote import in_session
 from .results import Result, head_label
+from .selection import TIE_RULE, entrants, keep_top, kth_best, take  # noqa: F401 - re-exported
 from .structure import reads, top_k
 
 SELECTIONS = ("direct_effect", "self_repair", "mlp_repair")
@@ -86,40 +95,6 @@ def last_upstream_layer(model: Model, neuron_layer: int | None = None) -> int:
     return L if upstream(model, L, L) else L - 1
 
 
-def take(rows: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx [head, m]`` of each ``[head, n, ...]`` tensor of ``rows``, per head."""
-    return {key: v.gather(1, idx.view(*idx.shape, *([1] * (v.dim() - 2))).expand(-1, -1, *v.shape[2:]))
-            for key, v in rows.items()}
-
-
-def keep_top(state: dict | None, new: dict, k: int) -> dict:
-    """Merge ``new`` into ``state`` (dicts of ``[head, n, ...]``), keeping per head the ``k`` largest
-    ``score`` (a streamed running top-k; also used by :mod:`selfrepair.iterative`)."""
-    if state is not None:
-        new = {key: torch.cat([state[key], new[key]], 1) for key in new}
-    return take(new, new["score"].topk(min(k, new["score"].shape[1]), dim=1).indices)
-
-
-def kth_best(state: dict | None, k: int, n_heads: int) -> torch.Tensor:
-    """Per head the ``k``-th best ``score`` a running top-k (:func:`keep_top`) holds ``[head]``:
-    what a new row must reach to enter it; ``-inf`` while it holds fewer than ``k``."""
-    if state is None or state["score"].shape[1] < k:
-        return torch.full((n_heads,), -float("inf"))
-    return state["score"].min(1).values
-
-
-def entrants(rows: dict, score: torch.Tensor, floor: torch.Tensor, k: int) -> dict:
-    """The rows of ``rows`` (``[head, n, ...]``) that can still enter a running top-``k`` whose
-    ``k``-th best score per head is ``floor [head]`` (:func:`kth_best`): per head its ``m`` best by
-    ``score [head, n]``, with ``m`` the most rows any head has scoring at least its floor (NaN too:
-    ``topk`` ranks it first), at most ``k``. Every row that could enter is among them, so
-    :func:`keep_top` of the state and these equals it of the state and all ``rows``; only these
-    leave the server."""
-    reach = ~(score < floor.to(score.device, score.dtype)[:, None])
-    m = min(k, int(reach.sum(1).max()))
-    return take(rows, score.topk(m, dim=1).indices)
-
-
 def resolve_neuron_layer(model: Model, neuron_layer: int | None) -> int:
     L = model.n_layers - 1 if neuron_layer is None else neuron_layer + (model.n_layers if neuron_layer < 0 else 0)
     if not 0 <= L < model.n_layers:
@@ -128,55 +103,53 @@ def resolve_neuron_layer(model: Model, neuron_layer: int | None) -> int:
     return L
 
 
+def check_dense_mlp(model: Model) -> None:
+    """Neurons are those of one dense MLP layer; a mixture-of-experts model is refused."""
+    if model.adapter.moe:
+        raise InputError(
+            f"{model.name} has mixture-of-experts MLPs: the paper's neurons (§4.2) are the hidden "
+            "units of one dense MLP layer, while here each token's MLP is a few routed experts "
+            "whose choice the ablation itself can change, so this library defines no neurons for "
+            "it; every other chapter takes its MLP's write whole.")
+
+
 def measure_neurons(model: Model, tokens: torch.Tensor | TokenSet, heads: list[tuple[int, int]], *,
                     ablation: str = "resample", top_percent: float = 2.0, batch_size: int = 8,
-                    neuron_layer: int | None = None, max_instances: int = 2048,
+                    neuron_layer: int | None = None, max_instances: int | None = None,
                     progress: bool = True) -> NeuronResult:
     """Clean and ablated DE of every neuron of MLP layer ``neuron_layer`` (default last) for each
     head in ``heads``, on each selection's top-k% instances of ``tokens [rows, seq]`` (a tensor,
-    resampled from its rows rolled by one, or a :class:`~selfrepair.batch.TokenSet`)."""
+    resampled from its rows rolled by one, or a :class:`~selfrepair.batch.TokenSet`): all of them,
+    or the highest ``max_instances`` when given."""
     check_ablation(ablation)
-    data = token_set(model, tokens)
-    check_tokens(model, data.tokens)
-    L = resolve_neuron_layer(model, neuron_layer)
-    heads = check_heads(model, heads)
-    if not heads:
-        raise InputError("no heads to measure: pass at least one (layer, head)")
-    bad = [head_label(*h) for h in heads if not upstream(model, h[0], L)]
-    if bad:
-        raise InputError(f"heads {bad} are not upstream of MLP layer {L} (parallel residual: the same "
-                         "layer's MLP does not read its heads): pick earlier heads")
-    check_token_set(model, data, ablation)  # resample sources: valid ids, the rows' own shape
-    seq1 = data.seq_len - 1
-    k = min(max_instances, top_k(data.n_instances, top_percent))
-    mz = mean_z(model, data, batch_size) if ablation == "mean" else None
-    states: dict[str, dict | None] = {s: None for s in SELECTIONS}
-    for start in tqdm(range(0, len(data), batch_size), desc="neurons", disable=not progress):
-        rows = slice(start, start + batch_size)
-        corrupt = data.corrupt_tokens[rows] if ablation == "resample" else None
-        floors = {sel: kth_best(states[sel], k, len(heads)) for sel in SELECTIONS}
-        # one request per batch on the remote path: only the rows that can enter the top-k come back
-        got = in_session(model, _batch_neurons, data.tokens[rows], corrupt, start, ablation, mz,
-                         heads, L, floors, k)
-        for sel in SELECTIONS:
-            states[sel] = keep_top(states[sel], {**got[sel], "score": got[sel][SCORE_OF[sel]]}, k)
-    rec = data.record()
-    return NeuronResult(heads, L, {f"{sel}/{key}": v.contiguous() for sel, st in states.items()
-                                   for key, v in st.items()},
-                        tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
-                        meta={**model.describe(), "ablation": ablation, "top_percent": top_percent,
-                              "seq_len": data.seq_len, "n_rows": len(data), "k": k,
-                              "capped": k < top_k(len(data) * seq1, top_percent)})
+    spec = NeuronSpec(heads=tuple(check_heads(model, heads)), ablation=ablation, top_percent=top_percent,
+                      neuron_layer=neuron_layer, max_instances=max_instances)
+    return spec.compute(model, token_set(model, tokens), RunOptions(batch_size=batch_size, progress=progress))
 
 
-def _batch_neurons(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
-                   ablation: str, mz: torch.Tensor | None, heads: list[tuple[int, int]], L: int,
-                   floors: dict[str, torch.Tensor], k: int) -> dict:
-    """One batch of :func:`measure_neurons` (rows ``start .. start + len(tokens)``, resample
-    sources ``corrupt``): per selection only the :func:`entrants` of its running top-``k`` given
-    ``floors[sel]`` (each head's ``k``-th best score so far) among the batch's rows
-    (:func:`neuron_rows`), on the CPU."""
-    batch = clean_batch(model, tokens, corrupt, start=start, neuron_layers=(L,))
+def _merge(a: dict | None, b: dict | None, *, k: int) -> dict | None:
+    """Two runs' running top-``k`` of every selection joined (``a``'s rows first)."""
+    if b is None:
+        return a
+    return {sel: keep_top(None if a is None else a[sel], b[sel], k) for sel in SELECTIONS}
+
+
+def _floors(state: dict | None, k: int, n_heads: int) -> dict[str, torch.Tensor]:
+    """What a row must reach to enter each selection's running top-``k`` (per head)."""
+    return {sel: kth_best(None if state is None else state[sel], k, n_heads) for sel in SELECTIONS}
+
+
+def _scored(out: dict) -> dict:
+    """A batch's entrants of each selection with their ``score``."""
+    return {sel: {**out[sel], "score": out[sel][SCORE_OF[sel]]} for sel in SELECTIONS}
+
+
+def _batch_neurons(model: Model, rows: dict, ablation: str, mz: torch.Tensor | None,
+                   heads: list[tuple[int, int]], L: int, floors: dict[str, torch.Tensor], k: int) -> dict:
+    """One batch of :func:`measure_neurons` (inside its request): per selection only the
+    :func:`~selfrepair.selection.entrants` of its running top-``k`` given ``floors[sel]`` (each
+    head's ``k``-th best score so far) among the batch's rows (:func:`neuron_rows`), on the CPU."""
+    batch = clean_batch(model, rows["tokens"], rows["corrupt"], start=rows["start"], neuron_layers=(L,))
     new = neuron_rows(batch, heads, L, batch.replacement(ablation, mz))
     return {sel: {key: v.cpu() for key, v in entrants(new, new[SCORE_OF[sel]], floors[sel], k).items()}
             for sel in SELECTIONS}
@@ -196,8 +169,8 @@ def neuron_rows(batch: CleanBatch, heads: list[tuple[int, int]], L: int, repl: t
     for layer in sorted({l for l, _ in heads}):
         hs = [h for l, h in heads if l == layer]
         out = ablate_heads(batch, layer, hs, repl[layer], neuron_layer=L)
-        delta = neuron_effects(model, out["neurons"], dm, L) - clean_n[:, None]  # [d_mlp, k, b, p]
-        q = {name: out[name] for name in SCALARS[:4]}
+        delta = neuron_effects(model, out.neurons, dm, L) - clean_n[:, None]  # [d_mlp, k, b, p]
+        q = {name: getattr(out, name) for name in SCALARS[:4]}
         q["layer_clean"] = layer_clean.expand_as(q["direct_effect"])
         q["layer_delta"] = delta.sum(0)
         q = {name: v.flatten(1) for name, v in q.items()}  # [k, instance]
@@ -220,13 +193,43 @@ class NeuronSpec(Spec):
     ablation: str = "resample"
     top_percent: float = 2.0  # per head and selection, the top k% of tokens kept
     neuron_layer: int | None = None  # None: the last MLP layer
-    max_instances: int = 2048  # cap on the tokens kept per head and selection (memory)
+    max_instances: int | None = None  # None: every top-k% token; an int keeps only the highest (memory)
+
+    def key(self) -> dict:
+        """Also the tie rule of the top-k% selections (:data:`~selfrepair.selection.TIE_RULE`)."""
+        return {**super().key(), "ties": TIE_RULE}
 
     def compute(self, model: Model, data: TokenSet, options: RunOptions) -> NeuronResult:
-        return measure_neurons(model, data, list(self.heads), ablation=self.ablation,
-                               top_percent=self.top_percent, batch_size=options.batch_size,
-                               neuron_layer=self.neuron_layer, max_instances=self.max_instances,
-                               progress=options.progress)
+        """The driver runs :func:`_batch_neurons` on every batch, given each selection's current
+        ``k``-th best scores; what comes back is merged into the running top-k (:func:`_merge`)."""
+        check_ablation(self.ablation)
+        check_dense_mlp(model)
+        L = resolve_neuron_layer(model, self.neuron_layer)
+        heads = check_heads(model, self.heads)
+        if not heads:
+            raise InputError("no heads to measure: pass at least one (layer, head)")
+        bad = [head_label(*h) for h in heads if not upstream(model, h[0], L)]
+        if bad:
+            raise InputError(f"heads {bad} are not upstream of MLP layer {L} (parallel residual: the same "
+                             "layer's MLP does not read its heads): pick earlier heads")
+        if self.max_instances is not None and self.max_instances < 1:
+            raise InputError(f"max_instances must be at least 1 (or None: every top-k% token), got "
+                             f"{self.max_instances}")
+        run = Driver(model, data, options, key=self.key(), sources=self.ablation == "resample")
+        k = top_k(data.n_instances, self.top_percent)
+        k = k if self.max_instances is None else min(self.max_instances, k)
+        mz = run.mean_z() if self.ablation == "mean" else None
+        merge = partial(_merge, k=k)
+        states = run.run(Stage("neurons", _batch_neurons, Fold(lambda s, out, items: merge(s, _scored(out)), merge),
+                               args=lambda s: (self.ablation, mz, heads, L, _floors(s, k, len(heads)), k),
+                               sources=self.ablation == "resample"))
+        rec = run.record()
+        return NeuronResult(heads, L, {f"{sel}/{key}": v.contiguous() for sel, st in states.items()
+                                       for key, v in st.items()},
+                            tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
+                            meta=run.meta(ablation=self.ablation, top_percent=self.top_percent,
+                                          seq_len=data.seq_len, n_rows=len(data), k=k,
+                                          capped=k < top_k(data.n_instances, self.top_percent)))
 
 
 # -- tidy frames (plain torch/pandas over a NeuronResult) --------------------------------------

@@ -14,27 +14,29 @@ several copies (heads, scales, patches) along the batch, and stops at the final 
 full-vocabulary logits: the target's centered unembedding row is gathered instead). Every pass is
 one call of :func:`selfrepair.intervene.run`, the only function that traces the model.
 
-Signs: ``delta = ablated - clean``; direct effects at the clean scales (final norm ``S``; the
-block norms' ``s`` in sandwich models); ``from_norm = u . n(r') (1/S' - 1/S)`` and
-``from_block_norms = (dir * g) . a' (1/s' - 1/s)`` computed directly, never as remainders.
+Every pass returns eq. 2's terms as a typed :class:`~selfrepair.terms.Terms` (:class:`HeadAblation`,
+:class:`WriteAblation`), each term computed in :mod:`selfrepair.terms` (signs ``delta = ablated -
+clean``; direct effects at the clean scales; the norms' terms computed directly, never as
+remainders).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .ablation import patch_heads
 from .batch import CleanBatch
-from .direct_effect import block_scales, head_effects
+from .direct_effect import head_effects
 from .errors import InputError, check_finite
 from .intervene import run
-from .models import Model
 from .structure import reads
+from .terms import Terms, block_scales, component_terms, final_terms, sum_terms
 
 WRITE_SITES = ("attn_write", "mlp_write")
+CAPPED = "delta_logit_capped"  # Δlogit after a soft-capped model's final cap (Gemma-2)
 # What ``ablate_heads(freeze=...)`` holds at the clean run (None: nothing, the live ablation):
 FREEZE = ("norms", "final_norm", "components")
 
@@ -42,15 +44,6 @@ FREEZE = ("norms", "final_norm", "components")
 def _resume(batch: CleanBatch, layer: int, copies: int) -> torch.Tensor | None:
     """The clean residual entering block ``layer``, repeated for ``copies`` stacked copies."""
     return batch.clean.reads["block"][layer - 1].repeat(copies, 1, 1) if layer > 0 else None
-
-
-def _block_norm_term(model: Model, batch: CleanBatch, kind: str, j: int, raw: torch.Tensor,
-                     direction: torch.Tensor, clean_scale: torch.Tensor) -> torch.Tensor:
-    """``(direction * g) . a' (1/s' - 1/s)`` of block ``j``'s ``kind`` norm for raw outputs ``a'``."""
-    norm_path = model.adapter.post_attn_norm if kind == "attn" else model.adapter.post_mlp_norm
-    s_new = block_scales(model, kind, raw[None], range(j, j + 1))[0]
-    gain = model.norm_gain(model.module(norm_path, j))
-    return (raw * direction * gain).sum(-1) * (1 / s_new - 1 / clean_scale)
 
 
 def check_freeze(freeze: str | None) -> None:
@@ -87,13 +80,30 @@ def _freeze_plan(batch: CleanBatch, layer: int, k: int, freeze: str | None) -> d
     return plan
 
 
+@dataclass
+class HeadAblation(Terms):
+    """:func:`ablate_heads`' result: eq. 2's :class:`~selfrepair.terms.Terms` (``delta_de``: the
+    head's own ΔDE) and the head's clean and ablated direct effects, every tensor ``[head, batch,
+    pos-1]``; ``neurons [head, batch, pos-1, d_mlp]`` when asked for."""
+
+    direct_effect: torch.Tensor  # the head's clean direct effect
+    ablated_direct_effect: torch.Tensor  # its direct effect with its output replaced
+    scale_ablated: torch.Tensor  # the final-norm scale of the ablated residual (what a live norm divides by)
+    neurons: torch.Tensor | None = None  # the ablated neuron activations of ``neuron_layer``
+    delta_logit_capped: torch.Tensor | None = None  # soft-capped models (Gemma-2): Δlogit after the cap
+
+
+# Which watched piece of :func:`selfrepair.terms.component_terms` is which term of eq. 2.
+PIECES = {("attn", "delta"): "from_heads", ("mlp", "delta"): "from_mlps",
+          ("attn", "block"): "from_block_norms", ("mlp", "block"): "from_block_norms"}
+
+
 def ablate_heads(batch: CleanBatch, layer: int, heads: Sequence[int], repl: torch.Tensor, *,
-                 neuron_layer: int | None = None, freeze: str | None = None) -> dict[str, torch.Tensor]:
+                 neuron_layer: int | None = None, freeze: str | None = None) -> HeadAblation:
     """Ablate ``heads`` of ``layer`` (one stacked pass); every quantity ``[head, batch, pos-1]``.
 
     ``repl`` is the replacement ``z`` of this layer (``[batch or 1, pos or 1, n_heads*d_head]``).
-    With ``neuron_layer`` the ablated neuron activations of that MLP layer are returned too
-    (``"neurons"``, ``[head, batch, pos-1, d_mlp]``).
+    With ``neuron_layer`` the ablated neuron activations of that MLP layer are returned too.
 
     ``freeze`` (:data:`FREEZE`, see :func:`_freeze_plan`) holds part of the model at the clean run
     while the heads are ablated; ``delta_logit`` is then read from that pass's own final-norm
@@ -102,6 +112,8 @@ def ablate_heads(batch: CleanBatch, layer: int, heads: Sequence[int], repl: torc
     ``"components"`` gives ``from_heads = from_mlps = 0`` (computed, not set). So in every mode
     ``self_repair = from_heads + from_mlps + from_norm + from_block_norms``. ``scale_ablated`` is
     always the final-norm scale of the ablated residual (what a live norm would divide by).
+    A soft-capped model (Gemma-2) also gets ``delta_logit_capped``: the change of the centered
+    logit after its final cap (``delta_logit`` is before it, the linear quantity eq. 2 sums to).
     """
     check_freeze(freeze)
     model, ro, clean = batch.model, batch.readout, batch.clean
@@ -109,74 +121,58 @@ def ablate_heads(batch: CleanBatch, layer: int, heads: Sequence[int], repl: torc
     k, b = len(heads), batch.rows
     clean_normed = model.acc(clean.final_normed[:, :-1])
     plan = _freeze_plan(batch, layer, k, freeze)
-    frozen_blocks = freeze == "norms"
-
-    # Both run inside the trace and return per-token reductions, which are all that comes back.
-    def watch(site: str, j: int, value: torch.Tensor) -> dict | None:
-        if site == "neurons":
-            return {"neurons": value[:, :-1].unflatten(0, (k, b))} if j == neuron_layer else None
-        kind = site  # "attn" | "mlp"
-        if kind == "mlp" and not reads(model.parallel_residual, "attn", layer, "mlp", j):
-            return None
-        v = model.acc(value[:, :-1]).unflatten(0, (k, b))
-        clean_v = model.acc(clean.reads[kind][j][:, :-1])
-        terms = {}
-        if kind == "mlp" or j > layer:  # the ablated layer's own change is the head's ΔDE
-            terms["from_heads" if kind == "attn" else "from_mlps"] = (
-                (v - clean_v) * ro.write_dir(model, kind, j)).sum(-1)
-        if model.sandwich and not frozen_blocks:
-            s_old = (ro.attn_scale if kind == "attn" else ro.mlp_scale)[j]
-            terms["from_block_norms"] = _block_norm_term(model, batch, kind, j, v, ro.dir, s_old)
-        return terms
-
     frozen_final = "freeze_final" in plan
 
     def final(resid: torch.Tensor, normed: torch.Tensor) -> dict[str, torch.Tensor]:
-        resid = model.acc(resid[:, :-1]).unflatten(0, (k, b))
-        scale_new = model.norm_scale(model.module(model.adapter.final_norm), resid)
-        normed = model.acc(normed[:, :-1]).unflatten(0, (k, b))
-        from_norm = (torch.zeros_like(scale_new) if frozen_final else
-                     (ro.d * resid).sum(-1) * (1 / scale_new - 1 / ro.scale))
-        return {"delta_logit": (ro.u * (normed - clean_normed)).sum(-1), "from_norm": from_norm,
-                "scale_ablated": scale_new}
+        stacked = [model.acc(x[:, :-1]).unflatten(0, (k, b)) for x in (resid, normed)]
+        out = final_terms(model, ro.u, ro.d, ro.scale, *stacked, clean_normed, frozen=frozen_final)
+        if model.logit_softcap is not None:  # the same change after the final soft-cap
+            out[CAPPED] = (model.capped_logit(stacked[1], ro.targets.expand(k, -1, -1))
+                           - model.capped_logit(clean_normed, ro.targets))
+        return out
 
     sites = ("attn", "mlp") + (("neurons",) if neuron_layer is not None else ())
     p = run(model, batch.tokens.repeat(k, 1), start_layer=layer, resume=_resume(batch, layer, k),
-            watch=watch, watch_sites=sites, final=final, freeze=plan.get("freeze"),
-            freeze_final=plan.get("freeze_final"),
+            watch=_head_watch(batch, layer, k, neuron_layer, block_norms=freeze != "norms"),
+            watch_sites=sites, final=final, freeze=plan.get("freeze"), freeze_final=plan.get("freeze_final"),
             edits={("z", layer): lambda z: patch_heads(model, z, heads, repl, b), **plan["edits"]})
-    acc = defaultdict(lambda: torch.zeros(k, b, batch.seq1, device=model.device, dtype=model.effect_dtype))
-    saved = {}
-    for terms in p.watched.values():  # in the order the pass met them, as a running sum would
-        for name, t in terms.items():
-            if name == "neurons":
-                saved[name] = t
-            else:
-                acc[name] += t
-    da = ro.write_dir(model, "attn", layer)
+    zero = torch.zeros(k, b, batch.seq1, device=model.device, dtype=model.effect_dtype)
     de_clean = batch.head_de(layer)[heads]
-    de_new = head_effects(model, repl.expand_as(clean.reads["z"][layer])[:, :-1], da, layer)[heads]
-    out = {
-        "direct_effect": de_clean,
-        "ablated_direct_effect": de_new,
-        "delta_logit": p.final["delta_logit"],
-        "from_heads": acc["from_heads"],
-        "from_mlps": acc["from_mlps"],
-        "from_norm": p.final["from_norm"],
-        "from_block_norms": acc["from_block_norms"],
-        "scale_ablated": p.final["scale_ablated"],
-    }
-    out["self_repair"] = out["delta_logit"] - (de_new - de_clean)
-    check_finite(out, f"ablating L{layer} heads {heads}", model.name, model.dtype)
-    if "neurons" in saved:
-        out["neurons"] = saved["neurons"]
+    de_new = head_effects(model, repl.expand_as(clean.reads["z"][layer])[:, :-1],
+                          ro.write_dir(model, "attn", layer), layer)[heads]
+    out = HeadAblation(delta_logit=p.final["delta_logit"], delta_de=de_new - de_clean,
+                       **sum_terms(p.watched, zero, PIECES), from_norm=p.final["from_norm"],
+                       direct_effect=de_clean, ablated_direct_effect=de_new,
+                       scale_ablated=p.final["scale"],
+                       neurons=p.watched.get(("neurons", neuron_layer), {}).get("neurons"),
+                       delta_logit_capped=p.final.get(CAPPED))
+    check_finite(out.tensors(), f"ablating L{layer} heads {heads}", model.name, model.dtype)
     return out
+
+
+def _head_watch(batch: CleanBatch, layer: int, k: int, neuron_layer: int | None, block_norms: bool):
+    """:func:`ablate_heads`' ``watch``: each downstream component's terms (the ablated layer's own
+    attention change is the heads' ΔDE, not ``from_heads``), the neurons of ``neuron_layer``. It
+    runs inside the trace and returns per-token reductions, which are all that comes back."""
+    model, ro, clean, b = batch.model, batch.readout, batch.clean, batch.rows
+
+    def watch(site: str, j: int, value: torch.Tensor) -> dict | None:
+        if site == "neurons":
+            return {"neurons": value[:, :-1].unflatten(0, (k, b))} if j == neuron_layer else None
+        if site == "mlp" and not reads(model.parallel_residual, "attn", layer, "mlp", j):
+            return None
+        v = model.acc(value[:, :-1]).unflatten(0, (k, b))
+        before = None if site == "attn" and j == layer else model.acc(clean.reads[site][j][:, :-1])
+        return component_terms(model, site, j, v, ro.dir, ro.block_scale(site, j), before,
+                               block_norms=block_norms)
+    return watch
 
 
 def head_writes(batch: CleanBatch, layer: int) -> torch.Tensor:
     """Each head's clean write to the residual stream ``[head, batch, pos, d_model]``: ``z_h @ W_O[h]``
     (value bias included, ``b_O`` not); in sandwich models ``g * (z_h @ W_O[h]) / s`` with the
-    clean post-attention scale ``s`` — the head's share of the block's write."""
+    clean post-attention scale ``s``, times the write scale in granite — the head's share of the
+    block's write."""
     model, clean = batch.model, batch.clean
     zh = model.acc(clean.reads["z"][layer]).unflatten(-1, (model.n_heads, model.d_head))
     w = torch.einsum("bphk,hkd->hbpd", zh, model.head_out_weight(layer))
@@ -184,7 +180,7 @@ def head_writes(batch: CleanBatch, layer: int) -> torch.Tensor:
         norm = model.module(model.adapter.post_attn_norm, layer)
         s = block_scales(model, "attn", clean.reads["attn"][layer][None], range(layer, layer + 1))[0]
         w = w * model.norm_gain(norm) / s[..., None]
-    return w
+    return w * model.write_scale if model.write_scale != 1.0 else w
 
 
 def random_like(w: torch.Tensor, seed: int, layer: int, head: int, start: int) -> torch.Tensor:
@@ -231,44 +227,44 @@ def amplify_heads(batch: CleanBatch, layer: int, heads: list[int], alphas: tuple
     return new.unflatten(0, (len(heads), per))
 
 
-def ablate_writes(batch: CleanBatch, pos: torch.Tensor, component: int, repl: torch.Tensor,
-                  clean_de: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Replace component ``component``'s write (``c = 2 * layer + (0 attention, 1 MLP)``) at each
-    row's position ``pos`` by ``repl [P * batch, d_model]`` (``P`` patches, patch-major rows).
+@dataclass
+class WriteAblation(Terms):
+    """:func:`ablate_writes`' result per (patch, row) ``[P * batch]``: eq. 2's terms (``delta_de``:
+    the replaced write's own ΔDE) and ``direct_effect [.., C]``, every component's direct effect
+    at the clean scales after the patch (``clean_de`` for those the pass does not run; in sandwich
+    models a block's raw output read through its clean block-norm scale, so the block norms'
+    scale changes are ``from_block_norms``, not in it)."""
 
-    Returns, per ``(patch, row)`` (``[P * batch]`` leading dim): ``direct_effect [.., C]`` of every
-    component at the clean scales (``clean_de [batch, C]`` for those the pass does not run), the
-    total effect ``delta_logit``, ``from_norm`` and ``from_block_norms`` (sandwich models: the
-    downstream block norms' scale changes, which ``direct_effect`` does not contain — it reads each
-    block's raw output through its clean block-norm scale)."""
-    model, ro = batch.model, batch.readout
+    direct_effect: torch.Tensor
+
+
+def ablate_writes(batch: CleanBatch, pos: torch.Tensor, component: int, repl: torch.Tensor,
+                  clean_de: torch.Tensor) -> WriteAblation:
+    """Replace component ``component``'s write (``c = 2 * layer + (0 attention, 1 MLP)``) at each
+    row's position ``pos`` by ``repl [P * batch, d_model]`` (``P`` patches, patch-major rows) and
+    read every later component's direct effect there. ``clean_de [batch, C]``: every component's
+    clean direct effect."""
+    model, ro, clean, b = batch.model, batch.readout, batch.clean, batch.rows
     layer, kind = divmod(component, 2)
-    P = len(repl) // batch.rows
+    P = len(repl) // b
     rows = torch.arange(len(repl), device=model.device)
     pos = pos.repeat(P).to(model.device)
     dr = ro.dir.repeat(P, 1)
-    de = clean_de.to(model.device).repeat(P, 1)
-    block = torch.zeros(len(repl), device=model.device, dtype=model.effect_dtype)
+    clean_normed = model.acc(clean.final_normed[rows % b, pos])
 
-    # Both run inside the trace and return only each row's patched position, which is all that
-    # comes back.
+    # Both run inside the trace and return each row's terms at its patched position, which are
+    # all that comes back.
     def watch(site: str, j: int, value: torch.Tensor) -> dict | None:
-        c = 2 * j + (0 if site == "attn" else 1)
-        if c <= component:  # the ablated write itself is replaced after its norm; earlier ones unchanged
+        if 2 * j + (site == "mlp") <= component:  # the replaced write itself, or unchanged
             return None
-        raw = model.acc(value[rows, pos])
-        direction, terms = dr, {}
-        if model.sandwich:
-            scale = (ro.attn_scale if site == "attn" else ro.mlp_scale)[j].repeat(P)
-            norm = model.module(model.adapter.post_attn_norm if site == "attn"
-                                else model.adapter.post_mlp_norm, j)
-            terms["block"] = _block_norm_term(model, batch, site, j, raw, dr, scale)
-            direction = dr * model.norm_gain(norm) / scale[:, None]
-        terms["de"] = (raw * direction).sum(-1)
-        return terms
+        scale = ro.block_scale(site, j)
+        return component_terms(model, site, j, model.acc(value[rows, pos]), dr,
+                               None if scale is None else scale.repeat(P),
+                               model.acc(clean.reads[site][j][rows % b, pos]), absolute=True)
 
-    def final(resid: torch.Tensor, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return model.acc(resid[rows, pos]), model.acc(normed[rows, pos])
+    def final(resid: torch.Tensor, normed: torch.Tensor) -> dict[str, torch.Tensor]:
+        return final_terms(model, ro.u.repeat(P, 1), ro.d.repeat(P, 1), ro.scale.repeat(P),
+                           model.acc(resid[rows, pos]), model.acc(normed[rows, pos]), clean_normed)
 
     def edit(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
@@ -278,16 +274,14 @@ def ablate_writes(batch: CleanBatch, pos: torch.Tensor, component: int, repl: to
     a = run(model, batch.tokens.repeat(P, 1), start_layer=layer, resume=_resume(batch, layer, P),
             watch=watch, watch_sites=("attn", "mlp"), final=final,
             edits={(WRITE_SITES[kind], layer): edit})
+    de = clean_de.to(model.device).repeat(P, 1)
     for (site, j), terms in a.watched.items():  # in the order the pass met them
-        de[:, 2 * j + (0 if site == "attn" else 1)] = terms["de"]
-        if "block" in terms:
-            block = block + terms["block"]
+        de[:, 2 * j + (site == "mlp")] = terms["de"]
     de[:, component] = (model.acc(repl) * dr).sum(-1)
-    resid, normed = a.final
-    scale = model.norm_scale(model.module(model.adapter.final_norm), resid)
-    logit = (ro.u.repeat(P, 1) * normed).sum(-1) + model.centered_unembed_bias(ro.targets).repeat(P)
-    out = {"direct_effect": de, "delta_logit": logit - ro.logit.repeat(P),
-           "from_norm": (ro.d.repeat(P, 1) * resid).sum(-1) * (1 / scale - 1 / ro.scale.repeat(P)),
-           "from_block_norms": block}
-    check_finite(out, f"ablating component {component}", model.name, model.dtype)
+    zero = torch.zeros(len(repl), device=model.device, dtype=model.effect_dtype)
+    out = WriteAblation(delta_logit=a.final["delta_logit"],
+                        delta_de=de[:, component] - clean_de[:, component].to(de).repeat(P),
+                        **sum_terms(a.watched, zero, PIECES), from_norm=a.final["from_norm"],
+                        direct_effect=de)
+    check_finite(out.tensors(), f"ablating component {component}", model.name, model.dtype)
     return out

@@ -13,12 +13,14 @@
   ablating all of them) and read its heads' direct effects at ``pos``.
 
 Direct effects use the batch's readout (``batch.readout``: its direction may be any linear
-readout, e.g. ``u_IO − u_S``) at the clean scales; ``delta = ablated − clean``; ``from_norm =
-u . n(r') (1/S' − 1/S)`` and ``from_block_norms`` are computed directly, so that
-``delta_logit = Σ ΔDE_heads + Σ ΔDE_mlps + from_norm + from_block_norms`` is an identity.
+readout, e.g. ``u_IO − u_S``) at the clean scales; eq. 2's terms are computed in
+:mod:`selfrepair.terms`, so that ``delta_logit = delta_de + from_heads + from_mlps + from_norm +
+from_block_norms`` is an identity.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +29,8 @@ from .batch import CleanBatch
 from .direct_effect import at_positions, head_effects
 from .errors import check_finite
 from .intervene import run
-from .passes import _block_norm_term
+from .passes import PIECES
+from .terms import Terms, component_terms, final_terms, sum_terms
 
 
 def _resid_entering(batch: CleanBatch, layer: int) -> torch.Tensor:
@@ -35,15 +38,22 @@ def _resid_entering(batch: CleanBatch, layer: int) -> torch.Tensor:
     return batch.clean.embed if layer == 0 else batch.clean.reads["block"][layer - 1]
 
 
+@dataclass
+class GroupAblation(Terms):
+    """:func:`ablate_heads_at`'s result per row ``[b]``: eq. 2's terms (``delta_de``: the ablated
+    heads' own ΔDEs summed) and every head's and MLP layer's direct effect after the ablation."""
+
+    head_de: torch.Tensor  # [layer, head, b] (clean values for layers before the first ablated one)
+    mlp_de: torch.Tensor  # [layer, b]
+
+
 def ablate_heads_at(batch: CleanBatch, pos: torch.Tensor, heads: list[tuple[int, int]],
-                    repl: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+                    repl: dict[int, torch.Tensor]) -> GroupAblation:
     """Ablate ``heads`` (``(layer, head)`` pairs) at each row's position ``pos [b]``, together.
 
     ``repl[layer]`` is that layer's replacement ``z`` at ``pos``, ``[b or 1, n_heads*d_head]``
-    (only the ablated heads' slices are used). Returns ``head_de [layer, head, b]`` and
-    ``mlp_de [layer, b]`` after the ablation (clean values for layers before the first ablated
-    one), ``delta_logit [b]`` (the readout's real change), ``from_norm`` and ``from_block_norms``.
-    The batch needs the reads ``z``, ``mlp``, ``block`` and ``embed`` (``clean_batch`` has them)."""
+    (only the ablated heads' slices are used). The batch needs the reads ``z``, ``attn``, ``mlp``,
+    ``block`` and ``embed`` (``clean_batch`` has them)."""
     model, ro = batch.model, batch.readout
     if not heads:
         raise ValueError("ablate_heads_at needs at least one head")
@@ -51,63 +61,57 @@ def ablate_heads_at(batch: CleanBatch, pos: torch.Tensor, heads: list[tuple[int,
     rows = torch.arange(b, device=model.device)
     pos = pos.to(model.device)
     first = min(layer for layer, _ in heads)
-    by_layer: dict[int, list[int]] = {}
-    for layer, h in heads:
-        by_layer.setdefault(layer, []).append(h)
-
-    def edit_for(layer: int):
-        def edit(z: torch.Tensor) -> torch.Tensor:
-            z = z.clone()
-            r = repl[layer].to(z.device, z.dtype).expand(b, -1)
-            for h in by_layer[layer]:
-                sl = head_slice(model, h)
-                z[rows, pos, sl] = r[:, sl]
-            return z
-        return edit
+    clean_normed = model.acc(at_positions(batch.clean.final_normed, pos))
 
     def watch(site: str, j: int, value: torch.Tensor) -> dict:
         v = model.acc(value[rows, pos])  # [b, ...] the end position only
         if site == "z":
             return {"heads": head_effects(model, v, ro.write_dir(model, "attn", j), j)}
-        out = {}
-        if site == "mlp":
-            out["de"] = (v * ro.write_dir(model, "mlp", j)).sum(-1)
-        if model.sandwich:
-            s_old = (ro.attn_scale if site == "attn" else ro.mlp_scale)[j]
-            out["block"] = _block_norm_term(model, batch, site, j, v, ro.dir, s_old)
-        return out
+        own = site == "attn" and j == first  # every change there is an ablated head's own
+        return component_terms(model, site, j, v, ro.dir, ro.block_scale(site, j),
+                               None if own else model.acc(at_positions(batch.clean.reads[site][j], pos)),
+                               absolute=site == "mlp")
 
-    def final(resid: torch.Tensor, normed: torch.Tensor) -> dict:
-        return {"resid": model.acc(resid[rows, pos]), "normed": model.acc(normed[rows, pos])}
+    def final(resid: torch.Tensor, normed: torch.Tensor) -> dict[str, torch.Tensor]:
+        return final_terms(model, ro.u, ro.d, ro.scale, model.acc(resid[rows, pos]),
+                           model.acc(normed[rows, pos]), clean_normed)
 
     p = run(model, batch.tokens, start_layer=first,
             resume=batch.clean.reads["block"][first - 1] if first > 0 else None,
             watch=watch, watch_sites=("z", "attn", "mlp"), final=final,
-            edits={("z", layer): edit_for(layer) for layer in by_layer})
-    head_de = clean_head_de(batch, pos)
-    mlp_de = clean_mlp_de(batch, pos)
-    block = torch.zeros(b, device=model.device, dtype=model.effect_dtype)
+            edits={("z", layer): _patch_at(batch, pos, layer, [h for l, h in heads if l == layer], repl[layer])
+                   for layer in sorted({l for l, _ in heads})})
+    clean_heads = clean_head_de(batch, pos)
+    head_de, mlp_de = clean_heads.clone(), clean_mlp_de(batch, pos)
     for (site, j), terms in p.watched.items():  # in the order the pass met them
         if "heads" in terms:
             head_de[j] = terms["heads"]
         if "de" in terms:
             mlp_de[j] = terms["de"]
-        if "block" in terms:
-            block = block + terms["block"]
-    norm = model.module(model.adapter.final_norm)
-    scale = model.norm_scale(norm, p.final["resid"])
-    logit = (ro.u * p.final["normed"]).sum(-1) + _unembed_bias(model, ro)
-    out = {"head_de": head_de, "mlp_de": mlp_de, "delta_logit": logit - ro.logit,
-           "from_norm": (ro.d * p.final["resid"]).sum(-1) * (1 / scale - 1 / ro.scale),
-           "from_block_norms": block}
-    check_finite(out, f"ablating heads {heads} at the end position", model.name, model.dtype)
+    own = torch.stack([head_de[l, h] - clean_heads[l, h] for l, h in heads])  # [head, b]
+    later = torch.tensor([l > first for l, _ in heads], device=own.device)  # inside their layer's attention change
+    terms = sum_terms(p.watched, torch.zeros(b, device=model.device, dtype=model.effect_dtype), PIECES)
+    out = GroupAblation(delta_logit=p.final["delta_logit"], delta_de=own.sum(0),
+                        from_heads=terms["from_heads"] - own[later].sum(0), from_mlps=terms["from_mlps"],
+                        from_norm=p.final["from_norm"], from_block_norms=terms["from_block_norms"],
+                        head_de=head_de, mlp_de=mlp_de)
+    check_finite(out.tensors(), f"ablating heads {heads} at the end position", model.name, model.dtype)
     return out
 
 
-def _unembed_bias(model, ro) -> torch.Tensor:
-    """The readout's unembedding-bias term: ``ro.bias`` less the final norm's bias term."""
-    b = model.norm_bias(model.module(model.adapter.final_norm))
-    return ro.bias - (0.0 if b is None else ro.u @ b)
+def _patch_at(batch: CleanBatch, pos: torch.Tensor, layer: int, heads: list[int], repl: torch.Tensor):
+    """The edit of ``layer``'s ``z`` replacing ``heads``' slices at each row's ``pos`` by ``repl``."""
+    model, b = batch.model, batch.rows
+    rows = torch.arange(b, device=model.device)
+
+    def edit(z: torch.Tensor) -> torch.Tensor:
+        z = z.clone()
+        r = repl.to(z.device, z.dtype).expand(b, -1)
+        for h in heads:
+            sl = head_slice(model, h)
+            z[rows, pos, sl] = r[:, sl]
+        return z
+    return edit
 
 
 def clean_head_de(batch: CleanBatch, pos: torch.Tensor) -> torch.Tensor:
@@ -168,5 +172,5 @@ def moved_residual_de(batch: CleanBatch, pos: torch.Tensor, source: int, target:
     return head_effects(model, z, ro.write_dir(model, "attn", target), target)
 
 
-__all__ = ["ablate_heads_at", "attention_from", "clean_head_de", "clean_mlp_de", "end_pattern",
+__all__ = ["GroupAblation", "ablate_heads_at", "attention_from", "clean_head_de", "clean_mlp_de", "end_pattern",
            "moved_residual_de", "watched_pattern"]

@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import pandas as pd
 import torch
@@ -53,23 +53,19 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write ``tensors`` + ``meta`` to ``path`` atomically, with a checksum.
-
-    A failing write (``OSError``: disk full, permission denied, ...) removes its temporary file,
-    leaves whatever was at ``path`` untouched and raises :class:`ResultWriteError` naming the path.
-    """
-    from safetensors.torch import save_file
-
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place: a reader
+    sees the old file or the whole new one, never part of one. The file gets the umask's
+    permissions (results are meant to be shared). A failing write (``OSError``: disk full,
+    permission denied, ...) removes its temporary file, leaves whatever was at ``path`` untouched
+    and raises :class:`ResultWriteError` naming the path."""
     path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {"meta": json.dumps(meta, sort_keys=True, default=str), "sha256": _digest(tensors)}
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
-        save_file(tensors, tmp, metadata=header)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
@@ -82,6 +78,15 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write ``tensors`` + ``meta`` to ``path`` atomically (:func:`atomic_write`), with a checksum."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"meta": json.dumps(meta, sort_keys=True, default=str), "sha256": _digest(tensors)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -205,6 +210,7 @@ class SelfRepairResult(Result):
     corrupt_tokens: torch.Tensor | None = None  # [batch, seq] their resample sources
     ablation: str = "resample"
     heads: list = field(default_factory=list)
+    delta_logit_capped: torch.Tensor | None = None  # soft-capped models: Δlogit after the final cap
 
     @property
     def delta_direct_effect(self) -> torch.Tensor:
@@ -220,7 +226,7 @@ class SelfRepairResult(Result):
             b, p = keep.nonzero(as_tuple=True)
             frame = {"layer": layer, "head": head, "label": head_label(layer, head),
                      "batch": b.numpy(), "pos": p.numpy()}
-            for q in HEAD_QUANTITIES:
+            for q in self._per_head_fields():
                 frame[q] = getattr(self, q)[layer, head][b, p].numpy()
             frame["scale_clean"] = self.scale_clean[b, p].numpy()
             frame["logit"] = self.logit[b, p].numpy()
@@ -233,7 +239,7 @@ class SelfRepairResult(Result):
     def per_head(self, mask: torch.Tensor | None = None) -> pd.DataFrame:
         """Per-head means (over the tokens in ``mask``, default all) — one row per head."""
         df = self.to_frame(mask)
-        cols = list(HEAD_QUANTITIES) + ["delta_direct_effect", "logit"]
+        cols = list(self._per_head_fields()) + ["delta_direct_effect", "logit"]
         out = df.groupby(["layer", "head", "label"], sort=True)[cols].mean().reset_index()
         out["n_tokens"] = df.groupby(["layer", "head"], sort=True).size().to_numpy()
         return out
@@ -241,7 +247,11 @@ class SelfRepairResult(Result):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The listed heads' rows only (unlisted heads are NaN; :meth:`load` restores them)."""
         layer, head = _head_index(self.heads)
-        return {q: t[layer, head] if q in HEAD_QUANTITIES else t for q, t in super().tensors().items()}
+        per_head = self._per_head_fields()
+        return {q: t[layer, head] if q in per_head else t for q, t in super().tensors().items()}
+
+    def _per_head_fields(self) -> tuple[str, ...]:
+        return HEAD_QUANTITIES + (("delta_logit_capped",) if self.delta_logit_capped is not None else ())
 
     def attributes(self) -> dict:
         return {**super().attributes(), "head_grid": list(self.direct_effect.shape[:2])}
@@ -250,7 +260,7 @@ class SelfRepairResult(Result):
     def _restore(cls, tensors: dict, attrs: dict, meta: dict):
         grid = attrs.pop("head_grid")
         layer, head = _head_index([tuple(h) for h in attrs.get("heads", [])])
-        for q in HEAD_QUANTITIES:
+        for q in (q for q in (*HEAD_QUANTITIES, "delta_logit_capped") if q in tensors):
             full = torch.full((*grid, *tensors[q].shape[1:]), float("nan"), dtype=tensors[q].dtype)
             full[layer, head] = tensors[q]
             tensors[q] = full

@@ -92,10 +92,13 @@ def architecture(model) -> dict:
     key/value heads than query heads)."""
     cfg = model.hf.config
     kv = getattr(cfg, "num_key_value_heads", None) or model.n_heads
-    return {"name": model.name, "family": model.adapter.family, "n_layers": model.n_layers,
+    a = model.adapter
+    return {"name": model.name, "family": a.family, "n_layers": model.n_layers,
             "n_heads": model.n_heads, "parallel": bool(model.parallel_residual),
-            "sandwich": bool(model.sandwich),
-            "norm": "LayerNorm" if model.adapter.norm == "layernorm" else "RMSNorm", "gqa": kv < model.n_heads}
+            "sandwich": bool(model.sandwich), "output_norms": a.post_attn_norm is not None and a.attn_norm is None,
+            "norm": "LayerNorm" if a.norm == "layernorm" else "RMSNorm", "gqa": kv < model.n_heads,
+            "write_scale": model.write_scale, "logit_scale": model.logit_scale,
+            "softcap": model.logit_softcap, "experts": a.moe}
 
 
 def architecture_markdown(model) -> str:
@@ -116,6 +119,22 @@ def architecture_markdown(model) -> str:
                  "the residual stream (post-attention and post-feedforward norms, often called "
                  "*sandwich* norms). Their scales are frozen at the clean run like the final norm's, "
                  "and their change under an ablation is one more term of eq. 2, `from_block_norms`.")
+    if a["output_norms"]:
+        text += (" It has no norm in front of attention or the MLP: both read the residual stream "
+                 "itself, and only what they write is normalized.")
+    if a["write_scale"] != 1.0:
+        text += (f" Every write to the residual stream is multiplied by {a['write_scale']:g} (and the "
+                 "embedding by its own multiplier): a head's direct effect includes that factor.")
+    if a["logit_scale"] != 1.0:
+        text += (f" Its logits are the unembedding's output times {a['logit_scale']:g}; every logit and "
+                 "direct effect here includes that factor.")
+    if a["softcap"] is not None:
+        text += (f" It soft-caps its final logits, `{a['softcap']:g} tanh(x / {a['softcap']:g})`: the "
+                 "logit measured here is `x`, the centered logit before the cap — the linear quantity "
+                 "the direct effects sum to (the Δlogit after the cap is reported beside it).")
+    if a["experts"]:
+        text += (" Its MLPs are mixtures of experts: each MLP's write is taken whole (which experts a "
+                 "token uses can change under an ablation), and it has no neurons of one MLP.")
     if a["gqa"]:
         text += (" Several query heads share one key/value head, so a head is ablated through its slice "
                  "of the attention output's input, never through the shared values.")

@@ -15,45 +15,40 @@ tokens:
 
 Each row's resample source is fixed for the whole token set (from another document, see
 :func:`selfrepair.data.resample_sources`), so the numbers do not depend on ``batch_size`` and a
-lone last row is measured like any other. After every batch the state is written atomically
-beside the result; an interrupted run started again resumes from it (at the same row, whatever
-the batch size) and produces the same numbers as an uninterrupted one. Per-token rows are stored
+lone last row is measured like any other. A head's top instances are chosen by
+:data:`~selfrepair.selection.TIE_RULE` (equal DEs: the lower token index first), so the selection
+does not depend on the batch size or on the number of processes either. Per-token rows are stored
 sorted by (kind, layer, head, instance), whatever the batch size.
 
-Under ``torchrun --nproc-per-node N`` (:mod:`selfrepair.distributed`) rank ``r`` measures the
-contiguous rows ``World.shard``: pass 1 merges exactly (the global top-k of every rank's top-k
-candidates, summed ``z``, the gaps of every row), pass 2 runs on each shard alone, and the sums,
-counts and per-token rows are merged at the end; every rank returns the same :class:`Sweep` and
-only rank 0 writes it. Each rank checkpoints its own shard (``<checkpoint>.rank<r>-of-<N>``); a
-restart with the same N resumes every shard where its last checkpoint left it. A restart with
-another number of processes (one included) finds checkpoints it cannot use and refuses with a
-message saying how to resume, rather than silently starting again.
+Both passes are stages of the measurement driver (:mod:`selfrepair.driver`), which checkpoints,
+resumes, shards under ``torchrun`` (pass 1 merges exactly: the global top-k of every rank's top-k
+candidates, summed ``z``, the gaps of every row; pass 2's sums, counts and per-token rows are
+merged at the end; every rank returns the same :class:`Sweep`, rank 0 writes it) and retries a
+batch that runs out of memory with fewer rows. What the sweep supplies: the two per-batch
+functions of :mod:`selfrepair.sweep_batch` and their folds (:func:`_candidates`, :func:`_add_rows`).
 """
 
 from __future__ import annotations
 
-import re
-import sys
-import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
 from .ablation import check_ablation
-from .batch import TokenSet, tensor_digest
-from .distributed import World, world
+from .batch import TokenSet, token_set
+from .checkpoint import remove
+from .distributed import world
+from .driver import Driver, Fold, Stage, plus
 from .errors import InputError
-from .interrupt import graceful
 from .measure import RunOptions, Spec
 from .models import Model
-from .heads import check_token_set, token_set
-from .remote import in_session
-from .results import CorruptResultError, Result, head_label, load_tensors, save_tensors
+from .results import Result, head_label
+from .selection import TIE_RULE, ranked
 from .structure import top_k
-from .sweep_batch import COLUMNS, KIND_SAMPLE, KIND_TOP, ablated_sums, clean_summary
+from .sweep_batch import COLUMNS, KIND_SAMPLE, KIND_TOP, ROW_COLUMNS, ablated_sums, clean_summary
 from .sweep_batch import competitor, competitor_gap  # noqa: F401 - the sweep's own quantities
 
 SAMPLE_SIZE = 5000  # the paper's Fig 3: 5,000 individual tokens of the distribution
@@ -71,6 +66,8 @@ class Sweep(Result):
     tok_values: torch.Tensor  # [n, column]
     tokens: torch.Tensor | None = None  # [rows, seq] the rows measured
     corrupt_tokens: torch.Tensor | None = None  # [rows, seq] their resample sources
+    sum_row: torch.Tensor | None = None  # [rows, layer, head, ROW_COLUMNS] each row's sums
+    main_document: torch.Tensor | None = None  # [rows] the document holding most of each row (None: unknown)
 
     @property
     def n_layers(self) -> int:
@@ -126,55 +123,93 @@ class SweepSpec(Spec):
 
     kind = "sweep"
     result = Sweep
+    layout = 2  # 2: per-row sums (sum_row) and each row's main document; older entries lack them
 
     ablation: str = "resample"  # what replaces each head's output
     top_percent: float = 2.0  # per head, the top k% of tokens by clean direct effect
     sample_size: int = SAMPLE_SIZE  # instances kept per head for per-token views (uniform sample)
     seed: int = 0  # which instances the sample holds
 
+    def key(self) -> dict:
+        """Also the tie rule of the top-k% selection (:data:`~selfrepair.selection.TIE_RULE`)."""
+        return {**super().key(), "ties": TIE_RULE}
+
     def compute(self, model: Model, data: TokenSet, options: RunOptions) -> Sweep:
-        return run_sweep(model, data, ablation=self.ablation, top_percent=self.top_percent,
-                         sample_size=self.sample_size, seed=self.seed, batch_size=options.batch_size,
-                         max_rows=options.max_rows, checkpoint=options.checkpoint,
-                         progress=options.progress)
+        """The driver's two stages (module docstring): :func:`thresholds`, then
+        :func:`~selfrepair.sweep_batch.ablated_sums` on every batch, its sums added and its
+        per-token rows kept (:func:`_add_rows`)."""
+        check_ablation(self.ablation)
+        if self.sample_size < 0:
+            raise InputError(f"sample_size must be >= 0, got {self.sample_size}")
+        run = Driver(model, data, options, key=self.key(), sources=self.ablation == "resample")
+        n_inst, seq1 = data.n_instances, data.seq_len - 1
+        top_idx, mean_z, gaps = thresholds(run, top_k(n_inst, self.top_percent), self.ablation == "mean")
+        g = torch.Generator().manual_seed(self.seed)
+        sample = torch.randperm(n_inst, generator=g)[:min(self.sample_size, n_inst)].sort().values
+        got = run.run(Stage(f"{self.ablation} sweep", ablated_sums, Fold(_add_rows, _join_rows),
+                            args=(self.ablation, mean_z, top_idx, sample), sources=self.ablation == "resample",
+                            per_item={"gap": gaps.view(len(data), seq1)}))
+        index, values = torch.cat(got["tok_index"]), torch.cat(got["tok_values"])
+        order = _canonical_order(index, model.n_layers, model.n_heads, n_inst)
+        rec = run.record()
+        return Sweep(got["sum_all"].float(), got["sum_top"].float(), n_inst, got["n_top"], index[order],
+                     values[order], tokens=rec["tokens"], corrupt_tokens=rec.get("corrupt_tokens"),
+                     sum_row=torch.cat(got["sum_row"]), main_document=data.main_document,
+                     meta=run.meta(ablation=self.ablation, top_percent=self.top_percent, seed=self.seed,
+                                   sample_size=self.sample_size, seq_len=data.seq_len, n_rows=len(data),
+                                   n_tokens=int(data.tokens.numel()), same_document_sources=data.same_document))
 
 
-def thresholds(model: Model, data: TokenSet, k: int, batch_size: int, *, with_mean_z: bool,
-               progress: bool, world: World = World()
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Pass 1: each head's top-``k`` instance indices ``[layer, head, k]`` by clean DE, the mean ``z``
-    over all tokens (when needed) and every instance's ``competitor_gap`` ``[n_instances]``.
+def _candidates(a: dict | None, b: dict | None, *, k: int) -> dict | None:
+    """Two runs' clean-pass states joined (``a``'s rows first): each head's top-``k`` candidates
+    ``v`` (clean DE), ``i`` (instance) under :data:`~selfrepair.selection.TIE_RULE`, the
+    competitor gaps of every row in order, the ``z`` sums added."""
+    parts = [p for p in (a, b) if p is not None]
+    if not parts:
+        return None
+    v, i = torch.cat([p["v"] for p in parts], -1), torch.cat([p["i"] for p in parts], -1)
+    top = ranked(v, i, k)
+    return {"v": v.gather(-1, top), "i": i.gather(-1, top), "gap": [g for p in parts for g in p["gap"]],
+            "z_sum": plus(parts[0]["z_sum"], parts[-1]["z_sum"] if len(parts) > 1 else None)}
 
-    With several processes each rank runs the clean pass on its own rows (``world.shard``) and
-    the results are merged exactly: the global top-``k`` is the top-``k`` of every rank's top-``k``
-    candidates, ``z`` sums are added, the gaps are concatenated in row order (the same on every rank)."""
-    L, H = model.n_layers, model.n_heads
-    lo, hi = world.shard(len(data))
-    best_v = torch.full((L, H, 0), -float("inf"))
-    best_i = torch.zeros((L, H, 0), dtype=torch.long)
-    z_sum, runner = None, [torch.zeros(0)]
-    for start in tqdm(range(lo, hi, batch_size), total=-(-(hi - lo) // batch_size),
-                      desc="clean pass", disable=not progress):
-        stop = min(hi, start + batch_size)  # one request per batch on the remote path
-        c = in_session(model, clean_summary, data.tokens[start:stop], start, with_mean_z)
-        v = torch.cat([best_v, c["de"]], -1)
-        i = torch.cat([best_i, c["instances"].expand(L, H, -1)], -1)
-        top = v.topk(min(k, v.shape[-1]), dim=-1)
-        best_v, best_i = top.values, i.gather(-1, top.indices)
-        runner.append(c["competitor_gap"])
-        if with_mean_z:
-            z_sum = c["z_sum"] if z_sum is None else z_sum + c["z_sum"]
-    runner = torch.cat(runner)
-    if world.size > 1:
-        parts = world.gather((best_v, best_i, z_sum, runner))
-        v, i = torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
-        top = v.topk(min(k, v.shape[-1]), dim=-1)
-        best_i = i.gather(-1, top.indices)
-        sums = [p[2] for p in parts if p[2] is not None]
-        z_sum = None if not sums else sum(sums[1:], sums[0])
-        runner = torch.cat([p[3] for p in parts])
-    mean_z = None if z_sum is None else (z_sum / data.tokens.numel())[:, None, None].float()
-    return best_i.sort(-1).values, mean_z, runner
+
+def _first_pass(out: dict) -> dict:
+    """One batch's :func:`~selfrepair.sweep_batch.clean_summary` as a clean-pass state."""
+    v = out["de"]
+    return {"v": v, "i": out["instances"].expand(*v.shape[:2], -1), "gap": [out["competitor_gap"]],
+            "z_sum": out.get("z_sum")}
+
+
+def thresholds(run: Driver, k: int, with_mean_z: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Pass 1 (the driver's stage "clean pass"): each head's top-``k`` instance indices ``[layer,
+    head, k]`` (sorted) by clean DE, ties to the lower instance index, the mean ``z`` over all
+    tokens (when ``with_mean_z``) and every instance's ``competitor_gap`` ``[n_instances]``. Each
+    batch's clean DEs are merged into the running top-``k`` as they come; under torchrun the ranks'
+    candidates are merged the same way (exact: :data:`~selfrepair.selection.TIE_RULE` is a total
+    order), the gaps joined in row order, the ``z`` sums added."""
+    merge = partial(_candidates, k=k)
+    state = run.run(Stage("clean pass", clean_summary, Fold(lambda s, out, items: merge(s, _first_pass(out)), merge),
+                          args=(with_mean_z,)))
+    mean_z = None if state["z_sum"] is None else (state["z_sum"] / run.data.tokens.numel())[:, None, None].float()
+    return state["i"].sort(-1).values, mean_z, torch.cat(state["gap"])
+
+
+def _add_rows(state: dict | None, out: dict, items: torch.Tensor) -> dict:
+    """One batch of pass 2 folded in: its sums added, its per-row sums and per-token rows kept (one
+    chunk each; the rows are contiguous and folded in order, so the chunks are in row order)."""
+    part = {k: out[k] for k in ("sum_all", "sum_top", "n_top")}
+    part["sum_row"] = [out["sum_row"]]
+    part["tok_index"] = [torch.cat(out["index"]) if out["index"] else torch.zeros(0, 4, dtype=torch.long)]
+    part["tok_values"] = [torch.cat(out["values"]) if out["values"] else torch.zeros(0, len(COLUMNS))]
+    return _join_rows(state, part)
+
+
+def _join_rows(a: dict | None, b: dict | None) -> dict | None:
+    """Two runs' pass-2 states (``a``'s rows first): sums and counts added, per-row sums and
+    per-token rows joined (lists of chunks)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return {k: a[k] + b[k] for k in ("sum_all", "sum_top", "n_top", "sum_row", "tok_index", "tok_values")}
 
 
 def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = "resample",
@@ -191,142 +226,18 @@ def run_sweep(model: Model, tokens: torch.Tensor | TokenSet, *, ablation: str = 
     """
     check_ablation(ablation)
     data = token_set(model, tokens, corrupt_tokens)
-    check_token_set(model, data, ablation)
-    if batch_size < 1 or max_rows < 1 or sample_size < 0:
-        raise InputError(f"batch_size and max_rows must be positive and sample_size >= 0, got "
-                         f"{batch_size}, {max_rows}, {sample_size}")
-    L, H = model.n_layers, model.n_heads
-    n_inst = data.n_instances
-    k = top_k(n_inst, top_percent)
-    w = world(model.device)
-    lo, hi = w.shard(len(data))
-    progress = progress and w.main
+    spec = SweepSpec(ablation=ablation, top_percent=top_percent, sample_size=sample_size, seed=seed)
     path = None if path is None else Path(path)
     base = Path(checkpoint) if checkpoint is not None else (
         None if path is None else path.with_name(path.name + ".partial"))
-    state_path = None if base is None else shard_checkpoint(base, w)
-    _refuse_other_world_sizes(base, w)
-    ident = {"ablation": ablation, "top_percent": top_percent, "seed": seed, "sample_size": sample_size,
-             "data": tensor_digest(data.tokens, data.corrupt_tokens if ablation == "resample" else None),
-             "model": model.name}
-    if w.size > 1:
-        ident.update(world_size=w.size, rank=w.rank, rows=[lo, hi])
-    state = _load_state(state_path, ident)
-    if state is not None:
-        print(f"selfrepair: {_who(w)}resuming {ablation} sweep at row {int(state['next_row'])} of "
-              f"rows {lo}..{hi} from {state_path}", file=sys.stderr)
-    if not w.all(state is not None):  # pass 1 is collective: every rank takes part
-        top_idx, mean_z, runner = thresholds(model, data, k, batch_size, with_mean_z=ablation == "mean",
-                                             progress=progress, world=w)
-    if state is None:
-        g = torch.Generator().manual_seed(seed)
-        sample = torch.randperm(n_inst, generator=g)[:min(sample_size, n_inst)].sort().values
-        state = {"top_idx": top_idx, "sample": sample, "competitor_gap": runner, "next_row": torch.tensor(lo),
-                 "sum_all": torch.zeros(L, H, len(COLUMNS), dtype=torch.float64),
-                 "sum_top": torch.zeros(L, H, len(COLUMNS), dtype=torch.float64),
-                 "n_top": torch.zeros(L, H, dtype=torch.long),
-                 "tok_index": torch.zeros(0, 4, dtype=torch.long),
-                 "tok_values": torch.zeros(0, len(COLUMNS))}
-        if mean_z is not None:
-            state["mean_z"] = mean_z
-    done = int(state["next_row"])
-    bar = tqdm(total=hi - lo, initial=done - lo, desc=f"{_who(w)}{ablation} sweep", unit="row",
-               disable=not progress)
-    chunks_i, chunks_v = [], []  # per-token rows since the last consolidation (no O(n^2) concat)
-
-    def take_snapshot() -> None:  # the state at the end of the last finished batch
-        snapshot.update({k: state[k].clone() for k in ("sum_all", "sum_top", "n_top", "next_row")})
-        snapshot["rows"] = rows[0]
-
-    def restore() -> None:  # back to the snapshot, whatever was consolidated since
-        _consolidate(state, chunks_i, chunks_v)
-        state.update({k: v for k, v in snapshot.items() if k != "rows"})
-        state["tok_index"] = state["tok_index"][:snapshot["rows"]]
-        state["tok_values"] = state["tok_values"][:snapshot["rows"]]
-
-    def save_state() -> None:
-        if state_path is not None:
-            _consolidate(state, chunks_i, chunks_v)
-            save_tensors(state_path, state, {"ident": ident})
-
-    snapshot: dict = {}
-    rows = [len(state["tok_index"])]  # per-token rows of the finished batches (state + chunks)
-    take_snapshot()
-    with graceful(save_state, restore=restore,
-                  resume_hint=f"run the same command again to resume ({state_path})") as guard:
-        for start in range(done, hi, batch_size):
-            stop = min(hi, start + batch_size)
-            idx, vals, max_rows = _batch_with_oom_retry(model, data, start, stop, ablation, state,
-                                                        max_rows, snapshot)
-            chunks_i.extend(idx)
-            chunks_v.extend(vals)
-            rows[0] += sum(len(i) for i in idx)
-            state["next_row"] = torch.tensor(stop)
-            bar.update(stop - start)
-            guard.checkpoint()
-            take_snapshot()
-    bar.close()
-    _consolidate(state, chunks_i, chunks_v)
-    merged = _merge(state, w)
-    order = _canonical_order(merged["tok_index"], L, H, n_inst)
-    rec = data.record()
-    sweep = Sweep(merged["sum_all"].float(), merged["sum_top"].float(), n_inst, merged["n_top"],
-                  merged["tok_index"][order], merged["tok_values"][order], tokens=rec["tokens"],
-                  corrupt_tokens=rec.get("corrupt_tokens"),
-                  meta={**model.describe(), "ablation": ablation, "top_percent": top_percent,
-                        "seed": seed, "sample_size": sample_size, "seq_len": data.seq_len,
-                        "n_rows": len(data), "n_tokens": int(data.tokens.numel()),
-                        "same_document_sources": data.same_document})
+    sweep = spec.compute(model, data, RunOptions(batch_size=batch_size, max_rows=max_rows, progress=progress,
+                                                 checkpoint=base))
+    w = world(model.device)
     if path is not None and w.main:
         sweep.save(path)
     w.barrier()  # every shard is merged (and the result written) before any checkpoint goes
-    if state_path is not None and state_path.exists():
-        state_path.unlink()
+    remove(base, w)
     return sweep
-
-
-def shard_checkpoint(base: Path, w: World) -> Path:
-    """Where rank ``w.rank`` keeps its shard's partial state: ``base`` itself for one process,
-    ``<base>.rank<r>-of-<N>`` for N."""
-    return base if w.size == 1 else base.with_name(f"{base.name}.rank{w.rank}-of-{w.size}")
-
-
-def _who(w: World) -> str:
-    return "" if w.size == 1 else f"rank {w.rank} of {w.size}: "
-
-
-def _refuse_other_world_sizes(base: Path | None, w: World) -> None:
-    """Checkpoints of this sweep left by a run with another number of processes shard the rows
-    differently: rather than silently recompute (or mix shards), say how to resume."""
-    if base is None or not base.parent.is_dir():
-        return
-    found = {}
-    for p in base.parent.iterdir():
-        if p.name == base.name:
-            found.setdefault(1, []).append(p)
-        elif p.name.startswith(base.name + ".rank"):
-            m = re.fullmatch(r"\.rank\d+-of-(\d+)", p.name[len(base.name):])
-            if m:
-                found.setdefault(int(m.group(1)), []).append(p)
-    others = {n: ps for n, ps in found.items() if n != w.size}
-    if others:
-        n, ps = next(iter(sorted(others.items())))
-        how = "without torchrun" if n == 1 else f"under torchrun --nproc-per-node {n}"
-        raise InputError(
-            f"this sweep was interrupted in a run with {n} process{'es' if n > 1 else ''} (checkpoint"
-            f"{'s' if len(ps) > 1 else ''} {', '.join(str(p) for p in sorted(ps))}); this run has "
-            f"{w.size}. Resume it {how}, or delete those files to start the sweep again.")
-
-
-def _merge(state: dict, w: World) -> dict:
-    """Every rank's sums, counts and per-token rows, added and concatenated in rank order."""
-    names = ("sum_all", "sum_top", "n_top", "tok_index", "tok_values")
-    if w.size == 1:
-        return {k: state[k] for k in names}
-    parts = w.gather({k: state[k] for k in names})
-    out = {k: sum((p[k] for p in parts[1:]), parts[0][k]) for k in ("sum_all", "sum_top", "n_top")}
-    out.update({k: torch.cat([p[k] for p in parts]) for k in ("tok_index", "tok_values")})
-    return out
 
 
 def _canonical_order(tok_index: torch.Tensor, n_layers: int, n_heads: int, n_inst: int) -> torch.Tensor:
@@ -337,58 +248,5 @@ def _canonical_order(tok_index: torch.Tensor, n_layers: int, n_heads: int, n_ins
     return torch.argsort(key)
 
 
-def _load_state(state_path: Path | None, ident: dict) -> dict | None:
-    if state_path is None or not state_path.exists():
-        return None
-    try:
-        state, smeta = load_tensors(state_path)
-    except CorruptResultError:
-        warnings.warn(f"checkpoint {state_path} is corrupt; starting this sweep again")
-        return None
-    return state if smeta.get("ident") == ident else None
-
-
-def _batch_with_oom_retry(model: Model, data: TokenSet, start: int, stop: int, ablation: str,
-                          state: dict, max_rows: int, snapshot: dict) -> tuple[list, list, int]:
-    """One batch; out of GPU memory, retry once with half the rows per pass, then explain."""
-    try:
-        return (*_sweep_batch(model, data, start, stop, ablation, state, max_rows), max_rows)
-    except torch.OutOfMemoryError:
-        state.update({k: v.clone() for k, v in snapshot.items() if k != "rows"})  # undo the failed attempt
-        if model.device.type == "cuda":
-            torch.cuda.empty_cache()
-        smaller = max(1, max_rows // 2)
-        warnings.warn(f"out of memory with max_rows={max_rows}; retrying with {smaller}")
-        try:
-            return (*_sweep_batch(model, data, start, stop, ablation, state, smaller), smaller)
-        except torch.OutOfMemoryError as e:
-            raise InputError(
-                f"out of memory even with max_rows={smaller} (rows of heads x batch per pass): use "
-                f"a smaller batch_size (now {stop - start}) or seq_len, dtype='bfloat16', or a device "
-                "with more memory. Progress so far is checkpointed; rerun to resume.") from e
-
-
-def _consolidate(state: dict, chunks_i: list, chunks_v: list) -> None:
-    if chunks_i:
-        state["tok_index"] = torch.cat([state["tok_index"]] + chunks_i)
-        state["tok_values"] = torch.cat([state["tok_values"]] + chunks_v)
-        chunks_i.clear()
-        chunks_v.clear()
-
-
-def _sweep_batch(model: Model, data: TokenSet, start: int, stop: int, ablation: str, state: dict,
-                 max_rows: int) -> tuple[list, list]:
-    """Ablate every head on rows ``start:stop`` (one request on the remote path: only the sums
-    and the selected per-token rows come back), fold the sums into ``state``; return the new
-    per-token rows."""
-    corrupt = data.corrupt_tokens[start:stop] if ablation == "resample" else None
-    out = in_session(model, ablated_sums, data.tokens[start:stop], corrupt, start, ablation,
-                     state.get("mean_z"), state["top_idx"], state["sample"],
-                     state["competitor_gap"][start * (data.seq_len - 1):stop * (data.seq_len - 1)], max_rows)
-    for name in ("sum_all", "sum_top", "n_top"):
-        state[name] += out[name]
-    return out["index"], out["values"]
-
-
-__all__ = ["COLUMNS", "SAMPLE_SIZE", "Sweep", "SweepSpec", "competitor", "competitor_gap", "run_sweep",
-           "thresholds"]
+__all__ = ["COLUMNS", "ROW_COLUMNS", "SAMPLE_SIZE", "Sweep", "SweepSpec", "competitor", "competitor_gap",
+           "run_sweep", "thresholds"]

@@ -11,7 +11,8 @@ its own copy only): the caller folds what they return.
   tokens]`` scalars, from which the caller keeps each head's running top-k), each token's
   ``competitor_gap`` and, for mean ablation, the ``z`` sums.
 - :func:`ablated_sums` (pass 2): every head ablated; per head the sums of every column over all
-  tokens and over its top instances, their count, and the rows of its top / sampled instances.
+  tokens and over its top instances, their count, the sums of :data:`ROW_COLUMNS` per row (what a
+  cluster bootstrap of the whole-set means resamples), and the rows of its top / sampled instances.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from .results import HEAD_QUANTITIES
 
 COLUMNS = HEAD_QUANTITIES + ("scale_clean", "logit", "competitor_gap")
 KIND_TOP, KIND_SAMPLE = 1, 2
+# per row and head, the sums the whole-set means need (their cluster bootstrap: selfrepair.uncertainty)
+ROW_COLUMNS = ("direct_effect", "ablated_direct_effect", "delta_logit", "self_repair")
+ROW_INDEX = [COLUMNS.index(q) for q in ROW_COLUMNS]
 
 
 def competitor(model: Model, normed: torch.Tensor, targets: torch.Tensor,
@@ -32,8 +36,7 @@ def competitor(model: Model, normed: torch.Tensor, targets: torch.Tensor,
     """The highest-scoring token other than the target on the clean run, ``[batch, pos-1]`` ids,
     from final-norm outputs ``normed [batch, pos-1, d_model]`` (the vocabulary in chunks, so
     262k-token vocabularies never hold all logits at once)."""
-    w = model.unembed_weight
-    b = getattr(model.module(model.adapter.unembed), "bias", None)
+    w, b = model.unembed_weight, model.unembed_bias
     x = model.acc(normed)
     best = torch.full(targets.shape, -float("inf"), device=x.device, dtype=x.dtype)
     best_i = torch.zeros(targets.shape, device=x.device, dtype=torch.long)
@@ -65,11 +68,11 @@ def competitor_gap(model: Model, normed: torch.Tensor, targets: torch.Tensor) ->
     return (diff * x).sum(-1)
 
 
-def clean_summary(model: Model, tokens: torch.Tensor, start: int, with_mean_z: bool) -> dict:
-    """Pass 1 on rows ``start .. start + len(tokens)``: ``de [layer, head, b * (seq-1)]`` (fp32,
-    CPU), their ``instances``, ``competitor_gap [b * (seq-1)]`` and (``with_mean_z``) ``z_sum``
-    ``[layer, n_heads * d_head]`` (fp64) over the batch's tokens."""
-    batch = clean_batch(model, tokens, start=start)
+def clean_summary(model: Model, rows: dict, with_mean_z: bool) -> dict:
+    """Pass 1 on a batch's ``rows`` (the driver's: ``tokens``, ``start``): ``de [layer, head, b *
+    (seq-1)]`` (fp32, CPU), their ``instances``, ``competitor_gap [b * (seq-1)]`` and
+    (``with_mean_z``) ``z_sum`` ``[layer, n_heads * d_head]`` (fp64) over the batch's tokens."""
+    batch = clean_batch(model, rows["tokens"], start=rows["start"])
     out = {"de": batch.all_head_de().flatten(2).cpu().float(), "instances": batch.instances(),
            "competitor_gap": competitor_gap(model, batch.clean.final_normed[:, :-1],
                                             batch.readout.targets).flatten().cpu().float()}
@@ -78,35 +81,40 @@ def clean_summary(model: Model, tokens: torch.Tensor, start: int, with_mean_z: b
     return out
 
 
-def ablated_sums(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | None, start: int,
-                 ablation: str, mean_z: torch.Tensor | None, top_idx: torch.Tensor,
-                 sample: torch.Tensor, gap: torch.Tensor, max_rows: int) -> dict:
-    """Pass 2 on rows ``start .. start + len(tokens)`` (resample sources ``corrupt``): every head
-    ablated, ``max_rows`` rows of heads x batch per pass. Returns ``sum_all`` / ``sum_top``
-    ``[layer, head, column]`` (fp64) over all tokens / each head's top instances ``top_idx``,
-    ``n_top [layer, head]``, and the per-token ``index`` (layer, head, instance, kind) and
-    ``values`` rows of the top instances and of the ``sample`` (lists of tensors, in the order
-    measured). ``gap``: the batch's ``competitor_gap`` per instance."""
-    batch = clean_batch(model, tokens, corrupt, start=start)
+def ablated_sums(model: Model, rows: dict, ablation: str, mean_z: torch.Tensor | None,
+                 top_idx: torch.Tensor, sample: torch.Tensor) -> dict:
+    """Pass 2 on a batch's ``rows`` (the driver's: ``tokens``, their resample sources ``corrupt``,
+    ``start``, ``max_rows`` and ``gap``, the ``competitor_gap`` of its instances ``[b, seq-1]``):
+    every head ablated, ``max_rows`` rows of heads x batch per pass. Returns ``sum_all`` /
+    ``sum_top`` ``[layer, head, column]`` (fp64) over all tokens / each head's top instances
+    ``top_idx``, ``n_top [layer, head]``, ``sum_row [row, layer, head, ROW_COLUMNS]`` (fp32, each
+    row's sums over its ``seq - 1`` tokens), and the per-token ``index`` (layer, head, instance,
+    kind) and ``values`` rows of the top instances and of the ``sample`` (lists of tensors, in the
+    order measured)."""
+    batch = clean_batch(model, rows["tokens"], rows["corrupt"], start=rows["start"])
+    gap, max_rows = rows["gap"], rows["max_rows"]
     repl = batch.replacement(ablation, mean_z)
     L, H, C = model.n_layers, model.n_heads, len(COLUMNS)
     out = {"sum_all": torch.zeros(L, H, C, dtype=torch.float64),
            "sum_top": torch.zeros(L, H, C, dtype=torch.float64),
            "n_top": torch.zeros(L, H, dtype=torch.long), "index": [], "values": []}
     b, inst = batch.rows, batch.instances()
+    out["sum_row"] = torch.zeros(b, L, H, len(ROW_COLUMNS))
     in_sample = torch.isin(inst, sample)
     per = max(1, max_rows // b)
     for layer in range(L):
         for j in range(0, H, per):
             heads = list(range(j, min(H, j + per)))
             res = ablate_heads(batch, layer, heads, repl[layer])
-            shape = res["delta_logit"].shape
-            cols = torch.stack([res[q] for q in HEAD_QUANTITIES]
+            shape = res.delta_logit.shape
+            cols = torch.stack([getattr(res, q) for q in HEAD_QUANTITIES]
                                + [batch.readout.scale.expand(shape), batch.readout.logit.expand(shape),
-                                  gap.view(b, -1).to(res["delta_logit"]).expand(shape)], -1).cpu()
+                                  gap.view(b, -1).to(res.delta_logit).expand(shape)], -1).cpu()
             cols = cols.flatten(1, 2)  # [head, instance, column]
             for k, h in enumerate(heads):
                 out["sum_all"][layer, h] = cols[k].double().sum(0)
+                per_row = cols[k][:, ROW_INDEX].double().view(b, -1, len(ROW_INDEX))
+                out["sum_row"][:, layer, h] = per_row.sum(1).float()
                 top = torch.isin(inst, top_idx[layer, h])
                 out["sum_top"][layer, h] = cols[k][top].double().sum(0)
                 out["n_top"][layer, h] = int(top.sum())
@@ -119,5 +127,5 @@ def ablated_sums(model: Model, tokens: torch.Tensor, corrupt: torch.Tensor | Non
     return out
 
 
-__all__ = ["COLUMNS", "KIND_SAMPLE", "KIND_TOP", "ablated_sums", "clean_summary", "competitor",
+__all__ = ["COLUMNS", "KIND_SAMPLE", "KIND_TOP", "ROW_COLUMNS", "ablated_sums", "clean_summary", "competitor",
            "competitor_gap"]

@@ -3,15 +3,22 @@
 :func:`table` (or a :class:`Layout`, the same choices kept as data by a chapter module) turns a
 frame into a :class:`Table`, which a notebook displays as HTML:
 
-- only the columns the text discusses, in that order, under readable headers (:data:`NAMES`, or
-  the column name with spaces), each with the frame's column name in small type below it, since
-  the prose and the library name columns that way;
+- only the columns the text discusses, in that order, under one row of readable headers
+  (:data:`NAMES`, or the column name with spaces); the frame's column name is the header's
+  tooltip, and the header of the full frame below;
 - numbers to ``digits`` significant digits in fixed-point notation (``7.53``, ``0.0458``, ``1,234``),
   scientific notation (``2.2×10⁻⁷``) only outside ``[1e-4, 1e6)``; integers whole, with thousands
-  separators; shares listed in ``percent`` as percentages (``0.9066`` -> ``90.7%``); missing
-  values as ``—``; booleans as yes / no;
-- the whole frame (every column, same formatting) one click away in a ``<details>`` element
-  below the table, scrolling inside its own box when wider than the page.
+  separators — an integer column stays integer when other columns are floats, and a float column
+  of whole numbers that counts or indexes (:func:`integer_column`: ``layer``, ``head``, ``n_*``...)
+  is shown as integers too; shares listed in ``percent`` as percentages (``0.9066`` -> ``90.7%``);
+  missing values as ``—``; booleans as yes / no;
+- where the table leaves columns out, the whole frame (every column, same formatting, under the
+  frame's names) one click away in a ``<details>`` element below the table, scrolling inside its
+  own box when wider than the page; a table showing every column is shown once.
+
+:func:`folded` shows a frame as a one-line summary with the whole table one click away (the
+provenance cell every chapter ends with); :func:`counted` writes a count with its noun in the
+right number ("1 draw", "3 patches"), so no generated sentence says "draw(s)".
 
 The frame itself is untouched (``Table.frame``): code, figures and claims keep using it.
 """
@@ -55,7 +62,8 @@ def format_number(value, digits: int = 3, percent: bool = False) -> str:
     if not isinstance(value, numbers.Real):
         return str(value)
     if percent:
-        return f"{float(value) * 100:.1f}%"
+        text = f"{float(value) * 100:.1f}%"
+        return "−" + text[1:] if text.startswith("-") else text  # a minus sign, not a hyphen
     if isinstance(value, numbers.Integral):
         return f"{int(value):,}"
     v = float(value)
@@ -71,6 +79,42 @@ def format_number(value, digits: int = 3, percent: bool = False) -> str:
         decimals = max(digits - 1 - math.floor(math.log10(abs(rounded))), 0)
         text = f"{v:,.{decimals}f}"
     return "−" + text[1:] if text.startswith("-") else text  # a minus sign, not a hyphen
+
+
+INTEGER_NAMES = {"layer", "head", "neuron", "rank", "row", "pos", "prompt", "n", "count", "tokens",
+                 "heads", "layers", "prompts", "rows", "last_layer", "ablated_layer", "readout_layer"}
+
+
+def integer_column(name: str, values: pd.Series) -> bool:
+    """Whether ``values`` are shown as integers: an integer dtype, or a float column whose every
+    value is whole (or missing) and whose name counts or indexes something (:data:`INTEGER_NAMES`,
+    ``n_*``, ``*_layer``) — a column of means that happen to be whole stays a float column."""
+    if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+        return False
+    if pd.api.types.is_integer_dtype(values):
+        return True
+    finite = values.dropna().to_numpy(float)
+    return integer_name(name) and bool(np.all(np.isfinite(finite) & (finite == np.round(finite))))
+
+
+def integer_name(name: str) -> bool:
+    """Whether a column of this name counts or indexes something (its values are whole)."""
+    return name in INTEGER_NAMES or name.startswith("n_") or name.endswith("_layer")
+
+
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """``n`` and its noun in the right number: ``counted(1, "draw")`` -> ``"1 draw"``,
+    ``counted(3, "patch", "patches")`` -> ``"3 patches"`` (default plural: ``singular + "s"``)."""
+    n = int(n)
+    return f"{n:,} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def listed(items: Sequence, singular: str, plural: str | None = None) -> str:
+    """A noun in the right number before its items: ``listed([3], "layer")`` -> ``"layer 3"``,
+    ``listed([0, 5, 16], "layer")`` -> ``"layers 0, 5 and 16"``."""
+    items = [str(i) for i in items]
+    words = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return f"{singular if len(items) == 1 else (plural or singular + 's')} {words}"
 
 
 def _superscript(n: int) -> str:
@@ -111,10 +155,17 @@ class Table:
         return self.names.get(column) or NAMES.get(column) or column.replace("_", " ")
 
     def cells(self, columns: Sequence[str] | None = None) -> list[list[str]]:
-        """The shown text of each row (``columns``: default the table's)."""
+        """The shown text of each row (``columns``: default the table's). Column by column, so
+        an integer column is never upcast to float by its row's other columns."""
         cols = list(columns or self.columns)
-        return [[format_number(row[c], self.digits, c in self.percent) for c in cols]
-                for _, row in self.frame[cols].iterrows()]
+        shown = []
+        for c in cols:
+            values = self.frame[c]
+            if c not in self.percent and integer_column(c, values):
+                values = values.astype("Int64")  # whole numbers; missing stays missing
+            shown.append([format_number(None if v is pd.NA else v, self.digits, c in self.percent)
+                          for v in values.tolist()])
+        return [list(row) for row in zip(*shown)] if shown else []
 
     def shown(self) -> pd.DataFrame:
         """The table as text, under its readable headers."""
@@ -125,9 +176,7 @@ class Table:
                    for c in columns]
         head = "".join(
             f'<th class="{"num" if num else "text"}" title="{html.escape(c)}">'
-            + (f'{html.escape(self.header(c))}<span class="column-name">{_breakable(c)}</span>'
-               if readable and self.header(c) not in (c, "") else html.escape(self.header(c) if readable else c))
-            + "</th>"
+            + (html.escape(self.header(c)) if readable else _breakable(c)) + "</th>"
             for c, num in zip(columns, numeric))
         body = "".join("<tr>" + "".join(f'<td class="{"num" if num else "text"}">{html.escape(v)}</td>'
                                         for v, num in zip(row, numeric)) + "</tr>"
@@ -138,11 +187,11 @@ class Table:
     def _repr_html_(self) -> str:
         every = list(self.frame.columns)
         hidden = len(every) - len(self.columns)
-        summary = (f"All {len(every)} columns ({hidden} more than above)" if hidden
-                   else f"All {len(every)} columns, under the frame's names")
-        return (f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True)}'
-                f'<details class="{TABLE_CLASS}-all"><summary>{summary}</summary>'
-                f'<div class="{TABLE_CLASS}-scroll">{self._html(every, False)}</div></details></div>')
+        full = (f'<details class="{TABLE_CLASS}-all"><summary>All {len(every)} columns '
+                f'({hidden} more than above), under the frame\'s names</summary>'
+                f'<div class="{TABLE_CLASS}-scroll">{self._html(every, False)}</div></details>'
+                if hidden else "")  # every column is shown above: the table once
+        return f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True)}{full}</div>'
 
     def __repr__(self) -> str:
         return self.shown().to_string(index=False)
@@ -181,4 +230,29 @@ class Layout:
                      digits=self.digits, optional=self.optional)
 
 
-__all__ = ["Layout", "NAMES", "TABLE_CLASS", "Table", "format_number", "parse_number", "table"]
+@dataclass(frozen=True)
+class Folded:
+    """A frame shown as a one-line ``summary`` with the whole table one click away (a
+    ``<details>`` element); its text form is the frame's (code and tests read it as before)."""
+
+    frame: pd.DataFrame
+    summary: str
+    label: str = "The whole table"
+
+    def _repr_html_(self) -> str:
+        every = table(self.frame)
+        return (f'<div class="{TABLE_CLASS}-box"><p class="{TABLE_CLASS}-summary">{html.escape(self.summary)}</p>'
+                f'<details class="{TABLE_CLASS}-all"><summary>{html.escape(self.label)}</summary>'
+                f'<div class="{TABLE_CLASS}-scroll">{every._html(every.columns, False)}</div></details></div>')
+
+    def __repr__(self) -> str:
+        return self.frame.to_string()
+
+
+def folded(frame: pd.DataFrame, summary: str, label: str = "The whole table") -> Folded:
+    """``frame`` as :class:`Folded`: ``summary`` in one line, the table behind ``label``."""
+    return Folded(frame, summary, label)
+
+
+__all__ = ["Folded", "Layout", "NAMES", "TABLE_CLASS", "Table", "counted", "folded", "format_number",
+           "integer_column", "integer_name", "listed", "parse_number", "table"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from typing import Iterable
 import yaml
 
 from ..errors import InputError, SelfRepairError
+from ..tables import counted
 from .assets import vendor_assets
 
 STAGED = ("_config.yml", "_toc.yml", "book/references.bib")
@@ -61,6 +63,14 @@ def chapter_notebooks(root: Path, wanted: Iterable[str] | None = None) -> list[P
         raise InputError(f"no chapter matches {', '.join(unknown)}: have "
                          f"{', '.join(nb.stem for nb in notebooks)}")
     return picked
+
+
+def runs_last(notebook: Path) -> bool:
+    """Whether a notebook reads what the other chapters record (its chapter module's
+    ``RUNS_LAST``: the scorecard), so it runs after them and with every run that executes one."""
+    from ..chapters import CHAPTERS, chapter_module
+
+    return notebook.stem[:2] in CHAPTERS and bool(getattr(chapter_module(notebook.stem), "RUNS_LAST", False))
 
 
 def load_profile(profile: str | Path | None, root: Path) -> dict:
@@ -176,7 +186,7 @@ def relative_paths(params: dict, workdir: Path) -> dict:
 
 def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs: Path | None = None,
                      jobs: int = 1, kernel: str = "python3", progress: bool = True,
-                     workdir: Path | None = None) -> list[ChapterRun]:
+                     workdir: Path | None = None, charts: Path | None = None) -> list[ChapterRun]:
     """Run each notebook with papermill into ``out_src/book/``; one failure does not stop the others.
 
     Each chapter runs in its own ``python -m papermill`` process whose kernel works in ``workdir``
@@ -185,11 +195,17 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
     when ``params`` is keyed by notebook stem (:func:`plan`), else the entries of ``params`` that
     the chapter's config takes; absolute paths under ``workdir`` are injected relative to it
     (:func:`relative_paths`). papermill saves after every cell, so a failing chapter keeps its
-    outputs up to the error.
+    outputs up to the error. Every chart a chapter displays writes its CSV, SVG and PNG into
+    ``charts`` (default ``out_src/../charts``; :mod:`selfrepair.figures.export`), which
+    :func:`stage_source` copies into the book. Notebooks that read the others' records
+    (:func:`runs_last`) start only when every other one has finished.
     """
     from tqdm import tqdm  # plain bars: no ipywidgets needed in notebooks
 
+    from ..figures.export import CHART_FILES_ENV
+
     dest, logs = out_src / "book", logs or out_src.parent / "logs"
+    env = {**os.environ, CHART_FILES_ENV: str(Path(charts or out_src.parent / "charts").resolve())}
     workdir = Path(workdir or (notebooks[0].parent.parent if notebooks else Path.cwd())).resolve()
     dest.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -209,7 +225,7 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
             rc = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(out), "-f",
                                  str(params_file), "-k", kernel, "--cwd", str(workdir),
                                  "--no-progress-bar", "--log-output"], stdout=fh,
-                                stderr=subprocess.STDOUT).returncode
+                                stderr=subprocess.STDOUT, env=env).returncode
         run = ChapterRun(nb.stem, out, rc == 0, time.time() - started,
                          None if rc == 0 else _error_of(out, log))
         bar.write(f"  {run.name:<28} {'ok' if run.ok else 'FAILED'} ({run.seconds:.1f} s)"
@@ -217,10 +233,12 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
         bar.update()
         return run
 
+    last = [nb for nb in notebooks if runs_last(nb)]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads only wait on processes
-        runs = list(pool.map(one, notebooks))
+        runs = {r.name: r for r in pool.map(one, [nb for nb in notebooks if nb not in last])}
+        runs.update({r.name: r for r in pool.map(one, last)})  # after every other chapter
     bar.close()
-    return runs
+    return [runs[nb.stem] for nb in notebooks]
 
 
 def restrict_toc(toc: dict, src: Path) -> tuple[dict, list[str]]:
@@ -236,12 +254,42 @@ def restrict_toc(toc: dict, src: Path) -> tuple[dict, list[str]]:
     return {**toc, "parts": [p for p in parts if p["chapters"]]}, dropped
 
 
-def stage_source(root: Path, src: Path) -> list[str]:
-    """Copy config, toc, markdown, bib and ``_static`` into ``src``; drop executed copies of
-    chapters that no longer exist; write the restricted toc. Returns the toc entries dropped."""
+def stage_chart_files(src: Path, charts: Path) -> int:
+    """Copy the chart files the executed notebooks under ``src/book`` link (and only those) from
+    ``charts`` into ``src/book/_static/charts``; how many. A linked file that is missing is an
+    error naming the chapter to run again."""
+    from ..figures.export import CHART_FILES_URL
+
+    dest = src / "book" / "_static" / "charts"
+    dest.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(re.escape(CHART_FILES_URL) + r"/([0-9a-f]{12}(?:-\d+)?\.(?:csv|svg|png))")
+    copied = set()
+    for nb in sorted((src / "book").glob("*.ipynb")):
+        for name in sorted(set(pattern.findall(nb.read_text(encoding="utf-8"))) - copied):
+            if not (charts / name).is_file():
+                raise InputError(f"{nb.stem} links the chart file {name}, which is not in {charts}: "
+                                 f"run that chapter again (--chapters {nb.stem[:2]})")
+            shutil.copy2(charts / name, dest / name)
+            copied.add(name)
+    return len(copied)
+
+
+def stage_source(root: Path, src: Path, charts: Path | None = None) -> list[str]:
+    """Copy config, toc, markdown, bib and ``_static`` into ``src``, and the chart files the
+    executed chapters link (from ``charts``, default ``src/../charts``: :func:`stage_chart_files`);
+    drop executed copies of chapters that no longer exist; write the restricted toc. Returns the
+    toc entries dropped.
+
+    Where the build's environment names the repository (the Pages workflow), the staged
+    ``_config.yml`` gets it with the launch, repository and issue buttons, and the executed
+    notebooks' install cell installs it at the commit (:mod:`selfrepair.book.launch`)."""
+    from .launch import book_config, fill_source, published_source
+
     (src / "book").mkdir(parents=True, exist_ok=True)
     for rel in STAGED:
         shutil.copy2(root / rel, src / rel)
+    config = book_config(yaml.safe_load((root / "_config.yml").read_text()))
+    (src / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     for md in (root / "book").glob("*.md"):
         shutil.copy2(md, src / "book" / md.name)
     shutil.rmtree(src / "book" / "_static", ignore_errors=True)
@@ -249,6 +297,9 @@ def stage_source(root: Path, src: Path) -> list[str]:
     for nb in (src / "book").glob("*.ipynb"):
         if not (root / "book" / nb.name).is_file():
             nb.unlink()
+        else:
+            fill_source(nb, published_source())
+    stage_chart_files(src, Path(charts or src.parent / "charts"))
     toc, dropped = restrict_toc(yaml.safe_load((root / "_toc.yml").read_text()), src)
     (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True))
     return dropped
@@ -284,11 +335,13 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
         intro = root / "book" / "00_introduction.ipynb"  # the toc's root: the book needs it
         if intro.is_file() and intro not in notebooks and not (src / "book" / intro.name).is_file():
             notebooks.insert(0, intro)
+        # the scorecard reads what every chapter recorded: it runs again (last) whenever one runs
+        notebooks += [nb for nb in chapter_notebooks(root) if runs_last(nb) and nb not in notebooks]
         kept = sorted(nb.stem for nb in (src / "book").glob("*.ipynb")
                       if (root / "book" / nb.name) not in notebooks)
-        print(f"checking the parameters of {len(notebooks)} chapter(s) ...", flush=True)
+        print(f"checking the parameters of {counted(len(notebooks), 'chapter')} ...", flush=True)
         by_stem = plan(notebooks, params, per_chapter)
-        print(f"executing {len(notebooks)} chapter(s) with "
+        print(f"executing {counted(len(notebooks), 'chapter')} with "
               + ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
               + (f" (per-chapter overrides: {per_chapter})" if per_chapter else "")
               + (f"\nkept from an earlier run: {', '.join(kept)}" if kept else ""))

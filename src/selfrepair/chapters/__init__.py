@@ -18,7 +18,7 @@ from ..results import head_label
 
 CHAPTERS = {"00": "intro", "01": "existence", "02": "layernorm", "03": "neurons",
             "04": "iterative", "05": "hydra", "06": "across", "07": "atp",
-            "08": "ioi"}
+            "08": "ioi", "09": "scorecard"}
 
 
 def chapter_module(prefix: str):
@@ -58,9 +58,11 @@ def check(cfg) -> None:
     module's ``check_model(cfg, model)``: prompts, layers, heads upstream of a layer ...)."""
     import sys
 
-    from ..config import CorpusConfig
+    from ..config import CorpusConfig, RunConfig
     from ..experiment import open_model, open_tokens
 
+    if not isinstance(cfg, RunConfig):  # a page that runs no model (the scorecard): nothing to check
+        return
     model = open_model(cfg)
     for name in cfg.HEAD_FIELDS:
         value = getattr(cfg, name)
@@ -78,3 +80,24 @@ def check(cfg) -> None:
     module = sys.modules[type(cfg).__module__]
     if hasattr(module, "check_model"):
         module.check_model(cfg, model)
+
+
+def value_bias_note(cfg, changes: str) -> str:
+    """A Markdown bullet: the head-output convention this run used (``cfg.fold_value_biases``,
+    :mod:`selfrepair.value_bias`) and what it changes in the chapter (``changes``, a sentence)."""
+    from ..experiment import open_model
+
+    model = open_model(cfg)
+    v = model.adapter.value
+    if v is None or all(getattr(model.module(v, l), "bias", None) is None for l in range(model.n_layers)):
+        return (f"- **No value biases.** {model.name} has none, so `fold_value_biases` (TransformerLens's "
+                "convention, which the paper's code used) changes nothing here.")
+    if model.meta.get("fold_value_biases"):
+        lead = ("- **Value biases folded** (`fold_value_biases` on: TransformerLens's default, which the "
+                "paper's code used). Each layer's b_V·W_O is part of its attention output bias, not of "
+                "any head's output, so zero ablation leaves it in.")
+    else:
+        lead = ("- **Value biases inside the heads** (`fold_value_biases` off: Hugging Face's view). A "
+                "head's output includes its b_V·W_O[h]; the paper's code, through TransformerLens, moved "
+                "it into the layer's bias, and the `paper` profile does too.")
+    return f"{lead} {changes}"

@@ -6,6 +6,9 @@ The paper's "≈70%" is its measure: the share of the reduction in the token's l
 downstream layers restore when a middle layer is ablated (§6) — the compensatory effect over the
 direct effect the ablation removes, here summed over the middle layers' prompts.
 
+The claims and their verdicts are in :mod:`selfrepair.chapters.hydra_claims` (every interval a
+cluster bootstrap over the prompts, ``n_boot`` replicates seeded by ``seed``).
+
 Controls (§2.5.2, App. A; :mod:`selfrepair.hydra_controls`): the ablated layer's own direct effect
 under each ablation, a noise ablation of every layer beside the resample one (the write plus
 Gaussian noise, σ = ``noise_scale`` x the write's RMS, ``n_noise`` draws), how localised the
@@ -28,69 +31,39 @@ from ..ablation import check_ablation
 from .. import hydra as hy
 from .. import hydra_controls as hc
 from .. import hydra_regression as hr
-from ..claims import Claim, Verdict, above, at_most, below, between, bootstrap, render
+from .. import hydra_scale as hs
+from ..claims import render
 from ..config import RunConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_prompts
+from ..findings import Figure, Finding, markdown, shows as _shows
 from ..structure import span
+from ..tables import counted
+from ..verdict_records import recorded
 from . import check
-from .hydra_text import (LOCAL_TABLE, OWN_TABLE, localisation_markdown, noise_markdown,  # noqa: F401 (the notebook's)
-                         own_markdown, panels_markdown)
-
-PAPER_SLOPE_FROM = 13 / 32  # slope < 1 at every layer past 13 of Chinchilla-7B's 32 (§4.2)
-
-UNEMBED = Claim("unembed", "Unembedding and ablation disagree: a layer's direct effect exceeds the "
-                "logit drop its ablation causes", "§2.5, Fig 2", "the share of (prompt, attention "
-                "layer) pairs with Δ_unembed > −Δ_ablate", above(0.5), fmt=".0%",
-                reading="On {value} of the {n} {unit}, a layer's direct effect is larger than the logit "
-                        "drop its ablation causes.")
-RESTORED = Claim("restored", "At middle layers the Hydra effect and reduced MLP erasure restore about "
-                 "70% of the reduction in token logits", "§6, Fig 7", "the compensatory effect as a "
-                 "share of the direct effect removed, over the middle attention layers",
-                 between(0.5, 0.9), paper=0.70, paper_context="Chinchilla-7B, Counterfact", fmt=".0%",
-                 reading="When a middle attention layer is ablated, the layers after it give back "
-                         "{value} of the direct effect it removed ({n} {unit}).")
-SLOPE = Claim("slope", "The regression slope of compensation on direct effect is below 1 past layer "
-              "13 of 32", "§4.2, Fig 7d", "the relative depth from which every attention layer's "
-              "slope is below 1", at_most(0.5), paper=PAPER_SLOPE_FROM,
-              paper_context="13 of 32 layers", fmt=".0%",
-              reading="From {value} of the depth on, every attention layer's compensation restores "
-                      "less than one logit per logit of direct effect ({n} {unit}).")
-ERASURE = Claim("erasure", "Late MLP layers erase: when an attention layer is ablated they push the "
-                "token down less", "§2.5.2", "the share of (prompt, earlier attention ablation) cases "
-                "in which the last quarter's MLPs change in the direction opposite to the ablated "
-                "layer's change", above(0.5), fmt=".0%",
-                reading="In {value} of the {n} {unit}, the late MLPs move against the change of the "
-                        "attention layer that was ablated.")
-OWN = Claim("own", "Resample ablations reduce the ablated layer's Δ_unembed to approximately zero when "
-            "averaged across patches", "§2.5.2", "Σ |own direct effect in the ablated run, averaged over "
-            "the patches| / Σ |clean direct effect| over every (prompt, attention layer)", below(0.25),
-            fmt=".0%", reading="Averaged over its patches, an ablated attention layer keeps {value} of its "
-                               "clean direct effect's size ({n} {unit}).")
-LOCAL = Claim("localised", "Downstream effects of an attention ablation are localised: apart from one "
-              "attention layer (the Hydra effect), later attention layers are almost unchanged", "§2.5.2",
-              "per (prompt, ablated attention layer with at least two later attention layers), the share "
-              "of the later attention layers' Σ |ΔDE| carried by the one that changes most, averaged",
-              above(0.5), fmt=".0%",
-              reading="The later attention layer that changes most carries {value} of the later "
-                      "attention layers' change, on average over {n} {unit}.")
-CLAIMS = (UNEMBED, RESTORED, SLOPE, ERASURE, OWN, LOCAL)
-
+from . import hydra_claims as hcl
+from .hydra_claims import (CLAIMS, ERASURE, LOCAL, OWN, PAPER, RESTORED, SLOPE, UNEMBED,  # noqa: F401
+                           seen, task_failed, verdicts)
+from .hydra_text import (LOCAL_TABLE, OWN_TABLE, SCALE_TABLE, scale_table, localisation_markdown,  # noqa: F401 (the notebook's)
+                         noise_markdown, own_markdown, panels_markdown, scale_markdown)
 
 @dataclass(frozen=True)
 class Config(RunConfig):
     ablation: str = "resample"  # what replaces a layer's write: "resample" (other prompts), "mean" or "zero"
     prompts: str | None = None  # a CSV of prompts (columns subject, relation, prompt, target); None: data/factual_prompts.csv
     n_prompts: int | None = None  # prompts measured (None: all; an int: a seeded subset)
-    n_patches: int = 3  # resample sources per prompt, averaged (the Hydra paper used 15)
+    n_patches: int = 3  # resample sources per prompt, averaged (the Hydra paper used more: the paper profile sets its number)
     featured_layer: int | None = None  # attention layer of the before/after figure; None: the largest mean direct effect
     noise_scale: float = 3.0  # noise ablation: σ of the Gaussian added to a layer's write, in units of that write's RMS
     n_noise: int = 1  # noise draws per prompt (each one ablated pass per layer)
     cache_dir: str = "results"  # where computed results are cached
+    n_boot: int = 1000  # cluster-bootstrap replicates of every interval (prompts resampled)
 
     def validate(self) -> None:
         super().validate()
         check_ablation(self.ablation)
+        if self.n_boot < 10:
+            raise InputError(f"n_boot must be at least 10 bootstrap resamples, got {self.n_boot}")
         if self.n_patches < 1:
             raise InputError(f"n_patches must be at least 1, got {self.n_patches}")
         if not self.noise_scale >= 0:
@@ -132,6 +105,11 @@ class HydraChapter:
     local_summary: pd.DataFrame | None = None  # per ablated component: top-1 / top-2 shares
     best: pd.DataFrame | None = None  # Fig 7b: the attention layer with the highest R²
     panels: pd.DataFrame | None = None  # Fig 8: attention / MLP parts at evenly spaced layers
+    regression_ablated: pd.DataFrame | None = None  # Fig 7d / 8 with σ at each ablation run's own value
+    erasure_cases: pd.DataFrame | None = None  # per (prompt, earlier attention layer): its ΔDE, the late MLPs' ΔDE
+    readings: pd.DataFrame | None = None  # the 70% share, slopes and R² at either reading of σ
+    evidence: hcl.PromptEvidence | None = None  # per-prompt values every verdict resamples
+    estimates: hcl.Estimates | None = None  # the verdicts' statistics with their 95% intervals
 
     @property
     def attention_localisation(self) -> pd.DataFrame:
@@ -140,6 +118,7 @@ class HydraChapter:
         return s[(s["ablated_kind"] == "attn") & s["readout_kind"].isin(["attn", "mlp"])].reset_index(drop=True)
 
 
+@recorded  # its verdicts are kept beside its measurements (the scorecard reads them)
 def measure(cfg: Config, progress: bool = True) -> HydraChapter:
     check(cfg)
     model = open_model(cfg)
@@ -147,7 +126,7 @@ def measure(cfg: Config, progress: bool = True) -> HydraChapter:
     n_patches = cfg.n_patches if cfg.ablation == "resample" else 1
     res = cached(cfg, hy.HydraSpec(ablation=cfg.ablation, n_patches=n_patches, seed=cfg.seed), data,
                  progress=progress)
-    eff = hy.effects_frame(res)
+    eff = hs.with_ablated_scale(hy.effects_frame(res), res)
     noise = cached(cfg, hy.HydraSpec(ablation="noise", n_patches=cfg.n_noise, seed=cfg.seed,
                                      noise_scale=cfg.noise_scale), data, progress=progress)
     reg = hr.regression(eff)
@@ -157,26 +136,62 @@ def measure(cfg: Config, progress: bool = True) -> HydraChapter:
     ch = HydraChapter(res, eff, reg, hy.impact_summary(eff), hy.before_after(res, layer=cfg.featured_layer),
                       hr.erasure(res), [], {}, dict(res.meta), noise, own, hc.own_summary(own),
                       hc.ablation_comparison(results), loc, hc.localisation_summary(loc),
-                      hc.best_layer_points(eff, reg), hc.layer_panels(eff, hc.panel_layers(res.n_layers)))
-    ch.numbers = numbers(ch)
-    ch.verdicts = verdicts(ch)
+                      hc.best_layer_points(eff, reg), hc.layer_panels(eff, hc.panel_layers(res.n_layers)),
+                      hr.regression(eff, "ablated"), hr.erasure_cases(res))
+    decide(ch, cfg.n_boot, cfg.seed)
     return ch
 
 
-def numbers(ch: HydraChapter) -> dict:
-    """The values behind the claims (see :data:`UNEMBED`, :data:`RESTORED`, ...)."""
-    res, eff, L = ch.result, ch.effects, ch.result.n_layers
-    attn = ch.regression[ch.regression["kind"] == "attn"].set_index("layer")
+def decide(ch: HydraChapter, n_boot: int, seed: int) -> None:
+    """Fill in ``ch``'s numbers, per-prompt evidence, estimates (``n_boot`` replicates over the
+    prompts, ``seed``), readings of σ and verdicts."""
+    ch.numbers = numbers(ch)
+    ch.evidence = hcl.evidence(ch.effects, ch.result)
+    ch.estimates = hcl.estimates(ch.evidence, n_boot, seed)
+    ch.readings = readings(ch)
+    ch.verdicts = verdicts(ch)
+
+
+def readings(ch: HydraChapter) -> pd.DataFrame:
+    """One row per reading of σ (:data:`selfrepair.hydra_scale.SCALES`: the clean run's, which the
+    book leads with and the verdicts read, and each ablation run's own): the middle layers'
+    restored share, the pooled slope there, the steepest slope past 13/32 of the depth and the
+    highest R² over the layers, each with its 95% interval over the prompts, and the layer from
+    which every slope is below 1."""
+    s, e, rows = ch.numbers, ch.estimates, []
+    for scale, name in zip(hs.SCALES, ("clean run's σ (the book's lead)", "each ablation run's own σ′")):
+        tail = "" if scale == "clean" else "_ablated"
+        row = {"reading": name, "scale": scale, "slope_from": s["slope_from" + tail]}
+        for key, value in (("restored_mid", e.restored[scale]), ("slope_mid", e.pooled[scale]),
+                           ("max_slope", e.max_slope[scale]), ("r2", e.r2[scale])):
+            row.update({key: value.value, f"{key}_lo": value.lo, f"{key}_hi": value.hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def slope_reading(regression: pd.DataFrame) -> dict:
+    """From a :func:`~selfrepair.hydra_regression.regression` frame: the first attention layer from
+    which every slope is below 1 (``slope_from``) and the layer with the highest R²."""
+    attn = regression[regression["kind"] == "attn"].set_index("layer")
     slopes = attn["slope"].dropna()
     at_or_above = slopes[slopes >= 1].index
+    best = attn["r2"].idxmax() if attn["r2"].notna().any() else None
+    return {"slope_from": (int(at_or_above.max()) + 1 if len(at_or_above) else int(slopes.index.min()))
+            if len(slopes) else None,
+            "r2_layer": None if best is None else int(best),
+            "r2": None if best is None else float(attn.loc[best, "r2"])}
+
+
+def numbers(ch: HydraChapter) -> dict:
+    """The point values shown beside the claims (the verdicts read :mod:`.hydra_claims`' estimates), the clean-scale
+    reading of σ first and the ablation run's own (``*_ablated``) beside it
+    (:mod:`selfrepair.hydra_scale`)."""
+    res, eff, L = ch.result, ch.effects, ch.result.n_layers
     mid = list(span(L, "middle"))
     late = hr.late_mlp_layers(L)
-    dde = res.delta_de.mean(2)
-    ablated = [2 * m for m in range(late[0])]
-    late_sum = dde[:, ablated][:, :, [2 * l + 1 for l in late]].sum(-1)
-    self_d = dde[:, ablated, ablated]
     att = eff[eff["kind"] == "attn"]
-    best = attn["r2"].idxmax() if attn["r2"].notna().any() else None
+    at_own_scale = slope_reading(ch.regression_ablated)
+    fit = hr.erasure_fit(ch.erasure_cases)
     return {"n_prompts": len(res.clean_de), "n_correct": int((res.ml_token == res.target).sum()),
             "n_patches": res.ablated_de.shape[2], "mid": mid, "late": late,
             "frac_de_gt_drop": float((att["direct_effect"] > att["ablation_drop"]).mean()),
@@ -185,13 +200,14 @@ def numbers(ch: HydraChapter) -> dict:
             "ce_mid": float(att[att["layer"].isin(mid)]["compensatory_effect"].mean()),
             "lost_mid": float(-att[att["layer"].isin(mid)]["delta_direct_effect"].mean()),
             "block_mid": float(att[att["layer"].isin(mid)]["from_block_norms"].mean()),
-            "slope_from": (int(at_or_above.max()) + 1 if len(at_or_above) else int(slopes.index.min()))
-            if len(slopes) else None,
-            "r2_layer": None if best is None else int(best),
-            "r2": None if best is None else float(attn.loc[best, "r2"]),
+            **slope_reading(ch.regression),
+            "restored_mid_ablated": hr.restored_share(eff, mid, scale="ablated"),
+            "slope_mid_ablated": hr.pooled_slope(eff, mid, scale="ablated"),
+            **{f"{k}_ablated": v for k, v in at_own_scale.items()},
+            "scale_ratio_mid": float(att[att["layer"].isin(mid)]["scale_ratio"].mean()),
+            **{f"erasure_{k}": v for k, v in fit.items()},
             "late_negative": int((res.clean_de[:, 1::2][:, late].mean(0) < 0).sum()),
             "late_clean_de": float(res.clean_de[:, 1::2][:, late].sum(1).mean()),
-            "opposite": float((late_sum * self_d < 0).float().mean()) if late[0] else float("nan"),
             **own_numbers(res)}
 
 
@@ -204,87 +220,46 @@ def own_numbers(res: hy.HydraResult) -> dict:
             "top_share_uniform": float(uniform.mean()) if len(uniform) else None}
 
 
-def _span(layers: list[int]) -> str:
-    return f"{layers[0]}–{layers[-1]}" if len(layers) > 1 else str(layers[0])
-
-
-MIN_CORRECT = 0.25  # below this share of prompts completed correctly the model fails the task
-
-
-def task_failed(numbers: dict) -> str:
-    """Why the Hydra claims cannot be tested (the model does not do factual recall), or ``""``."""
-    n, k = numbers["n_prompts"], numbers["n_correct"]
-    if k < max(10, MIN_CORRECT * n):
-        return (f"the model completes only {k} of {n} prompts correctly, and these claims are about how "
-                "a model recalls facts (at least a quarter, and 10, are needed)")
-    return ""
-
-
-def verdicts(ch: HydraChapter) -> list[Verdict]:
-    s, L = ch.numbers, ch.result.n_layers
-    why = task_failed(s)
-    att = ch.effects[ch.effects["kind"] == "attn"]
-    mid = att[att["layer"].isin(s["mid"])].groupby("prompt")[["compensatory_effect", "delta_direct_effect"]].sum()
-    pairs = np.c_[mid["compensatory_effect"], -mid["delta_direct_effect"]]
-    lo, hi = bootstrap(pairs, lambda a: a[:, 0].sum() / a[:, 1].sum() if a[:, 1].sum() > 0 else np.nan)
-    res = ch.result
-    late = s["late"]
-    dde = res.delta_de.mean(2)
-    ablated = [2 * m for m in range(late[0])]
-    opposite = (dde[:, ablated][:, :, [2 * l + 1 for l in late]].sum(-1) * dde[:, ablated, ablated] < 0)
-    r2 = ("" if s["r2_layer"] is None else f" The variance explained peaks at attention layer "
-          f"{s['r2_layer']} of {L} (R² = {s['r2']:.2f}; the paper: layer 23 of 32, R² = 0.92).")
-    block = (f" The downstream block norms' rescaling, reported apart, adds a mean "
-             f"{s['block_mid']:+.3f} logits there." if ch.result.from_block_norms.abs().max() > 0 else "")
-    frm = s["slope_from"]
-    return [
-        Verdict.share(UNEMBED, att["direct_effect"] > att["ablation_drop"], "(prompt, attention layer) pairs",
-                      f"The two correlate with r = {s['corr']:.2f}.", why=why),
-        Verdict(RESTORED, s["restored_mid"], s["n_prompts"] * len(s["mid"]), f"(prompt, layer) pairs of "
-                f"layers {_span(s['mid'])}, resampled by prompt", f"An ablation there removes a mean {s['lost_mid']:+.3f} logits "
-                f"of direct effect and the downstream layers change theirs by a mean "
-                f"{s['ce_mid']:+.3f}"
-                + (" (on average downstream breakage outweighs compensation)" if s["ce_mid"] < 0 else "")
-                + ". The slope of "
-                f"compensation on direct effect, pooled within these layers — how much of each extra "
-                f"logit of direct effect is given back — is {s['slope_mid']:.2f}.{block}", lo, hi, why),
-        Verdict(SLOPE, float("nan") if frm is None else frm / L, L, "attention layers",
-                ("" if frm is None else f"That is from layer {frm} of {L} on.") + r2, why=why),
-        # one case per (prompt, attention layer before the late MLPs)
-        Verdict.share(ERASURE, opposite.numpy(), "(prompt, earlier attention layer) cases",
-                      f"{s['late_negative']} of the last {len(late)} MLP layers ({_span(late)}) push "
-                      f"the top token down on average (together {s['late_clean_de']:+.2f} logits).", why=why),
-        own_verdict(res, s),
-        local_verdict(res, s, why),
-    ]
-
-
-def own_verdict(res: hy.HydraResult, s: dict) -> Verdict:
-    """:data:`OWN`, with a bootstrap over prompts of the ratio of sums."""
-    own, clean = hc.own_sizes(res)
-    pairs = np.c_[own.sum(1), clean.sum(1)]
-    lo, hi = bootstrap(pairs, lambda a: a[:, 0].sum() / a[:, 1].sum() if a[:, 1].sum() > 0 else np.nan)
-    return Verdict(OWN, s["own_ratio"], own.size, f"(prompt, attention layer) pairs, {s['n_patches']} "
-                   "patch(es) each", "A single patch is noisier, and other ablations differ: see the "
-                   "section on the ablated layer's own direct effect.", lo, hi)
-
-
-def local_verdict(res: hy.HydraResult, s: dict, why: str) -> Verdict:
-    """:data:`LOCAL`: the mean top-1 share, beside what an even spread would give."""
-    share, _ = hc.prompt_top_share(res)
-    return Verdict.mean(LOCAL, share, "(prompt, ablated attention layer) cases",
-                        (f"If every later attention layer changed alike, the share would be "
-                         f"{s['top_share_uniform']:.0%}." if len(share) else ""), why=why)
-
-
 def on_this_model(ch: HydraChapter) -> str:
     s = ch.numbers
     intro = (f"**On {ch.meta.get('model')}** ({ch.result.n_layers} layers, {s['n_prompts']} factual "
-             f"prompts, {s['n_patches']} resample source(s) per prompt) the model completes "
+             f"prompts, {counted(s['n_patches'], 'resample source')} per prompt) the model completes "
              f"**{s['n_correct']} of {s['n_prompts']}** prompts correctly (its top token is the first "
              "token of the answer); as in the Hydra paper, every number reads the top token, right or "
              "wrong.")
-    return render(ch.verdicts, intro)
+    return render(ch.verdicts, intro, rules="ch05-rules") + "\n\n" + seen(ch)
+
+
+FIGURES = {"unembed": Figure("ch05-fig2", "Hydra Fig 2"), "restored": Figure("ch05-fig7", "Fig 7 and 8"),
+           "slope": Figure("ch05-fig7", "Fig 7 and 8"), "erasure": Figure("ch05-erasure", "the erasure map"),
+           "own": Figure("ch05-own", "the ablated layer's own effect"),
+           "localised": Figure("ch05-local", "the localisation chart")}
+
+
+def findings(ch: HydraChapter) -> list[Finding]:
+    """"What this chapter shows": where it ran, the claims by outcome, and whether the Hydra effect
+    as the paper measures it (the later attention layers giving back part of what a middle
+    attention layer's ablation removed) is seen on this model."""
+    s, model, part = ch.numbers, str(ch.meta.get("model")), ch.estimates.hydra_part
+    where = Finding(f"This chapter ablated each of the {ch.result.n_layers} layers' attention and MLP of {model} "
+                    f"on {s['n_prompts']:,} factual prompts, of which the model completes {s['n_correct']:,} "
+                    "correctly.", values=(ch.result.n_layers, s["n_prompts"], s["n_correct"]))
+    answer, words = hcl.hydra_answer(ch)
+    tested = part.reliable and not task_failed(s["n_prompts"], s["n_correct"])
+    values = (part.value, part.lo, part.hi) if tested else ()
+    if answer is None:
+        text = (f"Take-away: is the Hydra effect as the paper measures it seen on this model? This run cannot "
+                f"tell: {words}.")
+    else:
+        text = (f"Take-away: the Hydra effect as the paper measures it is {'' if answer else 'not '}seen on this "
+                f"model: {words}.")
+    takeaway = Finding(text, (FIGURES["restored"],), values)
+    return _shows(where, ch.verdicts, FIGURES, model, takeaway)
+
+
+def shows(ch: HydraChapter) -> str:
+    """The "What this chapter shows" paragraph."""
+    return markdown(findings(ch))
 
 
 def model_notes(cfg: Config) -> str:

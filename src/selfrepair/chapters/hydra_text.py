@@ -8,9 +8,13 @@ a :class:`~selfrepair.tables.Table` through a :class:`~selfrepair.tables.Layout`
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-from ..tables import Layout
+import numpy as np
+import pandas as pd
+
+from ..tables import Layout, counted, listed, table
+from .hydra_claims import PAPER, RESTORED, SLOPE
 
 OWN_TABLE = Layout(("ablation", "n_patches", "ratio", "patch_ratio", "mean_ablated", "mean_clean"),
                    percent=("ratio", "patch_ratio"),
@@ -23,6 +27,40 @@ LOCAL_TABLE = Layout(("ablated", "readout_kind", "n_downstream", "total_abs_delt
                             "n_downstream": "how many", "total_abs_delta_de": "Σ mean |ΔDE|",
                             "top": "changes most", "share_top1": "top-1 share", "share_top2": "top-2 share",
                             "uniform": "even spread"})
+
+def _with_interval(value: float, lo: float, hi: float, fmt: str) -> str:
+    """``value (lo to hi)`` in ``fmt``; ``n/a`` where the value is missing, the point alone where
+    the interval is (too few prompts)."""
+    ok = lambda x: x is not None and np.isfinite(x)  # noqa: E731
+    if not ok(value):
+        return "n/a"
+    return f"{value:{fmt}} ({lo:{fmt}} to {hi:{fmt}})" if ok(lo) and ok(hi) else f"{value:{fmt}}"
+
+
+def scale_table(readings: pd.DataFrame):
+    """The two readings of σ (:func:`selfrepair.chapters.hydra.readings`) as a table of six
+    columns, each estimate with its 95% interval in the same cell (twelve numeric columns would be
+    wider than the page)."""
+    shown = pd.DataFrame({
+        "reading": readings["reading"],
+        "restored": [_with_interval(v, lo, hi, ".0%") for v, lo, hi in
+                     zip(readings["restored_mid"], readings["restored_mid_lo"], readings["restored_mid_hi"])],
+        "slope_mid": [_with_interval(v, lo, hi, ".2f") for v, lo, hi in
+                      zip(readings["slope_mid"], readings["slope_mid_lo"], readings["slope_mid_hi"])],
+        "max_slope": [_with_interval(v, lo, hi, ".2f") for v, lo, hi in
+                      zip(readings["max_slope"], readings["max_slope_lo"], readings["max_slope_hi"])],
+        "slope_from": readings["slope_from"].astype("Int64"),
+        "r2": [_with_interval(v, lo, hi, ".2f") for v, lo, hi in
+               zip(readings["r2"], readings["r2_lo"], readings["r2_hi"])]})
+    t = SCALE_TABLE(shown)
+    return table(shown, t.columns, names=t.names, caption="Each estimate with its 95% interval over the prompts "
+                 "in parentheses.")
+
+
+SCALE_TABLE = Layout(("reading", "restored", "slope_mid", "max_slope", "slope_from", "r2"),
+                     names={"restored": "restored, middle layers",
+                            "slope_mid": "pooled slope, middle layers", "max_slope": "steepest slope past 13/32",
+                            "slope_from": "every slope < 1 from layer", "r2": "best R²"})
 
 
 def _pct(x: float) -> str:
@@ -37,7 +75,7 @@ def own_markdown(ch) -> str:
              "ablated layer's own direct effect in the ablated run relative to its clean size:"]
     if main in t.index:
         r = t.loc[main]
-        lines.append(f"- **{main.capitalize()}** ({int(r['n_patches'])} patch(es) per prompt): "
+        lines.append(f"- **{main.capitalize()}** ({counted(r['n_patches'], 'patch', 'patches')} per prompt): "
                      f"{_pct(r['ratio'])} averaged over the patches, {_pct(r['patch_ratio'])} for a single "
                      f"patch; the mean own direct effect is {r['mean_ablated']:+.3f} logits against "
                      f"{r['mean_clean']:+.3f} clean.")
@@ -54,8 +92,8 @@ def own_markdown(ch) -> str:
         lines.append(f"- **Zero**: {_pct(t.loc['zero', 'ratio'])} — the layer writes nothing.")
     if "noise" in t.index:
         r = t.loc["noise"]
-        lines.append(f"- **Noise** (σ = {ch.noise.meta.get('noise_scale', float('nan')):g} × the write's RMS, {int(r['n_patches'])} "
-                     f"draw(s)): a single draw moves the direct effect by {_pct(r['patch_ratio'])} of its "
+        lines.append(f"- **Noise** (σ = {ch.noise.meta.get('noise_scale', float('nan')):g} × the write's RMS, "
+                     f"{counted(r['n_patches'], 'draw')}): a single draw moves the direct effect by {_pct(r['patch_ratio'])} of its "
                      f"clean size, but the mean own direct effect stays {r['mean_ablated']:+.3f} against "
                      f"{r['mean_clean']:+.3f} clean: zero-mean noise on a write perturbs it without "
                      "removing what it writes, on average.")
@@ -95,7 +133,7 @@ def localisation_markdown(ch) -> str:
         lines.append(f"- **Later {word} layers**: the one that changes most carries a mean {_pct(g['share_top1'].mean())} "
                      f"of their Σ mean |ΔDE| (top two: {_pct(g['share_top2'].mean())}; an even spread would "
                      f"give {_pct(g['uniform'].mean())}); it is the first later {word} layer for {nxt} of the "
-                     f"{len(g)} ablated layers.")
+                     f"{len(g)} ablated layers." + (_pooled(ch) if kind == "attn" else ""))
     g = attn[attn["readout_kind"] == "all"]
     if len(g):
         mlp = int(sum(str(t).startswith("M") for t in g["top"]))
@@ -106,6 +144,16 @@ def localisation_markdown(ch) -> str:
     return "\n".join(lines)
 
 
+def _pooled(ch) -> str:
+    """How the share above differs from the verdict on "localised" (another selection)."""
+    local = getattr(getattr(ch, "estimates", None), "local", None)
+    if local is None or not math.isfinite(local.value):
+        return ""
+    return (f" That share averages, over the ablated layers, each one's share of the prompts' mean |ΔDE|; "
+            f"the verdict on “localised” pools |ΔDE| prompt by prompt and takes each prompt's own most-changed "
+            f"layer, so there that layer carries {_pct(1 - local.value)}.")
+
+
 def panels_markdown(ch) -> str:
     """Fig 7b's layer and fit, and Fig 8's panels' attention and MLP slopes."""
     b, p = ch.best, ch.panels
@@ -114,7 +162,8 @@ def panels_markdown(ch) -> str:
         r = b.iloc[0]
         lines.append(f"- **Fig 7b.** The variance explained peaks at {r['label']} (layer {int(r['layer'])} of "
                      f"{ch.result.n_layers}): R² = {r['r2']:.2f}, slope {r['slope']:.2f}, over {len(b)} prompts "
-                     "(the paper: layer 23 of 32, R² = 0.92, slope below 1).")
+                     f"(the paper: layer {PAPER['r2_layer']} of {PAPER['n_layers']}, R² = {PAPER['r2']:.2f}, "
+                     "slope below 1).")
     fits = p.groupby(["layer", "part"])[["slope", "r2"]].first().unstack("part")
     if len(fits):
         cells = [f"layer {int(l)}: attention {fits.loc[l, ('slope', 'attention')]:+.2f} "
@@ -124,6 +173,42 @@ def panels_markdown(ch) -> str:
                      "effect: " + "; ".join(cells) + ".")
         mlp_more = [int(l) for l in fits.index if fits.loc[l, ("r2", "MLP")] > fits.loc[l, ("r2", "attention")]]
         lines.append("- The MLP part is the more predictive one (higher R²) at " + (
-            f"layer(s) {', '.join(map(str, mlp_more))}" if mlp_more else "none of these layers")
-            + " (the paper: \"by layer 22 [...] the MLP response is considerably more predictive\").")
+            listed(mlp_more, "layer") if mlp_more else "none of these layers")
+            + f" (the paper: \"by layer {PAPER['mlp_layer']} [...] the MLP response is considerably more "
+            "predictive\").")
     return "\n".join(lines)
+
+
+def scale_markdown(ch) -> str:
+    """Which reading of σ the paper's words support, which the book leads with and why, and how
+    much the two readings differ on this model (:mod:`selfrepair.hydra_scale`)."""
+    s, e = ch.numbers, ch.estimates
+    said = {True: "holds", False: "differs", None: "cannot tell"}
+
+    def rule(claim, est) -> str:
+        return said[claim.rule.decide(est.lo, est.hi) if est.reliable else None]
+
+    return (
+        f"**On {ch.meta.get('model')}**, over the middle attention layers, compensation restores "
+        f"{e.restored['clean'].prose('.0%')} of the direct effect removed at the clean σ and "
+        f"{e.restored['ablated'].prose('.0%')} at each ablation run's own σ′ (the final norm's scale moves "
+        f"by a mean S/S′ of {s['scale_ratio_mid']:.3f} there); the pooled slopes there are "
+        f"{e.pooled['clean'].prose('.2f')} and {e.pooled['ablated'].prose('.2f')}, the steepest slope past "
+        f"13/32 of the depth {e.max_slope['clean'].prose('.2f')} and {e.max_slope['ablated'].prose('.2f')}, "
+        f"and the best R² {e.r2['clean'].prose('.2f')} and {e.r2['ablated'].prose('.2f')}. By the verdicts' "
+        f"rules on these intervals alone, \"approximately {PAPER['restored']:.0%}\" {rule(RESTORED, e.restored['clean'])} at the clean σ "
+        f"and {rule(RESTORED, e.restored['ablated'])} at σ′; \"a slope of less than one\" "
+        f"{rule(SLOPE, e.max_slope['clean'])} and {rule(SLOPE, e.max_slope['ablated'])}.\n\n"
+        "**What the paper's words support.** §2.3.1 fixes σ \"to the value attained in the forward "
+        "pass\", and eq. 34 takes a layer's direct effect *in the ablation run* (eq. 13): read "
+        "literally, each run's own σ, so σ′ in the ablated one. But right after eq. 13 the paper "
+        "states that a layer not downstream of the ablation keeps its Δ_unembed exactly, and its "
+        "derivation of the direct effect of an ablation (eq. 24-27) divides both runs by the clean "
+        "σ(z_t^L): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
+        "not say which was used.\n\n"
+        "**Why the book leads with the clean σ.** At the clean σ the compensation is exactly what the "
+        "later layers change in what they write, and the final norm's rescaling is its own term "
+        "(`from_norm`), as in the self-repair paper's eq. 2 (chapter 2). At σ′ the compensation "
+        "also holds the norm's rescaling of the later layers' writes but not of the earlier ones "
+        "(left over as `upstream_rescale`): two mechanisms in one number. The verdicts use the clean "
+        "reading and give the other beside it.")

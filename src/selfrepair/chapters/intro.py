@@ -17,10 +17,11 @@ from ..batch import TokenSet
 from ..config import CorpusConfig, RunConfig, parse_head
 from ..errors import InputError
 from ..experiment import open_model, open_tokens, shown_path
+from ..findings import Figure, Finding, markdown
 from ..heads import self_repair
 from ..structure import architecture_markdown
 from ..tables import Layout, Table, table
-from . import check
+from . import check, value_bias_note
 
 POOL_ROWS = 64  # rows the demo rows' resample sources are drawn from (several documents)
 
@@ -32,6 +33,7 @@ class Config(RunConfig):
     featured_heads: tuple[str, ...] | None = None  # e.g. ["L17H3"]; None: two last-layer heads and one mid-layer head
     demo_rows: int = 2  # rows in the live check
     demo_positions: int = 16  # positions per row in the live check
+    fold_value_biases: bool = False  # TransformerLens's convention (the paper's code): each b_V·W_O in the layer's bias, not the head's output
 
     HEAD_FIELDS = ("featured_heads",)
 
@@ -65,13 +67,24 @@ def demo_tokens(cfg: Config, model: Any) -> TokenSet:
     return TokenSet.from_tensor(pool.tokens[rows], pool.corrupt_tokens[rows])
 
 
+VALUE_BIAS = (  # what fold_value_biases changes in this chapter
+    "It changes each head's direct effect in the live check below and every zero-ablation number; "
+    "resample and mean Δlogit and self-repair are the same either way.")
+
+
+def value_bias_markdown(cfg: Config) -> str:
+    """Which head-output convention this page ran with and what it changes here."""
+    return value_bias_note(cfg, VALUE_BIAS)
+
+
 def closure_table(result: Any) -> pd.DataFrame:
     """Per head, the means of eq. 1 and eq. 2's terms and the largest per-token gap
     ``|self_repair - (from_heads + from_mlps + from_norm + from_block_norms)|``."""
     frame = result.to_frame()
     terms = ["from_heads", "from_mlps", "from_norm", "from_block_norms"]
     frame["eq2_gap"] = (frame["self_repair"] - frame[terms].sum(axis=1)).abs()
-    agg = {q: "mean" for q in ["delta_logit", "delta_direct_effect", "self_repair", *terms]}
+    capped = ["delta_logit_capped"] if "delta_logit_capped" in frame else []
+    agg = {q: "mean" for q in ["delta_logit", "delta_direct_effect", "self_repair", *terms, *capped]}
     return frame.groupby("label", sort=False).agg({**agg, "eq2_gap": "max"}).reset_index()
 
 
@@ -82,8 +95,15 @@ def closure_markdown(table: pd.DataFrame, tol: float = 1e-3) -> str:
                "than taken as a remainder" if worst <= tol else
                f"**more than the {tol:g} expected from rounding: something is wrong** (see the "
                "gotchas appendix)")
-    return (f"Over {len(table)} heads and every token, the largest gap between eq. 1's self-repair "
+    text = (f"Over {len(table)} heads and every token, the largest gap between eq. 1's self-repair "
             f"and the sum of eq. 2's terms is **{worst:.1e}** logits: {verdict}.")
+    if "delta_logit_capped" in table:  # Gemma-2: logits = c tanh(x / c)
+        text += (" This model soft-caps its final logits, `c tanh(x / c)`: every Δlogit here is the "
+                 "change of `x`, the centered logit *before* the cap — the linear quantity the direct "
+                 "effects and eq. 2's terms sum to. After the cap the listed heads' mean Δlogit is "
+                 + ", ".join(f"{c:+.3g} ({x:+.3g} before it) for {l}" for l, c, x in zip(
+                     table["label"], table["delta_logit_capped"], table["delta_logit"])) + ".")
+    return text
 
 
 @dataclass
@@ -165,6 +185,41 @@ def worked_example(components: dict | None = None, u=TOY_U, removed: str = "head
     return WorkedExample(table, n, text)
 
 
+FIGURES = {"worked": Figure("intro-worked", "the worked example"), "live": Figure("intro-live", "the live check")}
+TERMS = {"from_heads": "the other heads'", "from_mlps": "the MLPs'", "from_norm": "the final norm's",
+         "from_block_norms": "the block norms'"}
+
+
+def findings(live: Intro, toy: WorkedExample, model: str, tol: float = 1e-3) -> list[Finding]:
+    """"What this chapter shows" of the introduction: the worked example's self-repair, eq. 2's
+    closure on the model and which term gave back most on the heads of the live check."""
+    n, t = toy.numbers, live.table
+    worst = float(t["eq2_gap"].max())
+    terms = [c for c in TERMS if c in t]
+    means = t[terms].mean()
+    top = str(means.abs().idxmax())
+    closes = ("to rounding error" if worst <= tol else f"only to {worst:.1e} logits, more than the {tol:g} "
+              "rounding allows: something is wrong")
+    return [
+        Finding(f"In the worked example, removing one component changes the logit by {n['delta_logit']:+.3f} "
+                f"where its direct effect predicted {n['delta_de']:+.3f}: the norm alone gives back "
+                f"{n['self_repair']:+.3f}, eq. 1's self-repair.", (FIGURES["worked"],),
+                (n["delta_logit"], n["delta_de"], n["self_repair"])),
+        Finding(f"On {model}, ablating {len(t)} heads, eq. 1 and the sum of eq. 2's terms agree {closes} "
+                f"(largest per-token gap {worst:.1e} logits).", (FIGURES["live"],), (len(t), worst)),
+        Finding(f"On those heads, the term of eq. 2 largest in size is {TERMS[top]} "
+                f"({means[top]:+.3f} logits, the mean over the heads).", (FIGURES["live"],), (float(means[top]),)),
+        Finding("Take-away: self-repair is what an ablation's effect lacks of the direct effect it removes, and "
+                "eq. 2 splits it exactly among what lies downstream; every chapter measures it so, on many "
+                "more heads and tokens."),
+    ]
+
+
+def shows(live: Intro, toy: WorkedExample, model: str) -> str:
+    """The introduction's "What this chapter shows" paragraph."""
+    return markdown(findings(live, toy, model))
+
+
 # -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
 TOY_TABLE = Layout(("component", "vector", "direct_effect", "after_ablation"))
 CLOSURE_TABLE = Layout(("label", "delta_logit", "delta_direct_effect", "self_repair", "from_heads",
@@ -180,4 +235,4 @@ def shape_table(model: Any) -> Table:
 
 __all__ = ["CLOSURE_TABLE", "Config", "Intro", "TOY_TABLE", "WorkedExample",
            "architecture_markdown", "closure_markdown", "closure_table", "demo_heads",
-           "demo_tokens", "measure", "shape_table", "worked_example"]
+           "demo_tokens", "findings", "measure", "shows", "shape_table", "value_bias_markdown", "worked_example"]

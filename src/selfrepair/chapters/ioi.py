@@ -1,6 +1,12 @@
 """Chapter 8 — backup name movers in indirect object identification (Wang et al. 2023; the
 self-repair paper's App. G).
 
+Verdicts: the prompt pairs are the units of independence (:func:`selfrepair.name_movers.pair_clusters`);
+the name movers (by the rule) and the backups are chosen on one seeded half of the pairs and every
+claim after "does IOI" is tested on the other, with a cluster bootstrap over the pairs. The repair
+is the share of the lost direct effect that comes back, placed among no / partial / full repair and
+over-correction (:data:`REGIONS`).
+
 On the generated IOI prompts (:mod:`selfrepair.ioi`): how well the model does the task (logit
 difference IO − S at the end), which heads move the name (largest direct effect on the logit
 difference among the heads attending from the end to IO more than to S), what happens when they
@@ -14,42 +20,69 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
+import torch
 
 from .. import ioi
 from .. import name_movers as nm
 from ..ablation import check_ablation
-from ..claims import Claim, Verdict, above, render
+from ..claims import Claim, Rule, Verdict, paper_word, render
 from ..config import RunConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model
+from ..results import head_label
 from ..tables import Layout
-from . import check
+from ..uncertainty import Bootstrap, Clusters, Estimate, ratio
+from ..verdict_records import recorded
+from . import check, value_bias_note
+from .ioi_text import FULL_TOL, REGIONS, findings, region, repair_outcome, shows  # noqa: F401 (the notebook's)
 
-DOES_IOI = Claim("does_ioi", "The model does IOI: at the end it prefers the indirect object to the subject",
-                 "Wang et al. 2023, §2", "the share of prompts with logit(IO) − logit(S) > 0 at the end",
-                 above(0.5), fmt=".0%",
+MOST_PROMPTS = ("Wang et al. measure the task by the logit difference IO − S at the end; a model does the task "
+                "when it prefers IO to S, which we read as preferring it on most prompts (the table's 'most': "
+                "more than half)")
+DOES_IOI = Claim("does_ioi", "The model does IOI: at the end it prefers the indirect object to the subject on "
+                 "most prompts", "Wang et al. 2023, §2",
+                 "the share of prompts with logit(IO) − logit(S) > 0 at the end, over every prompt",
+                 paper_word("most"), fmt=".0%", rationale=MOST_PROMPTS,
                  reading="On {value} of the {n} {unit} the model's logit of IO is above that of S.")
-REPAIRED = Claim("repaired", "Ablating the name movers is partly repaired: the logit difference falls by "
-                 "less than the direct effect they lose", "Wang et al. 2023, §3.4; self-repair paper, "
-                 "App. G", "the mean over prompts of eq. 1's self-repair, Δ logit diff − ΔDE of the "
-                 "name movers (logits)", above(0.0), fmt=".3g",
-                 reading="Over the {n} {unit}, eq. 1's self-repair of the logit difference averages "
-                         "{value} logits (positive: it falls by less than the direct effect lost).")
-BACKUPS = Claim("backups", "Other heads take over: their direct effect on the logit difference grows when "
-                "the name movers are ablated", "Wang et al. 2023, §3.4 (backup name movers)",
-                "the mean over prompts of the summed ΔDE of every other head (eq. 2's from_heads, "
-                "logits)", above(0.0), fmt=".3g",
-                reading="Over the {n} {unit}, the other heads' direct effect on the logit difference "
-                        "changes by {value} logits in sum.")
-MOVED = Claim("moved", "Reading the residual stream the name movers read, the backups begin name moving",
-              "self-repair paper, App. G", "the mean over prompts of the backups' summed change of "
-              "direct effect (logits) when their layer reads the residual that entered the first name "
-              "mover's layer (backups in later layers only)", above(0.0), fmt=".3g",
-              reading="Over the {n} {unit}, the backups' direct effect on the logit difference changes "
-                      "by {value} logits in sum.")
+PARTLY = Rule("between", (0.0, 1 - FULL_TOL), "not fully restored",
+              "the self-repair paper: 'self-repair is imperfect, as the original direct effect of the head is "
+              "not fully restored', 'sometimes overcorrecting beyond the original effect' (abstract). The "
+              "share of the direct effect lost that comes back tells four outcomes apart: below 0, no repair "
+              "(the logit difference falls by more than the direct effect lost); from 0 to "
+              f"{1 - FULL_TOL:.0%}, partial repair; within ±{FULL_TOL:.0%} of 100%, full repair (the remaining "
+              "loss is approximately zero, the table's tolerance); above "
+              f"{1 + FULL_TOL:.0%}, over-correction. The claim is partial repair")
+REPAIRED = Claim("repaired", "Ablating the name movers is partly repaired: the logit difference falls, by less "
+                 "than the direct effect they lose, which is not fully restored",
+                 "Wang et al. 2023, §3.4; self-repair paper, App. G",
+                 "the share of the name movers' lost direct effect that comes back, Σ self-repair (eq. 1) / "
+                 "Σ (−ΔDE of the name movers) over the test half's prompts", PARTLY, fmt=".0%",
+                 reading="Of the direct effect the name movers lose, {value} comes back ({n} {unit}).",
+                 rationale="the name movers are chosen on the other half of the prompt pairs: chosen for a "
+                           "large direct effect, they would lose more of it, by chance, on the prompts "
+                           "that chose them")
+SIGNIFICANT_GROWTH = ("Wang et al. call backup name movers heads that take over when the name movers are "
+                      "knocked out; the paper gives no size, so the growth must be significant (the "
+                      "table's reading: the whole 95% interval above 0)")
+BACKUPS = Claim("backups", "Backup heads take over: their direct effect on the logit difference grows "
+                "(significant growth) when the name movers are ablated", "Wang et al. 2023, §3.4 (backup name movers)",
+                "the mean over the test half's prompts of the summed ΔDE of the backups, the heads (not name "
+                "movers) whose mean direct effect grows most on the selection half",
+                paper_word("significant"), fmt="+.3g", rationale=SIGNIFICANT_GROWTH,
+                reading="On prompts they were not chosen on, the backups' direct effect on the logit "
+                        "difference changes by {value} logits in sum ({n} {unit}).")
+MOVED = Claim("moved", "Reading the residual stream the name movers read, the backups begin name moving "
+              "(a significant gain)", "self-repair paper, App. G",
+              "the mean over the test half's prompts of the later backups' summed change of direct effect "
+              "(logits) when their layer reads the residual that entered the first name mover's layer "
+              "(backups chosen on the selection half, in layers after it)", paper_word("significant"),
+              fmt="+.3g", rationale="App. G: 'the backup heads begin performing name moving as well'; no size "
+                                    "is given, so the gain must be significant",
+              reading="On prompts they were not chosen on, the backups' direct effect on the logit difference "
+                      "changes by {value} logits in sum ({n} {unit}).")
 CLAIMS = (DOES_IOI, REPAIRED, BACKUPS, MOVED)
-
 HEADS_TABLE = Layout(("label", "direct_effect", "attn_io", "attn_s", "ablated_direct_effect",
                       "delta_direct_effect", "moved_direct_effect"),
                      names={"direct_effect": "DE on logit diff", "attn_io": "attention to IO",
@@ -68,6 +101,8 @@ class Config(RunConfig):
     n_backups: int = 3  # how many heads with the largest DE increase are shown as backups
     batch_size: int = 16  # prompts per forward pass (speed only)
     cache_dir: str = "results"  # where computed results are cached
+    fold_value_biases: bool = False  # TransformerLens's convention (the paper's code and Wang et al.'s): each b_V·W_O in the layer's bias, not the head's output
+    n_boot: int = 1000  # cluster-bootstrap replicates of every interval (prompt pairs resampled)
 
     HEAD_FIELDS = ("name_movers",)
 
@@ -77,6 +112,8 @@ class Config(RunConfig):
         if self.n_prompts < 4 or self.n_prompts % 2:
             raise InputError(f"n_prompts must be an even number >= 4 (each name pair in both orders), "
                              f"got {self.n_prompts}")
+        if self.n_boot < 10:
+            raise InputError(f"n_boot must be at least 10 bootstrap resamples, got {self.n_boot}")
         for name, value in (("n_name_movers", self.n_name_movers), ("n_backups", self.n_backups),
                             ("batch_size", self.batch_size)):
             if value < 1:
@@ -121,10 +158,43 @@ class IoiChapter:
     prompts: dict  # counts, names kept and dropped, an example
     verdicts: list
     meta: dict
+    split: Split | None = None  # prompt pairs, the halves, the backups chosen on the selection half
+    result: nm.IoiResult | None = None  # the measurement
+    n_boot: int = 1000  # bootstrap replicates
+    seed: int = 0  # of the replicates and the halves
 
 
 def spec(cfg: Config) -> nm.IoiSpec:
-    return nm.IoiSpec(ablation=cfg.ablation, n_name_movers=cfg.n_name_movers, name_movers=tuple(cfg.name_movers))
+    """The measurement: the selection rule (unless the name movers are pinned) reads the selection
+    half of the prompt pairs (``seed``), the verdicts the other half."""
+    return nm.IoiSpec(ablation=cfg.ablation, n_name_movers=cfg.n_name_movers, name_movers=tuple(cfg.name_movers),
+                      select_seed=None if cfg.name_movers else cfg.seed)
+
+
+def backups_on(res: nm.IoiResult, prompts: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """The ``n`` heads (not name movers) whose mean direct effect grows most under the ablation
+    (mean ΔDE > 0) over the ``prompts`` (a boolean mask), ties to the lower layer, then head —
+    :func:`selfrepair.name_movers.backups` on a subset of the prompts."""
+    d = (res.ablated_head_de - res.head_de)[torch.from_numpy(np.asarray(prompts, bool))].double().mean(0)
+    nm_mask = res.nm_mask()
+    L, H = d.shape
+    cand = [(-float(d[l, h]), l, h) for l in range(L) for h in range(H) if not nm_mask[l, h] and d[l, h] > 0]
+    return [(l, h) for _, l, h in sorted(cand)[:n]]
+
+
+@dataclass
+class Split:
+    """The prompt pairs (the units of independence), the seeded halves and what the selection half
+    chose: every verdict after "does IOI" reads the test half."""
+
+    clusters: Clusters
+    select: np.ndarray  # cluster indices
+    test: np.ndarray
+    backups: list  # (layer, head) chosen on the selection half
+    pinned: bool  # the name movers were pinned (not chosen on the selection half)
+
+    def prompts(self, half: np.ndarray) -> np.ndarray:
+        return self.clusters.rows_of(half)
 
 
 def moving_frame(heads: pd.DataFrame, shown: pd.DataFrame, source: int) -> pd.DataFrame:
@@ -140,6 +210,7 @@ def moving_frame(heads: pd.DataFrame, shown: pd.DataFrame, source: int) -> pd.Da
     return pd.DataFrame(rows)
 
 
+@recorded  # its verdicts are kept beside its measurements (the scorecard reads them)
 def measure(cfg: Config, progress: bool = True) -> IoiChapter:
     check(cfg)
     model = open_model(cfg)
@@ -147,10 +218,17 @@ def measure(cfg: Config, progress: bool = True) -> IoiChapter:
     res = cached(cfg, spec(cfg), data, progress=progress, batch_size=cfg.batch_size)
     heads = nm.head_frame(res)
     movers = heads[heads["name_mover"]].sort_values("direct_effect", ascending=False)
-    ups = nm.backups(heads, cfg.n_backups)
+    clusters = nm.pair_clusters(len(data))
+    select, test = clusters.halves(cfg.seed)
+    split = Split(clusters, select, test, [], bool(cfg.name_movers))
+    split.backups = backups_on(res, split.prompts(select), cfg.n_backups)
+    ups = heads.set_index(["layer", "head"]).loc[split.backups].reset_index()[heads.columns] if split.backups \
+        else heads.iloc[:0]
     source = int(res.source_layer)
     repair = nm.repair_frame(res)
-    later = [(int(b.layer), int(b.head)) for b in ups.itertuples() if b.layer > source]
+    later = [(l, h) for l, h in split.backups if l > source]
+    repair["backup_gain"] = sum(((res.ablated_head_de - res.head_de)[:, l, h].double().numpy()
+                                 for l, h in split.backups), np.zeros(len(data)))
     repair["moved_gain"] = nm.moved_gain(res, later)  # the backups after the source layer
     stand_in = not cfg.names and set(data.names) <= set(ioi.LETTER_NAMES)  # NAMES has no one-letter name
     info = {"n": len(data), "names": list(data.names), "dropped": list(data.dropped), "stand_in": stand_in,
@@ -160,38 +238,80 @@ def measure(cfg: Config, progress: bool = True) -> IoiChapter:
     ch = IoiChapter(performance=ioi.summary(res.logit_diff), heads=heads, name_movers=movers, backups=ups,
                     repair=repair, moving=moving_frame(heads, pd.concat([movers, ups]), source),
                     prompts=info, verdicts=[], meta={**res.meta, "source_layer": source, "sandwich": model.sandwich,
-                                                     "top_is_io": float((res.ml_token == res.io_token).double().mean())})
+                                                     "top_is_io": float((res.ml_token == res.io_token).double().mean())},
+                    split=split, n_boot=cfg.n_boot, seed=cfg.seed, result=res)
     ch.verdicts = verdicts(ch)
     return ch
 
 
-def verdicts(ch: IoiChapter) -> list[Verdict]:
+def mean_of(t: np.ndarray) -> np.ndarray:
+    """Per replicate, column 1 over column 0 of totals ``[R, 2]``: a mean over prompts when column 0
+    counts them."""
+    return ratio(t[:, 1], t[:, 0])
+
+
+def share_back(t: np.ndarray) -> np.ndarray:
+    """Per replicate, Σ self-repair / Σ direct effect lost (columns 0 and 1 of totals ``[R, 2]``)."""
+    return ratio(t[:, 0], t[:, 1])
+
+
+def pair_sums(ch: IoiChapter, *columns) -> np.ndarray:
+    """Per-prompt ``columns`` of ``ch.repair`` (names, or arrays) summed per prompt pair ``[pair, k]``."""
     r = ch.repair
+    values = [np.asarray(c, float) if not isinstance(c, str) else np.ones(len(r)) if c == "n" else r[c].to_numpy(float)
+              for c in columns]
+    return ch.split.clusters.sum_rows(np.stack(values, 1))
+
+
+def estimates(ch: IoiChapter) -> dict[str, Estimate]:
+    """Each claim's statistic with its 95% interval over resampled prompt pairs: "does IOI" over
+    every pair, the others over the test half (with pinned name movers, the repair over every pair:
+    nothing was chosen there)."""
+    r, sp = ch.repair, ch.split
+    every = Bootstrap.over(sp.clusters, ch.n_boot, ch.seed)
+    test = Bootstrap(len(sp.test), ch.n_boot, ch.seed, sp.clusters.unit)
+    rep_half, rep_boot = (slice(None), every) if sp.pinned else (sp.test, test)
+    n_test = int(sp.prompts(sp.test).sum())
+    unit = f"prompts of the test half ({len(sp.test)} of {sp.clusters.n} prompt pairs)"
+    lost = -r["nm_delta_de"].to_numpy()
+    return {
+        "does_ioi": every.estimate(mean_of, pair_sums(ch, "n", r["logit_diff"] > 0), n=len(r), unit="prompts"),
+        "repaired": rep_boot.estimate(share_back, pair_sums(ch, "self_repair", lost)[rep_half],
+                                      n=len(r) if sp.pinned else n_test, unit="prompts" if sp.pinned else unit),
+        "drop": rep_boot.estimate(share_back, pair_sums(ch, -r["delta_logit"], lost)[rep_half]),
+        "backups": test.estimate(mean_of, pair_sums(ch, "n", "backup_gain")[sp.test], n=n_test, unit=unit),
+        "from_heads": test.estimate(mean_of, pair_sums(ch, "n", "from_heads")[sp.test]),
+        "moved": test.estimate(mean_of, pair_sums(ch, "n", "moved_gain")[sp.test], n=n_test, unit=unit),
+    }
+
+
+def verdicts(ch: IoiChapter) -> list[Verdict]:
+    e, sp = estimates(ch), ch.split
     acc = ch.performance["accuracy"]
-    does = Verdict.share(DOES_IOI, r["logit_diff"] > 0, "prompts",
-                         f"Mean logit difference {ch.performance['mean_logit_diff']:.3g} "
-                         f"(median {ch.performance['median_logit_diff']:.3g}); IO is the top token on "
-                         f"{ch.meta['top_is_io']:.0%}.")
+    does = Verdict.of(DOES_IOI, e["does_ioi"], f"Mean logit difference {ch.performance['mean_logit_diff']:.3g} "
+                      f"(median {ch.performance['median_logit_diff']:.3g}); IO is the top token on "
+                      f"{ch.meta['top_is_io']:.0%}.")
     fails = "" if does.holds else (f"the model is not shown to do IOI on these prompts (IO above S on "
                                    f"{acc:.0%}), so there is no name moving to repair")
     source = ch.meta["source_layer"]
-    later = ch.backups[ch.backups["layer"] > source]
-    lost = -r["nm_delta_de"].mean()
+    later = [(l, h) for l, h in sp.backups if l > source]
+    labels = lambda heads: ", ".join(head_label(l, h) for l, h in heads)  # noqa: E731
+    rep = e["repaired"]
+    outcome = (f"Outcome: **{repair_outcome(rep.lo, rep.hi)}** (the whole 95% interval). " if rep.reliable else "")
+    chosen = ("The name movers are pinned; " if sp.pinned else
+              f"The name movers and backups were chosen on the other {len(sp.select)} pairs; ")
     return [
         does,
-        Verdict.mean(REPAIRED, r["self_repair"], "prompts",
-                     f"The name movers lose {lost:.3g} logits of direct effect on average; the logit "
-                     f"difference changes by {r['delta_logit'].mean():+.3g}.", why=fails),
-        Verdict.mean(BACKUPS, r["from_heads"], "prompts",
-                     "Backups: " + ", ".join(f"{b.label} ({b.delta_direct_effect:+.3g})"
-                                              for b in ch.backups.itertuples()) + "." if len(ch.backups)
-                     else "No other head's direct effect grows.", why=fails),
-        Verdict.mean(MOVED, r["moved_gain"] if len(later) else [], "prompts",
-                     "Backups in later layers, mean DE clean → residual moved: " + "; ".join(
-                         f"{b.label} {b.direct_effect:.3g} → {b.moved_direct_effect:.3g}" for b in later.itertuples())
-                     + "." if len(later) else "",
-                     why=fails or ("" if len(later) else f"no backup is in a layer after the first name "
-                                                         f"mover's (layer {source}): nothing is skipped")),
+        Verdict.of(REPAIRED, rep, outcome + f"The logit difference falls by {e['drop'].prose('.0%')} of the direct "
+                   f"effect lost. {chosen}the name movers' lost direct effect is summed over the same prompts.",
+                   why=fails),
+        Verdict.of(BACKUPS, e["backups"], (f"Backups: {labels(sp.backups)}. " if sp.backups else
+                   "No other head's direct effect grows on the selection half. ")
+                   + f"Every other head together changes by {e['from_heads'].prose('+.3g')} logits (eq. 2's "
+                   "other heads).", why=fails or ("" if sp.backups else "no backup was found on the selection half")),
+        Verdict.of(MOVED, e["moved"], f"Backups in later layers: {labels(later)}." if later else "",
+                   why=fails or ("" if later else f"no backup is in a layer after the first name mover's "
+                                                  f"(layer {source}): nothing is skipped")),
     ]
 
 
@@ -221,7 +341,9 @@ def selection_markdown(ch: IoiChapter) -> str:
         rule = "pinned by the parameters"
     elif m.get("rule_found"):
         rule = ("the heads with the largest mean direct effect on the logit difference among those "
-                "attending from the end more to IO than to S, both its occurrences together")
+                "attending from the end more to IO than to S, both its occurrences together, on the "
+                f"selection half of the prompt pairs ({len(ch.split.select)} of {ch.split.clusters.n}; the "
+                "numbers here are means over every prompt)")
     else:
         rule = ("**no head** has a positive direct effect and attends more to IO than to S, so the rule "
                 "finds no name mover; the heads with the largest direct effect stand in")
@@ -259,7 +381,13 @@ def on_this_model(ch: IoiChapter) -> str:
              f"of {len(ch.name_movers)} name movers at the end): the logit difference changes by "
              f"{r['delta_logit'].mean():+.3g} where the name movers' direct effect changes by "
              f"{r['nm_delta_de'].mean():+.3g}.")
-    return render(ch.verdicts, intro)
+    return render(ch.verdicts, intro, rules="ch08-rules")
+
+
+VALUE_BIAS = (  # what fold_value_biases changes in this chapter
+    "It changes each head's direct effect on the logit difference, hence which heads the rule"
+    " picks as name movers and backups, and every zero-ablation number; the changes under "
+    "mean ablation are the same either way (Wang et al. also used TransformerLens).")
 
 
 def model_notes(cfg: Config) -> str:
@@ -277,4 +405,5 @@ def model_notes(cfg: Config) -> str:
                      "rescales its other heads' writes when the name movers are ablated; that reaction, and "
                      "every later block norm's, is the `from_block_norms` row of the table, not part of "
                      "any head's ΔDE.")
+    lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)

@@ -6,6 +6,14 @@ direct effect is read on its top-k% tokens by clean direct effect and over every
 plot's head is the paper's GPT2-Medium L21H1 when pinned (``featured_heads``; the ``paper``
 profile runs GPT2-Medium); otherwise the most self-repressing and most self-reinforcing heads with
 at least the median head's direct effect (the paper shows one head "which self-represses").
+
+**Claims** (:data:`CLAIMS`, decided on :mod:`selfrepair.repression`'s per-cluster sums): a head
+self-represses when both its fall under its own output and its fall beyond the random push of the
+same norm exceed the table's "approximately zero" (±10% of its direct effect, :data:`TAU`); the most
+self-repressing head is chosen on one half of the documents and tested on the other
+(``Clusters.halves``), and "proportional" is a line through the origin (``Verdict.linear``) fitted to
+the repression of the heads that self-repress on the first half, measured on the second. The paper
+offers these heads as evidence for the iterative inference hypothesis (App. G), and the text says so.
 """
 
 from __future__ import annotations
@@ -16,45 +24,69 @@ import numpy as np
 import pandas as pd
 
 from .. import iterative as it
-from ..claims import Claim, Verdict, above, at_least, render
+from .. import repression as rp
+from ..claims import Claim, Verdict, paper_word, render
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_tokens
+from ..findings import Figure, Finding, markdown, shows as _shows
 from ..structure import late_start
-from . import check
+from ..uncertainty import Bootstrap, Clusters, mean_finite
+from ..verdict_records import recorded
+from . import check, value_bias_note
 
 PAPER_HEAD = "L21H1"  # GPT2-Medium (Fig 18, 19)
 FEATURED_RULE = ("the most self-repressing, then the most self-reinforcing heads among the classified "
                  "heads with at least the median head's direct effect")
 
-EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output they write less",
-              "App. G, Fig 19", "the number of heads classified self-repressing that respond to their "
-              "own output beyond a random push of the same size (specific)", at_least(1), fmt=".0f",
-              reading="{value} of the {n} {unit} write less when fed their own output, by more than "
-                      "a random push of the same size changes them.")
+TAU = paper_word("approximately zero").bounds[1]  # a change within ±10% of the DE is no change
+ALL = ("every head of the model is a candidate: the one that self-represses most on one half of the "
+       "documents (the paper shows GPT2-Medium's L21H1, one head 'which self-represses') is tested on "
+       "the other half, so the largest of many noisy changes does not pass for an effect")
+EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output they write less, beyond what a "
+              "random push of the same size does", "App. G, Fig 19",
+              "for the head that self-represses most on one half of the documents, on the other half: the "
+              "weaker of its two falls at the largest alpha, relative to its mean top-token direct effect — "
+              "under its own output, and under its own output beyond the random push (the control)",
+              paper_word("approximately zero", "<"), fmt="+.0%",
+              reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit} "
+                      "changes its direct effect by {value} when fed its own output (the weaker of the "
+                      "change itself and the change beyond the control's).",
+              rationale="a change within ±10% of the head's direct effect is approximately zero, so a head "
+                        "self-represses when both falls exceed that: the fall itself (App. G: the direct "
+                        "effect 'decreases') and the fall beyond a random push of the same norm, without "
+                        "which a head that any perturbation moves would count. " + ALL)
 PROPORTIONAL = Claim("proportional", "The repression is proportional to how much output is added",
-                     "App. F, Fig 18", "the share of the self-repressing heads whose top-token direct "
-                     "effect falls monotonically as alpha grows", above(0.5), fmt=".0%",
-                     reading="For {value} of the {n} {unit}, each larger dose of their own output "
-                             "lowers their direct effect further.")
+                     "App. F, Fig 18",
+                     "the least-squares line, over the alphas, of the repression (minus the relative change "
+                     "of the mean top-token direct effect, averaged over the heads that self-repress on one "
+                     "half of the documents), measured on the other half",
+                     paper_word("proportional"), fmt=".3f",
+                     reading="Each unit of alpha adds {value} of the direct effect to the repression (slope "
+                             "over {n} {unit}).",
+                     rationale="App. F: 'the amount in which these heads self-repress is proportional to "
+                               "the amount in which scale the heads output back into itself'; proportional "
+                               "is a line through the origin, so the slope must be above 0 and the intercept "
+                               "approximately zero, not merely a repression that grows")
+CLAIMS = (EXIST, PROPORTIONAL)
 
 
 @dataclass(frozen=True)
 class Config(CorpusConfig):
     alphas: tuple[float, ...] = (1.0, 3.0, 5.0)  # scales of the head's own output added to its input (the paper: 1, 3, 5)
-    threshold: float = 0.1  # relative change of mean top-token DE, at the largest alpha, that makes a class
     featured_heads: tuple[str, ...] | None = None  # the token plot's heads (the paper: L21H1); None: the most extreme
     n_featured: int = 4  # heads in the token plot when featured_heads is None
+    n_boot: int = 1000  # cluster-bootstrap replicates of every interval (documents resampled)
 
     HEAD_FIELDS = ("featured_heads",)
 
     def validate(self) -> None:
         super().validate()
         it.check_alphas(self.alphas)
-        if not 0 < self.threshold < 10:
-            raise InputError(f"threshold must be a positive relative change such as 0.1, got {self.threshold}")
         if self.n_featured < 1:
             raise InputError(f"n_featured must be at least 1, got {self.n_featured}")
+        if self.n_boot < 10:
+            raise InputError(f"n_boot must be at least 10 bootstrap resamples, got {self.n_boot}")
 
 
 @dataclass
@@ -65,6 +97,10 @@ class IterativeChapter:
     reason: str
     verdicts: list
     meta: dict
+    clusters: Clusters | None = None  # the token set's documents (units of the bootstrap)
+    sums: np.ndarray | None = None  # [cluster, head, column] per-cluster sums (selfrepair.repression)
+    n_boot: int = 1000  # bootstrap replicates
+    seed: int = 0  # of the replicates and of the selection / test split
 
     @property
     def tokens(self) -> pd.DataFrame:
@@ -77,36 +113,69 @@ class IterativeChapter:
         return it.response(self.result, self.classes)
 
 
+@recorded  # its verdicts are kept beside its measurements (the scorecard reads them)
 def measure(cfg: Config, progress: bool = True) -> IterativeChapter:
     check(cfg)
     model = open_model(cfg)
     spec = it.AmplifySpec(alphas=it.check_alphas(cfg.alphas), top_percent=cfg.top_percent, seed=cfg.seed)
-    res = cached(cfg, spec, open_tokens(cfg, model, progress=progress), progress=progress)
-    classes = it.classify(res, cfg.threshold)
+    data = open_tokens(cfg, model, progress=progress)
+    res = cached(cfg, spec, data, progress=progress)
+    classes = it.classify(res, TAU, rp.MIN_EFFECT)
     labels = it.featured(classes, cfg.n_featured, cfg.featured_heads)
     reason = "pinned by featured_heads" if cfg.featured_heads else FEATURED_RULE
-    ch = IterativeChapter(res, classes, labels, reason, [], dict(res.meta))
+    clusters = Clusters.of_tokens(data.main_document, len(data))
+    ch = IterativeChapter(res, classes, labels, reason, [], dict(res.meta), clusters, rp.sums(res, clusters),
+                          cfg.n_boot, cfg.seed)
     ch.verdicts = verdicts(ch)
     return ch
 
 
 def verdicts(ch: IterativeChapter) -> list[Verdict]:
-    ok = ch.classes[ch.classes["class"] != "weak"]
-    rep = ok[ok["class"] == "self-repressing"]
-    resp = it.response(ch.result, ch.classes)
-    falling = []
-    for label in rep["label"]:
-        g = resp[resp["label"] == label].sort_values("alpha")
-        falling.append(bool((np.diff(g["new_direct_effect"].to_numpy()) <= 0).all()))
-    return [  # a count of heads: exact, no sampling interval
-        Verdict(EXIST, float(rep["specific"].sum()), len(ok), "classified heads",
-                f"{len(rep)} heads are classified self-repressing and "
-                f"{int((ok['class'] == 'self-reinforcing').sum())} self-reinforcing."),
-        Verdict.share(PROPORTIONAL, falling, "self-repressing heads"),
-    ]
+    """:data:`EXIST` and :data:`PROPORTIONAL`: heads chosen on one half of the documents
+    (``Clusters.halves``), tested on the other with a cluster bootstrap of ``ch.n_boot`` replicates."""
+    select, test = ch.clusters.halves(ch.seed)
+    chosen = rp.repression(ch.sums[select].sum(0)[None])[0]
+    boot = Bootstrap(len(test), ch.n_boot, ch.seed, ch.clusters.unit)
+    labels = list(ch.classes["label"])
+    whole = Bootstrap.over(ch.clusters, ch.n_boot, ch.seed).estimate(lambda t: rp.share_repressing(t, TAU),
+                                                                     ch.sums)
+    share = (f"On every document (both halves), {whole.prose('.0%')} of the classified heads self-repress "
+             f"this way, falling by more than {TAU:.0%} both under their own output and beyond the random "
+             "push; the paragraph above counts as self-repressing every head whose fall under its own "
+             "output alone does, a different number.")
+    n_heads = int(np.isfinite(chosen).sum())
+    if not n_heads:
+        nan = boot.estimate(lambda t: np.full(len(t), np.nan), ch.sums[test])
+        why = "no head has tokens on the selection half with a direct effect large enough to classify"
+        return [Verdict.of(EXIST, nan, share, why=why), Verdict.of(PROPORTIONAL, nan, why=why)]
+    best = int(np.nanargmin(chosen))
+    unit = (f"classified heads (chosen on {len(select)} {ch.clusters.unit}, tested on the other {len(test)})")
+    est = boot.estimate(lambda t: rp.repression(t)[:, best], ch.sums[test], n=n_heads, unit=unit)
+    own = boot.estimate(lambda t: rp.relative(t)[0][:, best, -1], ch.sums[test])
+    ctrl = boot.estimate(lambda t: rp.relative(t)[1][:, best], ch.sums[test])
+    exist = Verdict.of(EXIST, est, f"It is {labels[best]} (a fall of {chosen[best]:+.0%} on the selection "
+                       f"half). On the test half its own output changes its direct effect by "
+                       f"{own.prose('+.0%')}, the random push by {ctrl.prose('+.0%')}. {share}")
+    return [exist, _proportional(ch, chosen, test, boot, labels)]
 
 
-def on_this_model(ch: IterativeChapter, threshold: float) -> str:
+def _proportional(ch: IterativeChapter, chosen: np.ndarray, test, boot: Bootstrap, labels) -> Verdict:
+    heads = np.flatnonzero(chosen <= -TAU)
+    alphas = ch.result.alphas
+    unit = f"{'head' if len(heads) == 1 else 'heads'} self-repressing on the selection half"
+    if len(heads) == 0 or len(set(alphas)) < 2:
+        nan = boot.estimate(lambda t: np.full(len(t), np.nan), ch.sums[test])
+        return Verdict.of(PROPORTIONAL, nan, why="no head self-represses on the selection half"
+                          if len(heads) == 0 else "a line needs at least two alphas")
+    slope = boot.estimate(lambda t: rp.dose_line(t, heads, alphas)[0], ch.sums[test], n=len(heads), unit=unit)
+    icpt = boot.estimate(lambda t: rp.dose_line(t, heads, alphas)[1], ch.sums[test])
+    y = -mean_finite(rp.relative(ch.sums[test].sum(0)[None])[0][0, heads], axis=0)
+    return Verdict.linear(PROPORTIONAL, slope, icpt,
+                          f"The heads: {', '.join(labels[i] for i in heads)}. Their mean repression on the test "
+                          "half is " + ", ".join(f"{v:+.0%} at α = {a:g}" for a, v in zip(alphas, y)) + ".")
+
+
+def on_this_model(ch: IterativeChapter) -> str:
     """The paragraph: the class counts and examples, then the claims."""
     classes, res = ch.classes, ch.result
     counts = classes["class"].value_counts()
@@ -125,20 +194,69 @@ def on_this_model(ch: IterativeChapter, threshold: float) -> str:
     same_way = ((np.sign(moved["relative_change_all"]) == np.sign(moved["relative_change"])).mean()
                 if len(moved) else float("nan"))
     text = (f"**On {res.meta.get('model')}** ({len(classes)} heads, top {res.meta.get('top_percent'):g}% "
-            f"tokens = {res.meta.get('k')} per head; classes at alpha = {max(res.alphas):g} with a "
-            f"threshold of ±{100 * threshold:.0f}% of the head's mean direct effect): "
-            f"{counts.get('self-repressing', 0)} self-repressing, {counts.get('self-reinforcing', 0)} "
+            f"tokens = {res.meta.get('k')} per head; classes at alpha = {max(res.alphas):g}, a change "
+            f"within ±{TAU:.0%} of the head's mean direct effect counting as none): "
+            f"{counts.get('self-repressing', 0)} self-repressing ({int((rep['specific']).sum())} of them "
+            f"also beyond the random push), {counts.get('self-reinforcing', 0)} "
             f"self-reinforcing, {counts.get('neutral', 0)} neutral and {counts.get('weak', 0)} weak heads "
-            f"(direct effect too small to classify). In the later half of the layers "
+            f"(a mean top-token direct effect under {rp.MIN_EFFECT:.0%} of the median head's, too small "
+            f"to classify). In the later half of the layers "
             f"{pct((late['class'] == 'self-repressing').mean() if len(late) else float('nan'))} of the "
-            f"classified heads self-repress. Strongest self-repressing: {ex(rep)}; strongest "
+            f"classified heads self-repress (by that class, the fall under their own output alone). "
+            f"Strongest self-repressing: {ex(rep)}; strongest "
             f"self-reinforcing: {ex(rein)}. Over every token, not only each head's top ones, the mean "
             f"direct effect moves the same way for {pct(same_way)} of the non-neutral heads.")
     if classes["control_change"].notna().any():
         text += (f" A random push of the same norm changes the classified heads' top-token direct "
                  f"effect by a median {100 * ok['control_change'].median():+.0f}% (their own output: "
                  f"{100 * ok['relative_change'].median():+.0f}%).")
-    return text + "\n\n" + render(ch.verdicts)
+    cl = ch.clusters
+    text += (f" The verdicts choose heads on one half of the {cl.n:,} independent {cl.unit} and test them on "
+             f"the other; every interval is a 95% cluster bootstrap over the {cl.unit} ({ch.n_boot:,} "
+             f"replicates, seed {ch.seed}) that recomputes each head's relative changes.")
+    return text + "\n\n" + render(ch.verdicts, rules="ch04-rules")
+
+
+FIGURES = dict.fromkeys(("repressing", "proportional"), Figure("ch04-map", "the head map and response curves"))
+
+
+def findings(ch: IterativeChapter) -> list[Finding]:
+    """"What this chapter shows": where it ran, the claims by outcome, and the take-away (from
+    :data:`EXIST`: does a head self-repress on documents it was not chosen on)."""
+    cl, model = ch.clusters, str(ch.result.meta.get("model"))
+    n_heads, alphas = len(ch.classes), ", ".join(f"{a:g}" for a in ch.result.alphas)
+    where = Finding(f"This chapter fed each of the {n_heads} heads of {model} its own output (scaled by "
+                    f"alpha = {alphas}) on {cl.n:,} independent {cl.unit}, choosing heads on one half of them "
+                    "and testing them on the other.", values=(n_heads, cl.n, *ch.result.alphas))
+    exist = next(v for v in ch.verdicts if v.claim is EXIST)
+    if exist.why:
+        text = f"Take-away: this run cannot test for self-repressing heads on this model ({exist.why})."
+        values = ()
+    else:
+        change = f"{exist.value:+.0%}"
+        values = (exist.value,)
+        if exist.holds:
+            text = (f"Take-away: on this model a head fed its own output writes less beyond a random push "
+                    f"({change} on held-out documents), as the iterative inference hypothesis expects; it is "
+                    "evidence for the hypothesis, not a measured mechanism of self-repair.")
+        elif exist.holds is False:
+            text = (f"Take-away: on this model no head self-represses beyond a random push on held-out "
+                    f"documents (the most self-repressing changes by {change}), so this evidence for the "
+                    "iterative inference hypothesis is not seen here.")
+        else:
+            text = (f"Take-away: this run cannot say whether a head self-represses beyond a random push on "
+                    f"this model ({change} on held-out documents); a run on more tokens would narrow the interval.")
+    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["repressing"],), values))
+
+
+def shows(ch: IterativeChapter) -> str:
+    """The "What this chapter shows" paragraph."""
+    return markdown(findings(ch))
+
+
+VALUE_BIAS = (  # what fold_value_biases changes in this chapter
+    "It changes the head's output that is added back (a folded head's output has no b_V·W_O) "
+    "and the head's top-k% tokens by direct effect.")
 
 
 def model_notes(cfg: Config) -> str:
@@ -146,10 +264,12 @@ def model_notes(cfg: Config) -> str:
     from ..structure import architecture
 
     if architecture(open_model(cfg))["sandwich"]:
-        return ("- **What \"the head's output\" is here.** This model normalizes each attention write "
+        text = ("- **What \"the head's output\" is here.** This model normalizes each attention write "
                 "(a post-attention norm with gain g and scale s), so a head adds g ⊙ z_h·W_O[h] / s "
                 "to the residual stream, with s frozen at its clean value — its share of the block's "
                 "write. Adding the raw z_h·W_O[h] instead would be a different push, much smaller "
                 "wherever g/s ≫ 1.")
-    return ("- **What \"the head's output\" is here.** As in the paper's models, a head adds "
-            "z_h·W_O[h] to the residual stream, and that is what is fed back.")
+    else:
+        text = ("- **What \"the head's output\" is here.** As in the paper's models, a head adds "
+                "z_h·W_O[h] to the residual stream, and that is what is fed back.")
+    return text + "\n" + value_bias_note(cfg, VALUE_BIAS)

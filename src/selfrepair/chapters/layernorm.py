@@ -1,9 +1,10 @@
 """Chapter 2 — LayerNorm self-repair (self-repair paper §3, App. A, B, D, H; Fig 4-6, 9, 10, 15-17).
 
-Heads: the paper's Fig 4 uses Pythia-160M L11H2 and Fig 5 L11H10 (its caption says L11H0, as does
-Fig 15's), both chosen by eye ("demonstrates this phenomena well", "selected as it shows our point
-well"). The ``paper`` profile pins them (``ratio_head``, ``ablation_head``); on other models both
-figures use the last-layer head with the largest mean top-k% direct effect, standing in for both.
+Heads: the paper's Fig 4 uses Pythia-160M L11H2 and Fig 5 L11H10 (its caption says L11H0), both
+chosen by eye ("demonstrates this phenomena well", "selected as it shows our point well"); App. D's
+Fig 15 is captioned "ablating L11H0 of Pythia-160m". The ``paper`` profile pins all three
+(``ratio_head``, ``ablation_head``, ``fig15_head``); on other models Fig 4 and Fig 5 use the
+last-layer head with the largest mean top-k% direct effect, and Fig 15 the Fig 5 head.
 App. D (Fig 16-17) repeats Fig 4's procedure on GPT-2 small's L11H10 and L11H3: ``ratio_heads``
 runs it for any list of heads (the ``appendix_d`` profile pins those two on GPT-2 small); by
 default on the ratio head and the next two last-layer heads by mean top-k% direct effect
@@ -27,6 +28,12 @@ layer ``l`` runs ``n_layers - l`` blocks), some 12 more minutes, past the book's
 Tokens: the heads' top-k% tokens by direct effect (Fig 4, 5, 6, 10 — "filtering for the top 2% of
 tokens according to direct effect") and the uniform sample of all tokens (Fig 9's unclipped view and
 App. D's residual-norm ratios, "without filtering").
+
+Claims: :mod:`selfrepair.chapters.layernorm_claims` (every last-layer head for S/S′ and App. H, so
+all of them are mean- and zero-ablated beside the figures' heads; every late head for the norm share
+and the norms-only repair; a cluster bootstrap over the documents). App. B's check runs on the first
+rows of the token set that hold :data:`~selfrepair.chapters.layernorm_claims.CHECK_CLUSTERS` documents,
+``batch_size`` rows at a time.
 """
 
 from __future__ import annotations
@@ -39,70 +46,52 @@ import torch
 
 from .. import frozen_norm as fz
 from .. import layernorm as ln
-from ..claims import Claim, Verdict, above, at_least, between, below, bootstrap, render
+from ..claims import Verdict, render
 from ..config import CorpusConfig, parse_head
-from ..existence import sweep_frames
+from ..errors import InputError
+from ..existence import clusters_of, sweep_frames
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
 from ..heads import HeadsSpec
 from ..models import load_model
 from ..results import head_label
 from ..structure import late_start, span
 from ..tables import Layout
-from . import check
-from .layernorm_text import APP_D_TABLE, FROZEN_RULE, app_d_markdown, frozen_markdown  # noqa: F401 (the notebook's)
+from ..verdict_records import recorded
+from . import check, value_bias_note
+from .layernorm_claims import (APP_B, APP_H, CHECK_CLUSTERS, CLAIMS, NORMS_ONLY, RATIO, SHARE,  # noqa: F401
+                               Evidence, evidence, verdicts)
+from .layernorm_text import (APP_D_TABLE, FIGURES, FROZEN_RULE, app_d_markdown, findings,  # noqa: F401 (the notebook's)
+                             frozen_markdown, shows)
 
-PAPER_HEADS = {"ratio_head": "L11H2", "ablation_head": "L11H10"}  # Pythia-160M, Fig 4 and Fig 5
+PAPER_HEADS = {"ratio_head": "L11H2", "ablation_head": "L11H10",  # Pythia-160M, Fig 4 and Fig 5
+               "fig15_head": "L11H0"}  # Fig 15's caption
 HEAD_RULE = "the last-layer head with the largest mean top-k% direct effect"
 APP_D_HEADS = ("L11H10", "L11H3")  # GPT-2 small, App. D Fig 16 and 17
 APP_D_RULE = "the ratio head, then the last-layer heads with the next largest mean top-k% direct effects"
 N_APP_D = 3  # heads of the default App. D rule (cheap: a last-layer head's passes run one block)
-
-RATIO = {a: Claim(f"ratio_{a}", f"On a head's top tokens the ablated residual is smaller, S/S′ > 1 "
-                  f"({a} ablation)", "§3.2, Fig 4", "the share of the ratio head's top-k% tokens "
-                  "with S/S′ > 1", at_least(0.5), paper=p,
-                  paper_context="Pythia-160M L11H2", fmt=".1%",
-                  reading="The ablation shrinks the residual stream, so the final norm amplifies every "
-                          "logit, on {value} of the {n} {unit}.")
-         for a, p in (("resample", 0.9066), ("mean", 0.9875), ("zero", 1.0))}
-SHARE = Claim("norm_share", "LayerNorm explains around 30% of a head's direct effect across many layers",
-              "§3.2, Fig 6/10", "the final norm's clipped per-token share of direct effect "
-              "(from_norm / DE, clipped to [0, 1], top-k% tokens), averaged over the late-layer heads",
-              between(0.15, 0.45), paper=0.30, paper_context="several models, top 2% tokens", fmt=".0%",
-              reading="On average over the {n} {unit}, the final norm's rescaling alone gives back "
-                      "{value} of a head's direct effect (per token, clipped to [0, 1]).")
-APP_B = Claim("appendix_b", "For a last-layer head of a parallel-attention model, "
-              "Δlogit = (S/S′ − 1)·logit + (S/S′)·ΔDE", "§3.1, App. B",
-              "the closed form's mean absolute error relative to mean |Δlogit| on one batch",
-              below(1e-3), fmt=".1e",
-              reading="The closed form misses the real Δlogit by {value} of its size, over {n} {unit}.")
-APP_H = Claim("appendix_h", "Even a ratio near 1 moves a logit by a nontrivial fraction of a direct "
-              "effect", "App. H", "the median |(S/S′ − 1)·(logit − logit of the strongest other token)| "
-              "over the ratio head's top-k% tokens (resample), relative to their median direct effect",
-              at_least(0.05), fmt=".1%",
-              reading="The norm's rescaling alone moves the correct token against its strongest "
-                      "competitor by {value} of a typical direct effect (medians over {n} {unit}).")
-NORMS_ONLY = Claim("norms_only", "With every downstream component frozen except the norm, the norm "
-                   "alone still recovers part of a head's direct effect", "§3",
-                   "per late-layer head, the mean norms-only self-repair over its top-k% tokens "
-                   "divided by its mean direct effect there, averaged over the heads",
-                   above(0.0), fmt=".1%",
-                   reading="With only the norms live, they give back {value} of a head's direct "
-                           "effect on average over the {n} {unit}.")
-
 
 @dataclass(frozen=True)
 class Config(CorpusConfig):
     ratio_head: str | None = None  # Fig 4 and App. H's head (the paper: L11H2); None: the stand-in rule
     ablation_head: str | None = None  # Fig 5 and App. D's head (the paper: L11H10); None: as ratio_head
     ratio_heads: tuple[str, ...] | None = None  # App. D Fig 16-17: Fig 4 for these heads (the paper: L11H10, L11H3 of GPT-2 small); None: APP_D_RULE
+    fig15_head: str | None = None  # App. D Fig 15's head (the paper's caption: L11H0 of Pythia-160M); None: the Fig 5 head
+    n_boot: int = 1000  # cluster-bootstrap replicates of every interval (documents resampled)
 
-    HEAD_FIELDS = ("ratio_head", "ablation_head", "ratio_heads")
+    HEAD_FIELDS = ("ratio_head", "ablation_head", "ratio_heads", "fig15_head")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_boot < 10:
+            raise InputError(f"n_boot must be at least 10 bootstrap resamples, got {self.n_boot}")
 
 
-def figure_heads(cfg: Config, per_head: pd.DataFrame) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``(ratio head, ablation head)``: pinned by ``ratio_head`` / ``ablation_head`` or the stand-in."""
+def figure_heads(cfg: Config, per_head: pd.DataFrame) -> tuple[tuple[int, int], ...]:
+    """``(ratio head, ablation head, Fig 15 head)``: pinned by ``ratio_head`` / ``ablation_head`` /
+    ``fig15_head``, or the stand-in (Fig 15: the ablation head)."""
     ratio = parse_head(cfg.ratio_head) if cfg.ratio_head else stand_in(per_head)
-    return ratio, parse_head(cfg.ablation_head) if cfg.ablation_head else ratio
+    abl = parse_head(cfg.ablation_head) if cfg.ablation_head else ratio
+    return ratio, abl, parse_head(cfg.fig15_head) if cfg.fig15_head else abl
 
 
 def stand_in(per_head: pd.DataFrame) -> tuple[int, int]:
@@ -131,12 +120,14 @@ class LayerNormChapter:
     heads: pd.DataFrame  # the figures' heads: figure, label, reason
     ratio_head: tuple[int, int]
     ablation_head: tuple[int, int]
+    fig15_head: tuple[int, int]
     tokens: pd.DataFrame  # per token of both heads, three ablations (top-k% and sample)
     ratios: pd.DataFrame  # Fig 4 / App. H summary of the ratio head
     app_d: list  # App. D's heads (Fig 4's procedure for each)
     app_d_ratios: pd.DataFrame  # their summary, per head and ablation
-    shares: pd.DataFrame  # norm share per head (Fig 6, 9, 10)
+    shares: pd.DataFrame  # norm share per head (Fig 9, 10)
     layers: pd.DataFrame  # layer means of the shares
+    repair: pd.DataFrame  # the norms' self-repair in logits per head (Fig 6)
     check: pd.DataFrame  # App. B per token
     check_table: pd.DataFrame
     per_head: pd.DataFrame
@@ -144,6 +135,9 @@ class LayerNormChapter:
     verdicts: list
     meta: dict
     frozen: pd.DataFrame | None = None  # per late head: live, norms-frozen, norms-only self-repair
+    evidence: Evidence | None = None  # per-cluster sums every interval resamples
+    n_boot: int = 1000  # bootstrap replicates
+    seed: int = 0  # of the replicates
 
     @property
     def ratio_tokens(self) -> pd.DataFrame:
@@ -157,19 +151,26 @@ class LayerNormChapter:
 
     @property
     def ablation_tokens(self) -> pd.DataFrame:
-        """Per-token rows of the Fig 5 / App. D head (three ablations)."""
+        """Per-token rows of the Fig 5 head (three ablations)."""
         return self.tokens[self.tokens["label"] == head_label(*self.ablation_head)]
 
+    @property
+    def fig15_tokens(self) -> pd.DataFrame:
+        """Per-token rows of App. D's Fig 15 head (three ablations)."""
+        return self.tokens[self.tokens["label"] == head_label(*self.fig15_head)]
 
+
+@recorded  # its verdicts are kept beside its measurements (the scorecard reads them)
 def measure(cfg: Config, progress: bool = True, reference: bool = True) -> LayerNormChapter:
     """The shared resample sweep, the figures' heads under mean and zero ablation (cached), every
     head's norm share and the App. B check (here and on a tiny parallel-residual GPT-NeoX)."""
     check(cfg)
     sweep = head_sweep(cfg, "resample", progress=progress)
     per_head, top, sample = sweep_frames(sweep)
-    ratio, abl = figure_heads(cfg, per_head)
+    ratio, abl, fig15 = figure_heads(cfg, per_head)
     app_d = ratio_heads(cfg, per_head, ratio)
-    heads = tuple(sorted({ratio, abl, *app_d}))
+    last = int(per_head["layer"].max())  # every last-layer head: the class S/S' is claimed of
+    heads = tuple(sorted({ratio, abl, fig15, *app_d, *((last, int(h)) for h in per_head["head"].unique())}))
     model = open_model(cfg)
     data = open_tokens(cfg, model, progress=progress)
     runs = {a: cached(cfg, HeadsSpec(heads=heads, ablation=a), data, progress=progress)
@@ -184,83 +185,51 @@ def measure(cfg: Config, progress: bool = True, reference: bool = True) -> Layer
         ref = load_model("tiny-gpt_neox", dtype="float64")
         g = torch.Generator().manual_seed(cfg.seed)
         ref_tokens = torch.randint(0, ref.d_vocab, (4, 32), generator=g)
-    rows = slice(0, max(2, min(cfg.batch_size, len(data))))
+    clusters = clusters_of(sweep)
+    rows = ln.check_rows(clusters, CHECK_CLUSTERS, max_rows=8 * cfg.batch_size)
+    rows = rows if len(rows) >= 2 else np.arange(min(2, len(data)))
     b_check = ln.appendix_b(model, data.tokens[rows], ratio, ref, ref_tokens,
-                            corrupt_tokens=data.corrupt_tokens[rows])
+                            corrupt_tokens=data.corrupt_tokens[rows], batch_size=cfg.batch_size)
     fig = pd.DataFrame([
         {"figure": "Fig 4, App. H (S/S′)", "label": head_label(*ratio), "paper": PAPER_HEADS["ratio_head"],
          "reason": "pinned by ratio_head" if cfg.ratio_head else HEAD_RULE},
-        {"figure": "Fig 5, App. D (three ablations)", "label": head_label(*abl),
+        {"figure": "Fig 5 (three ablations)", "label": head_label(*abl),
          "paper": PAPER_HEADS["ablation_head"],
          "reason": "pinned by ablation_head" if cfg.ablation_head else
-         ("as ratio_head" if cfg.ratio_head else HEAD_RULE)}]
+         ("as ratio_head" if cfg.ratio_head else HEAD_RULE)},
+        {"figure": "Fig 15, App. D (S′/S, three ablations)", "label": head_label(*fig15),
+         "paper": PAPER_HEADS["fig15_head"],
+         "reason": "pinned by fig15_head" if cfg.fig15_head else "as the Fig 5 head"}]
         + [{"figure": "App. D, Fig 16–17 (Fig 4's procedure)", "label": head_label(*h),
             "paper": f"{APP_D_HEADS[i]} (GPT-2 small)" if i < len(APP_D_HEADS) else "",
             "reason": "pinned by ratio_heads" if cfg.ratio_heads else APP_D_RULE} for i, h in enumerate(app_d)])
     late = tuple((l, h) for l in span(model.n_layers, "late") for h in range(model.n_heads))
     frozen = cached(cfg, fz.FrozenNormSpec(heads=late, ablation="resample"), data, progress=progress)
-    ch = LayerNormChapter(fig, ratio, abl, tokens, ratios, app_d, app_d_ratios, shares, ln.layer_shares(shares), b_check,
+    ch = LayerNormChapter(fig, ratio, abl, fig15, tokens, ratios, app_d, app_d_ratios, shares,
+                          ln.layer_shares(shares), ln.norm_repair(top), b_check,
                           ln.appendix_b_table(b_check), per_head, model, [], dict(sweep.meta),
-                          fz.per_head(top, frozen))
+                          fz.per_head(top, frozen), n_boot=cfg.n_boot, seed=cfg.seed)
+    ch.evidence = evidence(clusters, model, tokens, top, b_check, rows, frozen.at(top))
     ch.verdicts = verdicts(ch)
     return ch
 
 
-def verdicts(ch: LayerNormChapter) -> list[Verdict]:
-    r = ch.ratios.set_index("ablation")
-    top = ch.ratio_tokens[ch.ratio_tokens["tokens"] == "top-k%"]
-    out = [Verdict.share(RATIO[a], top[top["ablation"] == a]["ratio"] > 1,
-                         f"top-k% tokens of {head_label(*ch.ratio_head)}")
-           for a in ln.ABLATION_ORDER if a in r.index]
-    first = late_start(ch.model.n_layers)
-    clipped = ch.shares[(ch.shares["tokens"] == "top-k%") & (ch.shares["clipping"] == "clipped")]
-    final = clipped[clipped["component"] == "final norm"]
-    late = final[final["layer"] >= first]
-    block = clipped[(clipped["component"] == "block norms") & (clipped["layer"] >= first)]
-    detail = f"Over every layer's heads it is {final['share'].mean():.0%}."
-    if len(block):
-        detail += (f" This model's sandwich (post-attention / post-feedforward) norms, which the "
-                   f"paper's models do not have, give back a further {block['share'].mean():.0%}.")
-    out.append(Verdict.mean(SHARE, late["share"], "late-layer heads", detail))
-    t = ch.check_table
-    here, ref = t[t["role"] == "this model"], t[t["role"] == "reference"]
-    applies = bool(ch.model.parallel_residual and here["last_layer"].all())
-    why, detail = "", ""
-    if not applies:
-        why = ("its assumption fails: the head is not in the last layer, so later layers also respond"
-               if not here["last_layer"].all() else "its assumption fails: the block is sequential, so "
-               "the last MLP" + (" and the sandwich norms" if ch.model.sandwich else "") + " also respond")
-        detail = (f"The error is the size of the terms the formula leaves out (largest "
-                  f"{here['max_left_out_term'].max():.3g} logits).")
-    if len(ref):
-        detail += (f" On {ref['model'].iloc[0]} (parallel residual, last-layer head), where it applies, "
-                   f"the error is {ref['relative_error'].max():.1e}.")
-    # exact: the same tokens give the same error, there is no sampling to put an interval on
-    out.append(Verdict(APP_B, float(here["relative_error"].max()), int(here["n"].sum()),
-                       "token-ablations", detail.strip(), why=why))
-    if ch.frozen is not None:
-        f = ch.frozen[ch.frozen["direct_effect"] > 0]
-        out.append(Verdict.mean(NORMS_ONLY, f["self_repair_norms_only"] / f["direct_effect"],
-                                "late-layer heads with a positive direct effect",
-                                f"With the norms frozen instead, the mean self-repair of these heads is "
-                                f"{f['self_repair_frozen'].mean():+.3g} logits, against "
-                                f"{f['self_repair'].mean():+.3g} live."))
-    g = top[top["ablation"] == "resample"]
-    if len(g) and g["direct_effect"].median() > 0:
-        pairs = np.c_[ln.relative_boost(g["ratio"], g["competitor_gap"]).abs(), g["direct_effect"]]
-        lo, hi = bootstrap(pairs, lambda a: np.median(a[:, 0]) / np.median(a[:, 1]))
-        out.append(Verdict(APP_H, float(np.median(pairs[:, 0]) / np.median(pairs[:, 1])), len(g),
-                           "top-k% tokens", f"The median ratio S/S′ is {g['ratio'].median():.3f} and the "
-                           f"median gap between the correct token's logit and its strongest competitor's "
-                           f"{g['competitor_gap'].median():+.2f} logits.", lo, hi))
-    return out
-
-
 def on_this_model(ch: LayerNormChapter) -> str:
-    m = ch.meta
-    intro = (f"**On {m.get('model')}** (ratio head {head_label(*ch.ratio_head)}, ablation head "
-             f"{head_label(*ch.ablation_head)}; top {m.get('top_percent'):g}% tokens by direct effect).")
-    return render(ch.verdicts, intro)
+    m, cl = ch.meta, ch.evidence.clusters
+    intro = (f"**On {m.get('model')}** (top {m.get('top_percent'):g}% tokens by direct effect, "
+             f"{len(cl.of_row):,} rows from {cl.n:,} independent {cl.unit}; Fig 4's head "
+             f"{head_label(*ch.ratio_head)}, Fig 5's {head_label(*ch.ablation_head)}). The claims about "
+             f"S/S′ and App. H are tested on every last-layer head, the norm share and the norms-only repair "
+             f"on every late-layer head; every interval is a 95% cluster bootstrap over the {cl.unit} "
+             f"({ch.n_boot:,} replicates, seed {ch.seed}) that recomputes each head's statistic before "
+             "the heads are averaged or counted.")
+    return render(ch.verdicts, intro, rules="ch02-rules")
+
+
+VALUE_BIAS = (  # what fold_value_biases changes in this chapter
+    "It changes each head's direct effect, hence its top-k% tokens (Fig 4, 6, 10), the "
+    "denominators of the norm shares (Fig 9, 10) and every zero-ablation number (Fig 5, 15); "
+    "resample and mean Δlogit are the same either way.")
 
 
 def model_notes(cfg: Config) -> str:
@@ -280,6 +249,7 @@ def model_notes(cfg: Config) -> str:
                      "MLP write (post-attention and post-feedforward norms). Their scale changes are a "
                      "separate term, `from_block_norms`, shown beside the final norm in the share "
                      "charts and never folded into \"LayerNorm\".")
+    lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)
 
 

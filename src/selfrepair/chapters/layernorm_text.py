@@ -5,14 +5,25 @@ and returns Markdown.
 
 from __future__ import annotations
 
+import math
+
 from .. import frozen_norm as fz
-from ..tables import Layout
+from ..findings import Figure, Finding, markdown, shows as _shows
+from ..tables import Layout, format_number
 
 FROZEN_RULE = "every head of the late half of the layers"
 APP_D_TABLE = Layout(("label", "ablation", "n", "share_ratio_above_1", "median_ratio", "mean_from_norm"),
                      percent=("share_ratio_above_1",),
                      names={"share_ratio_above_1": "tokens with S/S′ > 1", "median_ratio": "median S/S′",
                             "mean_from_norm": "mean final-norm self-repair"})
+
+
+def logits(x: float) -> str:
+    """A signed number of logits as prose shows it: ``+0.011``, and a rounding-sized one as
+    ``+6.9×10⁻⁹`` rather than ``+6.89e-09``."""
+    if x != 0 and math.isfinite(x) and abs(x) < 1e-4:
+        return ("+" if x > 0 else "") + format_number(x, digits=2)
+    return f"{x:+.3g}"
 
 
 def app_d_markdown(ch) -> str:
@@ -53,23 +64,61 @@ def frozen_markdown(ch) -> str:
     lines.append(f"- **Freezing the norms.** Of the {s['n_positive']} heads with positive live self-repair, "
                  f"{s['n_halved']} lose more than half of it when the norms cannot react "
                  f"({s['n_halved'] / max(1, s['n_positive']):.0%}). Mean self-repair: "
-                 f"{s['mean_self_repair']:+.3g} logits live, {s['mean_frozen']:+.3g} with the norms frozen.")
+                 f"{logits(s['mean_self_repair'])} logits live, {logits(s['mean_frozen'])} with the norms frozen.")
     if m.sandwich:
-        lines.append(f"- **Against eq. 2.** Freezing removes {s['mean_self_repair'] - s['mean_frozen']:+.3g} "
+        lines.append(f"- **Against eq. 2.** Freezing removes {logits(s['mean_self_repair'] - s['mean_frozen'])} "
                      f"logits on average, eq. 2's norm terms (`from_norm + from_block_norms`) are "
-                     f"{s['mean_norm_terms']:+.3g}. They need not agree here: with the block norms frozen, "
+                     f"{logits(s['mean_norm_terms'])}. They need not agree here: with the block norms frozen, "
                      f"every later component reads a different residual. The largest per-head gap is "
-                     f"{s['max_gap']:+.3g} logits ({s['max_gap_head']}), against norm terms up to "
+                     f"{logits(s['max_gap'])} logits ({s['max_gap_head']}), against norm terms up to "
                      f"{s['max_norm_terms']:.3g}.")
     else:
         exact = abs(s["max_gap"]) <= 1e-4 * max(1.0, s["max_norm_terms"])
         lines.append(f"- **Against eq. 2.** Nothing but the unembedding reads the final norm, so freezing it "
                      f"should remove exactly `from_norm`. The largest per-head gap between the two is "
-                     f"{abs(s['max_gap']):.1e} logits ({s['max_gap_head']}), for norm terms up to "
+                     f"{format_number(abs(s['max_gap']), digits=2)} logits ({s['max_gap_head']}), for norm terms up to "
                      f"{s['max_norm_terms']:.3g}: " + ("rounding." if exact else
                                                        "more than rounding, which points to a fault."))
     lines.append(f"- **The norms alone.** With every downstream component frozen, the norms give back "
-                 f"{s['mean_norms_only']:+.3g} logits on average, against eq. 2's live norm terms of "
-                 f"{s['mean_norm_terms']:+.3g} (the live norm also rescales what the later components "
+                 f"{logits(s['mean_norms_only'])} logits on average, against eq. 2's live norm terms of "
+                 f"{logits(s['mean_norm_terms'])} (the live norm also rescales what the later components "
                  f"changed; the frozen components change nothing).")
     return "\n".join(lines)
+
+
+FIGURES = {**{f"ratio_{a}": Figure("ch02-fig4", "Fig 4") for a in ("resample", "mean", "zero")},
+           "norm_share": Figure("ch02-fig6", "Fig 10"), "appendix_b": Figure("ch02-appb", "the App. B check"),
+           "appendix_h": Figure("ch02-fig4", "Fig 4's table"),
+           "norms_only": Figure("ch02-frozen", "the frozen-norm chart")}
+
+
+def findings(ch) -> list[Finding]:
+    """"What this chapter shows" for chapter 2: where it ran, the claims by outcome, and the
+    take-away (from the norm share, :data:`~selfrepair.chapters.layernorm_claims.SHARE`: how much of a
+    late head's direct effect the final norm gives back on this model, without any circuit)."""
+    m, cl, model = ch.meta, ch.evidence.clusters, str(ch.meta.get("model"))
+    n_last, n_late = len(ch.evidence.last), len(ch.evidence.late)
+    where = Finding(f"This chapter ablated the {n_last} last-layer heads of {model} three ways (resample, mean, "
+                    f"zero) and its {n_late} late-layer heads with the norms frozen, on {m.get('n_tokens', 0):,} "
+                    f"tokens from {cl.n:,} independent {cl.unit}.",
+                    values=(n_last, n_late, m.get("n_tokens", 0), cl.n))
+    share = next(v for v in ch.verdicts if v.claim.key == "norm_share")
+    said = f"{share.value:.0%} of a late-layer head's direct effect on its top tokens"
+    paper = f"the paper's “around {share.claim.paper:.0%}”"
+    if share.holds:
+        text = (f"Take-away: on this model the final norm alone gives back {said}, as {paper}: part of any "
+                "ablation's self-repair needs no circuit, and a frozen-norm ablation removes it.")
+    elif share.holds is False:
+        side = "less" if share.value < share.claim.rule.bounds[0] else "more"
+        text = (f"Take-away: on this model the final norm gives back {said}, {side} than {paper}, so "
+                f"LayerNorm explains {side} of self-repair here than in the paper's models.")
+    else:
+        text = (f"Take-away: this run cannot say whether the final norm gives back {paper} of a head's "
+                f"direct effect on this model ({said}); a run on more tokens would narrow the interval.")
+    values = (share.value,) if share.value is not None and math.isfinite(share.value) else ()
+    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["norm_share"],), values))
+
+
+def shows(ch) -> str:
+    """The "What this chapter shows" paragraph."""
+    return markdown(findings(ch))

@@ -13,26 +13,36 @@ Heads, as the paper picks them:
 Tokens: Fig 7 the tokens where the last MLP layer repairs most (``mlp_repair``); §4.2.2 those where
 the head is self-repaired most (``self_repair``); Fig 8 and 11-14 each head's top-k% tokens by
 direct effect (``direct_effect``).
+
+Claims: :mod:`selfrepair.chapters.neurons_claims` (every measured head of each figure, a cluster
+bootstrap over the documents, neurons picked on one half and tested on the other); erasure neurons
+by their median clean direct effect on the distribution (:class:`selfrepair.erasure.NeuronBaselineSpec`:
+one clean pass over the token set, per-row counts of negative neuron DEs and a uniform sample).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
-import torch
 
 from ..ablation import check_ablation
 from .. import neurons as nr
-from ..claims import Claim, Verdict, above, at_least, below, bootstrap, render
+from .. import erasure as er
+from ..claims import render
 from ..config import CorpusConfig, parse_head
 from ..errors import InputError
 from ..existence import whole_set_means
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
+from ..findings import Figure, Finding, markdown, shows as _shows
 from ..results import head_label
 from ..tables import Layout
-from . import check, featured
+from ..uncertainty import Clusters
+from ..verdict_records import recorded
+from . import check, featured, value_bias_note
+from .neurons_claims import CLAIMS, ERASURE, FIG7, FIG8_QUOTED, SPARSE, VARIES, verdicts  # noqa: F401
+
+SPARSE_LEVEL = FIG8_QUOTED["percent"]  # Fig 8: a neuron repairing 10% of the head's direct effect
 
 PAPER_FIG7 = "L10H11"  # Pythia-160M
 PAPER_FIG8 = ("L7H8",)  # Pythia-160M (Fig 8 and Fig 13; the other three models' heads in the text)
@@ -40,39 +50,13 @@ FIG7_RULE = ("the head with the largest whole-set mean direct effect in the last
              "feed the final MLP layer")
 FIG8_RULE = "the heads upstream of the final MLP layer with the largest whole-set mean direct effect"
 
-FIG7 = Claim("anti_erasure", "On the tokens where the last MLP layer repairs most, its top repairing "
-             "neuron is mostly an erasure neuron erasing less", "§4.1, Fig 7",
-             "the share of the Fig 7 head's mlp_repair tokens whose top repairing neuron has a negative "
-             "clean direct effect that rises when the head is ablated", above(0.5), fmt=".0%",
-             reading="On {value} of the {n} {unit}, the neuron that repairs most was pushing the "
-                     "correct token down and pushes it down less once the head is gone.")
-SPARSE = Claim("sparse", "A sparse set of neurons repairs heavily", "§4.2, Fig 8",
-               "the share of the Fig 8 heads' top-k% (head, token) pairs with a positive direct effect on "
-               "which the single top repairing neuron repairs at least 10% of the head's direct effect",
-               at_least(0.2), paper=0.4, paper_context="Llama-7B L30H8, “over 40% of instances”",
-               fmt=".0%",
-               reading="On {value} of the {n} {unit}, one neuron alone gives back at least a tenth of "
-                       "what the head contributed.")
-ERASURE = Claim("erasure", "The top repairing neurons are mostly erasure neurons", "§4.2, App. C",
-                "the mean over the Fig 8 heads' top-k% tokens of (the share of erasure neurons, negative "
-                "clean direct effect, among the top-10 repairing neurons − their share among all the "
-                "layer's neurons)", above(0.05), fmt="+.0%",
-                reading="Among the neurons that repair most, erasure neurons are {value} more common "
-                        "than among all of the layer's neurons (mean over {n} {unit}).")
-VARIES = Claim("varies", "The repairing neurons differ across prompts", "§4.2.2",
-               "the largest share of the Fig 7 head's most self-repaired tokens on which one neuron is "
-               "among the top-10 repairing neurons", below(0.5), paper=0.16,
-               paper_context="Pythia-160M L10H11", fmt=".0%",
-               reading="No neuron is among the ten that repair most on more than {value} of the {n} "
-                       "{unit}.")
-
-
 @dataclass(frozen=True)
 class Config(CorpusConfig):
     ablation: str = "resample"  # what replaces a head's output (the paper: resample)
     fig7_head: str | None = None  # Fig 7 / §4.2.2 head (the paper: L10H11); None: by the paper's criterion
     featured_heads: tuple[str, ...] | None = None  # Fig 8 / App. C heads (the paper: L7H8); None: by the criterion
     n_featured: int = 3  # Fig 8 heads chosen when featured_heads is None
+    n_boot: int = 1000  # cluster-bootstrap replicates of every interval (documents resampled)
 
     HEAD_FIELDS = ("fig7_head", "featured_heads")
 
@@ -81,10 +65,14 @@ class Config(CorpusConfig):
         check_ablation(self.ablation)
         if self.n_featured < 1:
             raise InputError(f"n_featured must be at least 1, got {self.n_featured}")
+        if self.n_boot < 10:
+            raise InputError(f"n_boot must be at least 10 bootstrap resamples, got {self.n_boot}")
 
 
 def check_model(cfg: Config, model) -> None:
-    """Pinned heads must feed the last MLP layer (its neurons are what this chapter measures)."""
+    """A dense MLP (mixture-of-experts models are refused); pinned heads must feed the last MLP
+    layer (its neurons are what this chapter measures)."""
+    nr.check_dense_mlp(model)
     labels = ([cfg.fig7_head] if cfg.fig7_head else []) + list(cfg.featured_heads or ())
     bad = [l for l in labels if not nr.upstream(model, parse_head(l)[0], model.n_layers - 1)]
     if bad:
@@ -103,6 +91,10 @@ class NeuronsChapter:
     fig8: list  # labels of the Fig 8 heads
     verdicts: list
     meta: dict
+    baseline: er.NeuronBaseline | None = None  # each neuron's clean DE on the distribution (App. C)
+    evidence: er.Evidence | None = None  # per-cluster sums every interval resamples
+    n_boot: int = 1000  # bootstrap replicates
+    seed: int = 0  # of the replicates and of the selection / test split
 
     def _only(self, frame: pd.DataFrame, labels) -> pd.DataFrame:
         return frame[frame["label"].isin(list(labels))].reset_index(drop=True)
@@ -117,15 +109,22 @@ class NeuronsChapter:
         """Fig 8: the Fig 8 heads' top-k% tokens by direct effect."""
         return self._only(nr.sparsity(self.result), self.fig8)
 
+    def _on_distribution(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``median_clean_de`` of each neuron over the uniform sample of every token (App. C: "its
+        median clean direct effect on the distribution"), not over the head's selected tokens."""
+        if self.baseline is None:
+            return frame
+        return frame.assign(median_clean_de=self.baseline.medians().numpy()[frame["neuron"].to_numpy()])
+
     @property
     def cumulative(self) -> pd.DataFrame:
-        """App. C Fig 11-14, the Fig 8 heads."""
-        return self._only(nr.cumulative(self.result), self.fig8)
+        """App. C Fig 11-14, the Fig 8 heads (neurons coloured by their median on the distribution)."""
+        return self._on_distribution(self._only(nr.cumulative(self.result), self.fig8))
 
     @property
     def top_frequency(self) -> pd.DataFrame:
         """§4.2.2: the Fig 7 head's most self-repaired tokens."""
-        return self._only(nr.top_frequency(self.result), [self.fig7])
+        return self._on_distribution(self._only(nr.top_frequency(self.result), [self.fig7]))
 
 
 def choose(cfg: Config, per_head: pd.DataFrame, model) -> pd.DataFrame:
@@ -145,6 +144,13 @@ def choose(cfg: Config, per_head: pd.DataFrame, model) -> pd.DataFrame:
                                                     "reason", "stands_for"]]
 
 
+def spec(cfg: Config, heads: tuple[tuple[int, int], ...]) -> nr.NeuronSpec:
+    """The neurons' measurement for ``heads``: every one of each head's top ``top_percent``% tokens
+    (the paper's 2%, no cap), per selection."""
+    return nr.NeuronSpec(heads=heads, ablation=cfg.ablation, top_percent=cfg.top_percent)
+
+
+@recorded  # its verdicts are kept beside its measurements (the scorecard reads them)
 def measure(cfg: Config, progress: bool = True) -> NeuronsChapter:
     check(cfg)
     model = open_model(cfg)
@@ -158,70 +164,80 @@ def measure(cfg: Config, progress: bool = True) -> NeuronsChapter:
     else:
         heads = choose(cfg, head_sweep(cfg, cfg.ablation, progress=progress).per_head(), model)
     pairs = tuple(sorted({(int(l), int(h)) for l, h in zip(heads["layer"], heads["head"])}))
-    spec = nr.NeuronSpec(heads=pairs, ablation=cfg.ablation, top_percent=cfg.top_percent)
-    res = cached(cfg, spec, open_tokens(cfg, model, progress=progress), progress=progress)
-    ch = NeuronsChapter(res, nr.summary(res), heads, heads["label"].iloc[0],
-                        list(heads[heads["figure"] != "Fig 7, §4.2.2"]["label"]), [], dict(res.meta))
+    data = open_tokens(cfg, model, progress=progress)
+    res = cached(cfg, spec(cfg, pairs), data, progress=progress)
+    baseline = cached(cfg, er.NeuronBaselineSpec(neuron_layer=res.neuron_layer, seed=cfg.seed), data,
+                      progress=progress)
+    fig8 = list(heads[heads["figure"] != "Fig 7, §4.2.2"]["label"])
+    ch = NeuronsChapter(res, nr.summary(res), heads, heads["label"].iloc[0], fig8, [], dict(res.meta),
+                        baseline, n_boot=cfg.n_boot, seed=cfg.seed)
+    ch.evidence = chapter_evidence(ch, Clusters.of_tokens(data.main_document, len(data)))
     ch.verdicts = verdicts(ch)
     return ch
 
 
-def per_token(ch: NeuronsChapter) -> dict[str, np.ndarray]:
-    """The per-token evidence behind the claims: ``anti_erasure`` (Fig 7 head's mlp_repair tokens),
-    ``top1_tenth`` and ``erasure_excess`` (the Fig 8 heads' top-k% tokens with DE > 0) and
-    ``in_top10`` (the Fig 7 head's self_repair tokens x neurons)."""
-    res = ch.result
-    f7 = ch.fig7_instances
-    index = {head_label(l, h): i for i, (l, h) in enumerate(res.heads)}
-    top1, excess = [], []
-    for label in ch.fig8:
-        i = index[label]
-        de, clean, delta = (res.get("direct_effect", q)[i] for q in ("direct_effect", "clean", "delta"))
-        keep = de > 0
-        top1.append((delta[keep].max(-1).values / de[keep] >= 0.1).numpy())
-        t = delta.topk(min(10, delta.shape[-1]), -1)
-        rep = t.values > 0
-        neg = clean.gather(-1, t.indices) < 0
-        share = ((neg & rep).sum(-1) / rep.sum(-1).clamp_min(1)).double()
-        excess.append((share - (clean < 0).double().mean(-1))[rep.any(-1)].numpy())
-    delta = res.get("self_repair", "delta")[index[ch.fig7]]
-    in_top10 = torch.zeros_like(delta, dtype=torch.bool).scatter_(
-        -1, delta.topk(min(10, delta.shape[-1]), -1).indices, True)
-    return {"anti_erasure": ((f7["neuron_clean_de"] < 0) & (f7["neuron_ablated_de"] > f7["neuron_clean_de"])).to_numpy(),
-            "top1_tenth": np.concatenate(top1) if top1 else np.zeros(0, bool),
-            "erasure_excess": np.concatenate(excess) if excess else np.zeros(0),
-            "in_top10": in_top10.numpy()}
-
-
-def verdicts(ch: NeuronsChapter) -> list[Verdict]:
-    s = ch.summary.set_index("label")
-    f7, f8 = s.loc[ch.fig7], s.loc[[l for l in ch.fig8 if l in s.index]]
-    ev = per_token(ch)
-    freq = ev["in_top10"].mean(0) if len(ev["in_top10"]) else np.zeros(1)
-    lo, hi = bootstrap(ev["in_top10"], lambda a: a.mean(0).max())
-    return [
-        Verdict.share(FIG7, ev["anti_erasure"], f"tokens where {ch.fig7} is repaired most by the last MLP layer",
-                      f"On {f7['layer_positive']:.0%} of {ch.fig7}'s top tokens the whole layer's clean "
-                      "direct effect is positive (the paper: frequently extremely positive)."),
-        Verdict.share(SPARSE, ev["top1_tenth"], "(head, token) pairs of the Fig 8 heads",
-                      "Half of the layer's absolute change sits in "
-                      + ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} neurons for {l}" for l, r in f8.iterrows())
-                      + "."),
-        Verdict.mean(ERASURE, ev["erasure_excess"], "(head, token) pairs of the Fig 8 heads",
-                     "Erasure neurons carry " + ", ".join(f"{r.erasure_repair_share:.0%} ({l})"
-                                                          for l, r in f8.iterrows()) + " of the positive ΔDE."),
-        Verdict(VARIES, float(freq.max()), len(ev["in_top10"]), f"tokens where {ch.fig7} is self-repaired most",
-                f"The most frequent one is neuron {int(freq.argmax())}.", lo, hi),
-    ]
+def chapter_evidence(ch: NeuronsChapter, clusters: Clusters) -> er.Evidence:
+    """:func:`selfrepair.erasure.evidence` of the chapter's result, its Fig 8 heads and the
+    :data:`~selfrepair.chapters.neurons_claims.SPARSE` level (a tenth of the direct effect)."""
+    labels = [head_label(*h) for h in ch.result.heads]
+    return er.evidence(ch.result, ch.baseline, clusters, [labels.index(l) for l in ch.fig8],
+                       SPARSE_LEVEL)
 
 
 def on_this_model(ch: NeuronsChapter) -> str:
     m = ch.meta
+    kept = sum(v.nbytes for v in ch.result.data.values()) / 1e9
     intro = (f"**On {m.get('model')}** (MLP layer {ch.result.neuron_layer} with {m.get('d_mlp')} neurons, "
              f"{m.get('ablation')} ablation, top {m.get('top_percent'):g}% tokens = {m.get('k')} per head "
-             f"and selection{', capped by max_instances: the highest of them' if m.get('capped') else ''}; "
+             f"and selection{', capped by max_instances: the highest of them' if m.get('capped') else ' (all of them)'}, "
+             f"{kept:.2g} GB of neuron vectors kept; "
              f"Fig 7 head {ch.fig7}, Fig 8 heads {', '.join(ch.fig8)}).")
-    return render(ch.verdicts, intro)
+    cl = ch.evidence.clusters
+    intro += (f" The kept tokens come from {len(cl.of_row):,} rows of {cl.n:,} independent {cl.unit}; every "
+              f"interval is a 95% cluster bootstrap over them ({ch.n_boot:,} replicates, seed {ch.seed}) "
+              "that recomputes each head's shares before they are averaged, and a neuron is an erasure "
+              "neuron when its median clean direct effect over every token of the run is negative.")
+    return render(ch.verdicts, intro, rules="ch03-rules")
+
+
+FIGURES = {"anti_erasure": Figure("ch03-fig7", "Fig 7"), "sparse": Figure("ch03-fig8", "Fig 8"),
+           **dict.fromkeys(("erasure", "varies"), Figure("ch03-erasure", "the top-10 frequencies and erasure chart"))}
+
+
+def findings(ch: NeuronsChapter) -> list[Finding]:
+    """"What this chapter shows": where it ran, the claims by outcome, and the take-away (from
+    :data:`FIG7`: is the last MLP layer's repair mostly anti-erasure on this model)."""
+    m, cl, model = ch.meta, ch.evidence.clusters, str(ch.meta.get("model"))
+    n_heads = len(ch.result.heads)
+    where = Finding(f"This chapter ablated {n_heads} heads of {model} and read each of the {m.get('d_mlp')} "
+                    f"neurons of its last MLP layer (layer {ch.result.neuron_layer}) on the selected tokens of "
+                    f"{cl.n:,} independent {cl.unit}.", values=(n_heads, cl.n))
+    anti = next(v for v in ch.verdicts if v.claim is FIG7)
+    share = f"{anti.value:.0%}" if anti.value is not None and anti.value == anti.value else "n/a"
+    if anti.holds:
+        text = (f"Take-away: on this model the neuron that repairs most is mostly an erasure neuron erasing "
+                f"less ({share} of the tokens where the layer repairs most): part of what looks like an MLP "
+                "taking over an ablated head's job is the MLP no longer undoing it.")
+    elif anti.holds is False:
+        text = (f"Take-away: on this model the neuron that repairs most is an erasure neuron erasing less on "
+                f"only {share} of the tokens where the layer repairs most, so the last MLP layer's repair "
+                "here is mostly not anti-erasure.")
+    else:
+        text = (f"Take-away: this run cannot say whether the last MLP layer's repair is mostly anti-erasure "
+                f"on this model ({share} of the tokens); a run on more tokens would narrow the interval.")
+    values = (anti.value,) if share != "n/a" else ()
+    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["anti_erasure"],), values))
+
+
+def shows(ch: NeuronsChapter) -> str:
+    """The "What this chapter shows" paragraph."""
+    return markdown(findings(ch))
+
+
+VALUE_BIAS = (  # what fold_value_biases changes in this chapter
+    "It changes each head's direct effect, hence its top-k% tokens (Fig 8, App. C) and the "
+    "direct effect the neurons' repair is compared with; the neurons' own changes under "
+    "resample ablation are the same either way.")
 
 
 def model_notes(cfg: Config) -> str:
@@ -239,6 +255,7 @@ def model_notes(cfg: Config) -> str:
                      "Neuron direct effects use that norm's clean scale, so they add up to the layer's "
                      "ΔDE at the clean scale; the part of the repair that comes from the norm's scale "
                      "changing is no neuron's (chapter 2 counts it as `from_block_norms`).")
+    lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..tables import counted
 from . import answers as A
 from .cases import Case, HydraCase, IoiCase, Run, make_case, make_hydra_case, make_ioi_case
 
@@ -61,7 +62,7 @@ class Feedback:
         return f"{'correct' if self.ok else 'not yet'} — {self.message}"
 
     def _repr_markdown_(self) -> str:
-        return f"{'✅ **Correct.**' if self.ok else '❌ **Not yet.**'} {self.message}"
+        return f"{'**Correct.**' if self.ok else '**Not yet.**'} {self.message}"
 
 
 # -- the inputs each exercise is checked on --------------------------------------------------------
@@ -169,7 +170,7 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
              _norm_share_inputs, A.norm_share, (
                  Mistake("not clipped",
                          "the per-token shares are not clipped: clip each token's "
-                         "from_norm / direct_effect to [0, 1] before averaging (Fig 6 and 10; the "
+                         "from_norm / direct_effect to [0, 1] before averaging (Fig 10; the "
                          "unclipped mean is Fig 9's variant).", A.ns_unclipped),
                  Mistake("ratio of means",
                          "you divided the means: the share is the mean of per-token ratios, each "
@@ -262,7 +263,7 @@ def _close(a: tuple, b: tuple) -> bool:
 
 def _shape_problem(got: tuple, want: tuple, ex: Exercise) -> str | None:
     if len(got) != len(want):
-        return f"it returned {len(got)} value(s); `{ex.signature}` returns {len(want)}."
+        return f"it returned {counted(len(got), 'value')}; `{ex.signature}` returns {len(want)}."
     for x, y in zip(got, want):
         if x.shape != y.shape:
             hint = (" Position p predicts token p+1, so per-token answers have `pos − 1` positions: "

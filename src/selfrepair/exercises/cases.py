@@ -81,8 +81,7 @@ def _run(model, tokens: torch.Tensor, edits=None) -> Run:
     p = run(model, tokens, read=("z", "attn", "neurons"), read_layers={"neurons": [last]}, edits=edits)
     f32 = lambda t: t.detach().float().cpu()  # noqa: E731 - local cast
     norm = model.module(model.adapter.final_norm)
-    with torch.no_grad():
-        logits = model.module(model.adapter.unembed)(p.final_normed)
+    logits = model.logits(p.final_normed)
     return Run(z=f32(p.reads["z"]).unflatten(-1, (model.n_heads, model.d_head)),
                attn_out=f32(p.reads["attn"]), resid_final=f32(p.final_resid),
                scale=f32(model.norm_scale(norm, p.final_resid)), logits=f32(logits),
@@ -109,7 +108,7 @@ def make_case(family: str = "gpt2", head: tuple[int, int] | None = None, seed: i
 
     clean, ablated = _run(model, tokens), _run(model, tokens, edits={("z", layer): patch})
     norm = model.module(model.adapter.final_norm)
-    b_U = getattr(model.module(model.adapter.unembed), "bias", None)
+    b_U = model.unembed_bias
     nb = model.norm_bias(norm)
     kind = "LayerNorm" if model.adapter.norm == "layernorm" else "RMSNorm"
     blocks = "parallel" if model.parallel_residual else "sequential"

@@ -58,7 +58,7 @@ def late_heads(ex) -> str:
     return (f"Of the {n} late-layer heads (layers {s.layers}) with a positive direct effect, "
             f"{int(s.n_repaired)} ({_pct(s.n_repaired / n)}) are self-repaired (0 < −Δlogit < DE), "
             f"{int(s.n_overcorrected)} overcorrected (Δlogit > 0) and {int(s.n_broken)} broken "
-            f"(−Δlogit > DE). The paper finds most late heads self-repaired in every model it ran.")
+            f"(−Δlogit > DE). The paper finds 'many heads in later layers' self-repaired in every model it ran.")
 
 
 def noise(ex) -> str:
@@ -73,42 +73,60 @@ def noise(ex) -> str:
 
 # -- chapter 2 ---------------------------------------------------------------------------------------
 def zero_ratio(ch) -> str:
-    """Share of the ratio head's top tokens with S/S′ > 1 under each ablation."""
+    """Share of the ratio head's top tokens with S/S′ > 1 under each ablation, then over every
+    last-layer head (the verdicts' class), with the paper's shares from the claims' data."""
+    from ..chapters.layernorm_claims import QUOTED
+
     r = ch.ratios.set_index("ablation")
     label = r["label"].iloc[0]
     shares = ", ".join(f"{_pct(r.loc[a, 'share_ratio_above_1'])} ({a})" for a in r.index)
-    return (f"S/S′ > 1 on {shares} of {label}'s top tokens. Zero ablation removes the head's whole "
-            f"output, so the residual stream usually shrinks the most and the norm's scale falls: "
-            f"S/S′ rises. The paper (Pythia-160M L11H2): 90.66% (resample), 98.75% (mean), 100% (zero).")
+    every = ", ".join(f"{_pct(v.value)} ({v.claim.key.removeprefix('ratio_')})" for v in ch.verdicts
+                      if v.claim.key.startswith("ratio_"))
+    paper = ", ".join(f"{v:.2%} ({a})" for a, v in QUOTED.items())
+    return (f"S/S′ > 1 on {shares} of {label}'s top tokens, and on {every} of a last-layer head's top "
+            f"tokens on average over all of them. Zero ablation removes the head's whole output, so the "
+            f"residual stream usually shrinks the most and the norm's scale falls: S/S′ rises. The paper "
+            f"(Pythia-160M L11H2): {paper}.")
 
 
 def share(ch) -> str:
     """The clipped final-norm share of DE on top tokens, by layer."""
+    from ..chapters.layernorm_claims import SHARE_QUOTED
+
     lay = ch.layers
     g = lay[(lay["tokens"] == "top-k%") & (lay["clipping"] == "clipped") & (lay["component"] == "final norm")]
     best = g.loc[g["share"].idxmax()]
     return (f"Averaged over heads, the final norm gives back {_pct(g['share'].mean())} of a head's "
             f"direct effect on its top tokens (per layer from {_pct(g['share'].min())} to "
             f"{_pct(g['share'].max())}, largest in layer {int(best.layer)}). The paper reports "
-            "about 30% across many layers and models.")
+            f"around {SHARE_QUOTED:.0%} across many layers and models.")
 
 
 # -- chapter 3 ---------------------------------------------------------------------------------------
 def erasure(ch) -> str:
-    """Whether the top repairing neurons erase (negative clean DE), against all neurons."""
-    s = ch.summary
-    r = s.iloc[0]
-    return (f"For {r.label}: {_pct(r.erasure_top)} of its top repairing neurons have a negative clean "
-            f"direct effect, against {_pct(r.negative_baseline)} of all neurons of the last MLP layer; "
-            f"neurons with a negative clean DE carry {_pct(r.erasure_repair_share)} of the positive repair. "
-            "A share well above the baseline is the anti-erasure pattern.")
+    """Whether the top repairing neurons erase: the verdict's numbers (erasure neurons by their
+    median clean DE on the distribution), and the per-token view of the first head."""
+    v = {x.claim.key: x for x in ch.verdicts}["erasure"]
+    r = ch.summary.iloc[0]
+    return (f"Among the ten neurons that repair each Fig 8 head most, erasure neurons (a negative median "
+            f"clean direct effect over every token) are {abs(100 * v.value):.0f} percentage points "
+            f"{'more' if v.value >= 0 else 'less'} common than among all the layer's neurons ({v.word} for "
+            f"the claim; {v.detail}) Token by token, for {r.label}: "
+            f"{_pct(r.erasure_top)} of its top repairing neurons have a negative clean direct effect on "
+            f"that token, against {_pct(r.negative_baseline)} of all neurons, and neurons with one carry "
+            f"{_pct(r.erasure_repair_share)} of the positive repair. A share above the baseline is the "
+            "anti-erasure pattern.")
 
 
 def sparse(ch) -> str:
-    """How many neurons carry half of the repair."""
+    """How heavily the top neuron repairs (Fig 8), and how spread the whole change is (App. C)."""
     s = ch.summary
+    v = {x.claim.key: x for x in ch.verdicts}["sparse"]
     parts = ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} for {r.label}" for _, r in s.iterrows())
-    return f"Half of the neurons' repair is carried by {parts}."
+    return (f"The single top repairing neuron gives back at least a tenth of the head's direct effect on "
+            f"{_pct(v.value)} of the Fig 8 heads' top tokens (mean over the heads). Half of the layer's "
+            f"absolute change in direct effect — repair and its opposite together, App. C's measure — sits "
+            f"in {parts} neurons: the top of the repair is sparse, the change below it is not.")
 
 
 # -- chapter 4 ---------------------------------------------------------------------------------------
@@ -118,8 +136,10 @@ def classes(ch) -> str:
     counts = c["class"].value_counts()
     alpha = c["alpha"].max()
     text = ", ".join(f"{int(n)} {name}" for name, n in counts.items())
-    return (f"At α = {alpha:g}: {text} (of {len(c)} heads). The paper found both kinds and suggests "
-            "self-repressing heads are one mechanism behind self-repair.")
+    return (f"At α = {alpha:g}: {text} (of {len(c)} heads). The paper observes both kinds, and some heads "
+            "that are a mix, and offers self-repressing heads as evidence for the iterative inference "
+            "hypothesis (App. G): a head that writes less once its own output is there may be signalling "
+            "that its task is done.")
 
 
 def control(ch) -> str:
@@ -129,42 +149,64 @@ def control(ch) -> str:
     n_spec = int(c["specific"].sum())
     return (f"The median |relative change| is {own:.2g} for the head's own output and {rnd:.2g} for "
             f"a random push of the same norm; {n_spec} of {len(c)} heads respond to their own output "
-            "beyond the control (\"specific\").")
+            "beyond the control by more than the verdict's tolerance (\"specific\").")
 
 
 # -- chapter 5 ---------------------------------------------------------------------------------------
 def drop_vs_de(ch) -> str:
-    """How often a layer's direct effect exceeds the logit drop its ablation causes."""
+    """How often a layer's direct effect exceeds the logit drop its ablation causes, by more than
+    the chapter's margin and by bare sign."""
     e = ch.effects
     a = e[e["kind"] == "attn"]
     frac = float((a["direct_effect"] > a["ablation_drop"]).mean())
-    return (f"For {_pct(frac)} of the (prompt, attention layer) pairs the layer's direct effect is "
-            f"larger than the logit drop its ablation causes (mean DE {a['direct_effect'].mean():.3g}, "
-            f"mean drop {a['ablation_drop'].mean():.3g}): the rest of the network made up part of the loss.")
+    est = ch.estimates
+    de, drop = a["direct_effect"].mean(), a["ablation_drop"].mean()
+    mean = ("on average the rest of the network made up part of the loss" if drop < de else
+            "on average the drop is the larger: the rest of the network added to the loss rather than making "
+            "up part of it")
+    return (f"For {est.unembed.prose('.0%')} of the (prompt, attention layer) pairs the layer's direct "
+            f"effect exceeds the logit drop its ablation causes by more than the chapter's margin, and for "
+            f"{est.other_way.prose('.0%')} the drop exceeds the direct effect by as much (by bare sign, the "
+            f"direct effect is larger on {_pct(frac)}; mean DE {de:.3g}, mean drop {drop:.3g}). Where the "
+            f"direct effect is larger, the rest of the network made up part of the loss; {mean}.")
 
 
 def late_mlps(ch) -> str:
-    """The sign of late MLP layers' ΔDE when an attention layer is ablated."""
+    """The sign of late MLP layers' ΔDE when an attention layer is ablated, and the erasure regression."""
     er = ch.erasure
     late = er[er["late"]]
     if late.empty:
         return "This model has no late MLP layer downstream of an attention layer."
     d = late["delta_direct_effect"]
     return (f"Over every (ablated attention layer, late MLP layer) pair, the late MLPs' direct effect "
-            f"changes by {d.mean():+.3g} on average ({int((d > 0).sum())} of {len(d)} pairs up). "
-            "The Hydra paper (§2.5.2): late MLPs erase — they lower the token's logit by an amount that "
-            "follows what the attention layers wrote — so when an attention layer is ablated they erase "
-            "less and their direct effect rises.")
+            f"changes by {d.mean():+.3g} on average ({int((d > 0).sum())} of {len(d)} pairs up); per logit "
+            f"of direct effect an ablation removes, they change by {ch.estimates.erasure.prose('+.2f')} in the "
+            "other direction (the chapter's erasure regression). The Hydra paper (§2.5.2): late MLPs "
+            "erase — they lower the token's logit by an amount that follows what the attention layers "
+            "wrote — so when an attention layer is ablated they erase less and their direct effect rises.")
 
 
 # -- chapter 6 ---------------------------------------------------------------------------------------
 def holds(ch) -> str:
-    """On how many runs most late heads self-repair."""
+    """On how many runs many late heads self-repair, by the chapter's rule on each run's interval."""
+    from ..chapters.across import MANY
+    from ..claims import Verdict
+    from ..tables import counted
+
     t = ch.table
-    ok = t["frac_self_repaired_late"] > 0.5
-    runs = ", ".join(f"{r.run} {_pct(r.frac_self_repaired_late)}" for _, r in t.iterrows())
-    return (f"Most late heads are self-repaired on {int(ok.sum())} of {len(t)} runs "
-            f"(share of late heads with 0 < −Δlogit < DE: {runs}).")
+    ours, paper = t[t["source"] != "paper"], t[t["source"] == "paper"]
+    runs, words = [], []
+    for _, r in ours.iterrows():
+        e = (ch.estimates or {}).get(r["run"], {}).get("many")
+        if e is None:
+            continue
+        v = Verdict.of(MANY, e)
+        words.append(v.word)
+        runs.append(f"{r['run']} {e.prose('.0%')}: {v.word}")
+    released = ", ".join(f"{r.model} {_pct(r.frac_self_repaired_late)}" for _, r in paper.iterrows())
+    return (f"\"Many\" (at least {MANY.rule.bounds[0]:.0%}, the whole interval) holds on {words.count('holds')} of our "
+            f"{counted(len(words), 'run')}: " + "; ".join(runs) + f". The release's models, with no interval of their "
+            f"own: {released}.")
 
 
 def norm_share_range(ch) -> str:
@@ -205,9 +247,15 @@ def ioi_repair(ch) -> str:
     moved = (f"drops by {drop:.3g}{share}" if drop > 0 else
              f"does not drop at all but rises by {-drop:.3g} (overcorrection)")
     less = "less than" if drop < lost else "more than"
+    rep = next((v for v in ch.verdicts if v.claim.key == "repaired"), None)
+    outcome = ""
+    if rep is not None and rep.estimate is not None and rep.estimate.reliable:
+        from ..chapters.ioi import repair_outcome
+        outcome = (f" On the test half, {rep.estimate.prose('.0%')} of the lost direct effect comes back: "
+                   f"{repair_outcome(rep.lo, rep.hi)}.")
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "
             f"{moved}: {less} the direct effect lost, on {ch.performance['n_prompts']} "
-            f"prompts of {ch.meta.get('model')}. The largest part of eq. 2 is {TERM_NAMES[top]} "
+            f"prompts of {ch.meta.get('model')}.{outcome} The largest part of eq. 2 is {TERM_NAMES[top]} "
             f"({parts[top]:+.3g} logits; " + ", ".join(f"{TERM_NAMES[q]} {parts[q]:+.3g}" for q in parts
                                                       if q != top) +
             "). Wang et al. found backup name movers in GPT-2 small that take over part of the name movers' "

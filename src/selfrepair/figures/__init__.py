@@ -17,7 +17,9 @@ not switch the user's renderer or theme):
   anchor surprises).
 
 Chapter figure modules (``figures/<chapter>.py``, one per chapter, pure ``fig_*(frame) ->
-alt.Chart``) use :func:`head_tooltip`, :func:`layer_color`, :func:`diverging_color` and
+alt.Chart``) use :func:`head_tooltip`, :func:`layer_color`, :func:`diverging_color`,
+the shared encodings of :mod:`selfrepair.figures.encodings` (heads grouped by layer, the heads
+that matter labelled, legends listing only what is drawn; re-exported here) and
 :func:`ensure_small`. This package imports no chapter module.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +37,8 @@ from typing import Any
 import altair as alt
 
 from ..errors import SelfRepairError
+from .encodings import EDGE, MAX_LABELS, head_slots, labels_only, layer_axis, layer_x, present, series_color
+from .export import CHART_FILES_ENV, chart_files, files_html
 
 RENDERER = "selfrepair"
 THEME = "selfrepair"
@@ -45,9 +50,10 @@ MAX_ROWS = 5000  # rows a chart may embed: aggregate or sample before plotting
 EMBED_OPTIONS = {"mode": "vega-lite", "renderer": "svg",  # svg: crisp text, easy to test for
                  "actions": {"export": True, "source": False, "compiled": False, "editor": False}}
 
-__all__ = ["CHART_CLASS", "COLUMN_AT_1024", "ChartTooLargeError", "MAX_ROWS", "RENDERER", "THEME",
+__all__ = ["CHART_CLASS", "COLUMN_AT_1024", "ChartTooLargeError", "EDGE", "MAX_LABELS", "MAX_ROWS", "RENDERER", "THEME",
            "VEGALITE_MIME", "VIEWS_AT_1024", "chart_html", "check_width", "charts_in_notebook", "data_rows", "diverging_color", "ensure_small",
-           "head_tooltip", "layer_color", "render", "use_book_renderer", "validate_spec"]
+           "head_slots", "layer_axis", "head_tooltip", "labels_only", "layer_color", "layer_x", "present", "render", "series_color",
+           "use_book_renderer", "validate_spec"]
 
 
 class ChartTooLargeError(SelfRepairError):
@@ -83,14 +89,16 @@ def diverging_color(field: str, *, title: str | None = None) -> alt.Color:
 
 
 def data_rows(spec: dict) -> int:
-    """Rows embedded anywhere in a Vega-Lite spec (top-level ``datasets`` and inline ``values``)."""
+    """Rows embedded anywhere in a Vega-Lite spec (top-level ``datasets`` and inline ``data``
+    ``values``; an axis's ``values``, the ticks it labels, are not data)."""
     rows = sum(len(v) for v in spec.get("datasets", {}).values() if isinstance(v, list))
 
     def inline(node: Any) -> int:
         if isinstance(node, dict):
-            here = node["values"] if isinstance(node.get("values"), list) else []
+            data = node.get("data")
+            here = data["values"] if isinstance(data, dict) and isinstance(data.get("values"), list) else []
             return len(here) + sum(inline(v) for k, v in node.items() if k != "datasets"
-                                   and v is not here)
+                                   and not (k == "data" and here))
         if isinstance(node, list):
             return sum(inline(v) for v in node)
         return 0
@@ -196,7 +204,9 @@ _counter = itertools.count()
 NARROWEST_VIEW = 100  # px: the fallback never draws a view narrower than this (two fit a phone)
 LAYOUTS = ("as designed", "stacked", "stacked, narrowed", "narrowed")  # data-layout after drawing
 
-# Fitting a chart to its column, in the browser. Single and layered views need nothing: the figure
+# Fitting a chart to its column, in the browser. Chart titles longer than the column are wrapped onto
+# lines before the first drawing (a container-width view otherwise shrinks to make room for a long
+# title: to zero width on a phone). Single and layered views need nothing more: the figure
 # functions give them width "container" and Vega redraws them at the column's width. Vega-Lite has
 # no container width for compound charts (facet, concat), so they are drawn as designed (they fit
 # from 1440 px down to 1024 px) and, only when the drawing is wider than its column (a phone), drawn
@@ -236,18 +246,30 @@ FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
       });
       return line ? lines.concat([line]) : lines;
     }
-    function narrow(spec, by, chars) {
+    function fits(text, chars) {  // a title (a string, or lines already wrapped) within `chars`
+      return (Array.isArray(text) ? text : [text]).every(function (l) { return String(l).length <= chars; });
+    }
+    function lines(text, chars) {
+      return fits(text, chars) ? text : wrap(Array.isArray(text) ? text.join(" ") : text, chars);
+    }
+    function titles(spec, chars) {  // every chart title wider than `chars` characters as lines
       var s = copy(spec);
+      views(s, function (n) {
+        if (typeof n.title === "string" || Array.isArray(n.title)) n.title = lines(n.title, chars);
+        else if (n.title && n.title.text !== undefined) {
+          n.title.text = lines(n.title.text, chars);
+          if (n.title.subtitle !== undefined) n.title.subtitle = lines(n.title.subtitle, chars);
+        }
+      });
+      return s;
+    }
+    function narrow(spec, by, chars) {
+      var s = titles(spec, chars);
       views(s, function (n) {
         if (typeof n.width === "number" && n.width > %(narrowest)d)  // narrower, never wider
           n.width = Math.max(%(narrowest)d, Math.round(n.width - by));
         else if (n.width && typeof n.width.step === "number")
           n.width = {step: Math.max(4, Math.floor(n.width.step * 0.75))};
-        if (typeof n.title === "string") n.title = wrap(n.title, chars);
-        else if (n.title && typeof n.title.text === "string") {
-          n.title.text = wrap(n.title.text, chars);
-          if (typeof n.title.subtitle === "string") n.title.subtitle = wrap(n.title.subtitle, chars);
-        }
       });
       var view = (s.config || {}).view;  // views without a width of their own: the theme's
       if (view && typeof view.continuousWidth === "number" && view.continuousWidth > %(narrowest)d)
@@ -268,7 +290,9 @@ FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
         width = el.clientWidth;
         delete el.dataset.layout;
         var compound = COMPOUND.some(function (k) { return k in spec; }), layout = "as designed";
-        var s = spec, tries = 0;
+        // a title wider than the column: Vega would shrink a container-width view to make room
+        // for it (to nothing on a phone), so it is wrapped onto lines first (~7 px a character)
+        var s = titles(spec, Math.max(20, Math.floor(el.clientWidth / 8))), tries = 0;
         function next() {
           if (excess(el) <= 2 || tries > 5) { el.dataset.layout = layout; return; }
           tries += 1;
@@ -296,14 +320,18 @@ FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
 """ % {"narrowest": NARROWEST_VIEW}
 
 
+def spec_digest(spec: dict) -> str:
+    """12 hex digits naming a chart by its content (its element id, its files)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def chart_html(spec: dict, embed_options: dict | None = None) -> str:
     """``<div>`` + inline ``<script>`` drawing ``spec`` with the page-global ``vegaEmbed``.
 
     The element id comes from the spec's hash and a counter (stable across re-runs, unique on a
     page). ``</`` is escaped inside the JSON so a string in the data cannot close the script.
     """
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    div = f"{CHART_CLASS}-{digest}-{next(_counter)}"
+    div = f"{CHART_CLASS}-{spec_digest(spec)}-{next(_counter)}"
     opts = {**EMBED_OPTIONS, **(embed_options or {})}
     # "$schema" is an identifier, never fetched; dropping it keeps every URL out of the page
     # (and vega-embed's version-mismatch warning out of the console).
@@ -329,12 +357,17 @@ def chart_html(spec: dict, embed_options: dict | None = None) -> str:
 
 
 def render(spec: dict, **metadata: Any) -> dict:
-    """The ``"selfrepair"`` Altair renderer: spec + offline HTML (+ a plain-text stand-in)."""
+    """The ``"selfrepair"`` Altair renderer: spec + offline HTML (+ a plain-text stand-in); with
+    ``$SELFREPAIR_CHART_FILES`` set (the book's runner), the chart's CSV, SVG and PNG files are
+    written there and linked under it (:mod:`selfrepair.figures.export`)."""
     ensure_small(spec)
     title = spec.get("title")
     title = title.get("text") if isinstance(title, dict) else title
+    html = chart_html(spec, metadata.get("embed_options"))
+    if os.environ.get(CHART_FILES_ENV):  # the book's runner: the chart's data and images, linked
+        html += "\n" + files_html(chart_files(spec, os.environ[CHART_FILES_ENV], spec_digest(spec)))
     return {VEGALITE_MIME: spec,
-            "text/html": chart_html(spec, metadata.get("embed_options")),
+            "text/html": html,
             "text/plain": f"<Vega-Lite chart{': ' + str(title) if title else ''}>"}
 
 

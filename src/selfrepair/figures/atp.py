@@ -11,7 +11,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from . import head_tooltip, layer_color
+from . import EDGE, head_tooltip, layer_color
 
 TERMS = {"error_norm": "final norm", "error_downstream": "downstream heads, MLPs, block norms"}
 TERM_COLORS = ["#e45756", "#4c78a8"]
@@ -30,8 +30,8 @@ def fig_atp_vs_exact(heads: pd.DataFrame) -> alt.LayerChart:
             .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
             .encode(x=alt.X("v:Q"), y=alt.Y("v:Q")))
     points = alt.Chart().mark_circle(size=60, opacity=0.85).encode(
-        x=alt.X("exact:Q", title="exact Δlogit = ablated − clean (logits, mean over every token)"),
-        y=alt.Y("atp:Q", title="AtP estimate of Δlogit (logits)"),
+        x=alt.X("exact:Q", scale=EDGE, title="exact Δlogit = ablated − clean (logits, mean over every token)"),
+        y=alt.Y("atp:Q", scale=EDGE, title="AtP estimate of Δlogit (logits)"),
         color=layer_color(),
         tooltip=head_tooltip("exact", "atp", "error", "error_norm", "error_downstream",
                              "delta_direct_effect", "self_repair", "atp_self_repair"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from . import head_slots, layer_axis, layer_x, series_color
+
 CATEGORY_ORDER = ["repaired", "overcorrected", "broken", "no direct effect"]
 CATEGORY_COLORS = ["#4c78a8", "#f58518", "#e45756", "#bab0ac"]
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
@@ -31,9 +33,11 @@ def _head_order(frame: pd.DataFrame) -> list[str]:
     return frame.sort_values(["layer", "head"]).drop_duplicates("label")["label"].tolist()
 
 
-def _category_color(legend: bool = True) -> alt.Color:
-    return alt.Color("category:N", scale=alt.Scale(domain=CATEGORY_ORDER, range=CATEGORY_COLORS),
-                     title="region", legend=alt.Legend(orient="bottom", columns=2) if legend else None)
+def _category_color(frame: pd.DataFrame, legend: bool = True) -> alt.Color:
+    """The regions of Fig 2, only those ``frame``'s heads fall in (the legend lists what is drawn;
+    ``regions=`` of the figures below: a frame holding every head of the charts sharing the scale)."""
+    return series_color("category", dict(zip(CATEGORY_ORDER, CATEGORY_COLORS)), frame["category"],
+                        title="region", legend=alt.Legend(orient="bottom", columns=2) if legend else None)
 
 
 def _diagonal(x: str, y: str) -> list[alt.Chart]:
@@ -50,15 +54,15 @@ def _diagonal(x: str, y: str) -> list[alt.Chart]:
 
 
 def fig_self_repair_by_layer(per_head: pd.DataFrame, column: str = "self_repair",
-                             brush: alt.Parameter | None = None) -> alt.LayerChart:
+                             brush: alt.Parameter | None = None, *, regions=None) -> alt.LayerChart:
     """Fig 1: each head's mean ``column`` over its top-k% tokens (a per-head frame of top-k% means)
     against its layer, with the layer-mean line. With ``brush`` (an x-interval selection) dragging
     over layers selects them."""
     base = alt.Chart(per_head)
     points = base.mark_circle(size=45, opacity=0.8).encode(
-        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
+        x=layer_axis(per_head),
         y=alt.Y(f"{column}:Q", title=f"{column.replace('_', '-')} on top-k% tokens (logits)"),
-        color=_category_color(),
+        color=_category_color(per_head if regions is None else regions),
         tooltip=_tips(per_head, "direct_effect", "delta_logit", "self_repair", "delta_direct_effect",
                       "category"))
     if brush is not None:
@@ -73,17 +77,18 @@ def fig_self_repair_by_layer(per_head: pd.DataFrame, column: str = "self_repair"
 
 
 def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = None,
-                          boot: pd.DataFrame | None = None) -> alt.LayerChart:
+                          boot: pd.DataFrame | None = None, *, regions=None) -> alt.LayerChart:
     """Fig 2: each head's mean direct effect (x) against mean Δlogit when ablated (y) over every
     token (a per-head frame of whole-set means), with y = -x (no repair) and the x-axis (perfect
-    repair). Heads selected by ``brush`` keep their colour; ``boot`` (bootstrap of ``delta_logit``:
-    ``lo``/``hi``) adds 95% intervals. Scroll or drag to zoom and pan."""
+    repair). Heads selected by ``brush`` keep their colour; ``boot`` (per head ``lo``/``hi``: the
+    95% cluster-bootstrap interval of the plotted whole-set mean Δlogit,
+    :func:`selfrepair.existence.head_intervals`) adds intervals. Scroll or drag to zoom and pan."""
     frame = per_head
     if boot is not None:
         frame = per_head.merge(boot[["layer", "head", "lo", "hi"]], on=["layer", "head"], how="left")
     x = alt.X("direct_effect:Q", title="direct effect DE (logits)")
     y = alt.Y("delta_logit:Q", title="Δlogit = ablated − clean (logits)")
-    color = _category_color()
+    color = _category_color(per_head if regions is None else regions)
     if brush is not None:
         color = alt.condition(brush, color, alt.value("#dddddd"))
     points = alt.Chart().mark_circle(size=55, opacity=0.85).encode(
@@ -105,8 +110,10 @@ def fig_overview(top: pd.DataFrame, whole: pd.DataFrame | None = None,
     ``top``) side by side, linked: drag across layers in the left chart to highlight those layers'
     heads on the right."""
     brush = alt.selection_interval(encodings=["x"], name="layers")
-    left = fig_self_repair_by_layer(top, brush=brush).properties(width=280)
-    right = fig_de_vs_delta_logit(top if whole is None else whole, brush=brush, boot=boot).properties(width=280)
+    whole = top if whole is None else whole
+    regions = pd.concat([top, whole])  # one colour scale for both: the regions either panel draws
+    left = fig_self_repair_by_layer(top, brush=brush, regions=regions).properties(width=280)
+    right = fig_de_vs_delta_logit(whole, brush=brush, boot=boot, regions=regions).properties(width=280)
     return alt.hconcat(left, right).resolve_scale(color="shared")
 
 
@@ -148,7 +155,7 @@ def fig_regions_by_layer(per_head: pd.DataFrame) -> alt.Chart:
     return alt.Chart(per_head).mark_bar().encode(
         x=alt.X("layer:O", title="layer"),
         y=alt.Y("count():Q", title="heads"),
-        color=_category_color(),
+        color=_category_color(per_head),
         order=alt.Order("category:N"),
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("category:N", title="region"),
                  alt.Tooltip("count():Q", title="heads")],
@@ -159,43 +166,47 @@ def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
     """Noise: per head, the 10-90% (thin) and 25-75% (thick) range of per-token self-repair on a
     uniform sample of tokens (or its top-k% tokens: whichever ``spread`` was computed on) with the
     median (tick) and mean DE (diamond); below, the share of tokens where the ablation removes
-    direct effect but the logit goes up (overcorrection)."""
-    order = _head_order(spread)
-    x = alt.X("label:N", sort=order, title="head", axis=alt.Axis(labelAngle=-90, labelFontSize=8))
+    direct effect but the logit goes up (overcorrection). Heads sit side by side within their
+    layer (:func:`selfrepair.figures.head_slots`: one label per layer; hover for the head)."""
+    spread = head_slots(spread)
     tips = _tips(spread, "n", "mean_de", "mean", "median", "q10", "q25", "q75", "q90", "iqr_over_de",
                  "share_overcorrecting", "corr_de_delta_logit")
-    base = alt.Chart(spread).encode(x=x, tooltip=tips)
-    color = alt.Color("layer:O", scale=alt.Scale(scheme="viridis"), legend=None)
+    base = alt.Chart(spread).encode(tooltip=tips)
+    x, lo, hi = layer_x(spread), layer_x(spread, "slot_lo"), alt.X2("slot_hi:Q")
     ranges = alt.layer(
-        base.mark_rule(color="#888").encode(y=alt.Y("q10:Q", title="self-repair per token (logits)"),
+        base.mark_rule(color="#888").encode(x=x, y=alt.Y("q10:Q", title="self-repair per token (logits)"),
                                             y2="q90:Q"),
-        base.mark_bar(size=5).encode(y="q25:Q", y2="q75:Q", color=color),
-        base.mark_tick(color="black", thickness=2, size=8).encode(y="median:Q"),
-        base.mark_point(shape="diamond", color="#e45756", size=25, filled=True).encode(y="mean_de:Q"),
-        base.mark_rule(color="#444").encode(y=alt.datum(0)),
+        base.mark_bar(color="#4c78a8").encode(x=lo, x2=hi, y="q25:Q", y2="q75:Q"),
+        base.mark_rule(color="black", strokeWidth=2).encode(x=lo, x2=hi, y="median:Q"),  # the median
+        base.mark_point(shape="diamond", color="#e45756", size=25, filled=True).encode(x=x, y="mean_de:Q"),
+        alt.Chart(spread).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
     ).properties(width=560, height=220, title="Per-token self-repair, sampled tokens (diamond: mean DE)")
     over = base.mark_bar(color="#f58518").encode(
-        y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%"))
+        x=lo, x2=hi, y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%")),
+        y2=alt.datum(0)  # from 0: x and x2 alone would make a horizontal range (a dash)
     ).properties(width=560, height=90)
     return alt.vconcat(ranges, over)
 
 
 def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> alt.LayerChart:
-    """Imperfection with uncertainty: each head's mean Δlogit on a uniform sample of tokens with a
-    95% bootstrap interval; an interval entirely below 0 means the repair is measurably incomplete."""
+    """Imperfection with uncertainty: each head's whole-set mean Δlogit with its 95% cluster-bootstrap
+    interval (:func:`selfrepair.existence.head_intervals`: documents resampled); an interval entirely
+    below 0 means the head's repair is measurably incomplete. Descriptive: the chapter's verdict
+    selects and tests heads on disjoint halves of the documents."""
     frame = boot.assign(interval=pd.cut(boot["hi"], [-float("inf"), 0, float("inf")],
                                         labels=["below 0", "contains or above 0"]).astype(str))
     if per_head is not None and "category" in per_head:
         frame = frame.merge(per_head[["layer", "head", "category"]], on=["layer", "head"], how="left")
+    frame = head_slots(frame)
     base = alt.Chart(frame).encode(
-        x=alt.X("label:N", sort=_head_order(frame), title="head",
-                axis=alt.Axis(labelAngle=-90, labelFontSize=8)),
-        tooltip=_tips(frame, "mean", "lo", "hi", "n", "category"))
-    color = alt.Color("interval:N", scale=alt.Scale(domain=["below 0", "contains or above 0"],
-                                                    range=["#4c78a8", "#bab0ac"]), title="95% interval")
+        x=layer_x(frame),
+        tooltip=_tips(frame, "mean", "lo", "hi", "n", "clusters", "category"))
+    color = series_color("interval", {"below 0": "#4c78a8", "contains or above 0": "#8c8c8c"},  # dark on white
+                         frame["interval"], title="95% interval")
     return alt.layer(
-        base.mark_rule(color="#444").encode(y=alt.datum(0)),
-        base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% bootstrap CI"),
+        alt.Chart(frame).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
+        base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% interval"),
                                              y2="hi:Q", color=color),
         base.mark_point(filled=True, size=25).encode(y="mean:Q", color=color),
-    ).properties(width="container", height=220, title="Mean Δlogit per head, sampled tokens (95% CI)")
+    ).properties(width="container", height=220,
+                 title="Mean Δlogit per head, every token (95% cluster-bootstrap interval)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import altair as alt
 
-from . import MAX_ROWS, diverging_color, layer_color
+from . import MAX_ROWS, diverging_color, layer_color, series_color
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
@@ -150,10 +150,15 @@ def fig_erasure(frame) -> alt.Chart:
             .properties(title="Late MLPs respond to attention ablations (erasure, Hydra §2.5.2)"))
 
 
-ABLATION_COLORS = alt.Scale(domain=["resample", "mean", "zero", "noise", "resample (every source)"],
-                            range=["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#9ecae9"])
-# the scale's five ablations in two columns below the chart, so the legend fits a phone
-ABLATION_LEGEND = alt.Legend(orient="bottom", columns=2)
+ABLATION_COLORS = {"resample": "#4c78a8", "mean": "#f58518", "zero": "#54a24b", "noise": "#b279a2",
+                   "resample (every source)": "#6baed6"}  # every colour dark enough on white
+
+
+def _ablation_color(frame) -> alt.Color:
+    """The ablations ``frame`` holds (only those: the legend lists what is drawn), in two columns
+    below the chart, so the legend fits a phone."""
+    return series_color("ablation", ABLATION_COLORS, frame["ablation"], title="ablation",
+                        legend=alt.Legend(orient="bottom", columns=2))
 
 
 def fig_own_effect(own) -> alt.FacetChart:
@@ -170,8 +175,7 @@ def fig_own_effect(own) -> alt.FacetChart:
     lines = alt.Chart().mark_line(point=True).encode(
         x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS),
         y=alt.Y("ratio:Q", title="mean |own DE| / mean |clean DE|", axis=alt.Axis(format="%")),
-        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=ABLATION_LEGEND),
-        tooltip=tips)
+        color=_ablation_color(data), tooltip=tips)
     one = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(y=alt.datum(1))
     return (alt.layer(lines, one, data=data).properties(width=280, height=220).facet(column=_by_kind("ablated"))
             .properties(title="The ablated layer's own direct effect in the ablated run (Hydra §2.5.2)"))
@@ -187,8 +191,7 @@ def fig_noise_vs_resample(comparison) -> alt.FacetChart:
             alt.Tooltip("compensation:Q", format=".3f"), alt.Tooltip("r2:Q", format=".2f", title="R² of the slope")]
     lines = alt.Chart().mark_line(point=True).encode(
         x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS), y=alt.Y("value:Q", title=None),
-        color=alt.Color("ablation:N", scale=ABLATION_COLORS, title="ablation", legend=ABLATION_LEGEND),
-        tooltip=tips)
+        color=_ablation_color(long), tooltip=tips)
     # one wrapped facet of "kind: measure" panels, two to a row (a row x column facet cannot be
     # re-wrapped into one column on a phone)
     kinds = {"attn": "attention layers", "mlp": "MLP layers"}
@@ -215,7 +218,8 @@ def fig_localisation(loc) -> alt.FacetChart:
                         legend=alt.Legend(orient="bottom")), tooltip=tips)
     row = alt.Header(labelExpr="datum.value == 'attn' ? 'later attention' : 'later MLPs'")
     return (alt.layer(heat, data=data).properties(width=260, height=200)
-            .facet(column=_by_kind("ablated"), row=alt.Row("readout_kind:N", title=None, header=row, sort=["attn", "mlp"]))
+            .facet(column=alt.Column("ablated_kind:N", title="ablated", sort=["attn", "mlp"], header=KIND_HEADER),
+                   row=alt.Row("readout_kind:N", title=None, header=row, sort=["attn", "mlp"]))
             .properties(title="Which later layers change after an ablation (Hydra §2.5.2)"))
 
 

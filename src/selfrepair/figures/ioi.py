@@ -11,7 +11,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from . import diverging_color, head_tooltip
+from . import EDGE, diverging_color, head_tooltip
 
 HEAD_FIELDS = ("direct_effect", "attn_io", "attn_s", "ablated_direct_effect", "delta_direct_effect",
                "moved_direct_effect")
@@ -62,8 +62,8 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
             .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
             .encode(x=alt.X("v:Q"), y=alt.Y("v:Q")))
     points = alt.Chart().mark_circle(size=50, opacity=0.7).encode(
-        x=alt.X("lost:Q", title="name movers' direct effect lost, −ΔDE (logits)"),
-        y=alt.Y("drop:Q", title="drop of the logit difference (logits)"),
+        x=alt.X("lost:Q", scale=EDGE, title="name movers' direct effect lost, −ΔDE (logits)"),
+        y=alt.Y("drop:Q", scale=EDGE, title="drop of the logit difference (logits)"),
         color=alt.Color("self_repair:Q", scale=alt.Scale(scheme="redblue", domainMid=0),
                         title="self-repair"),
         tooltip=tips).add_params(alt.selection_interval(bind="scales", name="zoom"))

@@ -11,13 +11,16 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from . import series_color
+
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
 CLASS_ORDER = ["self-repressing", "neutral", "self-reinforcing", "weak"]
-CLASS_COLORS = ["#e45756", "#9d9d9d", "#4c78a8", "#d9d9d9"]
+CLASS_COLORS = ["#e45756", "#7f7f7f", "#4c78a8", "#b5b5b5"]  # "weak" light, but visible on white
 
 
-def _class_color(title: str = "class") -> alt.Color:
-    return alt.Color("class:N", scale=alt.Scale(domain=CLASS_ORDER, range=CLASS_COLORS), title=title)
+def _class_color(frame: pd.DataFrame, title: str = "class") -> alt.Color:
+    """The classes ``frame`` holds (the legend lists only those drawn)."""
+    return series_color("class", dict(zip(CLASS_ORDER, CLASS_COLORS)), frame["class"], title=title)
 
 
 def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
@@ -49,7 +52,7 @@ def fig_response(response: pd.DataFrame) -> alt.LayerChart:
         x=alt.X("alpha:Q", title="alpha (scale of the head's own output added)"),
         y=alt.Y("relative_change:Q", axis=alt.Axis(format="%"),
                 title="change of mean top-token DE (share of DE)"),
-        detail="label:N", color=_class_color(),
+        detail="label:N", color=_class_color(response),
         tooltip=HEAD_TIPS + [alt.Tooltip("class:N"), alt.Tooltip("alpha:Q"),
                              alt.Tooltip("relative_change:Q", format=".1%", title="relative change"),
                              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),

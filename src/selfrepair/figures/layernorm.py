@@ -10,7 +10,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from . import VIEWS_AT_1024
+from . import VIEWS_AT_1024, labels_only, layer_axis, present, series_color
 from .existence import _diagonal, _head_order, _tips
 
 ABLATIONS = ["resample", "mean", "zero"]
@@ -77,25 +77,49 @@ def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: i
             .properties(title=f"{label}: DE vs Δlogit under three ablations"))
 
 
-def fig_norm_share(shares: pd.DataFrame, paper: float = 0.30) -> alt.LayerChart:
-    """Fig 6: per head, the clipped share of its direct effect given back by the norm(s) on its
-    top-k% tokens (points), the layer means (lines), and the paper's ~30% (dotted)."""
-    f = shares[(shares["tokens"] == "top-k%") & (shares["clipping"] == "clipped")]
-    color = alt.Color("component:N", scale=alt.Scale(domain=["final norm", "block norms"],
-                                                     range=["#4c78a8", "#e45756"]), title="norm")
-    base = alt.Chart(f)
+NORM_COLORS = {"final norm": "#4c78a8", "block norms": "#e45756"}
+
+
+def _per_head_and_layer(frame: pd.DataFrame, y: alt.Y, value: str, fmt: str) -> tuple:
+    """Points per head and a line of layer means of ``value``, coloured by norm component (only
+    the components ``frame`` holds: no block norms, most models, no legend entry for them)."""
+    color = series_color("component", NORM_COLORS, frame["component"], title="norm")
+    base = alt.Chart(frame)
     points = base.mark_circle(size=40, opacity=0.6).encode(
-        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
-        y=alt.Y("share:Q", title="norm self-repair / DE (clipped, top-k%)", axis=alt.Axis(format="%"),
-                scale=alt.Scale(domain=[0, 1])),
-        color=color, tooltip=_tips(f, "component", "share", "n"))
-    line = base.mark_line(strokeWidth=2).encode(x="layer:Q", y="mean(share):Q", color=color,
-                                                tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("component:N"),
-                                                         alt.Tooltip("mean(share):Q", format=".1%",
-                                                                     title="layer mean")])
+        x=layer_axis(frame), y=y,
+        color=color, tooltip=_tips(frame, "component", value, "n"))
+    line = base.mark_line(strokeWidth=2).encode(
+        x="layer:Q", y=f"mean({value}):Q", color=color,
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("component:N"),
+                 alt.Tooltip(f"mean({value}):Q", format=fmt, title="layer mean")])
+    return base, points, line
+
+
+def fig_norm_repair(repair: pd.DataFrame) -> alt.LayerChart:
+    """Fig 6 ("we measure the LayerNorm self-repair when resample ablating individual heads. We've
+    plotted mean lines averaging the values across each model's layer"): per head, the norm's
+    self-repair in logits averaged over its top-k% tokens (points; :func:`selfrepair.layernorm.norm_repair`),
+    the layer means (lines) and zero (dotted)."""
+    y = alt.Y("self_repair:Q", title="norm self-repair (logits, top-k% mean)")
+    base, points, line = _per_head_and_layer(repair, y, "self_repair", ".3f")
+    zero = base.mark_rule(color="#444", strokeDash=[2, 2]).encode(y=alt.datum(0))
+    return alt.layer(zero, points, line).properties(
+        width="container", title="Fig 6: the norms' self-repair per head, in logits (lines: layer means)")
+
+
+def fig_norm_share(shares: pd.DataFrame, paper: float = 0.30) -> alt.LayerChart:
+    """Fig 10 (App. A: "a full figure with these changes in effect", the source of "30% of direct
+    effect is self-repaired by LayerNorm"): per head, the clipped share of its direct effect given
+    back by the norm(s) on its top-k% tokens (points), the layer means (lines), and the paper's ~30%
+    (dotted)."""
+    f = shares[(shares["tokens"] == "top-k%") & (shares["clipping"] == "clipped")]
+    y = alt.Y("share:Q", title="norm self-repair / DE (clipped, top-k%)", axis=alt.Axis(format="%"),
+              scale=alt.Scale(domain=[0, 1]))
+    base, points, line = _per_head_and_layer(f, y, "share", ".1%")
     ref = base.mark_rule(color="#444", strokeDash=[2, 2]).encode(y=alt.datum(paper))
     return alt.layer(ref, points, line).properties(
-        width="container", title="Share of each head's direct effect the norms give back (dotted: paper ≈ 30%)")
+        width="container", title="Fig 10: share of each head's direct effect the norms give back, "
+                                 "clipped per token (dotted: paper ≈ 30%)")
 
 
 def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
@@ -103,7 +127,7 @@ def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
     y-scales) on the top-k% tokens and on a random sample of all tokens (colour)."""
     f = layers[layers["component"] == "final norm"]
     return (alt.Chart(f).mark_line(point=True).encode(
-        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
+        x=layer_axis(f),
         y=alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%")),
         color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
                                                     range=["#4c78a8", "#bab0ac"]), title="tokens",
@@ -117,13 +141,16 @@ def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
         .properties(title="Final-norm share of DE: unclipped (Fig 9) vs clipped to [0, 1] (Fig 10)"))
 
 
-def histogram(values: pd.DataFrame, column: str, by: str, bins: int = 40) -> pd.DataFrame:
+def histogram(values: pd.DataFrame, column: str, by: str, bins: int = 40,
+              span: tuple[float, float] | None = None) -> pd.DataFrame:
     """Counts of ``column`` in ``bins`` equal bins shared by every group of ``by`` (a chart of
-    thousands of tokens then embeds only the bins): columns ``by, lo, hi, count``."""
+    thousands of tokens then embeds only the bins): columns ``by, lo, hi, count``. ``span``: bin
+    only that range (values outside it are left out), default the values' whole range."""
     import numpy as np
 
     x = values[column].to_numpy(float)
-    edges = np.histogram_bin_edges(x[np.isfinite(x)], bins=bins) if np.isfinite(x).any() else np.array([0.0, 1.0])
+    x = x[np.isfinite(x)]
+    edges = (np.histogram_bin_edges(x, bins=bins, range=span) if len(x) else np.array([0.0, 1.0]))
     rows = []
     for key, g in values.groupby(by, sort=False):
         counts, _ = np.histogram(g[column].to_numpy(float), bins=edges)
@@ -131,22 +158,48 @@ def histogram(values: pd.DataFrame, column: str, by: str, bins: int = 40) -> pd.
     return pd.DataFrame(rows)
 
 
+ZOOM = (0.01, 0.99)  # quantiles of the zoomed panel of Fig 15 (the middle 98% of the tokens)
+
+
+def _ratio_panel(h: pd.DataFrame, title: str, width) -> alt.LayerChart:
+    """One histogram of ``S'/S`` per ablation (overlaid), its x-axis fitted to the bins (no zero
+    baseline: the ratios sit near 1), and the dashed line at 1."""
+    x = alt.X("lo:Q", title="S′ / S (ablated / clean residual norm)",
+              scale=alt.Scale(zero=False, nice=False, domain=[float(h["lo"].min()), float(h["hi"].max())]),
+              axis=alt.Axis(format=".3~f", labelOverlap="greedy", labelSeparation=6))
+    hist = alt.Chart(h).mark_bar(opacity=0.5, binSpacing=0).encode(
+        # y2 at 0: a bar with x and x2 alone is a horizontal range, drawn as a thin dash at its count
+        x=x, x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens"), y2=alt.datum(0),
+        color=_ablation_color(legend=alt.Legend(orient="bottom")),
+        tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("lo:Q", format=".4f", title="from"),
+                 alt.Tooltip("hi:Q", format=".4f", title="to"), alt.Tooltip("count:Q", title="tokens")])
+    layers = [hist]
+    if h["lo"].min() <= 1 <= h["hi"].max():  # the line at 1 only where the axis holds it
+        layers.append(alt.Chart(h).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1)))
+    return alt.layer(*layers).properties(width=width, height=200, title=title)
+
+
 def fig_norm_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.Chart:
     """App. D / Fig 15: ``S'/S`` (= ||r'||/||r|| for RMSNorm; centred residual for LayerNorm) on the
     uniform sample of all tokens — no filtering by direct effect — per ablation (binned here, so
-    the chart embeds counts, not tokens)."""
+    the chart embeds counts, not tokens), the x-axis fitted to the ratios. Where a few tokens
+    stretch the range so that most of them sit in one spike (the middle 98% span less than a
+    quarter of it), a second panel beside the first zooms on that middle 98% (:data:`ZOOM`)."""
+    import numpy as np
+
     t = tokens[tokens["tokens"] == "random sample"][["label", "ablation", "norm_ratio"]]
     label = t["label"].iloc[0] if len(t) else ""
+    title = f"{label}: residual-norm ratio on a random sample of tokens"
     h = histogram(t, "norm_ratio", "ablation", bins)
-    hist = alt.Chart(h).mark_bar(opacity=0.5, binSpacing=0).encode(
-        x=alt.X("lo:Q", title="S′ / S (ablated / clean residual norm)",
-                axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6)),
-        x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens"), color=_ablation_color(),
-        tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("lo:Q", format=".4f", title="from"),
-                 alt.Tooltip("hi:Q", format=".4f", title="to"), alt.Tooltip("count:Q", title="tokens")])
-    one = alt.Chart(h).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
-    return alt.layer(hist, one).properties(
-        width="container", height=220, title=f"{label}: residual-norm ratio on a random sample of tokens")
+    x = t["norm_ratio"].to_numpy(float)
+    x = x[np.isfinite(x)]
+    lo, hi = (np.quantile(x, ZOOM) if len(x) else (0.0, 1.0))
+    if not len(x) or hi - lo >= 0.25 * (x.max() - x.min()) or hi <= lo:
+        return _ratio_panel(h, title, "container")
+    zoom = histogram(t, "norm_ratio", "ablation", bins, span=(float(lo), float(hi)))
+    return alt.hconcat(_ratio_panel(h, "every token", 270),
+                       _ratio_panel(zoom, f"zoom: the middle {ZOOM[1] - ZOOM[0]:.0%} of the tokens", 270)
+                       ).properties(title=title)
 
 
 def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0,
@@ -190,16 +243,22 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
     from selfrepair.frozen_norm import long_frame
 
     long = long_frame(heads)
-    color = alt.Color("measure:N", scale=alt.Scale(domain=FROZEN_MEASURES, range=FROZEN_COLORS),
-                      title="self-repair", legend=alt.Legend(orient="bottom", columns=2))
+    drawn = present(FROZEN_MEASURES, long.loc[long["value"].notna(), "measure"])  # the legend's series
+    shapes = dict(zip(FROZEN_MEASURES, ["circle", "triangle-down", "square", "diamond"]))
+    legend = alt.Legend(orient="top", columns=2)  # above the panel it names, not under the other one
+    color = series_color("measure", dict(zip(FROZEN_MEASURES, FROZEN_COLORS)), drawn, title="self-repair",
+                         legend=legend)
+    # the heads that matter get a label (largest live self-repair first, at most MAX_LABELS), the
+    # others are named on hover; a head's four values sit side by side, so equal ones stay visible
+    matter = heads.reindex(heads["self_repair"].abs().sort_values(ascending=False).index)["label"]
     dots = alt.Chart(long).mark_point(filled=True, size=45, opacity=0.85).encode(
-        x=alt.X("label:N", sort=_head_order(heads), title="head",
-                axis=alt.Axis(labelAngle=-90, labelOverlap="greedy")),
+        x=alt.X("label:N", sort=_head_order(heads), title="head (the largest self-repair labelled; hover for each)",
+                axis=alt.Axis(labelAngle=-90, labelExpr=labels_only(matter))),
+        xOffset=alt.XOffset("measure:N", sort=drawn),
         y=alt.Y("value:Q", title="mean over top-k% tokens (logits)"),
         color=color,
-        shape=alt.Shape("measure:N", scale=alt.Scale(domain=FROZEN_MEASURES,
-                                                     range=["circle", "triangle-down", "square", "diamond"]),
-                        title="self-repair", legend=alt.Legend(orient="bottom", columns=2)),
+        shape=alt.Shape("measure:N", scale=alt.Scale(domain=drawn, range=[shapes[m] for m in drawn]),
+                        title="self-repair", legend=legend),
         tooltip=_tips(long, "measure", "value", "direct_effect", "n"))
     zero = alt.Chart(long).mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
     left = alt.layer(zero, dots).properties(width=min(VIEWS_AT_1024, max(240, 14 * len(heads))), height=240,

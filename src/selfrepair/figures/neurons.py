@@ -12,6 +12,8 @@ import json
 import altair as alt
 import pandas as pd
 
+from . import series_color
+
 # label only 1, 2, 5 x 10^n on log axes (the default labels every tick and they collide)
 LOG_LABELS = ("indexof([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000], "
               "datum.value) >= 0 ? datum.label : ''")
@@ -46,42 +48,57 @@ def fig_top_neuron(instances: pd.DataFrame) -> alt.FacetChart:
         title="Top self-repairing neuron per token: clean vs ablated direct effect")
 
 
+KINDS = {"nth": "N-th neuron alone", "top_n": "top N together"}
+
+
 def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
     """Fig 8: share of tokens on which the rank-N repairing neuron (``nth``; the paper's figure) or
-    the top N together (``top_n``) repair at least X% of the head's clean DE."""
+    the top N together (``top_n``) repair at least X% of the head's clean DE. One wrapped facet of
+    "head · kind" panels, two to a row (a head's two panels side by side; one column on a phone),
+    each wide enough to read."""
+    data = sparsity.assign(panel=sparsity["label"] + " · " + sparsity["kind"].map(KINDS))
+    heads = list(dict.fromkeys(sparsity.sort_values(["layer", "head"])["label"]))
+    panels = [f"{h} · {k}" for h in heads for k in KINDS.values()]
     chart = alt.Chart().mark_line(point=True).encode(
         x=alt.X("rank:Q", scale=alt.Scale(type="log"), title="N (neuron rank by repair)",
                 axis=alt.Axis(labelExpr=LOG_LABELS)),
         y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
                 title="share of tokens"),
         color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort="descending",
-                        legend=alt.Legend(orient="bottom")),  # a phone's column holds the two panels
+                        scale=alt.Scale(scheme={"name": "blues", "extent": [0.35, 1]}),  # no near-white line
+                        legend=alt.Legend(orient="bottom")),
         tooltip=HEAD_TIPS + [alt.Tooltip("kind:N"), alt.Tooltip("rank:Q"), alt.Tooltip("percent:Q"),
                              alt.Tooltip("share:Q", format=".1%"), alt.Tooltip("n_instances:Q")])
-    return alt.layer(chart, data=sparsity).properties(width=220, height=160).facet(
-        row=alt.Row("label:N", title=None),
-        column=alt.Column("kind:N", title=None, header=alt.Header(labelExpr=(
-            "datum.value == 'nth' ? 'N-th neuron alone' : 'top N together'")))).properties(
+    return alt.layer(chart, data=data).properties(width=280, height=180).facet(
+        facet=alt.Facet("panel:N", sort=panels, title=None), columns=2).properties(
         title="How often a few neurons repair a given share of the head's direct effect")
+
+
+SIGNS = {"negative (erasure)": "#d62728", "positive": "#1f77b4"}  # dark enough on white, both
 
 
 def fig_cumulative(cumulative: pd.DataFrame) -> alt.FacetChart:
     """App. C Fig 11-14: cumulative share of the layer's total absolute change in neuron DE against
-    neuron rank (log scale), each neuron coloured by its median clean DE."""
+    neuron rank (log scale), each neuron coloured by the sign of its median clean DE (red: an
+    erasure neuron on a typical token; the value on hover). Every panel draws its own x-axis, so
+    an odd number of heads leaves no axis under an empty slot."""
+    cumulative = cumulative.assign(sign=cumulative["median_clean_de"].map(
+        lambda v: "negative (erasure)" if v < 0 else "positive"))
     base = alt.Chart()
     x = alt.X("rank:Q", scale=alt.Scale(type="log"), title="neuron rank by |ΔDE| (log)",
               axis=alt.Axis(labelExpr=LOG_LABELS))
     y = alt.Y("cumulative_share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
               title="cumulative share of |ΔDE|")
     line = base.mark_line(color="#bbb").encode(x=x, y=y)
-    points = base.mark_circle(size=28).encode(
-        x=x, y=y, color=_diverging("median_clean_de", "median clean DE"),
+    points = base.mark_circle(size=28, opacity=0.9).encode(
+        x=x, y=y, color=series_color("sign", SIGNS, cumulative["sign"], title="neuron's median clean DE",
+                                     legend=alt.Legend(orient="bottom", titleLimit=400, labelLimit=300)),
         tooltip=HEAD_TIPS + [alt.Tooltip("rank:Q"), alt.Tooltip("neuron:O"),
                              alt.Tooltip("cumulative_share:Q", format=".1%"),
                              alt.Tooltip("share:Q", format=".2%")]
         + _q("mean_delta_de", "median_clean_de"))
-    return alt.layer(line, points, data=cumulative).properties(width=240, height=220).facet(
-        facet=alt.Facet("label:N", title=None), columns=2).properties(
+    return alt.layer(line, points, data=cumulative).properties(width=260, height=200).facet(
+        facet=alt.Facet("label:N", title=None), columns=2).resolve_axis(x="independent").properties(
         title="Cumulative share of the absolute change in neuron direct effects")
 
 

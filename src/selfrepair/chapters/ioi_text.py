@@ -1,0 +1,71 @@
+"""Chapter 8's outcome regions of the repair (no / partial / full repair, over-correction) and its
+closing "What this chapter shows" paragraph, re-exported by :mod:`selfrepair.chapters.ioi`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..claims import paper_word
+from ..findings import Figure, Finding, markdown, shows as _shows
+
+FULL_TOL = paper_word("approximately zero").bounds[1]  # a remaining loss within 10% of the DE lost: full repair
+REGIONS = (("no repair", -np.inf, 0.0), ("partial repair", 0.0, 1 - FULL_TOL),
+           ("full repair", 1 - FULL_TOL, 1 + FULL_TOL), ("over-correction", 1 + FULL_TOL, np.inf))
+MEANING = {"no repair": "the logit difference falls by more than the direct effect they lose",
+           "partial repair": "the rest of the network makes up part of the loss, not all of it",
+           "full repair": "the rest of the network makes up all of the loss, within 10% of it",
+           "over-correction": "the rest of the network gives back more than they lose"}
+
+
+def region(x: float) -> str:
+    """Which of :data:`REGIONS` a share of the lost direct effect given back is in (bounds of the
+    partial region inclusive, as the claim's rule)."""
+    if x < 0:
+        return "no repair"
+    if x <= 1 - FULL_TOL:
+        return "partial repair"
+    return "full repair" if x <= 1 + FULL_TOL else "over-correction"
+
+
+def repair_outcome(lo: float, hi: float) -> str:
+    """The outcome a 95% interval of the share given back shows: one region, or the regions it spans."""
+    a, b = region(lo), region(hi)
+    names = [r[0] for r in REGIONS]
+    return a if a == b else " or ".join(names[names.index(a):names.index(b) + 1])
+
+
+FIGURES = {"does_ioi": Figure("ch08-task", "the task on this model"),
+           "repaired": Figure("ch08-repair", "the ablation of the name movers"),
+           "backups": Figure("ch08-repair", "the ablation of the name movers"),
+           "moved": Figure("ch08-moving", "the residual moved")}
+
+
+def findings(ch) -> list[Finding]:
+    """"What this chapter shows" of an :class:`~selfrepair.chapters.ioi.IoiChapter`: where it ran,
+    the claims by outcome, and what the ablation of the name movers left (the repair's region)."""
+    model, f = str(ch.meta.get("model")), ch.performance
+    where = Finding(f"This chapter ran {ch.prompts['n']:,} IOI prompts on {model}, which prefers the indirect "
+                    f"object to the subject on {f['accuracy']:.0%} of them, and {ch.meta.get('ablation')}-ablated "
+                    f"{len(ch.name_movers)} name movers at the end.",
+                    values=(ch.prompts["n"], f["accuracy"], len(ch.name_movers)))
+    by = {v.claim.key: v for v in ch.verdicts}
+    does, rep = by["does_ioi"], by["repaired"]
+    if not does.holds:
+        text = (f"Take-away: the model is not shown to do IOI on these prompts ({does.value:.0%} with IO above S), "
+                "so there is no name moving to repair and the chapter's other claims cannot be tested on it.")
+        values, figure = (does.value,), FIGURES["does_ioi"]
+    elif rep.estimate is not None and rep.estimate.reliable:
+        outcome = repair_outcome(rep.lo, rep.hi)
+        meaning = MEANING.get(outcome, "this run cannot say which")
+        text = (f"Take-away: when the name movers are ablated on this model, {rep.estimate.prose('.0%')} of the "
+                f"direct effect they lose comes back — {outcome}: {meaning}.")
+        values, figure = (rep.value, rep.lo, rep.hi), FIGURES["repaired"]
+    else:
+        text = "Take-away: this run cannot tell how much of the name movers' lost direct effect comes back."
+        values, figure = (), FIGURES["repaired"]
+    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (figure,), values))
+
+
+def shows(ch) -> str:
+    """The "What this chapter shows" paragraph."""
+    return markdown(findings(ch))

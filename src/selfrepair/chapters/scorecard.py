@@ -1,0 +1,195 @@
+"""Chapter 9 — the scorecard: every claim of chapters 1–8 on every model whose verdicts are cached.
+
+A notebook executed by the runner like the chapters (so ``selfrepair book`` builds it with the
+book's parameters, and ``--chapters`` works for it), which **measures nothing**: it reads the
+verdict records the chapters write beside their measurements (:mod:`selfrepair.verdict_records`)
+and builds the table with :mod:`selfrepair.scorecard`. It loads no model: its config is not a
+:class:`~selfrepair.config.RunConfig`, so the pre-flight check and the provenance table skip the
+model. :data:`RUNS_LAST`: the runner executes it after every other chapter it runs, and adds it
+to every run that executes a chapter, so the page always shows the records as they are.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import pandas as pd
+from IPython.display import HTML
+
+from ..config import Config as BaseConfig
+from ..errors import InputError
+from ..scorecard import DECIDED, STATUSES, Card, build, counts
+from ..tables import TABLE_CLASS, Layout, counted, listed
+from ..verdict_records import model_label
+
+RUNS_LAST = True  # executed after the other chapters (it reads what they recorded)
+
+
+@dataclass(frozen=True)
+class Config(BaseConfig):
+    model: str = "gemma-3-270m"  # the book's model: always shown first, whether its chapters ran or not
+    fold_value_biases: bool = False  # the book model's head-output convention (it names the model's numbers)
+    cache_dir: str = "results"  # the results cache whose verdict records are read (nothing is written)
+
+    def run_summary(self) -> str:
+        """What this page ran on (:func:`selfrepair.setting.run_summary`): no model, the records."""
+        from ..experiment import shown_path
+
+        return ("**What ran here.**\n\n"
+                f"- **Model.** None is loaded and nothing is measured: the page reads the verdicts the chapters "
+                f"recorded in the results cache `{shown_path(self.cache_dir)}`, for every model found there, "
+                f"the book's model (`{model_label(self.model, self.fold_value_biases)}`) first.\n"
+                "- **Whose numbers.** Every estimate, interval and n is a chapter's, as its record keeps it; "
+                "the papers' own words and numbers are in each claim's cell, from the chapters' claims data.")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model.strip():
+            raise InputError("model must name the book's model: a hub id, a local directory, "
+                             "'gemma-3-270m' or 'tiny-<family>'")
+
+
+def measure(cfg: Config, progress: bool = True) -> Card:
+    """The scorecard of ``cfg.cache_dir`` (reads records only; ``progress`` is accepted for the
+    runner's and ``selfrepair measure``'s call and unused)."""
+    return build(cfg.cache_dir, model_label(cfg.model, cfg.fold_value_biases))
+
+
+def _link(row: dict) -> str:
+    """The claim's statement, linked to its row of the table (raw HTML: an in-page id, not a
+    Sphinx target)."""
+    return f'<a href="#{_row_id(row)}">{_e(row["statement"])}</a>'
+
+
+def _links(rows: pd.DataFrame) -> str:
+    return ", ".join(_link(r) for r in rows.to_dict("records"))
+
+
+def _row_id(row: dict) -> str:
+    return f"score-{row['chapter']}-{row['claim']}"
+
+
+def model_sentence(frame: pd.DataFrame, tally: dict) -> str:
+    """One model's verdicts in one part: the counts of :func:`selfrepair.scorecard.counts`
+    (``tally``) in words, then the claims that held and those that differed."""
+    words = {"holds": ("holds", "hold"), "differs": ("differs", "differ"), "cannot tell": ("cannot tell", "cannot tell"),
+             "not tested": ("was not tested", "were not tested"),
+             "rule changed": ("was decided under an older rule", "were decided under an older rule")}
+    said = [counted(tally[s], *words[s]) for s in STATUSES[:-1] if tally[s] or s in DECIDED]
+    text = f"On **{tally['model']}**, " + ", ".join(said)
+    if tally["not run"]:
+        chapters = listed(sorted(set(frame.loc[frame["verdict"] == "not run", "chapter"])), "chapter")
+        text += f"; {counted(tally['not run'], 'claim was', 'claims were')} not run ({chapters})"
+    text += "."
+    for status, lead in (("holds", "Held"), ("differs", "Differed")):
+        rows = frame[frame["verdict"] == status].drop_duplicates(["chapter", "claim"])
+        if len(rows):
+            text += f" {lead}: {_links(rows)}."
+    return text
+
+
+def split_sentence(frame: pd.DataFrame) -> str:
+    """The claims that hold on one model and differ on another (empty when none)."""
+    decided = frame[frame["verdict"].isin(("holds", "differs"))]
+    split = decided.groupby(["chapter", "claim"])["verdict"].nunique()
+    claims = [c for c in dict.fromkeys(zip(decided["chapter"], decided["claim"])) if split.get(c, 0) > 1]
+    if not claims:
+        return ""
+    parts = []
+    for chapter_, claim in claims:
+        g = decided[(decided["chapter"] == chapter_) & (decided["claim"] == claim)]
+        how = "; ".join(f"{v} on {', '.join(dict.fromkeys(g.loc[g['verdict'] == v, 'model']))}"
+                        for v in ("holds", "differs"))
+        parts.append(f"{_link(g.iloc[0].to_dict())} ({how})")
+    return " Decided one way on one model and the other way on another: " + "; ".join(parts) + "."
+
+
+def opening(card: Card) -> str:
+    """The sentences that open the page: per part of the book, what held on which model and what
+    did not, computed from the table (:func:`selfrepair.scorecard.counts`)."""
+    tallies = counts(card.frame)
+    out = []
+    for part, g in card.frame.groupby("part", sort=False):
+        n_claims = len(g.drop_duplicates(["chapter", "claim"]))
+        lead = (f"**{part}** — {counted(n_claims, 'claim')} ({listed(list(dict.fromkeys(g['chapter'])), 'chapter')}) "
+                f"on {counted(g['model'].nunique(), 'model')}.")
+        sentences = [model_sentence(g[g["model"] == t["model"]], t)
+                     for t in tallies[tallies["part"] == part].to_dict("records")]
+        out.append(" ".join([lead, *sentences]) + split_sentence(g))
+    return "\n\n".join(out)
+
+
+def table(card: Card) -> HTML:
+    """The scorecard as one HTML table per part: per claim (linked to its place in its chapter)
+    the paper's words, the rule and the paper's number; per model our estimate with its 95%
+    interval and n, and the verdict with what it rests on."""
+    return HTML("".join(_part_html(part, g) for part, g in card.frame.groupby("part", sort=False)))
+
+
+def _e(text) -> str:
+    return html.escape("" if text is None else str(text))
+
+
+def _claim_cell(r: dict, span: int) -> str:
+    word = f"“{_e(r['word'])}” = " if r["word"] else ""
+    paper = f'<span class="scorecard-paper">the paper: {_e(r["paper"])}</span>' if r["paper"] else ""
+    reason = (f"<details><summary>why this rule</summary>{_e(r['reason'])}</details>" if r["reason"]
+              else '<span class="scorecard-note">(the rule gives no reason yet)</span>')
+    return (f'<td class="text scorecard-claim" rowspan="{span}"><a href="{_e(r["href"])}">{_e(r["statement"])}</a>'
+            f'<span class="scorecard-where">chapter {_e(r["chapter"])} · {_e(r["source"])}</span>'
+            f'<span class="scorecard-rule">the rule: {word}{_e(r["rule"])}</span>{paper}{reason}</td>')
+
+
+def _estimate_cell(r: dict) -> str:
+    if r["verdict"] == "not run" or not r["estimate"]:
+        return '<td class="text" data-label="estimate">—</td>'
+    n = f"n = {r['n']:,} {_e(r['unit'])}" if r["n"] is not None else "no n"
+    parts = f'<span class="scorecard-note">decided on: {_e(r["parts"])}</span>' if r["parts"] else ""
+    return (f'<td class="text" data-label="estimate">{_e(r["estimate"])}<span class="scorecard-note">{n}; '
+            f'{_e(r["interval"])}</span>{parts}</td>')
+
+
+def _part_html(part: str, g: pd.DataFrame) -> str:
+    body = []
+    for (_, _claim), rows in g.groupby(["chapter", "claim"], sort=False):
+        for i, r in enumerate(rows.to_dict("records")):
+            first = _claim_cell(r, len(rows)) if i == 0 else ""
+            rid = f' id="{_row_id(r)}"' if i == 0 else ""
+            said = r["note"] and r["note"] not in r["interval"]  # not twice: the estimate's cell gives it
+            note = f'<span class="scorecard-note">{_e(r["note"])}</span>' if said else ""
+            body.append(f"<tr{rid}>{first}<td class=\"text\" data-label=\"model\">{_e(r['model'])}</td>"
+                        f"{_estimate_cell(r)}<td class=\"text scorecard-verdict "
+                        f'verdict-{r["verdict"].replace(" ", "-")}" data-label="verdict">'
+                        f"<strong>{_e(r['verdict'])}</strong>{note}</td></tr>")
+    head = "".join(f'<th class="text">{h}</th>' for h in
+                   ("claim: the paper's words, the rule, the paper's number", "model",
+                    "our estimate (95% interval, n)", "verdict"))
+    return (f'<div class="{TABLE_CLASS}-box"><table class="{TABLE_CLASS} scorecard">'
+            f"<caption>{_e(part)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+            "</table></div>")
+
+
+def how_to_run(card: Card) -> str:
+    """What the page read, what it set aside, and how to fill a *not run* cell."""
+    runs = card.runs
+    text = (f"The table reads {counted(len(runs), 'record')} of {counted(runs['model'].nunique(), 'model')} "
+            f"(the latest per chapter and model; listed below).")
+    if card.set_aside:
+        text += (f" {counted(card.set_aside, 'record')} written by another version of the library "
+                 f"{'was' if card.set_aside == 1 else 'were'} set aside: running the chapter again rewrites it.")
+    if card.other_layout:
+        text += (f" {counted(card.other_layout, 'record')} in an older layout "
+                 f"{'was' if card.other_layout == 1 else 'were'} skipped: running the chapter again rewrites it.")
+    missing = card.frame[card.frame["verdict"] == "not run"]
+    if len(missing):
+        first = missing.iloc[0]
+        text += (f" A *not run* cell fills in when the chapter runs on that model with this cache, e.g. "
+                 f"{first['note'][len('Run it: '):].rstrip('.')}; then run this page again "
+                 f"(`--chapters 09`: `selfrepair book` runs it after every chapter it runs).")
+    return text
+
+
+RUNS_TABLE = Layout(("model", "chapter", "verdicts", "parameters", "written"),
+                    names={"verdicts": "verdicts", "parameters": "parameters (other than the chapter's defaults)",
+                           "written": "written"})

@@ -1,0 +1,80 @@
+"""Encodings every chapter's figures share, so that a chart reads at a glance:
+
+- :func:`head_slots` / :func:`layer_x` — one mark per head on a layer axis: a layer's heads side by
+  side, a gap between layers, one label per layer (72 heads need 18 labels, not 72 unreadable ones;
+  at most :data:`MAX_LABELS`);
+- :func:`labels_only` — an axis that labels only the heads that matter (the rest on hover);
+- :func:`present` / :func:`series_color` — a legend that lists only the series the chart draws,
+  each series keeping its colour in every chart;
+- :data:`EDGE` — a scatter's scale with room at its ends (no point cut in half by the plot's edge).
+"""
+
+from __future__ import annotations
+
+import json
+
+import altair as alt
+
+MAX_LABELS = 25  # labels an axis may print (more are too small or too dense to read)
+# a scatter's scale with room at its ends: a point at the largest value is drawn whole, not cut in
+# half by the plot's edge (zoomable charts clip their marks to the plot)
+EDGE = alt.Scale(padding=10, nice=False, zero=False)
+
+
+def head_slots(frame, *, fill: float = 0.7):
+    """``frame`` (one row per head and whatever else) with each head's slot on a layer axis:
+    ``slot`` = layer + the head's place within it (a layer's heads side by side, a gap between
+    layers), ``slot_lo`` / ``slot_hi`` the edges of a bar ``fill`` of its slot wide. Plot marks at
+    ``slot`` on :func:`layer_x`: 72 heads need 18 axis labels, not 72 unreadable ones."""
+    n_heads = int(frame["head"].max()) + 1 if len(frame) else 1
+    inner = 0.8 / n_heads  # 10% of a layer's width on either side separates it from the next
+    slot = frame["layer"] + 0.1 + inner * (frame["head"] + 0.5)
+    return frame.assign(slot=slot, slot_lo=slot - fill * inner / 2, slot_hi=slot + fill * inner / 2)
+
+
+def layer_x(frame, field: str = "slot", title: str = "layer (its heads side by side: hover for each)") -> alt.X:
+    """The x-axis of :func:`head_slots`: from layer 0 to the last, one label per layer at its
+    middle (every k-th when there are more than :data:`MAX_LABELS` layers)."""
+    n_layers = int(frame["layer"].max()) + 1 if len(frame) else 1
+    every = -(-n_layers // MAX_LABELS)
+    return alt.X(f"{field}:Q", title=title, scale=alt.Scale(domain=[0, n_layers], nice=False, zero=False),
+                 axis=alt.Axis(values=[l + 0.5 for l in range(0, n_layers, every)], labelExpr="floor(datum.value)",
+                               labelAngle=0, grid=False))
+
+
+def layer_axis(frame, field: str = "layer", title: str = "layer") -> alt.X:
+    """An x-axis of whole layers: one tick per layer the frame holds (every k-th past
+    :data:`MAX_LABELS`), never a tick between two layers (a 2-layer model's 0.5 would print as a
+    second "1") nor one past the last layer."""
+    last = int(frame[field].max()) if len(frame) else 0
+    every = -(-(last + 1) // MAX_LABELS)
+    return alt.X(f"{field}:Q", title=title, scale=alt.Scale(domain=[-0.5, last + 0.5], nice=False, zero=False),
+                 axis=alt.Axis(values=list(range(0, last + 1, every)), format="d", grid=False))
+
+
+def labels_only(labels, *, limit: int = MAX_LABELS) -> str:
+    """An axis ``labelExpr`` printing only ``labels`` (the first ``limit`` of them: the heads that
+    matter, chosen by the caller), the others blank (they stay on hover)."""
+    keep = json.dumps([str(x) for x in list(labels)[:limit]])
+    return f"indexof({keep}, datum.value) >= 0 ? datum.label : ''"
+
+
+def present(domain, values) -> list:
+    """The entries of ``domain`` (a legend's series, in its order) that occur in ``values``: a
+    legend lists only what the chart draws."""
+    seen = set(values.dropna() if hasattr(values, "dropna") else values)
+    return [d for d in domain if d in seen]
+
+
+def series_color(field: str, palette: dict, values, *, title: str | None = None,
+                 legend: alt.Legend | None | bool = True) -> alt.Color:
+    """A categorical colour for ``field`` whose series and colours are ``palette`` (series ->
+    colour, in legend order), restricted to the series ``values`` holds (:func:`present`): the
+    legend lists only what the chart draws, each series keeps its colour in every chart."""
+    shown = present(list(palette), values)
+    kw = {} if legend is True else {"legend": legend or None}
+    return alt.Color(f"{field}:N", scale=alt.Scale(domain=shown, range=[palette[k] for k in shown]),
+                     title=title or field.replace("_", " "), **kw)
+
+
+__all__ = ["EDGE", "MAX_LABELS", "head_slots", "labels_only", "layer_x", "present", "series_color"]

@@ -1,0 +1,116 @@
+"""What a chapter shows: the closing "What this chapter shows" paragraph, three to six plain
+sentences computed from the chapter's verdicts (:mod:`selfrepair.claims`) — where it ran, which of
+the papers' claims held there, which did not, which this run cannot decide, and what a reader
+should take away — each linked to the figure that shows it.
+
+A chapter lists its claims' figures (:class:`Figure`: a label on the page, e.g. ``(ch01-fig1)=``
+above the figure's section) and builds the paragraph with :func:`shows`; every number a
+:class:`Finding` prints is kept beside its text (``values``), so a test can hold the words
+against the computed values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from .claims import Verdict, _fmt
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure on the page: ``anchor`` is the label above its section (``(anchor)=``)."""
+
+    anchor: str
+    label: str
+
+    def link(self) -> str:
+        return f'<a href="#{self.anchor}">{self.label}</a>'
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One sentence of "What this chapter shows", the figures it points to and the numbers it prints."""
+
+    text: str
+    figures: tuple[Figure, ...] = ()
+    values: tuple[float, ...] = ()
+
+    def markdown(self) -> str:
+        if not self.figures:
+            return self.text
+        links = ", ".join(dict.fromkeys(f.link() for f in self.figures))
+        return f"{self.text.rstrip('.')}; see {links}."
+
+
+# the outcome groups, in the order a reader wants them, and how each sentence opens
+OUTCOMES = ((True, "On {model}, the paper's claims that hold: "),
+            (False, "The claims that do not hold on {model}: "),
+            (None, "What this run cannot decide: "))
+
+
+def measured(v: Verdict) -> tuple[str, tuple[float, ...]]:
+    """A verdict's value in words: the value and its 95% interval, or the reason it has none; and
+    the numbers printed."""
+    fmt = v.claim.fmt
+    if v.value is None or not math.isfinite(v.value):
+        return "no value", ()
+    value = _fmt(v.value, fmt)
+    if v.lo is None or v.hi is None:
+        return value, (v.value,)
+    if (v.estimate is not None and v.estimate.why) or not (math.isfinite(v.lo) and math.isfinite(v.hi)):
+        return f"{value}, no reliable interval", (v.value,)
+    return f"{value}, 95% interval {_fmt(v.lo, fmt)} to {_fmt(v.hi, fmt)}", (v.value, v.lo, v.hi)
+
+
+def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:
+    """*statement* (its value; for a claim that cannot be tested on this run, nothing: the reason
+    follows the claims that share it, :func:`_phrases`)."""
+    value, numbers = measured(v)
+    statement = v.claim.statement.rstrip(".")
+    if v.why:
+        return f"*{statement}*", ()
+    if v.holds is None:
+        value += f", which straddles the rule's “{v.claim.rule.text(v.claim.fmt)}”"
+    return f"*{statement}* ({value})", numbers
+
+
+def _phrases(group: list[Verdict]) -> list[tuple[str, tuple[float, ...]]]:
+    """The claims' phrases in order; those that cannot be tested for the same reason together,
+    the reason said once after them."""
+    out, why = [], {}
+    for v in group:
+        if v.why:
+            why.setdefault(v.why, []).append(claim_phrase(v)[0])
+        else:
+            out.append(claim_phrase(v))
+    for reason, statements in why.items():
+        out.append((f"{', '.join(statements)} ({'each ' if len(statements) > 1 else ''}untested: {reason})", ()))
+    return out
+
+
+def outcome_findings(verdicts: list[Verdict], figures: Mapping[str, Figure], model: str) -> list[Finding]:
+    """One sentence per outcome that occurs: the claims that hold, those that do not, those this
+    run cannot decide, each with its value and interval and a link to its figure."""
+    out = []
+    for holds, opening in OUTCOMES:
+        group = [v for v in verdicts if v.holds is holds]
+        if not group:
+            continue
+        phrases = _phrases(group)
+        text = opening.format(model=model) + "; ".join(p for p, _ in phrases) + "."
+        out.append(Finding(text, tuple(figures[v.claim.key] for v in group if v.claim.key in figures),
+                           tuple(x for _, numbers in phrases for x in numbers)))
+    return out
+
+
+def shows(where: Finding, verdicts: list[Verdict], figures: Mapping[str, Figure], model: str,
+          takeaway: Finding) -> list[Finding]:
+    """The paragraph's sentences: where the chapter ran, one per outcome, and the take-away."""
+    return [where, *outcome_findings(verdicts, figures, model), takeaway]
+
+
+def markdown(findings: list[Finding]) -> str:
+    """The sentences as one paragraph, each ending with links to its figures."""
+    return " ".join(f.markdown() for f in findings)

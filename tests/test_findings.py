@@ -1,0 +1,254 @@
+""""What this chapter shows" (selfrepair.findings and each chapter's ``findings``): built from
+synthetic verdicts of every outcome, each sentence says the outcome its verdicts have and prints
+exactly the computed numbers; built from real tiny-profile results, every chapter closes with three
+to six sentences whose numbers are the chapter's own verdicts' values."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from selfrepair.book import load_profile
+from selfrepair.chapters import across, atp, existence, hydra, intro, ioi
+from selfrepair.chapters import across_text
+from selfrepair.claims import Verdict, _fmt
+from selfrepair.findings import OUTCOMES, Figure, Finding, markdown, outcome_findings
+from selfrepair.uncertainty import Estimate
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENING = {True: "the paper's claims that hold", False: "do not hold", None: "cannot decide"}
+
+
+def estimate(lo: float, hi: float, why: str = "", value: float | None = None) -> Estimate:
+    return Estimate((lo + hi) / 2 if value is None else value, lo, hi, 40, "units", 30 if not why else 5,
+                    "prompts", 7, 1000, why)
+
+
+def of_outcome(claim, outcome, why: str = "") -> Verdict:
+    """A verdict of ``claim`` whose interval lies on the paper's side (True), the other side
+    (False) or across the threshold (None)."""
+    b, op = claim.rule.bounds, claim.rule.op
+    w = max(abs(b[-1] - b[0]), abs(b[0]), 1.0) * 0.25
+    if op == "between":
+        lo, hi = {True: (b[0] + (b[1] - b[0]) / 4, b[1] - (b[1] - b[0]) / 4), False: (b[1] + w, b[1] + 2 * w),
+                  None: (b[0] - w, b[0] + (b[1] - b[0]) / 4)}[outcome]
+    else:
+        up = op in (">", ">=")
+        lo, hi = {True: (b[0] + w, b[0] + 2 * w) if up else (b[0] - 2 * w, b[0] - w),
+                  False: (b[0] - 2 * w, b[0] - w) if up else (b[0] + w, b[0] + 2 * w),
+                  None: (b[0] - w, b[0] + w)}[outcome]
+    v = Verdict.of(claim, estimate(lo, hi, why))
+    assert v.holds is (None if why else outcome)
+    return v
+
+
+def printed(x: float, fmt: str) -> str:
+    return _fmt(x, fmt)
+
+
+def check_sentence(f: Finding, verdicts: list[Verdict]) -> None:
+    """Each verdict's statement, value and interval are in the sentence, as computed."""
+    numbers = []
+    for v in verdicts:
+        assert v.claim.statement.rstrip(".") in f.text
+        if v.why:
+            assert v.why in f.text
+            continue
+        for x in (v.value, v.lo, v.hi):
+            assert printed(x, v.claim.fmt) in f.text
+            numbers.append(x)
+    assert f.values == tuple(numbers)
+
+
+@pytest.mark.parametrize("module", [existence, hydra, atp, ioi])
+def test_outcome_sentences_match_their_verdicts(module):
+    claims = module.CLAIMS
+    outcomes = [True, False, None, None]
+    verdicts = [of_outcome(c, o, why="only 5 independent prompts" if i == 3 else "")
+                for i, (c, o) in enumerate(zip(claims, outcomes))]
+    found = outcome_findings(verdicts, module.FIGURES if hasattr(module, "FIGURES") else {}, "model-x")
+    assert len(found) == 3
+    for (holds, opening), f in zip(OUTCOMES, found):
+        group = [v for v in verdicts if v.holds is holds]
+        assert f.text.startswith(opening.format(model="model-x"))
+        assert OPENING[holds] in f.text
+        check_sentence(f, group)
+        others = [v for v in verdicts if v.holds is not holds]
+        assert not any(v.claim.statement.rstrip(".") in f.text for v in others
+                       if v.claim.statement not in {g.claim.statement for g in group})
+    straddle = found[2]
+    assert "which straddles the rule's" in straddle.text
+    assert verdicts[2].claim.rule.text(verdicts[2].claim.fmt) in straddle.text
+
+
+def test_only_the_outcomes_that_occur_get_a_sentence_and_links_point_at_figures():
+    claim = existence.MANY
+    found = outcome_findings([of_outcome(claim, False)], existence.FIGURES, "m")
+    assert len(found) == 1 and "do not hold on m" in found[0].text
+    md = found[0].markdown()
+    assert md.endswith('; see <a href="#ch01-fig1">Fig 1</a>.')
+    assert markdown([Finding("A."), Finding("B.", (Figure("x", "X"),))]) == 'A. B; see <a href="#x">X</a>.'
+
+
+def _existence(many: Verdict, verdicts=None):
+    return SimpleNamespace(meta={"model": "tiny-x", "n_tokens": 512, "ablation": "resample"},
+                           evidence=SimpleNamespace(clusters=SimpleNamespace(n=16, unit="documents")),
+                           verdicts=verdicts or [many])
+
+
+@pytest.mark.parametrize("outcome, words", [(True, "costs less than its direct effect"),
+                                            (False, "is not widespread"), (None, "cannot say")])
+def test_chapter1_takeaway_follows_many(outcome, words):
+    many = of_outcome(existence.MANY, outcome)
+    found = existence.findings(_existence(many))
+    take = found[-1]
+    assert take.text.startswith("Take-away:") and words in take.text
+    assert f"{many.value:.0%}" in take.text and take.values == (many.value,)
+    assert "512 tokens" in found[0].text and found[0].values == (512, 16)
+    assert 3 <= len(found) <= 6
+
+
+def _hydra(part: Estimate, n_correct=20):
+    return SimpleNamespace(numbers={"n_prompts": 24, "n_correct": n_correct}, meta={"model": "tiny-x"},
+                           estimates=SimpleNamespace(hydra_part=part), result=SimpleNamespace(n_layers=4),
+                           verdicts=[of_outcome(hydra.RESTORED, False)])
+
+
+@pytest.mark.parametrize("lo, hi, words", [(0.1, 0.3, "is seen on this model"),
+                                           (-0.4, -0.1, "is not seen on this model"),
+                                           (-0.1, 0.2, "cannot tell")])
+def test_chapter5_says_whether_the_hydra_effect_is_seen(lo, hi, words):
+    part = estimate(lo, hi)
+    take = hydra.findings(_hydra(part))[-1]
+    assert words in take.text and "Hydra effect" in take.text
+    assert take.values == (part.value, lo, hi)
+    for x in take.values:
+        assert f"{x:.0%}" in take.text
+    failed = hydra.findings(_hydra(part, n_correct=1))[-1]
+    assert "cannot be tested" in failed.text and failed.values == ()
+
+
+@pytest.mark.parametrize("ranks, top, words", [(True, True, "can stand in"), (False, True, "does not stand in"),
+                                               (True, None, "cannot tell")])
+def test_chapter7_takeaway_needs_both_ranking_claims(ranks, top, words):
+    vs = [of_outcome(atp.RANKS, ranks), of_outcome(atp.TOP, top)]
+    ch = SimpleNamespace(meta={"model": "m", "n_tokens": 512}, heads=pd.DataFrame({"x": range(8)}),
+                         verdicts=vs, ranks={"k": 3})
+    take = atp.findings(ch)[-1]
+    assert words in take.text
+    assert f"{vs[0].value:.2f}" in take.text and f"{vs[1].value:.0%}" in take.text
+    assert take.values == (vs[0].value, vs[1].value)
+
+
+@pytest.mark.parametrize("lo, hi, outcome", [(-0.5, -0.1, "no repair"), (0.2, 0.6, "partial repair"),
+                                             (0.95, 1.05, "full repair"), (1.8, 2.1, "over-correction"),
+                                             (0.5, 1.0, "partial repair or full repair")])
+def test_chapter8_takeaway_names_the_repair_region(lo, hi, outcome):
+    rep = Verdict.of(ioi.REPAIRED, estimate(lo, hi))
+    does = of_outcome(ioi.DOES_IOI, True)
+    ch = SimpleNamespace(meta={"model": "m", "ablation": "mean"}, performance={"accuracy": 0.9},
+                         prompts={"n": 24}, name_movers=pd.DataFrame({"x": [1, 2]}), verdicts=[does, rep])
+    found = ioi.findings(ch)
+    take = found[-1]
+    assert f"— {outcome}:" in take.text and take.values == (rep.value, lo, hi)
+    for x in take.values:
+        assert f"{x:.0%}" in take.text
+    assert rep.word == ("holds" if outcome == "partial repair" else "differs" if outcome in
+                        ("no repair", "full repair", "over-correction") else "cannot tell")
+    if outcome == "over-correction":  # an over-correction is never called partial repair
+        assert "do not hold" in found[2].text and "partial repair" not in take.text
+    fails = ioi.findings(SimpleNamespace(**{**vars(ch), "verdicts": [of_outcome(ioi.DOES_IOI, False), rep]}))
+    assert "not shown to do IOI" in fails[-1].text
+
+
+# -- real results on the tiny profile --------------------------------------------------------------
+def tiny(module, cache: Path, **extra):
+    params = {**load_profile("tiny", ROOT), "cache_dir": str(cache), "n_boot": 50, **extra}
+    known = module.Config.field_names()
+    return module.Config.from_params(**{k: v for k, v in params.items() if k in known})
+
+
+def check_real(found: list[Finding], verdicts: list[Verdict]):
+    assert 3 <= len(found) <= 6
+    assert found[-1].text.startswith("Take-away:")
+    text = markdown(found)
+    for v in verdicts:
+        assert v.claim.statement.rstrip(".") in text
+    for f in found[1:-1]:  # the outcome sentences: their numbers are the verdicts' values
+        group = [v for v in verdicts if v.claim.statement.rstrip(".") in f.text]
+        check_sentence(f, group)
+    for f in found:
+        assert all(math.isfinite(x) for x in f.values)
+        assert "<a href=\"#ch" in f.markdown() or not f.figures
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("findings_cache")
+
+
+def test_real_chapter1_and_7(cache):
+    ex = existence.measure(tiny(existence, cache), progress=False)
+    check_real(existence.findings(ex), ex.verdicts)
+    many = next(v for v in ex.verdicts if v.claim is existence.MANY)
+    assert f"{many.value:.0%}" in existence.findings(ex)[-1].text
+    ch = atp.measure(tiny(atp, cache), progress=False)
+    check_real(atp.findings(ch), ch.verdicts)
+
+
+def test_real_chapters_5_6_8(cache):
+    ch = hydra.measure(tiny(hydra, cache), progress=False)
+    check_real(hydra.findings(ch), ch.verdicts)
+    assert re.search(r"Hydra effect", hydra.findings(ch)[-1].text)
+    ac = across.measure(tiny(across, cache), progress=False)
+    run = across_text.current_run(ac)
+    vs = [across.run_verdict(c, run, ac.estimates) for c in across.CLAIMS]
+    check_real(across_text.findings(ac), vs)
+    ic = ioi.measure(tiny(ioi, cache), progress=False)
+    check_real(ioi.findings(ic), ic.verdicts)
+
+
+def test_real_introduction(cache):
+    cfg = tiny(intro, cache)
+    live, toy = intro.measure(cfg), intro.worked_example()
+    found = intro.findings(live, toy, cfg.model)
+    assert 3 <= len(found) <= 6
+    assert f"{toy.numbers['self_repair']:+.3f}" in found[0].text
+    assert f"{live.table['eq2_gap'].max():.1e}" in found[1].text and "rounding error" in found[1].text
+
+
+# -- one number, one definition: related numbers on different selections say so ---------------------
+@pytest.mark.parametrize("de, drop, words", [(1.0, 0.6, "on average the rest of the network made up part"),
+                                             (0.6, 1.0, "added to the loss rather than")])
+def test_chapter5_reveal_never_calls_a_larger_mean_drop_repair(de, drop, words):
+    from selfrepair.exercises import reveal
+
+    effects = pd.DataFrame({"kind": ["attn"] * 4 + ["mlp"], "direct_effect": [de] * 4 + [9.0],
+                            "ablation_drop": [drop] * 4 + [0.0]})
+    ch = SimpleNamespace(effects=effects, estimates=SimpleNamespace(unembed=estimate(0.1, 0.3),
+                                                                    other_way=estimate(0.0, 0.2)))
+    text = reveal.drop_vs_de(ch)
+    assert words in text and f"mean DE {de:.3g}, mean drop {drop:.3g}" in text
+
+
+def test_chapter5_localisation_names_the_verdicts_other_selection():
+    from selfrepair.chapters.hydra_text import _pooled
+
+    local = estimate(0.5, 0.7)
+    text = _pooled(SimpleNamespace(estimates=SimpleNamespace(local=local)))
+    assert f"{1 - local.value:.0%}" in text and "prompt by prompt" in text and "averages, over the ablated layers" in text
+    assert _pooled(SimpleNamespace()) == ""
+
+
+def test_chapter6_block_norm_share_says_its_selection():
+    row = pd.Series({"run": "r", "block_norm_share_late": 0.04, "frac_self_repaired_late": 0.5,
+                     "norm_share_late": 0.3, "frac_between_all": 0.4})
+    v = across.run_verdict(across.SHARE, row, {})
+    assert "4% of DE from the sandwich block norms" in v.detail
+    assert "top-k% tokens" in v.detail and "chapter 2" in v.detail and "different number" in v.detail
+    assert "block norms" not in across.run_verdict(across.MANY, row, {}).detail

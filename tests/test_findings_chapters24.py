@@ -1,0 +1,143 @@
+""""What this chapter shows" for chapters 2-4 (layernorm, neurons, iterative): from synthetic
+verdicts of every outcome each sentence says its outcome and prints exactly the computed numbers,
+the take-away follows its verdict; on the tiny run every chapter closes with three to six sentences
+whose numbers are its own verdicts' values, and no number is printed as a raw float (``6.89e-09``)."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from selfrepair.chapters import iterative, layernorm, neurons
+from selfrepair.chapters.layernorm_text import logits
+from selfrepair.claims import Verdict, _fmt
+from selfrepair.findings import OUTCOMES, outcome_findings
+
+from test_findings import OPENING, check_real, check_sentence, estimate, of_outcome, tiny
+
+RAW_FLOAT = re.compile(r"\d[eE][+-]?\d")
+
+
+@pytest.mark.parametrize("claims", [
+    (layernorm.RATIO["resample"], layernorm.SHARE, layernorm.APP_H, layernorm.APP_B),
+    (layernorm.NORMS_ONLY, layernorm.RATIO["zero"], layernorm.APP_B, layernorm.SHARE),
+    (neurons.FIG7, neurons.SPARSE, neurons.ERASURE, neurons.VARIES),
+    (iterative.EXIST, iterative.EXIST, iterative.EXIST, iterative.PROPORTIONAL)], ids=["ch2a", "ch2b", "ch3", "ch4"])
+def test_outcome_sentences_match_their_verdicts(claims):
+    """Holds, differs, straddles and untested: one sentence each, the verdicts' numbers exactly."""
+    verdicts = [of_outcome(c, o, why="only 5 independent documents" if i == 3 else "")
+                for i, (c, o) in enumerate(zip(claims, [True, False, None, None]))]
+    module = layernorm if claims[0] in layernorm.CLAIMS else neurons if claims[0] in neurons.CLAIMS else iterative
+    found = outcome_findings(verdicts, module.FIGURES, "model-x")
+    assert len(found) == 3
+    for (holds, opening), f in zip(OUTCOMES, found):
+        assert f.text.startswith(opening.format(model="model-x")) and OPENING[holds] in f.text
+        check_sentence(f, [v for v in verdicts if v.holds is holds])
+        assert all(fig.anchor.startswith(f"ch0{'234'[[layernorm, neurons, iterative].index(module)]}-")
+                   for fig in f.figures)
+    assert "which straddles the rule's" in found[2].text and "untested: only 5" in found[2].text
+    for f in found:
+        assert not RAW_FLOAT.search(f.text)
+
+
+def test_every_claim_has_a_figure():
+    for module in (layernorm, neurons, iterative):
+        assert {c.key for c in module.CLAIMS} <= set(module.FIGURES)
+
+
+def _layernorm(share: Verdict):
+    return SimpleNamespace(meta={"model": "tiny-x", "n_tokens": 512}, verdicts=[share],
+                           evidence=SimpleNamespace(clusters=SimpleNamespace(n=16, unit="documents"),
+                                                    last=[(1, 0), (1, 1)], late=[(1, 0), (1, 1), (1, 2)]))
+
+
+@pytest.mark.parametrize("lo, hi, words", [(0.25, 0.35, "as the paper's “around 30%”"),
+                                           (0.02, 0.06, "less than the paper's"),
+                                           (0.6, 0.8, "more than the paper's"),
+                                           (0.1, 0.3, "cannot say")])
+def test_chapter2_takeaway_follows_the_norm_share(lo, hi, words):
+    share = Verdict.of(layernorm.SHARE, estimate(lo, hi))
+    found = layernorm.findings(_layernorm(share))
+    take = found[-1]
+    assert take.text.startswith("Take-away:") and words in take.text
+    assert f"{share.value:.0%}" in take.text and take.values == (share.value,)
+    assert found[0].values == (2, 3, 512, 16) and "2 last-layer heads" in found[0].text
+    assert 3 <= len(found) <= 6
+
+
+def _neurons(anti: Verdict):
+    return SimpleNamespace(meta={"model": "tiny-x", "d_mlp": 128}, verdicts=[anti],
+                           result=SimpleNamespace(heads=[(0, 1), (0, 2)], neuron_layer=1),
+                           evidence=SimpleNamespace(clusters=SimpleNamespace(n=16, unit="documents")))
+
+
+@pytest.mark.parametrize("outcome, words", [(True, "mostly an erasure neuron erasing less"),
+                                            (False, "mostly not anti-erasure"), (None, "cannot say")])
+def test_chapter3_takeaway_follows_fig7(outcome, words):
+    anti = of_outcome(neurons.FIG7, outcome)
+    found = neurons.findings(_neurons(anti))
+    assert words in found[-1].text and f"{anti.value:.0%}" in found[-1].text
+    assert found[-1].values == (anti.value,) and "128 neurons" in found[0].text
+
+
+def _iterative(verdicts):
+    return SimpleNamespace(clusters=SimpleNamespace(n=16, unit="documents"), classes=pd.DataFrame({"x": range(8)}),
+                           result=SimpleNamespace(meta={"model": "tiny-x"}, alphas=(1.0, 3.0, 5.0)),
+                           verdicts=verdicts)
+
+
+@pytest.mark.parametrize("outcome, words", [(True, "writes less beyond a random push"),
+                                            (False, "no head self-represses"), (None, "cannot say")])
+def test_chapter4_takeaway_follows_exist(outcome, words):
+    exist = of_outcome(iterative.EXIST, outcome)
+    untested = Verdict.of(iterative.PROPORTIONAL, estimate(0.1, 0.3, why="x"), why="no head self-represses")
+    found = iterative.findings(_iterative([exist, untested]))
+    take = found[-1]
+    assert words in take.text and f"{exist.value:+.0%}" in take.text and take.values == (exist.value,)
+    assert "alpha = 1, 3, 5" in found[0].text and found[0].values == (8, 16, 1.0, 3.0, 5.0)
+    none = iterative.findings(_iterative([Verdict.of(iterative.EXIST, estimate(0.1, 0.3, why="x"), why="no head"),
+                                          untested]))
+    assert "cannot test" in none[-1].text and none[-1].values == ()
+
+
+@pytest.mark.parametrize("x, text", [(6.89e-9, "+6.9×10⁻⁹"), (-3.2e-7, "−3.2×10⁻⁷"), (0.011, "+0.011"),
+                                     (0.0, "+0"), (-1.5, "-1.5")])
+def test_small_logits_read_as_powers_of_ten(x, text):
+    assert logits(x) == text
+
+
+def test_scientific_claim_values_read_as_powers_of_ten():
+    assert _fmt(1.9e-6, ".1e") == "1.9×10⁻⁶" and _fmt(0.25, ".0%") == "25%"
+    assert layernorm.APP_B.rule.text(layernorm.APP_B.fmt) == "below 1.0×10⁻³"
+
+
+# -- real results on the tiny profile --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("findings24_cache")
+
+
+def test_real_chapter2(cache):
+    ch = layernorm.measure(tiny(layernorm, cache), progress=False)
+    found = layernorm.findings(ch)
+    check_real(found, ch.verdicts)
+    share = next(v for v in ch.verdicts if v.claim is layernorm.SHARE)
+    assert f"{share.value:.0%}" in found[-1].text
+    for text in (layernorm.shows(ch), layernorm.on_this_model(ch), layernorm.frozen_markdown(ch)):
+        assert not RAW_FLOAT.search(re.sub(r"\(#?[\w-]+\)|\"#[\w-]+\"", "", text)), text
+    assert 'href="#ch02-rules"' in layernorm.on_this_model(ch)
+
+
+def test_real_chapters_3_and_4(cache):
+    ch = neurons.measure(tiny(neurons, cache), progress=False)
+    check_real(neurons.findings(ch), ch.verdicts)
+    fig7 = next(v for v in ch.verdicts if v.claim is neurons.FIG7)
+    assert "a different selection" in fig7.detail  # one number, one definition: the two selections said
+    assert 'href="#ch03-rules"' in neurons.on_this_model(ch)
+    it = iterative.measure(tiny(iterative, cache), progress=False)
+    check_real(iterative.findings(it), it.verdicts)
+    text = iterative.on_this_model(it)
+    assert 'href="#ch04-rules"' in text and "under its own output alone" in text
