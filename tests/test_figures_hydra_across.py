@@ -194,7 +194,8 @@ def chapter():
             for layer in range(n_layers):
                 for head in range(2):
                     de = scale * 0.1 * (layer + 1) * (1 if head == 0 else -1)
-                    rows.append({"source": source, "run": run, "model": run.split()[0], "ablation": "resample",
+                    rows.append({"source": source, "run": run, "model": run.split()[0],
+                                     "fold_value_biases": source == "paper", "ablation": "resample",
                                  "tokens": tokens, "n_layers": n_layers, "layer": layer, "head": head,
                                  "label": f"L{layer}H{head}", "rel_layer": layer / (n_layers - 1),
                                  "direct_effect": de, "ablated_direct_effect": 0.0, "delta_logit": -0.5 * de,

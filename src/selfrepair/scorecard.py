@@ -34,6 +34,7 @@ import pandas as pd
 import yaml
 
 from .claims import Claim, anchor
+from .claims import _fmt  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
 from .verdict_records import FOLDED, latest, rule_id, scan, this_version
 
 STATUSES = ("holds", "differs", "cannot tell", "not tested", "rule changed", "not run")
@@ -79,10 +80,6 @@ def chapter_pages(root: Path, recorded: set[str] = frozenset()) -> pd.DataFrame:
             rows.append({"chapter": nb.stem[:2], "module": module, "page": nb.stem,
                          "title": notebook_title(nb), "part": part_of.get(nb.stem, "")})
     return pd.DataFrame(rows, columns=["chapter", "module", "page", "title", "part"])
-
-
-def _fmt(value, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
 
 
 def estimate_text(row: dict) -> tuple[str, str]:
