@@ -135,7 +135,7 @@ class ChapterRuns:
         from nnsight.modeling.mixins.remotable import Remotable
 
         from ndif_fake import FakeNDIF
-        from selfrepair import models
+        from selfrepair.models import loading
         from selfrepair.experiment import _model
         from selfrepair.remote import remote_wrapper
 
@@ -143,7 +143,7 @@ class ChapterRuns:
             self._server = remote_wrapper(str(self.path), dtype=torch.float32)
         log, server = [], self._server
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
-            mp.setattr(models, "_ndif_source", lambda src, revision: None)
+            mp.setattr(loading, "_ndif_source", lambda src, revision: None)
             mp.setattr(Remotable, "_remote_backend", lambda self, *a: FakeNDIF(server, log))
             ns, markdown, error = run_cells(notebook_of(chapter), {**self.params(chapter, "ndif"),
                                                                    "remote": "ndif"}, self.root)

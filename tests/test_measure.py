@@ -69,7 +69,8 @@ def test_two_processes_write_the_one_process_entries_and_the_book_recomputes_not
     assert r.stdout.count("measured 2 chapter(s)") == 1  # rank 0 reports
     written = _entries(cache)
     kinds = sorted(name.split("/")[1].split("-")[0] for name in written)
-    assert kinds == ["hydra", "hydra", "neurons", "sweep"], kinds  # chapter 3 reads the sweep first
+    # chapter 3 reads the sweep first, then its neurons and each neuron's clean DE on the distribution
+    assert kinds == ["hydra", "hydra", "neuron_baseline", "neurons", "sweep"], kinds
     results = {s.kind: s.result for s in Spec.__subclasses__()}
     for name in written:
         a, b = (results[name.split("/")[1].split("-")[0]].load(d / name) for d in (one_process, cache))

@@ -75,6 +75,8 @@ def test_reads_patches_and_passes_equal_the_local_run(tmp_path, family, traces):
 
 def test_a_tiny_model_name_is_saved_and_wrapped_with_the_same_weights(traces):
     here, there = load_model("tiny-llama"), load_model("tiny-llama", remote="local")
+    assert traces[0] == 1  # the remote load ran its load-time check as one trace
+    traces[0] = 0
     assert there.name == "tiny-llama" and Path(there.nn.repo_id).is_dir()
     for (n, p), (_, q) in zip(here.hf.named_parameters(), there.hf.named_parameters()):
         assert torch.equal(p, q), n
@@ -111,7 +113,8 @@ def test_cli_sweep_remote_local_equals_the_local_sweep(tmp_path, capsys, traces)
     assert main([*args, "--out", str(tmp_path / "here")]) == 0
     assert traces[0] == 0
     assert main([*args, "--remote", "local", "--out", str(tmp_path / "there")]) == 0
-    assert traces[0] == 2 * 3  # one session per batch (3 batches) and pass (clean, ablated)
+    # the load-time check (one trace), then one session per batch (3 batches) and pass (clean, ablated)
+    assert traces[0] == 1 + 2 * 3
     capsys.readouterr()
     here, there = cached(tmp_path / "here"), cached(tmp_path / "there")
     assert here.keys() == there.keys() and len(here) == 1  # the same cache key: remote is not in it
@@ -175,6 +178,8 @@ def test_attention_patterns_remote_local_equal_the_local_ones(family, traces):
 
     tok = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(2))
     here, there = load_model(f"tiny-{family}"), load_model(f"tiny-{family}", remote="local")
+    assert traces[0] == 1  # the remote load ran its load-time check as one trace
+    traces[0] = 0
     a, b = run(here, tok, read=("pattern",)), run(there, tok, read=("pattern",))
     assert traces[0] == 1
     assert a.reads["pattern"].shape == (here.n_layers, 2, here.n_heads, 21, 21)

@@ -10,9 +10,9 @@ beside their measurements, for every model with records, and measuring nothing.
 - chapter 1 run on two tiny families: the scorecard's rows are the verdicts ``measure`` returned
   (value, interval, n, unit, verdict: nothing typed), both models appear, every decided row's
   cell shows its interval and n;
-- the page on the tiny profile (conftest's ``executed_book``): every claim of every chapter
-  (``CLAIMS`` of each chapter module) for the tiny model, each decided one with an interval and n
-  or the reason it has none, linked to its anchor in its chapter; the opening sentences' numbers
+- the page on the tiny profile (conftest's ``book``: built as the Pages workflow builds it): every
+  claim of every chapter (``CLAIMS`` of each chapter module) for the tiny model, each decided one
+  with an interval and n or the reason it has none, linked to its anchor in its chapter; the opening sentences' numbers
   equal the table's counts;
 - a second tiny family run of one chapter: both models appear, and every other chapter says
   *not run* on the second, with the command that runs it;
@@ -238,8 +238,8 @@ def test_every_decided_row_shows_its_interval_and_n_on_the_page(chapter1_twice):
 
 
 # -- the page on the tiny profile -----------------------------------------------------------------
-def _executed(executed_book) -> dict:
-    run = executed_book.runs["09_scorecard"]
+def _executed(book) -> dict:
+    run = book.runs["09_scorecard"]
     assert run.ok, run.error
     return json.loads(run.executed.read_text(encoding="utf-8"))
 
@@ -250,25 +250,25 @@ def _html(nb: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def book_card(executed_book):
+def book_card(book):
     """The scorecard of the tiny book's cache, built here from its records (the page's own)."""
-    return build(executed_book.out / "results", TINY["model"], ROOT)
+    return build(book.results, TINY["model"], ROOT)
 
 
-def test_the_page_lists_every_claim_of_every_chapter_for_the_tiny_model(executed_book, book_card):
-    html = _html(_executed(executed_book))
+def test_the_page_lists_every_claim_of_every_chapter_for_the_tiny_model(book, book_card):
+    html = _html(_executed(book))
     frame = book_card.frame
     for prefix in CLAIMED:
         for claim in chapter_claims(chapter_module(prefix)):
             rows = frame[(frame["chapter"] == prefix) & (frame["claim"] == claim.key)]
             assert len(rows) and set(rows["model"]) == {TINY["model"]}, (prefix, claim.key)
             assert f'id="score-{prefix}-{claim.key}"' in html, (prefix, claim.key)
-            page = next(p for p in executed_book.runs if p.startswith(prefix))
+            page = next(p for p in book.runs if p.startswith(prefix))
             assert f'href="{page}.html#{anchor(claim)}"' in html
     assert "not run" not in set(frame["verdict"])  # every chapter ran in the book
     # each decided claim's anchor is on its chapter's page
     for r in frame[frame["verdict"].isin(DECIDED)].to_dict("records"):
-        text = executed_book.runs[r["page"]].executed.read_text(encoding="utf-8")
+        text = book.runs[r["page"]].executed.read_text(encoding="utf-8")
         assert f'id=\\"{r["href"].split("#")[1]}\\"' in text, r["href"]
 
 
@@ -308,20 +308,20 @@ def _check_opening(card):
     return text
 
 
-def test_the_opening_sentences_count_the_table(executed_book, book_card):
+def test_the_opening_sentences_count_the_table(book, book_card):
     text = _check_opening(book_card)
-    page = "".join("".join(o.get("data", {}).get("text/markdown", "")) for c in _executed(executed_book)["cells"]
+    page = "".join("".join(o.get("data", {}).get("text/markdown", "")) for c in _executed(book)["cells"]
                    if c["cell_type"] == "code" for o in c.get("outputs", []))
     assert text in page  # the page says what the card built from the same records says
 
 
 @pytest.fixture(scope="module")
-def two_models(executed_book, tmp_path_factory):
+def two_models(book, tmp_path_factory):
     """The tiny book's cache plus chapter 1 run on a second tiny family."""
     from selfrepair.chapters import existence
 
     cache = tmp_path_factory.mktemp("two") / "results"
-    shutil.copytree(executed_book.out / "results", cache)
+    shutil.copytree(book.results, cache)
     existence.measure(tiny_config("01", cache, model=SECOND), progress=False)
     return cache
 

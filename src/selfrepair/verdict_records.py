@@ -103,12 +103,12 @@ def chapter_of(module: str) -> str:
 def record_path(cfg, chapter: str) -> Path:
     """Where ``cfg``'s verdicts of ``chapter`` are kept (module docstring)."""
     from . import __version__
-    from .measure import _slug
+    from .measure import _slug, results_root
 
     params = {k: v for k, v in cfg.as_dict().items() if k not in NOT_NUMBERS}
     digest = hashlib.sha256(json.dumps([chapter, params, __version__], sort_keys=True, default=str)
                             .encode()).hexdigest()[:16]
-    return Path(cfg.cache_dir) / _slug(cfg.model) / f"verdicts-{chapter}-{digest}.json"
+    return results_root(cfg.cache_dir) / _slug(cfg.model) / f"verdicts-{chapter}-{digest}.json"
 
 
 def save(cfg, chapter: str, verdicts: list) -> Path:
@@ -169,7 +169,9 @@ def scan(cache_dir: str | Path) -> tuple[list[dict], list[Path]]:
     (skipped: the chapter rewrites them when it runs again). A damaged file is skipped with a
     warning that names it and what is wrong."""
     out, other = [], []
-    for path in sorted(Path(cache_dir).glob(PATTERN)):
+    from .measure import results_root
+
+    for path in sorted(results_root(cache_dir).glob(PATTERN)):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
