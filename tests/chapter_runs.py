@@ -148,6 +148,8 @@ class ChapterRuns:
             ns, markdown, error = run_cells(notebook_of(chapter), {**self.params(chapter, "ndif"),
                                                                    "remote": "ndif"}, self.root)
             cfg = ns.get("cfg")
-            there = None if cfg is None else _model(str(self.path), cfg.device, cfg.dtype, "ndif")
+            # the scorecard's config names no device: it loads no model and only reads verdict records
+            there = None if getattr(cfg, "device", None) is None else \
+                _model(str(self.path), cfg.device, cfg.dtype, "ndif")
         return NotebookRun(notebook_of(chapter), ns, markdown, error, len(log), there is None or there.weights_here,
                            set() if there is None else {p.device.type for p in there.hf.parameters()})

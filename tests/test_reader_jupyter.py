@@ -54,7 +54,16 @@ def with_parameters(nb: dict, values: dict) -> dict:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+    """Every file's SHA-256; a verdict record's without its ``written`` time (a chapter rewrites its
+    record each time it runs: the verdicts it holds must be the same)."""
+    def content(p: Path) -> bytes:
+        if p.name.startswith("verdicts-") and p.suffix == ".json":
+            record = json.loads(p.read_text(encoding="utf-8"))
+            record.pop("written", None)
+            return json.dumps(record, sort_keys=True).encode()
+        return p.read_bytes()
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(content(p)).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -97,7 +106,8 @@ def test_every_chapter_runs_in_jupyter_and_reuses_the_runners_entries(book, tmp_
         nb = json.loads((repo / "book" / name.replace(".ipynb", "-run.ipynb")).read_text())
         errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
-    assert digests(repo / "results") == before, "a chapter wrote a cache entry the runner did not"
+    assert digests(repo / "results") == before, \
+        "a chapter wrote a cache entry (or decided a verdict) the runner did not"
     written = sorted(p.name for p in (repo / "book").iterdir() if p.suffix != ".ipynb")
     assert not written, f"written beside the notebooks instead of the book's root: {written}"
 
