@@ -334,8 +334,9 @@ def other_reading(e: Estimate, claim: Claim) -> str:
 
 def erasure_detail(s: dict, n_late: int) -> str:
     """The late MLPs' clean direct effect and the sign share on the cases that removed the most."""
-    text = (f"{s['late_negative']} of the last {n_late} MLP layers push the top token down on average "
-            f"(together {s['late_clean_de']:+.2f} logits).")
+    total = s["late_clean_de"]
+    text = (f"{s['late_negative']} of the last {n_late} MLP layers push the top token down on average; "
+            f"together they push it {'down' if total < 0 else 'up'} by {abs(total):.2f} logits.")
     if s.get("erasure_n_large"):
         text += (f" On the {s['erasure_n_large']} cases that removed the most direct effect (top quarter), "
                  f"the late MLPs move against the ablated layer in {s['erasure_opposite_large']:.0%} "
