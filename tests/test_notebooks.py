@@ -226,3 +226,16 @@ def test_runs_on_tiny_profile(path, book):
     if "cache_dir" in chapter_module(path.stem).Config.field_names():  # no path of this machine
         assert re.search(r'^cache_dir = "results"$', _source(injected[0]), re.M), _source(injected[0])
         assert prov.get("param:cache_dir") == "results"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if "rules_table(" in p.read_text(encoding="utf-8")],
+                         ids=lambda p: p.stem)
+def test_the_rules_table_renders_as_a_table(path, book):
+    """The chapter's "How each claim is decided" section, as the built page shows it: an HTML table
+    with one row per claim, not the Markdown source printed as text."""
+    page = (book.html / "book" / f"{path.stem}.html").read_text(encoding="utf-8")
+    section = page[page.index('id="how-each-claim-is-decided"'):]
+    section = section[:section.find("</section>")]
+    assert "<table" in section and "| claim |" not in section, f"{path.stem}: the rules table is raw text"
+    rows = re.findall(r"<tr", section[section.index("<tbody"):]) if "<tbody" in section else []
+    assert len(rows) == len(chapter_module(path.stem).CLAIMS), path.stem

@@ -198,7 +198,7 @@ def scale_markdown(ch) -> str:
         f"and the best R² {e.r2['clean'].prose('.2f')} and {e.r2['ablated'].prose('.2f')}. By the verdicts' "
         f"rules on these intervals alone, \"approximately {PAPER['restored']:.0%}\" {rule(RESTORED, e.restored['clean'])} at the clean σ "
         f"and {rule(RESTORED, e.restored['ablated'])} at σ′; \"a slope of less than one\" "
-        f"{rule(SLOPE, e.max_slope['clean'])} and {rule(SLOPE, e.max_slope['ablated'])}.\n\n"
+        f"{rule(SLOPE, e.max_slope['clean'])} at the clean σ and {rule(SLOPE, e.max_slope['ablated'])} at σ′.\n\n"
         "**What the paper's words support.** §2.3.1 fixes σ \"to the value attained in the forward "
         "pass\", and eq. 34 takes a layer's direct effect *in the ablation run* (eq. 13): read "
         "literally, each run's own σ, so σ′ in the ablated one. But right after eq. 13 the paper "

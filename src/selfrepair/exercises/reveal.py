@@ -244,9 +244,10 @@ def ioi_repair(ch) -> str:
     parts = {q: r[q].mean() for q in TERMS if q != "from_block_norms" or ch.meta.get("sandwich")}
     top = max(parts, key=lambda q: abs(parts[q]))
     share = f" ({_pct(drop / lost)} of it)" if lost > 0 and drop > 0 else ""
-    moved = (f"drops by {drop:.3g}{share}" if drop > 0 else
-             f"does not drop at all but rises by {-drop:.3g} (overcorrection)")
     less = "less than" if drop < lost else "more than"
+    moved = (f"drops by {drop:.3g}{share}: {less} the direct effect lost" if drop > 0 else
+             f"does not drop at all but rises by {-drop:.3g}: over-correction, the rest of the network "
+             "gives back more than the name movers lose")
     rep = next((v for v in ch.verdicts if v.claim.key == "repaired"), None)
     outcome = ""
     if rep is not None and rep.estimate is not None and rep.estimate.reliable:
@@ -254,7 +255,7 @@ def ioi_repair(ch) -> str:
         outcome = (f" On the test half, {rep.estimate.prose('.0%')} of the lost direct effect comes back: "
                    f"{repair_outcome(rep.lo, rep.hi)}.")
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "
-            f"{moved}: {less} the direct effect lost, on {ch.performance['n_prompts']} "
+            f"{moved}, on {ch.performance['n_prompts']} "
             f"prompts of {ch.meta.get('model')}.{outcome} The largest part of eq. 2 is {TERM_NAMES[top]} "
             f"({parts[top]:+.3g} logits; " + ", ".join(f"{TERM_NAMES[q]} {parts[q]:+.3g}" for q in parts
                                                       if q != top) +
