@@ -131,6 +131,13 @@ PAPER_WORDS: dict[str, Rule] = {r.word: r for r in (
     Rule(">", (0.0,), "noticeable",
          "'a small, but noticeable, logit difference' (§2.2) has no number; like 'significant', "
          "we read it as distinguishable from zero: the whole 95% interval on the claimed side of 0"),
+    Rule("<", (0.0,), "decreased",
+         "a self-repressing head is one whose direct effect 'decreases proportional to how much of "
+         "the original output of the head is added' (App. G; 'L21H1 has a decreased direct effect', "
+         "Fig 19), and such heads 'robustly respond to their own output' (App. F). The paper puts no "
+         "size on the decrease, so we read 'decreased' as a fall distinguishable from zero, the whole "
+         "95% interval below 0, and 'robustly respond to their own output' as the same fall beyond "
+         "what a random push of the same norm does"),
     Rule("between", (-0.1, 0.1), "approximately zero",
          "the Hydra paper gives no tolerance ('reduce Δ_unembed of the ablated layer to "
          "approximately zero', §3); for a quantity expressed as a share of the effect it is "

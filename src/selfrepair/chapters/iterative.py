@@ -7,11 +7,13 @@ plot's head is the paper's GPT2-Medium L21H1 when pinned (``featured_heads``; th
 profile runs GPT2-Medium); otherwise the most self-repressing and most self-reinforcing heads with
 at least the median head's direct effect (the paper shows one head "which self-represses").
 
-**Claims** (:data:`CLAIMS`, decided on :mod:`selfrepair.repression`'s per-cluster sums): a head
-self-represses when both its fall under its own output and its fall beyond the random push of the
-same norm exceed the table's "approximately zero" (±10% of its direct effect, :data:`TAU`); the most
+**Claims** (:data:`CLAIMS`, decided on :mod:`selfrepair.repression`'s per-cluster sums): the most
 self-repressing head is chosen on one half of the documents and tested on the other
-(``Clusters.halves``), and "proportional" is a line through the origin (``Verdict.linear``) fitted to
+(``Clusters.halves``); it self-represses when both its fall under its own output and its fall beyond
+the random push of the same norm lie below 0 with their whole interval (the words table's
+"decreased"); the head map's classes and the share of self-repressing heads count a change within
+±10% of the direct effect (:data:`TAU`) as none. "Proportional" is a line through the origin
+(``Verdict.linear``) fitted to "proportional" is a line through the origin (``Verdict.linear``) fitted to
 the repression of the heads that self-repress on the first half, measured on the second. The paper
 offers these heads as evidence for the iterative inference hypothesis (App. G), and the text says so.
 """
@@ -48,14 +50,13 @@ EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output t
               "for the head that self-represses most on one half of the documents, on the other half: the "
               "weaker of its two falls at the largest alpha, relative to its mean top-token direct effect — "
               "under its own output, and under its own output beyond the random push (the control)",
-              paper_word("approximately zero", "<"), fmt="+.0%",
+              paper_word("decreased"), fmt="+.0%",
               reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit} "
                       "changes its direct effect by {value} when fed its own output (the weaker of the "
                       "change itself and the change beyond the control's).",
-              rationale="a change within ±10% of the head's direct effect is approximately zero, so a head "
-                        "self-represses when both falls exceed that: the fall itself (App. G: the direct "
-                        "effect 'decreases') and the fall beyond a random push of the same norm, without "
-                        "which a head that any perturbation moves would count. " + ALL)
+              rationale="both falls are required: the fall under its own output (Fig 19: 'L21H1 has a "
+                        "decreased direct effect') and the fall beyond a random push of the same norm, "
+                        "without which a head that any perturbation moves would count. " + ALL)
 PROPORTIONAL = Claim("proportional", "The repression is proportional to how much output is added",
                      "App. F, Fig 18",
                      "the least-squares line, over the alphas, of the repression (minus the relative change "
