@@ -17,7 +17,7 @@ from selfrepair.book import load_profile
 from selfrepair.chapters import across, atp, existence, hydra, intro, ioi
 from selfrepair.chapters import across_text
 from selfrepair.claims import Verdict, _fmt
-from selfrepair.findings import OUTCOMES, Figure, Finding, markdown, outcome_findings
+from selfrepair.findings import OUTCOMES, Figure, Finding, markdown, outcome_findings, own
 from selfrepair.uncertainty import Estimate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,15 +75,28 @@ def test_outcome_sentences_match_their_verdicts(module):
     assert len(found) == 3
     for (holds, opening), f in zip(OUTCOMES, found):
         group = [v for v in verdicts if v.holds is holds]
-        assert f.text.startswith(opening.format(model="model-x"))
-        assert OPENING[holds] in f.text
+        whose = "the claims" if any(map(own, group)) else "the paper's claims"
+        assert f.text.startswith(opening.format(model="model-x", whose=whose))
+        assert OPENING[holds] in f.text if whose == "the paper's claims" else "the paper's" not in f.text
         check_sentence(f, group)
+        for v in group:  # the book's own question is never passed off as the paper's
+            assert (f"*{v.claim.statement.rstrip('.')}* (this book's own question" in f.text) is own(v)
+
         others = [v for v in verdicts if v.holds is not holds]
         assert not any(v.claim.statement.rstrip(".") in f.text for v in others
                        if v.claim.statement not in {g.claim.statement for g in group})
     straddle = found[2]
     assert "which straddles the rule's" in straddle.text
     assert verdicts[2].claim.rule.text(verdicts[2].claim.fmt) in straddle.text
+
+
+def test_the_books_own_question_is_not_listed_among_the_papers_claims():
+    """Chapter 7's "self-repair lies beyond AtP's first order" is this book's question: holding
+    beside a paper's claim, the sentence opens "the claims that hold" and marks it."""
+    verdicts = [of_outcome(atp.RANKS, True), of_outcome(atp.BLIND, True)]
+    (f,) = outcome_findings(verdicts, atp.FIGURES, "model-x")
+    assert f.text.startswith("On model-x, the claims that hold: ") and "paper's claims" not in f.text
+    assert "(this book's own question, not the papers': " in f.text and own(verdicts[1]) and not own(verdicts[0])
 
 
 def test_only_the_outcomes_that_occur_get_a_sentence_and_links_point_at_figures():

@@ -34,7 +34,7 @@ def test_outcome_sentences_match_their_verdicts(claims):
     found = outcome_findings(verdicts, module.FIGURES, "model-x")
     assert len(found) == 3
     for (holds, opening), f in zip(OUTCOMES, found):
-        assert f.text.startswith(opening.format(model="model-x")) and OPENING[holds] in f.text
+        assert f.text.startswith(opening.format(model="model-x", whose="the paper's claims")) and OPENING[holds] in f.text
         check_sentence(f, [v for v in verdicts if v.holds is holds])
         assert all(fig.anchor.startswith(f"ch0{'234'[[layernorm, neurons, iterative].index(module)]}-")
                    for fig in f.figures)

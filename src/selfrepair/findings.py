@@ -44,10 +44,17 @@ class Finding:
         return f"{self.text.rstrip('.')}; see {links}."
 
 
-# the outcome groups, in the order a reader wants them, and how each sentence opens
-OUTCOMES = ((True, "On {model}, the paper's claims that hold: "),
+# the outcome groups, in the order a reader wants them, and how each sentence opens ({whose}: "the
+# paper's claims" unless the group holds a question of this book's own, :func:`own`)
+OUTCOMES = ((True, "On {model}, {whose} that hold: "),
             (False, "The claims that do not hold on {model}: "),
             (None, "What this run cannot decide: "))
+OWN = "this book"  # a claim whose source starts so is the book's own question, not a paper's
+
+
+def own(v: Verdict) -> bool:
+    """Is the claim the book's own question (``source`` "this book ...") rather than a paper's?"""
+    return v.claim.source.startswith(OWN)
 
 
 def measured(v: Verdict) -> tuple[str, tuple[float, ...]]:
@@ -73,6 +80,8 @@ def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:
         return f"*{statement}*", ()
     if v.holds is None:
         value += f", which straddles the rule's “{v.claim.rule.text(v.claim.fmt)}”"
+    if own(v):
+        value = f"this book's own question, not the papers': {value}"
     return f"*{statement}* ({value})", numbers
 
 
@@ -99,7 +108,8 @@ def outcome_findings(verdicts: list[Verdict], figures: Mapping[str, Figure], mod
         if not group:
             continue
         phrases = _phrases(group)
-        text = opening.format(model=model) + "; ".join(p for p, _ in phrases) + "."
+        whose = "the claims" if any(map(own, group)) else "the paper's claims"
+        text = opening.format(model=model, whose=whose) + "; ".join(p for p, _ in phrases) + "."
         out.append(Finding(text, tuple(figures[v.claim.key] for v in group if v.claim.key in figures),
                            tuple(x for _, numbers in phrases for x in numbers)))
     return out
