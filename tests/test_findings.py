@@ -265,3 +265,18 @@ def test_chapter6_block_norm_share_says_its_selection():
     assert "4% of DE from the sandwich block norms" in v.detail
     assert "top-k% tokens" in v.detail and "chapter 2" in v.detail and "different number" in v.detail
     assert "block norms" not in across.run_verdict(across.MANY, row, {}).detail
+
+
+def test_a_line_that_fails_on_its_intercept_says_so():
+    """Chapter 4's "proportional" is decided on the slope and the intercept: when the slope passes and
+    the intercept does not, the sentence prints both, labelled, not the slope alone."""
+    from selfrepair.chapters import iterative
+
+    slope, icpt = estimate(0.23, 0.28, value=0.26), estimate(0.3, 0.6, value=0.45)
+    v = Verdict.linear(iterative.PROPORTIONAL, slope, icpt)
+    (f,) = outcome_findings([v], iterative.FIGURES, "m")
+    assert v.holds is False and "do not hold on m" in f.text
+    fmt = iterative.PROPORTIONAL.fmt
+    for name, e in (("slope", slope), ("intercept / mean y", icpt)):
+        assert f"{name} {_fmt(e.value, fmt)}, 95% interval {_fmt(e.lo, fmt)} to {_fmt(e.hi, fmt)}" in f.text
+    assert f.values == (slope.value, slope.lo, slope.hi, icpt.value, icpt.lo, icpt.hi)

@@ -59,16 +59,27 @@ def own(v: Verdict) -> bool:
 
 def measured(v: Verdict) -> tuple[str, tuple[float, ...]]:
     """A verdict's value in words: the value and its 95% interval, or the reason it has none; and
-    the numbers printed."""
+    the numbers printed. A verdict decided on several estimates (``parts``: a line's slope and
+    intercept) names each, so a failed intercept is never hidden behind a slope that passed."""
     fmt = v.claim.fmt
     if v.value is None or not math.isfinite(v.value):
         return "no value", ()
-    value = _fmt(v.value, fmt)
-    if v.lo is None or v.hi is None:
-        return value, (v.value,)
-    if (v.estimate is not None and v.estimate.why) or not (math.isfinite(v.lo) and math.isfinite(v.hi)):
-        return f"{value}, no reliable interval", (v.value,)
-    return f"{value}, 95% interval {_fmt(v.lo, fmt)} to {_fmt(v.hi, fmt)}", (v.value, v.lo, v.hi)
+    if v.parts:
+        said = [_interval(e.value, e.lo, e.hi, fmt, e.why) for _, e, _ in v.parts]
+        return ("; ".join(f"{name} {text}" for (name, _, _), (text, _) in zip(v.parts, said)),
+                tuple(x for _, numbers in said for x in numbers))
+    return _interval(v.value, v.lo, v.hi, fmt, v.estimate.why if v.estimate is not None else "")
+
+
+def _interval(value: float, lo, hi, fmt: str, why: str) -> tuple[str, tuple[float, ...]]:
+    """``value`` and its 95% interval in words (or why it has no reliable one), and the numbers."""
+    v = value
+    shown = _fmt(v, fmt)
+    if lo is None or hi is None:
+        return shown, (v,)
+    if why or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{shown}, no reliable interval", (v,)
+    return f"{shown}, 95% interval {_fmt(lo, fmt)} to {_fmt(hi, fmt)}", (v, lo, hi)
 
 
 def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:
