@@ -302,3 +302,16 @@ def test_chapter_rejects_a_negative_noise_scale():
         chapter.Config.from_params(model="tiny-llama", noise_scale=-1.0)
     with pytest.raises(InputError, match="n_noise must be at least 1"):
         chapter.Config.from_params(model="tiny-llama", n_noise=0)
+
+
+def test_the_more_predictive_part_is_named_only_where_it_predicts_something():
+    """Fig 8's parts: 0.01 against 0.00 is no 'more predictive' part; 0.30 against 0.05 is."""
+    from selfrepair.chapters.hydra_text import PREDICTS, _predictive
+
+    rows = [(5, "attention", 0.5, 0.00), (5, "MLP", 0.4, 0.01), (9, "attention", 0.2, 0.05), (9, "MLP", 0.9, 0.30),
+            (11, "attention", 0.7, 0.40), (11, "MLP", 0.1, 0.20)]
+    fits = (pd.DataFrame(rows, columns=["layer", "part", "slope", "r2"]).groupby(["layer", "part"])
+            [["slope", "r2"]].first().unstack("part"))
+    text = _predictive(fits)
+    assert "the MLP part has the higher R² at layer 9;" in text and "the attention part at layer 11;" in text
+    assert f"at layer 5 neither part predicts compensation (both R² below {PREDICTS:.2f})" in text

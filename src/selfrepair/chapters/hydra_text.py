@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 
 from ..tables import Layout, counted, listed, table
+from ..claims import paper_word
 from .hydra_claims import PAPER, RESTORED, SLOPE
+
+PREDICTS = paper_word("approximately zero").bounds[1]  # an R² under 0.1: the part predicts ~nothing
 
 OWN_TABLE = Layout(("ablation", "n_patches", "ratio", "patch_ratio", "mean_ablated", "mean_clean"),
                    percent=("ratio", "patch_ratio"),
@@ -171,12 +174,26 @@ def panels_markdown(ch) -> str:
                  f"(R² {fits.loc[l, ('r2', 'MLP')]:.2f})" for l in fits.index]
         lines.append("- **Fig 8.** Slopes of the two parts of compensation on the ablated layer's direct "
                      "effect: " + "; ".join(cells) + ".")
-        mlp_more = [int(l) for l in fits.index if fits.loc[l, ("r2", "MLP")] > fits.loc[l, ("r2", "attention")]]
-        lines.append("- The MLP part is the more predictive one (higher R²) at " + (
-            listed(mlp_more, "layer") if mlp_more else "none of these layers")
-            + f" (the paper: \"by layer {PAPER['mlp_layer']} [...] the MLP response is considerably more "
-            "predictive\").")
+        lines.append(_predictive(fits))
     return "\n".join(lines)
+
+
+def _predictive(fits: pd.DataFrame) -> str:
+    """Which part of compensation is the more predictive at each panel's layer: the part with the
+    higher R², said only where that R² explains at least :data:`PREDICTS` of the variance."""
+    r2 = fits["r2"]
+    weak = [int(l) for l in fits.index if r2.loc[l].max() < PREDICTS]
+    mlp = [int(l) for l in fits.index if l not in weak and r2.loc[l, "MLP"] > r2.loc[l, "attention"]]
+    attn = [int(l) for l in fits.index if l not in weak and l not in mlp]
+    said = [f"the MLP part has the higher R² at {listed(mlp, 'layer')}" if mlp else "",
+            f"the attention part at {listed(attn, 'layer')}" if attn else "",
+            (f"at {listed(weak, 'layer')} neither part predicts compensation (both R² below {PREDICTS:.2f}), "
+             "so neither is the more predictive") if weak else ""]
+    return ("- Which part is more predictive: " + "; ".join(filter(None, said))
+            + f" (the paper: \"by layer {PAPER['mlp_layer']} [...] the MLP response is considerably more "
+            "predictive\"; an R² below "
+            f"{PREDICTS:.2f} explains less than a tenth of the variance, which the words table reads as "
+            "approximately zero).")
 
 
 def scale_markdown(ch) -> str:
