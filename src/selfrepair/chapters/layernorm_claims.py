@@ -188,8 +188,8 @@ def verdicts(ch) -> list[Verdict]:
     for a, t in ev.ratio.items():
         est = boot.estimate(mean_over_heads, t, n=len(ev.last), unit=unit)
         heads = boot.estimate(heads_almost_always, t)
-        out.append(Verdict.of(RATIO[a], est, f"On its own, {heads.prose('.0%')} of these heads has S/S′ > 1 "
-                              f"on at least {ALMOST.bounds[0]:.0%} of its top tokens. Per head: "
+        out.append(Verdict.of(RATIO[a], est, f"Taken one by one, {heads.prose('.0%')} of these heads have "
+                              f"S/S′ > 1 on at least {ALMOST.bounds[0]:.0%} of their own top tokens. Per head: "
                               f"{_per_head(t, ev.last, boot, '.0%')}. Fig 4's head is "
                               f"{head_label(*ch.ratio_head)}."))
     out.append(_share(ch, boot))
@@ -249,7 +249,7 @@ def _app_h(ch, boot: Bootstrap, unit: str) -> Verdict:
     g = ch.ratio_tokens[(ch.ratio_tokens["tokens"] == "top-k%") & (ch.ratio_tokens["ablation"] == "resample")]
     each = ratio(ev.boost.sum(0)[:, 1], ev.boost.sum(0)[:, 2])
     above = int((each > APP_H.rule.bounds[0]).sum())
-    detail = (f"{above} of the {len(ev.last)} heads are above {APP_H.rule.bounds[0]:.0%} on their own. On "
+    detail = (f"{above} of the {len(ev.last)} heads {'is' if above == 1 else 'are'} above {APP_H.rule.bounds[0]:.0%} on their own. On "
               f"Fig 4's head {head_label(*ch.ratio_head)} the median S/S′ is {g['ratio'].median():.3f} and "
               f"the median gap between the correct token's logit and its strongest competitor's "
               f"{g['competitor_gap'].median():+.2f} logits." if len(g) else "")

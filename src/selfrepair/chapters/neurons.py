@@ -188,8 +188,9 @@ def on_this_model(ch: NeuronsChapter) -> str:
     m = ch.meta
     kept = sum(v.nbytes for v in ch.result.data.values()) / 1e9
     intro = (f"**On {m.get('model')}** (MLP layer {ch.result.neuron_layer} with {m.get('d_mlp')} neurons, "
-             f"{m.get('ablation')} ablation, top {m.get('top_percent'):g}% tokens = {m.get('k')} per head "
-             f"and selection{', capped by max_instances: the highest of them' if m.get('capped') else ' (all of them)'}, "
+             f"{m.get('ablation')} ablation; each head keeps its top {m.get('top_percent'):g}% of tokens for "
+             f"each token selection, {m.get('k')} tokens"
+             f"{' (capped by max_instances: the highest ones)' if m.get('capped') else ''}; "
              f"{kept:.2g} GB of neuron vectors kept; "
              f"Fig 7 head {ch.fig7}, Fig 8 heads {', '.join(ch.fig8)}).")
     cl = ch.evidence.clusters

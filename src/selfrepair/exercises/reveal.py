@@ -103,6 +103,9 @@ def share(ch) -> str:
 
 
 # -- chapter 3 ---------------------------------------------------------------------------------------
+SO = {True: "the claim holds", False: "the claim does not hold", None: "this run cannot tell whether the claim holds"}
+
+
 def erasure(ch) -> str:
     """Whether the top repairing neurons erase: the verdict's numbers (erasure neurons by their
     median clean DE on the distribution), and the per-token view of the first head."""
@@ -110,8 +113,9 @@ def erasure(ch) -> str:
     r = ch.summary.iloc[0]
     return (f"Among the ten neurons that repair each Fig 8 head most, erasure neurons (a negative median "
             f"clean direct effect over every token) are {abs(100 * v.value):.0f} percentage points "
-            f"{'more' if v.value >= 0 else 'less'} common than among all the layer's neurons ({v.word} for "
-            f"the claim; {v.detail}) Token by token, for {r.label}: "
+            f"{'more' if v.value >= 0 else 'less'} common than among all the layer's neurons, so "
+            f"{SO[v.holds]}. {v.detail} Token by "
+            f"token, for {r.label}: "
             f"{_pct(r.erasure_top)} of its top repairing neurons have a negative clean direct effect on "
             f"that token, against {_pct(r.negative_baseline)} of all neurons, and neurons with one carry "
             f"{_pct(r.erasure_repair_share)} of the positive repair. A share above the baseline is the "
