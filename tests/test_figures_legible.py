@@ -1,0 +1,104 @@
+"""Charts that read at a glance, on the specs the figure functions build (``chart.to_dict()``):
+axes fitted to the data's central range with the outliers drawn at the edge and counted, marks
+dark enough on the white page (3:1), no label cut at its limit, ticks that do not crowd, and
+legends and axis titles that fit a phone's column. Each test fails on the chart as the rebuilt
+book's newcomer read it (axes to 1.5M% and 8000%, a log axis to 10,000, near-white marks, labels
+cut at ~28 characters, 0.2-step alpha ticks, a legend showing 3 of 5 models)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from selfrepair import existence
+from selfrepair.figures import check_width, data_rows, validate_spec
+from selfrepair.figures import across as fa
+from selfrepair.figures import atp as ft
+from selfrepair.figures import existence as fe
+from selfrepair.figures import hydra as fh
+from selfrepair.figures import ioi as fi
+from selfrepair.figures import iterative as fit
+from selfrepair.figures import layernorm as fl
+from selfrepair.figures import neurons as fn
+from selfrepair.figures import scorecard as fs
+from selfrepair.figures.legible import (MIN_CONTRAST, blend, central_range, contrast, label_limit, text_px,
+                                        wrap)
+
+PHONE_PLOT = 260  # px: the plot a phone's column (358 px) leaves beside a y-axis
+TITLE_PX = 12  # the theme's axis title size
+RNG = np.random.default_rng(0)
+
+
+def spec_of(chart) -> dict:
+    spec = chart.to_dict()
+    validate_spec(spec)
+    check_width(spec)
+    return spec
+
+
+def nodes(node):
+    """Every dict in a spec (layers, concats, facets)."""
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from nodes(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from nodes(v)
+
+
+def mark(node) -> str | None:
+    m = node.get("mark")
+    return m["type"] if isinstance(m, dict) else m
+
+
+def rows(spec) -> list[dict]:
+    return [r for values in spec.get("datasets", {}).values() for r in values]
+
+
+def drawn_colors(node) -> list[str]:
+    """The colours a mark shows on the page: its colour scale's range (or its fixed colour) after
+    its opacity. A continuous scale must interpolate in Lab or HCL: the lightness of every shade
+    then lies between its range's, so the range's contrast bounds every shade's."""
+    m = node["mark"] if isinstance(node["mark"], dict) else {"type": node["mark"]}
+    opacity = m.get("opacity", 0.7 if m["type"] == "point" and m.get("filled") else 1.0)
+    color = node.get("encoding", {}).get("color")
+    if color is None:
+        return [blend(m.get("color", "#4c78a8"), opacity)]
+    scale = color.get("scale", {})
+    assert "scheme" not in scale, f"a scheme ({scale.get('scheme')}) draws near-white shades"
+    if color["type"] == "quantitative":
+        assert scale.get("interpolate") in ("lab", "hcl")
+    return [blend(c, opacity) for c in scale["range"]]
+
+
+def assert_dark(spec, *types):
+    marks = [n for n in nodes(spec) if mark(n) in types]
+    assert marks
+    for n in marks:
+        for c in drawn_colors(n):
+            assert contrast(c) >= MIN_CONTRAST, f"{mark(n)} drawn in {c}: {contrast(c):.2f}:1 on white"
+
+
+# -- the helpers ------------------------------------------------------------------------------------
+def test_contrast_blend_and_label_widths():
+    assert contrast("#000000") == pytest.approx(21) and contrast("#ffffff") == pytest.approx(1)
+    assert contrast("#767676") >= 4.5 and contrast("#f7f7f7") < 1.1  # redblue's middle: near-white
+    assert blend("#000000", 0.5) == "#808080" and blend("#4c78a8", 1.0) == "#4c78a8"
+    assert wrap("a b c d", 3) == ["a b", "c d"] and wrap("", 5) == [""]
+    assert label_limit(["x" * 60]) >= text_px("x" * 60) and label_limit([["ab", "x" * 40]]) >= text_px("x" * 40)
+
+
+def test_central_range_leaves_out_outliers_only():
+    x = np.r_[np.linspace(0.1, 0.6, 35), 16000.0]
+    lo, hi = central_range(x)
+    assert lo < 0.1 and 0.6 < hi < 1 and central_range(x, include=(0, 1))[1] > 1
+    assert central_range(np.linspace(0.1, 0.6, 36)) is None  # nothing to clip: Vega-Lite's own axis
+    assert central_range(RNG.normal(size=500)) is None  # nor in a normal sample's tails
+    assert central_range([1.0, 2.0]) is None
+    # a whole series far away (noise ablation: a quarter of the values) is still left out
+    lo, hi = central_range(np.r_[np.zeros(10), np.linspace(0.3, 0.9, 20), np.linspace(30, 80, 10)], include=(0, 1))
+    assert lo < 0 and 1 < hi < 1.2
