@@ -24,6 +24,7 @@ from selfrepair.figures import iterative as fit
 from selfrepair.figures import layernorm as fl
 from selfrepair.figures import neurons as fn
 from selfrepair.figures import scorecard as fs
+from selfrepair.figures.encodings import LABEL_PX
 from selfrepair.figures.legible import (MIN_CONTRAST, blend, central_range, contrast, label_limit, text_px,
                                         wrap)
 
@@ -102,3 +103,43 @@ def test_central_range_leaves_out_outliers_only():
     # a whole series far away (noise ablation: a quarter of the values) is still left out
     lo, hi = central_range(np.r_[np.zeros(10), np.linspace(0.3, 0.9, 20), np.linspace(30, 80, 10)], include=(0, 1))
     assert lo < 0 and 1 < hi < 1.2
+
+
+# -- 1. axes blown out by outliers ----------------------------------------------------------------------
+def share_layers(outlier: float) -> pd.DataFrame:
+    rows = [{"component": "final norm", "clipping": c, "tokens": t, "layer": l, "n_heads": 4,
+             "share": RNG.uniform(0.1, 0.6)} for c in ("unclipped", "clipped") for t in ("top-k%", "random sample")
+            for l in range(18)]
+    frame = pd.DataFrame(rows)
+    frame.loc[(frame["clipping"] == "unclipped") & (frame["layer"] == 2) & (frame["tokens"] == "random sample"),
+              "share"] = outlier
+    return frame
+
+
+def y_scales(spec) -> list[dict]:
+    return [n["encoding"]["y"].get("scale", {}) for n in nodes(spec) if "y" in n.get("encoding", {})
+            and isinstance(n["encoding"]["y"], dict) and "field" in n["encoding"]["y"]]
+
+
+def test_fig9_axis_spans_the_central_range_and_counts_the_outlier():
+    """Chapter 2's Fig 9 panel went to 1,500,000% for one layer's mean: the axis now spans the other
+    means, the outlier is drawn at its edge (a ▲ of its own), kept in the data and counted."""
+    layers = share_layers(16000.0)
+    spec = spec_of(fl.fig_share_variants(layers))
+    scales = y_scales(spec)
+    assert scales and all(s.get("clamp") and s["domain"][1] < 1 and s["domain"][0] <= 0 for s in scales)
+    assert 16000.0 in {r["share"] for r in rows(spec)} and data_rows(spec) == len(layers)
+    assert {"above"} == {r["beyond"] for r in rows(spec)} - {""}
+    assert any(n.get("transform") == [{"filter": "datum.beyond != ''"}] for n in nodes(spec))
+    assert "1 of 72 layer means" in spec["title"]["subtitle"]
+    plain = spec_of(fl.fig_share_variants(share_layers(0.5)))  # no outlier: nothing clipped, nothing said
+    assert not any(s.get("clamp") for s in y_scales(plain)) and isinstance(plain["title"], str)
+
+
+# -- 4. crowded ticks ---------------------------------------------------------------------------------
+def test_layer_axis_of_a_narrow_panel_is_not_crowded():
+    """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
+    spec = spec_of(fl.fig_share_variants(share_layers(0.5)))
+    axes = [n["encoding"]["x"]["axis"] for n in nodes(spec) if "axis" in n.get("encoding", {}).get("x", {})]
+    assert axes and all(len(a["values"]) * LABEL_PX <= spec["spec"]["width"] for a in axes)
+    assert all(a["values"] == list(range(0, 18, 2)) and a["labelOverlap"] == "parity" for a in axes)
