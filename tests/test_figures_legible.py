@@ -136,6 +136,20 @@ def test_fig9_axis_spans_the_central_range_and_counts_the_outlier():
     assert not any(s.get("clamp") for s in y_scales(plain)) and isinstance(plain["title"], str)
 
 
+def test_own_effect_axis_is_not_blown_out_by_noise():
+    """§5.6: noise ablation's ratios (~30, 3000%) set the axis to 8000%; the other ablations' 0-100%
+    were a flat line at its foot."""
+    own = pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "n_patches": 3,
+                         "ratio": 0.0 if a == "zero" else (30 + RNG.uniform(0, 50) if a == "noise" else RNG.uniform(0.3, 0.9)),
+                         "patch_ratio": 0.5, "abs_clean": 1.0, "mean_ablated": 0.3, "mean_clean": 0.7}
+                        for a in ("resample", "mean", "zero", "noise") for k in ("attn", "mlp") for l in range(6)])
+    spec = spec_of(fh.fig_own_effect(own))
+    scales = [s for s in y_scales(spec) if s]
+    assert scales and all(s["clamp"] and s["domain"][0] <= 0 and 1 <= s["domain"][1] < 1.5 for s in scales)
+    assert "12 of 48 (layer, ablation) means (noise: 12)" in spec["title"]["subtitle"]
+    assert data_rows(spec) == len(own)
+
+
 # -- 4. crowded ticks ---------------------------------------------------------------------------------
 def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
