@@ -150,6 +150,37 @@ def test_own_effect_axis_is_not_blown_out_by_noise():
     assert data_rows(spec) == len(own)
 
 
+def test_cumulative_log_axis_ends_at_the_last_neuron():
+    """Chapter 3's App. C chart: a log axis to 10,000 for a layer of 2,048 neurons."""
+    ranks = np.union1d(np.arange(1, 51), np.geomspace(50, 2048, 100).round().astype(int))
+    frame = pd.DataFrame({"label": "L3H1", "layer": 3, "head": 1, "rank": ranks, "neuron": ranks,
+                          "cumulative_share": np.linspace(0.05, 1, len(ranks)), "share": 0.01,
+                          "mean_delta_de": 0.1, "median_clean_de": RNG.normal(size=len(ranks))})
+    spec = spec_of(fn.fig_cumulative(frame))
+    xs = [n["encoding"]["x"]["scale"] for n in nodes(spec) if "scale" in n.get("encoding", {}).get("x", {})]
+    assert xs and all(s == {"type": "log", "domain": [1, 2048], "nice": False} for s in xs)
+
+
+# -- 2. pale marks on white ---------------------------------------------------------------------------
+def neuron_frame(n: int, **cols) -> pd.DataFrame:
+    frame = pd.DataFrame({"label": "L3H1", "layer": 3, "head": 1, "neuron": np.arange(n), "rank": np.arange(1, n + 1),
+                          "row": np.arange(n), "pos": 1})
+    return frame.assign(**{k: f(n) for k, f in cols.items()})
+
+
+def test_chapter3_marks_are_dark_on_white():
+    """The top-10 bars and Fig 7's points were coloured by Vega's redblue: white at 0."""
+    freq = neuron_frame(10, frequency=lambda n: RNG.uniform(size=n), median_clean_de=lambda n: RNG.normal(0, 0.01, n),
+                        n_instances=lambda n: np.full(n, 30))
+    assert_dark(spec_of(fn.fig_top_frequency(freq)), "bar")
+    inst = neuron_frame(40, **{k: (lambda n: RNG.normal(size=n)) for k in (
+        "neuron_clean_de", "neuron_ablated_de", "layer_clean", "layer_delta", "self_repair", "direct_effect")})
+    spec = spec_of(fn.fig_top_neuron(inst))
+    assert_dark(spec, "circle")
+    (color,) = [n["encoding"]["color"] for n in nodes(spec) if mark(n) == "circle"]
+    assert color["scale"]["domain"][1] == 0 and color["scale"]["domain"][0] == -color["scale"]["domain"][2]
+
+
 # -- 4. crowded ticks ---------------------------------------------------------------------------------
 def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
