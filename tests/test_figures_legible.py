@@ -181,6 +181,15 @@ def test_chapter3_marks_are_dark_on_white():
     assert color["scale"]["domain"][1] == 0 and color["scale"]["domain"][0] == -color["scale"]["domain"][2]
 
 
+def test_chapter8_scatter_is_dark_on_white():
+    n = 30
+    delta = RNG.normal(size=n)
+    repair = pd.DataFrame({"prompt": range(n), "logit_diff": 3.0, "nm_direct_effect": 2.0, "nm_delta_de": -2.0,
+                           "delta_logit": delta, "self_repair": delta + 2.0, "from_heads": 0.1, "from_mlps": 0.1,
+                           "from_norm": 0.1, "from_block_norms": 0.0})
+    assert_dark(spec_of(fi.fig_self_repair(repair)), "circle")
+
+
 # -- 4. crowded ticks ---------------------------------------------------------------------------------
 def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
