@@ -190,6 +190,41 @@ def test_chapter8_scatter_is_dark_on_white():
     assert_dark(spec_of(fi.fig_self_repair(repair)), "circle")
 
 
+def explorer_frames():
+    runs = [("toy (ours, resample, 512 tok)", "this project"), ("gpt2-small (paper)", "paper"),
+            ("pythia-160m (paper)", "paper")]
+    layers = pd.DataFrame([{"run": r, "source": s, "layer": l, "rel_layer": l / 5, "self_repair": RNG.normal(),
+                            "direct_effect": 0.1, "delta_logit": -0.1} for r, s in runs for l in range(6)])
+    heads = pd.DataFrame([{"run": runs[0][0], "model": "toy", "label": f"L{l}H0", "rel_layer": l / 5,
+                           "direct_effect": RNG.normal(), "delta_logit": RNG.normal(), "self_repair": 0.1}
+                          for l in range(6)])
+    table = pd.DataFrame([{"run": r, "source": s, "frac_self_repaired_late": RNG.uniform(), "norm_share_late": 0.3,
+                           "frac_between_all": RNG.uniform()} for r, s in runs])
+    return heads, layers, table
+
+
+def test_chapter6_paper_lines_and_claims_are_dark_on_white():
+    """The runs not selected were drawn at opacity 0.15 (near-white); the claims' dots in tableau
+    colours some of which (orange, teal) are pale."""
+    heads, layers, table = explorer_frames()
+    spec = spec_of(fa.fig_model_explorer(heads, layers, default="toy"))
+    lines = [n for n in nodes(spec) if mark(n) == "line" and n.get("encoding", {}).get("color")]
+    assert len(lines) == 2 and not any("condition" in json.dumps(n["encoding"]) for n in lines)
+    assert_dark({"layer": lines}, "line")
+    assert_dark(spec_of(fa.fig_claims(table)), "point")
+
+
+# -- 3. labels cut at their limit ---------------------------------------------------------------------
+def test_chapter6_claims_and_models_are_printed_whole():
+    _, _, table = explorer_frames()
+    spec = spec_of(fa.fig_claims(table))
+    legends = [n["encoding"][ch]["legend"] for n in nodes(spec) if mark(n) == "point" for ch in ("color", "shape")]
+    assert legends and all(lg["labelLimit"] >= max(text_px(r) for r in table["run"]) for lg in legends)
+    words = [n for n in nodes(spec) if mark(n) == "text"]
+    assert len(words) == 1 and words[0]["encoding"]["text"]["field"] == "claim"
+    assert not words[0]["mark"].get("limit")  # a text mark is cut only at a limit it is given
+
+
 # -- 4. crowded ticks ---------------------------------------------------------------------------------
 def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
@@ -197,3 +232,18 @@ def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     axes = [n["encoding"]["x"]["axis"] for n in nodes(spec) if "axis" in n.get("encoding", {}).get("x", {})]
     assert axes and all(len(a["values"]) * LABEL_PX <= spec["spec"]["width"] for a in axes)
     assert all(a["values"] == list(range(0, 18, 2)) and a["labelOverlap"] == "parity" for a in axes)
+
+
+# -- 5. a phone's width -------------------------------------------------------------------------------
+def test_chapter6_legend_lists_every_model_on_a_phone():
+    """Two columns of long model names: a phone showed 3 of 5."""
+    _, _, table = explorer_frames()
+    spec = spec_of(fa.fig_claims(table))
+    encs = [n["encoding"] for n in nodes(spec) if mark(n) == "point"]
+    for enc in encs:  # one legend (colour and shape of the same field, the same title), one run a line
+        assert enc["color"]["field"] == enc["shape"]["field"] == "run" and enc["color"]["title"] == enc["shape"]["title"]
+        assert enc["color"]["legend"] == enc["shape"]["legend"]
+        assert enc["color"]["legend"]["columns"] == 1 and enc["color"]["legend"]["orient"] == "bottom"
+        assert enc["color"]["scale"]["domain"] == list(table["run"])
+        assert label_limit(table["run"]) + 30 <= 358  # symbol and name fit a phone's column
+    assert spec["width"] == "container"
