@@ -215,6 +215,37 @@ def test_chapter6_paper_lines_and_claims_are_dark_on_white():
 
 
 # -- 3. labels cut at their limit ---------------------------------------------------------------------
+def scorecard_frame() -> pd.DataFrame:
+    statements = ["Many heads in later layers are self-repaired",
+                  "Downstream effects of an attention ablation are localised: apart from the attention layer "
+                  "involved in the Hydra effect, later attention layers have Δ_unembed almost entirely unchanged",
+                  "AtP, a fast gradient-based approximation to Activation Patching, ranks components as the "
+                  "exact ablation does"]
+    out = [{"chapter": f"0{i + 1}", "claim": f"c{i}", "statement": s, "model": m, "verdict": v, "estimate": "0.3",
+            "n": 10, "unit": "heads"} for i, s in enumerate(statements) for m, v in (("tiny", "holds"), ("toy", "differs"))]
+    out.append({**out[0], "verdict": "cannot tell"})  # a second run of the first claim on "tiny"
+    return pd.DataFrame(out)
+
+
+def test_scorecard_prints_every_claim_whole():
+    """Chapter 9's grid cut each claim at ~28 characters (labelLimit 200 px)."""
+    frame = scorecard_frame()
+    spec = spec_of(fs.fig_verdicts(frame))
+    y = spec["encoding"]["y"]["axis"]
+    labels = list(dict.fromkeys(frame["chapter"] + " · " + frame["statement"]))
+    printed = json.loads(y["labelExpr"].split("[indexof(")[0])
+    assert [" ".join(lines) for lines in printed] == labels  # every word of every claim, in order
+    widest = max(text_px(line) for lines in printed for line in lines)
+    assert y["labelLimit"] >= widest and y["values"] == sorted(y["values"])
+    assert spec["encoding"]["x"]["axis"]["labelLimit"] >= max(text_px(m) for m in frame["model"])
+    # each claim's row as tall as its lines; its strips (one per run) split the row, never overlap
+    cells = pd.DataFrame(rows(spec))
+    assert spec["height"] == sum(len(lines) * fs.LINE_PX + fs.GAP_PX for lines in printed)
+    two = cells[(cells["claim_label"] == labels[0]) & (cells["model"] == "tiny")].sort_values("entry")
+    assert len(two) == 2 and two["y_bottom"].iloc[0] == pytest.approx(two["y_top"].iloc[1])
+    assert data_rows(spec) == len(frame)
+
+
 def test_chapter6_claims_and_models_are_printed_whole():
     _, _, table = explorer_frames()
     spec = spec_of(fa.fig_claims(table))
