@@ -256,6 +256,14 @@ def test_chapter6_claims_and_models_are_printed_whole():
     assert not words[0]["mark"].get("limit")  # a text mark is cut only at a limit it is given
 
 
+def test_chapter7_legend_is_printed_whole():
+    heads = pd.DataFrame([{"layer": l, "head": 0, "label": f"L{l}H0", "error": 0.1, "error_norm": 0.05,
+                           "error_downstream": 0.05} for l in range(3)])
+    spec = spec_of(ft.fig_error_decomposition(heads))
+    (legend,) = [n["encoding"]["color"]["legend"] for n in nodes(spec) if "legend" in n.get("encoding", {}).get("color", {})]
+    assert legend["labelLimit"] >= max(text_px(t) for t in ft.TERMS.values())
+
+
 # -- 4. crowded ticks ---------------------------------------------------------------------------------
 def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
