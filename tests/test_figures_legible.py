@@ -265,6 +265,18 @@ def test_chapter7_legend_is_printed_whole():
 
 
 # -- 4. crowded ticks ---------------------------------------------------------------------------------
+def test_alpha_axis_ticks_the_alphas_measured():
+    """Chapter 4's response chart ticked every 0.2 from 0 to 5 (26 labels)."""
+    frame = pd.DataFrame([{"label": "L1H0", "layer": 1, "head": 0, "alpha": a, "relative_change": -0.1 * a,
+                           "direct_effect": 0.5, "new_direct_effect": 0.4, "class": "self-repressing"}
+                          for a in (0.0, 1.0, 3.0, 5.0)])
+    x = [n["encoding"]["x"] for n in nodes(spec_of(fit.fig_response(frame))) if mark(n) == "line"][0]
+    assert x["axis"]["values"] == [0.0, 1.0, 3.0, 5.0] and x["scale"]["domain"] == [0.0, 5.0]
+    many = frame.iloc[[0] * 20].assign(alpha=np.arange(20.0))
+    x = [n["encoding"]["x"] for n in nodes(spec_of(fit.fig_response(many))) if mark(n) == "line"][0]
+    assert "values" not in x["axis"] and x["axis"]["tickMinStep"] == 1 and x["axis"]["tickCount"] <= 10
+
+
 def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
     spec = spec_of(fl.fig_share_variants(share_layers(0.5)))
