@@ -286,6 +286,20 @@ def test_layer_axis_of_a_narrow_panel_is_not_crowded():
 
 
 # -- 5. a phone's width -------------------------------------------------------------------------------
+def test_chapter1_interval_charts_fit_a_phone():
+    """The per-head interval charts overflowed a phone's column: an x-axis title wider than the
+    plot a phone leaves, and a legend beside the plot."""
+    from test_figures_existence_layernorm import intervals, per_head, tokens
+
+    ph = per_head(n_layers=18, n_heads=4)
+    for chart in (fe.fig_token_spread(existence.token_spread(tokens(ph, n=12))), fe.fig_bootstrap(intervals(ph, n=12), ph)):
+        spec = spec_of(chart)
+        titles = [n["encoding"]["x"]["title"] for n in nodes(spec) if "title" in n.get("encoding", {}).get("x", {})]
+        assert titles and all(text_px(t, TITLE_PX) <= PHONE_PLOT for t in titles)
+        legends = [n["encoding"]["color"]["legend"] for n in nodes(spec) if "legend" in n.get("encoding", {}).get("color", {})]
+        assert all(lg and lg["orient"] == "bottom" for lg in legends)
+
+
 def test_chapter6_legend_lists_every_model_on_a_phone():
     """Two columns of long model names: a phone showed 3 of 5."""
     _, _, table = explorer_frames()

@@ -33,14 +33,16 @@ def head_slots(frame, *, fill: float = 0.7):
     return frame.assign(slot=slot, slot_lo=slot - fill * inner / 2, slot_hi=slot + fill * inner / 2)
 
 
-def layer_x(frame, field: str = "slot", title: str = "layer (its heads side by side: hover for each)") -> alt.X:
+def layer_x(frame, field: str = "slot", title: str = "layer (its heads side by side)") -> alt.X:
     """The x-axis of :func:`head_slots`: from layer 0 to the last, one label per layer at its
-    middle (every k-th when there are more than :data:`MAX_LABELS` layers)."""
+    middle (every k-th when there are more than :data:`MAX_LABELS` layers; every other one where
+    they would touch, on a phone). Its title is short: a longer one than a phone's plot widens the
+    chart past its column (the head is named on hover)."""
     n_layers = int(frame["layer"].max()) + 1 if len(frame) else 1
     every = -(-n_layers // MAX_LABELS)
     return alt.X(f"{field}:Q", title=title, scale=alt.Scale(domain=[0, n_layers], nice=False, zero=False),
                  axis=alt.Axis(values=[l + 0.5 for l in range(0, n_layers, every)], labelExpr="floor(datum.value)",
-                               labelAngle=0, grid=False))
+                               labelAngle=0, grid=False, labelOverlap="parity", labelSeparation=4))
 
 
 def layer_axis(frame, field: str = "layer", title: str = "layer", *, width: int | None = None) -> alt.X:
