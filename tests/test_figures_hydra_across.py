@@ -237,7 +237,8 @@ def test_fig_claims(chapter):
     cols = ["frac_self_repaired_late", "norm_share_late", "frac_between_all"]
     assert set(cols) <= set(table.columns)
     spec = _check(fa.fig_claims(table), 3 * len(table))
-    assert _marks(spec) == {"point"} and {"value", "claim", "run", "source"} <= _fields(spec)
+    # the dots, and each claim's words above its row (a text mark, not an axis label cut short)
+    assert _marks(spec) == {"point", "text"} and {"value", "claim", "run", "source"} <= _fields(spec)
     # every run's dots are the table's values (NaN for the paper's whole-set claim)
     by_run = table.set_index("run")
     for run in table["run"]:

@@ -6,12 +6,19 @@ project and the paper's released values are told apart by ``source`` (filled vs 
 
 from __future__ import annotations
 
+import itertools
+
 import altair as alt
+
+from . import series_color
+from .legible import DARK, label_limit
 
 HEAD_TIPS = [alt.Tooltip("run:N", title="model"), alt.Tooltip("label:N", title="head"),
              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
              alt.Tooltip("delta_logit:Q", format=".3f", title="Δlogit"),
              alt.Tooltip("self_repair:Q", format=".3f", title="self-repair")]
+SOURCE_COLORS = {"paper": DARK["blue"], "this project": DARK["dark orange"]}  # 3:1 on white, both,
+OTHER_OPACITY = 0.85  # even at the opacity of the runs not selected (legible.blend)
 DEPTH = alt.Color("rel_layer:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="relative depth",
                   legend=alt.Legend(orient="bottom"))  # below the panels: they fit a laptop page
 
@@ -34,8 +41,9 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
     """A model selector (dropdown) driving two views: left, the selected run's heads, whole-set mean
     direct effect against Δlogit (``heads``: Fig 2 / 20-22's setup; dashed y = -DE: no
     self-repair; heads between it and y = 0 are self-repaired); right, mean top-k% self-repair by
-    relative depth for every run (``layers``), the selected one highlighted. ``default``: the run
-    (or the first run of the model) shown first."""
+    relative depth for every run (``layers``), the selected one drawn thick on top of the others
+    (thin, every one dark enough on white). ``default``: the run (or the first run of the model)
+    shown first."""
     runs = list(dict.fromkeys(heads["run"]))
     of_model = list(dict.fromkeys(heads.loc[heads["model"] == default, "run"]))
     first = default if default in runs else (of_model or runs)[0]
@@ -51,32 +59,46 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
     zero = alt.Chart(heads).mark_rule(color="gray").encode(y=alt.datum(0))
     left = (scatter + no_repair + zero).properties(width=260, height=260,
                                                    title="Heads of the selected model")
-    right = alt.Chart(layers).mark_line(point=True).encode(
+    tips = [alt.Tooltip("run:N", title="model"), alt.Tooltip("layer:O"), alt.Tooltip("self_repair:Q", format=".3f"),
+            alt.Tooltip("direct_effect:Q", format=".3f"), alt.Tooltip("delta_logit:Q", format=".3f")]
+    profile = alt.Chart(layers).encode(
         x=alt.X("rel_layer:Q", title="relative depth (layer / last layer)"),
         y=alt.Y("self_repair:Q", title="layer mean of top-k% self-repair"),
-        detail="run:N", color=alt.Color("source:N", title="source", legend=alt.Legend(orient="bottom")),
-        opacity=alt.condition(chosen, alt.value(1.0), alt.value(0.15)),
-        strokeWidth=alt.condition(chosen, alt.value(2.5), alt.value(1.0)),
-        tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("layer:O"),
-                 alt.Tooltip("self_repair:Q", format=".3f"), alt.Tooltip("direct_effect:Q", format=".3f"),
-                 alt.Tooltip("delta_logit:Q", format=".3f")]
-    ).properties(width=260, height=260, title="Per-layer self-repair, all models")
+        detail="run:N", color=series_color("source", SOURCE_COLORS, layers["source"],
+                                           legend=alt.Legend(orient="bottom")), tooltip=tips)
+    # every run thin but dark enough to read (OTHER_OPACITY), the selected one drawn again on top, thick
+    others = profile.mark_line(point=alt.OverlayMarkDef(size=20), strokeWidth=1, opacity=OTHER_OPACITY)
+    picked = profile.transform_filter(chosen).mark_line(point=True, strokeWidth=3)
+    right = alt.layer(others, picked).properties(width=260, height=260, title="Per-layer self-repair, all models")
     return alt.hconcat(left, right).add_params(pick).properties(
         title="Our measurements beside the paper's released values (Rushing & Nanda 2024)")
 
 
-def fig_claims(table) -> alt.Chart:
-    """The claims table as dots: one row per claim, one dot per model run (shape: source)."""
+def fig_claims(table) -> alt.LayerChart:
+    """The claims table as dots: one row per claim, its words whole above its dots (not an axis
+    label cut at its limit, nor one that squeezes the plot on a phone), one dot per model run,
+    coloured and shaped by run (square: this project's, circle: the paper's). One legend, one run
+    a line, every name whole: it fits a phone."""
     cols = {"frac_self_repaired_late": "late heads self-repaired (top-k%)",
             "norm_share_late": "final-norm share of DE (top-k%, clipped)",
             "frac_between_all": "heads between y = −x and 0 (every token)"}
     long = table.melt(id_vars=["run", "source"], value_vars=list(cols), var_name="claim", value_name="value")
     long["claim"] = long["claim"].map(cols)
-    return alt.Chart(long).mark_point(size=80, filled=True).encode(
-        x=alt.X("value:Q", title="fraction", axis=alt.Axis(format="%")),
-        y=alt.Y("claim:N", title=None, sort=list(cols.values())),
-        color=alt.Color("run:N", title="model", legend=alt.Legend(orient="bottom", columns=2)),
-        shape=alt.Shape("source:N", title="source", legend=alt.Legend(orient="bottom")),
-        tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("claim:N"),
-                 alt.Tooltip("value:Q", format=".1%")]
-    ).properties(width="container", title="The paper's claims, model by model")
+    runs = list(dict.fromkeys(table["run"]))
+    source = dict(zip(table["run"], table["source"]))
+    colors = [c for _, c in zip(runs, itertools.cycle(DARK.values()))]
+    legend = alt.Legend(orient="bottom", columns=1, labelLimit=label_limit(runs))
+    y = alt.Y("claim:N", title=None, sort=list(cols.values()), axis=None)
+    # opaque (every colour of DARK reads on white only at full strength), outlined in white where dots meet
+    dots = alt.Chart(long).mark_point(size=90, filled=True, opacity=1, stroke="white", strokeWidth=1).encode(
+        x=alt.X("value:Q", title="fraction", axis=alt.Axis(format="%")), y=y,
+        color=alt.Color("run:N", title="model", scale=alt.Scale(domain=runs, range=colors), legend=legend),
+        shape=alt.Shape("run:N", title="model", legend=legend, scale=alt.Scale(
+            domain=runs, range=["square" if source[r] == "this project" else "circle" for r in runs])),
+        tooltip=[alt.Tooltip("run:N", title="model"), alt.Tooltip("source:N"), alt.Tooltip("claim:N"),
+                 alt.Tooltip("value:Q", format=".1%")])
+    words = (alt.Chart(long).transform_aggregate(runs="count()", groupby=["claim"])
+             .mark_text(align="left", baseline="bottom", dy=-9, fontSize=12, color="#222")
+             .encode(x=alt.value(0), y=y, text="claim:N"))
+    return alt.layer(dots, words).properties(width="container", height=alt.Step(44),
+                                             title="The paper's claims, model by model")

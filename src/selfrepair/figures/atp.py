@@ -12,6 +12,7 @@ import altair as alt
 import pandas as pd
 
 from . import EDGE, head_tooltip, layer_color
+from .legible import label_limit
 
 TERMS = {"error_norm": "final norm", "error_downstream": "downstream heads, MLPs, block norms"}
 TERM_COLORS = ["#e45756", "#4c78a8"]
@@ -73,7 +74,8 @@ def fig_error_decomposition(heads: pd.DataFrame) -> alt.LayerChart:
         x=alt.X("label:N", sort=order, title="head", axis=alt.Axis(labelAngle=-90)),
         y=alt.Y("sum(value):Q", title="exact − AtP (logits)"),
         color=alt.Color("term:N", scale=alt.Scale(domain=list(TERMS.values()), range=TERM_COLORS),
-                        title="part", legend=alt.Legend(orient="bottom")),
+                        title="part",  # one part a line, each name whole (it fits a phone)
+                        legend=alt.Legend(orient="bottom", columns=1, labelLimit=label_limit(TERMS.values()))),
         tooltip=[alt.Tooltip("label:N", title="head"), alt.Tooltip("term:N", title="part"),
                  alt.Tooltip("sum(value):Q", format=".3g", title="logits"),
                  alt.Tooltip("mean(error):Q", format=".3g", title="total exact − AtP")])

@@ -16,6 +16,7 @@ import json
 import altair as alt
 
 MAX_LABELS = 25  # labels an axis may print (more are too small or too dense to read)
+LABEL_PX = 24  # px of axis a layer's label needs ("17" and the space that sets it apart)
 # a scatter's scale with room at its ends: a point at the largest value is drawn whole, not cut in
 # half by the plot's edge (zoomable charts clip their marks to the plot)
 EDGE = alt.Scale(padding=10, nice=False, zero=False)
@@ -32,24 +33,30 @@ def head_slots(frame, *, fill: float = 0.7):
     return frame.assign(slot=slot, slot_lo=slot - fill * inner / 2, slot_hi=slot + fill * inner / 2)
 
 
-def layer_x(frame, field: str = "slot", title: str = "layer (its heads side by side: hover for each)") -> alt.X:
+def layer_x(frame, field: str = "slot", title: str = "layer (its heads side by side)") -> alt.X:
     """The x-axis of :func:`head_slots`: from layer 0 to the last, one label per layer at its
-    middle (every k-th when there are more than :data:`MAX_LABELS` layers)."""
+    middle (every k-th when there are more than :data:`MAX_LABELS` layers; every other one where
+    they would touch, on a phone). Its title is short: a longer one than a phone's plot widens the
+    chart past its column (the head is named on hover)."""
     n_layers = int(frame["layer"].max()) + 1 if len(frame) else 1
     every = -(-n_layers // MAX_LABELS)
     return alt.X(f"{field}:Q", title=title, scale=alt.Scale(domain=[0, n_layers], nice=False, zero=False),
                  axis=alt.Axis(values=[l + 0.5 for l in range(0, n_layers, every)], labelExpr="floor(datum.value)",
-                               labelAngle=0, grid=False))
+                               labelAngle=0, grid=False, labelOverlap="parity", labelSeparation=4))
 
 
-def layer_axis(frame, field: str = "layer", title: str = "layer") -> alt.X:
+def layer_axis(frame, field: str = "layer", title: str = "layer", *, width: int | None = None) -> alt.X:
     """An x-axis of whole layers: one tick per layer the frame holds (every k-th past
-    :data:`MAX_LABELS`), never a tick between two layers (a 2-layer model's 0.5 would print as a
-    second "1") nor one past the last layer."""
+    :data:`MAX_LABELS`, or past one label per :data:`LABEL_PX` of a view ``width`` px wide),
+    never a tick between two layers (a 2-layer model's 0.5 would print as a second "1") nor one
+    past the last layer. Labels that would still touch (a narrower view: a phone) are thinned to
+    every other one by Vega."""
     last = int(frame[field].max()) if len(frame) else 0
-    every = -(-(last + 1) // MAX_LABELS)
+    limit = MAX_LABELS if width is None else max(2, min(MAX_LABELS, width // LABEL_PX))
+    every = -(-(last + 1) // limit)
     return alt.X(f"{field}:Q", title=title, scale=alt.Scale(domain=[-0.5, last + 0.5], nice=False, zero=False),
-                 axis=alt.Axis(values=list(range(0, last + 1, every)), format="d", grid=False))
+                 axis=alt.Axis(values=list(range(0, last + 1, every)), format="d", grid=False,
+                               labelOverlap="parity", labelSeparation=4))
 
 
 def labels_only(labels, *, limit: int = MAX_LABELS) -> str:
@@ -77,4 +84,4 @@ def series_color(field: str, palette: dict, values, *, title: str | None = None,
                      title=title or field.replace("_", " "), **kw)
 
 
-__all__ = ["EDGE", "MAX_LABELS", "head_slots", "labels_only", "layer_x", "present", "series_color"]
+__all__ = ["EDGE", "LABEL_PX", "MAX_LABELS", "head_slots", "labels_only", "layer_x", "present", "series_color"]

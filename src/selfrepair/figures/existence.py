@@ -202,7 +202,8 @@ def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> a
         x=layer_x(frame),
         tooltip=_tips(frame, "mean", "lo", "hi", "n", "clusters", "category"))
     color = series_color("interval", {"below 0": "#4c78a8", "contains or above 0": "#8c8c8c"},  # dark on white
-                         frame["interval"], title="95% interval")
+                         frame["interval"], title="95% interval",  # below: the plot keeps a phone's width
+                         legend=alt.Legend(orient="bottom", columns=1))
     return alt.layer(
         alt.Chart(frame).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
         base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% interval"),

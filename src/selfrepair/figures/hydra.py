@@ -8,6 +8,7 @@ from __future__ import annotations
 import altair as alt
 
 from . import MAX_ROWS, diverging_color, layer_color, series_color
+from .legible import beyond, beyond_marks, beyond_note, central_range, clamped
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
@@ -164,21 +165,29 @@ def _ablation_color(frame) -> alt.Color:
 def fig_own_effect(own) -> alt.FacetChart:
     """§2.5.2: per ablated layer, the size of its own direct effect in the ablated run (averaged
     over patches) relative to its clean size, one line per ablation; 0 = the ablation removes the
-    layer's direct effect, 1 = as large as it was."""
+    layer's direct effect, 1 = as large as it was. Noise ablation moves it by many times its clean
+    size: the axis spans the ratios near their median, and 0 and 1
+    (:func:`~selfrepair.figures.legible.central_range`); those beyond are drawn as ▲ at its edge
+    and counted per ablation in the subtitle (hover for each value)."""
     data = own[["ablation", "layer", "kind", "label", "n_patches", "ratio", "patch_ratio", "abs_clean",
                 "mean_ablated", "mean_clean"]]
+    span = central_range(data["ratio"], include=(0, 1))
+    data = data.assign(beyond=beyond(data["ratio"], span))
     tips = [alt.Tooltip("label:N", title="ablated"), alt.Tooltip("ablation:N"), alt.Tooltip("n_patches:Q", title="patches"),
             alt.Tooltip("ratio:Q", format=".0%", title="patch mean / clean"),
             alt.Tooltip("patch_ratio:Q", format=".0%", title="one patch / clean"),
             alt.Tooltip("mean_ablated:Q", format=".3f", title="mean own DE"),
             alt.Tooltip("mean_clean:Q", format=".3f", title="mean clean DE")]
-    lines = alt.Chart().mark_line(point=True).encode(
-        x=alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS),
-        y=alt.Y("ratio:Q", title="mean |own DE| / mean |clean DE|", axis=alt.Axis(format="%")),
-        color=_ablation_color(data), tooltip=tips)
+    x = alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS)
+    y = alt.Y("ratio:Q", title="mean |own DE| / mean |clean DE|", axis=alt.Axis(format="%"), scale=clamped(span))
+    color = _ablation_color(data)
+    lines = alt.Chart().mark_line(point=True).encode(x=x, y=y, color=color, tooltip=tips)
     one = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(y=alt.datum(1))
-    return (alt.layer(lines, one, data=data).properties(width=280, height=220).facet(column=_by_kind("ablated"))
-            .properties(title="The ablated layer's own direct effect in the ablated run (Hydra §2.5.2)"))
+    edge = [beyond_marks(alt.Chart(), x, y, color=color, tooltip=tips)] if span else []
+    title = "The ablated layer's own direct effect in the ablated run (Hydra §2.5.2)"
+    note = beyond_note(data["beyond"], data["ablation"], what="(layer, ablation) means")
+    return (alt.layer(lines, one, *edge, data=data).properties(width=280, height=220).facet(column=_by_kind("ablated"))
+            .properties(title=alt.Title(title, subtitle=note) if note else title))
 
 
 def fig_noise_vs_resample(comparison) -> alt.FacetChart:

@@ -12,6 +12,7 @@ import altair as alt
 import pandas as pd
 
 from . import EDGE, diverging_color, head_tooltip
+from .legible import signed_color
 
 HEAD_FIELDS = ("direct_effect", "attn_io", "attn_s", "ablated_direct_effect", "delta_direct_effect",
                "moved_direct_effect")
@@ -47,7 +48,8 @@ def fig_backup_change(heads: pd.DataFrame) -> alt.LayerChart:
 def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
     """Per prompt: the name movers' direct effect lost (x, ``−ΔDE``) against the drop of the logit
     difference (y, ``−Δ logit diff``); on the dashed line ``y = x`` nothing repairs, below it the
-    rest of the network gives some back (eq. 1's self-repair is the vertical distance)."""
+    rest of the network gives some back (eq. 1's self-repair is the vertical distance, and the
+    colour: red below 0, grey at 0, blue above, no shade near-white)."""
     data = repair.assign(lost=-repair["nm_delta_de"], drop=-repair["delta_logit"])
     tips = [alt.Tooltip("prompt:O"), alt.Tooltip("lost:Q", format=".3g", title="DE lost"),
             alt.Tooltip("drop:Q", format=".3g", title="logit diff drop"),
@@ -61,11 +63,10 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
             .transform_fold(["lo", "hi"], as_=["end", "v"])
             .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
             .encode(x=alt.X("v:Q"), y=alt.Y("v:Q")))
-    points = alt.Chart().mark_circle(size=50, opacity=0.7).encode(
+    points = alt.Chart().mark_circle(size=50, opacity=0.85).encode(
         x=alt.X("lost:Q", scale=EDGE, title="name movers' direct effect lost, −ΔDE (logits)"),
         y=alt.Y("drop:Q", scale=EDGE, title="drop of the logit difference (logits)"),
-        color=alt.Color("self_repair:Q", scale=alt.Scale(scheme="redblue", domainMid=0),
-                        title="self-repair"),
+        color=signed_color("self_repair", data["self_repair"], title="self-repair"),
         tooltip=tips).add_params(alt.selection_interval(bind="scales", name="zoom"))
     return alt.layer(line, points, data=data).properties(
         title="Per prompt: logit-difference drop vs the direct effect lost (dashed: no repair)",

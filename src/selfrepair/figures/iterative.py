@@ -23,6 +23,17 @@ def _class_color(frame: pd.DataFrame, title: str = "class") -> alt.Color:
     return series_color("class", dict(zip(CLASS_ORDER, CLASS_COLORS)), frame["class"], title=title)
 
 
+MAX_ALPHA_TICKS = 12  # alphas an axis labels one by one (more: Vega's own whole-number ticks)
+
+
+def _alpha_axis(alphas: list[float]) -> alt.Axis:
+    """Ticks at the alphas measured, or, for many, at most 10 (whole numbers where every alpha is one)."""
+    if len(alphas) <= MAX_ALPHA_TICKS:
+        return alt.Axis(values=alphas, format="~g", labelOverlap="greedy", labelSeparation=4)
+    whole = {"tickMinStep": 1} if all(float(a).is_integer() for a in alphas) else {}
+    return alt.Axis(tickCount=10, format="~g", labelSeparation=4, **whole)
+
+
 def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
     """Fig 18/19: per top token of each featured head, its original DE (x) and its new DE (y) after
     adding alpha x its own output to its input, one colour per alpha; below the dashed y = x line
@@ -46,10 +57,14 @@ def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
 def fig_response(response: pd.DataFrame) -> alt.LayerChart:
     """Every head's relative change of mean top-token DE against alpha (alpha = 0: no change),
     coloured by class (needs a ``class`` column: :func:`selfrepair.iterative.response` with
-    ``classes``)."""
+    ``classes``). The x-axis ticks the alphas measured (at most :data:`MAX_ALPHA_TICKS` of them;
+    0.2 steps between 0 and 5 crowd it)."""
+    alphas = sorted(float(a) for a in response["alpha"].unique()) or [0.0, 1.0]
     base = alt.Chart(response)
     lines = base.mark_line(point=True, opacity=0.7, strokeWidth=1.2).encode(
-        x=alt.X("alpha:Q", title="alpha (scale of the head's own output added)"),
+        x=alt.X("alpha:Q", title="alpha (scale of the head's own output added)",
+                scale=alt.Scale(domain=[alphas[0], alphas[-1]], nice=False) if len(alphas) > 1 else alt.Scale(),
+                axis=_alpha_axis(alphas)),
         y=alt.Y("relative_change:Q", axis=alt.Axis(format="%"),
                 title="change of mean top-token DE (share of DE)"),
         detail="label:N", color=_class_color(response),

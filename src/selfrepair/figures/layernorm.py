@@ -12,6 +12,7 @@ import pandas as pd
 
 from . import VIEWS_AT_1024, labels_only, layer_axis, present, series_color
 from .existence import _diagonal, _head_order, _tips
+from .legible import beyond, beyond_marks, beyond_note, central_range, clamped
 
 ABLATIONS = ["resample", "mean", "zero"]
 ABLATION_COLORS = ["#4c78a8", "#f58518", "#54a24b"]
@@ -122,23 +123,29 @@ def fig_norm_share(shares: pd.DataFrame, paper: float = 0.30) -> alt.LayerChart:
                                  "clipped per token (dotted: paper ≈ 30%)")
 
 
-def fig_share_variants(layers: pd.DataFrame) -> alt.FacetChart:
-    """Fig 9 vs Fig 10: layer means of the final-norm share, unclipped vs clipped (panels, own
-    y-scales) on the top-k% tokens and on a random sample of all tokens (colour)."""
+def fig_share_variants(layers: pd.DataFrame, width: int = 260) -> alt.FacetChart:
+    """Fig 9 vs Fig 10: layer means of the final-norm share, unclipped vs clipped (panels, one
+    y-scale: the two read against each other) on the top-k% tokens and on a random sample of all
+    tokens (colour). Unclipped, a head whose direct effect is near 0 can put a layer's mean in the
+    millions of percent: the axis spans the means near their median
+    (:func:`~selfrepair.figures.legible.central_range`); those beyond are drawn as ▲/▼ at its edge
+    (the subtitle counts them; hover for each value)."""
     f = layers[layers["component"] == "final norm"]
-    return (alt.Chart(f).mark_line(point=True).encode(
-        x=layer_axis(f),
-        y=alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%")),
-        color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
-                                                    range=["#4c78a8", "#bab0ac"]), title="tokens",
-                        legend=alt.Legend(orient="bottom")),  # two panels and a legend fit 1024 px
-        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
-                 alt.Tooltip("share:Q", format=".1%", title="layer mean share"),
-                 alt.Tooltip("n_heads:Q", title="heads")])
-        .properties(width=260, height=220)
-        .facet(column=alt.Column("clipping:N", sort=["unclipped", "clipped"], title=None))
-        .resolve_scale(y="independent")
-        .properties(title="Final-norm share of DE: unclipped (Fig 9) vs clipped to [0, 1] (Fig 10)"))
+    span = central_range(f["share"], include=(0,))
+    f = f.assign(beyond=beyond(f["share"], span))
+    x = layer_axis(f, width=width)
+    y = alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%"), scale=clamped(span))
+    color = alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"], range=["#4c78a8", "#bab0ac"]),
+                      title="tokens", legend=alt.Legend(orient="bottom"))  # two panels and a legend fit 1024 px
+    tips = [alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
+            alt.Tooltip("share:Q", format=".1%", title="layer mean share"), alt.Tooltip("n_heads:Q", title="heads")]
+    lines = alt.Chart().mark_line(point=True).encode(x=x, y=y, color=color, tooltip=tips)
+    marks = [lines] + ([beyond_marks(alt.Chart(), x, y, color=color, tooltip=tips)] if span else [])
+    title = "Final-norm share of DE: unclipped (Fig 9) vs clipped to [0, 1] (Fig 10)"
+    note = beyond_note(f["beyond"], f["clipping"] + ", " + f["tokens"], what="layer means")
+    return (alt.layer(*marks, data=f).properties(width=width, height=220)
+            .facet(column=alt.Column("clipping:N", sort=["unclipped", "clipped"], title=None))
+            .properties(title=alt.Title(title, subtitle=note) if note else title))
 
 
 def histogram(values: pd.DataFrame, column: str, by: str, bins: int = 40,

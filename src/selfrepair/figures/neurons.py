@@ -13,6 +13,7 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
+from .legible import signed_color
 
 # label only 1, 2, 5 x 10^n on log axes (the default labels every tick and they collide)
 LOG_LABELS = ("indexof([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000], "
@@ -24,21 +25,18 @@ def _q(*fields: str) -> list[alt.Tooltip]:
     return [alt.Tooltip(f"{f}:Q", format=".3f", title=f.replace("_", " ")) for f in fields]
 
 
-def _diverging(field: str, title: str) -> alt.Color:
-    return alt.Color(f"{field}:Q", scale=alt.Scale(scheme="redblue", domainMid=0), title=title)
-
-
 def fig_top_neuron(instances: pd.DataFrame) -> alt.FacetChart:
     """Fig 7: per token (one panel per head), the clean (x) and ablated (y) DE of the neuron that
-    repairs most on that token, coloured by the whole MLP layer's clean DE. Points above the
-    dashed y = x line repaired; left of 0 they are erasure neurons doing anti-erasure."""
+    repairs most on that token, coloured by the whole MLP layer's clean DE (red below 0, grey at 0,
+    blue above: :func:`~selfrepair.figures.legible.signed_color`, no shade near-white). Points
+    above the dashed y = x line repaired; left of 0 they are erasure neurons doing anti-erasure."""
     base = alt.Chart()
     diagonal = base.mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1).encode(
         x="neuron_clean_de:Q", y="neuron_clean_de:Q")
-    points = base.mark_circle(size=40, opacity=0.8).encode(
+    points = base.mark_circle(size=40, opacity=0.85).encode(
         x=alt.X("neuron_clean_de:Q", title="top neuron's clean DE (logits)"),
         y=alt.Y("neuron_ablated_de:Q", title="top neuron's ablated DE (logits)"),
-        color=_diverging("layer_clean", "MLP layer clean DE"),
+        color=signed_color("layer_clean", instances["layer_clean"], title="MLP layer clean DE"),
         tooltip=HEAD_TIPS + [alt.Tooltip("neuron:O"), alt.Tooltip("row:O"), alt.Tooltip("pos:O")]
         + _q("neuron_clean_de", "neuron_ablated_de", "layer_clean", "layer_delta", "self_repair",
              "direct_effect"))
@@ -79,20 +77,20 @@ SIGNS = {"negative (erasure)": "#d62728", "positive": "#1f77b4"}  # dark enough 
 
 def fig_cumulative(cumulative: pd.DataFrame) -> alt.FacetChart:
     """App. C Fig 11-14: cumulative share of the layer's total absolute change in neuron DE against
-    neuron rank (log scale), each neuron coloured by the sign of its median clean DE (red: an
-    erasure neuron on a typical token; the value on hover). Every panel draws its own x-axis, so
-    an odd number of heads leaves no axis under an empty slot."""
-    cumulative = cumulative.assign(sign=cumulative["median_clean_de"].map(
-        lambda v: "negative (erasure)" if v < 0 else "positive"))
+    neuron rank (log scale, from 1 to the layer's last neuron), each neuron coloured by the sign
+    of its median clean DE (red: an erasure neuron on a typical token; the value on hover). Every
+    panel draws its own x-axis, so an odd number of heads leaves no axis under an empty slot."""
+    cumulative = _signs(cumulative)
     base = alt.Chart()
-    x = alt.X("rank:Q", scale=alt.Scale(type="log"), title="neuron rank by |ΔDE| (log)",
-              axis=alt.Axis(labelExpr=LOG_LABELS))
+    # the axis ends at the layer's last neuron (a log scale's "nice" end, 10,000, is empty)
+    last = max(2, int(cumulative["rank"].max())) if len(cumulative) else 2
+    x = alt.X("rank:Q", scale=alt.Scale(type="log", domain=[1, last], nice=False),
+              title="neuron rank by |ΔDE| (log)", axis=alt.Axis(labelExpr=LOG_LABELS))
     y = alt.Y("cumulative_share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
               title="cumulative share of |ΔDE|")
     line = base.mark_line(color="#bbb").encode(x=x, y=y)
     points = base.mark_circle(size=28, opacity=0.9).encode(
-        x=x, y=y, color=series_color("sign", SIGNS, cumulative["sign"], title="neuron's median clean DE",
-                                     legend=alt.Legend(orient="bottom", titleLimit=400, labelLimit=300)),
+        x=x, y=y, color=_sign_color(cumulative),
         tooltip=HEAD_TIPS + [alt.Tooltip("rank:Q"), alt.Tooltip("neuron:O"),
                              alt.Tooltip("cumulative_share:Q", format=".1%"),
                              alt.Tooltip("share:Q", format=".2%")]
@@ -102,14 +100,27 @@ def fig_cumulative(cumulative: pd.DataFrame) -> alt.FacetChart:
         title="Cumulative share of the absolute change in neuron direct effects")
 
 
+def _signs(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with ``sign``: the name of its neuron's kind by the sign of its median clean DE."""
+    return frame.assign(sign=frame["median_clean_de"].map(lambda v: "negative (erasure)" if v < 0 else "positive"))
+
+
+def _sign_color(frame: pd.DataFrame) -> alt.Color:
+    return series_color("sign", SIGNS, frame["sign"], title="neuron's median clean DE",
+                        legend=alt.Legend(orient="bottom", titleLimit=400, labelLimit=300))
+
+
 def fig_top_frequency(frequency: pd.DataFrame) -> alt.FacetChart:
     """§4.2.2: the neurons most often among the top-10 repairing neurons of a token, and on what
-    share of the most self-repaired tokens they are there (paper: at most 16% for Pythia L10H11)."""
+    share of the most self-repaired tokens they are there (paper: at most 16% for Pythia L10H11);
+    coloured as in Fig 11-14 by the sign of the neuron's median clean DE (red: an erasure neuron;
+    the value on hover)."""
+    frequency = _signs(frequency)
     chart = alt.Chart().mark_bar().encode(
         x=alt.X("neuron:N", sort=alt.EncodingSortField("frequency", order="descending"),
                 title="neuron"),
         y=alt.Y("frequency:Q", axis=alt.Axis(format="%"), title="share of tokens in the top 10"),
-        color=_diverging("median_clean_de", "median clean DE"),
+        color=_sign_color(frequency),
         tooltip=HEAD_TIPS + [alt.Tooltip("neuron:O"), alt.Tooltip("rank:Q"),
                              alt.Tooltip("frequency:Q", format=".1%"), alt.Tooltip("n_instances:Q")]
         + _q("median_clean_de"))

@@ -1,21 +1,27 @@
 """Figure for chapter 09, the scorecard: every claim's verdict on every model at a glance.
 
 A pure function of the scorecard's frame (:func:`selfrepair.scorecard.build`, one row per claim,
-model and verdict): one cell per claim (rows, in the book's order) and model (columns), coloured
-by the verdict; a claim decided on several runs of one model (chapter 6) splits its cell into one
-strip per run. The tooltip carries the estimate with its interval and n.
+model and verdict): one cell per claim (rows, in the book's order, each claim's words whole on as
+many lines as they need) and model (columns), coloured by the verdict; a claim decided on several
+runs of one model (chapter 6) splits its cell into one strip per run. The tooltip carries the estimate with its interval and n.
 """
 
 from __future__ import annotations
 
+import json
+
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from ..scorecard import STATUSES
+from .legible import label_limit, wrap
 
 COLORS = {"holds": "#2e7d32", "differs": "#c62828", "cannot tell": "#bdbdbd", "not tested": "#eeeeee",
           "rule changed": "#f9a825", "not run": "#ffffff"}
-ROW_PX = 18  # height of one claim's row
+LABEL_CHARS = 44  # a claim's label is printed whole, on lines of at most this many characters
+LINE_PX = 13  # height of one line of a label
+GAP_PX = 6  # between two claims' rows
 
 
 def verdict_cells(frame: pd.DataFrame) -> pd.DataFrame:
@@ -28,24 +34,48 @@ def verdict_cells(frame: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["n", "unit"])
 
 
+def claim_rows(order: list[str], chars: int = LABEL_CHARS) -> pd.DataFrame:
+    """Per claim label (in ``order``): its ``lines`` (:func:`~selfrepair.figures.legible.wrap`)
+    and its row's ``top`` and ``height`` in px from the chart's top — a row as tall as its label,
+    so a short claim takes one line and a long one is read whole — and ``first``, where the label's
+    first line hangs from (its top)."""
+    lines = [wrap(c, chars) for c in order]
+    height = np.array([len(x) * LINE_PX + GAP_PX for x in lines])
+    top = np.concatenate([[0], np.cumsum(height)[:-1]])
+    return pd.DataFrame({"claim_label": order, "lines": lines, "top": top, "height": height,
+                         "first": top + GAP_PX / 2})
+
+
 def fig_verdicts(frame: pd.DataFrame) -> alt.Chart:
-    """Claims (rows) by model (columns), coloured by verdict (:data:`COLORS`)."""
+    """Claims (rows, each as tall as its label: :func:`claim_rows`) by model (columns), coloured
+    by verdict (:data:`COLORS`); a claim with several runs on a model splits its cell into strips."""
     cells = verdict_cells(frame)
     order = list(dict.fromkeys(cells["claim_label"]))
+    rows = claim_rows(order).set_index("claim_label")
+    strips = cells.groupby(["claim_label", "model"])["entry"].transform("max") + 1
+    top = cells["claim_label"].map(rows["top"]) + GAP_PX / 2
+    inner = cells["claim_label"].map(rows["height"]) - GAP_PX
+    cells = cells.assign(y_top=top + inner * cells["entry"] / strips,
+                         y_bottom=top + inner * (cells["entry"] + 1) / strips)
+    firsts, lines = [float(m) for m in rows["first"]], list(rows["lines"])
+    total = int(rows["height"].sum())
+    labels = f"{json.dumps(lines)}[indexof({json.dumps(firsts)}, datum.value)]"  # the label's lines
+    models = list(dict.fromkeys(cells["model"]))
     shown = [s for s in STATUSES if s in set(cells["verdict"])]  # a legend entry only where a cell has it
     return alt.Chart(cells).mark_rect(stroke="#888", strokeWidth=0.5).encode(
-        x=alt.X("model:N", title=None, sort=list(dict.fromkeys(cells["model"])),
-                axis=alt.Axis(orient="top", labelAngle=0, labelLimit=160)),
-        y=alt.Y("claim_label:N", sort=order, title=None, axis=alt.Axis(labelLimit=200)),
-        yOffset=alt.YOffset("entry:O"),
+        x=alt.X("model:N", title=None, sort=models,
+                axis=alt.Axis(orient="top", labelAngle=0, labelLimit=label_limit(models))),
+        y=alt.Y("y_top:Q", title=None, scale=alt.Scale(domain=[0, total], reverse=True, nice=False, zero=False),
+                axis=alt.Axis(values=firsts, labelExpr=labels, labelLimit=label_limit(lines), labelOverlap=False,
+                              labelBaseline="top", labelLineHeight=LINE_PX, grid=False, ticks=False, domain=False)),
+        y2="y_bottom:Q",
         color=alt.Color("verdict:N", title="verdict",
                         scale=alt.Scale(domain=shown, range=[COLORS[s] for s in shown]),
                         legend=alt.Legend(orient="bottom", columns=1)),  # fits beside the labels on a phone
         tooltip=[alt.Tooltip("statement:N", title="claim"), alt.Tooltip("model:N"),
                  alt.Tooltip("verdict:N"), alt.Tooltip("estimate:N", title="estimate (95% interval)"),
                  alt.Tooltip("n_text:N", title="n")],
-    ).properties(title="Every claim's verdict on every model", width="container",
-                 height=ROW_PX * len(order))
+    ).properties(title="Every claim's verdict on every model", width="container", height=total)
 
 
-__all__ = ["COLORS", "fig_verdicts", "verdict_cells"]
+__all__ = ["COLORS", "claim_rows", "fig_verdicts", "verdict_cells"]

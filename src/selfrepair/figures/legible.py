@@ -1,0 +1,163 @@
+"""What makes a chart read at a glance, shared by the chapter figure modules (and checked by the
+tests against the specs they build):
+
+- **contrast** — :func:`contrast` is WCAG's contrast ratio of a colour against the white page;
+  every mark a chart draws reaches :data:`MIN_CONTRAST` (3:1, WCAG's minimum for graphics), also
+  after its opacity (:func:`blend`). :data:`DARK` lists the book's palette (the theme's
+  ``tableau10``) that does, and :func:`signed_color` is a diverging colour for signed values on
+  points and bars — dark red, grey at 0, dark blue, interpolated in Lab, so no shade is near-white
+  (Vega's ``redblue`` is white at 0: a mark at 0 vanishes);
+- **outliers** — :func:`central_range` fits an axis to the values near their median and
+  :func:`beyond` / :func:`beyond_note` draw the values past it at the axis's edge and say how many
+  (the scale clamps them: nothing is dropped, the tooltip keeps each value);
+- **labels** — :func:`text_px` estimates a label's width, :func:`label_limit` sizes an axis's or a
+  legend's ``labelLimit`` so that no label is cut, :func:`wrap` breaks a long label into lines and
+  :func:`lines_expr` prints them (a ``labelExpr`` returning an array draws one line per entry).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import altair as alt
+import numpy as np
+
+MIN_CONTRAST = 3.0  # WCAG 2.1 (1.4.11): graphical objects need 3:1 against what is next to them
+WHITE = "#ffffff"
+# the theme's tableau10 colours that reach 3:1 on white (its orange, teal, yellow, pink and light grey
+# do not), with a darker orange and a darker grey
+DARK = {"blue": "#4c78a8", "red": "#e45756", "green": "#54a24b", "purple": "#b279a2", "brown": "#9d755d",
+        "dark orange": "#c85200", "grey": "#767676"}
+SIGNED = ("#b2182b", "#767676", "#2166ac")  # negative, 0, positive: every shade between reads on white
+FONT_PX = 11  # the theme's label size
+CHAR_EM = 0.62  # a generous average character width, in ems, of the theme's sans-serif fonts
+
+
+def _channels(color: str) -> tuple[float, float, float]:
+    c = color.lstrip("#")
+    if len(c) == 3:
+        c = "".join(ch * 2 for ch in c)
+    return tuple(int(c[i:i + 2], 16) / 255 for i in (0, 2, 4))
+
+
+def luminance(color: str) -> float:
+    """WCAG relative luminance of a ``#rrggbb`` colour."""
+    lin = [v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4 for v in _channels(color)]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def contrast(color: str, background: str = WHITE) -> float:
+    """WCAG contrast ratio (1 to 21) of ``color`` against ``background``."""
+    a, b = sorted((luminance(color), luminance(background)), reverse=True)
+    return (a + 0.05) / (b + 0.05)
+
+
+def blend(color: str, opacity: float, background: str = WHITE) -> str:
+    """The colour a mark of ``color`` drawn at ``opacity`` shows on ``background``."""
+    mixed = [opacity * c + (1 - opacity) * b for c, b in zip(_channels(color), _channels(background))]
+    return "#" + "".join(f"{round(255 * v):02x}" for v in mixed)
+
+
+def signed_color(field: str, values, *, title: str | None = None, legend: alt.Legend | None = None) -> alt.Color:
+    """A diverging colour for a signed quantity on points or bars (:data:`SIGNED`): symmetric
+    about 0 (the same shade for the same size either way), grey at 0, never near-white."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    m = float(np.abs(x).max()) if len(x) and np.abs(x).max() > 0 else 1.0
+    kw = {"legend": legend} if legend is not None else {}
+    return alt.Color(f"{field}:Q", scale=alt.Scale(domain=[-m, 0, m], range=list(SIGNED), interpolate="lab"),
+                     title=title or field.replace("_", " "), **kw)
+
+
+def central_range(values, *, k: float = 5.0, include=(), pad: float = 0.08) -> tuple[float, float] | None:
+    """An axis range for ``values`` without their outliers: the span of the values within ``k``
+    robust standard deviations of their median (1.4826 × the median absolute deviation: it holds
+    however far the outliers lie, up to half of the values — a noise ablation's whole series) and
+    of ``include`` (reference lines the axis must show), padded by ``pad`` of it; ``None`` when no
+    value lies beyond (the axis then spans every value, as Vega-Lite draws it)."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 4:
+        return None
+    mid = np.median(x)
+    spread = 1.4826 * np.median(np.abs(x - mid)) or np.subtract(*np.quantile(x, [0.95, 0.05])) / 3.29
+    if spread <= 0:
+        return None
+    inside = x[np.abs(x - mid) <= k * spread]
+    if len(inside) == len(x):
+        return None
+    lo, hi = min([inside.min(), *include]), max([inside.max(), *include])
+    margin = pad * (hi - lo) if hi > lo else 0.5
+    return float(lo - margin), float(hi + margin)
+
+
+def beyond(values, span: tuple[float, float] | None):
+    """Per value: ``"above"`` / ``"below"`` the axis ``span`` (drawn at its edge), else ``""``."""
+    x = np.asarray(values, dtype=float)
+    if span is None:
+        return np.full(len(x), "", dtype=object)
+    return np.where(x > span[1], "above", np.where(x < span[0], "below", "")).astype(object)
+
+
+def beyond_note(flags, series=None, what: str = "values") -> str:
+    """The subtitle of a chart whose axis clips outliers: how many (per series, where given) are
+    drawn at the axis's edge, and where to read them."""
+    flags = np.asarray(flags, dtype=object)
+    n = int((flags != "").sum())
+    if not n:
+        return ""
+    per = ""
+    if series is not None:
+        s = np.asarray(series, dtype=object)[flags != ""]
+        names, counts = np.unique(s.astype(str), return_counts=True)
+        per = " (" + ", ".join(f"{a}: {c}" for a, c in zip(names, counts)) + ")"
+    arrows = "/".join(a for a, side in (("▲", "above"), ("▼", "below")) if (flags == side).any())
+    return f"{n} of {len(flags)} {what}{per} lie beyond the axis: drawn as {arrows} at its edge (hover for each value)"
+
+
+def clamped(span: tuple[float, float] | None, **scale) -> alt.Scale:
+    """A scale over ``span`` (:func:`central_range`) that draws the values beyond it at its edge
+    (``clamp``), or Vega-Lite's own scale when ``span`` is ``None``."""
+    if span is None:
+        return alt.Scale(**scale)
+    return alt.Scale(domain=list(span), clamp=True, nice=False, zero=False, **scale)
+
+
+def beyond_marks(base: alt.Chart, x, y, **encoding) -> alt.Chart:
+    """Triangles at the axis's edge for the rows whose ``beyond`` column is set (▲ above, ▼ below),
+    on the clamped ``y`` (its scale: :func:`clamped`); ``encoding``: colour, tooltip."""
+    shape = alt.Shape("beyond:N", scale=alt.Scale(domain=["above", "below"], range=["triangle-up", "triangle-down"]),
+                      legend=None)
+    return (base.transform_filter("datum.beyond != ''").mark_point(filled=True, size=90, opacity=1, stroke="#222", strokeWidth=1)
+            .encode(x=x, y=y, shape=shape, **encoding))
+
+
+def text_px(text: str, font_px: float = FONT_PX) -> float:
+    """A generous estimate of ``text``'s width in pixels at ``font_px`` (sans-serif)."""
+    return CHAR_EM * font_px * len(str(text))
+
+
+def label_limit(labels, font_px: float = FONT_PX, minimum: int = 160) -> int:
+    """A ``labelLimit`` (px) no label of ``labels`` (strings, or lists of lines) is cut at."""
+    lines = [line for lab in labels for line in (lab if isinstance(lab, (list, tuple)) else [lab])]
+    return int(max([minimum] + [np.ceil(text_px(line, font_px)) + 4 for line in lines]))
+
+
+def wrap(text: str, chars: int) -> list[str]:
+    """``text`` as lines of at most ``chars`` characters (a longer word keeps its own line)."""
+    return textwrap.wrap(str(text), chars, break_long_words=False, break_on_hyphens=False) or [""]
+
+
+def lines_expr(labels, chars: int) -> str:
+    """A ``labelExpr`` printing each of ``labels`` (the axis's values) on lines of at most ``chars``
+    characters; a value not in ``labels`` prints as it is."""
+    labels = [str(x) for x in labels]
+    return (f"indexof({json.dumps(labels)}, datum.label) >= 0 ? "
+            f"{json.dumps([wrap(x, chars) for x in labels])}[indexof({json.dumps(labels)}, datum.label)] "
+            ": datum.label")
+
+
+__all__ = ["CHAR_EM", "DARK", "FONT_PX", "MIN_CONTRAST", "SIGNED", "beyond", "beyond_marks", "beyond_note",
+           "blend", "central_range", "clamped", "contrast", "label_limit", "lines_expr", "luminance", "signed_color",
+           "text_px", "wrap"]
