@@ -106,17 +106,17 @@ def test_table_html_shows_chosen_columns_and_the_full_frame(frame):
     parsed.feed(t._repr_html_())
     shown, full = parsed.tables
     assert shown["head"] == ["head", "tokens", "share ratio above 1", "median S/S′"]
-    assert full["head"] == list(frame.columns)  # every column, under the frame's names
+    assert full["head"] == ["label", "eq2_gap", "unused", "from_block_norms"]  # which row, then what is hidden
     assert '<th class="num" title="median_ratio">median S/S′</th>' in t._repr_html_()  # one header row
-    assert ">median_<wbr>ratio<" in t._repr_html_()  # the frame's name in the full table, wraps after _
-    assert "<details" in t._repr_html_() and "All 7 columns (3 more than above)" in t._repr_html_()
+    assert ">eq2_<wbr>gap<" in t._repr_html_()  # the frame's name in the fold, wraps after _
+    assert "<details" in t._repr_html_() and "3 more columns of the frame, under its own names" in t._repr_html_()
     for row, (_, values) in zip(shown["rows"], frame.iterrows()):
         assert row[0] == values["label"] and row[1] == f"{values['n']:,}"
         assert row[2] == f"{values['share_ratio_above_1'] * 100:.1f}%"
         assert parse_number(row[3]) == pytest.approx(float(f"{values['median_ratio']:.2e}"))
     for row, (_, values) in zip(full["rows"], frame.iterrows()):  # the hidden frame: same numbers
-        assert parse_number(row[4]) == pytest.approx(float(f"{values['eq2_gap']:.2e}"))
-        assert "e-07" not in row[4] and "×10⁻⁷" in row[4]
+        assert row[0] == values["label"] and parse_number(row[1]) == pytest.approx(float(f"{values['eq2_gap']:.2e}"))
+        assert "e-07" not in row[1] and "×10⁻⁷" in row[1]
 
 
 def test_layout_and_errors(frame):

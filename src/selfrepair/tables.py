@@ -185,12 +185,13 @@ class Table:
         return f'<table class="{TABLE_CLASS}">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
     def _repr_html_(self) -> str:
-        every = list(self.frame.columns)
-        hidden = len(every) - len(self.columns)
-        full = (f'<details class="{TABLE_CLASS}-all"><summary>All {len(every)} columns '
-                f'({hidden} more than above), under the frame\'s names</summary>'
-                f'<div class="{TABLE_CLASS}-scroll">{self._html(every, False)}</div></details>'
-                if hidden else "")  # every column is shown above: the table once
+        # the fold adds only what the table above leaves out: its first column (which row), then the
+        # frame's other columns under their own names; every column shown above: the table once
+        hidden = [c for c in self.frame.columns if c not in self.columns]
+        full = (f'<details class="{TABLE_CLASS}-all"><summary>{counted(len(hidden), "more column")} of the '
+                f'frame, under its own names</summary>'
+                f'<div class="{TABLE_CLASS}-scroll">{self._html([self.columns[0], *hidden], False)}</div></details>'
+                if hidden else "")
         return f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True)}{full}</div>'
 
     def __repr__(self) -> str:
