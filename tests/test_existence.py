@@ -301,7 +301,7 @@ def test_choose_featured_follows_the_papers_descriptions(seed):
     spread = synthetic_spread(ph, seed=seed + 10)
     got = ce.choose_featured(ph, spread)
     assert list(got["label"]) == expected_featured(ph, spread)
-    assert list(got.columns) == list(ph.columns)
+    assert list(got.columns) == [*ph.columns, "reason"]  # the rows of per_head, each with why it was picked
     # deterministic: neither the order of the rows nor of the spread changes the choice
     again = ce.choose_featured(ph.sample(frac=1.0, random_state=seed), spread.iloc[::-1])
     pd.testing.assert_frame_equal(got, again)
@@ -345,7 +345,9 @@ def test_pinned_featured_heads_are_used_as_given():
     chosen = featured(ph, None, lambda p: ce.choose_featured(p, synthetic_spread(p)),
                       rule=ce.FEATURED_RULE, stands_for=ce.PAPER_FIG3)
     assert list(chosen["stands_for"]) == list(ce.PAPER_FIG3[:len(chosen)])
-    assert set(chosen["reason"]) == {ce.FEATURED_RULE}
+    n_rep = len(chosen) // 2  # each row says why it was picked, not the whole rule again
+    assert list(chosen["reason"]) == [ce.REPAIRED_REASON] * n_rep + [ce.UNCORRELATED_REASON] * (len(chosen) - n_rep)
+    assert set(featured(ph, None, lambda p: p.head(2), rule="the rule")["reason"]) == {"the rule"}
     with pytest.raises(InputError, match="not heads of this model"):
         featured(ph, ("L9H0",), never, rule="")
 
@@ -581,7 +583,7 @@ def test_featured_heads_default_and_pinned(tiny):
     ex, sweep = tiny["ex"], tiny["sweep"]
     want = expected_featured(sweep.per_head(), ex.spread)
     assert list(ex.featured["label"]) == want and len(want) >= 2
-    assert set(ex.featured["reason"]) == {ce.FEATURED_RULE}
+    assert set(ex.featured["reason"]) <= {ce.REPAIRED_REASON, ce.UNCORRELATED_REASON}
     assert list(ex.featured["stands_for"]) == list(ce.PAPER_FIG3[:len(want)])
     cfg = ce.Config.from_params(**tiny["params"], featured_heads=["L1H2", "L0H0"])
     pinned = ce.measure(cfg, progress=False)  # the sweep is cached: featured_heads is not in its key

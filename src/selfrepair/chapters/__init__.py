@@ -32,7 +32,8 @@ def chapter_module(prefix: str):
 def featured(per_head: pd.DataFrame, labels, choose, *, rule: str, stands_for=()) -> pd.DataFrame:
     """The heads a figure shows: ``labels`` (pinned, e.g. the paper's own heads) if given, else
     ``choose(per_head)`` (a frame of rows of ``per_head``, picked by the paper's criterion for that
-    figure). Columns ``layer, head, label, reason`` and ``stands_for`` (for chosen heads: the
+    figure; a ``reason`` column of its own says why each row was picked, else ``rule`` is every
+    row's reason). Columns ``layer, head, label, reason`` and ``stands_for`` (for chosen heads: the
     paper's head each stands in for, by position)."""
     if labels:
         pairs = [parse_head(s) for s in labels]
@@ -45,7 +46,7 @@ def featured(per_head: pd.DataFrame, labels, choose, *, rule: str, stands_for=()
         reason = "pinned by the parameters"
     else:
         rows, reason = choose(per_head).reset_index(drop=True), rule
-    out = rows.assign(reason=reason)
+    out = rows if not labels and "reason" in rows.columns else rows.assign(reason=reason)
     out["stands_for"] = ["" if labels or i >= len(stands_for) else stands_for[i] for i in range(len(out))]
     return out
 

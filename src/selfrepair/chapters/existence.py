@@ -51,6 +51,8 @@ FEATURED_RULE = ("two late-layer heads with the largest whole-set mean self-repa
                  "and the weakest per-token DE–Δlogit correlation on the sample (L23H1 and L20H14: "
                  "'no clear correlation')")
 
+REPAIRED_REASON = "largest whole-set mean self-repair among late heads with a positive direct effect"
+UNCORRELATED_REASON = "weakest DE–Δlogit correlation among late heads with an above-median direct effect"
 LATER = ("'later layers' are the second half of the layers (structure.late_start), and the class is "
          "every head there, not a featured one")
 MANY = Claim("many", "Many heads in later layers are self-repaired", "§2.2, Fig 1",
@@ -125,7 +127,8 @@ def choose_featured(per_head: pd.DataFrame, sample_spread: pd.DataFrame, n: int 
     r = big.merge(sample_spread[["layer", "head", "corr_de_delta_logit"]], on=order, how="left")
     r = r.assign(abs_r=r["corr_de_delta_logit"].abs().fillna(np.inf))
     uncorrelated = r.sort_values(["abs_r", *order], kind="mergesort").head(n - len(repaired))
-    return pd.concat([repaired, uncorrelated[per_head.columns]], ignore_index=True)
+    return pd.concat([repaired[per_head.columns].assign(reason=REPAIRED_REASON),
+                      uncorrelated[per_head.columns].assign(reason=UNCORRELATED_REASON)], ignore_index=True)
 
 
 @dataclass
