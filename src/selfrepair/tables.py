@@ -225,10 +225,11 @@ class Layout:
     names: Mapping[str, str] = field(default_factory=dict)
     optional: tuple[str, ...] = ()
     digits: int = 3
+    caption: str | None = None  # e.g. which tokens the numbers are over, where a verdict reads others
 
     def __call__(self, frame: pd.DataFrame) -> Table:
         return table(frame, self.columns, names=self.names, percent=self.percent,
-                     digits=self.digits, optional=self.optional)
+                     digits=self.digits, optional=self.optional, caption=self.caption)
 
 
 @dataclass(frozen=True)

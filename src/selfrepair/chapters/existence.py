@@ -340,4 +340,6 @@ SUMMARY_TABLE = Layout(("group", "layers", "n_heads", "n_repaired", "n_overcorre
                        percent=("mean_lost_fraction",),
                        names={"n_repaired": "repaired", "n_overcorrected": "over-corrected",
                               "n_broken": "broken", "n_no direct effect": "no DE",
-                              "mean_lost_fraction": "DE the repaired still lose"})
+                              "mean_lost_fraction": "DE the repaired still lose"},
+                       caption="Heads per region of Fig 2, on each head's means over every token (the "
+                               "verdict on 'many' reads each head's top-k% tokens instead)")

@@ -261,7 +261,8 @@ def model_notes(cfg: Config) -> str:
 
 
 # -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
-HEADS_TABLE = Layout(("figure", "label", "direct_effect", "reason", "stands_for"))
+HEADS_TABLE = Layout(("figure", "label", "direct_effect", "reason", "stands_for"),
+                     names={"direct_effect": "DE (mean over every token)"})
 SUMMARY_TABLE = Layout(("label", "direct_effect", "self_repair", "layer_positive", "neurons_50", "d_mlp",
                         "erasure_repair_share", "negative_baseline", "max_top_frequency"),
                        percent=("layer_positive", "erasure_repair_share", "negative_baseline",
@@ -269,4 +270,6 @@ SUMMARY_TABLE = Layout(("label", "direct_effect", "self_repair", "layer_positive
                        names={"layer_positive": "layer's clean DE > 0", "neurons_50": "neurons for half",
                               "d_mlp": "neurons", "erasure_repair_share": "repair by erasure neurons",
                               "negative_baseline": "neurons with DE < 0",
-                              "max_top_frequency": "most frequent in top 10"})
+                              "max_top_frequency": "most frequent in top 10",
+                              "direct_effect": "DE (mean over its top tokens)",
+                              "self_repair": "self-repair (mean over its top tokens)"})

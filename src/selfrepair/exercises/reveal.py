@@ -96,10 +96,13 @@ def share(ch) -> str:
     lay = ch.layers
     g = lay[(lay["tokens"] == "top-k%") & (lay["clipping"] == "clipped") & (lay["component"] == "final norm")]
     best = g.loc[g["share"].idxmax()]
-    return (f"Averaged over heads, the final norm gives back {_pct(g['share'].mean())} of a head's "
-            f"direct effect on its top tokens (per layer from {_pct(g['share'].min())} to "
-            f"{_pct(g['share'].max())}, largest in layer {int(best.layer)}). The paper reports "
-            f"around {SHARE_QUOTED:.0%} across many layers and models.")
+    v = {x.claim.key: x for x in ch.verdicts}.get("norm_share")
+    verdict = (f" The verdict above averages only the {v.n} {v.unit} ({_pct(v.value)}), so the two numbers "
+               "differ by the early layers." if v is not None and v.value is not None else "")
+    return (f"Averaged over every layer (each layer's mean over its heads), the final norm gives back "
+            f"{_pct(g['share'].mean())} of a head's direct effect on its top tokens (per layer from "
+            f"{_pct(g['share'].min())} to {_pct(g['share'].max())}, largest in layer {int(best.layer)})."
+            f"{verdict} The paper reports around {SHARE_QUOTED:.0%} across many layers and models.")
 
 
 # -- chapter 3 ---------------------------------------------------------------------------------------
@@ -148,12 +151,14 @@ def classes(ch) -> str:
 
 def control(ch) -> str:
     """How the heads respond to a random push of the same norm."""
-    c = ch.classes
+    c = ch.classes[ch.classes["class"] != "weak"]  # the classified heads, as the paragraph above
     own, rnd = c["relative_change"].abs().median(), c["control_change"].abs().median()
     n_spec = int(c["specific"].sum())
-    return (f"The median |relative change| is {own:.2g} for the head's own output and {rnd:.2g} for "
-            f"a random push of the same norm; {n_spec} of {len(c)} heads respond to their own output "
-            "beyond the control by more than the verdict's tolerance (\"specific\").")
+    return (f"Over the {len(c)} classified heads, the median size of the change, |relative change|, is "
+            f"{_pct(own)} of the direct effect under the head's own output and {_pct(rnd)} under a random "
+            f"push of the same norm (the paragraph above gives the signed medians, where rises and falls "
+            f"cancel); {n_spec} of them respond to their own output beyond the control by more than the "
+            "classes' ±10% (\"specific\").")
 
 
 # -- chapter 5 ---------------------------------------------------------------------------------------
