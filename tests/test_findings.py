@@ -280,3 +280,10 @@ def test_a_line_that_fails_on_its_intercept_says_so():
     for name, e in (("slope", slope), ("intercept / mean y", icpt)):
         assert f"{name} {_fmt(e.value, fmt)}, 95% interval {_fmt(e.lo, fmt)} to {_fmt(e.hi, fmt)}" in f.text
     assert f.values == (slope.value, slope.lo, slope.hi, icpt.value, icpt.lo, icpt.hi)
+
+
+def test_the_paragraph_lists_each_outcome_on_its_own_line():
+    found = [Finding("Where it ran."), Finding("Held: a."), Finding("Did not: b.", (Figure("x", "X"),)),
+             Finding("Take-away: read it so.")]
+    assert markdown(found) == ('Where it ran.\n\n- Held: a.\n- Did not: b; see <a href="#x">X</a>.\n\n'
+                               "**Take-away:** read it so.")

@@ -133,5 +133,12 @@ def shows(where: Finding, verdicts: list[Verdict], figures: Mapping[str, Figure]
 
 
 def markdown(findings: list[Finding]) -> str:
-    """The sentences as one paragraph, each ending with links to its figures."""
-    return " ".join(f.markdown() for f in findings)
+    """The sentences, each ending with links to its figures: where the chapter ran, the outcomes
+    one per bullet (so a reader scans what held and what did not), then the take-away (bold)."""
+    if len(findings) < 3:
+        return " ".join(f.markdown() for f in findings)
+    where, *outcomes, last = findings
+    tail = last.markdown()
+    if tail.startswith("Take-away:"):
+        tail = "**Take-away:**" + tail[len("Take-away:"):]
+    return "\n\n".join((where.markdown(), "\n".join(f"- {f.markdown()}" for f in outcomes), tail))
