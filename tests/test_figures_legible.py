@@ -25,8 +25,8 @@ from selfrepair.figures import layernorm as fl
 from selfrepair.figures import neurons as fn
 from selfrepair.figures import scorecard as fs
 from selfrepair.figures.encodings import LABEL_PX
-from selfrepair.figures.legible import (MIN_CONTRAST, blend, central_range, contrast, label_limit, text_px,
-                                        wrap)
+from selfrepair.figures.legible import (DEPTH_SCHEME, MARK_OPACITY, MIN_CONTRAST, blend, central_range, contrast,
+                                        label_limit, scheme_color, text_px, wrap)
 
 PHONE_PLOT = 260  # px: the plot a phone's column (358 px) leaves beside a y-axis
 TITLE_PX = 12  # the theme's axis title size
@@ -60,17 +60,26 @@ def rows(spec) -> list[dict]:
     return [r for values in spec.get("datasets", {}).values() for r in values]
 
 
+def scheme_shades(scale: dict) -> list[str]:
+    """The shades a scale's scheme draws: Vega's viridis over its extent (every other scheme, and
+    viridis whole, reaches near-white)."""
+    scheme = scale["scheme"]
+    assert isinstance(scheme, dict) and scheme["name"] == "viridis", f"a scheme ({scheme}) draws near-white shades"
+    return [scheme_color(t) for t in np.linspace(*scheme.get("extent", [0, 1]), 201)]
+
+
 def drawn_colors(node) -> list[str]:
-    """The colours a mark shows on the page: its colour scale's range (or its fixed colour) after
-    its opacity. A continuous scale must interpolate in Lab or HCL: the lightness of every shade
-    then lies between its range's, so the range's contrast bounds every shade's."""
+    """The colours a mark shows on the page: its colour scale's range or scheme (or its fixed
+    colour) after its opacity. A continuous range must interpolate in Lab or HCL: the lightness of
+    every shade then lies between its range's, so the range's contrast bounds every shade's."""
     m = node["mark"] if isinstance(node["mark"], dict) else {"type": node["mark"]}
     opacity = m.get("opacity", 0.7 if m["type"] == "point" and m.get("filled") else 1.0)
     color = node.get("encoding", {}).get("color")
     if color is None:
         return [blend(m.get("color", "#4c78a8"), opacity)]
     scale = color.get("scale", {})
-    assert "scheme" not in scale, f"a scheme ({scale.get('scheme')}) draws near-white shades"
+    if "scheme" in scale:
+        return [blend(c, opacity) for c in scheme_shades(scale)]
     if color["type"] == "quantitative":
         assert scale.get("interpolate") in ("lab", "hcl")
     return [blend(c, opacity) for c in scale["range"]]
@@ -212,6 +221,37 @@ def test_chapter6_paper_lines_and_claims_are_dark_on_white():
     assert len(lines) == 2 and not any("condition" in json.dumps(n["encoding"]) for n in lines)
     assert_dark({"layer": lines}, "line")
     assert_dark(spec_of(fa.fig_claims(table)), "point")
+
+
+def depth_scales(spec) -> list[dict]:
+    return [n["encoding"]["color"]["scale"] for n in nodes(spec)
+            if n.get("encoding", {}).get("color", {}).get("field") in ("layer", "rel_layer")]
+
+
+def test_depth_reads_on_white_in_every_chapter():
+    """Layers (chapter 5's Hydra scatters, chapter 7's AtP scatter) and relative depth (chapter 6)
+    were viridis to its yellow end (1.2:1 on white, less at opacity 0.5-0.7): now one scheme, viridis
+    cut where its shade still reaches 3:1 on the marks' opacity, early dark and late light as before."""
+    assert scheme_color(0) == "#440154" and scheme_color(0.5) == "#21918d" and scheme_color(1) == "#fde725"
+    assert contrast(scheme_color(1)) < 1.3 and contrast(blend(scheme_color(0.5), MARK_OPACITY)) >= MIN_CONTRAST
+    effects = pd.DataFrame([{"prompt": p, "layer": l, "kind": k, "label": f"{k}{l}", "direct_effect": RNG.normal(),
+                             "ablation_drop": RNG.normal(), "compensatory_effect": RNG.normal(), "ce_attn": 0.1,
+                             "ce_mlp": 0.1, "total_effect": 0.1} for p in range(5) for l in range(12)
+                            for k in ("attn", "mlp")])
+    atp = pd.DataFrame([{"layer": l, "head": h, "label": f"L{l}H{h}", **{f: RNG.normal() for f in (
+        "exact", "atp", "error", "error_norm", "error_downstream", "delta_direct_effect", "self_repair",
+        "atp_self_repair")}} for l in range(12) for h in range(2)])
+    heads, _, _ = explorer_frames()
+    profiles = heads.assign(layer=(heads["rel_layer"] * 5).round().astype(int))
+    layers = explorer_frames()[1]
+    specs = [spec_of(fh.fig_unembed_vs_ablate(effects)), spec_of(fh.fig_compensation(effects)),
+             spec_of(ft.fig_atp_vs_exact(atp)), spec_of(fa.fig_layer_profiles(profiles)),
+             spec_of(fa.fig_model_explorer(heads, layers, default="toy"))]
+    for spec in specs:
+        scales = depth_scales(spec)
+        assert scales and all(s["scheme"] == DEPTH_SCHEME for s in scales)  # one scheme in every chapter
+        assert_dark({"layer": [n for n in nodes(spec) if n.get("encoding", {}).get("color", {}).get("field")
+                               in ("layer", "rel_layer")]}, "circle", "point")
 
 
 # -- 3. labels cut at their limit ---------------------------------------------------------------------

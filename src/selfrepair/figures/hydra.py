@@ -8,7 +8,7 @@ from __future__ import annotations
 import altair as alt
 
 from . import MAX_ROWS, diverging_color, layer_color, series_color
-from .legible import beyond, beyond_marks, beyond_note, central_range, clamped
+from .legible import MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
@@ -47,7 +47,7 @@ def fig_unembed_vs_ablate(effects) -> alt.Chart:
     data = effects[["prompt", "layer", "kind", "label", "direct_effect", "ablation_drop", "compensatory_effect"]]
     if len(data) > MAX_ROWS - 10:
         data = data.sample(MAX_ROWS - 10, random_state=0)
-    points = alt.Chart(data).mark_circle(size=18, opacity=0.6).encode(
+    points = alt.Chart(data).mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="Δ unembed (direct effect)"),
         y=alt.Y("ablation_drop:Q", title="Δ ablate (logit drop)"),
         color=layer_color(), shape=alt.Shape("kind:N", title="layer kind"),
@@ -93,7 +93,7 @@ def fig_compensation(effects) -> alt.Chart:
                     "ce_attn", "ce_mlp", "total_effect"]]
     if len(data) > MAX_ROWS - 10:
         data = data.sample(MAX_ROWS - 10, random_state=0)
-    points = alt.Chart().mark_circle(size=18, opacity=0.6).encode(
+    points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="direct effect of the ablated layer"),
         y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"),
         color=layer_color(),
