@@ -223,9 +223,13 @@ def test_chapter6_paper_lines_and_claims_are_dark_on_white():
     assert_dark(spec_of(fa.fig_claims(table)), "point")
 
 
+def colored_by(spec, *fields) -> list[dict]:
+    """The marks of ``spec`` whose colour encodes one of ``fields``."""
+    return [n for n in nodes(spec) if "mark" in n and n.get("encoding", {}).get("color", {}).get("field") in fields]
+
+
 def depth_scales(spec) -> list[dict]:
-    return [n["encoding"]["color"]["scale"] for n in nodes(spec)
-            if n.get("encoding", {}).get("color", {}).get("field") in ("layer", "rel_layer")]
+    return [n["encoding"]["color"]["scale"] for n in colored_by(spec, "layer", "rel_layer")]
 
 
 def test_depth_reads_on_white_in_every_chapter():
@@ -250,8 +254,26 @@ def test_depth_reads_on_white_in_every_chapter():
     for spec in specs:
         scales = depth_scales(spec)
         assert scales and all(s["scheme"] == DEPTH_SCHEME for s in scales)  # one scheme in every chapter
-        assert_dark({"layer": [n for n in nodes(spec) if n.get("encoding", {}).get("color", {}).get("field")
-                               in ("layer", "rel_layer")]}, "circle", "point")
+        assert_dark({"layer": colored_by(spec, "layer", "rel_layer")}, "circle", "point")
+
+
+def test_token_sets_read_on_white_alike_in_chapters_1_and_2():
+    """The random sample was grey #bab0ac (2.1:1, 1.7:1 at opacity 0.7) in chapter 1's Fig 3 and
+    chapter 2's Fig 5 and Fig 9/10, the top-k% blue 2.7:1 at 0.7: now a grey and a blue that
+    reach 3:1 as drawn, the same in both chapters."""
+    from test_figures_existence_layernorm import featured, head_frame, per_head, tokens
+
+    ph = per_head()
+    t = fe.featured_tokens(tokens(ph, n=30), featured(ph, n=4), tokens(ph, n=100, seed=2), max_per_head=50)
+    specs = [spec_of(fe.fig_featured_tokens(t)), spec_of(fl.fig_ablation_scatter(head_frame(), max_per_panel=50)),
+             spec_of(fl.fig_share_variants(share_layers(16000.0)))]
+    scales = []
+    for spec in specs:
+        drawn = colored_by(spec, "tokens")
+        assert_dark({"layer": drawn}, "circle", "line", "point")
+        scales += [n["encoding"]["color"]["scale"] for n in drawn]
+    assert len(scales) >= 4 and all(sc == scales[0] for sc in scales)  # one colour per token set, both chapters
+    assert scales[0]["domain"] == ["top-k%", "random sample"] and "#bab0ac" not in scales[0]["range"]
 
 
 # -- 3. labels cut at their limit ---------------------------------------------------------------------
