@@ -145,13 +145,17 @@ def test_fig9_axis_spans_the_central_range_and_counts_the_outlier():
     assert not any(s.get("clamp") for s in y_scales(plain)) and isinstance(plain["title"], str)
 
 
+def own_frame(ablations=("resample", "mean", "zero", "noise")) -> pd.DataFrame:
+    return pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "n_patches": 3,
+                          "ratio": 0.0 if a == "zero" else (30 + RNG.uniform(0, 50) if a == "noise" else RNG.uniform(0.3, 0.9)),
+                          "patch_ratio": 0.5, "abs_clean": 1.0, "mean_ablated": 0.3, "mean_clean": 0.7}
+                         for a in ablations for k in ("attn", "mlp") for l in range(6)])
+
+
 def test_own_effect_axis_is_not_blown_out_by_noise():
     """§5.6: noise ablation's ratios (~30, 3000%) set the axis to 8000%; the other ablations' 0-100%
     were a flat line at its foot."""
-    own = pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "n_patches": 3,
-                         "ratio": 0.0 if a == "zero" else (30 + RNG.uniform(0, 50) if a == "noise" else RNG.uniform(0.3, 0.9)),
-                         "patch_ratio": 0.5, "abs_clean": 1.0, "mean_ablated": 0.3, "mean_clean": 0.7}
-                        for a in ("resample", "mean", "zero", "noise") for k in ("attn", "mlp") for l in range(6)])
+    own = own_frame()
     spec = spec_of(fh.fig_own_effect(own))
     scales = [s for s in y_scales(spec) if s]
     assert scales and all(s["clamp"] and s["domain"][0] <= 0 and 1 <= s["domain"][1] < 1.5 for s in scales)
@@ -274,6 +278,29 @@ def test_token_sets_read_on_white_alike_in_chapters_1_and_2():
         scales += [n["encoding"]["color"]["scale"] for n in drawn]
     assert len(scales) >= 4 and all(sc == scales[0] for sc in scales)  # one colour per token set, both chapters
     assert scales[0]["domain"] == ["top-k%", "random sample"] and "#bab0ac" not in scales[0]["range"]
+
+
+def test_ablations_read_on_white_alike_in_chapters_2_and_5():
+    """Chapter 5's mean ablation was orange #f58518 (2.6:1 on white) and resample from every source
+    light blue #6baed6 (2.4:1): now the palette's dark orange and a dark blue beside resample's;
+    chapter 2 draws its ablations in the same colours."""
+    from test_figures_existence_layernorm import head_frame
+
+    ablations = ["resample", "mean", "zero", "noise", "resample (every source)"]
+    comparison = pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "lost": 1.0,
+                                "compensation": 0.5, "r2": 0.3, "abs_total_effect": RNG.uniform(), "slope": RNG.normal()}
+                               for a in ablations for k in ("attn", "mlp") for l in range(6)])
+    colors = {}
+    for spec in (spec_of(fh.fig_own_effect(own_frame(ablations))), spec_of(fh.fig_noise_vs_resample(comparison))):
+        drawn = colored_by(spec, "ablation")
+        assert_dark({"layer": drawn}, "line", "point")
+        for n in drawn:
+            scale = n["encoding"]["color"]["scale"]
+            assert scale["domain"] == ablations and len(set(scale["range"])) == len(ablations)
+            colors.update(zip(scale["domain"], scale["range"]))
+    assert not {"#f58518", "#6baed6"} & set(colors.values())
+    chapter2 = [n["encoding"]["color"]["scale"] for n in colored_by(spec_of(fl.fig_scale_ratio(head_frame())), "ablation")]
+    assert chapter2 and all(dict(zip(sc["domain"], sc["range"])).items() <= colors.items() for sc in chapter2)
 
 
 # -- 3. labels cut at their limit ---------------------------------------------------------------------

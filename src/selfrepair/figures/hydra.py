@@ -8,6 +8,7 @@ from __future__ import annotations
 import altair as alt
 
 from . import MAX_ROWS, diverging_color, layer_color, series_color
+from .encodings import ABLATION_COLORS  # the same in chapter 2
 from .legible import MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
@@ -150,9 +151,6 @@ def fig_erasure(frame) -> alt.Chart:
             .resolve_scale(color="independent")
             .properties(title="Late MLPs respond to attention ablations (erasure, Hydra §2.5.2)"))
 
-
-ABLATION_COLORS = {"resample": "#4c78a8", "mean": "#f58518", "zero": "#54a24b", "noise": "#b279a2",
-                   "resample (every source)": "#6baed6"}  # every colour dark enough on white
 
 
 def _ablation_color(frame) -> alt.Color:

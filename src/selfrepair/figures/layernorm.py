@@ -11,16 +11,16 @@ import altair as alt
 import pandas as pd
 
 from . import VIEWS_AT_1024, labels_only, layer_axis, present, series_color
+from .encodings import ABLATION_COLORS  # the same in chapter 5
 from .existence import _diagonal, _head_order, _tips, token_color
 from .legible import MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 ABLATIONS = ["resample", "mean", "zero"]
-ABLATION_COLORS = ["#4c78a8", "#f58518", "#54a24b"]
 
 
 def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -> alt.Color:
-    return alt.Color("ablation:N", scale=alt.Scale(domain=ABLATIONS, range=ABLATION_COLORS), title=title,
-                     **({"legend": legend} if legend is not None else {}))
+    scale = alt.Scale(domain=ABLATIONS, range=[ABLATION_COLORS[a] for a in ABLATIONS])
+    return alt.Color("ablation:N", scale=scale, title=title, **({"legend": legend} if legend is not None else {}))
 
 
 def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
