@@ -303,6 +303,17 @@ def test_ablations_read_on_white_alike_in_chapters_2_and_5():
     assert chapter2 and all(dict(zip(sc["domain"], sc["range"])).items() <= colors.items() for sc in chapter2)
 
 
+def test_chapter7_layer_bars_are_dark_on_white():
+    """The per-layer bars of |exact − AtP| were light blue #9ecae9 (1.7:1 on white)."""
+    layers = pd.DataFrame({"layer": range(4), "n_heads": 2, "abs_error": RNG.uniform(size=4),
+                           "abs_exact": RNG.uniform(size=4), "error": RNG.normal(size=4)})
+    spec = spec_of(ft.fig_layer_error(layers))
+    assert_dark(spec, "bar")
+    (bar,) = [n for n in nodes(spec) if mark(n) == "bar"]
+    (tick,) = [n for n in nodes(spec) if mark(n) == "tick"]  # the ticks drawn over the bars still read on them
+    assert tick["mark"]["color"] == "black" and contrast("#000000", bar["mark"]["color"]) >= MIN_CONTRAST
+
+
 # -- 3. labels cut at their limit ---------------------------------------------------------------------
 def scorecard_frame() -> pd.DataFrame:
     statements = ["Many heads in later layers are self-repaired",
