@@ -314,6 +314,20 @@ def test_chapter7_layer_bars_are_dark_on_white():
     assert tick["mark"]["color"] == "black" and contrast("#000000", bar["mark"]["color"]) >= MIN_CONTRAST
 
 
+def test_chapter4_classes_are_dark_on_white():
+    """Chapter 4's response lines: "weak" in light grey #b5b5b5 (2.1:1 on white), every class at
+    opacity 0.7 (the red 2.5:1); now each reaches 3:1 as drawn, "weak" still the lighter grey."""
+    frame = pd.DataFrame([{"label": f"L{i}H0", "layer": i, "head": 0, "alpha": a, "relative_change": -0.1 * a,
+                           "direct_effect": 0.5, "new_direct_effect": 0.4, "class": c}
+                          for i, c in enumerate(fit.CLASS_ORDER) for a in (0.0, 1.0, 3.0, 5.0)])
+    spec = spec_of(fit.fig_response(frame))
+    assert_dark(spec, "line")
+    (line,) = [n for n in nodes(spec) if mark(n) == "line"]
+    colors = dict(zip(line["encoding"]["color"]["scale"]["domain"], line["encoding"]["color"]["scale"]["range"]))
+    assert list(colors) == fit.CLASS_ORDER and len(set(colors.values())) == 4
+    assert contrast(colors["weak"]) < contrast(colors["neutral"])  # weak the lighter of the two greys
+
+
 # -- 3. labels cut at their limit ---------------------------------------------------------------------
 def scorecard_frame() -> pd.DataFrame:
     statements = ["Many heads in later layers are self-repaired",
