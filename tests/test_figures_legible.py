@@ -146,8 +146,10 @@ def test_fig9_axis_spans_the_central_range_and_counts_the_outlier():
 
 
 def own_frame(ablations=("resample", "mean", "zero", "noise")) -> pd.DataFrame:
-    return pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "n_patches": 3,
-                          "ratio": 0.0 if a == "zero" else (30 + RNG.uniform(0, 50) if a == "noise" else RNG.uniform(0.3, 0.9)),
+    def ratio(a):
+        return 0.0 if a == "zero" else (30 + RNG.uniform(0, 50) if a == "noise" else RNG.uniform(0.3, 0.9))
+
+    return pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "n_patches": 3, "ratio": ratio(a),
                           "patch_ratio": 0.5, "abs_clean": 1.0, "mean_ablated": 0.3, "mean_clean": 0.7}
                          for a in ablations for k in ("attn", "mlp") for l in range(6)])
 
@@ -232,33 +234,27 @@ def colored_by(spec, *fields) -> list[dict]:
     return [n for n in nodes(spec) if "mark" in n and n.get("encoding", {}).get("color", {}).get("field") in fields]
 
 
-def depth_scales(spec) -> list[dict]:
-    return [n["encoding"]["color"]["scale"] for n in colored_by(spec, "layer", "rel_layer")]
-
-
 def test_depth_reads_on_white_in_every_chapter():
     """Layers (chapter 5's Hydra scatters, chapter 7's AtP scatter) and relative depth (chapter 6)
     were viridis to its yellow end (1.2:1 on white, less at opacity 0.5-0.7): now one scheme, viridis
     cut where its shade still reaches 3:1 on the marks' opacity, early dark and late light as before."""
     assert scheme_color(0) == "#440154" and scheme_color(0.5) == "#21918d" and scheme_color(1) == "#fde725"
     assert contrast(scheme_color(1)) < 1.3 and contrast(blend(scheme_color(0.5), MARK_OPACITY)) >= MIN_CONTRAST
-    effects = pd.DataFrame([{"prompt": p, "layer": l, "kind": k, "label": f"{k}{l}", "direct_effect": RNG.normal(),
-                             "ablation_drop": RNG.normal(), "compensatory_effect": RNG.normal(), "ce_attn": 0.1,
-                             "ce_mlp": 0.1, "total_effect": 0.1} for p in range(5) for l in range(12)
-                            for k in ("attn", "mlp")])
-    atp = pd.DataFrame([{"layer": l, "head": h, "label": f"L{l}H{h}", **{f: RNG.normal() for f in (
-        "exact", "atp", "error", "error_norm", "error_downstream", "delta_direct_effect", "self_repair",
-        "atp_self_repair")}} for l in range(12) for h in range(2)])
-    heads, _, _ = explorer_frames()
+    cols = ("direct_effect", "ablation_drop", "compensatory_effect", "ce_attn", "ce_mlp", "total_effect")
+    effects = pd.DataFrame([{"prompt": p, "layer": l, "kind": k, "label": f"{k}{l}",
+                             **dict(zip(cols, RNG.normal(size=6)))}
+                            for p in range(5) for l in range(12) for k in ("attn", "mlp")])
+    cols = ("exact", "atp", "error", "error_norm", "error_downstream", "delta_direct_effect", "self_repair",
+            "atp_self_repair")
+    atp = pd.DataFrame([{"layer": l, "head": h, "label": f"L{l}H{h}", **dict(zip(cols, RNG.normal(size=8)))}
+                        for l in range(12) for h in range(2)])
+    heads, layers, _ = explorer_frames()
     profiles = heads.assign(layer=(heads["rel_layer"] * 5).round().astype(int))
-    layers = explorer_frames()[1]
-    specs = [spec_of(fh.fig_unembed_vs_ablate(effects)), spec_of(fh.fig_compensation(effects)),
-             spec_of(ft.fig_atp_vs_exact(atp)), spec_of(fa.fig_layer_profiles(profiles)),
-             spec_of(fa.fig_model_explorer(heads, layers, default="toy"))]
-    for spec in specs:
-        scales = depth_scales(spec)
-        assert scales and all(s["scheme"] == DEPTH_SCHEME for s in scales)  # one scheme in every chapter
-        assert_dark({"layer": colored_by(spec, "layer", "rel_layer")}, "circle", "point")
+    for chart in (fh.fig_unembed_vs_ablate(effects), fh.fig_compensation(effects), ft.fig_atp_vs_exact(atp),
+                  fa.fig_layer_profiles(profiles), fa.fig_model_explorer(heads, layers, default="toy")):
+        drawn = colored_by(spec_of(chart), "layer", "rel_layer")
+        assert drawn and all(n["encoding"]["color"]["scale"]["scheme"] == DEPTH_SCHEME for n in drawn)  # one scheme
+        assert_dark({"layer": drawn}, "circle", "point")
 
 
 def test_token_sets_read_on_white_alike_in_chapters_1_and_2():
@@ -269,11 +265,10 @@ def test_token_sets_read_on_white_alike_in_chapters_1_and_2():
 
     ph = per_head()
     t = fe.featured_tokens(tokens(ph, n=30), featured(ph, n=4), tokens(ph, n=100, seed=2), max_per_head=50)
-    specs = [spec_of(fe.fig_featured_tokens(t)), spec_of(fl.fig_ablation_scatter(head_frame(), max_per_panel=50)),
-             spec_of(fl.fig_share_variants(share_layers(16000.0)))]
     scales = []
-    for spec in specs:
-        drawn = colored_by(spec, "tokens")
+    for chart in (fe.fig_featured_tokens(t), fl.fig_ablation_scatter(head_frame(), max_per_panel=50),
+                  fl.fig_share_variants(share_layers(16000.0))):
+        drawn = colored_by(spec_of(chart), "tokens")
         assert_dark({"layer": drawn}, "circle", "line", "point")
         scales += [n["encoding"]["color"]["scale"] for n in drawn]
     assert len(scales) >= 4 and all(sc == scales[0] for sc in scales)  # one colour per token set, both chapters
@@ -291,15 +286,16 @@ def test_ablations_read_on_white_alike_in_chapters_2_and_5():
                                 "compensation": 0.5, "r2": 0.3, "abs_total_effect": RNG.uniform(), "slope": RNG.normal()}
                                for a in ablations for k in ("attn", "mlp") for l in range(6)])
     colors = {}
-    for spec in (spec_of(fh.fig_own_effect(own_frame(ablations))), spec_of(fh.fig_noise_vs_resample(comparison))):
-        drawn = colored_by(spec, "ablation")
+    for chart in (fh.fig_own_effect(own_frame(ablations)), fh.fig_noise_vs_resample(comparison)):
+        drawn = colored_by(spec_of(chart), "ablation")
         assert_dark({"layer": drawn}, "line", "point")
         for n in drawn:
             scale = n["encoding"]["color"]["scale"]
             assert scale["domain"] == ablations and len(set(scale["range"])) == len(ablations)
             colors.update(zip(scale["domain"], scale["range"]))
     assert not {"#f58518", "#6baed6"} & set(colors.values())
-    chapter2 = [n["encoding"]["color"]["scale"] for n in colored_by(spec_of(fl.fig_scale_ratio(head_frame())), "ablation")]
+    chapter2 = [n["encoding"]["color"]["scale"] for n in colored_by(spec_of(fl.fig_scale_ratio(head_frame())),
+                                                                    "ablation")]
     assert chapter2 and all(dict(zip(sc["domain"], sc["range"])).items() <= colors.items() for sc in chapter2)
 
 
@@ -310,7 +306,7 @@ def test_chapter7_layer_bars_are_dark_on_white():
     spec = spec_of(ft.fig_layer_error(layers))
     assert_dark(spec, "bar")
     (bar,) = [n for n in nodes(spec) if mark(n) == "bar"]
-    (tick,) = [n for n in nodes(spec) if mark(n) == "tick"]  # the ticks drawn over the bars still read on them
+    (tick,) = [n for n in nodes(spec) if mark(n) == "tick"]  # drawn over the bars, still read on them
     assert tick["mark"]["color"] == "black" and contrast("#000000", bar["mark"]["color"]) >= MIN_CONTRAST
 
 
@@ -323,7 +319,8 @@ def test_chapter4_classes_are_dark_on_white():
     spec = spec_of(fit.fig_response(frame))
     assert_dark(spec, "line")
     (line,) = [n for n in nodes(spec) if mark(n) == "line"]
-    colors = dict(zip(line["encoding"]["color"]["scale"]["domain"], line["encoding"]["color"]["scale"]["range"]))
+    scale = line["encoding"]["color"]["scale"]
+    colors = dict(zip(scale["domain"], scale["range"]))
     assert list(colors) == fit.CLASS_ORDER and len(set(colors.values())) == 4
     assert contrast(colors["weak"]) < contrast(colors["neutral"])  # weak the lighter of the two greys
 
