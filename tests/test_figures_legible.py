@@ -25,8 +25,8 @@ from selfrepair.figures import layernorm as fl
 from selfrepair.figures import neurons as fn
 from selfrepair.figures import scorecard as fs
 from selfrepair.figures.encodings import LABEL_PX
-from selfrepair.figures.legible import (MIN_CONTRAST, blend, central_range, contrast, label_limit, text_px,
-                                        wrap)
+from selfrepair.figures.legible import (DEPTH_SCHEME, MARK_OPACITY, MIN_CONTRAST, blend, central_range, contrast,
+                                        label_limit, scheme_color, text_px, wrap)
 
 PHONE_PLOT = 260  # px: the plot a phone's column (358 px) leaves beside a y-axis
 TITLE_PX = 12  # the theme's axis title size
@@ -60,17 +60,26 @@ def rows(spec) -> list[dict]:
     return [r for values in spec.get("datasets", {}).values() for r in values]
 
 
+def scheme_shades(scale: dict) -> list[str]:
+    """The shades a scale's scheme draws: Vega's viridis over its extent (every other scheme, and
+    viridis whole, reaches near-white)."""
+    scheme = scale["scheme"]
+    assert isinstance(scheme, dict) and scheme["name"] == "viridis", f"a scheme ({scheme}) draws near-white shades"
+    return [scheme_color(t) for t in np.linspace(*scheme.get("extent", [0, 1]), 201)]
+
+
 def drawn_colors(node) -> list[str]:
-    """The colours a mark shows on the page: its colour scale's range (or its fixed colour) after
-    its opacity. A continuous scale must interpolate in Lab or HCL: the lightness of every shade
-    then lies between its range's, so the range's contrast bounds every shade's."""
+    """The colours a mark shows on the page: its colour scale's range or scheme (or its fixed
+    colour) after its opacity. A continuous range must interpolate in Lab or HCL: the lightness of
+    every shade then lies between its range's, so the range's contrast bounds every shade's."""
     m = node["mark"] if isinstance(node["mark"], dict) else {"type": node["mark"]}
     opacity = m.get("opacity", 0.7 if m["type"] == "point" and m.get("filled") else 1.0)
     color = node.get("encoding", {}).get("color")
     if color is None:
         return [blend(m.get("color", "#4c78a8"), opacity)]
     scale = color.get("scale", {})
-    assert "scheme" not in scale, f"a scheme ({scale.get('scheme')}) draws near-white shades"
+    if "scheme" in scale:
+        return [blend(c, opacity) for c in scheme_shades(scale)]
     if color["type"] == "quantitative":
         assert scale.get("interpolate") in ("lab", "hcl")
     return [blend(c, opacity) for c in scale["range"]]
@@ -136,13 +145,19 @@ def test_fig9_axis_spans_the_central_range_and_counts_the_outlier():
     assert not any(s.get("clamp") for s in y_scales(plain)) and isinstance(plain["title"], str)
 
 
+def own_frame(ablations=("resample", "mean", "zero", "noise")) -> pd.DataFrame:
+    def ratio(a):
+        return 0.0 if a == "zero" else (30 + RNG.uniform(0, 50) if a == "noise" else RNG.uniform(0.3, 0.9))
+
+    return pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "n_patches": 3, "ratio": ratio(a),
+                          "patch_ratio": 0.5, "abs_clean": 1.0, "mean_ablated": 0.3, "mean_clean": 0.7}
+                         for a in ablations for k in ("attn", "mlp") for l in range(6)])
+
+
 def test_own_effect_axis_is_not_blown_out_by_noise():
     """§5.6: noise ablation's ratios (~30, 3000%) set the axis to 8000%; the other ablations' 0-100%
     were a flat line at its foot."""
-    own = pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "n_patches": 3,
-                         "ratio": 0.0 if a == "zero" else (30 + RNG.uniform(0, 50) if a == "noise" else RNG.uniform(0.3, 0.9)),
-                         "patch_ratio": 0.5, "abs_clean": 1.0, "mean_ablated": 0.3, "mean_clean": 0.7}
-                        for a in ("resample", "mean", "zero", "noise") for k in ("attn", "mlp") for l in range(6)])
+    own = own_frame()
     spec = spec_of(fh.fig_own_effect(own))
     scales = [s for s in y_scales(spec) if s]
     assert scales and all(s["clamp"] and s["domain"][0] <= 0 and 1 <= s["domain"][1] < 1.5 for s in scales)
@@ -212,6 +227,102 @@ def test_chapter6_paper_lines_and_claims_are_dark_on_white():
     assert len(lines) == 2 and not any("condition" in json.dumps(n["encoding"]) for n in lines)
     assert_dark({"layer": lines}, "line")
     assert_dark(spec_of(fa.fig_claims(table)), "point")
+
+
+def colored_by(spec, *fields) -> list[dict]:
+    """The marks of ``spec`` whose colour encodes one of ``fields``."""
+    return [n for n in nodes(spec) if "mark" in n and n.get("encoding", {}).get("color", {}).get("field") in fields]
+
+
+def test_depth_reads_on_white_in_every_chapter():
+    """Layers (chapter 5's Hydra scatters, chapter 7's AtP scatter) and relative depth (chapter 6)
+    were viridis to its yellow end (1.2:1 on white, less at opacity 0.5-0.7): now one scheme, viridis
+    cut where its shade still reaches 3:1 on the marks' opacity, early dark and late light as before."""
+    assert scheme_color(0) == "#440154" and scheme_color(0.5) == "#21918d" and scheme_color(1) == "#fde725"
+    assert contrast(scheme_color(1)) < 1.3 and contrast(blend(scheme_color(0.5), MARK_OPACITY)) >= MIN_CONTRAST
+    cols = ("direct_effect", "ablation_drop", "compensatory_effect", "ce_attn", "ce_mlp", "total_effect")
+    effects = pd.DataFrame([{"prompt": p, "layer": l, "kind": k, "label": f"{k}{l}",
+                             **dict(zip(cols, RNG.normal(size=6)))}
+                            for p in range(5) for l in range(12) for k in ("attn", "mlp")])
+    cols = ("exact", "atp", "error", "error_norm", "error_downstream", "delta_direct_effect", "self_repair",
+            "atp_self_repair")
+    atp = pd.DataFrame([{"layer": l, "head": h, "label": f"L{l}H{h}", **dict(zip(cols, RNG.normal(size=8)))}
+                        for l in range(12) for h in range(2)])
+    heads, layers, _ = explorer_frames()
+    profiles = heads.assign(layer=(heads["rel_layer"] * 5).round().astype(int))
+    for chart in (fh.fig_unembed_vs_ablate(effects), fh.fig_compensation(effects), ft.fig_atp_vs_exact(atp),
+                  fa.fig_layer_profiles(profiles), fa.fig_model_explorer(heads, layers, default="toy")):
+        drawn = colored_by(spec_of(chart), "layer", "rel_layer")
+        assert drawn and all(n["encoding"]["color"]["scale"]["scheme"] == DEPTH_SCHEME for n in drawn)  # one scheme
+        assert_dark({"layer": drawn}, "circle", "point")
+
+
+def test_token_sets_read_on_white_alike_in_chapters_1_and_2():
+    """The random sample was grey #bab0ac (2.1:1, 1.7:1 at opacity 0.7) in chapter 1's Fig 3 and
+    chapter 2's Fig 5 and Fig 9/10, the top-k% blue 2.7:1 at 0.7: now a grey and a blue that
+    reach 3:1 as drawn, the same in both chapters."""
+    from test_figures_existence_layernorm import featured, head_frame, per_head, tokens
+
+    ph = per_head()
+    t = fe.featured_tokens(tokens(ph, n=30), featured(ph, n=4), tokens(ph, n=100, seed=2), max_per_head=50)
+    scales = []
+    for chart in (fe.fig_featured_tokens(t), fl.fig_ablation_scatter(head_frame(), max_per_panel=50),
+                  fl.fig_share_variants(share_layers(16000.0))):
+        drawn = colored_by(spec_of(chart), "tokens")
+        assert_dark({"layer": drawn}, "circle", "line", "point")
+        scales += [n["encoding"]["color"]["scale"] for n in drawn]
+    assert len(scales) >= 4 and all(sc == scales[0] for sc in scales)  # one colour per token set, both chapters
+    assert scales[0]["domain"] == ["top-k%", "random sample"] and "#bab0ac" not in scales[0]["range"]
+
+
+def test_ablations_read_on_white_alike_in_chapters_2_and_5():
+    """Chapter 5's mean ablation was orange #f58518 (2.6:1 on white) and resample from every source
+    light blue #6baed6 (2.4:1): now the palette's dark orange and a dark blue beside resample's;
+    chapter 2 draws its ablations in the same colours."""
+    from test_figures_existence_layernorm import head_frame
+
+    ablations = ["resample", "mean", "zero", "noise", "resample (every source)"]
+    comparison = pd.DataFrame([{"ablation": a, "layer": l, "kind": k, "label": f"{k}{l}", "lost": 1.0,
+                                "compensation": 0.5, "r2": 0.3, "abs_total_effect": RNG.uniform(), "slope": RNG.normal()}
+                               for a in ablations for k in ("attn", "mlp") for l in range(6)])
+    colors = {}
+    for chart in (fh.fig_own_effect(own_frame(ablations)), fh.fig_noise_vs_resample(comparison)):
+        drawn = colored_by(spec_of(chart), "ablation")
+        assert_dark({"layer": drawn}, "line", "point")
+        for n in drawn:
+            scale = n["encoding"]["color"]["scale"]
+            assert scale["domain"] == ablations and len(set(scale["range"])) == len(ablations)
+            colors.update(zip(scale["domain"], scale["range"]))
+    assert not {"#f58518", "#6baed6"} & set(colors.values())
+    chapter2 = [n["encoding"]["color"]["scale"] for n in colored_by(spec_of(fl.fig_scale_ratio(head_frame())),
+                                                                    "ablation")]
+    assert chapter2 and all(dict(zip(sc["domain"], sc["range"])).items() <= colors.items() for sc in chapter2)
+
+
+def test_chapter7_layer_bars_are_dark_on_white():
+    """The per-layer bars of |exact − AtP| were light blue #9ecae9 (1.7:1 on white)."""
+    layers = pd.DataFrame({"layer": range(4), "n_heads": 2, "abs_error": RNG.uniform(size=4),
+                           "abs_exact": RNG.uniform(size=4), "error": RNG.normal(size=4)})
+    spec = spec_of(ft.fig_layer_error(layers))
+    assert_dark(spec, "bar")
+    (bar,) = [n for n in nodes(spec) if mark(n) == "bar"]
+    (tick,) = [n for n in nodes(spec) if mark(n) == "tick"]  # drawn over the bars, still read on them
+    assert tick["mark"]["color"] == "black" and contrast("#000000", bar["mark"]["color"]) >= MIN_CONTRAST
+
+
+def test_chapter4_classes_are_dark_on_white():
+    """Chapter 4's response lines: "weak" in light grey #b5b5b5 (2.1:1 on white), every class at
+    opacity 0.7 (the red 2.5:1); now each reaches 3:1 as drawn, "weak" still the lighter grey."""
+    frame = pd.DataFrame([{"label": f"L{i}H0", "layer": i, "head": 0, "alpha": a, "relative_change": -0.1 * a,
+                           "direct_effect": 0.5, "new_direct_effect": 0.4, "class": c}
+                          for i, c in enumerate(fit.CLASS_ORDER) for a in (0.0, 1.0, 3.0, 5.0)])
+    spec = spec_of(fit.fig_response(frame))
+    assert_dark(spec, "line")
+    (line,) = [n for n in nodes(spec) if mark(n) == "line"]
+    scale = line["encoding"]["color"]["scale"]
+    colors = dict(zip(scale["domain"], scale["range"]))
+    assert list(colors) == fit.CLASS_ORDER and len(set(colors.values())) == 4
+    assert contrast(colors["weak"]) < contrast(colors["neutral"])  # weak the lighter of the two greys
 
 
 # -- 3. labels cut at their limit ---------------------------------------------------------------------

@@ -37,7 +37,8 @@ from typing import Any
 import altair as alt
 
 from ..errors import SelfRepairError
-from .encodings import EDGE, MAX_LABELS, head_slots, labels_only, layer_axis, layer_x, present, series_color
+from .encodings import (EDGE, MAX_LABELS, head_slots, labels_only, layer_axis, layer_color, layer_x, present,
+                        series_color)
 from .export import CHART_FILES_ENV, chart_files, files_html
 
 RENDERER = "selfrepair"
@@ -74,12 +75,6 @@ def head_tooltip(*fields: str, fmt: str = ".3f") -> list[alt.Tooltip]:
         else:
             tips.append(alt.Tooltip(f"{name}:Q", format=fmt, title=name.replace("_", " ")))
     return tips
-
-
-def layer_color(field: str = "layer", *, title: str = "layer", legend: bool = True) -> alt.Color:
-    """An ordinal colour for layers (viridis: early dark, late bright), the same in every chapter."""
-    return alt.Color(f"{field}:O", scale=alt.Scale(scheme="viridis"), title=title,
-                     legend=alt.Legend() if legend else None)
 
 
 def diverging_color(field: str, *, title: str | None = None) -> alt.Color:

@@ -11,7 +11,7 @@ import itertools
 import altair as alt
 
 from . import series_color
-from .legible import DARK, label_limit
+from .legible import DARK, DEPTH_SCHEME, MARK_OPACITY, label_limit
 
 HEAD_TIPS = [alt.Tooltip("run:N", title="model"), alt.Tooltip("label:N", title="head"),
              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
@@ -19,14 +19,15 @@ HEAD_TIPS = [alt.Tooltip("run:N", title="model"), alt.Tooltip("label:N", title="
              alt.Tooltip("self_repair:Q", format=".3f", title="self-repair")]
 SOURCE_COLORS = {"paper": DARK["blue"], "this project": DARK["dark orange"]}  # 3:1 on white, both,
 OTHER_OPACITY = 0.85  # even at the opacity of the runs not selected (legible.blend)
-DEPTH = alt.Color("rel_layer:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="relative depth",
+# depth as in every chapter (legible.DEPTH_SCHEME: dark purple to teal, 3:1 on white at MARK_OPACITY)
+DEPTH = alt.Color("rel_layer:Q", scale=alt.Scale(scheme=DEPTH_SCHEME, domain=[0, 1]), title="relative depth",
                   legend=alt.Legend(orient="bottom"))  # below the panels: they fit a laptop page
 
 
 def fig_layer_profiles(heads) -> alt.FacetChart:
     """Self-repair paper Fig 1, one panel per model: each head's self-repair (top-k% tokens) by
     layer, and the layer mean (line). Paper panels show the authors' released values."""
-    points = alt.Chart().mark_point(size=18, filled=True, opacity=0.5).encode(
+    points = alt.Chart().mark_point(size=18, filled=True, opacity=MARK_OPACITY).encode(
         x=alt.X("layer:Q", axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("self_repair:Q", title="self-repair"), color=DEPTH, tooltip=HEAD_TIPS)
     mean = alt.Chart().mark_line(color="black").encode(x="layer:Q", y="mean(self_repair):Q")
@@ -51,7 +52,7 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
                      bind=alt.binding_select(options=runs, name="model: "))
     chosen = alt.datum.run == pick
     base = alt.Chart(heads).transform_filter(chosen)
-    scatter = base.mark_circle(size=30, opacity=0.7).encode(
+    scatter = base.mark_circle(size=30, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="mean direct effect, every token"),
         y=alt.Y("delta_logit:Q", title="mean Δlogit when ablated"), color=DEPTH, tooltip=HEAD_TIPS)
     no_repair = base.transform_calculate(neg="-datum.direct_effect").mark_line(

@@ -12,7 +12,7 @@ import altair as alt
 import pandas as pd
 
 from . import EDGE, head_tooltip, layer_color
-from .legible import label_limit
+from .legible import DARK, label_limit
 
 TERMS = {"error_norm": "final norm", "error_downstream": "downstream heads, MLPs, block norms"}
 TERM_COLORS = ["#e45756", "#4c78a8"]
@@ -49,7 +49,9 @@ def fig_layer_error(layers: pd.DataFrame) -> alt.LayerChart:
             alt.Tooltip("abs_error:Q", format=".3g", title="mean |exact − AtP|"),
             alt.Tooltip("abs_exact:Q", format=".3g", title="mean |exact Δlogit|"),
             alt.Tooltip("error:Q", format=".3g", title="mean exact − AtP")]
-    bars = base.mark_bar(color="#9ecae9").encode(
+    # the palette's grey (was light blue #9ecae9, 1.7:1 on white): neutral beside the parts' red and
+    # blue (fig_error_decomposition), the black ticks still read on it (4.5:1)
+    bars = base.mark_bar(color=DARK["grey"]).encode(
         x=alt.X("layer:O", title="layer"), y=alt.Y("abs_error:Q", title="logits"), tooltip=tips)
     ticks = base.mark_tick(color="black", thickness=2, size=18).encode(
         x="layer:O", y="abs_exact:Q", tooltip=tips)

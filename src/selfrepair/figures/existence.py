@@ -13,10 +13,13 @@ import altair as alt
 import pandas as pd
 
 from . import head_slots, layer_axis, layer_x, series_color
+from .legible import DARK, MARK_OPACITY
 
 CATEGORY_ORDER = ["repaired", "overcorrected", "broken", "no direct effect"]
 CATEGORY_COLORS = ["#4c78a8", "#f58518", "#e45756", "#bab0ac"]
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
+# the token sets of chapters 1 and 2: 3:1 on white, both, at MARK_OPACITY (the grey was #bab0ac: 2.1:1)
+TOKEN_COLORS = {"top-k%": DARK["blue"], "random sample": DARK["grey"]}
 
 
 def _tips(frame: pd.DataFrame, *fields: str) -> list[alt.Tooltip]:
@@ -117,6 +120,13 @@ def fig_overview(top: pd.DataFrame, whole: pd.DataFrame | None = None,
     return alt.hconcat(left, right).resolve_scale(color="shared")
 
 
+def token_color() -> alt.Color:
+    """Top-k% tokens in blue, the random sample in grey (:data:`TOKEN_COLORS`), the legend below
+    the panels (they and a legend fit 1024 px)."""
+    return alt.Color("tokens:N", scale=alt.Scale(domain=list(TOKEN_COLORS), range=list(TOKEN_COLORS.values())),
+                     title="tokens", legend=alt.Legend(orient="bottom"))
+
+
 def featured_tokens(top: pd.DataFrame, featured: pd.DataFrame, sample: pd.DataFrame | None = None,
                     max_per_head: int = 600, seed: int = 0) -> pd.DataFrame:
     """Per-token rows of the featured heads (top-k% tokens, plus the random sample if given),
@@ -135,12 +145,9 @@ def featured_tokens(top: pd.DataFrame, featured: pd.DataFrame, sample: pd.DataFr
 def fig_featured_tokens(tokens: pd.DataFrame, columns: int = 2) -> alt.FacetChart:
     """Fig 3: per-token direct effect vs Δlogit for each featured head (one panel each), top-k%
     tokens in colour, the random sample in grey; dashed y = -x, solid x-axis."""
-    points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
+    points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="direct effect DE"),
-        y=alt.Y("delta_logit:Q", title="Δlogit"),
-        color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
-                                                    range=["#4c78a8", "#bab0ac"]), title="tokens",
-                        legend=alt.Legend(orient="bottom")),  # two panels and a legend fit 1024 px
+        y=alt.Y("delta_logit:Q", title="Δlogit"), color=token_color(),
         tooltip=_tips(tokens, "tokens", "row", "pos", "direct_effect", "delta_logit", "self_repair",
                       "delta_direct_effect"))
     return (alt.layer(*_diagonal("direct_effect", "delta_logit"), points, data=tokens)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import altair as alt
 
 from . import MAX_ROWS, diverging_color, layer_color, series_color
-from .legible import beyond, beyond_marks, beyond_note, central_range, clamped
+from .encodings import ABLATION_COLORS  # the same in chapter 2
+from .legible import MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
@@ -47,7 +48,7 @@ def fig_unembed_vs_ablate(effects) -> alt.Chart:
     data = effects[["prompt", "layer", "kind", "label", "direct_effect", "ablation_drop", "compensatory_effect"]]
     if len(data) > MAX_ROWS - 10:
         data = data.sample(MAX_ROWS - 10, random_state=0)
-    points = alt.Chart(data).mark_circle(size=18, opacity=0.6).encode(
+    points = alt.Chart(data).mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="Δ unembed (direct effect)"),
         y=alt.Y("ablation_drop:Q", title="Δ ablate (logit drop)"),
         color=layer_color(), shape=alt.Shape("kind:N", title="layer kind"),
@@ -93,7 +94,7 @@ def fig_compensation(effects) -> alt.Chart:
                     "ce_attn", "ce_mlp", "total_effect"]]
     if len(data) > MAX_ROWS - 10:
         data = data.sample(MAX_ROWS - 10, random_state=0)
-    points = alt.Chart().mark_circle(size=18, opacity=0.6).encode(
+    points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="direct effect of the ablated layer"),
         y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"),
         color=layer_color(),
@@ -150,9 +151,6 @@ def fig_erasure(frame) -> alt.Chart:
             .resolve_scale(color="independent")
             .properties(title="Late MLPs respond to attention ablations (erasure, Hydra §2.5.2)"))
 
-
-ABLATION_COLORS = {"resample": "#4c78a8", "mean": "#f58518", "zero": "#54a24b", "noise": "#b279a2",
-                   "resample (every source)": "#6baed6"}  # every colour dark enough on white
 
 
 def _ablation_color(frame) -> alt.Color:

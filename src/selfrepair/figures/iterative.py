@@ -12,10 +12,13 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
+from .legible import DARK, MARK_OPACITY
 
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
 CLASS_ORDER = ["self-repressing", "neutral", "self-reinforcing", "weak"]
-CLASS_COLORS = ["#e45756", "#7f7f7f", "#4c78a8", "#b5b5b5"]  # "weak" light, but visible on white
+# 3:1 on white at MARK_OPACITY, each: "weak" (unclassified) the lighter grey (was #b5b5b5, 2.1:1),
+# "neutral" a darker one (was #7f7f7f) so that the two still tell apart
+CLASS_COLORS = [DARK["red"], "#4d4d4d", DARK["blue"], DARK["grey"]]
 
 
 def _class_color(frame: pd.DataFrame, title: str = "class") -> alt.Color:
@@ -61,7 +64,7 @@ def fig_response(response: pd.DataFrame) -> alt.LayerChart:
     0.2 steps between 0 and 5 crowd it)."""
     alphas = sorted(float(a) for a in response["alpha"].unique()) or [0.0, 1.0]
     base = alt.Chart(response)
-    lines = base.mark_line(point=True, opacity=0.7, strokeWidth=1.2).encode(
+    lines = base.mark_line(point=True, opacity=MARK_OPACITY, strokeWidth=1.2).encode(
         x=alt.X("alpha:Q", title="alpha (scale of the head's own output added)",
                 scale=alt.Scale(domain=[alphas[0], alphas[-1]], nice=False) if len(alphas) > 1 else alt.Scale(),
                 axis=_alpha_axis(alphas)),

@@ -11,16 +11,16 @@ import altair as alt
 import pandas as pd
 
 from . import VIEWS_AT_1024, labels_only, layer_axis, present, series_color
-from .existence import _diagonal, _head_order, _tips
-from .legible import beyond, beyond_marks, beyond_note, central_range, clamped
+from .encodings import ABLATION_COLORS  # the same in chapter 5
+from .existence import _diagonal, _head_order, _tips, token_color
+from .legible import MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 ABLATIONS = ["resample", "mean", "zero"]
-ABLATION_COLORS = ["#4c78a8", "#f58518", "#54a24b"]
 
 
 def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -> alt.Color:
-    return alt.Color("ablation:N", scale=alt.Scale(domain=ABLATIONS, range=ABLATION_COLORS), title=title,
-                     **({"legend": legend} if legend is not None else {}))
+    scale = alt.Scale(domain=ABLATIONS, range=[ABLATION_COLORS[a] for a in ABLATIONS])
+    return alt.Color("ablation:N", scale=scale, title=title, **({"legend": legend} if legend is not None else {}))
 
 
 def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
@@ -63,12 +63,9 @@ def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: i
     top-k% tokens in colour over a random sample in grey; dashed y = -x, solid x-axis."""
     t = (tokens.sample(frac=1.0, random_state=seed).groupby(["ablation", "tokens"]).head(max_per_panel)
          .sort_values(["ablation", "tokens"], ascending=[True, False], kind="mergesort"))
-    points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
+    points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="direct effect DE"),
-        y=alt.Y("delta_logit:Q", title="Δlogit"),
-        color=alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"],
-                                                    range=["#4c78a8", "#bab0ac"]), title="tokens",
-                        legend=alt.Legend(orient="bottom")),  # three panels and a legend fit 1024 px
+        y=alt.Y("delta_logit:Q", title="Δlogit"), color=token_color(),  # chapter 1's colours, legend below
         tooltip=_tips(t, "ablation", "tokens", "row", "pos", "direct_effect", "delta_logit",
                       "self_repair", "from_norm", "ratio"))
     label = t["label"].iloc[0] if len(t) else ""
@@ -135,8 +132,7 @@ def fig_share_variants(layers: pd.DataFrame, width: int = 260) -> alt.FacetChart
     f = f.assign(beyond=beyond(f["share"], span))
     x = layer_axis(f, width=width)
     y = alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%"), scale=clamped(span))
-    color = alt.Color("tokens:N", scale=alt.Scale(domain=["top-k%", "random sample"], range=["#4c78a8", "#bab0ac"]),
-                      title="tokens", legend=alt.Legend(orient="bottom"))  # two panels and a legend fit 1024 px
+    color = token_color()  # chapter 1's colours, the legend below the two panels
     tips = [alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
             alt.Tooltip("share:Q", format=".1%", title="layer mean share"), alt.Tooltip("n_heads:Q", title="heads")]
     lines = alt.Chart().mark_line(point=True).encode(x=x, y=y, color=color, tooltip=tips)

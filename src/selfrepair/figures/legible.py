@@ -6,7 +6,10 @@ tests against the specs they build):
   after its opacity (:func:`blend`). :data:`DARK` lists the book's palette (the theme's
   ``tableau10``) that does, and :func:`signed_color` is a diverging colour for signed values on
   points and bars — dark red, grey at 0, dark blue, interpolated in Lab, so no shade is near-white
-  (Vega's ``redblue`` is white at 0: a mark at 0 vanishes);
+  (Vega's ``redblue`` is white at 0: a mark at 0 vanishes); :data:`DEPTH_SCHEME` is the colour of
+  depth (a layer, a relative depth) in every chapter: viridis cut at its middle (dark purple early,
+  teal late; its yellow end is near-white), read on marks at least :data:`MARK_OPACITY` opaque,
+  and :func:`scheme_color` is the shade Vega draws at a point of it;
 - **outliers** — :func:`central_range` fits an axis to the values near their median and
   :func:`beyond` / :func:`beyond_note` draw the values past it at the axis's edge and say how many
   (the scale clamps them: nothing is dropped, the tooltip keeps each value);
@@ -30,6 +33,12 @@ WHITE = "#ffffff"
 DARK = {"blue": "#4c78a8", "red": "#e45756", "green": "#54a24b", "purple": "#b279a2", "brown": "#9d755d",
         "dark orange": "#c85200", "grey": "#767676"}
 SIGNED = ("#b2182b", "#767676", "#2166ac")  # negative, 0, positive: every shade between reads on white
+MARK_OPACITY = 0.85  # the most see-through a mark may be drawn in DARK's blue, red, brown, dark orange,
+# grey (its green and purple only opaque) or in DEPTH_SCHEME and still reach 3:1 (overlaps still show)
+# Vega's viridis (vega-scale 6: 31 stops, interpolated in RGB), to tell which of its shades read on white
+VIRIDIS = ("440154470e61481a6c482575472f7d443a834144873d4e8a39568c35608d31688e2d708e2a788e27818e23888e21918d"
+           "1f988b1fa08822a8842ab07f35b77943bf7154c56866cc5d7ad1518fd744a5db36bcdf27d2e21be9e51afde725")
+DEPTH_SCHEME = {"name": "viridis", "extent": [0, 0.5]}  # its shade at 0.5 reaches 3:1 at MARK_OPACITY
 FONT_PX = 11  # the theme's label size
 CHAR_EM = 0.62  # a generous average character width, in ems, of the theme's sans-serif fonts
 
@@ -57,6 +66,15 @@ def blend(color: str, opacity: float, background: str = WHITE) -> str:
     """The colour a mark of ``color`` drawn at ``opacity`` shows on ``background``."""
     mixed = [opacity * c + (1 - opacity) * b for c, b in zip(_channels(color), _channels(background))]
     return "#" + "".join(f"{round(255 * v):02x}" for v in mixed)
+
+
+def scheme_color(t: float, stops: str = VIRIDIS) -> str:
+    """The colour Vega draws at ``t`` (0 to 1) of a scheme given as its stops (``stops``: 6 hex
+    digits each, interpolated piecewise in RGB, as vega-scale does)."""
+    rgb = [[int(stops[i + k:i + k + 2], 16) for k in (0, 2, 4)] for i in range(0, len(stops), 6)]
+    x = min(max(t, 0.0), 1.0) * (len(rgb) - 1)
+    i = min(int(x), len(rgb) - 2)
+    return "#" + "".join(f"{round(a + (b - a) * (x - i)):02x}" for a, b in zip(rgb[i], rgb[i + 1]))
 
 
 def signed_color(field: str, values, *, title: str | None = None, legend: alt.Legend | None = None) -> alt.Color:
@@ -158,6 +176,6 @@ def lines_expr(labels, chars: int) -> str:
             ": datum.label")
 
 
-__all__ = ["CHAR_EM", "DARK", "FONT_PX", "MIN_CONTRAST", "SIGNED", "beyond", "beyond_marks", "beyond_note",
-           "blend", "central_range", "clamped", "contrast", "label_limit", "lines_expr", "luminance", "signed_color",
-           "text_px", "wrap"]
+__all__ = ["CHAR_EM", "DARK", "DEPTH_SCHEME", "FONT_PX", "MARK_OPACITY", "MIN_CONTRAST", "SIGNED", "VIRIDIS", "beyond",
+           "beyond_marks", "beyond_note", "blend", "central_range", "clamped", "contrast", "label_limit", "lines_expr",
+           "luminance", "scheme_color", "signed_color", "text_px", "wrap"]
