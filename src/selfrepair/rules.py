@@ -1,0 +1,176 @@
+"""The rules that decide a claim, and the papers' words read as thresholds (re-exported by
+:mod:`selfrepair.claims`).
+
+A :class:`Rule` says where a claim's value (its interval) must lie for the claim to hold; it names
+the paper's word or number it reads (``Rule.word``) and why its threshold reads it
+(``Rule.reason``). The papers' words map to thresholds in one table, :data:`PAPER_WORDS`
+(:func:`paper_word`); a share the paper calls "approximately" or "around" a value reads through
+:func:`approximately`, one of the paper's own numbers through :func:`paper_number`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .tables import _superscript
+
+@dataclass(frozen=True)
+class Rule:
+    """``op`` one of ``">", ">=", "<", "<=", "between"`` (inclusive) with its bound(s), or
+    ``"proportional"`` (decided on a line's slope and intercept: :meth:`Verdict.linear`).
+
+    ``word`` is the papers' word or number the rule operationalizes ("almost always", "many",
+    "90.66%") and ``reason`` why this threshold reads it; a word of :data:`PAPER_WORDS` always
+    reads as that table says (:func:`paper_word`)."""
+
+    op: str
+    bounds: tuple[float, ...]
+    word: str = ""
+    reason: str = ""
+
+    def __call__(self, value: float) -> bool | None:
+        if value is None or not math.isfinite(value) or self.op == "proportional":
+            return None
+        lo = self.bounds[0]
+        return {">": value > lo, ">=": value >= lo, "<": value < lo, "<=": value <= lo,
+                "between": self.op == "between" and lo <= value <= self.bounds[-1]}[self.op]
+
+    def decide(self, lo: float, hi: float) -> bool | None:
+        """For an interval ``[lo, hi]``: True if every value in it satisfies the rule, False if none
+        does, None otherwise (the interval straddles a threshold)."""
+        if not (math.isfinite(lo) and math.isfinite(hi)) or self.op == "proportional":
+            return None
+        if self.op == "between":
+            a, b = self.bounds
+            if a <= lo and hi <= b:
+                return True
+            return False if hi < a or lo > b else None
+        ends = {self(lo), self(hi)}
+        return ends.pop() if len(ends) == 1 else None
+
+    def text(self, fmt: str, opposite: bool = False) -> str:
+        """Where a value (an interval) must lie for the claim to hold, or with ``opposite`` to differ."""
+        f = [_fmt(b, fmt) for b in self.bounds]
+        words = _SIDES[self.op][opposite]
+        return words.format(*f) if self.op in ("between", "proportional") else f"{words} {f[0]}"
+
+    def opposite(self, fmt: str) -> str:
+        """Where an interval must lie for the claim to differ."""
+        return self.text(fmt, opposite=True)
+
+    def with_side(self, op: str) -> "Rule":
+        """The same word and threshold on the other side (e.g. a *fall* that is significant)."""
+        return replace(self, op=op)
+
+
+_SIDES = {">": ("above", "at or below"), ">=": ("at least", "below"), "<": ("below", "at or above"),
+          "<=": ("at most", "above"), "between": ("between {} and {}", "entirely outside {} to {}"),
+          "proportional": ("a line through the origin (slope above 0, intercept within ±{} of the mean)",
+                           "the slope is at most 0 or the intercept outside ±{} of the mean")}
+
+
+def above(x: float) -> Rule:
+    return Rule(">", (x,))
+
+
+def at_least(x: float) -> Rule:
+    return Rule(">=", (x,))
+
+
+def at_most(x: float) -> Rule:
+    return Rule("<=", (x,))
+
+
+def below(x: float) -> Rule:
+    return Rule("<", (x,))
+
+
+def between(lo: float, hi: float) -> Rule:
+    return Rule("between", (lo, hi))
+
+
+# -- the papers' words, read as thresholds (one table; every rule using one of them comes from it) --
+ALMOST_ALWAYS_QUOTED = (("resample", 0.9066), ("mean", 0.9875), ("zero", 1.0))  # self-repair §3.1
+
+PAPER_WORDS: dict[str, Rule] = {r.word: r for r in (
+    Rule(">=", (0.9,), "almost always",
+         "the self-repair paper says S/S′ is 'almost always greater than one' on a head's top tokens "
+         "at " + ", ".join(f"{v:.2%} ({a})" for a, v in ALMOST_ALWAYS_QUOTED) + " of them (§3.1): "
+         "the lowest share it calls 'almost always' is 90.66%, so a share reads as 'almost always' "
+         "when its interval lies at or above 90%"),
+    Rule(">", (0.5,), "most",
+         "a majority, the word's ordinary meaning; the papers never put a number on it"),
+    Rule(">=", (0.25,), "many",
+         "the paper never counts 'many' ('many heads in later layers', Fig 1; 'many such heads', "
+         "Fig 2; 'many heads ... don't have clear correlations', §2.3); we read it as at least one "
+         "in four of the class the claim is about: less than 'most' (more than half), and more "
+         "than the stray member or two that noise alone puts anywhere"),
+    Rule(">", (0.0,), "significant",
+         "the papers attach no number to 'significant'; we read it as distinguishable from zero: "
+         "the whole 95% interval on the claimed side of 0"),
+    Rule(">", (0.0,), "noticeable",
+         "'a small, but noticeable, logit difference' (§2.2) has no number; like 'significant', "
+         "we read it as distinguishable from zero: the whole 95% interval on the claimed side of 0"),
+    Rule("<", (0.0,), "decreased",
+         "a self-repressing head is one whose direct effect 'decreases proportional to how much of "
+         "the original output of the head is added' (App. G; 'L21H1 has a decreased direct effect', "
+         "Fig 19), and such heads 'robustly respond to their own output' (App. F). The paper puts no "
+         "size on the decrease, so we read 'decreased' as a fall distinguishable from zero, the whole "
+         "95% interval below 0, and 'robustly respond to their own output' as the same fall beyond "
+         "what a random push of the same norm does"),
+    Rule("between", (-0.1, 0.1), "approximately zero",
+         "the Hydra paper gives no tolerance ('reduce Δ_unembed of the ablated layer to "
+         "approximately zero', §3); for a quantity expressed as a share of the effect it is "
+         "compared with, we read it as within ±10% of that effect, an order of magnitude below it"),
+    Rule("proportional", (0.1,), "proportional",
+         "proportional is a line through the origin, not merely a rising curve (a monotone relation "
+         "with a large offset is not proportional): the slope's interval above 0 ('significant') "
+         "and the intercept's within ±10% of the mean of y ('approximately zero')"),
+    Rule("<=", (-0.5,), "clear correlation",
+         "with no repair Δlogit = −DE token by token (r = −1); the paper's 'no clear correlation' "
+         "has no number, so we take Cohen's (1988) conventional 'large' correlation, |r| = 0.5, as "
+         "the least that is clear: a head's correlation is clear at r ≤ −0.5"),
+)}
+
+
+def paper_word(word: str, op: str | None = None) -> Rule:
+    """The rule that reads one of the papers' words (:data:`PAPER_WORDS`); ``op`` puts the same
+    threshold on the other side (``paper_word("significant", "<")`` for a significant *fall*)."""
+    if word not in PAPER_WORDS:
+        raise KeyError(f"{word!r} is not in PAPER_WORDS ({', '.join(PAPER_WORDS)}): add it there "
+                       "with its threshold and the reason, or use a rule naming the paper's number")
+    rule = PAPER_WORDS[word]
+    return rule if op is None else rule.with_side(op)
+
+
+def approximately(value: float, quoted: str) -> Rule:
+    """A share the paper quotes as "approximately" or "around" a value (``quoted``: its words, e.g.
+    "approximately 70%"): between ``value`` ± the tolerance the table gives "approximately zero"
+    (a share of an effect within ±10% of that effect)."""
+    tol = PAPER_WORDS["approximately zero"].bounds[1]
+    return Rule("between", (value - tol, value + tol), quoted,
+                f"the paper gives no tolerance for '{quoted}'; the table reads 'approximately zero' for a "
+                f"share of an effect as within ±{tol:.0%} of that effect, so a share reads as "
+                f"'{quoted}' when it lies within ±{tol:.0%} of the effect around the paper's "
+                f"{value:.0%}: {value - tol:.0%} to {value + tol:.0%}")
+
+
+def paper_number(op: str, value: float, word: str, reason: str) -> Rule:
+    """A rule that tests one of the paper's own numbers (``word``: the number as the paper gives
+    it, e.g. "30%") against ``value``, with the reason for the comparison."""
+    if not word or not reason:
+        raise ValueError("a rule from a paper's number names the number and why it is compared so")
+    return Rule(op, (value,), word, reason)
+
+
+def _fmt(value: float, fmt: str) -> str:
+    """``value`` in the claim's format; a scientific one (``.1e``) as prose reads it, ``1.9×10⁻⁶``
+    rather than ``1.9e-06``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    text = format(value, fmt)
+    if fmt.endswith("e") and "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}×10{_superscript(int(exponent))}"
+    return text
