@@ -212,3 +212,12 @@ def test_every_claim_names_the_papers_word_or_number_and_why(name):
 def test_the_converted_list_names_real_chapters_and_chapter_1_is_off_it():
     assert set(NOT_CONVERTED) <= set(WITH_CLAIMS) and "existence" in WITH_CLAIMS
     assert "existence" not in NOT_CONVERTED
+
+
+def test_scientific_numbers_read_as_prose():
+    """No "1.1×10⁰": a power of ten from 10⁻¹ to 10² is printed plainly, with the same digits."""
+    from selfrepair.rules import _fmt
+
+    assert [_fmt(x, ".1e") for x in (1.08, 0.94, 123.4, 1.6e-6, 1234.0)] == ["1.1", "0.94", "120", "1.6×10⁻⁶",
+                                                                             "1.2×10³"]
+    assert _fmt(-0.051, "+.2e") == "-5.10×10⁻²" and _fmt(2.5, "+.1e") == "+2.5"

@@ -166,11 +166,17 @@ def paper_number(op: str, value: float, word: str, reason: str) -> Rule:
 
 def _fmt(value: float, fmt: str) -> str:
     """``value`` in the claim's format; a scientific one (``.1e``) as prose reads it, ``1.9×10⁻⁶``
-    rather than ``1.9e-06``."""
+    rather than ``1.9e-06``, and plainly where the power would be 10⁻¹ to 10² (``1.1``, not
+    ``1.1×10⁰``; ``0.94``, not ``9.4×10⁻¹``), with the same significant digits."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     text = format(value, fmt)
     if fmt.endswith("e") and "e" in text:
         mantissa, exponent = text.split("e")
-        text = f"{mantissa}×10{_superscript(int(exponent))}"
+        power = int(exponent)
+        if -1 <= power <= 2:
+            digits = int(fmt.rstrip("e").lstrip("+ ").lstrip(".") or 6)
+            sign = "+" if fmt.startswith("+") else ""
+            return format(float(text), f"{sign}.{max(0, digits - power)}f")
+        text = f"{mantissa}×10{_superscript(power)}"
     return text
