@@ -28,8 +28,9 @@ setup-browser:
 	  { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	    || echo "note: could not install chromium; the browser test will be skipped"; }
 
+# Tests run in parallel on every core (at most 4; pytest-xdist), grouped as tests/conftest.py says.
 test: setup setup-browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 # The unit layer (under 2 minutes): every test but those marked slow (tests/conftest.py).
 test-fast: setup

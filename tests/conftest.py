@@ -6,6 +6,7 @@ Keep this file small: fixtures used by one test file belong in that file.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -20,13 +21,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SLOW_FIXTURES = {"book", "chapter_runs"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """``slow``: every test that needs the book built or a chapter run (the session fixtures below),
     loads the real model (``smoke``), or is marked ``slow`` by hand; ``make test-fast`` (``pytest
-    -m "not slow"``) leaves them out, ``make test`` runs everything."""
+    -m "not slow"``) leaves them out, ``make test`` runs everything.
+
+    Under pytest-xdist (``make test`` runs ``-n auto --dist loadgroup``) each test is in one group
+    that a single worker runs: the tests of a session fixture (:data:`SLOW_FIXTURES`) together, so
+    the book is built once and each chapter run made once; every other test with the rest of its
+    file, so a module-scoped fixture (a tiny model, a measured chapter) is made once."""
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames) or item.get_closest_marker("smoke"):
+        shared = sorted(SLOW_FIXTURES & set(item.fixturenames))
+        if shared or item.get_closest_marker("smoke"):
             item.add_marker(pytest.mark.slow)
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.path.stem))
+
+
+def pytest_configure(config):
+    """A pytest-xdist worker computes with one thread: the workers already share the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

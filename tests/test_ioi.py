@@ -417,3 +417,18 @@ def test_pattern_site_equals_the_models_own_attention_output(family):
     assert model.hf.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="read only"):
         run(model, tokens, edits={("pattern", 0): lambda p: p})
+
+
+def test_the_closing_paragraph_says_how_much_the_name_movers_attend_to_io():
+    """Chapter 8's opening sentence of "What this chapter shows" says what the rule's name movers are on
+    this model (their attention to IO against S) and how many backups push the wrong way on the clean run."""
+    from types import SimpleNamespace
+
+    from selfrepair.chapters.ioi_text import _who
+
+    nm = pd.DataFrame({"attn_io": [0.39, 0.16], "attn_s": [0.24, 0.14], "direct_effect": [2.3, 0.4]})
+    bk = pd.DataFrame({"attn_io": [0.1, 0.0, 0.2], "attn_s": [0.4, 0.1, 0.1], "direct_effect": [-1.1, 1.4, -1.6]})
+    text = _who(SimpleNamespace(name_movers=nm, backups=bk))
+    assert "attend to IO with a mean weight of 0.28, to S 0.19" in text
+    assert "2 of the 3 backups have a negative clean direct effect" in text and "not checked to copy names" in text
+    assert "backups" not in _who(SimpleNamespace(name_movers=nm, backups=bk.iloc[[1]]))

@@ -46,7 +46,7 @@ def findings(ch) -> list[Finding]:
     model, f = str(ch.meta.get("model")), ch.performance
     where = Finding(f"This chapter ran {ch.prompts['n']:,} IOI prompts on {model}, which prefers the indirect "
                     f"object to the subject on {f['accuracy']:.0%} of them, and {ch.meta.get('ablation')}-ablated "
-                    f"{len(ch.name_movers)} name movers at the end.",
+                    f"{len(ch.name_movers)} name movers at the end{_who(ch)}.",
                     values=(ch.prompts["n"], f["accuracy"], len(ch.name_movers)))
     by = {v.claim.key: v for v in ch.verdicts}
     does, rep = by["does_ioi"], by["repaired"]
@@ -64,6 +64,21 @@ def findings(ch) -> list[Finding]:
         text = "Take-away: this run cannot tell how much of the name movers' lost direct effect comes back."
         values, figure = (), FIGURES["repaired"]
     return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (figure,), values))
+
+
+def _who(ch) -> str:
+    """What the chosen name movers and backups are on this model, so a reader weighs the claims about
+    them: their attention to IO against S, and backups that push the wrong way on the clean run."""
+    nm, bk = ch.name_movers, ch.backups
+    if not len(nm) or "attn_io" not in nm:
+        return ""
+    text = (f" (name movers by this book's rule, not checked to copy names as Wang et al. did: from the end they "
+            f"attend to IO with a mean weight of {nm['attn_io'].mean():.2f}, to S {nm['attn_s'].mean():.2f}")
+    against = int((bk["direct_effect"] < 0).sum()) if len(bk) and "direct_effect" in bk else 0
+    if against:
+        text += (f"; {against} of the {len(bk)} backups have a negative clean direct effect on the logit "
+                 "difference")
+    return text + ")"
 
 
 def shows(ch) -> str:
