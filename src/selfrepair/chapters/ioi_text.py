@@ -69,9 +69,10 @@ def findings(ch) -> list[Finding]:
 def _who(ch) -> str:
     """What the chosen name movers and backups are on this model, so a reader weighs the claims about
     them: their attention to IO against S, and backups that push the wrong way on the clean run."""
-    nm, bk = ch.name_movers, ch.backups
+    nm = ch.name_movers
     if not len(nm) or "attn_io" not in nm:
         return ""
+    bk = ch.backups
     text = (f" (name movers by this book's rule, not checked to copy names as Wang et al. did: from the end they "
             f"attend to IO with a mean weight of {nm['attn_io'].mean():.2f}, to S {nm['attn_s'].mean():.2f}")
     against = int((bk["direct_effect"] < 0).sum()) if len(bk) and "direct_effect" in bk else 0
