@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import selfrepair.chapters as chapters
 from selfrepair.claims import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Claim, Verdict, above, at_least, at_most,
-                               anchor, below, between, bootstrap, paper_number, paper_word, render, wilson)
+                               anchor, below, between, bootstrap, paper_number, paper_word, render,
+                               render_claim, wilson)
 from selfrepair.uncertainty import Estimate
 
 MOST = Claim("most", "Most tokens do it", "§1", "the share of tokens that do it", above(0.5), fmt=".0%",
@@ -151,6 +152,27 @@ def test_each_claim_is_anchored_once_where_its_first_verdict_is():
     lines = render([a, b, Verdict.of(MANY, estimate(0.45, 0.3, 0.6))]).splitlines()
     assert [line.count('id="claim-') for line in lines] == [1, 0, 1]
     assert lines[0].startswith(f'- <span id="{anchor(MOST)}"></span>') and anchor(MANY) in lines[2]
+
+
+def test_render_claim_is_the_verdict_render_writes_and_the_overview_links_down_to_it():
+    """A chapter shows each claim's full verdict right after its figure (:func:`render_claim`) and
+    an overview early on (``render(..., below=...)``): the statement, the verdict word and a link
+    "see below" to the claim's anchor, which only the full verdict carries — once per page."""
+    a, b = Verdict(MOST, 0.7, 12, "heads of m1"), Verdict(MOST, 0.4, 12, "heads of m2")
+    many = Verdict.of(MANY, estimate(0.45, 0.3, 0.6))
+    verdicts = [a, b, many]
+    full = render(verdicts, rules="ch00-rules").splitlines()
+    assert render_claim(verdicts, "many", rules="ch00-rules") == full[2]
+    assert render_claim(verdicts, "most", rules="ch00-rules").splitlines() == full[:2]  # one item per run
+    overview = render(verdicts, "**On m**.", rules="ch00-rules", below={"many": None})
+    lines = overview.splitlines()
+    assert lines[0] == "**On m**." and lines[1:3] == full[:2]  # a claim without a figure keeps its verdict
+    assert lines[3] == f'- *Many heads do it* (§1): **holds** (<a href="#{anchor(MANY)}">see below</a>)'
+    page = overview + "\n" + render_claim(verdicts, "many", rules="ch00-rules")
+    assert page.count(f'id="{anchor(MANY)}"') == 1 and page.count(f'id="{anchor(MOST)}"') == 1
+    assert 'href="#ch00-rules"' in render_claim(verdicts, "many", rules="ch00-rules")
+    with pytest.raises(KeyError, match="no verdict of claim 'few'"):
+        render_claim(verdicts, "few")
 
 
 def test_an_exact_rule_describes_two_outcomes_and_a_failed_test_three():

@@ -17,7 +17,8 @@ Every rule names the paper's word or number it reads (``Rule.word``) and why its
 it (``Rule.reason``); the papers' words map to thresholds in one table, :data:`PAPER_WORDS`
 (:func:`paper_word`; both in :mod:`selfrepair.rules`, with :class:`Rule`, re-exported here), and the
 paper's own numbers live in the claims' data. :func:`render` writes
-one sentence per claim with its number, interval, sample size and seed, the rule and its reason
+one sentence per claim (or, for the claims a page shows beside their figures, a short overview
+whose items link down to :func:`render_claim`'s full verdict) with its number, interval, sample size and seed, the rule and its reason
 collapsed behind a click. Tests check the metrics, not the sentences; the rule is part of the
 data, so the text states exactly the rule that was applied and every outcome it can print.
 """
@@ -233,30 +234,60 @@ def rules_table(claims) -> str:
     return "\n".join(rows) + after
 
 
-def render(verdicts: list[Verdict], intro: str = "", rules: str = "") -> str:
+def _line(v: Verdict, rules: str, mark: bool) -> str:
+    """One claim's full verdict as a Markdown list item (:func:`render`), with its :func:`anchor`
+    where ``mark``."""
+    c = v.claim
+    span = f'<span id="{anchor(c)}"></span>' if mark else ""
+    n = f" over {v.n:,} {v.unit}" if v.n is not None else ""
+    why = f" We cannot tell here: {v.why}." if v.why else (
+        " The interval straddles the rule's threshold, so we cannot tell."
+        if v.holds is None and math.isfinite(v.value) and (v.lo is not None or v.parts) else "")
+    parts = "".join(f" The {name} is {_fmt(e.value, c.fmt)} (95% interval {_fmt(e.lo, c.fmt)} to "
+                    f"{_fmt(e.hi, c.fmt)}): {WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
+                    f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
+    detail = f" {v.detail}" if v.detail else ""
+    value = f"**{_fmt(v.value, c.fmt)}**{_interval(v)}"
+    said = (c.reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
+            if c.reading else f"The value is {value}{n}.")
+    how = f'(<a href="#{rules}">how this is decided</a>)' if rules else _decided(v)
+    return f"- {span}*{c.statement}* ({c.source}): **{v.word}**. {said}{parts}{why}{detail} {how}"
+
+
+def _brief(v: Verdict) -> str:
+    """One claim in a chapter's overview: its statement and verdict word, linked to its full verdict
+    further down the page (:func:`render_claim`, beside the claim's figure)."""
+    c = v.claim
+    return f'- *{c.statement}* ({c.source}): **{v.word}** (<a href="#{anchor(c)}">see below</a>)'
+
+
+def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) -> str:
     """The claims as a Markdown list: per claim its verdict, the number with its 95% interval,
     sample size and (for the uncertainty layer's estimates) clusters and seed, and a computed
     sentence of context; how the verdict is decided (the metric, the paper's word and the reason
     for its threshold, every outcome, the paper's value) collapsed behind a click — or, with
     ``rules`` (the anchor of the page's :func:`rules_table`), a link to it. A claim's first item
-    carries its :func:`anchor` (the scorecard links to it)."""
+    carries its :func:`anchor` (the scorecard links to it).
+
+    ``below``: the keys of the claims whose full verdict the page shows further down, each right
+    after its figure (:func:`render_claim`); those are listed compactly — statement, verdict word and
+    a link "see below" to the anchor, which only the full verdict carries — so the list becomes the
+    chapter's short overview. A claim not in ``below`` keeps its full verdict here."""
     lines = [intro] if intro else []
     seen = set()
     for v in verdicts:
-        c = v.claim
-        mark = "" if c.key in seen else f'<span id="{anchor(c)}"></span>'
-        seen.add(c.key)
-        n = f" over {v.n:,} {v.unit}" if v.n is not None else ""
-        why = f" We cannot tell here: {v.why}." if v.why else (
-            " The interval straddles the rule's threshold, so we cannot tell."
-            if v.holds is None and math.isfinite(v.value) and (v.lo is not None or v.parts) else "")
-        parts = "".join(f" The {name} is {_fmt(e.value, c.fmt)} (95% interval {_fmt(e.lo, c.fmt)} to "
-                        f"{_fmt(e.hi, c.fmt)}): {WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
-                        f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
-        detail = f" {v.detail}" if v.detail else ""
-        value = f"**{_fmt(v.value, c.fmt)}**{_interval(v)}"
-        said = (c.reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
-                if c.reading else f"The value is {value}{n}.")
-        how = f'(<a href="#{rules}">how this is decided</a>)' if rules else _decided(v)
-        lines.append(f"- {mark}*{c.statement}* ({c.source}): **{v.word}**. {said}{parts}{why}{detail} {how}")
+        key = v.claim.key
+        lines.append(_brief(v) if key in below else _line(v, rules, key not in seen))
+        seen.add(key)
     return "\n".join(lines)
+
+
+def render_claim(verdicts: list[Verdict], key: str, rules: str = "") -> str:
+    """One claim's full verdict exactly as :func:`render` writes it (with its :func:`anchor`, once),
+    for the page to show right after the claim's figure; several verdicts of the claim (one per
+    model) are one item each."""
+    mine = [v for v in verdicts if v.claim.key == key]
+    if not mine:
+        raise KeyError(f"no verdict of claim {key!r}: the claims are "
+                       f"{', '.join(dict.fromkeys(v.claim.key for v in verdicts))}")
+    return "\n".join(_line(v, rules, i == 0) for i, v in enumerate(mine))
