@@ -126,9 +126,10 @@ def test_real_chapter2(cache):
     check_real(found, ch.verdicts)
     share = next(v for v in ch.verdicts if v.claim is layernorm.SHARE)
     assert f"{share.value:.0%}" in found[-1].text
-    for text in (layernorm.shows(ch), layernorm.on_this_model(ch), layernorm.frozen_markdown(ch)):
+    verdicts = [layernorm.verdict(ch, c.key) for c in layernorm.CLAIMS]
+    for text in (layernorm.shows(ch), layernorm.on_this_model(ch), layernorm.frozen_markdown(ch), *verdicts):
         assert not RAW_FLOAT.search(re.sub(r"\(#?[\w-]+\)|\"#[\w-]+\"", "", text)), text
-    assert 'href="#ch02-rules"' in layernorm.on_this_model(ch)
+    assert all('href="#ch02-rules"' in text for text in verdicts)
 
 
 def test_real_chapters_3_and_4(cache):
@@ -136,8 +137,8 @@ def test_real_chapters_3_and_4(cache):
     check_real(neurons.findings(ch), ch.verdicts)
     fig7 = next(v for v in ch.verdicts if v.claim is neurons.FIG7)
     assert "a different selection" in fig7.detail  # one number, one definition: the two selections said
-    assert 'href="#ch03-rules"' in neurons.on_this_model(ch)
+    assert 'href="#ch03-rules"' in neurons.verdict(ch, "anti_erasure")
     it = iterative.measure(tiny(iterative, cache), progress=False)
     check_real(iterative.findings(it), it.verdicts)
-    text = iterative.on_this_model(it)
-    assert 'href="#ch04-rules"' in text and "under its own output alone" in text
+    verdicts = "\n".join(iterative.verdict(it, c.key) for c in iterative.CLAIMS)
+    assert verdicts.count('href="#ch04-rules"') == len(iterative.CLAIMS) and "under its own output alone" in verdicts

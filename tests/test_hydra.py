@@ -570,7 +570,8 @@ def test_chapter_numbers_and_verdicts_on_a_tiny_run(tiny_chapter):
 
 def test_chapter_text_shows_the_computed_numbers(tiny_chapter):
     _, _, ch = tiny_chapter
-    s, text = ch.numbers, chapter.on_this_model(ch)
+    s = ch.numbers
+    text = "\n".join([chapter.on_this_model(ch), *(chapter.verdict(ch, c.key) for c in chapter.CLAIMS)])
     assert f"{s['n_correct']} of {s['n_prompts']}" in text
     e = ch.estimates
     for value, fmt in ((e.unembed.value, ".0%"), (s["restored_mid"], ".0%"), (s["corr"], ".2f"),

@@ -506,7 +506,9 @@ def test_verdicts_on_the_tiny_run(tiny_chapter):
     assert text.startswith(f"**On {cfg.model}**") and f"seed {cfg.seed}" in text.splitlines()[0]
     lines = text.splitlines()[1:]
     assert len(lines) == len(ch.verdicts)
-    for line, v in zip(lines, ch.verdicts):
+    for line, v in zip(lines, ch.verdicts):  # the overview; each claim's verdict comes below its figure
+        assert f"**{v.word}**" in line and "see below</a>" in line
+        line = cl.verdict(ch, v.claim.key)
         assert f"**{_fmt(v.value, v.claim.fmt)}**" in line  # App. B's .1e as 1.6×10⁻⁶, not 1.6e-06
         assert "e-0" not in line
 

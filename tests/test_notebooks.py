@@ -30,8 +30,10 @@ import nbformat
 import pytest
 
 from selfrepair.book.launch import INSTALL_TAGS, install_cell
+from selfrepair.claims import anchor
 from selfrepair.chapters import CHAPTERS, chapter_module
 from selfrepair.figures import MAX_ROWS, charts_in_notebook, data_rows, validate_spec
+from verdict_cells import is_verdict_cell, placement, verdict_source
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
@@ -239,3 +241,65 @@ def test_the_rules_table_renders_as_a_table(path, book):
     assert "<table" in section and "| claim |" not in section, f"{path.stem}: the rules table is raw text"
     rows = re.findall(r"<tr", section[section.index("<tbody"):]) if "<tbody" in section else []
     assert len(rows) == len(chapter_module(path.stem).CLAIMS), path.stem
+
+
+# -- claim by claim: the figure, then its verdict ----------------------------------------------------
+def _shows_verdicts(path: Path) -> bool:
+    return hasattr(chapter_module(path.stem), "verdict")
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if _shows_verdicts(p)], ids=lambda p: p.stem)
+def test_each_claims_verdict_cell_comes_right_after_its_figure(path):
+    """Each claim with a figure (the chapter's ``FIGURES``) has one verdict cell,
+    ``display(Markdown(chapter.verdict(<chapter>, "<key>")))``, right after the cell drawing that
+    figure (tests/verdict_cells.py); claims sharing a figure follow it in the claims' order, and
+    the early overview (``on_this_model``) is still there."""
+    module, cells = chapter_module(path.stem), _cells(path)
+    where = placement(cells, module.FIGURES, module.CLAIMS)
+    assert set(where) == set(module.FIGURES) <= {c.key for c in module.CLAIMS}, path.stem
+    keys = [re.search(r'chapter\.verdict\(\w+, "(\w+)"\)', _source(c))[1] for c in cells if is_verdict_cell(c)]
+    assert sorted(keys) == sorted(where), f"{path.stem}: one verdict cell per claim with a figure"
+    for i in sorted(set(where.values())):
+        after = [k for k, j in where.items() if j == i]  # in the claims' order
+        got = cells[i + 1:i + 1 + len(after)]
+        assert [_source(c) for c in got] == [verdict_source(_var(cells), k) for k in after], \
+            f"{path.stem}: the verdicts of {after} go right after cell {i}, which draws their figure"
+    assert any("chapter.on_this_model(" in _source(c) for c in cells), path.stem
+
+
+def _var(cells: list[dict]) -> str:
+    return next(m[1] for c in cells if c["cell_type"] == "code"
+                for m in [re.search(r"^(\w+) = chapter\.measure\(", _source(c), re.M)] if m)
+
+
+def _shown(cell: dict) -> str:
+    """What a cell shows: a markdown cell's source, a code cell's Markdown / HTML outputs."""
+    if cell["cell_type"] != "code":
+        return _source(cell)
+    return "".join("".join(o.get("data", {}).get(kind, "")) for o in cell.get("outputs", [])
+                   for kind in ("text/markdown", "text/html"))
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if _shows_verdicts(p)], ids=lambda p: p.stem)
+def test_each_verdict_is_shown_once_after_its_figure(path, book):
+    """In the executed notebook (the tiny book) and on its built page each claim's anchor
+    (``claims.anchor``, which the scorecard links to) is there exactly once; a claim with a figure
+    carries it in the cell right after its figure's (or after the verdicts of earlier claims of the
+    same figure), with its verdict word, and the overview above links down to it ("see below")."""
+    module = chapter_module(path.stem)
+    nb = json.loads(book.runs[path.stem].executed.read_text(encoding="utf-8"))
+    cells, shown = nb["cells"], [_shown(c) for c in nb["cells"]]
+    page = (book.html / "book" / f"{path.stem}.html").read_text(encoding="utf-8")
+    where = placement(cells, module.FIGURES, module.CLAIMS)
+    for claim in module.CLAIMS:
+        mark = f'id="{anchor(claim)}"'
+        carry = [i for i, text in enumerate(shown) if mark in text]
+        assert sum(text.count(mark) for text in shown) == 1 and page.count(mark) == 1, (path.stem, claim.key)
+        if claim.key not in where:
+            continue
+        i, fig = carry[0], where[claim.key]
+        assert i > fig and all(is_verdict_cell(c) for c in cells[fig + 1:i + 1]), \
+            f"{path.stem}: {claim.key}'s verdict (cell {i}) is not right after its figure (cell {fig})"
+        assert "chapter.verdict(" in _source(cells[i]) and f'"{claim.key}"' in _source(cells[i])
+        overview = next(j for j, text in enumerate(shown) if f'href="#{anchor(claim)}">see below' in text)
+        assert overview < i, f"{path.stem}: the overview of {claim.key} comes after its verdict"

@@ -28,7 +28,7 @@ import pandas as pd
 from .. import atp as at
 from ..ablation import check_ablation
 from .. import existence as ex
-from ..claims import Claim, Rule, Verdict, paper_word, render
+from ..claims import Claim, Rule, Verdict, paper_word, render, render_claim
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
@@ -272,7 +272,13 @@ def on_this_model(ch: AtpChapter) -> str:
              f"{worst['label']}: exact Δlogit {worst['exact']:+.3g}, AtP {worst['atp']:+.3g}, of which "
              f"{worst['error_norm']:+.3g} is the final norm's part and {worst['error_downstream']:+.3g} "
              f"the downstream components'.{cost}")
-    return render(ch.verdicts, intro, rules="ch07-rules")
+    return render(ch.verdicts, intro, rules="ch07-rules", below=FIGURES)
+
+
+def verdict(ch: AtpChapter, key: str) -> str:
+    """Claim ``key``'s full verdict, which the notebook shows right after the figure
+    :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
+    return render_claim(ch.verdicts, key, rules="ch07-rules")
 
 
 FIGURES = {"ranks": Figure("ch07-heads", "AtP against the exact ablation"),

@@ -33,7 +33,7 @@ import pandas as pd
 
 from ..ablation import check_ablation
 from .. import existence as ex
-from ..claims import Claim, Verdict, paper_word, render
+from ..claims import Claim, Verdict, paper_word, render, render_claim
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep
@@ -271,7 +271,13 @@ def on_this_model(r: Existence) -> str:
              f"sample of {n_sample:,} tokens for the per-token views).{src} Every interval is a 95% "
              f"cluster bootstrap over the {cl.unit} ({r.n_boot:,} replicates, seed {r.seed}) that "
              "recomputes each head's means and classification before counting heads.")
-    return render(r.verdicts, intro, rules="ch01-rules")
+    return render(r.verdicts, intro, rules="ch01-rules", below=FIGURES)
+
+
+def verdict(r: Existence, key: str) -> str:
+    """Claim ``key``'s full verdict, which the notebook shows right after the figure
+    :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
+    return render_claim(r.verdicts, key, rules="ch01-rules")
 
 
 FIGURES = {"many": Figure("ch01-fig1", "Fig 1"), "exists": Figure("ch01-fig1", "Fig 2"),

@@ -32,7 +32,7 @@ from .. import hydra as hy
 from .. import hydra_controls as hc
 from .. import hydra_regression as hr
 from .. import hydra_scale as hs
-from ..claims import render
+from ..claims import render, render_claim
 from ..config import RunConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_prompts
@@ -227,7 +227,13 @@ def on_this_model(ch: HydraChapter) -> str:
              f"**{s['n_correct']} of {s['n_prompts']}** prompts correctly (its top token is the first "
              "token of the answer); as in the Hydra paper, every number reads the top token, right or "
              "wrong.")
-    return render(ch.verdicts, intro, rules="ch05-rules") + "\n\n" + seen(ch)
+    return render(ch.verdicts, intro, rules="ch05-rules", below=FIGURES) + "\n\n" + seen(ch)
+
+
+def verdict(ch: HydraChapter, key: str) -> str:
+    """Claim ``key``'s full verdict, which the notebook shows right after the figure
+    :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
+    return render_claim(ch.verdicts, key, rules="ch05-rules")
 
 
 FIGURES = {"unembed": Figure("ch05-fig2", "Hydra Fig 2"), "restored": Figure("ch05-fig7", "Fig 7 and 8"),

@@ -27,7 +27,7 @@ import torch
 from .. import ioi
 from .. import name_movers as nm
 from ..ablation import check_ablation
-from ..claims import render
+from ..claims import render, render_claim
 from ..config import RunConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model
@@ -37,7 +37,7 @@ from ..verdict_records import recorded
 from . import check, value_bias_note
 from .ioi_claims import (BACKUPS, CLAIMS, DOES_IOI, MOST_PROMPTS, MOVED, PARTLY, REPAIRED,  # noqa: F401 (re-exported)
                          SIGNIFICANT_GROWTH, estimates, mean_of, pair_sums, share_back, verdicts)
-from .ioi_text import FULL_TOL, REGIONS, findings, region, repair_outcome, shows  # noqa: F401 (the notebook's)
+from .ioi_text import FIGURES, FULL_TOL, REGIONS, findings, region, repair_outcome, shows  # noqa: F401 (the notebook's)
 
 HEADS_TABLE = Layout(("label", "direct_effect", "attn_io", "attn_s", "ablated_direct_effect",
                       "delta_direct_effect", "moved_direct_effect"),
@@ -268,13 +268,19 @@ def on_this_model(ch: IoiChapter) -> str:
              f"of {len(ch.name_movers)} name movers at the end): the logit difference changes by "
              f"{r['delta_logit'].mean():+.3g} where the name movers' direct effect changes by "
              f"{r['nm_delta_de'].mean():+.3g}.")
-    return render(ch.verdicts, intro, rules="ch08-rules")
+    return render(ch.verdicts, intro, rules="ch08-rules", below=FIGURES)
 
 
 VALUE_BIAS = (  # what fold_value_biases changes in this chapter
     "It changes each head's direct effect on the logit difference, hence which heads the rule"
     " picks as name movers and backups, and every zero-ablation number; the changes under "
     "mean ablation are the same either way (Wang et al. also used TransformerLens).")
+
+
+def verdict(ch: IoiChapter, key: str) -> str:
+    """Claim ``key``'s full verdict, which the notebook shows right after the figure
+    :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
+    return render_claim(ch.verdicts, key, rules="ch08-rules")
 
 
 def model_notes(cfg: Config) -> str:

@@ -27,7 +27,7 @@ import pandas as pd
 
 from .. import iterative as it
 from .. import repression as rp
-from ..claims import Claim, Verdict, paper_word, render
+from ..claims import Claim, Verdict, paper_word, render, render_claim
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_tokens
@@ -215,7 +215,13 @@ def on_this_model(ch: IterativeChapter) -> str:
     text += (f" The verdicts choose heads on one half of the {cl.n:,} independent {cl.unit} and test them on "
              f"the other; every interval is a 95% cluster bootstrap over the {cl.unit} ({ch.n_boot:,} "
              f"replicates, seed {ch.seed}) that recomputes each head's relative changes.")
-    return text + "\n\n" + render(ch.verdicts, rules="ch04-rules")
+    return text + "\n\n" + render(ch.verdicts, rules="ch04-rules", below=FIGURES)
+
+
+def verdict(ch: IterativeChapter, key: str) -> str:
+    """Claim ``key``'s full verdict, which the notebook shows right after the figure
+    :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
+    return render_claim(ch.verdicts, key, rules="ch04-rules")
 
 
 FIGURES = dict.fromkeys(("repressing", "proportional"), Figure("ch04-map", "the head map and response curves"))

@@ -46,7 +46,7 @@ import torch
 
 from .. import frozen_norm as fz
 from .. import layernorm as ln
-from ..claims import Verdict, render
+from ..claims import Verdict, render, render_claim
 from ..config import CorpusConfig, parse_head
 from ..errors import InputError
 from ..existence import clusters_of, sweep_frames
@@ -223,13 +223,19 @@ def on_this_model(ch: LayerNormChapter) -> str:
              f"on every late-layer head; every interval is a 95% cluster bootstrap over the {cl.unit} "
              f"({ch.n_boot:,} replicates, seed {ch.seed}) that recomputes each head's statistic before "
              "the heads are averaged or counted.")
-    return render(ch.verdicts, intro, rules="ch02-rules")
+    return render(ch.verdicts, intro, rules="ch02-rules", below=FIGURES)
 
 
 VALUE_BIAS = (  # what fold_value_biases changes in this chapter
     "It changes each head's direct effect, hence its top-k% tokens (Fig 4, 6, 10), the "
     "denominators of the norm shares (Fig 9, 10) and every zero-ablation number (Fig 5, 15); "
     "resample and mean Δlogit are the same either way.")
+
+
+def verdict(ch: LayerNormChapter, key: str) -> str:
+    """Claim ``key``'s full verdict, which the notebook shows right after the figure
+    :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
+    return render_claim(ch.verdicts, key, rules="ch02-rules")
 
 
 def model_notes(cfg: Config) -> str:

@@ -29,7 +29,7 @@ import pandas as pd
 from ..ablation import check_ablation
 from .. import neurons as nr
 from .. import erasure as er
-from ..claims import render
+from ..claims import render, render_claim
 from ..config import CorpusConfig, parse_head
 from ..errors import InputError
 from ..existence import whole_set_means
@@ -198,7 +198,13 @@ def on_this_model(ch: NeuronsChapter) -> str:
               f"interval is a 95% cluster bootstrap over them ({ch.n_boot:,} replicates, seed {ch.seed}) "
               "that recomputes each head's shares before they are averaged, and a neuron is an erasure "
               "neuron when its median clean direct effect over every token of the run is negative.")
-    return render(ch.verdicts, intro, rules="ch03-rules")
+    return render(ch.verdicts, intro, rules="ch03-rules", below=FIGURES)
+
+
+def verdict(ch: NeuronsChapter, key: str) -> str:
+    """Claim ``key``'s full verdict, which the notebook shows right after the figure
+    :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
+    return render_claim(ch.verdicts, key, rules="ch03-rules")
 
 
 FIGURES = {"anti_erasure": Figure("ch03-fig7", "Fig 7"), "sparse": Figure("ch03-fig8", "Fig 8"),
