@@ -297,6 +297,23 @@ def test_comparison_markdown_shows_the_computed_numbers(synthetic):
     assert not re.search(r"\bnan\b", md, re.I) and "n/a" not in md
 
 
+def test_the_overview_links_down_to_each_claims_verdicts_after_its_figure(synthetic):
+    """With ``below`` (the chapter's FIGURES) the early block lists each claim per run compactly
+    ("see below"); :func:`verdict`'s full verdicts and release values are what it showed before,
+    claim by claim, each claim's anchor on its first run only."""
+    table = across.compare_models(synthetic)
+    full = across.comparison_markdown(table, current="toy")
+    overview = across.comparison_markdown(table, current="toy", below=across.FIGURES)
+    assert 'id="claim-' not in overview and overview.count("see below</a>") == len(across.CLAIMS)
+    assert "no interval of their own" not in overview
+    shown = [across.claim_markdown(table, c.key, current="toy") for c in across.CLAIMS]
+    assert full == "\n".join([full.splitlines()[0], *shown])
+    for claim, text in zip(across.CLAIMS, shown):
+        assert text.count(f'id="claim-{claim.key}"') == 1 and "toy (ours)" in text
+    ch = across.AcrossChapter(synthetic, table, across.per_layer(synthetic), "toy")
+    assert across.verdict(ch, "between") == shown[-1]
+
+
 def test_run_estimates_by_hand_from_the_cached_sweep(cache):
     """Each run's three statistics by hand with pandas from the sweep's token rows and per-row
     sums; replicates of the norm share recompute every head's mean on resampled documents."""

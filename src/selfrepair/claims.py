@@ -257,8 +257,8 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
 def _brief(v: Verdict) -> str:
     """One claim in a chapter's overview: its statement and verdict word, linked to its full verdict
     further down the page (:func:`render_claim`, beside the claim's figure)."""
-    c = v.claim
-    return f'- *{c.statement}* ({c.source}): **{v.word}** (<a href="#{anchor(c)}">see below</a>)'
+    c, on = v.claim, f" on {v.model}" if v.model else ""
+    return f'- *{c.statement}* ({c.source}): **{v.word}**{on} (<a href="#{anchor(c)}">see below</a>)'
 
 
 def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) -> str:

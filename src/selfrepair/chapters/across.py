@@ -40,11 +40,12 @@ import numpy as np
 import pandas as pd
 
 from ..ablation import check_ablation
-from ..claims import Verdict, render
+from ..claims import Verdict, render, render_claim
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..existence import top_means, whole_set_means
 from ..experiment import head_sweep
+from ..findings import Figure
 from ..layernorm import norm_share
 from ..measure import results_root
 from ..results import CorruptResultError, head_label
@@ -193,16 +194,27 @@ def per_layer(heads: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def comparison_markdown(table: pd.DataFrame, current: str | None = None, estimates: dict | None = None,
-                        spread: dict | None = None) -> str:
-    """Each claim per cached run of this project, decided on its own 95% cluster-bootstrap interval
-    (:func:`run_verdicts`), then the paper's released values beside them, like for like (top-k%
-    means for Fig 1 and the norm share, whole-set means for Fig 2 / 20-22; ``spread``:
-    :func:`release_spread`)."""
-    estimates = estimates or {}
+FIGURES = {"many": Figure("ch06-fig1", "Fig 1, every model"), "norm_share": Figure("ch06-fig1", "Fig 1, every model"),
+           "between": Figure("ch06-explorer", "Fig 20–22's setup")}  # each claim's figure on the page
+
+
+def _split(table: pd.DataFrame, current: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """This project's runs (the current model's first) and the paper's release, rows of ``table``."""
     ours, paper = table[table["source"] != "paper"], table[table["source"] == "paper"]
     if current is not None and (ours["model"] == current).any():
         ours = pd.concat([ours[ours["model"] == current], ours[ours["model"] != current]])
+    return ours, paper
+
+
+def comparison_markdown(table: pd.DataFrame, current: str | None = None, estimates: dict | None = None,
+                        spread: dict | None = None, below=()) -> str:
+    """Each claim per cached run of this project, decided on its own 95% cluster-bootstrap interval
+    (:func:`run_verdicts`), then the paper's released values beside them, like for like (top-k%
+    means for Fig 1 and the norm share, whole-set means for Fig 2 / 20-22; ``spread``:
+    :func:`release_spread`). The claims in ``below`` (keys: the page shows them after their figures,
+    :func:`claim_markdown`) are listed compactly, each run's verdict word linking down to them."""
+    estimates = estimates or {}
+    ours, paper = _split(table, current)
     if ours.empty:
         return "No sweep of this project is cached yet: run chapter 1 (or `selfrepair sweep`) first."
     pm = ", ".join(paper["model"]) or "none"
@@ -211,9 +223,29 @@ def comparison_markdown(table: pd.DataFrame, current: str | None = None, estimat
              f"({PAPER_CITATION})."]
     verdicts = run_verdicts(ours, estimates)
     for claim in CLAIMS:
-        parts.append(render([v for v in verdicts if v.claim is claim], rules="ch06-rules") + "\n"
-                     + release_values(claim, paper, spread, ours, estimates))
+        mine = [v for v in verdicts if v.claim is claim]
+        parts.append(render(mine, rules="ch06-rules", below=below) if claim.key in below else
+                     render(mine, rules="ch06-rules") + "\n" + release_values(claim, paper, spread, ours, estimates))
     return "\n".join(parts)
+
+
+def claim_markdown(table: pd.DataFrame, key: str, current: str | None = None, estimates: dict | None = None,
+                   spread: dict | None = None) -> str:
+    """One claim's full verdicts, one per cached run (:func:`~selfrepair.claims.render_claim`, with
+    the claim's anchor), then the paper's released values: what :func:`comparison_markdown` shows
+    of it, for the page to show right after the claim's figure (:data:`FIGURES`)."""
+    estimates = estimates or {}
+    ours, paper = _split(table, current)
+    if ours.empty:
+        return ""
+    claim = next(c for c in CLAIMS if c.key == key)
+    return (render_claim(run_verdicts(ours, estimates), key, rules="ch06-rules") + "\n"
+            + release_values(claim, paper, spread, ours, estimates))
+
+
+def verdict(ch: "AcrossChapter", key: str) -> str:
+    """Claim ``key`` on every cached run, shown right after the figure :data:`FIGURES` names for it."""
+    return claim_markdown(ch.table, key, ch.current, ch.estimates, ch.spread)
 
 
 def release_spread(path: str | Path | None = None) -> dict:

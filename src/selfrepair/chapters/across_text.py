@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import math
 
-from ..findings import Figure, Finding, shows as _shows
+from ..findings import Finding, shows as _shows
 from ..tables import counted
-from .across import CLAIM_COLUMNS, CLAIMS, AcrossChapter, run_verdict
-
-FIGURES = {"many": Figure("ch06-fig1", "Fig 1, every model"), "norm_share": Figure("ch06-fig1", "Fig 1, every model"),
-           "between": Figure("ch06-explorer", "Fig 20–22's setup")}
+from .across import CLAIM_COLUMNS, CLAIMS, FIGURES, AcrossChapter, run_verdict  # noqa: F401 (FIGURES: the chapter's)
 
 
 def current_run(ch: AcrossChapter):
