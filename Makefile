@@ -34,7 +34,7 @@ test: setup setup-browser
 
 # The unit layer (under 2 minutes): every test but those marked slow (tests/conftest.py).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadgroup
 
 smoke: setup
 	$(BIN)/python -m pytest -q -m smoke

@@ -28,15 +28,24 @@ def pytest_collection_modifyitems(config, items):
     -m "not slow"``) leaves them out, ``make test`` runs everything.
 
     Under pytest-xdist (``make test`` runs ``-n auto --dist loadgroup``) each test is in one group
-    that a single worker runs: the tests of a session fixture (:data:`SLOW_FIXTURES`) together, so
-    the book is built once and each chapter run made once; every other test with the rest of its
-    file, so a module-scoped fixture (a tiny model, a measured chapter) is made once."""
+    that a single worker runs (:func:`_group`): the tests of the book together, so it is built once;
+    those of one chapter's runs together, so each is made once; every other test with the rest of
+    its file, so a module-scoped fixture (a tiny model, a measured chapter) is made once."""
     for item in items:
         shared = sorted(SLOW_FIXTURES & set(item.fixturenames))
         if shared or item.get_closest_marker("smoke"):
             item.add_marker(pytest.mark.slow)
         if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.path.stem))
+            item.add_marker(pytest.mark.xdist_group(_group(item, shared)))
+
+
+def _group(item, shared: list[str]) -> str:
+    """The xdist group of a test: its file's, the book's, or one chapter's runs (``chapter_runs`` is
+    made chapter by chapter, so the tests of one chapter share a worker and the chapters spread)."""
+    if not shared:
+        return item.path.stem
+    chapter = getattr(item, "callspec", None) and item.callspec.params.get("chapter")
+    return f"chapter_runs-{chapter}" if shared == ["chapter_runs"] and chapter else shared[0]
 
 
 def pytest_configure(config):

@@ -44,7 +44,6 @@ def notebook_prose(run) -> str:
 
 
 def _check(texts: dict[str, str], family: str):
-    assert len(texts) == len(chapter_notebooks(ROOT))
     for name, text in texts.items():
         found = sorted({m.group(0) for m in ABSENT.finditer(text)})
         assert not found, f"{name} on tiny-{family} mentions {found}, which this model does not have"
@@ -56,19 +55,24 @@ def test_gpt_neox_prose_names_no_feature_it_lacks(book):
     """The book's own build (tiny GPT-NeoX, papermill)."""
     failed = {name: run.error for name, run in book.runs.items() if not run.ok}
     assert not failed, failed
+    assert len(book.runs) == len(chapter_notebooks(ROOT))
     _check({name: prose(run.executed) for name, run in book.runs.items()}, "gpt_neox")
     intro = prose(book.runs["00_introduction"].executed)
     assert "**parallel-residual**" in intro and "LayerNorm (it subtracts the mean" in intro
 
 
-def test_llama_prose_names_no_feature_it_lacks(chapter_runs):
-    """Tiny Llama: every chapter's notebook as tests/test_remote_chapters.py runs it (remote)."""
-    runs = {nb.stem: chapter_runs.notebook(CHAPTERS[nb.stem[:2]]) for nb in chapter_notebooks(ROOT)}
-    failed = {name: repr(run.error) for name, run in runs.items() if run.error is not None}
-    assert not failed, failed
-    _check({name: notebook_prose(run) for name, run in runs.items()}, "llama")
-    intro = notebook_prose(runs["00_introduction"])
-    assert "**sequential**" in intro and "RMSNorm" in intro and "share one key/value head" in intro
+NOTEBOOKS = {CHAPTERS[nb.stem[:2]]: nb.stem for nb in chapter_notebooks(ROOT)}
+
+
+@pytest.mark.parametrize("chapter", sorted(NOTEBOOKS))  # every chapter (its own xdist group: conftest)
+def test_llama_prose_names_no_feature_it_lacks(chapter, chapter_runs):
+    """Tiny Llama: each chapter's notebook as tests/test_remote_chapters.py runs it (remote)."""
+    run = chapter_runs.notebook(chapter)
+    assert run.error is None, repr(run.error)
+    _check({NOTEBOOKS[chapter]: notebook_prose(run)}, "llama")
+    if chapter == "intro":
+        intro = notebook_prose(run)
+        assert "**sequential**" in intro and "RMSNorm" in intro and "share one key/value head" in intro
 
 
 @pytest.mark.parametrize("family, present", [("gemma3", True), ("gpt2", False), ("gpt_neox", False)])
