@@ -73,13 +73,12 @@ def measured(v: Verdict) -> tuple[str, tuple[float, ...]]:
 
 def _interval(value: float, lo, hi, fmt: str, why: str) -> tuple[str, tuple[float, ...]]:
     """``value`` and its 95% interval in words (or why it has no reliable one), and the numbers."""
-    v = value
-    shown = _fmt(v, fmt)
+    shown = _fmt(value, fmt)
     if lo is None or hi is None:
-        return shown, (v,)
+        return shown, (value,)
     if why or not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{shown}, no reliable interval", (v,)
-    return f"{shown}, 95% interval {_fmt(lo, fmt)} to {_fmt(hi, fmt)}", (v, lo, hi)
+        return f"{shown}, no reliable interval", (value,)
+    return f"{shown}, 95% interval {_fmt(lo, fmt)} to {_fmt(hi, fmt)}", (value, lo, hi)
 
 
 def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:

@@ -134,6 +134,10 @@ PAPER_WORDS: dict[str, Rule] = {r.word: r for r in (
 )}
 
 
+# the words table's tolerance: a share of an effect within ±10% of it reads as "approximately zero"
+# (every rule, class or text that counts a change as negligible uses this one number)
+NEGLIGIBLE = PAPER_WORDS["approximately zero"].bounds[1]
+
 def paper_word(word: str, op: str | None = None) -> Rule:
     """The rule that reads one of the papers' words (:data:`PAPER_WORDS`); ``op`` puts the same
     threshold on the other side (``paper_word("significant", "<")`` for a significant *fall*)."""
@@ -148,7 +152,7 @@ def approximately(value: float, quoted: str) -> Rule:
     """A share the paper quotes as "approximately" or "around" a value (``quoted``: its words, e.g.
     "approximately 70%"): between ``value`` ± the tolerance the table gives "approximately zero"
     (a share of an effect within ±10% of that effect)."""
-    tol = PAPER_WORDS["approximately zero"].bounds[1]
+    tol = NEGLIGIBLE
     return Rule("between", (value - tol, value + tol), quoted,
                 f"the paper gives no tolerance for '{quoted}'; the table reads 'approximately zero' for a "
                 f"share of an effect as within ±{tol:.0%} of that effect, so a share reads as "

@@ -22,6 +22,7 @@ from .. import hydra_controls as hc
 from .. import hydra_regression as hr
 from .. import hydra_scale as hs
 from ..claims import Claim, Verdict, approximately, paper_number, paper_word
+from ..rules import NEGLIGIBLE
 from ..structure import span
 from ..tables import counted
 from ..uncertainty import Bootstrap, Clusters, Estimate, least_squares, moments, pearson, ratio
@@ -181,7 +182,7 @@ def share_exceeding(ev: PromptEvidence, w: np.ndarray, other_way: bool = False) 
     """Per replicate (weights ``w [R, prompt]``): the share of (prompt, layer) pairs with DE − drop
     above the margin (``other_way``: below minus the margin), the margin 10% of the replicate's
     mean |DE| (the table's "approximately zero")."""
-    tol = paper_word("approximately zero").bounds[1]
+    tol = NEGLIGIBLE
     count = w.sum(1) * ev.n_layers
     margin = tol * (w @ np.abs(ev.de).sum(1)) / count
     gap = (ev.de - ev.drop) * (-1 if other_way else 1)

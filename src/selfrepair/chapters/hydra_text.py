@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from ..tables import Layout, counted, listed, table
-from ..claims import paper_word
+from ..rules import NEGLIGIBLE
 from .hydra_claims import PAPER, RESTORED, SLOPE
 
-PREDICTS = paper_word("approximately zero").bounds[1]  # an R² under 0.1: the part predicts ~nothing
+PREDICTS = NEGLIGIBLE  # an R² under 0.1: the part predicts ~nothing
 
 OWN_TABLE = Layout(("ablation", "n_patches", "ratio", "patch_ratio", "mean_ablated", "mean_clean"),
                    percent=("ratio", "patch_ratio"),

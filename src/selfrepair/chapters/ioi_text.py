@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..claims import paper_word
+from ..rules import NEGLIGIBLE
 from ..findings import Figure, Finding, markdown, shows as _shows
 
-FULL_TOL = paper_word("approximately zero").bounds[1]  # a remaining loss within 10% of the DE lost: full repair
+FULL_TOL = NEGLIGIBLE  # a remaining loss within 10% of the DE lost: full repair
 REGIONS = (("no repair", -np.inf, 0.0), ("partial repair", 0.0, 1 - FULL_TOL),
            ("full repair", 1 - FULL_TOL, 1 + FULL_TOL), ("over-correction", 1 + FULL_TOL, np.inf))
 MEANING = {"no repair": "the logit difference falls by more than the direct effect they lose",

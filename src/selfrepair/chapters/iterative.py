@@ -28,6 +28,7 @@ import pandas as pd
 from .. import iterative as it
 from .. import repression as rp
 from ..claims import Claim, Verdict, paper_word, render, render_claim
+from ..rules import NEGLIGIBLE
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_tokens
@@ -41,7 +42,7 @@ PAPER_HEAD = "L21H1"  # GPT2-Medium (Fig 18, 19)
 FEATURED_RULE = ("the most self-repressing, then the most self-reinforcing heads among the classified "
                  "heads with at least the median head's direct effect")
 
-TAU = paper_word("approximately zero").bounds[1]  # a change within ±10% of the DE is no change
+TAU = NEGLIGIBLE  # a change within ±10% of the DE is no change
 ALL = ("every head of the model is a candidate: the one that self-represses most on one half of the "
        "documents (the paper shows GPT2-Medium's L21H1, one head 'which self-represses') is tested on "
        "the other half, so the largest of many noisy changes does not pass for an effect")

@@ -27,12 +27,13 @@ import numpy as np
 
 from .. import layernorm as ln
 from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Verdict, _fmt, approximately, paper_number, paper_word)
+from ..rules import NEGLIGIBLE
 from ..results import head_label
 from ..uncertainty import MIN_CLUSTERS, Bootstrap, Clusters, mean_finite, ratio, share
 
 CHECK_CLUSTERS = 2 * MIN_CLUSTERS  # documents App. B's check runs on (its rows: ln.check_rows)
 ALMOST = paper_word("almost always")
-NONTRIVIAL = paper_word("approximately zero").bounds[1]  # a share of an effect beyond ±10% of it
+NONTRIVIAL = NEGLIGIBLE  # a share of an effect beyond ±10% of it
 QUOTED = dict(ALMOST_ALWAYS_QUOTED)  # §3.1: the share of L11H2's top tokens with S/S′ > 1, per ablation
 SHARE_QUOTED = 0.30  # §3.2: "around 30% of the direct effect of a head"; App. A: "center around 30%"
 APP_H_EXAMPLE = {"ratio": 1.02, "gap": 10.0, "boost": 0.2, "significant_de": 1.0}  # App. H's worked example
