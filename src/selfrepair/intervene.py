@@ -52,6 +52,19 @@ from .models.sites import SITES, canonical, norm_path
 from .remote import remote_errors, ship_library
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Replace:
+    """An edit whose result does not depend on the value it replaces (a frozen component's clean
+    output): ``make()`` builds the replacement when the pass reaches the site. Where the site is a
+    whole module's output (:func:`selfrepair.models.sites.skippable`), the module is not run at all
+    (nnsight ``skip``) instead of run and overwritten: the same values, without the compute."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]):
+        self.make = make
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        return self.make().to(value.dtype)
 Watch = Callable[[str, int, torch.Tensor], Any]  # returns what it reduces (or None)
 Final = Callable[[torch.Tensor, torch.Tensor], Any]  # (final resid, final normed) -> reductions
 
@@ -223,10 +236,16 @@ def trace(model: Model, tokens: torch.Tensor, p: Plan, watch: Watch | None = Non
 def _visit(model: Model, p: Plan, site: str, layer: int, rows: tuple[int, int],
            watch: Watch | None, out: dict) -> None:
     """One site of one block inside a trace (of ``rows = (batch, pos)`` tokens): its value (a
-    frozen block norm rebuilt; otherwise :func:`selfrepair.models.sites.get`, which knows each
-    family's form of it), its edit (:func:`~selfrepair.models.sites.put`), its read and its watch."""
+    frozen block norm rebuilt; a :class:`Replace` of a skippable module; otherwise
+    :func:`selfrepair.models.sites.get`, which knows each family's form of it), its edit
+    (:func:`~selfrepair.models.sites.put`), its read and its watch."""
     home = model.device
-    if (site, layer) in p.freeze:  # a write site: the block norm's output, rebuilt on `home`
+    edit = p.edits.get((site, layer))
+    skipped = isinstance(edit, Replace) and sites.skippable(model, site) and not _inside(p, site, layer)
+    if skipped:  # the module does not run: its output is the replacement
+        value = edit.make().to(home, model.dtype)
+        sites.skip(model, site, layer, value.to(model.block_device(layer)))
+    elif (site, layer) in p.freeze:  # a write site: the block norm's output, rebuilt on `home`
         envoy, _ = sites.envoy(model, site, layer)
         x = envoy.input
         value = model.frozen_norm(model.module(norm_path(model, site), layer), x.to(home),
@@ -234,8 +253,8 @@ def _visit(model: Model, p: Plan, site: str, layer: int, rows: tuple[int, int],
         envoy.output = value
     else:
         value = sites.get(model, site, layer, rows)
-    if (site, layer) in p.edits:  # the edit works on `home`; its result goes to the reader
-        value = p.edits[(site, layer)](value.to(home)).to(value.device)
+    if edit is not None and not skipped:  # the edit works on `home`; its result goes to the reader
+        value = edit(value.to(home)).to(value.device)
         sites.put(model, site, layer, value)
     if site in out["reads"] and (site not in p.layers or layer in p.layers[site]):
         out["reads"][site].append(value.to(home))
@@ -244,6 +263,13 @@ def _visit(model: Model, p: Plan, site: str, layer: int, rows: tuple[int, int],
             reduced = watch(name, layer, value.to(home))
             if reduced is not None:
                 out["watched"][(name, layer)] = reduced
+
+
+def _inside(p: Plan, site: str, layer: int) -> bool:
+    """Whether the pass reads, watches or edits the site inside ``site``'s module at ``layer``."""
+    inner = sites.INSIDE.get(site)
+    read = inner in p.read and (inner not in p.layers or layer in p.layers[inner])
+    return read or inner in p.watch_as or (inner, layer) in p.edits
 
 
 def _final_norm(model: Model, p: Plan, final: Final | None) -> dict:
@@ -311,5 +337,5 @@ def backward_grads(metric: torch.Tensor, zs: list, home: torch.device) -> list[t
     return out
 
 
-__all__ = ["Edit", "Final", "Gradients", "Pass", "Plan", "SITES", "Watch", "backward_grads",
+__all__ = ["Edit", "Final", "Replace", "Gradients", "Pass", "Plan", "SITES", "Watch", "backward_grads",
            "gradients", "pack", "plan", "run", "trace"]

@@ -31,7 +31,7 @@ from .ablation import patch_heads
 from .batch import CleanBatch
 from .direct_effect import head_effects
 from .errors import InputError, check_finite
-from .intervene import run
+from .intervene import Replace, run
 from .structure import reads
 from .terms import Terms, block_scales, component_terms, final_terms, sum_terms
 
@@ -75,8 +75,8 @@ def _freeze_plan(batch: CleanBatch, layer: int, k: int, freeze: str | None) -> d
         for j in range(layer, model.n_layers):
             for kind in ("attn", "mlp"):
                 if reads(model.parallel_residual, "attn", layer, kind, j):
-                    plan["edits"][(kind, j)] = (  # repeated when the pass reaches it, not before
-                        lambda v, x=clean.reads[kind][j]: x.repeat(k, 1, 1).to(v.dtype))
+                    plan["edits"][(kind, j)] = Replace(  # repeated when the pass reaches it, not before
+                        lambda x=clean.reads[kind][j]: x.repeat(k, 1, 1))
     return plan
 
 

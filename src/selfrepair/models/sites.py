@@ -146,6 +146,26 @@ def put(model, site: str, layer: int, value) -> None:
         env.output = value
 
 
+INSIDE = {"attn": "z", "mlp": "neurons"}  # a skippable site -> the site inside its module
+
+
+def skippable(model, site: str) -> bool:
+    """Whether ``site`` is a whole module's output that a pass may replace without running the
+    module (nnsight ``skip``): the attention output projection (``attn``) or the MLP (``mlp``),
+    unless the output is reshaped (OPT's flattened MLP) or the block adds into it in place. The
+    caller checks that the pass touches nothing inside the module (:data:`INSIDE`) at that layer."""
+    return site == "attn" or (site == "mlp" and not model.adapter.flat_mlp and not model.adapter.mlp_inplace)
+
+
+def skip(model, site: str, layer: int, value) -> None:
+    """The module of a :func:`skippable` ``site`` in block ``layer`` does not run; its output is
+    ``value`` (as :func:`get` returns it)."""
+    env, slot = envoy(model, site, layer)
+    if slot != "output" or not skippable(model, site):
+        raise ValueError(f"the {site} site of {model.name} is not a module's output that can be skipped")
+    env.skip(value)
+
+
 def skip_block(model, layer: int, resume) -> None:
     """Block ``layer`` does not run; its output is ``resume`` (the family's output form)."""
     block = model.envoy(model.adapter.blocks)[layer]
