@@ -19,13 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Tests that need one of these session fixtures are marked `slow` (see pytest_collection_modifyitems).
 SLOW_FIXTURES = {"book", "chapter_runs"}
+# Whole files of integration tests, marked `slow` too: each test runs a script, a CLI in a subprocess,
+# torchrun, a pip install or nnsight's remote path (every trace serialized and replayed) end to end.
+SLOW_MODULES = {"test_remote", "test_remote_hydra", "test_remote_neurons_atp", "test_remote_ioi", "test_bench",
+                "test_book_families", "test_distributed", "test_packaging"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """``slow``: every test that needs the book built or a chapter run (the session fixtures below),
-    loads the real model (``smoke``), or is marked ``slow`` by hand; ``make test-fast`` (``pytest
-    -m "not slow"``) leaves them out, ``make test`` runs everything.
+    loads the real model (``smoke``), is in a file of :data:`SLOW_MODULES` or is marked ``slow`` by
+    hand; ``make test-fast`` (``pytest -m "not slow"``) leaves them out, ``make test`` runs everything.
 
     Under pytest-xdist (``make test`` runs ``-n auto --dist loadgroup``) each test is in one group
     that a single worker runs (:func:`_group`): the tests of the book together, so it is built once;
@@ -33,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
     its file, so a module-scoped fixture (a tiny model, a measured chapter) is made once."""
     for item in items:
         shared = sorted(SLOW_FIXTURES & set(item.fixturenames))
-        if shared or item.get_closest_marker("smoke"):
+        if shared or item.get_closest_marker("smoke") or item.path.stem in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(_group(item, shared)))
@@ -49,7 +53,11 @@ def _group(item, shared: list[str]) -> str:
 
 
 def pytest_configure(config):
-    """A pytest-xdist worker computes with one thread: the workers already share the cores."""
+    """A pytest-xdist worker computes with one thread: the workers already share the cores. Every
+    test process reuses freed memory (:func:`selfrepair.allocator.keep_freed_memory`), as the book does."""
+    from selfrepair.allocator import keep_freed_memory
+
+    keep_freed_memory()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
 

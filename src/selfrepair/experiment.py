@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .allocator import keep_freed_memory
 from .batch import PromptSet, TokenSet
 from .config import CorpusConfig, RunConfig
 from .errors import InputError
@@ -41,6 +42,7 @@ _MAX_TOKEN_SETS = 8
 @lru_cache(maxsize=2)
 def _model(name: str, device: str, dtype: str | None, remote: str | None = None,
            fold_value_biases: bool = False) -> Model:
+    keep_freed_memory()  # a chapter's passes reuse freed memory instead of faulting it in again
     return load_model(name, device=device, dtype=dtype, remote=remote,
                       fold_value_biases=fold_value_biases)
 

@@ -37,6 +37,7 @@ from typing import Any
 import altair as alt
 
 from ..errors import SelfRepairError
+from .legible import DARK
 from .encodings import (EDGE, MAX_LABELS, head_slots, labels_only, layer_axis, layer_color, layer_x, present,
                         series_color)
 from .export import CHART_FILES_ENV, chart_files, files_html
@@ -78,8 +79,11 @@ def head_tooltip(*fields: str, fmt: str = ".3f") -> list[alt.Tooltip]:
 
 
 def diverging_color(field: str, *, title: str | None = None) -> alt.Color:
-    """A red-blue colour centred at 0 for signed quantities (blue positive, red negative)."""
-    return alt.Color(f"{field}:Q", scale=alt.Scale(scheme="redblue", domainMid=0),
+    """A red-blue colour centred at 0 for signed quantities (blue positive, red negative), grey at 0
+    (:data:`~selfrepair.figures.legible.SIGNED`: no shade near-white)."""
+    from .legible import SIGNED
+
+    return alt.Color(f"{field}:Q", scale=alt.Scale(domainMid=0, range=list(SIGNED), interpolate="lab"),
                      title=title or field.replace("_", " "))
 
 
@@ -376,7 +380,7 @@ def _theme() -> alt.theme.ThemeConfig:
         "legend": {"labelFontSize": 11, "titleFontSize": 12, "titleFontWeight": "normal"},
         "header": {"labelFontSize": 12, "titleFontSize": 12},
         "title": {"fontSize": 14, "fontWeight": "normal", "anchor": "start", "offset": 8},
-        "range": {"category": {"scheme": "tableau10"}},
+        "range": {"category": list(DARK.values())},  # every colour 3:1 on white (tableau10's orange, teal, ... are not)
         "point": {"size": 30}, "bar": {"binSpacing": 1},
     }}
 

@@ -16,7 +16,7 @@ from . import head_slots, layer_axis, layer_x, series_color
 from .legible import DARK, MARK_OPACITY
 
 CATEGORY_ORDER = ["repaired", "overcorrected", "broken", "no direct effect"]
-CATEGORY_COLORS = ["#4c78a8", "#f58518", "#e45756", "#bab0ac"]
+CATEGORY_COLORS = [DARK["blue"], DARK["dark orange"], DARK["red"], DARK["grey"]]  # 3:1 on white
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
 # the token sets of chapters 1 and 2: 3:1 on white, both, at MARK_OPACITY (the grey was #bab0ac: 2.1:1)
 TOKEN_COLORS = {"top-k%": DARK["blue"], "random sample": DARK["grey"]}
@@ -62,7 +62,7 @@ def fig_self_repair_by_layer(per_head: pd.DataFrame, column: str = "self_repair"
     against its layer, with the layer-mean line. With ``brush`` (an x-interval selection) dragging
     over layers selects them."""
     base = alt.Chart(per_head)
-    points = base.mark_circle(size=45, opacity=0.8).encode(
+    points = base.mark_circle(size=45, opacity=MARK_OPACITY).encode(
         x=layer_axis(per_head),
         y=alt.Y(f"{column}:Q", title=f"{column.replace('_', '-')} on top-k% tokens (logits)"),
         color=_category_color(per_head if regions is None else regions),
@@ -101,7 +101,7 @@ def fig_de_vs_delta_logit(per_head: pd.DataFrame, brush: alt.Parameter | None = 
         alt.selection_interval(bind="scales", name="zoom"))  # scroll to zoom past outlier heads
     layers = _diagonal("direct_effect", "delta_logit")
     if boot is not None:
-        layers.append(alt.Chart().mark_rule(opacity=0.35).encode(
+        layers.append(alt.Chart().mark_rule(opacity=MARK_OPACITY, strokeWidth=1).encode(
             x="direct_effect:Q", y="lo:Q", y2="hi:Q", color=color))
     return alt.layer(*layers, points, data=frame).properties(
         width="container", title="DE vs Δlogit per head, every token")
@@ -188,7 +188,7 @@ def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
         base.mark_point(shape="diamond", color="#e45756", size=25, filled=True).encode(x=x, y="mean_de:Q"),
         alt.Chart(spread).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
     ).properties(width=560, height=220, title="Per-token self-repair, sampled tokens (diamond: mean DE)")
-    over = base.mark_bar(color="#f58518").encode(
+    over = base.mark_bar(color=DARK["dark orange"]).encode(
         x=lo, x2=hi, y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%")),
         y2=alt.datum(0)  # from 0: x and x2 alone would make a horizontal range (a dash)
     ).properties(width=560, height=90)

@@ -9,7 +9,7 @@ import altair as alt
 
 from . import MAX_ROWS, diverging_color, layer_color, series_color
 from .encodings import ABLATION_COLORS  # the same in chapter 2
-from .legible import MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
+from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
@@ -74,9 +74,9 @@ def fig_before_after(frame) -> alt.Chart:
         detail="run:N",
         color=alt.Color("group:N", title=None, sort=["clean", "ablated (mean)", "single patch"],
                         scale=alt.Scale(domain=["clean", "ablated (mean)", "single patch"],
-                                        range=["black", "#d62728", "#f4a6a6"]),
+                                        range=["black", "#8b1a1a", DARK["red"]]),
                         legend=alt.Legend(orient="bottom")),
-        opacity=alt.condition(alt.datum.group == "single patch", alt.value(0.5), alt.value(1.0)),
+        strokeWidth=alt.condition(alt.datum.group == "single patch", alt.value(1), alt.value(2.5)),
         tooltip=[alt.Tooltip("label:N", title="layer"), alt.Tooltip("run:N"),
                  alt.Tooltip("direct_effect:Q", format=".3f")])
     mark = alt.Chart().mark_rule(color="#d62728", strokeDash=[3, 3]).encode(x="layer:Q").transform_filter(
@@ -240,7 +240,7 @@ def fig_best_layer(points) -> alt.Chart:
             alt.Tooltip("compensatory_effect:Q", format=".3f"), alt.Tooltip("ce_attn:Q", format=".3f"),
             alt.Tooltip("ce_mlp:Q", format=".3f")]
     x = alt.X("direct_effect:Q", title=f"direct effect of {label}")
-    pts = alt.Chart().mark_circle(size=30, opacity=0.7).encode(
+    pts = alt.Chart().mark_circle(size=30, opacity=MARK_OPACITY, color=DARK["blue"]).encode(
         x=x, y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"), tooltip=tips)
     fit = alt.Chart().mark_line(color="#d62728").encode(x=x, y="fit:Q")
     diag = alt.Chart().mark_line(strokeDash=[4, 4], color="gray").encode(x=x, y="direct_effect:Q")
@@ -255,10 +255,10 @@ def fig_layer_panels(panels) -> alt.FacetChart:
             alt.Tooltip("direct_effect:Q", format=".3f"), alt.Tooltip("delta_de:Q", format=".3f", title="ΔDE"),
             alt.Tooltip("slope:Q", format=".2f"), alt.Tooltip("r2:Q", format=".2f", title="R²")]
     color = alt.Color("part:N", title="downstream", scale=alt.Scale(domain=["attention", "MLP"],
-                                                                     range=["#4c78a8", "#e45756"]),
+                                                                     range=[DARK["blue"], DARK["red"]]),
                       legend=alt.Legend(orient="bottom"))
     x = alt.X("direct_effect:Q", title="direct effect of the ablated layer")
-    pts = alt.Chart().mark_circle(size=16, opacity=0.6).encode(x=x, y=alt.Y("delta_de:Q", title="ΔDE downstream"),
+    pts = alt.Chart().mark_circle(size=16, opacity=MARK_OPACITY).encode(x=x, y=alt.Y("delta_de:Q", title="ΔDE downstream"),
                                                                color=color, tooltip=tips)
     fit = alt.Chart().mark_line().encode(x=x, y="fit:Q", color=color, detail="part:N")
     return (alt.layer(pts, fit, data=panels).properties(width=130, height=150)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from .legible import DARK
+
 TERMS = {"from_heads": "later heads", "from_mlps": "later MLPs", "from_norm": "final norm",
          "from_block_norms": "block norms (sandwich)"}
-TERM_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#b279a2"]
+TERM_COLORS = [DARK["blue"], DARK["dark orange"], DARK["green"], DARK["purple"]]  # 3:1 on white
 
 
 def fig_decomposition(table: pd.DataFrame) -> alt.LayerChart:

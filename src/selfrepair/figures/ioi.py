@@ -12,12 +12,12 @@ import altair as alt
 import pandas as pd
 
 from . import EDGE, diverging_color, head_tooltip
-from .legible import signed_color
+from .legible import DARK, signed_color
 
 HEAD_FIELDS = ("direct_effect", "attn_io", "attn_s", "ablated_direct_effect", "delta_direct_effect",
                "moved_direct_effect")
 RUNS = ["clean", "name movers ablated", "residual moved"]
-RUN_COLORS = ["#4c78a8", "#e45756", "#54a24b"]
+RUN_COLORS = [DARK["blue"], DARK["red"], DARK["green"]]
 
 
 def _heatmap(heads: pd.DataFrame, field: str, title: str, legend: str) -> alt.LayerChart:

@@ -12,7 +12,7 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
-from .legible import DARK, MARK_OPACITY
+from .legible import DARK, DEPTH_SCHEME, MARK_OPACITY, SIGNED
 
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
 CLASS_ORDER = ["self-repressing", "neutral", "self-reinforcing", "weak"]
@@ -45,10 +45,10 @@ def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
     diagonal = base.mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1).encode(
         x="direct_effect:Q", y="direct_effect:Q")
     zero = base.mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
-    points = base.mark_circle(size=30, opacity=0.7).encode(
+    points = base.mark_circle(size=30, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="original direct effect (logits)"),
         y=alt.Y("new_direct_effect:Q", title="new direct effect (logits)"),
-        color=alt.Color("alpha:O", title="alpha", scale=alt.Scale(scheme="viridis")),
+        color=alt.Color("alpha:O", title="alpha", scale=alt.Scale(scheme=DEPTH_SCHEME)),
         tooltip=HEAD_TIPS + [alt.Tooltip("alpha:Q"), alt.Tooltip("row:O"), alt.Tooltip("pos:O"),
                              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
                              alt.Tooltip("new_direct_effect:Q", format=".3f", title="new direct effect")])
@@ -87,7 +87,7 @@ def fig_head_map(classes: pd.DataFrame) -> alt.Chart:
         x=alt.X("head:O", title="head"),
         y=alt.Y("layer:O", title="layer", sort="descending"),
         color=alt.Color("relative_change:Q", title="relative change",
-                        scale=alt.Scale(scheme="redblue", domainMid=0, clamp=True, domain=[-1, 1]),
+                        scale=alt.Scale(domain=[-1, 0, 1], range=list(SIGNED), interpolate="lab", clamp=True),
                         legend=alt.Legend(format="%")),
         tooltip=HEAD_TIPS + [alt.Tooltip("class:N"), alt.Tooltip("alpha:Q")]
         + [alt.Tooltip(f"{f}:Q", format=".1%", title=f.replace("_", " "))

@@ -13,7 +13,7 @@ import pandas as pd
 from . import VIEWS_AT_1024, labels_only, layer_axis, present, series_color
 from .encodings import ABLATION_COLORS  # the same in chapter 5
 from .existence import _diagonal, _head_order, _tips, token_color
-from .legible import MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
+from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 ABLATIONS = ["resample", "mean", "zero"]
 
@@ -83,7 +83,7 @@ def _per_head_and_layer(frame: pd.DataFrame, y: alt.Y, value: str, fmt: str) -> 
     the components ``frame`` holds: no block norms, most models, no legend entry for them)."""
     color = series_color("component", NORM_COLORS, frame["component"], title="norm")
     base = alt.Chart(frame)
-    points = base.mark_circle(size=40, opacity=0.6).encode(
+    points = base.mark_circle(size=40, opacity=MARK_OPACITY).encode(
         x=layer_axis(frame), y=y,
         color=color, tooltip=_tips(frame, "component", value, "n"))
     line = base.mark_line(strokeWidth=2).encode(
@@ -170,10 +170,12 @@ def _ratio_panel(h: pd.DataFrame, title: str, width) -> alt.LayerChart:
     x = alt.X("lo:Q", title="S′ / S (ablated / clean residual norm)",
               scale=alt.Scale(zero=False, nice=False, domain=[float(h["lo"].min()), float(h["hi"].max())]),
               axis=alt.Axis(format=".3~f", labelOverlap="greedy", labelSeparation=6))
-    hist = alt.Chart(h).mark_bar(opacity=0.5, binSpacing=0).encode(
+    # overlaid: a see-through fill, each ablation's outline in its full colour (3:1 on white)
+    hist = alt.Chart(h).mark_bar(fillOpacity=0.3, strokeWidth=1.5, binSpacing=0).encode(
         # y2 at 0: a bar with x and x2 alone is a horizontal range, drawn as a thin dash at its count
         x=x, x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens"), y2=alt.datum(0),
-        color=_ablation_color(legend=alt.Legend(orient="bottom")),
+        color=_ablation_color(legend=alt.Legend(orient="bottom")), stroke=alt.Stroke("ablation:N", scale=alt.Scale(domain=ABLATIONS, range=[ABLATION_COLORS[a] for a in ABLATIONS]),
+                                                     legend=None),
         tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("lo:Q", format=".4f", title="from"),
                  alt.Tooltip("hi:Q", format=".4f", title="to"), alt.Tooltip("count:Q", title="tokens")])
     layers = [hist]
@@ -215,7 +217,7 @@ def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0,
     role = (t["role"] + ": ") if "role" in t else ""
     t = t.assign(panel=role + t["model"] + " " + t["label"] + (t["parallel_residual"].map(
         {True: " (parallel)", False: " (sequential)"})))
-    points = alt.Chart().mark_circle(size=18, opacity=0.7).encode(
+    points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("delta_logit:Q", title="Δlogit (real)"),
         y=alt.Y("closed_form:Q", title="App. B closed form"),
         color=_ablation_color(legend=alt.Legend(orient="bottom")),
@@ -234,7 +236,7 @@ def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0,
 
 
 FROZEN_MEASURES = ["live", "norms frozen", "norms only", "eq. 2 norm terms"]
-FROZEN_COLORS = ["#4c78a8", "#e45756", "#54a24b", "#444444"]
+FROZEN_COLORS = [DARK["blue"], DARK["red"], DARK["green"], "#444444"]
 
 
 def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
@@ -269,7 +271,7 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
     diag = (alt.Chart(heads).transform_aggregate(lo="min(norm_terms)", hi="max(norm_terms)")
             .transform_fold(["lo", "hi"], as_=["end", "v"])
             .mark_line(color="#444", strokeDash=[4, 3]).encode(x="v:Q", y="v:Q"))
-    points = alt.Chart(heads).mark_circle(size=45, opacity=0.8, color="#e45756").encode(
+    points = alt.Chart(heads).mark_circle(size=45, opacity=MARK_OPACITY, color=DARK["red"]).encode(
         x=alt.X("norm_terms:Q", title="eq. 2 norm terms (from_norm + from_block_norms)"),
         y=alt.Y("removed:Q", title="live − norms-frozen self-repair"),
         tooltip=_tips(heads, "norm_terms", "removed", "gap", "from_norm", "from_block_norms",

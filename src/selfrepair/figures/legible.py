@@ -29,12 +29,12 @@ import numpy as np
 MIN_CONTRAST = 3.0  # WCAG 2.1 (1.4.11): graphical objects need 3:1 against what is next to them
 WHITE = "#ffffff"
 # the theme's tableau10 colours that reach 3:1 on white (its orange, teal, yellow, pink and light grey
-# do not), with a darker orange and a darker grey
-DARK = {"blue": "#4c78a8", "red": "#e45756", "green": "#54a24b", "purple": "#b279a2", "brown": "#9d755d",
+# do not), with a darker orange, grey, green (was #54a24b) and purple (was #b279a2)
+DARK = {"blue": "#4c78a8", "red": "#e45756", "green": "#3a8a33", "purple": "#9d5b8f", "brown": "#9d755d",
         "dark orange": "#c85200", "grey": "#767676"}
 SIGNED = ("#b2182b", "#767676", "#2166ac")  # negative, 0, positive: every shade between reads on white
-MARK_OPACITY = 0.85  # the most see-through a mark may be drawn in DARK's blue, red, brown, dark orange,
-# grey (its green and purple only opaque) or in DEPTH_SCHEME and still reach 3:1 (overlaps still show)
+MARK_OPACITY = 0.85  # the most see-through a mark may be drawn in DARK's colours or in DEPTH_SCHEME and
+# still reach 3:1 (overlaps still show)
 # Vega's viridis (vega-scale 6: 31 stops, interpolated in RGB), to tell which of its shades read on white
 VIRIDIS = ("440154470e61481a6c482575472f7d443a834144873d4e8a39568c35608d31688e2d708e2a788e27818e23888e21918d"
            "1f988b1fa08822a8842ab07f35b77943bf7154c56866cc5d7ad1518fd744a5db36bcdf27d2e21be9e51afde725")
@@ -86,6 +86,91 @@ def signed_color(field: str, values, *, title: str | None = None, legend: alt.Le
     kw = {"legend": legend} if legend is not None else {}
     return alt.Color(f"{field}:Q", scale=alt.Scale(domain=[-m, 0, m], range=list(SIGNED), interpolate="lab"),
                      title=title or field.replace("_", " "), **kw)
+
+
+NAMED = {"black": "#000000", "white": "#ffffff", "gray": "#808080", "grey": "#808080", "red": "#ff0000",
+         "steelblue": "#4682b4", "darkgray": "#a9a9a9", "dimgray": "#696969"}
+BANDS = ("area",)  # fills behind other marks (interval bands): not the only mark of a value
+
+
+def _hex(color) -> str | None:
+    if not isinstance(color, str):
+        return None
+    color = NAMED.get(color.lower(), color)
+    return color if color.startswith("#") else None
+
+
+def _scheme_ok(scheme) -> bool:
+    """A scheme whose every shade reads on white: viridis cut no further than :data:`DEPTH_SCHEME`."""
+    name = scheme.get("name") if isinstance(scheme, dict) else scheme
+    extent = scheme.get("extent", [0, 1]) if isinstance(scheme, dict) else [0, 1]
+    return name == "viridis" and max(extent) <= DEPTH_SCHEME["extent"][1]
+
+
+def _channel_colors(enc: dict, where: str, heat: bool = False) -> tuple[list[str], list[str]]:
+    """The literal colours a colour channel draws with, and why it fails (an unreadable scheme).
+    ``heat``: a heat map's cells (rects coloured by a quantity), whose lightest shade is the value
+    nearest 0 — nothing to see there is what it says — so its scheme is not checked."""
+    colors, bad = [], []
+    if "condition" in enc:
+        cond = enc["condition"] if isinstance(enc["condition"], dict) else {}
+        more, why = _channel_colors(cond, where, heat)
+        colors += more
+        bad += why
+        if "param" in cond:  # the value outside a selection is greyed on purpose: not a data mark
+            return colors, bad
+    if "value" in enc:
+        colors.append(enc["value"])
+    elif "field" in enc:
+        scale = enc.get("scale") or {}
+        if isinstance(scale.get("range"), list):
+            colors += [c for c in scale["range"] if isinstance(c, str)]
+        elif heat and enc.get("type") == "quantitative":
+            pass
+        elif "scheme" in scale:
+            if not _scheme_ok(scale["scheme"]):
+                bad.append(f"{where}: scheme {scale['scheme']!r} has shades below 3:1 on white")
+        elif enc.get("type") == "quantitative":
+            bad.append(f"{where}: Vega's default ramp for {enc['field']!r} starts near white")
+    return colors, bad
+
+
+def pale_marks(spec: dict, path: str = "chart", inherited: dict | None = None) -> list[str]:
+    """Every mark of a Vega-Lite ``spec`` drawn below :data:`MIN_CONTRAST` on white after its
+    opacity (a colour, a colour scale's range or scheme), as readable messages. Exempt: fills drawn
+    behind other marks (:data:`BANDS`), the grey of marks outside a selection, the fill of a mark
+    with a readable outline (its ``stroke``), a white outline (a gap between marks) and a heat
+    map's scale (:func:`_channel_colors`). A nominal colour without a range takes the
+    theme's category range (:data:`DARK`)."""
+    out = []
+    enc = {**(inherited or {}), **(spec.get("encoding") or {})}
+    if "mark" in spec:
+        mark = spec["mark"] if isinstance(spec["mark"], dict) else {"type": spec["mark"]}
+        if mark.get("type") not in BANDS:
+            where = f"{path} ({mark.get('type')})"
+            opacity = mark.get("opacity", (enc.get("opacity") or {}).get("value", 1))
+            outline = _hex(mark.get("stroke")) if mark.get("strokeWidth", 1) > 0 else None
+            gap = outline is not None and contrast(outline) < 1.1  # a white outline: a gap between marks
+            filled = ("color", "fill") if outline is None or gap or contrast(outline) < MIN_CONTRAST else ()
+            drawn = (*filled, *(() if gap else ("stroke",)))  # a readable outline carries the mark whatever its fill
+            colors = [mark[k] for k in drawn if k in mark and k not in enc]
+            for ch in drawn:
+                if isinstance(enc.get(ch), dict):
+                    more, bad = _channel_colors(enc[ch], where, heat=mark.get("type") == "rect")
+                    colors += more
+                    out += bad
+            for c in colors:
+                h = _hex(c)
+                if h is None:
+                    out.append(f"{where}: colour {c!r} not checked (give it as #rrggbb)")
+                elif contrast(blend(h, float(opacity))) < MIN_CONTRAST:
+                    out.append(f"{where}: {c} at opacity {opacity} is {contrast(blend(h, float(opacity))):.1f}:1 on white")
+    for key in ("layer", "hconcat", "vconcat", "concat"):
+        for i, sub in enumerate(spec.get(key) or []):
+            out += pale_marks(sub, f"{path}.{key}[{i}]", enc)
+    if isinstance(spec.get("spec"), dict):
+        out += pale_marks(spec["spec"], f"{path}.spec", enc)
+    return out
 
 
 def central_range(values, *, k: float = 5.0, include=(), pad: float = 0.08) -> tuple[float, float] | None:
@@ -177,5 +262,6 @@ def lines_expr(labels, chars: int) -> str:
 
 
 __all__ = ["CHAR_EM", "DARK", "DEPTH_SCHEME", "FONT_PX", "MARK_OPACITY", "MIN_CONTRAST", "SIGNED", "VIRIDIS", "beyond",
+           "pale_marks",
            "beyond_marks", "beyond_note", "blend", "central_range", "clamped", "contrast", "label_limit", "lines_expr",
            "luminance", "scheme_color", "signed_color", "text_px", "wrap"]

@@ -13,7 +13,7 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
-from .legible import signed_color
+from .legible import DARK, DEPTH_SCHEME, signed_color
 
 # label only 1, 2, 5 x 10^n on log axes (the default labels every tick and they collide)
 LOG_LABELS = ("indexof([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000], "
@@ -63,7 +63,7 @@ def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
         y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
                 title="share of tokens"),
         color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort="descending",
-                        scale=alt.Scale(scheme={"name": "blues", "extent": [0.35, 1]}),  # no near-white line
+                        scale=alt.Scale(scheme=DEPTH_SCHEME),  # no near-white line
                         legend=alt.Legend(orient="bottom")),
         tooltip=HEAD_TIPS + [alt.Tooltip("kind:N"), alt.Tooltip("rank:Q"), alt.Tooltip("percent:Q"),
                              alt.Tooltip("share:Q", format=".1%"), alt.Tooltip("n_instances:Q")])
@@ -88,7 +88,7 @@ def fig_cumulative(cumulative: pd.DataFrame) -> alt.FacetChart:
               title="neuron rank by |ΔDE| (log)", axis=alt.Axis(labelExpr=LOG_LABELS))
     y = alt.Y("cumulative_share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
               title="cumulative share of |ΔDE|")
-    line = base.mark_line(color="#bbb").encode(x=x, y=y)
+    line = base.mark_line(color=DARK["grey"]).encode(x=x, y=y)
     points = base.mark_circle(size=28, opacity=0.9).encode(
         x=x, y=y, color=_sign_color(cumulative),
         tooltip=HEAD_TIPS + [alt.Tooltip("rank:Q"), alt.Tooltip("neuron:O"),
