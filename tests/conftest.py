@@ -19,16 +19,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Tests that need one of these session fixtures are marked `slow` (see pytest_collection_modifyitems).
 SLOW_FIXTURES = {"book", "chapter_runs"}
-# Whole files of integration tests, marked `slow` too: each test runs a script, a CLI in a subprocess,
-# torchrun, a pip install or nnsight's remote path (every trace serialized and replayed) end to end.
-SLOW_MODULES = {"test_remote", "test_remote_hydra", "test_remote_neurons_atp", "test_remote_ioi", "test_bench",
-                "test_book_families", "test_distributed", "test_packaging"}
+# Integration tests, marked `slow` too (each a second or more): a script, torchrun, a pip install, the
+# chapters on saved models, or a whole measurement through nnsight's remote path (every trace
+# serialized and replayed) on every family. The other tests of their files stay in the unit layer.
+SLOW_TESTS = {
+    "test_gpu_script_runs_end_to_end_in_its_small_cpu_mode", "test_remote_bytes_script_reports_every_measurement_below_one_clean_pass",
+    "test_one_chapter_per_mechanism_runs_on_its_saved_model", "test_a_killed_rank_resumes_its_shard_to_the_same_result",
+    "test_every_measurement_under_two_processes_writes_the_one_process_entry",
+    "test_two_processes_write_the_one_process_cache_entry", "test_core_installs_and_runs_without_the_book",
+    "test_attention_patterns_remote_local_equal_the_local_ones", "test_chapter_measurements_remote_local_equal_the_local_ones",
+    "test_cli_sweep_remote_local_equals_the_local_sweep", "test_cli_sweep_remote_true_without_weights_equals_the_local_sweep",
+    "test_end_position_passes_remote_equal_local", "test_reads_patches_and_passes_equal_the_local_run",
+    "test_remote_true_amplification_and_frozen_norms_equal_the_local_run",
+    "test_remote_true_holds_no_weights_and_brings_back_only_the_reductions", "test_the_gradient_pass_equals_the_local_one",
+    "test_remote_true_hydra_equals_the_local_run_and_brings_back_only_per_prompt_effects",
+    "test_remote_true_noise_draws_do_not_depend_on_the_chunking",
+    "test_ioi_measure_remote_true_equals_the_local_run_and_brings_back_only_reductions",
+    "test_attribution_patching_remote_true_is_one_request_per_batch_of_sums",
+    "test_measure_neurons_remote_true_brings_back_only_the_rows_that_can_enter_the_top_k"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """``slow``: every test that needs the book built or a chapter run (the session fixtures below),
-    loads the real model (``smoke``), is in a file of :data:`SLOW_MODULES` or is marked ``slow`` by
+    loads the real model (``smoke``), is one of :data:`SLOW_TESTS` or is marked ``slow`` by
     hand; ``make test-fast`` (``pytest -m "not slow"``) leaves them out, ``make test`` runs everything.
 
     Under pytest-xdist (``make test`` runs ``-n auto --dist loadgroup``) each test is in one group
@@ -37,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
     its file, so a module-scoped fixture (a tiny model, a measured chapter) is made once."""
     for item in items:
         shared = sorted(SLOW_FIXTURES & set(item.fixturenames))
-        if shared or item.get_closest_marker("smoke") or item.path.stem in SLOW_MODULES:
+        if shared or item.get_closest_marker("smoke") or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(_group(item, shared)))

@@ -437,14 +437,17 @@ def test_pale_marks_finds_each_kind_of_pale_mark_and_passes_dark_ones():
                    base.mark_rect(stroke="#888").encode(color=alt.Color("c:N", scale=alt.Scale(range=["#eee", "#fff"]))),
                    base.mark_line().encode(color=alt.Color("y:Q", scale=alt.Scale(scheme=DEPTH_SCHEME))),
                    base.mark_rect(stroke="white").encode(color=alt.Color("y:Q", scale=alt.Scale(scheme="greys"))),  # a heat map
-                   base.mark_point(filled=True, stroke="white", color=DARK["red"]))  # a white halo: a gap
+                   base.mark_point(filled=True, stroke="white", color=DARK["red"], opacity=1))  # a white halo: a gap
     assert pale_marks(ok.to_dict()) == []
     bad = {"light colour": base.mark_line(color="#bbb"),
            "see-through": base.mark_circle(color=DARK["blue"], opacity=0.35),
-           "pale range": base.mark_point().encode(color=alt.Color("c:N", scale=alt.Scale(range=["#4c78a8", "#f58518"]))),
+           "pale range": base.mark_point(opacity=1).encode(color=alt.Color("c:N", scale=alt.Scale(range=["#4c78a8", "#f58518"]))),
            "white-centred scheme": base.mark_bar().encode(color=alt.Color("y:Q", scale=alt.Scale(scheme="redblue"))),
            "default ramp": base.mark_bar().encode(color="y:Q"),
-           "unnamed colour": base.mark_line(color="papayawhip")}
+           "unnamed colour": base.mark_line(color="papayawhip"),
+           "Vega-Lite's 0.7 on points": base.mark_point(filled=True, color=DARK["red"]),
+           "pale fill in an outline": base.mark_rect(stroke="#888").encode(
+               color=alt.Color("c:N", scale=alt.Scale(range=["#eeeeee", "#f9a825"])))}
     for what, chart in bad.items():
         found = pale_marks(chart.to_dict())
         assert len(found) == 1, (what, found)

@@ -42,7 +42,8 @@ _MAX_TOKEN_SETS = 8
 @lru_cache(maxsize=2)
 def _model(name: str, device: str, dtype: str | None, remote: str | None = None,
            fold_value_biases: bool = False) -> Model:
-    keep_freed_memory()  # a chapter's passes reuse freed memory instead of faulting it in again
+    if device == "cpu" or not torch.cuda.is_available():  # on a GPU no tensor of the passes is in RAM
+        keep_freed_memory()  # a chapter's passes reuse freed memory instead of faulting it in again
     return load_model(name, device=device, dtype=dtype, remote=remote,
                       fold_value_biases=fold_value_biases)
 

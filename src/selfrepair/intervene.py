@@ -243,7 +243,7 @@ def _visit(model: Model, p: Plan, site: str, layer: int, rows: tuple[int, int],
     edit = p.edits.get((site, layer))
     skipped = isinstance(edit, Replace) and sites.skippable(model, site) and not _inside(p, site, layer)
     if skipped:  # the module does not run: its output is the replacement
-        value = edit.make().to(home, model.dtype)
+        value = edit.make().to(home)
         sites.skip(model, site, layer, value.to(model.block_device(layer)))
     elif (site, layer) in p.freeze:  # a write site: the block norm's output, rebuilt on `home`
         envoy, _ = sites.envoy(model, site, layer)
@@ -268,6 +268,8 @@ def _visit(model: Model, p: Plan, site: str, layer: int, rows: tuple[int, int],
 def _inside(p: Plan, site: str, layer: int) -> bool:
     """Whether the pass reads, watches or edits the site inside ``site``'s module at ``layer``."""
     inner = sites.INSIDE.get(site)
+    if site == "mlp":  # the neurons' module is visited at every layer once the pass touches them
+        return inner in p.order
     read = inner in p.read and (inner not in p.layers or layer in p.layers[inner])
     return read or inner in p.watch_as or (inner, layer) in p.edits
 

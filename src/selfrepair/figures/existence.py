@@ -185,7 +185,7 @@ def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
                                             y2="q90:Q"),
         base.mark_bar(color="#4c78a8").encode(x=lo, x2=hi, y="q25:Q", y2="q75:Q"),
         base.mark_rule(color="black", strokeWidth=2).encode(x=lo, x2=hi, y="median:Q"),  # the median
-        base.mark_point(shape="diamond", color="#e45756", size=25, filled=True).encode(x=x, y="mean_de:Q"),
+        base.mark_point(shape="diamond", color=DARK["red"], size=25, filled=True, opacity=1).encode(x=x, y="mean_de:Q"),
         alt.Chart(spread).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
     ).properties(width=560, height=220, title="Per-token self-repair, sampled tokens (diamond: mean DE)")
     over = base.mark_bar(color=DARK["dark orange"]).encode(
@@ -215,6 +215,6 @@ def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> a
         alt.Chart(frame).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
         base.mark_rule(strokeWidth=2).encode(y=alt.Y("lo:Q", title="mean Δlogit, 95% interval"),
                                              y2="hi:Q", color=color),
-        base.mark_point(filled=True, size=25).encode(y="mean:Q", color=color),
+        base.mark_point(filled=True, size=25, opacity=1).encode(y="mean:Q", color=color),
     ).properties(width="container", height=220,
                  title="Mean Δlogit per head, every token (95% cluster-bootstrap interval)")

@@ -130,41 +130,69 @@ def _channel_colors(enc: dict, where: str, heat: bool = False) -> tuple[list[str
         elif "scheme" in scale:
             if not _scheme_ok(scale["scheme"]):
                 bad.append(f"{where}: scheme {scale['scheme']!r} has shades below 3:1 on white")
-        elif enc.get("type") == "quantitative":
+        elif enc.get("type") in ("quantitative", "ordinal", "temporal"):
             bad.append(f"{where}: Vega's default ramp for {enc['field']!r} starts near white")
     return colors, bad
 
 
+EMPTY = 1.25  # a fill this near white inside a readable outline is an empty cell (no verdict, nothing drawn)
+POINTS = ("point", "circle", "square", "tick")  # Vega-Lite draws these at opacity 0.7 unless aggregated
+
+
+def _opacity(mark: dict, enc: dict) -> float:
+    """The opacity Vega-Lite draws ``mark`` with: the encoding's value, the mark's, or its default."""
+    if isinstance(enc.get("opacity"), dict) and "value" in enc["opacity"]:
+        return float(enc["opacity"]["value"])
+    if "opacity" in mark:
+        return float(mark["opacity"])
+    aggregated = any(isinstance(e, dict) and "aggregate" in e for e in enc.values())
+    return 0.7 if mark.get("type") in POINTS and not aggregated else 1.0
+
+
+def _mark_problems(mark: dict, enc: dict, where: str) -> list[str]:
+    """:func:`pale_marks` for one mark with its (inherited) encoding."""
+    opacity, out = _opacity(mark, enc), []
+    outline = _hex(mark.get("stroke")) if mark.get("strokeWidth", 1) > 0 else None
+    gap = outline is not None and contrast(outline) < 1.1  # a white outline: a gap between marks
+    readable = outline is not None and not gap and contrast(blend(outline, opacity)) >= MIN_CONTRAST
+    field = (enc.get("color") or enc.get("fill") or {}).get("field")
+    same = field is not None and (enc.get("stroke") or {}).get("field") == field  # the outline draws it too
+    for ch in ("color", "fill", "stroke"):
+        fill = ch != "stroke"
+        if (not fill and gap) or (fill and same):
+            continue
+        colors = [mark[ch]] if ch in mark and ch not in enc else []
+        if isinstance(enc.get(ch), dict):
+            more, bad = _channel_colors(enc[ch], where, heat=mark.get("type") == "rect")
+            colors, out = colors + more, out + bad
+        alpha = opacity * float(mark.get("fillOpacity" if fill else "strokeOpacity", 1))
+        for c in colors:
+            h = _hex(c)
+            if c is None or c == "transparent":
+                continue  # nothing drawn
+            if h is None:
+                out.append(f"{where}: colour {c!r} not checked (give it as #rrggbb)")
+            elif fill and readable and contrast(h) < EMPTY:
+                continue  # an empty cell inside its outline
+            elif contrast(blend(h, alpha)) < MIN_CONTRAST:
+                out.append(f"{where}: {c} at opacity {alpha:g} is {contrast(blend(h, alpha)):.1f}:1 on white")
+    return out
+
+
 def pale_marks(spec: dict, path: str = "chart", inherited: dict | None = None) -> list[str]:
     """Every mark of a Vega-Lite ``spec`` drawn below :data:`MIN_CONTRAST` on white after its
-    opacity (a colour, a colour scale's range or scheme), as readable messages. Exempt: fills drawn
-    behind other marks (:data:`BANDS`), the grey of marks outside a selection, the fill of a mark
-    with a readable outline (its ``stroke``), a white outline (a gap between marks) and a heat
-    map's scale (:func:`_channel_colors`). A nominal colour without a range takes the
-    theme's category range (:data:`DARK`)."""
+    opacity (Vega-Lite's default for points included; a colour, a colour scale's range or
+    scheme), as readable messages. Exempt: fills drawn behind other marks (:data:`BANDS`), the grey
+    of marks outside a selection, a fill whose outline draws the same field, a near-white fill
+    inside a readable outline (an empty cell, :data:`EMPTY`), a white outline (a gap between
+    marks) and a heat map's scale (:func:`_channel_colors`). A nominal colour without a range
+    takes the theme's category range (:data:`DARK`)."""
     out = []
     enc = {**(inherited or {}), **(spec.get("encoding") or {})}
     if "mark" in spec:
         mark = spec["mark"] if isinstance(spec["mark"], dict) else {"type": spec["mark"]}
         if mark.get("type") not in BANDS:
-            where = f"{path} ({mark.get('type')})"
-            opacity = mark.get("opacity", (enc.get("opacity") or {}).get("value", 1))
-            outline = _hex(mark.get("stroke")) if mark.get("strokeWidth", 1) > 0 else None
-            gap = outline is not None and contrast(outline) < 1.1  # a white outline: a gap between marks
-            filled = ("color", "fill") if outline is None or gap or contrast(outline) < MIN_CONTRAST else ()
-            drawn = (*filled, *(() if gap else ("stroke",)))  # a readable outline carries the mark whatever its fill
-            colors = [mark[k] for k in drawn if k in mark and k not in enc]
-            for ch in drawn:
-                if isinstance(enc.get(ch), dict):
-                    more, bad = _channel_colors(enc[ch], where, heat=mark.get("type") == "rect")
-                    colors += more
-                    out += bad
-            for c in colors:
-                h = _hex(c)
-                if h is None:
-                    out.append(f"{where}: colour {c!r} not checked (give it as #rrggbb)")
-                elif contrast(blend(h, float(opacity))) < MIN_CONTRAST:
-                    out.append(f"{where}: {c} at opacity {opacity} is {contrast(blend(h, float(opacity))):.1f}:1 on white")
+            out += _mark_problems(mark, enc, f"{path} ({mark.get('type')})")
     for key in ("layer", "hconcat", "vconcat", "concat"):
         for i, sub in enumerate(spec.get(key) or []):
             out += pale_marks(sub, f"{path}.{key}[{i}]", enc)

@@ -18,7 +18,7 @@ from ..scorecard import STATUSES
 from .legible import label_limit, wrap
 
 COLORS = {"holds": "#2e7d32", "differs": "#c62828", "cannot tell": "#767676", "not tested": "#eeeeee",
-          "rule changed": "#f9a825", "not run": "#ffffff"}
+          "rule changed": "#a66f00", "not run": "#ffffff"}
 LABEL_CHARS = 26  # a claim's label is printed whole, on lines of at most this many characters (a phone
 # column, 358 px, keeps a grid of about 190 px beside them)
 LINE_PX = 13  # height of one line of a label
