@@ -10,8 +10,9 @@ process's CPU time was the kernel's, about 200,000 page faults a second (see DEV
 :func:`keep_freed_memory` turns that off for this process with glibc's ``mallopt``: no ``mmap``
 for allocations (``M_MMAP_MAX`` 0: they come from the heap, where freed chunks are reused) and no
 trimming of the heap (``M_TRIM_THRESHOLD``). The price is that the process keeps its peak memory
-until it exits. The book's model opener calls it (:func:`selfrepair.experiment.open_model`: every
-chapter, ``selfrepair sweep`` / ``measure``), and so does the test suite; a library user may call
+until it exits. The book's model opener calls it for a model on the CPU
+(:func:`selfrepair.experiment.open_model`: every chapter, ``selfrepair sweep`` / ``measure``), and
+so does the test suite; a library user may call
 it once before measuring. Elsewhere than glibc (macOS, musl, Windows) it does nothing. Numbers do
 not depend on it: only where memory comes from changes.
 """
