@@ -194,8 +194,10 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
     ``cache_dir = "results"`` resolve against it), with its parameters injected: ``params[stem]``
     when ``params`` is keyed by notebook stem (:func:`plan`), else the entries of ``params`` that
     the chapter's config takes; absolute paths under ``workdir`` are injected relative to it
-    (:func:`relative_paths`). papermill saves after every cell, so a failing chapter keeps its
-    outputs up to the error. Every chart a chapter displays writes its CSV, SVG and PNG into
+    (:func:`relative_paths`). papermill writes the executed notebook once, when the chapter ends
+    (after an error too, so a failing chapter keeps its outputs up to the error), not at every
+    cell's start and end: on the embedded default those saves of a growing notebook (up to 7 MB)
+    cost about a minute per build; a chapter's progress is in its log. Every chart a chapter displays writes its CSV, SVG and PNG into
     ``charts`` (default ``out_src/../charts``; :mod:`selfrepair.figures.export`), which
     :func:`stage_source` copies into the book. Notebooks that read the others' records
     (:func:`runs_last`) start only when every other one has finished.
@@ -224,7 +226,8 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
         with open(log, "w") as fh:
             rc = subprocess.run([sys.executable, "-m", "papermill", str(nb), str(out), "-f",
                                  str(params_file), "-k", kernel, "--cwd", str(workdir),
-                                 "--no-progress-bar", "--log-output"], stdout=fh,
+                                 "--no-progress-bar", "--log-output", "--no-request-save-on-cell-execute"],
+                                stdout=fh,
                                 stderr=subprocess.STDOUT, env=env).returncode
         run = ChapterRun(nb.stem, out, rc == 0, time.time() - started,
                          None if rc == 0 else _error_of(out, log))
