@@ -7,6 +7,7 @@ import pytest
 from selfrepair.figures import MAX_ROWS, check_width, data_rows, validate_spec
 from selfrepair.figures import iterative as fi
 from selfrepair.figures import neurons as fn
+from selfrepair.figures.legible import DEPTH_SCHEME, pale_marks
 
 HEADS = [(2, 0, "L2H0"), (3, 1, "L3H1")]
 RNG = np.random.default_rng(0)
@@ -74,7 +75,7 @@ def test_fig_sparsity():
     assert spec["spec"]["width"] >= 260  # not the 220 px panels of a row x column grid
     panels = {r["panel"] for r in next(iter(spec["datasets"].values()))}
     assert panels == set(spec["facet"]["sort"])  # every panel has marks, every mark a panel
-    assert line["encoding"]["color"]["scale"]["scheme"]["extent"][0] >= 0.3  # no near-white line
+    assert line["encoding"]["color"]["scale"]["scheme"] == DEPTH_SCHEME and not pale_marks(spec)  # no near-white line
     assert {"label", "layer", "head", "rank", "percent", "share"} <= tooltip_fields(line)
 
 
