@@ -4,7 +4,7 @@ glibc's allocator serves every allocation above 32 MiB (at most; less by default
 ``mmap`` and returns it with ``munmap`` when it is freed; the next tensor of that size is faulted in
 again page by page, and the kernel zeroes every page. A CPU forward pass of a few thousand tokens
 allocates and frees such tensors (an MLP's hidden activations, a stacked batch of ablated copies)
-thousands of times: measured on the book's chapter 1 sweep (Gemma-3-270M, 2 cores), a third of the
+thousands of times: measured in the book's chapter 4 (Gemma-3-270M, 2 cores), a third of the
 process's CPU time was the kernel's, about 200,000 page faults a second (see DEVELOPING.md).
 
 :func:`keep_freed_memory` turns that off for this process with glibc's ``mallopt``: no ``mmap``
@@ -12,8 +12,7 @@ for allocations (``M_MMAP_MAX`` 0: they come from the heap, where freed chunks a
 trimming of the heap (``M_TRIM_THRESHOLD``). The price is that the process keeps its peak memory
 until it exits. The book's model opener calls it for a model on the CPU
 (:func:`selfrepair.experiment.open_model`: every chapter, ``selfrepair sweep`` / ``measure``), and
-so does the test suite; a library user may call
-it once before measuring. Elsewhere than glibc (macOS, musl, Windows) it does nothing. Numbers do
+so does the test suite; a library user may call it once before measuring. Elsewhere than glibc (macOS, musl, Windows) it does nothing. Numbers do
 not depend on it: only where memory comes from changes.
 """
 

@@ -52,6 +52,8 @@ from .models.sites import SITES, canonical, norm_path
 from .remote import remote_errors, ship_library
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
+Watch = Callable[[str, int, torch.Tensor], Any]  # returns what it reduces (or None)
+Final = Callable[[torch.Tensor, torch.Tensor], Any]  # (final resid, final normed) -> reductions
 
 
 class Replace:
@@ -65,8 +67,6 @@ class Replace:
 
     def __call__(self, value: torch.Tensor) -> torch.Tensor:
         return self.make().to(value.dtype)
-Watch = Callable[[str, int, torch.Tensor], Any]  # returns what it reduces (or None)
-Final = Callable[[torch.Tensor, torch.Tensor], Any]  # (final resid, final normed) -> reductions
 
 
 @dataclass
@@ -339,5 +339,5 @@ def backward_grads(metric: torch.Tensor, zs: list, home: torch.device) -> list[t
     return out
 
 
-__all__ = ["Edit", "Final", "Replace", "Gradients", "Pass", "Plan", "SITES", "Watch", "backward_grads",
+__all__ = ["Edit", "Final", "Gradients", "Pass", "Plan", "Replace", "SITES", "Watch", "backward_grads",
            "gradients", "pack", "plan", "run", "trace"]

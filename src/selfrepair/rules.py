@@ -138,6 +138,7 @@ PAPER_WORDS: dict[str, Rule] = {r.word: r for r in (
 # (every rule, class or text that counts a change as negligible uses this one number)
 NEGLIGIBLE = PAPER_WORDS["approximately zero"].bounds[1]
 
+
 def paper_word(word: str, op: str | None = None) -> Rule:
     """The rule that reads one of the papers' words (:data:`PAPER_WORDS`); ``op`` puts the same
     threshold on the other side (``paper_word("significant", "<")`` for a significant *fall*)."""

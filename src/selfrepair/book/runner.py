@@ -197,8 +197,8 @@ def execute_chapters(notebooks: list[Path], params: dict, out_src: Path, *, logs
     (:func:`relative_paths`). papermill writes the executed notebook once, when the chapter ends
     (after an error too, so a failing chapter keeps its outputs up to the error), not at every
     cell's start and end: on the embedded default those saves of a growing notebook (up to 7 MB)
-    cost about a minute per build; a chapter's progress is in its log. Every chart a chapter displays writes its CSV, SVG and PNG into
-    ``charts`` (default ``out_src/../charts``; :mod:`selfrepair.figures.export`), which
+    cost about a minute per build; a chapter's progress is in its log. Every chart a chapter
+    displays writes its CSV, SVG and PNG into ``charts`` (default ``out_src/../charts``; :mod:`selfrepair.figures.export`), which
     :func:`stage_source` copies into the book. Notebooks that read the others' records
     (:func:`runs_last`) start only when every other one has finished.
     """

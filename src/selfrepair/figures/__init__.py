@@ -37,7 +37,7 @@ from typing import Any
 import altair as alt
 
 from ..errors import SelfRepairError
-from .legible import DARK
+from .legible import DARK, SIGNED
 from .encodings import (EDGE, MAX_LABELS, head_slots, labels_only, layer_axis, layer_color, layer_x, present,
                         series_color)
 from .export import CHART_FILES_ENV, chart_files, files_html
@@ -81,8 +81,6 @@ def head_tooltip(*fields: str, fmt: str = ".3f") -> list[alt.Tooltip]:
 def diverging_color(field: str, *, title: str | None = None) -> alt.Color:
     """A red-blue colour centred at 0 for signed quantities (blue positive, red negative), grey at 0
     (:data:`~selfrepair.figures.legible.SIGNED`: no shade near-white)."""
-    from .legible import SIGNED
-
     return alt.Color(f"{field}:Q", scale=alt.Scale(domainMid=0, range=list(SIGNED), interpolate="lab"),
                      title=title or field.replace("_", " "))
 

@@ -18,9 +18,13 @@ from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, cent
 ABLATIONS = ["resample", "mean", "zero"]
 
 
+def _ablation_scale() -> alt.Scale:
+    return alt.Scale(domain=ABLATIONS, range=[ABLATION_COLORS[a] for a in ABLATIONS])
+
+
 def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -> alt.Color:
-    scale = alt.Scale(domain=ABLATIONS, range=[ABLATION_COLORS[a] for a in ABLATIONS])
-    return alt.Color("ablation:N", scale=scale, title=title, **({"legend": legend} if legend is not None else {}))
+    return alt.Color("ablation:N", scale=_ablation_scale(), title=title,
+                     **({"legend": legend} if legend is not None else {}))
 
 
 def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
@@ -174,8 +178,8 @@ def _ratio_panel(h: pd.DataFrame, title: str, width) -> alt.LayerChart:
     hist = alt.Chart(h).mark_bar(fillOpacity=0.3, strokeWidth=1.5, binSpacing=0).encode(
         # y2 at 0: a bar with x and x2 alone is a horizontal range, drawn as a thin dash at its count
         x=x, x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens"), y2=alt.datum(0),
-        color=_ablation_color(legend=alt.Legend(orient="bottom")), stroke=alt.Stroke("ablation:N", scale=alt.Scale(domain=ABLATIONS, range=[ABLATION_COLORS[a] for a in ABLATIONS]),
-                                                     legend=None),
+        color=_ablation_color(legend=alt.Legend(orient="bottom")),
+        stroke=alt.Stroke("ablation:N", scale=_ablation_scale(), legend=None),
         tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("lo:Q", format=".4f", title="from"),
                  alt.Tooltip("hi:Q", format=".4f", title="to"), alt.Tooltip("count:Q", title="tokens")])
     layers = [hist]
