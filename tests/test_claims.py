@@ -156,8 +156,8 @@ def test_each_claim_is_anchored_once_where_its_first_verdict_is():
 
 def test_render_claim_is_the_verdict_render_writes_and_the_overview_links_down_to_it():
     """A chapter shows each claim's full verdict right after its figure (:func:`render_claim`) and
-    an overview early on (``render(..., below=...)``): the statement, the verdict word and a link
-    "see below" to the claim's anchor, which only the full verdict carries — once per page."""
+    an overview early on (``render(..., below=...)``): the statement and a link "see below" to the
+    claim's anchor (not the verdict's word: the reader meets it after the figure), which only the full verdict carries — once per page."""
     a, b = Verdict(MOST, 0.7, 12, "heads of m1"), Verdict(MOST, 0.4, 12, "heads of m2")
     many = Verdict.of(MANY, estimate(0.45, 0.3, 0.6))
     verdicts = [a, b, many]
@@ -167,7 +167,9 @@ def test_render_claim_is_the_verdict_render_writes_and_the_overview_links_down_t
     overview = render(verdicts, "**On m**.", rules="ch00-rules", below={"many": None})
     lines = overview.splitlines()
     assert lines[0] == "**On m**." and lines[1:3] == full[:2]  # a claim without a figure keeps its verdict
-    assert lines[3] == f'- *Many heads do it* (§1): **holds** (<a href="#{anchor(MANY)}">see below</a>)'
+    assert lines[3] == ('- *Many heads do it* (§1): the figure, then the verdict '
+                        f'(<a href="#{anchor(MANY)}">see below</a>)')
+    assert "holds" not in lines[3]
     page = overview + "\n" + render_claim(verdicts, "many", rules="ch00-rules")
     assert page.count(f'id="{anchor(MANY)}"') == 1 and page.count(f'id="{anchor(MOST)}"') == 1
     assert 'href="#ch00-rules"' in render_claim(verdicts, "many", rules="ch00-rules")

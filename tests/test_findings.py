@@ -16,7 +16,7 @@ import pytest
 from selfrepair.book import load_profile
 from selfrepair.chapters import across, atp, existence, hydra, intro, ioi
 from selfrepair.chapters import across_text
-from selfrepair.claims import Verdict, _fmt
+from selfrepair.claims import Verdict, _fmt, interval_words
 from selfrepair.findings import OUTCOMES, Figure, Finding, markdown, outcome_findings, own
 from selfrepair.uncertainty import Estimate
 
@@ -278,7 +278,7 @@ def test_a_line_that_fails_on_its_intercept_says_so():
     assert v.holds is False and "do not hold on m" in f.text
     fmt = iterative.PROPORTIONAL.fmt
     for name, e in (("slope", slope), ("intercept / mean y", icpt)):
-        assert f"{name} {_fmt(e.value, fmt)}, 95% interval {_fmt(e.lo, fmt)} to {_fmt(e.hi, fmt)}" in f.text
+        assert f"{name} {_fmt(e.value, fmt)}, {interval_words(e.lo, e.hi, fmt)}" in f.text
     assert f.values == (slope.value, slope.lo, slope.hi, icpt.value, icpt.lo, icpt.hi)
 
 

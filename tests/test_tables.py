@@ -109,7 +109,7 @@ def test_table_html_shows_chosen_columns_and_the_full_frame(frame):
     assert full["head"] == ["label", "eq2_gap", "unused", "from_block_norms"]  # which row, then what is hidden
     assert '<th class="num" title="median_ratio">median S/S′</th>' in t._repr_html_()  # one header row
     assert ">eq2_<wbr>gap<" in t._repr_html_()  # the frame's name in the fold, wraps after _
-    assert "<details" in t._repr_html_() and "3 more columns of the frame, under its own names" in t._repr_html_()
+    assert "<details" in t._repr_html_() and "3 more columns (the rest of the computed values)" in t._repr_html_()
     for row, (_, values) in zip(shown["rows"], frame.iterrows()):
         assert row[0] == values["label"] and row[1] == f"{values['n']:,}"
         assert row[2] == f"{values['share_ratio_above_1'] * 100:.1f}%"

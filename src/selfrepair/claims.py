@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
-                    approximately, at_least, at_most, below, between, paper_number, paper_word)
+                    approximately, at_least, at_most, below, between, interval_words, paper_number,
+                    paper_word)
 from .uncertainty import MIN_CLUSTERS, Estimate
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
@@ -174,7 +175,7 @@ def _interval(v: Verdict) -> str:
         return f" (no reliable 95% interval{how})"
     if not (math.isfinite(v.lo) and math.isfinite(v.hi)):
         return f" (too few to give an interval{how})"
-    return f" (95% interval {_fmt(v.lo, c.fmt)} to {_fmt(v.hi, c.fmt)}{how})"
+    return f" ({interval_words(v.lo, v.hi, c.fmt)}{how})"
 
 
 def _decided(v: Verdict) -> str:
@@ -199,11 +200,15 @@ def _cell(text: str) -> str:
 
 
 def _why(c: Claim) -> str:
-    """Why a claim's rule reads the paper as it does: the reason, the metric's rationale, the
-    per-unit rules and the paper's own value."""
-    text = f"{c.rule.reason}." if c.rule.reason else ""
-    if c.rationale:
-        text += f" Why this metric: {c.rationale}."
+    """Why a claim's rule reads the paper as it does: the reason, then :func:`_metric_why`."""
+    text = f"{c.rule.reason}. " if c.rule.reason else ""
+    return (text + _metric_why(c)).strip()
+
+
+def _metric_why(c: Claim) -> str:
+    """The metric's rationale, the per-unit rules and the paper's own value (not the word's reason,
+    which :func:`rules_table` gives once per word)."""
+    text = f"Why this metric: {c.rationale}." if c.rationale else ""
     for rule in c.classify:
         text += f" A unit counts by “{rule.word}” ({rule.text('.2g')}): {rule.reason}."
     if c.paper is not None:
@@ -218,20 +223,30 @@ def anchor(claim: Claim) -> str:
 
 
 def rules_table(claims) -> str:
-    """A chapter's rules as one Markdown table, which each verdict of :func:`render` (``rules=``)
-    links to instead of repeating them: per claim what is measured, the paper's word or number it
-    reads, where the value must lie to hold and to differ, and why; then when a verdict cannot tell."""
-    rows = ["| claim | what is measured | the paper's word | holds when | differs when | why |",
-            "|---|---|---|---|---|---|"]
+    """A chapter's rules, which each verdict of :func:`render` (``rules=``) links to instead of
+    repeating them: one short table (per claim the paper's word or number it reads and where the
+    95% interval must lie to hold and to differ), then per claim what is measured and why, then
+    each word's reading once (however many claims read it), then when a verdict cannot tell."""
+    rows = ["| claim | the paper's word | holds when the 95% interval is | differs when it is |",
+            "|---|---|---|---|"]
     for c in claims:
-        sides = "the whole 95% interval is " if c.rule.op != "proportional" else ""
         rows.append("| " + " | ".join(_cell(x) for x in (
-            f"{c.statement} ({c.source})", c.metric, f"“{c.rule.word}”" if c.rule.word else "",
-            sides + c.rule.text(c.fmt), sides + c.rule.opposite(c.fmt), _why(c))) + " |")
-    after = (f"\n\nA verdict **cannot tell** when its interval straddles the threshold or is not reliable "
-             f"(fewer than {MIN_CLUSTERS} independent units), or when the claim cannot be tested on the run "
-             "(its sentence says why).")
-    return "\n".join(rows) + after
+            f"{c.statement} ({c.source})", f"“{c.rule.word}”" if c.rule.word else "",
+            c.rule.text(c.fmt), c.rule.opposite(c.fmt))) + " |")
+    measured = "\n".join(f"- *{c.statement}*: {c.metric}. {_metric_why(c)}".rstrip() for c in claims)
+    words = {}
+    for c in claims:
+        if c.rule.word and c.rule.reason:
+            words.setdefault((c.rule.word, c.rule.reason), None)
+    read = "\n".join(f"- “{word}”: {reason}." for word, reason in words)
+    after = (f"A claim holds or differs only when its **whole** 95% interval lies on one side; a verdict "
+             f"**cannot tell** when its interval straddles the threshold or is not reliable (fewer than "
+             f"{MIN_CLUSTERS} independent units), or when the claim cannot be tested on the run (its "
+             "sentence says why).")
+    parts = ["\n".join(rows), "**What each claim measures, and why.**", measured]
+    if read:
+        parts += ["**How the paper's words are read** (once for every claim that reads them).", read]
+    return "\n\n".join(parts + [after])
 
 
 def _line(v: Verdict, rules: str, mark: bool) -> str:
@@ -243,8 +258,8 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
     why = f" We cannot tell here: {v.why}." if v.why else (
         " The interval straddles the rule's threshold, so we cannot tell."
         if v.holds is None and math.isfinite(v.value) and (v.lo is not None or v.parts) else "")
-    parts = "".join(f" The {name} is {_fmt(e.value, c.fmt)} (95% interval {_fmt(e.lo, c.fmt)} to "
-                    f"{_fmt(e.hi, c.fmt)}): {WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
+    parts = "".join(f" The {name} is {_fmt(e.value, c.fmt)} ({interval_words(e.lo, e.hi, c.fmt)}): "
+                    f"{WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
                     f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
     detail = f" {v.detail}" if v.detail else ""
     value = f"**{_fmt(v.value, c.fmt)}**{_interval(v)}"
@@ -255,10 +270,12 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
 
 
 def _brief(v: Verdict) -> str:
-    """One claim in a chapter's overview: its statement and verdict word, linked to its full verdict
-    further down the page (:func:`render_claim`, beside the claim's figure)."""
-    c, on = v.claim, f" on {v.model}" if v.model else ""
-    return f'- *{c.statement}* ({c.source}): **{v.word}**{on} (<a href="#{anchor(c)}">see below</a>)'
+    """One claim in a chapter's overview: its statement, linked to its figure and full verdict
+    further down the page (:func:`render_claim`). Not the verdict's word: a reader meets the
+    verdict after the figure that shows it."""
+    c, on = v.claim, f", on {v.model}" if v.model else ""
+    return (f'- *{c.statement}* ({c.source}{on}): the figure, then the verdict '
+            f'(<a href="#{anchor(c)}">see below</a>)')
 
 
 def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) -> str:
@@ -270,8 +287,8 @@ def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) 
     carries its :func:`anchor` (the scorecard links to it).
 
     ``below``: the keys of the claims whose full verdict the page shows further down, each right
-    after its figure (:func:`render_claim`); those are listed compactly — statement, verdict word and
-    a link "see below" to the anchor, which only the full verdict carries — so the list becomes the
+    after its figure (:func:`render_claim`); those are listed compactly — statement and a link
+    "see below" to the anchor, which only the full verdict carries — so the list becomes the
     chapter's short overview. A claim not in ``below`` keeps its full verdict here."""
     lines = [intro] if intro else []
     seen = set()

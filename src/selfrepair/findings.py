@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .claims import Verdict, _fmt
+from .claims import Verdict, _fmt, interval_words
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _interval(value: float, lo, hi, fmt: str, why: str) -> tuple[str, tuple[floa
         return shown, (value,)
     if why or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{shown}, no reliable interval", (value,)
-    return f"{shown}, 95% interval {_fmt(lo, fmt)} to {_fmt(hi, fmt)}", (value, lo, hi)
+    return f"{shown}, {interval_words(lo, hi, fmt)}", (value, lo, hi)
 
 
 def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:

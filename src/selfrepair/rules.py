@@ -51,7 +51,7 @@ class Rule:
 
     def text(self, fmt: str, opposite: bool = False) -> str:
         """Where a value (an interval) must lie for the claim to hold, or with ``opposite`` to differ."""
-        f = [_fmt(b, fmt) for b in self.bounds]
+        f = [bound(b, fmt) for b in self.bounds]
         words = _SIDES[self.op][opposite]
         return words.format(*f) if self.op in ("between", "proportional") else f"{words} {f[0]}"
 
@@ -167,6 +167,19 @@ def paper_number(op: str, value: float, word: str, reason: str) -> Rule:
     if not word or not reason:
         raise ValueError("a rule from a paper's number names the number and why it is compared so")
     return Rule(op, (value,), word, reason)
+
+
+def bound(value: float, fmt: str) -> str:
+    """A rule's threshold in the claim's format, but zero as "0" (a threshold is exactly zero,
+    not "+0.000")."""
+    return "0" if value == 0 else _fmt(value, fmt)
+
+
+def interval_words(lo: float, hi: float, fmt: str) -> str:
+    """"95% interval A to B"; where both ends print the same ("25% to 25%": at least 95% of the
+    replicates give that value to the digits shown), says so instead of a range that is none."""
+    a, b = _fmt(lo, fmt), _fmt(hi, fmt)
+    return f"95% interval {a} to {b}" if a != b else f"95% interval {a} — no spread at the digits shown"
 
 
 def _fmt(value: float, fmt: str) -> str:

@@ -188,8 +188,8 @@ class Table:
         # the fold adds only what the table above leaves out: its first column (which row), then the
         # frame's other columns under their own names; every column shown above: the table once
         hidden = [c for c in self.frame.columns if c not in self.columns]
-        full = (f'<details class="{TABLE_CLASS}-all"><summary>{counted(len(hidden), "more column")} of the '
-                f'frame, under its own names</summary>'
+        full = (f'<details class="{TABLE_CLASS}-all"><summary>{counted(len(hidden), "more column")} '
+                f'(the rest of the computed values)</summary>'
                 f'<div class="{TABLE_CLASS}-scroll">{self._html([self.columns[0], *hidden], False)}</div></details>'
                 if hidden else "")
         return f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True)}{full}</div>'

@@ -173,7 +173,9 @@ class Estimate:
             return "n/a"
         if not self.reliable:
             return f"{self.value:{fmt}} (no reliable interval: {self.why or 'undefined'})"
-        return f"{self.value:{fmt}} (95% interval {self.lo:{fmt}} to {self.hi:{fmt}})"
+        from .rules import interval_words  # rules formats numbers; it imports nothing from here
+
+        return f"{self.value:{fmt}} ({interval_words(self.lo, self.hi, fmt)})"
 
     def describe(self) -> str:
         """How the interval was made, for a verdict's sentence."""
