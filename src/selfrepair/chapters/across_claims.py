@@ -165,9 +165,10 @@ def release_values(claim: Claim, paper: pd.DataFrame, spread: dict | None, ours:
 def run_verdict(claim: Claim, r: pd.Series, estimates: dict) -> Verdict:
     """One claim on one run (a row of :func:`compare_models`), decided on its cluster-bootstrap
     estimate; a run without per-document sums cannot tell."""
-    extra = (f"(Plus {r['block_norm_share_late']:.0%} of DE from the sandwich block norms: Σ from_block_norms / Σ DE "
-             "over the late heads with a positive DE, on their top-k% tokens, unclipped — chapter 2's share of the "
-             "block norms is a mean of clipped per-token shares, a different number.)"
+    extra = (f"(Plus {r['block_norm_share_late']:.0%} of DE from the sandwich block norms: their term of eq. 2 "
+             "summed over the top-k% tokens of the late heads with a positive DE, over those tokens' summed DE, "
+             "unclipped — chapter 2's share of the block norms is a mean of clipped per-token shares, a "
+             "different number.)"
              if claim is SHARE and abs(r["block_norm_share_late"]) > 0 else "")
     e = estimates.get(r["run"], {}).get(claim.key)
     if e is None:

@@ -261,7 +261,7 @@ def model_notes(cfg: Config) -> str:
         lines.append("- **The MLP's write is normalized.** It passes through a post-feedforward norm. "
                      "Neuron direct effects use that norm's clean scale, so they add up to the layer's "
                      "ΔDE at the clean scale; the part of the repair that comes from the norm's scale "
-                     "changing is no neuron's (chapter 2 counts it as `from_block_norms`).")
+                     "changing is no neuron's (chapter 2 counts it in the block norms' term of eq. 2).")
     lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)
 
