@@ -179,13 +179,37 @@ def test_fig_regions_spread_bootstrap():
     assert marks(s) == {"bar"} and "category" in fields(s, "color")
     spread = existence.token_spread(tok)
     s = spec_of(fe.fig_token_spread(spread))
-    assert {"rule", "bar", "point"} <= marks(s) and "vconcat" in s  # the median: a short rule
+    assert {"rule", "bar", "point"} <= marks(s) and "layer" in s  # the median: a short rule
     assert {"label", "median", "share_overcorrecting"} <= tooltip_fields(s)
-    assert data_rows(s) == len(spread)  # both panels share one dataset
+    assert data_rows(s) == len(spread)  # every layer shares one dataset
+    s = spec_of(fe.fig_overcorrecting(spread))
+    assert marks(s) == {"bar"} and fields(s, "y") == {"share_overcorrecting"}
+    assert "y2" in s["encoding"] and {"label", "share_overcorrecting"} <= tooltip_fields(s)
+    assert data_rows(s) == len(spread)
     boot = intervals(ph)
     s = spec_of(fe.fig_bootstrap(boot, ph))
     assert {"rule", "point"} <= marks(s) and {"lo", "hi", "mean"} <= tooltip_fields(s)
     assert data_rows(s) == len(boot)
+
+
+def test_regions_count_axis_has_whole_ticks():
+    """The regions chart counts heads: its y-axis never ticks between two whole heads (it showed
+    0.5, 1.5, ... on a layer of 4 heads)."""
+    s = spec_of(fe.fig_regions_by_layer(per_head(n_layers=18, n_heads=4)))
+    axis = s["encoding"]["y"]["axis"]
+    assert s["encoding"]["y"]["aggregate"] == "count"
+    assert axis["tickMinStep"] == 1 and axis["format"] == "d"
+
+
+def test_spread_charts_take_the_columns_width():
+    """Chapter 1's spread of self-repair per head was a fixed 560 px concatenation, cut at a
+    phone's column; both charts are now single views drawn at the column's width by Vega."""
+    spread = existence.token_spread(tokens(per_head(n_layers=18, n_heads=4), n=12))
+    for chart in (fe.fig_token_spread(spread), fe.fig_overcorrecting(spread)):
+        s = spec_of(chart)
+        assert s["width"] == "container"
+        assert not {"vconcat", "hconcat", "concat", "facet"} & set(s)  # Vega fits only single views
+        assert all(n.get("width", "container") == "container" for n in walk(s.get("layer", [])))
 
 
 def test_per_head_charts_label_layers_not_heads():
