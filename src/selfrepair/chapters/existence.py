@@ -278,7 +278,7 @@ def regions_note(r: Existence) -> str:
     """One sentence under the regions table: its share of repaired late heads beside the verdict on
     "many", and why they differ (other tokens, another class of heads, another test)."""
     s = r.summary.set_index("group").loc["late"]
-    many = next(v for v in r.verdicts if v.claim is MANY)
+    many = next(v for v in r.verdicts if v.claim.key == MANY.key)
     n_pos = int(s["n_positive_de"])
     if n_pos == 0 or not math.isfinite(many.value):
         return ""
