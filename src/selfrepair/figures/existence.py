@@ -50,7 +50,7 @@ def _diagonal(x: str, y: str) -> list[alt.Chart]:
             .transform_calculate(lo="min(datum.lo, 0)", hi="max(datum.hi, 0)")
             .transform_fold(["lo", "hi"], as_=["end", "x"])
             .transform_calculate(y="-datum.x")
-            .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
+            .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1, clip=True)  # inside a fitted axis
             .encode(x=alt.X("x:Q"), y=alt.Y("y:Q")))
     axis = alt.Chart().mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
     return [line, axis]
