@@ -12,10 +12,12 @@ from ..findings import Figure, Finding, markdown, shows as _shows
 from ..tables import Layout, format_number
 
 FROZEN_RULE = "every head of the late half of the layers"
-APP_D_TABLE = Layout(("label", "ablation", "n", "share_ratio_above_1", "median_ratio", "mean_from_norm"),
+APP_D_TABLE = Layout(("label", "ablation", "share_ratio_above_1", "median_ratio", "mean_from_norm"),
                      percent=("share_ratio_above_1",),
-                     names={"share_ratio_above_1": "tokens with S/S′ > 1", "median_ratio": "median S/S′",
-                            "mean_from_norm": "mean final-norm self-repair"})
+                     names={"share_ratio_above_1": "S/S′ > 1", "median_ratio": "median S/S′",
+                            "mean_from_norm": "norm repair"},
+                     caption="Each head's top-k% tokens (S/S′ > 1: the share of them; norm repair: "
+                             "its mean self-repair by the final norm, in logits)")
 
 
 def logits(x: float) -> str:
