@@ -253,7 +253,7 @@ def model_notes(cfg: Config) -> str:
     if a["sandwich"]:
         lines.append("- **Norms on each block's write.** This model normalizes what attention and the "
                      "MLP write (post-attention and post-feedforward norms). Their scale changes are a "
-                     "separate term, `from_block_norms`, shown beside the final norm in the share "
+                     "separate term of eq. 2, the block norms', shown beside the final norm in the share "
                      "charts and never folded into \"LayerNorm\".")
     lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)

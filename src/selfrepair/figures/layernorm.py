@@ -169,7 +169,7 @@ def fig_share_variants(layers: pd.DataFrame, width: int = 260) -> alt.FacetChart
     span = central_range(f["share"], include=(0,))
     f = f.assign(beyond=beyond(f["share"], span))
     x = layer_axis(f, width=width)
-    y = alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%"), scale=clamped(span))
+    y = alt.Y("share:Q", title="mean final-norm term / DE", axis=alt.Axis(format="%"), scale=clamped(span))
     color = token_color()  # chapter 1's colours, the legend below the two panels
     tips = [alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
             alt.Tooltip("share:Q", format=".1%", title="layer mean share"), alt.Tooltip("n_heads:Q", title="heads")]
@@ -310,7 +310,7 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
             .transform_fold(["lo", "hi"], as_=["end", "v"])
             .mark_line(color="#444", strokeDash=[4, 3]).encode(x="v:Q", y="v:Q"))
     points = alt.Chart(heads).mark_circle(size=45, opacity=MARK_OPACITY, color=DARK["red"]).encode(
-        x=alt.X("norm_terms:Q", title="eq. 2 norm terms (from_norm + from_block_norms)"),
+        x=alt.X("norm_terms:Q", title="eq. 2 norm terms (final + block norms)"),
         y=alt.Y("removed:Q", title="live − norms-frozen self-repair"),
         tooltip=_tips(heads, "norm_terms", "removed", "gap", "from_norm", "from_block_norms",
                       "self_repair", "self_repair_frozen"))
