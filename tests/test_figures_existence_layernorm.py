@@ -271,6 +271,8 @@ def test_fig_scale_ratio():
     rows = pd.DataFrame(next(iter(s["datasets"].values())))  # binned here, per panel: 40 bins each
     assert len(rows) == data_rows(s) == 3 * 40 and rows.groupby("panel")["count"].sum().eq(60).all()
     assert s["resolve"]["scale"]["x"] == "independent"
+    counts = [n["encoding"]["y"] for n in walk(s) if n.get("encoding", {}).get("y", {}).get("field") == "count"]
+    assert counts and all(y["axis"]["tickMinStep"] == 1 and y["axis"]["format"] == "d" for y in counts)
 
 
 def test_fig_scale_ratio_fits_each_panels_axis_to_its_own_ratios():

@@ -73,7 +73,8 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
     hist = base.mark_bar(opacity=0.85, binSpacing=0).encode(
         x=alt.X("lo:Q", title="S / S′", scale=alt.Scale(zero=False, nice=False),
                 axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6, labelAngle=-30)),
-        x2="hi:Q", y=alt.Y("count:Q", title="tokens", stack=None), y2=alt.datum(0),
+        x2="hi:Q", y=alt.Y("count:Q", title="tokens", stack=None, axis=alt.Axis(tickMinStep=1, format="d")),
+        y2=alt.datum(0),
         color=_ablation_color(legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("label:N", title="head"), alt.Tooltip("ablation:N"),
                  alt.Tooltip("lo:Q", format=".4f", title="from"), alt.Tooltip("hi:Q", format=".4f", title="to"),
@@ -211,7 +212,8 @@ def _ratio_panel(h: pd.DataFrame, title: str, width) -> alt.LayerChart:
     # overlaid: a see-through fill, each ablation's outline in its full colour (3:1 on white)
     hist = alt.Chart(h).mark_bar(fillOpacity=0.3, strokeWidth=1.5, binSpacing=0).encode(
         # y2 at 0: a bar with x and x2 alone is a horizontal range, drawn as a thin dash at its count
-        x=x, x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens"), y2=alt.datum(0),
+        x=x, x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens", axis=alt.Axis(tickMinStep=1, format="d")),
+        y2=alt.datum(0),
         color=_ablation_color(legend=alt.Legend(orient="bottom")),
         stroke=alt.Stroke("ablation:N", scale=_ablation_scale(), legend=None),
         tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("lo:Q", format=".4f", title="from"),
