@@ -449,6 +449,25 @@ def test_exists_and_imperfect_read_the_whole_set_means_not_the_top_ones():
     assert {v.claim.key: v.value for v in ce.verdicts(r)}["exists"] == 0
 
 
+def test_regions_note_states_both_shares_and_why_they_differ():
+    """Under the regions table: the table's share of repaired late heads (whole-set means, late heads
+    with a positive DE) and the verdict on 'many' (top-k% tokens, every late head), both computed,
+    in one sentence that names their token sets and classes."""
+    r = synthetic_existence(3)
+    r.summary = existence.imperfection_summary(existence.whole_set_means(synthetic_run(seed=3)["per_head"]))
+    r.verdicts = ce.verdicts(r)
+    late = r.summary.set_index("group").loc["late"]
+    many = next(v for v in r.verdicts if v.claim is ce.MANY)
+    text = ce.regions_note(r)
+    assert f"{int(late['n_repaired'])} of the {int(late['n_positive_de'])} late-layer heads" in text
+    assert f"({late['n_repaired'] / late['n_positive_de']:.0%})" in text
+    assert f"{many.value:.0%} of all {many.n} late-layer heads" in text
+    assert "every token" in text and "top-k% tokens" in text and "different class" in text
+    assert text.count(". ") == 0 and text.endswith(".")  # one sentence
+    r.summary = r.summary.assign(n_positive_de=0)
+    assert ce.regions_note(r) == ""  # nothing to compare
+
+
 def test_too_few_documents_cannot_tell_and_say_why():
     r = synthetic_existence(0)
     ev = r.evidence

@@ -179,13 +179,37 @@ def test_fig_regions_spread_bootstrap():
     assert marks(s) == {"bar"} and "category" in fields(s, "color")
     spread = existence.token_spread(tok)
     s = spec_of(fe.fig_token_spread(spread))
-    assert {"rule", "bar", "point"} <= marks(s) and "vconcat" in s  # the median: a short rule
+    assert {"rule", "bar", "point"} <= marks(s) and "layer" in s  # the median: a short rule
     assert {"label", "median", "share_overcorrecting"} <= tooltip_fields(s)
-    assert data_rows(s) == len(spread)  # both panels share one dataset
+    assert data_rows(s) == len(spread)  # every layer shares one dataset
+    s = spec_of(fe.fig_overcorrecting(spread))
+    assert marks(s) == {"bar"} and fields(s, "y") == {"share_overcorrecting"}
+    assert "y2" in s["encoding"] and {"label", "share_overcorrecting"} <= tooltip_fields(s)
+    assert data_rows(s) == len(spread)
     boot = intervals(ph)
     s = spec_of(fe.fig_bootstrap(boot, ph))
     assert {"rule", "point"} <= marks(s) and {"lo", "hi", "mean"} <= tooltip_fields(s)
     assert data_rows(s) == len(boot)
+
+
+def test_regions_count_axis_has_whole_ticks():
+    """The regions chart counts heads: its y-axis never ticks between two whole heads (it showed
+    0.5, 1.5, ... on a layer of 4 heads)."""
+    s = spec_of(fe.fig_regions_by_layer(per_head(n_layers=18, n_heads=4)))
+    axis = s["encoding"]["y"]["axis"]
+    assert s["encoding"]["y"]["aggregate"] == "count"
+    assert axis["tickMinStep"] == 1 and axis["format"] == "d"
+
+
+def test_spread_charts_take_the_columns_width():
+    """Chapter 1's spread of self-repair per head was a fixed 560 px concatenation, cut at a
+    phone's column; both charts are now single views drawn at the column's width by Vega."""
+    spread = existence.token_spread(tokens(per_head(n_layers=18, n_heads=4), n=12))
+    for chart in (fe.fig_token_spread(spread), fe.fig_overcorrecting(spread)):
+        s = spec_of(chart)
+        assert s["width"] == "container"
+        assert not {"vconcat", "hconcat", "concat", "facet"} & set(s)  # Vega fits only single views
+        assert all(n.get("width", "container") == "container" for n in walk(s.get("layer", [])))
 
 
 def test_per_head_charts_label_layers_not_heads():
@@ -244,8 +268,52 @@ def test_fig_scale_ratio():
     s = spec_of(fl.fig_scale_ratio(t))
     assert s["facet"]["field"] == "panel" and s["columns"] == 3
     assert {"bar", "rule", "text"} <= marks(s)
-    assert any(e.get("bin") for n in walk(s) for e in [n.get("encoding", {}).get("x", {})])
-    assert data_rows(s) == (t["tokens"] == "top-k%").sum()
+    rows = pd.DataFrame(next(iter(s["datasets"].values())))  # binned here, per panel: 40 bins each
+    assert len(rows) == data_rows(s) == 3 * 40 and rows.groupby("panel")["count"].sum().eq(60).all()
+    assert s["resolve"]["scale"]["x"] == "independent"
+    counts = [n["encoding"]["y"] for n in walk(s) if n.get("encoding", {}).get("y", {}).get("field") == "count"]
+    assert counts and all(y["axis"]["tickMinStep"] == 1 and y["axis"]["format"] == "d" for y in counts)
+
+
+def test_fig_scale_ratio_fits_each_panels_axis_to_its_own_ratios():
+    """App. D's histograms spanned 0.955-1.075 in every panel while most panels' ratios sat within
+    0.99-1.03: one bin range over every panel's tokens. Each panel's bins now span its own ratios
+    (and the line at 1), so moving one panel's tokens moves only that panel's range."""
+    t = head_frame()
+    top = t["tokens"] == "top-k%"
+    wide = t.copy()
+    wide.loc[top & (wide["ablation"] == "zero"), "ratio"] = np.linspace(1.2, 1.5, 60)
+    rows = pd.DataFrame(next(iter(spec_of(fl.fig_scale_ratio(wide))["datasets"].values())))
+    for panel, g in rows.groupby("panel"):
+        ratio = wide.loc[top & (wide["label"] + " · " + wide["ablation"] == panel), "ratio"]
+        assert g["lo"].min() == pytest.approx(min(ratio.min(), 1.0))  # its own data and 1, no more
+        assert g["hi"].max() == pytest.approx(max(ratio.max(), 1.0))
+        assert g["count"].sum() == len(ratio) and g["share"].iloc[0] == pytest.approx((ratio > 1).mean())
+    narrow = rows[rows["ablation"] != "zero"]
+    assert narrow["hi"].max() < 1.2  # the widened panel does not widen the others
+
+
+def test_data_domain_is_the_data_padded():
+    assert fl.data_domain([1.0, 3.0]) == pytest.approx([0.9, 3.1])
+    assert fl.data_domain([-3.2, -1.0], include=(0,)) == pytest.approx([-3.36, 0.16])
+    assert fl.data_domain([np.nan, 2.0, np.inf]) == pytest.approx([1.5, 2.5])  # one finite value
+
+
+def test_fig_ablation_scatter_y_axis_spans_the_tokens_not_the_diagonal():
+    """Fig 5's y-axis ran to -10 (the y = -x line down to -max DE) while Δlogit reached -3.2: the
+    domain is now the tokens' Δlogit and 0, padded, and the line is clipped to it."""
+    t = head_frame()
+    t["direct_effect"] = t["direct_effect"] * 20  # DE far beyond the Δlogits
+    for shift in (0.0, -2.0):  # a domain derived from the data moves with it
+        u = t.assign(delta_logit=t["delta_logit"] + shift)
+        s = spec_of(fl.fig_ablation_scatter(u, max_per_panel=50))
+        drawn = pd.DataFrame(next(iter(s["datasets"].values())))["delta_logit"]
+        (domain,) = [n["encoding"]["y"]["scale"]["domain"] for n in walk(s)
+                     if n.get("encoding", {}).get("y", {}).get("field") == "delta_logit"]
+        assert domain == pytest.approx(fl.data_domain(drawn, include=(0,)))
+        assert domain[0] > -drawn.abs().max() * 2 > -u["direct_effect"].max()
+        assert all(n["mark"].get("clip") for n in walk(s) if isinstance(n.get("mark"), dict)
+                   and n["mark"].get("type") == "line")
 
 
 def test_fig_scale_ratio_for_several_heads():
@@ -253,7 +321,8 @@ def test_fig_scale_ratio_for_several_heads():
     t = pd.concat([head_frame(seed=1).assign(label="L3H2", head=2), head_frame()], ignore_index=True)
     s = spec_of(fl.fig_scale_ratio(t))
     assert s["facet"]["sort"] == [f"{h} · {a}" for h in ["L3H2", "L3H1"] for a in fl.ABLATIONS]
-    assert data_rows(s) == (t["tokens"] == "top-k%").sum()
+    rows = pd.DataFrame(next(iter(s["datasets"].values())))
+    assert rows["count"].sum() == (t["tokens"] == "top-k%").sum()  # every top-k% token in one bin
     assert "each head" in json.dumps(s["title"])
 
 

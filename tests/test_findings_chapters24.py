@@ -68,6 +68,31 @@ def test_chapter2_takeaway_follows_the_norm_share(lo, hi, words):
     assert 3 <= len(found) <= 6
 
 
+@pytest.mark.parametrize("block", [0.0, 0.05])
+def test_chapter2_takeaway_reconciles_the_norm_share_with_the_norms_only_repair(block):
+    """The take-away quoted the clipped norm share (~24%) beside a frozen-norm repair of ~5% with
+    nothing between them: one sentence now says what each is (clipped per-token share of eq. 2's
+    final-norm term; the repair with every other component frozen) and why they differ, with the
+    same term unclipped and the live norm terms, all computed from the per-head frame."""
+    share = Verdict.of(layernorm.SHARE, estimate(0.22, 0.26))
+    ch = _layernorm(share)
+    ch.frozen = pd.DataFrame({"direct_effect": [2.0, 1.0], "from_norm": [0.2, 0.1],
+                              "from_block_norms": [block, block], "self_repair_norms_only": [0.09, 0.06]})
+    ch.frozen["norm_terms"] = ch.frozen["from_norm"] + ch.frozen["from_block_norms"]
+    take = layernorm.findings(ch)[-1]
+    term, only, terms = 0.15 / 1.5, 0.075 / 1.5, (0.15 + block) / 1.5
+    s = take.text[take.text.index(f"The {share.value:.0%} and"):]
+    assert s.count(". ") == s.count("eq. ") and s.endswith(".")  # both numbers and why, in one sentence
+    assert f"{share.value:.0%} and the frozen-norm run's {only:.0%}" in s
+    assert f"({term:.0%} unclipped" in s and "clipped to [0, 1]" in s and "every other downstream" in s
+    assert take.values[:3] == pytest.approx((share.value, term, only))
+    if block:
+        assert f"are {terms:.0%}" in s and take.values[3] == pytest.approx(terms)
+    else:
+        assert "block norms" not in s and len(take.values) == 3
+    assert layernorm.FIGURES["norms_only"] in take.figures
+
+
 def _neurons(anti: Verdict):
     return SimpleNamespace(meta={"model": "tiny-x", "d_mlp": 128}, verdicts=[anti],
                            result=SimpleNamespace(heads=[(0, 1), (0, 2)], neuron_layer=1),

@@ -80,6 +80,19 @@ def test_appendix_b_not_exact_off_its_assumptions(neox64):
     np.testing.assert_allclose(chk["error"], -chk["ratio"] * left_out, atol=1e-5)
     table = layernorm.appendix_b_table(chk)
     assert table["relative_error"].iloc[0] > 1e-3
+    assert table["case"].iloc[0] == f"tiny-gemma3 {chk['label'].iloc[0]}, sequential"  # one column for a phone
+
+
+def test_chapter2_tables_show_few_short_columns():
+    """App. B's table hid its numbers at 390 px (nine columns, 700 px wide): the chapter's tables
+    show at most five columns under short headers (the rest folded below them), each column of
+    the frame behind them."""
+    from selfrepair.chapters import layernorm as chapter
+
+    for layout in (chapter.CHECK_TABLE, chapter.RATIOS_TABLE, chapter.APP_D_TABLE):
+        assert len(layout.columns) <= 5
+        assert all(len(layout.names.get(c, c)) <= 16 for c in layout.columns), layout.columns
+    assert chapter.CHECK_TABLE.columns[0] == "case" and "relative_error" in chapter.CHECK_TABLE.columns
 
 
 def test_appendix_b_formula_scalars():

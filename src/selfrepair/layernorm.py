@@ -179,7 +179,8 @@ def appendix_b(model, tokens: torch.Tensor, head: tuple[int, int], reference_mod
 
 def appendix_b_table(check: pd.DataFrame) -> pd.DataFrame:
     """Per model and ablation: the closed form's largest and mean absolute error next to the mean
-    |Δlogit|, and the largest left-out term (why it fails outside its assumptions)."""
+    |Δlogit|, and the largest left-out term (why it fails outside its assumptions); ``case`` names
+    the model, head and block kind in one column (a phone's table has room for few)."""
     g = check.assign(abs_error=check["error"].abs(), abs_delta_logit=check["delta_logit"].abs(),
                      left_out=(check["from_heads"] + check["from_mlps"] + check["from_block_norms"]).abs())
     keys = (["role"] if "role" in g else []) + ["model", "label", "parallel_residual", "last_layer",
@@ -189,6 +190,8 @@ def appendix_b_table(check: pd.DataFrame) -> pd.DataFrame:
                 mean_abs_error=("abs_error", "mean"), mean_abs_delta_logit=("abs_delta_logit", "mean"),
                 max_left_out_term=("left_out", "max")).reset_index())
     out["relative_error"] = out["mean_abs_error"] / out["mean_abs_delta_logit"]
+    out["case"] = (out["model"] + " " + out["label"] + ", "
+                   + out["parallel_residual"].map({True: "parallel", False: "sequential"}))  # one short column
     return out
 
 

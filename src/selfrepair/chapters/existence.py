@@ -53,8 +53,8 @@ FEATURED_RULE = ("two late-layer heads with the largest whole-set mean self-repa
 
 REPAIRED_REASON = "largest whole-set mean self-repair among late heads with a positive direct effect"
 UNCORRELATED_REASON = "weakest DE–Δlogit correlation among late heads with an above-median direct effect"
-LATER = ("'later layers' are the second half of the layers (structure.late_start), and the class is "
-         "every head there, not a featured one")
+LATER = ("'later layers' are the second half of the layers (from layer n/2 on, n/2 rounded down, of an "
+         "n-layer model), and the class is every head there, not a featured one")
 MANY = Claim("many", "Many heads in later layers are self-repaired", "§2.2, Fig 1",
              "the share of late-layer heads whose mean self-repair on their top-k% tokens is positive, "
              "each head's mean recomputed in every bootstrap replicate", paper_word("many"), fmt=".0%",
@@ -274,6 +274,22 @@ def on_this_model(r: Existence) -> str:
     return render(r.verdicts, intro, rules="ch01-rules", below=FIGURES)
 
 
+def regions_note(r: Existence) -> str:
+    """One sentence under the regions table: its share of repaired late heads beside the verdict on
+    "many", and why they differ (other tokens, another class of heads, another test)."""
+    s = r.summary.set_index("group").loc["late"]
+    many = next(v for v in r.verdicts if v.claim.key == MANY.key)
+    n_pos = int(s["n_positive_de"])
+    if n_pos == 0 or not math.isfinite(many.value):
+        return ""
+    return (f"The table counts {int(s['n_repaired'])} of the {n_pos} late-layer heads with a positive "
+            f"direct effect ({s['n_repaired'] / n_pos:.0%}) as repaired, reading each head's means over "
+            f"every token and Fig 2's band; the verdict on 'many' counts {many.value:.0%} of all "
+            f"{many.n} late-layer heads as self-repaired, reading each head's own top-k% tokens (where "
+            "its direct effect is largest) and a positive mean self-repair: different tokens, a different "
+            "class of heads and a different test, so the two shares need not agree.")
+
+
 def verdict(r: Existence, key: str) -> str:
     """Claim ``key``'s full verdict, which the notebook shows right after the figure
     :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
@@ -335,7 +351,8 @@ def model_notes(cfg: Config) -> str:
                 "— unlike in the paper's parallel-attention Pythia.")
     if a["sandwich"]:
         text += (" This model also normalizes each block's write (post-attention and post-feedforward "
-                 "norms); their share of the repair is the term `from_block_norms`.")
+                 "norms); their share of the repair is eq. 2's block-norm term, counted apart "
+                 "from the final norm's.")
     return text + "\n" + value_bias_note(cfg, VALUE_BIAS)
 
 

@@ -253,7 +253,7 @@ def model_notes(cfg: Config) -> str:
     if a["sandwich"]:
         lines.append("- **Norms on each block's write.** This model normalizes what attention and the "
                      "MLP write (post-attention and post-feedforward norms). Their scale changes are a "
-                     "separate term, `from_block_norms`, shown beside the final norm in the share "
+                     "separate term of eq. 2, the block norms', shown beside the final norm in the share "
                      "charts and never folded into \"LayerNorm\".")
     lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)
@@ -261,11 +261,14 @@ def model_notes(cfg: Config) -> str:
 
 # -- the tables this chapter shows (selfrepair.tables): the columns its text discusses -----------
 HEADS_TABLE = Layout(("figure", "label", "paper", "reason"))
-RATIOS_TABLE = Layout(("ablation", "label", "n", "share_ratio_above_1", "median_ratio", "median_abs_boost",
+RATIOS_TABLE = Layout(("ablation", "share_ratio_above_1", "median_ratio", "median_abs_boost",
                        "median_direct_effect"), percent=("share_ratio_above_1",),
-                      names={"share_ratio_above_1": "tokens with S/S′ > 1", "median_ratio": "median S/S′",
-                             "median_abs_boost": "median |boost|", "median_direct_effect": "median DE"})
-CHECK_TABLE = Layout(("role", "model", "label", "parallel_residual", "ablation", "n", "max_abs_error",
-                      "mean_abs_error", "max_left_out_term"),
-                     names={"max_abs_error": "largest |error|", "mean_abs_error": "mean |error|",
-                            "max_left_out_term": "largest left-out term"})
+                      names={"share_ratio_above_1": "S/S′ > 1", "median_ratio": "median S/S′",
+                             "median_abs_boost": "median |boost|", "median_direct_effect": "median DE"},
+                      caption="Fig 4's head on its top-k% tokens (S/S′ > 1: the share of them)")
+# five short columns fit a phone; the head, the token counts and the absolute errors are one click away
+CHECK_TABLE = Layout(("case", "ablation", "relative_error", "max_left_out_term"),
+                     names={"case": "model, head", "relative_error": "error / |Δlogit|",
+                            "max_left_out_term": "largest left-out"},
+                     caption="The closed form's mean |error| relative to the mean |Δlogit| (what the "
+                             "verdict reads), and the largest term it leaves out, in logits")

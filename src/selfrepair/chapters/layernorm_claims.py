@@ -44,7 +44,8 @@ LAST = ("the class is every head of the last layer: §3.1 argues the mechanism f
         "L11H10, Fig 15's L11H0 of the 12-layer Pythia-160M; App. D's L11H10 and L11H3 of GPT-2 small); "
         "deeper in the model S′ also carries every later layer's reaction. The figures' head only "
         "illustrates")
-LATE = ("'later layers' are the second half of the layers (structure.late_start), where Fig 6 finds "
+LATE = ("'later layers' are the second half of the layers (from layer n/2 on, n/2 rounded down, of an "
+        "n-layer model), where Fig 6 finds "
         "'a significant effect on later layers'; every head there counts")
 
 RATIO = {a: Claim(f"ratio_{a}", "On a last-layer head's top tokens the ablation shrinks the residual "
@@ -60,8 +61,8 @@ RATIO = {a: Claim(f"ratio_{a}", "On a last-layer head's top tokens the ablation 
          for a in ln.ABLATION_ORDER}
 SHARE = Claim("norm_share", "LayerNorm explains around 30% of a head's direct effect across many layers",
               "§3.2, App. A Fig 10", "the mean over the late-layer heads of each head's mean, over its "
-              "top-k% tokens, of the final norm's per-token share of its direct effect (from_norm / DE "
-              "clipped to [0, 1]), each head's mean recomputed in every replicate",
+              "top-k% tokens, of the final norm's per-token share of its direct effect (eq. 2's final-norm "
+              "term over DE, clipped to [0, 1]), each head's mean recomputed in every replicate",
               approximately(SHARE_QUOTED, "around 30%"), paper=SHARE_QUOTED,
               paper_context="several models, top 2% tokens, 'a directional metric ... rather than a "
                             "concrete, precise one'", fmt=".0%",
@@ -220,8 +221,9 @@ def _share(ch, boot: Bootstrap) -> Verdict:
     if len(block):
         detail += (f" This model's sandwich (post-attention / post-feedforward) norms, which the paper's "
                    f"models do not have, give back a further {block['share'].mean():.0%} (the mean of the late "
-                   "layers' means of clipped per-token shares; chapter 6's block-norm share, Σ from_block_norms "
-                   "/ Σ DE unclipped over the late heads with a positive DE, is a different number).")
+                   "layers' means of clipped per-token shares; chapter 6's block-norm share, the block norms' term "
+                   "summed over tokens over the summed DE, unclipped, on the late heads with a positive DE, is "
+                   "a different number).")
     return Verdict.of(SHARE, est, detail)
 
 

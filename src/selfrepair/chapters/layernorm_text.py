@@ -12,10 +12,12 @@ from ..findings import Figure, Finding, markdown, shows as _shows
 from ..tables import Layout, format_number
 
 FROZEN_RULE = "every head of the late half of the layers"
-APP_D_TABLE = Layout(("label", "ablation", "n", "share_ratio_above_1", "median_ratio", "mean_from_norm"),
+APP_D_TABLE = Layout(("label", "ablation", "share_ratio_above_1", "median_ratio", "mean_from_norm"),
                      percent=("share_ratio_above_1",),
-                     names={"share_ratio_above_1": "tokens with S/S′ > 1", "median_ratio": "median S/S′",
-                            "mean_from_norm": "mean final-norm self-repair"})
+                     names={"share_ratio_above_1": "S/S′ > 1", "median_ratio": "median S/S′",
+                            "mean_from_norm": "norm repair"},
+                     caption="Each head's top-k% tokens (S/S′ > 1: the share of them; norm repair: "
+                             "its mean self-repair by the final norm, in logits)")
 
 
 def logits(x: float) -> str:
@@ -67,7 +69,7 @@ def frozen_markdown(ch) -> str:
                  f"{logits(s['mean_self_repair'])} logits live, {logits(s['mean_frozen'])} with the norms frozen.")
     if m.sandwich:
         lines.append(f"- **Against eq. 2.** Freezing removes {logits(s['mean_self_repair'] - s['mean_frozen'])} "
-                     f"logits on average, eq. 2's norm terms (`from_norm + from_block_norms`) are "
+                     f"logits on average, eq. 2's norm terms (the final norm's and the block norms') are "
                      f"{logits(s['mean_norm_terms'])}. They need not agree here: with the block norms frozen, "
                      f"every later component reads a different residual. The largest per-head gap is "
                      f"{logits(s['max_gap'])} logits ({s['max_gap_head']}), against norm terms up to "
@@ -75,7 +77,7 @@ def frozen_markdown(ch) -> str:
     else:
         exact = abs(s["max_gap"]) <= 1e-4 * max(1.0, s["max_norm_terms"])
         lines.append(f"- **Against eq. 2.** Nothing but the unembedding reads the final norm, so freezing it "
-                     f"should remove exactly `from_norm`. The largest per-head gap between the two is "
+                     f"should remove exactly eq. 2's final-norm term. The largest per-head gap between the two is "
                      f"{format_number(abs(s['max_gap']), digits=2)} logits ({s['max_gap_head']}), for norm terms up to "
                      f"{s['max_norm_terms']:.3g}: " + ("rounding." if exact else
                                                        "more than rounding, which points to a fault."))
@@ -106,8 +108,8 @@ def findings(ch) -> list[Finding]:
     said = f"{share.value:.0%} of a late-layer head's direct effect on its top tokens"
     paper = f"the paper's “around {share.claim.paper:.0%}”"
     if share.holds:
-        text = (f"Take-away: on this model the final norm alone gives back {said}, as {paper}: part of any "
-                "ablation's self-repair needs no circuit, and a frozen-norm ablation removes it.")
+        text = (f"Take-away: on this model eq. 2's final-norm term gives back {said}, as {paper}: part of "
+                "any ablation's self-repair needs no circuit, and a frozen-norm ablation removes it.")
     elif share.holds is False:
         side = "less" if share.value < share.claim.rule.bounds[0] else "more"
         text = (f"Take-away: on this model the final norm gives back {said}, {side} than {paper}, so "
@@ -116,7 +118,36 @@ def findings(ch) -> list[Finding]:
         text = (f"Take-away: this run cannot say whether the final norm gives back {paper} of a head's "
                 f"direct effect on this model ({said}); a run on more tokens would narrow the interval.")
     values = (share.value,) if share.value is not None and math.isfinite(share.value) else ()
-    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["norm_share"],), values))
+    both, more = reconcile(ch, share.value)
+    text, values = (f"{text} {both}", values + more) if both and values else (text, values)
+    figures = (FIGURES["norm_share"],) + ((FIGURES["norms_only"],) if both and values else ())
+    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, figures, values))
+
+
+def reconcile(ch, clipped: float) -> tuple[str, tuple[float, ...]]:
+    """One sentence putting the norm share (``clipped``: eq. 2's final-norm term over each token's
+    direct effect, clipped to [0, 1], averaged) beside the frozen-norm run's repair with every other
+    component frozen, saying what each is and why they differ, with the numbers it prints: the
+    same term unclipped, the norms-only repair and eq. 2's live norm terms, each over the late
+    heads' mean direct effect on their top-k% tokens. ``("", ())`` without a frozen-norm run."""
+    f = getattr(ch, "frozen", None)
+    if f is None or not len(f) or clipped is None or not math.isfinite(clipped):
+        return "", ()
+    de = float(f["direct_effect"].mean())
+    if not math.isfinite(de) or de == 0:
+        return "", ()
+    term, only, terms = (float(f[c].mean()) / de for c in ("from_norm", "self_repair_norms_only", "norm_terms"))
+    block = bool(f["from_block_norms"].abs().gt(0).any())
+    live = (f"eq. 2's live norm terms, the final norm's and the block norms', are {terms:.0%}" if block else
+            f"the live term is the {term:.0%} above")
+    return (f"The {clipped:.0%} and the frozen-norm run's {only:.0%} are different quantities: {clipped:.0%} is "
+            f"eq. 2's final-norm term in the live ablation as a share of each token's direct effect, clipped "
+            f"to [0, 1] token by token and then averaged ({term:.0%} unclipped, as the mean term over the mean "
+            f"direct effect), while {only:.0%} is the repair the norms give when every other downstream "
+            "component is frozen at its clean output (the mean repair over the mean direct effect), lower "
+            "because clipping counts each token the norm over-repays as 100% and none below 0, and because a "
+            f"live norm also rescales what the later heads and MLPs changed ({live}).",
+            (term, only) + ((terms,) if block else ()))
 
 
 def shows(ch) -> str:

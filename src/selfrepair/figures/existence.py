@@ -50,7 +50,7 @@ def _diagonal(x: str, y: str) -> list[alt.Chart]:
             .transform_calculate(lo="min(datum.lo, 0)", hi="max(datum.hi, 0)")
             .transform_fold(["lo", "hi"], as_=["end", "x"])
             .transform_calculate(y="-datum.x")
-            .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
+            .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1, clip=True)  # inside a fitted axis
             .encode(x=alt.X("x:Q"), y=alt.Y("y:Q")))
     axis = alt.Chart().mark_rule(color="#888", strokeWidth=1).encode(y=alt.datum(0))
     return [line, axis]
@@ -161,7 +161,7 @@ def fig_regions_by_layer(per_head: pd.DataFrame) -> alt.Chart:
     """Imperfection: number of heads per layer in each region of Fig 2 (stacked)."""
     return alt.Chart(per_head).mark_bar().encode(
         x=alt.X("layer:O", title="layer"),
-        y=alt.Y("count():Q", title="heads"),
+        y=alt.Y("count():Q", title="heads", axis=alt.Axis(tickMinStep=1, format="d")),  # whole heads
         color=_category_color(per_head),
         order=alt.Order("category:N"),
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("category:N", title="region"),
@@ -169,30 +169,43 @@ def fig_regions_by_layer(per_head: pd.DataFrame) -> alt.Chart:
     ).properties(width="container", title="Where each layer's heads fall in Fig 2")
 
 
-def fig_token_spread(spread: pd.DataFrame) -> alt.VConcatChart:
+def fig_token_spread(spread: pd.DataFrame) -> alt.LayerChart:
     """Noise: per head, the 10-90% (thin) and 25-75% (thick) range of per-token self-repair on a
     uniform sample of tokens (or its top-k% tokens: whichever ``spread`` was computed on) with the
-    median (tick) and mean DE (diamond); below, the share of tokens where the ablation removes
-    direct effect but the logit goes up (overcorrection). Heads sit side by side within their
-    layer (:func:`selfrepair.figures.head_slots`: one label per layer; hover for the head)."""
+    median (tick) and mean DE (diamond). Heads sit side by side within their layer
+    (:func:`selfrepair.figures.head_slots`: one label per layer; hover for the head). One view at
+    the column's width (``width="container"``), so it fits a phone as drawn; the share of
+    overcorrecting tokens is its own chart, :func:`fig_overcorrecting`."""
     spread = head_slots(spread)
-    tips = _tips(spread, "n", "mean_de", "mean", "median", "q10", "q25", "q75", "q90", "iqr_over_de",
-                 "share_overcorrecting", "corr_de_delta_logit")
-    base = alt.Chart(spread).encode(tooltip=tips)
+    base = alt.Chart(spread).encode(tooltip=_spread_tips(spread))
     x, lo, hi = layer_x(spread), layer_x(spread, "slot_lo"), alt.X2("slot_hi:Q")
-    ranges = alt.layer(
+    return alt.layer(
         base.mark_rule(color="#888").encode(x=x, y=alt.Y("q10:Q", title="self-repair per token (logits)"),
                                             y2="q90:Q"),
         base.mark_bar(color="#4c78a8").encode(x=lo, x2=hi, y="q25:Q", y2="q75:Q"),
         base.mark_rule(color="black", strokeWidth=2).encode(x=lo, x2=hi, y="median:Q"),  # the median
         base.mark_point(shape="diamond", color=DARK["red"], size=25, filled=True, opacity=1).encode(x=x, y="mean_de:Q"),
         alt.Chart(spread).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
-    ).properties(width=560, height=220, title="Per-token self-repair, sampled tokens (diamond: mean DE)")
-    over = base.mark_bar(color=DARK["dark orange"]).encode(
-        x=lo, x2=hi, y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%")),
-        y2=alt.datum(0)  # from 0: x and x2 alone would make a horizontal range (a dash)
-    ).properties(width=560, height=90)
-    return alt.vconcat(ranges, over)
+    ).properties(width="container", height=220,
+                 title="Per-token self-repair, sampled tokens (diamond: mean DE)")
+
+
+def _spread_tips(spread: pd.DataFrame) -> list[alt.Tooltip]:
+    return _tips(spread, "n", "mean_de", "mean", "median", "q10", "q25", "q75", "q90", "iqr_over_de",
+                 "share_overcorrecting", "corr_de_delta_logit")
+
+
+def fig_overcorrecting(spread: pd.DataFrame) -> alt.Chart:
+    """Per head (side by side within its layer, as :func:`fig_token_spread`), the share of its
+    sampled tokens where the ablation removes direct effect but the logit goes up
+    (overcorrection); at the column's width."""
+    spread = head_slots(spread)
+    return alt.Chart(spread).mark_bar(color=DARK["dark orange"]).encode(
+        x=layer_x(spread, "slot_lo"), x2=alt.X2("slot_hi:Q"),
+        y=alt.Y("share_overcorrecting:Q", title="overcorrecting", axis=alt.Axis(format="%")),
+        y2=alt.datum(0),  # from 0: x and x2 alone would make a horizontal range (a dash)
+        tooltip=_spread_tips(spread),
+    ).properties(width="container", height=90, title="Share of overcorrecting tokens per head")
 
 
 def fig_bootstrap(boot: pd.DataFrame, per_head: pd.DataFrame | None = None) -> alt.LayerChart:

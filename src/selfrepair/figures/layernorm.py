@@ -27,27 +27,60 @@ def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -
                      **({"legend": legend} if legend is not None else {}))
 
 
+def data_domain(values, include=(), pad: float = 0.05) -> list[float]:
+    """An axis domain computed from the data: the finite ``values`` and ``include`` (reference
+    lines the axis must show), widened by ``pad`` of their span on each side (never a typed range;
+    ``[v - 0.5, v + 0.5]`` when they are all one value ``v``)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    x = np.concatenate([x[np.isfinite(x)], np.asarray(include, dtype=float)])
+    if not len(x):
+        return [0.0, 1.0]
+    lo, hi = float(x.min()), float(x.max())
+    margin = pad * (hi - lo) if hi > lo else 0.5
+    return [lo - margin, hi + margin]
+
+
+def panel_bins(t: pd.DataFrame, bins: int) -> pd.DataFrame:
+    """Fig 4's histogram rows: per panel, ``bins`` equal bins over that panel's own ratios and the
+    line at 1 (so each panel's axis spans its own data, not every panel's), with the panel's share
+    of tokens with ``S/S' > 1`` and its token count on every row (``panel, label, ablation, lo, hi,
+    count, share, n``)."""
+    parts = []
+    for panel, g in t.groupby("panel", sort=False):
+        r = g["ratio"]
+        h = histogram(g, "ratio", "panel", bins, span=tuple(data_domain(r, include=(1,), pad=0.0)))
+        parts.append(h.assign(label=g["label"].iloc[0], ablation=g["ablation"].iloc[0],
+                              share=float((r > 1).mean()), n=len(g)))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["panel", "lo", "hi", "count", "label", "ablation", "share", "n"])
+
+
 def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
     """Fig 4 (and App. D Fig 16-17 for more heads): histograms of ``S/S'`` on each head's top-k%
     tokens, one row per head and one column per ablation, with the line at 1 and the share of
-    tokens above it (computed by Vega-Lite from the same rows)."""
+    tokens above it. Binned here per panel (:func:`panel_bins`): each panel's x-axis spans its own
+    ratios and 1 (a bin over every panel's tokens stretched them all to the widest one)."""
     t = tokens[tokens["tokens"] == "top-k%"][["label", "ablation", "ratio"]].copy()
     labels = list(t["label"].drop_duplicates())
     # one wrapped facet of "head · ablation" panels, three to a row (a row x column facet cannot
     # be re-wrapped into one column on a phone)
     t["panel"] = t["label"] + " · " + t["ablation"]
     panels = [f"{h} · {a}" for h in labels for a in ABLATIONS]
+    h = panel_bins(t, bins)
     base = alt.Chart()
-    hist = base.mark_bar(opacity=0.85).encode(
-        x=alt.X("ratio:Q", bin=alt.Bin(maxbins=bins), title="S / S′",
+    hist = base.mark_bar(opacity=0.85, binSpacing=0).encode(
+        x=alt.X("lo:Q", title="S / S′", scale=alt.Scale(zero=False, nice=False),
                 axis=alt.Axis(format=".3f", labelOverlap="greedy", labelSeparation=6, labelAngle=-30)),
-        y=alt.Y("count():Q", title="tokens"), color=_ablation_color(legend=alt.Legend(orient="bottom")),
+        x2="hi:Q", y=alt.Y("count:Q", title="tokens", stack=None, axis=alt.Axis(tickMinStep=1, format="d")),
+        y2=alt.datum(0),
+        color=_ablation_color(legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("label:N", title="head"), alt.Tooltip("ablation:N"),
-                 alt.Tooltip("ratio:Q", bin=alt.Bin(maxbins=bins), title="S/S′ bin"),
-                 alt.Tooltip("count():Q", title="tokens")])
+                 alt.Tooltip("lo:Q", format=".4f", title="from"), alt.Tooltip("hi:Q", format=".4f", title="to"),
+                 alt.Tooltip("count:Q", title="tokens")])
     one = base.mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
-    share = (base.transform_calculate(above="datum.ratio > 1 ? 1 : 0")
-             .transform_aggregate(share="mean(above)", n="count()")
+    share = (base.transform_aggregate(share="max(share)", n="max(n)")
              .mark_text(align="right", baseline="top", x="width", y=4, dx=-4, fontSize=12)
              .encode(text=alt.Text("share:Q", format=".1%"),
                      tooltip=[alt.Tooltip("share:Q", format=".2%", title="share S/S′ > 1"),
@@ -56,7 +89,7 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
              if len(labels) == 1 else
              "S/S′ (clean / ablated final-norm scale) on each head's top-k% tokens (text: share > 1)")
     # 150 px: three panels, each with its own axes (independent scales), fit a 743 px column
-    return (alt.layer(hist, one, share, data=t).properties(width=150, height=110)
+    return (alt.layer(hist, one, share, data=h).properties(width=150, height=110)
             .facet(facet=alt.Facet("panel:N", sort=panels, title=None), columns=len(ABLATIONS))
             .resolve_scale(x="independent", y="independent")
             .properties(title=title))
@@ -67,9 +100,11 @@ def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: i
     top-k% tokens in colour over a random sample in grey; dashed y = -x, solid x-axis."""
     t = (tokens.sample(frac=1.0, random_state=seed).groupby(["ablation", "tokens"]).head(max_per_panel)
          .sort_values(["ablation", "tokens"], ascending=[True, False], kind="mergesort"))
+    # the y-axis spans the tokens' Δlogit (and 0), not the y = -x line down to -max DE; the line is clipped
+    y = alt.Y("delta_logit:Q", title="Δlogit", scale=alt.Scale(domain=data_domain(t["delta_logit"], include=(0,)),
+                                                              nice=False))
     points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
-        x=alt.X("direct_effect:Q", title="direct effect DE"),
-        y=alt.Y("delta_logit:Q", title="Δlogit"), color=token_color(),  # chapter 1's colours, legend below
+        x=alt.X("direct_effect:Q", title="direct effect DE"), y=y, color=token_color(),  # chapter 1's colours, legend below
         tooltip=_tips(t, "ablation", "tokens", "row", "pos", "direct_effect", "delta_logit",
                       "self_repair", "from_norm", "ratio"))
     label = t["label"].iloc[0] if len(t) else ""
@@ -135,7 +170,7 @@ def fig_share_variants(layers: pd.DataFrame, width: int = 260) -> alt.FacetChart
     span = central_range(f["share"], include=(0,))
     f = f.assign(beyond=beyond(f["share"], span))
     x = layer_axis(f, width=width)
-    y = alt.Y("share:Q", title="mean from_norm / DE", axis=alt.Axis(format="%"), scale=clamped(span))
+    y = alt.Y("share:Q", title="mean final-norm term / DE", axis=alt.Axis(format="%"), scale=clamped(span))
     color = token_color()  # chapter 1's colours, the legend below the two panels
     tips = [alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
             alt.Tooltip("share:Q", format=".1%", title="layer mean share"), alt.Tooltip("n_heads:Q", title="heads")]
@@ -177,7 +212,8 @@ def _ratio_panel(h: pd.DataFrame, title: str, width) -> alt.LayerChart:
     # overlaid: a see-through fill, each ablation's outline in its full colour (3:1 on white)
     hist = alt.Chart(h).mark_bar(fillOpacity=0.3, strokeWidth=1.5, binSpacing=0).encode(
         # y2 at 0: a bar with x and x2 alone is a horizontal range, drawn as a thin dash at its count
-        x=x, x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens"), y2=alt.datum(0),
+        x=x, x2="hi:Q", y=alt.Y("count:Q", stack=None, title="tokens", axis=alt.Axis(tickMinStep=1, format="d")),
+        y2=alt.datum(0),
         color=_ablation_color(legend=alt.Legend(orient="bottom")),
         stroke=alt.Stroke("ablation:N", scale=_ablation_scale(), legend=None),
         tooltip=[alt.Tooltip("ablation:N"), alt.Tooltip("lo:Q", format=".4f", title="from"),
@@ -276,7 +312,7 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
             .transform_fold(["lo", "hi"], as_=["end", "v"])
             .mark_line(color="#444", strokeDash=[4, 3]).encode(x="v:Q", y="v:Q"))
     points = alt.Chart(heads).mark_circle(size=45, opacity=MARK_OPACITY, color=DARK["red"]).encode(
-        x=alt.X("norm_terms:Q", title="eq. 2 norm terms (from_norm + from_block_norms)"),
+        x=alt.X("norm_terms:Q", title="eq. 2 norm terms (final + block norms)"),
         y=alt.Y("removed:Q", title="live − norms-frozen self-repair"),
         tooltip=_tips(heads, "norm_terms", "removed", "gap", "from_norm", "from_block_norms",
                       "self_repair", "self_repair_frozen"))
