@@ -39,11 +39,12 @@ from .ioi_claims import (BACKUPS, CLAIMS, DOES_IOI, MOST_PROMPTS, MOVED, PARTLY,
                          SIGNIFICANT_GROWTH, estimates, mean_of, pair_sums, share_back, verdicts)
 from .ioi_text import FIGURES, FULL_TOL, REGIONS, findings, region, repair_outcome, shows  # noqa: F401 (the notebook's)
 
-HEADS_TABLE = Layout(("label", "direct_effect", "attn_io", "attn_s", "ablated_direct_effect",
-                      "delta_direct_effect", "moved_direct_effect"),
-                     names={"direct_effect": "DE on logit diff", "attn_io": "attention to IO",
-                            "attn_s": "attention to S", "ablated_direct_effect": "DE, name movers ablated",
-                            "delta_direct_effect": "ΔDE", "moved_direct_effect": "DE, residual moved"})
+HEADS_TABLE = Layout(("label", "direct_effect", "delta_direct_effect", "moved_direct_effect"),
+                     names={"direct_effect": "DE", "delta_direct_effect": "ΔDE ablated",
+                            "moved_direct_effect": "DE moved"},
+                     caption="Logits, means over prompts. DE: direct effect on the logit difference, clean "
+                             "run; ΔDE ablated: its change with the name movers ablated; DE moved: with the "
+                             "residual moved (below). Attention to IO and S: in the fold under the table.")
 REPAIR_TABLE = Layout(("quantity", "mean", "share of the DE lost"), percent=("share of the DE lost",))
 
 
