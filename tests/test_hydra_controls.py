@@ -292,6 +292,12 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
     scale_md = chapter.scale_markdown(ch)
     assert f"the {per_patch:.2f} of" in scale_md and "different selection" in scale_md
     assert np.isnan(chapter.patch_slope(dataclasses.replace(ch, comparison=None)))
+    full = ch.attention_localisation
+    short = chapter.local_table(ch, n=3)  # the rows that change most, every row folded
+    assert len(short.top.frame) == 3 and len(short.every.frame) == len(full) > 3
+    assert list(short.top.frame["total_abs_delta_de"]) == sorted(full["total_abs_delta_de"], reverse=True)[:3]
+    page = short._repr_html_()
+    assert page.count("<details") >= 1 and page.count("<tr>") >= 3 + len(full) + 2
     loc_md = chapter.localisation_markdown(ch)
     mlp = ch.attention_localisation[(ch.attention_localisation["readout_kind"] == "mlp")
                                     & (ch.attention_localisation["n_downstream"] >= 2)]

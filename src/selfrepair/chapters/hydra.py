@@ -45,7 +45,8 @@ from . import hydra_claims as hcl
 from .hydra_claims import (CLAIMS, ERASURE, LOCAL, OWN, PAPER, RESTORED, SLOPE, UNEMBED,  # noqa: F401
                            seen, task_failed, verdicts)
 from .hydra_text import (LOCAL_TABLE, OWN_TABLE, SCALE_TABLE, scale_table, localisation_markdown,  # noqa: F401 (the notebook's)
-                         noise_markdown, own_markdown, panels_markdown, patch_slope, scale_markdown)
+                         local_table, noise_markdown, own_markdown, panels_markdown, patch_slope,
+                         scale_markdown)
 
 @dataclass(frozen=True)
 class Config(RunConfig):

@@ -8,12 +8,14 @@ a :class:`~selfrepair.tables.Table` through a :class:`~selfrepair.tables.Layout`
 
 from __future__ import annotations
 
+import html
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from ..tables import Layout, counted, listed, table
+from ..tables import TABLE_CLASS, Layout, Table, counted, listed, table
 from ..rules import NEGLIGIBLE
 from .hydra_claims import PAPER, RESTORED, SLOPE
 
@@ -30,6 +32,38 @@ LOCAL_TABLE = Layout(("ablated", "readout_kind", "n_downstream", "total_abs_delt
                             "n_downstream": "how many", "total_abs_delta_de": "Σ mean |ΔDE|",
                             "top": "changes most", "share_top1": "top-1 share", "share_top2": "top-2 share",
                             "uniform": "even spread"})
+
+TOP_ROWS = 8  # rows of the localisation table shown above its fold
+
+
+@dataclass(frozen=True)
+class Shortened:
+    """A long table shown by its ``top`` rows, with every row one click away (a ``<details>``
+    element); its text form is the top rows' (code and tests read it)."""
+
+    top: Table
+    every: Table
+    label: str
+
+    def _repr_html_(self) -> str:
+        return (self.top._repr_html_() + f'<details class="{TABLE_CLASS}-all"><summary>{html.escape(self.label)}'
+                f'</summary><div class="{TABLE_CLASS}-scroll">{self.every._repr_html_()}</div></details>')
+
+    def __repr__(self) -> str:
+        return repr(self.top)
+
+
+def local_table(ch, n: int = TOP_ROWS) -> Shortened:
+    """The localisation table (:data:`LOCAL_TABLE`) of the attention ablations: the ``n`` rows whose
+    later layers change most (largest Σ mean |ΔDE|), every row folded below them."""
+    full = ch.attention_localisation
+    top = full.sort_values("total_abs_delta_de", ascending=False).head(n)
+    t = LOCAL_TABLE(full)
+    caption = (f"The {min(n, len(full))} of {counted(len(full), 'row')} (ablated attention layer, kind of later "
+               "layer) whose later layers change most, largest Σ mean |ΔDE| first.")
+    shown = table(top[list(t.columns)], t.columns, names=t.names, percent=t.percent, caption=caption)
+    return Shortened(shown, t, f"Every row ({len(full)}), by ablated layer")
+
 
 def _with_interval(value: float, lo: float, hi: float, fmt: str) -> str:
     """``value (lo to hi)`` in ``fmt``; ``n/a`` where the value is missing, the point alone where
