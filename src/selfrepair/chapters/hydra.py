@@ -280,7 +280,7 @@ def model_notes(cfg: Config) -> str:
                      "outputs through post-attention / post-feedforward norms before adding them; it is "
                      "that post-norm write that is replaced, so the ablated block's own norm cannot "
                      "rescale the replacement. The downstream blocks' norms rescale too: that is reported "
-                     "as its own term (`from_block_norms`), not counted as compensation.")
+                     "as its own term (the block norms' term), not counted as compensation.")
     lines.append("- **The same layer's MLP.** " + (
         "The blocks are parallel-residual: a layer's MLP reads the same residual as its attention, so "
         "it cannot compensate for that attention layer (its cells in the erasure map are zero)."

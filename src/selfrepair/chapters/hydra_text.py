@@ -291,8 +291,8 @@ def scale_markdown(ch) -> str:
         "σ(z_t^L): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
         "not say which was used.\n\n"
         "**Why the book leads with the clean σ.** At the clean σ the compensation is exactly what the "
-        "later layers change in what they write, and the final norm's rescaling is its own term "
-        "(`from_norm`), as in the self-repair paper's eq. 2 (chapter 2). At σ′ the compensation "
-        "also holds the norm's rescaling of the later layers' writes but not of the earlier ones "
-        "(left over as `upstream_rescale`): two mechanisms in one number. The verdicts use the clean "
+        "later layers change in what they write, and the final norm's rescaling is a term of its own, "
+        "as in the self-repair paper's eq. 2 (chapter 2). At σ′ the compensation also holds the norm's "
+        "rescaling of the later layers' writes but not of the earlier ones (whose rescaling is left over "
+        "apart): two mechanisms in one number. The verdicts use the clean "
         "reading and give the other beside it.")

@@ -252,11 +252,11 @@ def repair_table(ch: IoiChapter) -> pd.DataFrame:
     rows = [("name movers' direct effect lost, −ΔDE", lost),
             ("drop of the logit difference, −Δ", -r["delta_logit"].mean()),
             ("self-repair (eq. 1)", r["self_repair"].mean()),
-            ("… other heads (from_heads)", r["from_heads"].mean()),
-            ("… MLP layers (from_mlps)", r["from_mlps"].mean()),
-            ("… final norm (from_norm)", r["from_norm"].mean())]
+            ("… other heads", r["from_heads"].mean()),
+            ("… MLP layers", r["from_mlps"].mean()),
+            ("… final norm", r["from_norm"].mean())]
     if ch.meta.get("sandwich"):  # only models with norms on the blocks' writes have this term
-        rows.append(("… block norms (from_block_norms)", r["from_block_norms"].mean()))
+        rows.append(("… block norms", r["from_block_norms"].mean()))
     return pd.DataFrame({"quantity": [q for q, _ in rows], "mean": [v for _, v in rows],
                          "share of the DE lost": [v / lost if lost and math.isfinite(lost) else math.nan
                                                   for _, v in rows]})
@@ -297,7 +297,7 @@ def model_notes(cfg: Config) -> str:
     if a["sandwich"]:
         lines.append("- **Norms on each block's write.** The post-attention norm of the name movers' layer "
                      "rescales its other heads' writes when the name movers are ablated; that reaction, and "
-                     "every later block norm's, is the `from_block_norms` row of the table, not part of "
+                     "every later block norm's, is the block norms' row of the table, not part of "
                      "any head's ΔDE.")
     lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)
