@@ -393,6 +393,20 @@ def test_logit_change_is_worded_from_its_sign(value, lo, hi, words, not_words):
     assert "rises by 50%" in unreliable and "no reliable interval: few" in unreliable
 
 
+@pytest.mark.parametrize("delta_logit, rises", [(-1.0, False), (2.0, True)])
+def test_the_repair_tables_drop_row_says_when_the_logit_difference_rises(delta_logit, rises):
+    from types import SimpleNamespace
+
+    from selfrepair.chapters import ioi as chapter
+
+    parts = {k: [0.5, 0.5] for k in ("self_repair", "from_heads", "from_mlps", "from_norm")}
+    ch = SimpleNamespace(repair=pd.DataFrame({"nm_delta_de": [-2.0, -2.0], "delta_logit": [delta_logit] * 2, **parts}),
+                         meta={})
+    t = chapter.repair_table(ch)
+    assert t["mean"].iloc[1] == -delta_logit
+    assert ("(negative: it rises)" in t["quantity"].iloc[1]) == rises
+
+
 def test_chapter_config_errors():
     from selfrepair.chapters import check
     from selfrepair.chapters import ioi as chapter

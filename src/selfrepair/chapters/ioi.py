@@ -248,9 +248,9 @@ def selection_markdown(ch: IoiChapter) -> str:
 def repair_table(ch: IoiChapter) -> pd.DataFrame:
     """Eq. 1 and 2 on the logit difference, means over prompts."""
     r = ch.repair
-    lost = -r["nm_delta_de"].mean()
+    lost, drop = -r["nm_delta_de"].mean(), -r["delta_logit"].mean()
     rows = [("name movers' direct effect lost, −ΔDE", lost),
-            ("drop of the logit difference, −Δ", -r["delta_logit"].mean()),
+            ("drop of the logit difference, −Δ" + (" (negative: it rises)" if drop < 0 else ""), drop),
             ("self-repair (eq. 1)", r["self_repair"].mean()),
             ("… other heads", r["from_heads"].mean()),
             ("… MLP layers", r["from_mlps"].mean()),
