@@ -60,7 +60,7 @@ def test_heatmaps(heads, fig, field):
 
 
 def test_fig_self_repair(repair):
-    spec = _check(fi.fig_self_repair(repair), N + 2)  # the prompts, and the dashed line's two ends
+    spec = _check(fi.fig_self_repair(repair), N)
     assert {"circle", "line"} <= _marks(spec)
     assert {"lost"} <= _fields(spec, "x") and {"drop"} <= _fields(spec, "y")
     assert {"self_repair", "from_heads", "from_norm"} <= _fields(spec, "tooltip")

@@ -69,8 +69,10 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
         color=signed_color("self_repair", data["self_repair"], title="self-repair"),
         tooltip=tips).add_params(alt.selection_interval(bind="scales", name="zoom"))
     lo, hi = max(xs[0], ys[0]), min(xs[1], ys[1])  # y = x where both axes show it
-    layers = ([alt.Chart(pd.DataFrame({"v": [lo, hi]})).mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1.5)
-               .encode(x="v:Q", y="v:Q")] if lo < hi else [])
+    layers = ([alt.Chart(data).transform_aggregate(n="count()").transform_calculate(lo=repr(lo), hi=repr(hi))
+               .transform_fold(["lo", "hi"], as_=["end", "v"])  # the two ends, from the same data
+               .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1.5).encode(x="v:Q", y="v:Q")]
+              if lo < hi else [])
     return alt.layer(*layers, points).properties(
         title="Per prompt: logit-difference drop vs the direct effect lost (dashed: no repair)",
         width="container", height=300)
