@@ -34,6 +34,9 @@ LOCAL_TABLE = Layout(("ablated", "readout_kind", "n_downstream", "total_abs_delt
                             "uniform": "even spread"})
 
 TOP_ROWS = 8  # rows of the localisation table shown above its fold
+SHORT_COLUMNS = ("ablated", "readout_kind", "total_abs_delta_de", "top", "share_top1", "uniform")  # a phone's width
+SHORT_NAMES = {"readout_kind": "later", "total_abs_delta_de": "Σ|ΔDE|", "top": "most", "share_top1": "share",
+               "uniform": "even"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,10 @@ def local_table(ch, n: int = TOP_ROWS) -> Shortened:
     top = full.sort_values("total_abs_delta_de", ascending=False).head(n)
     t = LOCAL_TABLE(full)
     caption = (f"The {min(n, len(full))} of {counted(len(full), 'row')} (ablated attention layer, kind of later "
-               "layer) whose later layers change most, largest Σ mean |ΔDE| first.")
-    shown = table(top[list(t.columns)], t.columns, names=t.names, percent=t.percent, caption=caption)
+               "layer) whose later layers change most, largest Σ mean |ΔDE| first; most: the later layer that "
+               "changes most, with its share of Σ beside an even spread's. Every row and column in the fold.")
+    shown = table(top[list(SHORT_COLUMNS)], SHORT_COLUMNS, names=SHORT_NAMES, percent=("share_top1", "uniform"),
+                  caption=caption)
     return Shortened(shown, t, f"Every row ({len(full)}), by ablated layer")
 
 
