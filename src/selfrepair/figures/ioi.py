@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 
 from . import diverging_color, head_tooltip
-from .legible import DARK, signed_color
+from .legible import DARK, signed_color, wrap
 
 HEAD_FIELDS = ("direct_effect", "attn_io", "attn_s", "ablated_direct_effect", "delta_direct_effect",
                "moved_direct_effect")
 RUNS = ["clean", "name movers ablated", "residual moved"]
 RUN_COLORS = [DARK["blue"], DARK["red"], DARK["green"]]
+TITLE_CHARS = 48  # a title's line at a phone's width
 PAD = 0.05  # a scatter's axis: the data's range and this share of it on each side
 
 
@@ -32,19 +33,19 @@ def _heatmap(heads: pd.DataFrame, field: str, title: str, legend: str) -> alt.La
         tooltip=head_tooltip(*HEAD_FIELDS, "name_mover:N"))
     movers = base.transform_filter("datum.name_mover").mark_rect(
         fill=None, stroke="black", strokeWidth=2).encode(tooltip=head_tooltip(*HEAD_FIELDS))
-    return alt.layer(cells, movers).properties(title=title, width="container", height=260)
+    return alt.layer(cells, movers).properties(  # the name movers' outline named on its own line: a phone's width
+        title=alt.Title(wrap(title, TITLE_CHARS), subtitle="outlined: the name movers"), width="container", height=260)
 
 
 def fig_head_de(heads: pd.DataFrame) -> alt.LayerChart:
     """Every head's mean direct effect on the logit difference (clean run); name movers outlined."""
-    return _heatmap(heads, "direct_effect", "Direct effect on logit(IO) − logit(S), per head "
-                    "(outlined: the name movers)", "DE (logits)")
+    return _heatmap(heads, "direct_effect", "Direct effect on logit(IO) − logit(S), per head", "DE (logits)")
 
 
 def fig_backup_change(heads: pd.DataFrame) -> alt.LayerChart:
     """Every head's change of direct effect when the name movers are ablated (blue: grows)."""
     return _heatmap(heads, "delta_direct_effect", "Change of each head's direct effect when the name "
-                    "movers are ablated (outlined: the name movers)", "ΔDE (logits)")
+                    "movers are ablated", "ΔDE (logits)")
 
 
 def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
