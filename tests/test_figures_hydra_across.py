@@ -92,6 +92,44 @@ def test_fig_impact(effects):
     assert {"mean", "lo", "hi", "corr", "frac_de_gt_drop"} <= _fields(spec)
 
 
+def _lines(spec) -> list[dict]:
+    """Every line layer of a (faceted) layered spec."""
+    layers = (spec.get("spec") or spec)["layer"]
+    return [l for l in layers if (l["mark"] if isinstance(l["mark"], str) else l["mark"]["type"]) == "line"]
+
+
+def test_fig_impact_legend_shows_the_lines_at_full_strength(effects):
+    """The legend's swatches are the lines' colours, opaque (not the pale 10-90% bands'), and every
+    line is at least 1.5 px wide in a colour of at least 3:1 on white."""
+    from selfrepair.figures.legible import contrast
+    from selfrepair.hydra import impact_summary
+    spec = fh.fig_impact(impact_summary(effects)).to_dict()
+    (line,) = _lines(spec)
+    assert line["mark"]["strokeWidth"] >= 1.5
+    color = line["encoding"]["color"]
+    assert color["legend"]["symbolOpacity"] == 1 and color["legend"]["symbolType"] == "stroke"
+    assert all(contrast(c) >= 3 for c in color["scale"]["range"])
+
+
+def test_fig_own_effect_every_source_line_shows_over_the_mean(synthetic):
+    """The every-source average lies on the mean line: it is dashed and drawn again on top of it,
+    every line at least 1.5 px wide in a colour of at least 3:1, the legend's swatches opaque strokes."""
+    from selfrepair.figures.legible import contrast
+    from selfrepair.hydra_controls import own_effects
+    spec = fh.fig_own_effect(own_effects({"resample": synthetic})).to_dict()
+    lines = _lines(spec)
+    assert len(lines) == 2 and all(l["mark"]["strokeWidth"] >= 1.5 for l in lines)
+    layers = spec["spec"]["layer"]
+    assert layers.index(lines[1]) > layers.index(lines[0])  # the every-source line on top
+    assert "resample (every source)" in json.dumps(lines[1]["transform"])
+    dash = lines[0]["encoding"]["strokeDash"]["scale"]
+    dashed = dict(zip(dash["domain"], dash["range"]))
+    assert dashed.pop("resample (every source)") != [1, 0] and all(d == [1, 0] for d in dashed.values())
+    color = lines[0]["encoding"]["color"]
+    assert all(contrast(c) >= 3 for c in color["scale"]["range"])
+    assert color["legend"]["symbolOpacity"] == 1 and color["legend"]["symbolType"] == "stroke"
+
+
 def test_fig_unembed_vs_ablate(effects):
     spec = _check(fh.fig_unembed_vs_ablate(effects), len(effects))
     assert "circle" in _marks(spec) and {"direct_effect", "ablation_drop"} <= _fields(spec)

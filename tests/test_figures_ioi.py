@@ -66,6 +66,33 @@ def test_fig_self_repair(repair):
     assert {"self_repair", "from_heads", "from_norm"} <= _fields(spec, "tooltip")
 
 
+def _domains(spec) -> dict[str, list[float]]:
+    """The explicit domains of a layered chart's x and y scales."""
+    out = {}
+    for layer in spec["layer"]:
+        for ch in ("x", "y"):
+            domain = layer.get("encoding", {}).get(ch, {}).get("scale", {}).get("domain")
+            if domain is not None:
+                out[ch] = domain
+    return out
+
+
+def test_fig_self_repair_axes_fit_the_data(repair):
+    """Each axis spans its own values with a little room, not the other axis's range too: one prompt
+    far out on x leaves y's domain at y's values (and the dashed y = x only where both show it)."""
+    far = repair.assign(nm_delta_de=repair["nm_delta_de"].where(repair.index > 0, -50.0))
+    spec = fi.fig_self_repair(far).to_dict()
+    d = _domains(spec)
+    for ch, values in (("x", -far["nm_delta_de"]), ("y", -far["delta_logit"])):
+        lo, hi = d[ch]
+        width = values.max() - values.min()
+        assert lo < values.min() and hi > values.max(), (ch, d[ch])  # every point inside
+        assert values.min() - lo <= 0.1 * width and hi - values.max() <= 0.1 * width, (ch, d[ch])
+    assert d["y"][1] < 45  # the far x value does not stretch y
+    line = [l for l in spec["layer"] if l["mark"]["type"] == "line"]
+    assert line and fi.span([3.0]) == (2.5, 3.5) and fi.span([]) == (-1.0, 1.0)
+
+
 def test_fig_moving(heads):
     shown = pd.concat([heads[heads["name_mover"]], heads[~heads["name_mover"]].head(3)])
     moving = moving_frame(heads, shown, source=1)

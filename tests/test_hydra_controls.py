@@ -14,6 +14,8 @@ selfrepair.hydra), on tiny random models of every family.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -284,6 +286,18 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
     c = ch.comparison[ch.comparison["kind"] == "attn"]
     for name in ("resample", "noise"):
         assert f"{c[c['ablation'] == name]['abs_total_effect'].mean():.3f}" in noise_md
+    pooled, per_patch = ch.numbers["slope_mid"], chapter.patch_slope(ch)
+    assert np.isfinite(pooled) and np.isfinite(per_patch)  # two slopes on two selections: each names the other
+    assert f"not the pooled slope of {pooled:.2f}" in noise_md and "#ch05-scale" in noise_md
+    scale_md = chapter.scale_markdown(ch)
+    assert f"the {per_patch:.2f} of" in scale_md and "different selection" in scale_md
+    assert np.isnan(chapter.patch_slope(dataclasses.replace(ch, comparison=None)))
+    full = ch.attention_localisation
+    short = chapter.local_table(ch, n=3)  # the rows that change most, every row folded
+    assert len(short.top.frame) == 3 and len(short.every.frame) == len(full) > 3
+    assert list(short.top.frame["total_abs_delta_de"]) == sorted(full["total_abs_delta_de"], reverse=True)[:3]
+    page = short._repr_html_()
+    assert page.count("<details") >= 1 and page.count("<tr>") >= 3 + len(full) + 2
     loc_md = chapter.localisation_markdown(ch)
     mlp = ch.attention_localisation[(ch.attention_localisation["readout_kind"] == "mlp")
                                     & (ch.attention_localisation["n_downstream"] >= 2)]

@@ -372,6 +372,41 @@ def test_partial_full_and_over_repair_are_told_apart(lo, hi, outcome, word):
         assert region in rule  # the rule names every outcome it tells apart
 
 
+@pytest.mark.parametrize("value, lo, hi, words, not_words", [
+    (-0.96, -1.39, -0.68, ["rises by 96%", "95% interval 68% to 139%", "gives back more"], ["falls", "-"]),
+    (0.30, 0.10, 0.50, ["falls by 30%", "95% interval 10% to 50%"], ["rises", "-"]),
+    (0.10, -0.05, 0.30, ["falls by 10%", "from a rise of 5% to a fall of 30%"], ["rises by", "-"]),
+    (-0.10, -0.30, 0.05, ["rises by 10%", "from a rise of 30% to a fall of 5%"], ["falls by", "-"]),
+    (0.0, -0.20, 0.20, ["does not change: 0%", "from a rise of 20% to a fall of 20%"], ["falls by", "rises by"]),
+])
+def test_logit_change_is_worded_from_its_sign(value, lo, hi, words, not_words):
+    """The verdict's sentence of how the logit difference moves never says "falls by" a negative share."""
+    from selfrepair.chapters.ioi_text import logit_change
+    from selfrepair.uncertainty import Estimate
+
+    text = logit_change(Estimate(value, lo, hi, 48, "prompts", 24, "prompt pairs", 0, 1000))
+    for w in words:
+        assert w in text, (w, text)
+    for w in not_words:
+        assert w not in text, (w, text)
+    unreliable = logit_change(Estimate(-0.5, float("nan"), float("nan"), 4, "prompts", 2, "pairs", 0, 10, why="few"))
+    assert "rises by 50%" in unreliable and "no reliable interval: few" in unreliable
+
+
+@pytest.mark.parametrize("delta_logit, rises", [(-1.0, False), (2.0, True)])
+def test_the_repair_tables_drop_row_says_when_the_logit_difference_rises(delta_logit, rises):
+    from types import SimpleNamespace
+
+    from selfrepair.chapters import ioi as chapter
+
+    parts = {k: [0.5, 0.5] for k in ("self_repair", "from_heads", "from_mlps", "from_norm")}
+    ch = SimpleNamespace(repair=pd.DataFrame({"nm_delta_de": [-2.0, -2.0], "delta_logit": [delta_logit] * 2, **parts}),
+                         meta={})
+    t = chapter.repair_table(ch)
+    assert t["mean"].iloc[1] == -delta_logit
+    assert ("(negative: it rises)" in t["quantity"].iloc[1]) == rises
+
+
 def test_chapter_config_errors():
     from selfrepair.chapters import check
     from selfrepair.chapters import ioi as chapter

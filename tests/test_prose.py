@@ -103,3 +103,39 @@ def test_the_worked_example_is_computed_and_consistent():
     assert v.numbers["logit"] != pytest.approx(n["logit"]) and v.text != w.text
     assert f"**{v.numbers['logit_ablated']:.3f}**" in v.text
     assert v.numbers["self_repair"] == pytest.approx(v.numbers["norm_term"])
+
+
+def _markdown_cells(path: Path) -> str:
+    return "\n".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                     if c["cell_type"] == "markdown")
+
+
+def test_the_introductions_chapter_map_says_what_each_cited_figure_shows():
+    """A newcomer without the papers open: every parenthesis of the chapter map that cites a paper's
+    figure says in words what the figure shows (a colon after each figure or range)."""
+    rows = [line for line in _markdown_cells(ROOT / "book" / "00_introduction.ipynb").splitlines()
+            if line.startswith("| <a href=")]
+    cited = [p for row in rows for p in re.findall(r"\(([^()]*\bFig \d[^()]*)\)", row)]
+    assert len(cited) >= 6  # chapters 1-6 cite the papers' figures
+    for p in cited:
+        for fig in re.finditer(r"Fig \d+(?:–\d+)?(?: and \d+)?", p):
+            tail = p[fig.end():]
+            assert tail.startswith(":") or tail.startswith(" and Fig"), (fig.group(0), p)
+
+
+CODE_NOUN = re.compile(r"`[a-z_]+\.[a-z_.]+`|`[a-z]+_[a-z_0-9]+`")
+
+
+@pytest.mark.parametrize("page", ["00_introduction", "05_hydra", "08_backup_name_movers"])
+def test_prose_names_no_code_as_a_noun_but_the_parameters(page):
+    """Module paths and function or variable names are not nouns of the prose; a parameter the reader
+    sets (the notebook's parameters cell) may appear as code."""
+    settable = {"worked_example"}  # the introduction's cell calls it: the reader passes it other numbers
+    for path in (ROOT / "book").glob("[0-9][0-9]_*.ipynb"):  # every chapter's parameters (the intro names them)
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        params = "".join(next((c["source"] for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])), []))
+        settable |= set(re.findall(r"^(\w+) =", params, re.M))
+    text = re.sub(r"```.*?```", "", _markdown_cells(ROOT / "book" / f"{page}.ipynb"), flags=re.S)
+    text = re.sub(r":::\{exercise\}.*?:::", "", text, flags=re.S)  # an exercise names the function to write
+    found = {m.group(0) for m in CODE_NOUN.finditer(text)} - {f"`{p}`" for p in settable}
+    assert not found, f"{page} names code in its prose: {sorted(found)}"

@@ -40,7 +40,7 @@ from selfrepair.book import runner
 from selfrepair.chapters import CHAPTERS, chapter_module
 from selfrepair.chapters import scorecard as chapter
 from selfrepair.claims import Claim, Verdict, above, anchor, paper_word
-from selfrepair.scorecard import DECIDED, STATUSES, build, chapter_claims, counts
+from selfrepair.scorecard import DECIDED, REDECIDES, STATUSES, Card, build, chapter_claims, claim_fields, counts
 from selfrepair.uncertainty import Estimate
 from selfrepair.verdict_records import FORMAT, latest, read, record_path, save
 
@@ -302,7 +302,8 @@ def _check_opening(card):
     for part, paragraph in zip(dict.fromkeys(card.frame["part"]), text.split("\n\n")):
         assert paragraph.startswith(f"**{part}**")
         for t in tallies[tallies["part"] == part].to_dict("records"):
-            by_hand = card.frame[(card.frame["part"] == part) & (card.frame["model"] == t["model"])]
+            by_hand = card.frame[(card.frame["part"] == part) & (card.frame["model"] == t["model"])
+                                 & (card.frame["counted_in"] == "")]  # each paper claim once
             want = {s: int((by_hand["verdict"] == s).sum()) for s in STATUSES}
             assert _said(paragraph, t["model"]) == want == {s: t[s] for s in STATUSES}
     return text
@@ -411,3 +412,54 @@ def test_the_scorecard_parameters_are_the_books(tmp_path):
     with pytest.raises(Exception, match="model must name"):
         chapter.Config.from_params(model=" ")
     assert pd.api.types.is_object_dtype(card.runs["model"]) or card.runs.empty
+
+
+# -- each paper claim once; the closing paragraph -----------------------------------------------------
+def test_every_redecision_names_a_claim_its_first_chapter_decides():
+    for (prefix, key), (first, same) in REDECIDES.items():
+        assert key in {c.key for c in chapter_claims(chapter_module(prefix))}, (prefix, key)
+        assert same in {c.key for c in chapter_claims(chapter_module(first))}, (first, same)
+        assert first < prefix
+
+
+def _card(verdicts: dict[tuple[str, str], str], model: str = "m") -> Card:
+    """A card of (chapter, claim) -> verdict rows on one model, built as :func:`build` builds rows."""
+    from selfrepair.scorecard import _claim_row
+
+    parts = {"01": "Self-repair", "02": "Self-repair", "05": "Hydra", "06": "Across models"}
+    rows = []
+    for (prefix, key), verdict in verdicts.items():
+        claim = claim_fields(next(c for c in chapter_claims(chapter_module(prefix)) if c.key == key))
+        page = {"part": parts[prefix], "chapter": prefix, "page": f"{prefix}_x", "title": prefix}
+        rows.append({**_claim_row(claim, page, model), "verdict": verdict, "estimate": "0.5", "n": 3,
+                     "unit": "heads", "interval": "x"})
+    runs = pd.DataFrame([{"model": model, "chapter": p} for p in dict.fromkeys(p for p, _ in verdicts)])
+    return Card(pd.DataFrame(rows), runs, [model])
+
+
+def test_a_redecided_claim_is_shown_apart_and_counted_once():
+    """Chapter 6 decides chapter 1's claims again: its rows stay in the table, marked and linked to
+    the counted row, and no count (the opening's, the closing's) includes them."""
+    card = _card({("01", "many"): "holds", ("01", "exists"): "holds", ("05", "unembed"): "differs",
+                  ("06", "many"): "holds", ("06", "between"): "differs"})
+    tallies = counts(card.frame)
+    assert list(tallies["part"]) == ["Self-repair", "Hydra"]  # the re-decisions' part has no count
+    assert tallies.set_index("part").loc["Self-repair", "holds"] == 2
+    text = chapter.opening(card)
+    across = text.split("\n\n")[2]
+    assert across.startswith("**Across models**") and "not in the totals" in across
+    assert "Decided again on **m**: 1 holds, 1 differs, 0 cannot tell; 1 of 2 agree with the counted verdict" in across
+    html = chapter.table(card).data
+    assert html.count("decided again: the claim of chapter 01") == 2 and 'href="#score-01-exists"' in html
+    closing = chapter.shows(card)
+    assert "counts 3 claims of chapters 01 and 05, each once" in closing
+    assert "chapter 06 decides 2 claims of chapter 01 again" in closing
+    assert "On m, 2 of the 3 hold, 1 differs and 0 cannot" in closing and "1 of 2 cases" in closing
+    assert "67% of the papers' claims hold (2 of 3)" in closing
+    assert 3 <= closing.count(". ") + 1 <= 6  # three to six plain sentences
+
+
+def test_the_closing_says_so_when_nothing_ran_on_the_books_model():
+    card = _card({("01", "many"): "not run", ("05", "unembed"): "not run"})
+    closing = chapter.shows(card)
+    assert "No chapter has decided a claim on m" in closing and "Take-away" not in closing

@@ -39,6 +39,11 @@ from .verdict_records import FOLDED, latest, rule_id, scan, this_version
 
 STATUSES = ("holds", "differs", "cannot tell", "not tested", "rule changed", "not run")
 DECIDED = STATUSES[:3]
+# claims a chapter decides again that an earlier chapter decides first: (chapter, claim) -> the
+# (chapter, claim) whose decision is counted. Chapter 6 re-decides chapters 1 and 2's claims on
+# every cached sweep; the same paper claim is counted once, in its first chapter.
+REDECIDES = {("06", "many"): ("01", "many"), ("06", "between"): ("01", "exists"),
+             ("06", "norm_share"): ("02", "norm_share")}
 
 
 def chapter_claims(module) -> list[Claim]:
@@ -129,7 +134,9 @@ def recorded_fields(row: dict) -> dict:
 
 
 def _claim_row(claim: dict, page: dict, model: str) -> dict:
+    counted_in, same_claim = REDECIDES.get((page["chapter"], claim["claim"]), ("", ""))
     return {"part": page["part"], "chapter": page["chapter"], "page": page["page"], "title": page["title"],
+            "counted_in": counted_in, "same_claim": same_claim,
             **{k: claim[k] for k in ("claim", "statement", "source", "word", "rule", "reason", "paper")},
             "model": model, "href": f"{page['page']}.html#{claim['anchor']}",
             "verdict": "not run", "value": None, "lo": None, "hi": None, "n": None, "unit": "",
@@ -230,12 +237,25 @@ def _parameters(record: dict) -> str:
                      if k != "model" and defaults.get(k, object()) != v) or "the chapter's defaults"
 
 
+def counted_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows the totals count: each paper claim once, so not a re-decision (:data:`REDECIDES`)
+    of a claim an earlier chapter decides."""
+    return frame[frame["counted_in"] == ""] if "counted_in" in frame else frame
+
+
+def redecided_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The re-decisions (:data:`REDECIDES`), shown on the page and out of the totals."""
+    return frame[frame["counted_in"] != ""] if "counted_in" in frame else frame.iloc[:0]
+
+
 def counts(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows per part, model and status (:data:`STATUSES`, every one a column), in the book's order."""
+    """Rows per part, model and status (:data:`STATUSES`, every one a column), in the book's order,
+    over :func:`counted_rows` (a part holding only re-decisions has no row)."""
+    order = {p: i for i, p in enumerate(dict.fromkeys(frame["part"]))} if not frame.empty else {}
+    models = {m: i for i, m in enumerate(dict.fromkeys(frame["model"]))} if not frame.empty else {}
+    frame = counted_rows(frame)
     if frame.empty:
         return pd.DataFrame(columns=["part", "model", *STATUSES])
-    order = {p: i for i, p in enumerate(dict.fromkeys(frame["part"]))}
-    models = {m: i for i, m in enumerate(dict.fromkeys(frame["model"]))}
     out = (frame.groupby(["part", "model"])["verdict"].value_counts().unstack(fill_value=0)
            .reindex(columns=list(STATUSES), fill_value=0).reset_index())
     out.columns.name = None
@@ -243,6 +263,7 @@ def counts(frame: pd.DataFrame) -> pd.DataFrame:
                            ignore_index=True)
 
 
-__all__ = ["Card", "DECIDED", "STATUSES", "build", "chapter_claims", "chapter_pages", "claim_fields", "counts",
+__all__ = ["Card", "DECIDED", "REDECIDES", "STATUSES", "build", "chapter_claims", "chapter_pages", "claim_fields",
+           "counted_rows", "counts", "redecided_rows",
            "estimate_text", "notebook_title", "page_claims", "parts_text", "recorded_fields", "run_command"]
 

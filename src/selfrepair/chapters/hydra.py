@@ -45,7 +45,8 @@ from . import hydra_claims as hcl
 from .hydra_claims import (CLAIMS, ERASURE, LOCAL, OWN, PAPER, RESTORED, SLOPE, UNEMBED,  # noqa: F401
                            seen, task_failed, verdicts)
 from .hydra_text import (LOCAL_TABLE, OWN_TABLE, SCALE_TABLE, scale_table, localisation_markdown,  # noqa: F401 (the notebook's)
-                         noise_markdown, own_markdown, panels_markdown, scale_markdown)
+                         local_table, noise_markdown, own_markdown, panels_markdown, patch_slope,
+                         scale_markdown)
 
 @dataclass(frozen=True)
 class Config(RunConfig):
@@ -279,7 +280,7 @@ def model_notes(cfg: Config) -> str:
                      "outputs through post-attention / post-feedforward norms before adding them; it is "
                      "that post-norm write that is replaced, so the ablated block's own norm cannot "
                      "rescale the replacement. The downstream blocks' norms rescale too: that is reported "
-                     "as its own term (`from_block_norms`), not counted as compensation.")
+                     "as its own term (the block norms' term), not counted as compensation.")
     lines.append("- **The same layer's MLP.** " + (
         "The blocks are parallel-residual: a layer's MLP reads the same residual as its attention, so "
         "it cannot compensate for that attention layer (its cells in the erasure map are zero)."

@@ -8,12 +8,14 @@ a :class:`~selfrepair.tables.Table` through a :class:`~selfrepair.tables.Layout`
 
 from __future__ import annotations
 
+import html
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from ..tables import Layout, counted, listed, table
+from ..tables import TABLE_CLASS, Layout, Table, counted, listed, table
 from ..rules import NEGLIGIBLE
 from .hydra_claims import PAPER, RESTORED, SLOPE
 
@@ -30,6 +32,43 @@ LOCAL_TABLE = Layout(("ablated", "readout_kind", "n_downstream", "total_abs_delt
                             "n_downstream": "how many", "total_abs_delta_de": "Σ mean |ΔDE|",
                             "top": "changes most", "share_top1": "top-1 share", "share_top2": "top-2 share",
                             "uniform": "even spread"})
+
+TOP_ROWS = 8  # rows of the localisation table shown above its fold
+SHORT_COLUMNS = ("ablated", "readout_kind", "total_abs_delta_de", "top", "share_top1", "uniform")  # a phone's width
+SHORT_NAMES = {"readout_kind": "later", "total_abs_delta_de": "Σ|ΔDE|", "top": "most", "share_top1": "share",
+               "uniform": "even"}
+
+
+@dataclass(frozen=True)
+class Shortened:
+    """A long table shown by its ``top`` rows, with every row one click away (a ``<details>``
+    element); its text form is the top rows' (code and tests read it)."""
+
+    top: Table
+    every: Table
+    label: str
+
+    def _repr_html_(self) -> str:
+        return (self.top._repr_html_() + f'<details class="{TABLE_CLASS}-all"><summary>{html.escape(self.label)}'
+                f'</summary><div class="{TABLE_CLASS}-scroll">{self.every._repr_html_()}</div></details>')
+
+    def __repr__(self) -> str:
+        return repr(self.top)
+
+
+def local_table(ch, n: int = TOP_ROWS) -> Shortened:
+    """The localisation table (:data:`LOCAL_TABLE`) of the attention ablations: the ``n`` rows whose
+    later layers change most (largest Σ mean |ΔDE|), every row folded below them."""
+    full = ch.attention_localisation
+    top = full.sort_values("total_abs_delta_de", ascending=False).head(n)
+    t = LOCAL_TABLE(full)
+    caption = (f"The {min(n, len(full))} of {counted(len(full), 'row')} (ablated attention layer, kind of later "
+               "layer) whose later layers change most, largest Σ mean |ΔDE| first; most: the later layer that "
+               "changes most, with its share of Σ beside an even spread's. Every row and column in the fold.")
+    shown = table(top[list(SHORT_COLUMNS)], SHORT_COLUMNS, names=SHORT_NAMES, percent=("share_top1", "uniform"),
+                  caption=caption)
+    return Shortened(shown, t, f"Every row ({len(full)}), by ablated layer")
+
 
 def _with_interval(value: float, lo: float, hi: float, fmt: str) -> str:
     """``value (lo to hi)`` in ``fmt``; ``n/a`` where the value is missing, the point alone where
@@ -111,15 +150,38 @@ def noise_markdown(ch) -> str:
     louder = int((b["abs_total_effect"] > a["abs_total_effect"]).sum())
     mid = [l for l in ch.numbers["mid"] if l in a.index]
     lines = [f"**On {ch.meta.get('model')}**, averaged over the {len(a)} attention layers:"]
+    pooled = ch.numbers.get("slope_mid", math.nan)
     for name, g in ((main, a), ("noise", b)):
         slope = (f" Per patch, the later layers give back {g.loc[mid, 'slope'].mean():.2f} logits per logit "
-                 f"removed (the slope, averaged over the middle layers {mid[0]}–{mid[-1]})." if mid else "")
+                 f"removed (the slope over every (prompt, patch), averaged over the middle layers "
+                 f"{mid[0]}–{mid[-1]}, each layer alike{_not_pooled(pooled) if name == main else ''})."
+                 if mid else "")
         lines.append(f"- **{name}**: the logit moves by a mean |Δ_ablate| of {g['abs_total_effect'].mean():.3f} "
                      f"per patch (mean Δ_ablate {g['total_effect'].mean():+.3f}); the ablated layer loses "
                      f"{g['lost'].mean():+.3f} logits of direct effect and the later layers change theirs by "
                      f"{g['compensation'].mean():+.3f}.{slope}")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")
     return "\n".join(lines)
+
+
+def _not_pooled(pooled: float) -> str:
+    """Why the noise section's slope is not the pooled slope of *Which σ?* (another selection)."""
+    if not math.isfinite(pooled):
+        return ""
+    return (f"; not the pooled slope of {pooled:.2f} in <a href=\"#ch05-scale\">Which σ?</a>, which fits each "
+            "prompt's compensation, its patches averaged, on the layer's clean direct effect and weighs the "
+            "layers by how much that direct effect varies")
+
+
+def patch_slope(ch) -> float:
+    """The noise section's slope under the chapter's ablation: the per-layer slope of compensation on
+    the direct effect removed over every (prompt, patch), averaged over the middle attention layers."""
+    c = ch.comparison
+    if c is None:
+        return math.nan
+    g = c[(c["kind"] == "attn") & (c["ablation"] == ch.meta.get("ablation", "resample"))].set_index("layer")
+    mid = [l for l in ch.numbers["mid"] if l in g.index]
+    return float(g.loc[mid, "slope"].mean()) if mid else math.nan
 
 
 def localisation_markdown(ch) -> str:
@@ -196,6 +258,16 @@ def _predictive(fits: pd.DataFrame) -> str:
             "approximately zero).")
 
 
+def _pooled_is(ch) -> str:
+    """What the pooled slope is, beside the noise section's slope on another selection."""
+    other = patch_slope(ch)
+    beside = (f"; the {other:.2f} of <a href=\"#ch05-noise\">the noise section</a> is a different selection: "
+              "every (prompt, patch), on the direct effect each patch removed, the middle layers' slopes "
+              "averaged alike" if math.isfinite(other) else "")
+    return (" (each prompt's compensation, its patches averaged, on the layer's clean direct effect, pooled over "
+            f"the middle layers so a layer whose direct effect varies more weighs more{beside})")
+
+
 def scale_markdown(ch) -> str:
     """Which reading of σ the paper's words support, which the book leads with and why, and how
     much the two readings differ on this model (:mod:`selfrepair.hydra_scale`)."""
@@ -210,7 +282,7 @@ def scale_markdown(ch) -> str:
         f"{e.restored['clean'].prose('.0%')} of the direct effect removed at the clean σ and "
         f"{e.restored['ablated'].prose('.0%')} at each ablation run's own σ′ (the final norm's scale moves "
         f"by a mean S/S′ of {s['scale_ratio_mid']:.3f} there); the pooled slopes there are "
-        f"{e.pooled['clean'].prose('.2f')} and {e.pooled['ablated'].prose('.2f')}, the steepest slope past "
+        f"{e.pooled['clean'].prose('.2f')} and {e.pooled['ablated'].prose('.2f')}{_pooled_is(ch)}, the steepest slope past "
         f"13/32 of the depth {e.max_slope['clean'].prose('.2f')} and {e.max_slope['ablated'].prose('.2f')}, "
         f"and the best R² {e.r2['clean'].prose('.2f')} and {e.r2['ablated'].prose('.2f')}. By the verdicts' "
         f"rules on these intervals alone, \"approximately {PAPER['restored']:.0%}\" {rule(RESTORED, e.restored['clean'])} at the clean σ "
@@ -224,8 +296,8 @@ def scale_markdown(ch) -> str:
         "σ(z_t^L): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
         "not say which was used.\n\n"
         "**Why the book leads with the clean σ.** At the clean σ the compensation is exactly what the "
-        "later layers change in what they write, and the final norm's rescaling is its own term "
-        "(`from_norm`), as in the self-repair paper's eq. 2 (chapter 2). At σ′ the compensation "
-        "also holds the norm's rescaling of the later layers' writes but not of the earlier ones "
-        "(left over as `upstream_rescale`): two mechanisms in one number. The verdicts use the clean "
+        "later layers change in what they write, and the final norm's rescaling is a term of its own, "
+        "as in the self-repair paper's eq. 2 (chapter 2). At σ′ the compensation also holds the norm's "
+        "rescaling of the later layers' writes but not of the earlier ones (whose rescaling is left over "
+        "apart): two mechanisms in one number. The verdicts use the clean "
         "reading and give the other beside it.")

@@ -39,11 +39,12 @@ from .ioi_claims import (BACKUPS, CLAIMS, DOES_IOI, MOST_PROMPTS, MOVED, PARTLY,
                          SIGNIFICANT_GROWTH, estimates, mean_of, pair_sums, share_back, verdicts)
 from .ioi_text import FIGURES, FULL_TOL, REGIONS, findings, region, repair_outcome, shows  # noqa: F401 (the notebook's)
 
-HEADS_TABLE = Layout(("label", "direct_effect", "attn_io", "attn_s", "ablated_direct_effect",
-                      "delta_direct_effect", "moved_direct_effect"),
-                     names={"direct_effect": "DE on logit diff", "attn_io": "attention to IO",
-                            "attn_s": "attention to S", "ablated_direct_effect": "DE, name movers ablated",
-                            "delta_direct_effect": "ΔDE", "moved_direct_effect": "DE, residual moved"})
+HEADS_TABLE = Layout(("label", "direct_effect", "delta_direct_effect", "moved_direct_effect"),
+                     names={"direct_effect": "DE", "delta_direct_effect": "ΔDE ablated",
+                            "moved_direct_effect": "DE moved"},
+                     caption="Logits, means over prompts. DE: direct effect on the logit difference, clean "
+                             "run; ΔDE ablated: its change with the name movers ablated; DE moved: with the "
+                             "residual moved (below). Attention to IO and S: in the fold under the table.")
 REPAIR_TABLE = Layout(("quantity", "mean", "share of the DE lost"), percent=("share of the DE lost",))
 
 
@@ -247,15 +248,15 @@ def selection_markdown(ch: IoiChapter) -> str:
 def repair_table(ch: IoiChapter) -> pd.DataFrame:
     """Eq. 1 and 2 on the logit difference, means over prompts."""
     r = ch.repair
-    lost = -r["nm_delta_de"].mean()
+    lost, drop = -r["nm_delta_de"].mean(), -r["delta_logit"].mean()
     rows = [("name movers' direct effect lost, −ΔDE", lost),
-            ("drop of the logit difference, −Δ", -r["delta_logit"].mean()),
+            ("drop of the logit difference, −Δ" + (" (negative: it rises)" if drop < 0 else ""), drop),
             ("self-repair (eq. 1)", r["self_repair"].mean()),
-            ("… other heads (from_heads)", r["from_heads"].mean()),
-            ("… MLP layers (from_mlps)", r["from_mlps"].mean()),
-            ("… final norm (from_norm)", r["from_norm"].mean())]
+            ("… other heads", r["from_heads"].mean()),
+            ("… MLP layers", r["from_mlps"].mean()),
+            ("… final norm", r["from_norm"].mean())]
     if ch.meta.get("sandwich"):  # only models with norms on the blocks' writes have this term
-        rows.append(("… block norms (from_block_norms)", r["from_block_norms"].mean()))
+        rows.append(("… block norms", r["from_block_norms"].mean()))
     return pd.DataFrame({"quantity": [q for q, _ in rows], "mean": [v for _, v in rows],
                          "share of the DE lost": [v / lost if lost and math.isfinite(lost) else math.nan
                                                   for _, v in rows]})
@@ -296,7 +297,7 @@ def model_notes(cfg: Config) -> str:
     if a["sandwich"]:
         lines.append("- **Norms on each block's write.** The post-attention norm of the name movers' layer "
                      "rescales its other heads' writes when the name movers are ablated; that reaction, and "
-                     "every later block norm's, is the `from_block_norms` row of the table, not part of "
+                     "every later block norm's, is the block norms' row of the table, not part of "
                      "any head's ΔDE.")
     lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)

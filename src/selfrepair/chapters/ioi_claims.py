@@ -17,7 +17,7 @@ import numpy as np
 from ..claims import Claim, Rule, Verdict, paper_word
 from ..results import head_label
 from ..uncertainty import Bootstrap, Estimate, ratio
-from .ioi_text import FULL_TOL, repair_outcome
+from .ioi_text import FULL_TOL, logit_change, repair_outcome
 
 if TYPE_CHECKING:
     from .ioi import IoiChapter
@@ -127,8 +127,8 @@ def verdicts(ch: IoiChapter) -> list[Verdict]:
               f"The name movers and backups were chosen on the other {len(sp.select)} pairs; ")
     return [
         does,
-        Verdict.of(REPAIRED, rep, outcome + f"The logit difference falls by {e['drop'].prose('.0%')} of the direct "
-                   f"effect lost. {chosen}the name movers' lost direct effect is summed over the same prompts.",
+        Verdict.of(REPAIRED, rep, outcome + f"{logit_change(e['drop'])} {chosen}the name movers' lost direct "
+                   "effect is summed over the same prompts.",
                    why=fails),
         Verdict.of(BACKUPS, e["backups"], (f"Backups: {labels(sp.backups)}. " if sp.backups else
                    "No other head's direct effect grows on the selection half. ")

@@ -27,6 +27,32 @@ def region(x: float) -> str:
     return "full repair" if x <= 1 + FULL_TOL else "over-correction"
 
 
+def _fall(x: float, fmt: str) -> str:
+    """A signed change in "fall" units (positive: a fall) in words: "a fall of 5%" / "a rise of 5%"."""
+    return f"a fall of {x:{fmt}}" if x >= 0 else f"a rise of {-x:{fmt}}"
+
+
+def logit_change(est, fmt: str = ".0%") -> str:
+    """The sentence of how the logit difference moves when the name movers are ablated, worded from
+    the sign of ``est`` (its fall as a share of the direct effect lost; negative: it rises), so the
+    verb never contradicts the number: "falls by 30%", "rises by 96%", "does not change"."""
+    v = est.value
+    if not np.isfinite(v):
+        return "How much the logit difference changes cannot be computed on this run (n/a)."
+    verb = "falls by" if v > 0 else "rises by" if v < 0 else "does not change:"
+    size = f"{abs(v):{fmt}}" if v else f"{0:{fmt}} of the direct effect lost"
+    if not est.reliable:
+        span = f" (no reliable interval: {est.why or 'undefined'})"
+    elif est.lo >= 0 and v >= 0 or est.hi <= 0 and v <= 0:
+        a, b = sorted((abs(est.lo), abs(est.hi)))
+        span = f" (95% interval {a:{fmt}} to {b:{fmt}})"
+    else:
+        span = f" (95% interval from {_fall(est.lo, fmt)} to {_fall(est.hi, fmt)})"
+    tail = " of the direct effect lost" if v else ""
+    over = " — the rest of the network gives back more than the name movers lose" if v < 0 else ""
+    return f"The logit difference {verb} {size}{span}{tail}{over}."
+
+
 def repair_outcome(lo: float, hi: float) -> str:
     """The outcome a 95% interval of the share given back shows: one region, or the regions it spans."""
     a, b = region(lo), region(hi)

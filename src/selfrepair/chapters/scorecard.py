@@ -19,7 +19,7 @@ from IPython.display import HTML
 
 from ..config import Config as BaseConfig
 from ..errors import InputError
-from ..scorecard import DECIDED, STATUSES, Card, build, counts
+from ..scorecard import DECIDED, STATUSES, Card, build, counted_rows, counts, redecided_rows
 from ..tables import TABLE_CLASS, Layout, counted, listed
 from ..verdict_records import model_label
 
@@ -107,17 +107,55 @@ def split_sentence(frame: pd.DataFrame) -> str:
 
 def opening(card: Card) -> str:
     """The sentences that open the page: per part of the book, what held on which model and what
-    did not, computed from the table (:func:`selfrepair.scorecard.counts`)."""
+    did not, computed from the table (:func:`selfrepair.scorecard.counts`: each paper claim once;
+    a chapter's re-decisions of an earlier chapter's claims are said apart, out of the totals)."""
     tallies = counts(card.frame)
     out = []
     for part, g in card.frame.groupby("part", sort=False):
-        n_claims = len(g.drop_duplicates(["chapter", "claim"]))
-        lead = (f"**{part}** — {counted(n_claims, 'claim')} ({listed(list(dict.fromkeys(g['chapter'])), 'chapter')}) "
-                f"on {counted(g['model'].nunique(), 'model')}.")
-        sentences = [model_sentence(g[g["model"] == t["model"]], t)
-                     for t in tallies[tallies["part"] == part].to_dict("records")]
-        out.append(" ".join([lead, *sentences]) + split_sentence(g))
+        kept, again = counted_rows(g), redecided_rows(g)
+        sentences = []
+        if len(kept):
+            n_claims = len(kept.drop_duplicates(["chapter", "claim"]))
+            sentences.append(f"**{part}** — {counted(n_claims, 'claim')} "
+                             f"({listed(list(dict.fromkeys(kept['chapter'])), 'chapter')}) on "
+                             f"{counted(kept['model'].nunique(), 'model')}.")
+            sentences += [model_sentence(kept[kept["model"] == t["model"]], t)
+                          for t in tallies[tallies["part"] == part].to_dict("records")]
+        else:
+            sentences.append(f"**{part}** —")
+        if len(again):
+            sentences.append(redecided_sentence(again, card.frame))
+        out.append(" ".join(sentences) + split_sentence(kept))
     return "\n\n".join(out)
+
+
+def agreement(again: pd.DataFrame, frame: pd.DataFrame) -> tuple[int, int]:
+    """Of the decided re-decisions, how many have the verdict of the claim counted in its first
+    chapter on the same model, and how many have a decided counterpart there."""
+    first = frame.set_index(["chapter", "claim", "model"])["verdict"]
+    pairs = [(r["verdict"], first.get((r["counted_in"], r["same_claim"], r["model"])))
+             for r in again.to_dict("records") if r["verdict"] in DECIDED]
+    pairs = [(a, b.iloc[0] if isinstance(b, pd.Series) else b) for a, b in pairs]
+    pairs = [(a, b) for a, b in pairs if b in DECIDED]
+    return sum(a == b for a, b in pairs), len(pairs)
+
+
+def redecided_sentence(again: pd.DataFrame, frame: pd.DataFrame) -> str:
+    """The re-decisions of one part in words: whose claims they decide again, that they are out of
+    the totals, their verdicts per model, and whether they agree with the counted ones."""
+    n = len(again.drop_duplicates(["chapter", "claim"]))
+    text = (f"{listed(list(dict.fromkeys(again['chapter'])), 'Chapter')} decides "
+            f"{counted(n, 'claim')} of {listed(sorted(set(again['counted_in'])), 'chapter')} again "
+            f"({_links(again.drop_duplicates(['chapter', 'claim']))}); each paper claim is counted once, in "
+            "the chapter that decides it first, so these are not in the totals.")
+    for model, g in again.groupby("model", sort=False):
+        said = ", ".join(counted(int((g["verdict"] == s_).sum()), *w) for s_, w in
+                         (("holds", ("holds", "hold")), ("differs", ("differs", "differ")),
+                          ("cannot tell", ("cannot tell", "cannot tell"))))
+        same, of = agreement(g, frame)
+        text += f" Decided again on **{model}**: {said}"
+        text += (f"; {same} of {of} agree with the counted verdict." if of else ".")
+    return text
 
 
 def table(card: Card) -> HTML:
@@ -136,8 +174,11 @@ def _claim_cell(r: dict, span: int) -> str:
     paper = f'<span class="scorecard-paper">the paper: {_e(r["paper"])}</span>' if r["paper"] else ""
     reason = (f"<details><summary>why this rule</summary>{_e(r['reason'])}</details>" if r["reason"]
               else '<span class="scorecard-note">(the rule gives no reason yet)</span>')
+    again = (f'<span class="scorecard-note">decided again: the claim of chapter {_e(r["counted_in"])} '
+             f'(<a href="#{_row_id({"chapter": r["counted_in"], "claim": r["same_claim"]})}">its row</a>), '
+             "counted there and not in this page's totals</span>" if r.get("counted_in") else "")
     return (f'<td class="text scorecard-claim" rowspan="{span}"><a href="{_e(r["href"])}">{_e(r["statement"])}</a>'
-            f'<span class="scorecard-where">chapter {_e(r["chapter"])} · {_e(r["source"])}</span>'
+            f'<span class="scorecard-where">chapter {_e(r["chapter"])} · {_e(r["source"])}</span>{again}'
             f'<span class="scorecard-rule">the rule: {word}{_e(r["rule"])}</span>{paper}{reason}</td>')
 
 
@@ -193,3 +234,39 @@ def how_to_run(card: Card) -> str:
 RUNS_TABLE = Layout(("model", "chapter", "verdicts", "parameters", "written"),
                     names={"verdicts": "verdicts", "parameters": "parameters (other than the chapter's defaults)",
                            "written": "written"})
+
+
+def shows(card: Card) -> str:
+    """The closing "What this page shows": three to six plain sentences computed from the table —
+    what it read, each paper claim once on the book's model, by part, the re-decisions, and the
+    take-away."""
+    frame, model = card.frame, card.models[0]
+    kept, again = counted_rows(frame), redecided_rows(frame)
+    claims = kept.drop_duplicates(["chapter", "claim"])
+    chapters = list(dict.fromkeys(claims["chapter"]))
+    redone = again.drop_duplicates(["chapter", "claim"])
+    out = [f"This page read {counted(len(card.runs), 'record')} of {counted(card.runs['model'].nunique(), 'model')} "
+           f"and counts {counted(len(claims), 'claim')} of {listed(chapters, 'chapter')}, each once"
+           + (f"; {listed(list(dict.fromkeys(redone['chapter'])), 'chapter')} decides "
+              f"{counted(len(redone), 'claim')} of {listed(sorted(set(redone['counted_in'])), 'chapter')} again, "
+              "shown in the table but left out of these totals" if len(again) else "") + "."]
+    mine = kept[kept["model"] == model].drop_duplicates(["chapter", "claim"])
+    n = {s_: int((mine["verdict"] == s_).sum()) for s_ in STATUSES}
+    decided = n["holds"] + n["differs"]
+    if decided + n["cannot tell"]:
+        out.append(f"On {model}, {n['holds']} of the {len(mine)} hold, {counted(n['differs'], 'differs', 'differ')} "
+                   f"and {n['cannot tell']} cannot be told apart from the rule's threshold"
+                   + (f"; {n['not run']} did not run" if n["not run"] else "") + ".")
+        parts = [f"{part}: {int((g['verdict'] == 'holds').sum())} of {len(g)} hold"
+                 for part, g in mine.groupby("part", sort=False)]
+        out.append("By part of the book, " + "; ".join(parts) + ".")
+    else:
+        out.append(f"No chapter has decided a claim on {model} in this cache: every row there is not run.")
+    same, of = agreement(again, frame)
+    if of:
+        out.append(f"The re-decisions agree with the counted verdict in {same} of {of} cases.")
+    if decided:
+        out.append(f"Take-away: where a verdict is reached on {model}, {n['holds'] / decided:.0%} of the papers' "
+                   f"claims hold ({n['holds']} of {decided}); each row of the table gives the estimate, its "
+                   "interval and the rule it is held to.")
+    return " ".join(out)

@@ -8,11 +8,16 @@ from __future__ import annotations
 import altair as alt
 
 from . import MAX_ROWS, diverging_color, layer_color, series_color
-from .encodings import ABLATION_COLORS  # the same in chapter 2
+from .encodings import ABLATION_COLORS, present  # the same in chapter 2
 from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
+LINE_WIDTH = 2  # px of a chart's data lines (at least 1.5: each line must read)
+EVERY = "resample (every source)"
+# a legend of lines: each swatch a stroke in the line's colour (and dash) at full strength
+LINE_LEGEND = alt.Legend(orient="bottom", columns=2, symbolType="stroke", symbolOpacity=1,
+                         symbolStrokeWidth=LINE_WIDTH)
 
 
 def _by_kind(title: str | None = None) -> alt.Column:
@@ -25,12 +30,15 @@ def fig_impact(summary) -> alt.FacetChart:
     base = alt.Chart(summary).encode(
         x=alt.X("layer:Q", title="layer", axis=LAYER_AXIS),
         color=alt.Color("measure:N", title="impact", sort=["unembed", "ablate"],
+                        scale=alt.Scale(domain=["unembed", "ablate"], range=[DARK["blue"], DARK["red"]]),
+                        # the swatches show the lines' colours at full strength, not the pale bands'
                         legend=alt.Legend(orient="bottom", columns=1,  # fits 1024 px and a phone
+                                          symbolOpacity=1, symbolType="stroke", symbolStrokeWidth=LINE_WIDTH,
                                           labelExpr="datum.label == 'unembed' ? 'Δ unembed (direct effect)'"
                                                     " : 'Δ ablate (logit drop)'")))
     band = base.mark_area(opacity=0.2).encode(y=alt.Y("lo:Q", title="effect on the max-likelihood logit"),
                                               y2="hi:Q")
-    line = base.mark_line(point=True).encode(
+    line = base.mark_line(point=True, strokeWidth=LINE_WIDTH).encode(
         y="mean:Q",
         tooltip=[alt.Tooltip("kind:N"), alt.Tooltip("layer:O"), alt.Tooltip("measure:N"),
                  alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("lo:Q", format=".3f", title="10%"),
@@ -153,11 +161,19 @@ def fig_erasure(frame) -> alt.Chart:
 
 
 
-def _ablation_color(frame) -> alt.Color:
+def _ablation_dash(frame) -> alt.StrokeDash:
+    """Solid lines but the every-source average, dashed (it runs on top of the mean line), in the
+    same legend as :func:`_ablation_color`."""
+    shown = present(list(ABLATION_COLORS), frame["ablation"])
+    return alt.StrokeDash("ablation:N", title="ablation", legend=LINE_LEGEND,
+                          scale=alt.Scale(domain=shown, range=[[5, 3] if a == EVERY else [1, 0] for a in shown]))
+
+
+def _ablation_color(frame, lines: bool = False) -> alt.Color:
     """The ablations ``frame`` holds (only those: the legend lists what is drawn), in two columns
     below the chart, so the legend fits a phone."""
     return series_color("ablation", ABLATION_COLORS, frame["ablation"], title="ablation",
-                        legend=alt.Legend(orient="bottom", columns=2))
+                        legend=LINE_LEGEND if lines else alt.Legend(orient="bottom", columns=2))
 
 
 def fig_own_effect(own) -> alt.FacetChart:
@@ -178,13 +194,18 @@ def fig_own_effect(own) -> alt.FacetChart:
             alt.Tooltip("mean_clean:Q", format=".3f", title="mean clean DE")]
     x = alt.X("layer:Q", title="ablated layer", axis=LAYER_AXIS)
     y = alt.Y("ratio:Q", title="mean |own DE| / mean |clean DE|", axis=alt.Axis(format="%"), scale=clamped(span))
-    color = _ablation_color(data)
-    lines = alt.Chart().mark_line(point=True).encode(x=x, y=y, color=color, tooltip=tips)
+    color, dash = _ablation_color(data, lines=True), _ablation_dash(data)
+    lines = alt.Chart().mark_line(point=True, strokeWidth=LINE_WIDTH).encode(x=x, y=y, color=color,
+                                                                             strokeDash=dash, tooltip=tips)
+    # the every-source average lies on the mean line (they differ by one prompt's write in n):
+    # drawn again on top, dashed, so it shows
+    every = (alt.Chart().transform_filter(f"datum.ablation == '{EVERY}'")
+             .mark_line(strokeWidth=LINE_WIDTH).encode(x=x, y=y, color=color, strokeDash=dash, tooltip=tips))
     one = alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(y=alt.datum(1))
     edge = [beyond_marks(alt.Chart(), x, y, color=color, tooltip=tips)] if span else []
     title = "The ablated layer's own direct effect in the ablated run (Hydra §2.5.2)"
     note = beyond_note(data["beyond"], data["ablation"], what="(layer, ablation) means")
-    return (alt.layer(lines, one, *edge, data=data).properties(width=280, height=220).facet(column=_by_kind("ablated"))
+    return (alt.layer(lines, one, every, *edge, data=data).properties(width=280, height=220).facet(column=_by_kind("ablated"))
             .properties(title=alt.Title(title, subtitle=note) if note else title))
 
 

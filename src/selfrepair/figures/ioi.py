@@ -9,15 +9,18 @@ read at the clean scales; ``delta = ablated − clean``.
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
-from . import EDGE, diverging_color, head_tooltip
-from .legible import DARK, signed_color
+from . import diverging_color, head_tooltip
+from .legible import DARK, signed_color, wrap
 
 HEAD_FIELDS = ("direct_effect", "attn_io", "attn_s", "ablated_direct_effect", "delta_direct_effect",
                "moved_direct_effect")
 RUNS = ["clean", "name movers ablated", "residual moved"]
 RUN_COLORS = [DARK["blue"], DARK["red"], DARK["green"]]
+TITLE_CHARS = 48  # a title's line at a phone's width
+PAD = 0.05  # a scatter's axis: the data's range and this share of it on each side
 
 
 def _heatmap(heads: pd.DataFrame, field: str, title: str, legend: str) -> alt.LayerChart:
@@ -30,19 +33,19 @@ def _heatmap(heads: pd.DataFrame, field: str, title: str, legend: str) -> alt.La
         tooltip=head_tooltip(*HEAD_FIELDS, "name_mover:N"))
     movers = base.transform_filter("datum.name_mover").mark_rect(
         fill=None, stroke="black", strokeWidth=2).encode(tooltip=head_tooltip(*HEAD_FIELDS))
-    return alt.layer(cells, movers).properties(title=title, width="container", height=260)
+    return alt.layer(cells, movers).properties(  # the name movers' outline named on its own line: a phone's width
+        title=alt.Title(wrap(title, TITLE_CHARS), subtitle="outlined: the name movers"), width="container", height=260)
 
 
 def fig_head_de(heads: pd.DataFrame) -> alt.LayerChart:
     """Every head's mean direct effect on the logit difference (clean run); name movers outlined."""
-    return _heatmap(heads, "direct_effect", "Direct effect on logit(IO) − logit(S), per head "
-                    "(outlined: the name movers)", "DE (logits)")
+    return _heatmap(heads, "direct_effect", "Direct effect on logit(IO) − logit(S), per head", "DE (logits)")
 
 
 def fig_backup_change(heads: pd.DataFrame) -> alt.LayerChart:
     """Every head's change of direct effect when the name movers are ablated (blue: grows)."""
     return _heatmap(heads, "delta_direct_effect", "Change of each head's direct effect when the name "
-                    "movers are ablated (outlined: the name movers)", "ΔDE (logits)")
+                    "movers are ablated", "ΔDE (logits)")
 
 
 def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
@@ -58,19 +61,35 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
             alt.Tooltip("from_mlps:Q", format=".3g", title="MLP layers"),
             alt.Tooltip("from_norm:Q", format=".3g", title="final norm"),
             alt.Tooltip("logit_diff:Q", format=".3g", title="clean logit diff")]
-    line = (alt.Chart().transform_aggregate(a="min(lost)", b="max(lost)", c="min(drop)", d="max(drop)")
-            .transform_calculate(lo="min(datum.a, datum.c)", hi="max(datum.b, datum.d)")
-            .transform_fold(["lo", "hi"], as_=["end", "v"])
-            .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1)
-            .encode(x=alt.X("v:Q"), y=alt.Y("v:Q")))
-    points = alt.Chart().mark_circle(size=50, opacity=0.85).encode(
-        x=alt.X("lost:Q", scale=EDGE, title="name movers' direct effect lost, −ΔDE (logits)"),
-        y=alt.Y("drop:Q", scale=EDGE, title="drop of the logit difference (logits)"),
+    xs, ys = span(data["lost"]), span(data["drop"])
+    points = alt.Chart(data).mark_circle(size=50, opacity=0.85).encode(
+        x=alt.X("lost:Q", scale=alt.Scale(domain=list(xs), nice=False, zero=False),
+                title="name movers' direct effect lost, −ΔDE (logits)"),
+        y=alt.Y("drop:Q", scale=alt.Scale(domain=list(ys), nice=False, zero=False),
+                title="drop of the logit difference (logits)"),
         color=signed_color("self_repair", data["self_repair"], title="self-repair"),
         tooltip=tips).add_params(alt.selection_interval(bind="scales", name="zoom"))
-    return alt.layer(line, points, data=data).properties(
+    lo, hi = max(xs[0], ys[0]), min(xs[1], ys[1])  # y = x where both axes show it
+    layers = ([alt.Chart(data).transform_aggregate(n="count()").transform_calculate(lo=repr(lo), hi=repr(hi))
+               .transform_fold(["lo", "hi"], as_=["end", "v"])  # the two ends, from the same data
+               .mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1.5).encode(x="v:Q", y="v:Q")]
+              if lo < hi else [])
+    return alt.layer(*layers, points).properties(
         title="Per prompt: logit-difference drop vs the direct effect lost (dashed: no repair)",
         width="container", height=300)
+
+
+def span(values, pad: float = PAD) -> tuple[float, float]:
+    """An axis domain that fits ``values``: their finite min and max widened by ``pad`` of the range
+    on each side (half a unit either side when they are all equal), so no axis runs far beyond the
+    data and no point sits on the plot's edge."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if not len(x):
+        return (-1.0, 1.0)
+    lo, hi = float(x.min()), float(x.max())
+    margin = pad * (hi - lo) if hi > lo else 0.5
+    return lo - margin, hi + margin
 
 
 def fig_moving(moving: pd.DataFrame) -> alt.Chart:
@@ -91,4 +110,4 @@ def fig_moving(moving: pd.DataFrame) -> alt.Chart:
                  width="container", height=260)
 
 
-__all__ = ["fig_backup_change", "fig_head_de", "fig_moving", "fig_self_repair"]
+__all__ = ["fig_backup_change", "fig_head_de", "fig_moving", "fig_self_repair", "span"]
