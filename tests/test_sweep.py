@@ -110,8 +110,18 @@ def _result_file(out_dir):
     return Cache(cfg.cache_dir).path(sweep_spec(cfg), model, open_tokens(cfg, model))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The CLI sweep run once without interruption: what every interrupted-and-resumed run below
+    must equal (one run for the three of them: the same command, the same result)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    fresh = subprocess.run(_cli(out), capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    return Sweep.load(_result_file(out))
+
+
 @pytest.mark.slow  # the CLI in a subprocess, killed and started again
-def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
+def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path, uninterrupted):
     out = _result_file(tmp_path / "a")
     partial = out.with_name(out.name + ".partial")
     proc = subprocess.Popen(_cli(tmp_path / "a"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,9 +143,7 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
     resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert out.exists() and not partial.exists()
-    fresh = subprocess.run(_cli(tmp_path / "b"), capture_output=True, text=True, timeout=300)
-    assert fresh.returncode == 0, fresh.stderr
-    a, b = Sweep.load(out), Sweep.load(_result_file(tmp_path / "b"))
+    a, b = Sweep.load(out), uninterrupted
     for k, v in b.tensors().items():
         assert torch.equal(v, a.tensors()[k]), k
     assert a.meta["key"] == b.meta["key"] and a.meta["seed"] == 0
@@ -143,7 +151,7 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path):
 
 @pytest.mark.slow  # the CLI in a subprocess, killed and started again
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, sig):
+def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, sig, uninterrupted):
     out = _result_file(tmp_path / "a")
     partial = out.with_name(out.name + ".partial")
     proc = subprocess.Popen(_cli(tmp_path / "a"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -166,9 +174,7 @@ def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, 
     assert not out.exists() and 6 <= progress(partial)["resample sweep"] < 48
     resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    fresh = subprocess.run(_cli(tmp_path / "b"), capture_output=True, text=True, timeout=300)
-    assert fresh.returncode == 0, fresh.stderr
-    a, b = Sweep.load(out), Sweep.load(_result_file(tmp_path / "b"))
+    a, b = Sweep.load(out), uninterrupted
     for k, v in b.tensors().items():
         assert torch.equal(v, a.tensors()[k]), k
 
