@@ -29,12 +29,15 @@ setup-browser:
 	    || echo "note: could not install chromium; the browser test will be skipped"; }
 
 # Tests run in parallel on every core (at most 4; pytest-xdist), grouped as tests/conftest.py says.
+# Bytecode is cached even where the environment says not to (PYTHONDONTWRITEBYTECODE): each worker,
+# papermill kernel, CLI and torchrun rank of the suite would otherwise compile (and pytest rewrite)
+# the same sources again.
 test: setup setup-browser
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 # The unit layer (under 2 minutes): every test but those marked slow (tests/conftest.py).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadgroup
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses 4 --dist loadgroup
 
 smoke: setup
 	$(BIN)/python -m pytest -q -m smoke
