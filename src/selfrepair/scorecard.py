@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from .claims import Claim, anchor
-from .claims import _fmt  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
+from .claims import _fmt, interval_words  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
 from .verdict_records import FOLDED, latest, rule_id, scan, this_version
 
 STATUSES = ("holds", "differs", "cannot tell", "not tested", "rule changed", "not run")
@@ -98,7 +98,7 @@ def estimate_text(row: dict) -> tuple[str, str]:
         return shown, "no interval: computed exactly, without sampling"
     if not row["reliable"]:
         return shown, "no reliable interval: " + (row["why"] or "too few to give one")
-    return (f"{shown} (95% interval {_fmt(row['lo'], fmt)} to {_fmt(row['hi'], fmt)})", row["interval"])
+    return f"{shown} ({interval_words(row['lo'], row['hi'], fmt)})", row["interval"]
 
 
 def run_command(model: str, chapter: str) -> str:
@@ -147,8 +147,8 @@ def parts_text(row: dict) -> str:
     """A verdict decided on several estimates (a "proportional" rule's slope and intercept): each
     with its 95% interval and the rule it must meet."""
     fmt = row["fmt"]
-    return "; ".join(f"{p['name']} {_fmt(p['value'], fmt)} (95% interval {_fmt(p['lo'], fmt)} to "
-                     f"{_fmt(p['hi'], fmt)}{'' if p['reliable'] else ', not reliable'}; must be {p['rule']})"
+    return "; ".join(f"{p['name']} {_fmt(p['value'], fmt)} ({interval_words(p['lo'], p['hi'], fmt)}"
+                     f"{'' if p['reliable'] else ', not reliable'}; must be {p['rule']})"
                      for p in row["parts"])
 
 

@@ -211,9 +211,7 @@ def verdicts(r: Existence) -> list[Verdict]:
 
 def _est(e, fmt: str) -> str:
     """An estimate in prose: value and 95% interval (or why it has none)."""
-    if not e.reliable:
-        return f"{e.value:{fmt}} (no reliable interval: {e.why or 'undefined'})"
-    return f"{e.value:{fmt}} (95% interval {e.lo:{fmt}} to {e.hi:{fmt}})"
+    return e.prose(fmt)
 
 
 def _band_detail(ev: ex.Evidence, boot: Bootstrap) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..rules import NEGLIGIBLE
+from ..rules import NEGLIGIBLE, interval_words
 from ..findings import Figure, Finding, markdown, shows as _shows
 
 FULL_TOL = NEGLIGIBLE  # a remaining loss within 10% of the DE lost: full repair
@@ -45,7 +45,7 @@ def logit_change(est, fmt: str = ".0%") -> str:
         span = f" (no reliable interval: {est.why or 'undefined'})"
     elif est.lo >= 0 and v >= 0 or est.hi <= 0 and v <= 0:
         a, b = sorted((abs(est.lo), abs(est.hi)))
-        span = f" (95% interval {a:{fmt}} to {b:{fmt}})"
+        span = f" ({interval_words(a, b, fmt)})"
     else:
         span = f" (95% interval from {_fall(est.lo, fmt)} to {_fall(est.hi, fmt)})"
     tail = " of the direct effect lost" if v else ""
