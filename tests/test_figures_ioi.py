@@ -90,7 +90,7 @@ def test_fig_self_repair_axes_fit_the_data(repair):
         assert values.min() - lo <= 0.1 * width and hi - values.max() <= 0.1 * width, (ch, d[ch])
     assert d["y"][1] < 45  # the far x value does not stretch y
     line = [l for l in spec["layer"] if l["mark"]["type"] == "line"]
-    assert line and fi.span([3.0]) == (2.5, 3.5) and fi.span([]) == (-1.0, 1.0)
+    assert line and fi.data_domain([3.0]) == [2.5, 3.5] and fi.data_domain([]) == [0.0, 1.0]
 
 
 def test_fig_moving(heads):

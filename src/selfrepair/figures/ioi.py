@@ -9,11 +9,10 @@ read at the clean scales; ``delta = ablated − clean``.
 from __future__ import annotations
 
 import altair as alt
-import numpy as np
 import pandas as pd
 
 from . import diverging_color, head_tooltip
-from .legible import DARK, signed_color, wrap
+from .legible import DARK, data_domain, signed_color, wrap
 
 HEAD_FIELDS = ("direct_effect", "attn_io", "attn_s", "ablated_direct_effect", "delta_direct_effect",
                "moved_direct_effect")
@@ -61,7 +60,7 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
             alt.Tooltip("from_mlps:Q", format=".3g", title="MLP layers"),
             alt.Tooltip("from_norm:Q", format=".3g", title="final norm"),
             alt.Tooltip("logit_diff:Q", format=".3g", title="clean logit diff")]
-    xs, ys = span(data["lost"]), span(data["drop"])
+    xs, ys = data_domain(data["lost"], pad=PAD), data_domain(data["drop"], pad=PAD)
     points = alt.Chart(data).mark_circle(size=50, opacity=0.85).encode(
         x=alt.X("lost:Q", scale=alt.Scale(domain=list(xs), nice=False, zero=False),
                 title="name movers' direct effect lost, −ΔDE (logits)"),
@@ -77,19 +76,6 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
     return alt.layer(*layers, points).properties(
         title="Per prompt: logit-difference drop vs the direct effect lost (dashed: no repair)",
         width="container", height=300)
-
-
-def span(values, pad: float = PAD) -> tuple[float, float]:
-    """An axis domain that fits ``values``: their finite min and max widened by ``pad`` of the range
-    on each side (half a unit either side when they are all equal), so no axis runs far beyond the
-    data and no point sits on the plot's edge."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if not len(x):
-        return (-1.0, 1.0)
-    lo, hi = float(x.min()), float(x.max())
-    margin = pad * (hi - lo) if hi > lo else 0.5
-    return lo - margin, hi + margin
 
 
 def fig_moving(moving: pd.DataFrame) -> alt.Chart:
@@ -110,4 +96,4 @@ def fig_moving(moving: pd.DataFrame) -> alt.Chart:
                  width="container", height=260)
 
 
-__all__ = ["fig_backup_change", "fig_head_de", "fig_moving", "fig_self_repair", "span"]
+__all__ = ["fig_backup_change", "fig_head_de", "fig_moving", "fig_self_repair"]

@@ -13,7 +13,7 @@ import pandas as pd
 from . import VIEWS_AT_1024, labels_only, layer_axis, present, series_color
 from .encodings import ABLATION_COLORS  # the same in chapter 5
 from .existence import _diagonal, _head_order, _tips, token_color
-from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
+from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped, data_domain
 
 ABLATIONS = ["resample", "mean", "zero"]
 
@@ -25,21 +25,6 @@ def _ablation_scale() -> alt.Scale:
 def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -> alt.Color:
     return alt.Color("ablation:N", scale=_ablation_scale(), title=title,
                      **({"legend": legend} if legend is not None else {}))
-
-
-def data_domain(values, include=(), pad: float = 0.05) -> list[float]:
-    """An axis domain computed from the data: the finite ``values`` and ``include`` (reference
-    lines the axis must show), widened by ``pad`` of their span on each side (never a typed range;
-    ``[v - 0.5, v + 0.5]`` when they are all one value ``v``)."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=float)
-    x = np.concatenate([x[np.isfinite(x)], np.asarray(include, dtype=float)])
-    if not len(x):
-        return [0.0, 1.0]
-    lo, hi = float(x.min()), float(x.max())
-    margin = pad * (hi - lo) if hi > lo else 0.5
-    return [lo - margin, hi + margin]
 
 
 def panel_bins(t: pd.DataFrame, bins: int) -> pd.DataFrame:

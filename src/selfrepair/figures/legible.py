@@ -201,6 +201,19 @@ def pale_marks(spec: dict, path: str = "chart", inherited: dict | None = None) -
     return out
 
 
+def data_domain(values, include=(), pad: float = 0.05) -> list[float]:
+    """An axis domain computed from the data: the finite ``values`` and ``include`` (reference
+    lines the axis must show), widened by ``pad`` of their span on each side (never a typed range;
+    ``[v - 0.5, v + 0.5]`` when they are all one value ``v``)."""
+    x = np.asarray(values, dtype=float)
+    x = np.concatenate([x[np.isfinite(x)], np.asarray(include, dtype=float)])
+    if not len(x):
+        return [0.0, 1.0]
+    lo, hi = float(x.min()), float(x.max())
+    margin = pad * (hi - lo) if hi > lo else 0.5
+    return [lo - margin, hi + margin]
+
+
 def central_range(values, *, k: float = 5.0, include=(), pad: float = 0.08) -> tuple[float, float] | None:
     """An axis range for ``values`` without their outliers: the span of the values within ``k``
     robust standard deviations of their median (1.4826 × the median absolute deviation: it holds
