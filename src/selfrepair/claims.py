@@ -211,10 +211,14 @@ def _metric_why(c: Claim) -> str:
     text = f"Why this metric: {c.rationale}." if c.rationale else ""
     for rule in c.classify:
         text += f" A unit counts by “{rule.word}” ({rule.text('.2g')}): {rule.reason}."
-    if c.paper is not None:
-        text += (f" The paper reports {_fmt(c.paper, c.fmt)}"
-                 f"{' (' + c.paper_context + ')' if c.paper_context else ''}.")
-    return text.strip()
+    return (text + _paper_reports(c)).strip()
+
+
+def _paper_reports(c: Claim) -> str:
+    """" The paper reports X (context)." for a claim with the paper's own number, else ""."""
+    if c.paper is None:
+        return ""
+    return f" The paper reports {_fmt(c.paper, c.fmt)}{' (' + c.paper_context + ')' if c.paper_context else ''}."
 
 
 def anchor(claim: Claim) -> str:
@@ -261,7 +265,7 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
     parts = "".join(f" The {name} is {_fmt(e.value, c.fmt)} ({interval_words(e.lo, e.hi, c.fmt)}): "
                     f"{WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
                     f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
-    detail = f" {v.detail}" if v.detail else ""
+    detail = (f" {v.detail}" if v.detail else "") + _paper_reports(c)  # the paper's number beside ours
     value = f"**{_fmt(v.value, c.fmt)}**{_interval(v)}"
     said = (c.reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
             if c.reading else f"The value is {value}{n}.")
