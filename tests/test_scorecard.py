@@ -426,7 +426,7 @@ def _card(verdicts: dict[tuple[str, str], str], model: str = "m") -> Card:
     """A card of (chapter, claim) -> verdict rows on one model, built as :func:`build` builds rows."""
     from selfrepair.scorecard import _claim_row
 
-    parts = {"01": "Self-repair", "02": "Self-repair", "05": "Hydra", "06": "Across models"}
+    parts = {"01": "Self-repair", "02": "Self-repair", "05": "Hydra", "06": "Across models", "07": chapter.BEYOND}
     rows = []
     for (prefix, key), verdict in verdicts.items():
         claim = claim_fields(next(c for c in chapter_claims(chapter_module(prefix)) if c.key == key))
@@ -455,8 +455,18 @@ def test_a_redecided_claim_is_shown_apart_and_counted_once():
     assert "counts 3 claims of chapters 01 and 05, each once" in closing
     assert "chapter 06 decides 2 claims of chapter 01 again" in closing
     assert "On m, 2 of the 3 hold, 1 differs and 0 cannot" in closing and "1 of 2 cases" in closing
-    assert "67% of the papers' claims hold (2 of 3)" in closing
+    assert "67% of the two papers' claims hold (2 of 3)" in closing and "beyond them" not in closing
     assert 3 <= closing.count(". ") + 1 <= 6  # three to six plain sentences
+
+
+def test_the_take_away_counts_other_papers_claims_apart_from_the_two_papers():
+    """Chapters 7-8 test other papers' claims (AtP, IOI): the take-away's share is the two papers'
+    claims only, and the others are counted beside it."""
+    card = _card({("01", "many"): "holds", ("01", "exists"): "differs", ("07", "ranks"): "holds",
+                  ("07", "top"): "holds", ("07", "blind"): "cannot tell"})
+    closing = chapter.shows(card)
+    assert "50% of the two papers' claims hold (1 of 2)" in closing
+    assert "and 2 of 2 of the claims beyond them (chapter 07" in closing
 
 
 def test_the_closing_says_so_when_nothing_ran_on_the_books_model():

@@ -266,7 +266,25 @@ def shows(card: Card) -> str:
     if of:
         out.append(f"The re-decisions agree with the counted verdict in {same} of {of} cases.")
     if decided:
-        out.append(f"Take-away: where a verdict is reached on {model}, {n['holds'] / decided:.0%} of the papers' "
-                   f"claims hold ({n['holds']} of {decided}); each row of the table gives the estimate, its "
-                   "interval and the rule it is held to.")
+        out.append(_take_away(mine, model))
     return " ".join(out)
+
+
+BEYOND = "Beyond the papers"  # the toc's part for other papers' claims (AtP, IOI), not the two papers'
+
+
+def _take_away(mine: pd.DataFrame, model: str) -> str:
+    """The share of decided claims that hold on ``model``: the two papers' claims apart from those of
+    the part beyond them (other papers' methods and circuits), each count said with its own."""
+    def tally(rows: pd.DataFrame) -> tuple[int, int]:
+        return int((rows["verdict"] == "holds").sum()), int(rows["verdict"].isin(["holds", "differs"]).sum())
+
+    beyond = mine["part"] == BEYOND
+    (held, decided), (held2, decided2) = tally(mine[~beyond]), tally(mine[beyond])
+    text = "Take-away: where a verdict is reached on " + model + ", "
+    text += (f"{held / decided:.0%} of the two papers' claims hold ({held} of {decided})" if decided
+             else "none of the two papers' claims is decided")
+    if decided2:
+        chapters = listed(list(dict.fromkeys(mine[beyond]["chapter"])), "chapter")
+        text += f", and {held2} of {decided2} of the claims beyond them ({chapters}: other papers' methods and circuits)"
+    return text + "; each row of the table gives the estimate, its interval and the rule it is held to."
