@@ -71,3 +71,19 @@ def test_every_chapter_says_what_ran_beside_its_paper():
     hydra = setting.run_summary(chapter_module("05").Config.from_params(model="tiny-gpt_neox", n_prompts=24))
     assert "24 factual-recall prompts" in hydra and "1,209 Counterfact prompts" in hydra
 
+
+
+def test_the_caveat_names_quantized_weights_and_the_corpus_from_what_ran():
+    """"What this can change": said from the model's weights (a GGUF quantization) and the corpus's
+    own sources; nothing for a run on unquantized weights and another corpus."""
+    from selfrepair.chapters import existence
+    from selfrepair.setting import _caveat
+
+    quantized, plain = _stub_model("Gemma-3-270M Q4_K_M GGUF (dequantized)"), _stub_model("from the hub")
+    text = _caveat(existence.Config.from_params(), quantized)
+    assert text.startswith("The weights were quantized to 4 bits") and "not exactly the released model" in text
+    assert re.search(r"; \d+% of the embedded corpus's documents are \S", text) and "The Pile" in text
+    assert "not a refutation" in text
+    assert _caveat(existence.Config.from_params(dataset="tiny"), plain) == ""
+    only_data = _caveat(existence.Config.from_params(), plain)
+    assert re.match(r"\d+% of the embedded corpus's documents", only_data) and "quantized" not in only_data

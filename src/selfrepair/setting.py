@@ -75,6 +75,12 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
+def _quantized(weights: str):
+    """The GGUF quantization named in a model's ``weights`` description (``Q4_K_M``: group 1 the
+    bits), or None."""
+    return re.search(r"\bQ(\d+)_K(?:_[SML])?\b", weights)
+
+
 def model_words(model, device: str = "cpu") -> str:
     """The loaded model in words: name, family, parameters, layers x heads, how its weights were
     stored (random, quantized) and the precision it ran in — all read from ``model``."""
@@ -83,7 +89,7 @@ def model_words(model, device: str = "cpu") -> str:
     n_params = sum(p.numel() for p in model.hf.parameters())
     precision = PRECISIONS.get(d["dtype"], d["dtype"])
     weights = str(d.get("weights", ""))
-    quant = re.search(r"\bQ(\d+)_K(?:_[SML])?\b", weights)
+    quant = _quantized(weights)
     test = ""
     if weights.startswith("random"):
         stored = f"random weights ({weights.split('(', 1)[-1].rstrip(')')}) in {precision}"
@@ -170,7 +176,32 @@ def run_summary(cfg: RunConfig) -> str:
                  "and data, appear only where the text says so (“the paper reports …”, “paper ≈ 30%”, "
                  "the paper's released values) — so a difference can come from the model and data as "
                  "well as from the method.")
+    caveat = _caveat(cfg, model)
+    if caveat:
+        lines.append(f"- **What this can change.** {caveat}")
     return "**What ran here.**\n\n" + "\n".join(lines)
+
+
+def _caveat(cfg: RunConfig, model) -> str:
+    """Where this run differs from the paper's in ways that can move its numbers: quantized weights,
+    a corpus other than The Pile; "" when neither applies."""
+    quant = _quantized(str(model.describe().get("weights", "")))
+    reasons = []
+    if quant:
+        reasons.append(f"the weights were quantized to {quant.group(1)} bits before they were dequantized, so this "
+                       "is not exactly the released model")
+    if getattr(cfg, "dataset", None) == "embedded":
+        sources = _sources(cfg)
+        top = sources.most_common(2)
+        share = sum(n for _, n in top) / sum(sources.values())
+        reasons.append(f"{share:.0%} of the embedded corpus's documents are {top[0][0]} and {top[-1][0]}, not "
+                       "The Pile's mix of web text, code and papers")
+    if not reasons:
+        return ""
+    text = "; ".join(reasons)
+    return (text[0].upper() + text[1:] + ". Either can move a number or a verdict, by an amount this "
+            "run cannot tell; a verdict that differs from the paper is a difference on this model and data, "
+            "not a refutation of the paper.")
 
 
 __all__ = ["COUNTERFACT_PROMPTS", "PAPERS", "PILE_TOKENS", "PaperSetup", "corpus_words", "data_words",
