@@ -346,7 +346,9 @@ def test_pinned_featured_heads_are_used_as_given():
                       rule=ce.FEATURED_RULE, stands_for=ce.PAPER_FIG3)
     assert list(chosen["stands_for"]) == list(ce.PAPER_FIG3[:len(chosen)])
     n_rep = len(chosen) // 2  # each row says why it was picked, not the whole rule again
-    assert list(chosen["reason"]) == [ce.REPAIRED_REASON] * n_rep + [ce.UNCORRELATED_REASON] * (len(chosen) - n_rep)
+    assert list(chosen["reason"]) == ([ce.ranked(ce.REPAIRED_REASON, i) for i in range(n_rep)]
+                                      + [ce.ranked(ce.UNCORRELATED_REASON, i) for i in range(len(chosen) - n_rep)])
+    assert len(set(chosen["reason"])) == len(chosen)  # no two heads both "the largest"
     assert set(featured(ph, None, lambda p: p.head(2), rule="the rule")["reason"]) == {"the rule"}
     with pytest.raises(InputError, match="not heads of this model"):
         featured(ph, ("L9H0",), never, rule="")
@@ -602,7 +604,8 @@ def test_featured_heads_default_and_pinned(tiny):
     ex, sweep = tiny["ex"], tiny["sweep"]
     want = expected_featured(sweep.per_head(), ex.spread)
     assert list(ex.featured["label"]) == want and len(want) >= 2
-    assert set(ex.featured["reason"]) <= {ce.REPAIRED_REASON, ce.UNCORRELATED_REASON}
+    assert set(ex.featured["reason"]) <= {ce.ranked(r, i) for r in (ce.REPAIRED_REASON, ce.UNCORRELATED_REASON)
+                                          for i in range(4)}
     assert list(ex.featured["stands_for"]) == list(ce.PAPER_FIG3[:len(want)])
     cfg = ce.Config.from_params(**tiny["params"], featured_heads=["L1H2", "L0H0"])
     pinned = ce.measure(cfg, progress=False)  # the sweep is cached: featured_heads is not in its key

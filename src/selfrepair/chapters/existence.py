@@ -127,8 +127,15 @@ def choose_featured(per_head: pd.DataFrame, sample_spread: pd.DataFrame, n: int 
     r = big.merge(sample_spread[["layer", "head", "corr_de_delta_logit"]], on=order, how="left")
     r = r.assign(abs_r=r["corr_de_delta_logit"].abs().fillna(np.inf))
     uncorrelated = r.sort_values(["abs_r", *order], kind="mergesort").head(n - len(repaired))
-    return pd.concat([repaired[per_head.columns].assign(reason=REPAIRED_REASON),
-                      uncorrelated[per_head.columns].assign(reason=UNCORRELATED_REASON)], ignore_index=True)
+    return pd.concat([rows[per_head.columns].assign(reason=[ranked(why, i) for i in range(len(rows))])
+                      for rows, why in ((repaired, REPAIRED_REASON), (uncorrelated, UNCORRELATED_REASON))],
+                     ignore_index=True)
+
+
+def ranked(reason: str, i: int) -> str:
+    """The ``i``-th head chosen by ``reason`` ("largest …"): the first as it is, then "second
+    largest …", "third largest …" (two stand-ins never read as both the largest)."""
+    return reason if i == 0 else f"{['second', 'third', 'fourth'][i - 1] if i <= 3 else f'{i + 1}th'} {reason}"
 
 
 @dataclass
