@@ -112,7 +112,6 @@ def fig_compensation(effects) -> alt.Chart:
     diag = alt.Chart().mark_line(strokeDash=[4, 4], color="gray").encode(x="direct_effect:Q", y="direct_effect:Q")
     return (alt.layer(points, diag, data=data).properties(width=300, height=240)
             .facet(column=_by_kind("ablated"))
-            .resolve_scale(x="independent", y="independent")  # each kind's panel fits its own data
             .properties(title="Compensation against direct effect (Hydra Fig 7a, c)"))
 
 
