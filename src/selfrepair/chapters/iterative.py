@@ -66,7 +66,7 @@ PROPORTIONAL = Claim("proportional", "The repression is proportional to how much
                      "of the mean top-token direct effect, averaged over the heads that self-repress on one "
                      "half of the documents), measured on the other half",
                      paper_word("proportional"), fmt=".3f",
-                     reading="Each unit of alpha adds {value} of the direct effect to the repression (slope "
+                     reading="Each unit of α adds {value} of the direct effect to the repression (slope "
                              "over {n} {unit}).",
                      rationale="App. F: 'the amount in which these heads self-repress is proportional to "
                                "the amount in which scale the heads output back into itself'; proportional "

@@ -240,8 +240,8 @@ def atp_direction(ch) -> str:
     norm, down = top["error_norm"].abs().sum(), top["error_downstream"].abs().sum()
     larger = "the final norm's" if norm > down else "the downstream components'"
     return (f"Of the exact top {k} heads, AtP overstates the effect of {over} (|AtP| > |exact|) and "
-            f"understates it for {k - over}. Their errors are mostly {larger} part: Σ|error_norm| = "
-            f"{norm:.3g}, Σ|error_downstream| = {down:.3g} logits. A first-order estimate overstates a "
+            f"understates it for {k - over}. Their errors are mostly {larger} part: summed in size, the error "
+            f"through the final norm's scale is {norm:.3g} logits and through the downstream components {down:.3g}. A first-order estimate overstates a "
             "head's effect where the rest of the network compensates (self-repair), understates it "
             "where the reaction amplifies the loss.")
 
