@@ -169,7 +169,7 @@ def _not_pooled(pooled: float) -> str:
     """Why the noise section's slope is not the pooled slope of *Which σ?* (another selection)."""
     if not math.isfinite(pooled):
         return ""
-    return (f"; not the pooled slope of {pooled:.2f} in <a href=\"#ch05-scale\">Which σ?</a>, which fits each "
+    return (f"; not the pooled slope ({pooled:.2f}) in <a href=\"#ch05-scale\">Which σ?</a>, which fits each "
             "prompt's compensation, its patches averaged, on the layer's clean direct effect and weighs the "
             "layers by how much that direct effect varies")
 
@@ -262,7 +262,7 @@ def _predictive(fits: pd.DataFrame) -> str:
 def _pooled_is(ch) -> str:
     """What the pooled slope is, beside the noise section's slope on another selection."""
     other = patch_slope(ch)
-    beside = (f"; the {other:.2f} of <a href=\"#ch05-noise\">the noise section</a> is a different selection: "
+    beside = (f"; the slope of <a href=\"#ch05-noise\">the noise section</a>, {other:.2f}, is a different selection: "
               "every (prompt, patch), on the direct effect each patch removed, the middle layers' slopes "
               "averaged alike" if math.isfinite(other) else "")
     return (" (each prompt's compensation, its patches averaged, on the layer's clean direct effect, pooled over "
