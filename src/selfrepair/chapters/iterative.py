@@ -53,8 +53,8 @@ EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output t
               "weaker of its two falls at the largest alpha, relative to its mean top-token direct effect — "
               "under its own output, and under its own output beyond the random push (the control)",
               paper_word("decreased"), fmt="+.0%",
-              reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit}, "
-                      "fed its own output, sees its direct effect change, as a share of itself, "
+              reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit} "
+                      "is fed its own output: the change of its direct effect, as a share of itself, is "
                       "{value} (negative: a fall; below −100%: it turns negative; the weaker of the "
                       "change itself and the change beyond the control's).",
               rationale="both falls are required: the fall under its own output (Fig 19: 'L21H1 has a "
