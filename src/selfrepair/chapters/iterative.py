@@ -212,9 +212,9 @@ def on_this_model(ch: IterativeChapter) -> str:
             f"self-reinforcing: {ex(rein)}. Over every token, not only each head's top ones, the mean "
             f"direct effect moves the same way for {pct(same_way)} of the non-neutral heads.")
     if classes["control_change"].notna().any():
-        text += (f" A random push of the same norm changes the classified heads' top-token direct "
-                 f"effect by a median {100 * ok['control_change'].median():+.0f}% (their own output: "
-                 f"{100 * ok['relative_change'].median():+.0f}%).")
+        text += (f" The median change of the classified heads' top-token direct effect, as a share of "
+                 f"itself, is {100 * ok['control_change'].median():+.0f}% under a random push of the same "
+                 f"norm ({100 * ok['relative_change'].median():+.0f}% under their own output).")
     cl = ch.clusters
     text += (f" The verdicts choose heads on one half of the {cl.n:,} independent {cl.unit} and test them on "
              f"the other; every interval is a 95% cluster bootstrap over the {cl.unit} ({ch.n_boot:,} "
