@@ -24,6 +24,7 @@ def test_fall_and_gives_back_from_the_sign():
     assert gives_back(-1.96, ".0%") == "take away a further 196% (the opposite of giving back)"
     assert gives_back(0.0, ".2f") == "give back nothing"
     assert gives_back(0.33, ".2f") == "give back 0.33"
+    assert gives_back(-0.67, ".2f", " logits") == "take away a further 0.67 logits (the opposite of giving back)"
 
 
 def test_no_minus_after_by_of_back():

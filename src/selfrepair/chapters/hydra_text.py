@@ -153,7 +153,7 @@ def noise_markdown(ch) -> str:
     lines = [f"**On {ch.meta.get('model')}**, averaged over the {len(a)} attention layers:"]
     pooled = ch.numbers.get("slope_mid", math.nan)
     for name, g in ((main, a), ("noise", b)):
-        slope = (f" Per patch, the later layers {gives_back(g.loc[mid, 'slope'].mean(), '.2f')} logits per logit "
+        slope = (f" Per patch, the later layers {gives_back(g.loc[mid, 'slope'].mean(), '.2f', ' logits')} per logit "
                  f"removed (the slope over every (prompt, patch), averaged over the middle layers "
                  f"{mid[0]}–{mid[-1]}, each layer alike{_not_pooled(pooled) if name == main else ''})."
                  if mid else "")

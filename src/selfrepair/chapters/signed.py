@@ -44,16 +44,17 @@ def fall(x: float, fmt: str) -> str:
     return f"{'a rise' if x > 0 else 'a fall'} of {_abs(x, fmt)}"
 
 
-def gives_back(x: float, fmt: str) -> str:
+def gives_back(x: float, fmt: str, unit: str = "") -> str:
     """What later layers give back, signed (negative: they take away more): "give back 5%" / "take
-    away a further 5% (the opposite of giving back)" / "give back nothing"."""
+    away a further 5% (the opposite of giving back)" / "give back nothing"; ``unit`` follows the
+    number ("0.67 logits")."""
     if not math.isfinite(x):
         return "give back n/a"
     if _abs(x, fmt).strip("0.%") == "":
         return "give back nothing"
     if x > 0:
-        return f"give back {_abs(x, fmt)}"
-    return f"take away a further {_abs(x, fmt)} (the opposite of giving back)"
+        return f"give back {_abs(x, fmt)}{unit}"
+    return f"take away a further {_abs(x, fmt)}{unit} (the opposite of giving back)"
 
 
 def moved(est, fmt: str, how=changes, **kw) -> str:
