@@ -64,3 +64,20 @@ def test_fig_error_decomposition(heads):
     # the stacked parts add up to the total error, head by head
     total = long.groupby("label")["value"].sum()
     np.testing.assert_allclose(total.loc[heads["label"]].to_numpy(), heads["error"].to_numpy())
+
+
+def test_error_decomposition_labels_at_most_25_heads():
+    """72 heads: the axis labels one head in three (the rest on hover), so 390 px is not a smear;
+    a dozen heads keep every label."""
+    rows = [{"layer": l, "head": h, "label": f"L{l}H{h}", "error": 0.1, "error_norm": 0.05,
+             "error_downstream": 0.05} for l in range(6) for h in range(12)]
+    many = pd.DataFrame(rows).sample(frac=1, random_state=0)  # the order comes from layer, head
+    spec = fa.fig_error_decomposition(many).to_dict()
+    validate_spec(spec)
+    check_width(spec)
+    axes = [layer["encoding"]["x"]["axis"] for layer in spec["layer"] if "x" in layer.get("encoding", {})]
+    assert axes and all(len(a["values"]) <= 25 for a in axes)
+    assert axes[0]["values"][:2] == ["L0H0", "L0H3"] and "hover" in axes[0]["title"]
+    few = fa.fig_error_decomposition(pd.DataFrame(rows[:12])).to_dict()
+    assert all("values" not in layer["encoding"]["x"]["axis"] for layer in few["layer"]
+               if "x" in layer.get("encoding", {}))

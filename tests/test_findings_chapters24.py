@@ -13,6 +13,7 @@ import pytest
 
 from selfrepair.chapters import iterative, layernorm, neurons
 from selfrepair.chapters.layernorm_text import logits
+from selfrepair.chapters.signed import changes
 from selfrepair.claims import Verdict, _fmt
 from selfrepair.findings import OUTCOMES, outcome_findings
 
@@ -121,7 +122,8 @@ def test_chapter4_takeaway_follows_exist(outcome, words):
     untested = Verdict.of(iterative.PROPORTIONAL, estimate(0.1, 0.3, why="x"), why="no head self-represses")
     found = iterative.findings(_iterative([exist, untested]))
     take = found[-1]
-    assert words in take.text and f"{exist.value:+.0%}" in take.text and take.values == (exist.value,)
+    said = changes(exist.value, ".0%", relative=True)  # from the sign: "falls by 38% of itself", not "-38%"
+    assert words in take.text and said in take.text and take.values == (exist.value,)
     assert "alpha = 1, 3, 5" in found[0].text and found[0].values == (8, 16, 1.0, 3.0, 5.0)
     none = iterative.findings(_iterative([Verdict.of(iterative.EXIST, estimate(0.1, 0.3, why="x"), why="no head"),
                                           untested]))

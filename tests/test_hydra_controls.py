@@ -288,9 +288,9 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
         assert f"{c[c['ablation'] == name]['abs_total_effect'].mean():.3f}" in noise_md
     pooled, per_patch = ch.numbers["slope_mid"], chapter.patch_slope(ch)
     assert np.isfinite(pooled) and np.isfinite(per_patch)  # two slopes on two selections: each names the other
-    assert f"not the pooled slope of {pooled:.2f}" in noise_md and "#ch05-scale" in noise_md
+    assert f"not the pooled slope ({pooled:.2f})" in noise_md and "#ch05-scale" in noise_md
     scale_md = chapter.scale_markdown(ch)
-    assert f"the {per_patch:.2f} of" in scale_md and "different selection" in scale_md
+    assert f"the noise section</a>, {per_patch:.2f}, is" in scale_md and "different selection" in scale_md
     assert np.isnan(chapter.patch_slope(dataclasses.replace(ch, comparison=None)))
     full = ch.attention_localisation
     short = chapter.local_table(ch, n=3)  # the rows that change most, every row folded

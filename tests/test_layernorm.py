@@ -662,3 +662,16 @@ def test_frozen_norm_section_on_the_tiny_run(tiny_chapter):
     assert text.startswith(f"**On {cfg.model}**")
     assert f"Of the {s['n_positive']} heads with positive live self-repair, {s['n_halved']} lose" in text
     assert "rounding." in text
+
+
+def test_a_share_of_few_heads_is_a_count():
+    """1 of 4 heads reads as "1 of these 4 heads", not "25% (95% interval 25% …)"; of 10 heads or
+    more, the share keeps its interval."""
+    from selfrepair.uncertainty import Estimate
+
+    share_of_few = lc.share_of_few
+    quarter = Estimate(0.25, 0.25, 0.25, None, "", 64, "documents", 0, 100)
+    assert share_of_few(quarter, 4) == "1 of these 4 heads"
+    assert share_of_few(Estimate(0.0, 0.0, 0.5, None, "", 64, "documents", 0, 100), 4) == "0 of these 4 heads"
+    assert share_of_few(Estimate(0.25, 0.1, 0.4, None, "", 64, "documents", 0, 100), 12) == (
+        "25% (95% interval 10% to 40%) of these heads")

@@ -118,7 +118,7 @@ def architecture_markdown(model) -> str:
         text += (" Each block also normalizes what its attention and its MLP write before adding it to "
                  "the residual stream (post-attention and post-feedforward norms, often called "
                  "*sandwich* norms). Their scales are frozen at the clean run like the final norm's, "
-                 "and their change under an ablation is one more term of eq. 2, `from_block_norms`.")
+                 "and their change under an ablation is one more term of eq. 2, the block norms' term.")
     if a["output_norms"]:
         text += (" It has no norm in front of attention or the MLP: both read the residual stream "
                  "itself, and only what they write is normalized.")

@@ -354,7 +354,7 @@ def model_notes(cfg: Config) -> str:
             "models all use LayerNorm).")
     if a["sandwich"]:
         text += (" It also normalizes each block's write; that norm share is a separate term "
-                 "(`from_block_norms`), not counted in the final norm's share.")
+                 "(the block norms' term of eq. 2), not counted in the final norm's share.")
     return text + "\n" + value_bias_note(cfg, VALUE_BIAS)
 
 

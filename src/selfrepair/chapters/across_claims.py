@@ -31,9 +31,9 @@ MANY = Claim("many", "Many heads in later layers are self-repaired", "§2.2, Fig
 SHARE_QUOTED = 0.30  # §3.2: "30% of direct effect is self-repaired by LayerNorm", "center around 30%"
 SHARE = Claim("norm_share", "The final LayerNorm explains around 30% of a head's direct effect",
               "§3.2, App. A Fig 10",
-              "the mean over late-layer heads of each head's mean clipped per-token share from_norm / DE on its "
-              "top-k% tokens (the statistic of the release's percent_LN_of_DE), each head's mean recomputed in "
-              "every replicate", approximately(SHARE_QUOTED, "around 30%"), paper=SHARE_QUOTED, fmt=".0%",
+              "the mean over late-layer heads of each head's mean clipped per-token share of its direct "
+              "effect that the final norm gives back on its top-k% tokens (the statistic of the release's "
+              "percent_LN_of_DE), each head's mean recomputed in every replicate", approximately(SHARE_QUOTED, "around 30%"), paper=SHARE_QUOTED, fmt=".0%",
               reading="The final norm alone gives back {value} of a head's direct effect, on average over the "
                       "{n} {unit}.",
               rationale="§3.2: 'most of the models, on many of the layers, have an average self-repair due to "

@@ -249,7 +249,8 @@ def verdicts(ch: AtpChapter) -> list[Verdict]:
                    f"{ceiling.prose('.0%')}. On the same tokens for both (every document), AtP's top {k} holds "
                    f"{ch.ranks['overlap']:.0%} of the exact top {k}."),
         Verdict.of(BLIND, boot.estimate(missed, ev.sums, **n),
-                   f"Of what AtP gets wrong (Σ|error_norm| + Σ|error_downstream|), {norm_share:.0%} is the "
+                   f"Of what AtP gets wrong (the error through the norm's scale plus the error through the "
+                   f"downstream components, each summed in size over the heads), {norm_share:.0%} is the "
                    "final norm's part." if math.isfinite(norm_share) else ""),
     ]
 
@@ -340,6 +341,6 @@ def model_notes(cfg: Config) -> str:
     if a["sandwich"]:
         lines.append("- **Norms on each block's write.** The post-attention norm of the head's own layer "
                      "rescales its write; that reaction (and every downstream block norm's) is in the "
-                     "downstream part, as `from_block_norms` is in eq. 2.")
+                     "downstream part, as the block norms' term is in eq. 2.")
     lines.append(value_bias_note(cfg, VALUE_BIAS))
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from ..claims import Claim, Verdict, approximately, paper_number, paper_word
 from ..rules import NEGLIGIBLE
 from ..structure import span
 from ..tables import counted
+from .signed import changes, gives_back, moved
 from ..uncertainty import Bootstrap, Clusters, Estimate, least_squares, moments, pearson, ratio
 
 # The Hydra paper's numbers (Chinchilla-7B on Counterfact), quoted from here everywhere else.
@@ -57,8 +58,9 @@ RESTORED = Claim(
     "layer) over every prompt of the middle attention layers, read at the clean run's σ (each ablation "
     "run's own σ′ beside it)", approximately(PAPER["restored"], "approximately 70%"),
     paper=PAPER["restored"], paper_context=f"{PAPER['model']}, {PAPER['dataset']}", fmt=".0%",
-    reading="When a middle attention layer is ablated, the layers after it give back {value} of the "
-            "direct effect it removed, at the clean run's σ ({n} {unit}).",
+    reading="When a middle attention layer is ablated, the share of the direct effect it removed that "
+            "the layers after it give back is {value} (negative: they take away more), at the clean "
+            "run's σ ({n} {unit}).",
     rationale="§6's 'restore approximately 70% of the reduction in token logits' is the compensation "
               "over the logit reduction an ablation would cause without it, the direct effect removed; "
               "'middle layers' are the middle half of the depth (structure.span). The clean σ is the "
@@ -76,8 +78,8 @@ SLOPE = Claim(
                  "is tested through the largest slope, 'past layer 13' of its 32 layers as the "
                  "layers deeper than 13/32 of the depth"),
     fmt=".2f",
-    reading="Past 13/32 of the depth, the steepest attention layer's compensation gives back {value} "
-            "logits per logit of direct effect ({n} {unit}).",
+    reading="Past 13/32 of the depth, the steepest attention layer's compensation per logit of direct "
+            "effect is {value} logits (negative: it takes away more) ({n} {unit}).",
     rationale="§4.2: 'fitting a linear regression between direct effect and compensatory response "
               "gives a slope of less than one at all layers past layer 13'. The models have different "
               "depths, so the paper's layer is compared as a relative depth")
@@ -87,8 +89,9 @@ ERASURE = Claim(
     "the least-squares slope, over every (prompt, attention layer before the last quarter), of the "
     "last quarter's MLPs' summed ΔDE on the ablated layer's own ΔDE (clean σ; erasure predicts a "
     "negative slope)", paper_word("significant", "<"), fmt="+.2f",
-    reading="Per logit of direct effect an ablation removes, the late MLPs' direct effect changes by "
-            "{value} logits in the other direction ({n} {unit}).",
+    reading="For each logit an ablation moves the ablated layer's direct effect, the late MLPs' direct "
+            "effect moves {value} logits the same way (negative: the other way, as erasure predicts) "
+            "({n} {unit}).",
     rationale="§2.5.2: 'when the attention layer has a high positive impact they have a high negative "
               "impact and when the attention layer's Δ_unembed is reduced theirs is similarly "
               "attenuated' — the late MLPs' change moves against the ablated layer's, in proportion to "
@@ -294,10 +297,10 @@ def verdicts(ch) -> list[Verdict]:
     block = (f" The downstream block norms' rescaling, reported apart, adds a mean {s['block_mid']:+.3f} "
              "logits there." if ch.result.from_block_norms.abs().max() > 0 else "")
     restored = (f"An ablation there removes a mean {s['lost_mid']:+.3f} logits of direct effect and the later "
-                f"layers change theirs by a mean {s['ce_mid']:+.3f}"
+                f"layers' direct effect {changes(s['ce_mid'], '.3f', 'rises by a mean', 'falls by a mean', 'does not change on average')}"
                 + (" (on average downstream breakage outweighs compensation)" if s["ce_mid"] < 0 else "")
-                + f"; the later attention layers alone (the Hydra effect proper) give back "
-                f"{e.hydra_part.prose('.0%')}. The slope of compensation on direct effect pooled within "
+                + f"; the later attention layers alone (the Hydra effect proper) "
+                f"{moved(e.hydra_part, '.0%', gives_back)}. The slope of compensation on direct effect pooled within "
                 f"these layers is {e.pooled['clean'].prose('.2f')}.{block} " + other_reading(e.restored["ablated"], RESTORED)
                 + f" There the final norm's scale moves by a mean S/S′ of {s['scale_ratio_mid']:.3f}, and its "
                 "rescaling of the later layers' writes counts as compensation.")
@@ -357,7 +360,7 @@ def hydra_answer(ch) -> tuple[bool | None, str]:
         return None, f"the interval is not reliable ({part.why})"
     if part.lo > 0:
         return True, (f"when a middle attention layer is ablated, the later attention layers raise their direct "
-                      f"effect and give back {part.prose('.0%')} of what it removed")
+                      f"effect and {moved(part, '.0%', gives_back)} of what it removed")
     if part.hi < 0:
         return False, (f"when a middle attention layer is ablated, the later attention layers do not make up for "
                        f"it: their summed change of direct effect is {part.prose('.0%')} of what it removed, a "
@@ -378,5 +381,5 @@ def seen(ch) -> str:
         return f"{head} We cannot tell: the intervals are not reliable ({whole.why or part.why})."
     label = {True: "**Yes.**", False: "**No, not as the paper measures it.**", None: "**Not clearly.**"}[answer]
     return (f"{head} {label} {words[0].upper() + words[1:]}; with the MLPs' response too, the later "
-            f"layers give back {whole.prose('.0%')} of it (the paper: approximately "
+            f"layers {moved(whole, '.0%', gives_back)} of it (the paper: approximately "
             f"{PAPER['restored']:.0%}).")

@@ -18,6 +18,7 @@ import pandas as pd
 from ..tables import TABLE_CLASS, Layout, Table, counted, listed, table
 from ..rules import NEGLIGIBLE
 from .hydra_claims import PAPER, RESTORED, SLOPE
+from .signed import changes, gives_back
 
 PREDICTS = NEGLIGIBLE  # an R² under 0.1: the part predicts ~nothing
 
@@ -152,14 +153,14 @@ def noise_markdown(ch) -> str:
     lines = [f"**On {ch.meta.get('model')}**, averaged over the {len(a)} attention layers:"]
     pooled = ch.numbers.get("slope_mid", math.nan)
     for name, g in ((main, a), ("noise", b)):
-        slope = (f" Per patch, the later layers give back {g.loc[mid, 'slope'].mean():.2f} logits per logit "
+        slope = (f" Per patch, the later layers {gives_back(g.loc[mid, 'slope'].mean(), '.2f', ' logits')} per logit "
                  f"removed (the slope over every (prompt, patch), averaged over the middle layers "
                  f"{mid[0]}–{mid[-1]}, each layer alike{_not_pooled(pooled) if name == main else ''})."
                  if mid else "")
         lines.append(f"- **{name}**: the logit moves by a mean |Δ_ablate| of {g['abs_total_effect'].mean():.3f} "
-                     f"per patch (mean Δ_ablate {g['total_effect'].mean():+.3f}); the ablated layer loses "
-                     f"{g['lost'].mean():+.3f} logits of direct effect and the later layers change theirs by "
-                     f"{g['compensation'].mean():+.3f}.{slope}")
+                     f"per patch (mean Δ_ablate {g['total_effect'].mean():+.3f}); the ablated layer's direct effect "
+                     f"{changes(-g['lost'].mean(), '.3f')} logits and the later layers' direct effect "
+                     f"{changes(g['compensation'].mean(), '.3f')}.{slope}")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")
     return "\n".join(lines)
 
@@ -168,7 +169,7 @@ def _not_pooled(pooled: float) -> str:
     """Why the noise section's slope is not the pooled slope of *Which σ?* (another selection)."""
     if not math.isfinite(pooled):
         return ""
-    return (f"; not the pooled slope of {pooled:.2f} in <a href=\"#ch05-scale\">Which σ?</a>, which fits each "
+    return (f"; not the pooled slope ({pooled:.2f}) in <a href=\"#ch05-scale\">Which σ?</a>, which fits each "
             "prompt's compensation, its patches averaged, on the layer's clean direct effect and weighs the "
             "layers by how much that direct effect varies")
 
@@ -261,7 +262,7 @@ def _predictive(fits: pd.DataFrame) -> str:
 def _pooled_is(ch) -> str:
     """What the pooled slope is, beside the noise section's slope on another selection."""
     other = patch_slope(ch)
-    beside = (f"; the {other:.2f} of <a href=\"#ch05-noise\">the noise section</a> is a different selection: "
+    beside = (f"; the slope of <a href=\"#ch05-noise\">the noise section</a>, {other:.2f}, is a different selection: "
               "every (prompt, patch), on the direct effect each patch removed, the middle layers' slopes "
               "averaged alike" if math.isfinite(other) else "")
     return (" (each prompt's compensation, its patches averaged, on the layer's clean direct effect, pooled over "

@@ -28,6 +28,7 @@ import pandas as pd
 from .. import iterative as it
 from .. import repression as rp
 from ..claims import Claim, Verdict, paper_word, render, render_claim
+from .signed import changes, fall, moved
 from ..rules import NEGLIGIBLE
 from ..config import CorpusConfig
 from ..errors import InputError
@@ -53,7 +54,8 @@ EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output t
               "under its own output, and under its own output beyond the random push (the control)",
               paper_word("decreased"), fmt="+.0%",
               reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit} "
-                      "changes its direct effect by {value} when fed its own output (the weaker of the "
+                      "is fed its own output: the change of its direct effect, as a share of itself, is "
+                      "{value} (negative: a fall; below −100%: it turns negative; the weaker of the "
                       "change itself and the change beyond the control's).",
               rationale="both falls are required: the fall under its own output (Fig 19: 'L21H1 has a "
                         "decreased direct effect') and the fall beyond a random push of the same norm, "
@@ -64,7 +66,7 @@ PROPORTIONAL = Claim("proportional", "The repression is proportional to how much
                      "of the mean top-token direct effect, averaged over the heads that self-repress on one "
                      "half of the documents), measured on the other half",
                      paper_word("proportional"), fmt=".3f",
-                     reading="Each unit of alpha adds {value} of the direct effect to the repression (slope "
+                     reading="Each unit of α adds {value} of the direct effect to the repression (slope "
                              "over {n} {unit}).",
                      rationale="App. F: 'the amount in which these heads self-repress is proportional to "
                                "the amount in which scale the heads output back into itself'; proportional "
@@ -155,9 +157,10 @@ def verdicts(ch: IterativeChapter) -> list[Verdict]:
     est = boot.estimate(lambda t: rp.repression(t)[:, best], ch.sums[test], n=n_heads, unit=unit)
     own = boot.estimate(lambda t: rp.relative(t)[0][:, best, -1], ch.sums[test])
     ctrl = boot.estimate(lambda t: rp.relative(t)[1][:, best], ch.sums[test])
-    exist = Verdict.of(EXIST, est, f"It is {labels[best]} (a fall of {chosen[best]:+.0%} on the selection "
-                       f"half). On the test half its own output changes its direct effect by "
-                       f"{own.prose('+.0%')}, the random push by {ctrl.prose('+.0%')}. {share}")
+    exist = Verdict.of(EXIST, est, f"It is {labels[best]} ({fall(chosen[best], '.0%')} on the selection "
+                       f"half). On the test half, under its own output its direct effect "
+                       f"{moved(own, '+.0%', relative=True)}; under the random push it "
+                       f"{moved(ctrl, '+.0%', relative=True)}. {share}")
     return [exist, _proportional(ch, chosen, test, boot, labels)]
 
 
@@ -209,9 +212,9 @@ def on_this_model(ch: IterativeChapter) -> str:
             f"self-reinforcing: {ex(rein)}. Over every token, not only each head's top ones, the mean "
             f"direct effect moves the same way for {pct(same_way)} of the non-neutral heads.")
     if classes["control_change"].notna().any():
-        text += (f" A random push of the same norm changes the classified heads' top-token direct "
-                 f"effect by a median {100 * ok['control_change'].median():+.0f}% (their own output: "
-                 f"{100 * ok['relative_change'].median():+.0f}%).")
+        text += (f" The median change of the classified heads' top-token direct effect, as a share of "
+                 f"itself, is {100 * ok['control_change'].median():+.0f}% under a random push of the same "
+                 f"norm ({100 * ok['relative_change'].median():+.0f}% under their own output).")
     cl = ch.clusters
     text += (f" The verdicts choose heads on one half of the {cl.n:,} independent {cl.unit} and test them on "
              f"the other; every interval is a 95% cluster bootstrap over the {cl.unit} ({ch.n_boot:,} "
@@ -241,19 +244,19 @@ def findings(ch: IterativeChapter) -> list[Finding]:
         text = f"Take-away: this run cannot test for self-repressing heads on this model ({exist.why})."
         values = ()
     else:
-        change = f"{exist.value:+.0%}"
+        change = changes(exist.value, '.0%', relative=True)
         values = (exist.value,)
         if exist.holds:
             text = (f"Take-away: on this model a head fed its own output writes less beyond a random push "
-                    f"({change} on held-out documents), as the iterative inference hypothesis expects; it is "
-                    "evidence for the hypothesis, not a measured mechanism of self-repair.")
+                    f"(its direct effect {change} on held-out documents), as the iterative inference "
+                    "hypothesis expects; it is evidence for the hypothesis, not a measured mechanism of self-repair.")
         elif exist.holds is False:
             text = (f"Take-away: on this model no head self-represses beyond a random push on held-out "
-                    f"documents (the most self-repressing changes by {change}), so this evidence for the "
+                    f"documents (the most self-repressing head's direct effect {change}), so this evidence for the "
                     "iterative inference hypothesis is not seen here.")
         else:
             text = (f"Take-away: this run cannot say whether a head self-represses beyond a random push on "
-                    f"this model ({change} on held-out documents); a run on more tokens would narrow the interval.")
+                    f"this model (its direct effect {change} on held-out documents); a run on more tokens would narrow the interval.")
     return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["repressing"],), values))
 
 

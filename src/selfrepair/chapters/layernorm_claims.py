@@ -29,11 +29,12 @@ from .. import layernorm as ln
 from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Verdict, _fmt, approximately, paper_number, paper_word)
 from ..rules import NEGLIGIBLE
 from ..results import head_label
-from ..uncertainty import MIN_CLUSTERS, Bootstrap, Clusters, mean_finite, ratio, share
+from ..uncertainty import MIN_CLUSTERS, Bootstrap, Clusters, Estimate, mean_finite, ratio, share
 
 CHECK_CLUSTERS = 2 * MIN_CLUSTERS  # documents App. B's check runs on (its rows: ln.check_rows)
 ALMOST = paper_word("almost always")
 NONTRIVIAL = NEGLIGIBLE  # a share of an effect beyond ±10% of it
+FEW = 10  # a share of fewer heads is said as a count ("1 of these 4 heads")
 QUOTED = dict(ALMOST_ALWAYS_QUOTED)  # §3.1: the share of L11H2's top tokens with S/S′ > 1, per ablation
 SHARE_QUOTED = 0.30  # §3.2: "around 30% of the direct effect of a head"; App. A: "center around 30%"
 APP_H_EXAMPLE = {"ratio": 1.02, "gap": 10.0, "boost": 0.2, "significant_de": 1.0}  # App. H's worked example
@@ -180,6 +181,14 @@ def _per_head(t: np.ndarray, heads, boot: Bootstrap, fmt: str) -> str:
                      for h, v, a, b in zip(heads, value, lo, hi))
 
 
+def share_of_few(est: Estimate, n: int, few: int = FEW) -> str:
+    """A share of ``n`` heads in words: of fewer than ``few`` a count ("1 of these 4 heads"; a
+    percentage with an interval over 4 heads is false precision), else the share with its interval."""
+    if n < few and np.isfinite(est.value):
+        return f"{round(est.value * n)} of these {n} heads"
+    return f"{est.prose('.0%')} of these heads"
+
+
 def verdicts(ch) -> list[Verdict]:
     """Every claim of :data:`CLAIMS` on ``ch`` (a :class:`~selfrepair.chapters.layernorm.LayerNormChapter`
     with its :class:`Evidence`), seeded by ``ch.seed``, ``ch.n_boot`` replicates."""
@@ -190,7 +199,7 @@ def verdicts(ch) -> list[Verdict]:
     for a, t in ev.ratio.items():
         est = boot.estimate(mean_over_heads, t, n=len(ev.last), unit=unit)
         heads = boot.estimate(heads_almost_always, t)
-        out.append(Verdict.of(RATIO[a], est, f"Taken one by one, {heads.prose('.0%')} of these heads have "
+        out.append(Verdict.of(RATIO[a], est, f"Taken one by one, {share_of_few(heads, len(ev.last))} have "
                               f"S/S′ > 1 on at least {ALMOST.bounds[0]:.0%} of their own top tokens. Per head: "
                               f"{_per_head(t, ev.last, boot, '.0%')}. Fig 4's head is "
                               f"{head_label(*ch.ratio_head)}."))

@@ -32,7 +32,7 @@ MEASURED = ("every measured head (the Fig 7 head and the Fig 8 heads, chosen as 
             "Pythia-160M L10H11, chosen because it 'highlights this well'")
 FIG7 = Claim("anti_erasure", "On the tokens where the last MLP layer repairs most, its top repairing "
              "neuron is mostly an erasure neuron erasing less", "§4.1, Fig 7",
-             "the mean over the measured heads of each head's share of its mlp_repair tokens whose top "
+             "the mean over the measured heads of each head's share of the tokens where the last MLP layer repairs it most whose top "
              "repairing neuron has a negative clean direct effect that rises when the head is ablated",
              paper_word("most"), fmt=".0%",
              reading="On {value} of their tokens (mean over the {n} {unit}), the neuron that repairs most "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from ..chapters.signed import changes
 
 TERMS = ("from_heads", "from_mlps", "from_block_norms", "from_norm")
 TERM_NAMES = {"from_heads": "downstream heads", "from_mlps": "downstream MLP layers",
@@ -188,9 +189,10 @@ def late_mlps(ch) -> str:
         return "This model has no late MLP layer downstream of an attention layer."
     d = late["delta_direct_effect"]
     return (f"Over every (ablated attention layer, late MLP layer) pair, the late MLPs' direct effect "
-            f"changes by {d.mean():+.3g} on average ({int((d > 0).sum())} of {len(d)} pairs up); per logit "
-            f"of direct effect an ablation removes, they change by {ch.estimates.erasure.prose('+.2f')} in the "
-            "other direction (the chapter's erasure regression). The Hydra paper (§2.5.2): late MLPs "
+            f"{changes(d.mean(), '.3g', 'rises by', 'falls by', 'does not change')} on average ({int((d > 0).sum())} "
+            f"of {len(d)} pairs up); for each logit an ablation moves the ablated layer's direct effect, "
+            f"theirs moves {ch.estimates.erasure.prose('+.2f')} logits the same way (negative: the other way, "
+            "as erasure predicts; the chapter's erasure regression). The Hydra paper (§2.5.2): late MLPs "
             "erase — they lower the token's logit by an amount that follows what the attention layers "
             "wrote — so when an attention layer is ablated they erase less and their direct effect rises.")
 
@@ -238,8 +240,8 @@ def atp_direction(ch) -> str:
     norm, down = top["error_norm"].abs().sum(), top["error_downstream"].abs().sum()
     larger = "the final norm's" if norm > down else "the downstream components'"
     return (f"Of the exact top {k} heads, AtP overstates the effect of {over} (|AtP| > |exact|) and "
-            f"understates it for {k - over}. Their errors are mostly {larger} part: Σ|error_norm| = "
-            f"{norm:.3g}, Σ|error_downstream| = {down:.3g} logits. A first-order estimate overstates a "
+            f"understates it for {k - over}. Their errors are mostly {larger} part: summed in size, the error "
+            f"through the final norm's scale is {norm:.3g} logits and through the downstream components {down:.3g}. A first-order estimate overstates a "
             "head's effect where the rest of the network compensates (self-repair), understates it "
             "where the reaction amplifies the loss.")
 

@@ -8,6 +8,8 @@ error_downstream`` (+ ``error_direct``, 0 to rounding).
 
 from __future__ import annotations
 
+import math
+
 import altair as alt
 import pandas as pd
 
@@ -16,6 +18,7 @@ from .legible import DARK, label_limit
 
 TERMS = {"error_norm": "final norm", "error_downstream": "downstream heads, MLPs, block norms"}
 TERM_COLORS = ["#e45756", "#4c78a8"]
+MAX_LABELS = 24  # head labels on an axis at most (72 at 390 px are a smear)
 
 
 def _order(frame: pd.DataFrame) -> list[str]:
@@ -67,13 +70,25 @@ def decomposition_frame(heads: pd.DataFrame) -> pd.DataFrame:
     return long.assign(term=long["term"].map(TERMS))
 
 
+def head_axis(order: list, most: int = MAX_LABELS) -> alt.Axis:
+    """The head axis: every head labelled where they are at most ``most``, else every k-th (the
+    first of each run of k), titled so that a reader hovers for the rest — 72 labels at 390 px
+    are a smear."""
+    step = max(1, math.ceil(len(order) / most))
+    if step == 1:
+        return alt.Axis(labelAngle=-90, title="head")
+    return alt.Axis(labelAngle=-90, values=list(order[::step]),
+                    title=f"head (one in {step} labelled; hover a bar for its head)")
+
+
 def fig_error_decomposition(heads: pd.DataFrame) -> alt.LayerChart:
     """Per head (x, in layer order): exact − AtP split into the final norm's part and the
     downstream components' part (stacked signed bars); the black tick is the total."""
     long = decomposition_frame(heads)
     order = _order(heads)
+    axis = head_axis(order)
     bars = alt.Chart(long).mark_bar().encode(
-        x=alt.X("label:N", sort=order, title="head", axis=alt.Axis(labelAngle=-90)),
+        x=alt.X("label:N", sort=order, title=axis.title, axis=axis),
         y=alt.Y("sum(value):Q", title="exact − AtP (logits)"),
         color=alt.Color("term:N", scale=alt.Scale(domain=list(TERMS.values()), range=TERM_COLORS),
                         title="part",  # one part a line, each name whole (it fits a phone)
@@ -82,7 +97,7 @@ def fig_error_decomposition(heads: pd.DataFrame) -> alt.LayerChart:
                  alt.Tooltip("sum(value):Q", format=".3g", title="logits"),
                  alt.Tooltip("mean(error):Q", format=".3g", title="total exact − AtP")])
     total = alt.Chart(heads).mark_tick(color="black", thickness=2).encode(
-        x=alt.X("label:N", sort=order), y="error:Q",
+        x=alt.X("label:N", sort=order, title=axis.title, axis=axis), y="error:Q",
         tooltip=head_tooltip("error", "error_norm", "error_downstream"))
     zero = alt.Chart(heads).mark_rule(color="#888").encode(y=alt.datum(0))
     return alt.layer(zero, bars, total).properties(

@@ -1,0 +1,68 @@
+"""Signed numbers in words: a change is said from its sign ("falls by 5%", "gives back 5%" / "takes
+away a further 5%"), never as "by -5%" or "a fall of -5%"."""
+from __future__ import annotations
+
+import math
+
+
+def _abs(x: float, fmt: str) -> str:
+    """``|x|`` in ``fmt`` without a forced sign."""
+    return format(abs(x), fmt.replace("+", ""))
+
+
+def _interval(est, fmt: str) -> str:
+    """The estimate's interval in brackets, or why it has none (its ends keep their signs: they are
+    not read after "by")."""
+    if not est.reliable:
+        return f" (no reliable interval: {est.why or 'undefined'})"
+    from ..rules import interval_words
+
+    return f" ({interval_words(est.lo, est.hi, fmt)})"
+
+
+def changes(x: float, fmt: str, up: str = "rises by", down: str = "falls by",
+            zero: str = "does not change", relative: bool = False) -> str:
+    """A signed change in words: "falls by 5%" / "rises by 5%" / "does not change" (at the digits
+    shown). ``relative``: ``x`` is a share of the thing itself, so a fall of 100% or more is said
+    to turn it negative."""
+    if not math.isfinite(x):
+        return "changes by n/a"
+    if _abs(x, fmt).strip("0.%") == "":
+        return zero
+    said = f"{up if x > 0 else down} {_abs(x, fmt)}"
+    if relative:
+        said += " of itself" + (" (it turns negative)" if x <= -1 else "")
+    return said
+
+
+def fall(x: float, fmt: str) -> str:
+    """A signed change (negative: a fall) as a noun: "a fall of 5%" / "a rise of 5%" / "no change"."""
+    if not math.isfinite(x):
+        return "a change of n/a"
+    if _abs(x, fmt).strip("0.%") == "":
+        return "no change"
+    return f"{'a rise' if x > 0 else 'a fall'} of {_abs(x, fmt)}"
+
+
+def gives_back(x: float, fmt: str, unit: str = "") -> str:
+    """What later layers give back, signed (negative: they take away more): "give back 5%" / "take
+    away a further 5% (the opposite of giving back)" / "give back nothing"; ``unit`` follows the
+    number ("0.67 logits")."""
+    if not math.isfinite(x):
+        return "give back n/a"
+    if _abs(x, fmt).strip("0.%") == "":
+        return "give back nothing"
+    if x > 0:
+        return f"give back {_abs(x, fmt)}{unit}"
+    return f"take away a further {_abs(x, fmt)}{unit} (the opposite of giving back)"
+
+
+def moved(est, fmt: str, how=changes, **kw) -> str:
+    """An :class:`~selfrepair.uncertainty.Estimate` said by ``how`` (:func:`changes`,
+    :func:`gives_back`) from its value's sign, then its interval."""
+    if not math.isfinite(est.value):
+        return how(est.value, fmt, **kw)
+    said = how(est.value, fmt, **kw)
+    if said.endswith(")"):  # "(it turns negative)" / "(the opposite of giving back)": one bracket
+        return said[:-1] + "; " + _interval(est, fmt)[2:]
+    return said + _interval(est, fmt)
