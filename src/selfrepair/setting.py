@@ -199,7 +199,8 @@ def _caveat(cfg: RunConfig, model) -> str:
     if not reasons:
         return ""
     text = "; ".join(reasons)
-    return (text[0].upper() + text[1:] + ". Either can move a number or a verdict, by an amount this "
+    which = "Either" if len(reasons) > 1 else "This"
+    return (text[0].upper() + text[1:] + f". {which} can move a number or a verdict, by an amount this "
             "run cannot tell; a verdict that differs from the paper is a difference on this model and data, "
             "not a refutation of the paper.")
 
