@@ -199,7 +199,8 @@ def verdicts(ch) -> list[Verdict]:
     for a, t in ev.ratio.items():
         est = boot.estimate(mean_over_heads, t, n=len(ev.last), unit=unit)
         heads = boot.estimate(heads_almost_always, t)
-        out.append(Verdict.of(RATIO[a], est, f"Taken one by one, {share_of_few(heads, len(ev.last))} have "
+        few = share_of_few(heads, len(ev.last))
+        out.append(Verdict.of(RATIO[a], est, f"Taken one by one, {few} {'has' if few.startswith('1 of ') else 'have'} "
                               f"S/S′ > 1 on at least {ALMOST.bounds[0]:.0%} of their own top tokens. Per head: "
                               f"{_per_head(t, ev.last, boot, '.0%')}. Fig 4's head is "
                               f"{head_label(*ch.ratio_head)}."))

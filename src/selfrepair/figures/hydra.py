@@ -157,7 +157,7 @@ def fig_erasure(frame) -> alt.Chart:
                         title="clean DE of the MLP"), tooltip=tips).properties(width=20, height=260)
     return (alt.hconcat(heat.properties(width=300, height=260), strip)
             .resolve_scale(color="independent")
-            .properties(title="Late MLPs respond to attention ablations (erasure, Hydra §2.5.2)"))
+            .properties(title="How late MLPs respond to attention ablations (erasure? Hydra §2.5.2)"))
 
 
 
