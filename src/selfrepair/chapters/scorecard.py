@@ -41,7 +41,10 @@ class Config(BaseConfig):
                 f"recorded in the results cache `{shown_path(self.cache_dir)}`, for every model found there, "
                 f"the book's model (`{model_label(self.model, self.fold_value_biases)}`) first.\n"
                 "- **Whose numbers.** Every estimate, interval and n is a chapter's, as its record keeps it; "
-                "the papers' own words and numbers are in each claim's cell, from the chapters' claims data.")
+                "the papers' own words and numbers are in each claim's cell, from the chapters' claims data.\n"
+                "- **What this can change.** Each chapter's page says where its model and data differ from the "
+                "paper's (quantized weights, a corpus other than The Pile) and can move its numbers: a verdict "
+                "that differs is a difference on that model and data, not a refutation of the paper.")
 
     def validate(self) -> None:
         super().validate()
