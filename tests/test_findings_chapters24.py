@@ -124,7 +124,7 @@ def test_chapter4_takeaway_follows_exist(outcome, words):
     take = found[-1]
     said = changes(exist.value, ".0%", relative=True)  # from the sign: "falls by 38% of itself", not "-38%"
     assert words in take.text and said in take.text and take.values == (exist.value,)
-    assert "alpha = 1, 3, 5" in found[0].text and found[0].values == (8, 16, 1.0, 3.0, 5.0)
+    assert "α = 1, 3, 5" in found[0].text and found[0].values == (8, 16, 1.0, 3.0, 5.0)
     none = iterative.findings(_iterative([Verdict.of(iterative.EXIST, estimate(0.1, 0.3, why="x"), why="no head"),
                                           untested]))
     assert "cannot test" in none[-1].text and none[-1].values == ()

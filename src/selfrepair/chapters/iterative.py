@@ -50,7 +50,7 @@ ALL = ("every head of the model is a candidate: the one that self-represses most
 EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output they write less, beyond what a "
               "random push of the same size does", "App. G, Fig 19",
               "for the head that self-represses most on one half of the documents, on the other half: the "
-              "weaker of its two falls at the largest alpha, relative to its mean top-token direct effect — "
+              "weaker of its two falls at the largest α, relative to its mean top-token direct effect — "
               "under its own output, and under its own output beyond the random push (the control)",
               paper_word("decreased"), fmt="+.0%",
               reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit} "
@@ -199,7 +199,7 @@ def on_this_model(ch: IterativeChapter) -> str:
     same_way = ((np.sign(moved["relative_change_all"]) == np.sign(moved["relative_change"])).mean()
                 if len(moved) else float("nan"))
     text = (f"**On {res.meta.get('model')}** ({len(classes)} heads, top {res.meta.get('top_percent'):g}% "
-            f"tokens = {res.meta.get('k')} per head; classes at alpha = {max(res.alphas):g}, a change "
+            f"tokens = {res.meta.get('k')} per head; classes at α = {max(res.alphas):g}, a change "
             f"within ±{TAU:.0%} of the head's mean direct effect counting as none): "
             f"{counts.get('self-repressing', 0)} self-repressing ({int((rep['specific']).sum())} of them "
             f"also beyond the random push), {counts.get('self-reinforcing', 0)} "
@@ -237,7 +237,7 @@ def findings(ch: IterativeChapter) -> list[Finding]:
     cl, model = ch.clusters, str(ch.result.meta.get("model"))
     n_heads, alphas = len(ch.classes), ", ".join(f"{a:g}" for a in ch.result.alphas)
     where = Finding(f"This chapter fed each of the {n_heads} heads of {model} its own output (scaled by "
-                    f"alpha = {alphas}) on {cl.n:,} independent {cl.unit}, choosing heads on one half of them "
+                    f"α = {alphas}) on {cl.n:,} independent {cl.unit}, choosing heads on one half of them "
                     "and testing them on the other.", values=(n_heads, cl.n, *ch.result.alphas))
     exist = next(v for v in ch.verdicts if v.claim is EXIST)
     if exist.why:

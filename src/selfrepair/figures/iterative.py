@@ -48,7 +48,7 @@ def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
     points = base.mark_circle(size=30, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="original direct effect (logits)"),
         y=alt.Y("new_direct_effect:Q", title="new direct effect (logits)"),
-        color=alt.Color("alpha:O", title="alpha", scale=alt.Scale(scheme=DEPTH_SCHEME)),
+        color=alt.Color("alpha:O", title="α", scale=alt.Scale(scheme=DEPTH_SCHEME)),
         tooltip=HEAD_TIPS + [alt.Tooltip("alpha:Q"), alt.Tooltip("row:O"), alt.Tooltip("pos:O"),
                              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
                              alt.Tooltip("new_direct_effect:Q", format=".3f", title="new direct effect")])
@@ -65,7 +65,7 @@ def fig_response(response: pd.DataFrame) -> alt.LayerChart:
     alphas = sorted(float(a) for a in response["alpha"].unique()) or [0.0, 1.0]
     base = alt.Chart(response)
     lines = base.mark_line(point=True, opacity=MARK_OPACITY, strokeWidth=1.2).encode(
-        x=alt.X("alpha:Q", title="alpha (scale of the head's own output added)",
+        x=alt.X("alpha:Q", title="α (scale of the head's own output added)",
                 scale=alt.Scale(domain=[alphas[0], alphas[-1]], nice=False) if len(alphas) > 1 else alt.Scale(),
                 axis=_alpha_axis(alphas)),
         y=alt.Y("relative_change:Q", axis=alt.Axis(format="%"),
@@ -95,4 +95,4 @@ def fig_head_map(classes: pd.DataFrame) -> alt.Chart:
         + [alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
            alt.Tooltip("specific:N"), alt.Tooltip("monotone:N"), alt.Tooltip("flips:N")],
     ).properties(width=alt.Step(28), height=alt.Step(16),
-                 title="Response to the head's own output at the largest alpha")
+                 title="Response to the head's own output at the largest α")
