@@ -289,6 +289,9 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
     pooled, per_patch = ch.numbers["slope_mid"], chapter.patch_slope(ch)
     assert np.isfinite(pooled) and np.isfinite(per_patch)  # two slopes on two selections: each names the other
     assert f"not the pooled slope ({pooled:.2f})" in noise_md and "#ch05-scale" in noise_md
+    said = chapter.slope_not_share(0.33, -1.96)  # a positive slope beside a negative share: said how
+    assert "take away a further 196%" in said and "0.33 of the extra given back" in said and " -" not in said
+    assert chapter.slope_not_share(0.33, 0.5) == "" and chapter.slope_not_share(float("nan"), -1.0) == ""
     scale_md = chapter.scale_markdown(ch)
     assert f"the noise section</a>, {per_patch:.2f}, is" in scale_md and "different selection" in scale_md
     assert np.isnan(chapter.patch_slope(dataclasses.replace(ch, comparison=None)))

@@ -46,7 +46,7 @@ from .hydra_claims import (CLAIMS, ERASURE, LOCAL, OWN, PAPER, RESTORED, SLOPE, 
                            seen, task_failed, verdicts)
 from .hydra_text import (LOCAL_TABLE, OWN_TABLE, SCALE_TABLE, scale_table, localisation_markdown,  # noqa: F401 (the notebook's)
                          local_table, noise_markdown, own_markdown, panels_markdown, patch_slope,
-                         scale_markdown)
+                         scale_markdown, slope_not_share)
 
 @dataclass(frozen=True)
 class Config(RunConfig):

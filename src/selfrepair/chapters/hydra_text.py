@@ -162,7 +162,21 @@ def noise_markdown(ch) -> str:
                      f"{changes(-g['lost'].mean(), '.3f')} logits and the later layers' direct effect "
                      f"{changes(g['compensation'].mean(), '.3f')}.{slope}")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")
-    return "\n".join(lines)
+    if mid:
+        lines.append(slope_not_share(a.loc[mid, "slope"].mean(), ch.numbers.get("restored_mid", math.nan)))
+    return "\n".join(filter(None, lines))
+
+
+def slope_not_share(slope: float, restored: float) -> str:
+    """Where the per-patch slope gives back while the restored share (the verdict's) takes away, one
+    sentence saying how both hold: a slope is the change per extra logit removed, a share the mean."""
+    if not (math.isfinite(slope) and math.isfinite(restored)) or (slope > 0) == (restored > 0):
+        return ""
+    mean = "falls too" if restored < 0 else "makes up part of the loss"
+    return (f"- A slope is not a share: on average the later layers' direct effect {mean} (with the MLPs they "
+            f"{gives_back(restored, '.0%')} of what the middle layers' ablations remove: "
+            f"<a href=\"#ch05-fig7\">the verdict below</a>), yet an ablation that removes more sees "
+            f"{abs(slope):.2f} of the extra {'given back' if slope > 0 else 'taken away'}.")
 
 
 def _not_pooled(pooled: float) -> str:
