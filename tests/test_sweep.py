@@ -91,7 +91,7 @@ def test_same_seed_gives_identical_results(tmp_path):
         assert torch.equal(v, b.tensors()[k]), k
 
 
-CLI = ["sweep", "--model", "tiny-gpt2", "--dataset", "tiny", "--tokens", "768", "--seq-len", "16",
+CLI = ["sweep", "--model", "tiny-gpt2", "--dataset", "tiny", "--tokens", "1536", "--seq-len", "16",
        "--batch-size", "2", "--top-percent", "5"]
 
 
@@ -100,7 +100,7 @@ def _cli(out_dir):
 
 
 def _config(out_dir, **kw):
-    return Config.from_params(**{**dict(model="tiny-gpt2", dataset="tiny", n_tokens=768, seq_len=16,
+    return Config.from_params(**{**dict(model="tiny-gpt2", dataset="tiny", n_tokens=1536, seq_len=16,
                                         batch_size=2, top_percent=5, cache_dir=str(out_dir)), **kw})
 
 
@@ -139,7 +139,7 @@ def test_cli_sweep_killed_with_sigkill_resumes_to_identical_results(tmp_path, un
             proc.kill()
     assert not out.exists() and partial.exists()
     done_before = progress(partial)["resample sweep"]
-    assert 6 <= done_before < 48
+    assert 6 <= done_before < 96
     resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert out.exists() and not partial.exists()
@@ -171,7 +171,7 @@ def test_cli_sweep_interrupted_saves_and_resumes_to_identical_results(tmp_path, 
     assert proc.returncode == 128 + sig, err
     assert "resume" in err and signal.Signals(sig).name in err
     load_tensors(partial)  # intact: it loads and passes its checksum
-    assert not out.exists() and 6 <= progress(partial)["resample sweep"] < 48
+    assert not out.exists() and 6 <= progress(partial)["resample sweep"] < 96
     resumed = subprocess.run(_cli(tmp_path / "a"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     a, b = Sweep.load(out), uninterrupted
@@ -212,7 +212,7 @@ def test_changed_parameters_change_the_cache_key_and_speed_knobs_do_not(tmp_path
     assert _path(_config(tmp_path), "zero") != base
     assert _path(_config(tmp_path, batch_size=7)) == base  # speed only
     assert _path(_config(tmp_path, n_boot=50, featured_heads=["L1H1"])) == base  # chapter-1 extras
-    assert _path(_config(tmp_path, n_tokens=767)) == base  # the same whole rows
+    assert _path(_config(tmp_path, n_tokens=1535)) == base  # the same whole rows
 
 
 def test_results_equal_whatever_the_batch_size(tmp_path):
