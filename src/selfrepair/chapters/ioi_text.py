@@ -7,6 +7,7 @@ import numpy as np
 
 from ..rules import NEGLIGIBLE, interval_words
 from ..findings import Figure, Finding, markdown, shows as _shows
+from .signed import fall
 
 FULL_TOL = NEGLIGIBLE  # a remaining loss within 10% of the DE lost: full repair
 REGIONS = (("no repair", -np.inf, 0.0), ("partial repair", 0.0, 1 - FULL_TOL),
@@ -27,11 +28,6 @@ def region(x: float) -> str:
     return "full repair" if x <= 1 + FULL_TOL else "over-correction"
 
 
-def _fall(x: float, fmt: str) -> str:
-    """A signed change in "fall" units (positive: a fall) in words: "a fall of 5%" / "a rise of 5%"."""
-    return f"a fall of {x:{fmt}}" if x >= 0 else f"a rise of {-x:{fmt}}"
-
-
 def logit_change(est, fmt: str = ".0%") -> str:
     """The sentence of how the logit difference moves when the name movers are ablated, worded from
     the sign of ``est`` (its fall as a share of the direct effect lost; negative: it rises), so the
@@ -47,7 +43,7 @@ def logit_change(est, fmt: str = ".0%") -> str:
         a, b = sorted((abs(est.lo), abs(est.hi)))
         span = f" ({interval_words(a, b, fmt)})"
     else:
-        span = f" (95% interval from {_fall(est.lo, fmt)} to {_fall(est.hi, fmt)})"
+        span = f" (95% interval from {fall(-est.lo, fmt)} to {fall(-est.hi, fmt)})"  # ends in fall units
     tail = " of the direct effect lost" if v else ""
     over = " — the rest of the network gives back more than the name movers lose" if v < 0 else ""
     return f"The logit difference {verb} {size}{span}{tail}{over}."
