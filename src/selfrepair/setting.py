@@ -130,13 +130,14 @@ def _sources(cfg: CorpusConfig) -> Counter:
     return Counter(names)
 
 
-def data_words(cfg: RunConfig, model, paper: PaperSetup) -> str:
-    """What this chapter measured on, beside the paper's amount of it."""
+def data_words(cfg: RunConfig, model, paper: PaperSetup, sources: Counter | None = None) -> str:
+    """What this chapter measured on, beside the paper's amount of it (``sources``: the corpus's
+    documents by source, read here when not given)."""
     from .experiment import open_prompts, open_tokens, shown_path
 
     if isinstance(cfg, CorpusConfig):
         data = open_tokens(cfg, model, progress=False)
-        text = corpus_words(cfg, data, _sources(cfg))
+        text = corpus_words(cfg, data, sources if sources is not None else _sources(cfg))
         n = int(data.tokens.numel())
         if paper.tokens:
             text += f" — {n / paper.tokens:.1%} of the paper's {paper.tokens:,} tokens of The Pile"
@@ -167,7 +168,8 @@ def run_summary(cfg: RunConfig) -> str:
     model = open_model(cfg)
     device = cfg.device if not cfg.remote else f"{cfg.remote} (remote)"
     lines = [f"- **Model.** {model_words(model, device)}."]
-    lines.append(f"- **Data.** {data_words(cfg, model, paper or PAPERS['intro'])}.")
+    sources = _sources(cfg) if isinstance(cfg, CorpusConfig) else None  # read once, said twice
+    lines.append(f"- **Data.** {data_words(cfg, model, paper or PAPERS['intro'], sources)}.")
     if paper is not None:
         quote = f": “{paper.quote}”" if paper.quote else ""
         lines.append(f"- **The paper** ({paper.source}) ran {paper.models} on {paper.data}{quote}.")
@@ -176,13 +178,13 @@ def run_summary(cfg: RunConfig) -> str:
                  "and data, appear only where the text says so (“the paper reports …”, “paper ≈ 30%”, "
                  "the paper's released values) — so a difference can come from the model and data as "
                  "well as from the method.")
-    caveat = _caveat(cfg, model)
+    caveat = _caveat(cfg, model, sources)
     if caveat:
         lines.append(f"- **What this can change.** {caveat}")
     return "**What ran here.**\n\n" + "\n".join(lines)
 
 
-def _caveat(cfg: RunConfig, model) -> str:
+def _caveat(cfg: RunConfig, model, sources: Counter | None = None) -> str:
     """Where this run differs from the paper's in ways that can move its numbers: quantized weights,
     a corpus other than The Pile; "" when neither applies."""
     quant = _quantized(str(model.describe().get("weights", "")))
@@ -191,7 +193,7 @@ def _caveat(cfg: RunConfig, model) -> str:
         reasons.append(f"the weights were quantized to {quant.group(1)} bits before they were dequantized, so this "
                        "is not exactly the released model")
     if getattr(cfg, "dataset", None) == "embedded":
-        sources = _sources(cfg)
+        sources = sources if sources is not None else _sources(cfg)
         top = sources.most_common(2)
         share = sum(n for _, n in top) / sum(sources.values())
         reasons.append(f"{share:.0%} of the embedded corpus's documents are {top[0][0]} and {top[-1][0]}, not "
