@@ -8,7 +8,7 @@
 #   3. bench/bench_sweep.py --library sweep on a random-weight Pythia-160M (bench/random_pythia.py),
 #      all 144 heads, 1M tokens, fp32 then bf16: tokens*heads/s, TFLOP/s and fraction of the chip's
 #      peak, peak GPU memory, bf16-vs-fp32 agreement of every quantity and the dtype rule's verdict;
-#   4. chapter 1 (with the introduction the book needs) under the paper profile, the random
+#   4. chapter 1 alone (--no-build: no introduction or scorecard) under the paper profile, the random
 #      Pythia-160M directory standing in for the hub model and the embedded corpus for the Pile.
 # Everything lands in $GPU_OUT (default bench/.gpu); summary.txt holds the figures for RESULTS.md.
 #
@@ -74,7 +74,7 @@ BOOKCMD=(-m selfrepair.cli book --profile paper --chapters 01 --model "$OUT/pyth
 say "command: python ${BOOKCMD[*]}"
 start=$(date +%s)
 if "$PY" "${BOOKCMD[@]}" > "$OUT/book.log" 2>&1; then
-  say "chapter 1: ok ($(( $(date +%s) - start )) s, with the introduction)"
+  say "chapter 1: ok ($(( $(date +%s) - start )) s)"
   rc_book=0
 else
   say "chapter 1: FAILED ($(( $(date +%s) - start )) s); see $OUT/book.log"

@@ -396,11 +396,45 @@ def test_the_scorecard_runs_after_every_other_chapter_and_with_every_run(tmp_pat
     start = events.index(("start", "09_scorecard"))
     assert {("end", nb.stem) for nb in picked if nb.stem != "09_scorecard"} <= set(events[:start])
 
-    ran = []
-    monkeypatch.setattr(runner, "execute_chapters", lambda nbs, *a, **k: ran.extend(nb.stem for nb in nbs) or [])
+
+
+def test_a_build_runs_the_scorecard_with_every_chapter_and_a_no_build_run_only_the_chapters_named(
+        tmp_path, monkeypatch, capsys):
+    ran, built = [], []
+
+    def execute(nbs, by_stem, src, **_):
+        for nb in nbs:
+            ran.append(nb.stem)
+            (src / "book").mkdir(parents=True, exist_ok=True)
+            (src / "book" / nb.name).write_text("{}")
+            time.sleep(0.01)  # each executed copy newer than the one before
+        return []
+
+    monkeypatch.setattr(runner, "execute_chapters", execute)
     monkeypatch.setattr(runner, "plan", lambda nbs, *a, **k: {nb.stem: {} for nb in nbs})
-    runner.run_book(ROOT, tmp_path / "out", params={}, chapters=["03"], build=False, progress=False)
-    assert ran[-1] == "09_scorecard" and "03_anti_erasure" in ran
+    monkeypatch.setattr(runner, "vendor_assets", lambda *a: None)
+    monkeypatch.setattr(runner, "stage_source", lambda root, src: [])
+    monkeypatch.setattr(runner, "build_html", lambda src, html, strict=True: built.append(src) or 0)
+    out, src = tmp_path / "out", tmp_path / "out" / "src"
+
+    def book(**kw):
+        ran.clear()
+        assert runner.run_book(ROOT, out, params={}, progress=False, **kw) == 0
+        return list(ran)
+
+    # a build: the introduction (the toc's root) first, the scorecard last
+    assert book(chapters=["03"]) == ["00_introduction", "03_anti_erasure", "09_scorecard"]
+    assert runner.stale_last(src) == []
+    # --no-build: only what is named; the executed scorecard is now older than chapter 5
+    assert book(chapters=["05"], build=False) == ["05_hydra"]
+    assert runner.stale_last(src) == ["09_scorecard.ipynb"]
+    assert book(chapters=["09"], build=False) == ["09_scorecard"] and runner.stale_last(src) == []
+    book(chapters=["05"], build=False)
+    # a build without executing says the scorecard is stale; one that executes a chapter refreshes it
+    capsys.readouterr()
+    assert book(execute=False) == [] and len(built) == 2  # the --no-build runs built nothing
+    assert "09_scorecard.ipynb is older than a chapter" in capsys.readouterr().err
+    assert book(chapters=["03"]) == ["03_anti_erasure", "09_scorecard"] and runner.stale_last(src) == []
 
 
 def test_the_scorecard_parameters_are_the_books(tmp_path):

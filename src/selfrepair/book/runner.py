@@ -67,10 +67,21 @@ def chapter_notebooks(root: Path, wanted: Iterable[str] | None = None) -> list[P
 
 def runs_last(notebook: Path) -> bool:
     """Whether a notebook reads what the other chapters record (its chapter module's
-    ``RUNS_LAST``: the scorecard), so it runs after them and with every run that executes one."""
+    ``RUNS_LAST``: the scorecard), so it runs after them and with every run that executes one and
+    builds the book (a ``--no-build`` run executes only the chapters it names)."""
     from ..chapters import CHAPTERS, chapter_module
 
     return notebook.stem[:2] in CHAPTERS and bool(getattr(chapter_module(notebook.stem), "RUNS_LAST", False))
+
+
+def stale_last(src: Path) -> list[str]:
+    """The executed notebooks under ``src/book`` that :func:`runs_last` and are older than another
+    executed chapter (a ``--no-build`` run executes only the chapters it names): the next build
+    runs them again."""
+    executed = sorted((src / "book").glob("*.ipynb"))
+    last = [nb for nb in executed if runs_last(nb)]
+    newest = max((nb.stat().st_mtime_ns for nb in executed if nb not in last), default=None)
+    return [nb.name for nb in last if newest is not None and nb.stat().st_mtime_ns < newest]
 
 
 def load_profile(profile: str | Path | None, root: Path) -> dict:
@@ -335,11 +346,13 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
     started = time.time()
     if execute:
         notebooks = chapter_notebooks(root, chapters)
-        intro = root / "book" / "00_introduction.ipynb"  # the toc's root: the book needs it
-        if intro.is_file() and intro not in notebooks and not (src / "book" / intro.name).is_file():
-            notebooks.insert(0, intro)
-        # the scorecard reads what every chapter recorded: it runs again (last) whenever one runs
-        notebooks += [nb for nb in chapter_notebooks(root) if runs_last(nb) and nb not in notebooks]
+        if build:  # a --no-build run executes the chapters named and nothing else
+            intro = root / "book" / "00_introduction.ipynb"  # the toc's root: the book needs it
+            if intro.is_file() and intro not in notebooks and not (src / "book" / intro.name).is_file():
+                notebooks.insert(0, intro)
+            # the scorecard reads what every chapter recorded: it runs again (last) whenever one
+            # runs (so also after a --no-build run of other chapters: see stale_last)
+            notebooks += [nb for nb in chapter_notebooks(root) if runs_last(nb) and nb not in notebooks]
         kept = sorted(nb.stem for nb in (src / "book").glob("*.ipynb")
                       if (root / "book" / nb.name) not in notebooks)
         print(f"checking the parameters of {counted(len(notebooks), 'chapter')} ...", flush=True)
@@ -350,6 +363,10 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
               + (f"\nkept from an earlier run: {', '.join(kept)}" if kept else ""))
         failed = [r for r in execute_chapters(notebooks, by_stem, src, logs=out / "logs", jobs=jobs,
                                               progress=progress, workdir=root) if not r.ok]
+    elif build and stale_last(src):
+        print(f"note: the executed {', '.join(stale_last(src))} is older than a chapter executed after it "
+              "(a --no-build run): run `selfrepair book` without --no-execute to refresh it",
+              file=sys.stderr)
     if build:
         vendor_assets(root / "book" / "_static", root / ".cache" / "npm")
         dropped = stage_source(root, src)

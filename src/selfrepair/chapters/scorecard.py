@@ -6,7 +6,8 @@ verdict records the chapters write beside their measurements (:mod:`selfrepair.v
 and builds the table with :mod:`selfrepair.scorecard`. It loads no model: its config is not a
 :class:`~selfrepair.config.RunConfig`, so the pre-flight check and the provenance table skip the
 model. :data:`RUNS_LAST`: the runner executes it after every other chapter it runs, and adds it
-to every run that executes a chapter, so the page always shows the records as they are.
+to every run that executes a chapter and builds the book, so the page always shows the records as
+they are (a ``--no-build`` run executes only the chapters it names; the next build refreshes it).
 """
 
 from __future__ import annotations
