@@ -36,11 +36,15 @@ class Guard:
     def __init__(self, save: Callable[[], None]):
         self.save = save
         self.last_save, self.cost = time.monotonic(), 0.0
-        self.saving, self.pending = False, None
+        self.saving, self.pending, self.signalled = False, None, None
 
     def checkpoint(self, force: bool = False) -> None:
         """Save (throttled: at most ~10% of the time goes to saving); a signal that arrives while
-        saving is held until the save is complete."""
+        saving is held until the save is complete. A signal whose :class:`Interrupted` was lost
+        (raised inside a finalizer, ``__del__``, where Python only prints it) stops the run here,
+        after the step that finished, saved."""
+        if self.signalled is not None:
+            self.pending, force = self.signalled, True
         now = time.monotonic()
         if force or now - self.last_save >= 10 * self.cost:
             self.saving = True
@@ -70,6 +74,7 @@ def graceful(save: Callable[[], None], *, restore: Callable[[], None] | None = N
         if guard.saving:  # never cut a checkpoint in half
             guard.pending = signum
             return
+        guard.signalled = signum  # kept for checkpoint(), should this raise be swallowed
         raise Interrupted(f"interrupted by {signal.Signals(signum).name}", signum)
 
     installed = {}
