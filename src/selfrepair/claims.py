@@ -67,6 +67,45 @@ def bootstrap(values, statistic=np.mean, n_boot: int = 2000, seed: int = 0) -> t
 
 
 @dataclass(frozen=True)
+class Signed:
+    """A claim's reading said from its value's sign, the way :mod:`selfrepair.chapters.signed` says
+    a change ("gives back 5%" / "takes away a further 5%", never "gives back -5%" or "-5% (negative:
+    ...)"): ``text`` with ``{way}``, which is ``up`` where the value is above 0, ``down`` where it is
+    below and ``zero`` (``up`` when empty) where it is 0 at the digits shown. ``{value}`` (in
+    ``text`` or in the way) is then the value's size, bold and unsigned, with its 95% interval,
+    whose ends keep their signs: they are not read after "by"."""
+
+    text: str
+    up: str
+    down: str
+    zero: str = ""
+    turns: str = ""  # a change relative to the thing itself: added to ``down`` from a fall of 100% on
+
+    def way(self, value: float, fmt: str) -> str:
+        """The words for ``value``'s sign (at the digits ``fmt`` shows)."""
+        if value is None or not math.isfinite(value) or is_zero(value, fmt):
+            return self.zero or self.up
+        return self.up if value > 0 else self.down + (self.turns if value <= -1 else "")
+
+    def template(self, value: float, fmt: str) -> str:
+        """``text`` with the way for ``value``, still holding ``{value}``, ``{n}`` and ``{unit}``."""
+        return self.text.replace("{way}", self.way(value, fmt))
+
+
+def size(value: float, fmt: str) -> str:
+    """``|value|`` in ``fmt`` without a sign (a forced ``+`` dropped): a signed value's size, read
+    after words that carry its sign."""
+    if value is None or not math.isfinite(value):
+        return _fmt(value, fmt)
+    return _fmt(abs(value), fmt.replace("+", ""))
+
+
+def is_zero(value: float, fmt: str) -> bool:
+    """Whether ``value`` prints as zero at the digits ``fmt`` shows ("0%", "-0.00", "0.0×10⁰")."""
+    return size(value, fmt).split("×")[0].strip("0.%") == ""
+
+
+@dataclass(frozen=True)
 class Claim:
     """One claim of a paper and how it is re-tested. ``rule.word`` names the paper's word or number
     the rule reads and ``rule.reason`` why; ``rationale`` says why the metric tests the claim;
@@ -81,7 +120,8 @@ class Claim:
     paper: float | None = None  # the paper's own value of the metric, where it reports one
     paper_context: str = ""  # what the paper's value was measured on
     fmt: str = ".2f"  # how the metric prints
-    reading: str = ""  # the result in words, with {value}, {n} and {unit} filled in
+    reading: "str | Signed" = ""  # the result in words, with {value}, {n} and {unit} filled in; a
+    # signed value's reading is a Signed: said from its sign, the number unsigned
     rationale: str = ""  # why the metric and its population test the paper's claim
     classify: tuple[Rule, ...] = ()  # per-unit rules the metric counts with
 
@@ -266,9 +306,11 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
                     f"{WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
                     f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
     detail = (f" {v.detail}" if v.detail else "") + _paper_reports(c)  # the paper's number beside ours
-    value = f"**{_fmt(v.value, c.fmt)}**{_interval(v)}"
-    said = (c.reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
-            if c.reading else f"The value is {value}{n}.")
+    signed = isinstance(c.reading, Signed)
+    value = f"**{size(v.value, c.fmt) if signed else _fmt(v.value, c.fmt)}**{_interval(v)}"
+    reading = c.reading.template(v.value, c.fmt) if signed else c.reading
+    said = (reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
+            if reading else f"The value is {value}{n}.")
     how = f'(<a href="#{rules}">how this is decided</a>)' if rules else _decided(v)
     return f"- {span}*{c.statement}* ({c.source}): **{v.word}**. {said}{parts}{why}{detail} {how}"
 

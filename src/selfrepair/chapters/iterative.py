@@ -27,7 +27,7 @@ import pandas as pd
 
 from .. import iterative as it
 from .. import repression as rp
-from ..claims import Claim, Verdict, paper_word, render, render_claim
+from ..claims import Claim, Signed, Verdict, paper_word, render, render_claim
 from .signed import changes, fall, moved
 from ..rules import NEGLIGIBLE
 from ..config import CorpusConfig
@@ -53,10 +53,12 @@ EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output t
               "weaker of its two falls at the largest α, relative to its mean top-token direct effect — "
               "under its own output, and under its own output beyond the random push (the control)",
               paper_word("decreased"), fmt="+.0%",
-              reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit} "
-                      "is fed its own output: the change of its direct effect, as a share of itself, is "
-                      "{value} (negative: a fall; below −100%: it turns negative; the weaker of the "
-                      "change itself and the change beyond the control's).",
+              reading=Signed("Tested on documents it was not chosen on, the most self-repressing of the {n} "
+                             "{unit} is fed its own output. Read cautiously, as the smaller of two falls "
+                             "(its fall under its own output, and that fall beyond the fall a random push "
+                             "of the same norm causes, the control), its direct effect {way}.",
+                             up="rises by {value} of itself", down="falls by {value} of itself",
+                             turns=" (it turns negative)"),
               rationale="both falls are required: the fall under its own output (Fig 19: 'L21H1 has a "
                         "decreased direct effect') and the fall beyond a random push of the same norm, "
                         "without which a head that any perturbation moves would count. " + ALL)
@@ -66,8 +68,9 @@ PROPORTIONAL = Claim("proportional", "The repression is proportional to how much
                      "of the mean top-token direct effect, averaged over the heads that self-repress on one "
                      "half of the documents), measured on the other half",
                      paper_word("proportional"), fmt=".3f",
-                     reading="Each unit of α adds {value} of the direct effect to the repression (slope "
-                             "over {n} {unit}).",
+                     reading=Signed("Each unit of α {way} (the slope of the line, over {n} {unit}).",
+                                    up="adds {value} of the direct effect to the repression",
+                                    down="takes {value} of the direct effect off the repression"),
                      rationale="App. F: 'the amount in which these heads self-repress is proportional to "
                                "the amount in which scale the heads output back into itself'; proportional "
                                "is a line through the origin, so the slope must be above 0 and the intercept "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import layernorm as ln
-from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Verdict, _fmt, approximately, paper_number, paper_word)
+from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Signed, Verdict, _fmt, approximately, paper_number, paper_word)
 from ..rules import NEGLIGIBLE
 from ..results import head_label
 from ..uncertainty import MIN_CLUSTERS, Bootstrap, Clusters, Estimate, mean_finite, ratio, share
@@ -108,8 +108,9 @@ NORMS_ONLY = Claim("norms_only", "Freezing every downstream component except the
                    "top-k% tokens (every downstream attention and MLP output at its clean value, the "
                    "norms live), in logits, each head's mean recomputed in every replicate",
                    paper_word("significant"), fmt="+.3f",
-                   reading="With only the norms live, they give back {value} logits on average over the "
-                           "{n} {unit}.",
+                   reading=Signed("With only the norms live, they {way} on average over the {n} {unit}.",
+                                  up="give back {value} logits",
+                                  down="take away a further {value} logits (the opposite of giving back)"),
                    rationale="freezing everything including the norm leaves Δlogit = ΔDE of the head, so "
                              "the logit difference the live norm recovers is the norms-only self-repair; "
                              "significant is read as distinguishable from zero. " + LATE)
