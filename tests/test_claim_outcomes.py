@@ -13,7 +13,8 @@ import re
 import pytest
 
 import selfrepair.chapters as chapters
-from selfrepair.claims import Claim, Signed, Verdict, interval_words, is_zero, render, rules_table, size
+from selfrepair.claims import (Claim, Signed, Verdict, interval_words, is_zero, render, rules_table, size,
+                               thresholds)
 from selfrepair.uncertainty import Estimate
 
 from test_claims import NOT_CONVERTED
@@ -178,7 +179,7 @@ def test_a_signed_reading_says_its_sign_in_words_and_its_size_bold(claim):
     """Up, down and zero read differently, the bold number is the size (no sign), and the interval's
     ends keep their signs."""
     zero = claim.reading.zero or claim.reading.up
-    tiny = [x for x in (-1e-4, -1e-9) if is_zero(x, claim.fmt)]  # negative, but 0 at the digits shown
+    tiny = [x for x in (-1e-4, -1e-9) if is_zero(x, claim.fmt, thresholds(claim.rule))]  # negative, shown as 0
     for value, way in ((0.43, claim.reading.up), (-0.43, claim.reading.down), (0.0, zero), *((x, zero) for x in tiny[:1])):
         said = sentence(claim, value)
         shown = f"**{size(value, claim.fmt)}**"

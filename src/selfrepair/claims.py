@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
-                    approximately, at_least, at_most, below, between, interval_words, paper_number,
+                    against, approximately, at_least, at_most, below, between, interval_words, paper_number,
                     paper_word)
 from .uncertainty import MIN_CLUSTERS, Estimate
 
@@ -81,28 +81,36 @@ class Signed:
     zero: str = ""
     turns: str = ""  # a change relative to the thing itself: added to ``down`` from a fall of 100% on
 
-    def way(self, value: float, fmt: str) -> str:
-        """The words for ``value``'s sign (at the digits ``fmt`` shows)."""
-        if value is None or not math.isfinite(value) or is_zero(value, fmt):
+    def way(self, value: float, fmt: str, thresholds=()) -> str:
+        """The words for ``value``'s sign (at the digits :func:`size` shows)."""
+        if value is None or not math.isfinite(value) or is_zero(value, fmt, thresholds):
             return self.zero or self.up
         return self.up if value > 0 else self.down + (self.turns if value <= -1 else "")
 
-    def template(self, value: float, fmt: str) -> str:
+    def template(self, value: float, fmt: str, thresholds=()) -> str:
         """``text`` with the way for ``value``, still holding ``{value}``, ``{n}`` and ``{unit}``."""
-        return self.text.replace("{way}", self.way(value, fmt))
+        return self.text.replace("{way}", self.way(value, fmt, thresholds))
 
 
-def size(value: float, fmt: str) -> str:
+def size(value: float, fmt: str, thresholds=()) -> str:
     """``|value|`` in ``fmt`` without a sign (a forced ``+`` dropped): a signed value's size, read
-    after words that carry its sign."""
+    after words that carry its sign; near one of ``thresholds`` on the value's side of 0, on its
+    side of it (:func:`~selfrepair.rules.against`)."""
     if value is None or not math.isfinite(value):
         return _fmt(value, fmt)
-    return _fmt(abs(value), fmt.replace("+", ""))
+    same_side = [abs(t) for t in thresholds if t == 0 or (t > 0) == (value > 0)]
+    return against(abs(value), fmt.replace("+", ""), same_side)
 
 
-def is_zero(value: float, fmt: str) -> bool:
-    """Whether ``value`` prints as zero at the digits ``fmt`` shows ("0%", "-0.00", "0.0×10⁰")."""
-    return size(value, fmt).split("×")[0].strip("0.%") == ""
+def is_zero(value: float, fmt: str, thresholds=()) -> bool:
+    """Whether ``value``'s :func:`size` prints as zero ("0%", "0.00", "0.0×10⁰")."""
+    return size(value, fmt, thresholds).split("×")[0].strip("0.%") == ""
+
+
+def thresholds(rule: Rule) -> tuple[float, ...]:
+    """The values a rule compares a claim's value with (a "proportional" rule's bound is a
+    tolerance on the intercept, not a threshold of the value)."""
+    return () if rule.op == "proportional" else rule.bounds
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,7 @@ def _interval(v: Verdict) -> str:
         return f" (no reliable 95% interval{how})"
     if not (math.isfinite(v.lo) and math.isfinite(v.hi)):
         return f" (too few to give an interval{how})"
-    return f" ({interval_words(v.lo, v.hi, c.fmt)}{how})"
+    return f" ({interval_words(v.lo, v.hi, c.fmt, thresholds(c.rule))}{how})"
 
 
 def _decided(v: Verdict) -> str:
@@ -302,13 +310,15 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
     why = f" We cannot tell here: {v.why}." if v.why else (
         " The interval straddles the rule's threshold, so we cannot tell."
         if v.holds is None and math.isfinite(v.value) and (v.lo is not None or v.parts) else "")
-    parts = "".join(f" The {name} is {_fmt(e.value, c.fmt)} ({interval_words(e.lo, e.hi, c.fmt)}): "
+    parts = "".join(f" The {name} is {against(e.value, c.fmt, rule.bounds)} "
+                    f"({interval_words(e.lo, e.hi, c.fmt, rule.bounds)}): "
                     f"{WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
                     f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
     detail = (f" {v.detail}" if v.detail else "") + _paper_reports(c)  # the paper's number beside ours
-    signed = isinstance(c.reading, Signed)
-    value = f"**{size(v.value, c.fmt) if signed else _fmt(v.value, c.fmt)}**{_interval(v)}"
-    reading = c.reading.template(v.value, c.fmt) if signed else c.reading
+    signed, bounds = isinstance(c.reading, Signed), thresholds(c.rule)
+    shown = size(v.value, c.fmt, bounds) if signed else against(v.value, c.fmt, bounds)
+    value = f"**{shown}**{_interval(v)}"
+    reading = c.reading.template(v.value, c.fmt, bounds) if signed else c.reading
     said = (reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
             if reading else f"The value is {value}{n}.")
     how = f'(<a href="#{rules}">how this is decided</a>)' if rules else _decided(v)
