@@ -26,13 +26,19 @@ OWN_TABLE = Layout(("ablation", "n_patches", "ratio", "patch_ratio", "mean_ablat
                    percent=("ratio", "patch_ratio"),
                    names={"n_patches": "patches", "ratio": "|own DE| / |clean DE| (patch mean)",
                           "patch_ratio": "|own DE| / |clean DE| (one patch)",
-                          "mean_ablated": "mean own DE", "mean_clean": "mean clean DE"})
+                          "mean_ablated": "mean own DE", "mean_clean": "mean clean DE",
+                          # the fold's columns: the sums over the attention layers the ratios divide
+                          "abs_clean": "Σ mean |clean DE|", "abs_ablated": "Σ mean |own DE| (patch mean)",
+                          "abs_patch": "Σ mean |own DE| (one patch)"})
 LOCAL_TABLE = Layout(("ablated", "readout_kind", "n_downstream", "total_abs_delta_de", "top", "share_top1",
                       "share_top2", "uniform"), percent=("share_top1", "share_top2", "uniform"),
                      names={"ablated": "ablated layer", "readout_kind": "later layers",
                             "n_downstream": "how many", "total_abs_delta_de": "Σ mean |ΔDE|",
                             "top": "changes most", "share_top1": "top-1 share", "share_top2": "top-2 share",
-                            "uniform": "even spread"})
+                            "uniform": "even spread",
+                            # the fold's columns
+                            "ablated_layer": "ablated layer (index)", "ablated_kind": "ablated kind",
+                            "first": "first later layer"})
 
 TOP_ROWS = 8  # rows of the localisation table shown above its fold
 SHORT_COLUMNS = ("ablated", "readout_kind", "total_abs_delta_de", "top", "share_top1", "uniform")  # a phone's width
