@@ -79,3 +79,19 @@ def test_chapter2_per_head_shares_print_on_their_side_of_90_percent():
     listed = _per_head(t, [(11, h) for h in range(4)], boot, ".0%", 0.9)
     assert "L11H0 93%" in listed and "L11H1 89.6%" in listed and "L11H1 90%" not in listed
     assert share_of_few(boot.estimate(heads_almost_always, t), 4) == "1 of these 4 heads"
+
+
+def test_no_prose_formats_a_forced_sign_after_by_of_back():
+    """Issue 25, at the source: no chapter, finding or reveal writes "by {x:+.3g}" (or a signed
+    ``.prose('+...')``) after "by", "of" or "back", within a string or across the strings of one
+    sentence; a change is said from its sign (chapters.signed)."""
+    from pathlib import Path
+
+    import selfrepair
+
+    root = Path(selfrepair.__file__).parent
+    signed = r"\{[^}]*(:\+|prose\('\+)"
+    pattern = re.compile(rf"\b(by|of|back)\s*(\"\s*\n\s*f?\"|\s){signed}")
+    found = [f"{p.relative_to(root)}:{text[:m.start()].count(chr(10)) + 1}"
+             for p in root.rglob("*.py") for text in [p.read_text()] for m in pattern.finditer(text)]
+    assert not found, found
