@@ -15,7 +15,7 @@ from claim_checks import check_outcomes, resampled
 from selfrepair import layernorm, load_model
 from selfrepair.chapters import layernorm as cl
 from selfrepair.chapters import layernorm_claims as lc
-from selfrepair.claims import WORDS, Signed, _fmt, against, size, thresholds
+from selfrepair.claims import WORDS, Signed, against, size, thresholds
 from selfrepair.uncertainty import Bootstrap, Clusters
 
 ABLATIONS = ["resample", "mean", "zero"]
