@@ -13,7 +13,8 @@ import re
 import pytest
 
 import selfrepair.chapters as chapters
-from selfrepair.claims import Claim, Verdict, interval_words, render, rules_table
+from selfrepair.claims import (Claim, Signed, Verdict, interval_words, is_zero, render, rules_table, size,
+                               thresholds)
 from selfrepair.uncertainty import Estimate
 
 from test_claims import NOT_CONVERTED
@@ -129,3 +130,81 @@ def test_the_rules_give_each_words_reading_once(chapter):
         assert c.metric in rules, c.key
         if c.rule.reason:
             assert rules.count(c.rule.reason) == 1, (c.key, c.rule.word)
+
+
+# -- signed values read from their sign (issue 25) ---------------------------------------------------
+def every_claim() -> list[Claim]:
+    """Every claim of every chapter, "proportional" ones included."""
+    found = {}
+    for m in pkgutil.iter_modules(chapters.__path__):
+        mod = importlib.import_module(f"selfrepair.chapters.{m.name}")
+        for value in vars(mod).values():
+            values = value if isinstance(value, tuple) else [value]
+            found.update({(c.key, c.statement): c for c in values if isinstance(c, Claim)})
+    return list(found.values())
+
+
+SIGN_AFTER_WORD = re.compile(r"\b(by|of|back)\s+(\*\*)?[-−+]")
+# Claims whose metric cannot be negative (a mean absolute size, a share of sizes): their readings may
+# put the value after "by" or "of", since it never carries a sign; each metric says why.
+UNSIGNED = {"appendix_b": "absolute error", "appendix_h": "|(S/S′ − 1)", "norm_share": "clipped", "blind": "²"}
+
+
+def sentence(claim: Claim, value: float) -> str:
+    """The claim's verdict sentence (its reading, the value and interval in it) for ``value``."""
+    spread = max(abs(value), 0.01) * 0.2
+    v = verdict(claim, value - spread, value + spread)
+    v = Verdict(claim, value, v.n, v.unit, "", value - spread, value + spread, "", v.estimate)
+    return render([v]).split("<details>")[0]
+
+
+@pytest.mark.parametrize("claim", every_claim(), ids=lambda c: c.key)
+def test_no_signed_number_after_by_of_back_nor_a_negative_gloss(claim):
+    """Whatever the value's sign, no claim's sentence reads "by -5%", "gives back -196%" or
+    "-456% (negative: a fall)": a signed value's reading is a claims.Signed, said from its sign."""
+    for value in (-4.56, -0.43, -0.0001, 0.0, 0.43, 4.56):
+        said = sentence(claim, value)
+        assert "(negative:" not in said, (claim.key, said)
+        if claim.key in UNSIGNED:
+            assert UNSIGNED[claim.key] in claim.metric  # a size: never negative
+            continue
+        assert not SIGN_AFTER_WORD.search(said), (claim.key, value, said)
+
+
+SIGNED = [c for c in every_claim() if isinstance(c.reading, Signed)]
+
+
+@pytest.mark.parametrize("claim", SIGNED, ids=lambda c: c.key)
+def test_a_signed_reading_says_its_sign_in_words_and_its_size_bold(claim):
+    """Up, down and zero read differently, the bold number is the size (no sign), and the interval's
+    ends keep their signs."""
+    zero = claim.reading.zero or claim.reading.up
+    tiny = [x for x in (-1e-4, -1e-9) if is_zero(x, claim.fmt, thresholds(claim.rule))]  # negative, shown as 0
+    for value, way in ((0.43, claim.reading.up), (-0.43, claim.reading.down), (0.0, zero), *((x, zero) for x in tiny[:1])):
+        said = sentence(claim, value)
+        shown = f"**{size(value, claim.fmt)}**"
+        assert shown in said and not re.search(r"\*\*[-−+]", said), (claim.key, said)
+        assert way.split("{value}")[0] in said, (claim.key, value, said)
+        if value:
+            assert claim.reading.up.split("{value}")[0] != claim.reading.down.split("{value}")[0] or \
+                claim.reading.up.split("{value}")[-1] != claim.reading.down.split("{value}")[-1]
+    said = sentence(claim, -0.43)
+    assert interval_words(-0.43 * 1.2, -0.43 * 0.8, claim.fmt) in said, (claim.key, said)
+
+
+def test_the_cases_of_the_issue_read_from_their_sign():
+    """The newcomer's cases: Hydra's restored share at -196%, the self-repressing head at -456%."""
+    from selfrepair.chapters.hydra_claims import ERASURE, RESTORED, SLOPE
+    from selfrepair.chapters.iterative import EXIST
+
+    assert "the layers after it take away a further **196%**" in sentence(RESTORED, -1.96)
+    assert "the opposite of giving back" in sentence(RESTORED, -1.96)
+    assert "the layers after it give back **70%**" in sentence(RESTORED, 0.70)
+    assert "its direct effect falls by **456%**" in sentence(EXIST, -4.56)
+    assert "(it turns negative)" in sentence(EXIST, -4.56)
+    assert "(it turns negative)" not in sentence(EXIST, -0.25)
+    assert "its direct effect rises by **25%**" in sentence(EXIST, 0.25)
+    assert "moves **0.30**" in sentence(ERASURE, -0.3) and "the other way, as erasure predicts" in sentence(ERASURE, -0.3)
+    assert "the same way" in sentence(ERASURE, 0.3) and "erasure predicts" not in sentence(ERASURE, 0.3)
+    assert "takes away a further **0.20**" in sentence(SLOPE, -0.2)
+    assert "gives back **0.80**" in sentence(SLOPE, 0.8)

@@ -81,3 +81,26 @@ def test_error_decomposition_labels_at_most_25_heads():
     few = fa.fig_error_decomposition(pd.DataFrame(rows[:12])).to_dict()
     assert all("values" not in layer["encoding"]["x"]["axis"] for layer in few["layer"]
                if "x" in layer.get("encoding", {}))
+
+
+def test_chapter7_layer_table_shows_one_signed_error_and_its_parts():
+    """Issue 25: the table showed mean |exact − AtP| (a size, positive) beside signed parts that sum
+    to the negative signed mean: one quantity with two signs. Now the signed mean is shown, its parts
+    sum to it, and the caption says the sign."""
+    import pandas as pd
+
+    from selfrepair.atp import layer_errors
+    from selfrepair.chapters.atp import LAYERS_TABLE, SIGNS
+    from selfrepair.tables import parse_number
+
+    heads = pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "exact": [-0.5, 0.1, -0.2],
+                          "error_norm": [-0.2, 0.05, 0.1], "error_downstream": [-0.1, 0.0, 0.05]})
+    heads["error"] = heads["error_norm"] + heads["error_downstream"]
+    t = LAYERS_TABLE(layer_errors(heads))
+    shown = t.shown()
+    assert "mean exact − AtP" in shown.columns and "mean |exact − AtP|" not in shown.columns
+    for _, row in shown.iterrows():
+        parts = parse_number(row["final norm's part"]) + parse_number(row["downstream part"])
+        assert parse_number(row["mean exact − AtP"]) == pytest.approx(parts, abs=1e-3)
+    assert SIGNS in t.caption and "exact − AtP" in SIGNS
+    assert "mean |exact − AtP|" in t._repr_html_()  # the size, in the fold under its name

@@ -231,7 +231,9 @@ def test_real_introduction(cache):
     live, toy = intro.measure(cfg), intro.worked_example()
     found = intro.findings(live, toy, cfg.model)
     assert 3 <= len(found) <= 6
-    assert f"{toy.numbers['self_repair']:+.3f}" in found[0].text
+    n = toy.numbers
+    assert f"{abs(n['self_repair']):.3f}" in found[0].text and f"{abs(n['delta_logit']):.3f}" in found[0].text
+    assert not re.search(r"\b(by|of|back)\s+[-−+]", found[0].text), found[0].text  # signs in words (issue 25)
     assert f"{live.table['eq2_gap'].max():.1e}" in found[1].text and "rounding error" in found[1].text
 
 
@@ -247,6 +249,18 @@ def test_chapter5_reveal_never_calls_a_larger_mean_drop_repair(de, drop, words):
                                                                     other_way=estimate(0.0, 0.2)))
     text = reveal.drop_vs_de(ch)
     assert words in text and f"mean DE {de:.3g}, mean drop {drop:.3g}" in text
+
+
+@pytest.mark.parametrize("slope, way", [(-0.3, "moves the other way, as erasure predicts, by 0.30 logits"),
+                                        (0.3, "moves the same way by 0.30 logits"), (0.001, "does not move")])
+def test_chapter5_reveal_says_the_erasure_slope_from_its_sign(slope, way):
+    """Issue 25: not "moves -0.30 logits the same way (negative: the other way ...)"."""
+    from selfrepair.exercises import reveal
+
+    erasure = pd.DataFrame({"late": [True, True], "delta_direct_effect": [0.2, -0.1]})
+    est = estimate(slope - 0.1, slope + 0.1, value=slope)
+    text = reveal.late_mlps(SimpleNamespace(erasure=erasure, estimates=SimpleNamespace(erasure=est)))
+    assert way in text and "(negative:" not in text and not re.search(r"\b(by|of|back|moves)\s+[-−+]", text)
 
 
 def test_chapter5_localisation_names_the_verdicts_other_selection():

@@ -169,3 +169,24 @@ def test_real_chapters_3_and_4(cache):
     check_real(iterative.findings(it), it.verdicts)
     verdicts = "\n".join(iterative.verdict(it, c.key) for c in iterative.CLAIMS)
     assert verdicts.count('href="#ch04-rules"') == len(iterative.CLAIMS) and "under its own output alone" in verdicts
+    # issue 25: the control is said, and each of the chosen head's numbers names its quantity and documents
+    text = iterative.on_this_model(it)
+    assert "The control is a random push" in text and "a larger fall is more repression" in text
+    assert "as a share of itself, on every document" in text
+    exist = next(v for v in it.verdicts if v.claim is iterative.EXIST)
+    for said in ("chosen on the selection half as the head whose smaller fall is largest there",
+                 "On the test half, at α = ", "under the random push it", "beyond the push (the first change minus "
+                 "the second)", "The value above is the smaller of the two falls"):
+        assert said in exist.detail, said
+
+
+@pytest.mark.parametrize("own, control, means", [(-0.25, -0.46, "falls no further under its own output"),
+                                                 (-0.67, -0.48, "falls further under its own output")])
+def test_chapter4_control_sentence_says_what_the_comparison_means(own, control, means):
+    """Issue 25: "-46% under a random push (-25% under their own output)" said nothing of what the control
+    is or which way is more repression."""
+    said = iterative.control_sentence(own, control, 5.0)
+    assert "random direction of the same norm as the head's own output at α = 5" in said
+    assert f"falls by {-own:.0%} of itself under its own output" in said
+    assert f"falls by {-control:.0%} of itself under the random push" in said
+    assert means in said and "a larger fall is more repression" in said and " -" not in said

@@ -574,9 +574,15 @@ def test_chapter_text_shows_the_computed_numbers(tiny_chapter):
     text = "\n".join([chapter.on_this_model(ch), *(chapter.verdict(ch, c.key) for c in chapter.CLAIMS)])
     assert f"{s['n_correct']} of {s['n_prompts']}" in text
     e = ch.estimates
-    for value, fmt in ((e.unembed.value, ".0%"), (s["restored_mid"], ".0%"), (s["corr"], ".2f"),
-                       (e.pooled["clean"].value, ".2f"), (s["block_mid"], "+.3f"), (e.erasure.value, "+.2f")):
+    for value, fmt in ((e.unembed.value, ".0%"), (s["corr"], ".2f"), (e.pooled["clean"].value, ".2f"),
+                       (s["block_mid"], "+.3f")):
         assert format(value, fmt) in text, (value, fmt)
+    # signed verdict values print as their size, the sign in words (issue 25)
+    restored, erasure = s["restored_mid"], e.erasure.value
+    assert f"**{abs(restored):.0%}**" in text and f"**{abs(erasure):.2f}**" in text
+    assert ("give back" if restored > 0 else "take away a further") in text
+    assert ("the same way" if erasure > 0 else "the other way, as erasure predicts") in text
+    assert "(negative:" not in text
     assert not re.search(r"\bnan\b", text, re.I)
 
 

@@ -286,6 +286,17 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
     c = ch.comparison[ch.comparison["kind"] == "attn"]
     for name in ("resample", "noise"):
         assert f"{c[c['ablation'] == name]['abs_total_effect'].mean():.3f}" in noise_md
+    # issue 25: every change has its unit, three significant digits and its scale (not "rises by 30.781")
+    from selfrepair.chapters.hydra_text import clean_size, times
+    from selfrepair.chapters.signed import changes
+    clean = clean_size(ch)
+    assert np.isfinite(clean) and f"clean direct effect is {clean:.3g} logits in size" in noise_md
+    assert "the ablated run's value minus the clean run's" in noise_md
+    for name in ("resample", "noise"):
+        g = c[c["ablation"] == name]
+        for x in (-g["lost"].mean(), g["compensation"].mean()):
+            assert changes(x, ".3g", unit=" logits") + times(x, clean) in noise_md, name
+    assert times(30.781, 0.5) == " (62 times that clean size)" and times(0.01, 0.5) == " (2% of that clean size)"
     pooled, per_patch = ch.numbers["slope_mid"], chapter.patch_slope(ch)
     assert np.isfinite(pooled) and np.isfinite(per_patch)  # two slopes on two selections: each names the other
     assert f"not the pooled slope ({pooled:.2f})" in noise_md and "#ch05-scale" in noise_md

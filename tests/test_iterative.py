@@ -366,7 +366,7 @@ def test_selection_is_blind_to_the_test_half_which_is_what_is_tested():
     res.data["new_direct_effect"][rows] = res.data["direct_effect"][rows][..., None] * 3.0  # the test half reinforces
     again = documents_chapter(run, seed=2)
     v = {x.claim.key: x for x in again.verdicts}
-    assert f"It is {again.classes['label'].iloc[best]} " in v["repressing"].detail  # the same head, chosen on A
+    assert f"The head is {again.classes['label'].iloc[best]}, chosen" in v["repressing"].detail  # the same head, chosen on A
     want = expected_iterative(res, again.clusters.of_row, select, test)
     assert want["best"] == best and v["repressing"].value == pytest.approx(want["repressing"])
     assert v["repressing"].value >= 2.0 and v["repressing"].word == "differs"  # it now writes 3x, not less

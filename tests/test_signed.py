@@ -40,3 +40,58 @@ def test_moved_keeps_the_interval_in_one_bracket():
     assert moved(_est(-1.96, -2.27, -1.68), ".0%", gives_back) == (
         "take away a further 196% (the opposite of giving back; 95% interval -227% to -168%)")
     assert moved(_est(0.3, 0.1, 0.5), ".0%", gives_back) == "give back 30% (95% interval 10% to 50%)"
+
+
+# -- a value compared with a threshold prints on its side of it (issue 25) --------------------------
+def test_against_shows_which_side_of_a_threshold_a_value_is_on():
+    from selfrepair.rules import against
+
+    assert against(0.896, ".0%", (0.9,)) == "89.6%"  # not "90%", which reads as reaching 90%
+    assert against(0.8996, ".0%", (0.9,)) == "89.96%"
+    assert against(0.904, ".0%", (0.9,)) == "90.4%"
+    assert against(0.9, ".0%", (0.9,)) == "90%"  # exactly on it: as it is
+    assert against(0.93, ".0%", (0.9,)) == "93%" and against(0.896, ".0%") == "90%"  # far, or no threshold
+    assert against(-0.004, "+.2f", (0.0,)) == "-0.004" and against(0.3, "+.2f", (0.0,)) == "+0.30"
+    assert against(0.8999999, ".0%", (0.9,)) == "just under 90%"
+    assert against(1e-9, ".0%", (0.0,)) == "just over 0"
+    assert against(2.5e-7, ".1e", (1e-3,)) == "2.5×10⁻⁷"  # a scientific format is never rounded onto one
+
+
+def test_a_verdicts_value_and_interval_print_on_their_side_of_the_rule():
+    from selfrepair.chapters.layernorm_claims import RATIO
+    from selfrepair.claims import Verdict, render
+
+    claim = next(iter(RATIO.values()))  # "almost always": at least 90%, shown to .1%
+    line = render([Verdict.of(claim, Estimate(0.89993, 0.89996, 0.93, 4, "heads", 30, "documents", 0, 100))])
+    assert "**89.99%**" in line and "95% interval 89.996% to 93.0%" in line and "**cannot tell**" in line
+
+
+def test_chapter2_per_head_shares_print_on_their_side_of_90_percent():
+    """Issue 25: "1 of 4 heads" beside a list printing 93% and 90% (the second really 89.6%)."""
+    import numpy as np
+
+    from selfrepair.chapters.layernorm_claims import _per_head, heads_almost_always, share_of_few
+    from selfrepair.uncertainty import Bootstrap
+
+    shares = np.array([0.93, 0.896, 0.5, 0.2])
+    t = np.stack([np.c_[np.full(4, 1000.0), 1000 * shares]] * 12)  # [cluster, head, (count, sum)]
+    boot = Bootstrap(12, 50, 0, "documents")
+    listed = _per_head(t, [(11, h) for h in range(4)], boot, ".0%", 0.9)
+    assert "L11H0 93%" in listed and "L11H1 89.6%" in listed and "L11H1 90%" not in listed
+    assert share_of_few(boot.estimate(heads_almost_always, t), 4) == "1 of these 4 heads"
+
+
+def test_no_prose_formats_a_forced_sign_after_by_of_back():
+    """Issue 25, at the source: no chapter, finding or reveal writes "by {x:+.3g}" (or a signed
+    ``.prose('+...')``) after "by", "of" or "back", within a string or across the strings of one
+    sentence; a change is said from its sign (chapters.signed)."""
+    from pathlib import Path
+
+    import selfrepair
+
+    root = Path(selfrepair.__file__).parent
+    signed = r"\{[^}]*(:\+|prose\('\+)"
+    pattern = re.compile(rf"\b(by|of|back)\s*(\"\s*\n\s*f?\"|\s){signed}")
+    found = [f"{p.relative_to(root)}:{text[:m.start()].count(chr(10)) + 1}"
+             for p in root.rglob("*.py") for text in [p.read_text()] for m in pattern.finditer(text)]
+    assert not found, found

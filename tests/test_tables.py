@@ -106,9 +106,12 @@ def test_table_html_shows_chosen_columns_and_the_full_frame(frame):
     parsed.feed(t._repr_html_())
     shown, full = parsed.tables
     assert shown["head"] == ["head", "tokens", "share ratio above 1", "median S/S′"]
-    assert full["head"] == ["label", "eq2_gap", "unused", "from_block_norms"]  # which row, then what is hidden
+    # which row, then what is hidden: under a readable name where the library has one (issue 25: a
+    # reader met abs_clean and ablated_layer), else the frame's own name
+    assert full["head"] == ["head", "largest eq. 2 gap", "unused", "block norms"]
     assert '<th class="num" title="median_ratio">median S/S′</th>' in t._repr_html_()  # one header row
-    assert ">eq2_<wbr>gap<" in t._repr_html_()  # the frame's name in the fold, wraps after _
+    assert '<th class="num" title="eq2_gap">largest eq. 2 gap</th>' in t._repr_html_()  # the frame's name on hover
+    assert ">unused<" in t._repr_html_()
     assert "<details" in t._repr_html_() and "3 more columns (the rest of the computed values)" in t._repr_html_()
     for row, (_, values) in zip(shown["rows"], frame.iterrows()):
         assert row[0] == values["label"] and row[1] == f"{values['n']:,}"
@@ -208,3 +211,24 @@ def test_notebook_tables_are_paper_tables(book):
                 assert tables.TABLE_CLASS in page or is_provenance, \
                     f"{name}: a DataFrame dump in `{''.join(cell['source']).strip()[-60:]}`"
                 assert not re.search(r"\d\.\d+e[+-]\d\d", re.sub(r"<[^>]+>", " ", page)), name
+
+
+def test_chapter5_tables_name_every_column_even_in_their_folds():
+    """Issue 25: a reader met ``abs_clean`` and ``ablated_layer`` as headers in chapter 5."""
+    import pandas as pd
+
+    from selfrepair.chapters.hydra_text import LOCAL_TABLE, OWN_TABLE
+    from selfrepair.hydra_controls import localisation_summary, own_summary
+
+    own = pd.DataFrame({"ablation": ["resample", "zero"], "layer": [1, 1], "kind": ["attn", "attn"],
+                        "label": ["A1", "A1"], "n_patches": [3, 1], "abs_clean": [0.4, 0.4], "abs_ablated": [0.1, 0.0],
+                        "abs_patch": [0.2, 0.0], "ratio": [0.25, 0.0], "patch_ratio": [0.5, 0.0],
+                        "mean_clean": [0.3, 0.3], "mean_ablated": [0.05, 0.0]})
+    loc = pd.DataFrame({"ablated_layer": [0, 0], "ablated_kind": ["attn", "attn"], "readout": ["A1", "M1"],
+                        "readout_kind": ["attn", "mlp"], "position": ["downstream"] * 2, "abs_delta_de": [0.2, 0.1]})
+    for layout, frame in ((OWN_TABLE, own_summary(own)), (LOCAL_TABLE, localisation_summary(loc))):
+        t = layout(frame)
+        html = t._repr_html_()
+        for c in frame.columns:
+            assert t.named(c) or c in t.columns and "_" not in c, c
+            assert f">{c}<" not in html.replace("<wbr>", "") or "_" not in c, c

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
-                    approximately, at_least, at_most, below, between, interval_words, paper_number,
+                    against, approximately, at_least, at_most, below, between, interval_words, paper_number,
                     paper_word)
 from .uncertainty import MIN_CLUSTERS, Estimate
 
@@ -67,6 +67,53 @@ def bootstrap(values, statistic=np.mean, n_boot: int = 2000, seed: int = 0) -> t
 
 
 @dataclass(frozen=True)
+class Signed:
+    """A claim's reading said from its value's sign, the way :mod:`selfrepair.chapters.signed` says
+    a change ("gives back 5%" / "takes away a further 5%", never "gives back -5%" or "-5% (negative:
+    ...)"): ``text`` with ``{way}``, which is ``up`` where the value is above 0, ``down`` where it is
+    below and ``zero`` (``up`` when empty) where it is 0 at the digits shown. ``{value}`` (in
+    ``text`` or in the way) is then the value's size, bold and unsigned, with its 95% interval,
+    whose ends keep their signs: they are not read after "by"."""
+
+    text: str
+    up: str
+    down: str
+    zero: str = ""
+    turns: str = ""  # a change relative to the thing itself: added to ``down`` from a fall of 100% on
+
+    def way(self, value: float, fmt: str, thresholds=()) -> str:
+        """The words for ``value``'s sign (at the digits :func:`size` shows)."""
+        if value is None or not math.isfinite(value) or is_zero(value, fmt, thresholds):
+            return self.zero or self.up
+        return self.up if value > 0 else self.down + (self.turns if value <= -1 else "")
+
+    def template(self, value: float, fmt: str, thresholds=()) -> str:
+        """``text`` with the way for ``value``, still holding ``{value}``, ``{n}`` and ``{unit}``."""
+        return self.text.replace("{way}", self.way(value, fmt, thresholds))
+
+
+def size(value: float, fmt: str, thresholds=()) -> str:
+    """``|value|`` in ``fmt`` without a sign (a forced ``+`` dropped): a signed value's size, read
+    after words that carry its sign; near one of ``thresholds`` on the value's side of 0, on its
+    side of it (:func:`~selfrepair.rules.against`)."""
+    if value is None or not math.isfinite(value):
+        return _fmt(value, fmt)
+    same_side = [abs(t) for t in thresholds if t == 0 or (t > 0) == (value > 0)]
+    return against(abs(value), fmt.replace("+", ""), same_side)
+
+
+def is_zero(value: float, fmt: str, thresholds=()) -> bool:
+    """Whether ``value``'s :func:`size` prints as zero ("0%", "0.00", "0.0×10⁰")."""
+    return size(value, fmt, thresholds).split("×")[0].strip("0.%") == ""
+
+
+def thresholds(rule: Rule) -> tuple[float, ...]:
+    """The values a rule compares a claim's value with (a "proportional" rule's bound is a
+    tolerance on the intercept, not a threshold of the value)."""
+    return () if rule.op == "proportional" else rule.bounds
+
+
+@dataclass(frozen=True)
 class Claim:
     """One claim of a paper and how it is re-tested. ``rule.word`` names the paper's word or number
     the rule reads and ``rule.reason`` why; ``rationale`` says why the metric tests the claim;
@@ -81,7 +128,8 @@ class Claim:
     paper: float | None = None  # the paper's own value of the metric, where it reports one
     paper_context: str = ""  # what the paper's value was measured on
     fmt: str = ".2f"  # how the metric prints
-    reading: str = ""  # the result in words, with {value}, {n} and {unit} filled in
+    reading: "str | Signed" = ""  # the result in words, with {value}, {n} and {unit} filled in; a
+    # signed value's reading is a Signed: said from its sign, the number unsigned
     rationale: str = ""  # why the metric and its population test the paper's claim
     classify: tuple[Rule, ...] = ()  # per-unit rules the metric counts with
 
@@ -175,7 +223,7 @@ def _interval(v: Verdict) -> str:
         return f" (no reliable 95% interval{how})"
     if not (math.isfinite(v.lo) and math.isfinite(v.hi)):
         return f" (too few to give an interval{how})"
-    return f" ({interval_words(v.lo, v.hi, c.fmt)}{how})"
+    return f" ({interval_words(v.lo, v.hi, c.fmt, thresholds(c.rule))}{how})"
 
 
 def _decided(v: Verdict) -> str:
@@ -262,13 +310,17 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
     why = f" We cannot tell here: {v.why}." if v.why else (
         " The interval straddles the rule's threshold, so we cannot tell."
         if v.holds is None and math.isfinite(v.value) and (v.lo is not None or v.parts) else "")
-    parts = "".join(f" The {name} is {_fmt(e.value, c.fmt)} ({interval_words(e.lo, e.hi, c.fmt)}): "
+    parts = "".join(f" The {name} is {against(e.value, c.fmt, rule.bounds)} "
+                    f"({interval_words(e.lo, e.hi, c.fmt, rule.bounds)}): "
                     f"{WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
                     f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
     detail = (f" {v.detail}" if v.detail else "") + _paper_reports(c)  # the paper's number beside ours
-    value = f"**{_fmt(v.value, c.fmt)}**{_interval(v)}"
-    said = (c.reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
-            if c.reading else f"The value is {value}{n}.")
+    signed, bounds = isinstance(c.reading, Signed), thresholds(c.rule)
+    shown = size(v.value, c.fmt, bounds) if signed else against(v.value, c.fmt, bounds)
+    value = f"**{shown}**{_interval(v)}"
+    reading = c.reading.template(v.value, c.fmt, bounds) if signed else c.reading
+    said = (reading.format(value=value, n=f"{v.n:,}" if v.n is not None else "", unit=v.unit)
+            if reading else f"The value is {value}{n}.")
     how = f'(<a href="#{rules}">how this is decided</a>)' if rules else _decided(v)
     return f"- {span}*{c.statement}* ({c.source}): **{v.word}**. {said}{parts}{why}{detail} {how}"
 

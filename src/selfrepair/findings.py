@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .claims import Verdict, _fmt, interval_words
+from .claims import Verdict, against, interval_words, thresholds
 
 
 @dataclass(frozen=True)
@@ -65,20 +65,22 @@ def measured(v: Verdict) -> tuple[str, tuple[float, ...]]:
     if v.value is None or not math.isfinite(v.value):
         return "no value", ()
     if v.parts:
-        said = [_interval(e.value, e.lo, e.hi, fmt, e.why) for _, e, _ in v.parts]
+        said = [_interval(e.value, e.lo, e.hi, fmt, e.why, rule.bounds) for _, e, rule in v.parts]
         return ("; ".join(f"{name} {text}" for (name, _, _), (text, _) in zip(v.parts, said)),
                 tuple(x for _, numbers in said for x in numbers))
-    return _interval(v.value, v.lo, v.hi, fmt, v.estimate.why if v.estimate is not None else "")
+    return _interval(v.value, v.lo, v.hi, fmt, v.estimate.why if v.estimate is not None else "",
+                     thresholds(v.claim.rule))
 
 
-def _interval(value: float, lo, hi, fmt: str, why: str) -> tuple[str, tuple[float, ...]]:
-    """``value`` and its 95% interval in words (or why it has no reliable one), and the numbers."""
-    shown = _fmt(value, fmt)
+def _interval(value: float, lo, hi, fmt: str, why: str, bounds=()) -> tuple[str, tuple[float, ...]]:
+    """``value`` and its 95% interval in words (or why it has no reliable one), and the numbers;
+    near one of the rule's ``bounds``, on its side of it (:func:`~selfrepair.rules.against`)."""
+    shown = against(value, fmt, bounds)
     if lo is None or hi is None:
         return shown, (value,)
     if why or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{shown}, no reliable interval", (value,)
-    return f"{shown}, {interval_words(lo, hi, fmt)}", (value, lo, hi)
+    return f"{shown}, {interval_words(lo, hi, fmt, bounds)}", (value, lo, hi)
 
 
 def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:

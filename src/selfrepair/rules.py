@@ -175,10 +175,38 @@ def bound(value: float, fmt: str) -> str:
     return "0" if value == 0 else _fmt(value, fmt)
 
 
-def interval_words(lo: float, hi: float, fmt: str) -> str:
+def against(value: float, fmt: str, thresholds=(), most: int = 3) -> str:
+    """``value`` in ``fmt``, with as many more decimals (up to ``most``) as it takes to print it on
+    the same side of each of ``thresholds`` as it lies: 0.896 against 90% prints "89.6%", not the
+    "90%" that would read as reaching the threshold; 0.904 prints "90.4%"; a value far from every
+    threshold, or exactly on one, prints in ``fmt`` as ever; one within rounding of it even at
+    ``most`` more decimals is said "just under 90%" / "just over 90%". Every number that prose
+    compares with a threshold (a rule's bound, a class's cut) prints through this."""
+    import re
+
+    m = re.fullmatch(r"([+ ]?)\.(\d+)([f%])", fmt)
+    if value is None or not math.isfinite(value) or m is None:
+        return _fmt(value, fmt)
+    sign, digits, kind = m.group(1), int(m.group(2)), m.group(3)
+    scale = 100 if kind == "%" else 1
+    bounds = [t for t in thresholds if t is not None and math.isfinite(t)]
+    def side(x: float, t: float) -> int:  # within float rounding of a threshold is on it
+        return 0 if abs(x - t) <= 1e-12 * max(1.0, abs(t)) else (1 if x > t else -1)
+
+    for extra in range(most + 1):
+        f = f"{sign}.{digits + extra}{kind}"
+        shown = lambda x: float(format(x, f).rstrip("%")) / scale  # noqa: E731 (as printed at f)
+        if all(side(shown(value), shown(t)) == side(value, t) for t in bounds):
+            return format(value, f)
+    near = min(bounds, key=lambda t: abs(value - t))
+    return f"just {'under' if value < near else 'over'} {bound(near, fmt)}"
+
+
+def interval_words(lo: float, hi: float, fmt: str, thresholds=()) -> str:
     """"95% interval A to B"; where both ends print the same ("25% to 25%": at least 95% of the
-    replicates give that value to the digits shown), says so instead of a range that is none."""
-    a, b = _fmt(lo, fmt), _fmt(hi, fmt)
+    replicates give that value to the digits shown), says so instead of a range that is none. An
+    end near one of ``thresholds`` prints on its side of it (:func:`against`)."""
+    a, b = against(lo, fmt, thresholds), against(hi, fmt, thresholds)
     return f"95% interval {a} to {b}" if a != b else f"95% interval {a} — no spread at the digits shown"
 
 

@@ -154,6 +154,10 @@ class Table:
     def header(self, column: str) -> str:
         return self.names.get(column) or NAMES.get(column) or column.replace("_", " ")
 
+    def named(self, column: str) -> bool:
+        """Whether ``column`` has a readable header (the table's ``names`` or :data:`NAMES`)."""
+        return column in self.names or column in NAMES
+
     def cells(self, columns: Sequence[str] | None = None) -> list[list[str]]:
         """The shown text of each row (``columns``: default the table's). Column by column, so
         an integer column is never upcast to float by its row's other columns."""
@@ -176,7 +180,7 @@ class Table:
                    for c in columns]
         head = "".join(
             f'<th class="{"num" if num else "text"}" title="{html.escape(c)}">'
-            + (html.escape(self.header(c)) if readable else _breakable(c)) + "</th>"
+            + (html.escape(self.header(c)) if readable or self.named(c) else _breakable(c)) + "</th>"
             for c, num in zip(columns, numeric))
         body = "".join("<tr>" + "".join(f'<td class="{"num" if num else "text"}">{html.escape(v)}</td>'
                                         for v, num in zip(row, numeric)) + "</tr>"
@@ -186,7 +190,9 @@ class Table:
 
     def _repr_html_(self) -> str:
         # the fold adds only what the table above leaves out: its first column (which row), then the
-        # frame's other columns under their own names; every column shown above: the table once
+        # frame's other columns, under a readable header where the table or NAMES gives one and else
+        # under their own names (each header's title is the frame's name); every column shown above:
+        # the table once
         hidden = [c for c in self.frame.columns if c not in self.columns]
         full = (f'<details class="{TABLE_CLASS}-all"><summary>{counted(len(hidden), "more column")} '
                 f'(the rest of the computed values)</summary>'

@@ -174,9 +174,14 @@ class AtpChapter:
 
 
 COST_TABLE = Layout(("measurement", "passes per batch", "wall time (s)", "sweep / AtP"))
-LAYERS_TABLE = Layout(("layer", "n_heads", "abs_exact", "abs_error", "error_norm", "error_downstream"),
-                      names={"abs_exact": "mean |exact Δlogit|", "abs_error": "mean |exact − AtP|",
-                             "error_norm": "final norm's part", "error_downstream": "downstream part"})
+SIGNS = ("Every error is exact − AtP, in logits (Δlogit = ablated − clean for both): positive where the "
+         "ablation costs less than AtP says, the self-repair AtP does not see; negative where it costs more.")
+LAYERS_TABLE = Layout(("layer", "n_heads", "abs_exact", "error", "error_norm", "error_downstream"),
+                      names={"abs_exact": "mean |exact Δlogit|", "error": "mean exact − AtP",
+                             "error_norm": "final norm's part", "error_downstream": "downstream part",
+                             "abs_error": "mean |exact − AtP|"},
+                      caption="Per layer, means over its heads. " + SIGNS + " The two parts sum to the "
+                              "signed mean; its size, mean |exact − AtP|, is in the fold.")
 
 
 def cost_table(sweep_meta: dict, atp: at.Atp, n_layers: int) -> pd.DataFrame:
@@ -270,9 +275,9 @@ def on_this_model(ch: AtpChapter) -> str:
         cost = " The sweep's wall time is not recorded, so the cost ratio is not available."
     intro = (f"**On {m.get('model')}** ({m.get('n_tokens', 0):,} tokens in rows of {m.get('seq_len')}, "
              f"{m.get('ablation')} ablation; whole-set means per head). The largest gap is "
-             f"{worst['label']}: exact Δlogit {worst['exact']:+.3g}, AtP {worst['atp']:+.3g}, of which "
-             f"{worst['error_norm']:+.3g} is the final norm's part and {worst['error_downstream']:+.3g} "
-             f"the downstream components'.{cost}")
+             f"{worst['label']}'s: exact Δlogit {worst['exact']:+.3g}, AtP {worst['atp']:+.3g}, so exact − AtP = "
+             f"{worst['error']:+.3g} logits, of which {worst['error_norm']:+.3g} is the final norm's part and "
+             f"{worst['error_downstream']:+.3g} the downstream components'.{cost}")
     return render(ch.verdicts, intro, rules="ch07-rules", below=FIGURES)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from .. import hydra_controls as hc
 from .. import hydra_regression as hr
 from .. import hydra_scale as hs
-from ..claims import Claim, Verdict, approximately, paper_number, paper_word
+from ..claims import Claim, Signed, Verdict, approximately, paper_number, paper_word
 from ..rules import NEGLIGIBLE
 from ..structure import span
 from ..tables import counted
@@ -58,9 +58,9 @@ RESTORED = Claim(
     "layer) over every prompt of the middle attention layers, read at the clean run's σ (each ablation "
     "run's own σ′ beside it)", approximately(PAPER["restored"], "approximately 70%"),
     paper=PAPER["restored"], paper_context=f"{PAPER['model']}, {PAPER['dataset']}", fmt=".0%",
-    reading="When a middle attention layer is ablated, the share of the direct effect it removed that "
-            "the layers after it give back is {value} (negative: they take away more), at the clean "
-            "run's σ ({n} {unit}).",
+    reading=Signed("When a middle attention layer is ablated, the layers after it {way} of the direct "
+                   "effect it removed, read at the clean run's σ ({n} {unit}).",
+                   up="give back {value}", down="take away a further {value} (the opposite of giving back)"),
     rationale="§6's 'restore approximately 70% of the reduction in token logits' is the compensation "
               "over the logit reduction an ablation would cause without it, the direct effect removed; "
               "'middle layers' are the middle half of the depth (structure.span). The clean σ is the "
@@ -78,8 +78,9 @@ SLOPE = Claim(
                  "is tested through the largest slope, 'past layer 13' of its 32 layers as the "
                  "layers deeper than 13/32 of the depth"),
     fmt=".2f",
-    reading="Past 13/32 of the depth, the steepest attention layer's compensation per logit of direct "
-            "effect is {value} logits (negative: it takes away more) ({n} {unit}).",
+    reading=Signed("Past 13/32 of the depth, in the attention layer whose slope is largest, each extra logit "
+                   "of direct effect removed brings a compensation that {way} ({n} {unit}).",
+                   up="gives back {value} logits", down="takes away a further {value} logits"),
     rationale="§4.2: 'fitting a linear regression between direct effect and compensatory response "
               "gives a slope of less than one at all layers past layer 13'. The models have different "
               "depths, so the paper's layer is compared as a relative depth")
@@ -89,9 +90,10 @@ ERASURE = Claim(
     "the least-squares slope, over every (prompt, attention layer before the last quarter), of the "
     "last quarter's MLPs' summed ΔDE on the ablated layer's own ΔDE (clean σ; erasure predicts a "
     "negative slope)", paper_word("significant", "<"), fmt="+.2f",
-    reading="For each logit an ablation moves the ablated layer's direct effect, the late MLPs' direct "
-            "effect moves {value} logits the same way (negative: the other way, as erasure predicts) "
-            "({n} {unit}).",
+    reading=Signed("For each logit an ablation moves the ablated layer's direct effect, the late MLPs' direct "
+                   "effect {way} ({n} {unit}).", up="moves {value} logits the same way",
+                   down="moves {value} logits the other way, as erasure predicts",
+                   zero="moves {value} logits"),
     rationale="§2.5.2: 'when the attention layer has a high positive impact they have a high negative "
               "impact and when the attention layer's Δ_unembed is reduced theirs is similarly "
               "attenuated' — the late MLPs' change moves against the ablated layer's, in proportion to "

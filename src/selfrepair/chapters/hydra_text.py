@@ -26,13 +26,19 @@ OWN_TABLE = Layout(("ablation", "n_patches", "ratio", "patch_ratio", "mean_ablat
                    percent=("ratio", "patch_ratio"),
                    names={"n_patches": "patches", "ratio": "|own DE| / |clean DE| (patch mean)",
                           "patch_ratio": "|own DE| / |clean DE| (one patch)",
-                          "mean_ablated": "mean own DE", "mean_clean": "mean clean DE"})
+                          "mean_ablated": "mean own DE", "mean_clean": "mean clean DE",
+                          # the fold's columns: the sums over the attention layers the ratios divide
+                          "abs_clean": "Σ mean |clean DE|", "abs_ablated": "Σ mean |own DE| (patch mean)",
+                          "abs_patch": "Σ mean |own DE| (one patch)"})
 LOCAL_TABLE = Layout(("ablated", "readout_kind", "n_downstream", "total_abs_delta_de", "top", "share_top1",
                       "share_top2", "uniform"), percent=("share_top1", "share_top2", "uniform"),
                      names={"ablated": "ablated layer", "readout_kind": "later layers",
                             "n_downstream": "how many", "total_abs_delta_de": "Σ mean |ΔDE|",
                             "top": "changes most", "share_top1": "top-1 share", "share_top2": "top-2 share",
-                            "uniform": "even spread"})
+                            "uniform": "even spread",
+                            # the fold's columns
+                            "ablated_layer": "ablated layer (index)", "ablated_kind": "ablated kind",
+                            "first": "first later layer"})
 
 TOP_ROWS = 8  # rows of the localisation table shown above its fold
 SHORT_COLUMNS = ("ablated", "readout_kind", "total_abs_delta_de", "top", "share_top1", "uniform")  # a phone's width
@@ -150,21 +156,44 @@ def noise_markdown(ch) -> str:
     a, b = c[c["ablation"] == main].set_index("layer"), c[c["ablation"] == "noise"].set_index("layer")
     louder = int((b["abs_total_effect"] > a["abs_total_effect"]).sum())
     mid = [l for l in ch.numbers["mid"] if l in a.index]
-    lines = [f"**On {ch.meta.get('model')}**, averaged over the {len(a)} attention layers:"]
+    clean = clean_size(ch)
+    lines = [f"**On {ch.meta.get('model')}**, averaged over the {len(a)} attention layers and every (prompt, "
+             f"patch), each change the ablated run's value minus the clean run's, in logits of the "
+             f"max-likelihood token (for scale: an attention layer's clean direct effect is {clean:.3g} logits "
+             "in size, on average):"]
     pooled = ch.numbers.get("slope_mid", math.nan)
     for name, g in ((main, a), ("noise", b)):
         slope = (f" Per patch, the later layers {gives_back(g.loc[mid, 'slope'].mean(), '.2f', ' logits')} per logit "
                  f"removed (the slope over every (prompt, patch), averaged over the middle layers "
                  f"{mid[0]}–{mid[-1]}, each layer alike{_not_pooled(pooled) if name == main else ''})."
                  if mid else "")
+        own, later = -g["lost"].mean(), g["compensation"].mean()
         lines.append(f"- **{name}**: the logit moves by a mean |Δ_ablate| of {g['abs_total_effect'].mean():.3f} "
-                     f"per patch (mean Δ_ablate {g['total_effect'].mean():+.3f}); the ablated layer's direct effect "
-                     f"{changes(-g['lost'].mean(), '.3f')} logits and the later layers' direct effect "
-                     f"{changes(g['compensation'].mean(), '.3f')}.{slope}")
+                     f"logits per patch (mean Δ_ablate {g['total_effect'].mean():+.3f}); the ablated layer's own "
+                     f"direct effect {changes(own, '.3g', unit=' logits')}{times(own, clean)} and the later layers' "
+                     f"summed direct effect {changes(later, '.3g', unit=' logits')}{times(later, clean)}.{slope}")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")
     if mid:
         lines.append(slope_not_share(a.loc[mid, "slope"].mean(), ch.numbers.get("restored_mid", math.nan)))
     return "\n".join(filter(None, lines))
+
+
+def clean_size(ch) -> float:
+    """The mean |clean direct effect| of an attention layer over the prompts (logits): the scale the
+    noise section's changes are read against."""
+    own = ch.own
+    if own is None or not len(own):
+        return math.nan
+    return float(own[own["kind"] == "attn"].drop_duplicates("layer")["abs_clean"].mean())
+
+
+def times(change: float, clean: float) -> str:
+    """``change`` as a multiple of ``clean`` (the clean size), in brackets; nothing where either is
+    missing or the change prints as none."""
+    if not (math.isfinite(change) and math.isfinite(clean)) or clean <= 0 or changes(change, ".3g") == "does not change":
+        return ""
+    k = abs(change) / clean
+    return f" ({k:.2g} times that clean size)" if k >= 1 else f" ({k:.0%} of that clean size)"
 
 
 def slope_not_share(slope: float, restored: float) -> str:

@@ -22,6 +22,7 @@ from ..heads import self_repair
 from ..structure import architecture_markdown
 from ..tables import Layout, Table, table
 from . import check, value_bias_note
+from .signed import changes, fall
 
 POOL_ROWS = 64  # rows the demo rows' resample sources are drawn from (several documents)
 
@@ -201,9 +202,11 @@ def findings(live: Intro, toy: WorkedExample, model: str, tol: float = 1e-3) -> 
     closes = ("to rounding error" if worst <= tol else f"only to {worst:.1e} logits, more than the {tol:g} "
               "rounding allows: something is wrong")
     return [
-        Finding(f"In the worked example, removing one component changes the logit by {n['delta_logit']:+.3f} "
-                f"where its direct effect predicted {n['delta_de']:+.3f}: the norm alone gives back "
-                f"{n['self_repair']:+.3f}, eq. 1's self-repair.", (FIGURES["worked"],),
+        Finding(f"In the worked example, removing one component "
+                f"{changes(n['delta_logit'], '.3f', 'raises the logit by', 'lowers the logit by', 'leaves the logit unchanged')}"
+                f" where its direct effect predicted {fall(n['delta_de'], '.3f')}: the norm alone "
+                f"{changes(n['self_repair'], '.3f', 'gives back', 'takes away a further', 'gives back nothing')}, "
+                "eq. 1's self-repair.", (FIGURES["worked"],),
                 (n["delta_logit"], n["delta_de"], n["self_repair"])),
         Finding(f"On {model}, ablating {len(t)} heads, eq. 1 and the sum of eq. 2's terms agree {closes} "
                 f"(largest per-token gap {worst:.1e} logits).", (FIGURES["live"],), (len(t), worst)),

@@ -34,6 +34,7 @@ from ..experiment import measure as cached, open_model
 from ..tables import Layout
 from ..uncertainty import Clusters
 from ..verdict_records import recorded
+from .signed import changes
 from . import check, value_bias_note
 from .ioi_claims import (BACKUPS, CLAIMS, DOES_IOI, MOST_PROMPTS, MOVED, PARTLY, REPAIRED,  # noqa: F401 (re-exported)
                          SIGNIFICANT_GROWTH, estimates, mean_of, pair_sums, share_back, verdicts)
@@ -266,9 +267,9 @@ def on_this_model(ch: IoiChapter) -> str:
     """The "On this model" paragraph, claims with verdicts."""
     r = ch.repair
     intro = (f"**On {ch.meta.get('model')}** ({ch.prompts['n']:,} prompts, {ch.meta.get('ablation')} ablation "
-             f"of {len(ch.name_movers)} name movers at the end): the logit difference changes by "
-             f"{r['delta_logit'].mean():+.3g} where the name movers' direct effect changes by "
-             f"{r['nm_delta_de'].mean():+.3g}.")
+             f"of {len(ch.name_movers)} name movers at the end): the logit difference "
+             f"{changes(r['delta_logit'].mean(), '.3g', unit=' logits')} where the name movers' direct effect "
+             f"{changes(r['nm_delta_de'].mean(), '.3g', unit=' logits')}.")
     return render(ch.verdicts, intro, rules="ch08-rules", below=FIGURES)
 
 

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..claims import Claim, Rule, Verdict, paper_word
+from ..claims import Claim, Rule, Signed, Verdict, paper_word
 from ..results import head_label
 from ..uncertainty import Bootstrap, Estimate, ratio
 from .ioi_text import FULL_TOL, logit_change, repair_outcome
+from .signed import moved
 
 if TYPE_CHECKING:
     from .ioi import IoiChapter
@@ -43,7 +44,9 @@ REPAIRED = Claim("repaired", "Ablating the name movers is partly repaired: the l
                  "Wang et al. 2023, §3.4; self-repair paper, App. G",
                  "the share of the name movers' lost direct effect that comes back, Σ self-repair (eq. 1) / "
                  "Σ (−ΔDE of the name movers) over the test half's prompts", PARTLY, fmt=".0%",
-                 reading="Of the direct effect the name movers lose, {value} comes back ({n} {unit}).",
+                 reading=Signed("Of the direct effect the name movers lose, {way} ({n} {unit}).",
+                                up="{value} comes back",
+                                down="none comes back: the logit difference loses a further {value} of it"),
                  rationale="the name movers are chosen on the other half of the prompt pairs: chosen for a "
                            "large direct effect, they would lose more of it, by chance, on the prompts "
                            "that chose them")
@@ -55,8 +58,9 @@ BACKUPS = Claim("backups", "Backup heads take over: their direct effect on the l
                 "the mean over the test half's prompts of the summed ΔDE of the backups, the heads (not name "
                 "movers) whose mean direct effect grows most on the selection half",
                 paper_word("significant"), fmt="+.3g", rationale=SIGNIFICANT_GROWTH,
-                reading="On prompts they were not chosen on, the backups' direct effect on the logit "
-                        "difference changes by {value} logits in sum ({n} {unit}).")
+                reading=Signed("On prompts they were not chosen on, the backups' direct effect on the logit "
+                               "difference {way} in sum ({n} {unit}).", up="grows by {value} logits",
+                               down="shrinks by {value} logits", zero="changes by {value} logits"))
 MOVED = Claim("moved", "Reading the residual stream the name movers read, the backups begin name moving "
               "(a significant gain)", "self-repair paper, App. G",
               "the mean over the test half's prompts of the later backups' summed change of direct effect "
@@ -64,8 +68,9 @@ MOVED = Claim("moved", "Reading the residual stream the name movers read, the ba
               "(backups chosen on the selection half, in layers after it)", paper_word("significant"),
               fmt="+.3g", rationale="App. G: 'the backup heads begin performing name moving as well'; no size "
                                     "is given, so the gain must be significant",
-              reading="On prompts they were not chosen on, the backups' direct effect on the logit difference "
-                      "changes by {value} logits in sum ({n} {unit}).")
+              reading=Signed("On prompts they were not chosen on, the backups' direct effect on the logit "
+                             "difference {way} in sum ({n} {unit}).", up="grows by {value} logits",
+                             down="shrinks by {value} logits", zero="changes by {value} logits"))
 CLAIMS = (DOES_IOI, REPAIRED, BACKUPS, MOVED)
 
 
@@ -132,7 +137,7 @@ def verdicts(ch: IoiChapter) -> list[Verdict]:
                    why=fails),
         Verdict.of(BACKUPS, e["backups"], (f"Backups: {labels(sp.backups)}. " if sp.backups else
                    "No other head's direct effect grows on the selection half. ")
-                   + f"Every other head together changes by {e['from_heads'].prose('+.3g')} logits (eq. 2's "
+                   + f"Every other head together {moved(e['from_heads'], '.3g', unit=' logits')} (eq. 2's "
                    "other heads).", why=fails or ("" if sp.backups else "no backup was found on the selection half")),
         Verdict.of(MOVED, e["moved"], f"Backups in later layers: {labels(later)}." if later else "",
                    why=fails or ("" if later else f"no backup is in a layer after the first name mover's "

@@ -20,6 +20,7 @@ offers these heads as evidence for the iterative inference hypothesis (App. G), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ import pandas as pd
 
 from .. import iterative as it
 from .. import repression as rp
-from ..claims import Claim, Verdict, paper_word, render, render_claim
+from ..claims import Claim, Signed, Verdict, paper_word, render, render_claim
 from .signed import changes, fall, moved
 from ..rules import NEGLIGIBLE
 from ..config import CorpusConfig
@@ -53,10 +54,12 @@ EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output t
               "weaker of its two falls at the largest α, relative to its mean top-token direct effect — "
               "under its own output, and under its own output beyond the random push (the control)",
               paper_word("decreased"), fmt="+.0%",
-              reading="Tested on documents it was not chosen on, the most self-repressing of the {n} {unit} "
-                      "is fed its own output: the change of its direct effect, as a share of itself, is "
-                      "{value} (negative: a fall; below −100%: it turns negative; the weaker of the "
-                      "change itself and the change beyond the control's).",
+              reading=Signed("Tested on documents it was not chosen on, the most self-repressing of the {n} "
+                             "{unit} is fed its own output. Read cautiously, as the smaller of two falls "
+                             "(its fall under its own output, and that fall beyond the fall a random push "
+                             "of the same norm causes, the control), its direct effect {way}.",
+                             up="rises by {value} of itself", down="falls by {value} of itself",
+                             turns=" (it turns negative)"),
               rationale="both falls are required: the fall under its own output (Fig 19: 'L21H1 has a "
                         "decreased direct effect') and the fall beyond a random push of the same norm, "
                         "without which a head that any perturbation moves would count. " + ALL)
@@ -66,8 +69,9 @@ PROPORTIONAL = Claim("proportional", "The repression is proportional to how much
                      "of the mean top-token direct effect, averaged over the heads that self-repress on one "
                      "half of the documents), measured on the other half",
                      paper_word("proportional"), fmt=".3f",
-                     reading="Each unit of α adds {value} of the direct effect to the repression (slope "
-                             "over {n} {unit}).",
+                     reading=Signed("Each unit of α {way} (the slope of the line, over {n} {unit}).",
+                                    up="adds {value} of the direct effect to the repression",
+                                    down="takes {value} of the direct effect off the repression"),
                      rationale="App. F: 'the amount in which these heads self-repress is proportional to "
                                "the amount in which scale the heads output back into itself'; proportional "
                                "is a line through the origin, so the slope must be above 0 and the intercept "
@@ -157,10 +161,15 @@ def verdicts(ch: IterativeChapter) -> list[Verdict]:
     est = boot.estimate(lambda t: rp.repression(t)[:, best], ch.sums[test], n=n_heads, unit=unit)
     own = boot.estimate(lambda t: rp.relative(t)[0][:, best, -1], ch.sums[test])
     ctrl = boot.estimate(lambda t: rp.relative(t)[1][:, best], ch.sums[test])
-    exist = Verdict.of(EXIST, est, f"It is {labels[best]} ({fall(chosen[best], '.0%')} on the selection "
-                       f"half). On the test half, under its own output its direct effect "
+    beyond = boot.estimate(lambda t: rp.relative(t)[0][:, best, -1] - rp.relative(t)[1][:, best], ch.sums[test])
+    alpha = f"α = {max(ch.result.alphas):g}"
+    exist = Verdict.of(EXIST, est, f"The head is {labels[best]}, chosen on the selection half as the head whose "
+                       f"smaller fall is largest there ({fall(chosen[best], '.0%')}). On the test half, at {alpha}, "
+                       f"under its own output its mean top-token direct effect "
                        f"{moved(own, '+.0%', relative=True)}; under the random push it "
-                       f"{moved(ctrl, '+.0%', relative=True)}. {share}")
+                       f"{moved(ctrl, '+.0%', relative=True)}; beyond the push (the first change minus the "
+                       f"second) it {moved(beyond, '+.0%')}. The value above is the smaller of the two falls. "
+                       f"{share}")
     return [exist, _proportional(ch, chosen, test, boot, labels)]
 
 
@@ -191,7 +200,7 @@ def on_this_model(ch: IterativeChapter) -> str:
     moved = ok[ok["class"] != "neutral"]
 
     def ex(df: pd.DataFrame) -> str:
-        return ", ".join(f"{r.label} ({100 * r.relative_change:+.0f}%)" for r in df.head(3).itertuples()) or "none"
+        return ", ".join(f"{r.label} ({fall(r.relative_change, '.0%')})" for r in df.head(3).itertuples()) or "none"
 
     def pct(x: float) -> str:
         return "n/a" if x != x else f"{100 * x:.0f}%"
@@ -208,18 +217,39 @@ def on_this_model(ch: IterativeChapter) -> str:
             f"to classify). In the later half of the layers "
             f"{pct((late['class'] == 'self-repressing').mean() if len(late) else float('nan'))} of the "
             f"classified heads self-repress (by that class, the fall under their own output alone). "
-            f"Strongest self-repressing: {ex(rep)}; strongest "
-            f"self-reinforcing: {ex(rein)}. Over every token, not only each head's top ones, the mean "
+            f"By that same quantity — the change of a head's mean top-token direct effect under its own output "
+            f"at α = {max(res.alphas):g}, as a share of itself, on every document — the strongest "
+            f"self-repressing are {ex(rep)}; the strongest "
+            f"self-reinforcing {ex(rein) if len(rein) else 'none (no head is)'}. Over every token, not only each head's top ones, the mean "
             f"direct effect moves the same way for {pct(same_way)} of the non-neutral heads.")
     if classes["control_change"].notna().any():
-        text += (f" The median change of the classified heads' top-token direct effect, as a share of "
-                 f"itself, is {100 * ok['control_change'].median():+.0f}% under a random push of the same "
-                 f"norm ({100 * ok['relative_change'].median():+.0f}% under their own output).")
+        text += " " + control_sentence(ok["relative_change"].median(), ok["control_change"].median(),
+                                       max(res.alphas))
     cl = ch.clusters
     text += (f" The verdicts choose heads on one half of the {cl.n:,} independent {cl.unit} and test them on "
              f"the other; every interval is a 95% cluster bootstrap over the {cl.unit} ({ch.n_boot:,} "
              f"replicates, seed {ch.seed}) that recomputes each head's relative changes.")
     return text + "\n\n" + render(ch.verdicts, rules="ch04-rules", below=FIGURES)
+
+
+def control_sentence(own: float, control: float, alpha: float) -> str:
+    """The random-push control in words: what it is, the median head's change under its own output
+    beside its change under the push (each as a share of itself), and what the comparison means — a
+    larger fall is more repression, and only a fall beyond the push's is a response to the head's own
+    output (:func:`selfrepair.repression.repression`)."""
+    said = (f"The control is a random push: a random direction of the same norm as the head's own output at "
+            f"α = {alpha:g}, added at the same place, which shows how much any push of that size moves a head. "
+            f"The median classified head's mean top-token direct effect {changes(own, '.0%', relative=True)} "
+            f"under its own output and {changes(control, '.0%', relative=True)} under the random push (a "
+            "larger fall is more repression). ")
+    if not (math.isfinite(own) and math.isfinite(control)):
+        return said.strip()
+    if own < control:
+        return said + ("The typical head falls further under its own output than under the push, so part of "
+                       "its fall answers its own output: the self-repression the paper describes.")
+    return said + ("The typical head falls no further under its own output than under the push, so its fall is "
+                   "what any push of that size does, not a response to its own output; this is why the verdict "
+                   "below counts a head as self-repressing only when it also falls beyond the push.")
 
 
 def verdict(ch: IterativeChapter, key: str) -> str:
@@ -257,6 +287,8 @@ def findings(ch: IterativeChapter) -> list[Finding]:
         else:
             text = (f"Take-away: this run cannot say whether a head self-represses beyond a random push on "
                     f"this model (its direct effect {change} on held-out documents); a run on more tokens would narrow the interval.")
+        text += (" That change is the smaller of the head's two falls, under its own output and beyond the "
+                 "random push.")
     return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["repressing"],), values))
 
 

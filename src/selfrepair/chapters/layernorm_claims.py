@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import layernorm as ln
-from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Verdict, _fmt, approximately, paper_number, paper_word)
+from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Signed, Verdict, _fmt, against, approximately, paper_number, paper_word)
 from ..rules import NEGLIGIBLE
 from ..results import head_label
 from ..uncertainty import MIN_CLUSTERS, Bootstrap, Clusters, Estimate, mean_finite, ratio, share
@@ -108,8 +108,9 @@ NORMS_ONLY = Claim("norms_only", "Freezing every downstream component except the
                    "top-k% tokens (every downstream attention and MLP output at its clean value, the "
                    "norms live), in logits, each head's mean recomputed in every replicate",
                    paper_word("significant"), fmt="+.3f",
-                   reading="With only the norms live, they give back {value} logits on average over the "
-                           "{n} {unit}.",
+                   reading=Signed("With only the norms live, they {way} on average over the {n} {unit}.",
+                                  up="give back {value} logits",
+                                  down="take away a further {value} logits (the opposite of giving back)"),
                    rationale="freezing everything including the norm leaves Δlogit = ΔDE of the head, so "
                              "the logit difference the live norm recovers is the norms-only self-repair; "
                              "significant is read as distinguishable from zero. " + LATE)
@@ -175,9 +176,12 @@ def worst_relative_error(t: np.ndarray) -> np.ndarray:
     return ratio(t[..., 1], t[..., 2]).max(-1)
 
 
-def _per_head(t: np.ndarray, heads, boot: Bootstrap, fmt: str) -> str:
+def _per_head(t: np.ndarray, heads, boot: Bootstrap, fmt: str, cut: float) -> str:
+    """Each head's share with its interval, each number on its side of ``cut`` (a head at 89.6%
+    prints "89.6%", not the "90%" that would count it as reaching 90%)."""
     value, lo, hi = boot.intervals(head_means, t)
-    return ", ".join(f"{head_label(*h)} {v:{fmt}}" + (f" ({a:{fmt}}–{b:{fmt}})" if np.isfinite(a) else "")
+    said = lambda x: against(x, fmt, (cut,))  # noqa: E731
+    return ", ".join(f"{head_label(*h)} {said(v)}" + (f" ({said(a)}–{said(b)})" if np.isfinite(a) else "")
                      for h, v, a, b in zip(heads, value, lo, hi))
 
 
@@ -202,7 +206,7 @@ def verdicts(ch) -> list[Verdict]:
         few = share_of_few(heads, len(ev.last))
         out.append(Verdict.of(RATIO[a], est, f"Taken one by one, {few} {'has' if few.startswith('1 of ') else 'have'} "
                               f"S/S′ > 1 on at least {ALMOST.bounds[0]:.0%} of their own top tokens. Per head: "
-                              f"{_per_head(t, ev.last, boot, '.0%')}. Fig 4's head is "
+                              f"{_per_head(t, ev.last, boot, '.0%', ALMOST.bounds[0])}. Fig 4's head is "
                               f"{head_label(*ch.ratio_head)}."))
     out.append(_share(ch, boot))
     out.append(_app_b(ch))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import erasure as er
-from ..claims import Claim, Verdict, paper_number, paper_word
+from ..claims import Claim, Signed, Verdict, paper_number, paper_word
 from ..results import head_label
 from ..uncertainty import Bootstrap, ratio
 
@@ -73,8 +73,9 @@ ERASURE = Claim("erasure", "The top repairing neurons are erasure neurons, more 
                 "layer's neurons, averaged over the Fig 8 heads; the neurons ranked by their summed repair "
                 "on one half of the documents, their clean direct effects read on the other half's tokens",
                 paper_word("significant"), fmt="+.0%",
-                reading="The share of erasure neurons among the neurons that repair most, minus their share "
-                        "among all of the layer's neurons: {value} (over {n} {unit}).",
+                reading=Signed("In percentage points, the share of erasure neurons among the neurons that "
+                               "repair most is {way} their share among all of the layer's neurons (over {n} "
+                               "{unit}).", up="{value} above", down="{value} below", zero="within {value} of"),
                 rationale="App. C: 'the top repairing neurons have negative clean direct effects, and are "
                           "thus erasure neurons', each neuron coloured by 'its median clean direct effect "
                           "on the distribution'. A layer can hold many neurons whose median is negative, "

@@ -21,15 +21,15 @@ def _interval(est, fmt: str) -> str:
 
 
 def changes(x: float, fmt: str, up: str = "rises by", down: str = "falls by",
-            zero: str = "does not change", relative: bool = False) -> str:
+            zero: str = "does not change", relative: bool = False, unit: str = "") -> str:
     """A signed change in words: "falls by 5%" / "rises by 5%" / "does not change" (at the digits
     shown). ``relative``: ``x`` is a share of the thing itself, so a fall of 100% or more is said
-    to turn it negative."""
+    to turn it negative; ``unit`` follows the number (" logits")."""
     if not math.isfinite(x):
         return "changes by n/a"
     if _abs(x, fmt).strip("0.%") == "":
         return zero
-    said = f"{up if x > 0 else down} {_abs(x, fmt)}"
+    said = f"{up if x > 0 else down} {_abs(x, fmt)}{unit}"
     if relative:
         said += " of itself" + (" (it turns negative)" if x <= -1 else "")
     return said

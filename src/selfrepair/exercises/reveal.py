@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..chapters.signed import changes
+from ..chapters.signed import changes, moved
 
 TERMS = ("from_heads", "from_mlps", "from_block_norms", "from_norm")
 TERM_NAMES = {"from_heads": "downstream heads", "from_mlps": "downstream MLP layers",
@@ -181,6 +181,10 @@ def drop_vs_de(ch) -> str:
             f"direct effect is larger, the rest of the network made up part of the loss; {mean}.")
 
 
+ERASURE_WAYS = dict(up="moves the same way by", down="moves the other way, as erasure predicts, by",
+                    zero="does not move", unit=" logits")  # the erasure slope, said from its sign
+
+
 def late_mlps(ch) -> str:
     """The sign of late MLP layers' ΔDE when an attention layer is ablated, and the erasure regression."""
     er = ch.erasure
@@ -190,9 +194,8 @@ def late_mlps(ch) -> str:
     d = late["delta_direct_effect"]
     return (f"Over every (ablated attention layer, late MLP layer) pair, the late MLPs' direct effect "
             f"{changes(d.mean(), '.3g', 'rises by', 'falls by', 'does not change')} on average ({int((d > 0).sum())} "
-            f"of {len(d)} pairs up); for each logit an ablation moves the ablated layer's direct effect, "
-            f"theirs moves {ch.estimates.erasure.prose('+.2f')} logits the same way (negative: the other way, "
-            "as erasure predicts; the chapter's erasure regression). The Hydra paper (§2.5.2): late MLPs "
+            f"of {len(d)} pairs up); in the chapter's erasure regression, for each logit an ablation moves the "
+            f"ablated layer's direct effect, theirs {moved(ch.estimates.erasure, '.2f', **ERASURE_WAYS)}. The Hydra paper (§2.5.2): late MLPs "
             "erase — they lower the token's logit by an amount that follows what the attention layers "
             "wrote — so when an attention layer is ablated they erase less and their direct effect rises.")
 
