@@ -126,7 +126,7 @@ def test_the_rules_table_has_one_row_per_claim_of_four_labelled_cells():
     headers = [h.replace("'", "&#x27;") for h in RULES_HEADERS.values()]
     for row, claim in zip(rows, hydra.CLAIMS):
         assert re.findall(r'data-label="([^"]*)"', row) == headers
-        assert claim.statement in html.unescape(row)
+        assert claim.statement in html.unescape(row.replace("<wbr>", ""))
 
 
 @pytest.mark.parametrize("chapter", ["existence", "layernorm", "neurons", "iterative", "hydra", "atp", "ioi"])

@@ -128,9 +128,11 @@ def _superscript(n: int) -> str:
     return str(n).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
 
-def _breakable(name: str) -> str:
-    """A column name that may wrap after its underscores (``delta_direct_<wbr>effect``)."""
-    return html.escape(name).replace("_", "_<wbr>")
+def _breakable(text: str) -> str:
+    """Text that may wrap after a slash or an underscore (a hub id, a path, a column name:
+    ``EleutherAI/<wbr>pythia-70m``, ``delta_<wbr>direct_<wbr>effect``), so a narrow column breaks it
+    there rather than mid-word or not at all."""
+    return html.escape(text).replace("/", "/<wbr>").replace("_", "_<wbr>")
 
 
 def parse_number(text: str) -> float:
@@ -196,7 +198,7 @@ class Table:
             for c, kind, label in zip(columns, kinds, labels))
         stacked = readable and self.stacked  # a phone labels each cell with its header (CSS ::before)
         body = "".join("<tr>" + "".join(f'<td class="{kind}"' + (f' data-label="{label}"' if stacked else "")
-                                        + f">{html.escape(v)}</td>" for v, kind, label in zip(row, kinds, labels))
+                                        + f">{_breakable(v)}</td>" for v, kind, label in zip(row, kinds, labels))
                        + "</tr>" for row in self.cells(columns))
         caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption and readable else ""
         kind = f"{TABLE_CLASS} {STACKED}" if stacked else TABLE_CLASS
