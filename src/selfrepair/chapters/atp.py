@@ -176,7 +176,9 @@ class AtpChapter:
 COST_TABLE = Layout(("measurement", "passes per batch", "wall time (s)", "sweep / AtP"))
 LAYERS_TABLE = Layout(("layer", "n_heads", "abs_exact", "abs_error", "error_norm", "error_downstream"),
                       names={"abs_exact": "mean |exact Δlogit|", "abs_error": "mean |exact − AtP|",
-                             "error_norm": "final norm's part", "error_downstream": "downstream part"})
+                             "error_norm": "final norm's part", "error_downstream": "downstream part"},
+                      # a phone: the error and its two parts (the prose's split); the rest one click away
+                      phone=("layer", "abs_error", "error_norm", "error_downstream"))
 
 
 def cost_table(sweep_meta: dict, atp: at.Atp, n_layers: int) -> pd.DataFrame:
