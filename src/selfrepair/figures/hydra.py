@@ -17,6 +17,7 @@ LINE_WIDTH = 2  # px of a chart's data lines (at least 1.5: each line must read)
 EVERY = "resample (every source)"
 GAP, CLEAN = " ", "clean DE"  # fig_erasure's blank slot and its clean-DE column
 ERASURE_STEP = 18  # px per column: 18 layers and the clean column ~360 px (a phone narrows the steps)
+ERASURE_WIDTH = 240  # px: the narrowest erasure map (wider steps for a model of few layers)
 # a legend of lines: each swatch a stroke in the line's colour (and dash) at full strength
 LINE_LEGEND = alt.Legend(orient="bottom", columns=2, symbolType="stroke", symbolOpacity=1,
                          symbolStrokeWidth=LINE_WIDTH)
@@ -170,7 +171,7 @@ def fig_erasure(frame) -> alt.LayerChart:
         tooltip=[alt.Tooltip("label:N", title="MLP"),
                  alt.Tooltip("clean_direct_effect:Q", format=".3f", title="clean DE"), alt.Tooltip("late:N")])
     return (alt.layer(heat, strip).resolve_scale(color="independent")
-            .properties(width=alt.Step(ERASURE_STEP), height=260,
+            .properties(width=alt.Step(max(ERASURE_STEP, -(-ERASURE_WIDTH // len(slots)))), height=260,
                         title="How late MLPs respond to attention ablations (erasure? Hydra §2.5.2)"))
 
 
