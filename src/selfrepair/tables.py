@@ -44,6 +44,7 @@ TABLE_CLASS = "selfrepair-table"  # the browser test looks for it
 PHONE_PX = 720  # the widest screen book/_static/selfrepair.css treats as a phone (its @media rules)
 WIDE_ONLY, PHONE_ONLY = "wide-only", "phone-only"  # classes the CSS hides on a phone / elsewhere
 STACKED = "stacked"  # a table whose rows a phone shows as blocks, each cell under its header
+FULL_FRAME = "the full frame, one click away: every computed column under its own name"  # why a fold may scroll
 ORDINARY = (1e-4, 1e6)  # |value| in this range is written in fixed-point notation
 MISSING = "—"
 
@@ -135,6 +136,13 @@ def _breakable(text: str) -> str:
     return html.escape(text).replace("/", "/<wbr>").replace("_", "_<wbr>")
 
 
+def scroll_box(inner: str, reason: str = FULL_FRAME) -> str:
+    """``inner`` in the box that scrolls it sideways where it is wider than the page (a fold's full
+    frame on a phone), saying why it may (``data-scrolls``, which the browser test reads: every
+    other table must fit its column)."""
+    return f'<div class="{TABLE_CLASS}-scroll" data-scrolls="{html.escape(reason)}">{inner}</div>'
+
+
 def parse_number(text: str) -> float:
     """The number a formatted cell shows (the inverse of :func:`format_number` up to rounding)."""
     t = text.replace(",", "").replace("−", "-")
@@ -219,7 +227,7 @@ class Table:
             fold = self._html([self.columns[0], *narrow, *hidden], False, {c: PHONE_ONLY for c in narrow})
             full = (f'<details class="{TABLE_CLASS}-all{"" if hidden else " " + PHONE_ONLY}"><summary>{summary} '
                     f'(the rest of the computed values)</summary>'
-                    f'<div class="{TABLE_CLASS}-scroll">{fold}</div></details>')
+                    f'{scroll_box(fold)}</details>')
         return f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True, shown)}{full}</div>'
 
     def __repr__(self) -> str:
@@ -282,7 +290,7 @@ class Folded:
         every = table(self.frame)
         return (f'<div class="{TABLE_CLASS}-box"><p class="{TABLE_CLASS}-summary">{html.escape(self.summary)}</p>'
                 f'<details class="{TABLE_CLASS}-all"><summary>{html.escape(self.label)}</summary>'
-                f'<div class="{TABLE_CLASS}-scroll">{every._html(every.columns, False)}</div></details></div>')
+                f'{scroll_box(every._html(every.columns, False))}</details></div>')
 
     def __repr__(self) -> str:
         return self.frame.to_string()
@@ -293,5 +301,5 @@ def folded(frame: pd.DataFrame, summary: str, label: str = "The whole table") ->
     return Folded(frame, summary, label)
 
 
-__all__ = ["Folded", "Layout", "NAMES", "PHONE_PX", "TABLE_CLASS", "Table", "counted", "folded", "format_number",
-           "integer_column", "integer_name", "listed", "parse_number", "table"]
+__all__ = ["FULL_FRAME", "Folded", "Layout", "NAMES", "PHONE_PX", "TABLE_CLASS", "Table", "counted", "folded",
+           "format_number", "integer_column", "integer_name", "listed", "parse_number", "scroll_box", "table"]

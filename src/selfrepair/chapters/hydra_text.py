@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..tables import TABLE_CLASS, Layout, Table, counted, listed, table
+from ..tables import TABLE_CLASS, Layout, Table, counted, listed, scroll_box, table
 from ..rules import NEGLIGIBLE
 from .hydra_claims import PAPER, RESTORED, SLOPE
 from .signed import changes, gives_back
@@ -51,7 +51,7 @@ class Shortened:
 
     def _repr_html_(self) -> str:
         return (self.top._repr_html_() + f'<details class="{TABLE_CLASS}-all"><summary>{html.escape(self.label)}'
-                f'</summary><div class="{TABLE_CLASS}-scroll">{self.every._repr_html_()}</div></details>')
+                f'</summary>{scroll_box(self.every._repr_html_(), "every row and column, one click away")}</details>')
 
     def __repr__(self) -> str:
         return repr(self.top)
