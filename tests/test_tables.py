@@ -225,9 +225,11 @@ def test_html_escapes_cells():
 
 
 def _layouts():
-    from selfrepair.chapters import across, existence, intro, layernorm, neurons
+    from selfrepair.chapters import across, atp, existence, hydra_text, intro, layernorm, neurons
+    from selfrepair.exercises import plan
 
-    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}": obj for m in (intro, existence, layernorm, neurons, across)
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}": obj
+            for m in (intro, existence, layernorm, neurons, across, atp, hydra_text, plan)
             for name, obj in vars(m).items() if isinstance(obj, Layout)}
 
 
@@ -238,6 +240,8 @@ def test_chapters_declare_table_layouts():
             "neurons.HEADS_TABLE", "neurons.SUMMARY_TABLE", "across.CLAIMS_TABLE"} <= names
     for name, layout in _layouts().items():
         assert set(layout.percent) <= set(layout.columns), name
+        assert layout.phone is None or (set(layout.phone) <= set(layout.columns)
+                                        and layout.phone[0] == layout.columns[0]), name  # which row: first
         assert len(layout.columns) <= 11, f"{name}: a table a page can hold shows a few columns"
 
 
