@@ -5,6 +5,7 @@ words say (inclusive for "at least", "at most" and "between"; exclusive for "abo
 
 from __future__ import annotations
 
+import html
 import importlib
 import math
 import pkgutil
@@ -108,16 +109,25 @@ def test_a_verdict_links_to_its_chapters_rules_table_instead_of_repeating_them(c
     assert "cannot tell" in rules
     if claim.rule.reason:
         assert claim.rule.reason in "\n\n".join(rest)
-    assert len(table.splitlines()) == 3  # header, rule, one row per claim
+    assert len(table.splitlines()) == 1 and table.count("<tr>") == 2  # one HTML line: header, one row
 
 
-def test_the_rules_table_has_one_row_per_claim_and_no_stray_pipes():
+def test_the_rules_table_has_one_row_per_claim_of_four_labelled_cells():
+    """One paper-style table, on one line (the Markdown keeps an HTML block whole up to a blank
+    line), one row per claim of four cells, each labelled with its header for a phone, which
+    shows every row as a block (``stacked``) instead of four columns wider than its screen."""
     from selfrepair.chapters import hydra
+    from selfrepair.claims import RULES_HEADERS
 
-    table = rules_table(hydra.CLAIMS).split("\n\n")[0].splitlines()
-    assert len(table) == 2 + len(hydra.CLAIMS)
-    cells = {len(re.split(r"(?<!\\)\|", row)) for row in table}
-    assert cells == {6}  # four short columns between the outer pipes, whatever the text holds
+    table = rules_table(hydra.CLAIMS).split("\n\n")[0]
+    assert "\n" not in table and 'class="selfrepair-table stacked"' in table
+    body = table[table.index("<tbody>"):]
+    rows = re.findall(r"<tr>(.*?)</tr>", body)
+    assert len(rows) == len(hydra.CLAIMS)
+    headers = [h.replace("'", "&#x27;") for h in RULES_HEADERS.values()]
+    for row, claim in zip(rows, hydra.CLAIMS):
+        assert re.findall(r'data-label="([^"]*)"', row) == headers
+        assert claim.statement in html.unescape(row.replace("<wbr>", ""))
 
 
 @pytest.mark.parametrize("chapter", ["existence", "layernorm", "neurons", "iterative", "hydra", "atp", "ioi"])

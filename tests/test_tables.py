@@ -122,6 +122,55 @@ def test_table_html_shows_chosen_columns_and_the_full_frame(frame):
         assert "e-07" not in row[1] and "×10⁻⁷" in row[1]
 
 
+def test_a_phone_shows_its_columns_and_folds_the_rest(frame):
+    """``phone``: the other shown columns carry the class the phone CSS hides, and the fold lists
+    them (shown there on a phone only) before the frame's hidden columns; its summary counts what
+    each width leaves out."""
+    t = table(frame, ["label", "n", "share_ratio_above_1", "median_ratio"], phone=["label", "median_ratio"])
+    html = t._repr_html_()
+    assert t.off_phone() == ["n", "share_ratio_above_1"]
+    parsed = _Cells()
+    parsed.feed(html)
+    shown, full = parsed.tables
+    assert full["head"] == ["label", "n", "share_ratio_above_1", "eq2_gap", "unused", "from_block_norms"]
+    assert '<th class="num wide-only" title="n">' in html and '<th class="num" title="median_ratio">' in html
+    assert html.count('class="num phone-only"') == 2 * (1 + len(frame))  # n, share in the fold: header + rows
+    assert ('<span class="wide-only">3 more columns</span><span class="phone-only">5 more columns</span>'
+            in html)
+    # every frame column shown on a laptop: the fold is the phone's alone
+    every = table(frame[["label", "n", "eq2_gap"]], phone=["label", "eq2_gap"])._repr_html_()
+    assert '<details class="selfrepair-table-all phone-only"><summary>1 more column' in every
+    with pytest.raises(InputError, match="phone"):
+        table(frame, ["label", "n"], phone=["n"])  # which row: the first column stays
+    with pytest.raises(InputError, match="no column"):
+        table(frame, ["label", "n"], phone=["label", "nope"])
+    assert table(frame, ["label", "from_block_norms"], optional=["from_block_norms"],
+                 phone=["label", "from_block_norms"]).phone == ("label",)  # an optional column left out
+
+
+def test_a_stacked_table_labels_each_cell_with_its_header(frame):
+    """``stacked``: a phone shows each row as a block; each cell carries its header (the CSS's
+    ``attr(data-label)``), escaped; the fold (the frame's names) is not labelled."""
+    html = table(frame, ["label", "n"], names={"n": "tokens <all>"}, stacked=True)._repr_html_()
+    shown = html[:html.index("<details")]
+    assert 'class="selfrepair-table stacked"' in shown and 'data-label="tokens &lt;all&gt;"' in shown
+    assert shown.count("data-label=") == 2 * len(frame) and "data-label" not in html[html.index("<details"):]
+    assert "data-label" not in table(frame, ["label", "n"])._repr_html_()
+
+
+def test_the_phone_css_uses_the_tables_classes_and_width():
+    """The classes tables.py writes are the ones book/_static/selfrepair.css styles, inside the
+    phone's @media rule (max-width: tables.PHONE_PX)."""
+    from pathlib import Path
+
+    css = (Path(__file__).resolve().parents[1] / "book" / "_static" / "selfrepair.css").read_text()
+    phone = css[css.index(f"@media (max-width: {tables.PHONE_PX}px) {{\n  .selfrepair-chart"):]
+    for rule in (f".{tables.WIDE_ONLY} {{ display: none; }}", f"td.{tables.PHONE_ONLY}",
+                 f"table.selfrepair-table.{tables.STACKED} thead {{ display: none; }}", "attr(data-label)"):
+        assert rule in phone, rule
+    assert f".selfrepair-table-box .{tables.PHONE_ONLY} {{ display: none; }}" in css[:css.index(phone)]
+
+
 def test_layout_and_errors(frame):
     layout = Layout(("label", "unused"), names={"unused": "a number"})
     t = layout(frame)
@@ -179,9 +228,11 @@ def test_html_escapes_cells():
 
 
 def _layouts():
-    from selfrepair.chapters import across, existence, intro, layernorm, neurons
+    from selfrepair.chapters import across, atp, existence, hydra_text, intro, layernorm, neurons
+    from selfrepair.exercises import plan
 
-    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}": obj for m in (intro, existence, layernorm, neurons, across)
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}": obj
+            for m in (intro, existence, layernorm, neurons, across, atp, hydra_text, plan)
             for name, obj in vars(m).items() if isinstance(obj, Layout)}
 
 
@@ -192,6 +243,8 @@ def test_chapters_declare_table_layouts():
             "neurons.HEADS_TABLE", "neurons.SUMMARY_TABLE", "across.CLAIMS_TABLE"} <= names
     for name, layout in _layouts().items():
         assert set(layout.percent) <= set(layout.columns), name
+        assert layout.phone is None or (set(layout.phone) <= set(layout.columns)
+                                        and layout.phone[0] == layout.columns[0]), name  # which row: first
         assert len(layout.columns) <= 11, f"{name}: a table a page can hold shows a few columns"
 
 

@@ -29,12 +29,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
                     against, approximately, at_least, at_most, below, between, interval_words, paper_number,
                     paper_word)
+from .tables import table
 from .uncertainty import MIN_CLUSTERS, Estimate
 
+RULES_HEADERS = {"claim": "claim", "word": "the paper's word", "holds": "holds when the 95% interval is",
+                 "differs": "differs when it is"}  # rules_table's columns and headers
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
@@ -243,10 +247,6 @@ def _decided(v: Verdict) -> str:
     return f"<details><summary>How this is decided</summary>{text}</details>"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def _why(c: Claim) -> str:
     """Why a claim's rule reads the paper as it does: the reason, then :func:`_metric_why`."""
     text = f"{c.rule.reason}. " if c.rule.reason else ""
@@ -278,13 +278,16 @@ def rules_table(claims) -> str:
     """A chapter's rules, which each verdict of :func:`render` (``rules=``) links to instead of
     repeating them: one short table (per claim the paper's word or number it reads and where the
     95% interval must lie to hold and to differ), then per claim what is measured and why, then
-    each word's reading once (however many claims read it), then when a verdict cannot tell."""
-    rows = ["| claim | the paper's word | holds when the 95% interval is | differs when it is |",
-            "|---|---|---|---|"]
-    for c in claims:
-        rows.append("| " + " | ".join(_cell(x) for x in (
-            f"{c.statement} ({c.source})", f"“{c.rule.word}”" if c.rule.word else "",
-            c.rule.text(c.fmt), c.rule.opposite(c.fmt))) + " |")
+    each word's reading once (however many claims read it), then when a verdict cannot tell.
+
+    The table is a paper-style table (:mod:`selfrepair.tables`, HTML inside the Markdown: one line,
+    so the Markdown keeps it whole) that a phone shows ``stacked``: each claim a block, its word
+    and thresholds labelled, instead of four columns wider than the screen."""
+    frame = pd.DataFrame([{"claim": f"{c.statement} ({c.source})",
+                           "word": f"“{c.rule.word}”" if c.rule.word else "",
+                           "holds": c.rule.text(c.fmt), "differs": c.rule.opposite(c.fmt)} for c in claims],
+                         columns=list(RULES_HEADERS))
+    rules = table(frame, names=RULES_HEADERS, stacked=True)._repr_html_()
     measured = "\n".join(f"- *{c.statement}*: {c.metric}. {_metric_why(c)}".rstrip() for c in claims)
     words = {}
     for c in claims:
@@ -295,7 +298,7 @@ def rules_table(claims) -> str:
              f"**cannot tell** when its interval straddles the threshold or is not reliable (fewer than "
              f"{MIN_CLUSTERS} independent units), or when the claim cannot be tested on the run (its "
              "sentence says why).")
-    parts = ["\n".join(rows), "**What each claim measures, and why.**", measured]
+    parts = [rules, "**What each claim measures, and why.**", measured]
     if read:
         parts += ["**How the paper's words are read** (once for every claim that reads them).", read]
     return "\n\n".join(parts + [after])

@@ -14,7 +14,11 @@ frame into a :class:`Table`, which a notebook displays as HTML:
   missing values as ``—``; booleans as yes / no;
 - where the table leaves columns out, the whole frame (every column, same formatting, under the
   frame's names) one click away in a ``<details>`` element below the table, scrolling inside its
-  own box when wider than the page; a table showing every column is shown once.
+  own box when wider than the page; a table showing every column is shown once;
+- on a phone (:data:`PHONE_PX`): a table of many numeric columns shows only its ``phone`` columns,
+  the others move into the fold (which a phone then always has); a table of text (``stacked``)
+  shows each row as a block of labelled cells. So no table scrolls sideways on a phone, and on
+  a laptop every table is the paper's.
 
 :func:`folded` shows a frame as a one-line summary with the whole table one click away (the
 provenance cell every chapter ends with); :func:`counted` writes a count with its noun in the
@@ -37,6 +41,10 @@ import pandas as pd
 from .errors import InputError
 
 TABLE_CLASS = "selfrepair-table"  # the browser test looks for it
+PHONE_PX = 720  # the widest screen book/_static/selfrepair.css treats as a phone (its @media rules)
+WIDE_ONLY, PHONE_ONLY = "wide-only", "phone-only"  # classes the CSS hides on a phone / elsewhere
+STACKED = "stacked"  # a table whose rows a phone shows as blocks, each cell under its header
+FULL_FRAME = "the full frame, one click away: every computed column under its own name"  # why a fold may scroll
 ORDINARY = (1e-4, 1e6)  # |value| in this range is written in fixed-point notation
 MISSING = "—"
 
@@ -121,9 +129,18 @@ def _superscript(n: int) -> str:
     return str(n).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
 
-def _breakable(name: str) -> str:
-    """A column name that may wrap after its underscores (``delta_direct_<wbr>effect``)."""
-    return html.escape(name).replace("_", "_<wbr>")
+def _breakable(text: str) -> str:
+    """Text that may wrap after a slash or an underscore (a hub id, a path, a column name:
+    ``EleutherAI/<wbr>pythia-70m``, ``delta_<wbr>direct_<wbr>effect``), so a narrow column breaks it
+    there rather than mid-word or not at all."""
+    return html.escape(text).replace("/", "/<wbr>").replace("_", "_<wbr>")
+
+
+def scroll_box(inner: str, reason: str = FULL_FRAME) -> str:
+    """``inner`` in the box that scrolls it sideways where it is wider than the page (a fold's full
+    frame on a phone), saying why it may (``data-scrolls``, which the browser test reads: every
+    other table must fit its column)."""
+    return f'<div class="{TABLE_CLASS}-scroll" data-scrolls="{html.escape(reason)}">{inner}</div>'
 
 
 def parse_number(text: str) -> float:
@@ -150,6 +167,8 @@ class Table:
     percent: tuple[str, ...] = ()
     digits: int = 3
     caption: str | None = None
+    phone: tuple[str, ...] | None = None  # the columns a phone shows (None: every column); the rest fold
+    stacked: bool = False  # on a phone each row is a block, each cell labelled with its header
 
     def header(self, column: str) -> str:
         return self.names.get(column) or NAMES.get(column) or column.replace("_", " ")
@@ -175,30 +194,48 @@ class Table:
         """The table as text, under its readable headers."""
         return pd.DataFrame(self.cells(), columns=[self.header(c) for c in self.columns])
 
-    def _html(self, columns: Sequence[str], readable: bool) -> str:
+    def off_phone(self) -> list[str]:
+        """The shown columns a phone leaves out (into the fold)."""
+        return [] if self.phone is None else [c for c in self.columns if c not in self.phone]
+
+    def _html(self, columns: Sequence[str], readable: bool, only: Mapping[str, str] | None = None) -> str:
+        """``only``: a class per column shown at some widths only (:data:`WIDE_ONLY`, :data:`PHONE_ONLY`)."""
+        only = only or {}
         numeric = [pd.api.types.is_numeric_dtype(self.frame[c]) and not pd.api.types.is_bool_dtype(self.frame[c])
                    for c in columns]
+        kinds = [" ".join(filter(None, ("num" if num else "text", only.get(c)))) for c, num in zip(columns, numeric)]
+        labels = [html.escape(self.header(c)) for c in columns]
         head = "".join(
-            f'<th class="{"num" if num else "text"}" title="{html.escape(c)}">'
-            + (html.escape(self.header(c)) if readable or self.named(c) else _breakable(c)) + "</th>"
-            for c, num in zip(columns, numeric))
-        body = "".join("<tr>" + "".join(f'<td class="{"num" if num else "text"}">{html.escape(v)}</td>'
-                                        for v, num in zip(row, numeric)) + "</tr>"
-                       for row in self.cells(columns))
+            f'<th class="{kind}" title="{html.escape(c)}">'
+            + (label if readable or self.named(c) else _breakable(c)) + "</th>"
+            for c, kind, label in zip(columns, kinds, labels))
+        stacked = readable and self.stacked  # a phone labels each cell with its header (CSS ::before)
+        body = "".join("<tr>" + "".join(f'<td class="{kind}"' + (f' data-label="{label}"' if stacked else "")
+                                        + f">{_breakable(v)}</td>" for v, kind, label in zip(row, kinds, labels))
+                       + "</tr>" for row in self.cells(columns))
         caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption and readable else ""
-        return f'<table class="{TABLE_CLASS}">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        kind = f"{TABLE_CLASS} {STACKED}" if stacked else TABLE_CLASS
+        return f'<table class="{kind}">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
     def _repr_html_(self) -> str:
         # the fold adds only what the table above leaves out: its first column (which row), then the
         # frame's other columns, under a readable header where the table or NAMES gives one and else
         # under their own names (each header's title is the frame's name); every column shown above:
-        # the table once
+        # the table once. On a phone the columns the table leaves out there come first in the fold
+        # (shown there only).
         hidden = [c for c in self.frame.columns if c not in self.columns]
-        full = (f'<details class="{TABLE_CLASS}-all"><summary>{counted(len(hidden), "more column")} '
-                f'(the rest of the computed values)</summary>'
-                f'<div class="{TABLE_CLASS}-scroll">{self._html([self.columns[0], *hidden], False)}</div></details>'
-                if hidden else "")
-        return f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True)}{full}</div>'
+        narrow = self.off_phone()
+        shown = {c: WIDE_ONLY for c in narrow}
+        full = ""
+        if hidden or narrow:
+            n_wide, n_phone = counted(len(hidden), "more column"), counted(len(hidden) + len(narrow), "more column")
+            summary = (n_wide if not narrow else f'<span class="{WIDE_ONLY}">{n_wide}</span>'
+                       f'<span class="{PHONE_ONLY}">{n_phone}</span>') if hidden else n_phone
+            fold = self._html([self.columns[0], *narrow, *hidden], False, {c: PHONE_ONLY for c in narrow})
+            full = (f'<details class="{TABLE_CLASS}-all{"" if hidden else " " + PHONE_ONLY}"><summary>{summary} '
+                    f'(the rest of the computed values)</summary>'
+                    f'{scroll_box(fold)}</details>')
+        return f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True, shown)}{full}</div>'
 
     def __repr__(self) -> str:
         return self.shown().to_string(index=False)
@@ -206,19 +243,26 @@ class Table:
 
 def table(frame: pd.DataFrame | pd.Series, columns: Sequence[str] | None = None, *,
           names: Mapping[str, str] | None = None, percent: Sequence[str] = (), digits: int = 3,
-          optional: Sequence[str] = (), caption: str | None = None) -> Table:
+          optional: Sequence[str] = (), caption: str | None = None, phone: Sequence[str] | None = None,
+          stacked: bool = False) -> Table:
     """A :class:`Table` of ``frame`` showing ``columns`` (default: all). Columns in ``optional``
     are shown only where some value is non-zero (``from_block_norms`` on a model without block
-    norms). A Series becomes a two-column table (its index, then its values)."""
+    norms). ``phone``: the columns a phone shows (the first column among them), the others one
+    click away; ``stacked``: on a phone each row is a block of labelled cells (a table of text).
+    A Series becomes a two-column table (its index, then its values)."""
     if isinstance(frame, pd.Series):
         frame = frame.rename_axis(frame.index.name or "item").reset_index(name=frame.name or "value")
     cols = list(frame.columns if columns is None else columns)
-    missing = [c for c in [*cols, *percent] if c not in frame.columns]
+    missing = [c for c in [*cols, *percent, *(phone or ())] if c not in frame.columns]
     if missing:
         raise InputError(f"table: no column {', '.join(map(repr, missing))} in the frame; it has "
                          f"{', '.join(map(str, frame.columns))}")
     cols = [c for c in cols if c not in optional or (frame[c].fillna(0) != 0).any()]
-    return Table(frame, tuple(cols), dict(names or {}), tuple(percent), digits, caption)
+    if phone is not None and (not cols or cols[0] not in phone or set(phone) - set(cols) - set(optional)):
+        raise InputError(f"table: a phone shows some of the table's columns, its first ({cols[0] if cols else None!r}) "
+                         f"among them; got phone={list(phone)} for columns {cols}")
+    return Table(frame, tuple(cols), dict(names or {}), tuple(percent), digits, caption,
+                 None if phone is None else tuple(c for c in cols if c in phone), stacked)
 
 
 @dataclass(frozen=True)
@@ -232,10 +276,12 @@ class Layout:
     optional: tuple[str, ...] = ()
     digits: int = 3
     caption: str | None = None  # e.g. which tokens the numbers are over, where a verdict reads others
+    phone: tuple[str, ...] | None = None  # the columns a phone shows (None: all); the rest one click away
+    stacked: bool = False  # on a phone each row a block of labelled cells (a table of text)
 
     def __call__(self, frame: pd.DataFrame) -> Table:
-        return table(frame, self.columns, names=self.names, percent=self.percent,
-                     digits=self.digits, optional=self.optional, caption=self.caption)
+        return table(frame, self.columns, names=self.names, percent=self.percent, digits=self.digits,
+                     optional=self.optional, caption=self.caption, phone=self.phone, stacked=self.stacked)
 
 
 @dataclass(frozen=True)
@@ -251,7 +297,7 @@ class Folded:
         every = table(self.frame)
         return (f'<div class="{TABLE_CLASS}-box"><p class="{TABLE_CLASS}-summary">{html.escape(self.summary)}</p>'
                 f'<details class="{TABLE_CLASS}-all"><summary>{html.escape(self.label)}</summary>'
-                f'<div class="{TABLE_CLASS}-scroll">{every._html(every.columns, False)}</div></details></div>')
+                f'{scroll_box(every._html(every.columns, False))}</details></div>')
 
     def __repr__(self) -> str:
         return self.frame.to_string()
@@ -262,5 +308,5 @@ def folded(frame: pd.DataFrame, summary: str, label: str = "The whole table") ->
     return Folded(frame, summary, label)
 
 
-__all__ = ["Folded", "Layout", "NAMES", "TABLE_CLASS", "Table", "counted", "folded", "format_number",
-           "integer_column", "integer_name", "listed", "parse_number", "table"]
+__all__ = ["FULL_FRAME", "Folded", "Layout", "NAMES", "PHONE_PX", "TABLE_CLASS", "Table", "counted", "folded",
+           "format_number", "integer_column", "integer_name", "listed", "parse_number", "scroll_box", "table"]

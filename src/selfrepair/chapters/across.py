@@ -365,4 +365,6 @@ CLAIMS_TABLE = Layout(("run", "n_heads", "frac_self_repaired_late", "norm_share_
                       names={"run": "run", "frac_self_repaired_late": "late heads self-repaired",
                              "norm_share_late": "final-norm share of DE (late)",
                              "frac_between_all": "heads between y = −x and 0",
-                             "self_repair_late": "self-repair, late", "self_repair_early": "self-repair, early"})
+                             "self_repair_late": "self-repair, late", "self_repair_early": "self-repair, early"},
+                      # a phone: the three claims' numbers per run; heads and mean self-repair one click away
+                      phone=("run", "frac_self_repaired_late", "norm_share_late", "frac_between_all"))

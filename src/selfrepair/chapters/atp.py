@@ -181,7 +181,9 @@ LAYERS_TABLE = Layout(("layer", "n_heads", "abs_exact", "error", "error_norm", "
                              "error_norm": "final norm's part", "error_downstream": "downstream part",
                              "abs_error": "mean |exact − AtP|"},
                       caption="Per layer, means over its heads. " + SIGNS + " The two parts sum to the "
-                              "signed mean; its size, mean |exact − AtP|, is in the fold.")
+                              "signed mean; its size, mean |exact − AtP|, is in the fold.",
+                      # a phone: the error and its two parts (the prose's split); the rest one click away
+                      phone=("layer", "error", "error_norm", "error_downstream"))
 
 
 def cost_table(sweep_meta: dict, atp: at.Atp, n_layers: int) -> pd.DataFrame:

@@ -369,5 +369,7 @@ SUMMARY_TABLE = Layout(("group", "layers", "n_heads", "n_repaired", "n_overcorre
                        names={"n_repaired": "repaired", "n_overcorrected": "over-corrected",
                               "n_broken": "broken", "n_no direct effect": "no DE",
                               "mean_lost_fraction": "DE the repaired still lose"},
+                       # a phone: the regions' counts (layers, heads in all, heads without a DE: one click away)
+                       phone=("group", "n_repaired", "n_overcorrected", "n_broken", "mean_lost_fraction"),
                        caption="Heads per region of Fig 2, on each head's means over every token (the "
                                "verdict on 'many' reads each head's top-k% tokens instead)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..tables import TABLE_CLASS, Layout, Table, counted, listed, table
+from ..tables import TABLE_CLASS, Layout, Table, counted, listed, scroll_box, table
 from ..rules import NEGLIGIBLE
 from .hydra_claims import PAPER, RESTORED, SLOPE
 from .signed import changes, gives_back
@@ -57,7 +57,7 @@ class Shortened:
 
     def _repr_html_(self) -> str:
         return (self.top._repr_html_() + f'<details class="{TABLE_CLASS}-all"><summary>{html.escape(self.label)}'
-                f'</summary><div class="{TABLE_CLASS}-scroll">{self.every._repr_html_()}</div></details>')
+                f'</summary>{scroll_box(self.every._repr_html_(), "every row and column, one click away")}</details>')
 
     def __repr__(self) -> str:
         return repr(self.top)
@@ -102,14 +102,16 @@ def scale_table(readings: pd.DataFrame):
         "r2": [_with_interval(v, lo, hi, ".2f") for v, lo, hi in
                zip(readings["r2"], readings["r2_lo"], readings["r2_hi"])]})
     t = SCALE_TABLE(shown)
-    return table(shown, t.columns, names=t.names, caption="Each estimate with its 95% interval over the prompts "
-                 "in parentheses.")
+    return table(shown, t.columns, names=t.names, phone=t.phone, caption="Each estimate with its 95% interval "
+                 "over the prompts in parentheses.")
 
 
 SCALE_TABLE = Layout(("reading", "restored", "slope_mid", "max_slope", "slope_from", "r2"),
                      names={"restored": "restored, middle layers",
                             "slope_mid": "pooled slope, middle layers", "max_slope": "steepest slope past 13/32",
-                            "slope_from": "every slope < 1 from layer", "r2": "best R²"})
+                            "slope_from": "every slope < 1 from layer", "r2": "best R²"},
+                     # a phone: what the two claims read (restored share, steepest late slope); the rest folded
+                     phone=("reading", "restored", "max_slope"))
 
 
 def _pct(x: float) -> str:

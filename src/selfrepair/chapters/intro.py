@@ -227,7 +227,9 @@ def shows(live: Intro, toy: WorkedExample, model: str) -> str:
 TOY_TABLE = Layout(("component", "vector", "direct_effect", "after_ablation"))
 CLOSURE_TABLE = Layout(("label", "delta_logit", "delta_direct_effect", "self_repair", "from_heads",
                         "from_mlps", "from_norm", "from_block_norms", "eq2_gap"),
-                       names={"self_repair": "self-repair (eq. 1)"}, optional=("from_block_norms",))
+                       names={"self_repair": "self-repair (eq. 1)"}, optional=("from_block_norms",),
+                       # a phone: eq. 1 and how closely eq. 2 closes; eq. 2's terms one click away
+                       phone=("label", "delta_logit", "delta_direct_effect", "self_repair", "eq2_gap"))
 
 
 def shape_table(model: Any) -> Table:

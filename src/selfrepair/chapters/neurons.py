@@ -278,4 +278,6 @@ SUMMARY_TABLE = Layout(("label", "direct_effect", "self_repair", "layer_positive
                               "negative_baseline": "neurons with DE < 0",
                               "max_top_frequency": "most frequent in top 10",
                               "direct_effect": "DE (mean over its top tokens)",
-                              "self_repair": "self-repair (mean over its top tokens)"})
+                              "self_repair": "self-repair (mean over its top tokens)"},
+                       # a phone: what the claims read (sparsity, erasure beside its baseline, recurrence)
+                       phone=("label", "neurons_50", "erasure_repair_share", "negative_baseline", "max_top_frequency"))

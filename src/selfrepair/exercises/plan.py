@@ -19,7 +19,12 @@ from ..tables import Layout
 READ_WPM = 150  # technical prose with equations and charts to read
 PREDICT_MIN = 3  # write a prediction down, then compare with the revealed answer
 IMPLEMENT_MIN = 15  # write a short function, run the check, fix it
-PLAN_TABLE = Layout(("chapter", "title", "predict questions", "implement exercises", "class time (min)"))
+PLAN_TABLE = Layout(("chapter", "title", "predict questions", "implement exercises", "class time (min)"),
+                    # short headers (the sentence above names them); a phone shows the titles and
+                    # the minutes, the exercises per chapter one click away
+                    names={"predict questions": "predict", "implement exercises": "implement",
+                           "class time (min)": "minutes"},
+                    phone=("chapter", "title", "class time (min)"))
 LABEL = re.compile(r"^:label: (predict|implement)-", re.M)
 
 

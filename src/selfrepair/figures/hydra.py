@@ -15,6 +15,9 @@ KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' :
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
 LINE_WIDTH = 2  # px of a chart's data lines (at least 1.5: each line must read)
 EVERY = "resample (every source)"
+GAP, CLEAN = " ", "clean DE"  # fig_erasure's blank slot and its clean-DE column
+ERASURE_STEP = 18  # px per column: 18 layers and the clean column ~360 px (a phone narrows the steps)
+ERASURE_WIDTH = 240  # px: the narrowest erasure map (wider steps for a model of few layers)
 # a legend of lines: each swatch a stroke in the line's colour (and dash) at full strength
 LINE_LEGEND = alt.Legend(orient="bottom", columns=2, symbolType="stroke", symbolOpacity=1,
                          symbolStrokeWidth=LINE_WIDTH)
@@ -139,26 +142,37 @@ def fig_regression(reg) -> alt.Chart:
                                     title="Compensation regression per attention layer (Hydra Fig 7d, 8)")
 
 
-def fig_erasure(frame) -> alt.Chart:
+def fig_erasure(frame) -> alt.LayerChart:
     """Hydra §2.5.2: mean change of each MLP layer's direct effect after ablating each attention
-    layer (blue: MLP's DE rises, e.g. erasure relaxes); the right strip is the MLP's clean DE."""
-    tips = [alt.Tooltip("ablated_layer:O", title="ablated attention layer"), alt.Tooltip("label:N", title="MLP"),
-            alt.Tooltip("delta_direct_effect:Q", format=".3f", title="ΔDE"),
-            alt.Tooltip("clean_direct_effect:Q", format=".3f", title="clean DE"), alt.Tooltip("late:N")]
+    layer (blue: MLP's DE rises, e.g. erasure relaxes); the column at the right is the MLP's clean
+    DE, on its own purple-orange scale. One view (the clean column an extra slot of its x scale,
+    after a blank one) with both colour bars under it: on a phone the renderer narrows its steps
+    and the chart stays one piece, instead of its strip and legends dropping below the heatmap."""
+    layers = sorted(frame["ablated_layer"].unique().tolist())
+    slots = [*layers, GAP, CLEAN]  # the blank slot keeps the clean column apart from the heatmap
+    x_scale = alt.Scale(domain=slots, paddingInner=0)
+    x_axis = alt.Axis(labelExpr=f"datum.value === '{GAP}' ? '' : datum.label", ticks=False)
+    y = alt.Y("mlp_layer:O", title="MLP layer", sort="descending")
+    bar = {"orient": "bottom", "direction": "horizontal", "gradientLength": 110, "titleLimit": 160}
     heat = alt.Chart(frame).mark_rect().encode(
-        x=alt.X("ablated_layer:O", title="ablated attention layer"),
-        y=alt.Y("mlp_layer:O", title="MLP layer", sort="descending"),
-        color=diverging_color("delta_direct_effect", title="ΔDE of the MLP"), tooltip=tips)
-    clean = frame[frame["ablated_layer"] == frame["ablated_layer"].min()]
+        x=alt.X("ablated_layer:O", title="ablated attention layer", scale=x_scale, axis=x_axis),
+        y=y,
+        color=diverging_color("delta_direct_effect", title="ΔDE of the MLP").legend(**bar),
+        tooltip=[alt.Tooltip("ablated_layer:O", title="ablated attention layer"),
+                 alt.Tooltip("label:N", title="MLP"), alt.Tooltip("delta_direct_effect:Q", format=".3f", title="ΔDE"),
+                 alt.Tooltip("clean_direct_effect:Q", format=".3f", title="clean DE"), alt.Tooltip("late:N")])
+    clean = frame[frame["ablated_layer"] == frame["ablated_layer"].min()].assign(slot=CLEAN)
     top = float(clean["clean_direct_effect"].abs().max()) or 1.0  # symmetric: white = 0
     strip = alt.Chart(clean).mark_rect().encode(
-        y=alt.Y("mlp_layer:O", title=None, sort="descending", axis=None),
+        x=alt.X("slot:O", scale=x_scale, axis=x_axis, title="ablated attention layer"),
+        y=y,
         color=alt.Color("clean_direct_effect:Q", scale=alt.Scale(scheme="purpleorange", domain=[-top, top]),
-                        title="clean DE of the MLP"), tooltip=tips).properties(width=20, height=260)
-    return (alt.hconcat(heat.properties(width=300, height=260), strip)
-            .resolve_scale(color="independent")
-            .properties(title="How late MLPs respond to attention ablations (erasure? Hydra §2.5.2)"))
-
+                        title="clean DE of the MLP").legend(**bar),
+        tooltip=[alt.Tooltip("label:N", title="MLP"),
+                 alt.Tooltip("clean_direct_effect:Q", format=".3f", title="clean DE"), alt.Tooltip("late:N")])
+    return (alt.layer(heat, strip).resolve_scale(color="independent")
+            .properties(width=alt.Step(max(ERASURE_STEP, -(-ERASURE_WIDTH // len(slots)))), height=260,
+                        title="How late MLPs respond to attention ablations (erasure? Hydra §2.5.2)"))
 
 
 def _ablation_dash(frame) -> alt.StrokeDash:
