@@ -132,7 +132,8 @@ def test_a_phone_shows_its_columns_and_folds_the_rest(frame):
     parsed = _Cells()
     parsed.feed(html)
     shown, full = parsed.tables
-    assert full["head"] == ["label", "n", "share_ratio_above_1", "eq2_gap", "unused", "from_block_norms"]
+    # readable headers where the book names the column (NAMES), else the frame's name
+    assert full["head"] == ["head", "tokens", "share_ratio_above_1", "largest eq. 2 gap", "unused", "block norms"]
     assert '<th class="num wide-only" title="n">' in html and '<th class="num" title="median_ratio">' in html
     assert html.count('class="num phone-only"') == 2 * (1 + len(frame))  # n, share in the fold: header + rows
     assert ('<span class="wide-only">3 more columns</span><span class="phone-only">5 more columns</span>'
