@@ -46,8 +46,8 @@ else
   BOOK=(--tokens "${BOOK_TOKENS:-1000000}" --seq-len "$SEQ_LEN" --batch-size "$BATCH")
   PYTHIA=(); TOP=2
 fi
-CHIP=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU (CPU run)')")
-say "date: $(date -u +%Y-%m-%dT%H:%MZ)  chip: $CHIP  torch: $("$PY" -c 'import torch; print(torch.__version__)')"
+{ read -r TORCH; read -r CHIP; } < <("$PY" -c "import torch; print(torch.__version__); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU (CPU run)')")
+say "date: $(date -u +%Y-%m-%dT%H:%MZ)  chip: $CHIP  torch: $TORCH"
 say "command: bash bench/gpu.sh $*  (TOKENS=$TOKENS SEQ_LEN=$SEQ_LEN BATCH=$BATCH MAX_ROWS=$MAX_ROWS)"
 
 say "== GPU tests"
