@@ -296,7 +296,9 @@ def fig_layer_panels(panels) -> alt.FacetChart:
     pts = alt.Chart().mark_circle(size=16, opacity=MARK_OPACITY).encode(x=x, y=alt.Y("delta_de:Q", title="ΔDE downstream"),
                                                                color=color, tooltip=tips)
     fit = alt.Chart().mark_line().encode(x=x, y="fit:Q", color=color, detail="part:N")
-    return (alt.layer(pts, fit, data=panels).properties(width=130, height=150)
-            .facet(facet=alt.Facet("label:N", title=None, sort=alt.EncodingSortField(field="layer", op="min")), columns=4)
+    # a 2×2 grid (four panels, hydra_controls.panel_layers): four in a row, each with its own y axis,
+    # were wider than a 1024 px page's column on an 18-layer model
+    return (alt.layer(pts, fit, data=panels).properties(width=200, height=150)
+            .facet(facet=alt.Facet("label:N", title=None, sort=alt.EncodingSortField(field="layer", op="min")), columns=2)
             .resolve_scale(x="independent", y="independent")
             .properties(title="Attention and MLP parts of compensation at a selection of layers (Hydra Fig 8)"))
