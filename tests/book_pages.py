@@ -12,8 +12,8 @@ from selfrepair.figures import charts_in_notebook, spec_digest
 from selfrepair.figures.export import CHART_FILES_URL, chart_tables
 
 # (owner, repository) of GitHub links a page may hold besides the book's own repository: sources
-# the book cites. None yet.
-THIRD_PARTY: set[tuple[str, str]] = set()
+# the book cites (chapter 6: the self-repair paper's released values).
+THIRD_PARTY: set[tuple[str, str]] = {("starship006", "backup_research")}
 REPOSITORY_LINK = re.compile(r"https://(?:github\.com|colab\.research\.google\.com/github|mybinder\.org/v2/gh)"
                              r"/([\w.-]+)/([\w.-]+)")
 
