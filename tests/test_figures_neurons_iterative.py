@@ -7,7 +7,7 @@ import pytest
 from selfrepair.figures import MAX_ROWS, check_width, data_rows, validate_spec
 from selfrepair.figures import iterative as fi
 from selfrepair.figures import neurons as fn
-from selfrepair.figures.legible import DEPTH_SCHEME, pale_marks
+from selfrepair.figures.legible import pale_marks
 
 HEADS = [(2, 0, "L2H0"), (3, 1, "L3H1")]
 RNG = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
-from .legible import DARK, DEPTH_SCHEME, signed_color
+from .legible import DARK, signed_color
 
 # label only 1, 2, 5 x 10^n on log axes (the default labels every tick and they collide)
 LOG_LABELS = ("indexof([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000], "
