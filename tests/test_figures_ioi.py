@@ -105,7 +105,7 @@ def test_fig_self_repair_ticks_and_y_title_follow_the_data(repair):
         assert ch["axis"]["tickCount"] <= 10 and ch["axis"]["labelOverlap"] == "greedy"
     rose = repair.assign(delta_logit=repair["delta_logit"].abs() + 0.1)  # every drop negative
     y = axes(rose)[1]
-    assert "−Δ" in y["title"] and "rose on every prompt" in y["title"]
+    assert "−Δ" in y["title"] and "below 0: it rose" in y["title"] and len(y["title"]) <= 45  # fits 300 px
     fell = repair.assign(delta_logit=-repair["delta_logit"].abs() - 0.1)  # every drop positive
     assert "rose" not in axes(fell)[1]["title"] and "drop" in axes(fell)[1]["title"]
 

@@ -65,11 +65,9 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
     # 1440 px), and a y title that says what a value below 0 is (a model whose logit difference
     # rose on every prompt drew only negative "drops" under a title that said "drop")
     axis = dict(tickCount=8, labelOverlap="greedy", labelSeparation=8)
-    rose = data["drop"].dropna()
-    y_title = ("−Δ logit difference (logits): its drop; below 0 it rose" if (rose < 0).any()
-               else "drop of the logit difference, −Δ (logits)")
-    if len(rose) and (rose < 0).all():
-        y_title = "−Δ logit difference (logits): below 0, it rose on every prompt"
+    # (short: a rotated title longer than the 300 px plot is cut)
+    y_title = ("−Δ logit diff. (logits; below 0: it rose)" if (data["drop"] < 0).any()
+               else "drop of the logit difference (logits)")
     points = alt.Chart(data).mark_circle(size=50, opacity=0.85).encode(
         x=alt.X("lost:Q", scale=alt.Scale(domain=list(xs), nice=False, zero=False),
                 title="name movers' direct effect lost, −ΔDE (logits)", axis=alt.Axis(**axis)),
