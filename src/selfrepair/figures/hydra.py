@@ -80,6 +80,9 @@ def fig_before_after(frame) -> alt.Chart:
     ablated = frame["ablated"].iloc[0]
     prompt = frame["prompt"].iloc[0] if "prompt" in frame else ""
     frame = frame.assign(group=frame["run"].where(frame["run"].isin(["clean", "ablated (mean)"]), "single patch"))
+    # the thin single patches first, so the clean line and the mean are drawn over them
+    frame = frame.sort_values("group", key=lambda g: g.map({"single patch": 0, "clean": 1, "ablated (mean)": 2}),
+                              kind="mergesort")
     base = alt.Chart().encode(
         x=alt.X("layer:Q", axis=LAYER_AXIS),
         y=alt.Y("direct_effect:Q", title="direct effect on the max-likelihood logit"),
