@@ -140,6 +140,18 @@ PAGE_STATE = """(() => {
       .filter(([m, box]) => box && m.getBoundingClientRect().right > box.getBoundingClientRect().right + 2)
       .map(([m, box]) => `${px(m.getBoundingClientRect())} px of math in a ${px(box.getBoundingClientRect())} px `
                          + `box: ${(m.getAttribute('aria-label') || m.textContent).slice(0, 60)}`),
+    // display math wider than its column must scroll in its own box with a cue (the scroll shadow
+    // of book/_static/selfrepair.css): cut at the screen's edge, or scrolling with no cue, a reader
+    // takes the cut for the end of the equation (chapter 7's underbraces on a phone)
+    display_math_cut: Array.from(document.querySelectorAll('mjx-container[display="true"]')).filter(shown)
+      .map(m => [m, m.closest('li, dd, td, th, .cell_output, .admonition, section, article'), getComputedStyle(m)])
+      .filter(([m, box, cs]) => m.getBoundingClientRect().right > Math.min(window.innerWidth,
+                                  box ? box.getBoundingClientRect().right : Infinity) + 2
+              || (m.scrollWidth > m.clientWidth + 1
+                  && (!/auto|scroll/.test(cs.overflowX) || !cs.backgroundImage.includes('gradient'))))
+      .map(([m, box]) => `${m.scrollWidth} px of display math in ${m.clientWidth} px `
+                         + `(right edge at ${Math.round(m.getBoundingClientRect().right)} px): `
+                         + (m.getAttribute('aria-label') || m.textContent).slice(0, 60)),
     page_width: document.documentElement.scrollWidth,
     viewport: window.innerWidth,
     parameters_shown: Array.from(document.querySelectorAll(
@@ -178,7 +190,12 @@ def _chart_check_notebook() -> nbformat.NotebookNode:
     return nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}}, cells=[
         nbformat.v4.new_markdown_cell("# Chart check\n\nInline math $x^2$ and a display:\n\n"
                                       "$$\\text{self-repair} = \\Delta\\text{logit} - "
-                                      "\\Delta\\text{DE}_{\\text{head}}$$"),
+                                      "\\Delta\\text{DE}_{\\text{head}}$$\n\n"
+                                      # wider than a phone: it must scroll in its box, with a cue
+                                      "$$\\text{exact} - \\text{AtP} = \\underbrace{(\\text{from\\_norm} - "
+                                      "\\text{AtP}_\\text{norm})}_{\\text{final norm}} + \\underbrace{"
+                                      "(\\text{downstream} - \\text{AtP}_\\text{downstream})}_{\\text{later "
+                                      "layers}}$$"),
         nbformat.v4.new_code_cell("charts", outputs=outputs, execution_count=1)])
 
 
@@ -368,7 +385,8 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
                                          "or a view collapsed)"),
                           ("empty_panels", "facet panels without marks"),
                           ("unmarked_legend", "legend entries no mark draws"),
-                          ("math_overflow", "inline math wider than its paragraph")):
+                          ("math_overflow", "inline math wider than its paragraph"),
+                          ("display_math_cut", "display math cut off or scrolling without a cue")):
             if state.get(key):
                 problems.append(f"{what} at {width} px: {state[key]}")
         if width >= 1024 and state.get("refitted"):

@@ -267,12 +267,31 @@ def test_fig_scale_ratio():
     t = head_frame()
     s = spec_of(fl.fig_scale_ratio(t))
     assert s["facet"]["field"] == "panel" and s["columns"] == 3
-    assert {"bar", "rule", "text"} <= marks(s)
+    assert {"bar", "rule"} <= marks(s)
     rows = pd.DataFrame(next(iter(s["datasets"].values())))  # binned here, per panel: 40 bins each
     assert len(rows) == data_rows(s) == 3 * 40 and rows.groupby("panel")["count"].sum().eq(60).all()
     assert s["resolve"]["scale"]["x"] == "independent"
     counts = [n["encoding"]["y"] for n in walk(s) if n.get("encoding", {}).get("y", {}).get("field") == "count"]
     assert counts and all(y["axis"]["tickMinStep"] == 1 and y["axis"]["format"] == "d" for y in counts)
+
+
+def test_fig_scale_ratio_y_domain_holds_the_tallest_bar_and_the_share_is_off_the_plot():
+    """Fig 4's tallest bars touched the top of their panel (18 tokens on an axis ending at 18) and
+    the share above 1, a text mark in the panel's top-right corner, sat on them and on the dashed
+    line at 1. Each panel's y domain now reaches a tenth above its tallest bin (an invisible rule
+    at that height, per panel) and the share is the second line of the panel's title."""
+    t = head_frame()
+    s = spec_of(fl.fig_scale_ratio(t))
+    assert "text" not in marks(s)  # nothing written over the bars
+    rows = pd.DataFrame(next(iter(s["datasets"].values())))
+    (room,) = [n for n in walk(s) if n.get("encoding", {}).get("y", {}).get("field") == "headroom"]
+    assert room["mark"]["opacity"] == 0 and s["resolve"]["scale"]["y"] == "independent"
+    for panel, g in rows.groupby("panel"):
+        assert g["headroom"].max() > g["count"].max()  # from the panel's own bin counts
+        assert g["headroom"].max() == pytest.approx(1.1 * g["count"].max())
+        head, share = panel.split(fl.SEP)
+        assert share == f"{g['share'].iloc[0]:.1%} with S/S′ > 1"
+    assert "split(datum.value" in s["facet"]["header"]["labelExpr"]
 
 
 def test_fig_scale_ratio_fits_each_panels_axis_to_its_own_ratios():
@@ -285,7 +304,7 @@ def test_fig_scale_ratio_fits_each_panels_axis_to_its_own_ratios():
     wide.loc[top & (wide["ablation"] == "zero"), "ratio"] = np.linspace(1.2, 1.5, 60)
     rows = pd.DataFrame(next(iter(spec_of(fl.fig_scale_ratio(wide))["datasets"].values())))
     for panel, g in rows.groupby("panel"):
-        ratio = wide.loc[top & (wide["label"] + " · " + wide["ablation"] == panel), "ratio"]
+        ratio = wide.loc[top & (wide["label"] + " · " + wide["ablation"] == panel.split(fl.SEP)[0]), "ratio"]
         assert g["lo"].min() == pytest.approx(min(ratio.min(), 1.0))  # its own data and 1, no more
         assert g["hi"].max() == pytest.approx(max(ratio.max(), 1.0))
         assert g["count"].sum() == len(ratio) and g["share"].iloc[0] == pytest.approx((ratio > 1).mean())
@@ -320,7 +339,7 @@ def test_fig_scale_ratio_for_several_heads():
     """App. D: one row of three ablations per head, in the order the heads come."""
     t = pd.concat([head_frame(seed=1).assign(label="L3H2", head=2), head_frame()], ignore_index=True)
     s = spec_of(fl.fig_scale_ratio(t))
-    assert s["facet"]["sort"] == [f"{h} · {a}" for h in ["L3H2", "L3H1"] for a in fl.ABLATIONS]
+    assert [p.split(fl.SEP)[0] for p in s["facet"]["sort"]] == [f"{h} · {a}" for h in ["L3H2", "L3H1"] for a in fl.ABLATIONS]
     rows = pd.DataFrame(next(iter(s["datasets"].values())))
     assert rows["count"].sum() == (t["tokens"] == "top-k%").sum()  # every top-k% token in one bin
     assert "each head" in json.dumps(s["title"])

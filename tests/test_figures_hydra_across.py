@@ -153,6 +153,37 @@ def test_fig_before_after():
     assert {"direct_effect", "run", "group"} <= _fields(spec)
 
 
+def _hue(color: str) -> float:
+    import colorsys
+    r, g, b = (int(color.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4))
+    return 360 * colorsys.rgb_to_hsv(r, g, b)[0]
+
+
+def test_fig_before_after_mean_and_single_patches_differ_in_hue():
+    """Hydra Fig 1/3 drew "ablated (mean)" (#8b1a1a) and "single patch" (#e45756) in two reds: the
+    single patches now have another hue."""
+    frame = pd.DataFrame([{"layer": c, "kind": "attn", "label": f"X{c}", "run": r, "direct_effect": float(c),
+                           "ablated": "A1", "ablated_layer": 1, "ablated_kind": "attn", "prompt": "p"}
+                          for r in ("clean", "ablated (mean)", "patch 0") for c in range(L)])
+    spec = fh.fig_before_after(frame).to_dict()
+    (scale,) = [n["encoding"]["color"]["scale"] for n in [spec["spec"]] + spec["spec"].get("layer", [])
+                if "color" in n.get("encoding", {})]
+    colors = dict(zip(scale["domain"], scale["range"]))
+    d = abs(_hue(colors["ablated (mean)"]) - _hue(colors["single patch"]))
+    assert min(d, 360 - d) >= 90, colors
+
+
+def test_fig_compensation_depth_is_a_gradient():
+    """Hydra Fig 7a/c coloured 18 layers with 18 near-identical legend swatches: depth is now a
+    quantity with a gradient legend (the layer on hover)."""
+    effects = pd.DataFrame([{"prompt": p, "layer": l, "kind": k, "label": f"{k}{l}", "direct_effect": 0.1 * l,
+                             "compensatory_effect": 0.05 * l, "ce_attn": 0.0, "ce_mlp": 0.0, "total_effect": 0.0}
+                            for p in range(2) for l in range(18) for k in ("attn", "mlp")])
+    spec = fh.fig_compensation(effects).to_dict()
+    (color,) = [n["encoding"]["color"] for n in spec["spec"]["layer"] if "color" in n.get("encoding", {})]
+    assert color["type"] == "quantitative" and color["legend"]["type"] == "gradient"
+
+
 def test_fig_compensation_and_regression(effects):
     from selfrepair.hydra_regression import regression
     spec = _check(fh.fig_compensation(effects), len(effects))

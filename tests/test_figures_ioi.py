@@ -93,6 +93,23 @@ def test_fig_self_repair_axes_fit_the_data(repair):
     assert line and fi.data_domain([3.0]) == [2.5, 3.5] and fi.data_domain([]) == [0.0, 1.0]
 
 
+def test_fig_self_repair_ticks_and_y_title_follow_the_data(repair):
+    """At 1440 px the x-axis drew 25 labels (-2.5 to 9.5 by 0.5) running into each other, and the
+    y-axis said "drop" over values that were all negative (the logit difference rose): few ticks,
+    labels that may not overlap, and a y title that says what its sign means."""
+    def axes(r):
+        spec = fi.fig_self_repair(r).to_dict()
+        (enc,) = [l["encoding"] for l in spec["layer"] if l["mark"]["type"] == "circle"]
+        return enc["x"], enc["y"]
+    for ch in axes(repair):
+        assert ch["axis"]["tickCount"] <= 10 and ch["axis"]["labelOverlap"] == "greedy"
+    rose = repair.assign(delta_logit=repair["delta_logit"].abs() + 0.1)  # every drop negative
+    y = axes(rose)[1]
+    assert "−Δ" in y["title"] and "below 0: it rose" in y["title"] and len(y["title"]) <= 45  # fits 300 px
+    fell = repair.assign(delta_logit=-repair["delta_logit"].abs() - 0.1)  # every drop positive
+    assert "rose" not in axes(fell)[1]["title"] and "drop" in axes(fell)[1]["title"]
+
+
 def test_fig_moving(heads):
     shown = pd.concat([heads[heads["name_mover"]], heads[~heads["name_mover"]].head(3)])
     moving = moving_frame(heads, shown, source=1)

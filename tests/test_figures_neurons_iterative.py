@@ -7,7 +7,7 @@ import pytest
 from selfrepair.figures import MAX_ROWS, check_width, data_rows, validate_spec
 from selfrepair.figures import iterative as fi
 from selfrepair.figures import neurons as fn
-from selfrepair.figures.legible import DEPTH_SCHEME, pale_marks
+from selfrepair.figures.legible import pale_marks
 
 HEADS = [(2, 0, "L2H0"), (3, 1, "L3H1")]
 RNG = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def test_fig_sparsity():
     assert spec["spec"]["width"] >= 260  # not the 220 px panels of a row x column grid
     panels = {r["panel"] for r in next(iter(spec["datasets"].values()))}
     assert panels == set(spec["facet"]["sort"])  # every panel has marks, every mark a panel
-    assert line["encoding"]["color"]["scale"]["scheme"] == DEPTH_SCHEME and not pale_marks(spec)  # no near-white line
+    assert not pale_marks(spec)  # no near-white line (each threshold its own hue: test below)
     assert {"label", "layer", "head", "rank", "percent", "share"} <= tooltip_fields(line)
 
 
@@ -247,6 +247,23 @@ def neuron_chapter():
                           {"figure": "Fig 8, App. C", "label": "L2H0", "layer": 2, "head": 0},
                           {"figure": "Fig 8, App. C", "label": "L3H1", "layer": 3, "head": 1}])
     return cn.NeuronsChapter(res, nr.summary(res), heads, "L3H1", ["L2H0", "L3H1"], [], dict(res.meta))
+
+
+def test_fig_sparsity_thresholds_in_distinct_hues():
+    """Fig 8 drew thresholds 50/10/5/2/1% in five shades of one purple-to-teal ramp, hard to tell
+    apart: each threshold now has its own hue from the book's palette (3:1 on white)."""
+    from selfrepair.figures.legible import MIN_CONTRAST, contrast
+    rows = [{"label": "L2H0", "layer": 2, "head": 0, "kind": kind, "rank": r, "percent": p,
+             "share": 1 / r, "n_instances": 9}
+            for kind in ("nth", "top_n") for r in (1, 2, 5) for p in (50, 10, 5, 2, 1)]
+    (line,) = layers_of(spec_of(fn.fig_sparsity(pd.DataFrame(rows))))
+    scale = line["encoding"]["color"]["scale"]
+    assert "scheme" not in scale and scale["domain"] == [50, 10, 5, 2, 1]
+    rgb = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in scale["range"]]
+    assert len(set(rgb)) == 5 and all(contrast(c) >= MIN_CONTRAST for c in scale["range"])
+    for i, a in enumerate(rgb):  # every pair far apart
+        for b in rgb[i + 1:]:
+            assert sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 >= 80, (a, b)
 
 
 def test_neuron_figures_on_the_chapters_frames():

@@ -92,10 +92,16 @@ def series_color(field: str, palette: dict, values, *, title: str | None = None,
                      title=title or field.replace("_", " "), **kw)
 
 
-def layer_color(field: str = "layer", *, title: str = "layer", legend: bool = True) -> alt.Color:
+def layer_color(field: str = "layer", *, title: str = "layer", legend: bool = True,
+                continuous: bool = False) -> alt.Color:
     """An ordinal colour for layers, the same in every chapter (:data:`~.legible.DEPTH_SCHEME`:
     early dark purple, late teal, each shade 3:1 on white on marks at least
-    :data:`~.legible.MARK_OPACITY` opaque)."""
+    :data:`~.legible.MARK_OPACITY` opaque). ``continuous``: depth as a quantity, with a gradient
+    legend (where many layers share a chart, one swatch per layer is a column of shades nobody
+    can match to a point: read the depth from the gradient, the layer on hover)."""
+    if continuous:
+        return alt.Color(f"{field}:Q", scale=alt.Scale(scheme=DEPTH_SCHEME, zero=False, nice=False), title=title,
+                         legend=alt.Legend(type="gradient", format="d", tickMinStep=1) if legend else None)
     return alt.Color(f"{field}:O", scale=alt.Scale(scheme=DEPTH_SCHEME), title=title,
                      legend=alt.Legend() if legend else None)
 

@@ -74,23 +74,27 @@ def fig_unembed_vs_ablate(effects) -> alt.Chart:
 
 def fig_before_after(frame) -> alt.Chart:
     """Hydra Fig 1/3: each layer's direct effect on one prompt before (black) and after ablating
-    one layer (red: mean over patches; faint: single patches; dashed rule: the ablated layer);
+    one layer (red: mean over patches; thin blue: single patches, another hue than the mean's red,
+    not a second red; dashed rule: the ablated layer);
     one panel per kind of layer."""
     ablated = frame["ablated"].iloc[0]
     prompt = frame["prompt"].iloc[0] if "prompt" in frame else ""
     frame = frame.assign(group=frame["run"].where(frame["run"].isin(["clean", "ablated (mean)"]), "single patch"))
+    # the thin single patches first, so the clean line and the mean are drawn over them
+    frame = frame.sort_values("group", key=lambda g: g.map({"single patch": 0, "clean": 1, "ablated (mean)": 2}),
+                              kind="mergesort")
     base = alt.Chart().encode(
         x=alt.X("layer:Q", axis=LAYER_AXIS),
         y=alt.Y("direct_effect:Q", title="direct effect on the max-likelihood logit"),
         detail="run:N",
         color=alt.Color("group:N", title=None, sort=["clean", "ablated (mean)", "single patch"],
                         scale=alt.Scale(domain=["clean", "ablated (mean)", "single patch"],
-                                        range=["black", "#8b1a1a", DARK["red"]]),
+                                        range=["black", DARK["red"], DARK["blue"]]),
                         legend=alt.Legend(orient="bottom")),
         strokeWidth=alt.condition(alt.datum.group == "single patch", alt.value(1), alt.value(2.5)),
         tooltip=[alt.Tooltip("label:N", title="layer"), alt.Tooltip("run:N"),
                  alt.Tooltip("direct_effect:Q", format=".3f")])
-    mark = alt.Chart().mark_rule(color="#d62728", strokeDash=[3, 3]).encode(x="layer:Q").transform_filter(
+    mark = alt.Chart().mark_rule(color="#444", strokeDash=[3, 3]).encode(x="layer:Q").transform_filter(
         "datum.run == 'clean' && datum.kind == datum.ablated_kind && datum.layer == datum.ablated_layer")
     chart = alt.layer(base.mark_line(point=True), mark, data=frame).properties(width=280, height=220)
     return (chart.facet(column=_by_kind())
@@ -108,7 +112,7 @@ def fig_compensation(effects) -> alt.Chart:
     points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="direct effect of the ablated layer"),
         y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"),
-        color=layer_color(),
+        color=layer_color(continuous=True),  # depth on a gradient: 18 legend swatches could not be told apart
         tooltip=[alt.Tooltip("label:N", title="ablated"), alt.Tooltip("prompt:O")]
         + [alt.Tooltip(f"{c}:Q", format=".3f") for c in
            ("direct_effect", "compensatory_effect", "ce_attn", "ce_mlp", "total_effect")])

@@ -54,18 +54,25 @@ def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
     colour: red below 0, grey at 0, blue above, no shade near-white)."""
     data = repair.assign(lost=-repair["nm_delta_de"], drop=-repair["delta_logit"])
     tips = [alt.Tooltip("prompt:O"), alt.Tooltip("lost:Q", format=".3g", title="DE lost"),
-            alt.Tooltip("drop:Q", format=".3g", title="logit diff drop"),
+            alt.Tooltip("drop:Q", format=".3g", title="logit diff drop (−Δ)"),
             alt.Tooltip("self_repair:Q", format=".3g", title="self-repair"),
             alt.Tooltip("from_heads:Q", format=".3g", title="other heads"),
             alt.Tooltip("from_mlps:Q", format=".3g", title="MLP layers"),
             alt.Tooltip("from_norm:Q", format=".3g", title="final norm"),
             alt.Tooltip("logit_diff:Q", format=".3g", title="clean logit diff")]
     xs, ys = data_domain(data["lost"], pad=PAD), data_domain(data["drop"], pad=PAD)
+    # a handful of ticks whose labels never touch (25 labels, -2.5 to 9.5 by 0.5, ran together at
+    # 1440 px), and a y title that says what a value below 0 is (a model whose logit difference
+    # rose on every prompt drew only negative "drops" under a title that said "drop")
+    axis = dict(tickCount=8, labelOverlap="greedy", labelSeparation=8)
+    # (short: a rotated title longer than the 300 px plot is cut)
+    y_title = ("−Δ logit diff. (logits; below 0: it rose)" if (data["drop"] < 0).any()
+               else "drop of the logit difference (logits)")
     points = alt.Chart(data).mark_circle(size=50, opacity=0.85).encode(
         x=alt.X("lost:Q", scale=alt.Scale(domain=list(xs), nice=False, zero=False),
-                title="name movers' direct effect lost, −ΔDE (logits)"),
+                title="name movers' direct effect lost, −ΔDE (logits)", axis=alt.Axis(**axis)),
         y=alt.Y("drop:Q", scale=alt.Scale(domain=list(ys), nice=False, zero=False),
-                title="drop of the logit difference (logits)"),
+                title=y_title, axis=alt.Axis(**axis)),
         color=signed_color("self_repair", data["self_repair"], title="self-repair"),
         tooltip=tips).add_params(alt.selection_interval(bind="scales", name="zoom"))
     lo, hi = max(xs[0], ys[0]), min(xs[1], ys[1])  # y = x where both axes show it

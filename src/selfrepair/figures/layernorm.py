@@ -16,6 +16,7 @@ from .existence import _diagonal, _head_order, _tips, token_color
 from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped, data_domain
 
 ABLATIONS = ["resample", "mean", "zero"]
+SEP = " | "  # a panel title's line break (Fig 4: the head and ablation, then the share above 1)
 
 
 def _ablation_scale() -> alt.Scale:
@@ -54,6 +55,14 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
     t["panel"] = t["label"] + " · " + t["ablation"]
     panels = [f"{h} · {a}" for h in labels for a in ABLATIONS]
     h = panel_bins(t, bins)
+    # the share above 1 goes in the panel's title (a second line), not on the plot: a label in a
+    # corner of the plot sat on the tallest bars and on the dashed line at 1
+    shares = h.groupby("panel", sort=False)["share"].first()
+    title_of = {p: f"{p}{SEP}{shares[p]:.1%} with S/S′ > 1" for p in panels if p in shares.index}
+    h["panel"] = h["panel"].map(title_of)
+    # the y domain is the panel's bin counts (and a tenth above the tallest, so it does not touch
+    # the top edge): an invisible rule at that height per panel sets it (independent y per panel)
+    h["headroom"] = h.groupby("panel", sort=False)["count"].transform("max").mul(1.1).clip(lower=1.0)
     base = alt.Chart()
     hist = base.mark_bar(opacity=0.85, binSpacing=0).encode(
         x=alt.X("lo:Q", title="S / S′", scale=alt.Scale(zero=False, nice=False),
@@ -63,19 +72,18 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
         color=_ablation_color(legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("label:N", title="head"), alt.Tooltip("ablation:N"),
                  alt.Tooltip("lo:Q", format=".4f", title="from"), alt.Tooltip("hi:Q", format=".4f", title="to"),
-                 alt.Tooltip("count:Q", title="tokens")])
+                 alt.Tooltip("count:Q", title="tokens"),
+                 alt.Tooltip("share:Q", format=".2%", title="panel's share S/S′ > 1")])
     one = base.mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(1))
-    share = (base.transform_aggregate(share="max(share)", n="max(n)")
-             .mark_text(align="right", baseline="top", x="width", y=4, dx=-4, fontSize=12)
-             .encode(text=alt.Text("share:Q", format=".1%"),
-                     tooltip=[alt.Tooltip("share:Q", format=".2%", title="share S/S′ > 1"),
-                              alt.Tooltip("n:Q", title="tokens")]))
-    title = (f"{labels[0]}: S/S′ (clean / ablated final-norm scale) on its top-k% tokens (text: share > 1)"
+    room = base.mark_rule(opacity=0).encode(y=alt.Y("max(headroom):Q"))
+    title = (f"{labels[0]}: S/S′ (clean / ablated final-norm scale) on its top-k% tokens"
              if len(labels) == 1 else
-             "S/S′ (clean / ablated final-norm scale) on each head's top-k% tokens (text: share > 1)")
+             "S/S′ (clean / ablated final-norm scale) on each head's top-k% tokens")
     # 150 px: three panels, each with its own axes (independent scales), fit a 743 px column
-    return (alt.layer(hist, one, share, data=h).properties(width=150, height=110)
-            .facet(facet=alt.Facet("panel:N", sort=panels, title=None), columns=len(ABLATIONS))
+    return (alt.layer(hist, one, room, data=h).properties(width=150, height=110)
+            .facet(facet=alt.Facet("panel:N", sort=[title_of[p] for p in panels if p in title_of], title=None,
+                                   header=alt.Header(labelExpr=f"split(datum.value, {SEP!r})")),
+                   columns=len(ABLATIONS))
             .resolve_scale(x="independent", y="independent")
             .properties(title=title))
 

@@ -13,7 +13,7 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
-from .legible import DARK, DEPTH_SCHEME, signed_color
+from .legible import DARK, signed_color
 
 # label only 1, 2, 5 x 10^n on log axes (the default labels every tick and they collide)
 LOG_LABELS = ("indexof([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000], "
@@ -49,6 +49,14 @@ def fig_top_neuron(instances: pd.DataFrame) -> alt.FacetChart:
 KINDS = {"nth": "N-th neuron alone", "top_n": "top N together"}
 
 
+THRESHOLD_HUES = ("blue", "red", "green", "dark orange", "purple", "brown", "grey")
+
+
+def threshold_colors(n: int) -> list[str]:
+    """``n`` distinct hues (:data:`~.legible.DARK`, each 3:1 on white), one per threshold of Fig 8."""
+    return [DARK[THRESHOLD_HUES[i % len(THRESHOLD_HUES)]] for i in range(n)]
+
+
 def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
     """Fig 8: share of tokens on which the rank-N repairing neuron (``nth``; the paper's figure) or
     the top N together (``top_n``) repair at least X% of the head's clean DE. One wrapped facet of
@@ -57,13 +65,16 @@ def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
     data = sparsity.assign(panel=sparsity["label"] + " · " + sparsity["kind"].map(KINDS))
     heads = list(dict.fromkeys(sparsity.sort_values(["layer", "head"])["label"]))
     panels = [f"{h} · {k}" for h in heads for k in KINDS.values()]
+    percents = sorted({float(p) if not float(p).is_integer() else int(p) for p in sparsity["percent"]}, reverse=True)
     chart = alt.Chart().mark_line(point=True).encode(
         x=alt.X("rank:Q", scale=alt.Scale(type="log"), title="N (neuron rank by repair)",
                 axis=alt.Axis(labelExpr=LOG_LABELS)),
         y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
                 title="share of tokens"),
-        color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort="descending",
-                        scale=alt.Scale(scheme=DEPTH_SCHEME),  # no near-white line
+        # one distinct hue per threshold (five shades of one purple-to-teal ramp were hard to tell
+        # apart), every one 3:1 on white
+        color=alt.Color("percent:O", title="repairs ≥ X% of DE", sort=percents,
+                        scale=alt.Scale(domain=percents, range=threshold_colors(len(percents))),
                         legend=alt.Legend(orient="bottom")),
         tooltip=HEAD_TIPS + [alt.Tooltip("kind:N"), alt.Tooltip("rank:Q"), alt.Tooltip("percent:Q"),
                              alt.Tooltip("share:Q", format=".1%"), alt.Tooltip("n_instances:Q")])
