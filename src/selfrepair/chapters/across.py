@@ -234,7 +234,7 @@ def _and(items: list) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _against(value: float, lo: float, hi: float) -> str:
+def _in_range(value: float, lo: float, hi: float) -> str:
     """Where ``value`` lies against the range ``lo``–``hi``, in words."""
     if value > hi:
         return f"above all of them ({value / hi:.1f}× the largest)" if hi > 0 else "above all of them"
@@ -257,8 +257,8 @@ def size_markdown(table: pd.DataFrame, current: str, cfg: Any = None) -> str:
     text = (f"**The size of the repair.** On {me['run']}, the late layers' heads have a mean top-k% self-repair "
             f"of {late:+.3f} logits and the early layers' {early:+.3f}; the paper's released values in the "
             f"table run from {pl.min():+.3f} to {pl.max():+.3f} (late) and {pe.min():+.3f} to {pe.max():+.3f} "
-            f"(early) over {_and(list(paper['model']))}: ours is {_against(late, pl.min(), pl.max())} in the late "
-            f"layers and {_against(early, pe.min(), pe.max())} in the early ones.")
+            f"(early) over {_and(list(paper['model']))}: ours is {_in_range(late, pl.min(), pl.max())} in the late "
+            f"layers and {_in_range(early, pe.min(), pe.max())} in the early ones.")
     why = []
     if "block_norm_share_late" in me and float(me["block_norm_share_late"] or 0) != 0:
         why.append("another architecture (this model also normalizes each block's write, which none of the "
