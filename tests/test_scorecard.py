@@ -527,3 +527,16 @@ def test_the_closing_says_so_when_nothing_ran_on_the_books_model():
     card = _card({("01", "many"): "not run", ("05", "unembed"): "not run"})
     closing = chapter.shows(card)
     assert "No chapter has decided a claim on m" in closing and "Take-away" not in closing
+
+
+def test_the_introduction_says_what_this_build_ran(tmp_path):
+    """The introduction's top: the models and data of the records in the cache, none of the
+    papers' own models, how to run them; an empty cache says so and points to the scorecard."""
+    from selfrepair.chapters import intro
+
+    empty = intro.build_markdown(intro.Config.from_params(model="tiny-gpt2", cache_dir=str(tmp_path)))
+    assert "no chapter had recorded a verdict" in empty and "none of the papers' own models" in empty
+    assert "--profile paper" in empty and "09_scorecard.html" in empty
+    from selfrepair.build_scope import is_paper_model
+    assert is_paper_model("EleutherAI/pythia-410m") and is_paper_model("gpt2-medium (value biases folded)")
+    assert not is_paper_model("tiny-gpt2") and not is_paper_model("gemma-3-270m")

@@ -21,7 +21,9 @@ PAPER_COMMAND = "selfrepair book --profile paper --device cuda"  # the papers' m
 
 
 def is_paper_model(label: str) -> bool:
-    return bool(PAPER_MODELS.search(str(label)))
+    """Whether a model label names one of the papers' trained models (``tiny-gpt2``, a random test
+    model of the family, does not)."""
+    return not str(label).startswith("tiny-") and bool(PAPER_MODELS.search(str(label)))
 
 
 def model_phrase(label: str) -> str:

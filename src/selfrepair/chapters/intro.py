@@ -86,6 +86,14 @@ def build_markdown(cfg: Config) -> str:
     from ..build_scope import PAPER_COMMAND, PAPER_NAMES, is_paper_model, models_sentence, read_scope
 
     found = read_scope(cfg.cache_dir)
+    if not found:  # a fresh cache: this page runs before the chapters that write the records
+        own = "one of the papers' own models" if is_paper_model(cfg.model) else "none of the papers' own models"
+        return (f"**What this build ran.** When this page ran, no chapter had recorded a verdict in the results "
+                f"cache `{cfg.cache_dir}` yet; this page ran on `{cfg.model}`, {own} ({PAPER_NAMES}, …), which "
+                f"run with `{PAPER_COMMAND}` on a machine with the Hugging Face hub and a GPU. The "
+                "<a href=\"09_scorecard.html\">scorecard</a> says on which models and data every verdict was "
+                "decided; a claim that *differs* on a model other than the paper's is a difference on that model "
+                "and data, not a refutation of the paper.")
     text = "**What this build ran.** " + models_sentence(found)
     if found and not any(is_paper_model(m) for m in found):
         text += (" Every verdict in this book is therefore decided on the model and data above, not on the "
