@@ -369,3 +369,17 @@ def test_comparison_markdown_without_our_runs(paper):
     assert set(table["source"]) == {"paper"}
     md = across.comparison_markdown(table)
     assert md and not any(m in md for m in table["run"])  # no verdicts without a run of ours
+
+
+def test_size_markdown_sets_ours_beside_the_papers_values_and_says_it_is_untested(synthetic):
+    """Chapter 6: the current model's late and early mean self-repair beside the released values
+    of the same table, where they lie against them, and the candidate explanations said untested."""
+    table = across.compare_models(synthetic)
+    cfg = across.Config.from_params(model="toy", n_tokens=8192, top_percent=2.0)
+    md = across.size_markdown(table, "toy", cfg)
+    t, p = table.set_index("run").loc["toy (ours)"], table[table["source"] == "paper"]
+    assert f"of {t['self_repair_late']:+.3f} logits and the early layers' {t['self_repair_early']:+.3f}" in md
+    assert f"from {p['self_repair_late'].min():+.3f} to {p['self_repair_late'].max():+.3f} (late)" in md
+    assert "**not tested here**" in md and "about 164 tokens" in md and "20,000" in md
+    assert not re.search(r"\bnan\b", md, re.I)
+    assert across.size_markdown(table[table["source"] != "paper"], "toy", cfg) == ""  # nothing to compare

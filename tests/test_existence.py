@@ -465,9 +465,24 @@ def test_regions_note_states_both_shares_and_why_they_differ():
     assert f"({late['n_repaired'] / late['n_positive_de']:.0%})" in text
     assert f"{many.value:.0%} of all {many.n} late-layer heads" in text
     assert "every token" in text and "top-k% tokens" in text and "different class" in text
-    assert text.count(". ") == 0 and text.endswith(".")  # one sentence
+    first, _, rest = text.partition(" Over every token, ")
+    assert first.count(". ") == 0 and first.endswith(".")  # one sentence on the two shares
+    # then the late heads over every token, worded from the table's values, and the paper's reason
+    assert f"({late['share_negative_self_repair']:.0%} of them below zero" in rest
+    assert f"{late['mean_self_repair']:+.3f} logits" in rest and "to ensure we are seeing" in rest
     r.summary = r.summary.assign(n_positive_de=0)
     assert ce.regions_note(r) == ""  # nothing to compare
+
+
+def test_every_token_note_says_the_sign_the_values_have():
+    """Most late heads negative over every token (the book's Gemma run: 69%, mean −0.113) is said
+    so; most positive is said so; the paper's reason for top tokens follows."""
+    neg = ce.every_token_note(pd.Series({"share_negative_self_repair": 0.694, "mean_self_repair": -0.113}))
+    assert "most late-layer heads' mean self-repair is negative (69% of them below zero" in neg
+    assert "-0.113 logits" in neg and "rather than noise" in neg and "§2.2" in neg
+    pos = ce.every_token_note(pd.Series({"share_negative_self_repair": 0.2, "mean_self_repair": 0.05}))
+    assert "most late-layer heads' mean self-repair is positive (20%" in pos
+    assert ce.every_token_note(pd.Series({"share_negative_self_repair": float("nan"), "mean_self_repair": 0.0})) == ""
 
 
 def test_too_few_documents_cannot_tell_and_say_why():

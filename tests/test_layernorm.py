@@ -331,6 +331,12 @@ def test_verdicts_on_synthetic_results(seed):
     # the block norms' share is reported beside the final norm's, never mixed into it
     block = ch.shares.query("tokens == 'top-k%' and clipping == 'clipped' and component == 'block norms'")
     assert block["share"].mean() != pytest.approx(got["norm_share"].value)
+    # the per-layer count sits in the same sentence as what the rule decides: the pooled mean
+    share = got["norm_share"]
+    lo, hi = cl.SHARE.rule.bounds
+    assert (f"The rule decides on that one mean, pooled over the {share.n} late-layer heads ({share.value:.0%}, "
+            f"{'within' if lo <= share.value <= hi else 'outside'} {lo:.0%}–{hi:.0%}), not layer by layer: taken one "
+            "layer at a time, ") in share.detail
 
 
 @pytest.mark.parametrize("parallel,last_layer", [(True, True), (False, True), (True, False)])

@@ -489,7 +489,7 @@ def test_a_redecided_claim_is_shown_apart_and_counted_once():
     assert "counts 3 claims of chapters 01 and 05, each once" in closing
     assert "chapter 06 decides 2 claims of chapter 01 again" in closing
     assert "On m, 2 of the 3 hold, 1 differs and 0 cannot" in closing and "1 of 2 cases" in closing
-    assert "67% of the two papers' claims hold (2 of 3)" in closing and "beyond them" not in closing
+    assert "on m, 2 of the two papers' 3 decided claims hold (67%)" in closing and "beyond them" not in closing
     assert 3 <= closing.count(". ") + 1 <= 6  # three to six plain sentences
 
 
@@ -499,11 +499,44 @@ def test_the_take_away_counts_other_papers_claims_apart_from_the_two_papers():
     card = _card({("01", "many"): "holds", ("01", "exists"): "differs", ("07", "ranks"): "holds",
                   ("07", "top"): "holds", ("07", "blind"): "cannot tell"})
     closing = chapter.shows(card)
-    assert "50% of the two papers' claims hold (1 of 2)" in closing
+    assert "1 of the two papers' 2 decided claims hold (50%)" in closing
     assert "and 2 of 2 of the claims beyond them (chapter 07" in closing
+
+
+def test_the_take_away_says_on_what_model_and_data_and_whether_the_papers_models_ran():
+    """The headline count names, in its own sentence, the model and the data its verdicts were
+    decided on (from the records read), and says when none was decided on the papers' own models."""
+    card = _card({("01", "many"): "holds", ("01", "exists"): "differs", ("05", "unembed"): "differs"},
+                 model="gemma-3-270m")
+    card.runs["data"] = ["8,192 tokens of the embedded corpus", "the bundled factual-recall prompts"]
+    closing = chapter.shows(card)
+    assert ("Take-away: on gemma-3-270m (4-bit, dequantized) and 8,192 tokens of the embedded corpus "
+            "(chapter 05: the bundled factual-recall prompts), 1 of the two papers' 3 decided claims hold") in closing
+    assert "none was decided on the papers' own models (Pythia, GPT-2" in closing
+    assert "--profile paper" in closing and "not a refutation" in closing
+    scope = chapter.scope_markdown(card)
+    assert "**gemma-3-270m (4-bit, dequantized)** (chapters 01 and 05)" in scope
+    assert "None of the papers' own models" in scope
+    paper = _card({("01", "many"): "holds"}, model="EleutherAI/pythia-410m")
+    paper.runs["data"] = ["1,000,000 tokens of `NeelNanda/pile-10k`"]
+    assert "none was decided on the papers' own models" not in chapter.shows(paper)
+    assert "among the papers' own models" in chapter.scope_markdown(paper)
 
 
 def test_the_closing_says_so_when_nothing_ran_on_the_books_model():
     card = _card({("01", "many"): "not run", ("05", "unembed"): "not run"})
     closing = chapter.shows(card)
     assert "No chapter has decided a claim on m" in closing and "Take-away" not in closing
+
+
+def test_the_introduction_says_what_this_build_ran(tmp_path):
+    """The introduction's top: the models and data of the records in the cache, none of the
+    papers' own models, how to run them; an empty cache says so and points to the scorecard."""
+    from selfrepair.chapters import intro
+
+    empty = intro.build_markdown(intro.Config.from_params(model="tiny-gpt2", cache_dir=str(tmp_path)))
+    assert "no chapter had recorded a verdict" in empty and "none of the papers' own models" in empty
+    assert "--profile paper" in empty and "09_scorecard.html" in empty
+    from selfrepair.build_scope import is_paper_model
+    assert is_paper_model("EleutherAI/pythia-410m") and is_paper_model("gpt2-medium (value biases folded)")
+    assert not is_paper_model("tiny-gpt2") and not is_paper_model("gemma-3-270m")

@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from .build_scope import data_phrase
 from .claims import Claim, anchor
 from .claims import _fmt, interval_words  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
 from .verdict_records import FOLDED, latest, rule_id, scan, this_version
@@ -192,7 +193,7 @@ def page_claims(module, chapter: str, chosen: dict) -> list[dict]:
 @dataclass
 class Card:
     """The scorecard of one results cache: ``frame`` (one row per claim, model and verdict),
-    ``runs`` (the records read) and ``models`` (the page's own model first)."""
+    ``runs`` (the records read: model, chapter, and ``data``, what the chapter ran on, in words) and ``models`` (the page's own model first)."""
 
     frame: pd.DataFrame
     runs: pd.DataFrame
@@ -219,9 +220,10 @@ def build(cache_dir: str | Path, model: str, root: str | Path | None = None) -> 
     frame = pd.DataFrame(rows)
     runs = pd.DataFrame([{"model": m, "chapter": ch, "written": pd.Timestamp(rec["written"], unit="s",
                                                                           tz="UTC").strftime("%Y-%m-%d %H:%M UTC"),
-                          "verdicts": len(v), "parameters": _parameters(rec), "record": Path(rec["path"]).name}
+                          "verdicts": len(v), "parameters": _parameters(rec), "record": Path(rec["path"]).name,
+                          "data": data_phrase(rec.get("params", {}))}
                          for (ch, m), (rec, v) in sorted(chosen.items())],
-                        columns=["model", "chapter", "written", "verdicts", "parameters", "record"])
+                        columns=["model", "chapter", "written", "verdicts", "parameters", "record", "data"])
     return Card(frame, runs, models, set_aside, len(other_layout), pages.drop(columns="module"))
 
 

@@ -292,7 +292,30 @@ def regions_note(r: Existence) -> str:
             f"every token and Fig 2's band; the verdict on 'many' counts {many.value:.0%} of all "
             f"{many.n} late-layer heads as self-repaired, reading each head's own top-k% tokens (where "
             "its direct effect is largest) and a positive mean self-repair: different tokens, a different "
-            "class of heads and a different test, so the two shares need not agree.")
+            "class of heads and a different test, so the two shares need not agree." + every_token_note(s))
+
+
+# the paper's reason for reading each head on its top 2% of tokens (self-repair paper, §2.2)
+TOP_TOKENS_REASON = ("“for each head, we measure the average self-repair each attention head experiences across "
+                     "the top 2% of tokens filtered by each head's direct effect, to ensure we are seeing "
+                     "self-repair of the head's role in the model, rather than noise” — since “each language "
+                     "model component tends to be useful on a sparse set of tokens”")
+
+
+def every_token_note(late: pd.Series) -> str:
+    """One sentence on the late heads' self-repair over *every* token (the regions table's
+    ``mean_self_repair`` and ``share_negative_self_repair``), worded from their signs, and why the
+    paper's claim reads each head's top tokens instead (its own words, §2.2)."""
+    share, mean = float(late["share_negative_self_repair"]), float(late["mean_self_repair"])
+    if not (math.isfinite(share) and math.isfinite(mean)):
+        return ""
+    most = ("most late-layer heads' mean self-repair is negative" if share > 0.5 else
+            "most late-layer heads' mean self-repair is positive" if share < 0.5 else
+            "half the late-layer heads' mean self-repair is negative")
+    return (f" Over every token, {most} ({share:.0%} of them below zero; the mean over them "
+            f"{mean:+.3f} logits: the fold's share_negative_self_repair and mean_self_repair). The claim is "
+            f"about each head's top tokens, not its average one, because the paper measures it so (§2.2): "
+            f"{TOP_TOKENS_REASON}. Why the every-token mean has the sign it has here is not tested in this chapter.")
 
 
 def verdict(r: Existence, key: str) -> str:

@@ -35,6 +35,7 @@ class Config(RunConfig):
     demo_rows: int = 2  # rows in the live check
     demo_positions: int = 16  # positions per row in the live check
     fold_value_biases: bool = False  # TransformerLens's convention (the paper's code): each b_V·W_O in the layer's bias, not the head's output
+    cache_dir: str = "results"  # the results cache whose verdict records say what this build ran (read only)
 
     HEAD_FIELDS = ("featured_heads",)
 
@@ -76,6 +77,34 @@ VALUE_BIAS = (  # what fold_value_biases changes in this chapter
 def value_bias_markdown(cfg: Config) -> str:
     """Which head-output convention this page ran with and what it changes here."""
     return value_bias_note(cfg, VALUE_BIAS)
+
+
+def build_markdown(cfg: Config) -> str:
+    """What this build ran, near the top of the book: the models and data of the chapters' verdict
+    records in ``cfg.cache_dir`` (read when this page runs: :func:`selfrepair.build_scope.read_scope`),
+    whether the papers' own models are among them and how to run those, and how to read a verdict."""
+    from ..build_scope import PAPER_COMMAND, PAPER_NAMES, is_paper_model, models_sentence, read_scope
+
+    found = read_scope(cfg.cache_dir)
+    if not found:  # a fresh cache: this page runs before the chapters that write the records
+        own = "one of the papers' own models" if is_paper_model(cfg.model) else "none of the papers' own models"
+        return (f"**What this build ran.** When this page ran, no chapter had recorded a verdict in the results "
+                f"cache `{cfg.cache_dir}` yet; this page ran on `{cfg.model}`, {own} ({PAPER_NAMES}, …), which "
+                f"run with `{PAPER_COMMAND}` on a machine with the Hugging Face hub and a GPU. The "
+                "<a href=\"09_scorecard.html\">scorecard</a> says on which models and data every verdict was "
+                "decided; a claim that *differs* on a model other than the paper's is a difference on that model "
+                "and data, not a refutation of the paper.")
+    text = "**What this build ran.** " + models_sentence(found)
+    if found and not any(is_paper_model(m) for m in found):
+        text += (" Every verdict in this book is therefore decided on the model and data above, not on the "
+                 f"papers' ({PAPER_NAMES}, 1M tokens of The Pile): a claim that *differs* here is a difference on "
+                 "this model and data, not a refutation of the paper, and one that *holds* is evidence on this "
+                 "model, not a reproduction of the paper's numbers. The papers' own numbers appear only where a "
+                 "page says so (“the paper reports …”, the released values of chapter 6).")
+    elif found:
+        text += (" A claim that *differs* on a model is a difference on that model and data, not by itself a "
+                 f"refutation of the paper; the papers' own models run with `{PAPER_COMMAND}`.")
+    return text
 
 
 def closure_table(result: Any) -> pd.DataFrame:
@@ -239,5 +268,5 @@ def shape_table(model: Any) -> Table:
 
 
 __all__ = ["CLOSURE_TABLE", "Config", "Intro", "TOY_TABLE", "WorkedExample",
-           "architecture_markdown", "closure_markdown", "closure_table", "demo_heads",
+           "architecture_markdown", "build_markdown", "closure_markdown", "closure_table", "demo_heads",
            "demo_tokens", "findings", "measure", "shows", "shape_table", "value_bias_markdown", "worked_example"]

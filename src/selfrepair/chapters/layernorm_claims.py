@@ -21,6 +21,8 @@ are averaged or counted. App. B's check runs on the first rows of the token set 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +62,8 @@ RATIO = {a: Claim(f"ratio_{a}", "On a last-layer head's top tokens the ablation 
                   rationale="'almost always' is the paper's word for the share of a head's top tokens; "
                             + LAST)
          for a in ln.ABLATION_ORDER}
-SHARE = Claim("norm_share", "LayerNorm explains around 30% of a head's direct effect across many layers",
+SHARE = Claim("norm_share", "On average over the late layers' heads, LayerNorm explains around 30% of a "
+              "head's direct effect",
               "§3.2, App. A Fig 10", "the mean over the late-layer heads of each head's mean, over its "
               "top-k% tokens, of the final norm's per-token share of its direct effect (eq. 2's final-norm "
               "term over DE, clipped to [0, 1]), each head's mean recomputed in every replicate",
@@ -229,8 +232,11 @@ def _share(ch, boot: Bootstrap) -> Verdict:
     inside = int(late["share"].between(lo, hi).sum())
     every = ch.shares[(ch.shares["tokens"] == "top-k%") & (ch.shares["clipping"] == "clipped")
                       & (ch.shares["component"] == "final norm")]["share"].mean()
-    detail = (f"{inside} of the {len(late)} late layers have a layer mean within {lo:.0%}–{hi:.0%}; over "
-              f"every layer's heads the mean is {every:.0%}.")
+    pooled = ("" if not math.isfinite(est.value) else
+              f" ({est.value:.0%}, {'within' if lo <= est.value <= hi else 'outside'} {lo:.0%}–{hi:.0%})")
+    detail = (f"The rule decides on that one mean, pooled over the {len(ev.late)} late-layer heads{pooled}, not layer "
+              f"by layer: taken one layer at a time, {inside} of the {len(late)} late layers have a layer mean "
+              f"within {lo:.0%}–{hi:.0%}; over every layer's heads the mean is {every:.0%}.")
     block = layers[(layers["component"] == "block norms") & (layers["layer"] >= ev.late[0][0])]
     if len(block):
         detail += (f" This model's sandwich (post-attention / post-feedforward) norms, which the paper's "

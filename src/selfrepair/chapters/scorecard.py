@@ -19,6 +19,7 @@ import pandas as pd
 from IPython.display import HTML
 
 from ..config import Config as BaseConfig
+from ..build_scope import PAPER_COMMAND, PAPER_NAMES, is_paper_model, model_phrase, models_sentence, on_what
 from ..errors import InputError
 from ..scorecard import DECIDED, STATUSES, Card, build, counted_rows, counts, redecided_rows
 from ..tables import TABLE_CLASS, Layout, counted, listed
@@ -270,14 +271,41 @@ def shows(card: Card) -> str:
     if of:
         out.append(f"The re-decisions agree with the counted verdict in {same} of {of} cases.")
     if decided:
-        out.append(_take_away(mine, model))
+        out.append(_take_away(mine, model, card.runs))
     return " ".join(out)
+
+
+def _scope(runs: pd.DataFrame, model: str | None = None, chapters=None) -> dict[str, dict[str, list[str]]]:
+    """``{model: {data in words: [chapters]}}`` of the records read (``runs``, its ``data`` column),
+    restricted to ``model`` and ``chapters`` when given."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for r in runs.to_dict("records"):
+        if (model is None or r["model"] == model) and (chapters is None or r["chapter"] in chapters):
+            out.setdefault(r["model"], {}).setdefault(r.get("data") or "its own inputs", []).append(r["chapter"])
+    return out
+
+
+def scope_markdown(card: Card) -> str:
+    """On what every verdict of this page was decided: the models and data of the records read,
+    whether the papers' own models are among them, and how to read a verdict that differs."""
+    found = _scope(card.runs)
+    if not found:
+        return "**On what.** " + models_sentence(found)
+    text = "**On what.** " + models_sentence(found, "The records read here were decided on", "these records")
+    return text + (" A verdict that *differs* is a difference on that model and data, not a refutation of the "
+                   "paper; one that *holds* is evidence on that model, not a reproduction of the paper's numbers.")
+
+
+def _on(model: str, runs: pd.DataFrame, chapters) -> str:
+    """``model`` and the data its counted verdicts were decided on, in words."""
+    found = _scope(runs, model, set(chapters)).get(model) if "data" in runs else None
+    return model_phrase(model) + (f" and {on_what(found)}" if found else "")
 
 
 BEYOND = "Beyond the papers"  # the toc's part for other papers' claims (AtP, IOI), not the two papers'
 
 
-def _take_away(mine: pd.DataFrame, model: str) -> str:
+def _take_away(mine: pd.DataFrame, model: str, runs: pd.DataFrame | None = None) -> str:
     """The share of decided claims that hold on ``model``: the two papers' claims apart from those of
     the part beyond them (other papers' methods and circuits), each count said with its own."""
     def tally(rows: pd.DataFrame) -> tuple[int, int]:
@@ -285,10 +313,19 @@ def _take_away(mine: pd.DataFrame, model: str) -> str:
 
     beyond = mine["part"] == BEYOND
     (held, decided), (held2, decided2) = tally(mine[~beyond]), tally(mine[beyond])
-    text = "Take-away: where a verdict is reached on " + model + ", "
-    text += (f"{held / decided:.0%} of the two papers' claims hold ({held} of {decided})" if decided
+    runs = runs if runs is not None else pd.DataFrame(columns=["model", "chapter"])
+    papers = mine[~beyond & mine["verdict"].isin(["holds", "differs"])]
+    text = f"Take-away: on {_on(model, runs, papers['chapter'] if len(papers) else mine['chapter'])}, "
+    text += (f"{held} of the two papers' {decided} decided claims hold ({held / decided:.0%})" if decided
              else "none of the two papers' claims is decided")
     if decided2:
         chapters = listed(list(dict.fromkeys(mine[beyond]["chapter"])), "chapter")
         text += f", and {held2} of {decided2} of the claims beyond them ({chapters}: other papers' methods and circuits)"
+    theirs = [m for m in dict.fromkeys(runs["model"]) if is_paper_model(m)]
+    if not is_paper_model(model) and not theirs:
+        text += (f"; none was decided on the papers' own models ({PAPER_NAMES}, …), which this cache has no "
+                 f"record of (`{PAPER_COMMAND}` runs them, with the hub and a GPU), so a claim that differs "
+                 "here is a difference on this model and data, not a refutation")
+    elif not is_paper_model(model):
+        text += f"; the papers' own models in this cache ({', '.join(theirs)}) have their own rows in the table"
     return text + "; each row of the table gives the estimate, its interval and the rule it is held to."
