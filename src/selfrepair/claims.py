@@ -33,7 +33,7 @@ import pandas as pd
 
 from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
                     against, approximately, at_least, at_most, below, between, interval_words, paper_number,
-                    paper_word)
+                    paper_word, signed_interval_words)
 from .tables import table
 from .uncertainty import MIN_CLUSTERS, Estimate
 
@@ -76,14 +76,25 @@ class Signed:
     a change ("gives back 5%" / "takes away a further 5%", never "gives back -5%" or "-5% (negative:
     ...)"): ``text`` with ``{way}``, which is ``up`` where the value is above 0, ``down`` where it is
     below and ``zero`` (``up`` when empty) where it is 0 at the digits shown. ``{value}`` (in
-    ``text`` or in the way) is then the value's size, bold and unsigned, with its 95% interval,
-    whose ends keep their signs: they are not read after "by"."""
+    ``text`` or in the way) is then the value's size, bold and unsigned, with its 95% interval read
+    in the same frame (:func:`~selfrepair.rules.signed_interval_words`): sizes in increasing order
+    where the whole interval is on the value's side of 0, else each end in words from its sign,
+    ``ends`` (below 0, above 0; ``{}`` for the size), saying that it includes ``none`` where it
+    crosses 0."""
 
     text: str
     up: str
     down: str
     zero: str = ""
     turns: str = ""  # a change relative to the thing itself: added to ``down`` from a fall of 100% on
+    ends: tuple = ("a fall of {}", "a rise of {}")  # an interval's end below 0, above 0, in words
+    none: str = "no change"  # what an interval that crosses 0 includes
+
+    def interval(self, value: float, lo: float, hi: float, fmt: str, thresholds=()) -> str:
+        """The 95% interval in the frame of the words for ``value``'s sign."""
+        if is_zero(value, fmt, thresholds):
+            value = 0.0  # said as no change: each end from its own sign
+        return signed_interval_words(value, lo, hi, fmt, thresholds, *self.ends, none=self.none)
 
     def way(self, value: float, fmt: str, thresholds=()) -> str:
         """The words for ``value``'s sign (at the digits :func:`size` shows)."""
@@ -227,6 +238,8 @@ def _interval(v: Verdict) -> str:
         return f" (no reliable 95% interval{how})"
     if not (math.isfinite(v.lo) and math.isfinite(v.hi)):
         return f" (too few to give an interval{how})"
+    if isinstance(c.reading, Signed):  # read after words that carry the sign: in their frame
+        return f" ({c.reading.interval(v.value, v.lo, v.hi, c.fmt, thresholds(c.rule))}{how})"
     return f" ({interval_words(v.lo, v.hi, c.fmt, thresholds(c.rule))}{how})"
 
 

@@ -71,7 +71,8 @@ PROPORTIONAL = Claim("proportional", "The repression is proportional to how much
                      paper_word("proportional"), fmt=".3f",
                      reading=Signed("Each unit of α {way} (the slope of the line, over {n} {unit}).",
                                     up="adds {value} of the direct effect to the repression",
-                                    down="takes {value} of the direct effect off the repression"),
+                                    down="takes {value} of the direct effect off the repression",
+                                    ends=("{} taken off", "{} added"), none="nothing added"),
                      rationale="App. F: 'the amount in which these heads self-repress is proportional to "
                                "the amount in which scale the heads output back into itself'; proportional "
                                "is a line through the origin, so the slope must be above 0 and the intercept "

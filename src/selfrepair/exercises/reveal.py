@@ -181,8 +181,9 @@ def drop_vs_de(ch) -> str:
             f"direct effect is larger, the rest of the network made up part of the loss; {mean}.")
 
 
-ERASURE_WAYS = dict(up="moves the same way by", down="moves the other way, as erasure predicts, by",
-                    zero="does not move", unit=" logits")  # the erasure slope, said from its sign
+ERASURE_WAYS = dict(up="moves the same way by", down="moves the other way (the way erasure predicts) by",
+                    zero="does not move", unit=" logits", none="no move",
+                    ends=("{} logits the other way", "{} logits the same way"))  # the erasure slope, said from its sign
 
 
 def late_mlps(ch) -> str:
