@@ -26,7 +26,8 @@ data, so the text states exactly the rule that was applied and every outcome it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from difflib import SequenceMatcher
 
 import numpy as np
 import pandas as pd
@@ -301,7 +302,9 @@ def rules_table(claims) -> str:
                            "holds": c.rule.text(c.fmt), "differs": c.rule.opposite(c.fmt)} for c in claims],
                          columns=list(RULES_HEADERS))
     rules = table(frame, names=RULES_HEADERS, stacked=True)._repr_html_()
-    measured = "\n".join(f"- *{c.statement}*: {c.metric}. {_metric_why(c)}".rstrip() for c in claims)
+    said = said_once([c.rationale for c in claims])  # a rationale's passage shared with an earlier claim: once
+    measured = "\n".join(f"- *{c.statement}*: {c.metric}. {_metric_why(replace(c, rationale=r))}".rstrip()
+                         for c, r in zip(claims, said))
     words = {}
     for c in claims:
         if c.rule.word and c.rule.reason:
@@ -315,6 +318,44 @@ def rules_table(claims) -> str:
     if read:
         parts += ["**How the paper's words are read** (once for every claim that reads them).", read]
     return "\n\n".join(parts + [after])
+
+
+SHARED = 100  # characters: a passage at least this long that a later rationale repeats is said once
+AS_ABOVE = " (as said in full above)"
+
+
+def said_once(texts, least: int = SHARED) -> list[str]:
+    """``texts`` (the rationales of a chapter's claims, in the order the page lists them) with every
+    passage of at least ``least`` characters that an earlier text already holds said once: in a
+    later text it shrinks to its opening words (up to its first colon or bracket, else comma or
+    semicolon) and
+    :data:`AS_ABOVE`, so a rationale that several claims share ("the class is every head of the last
+    layer: …") is read once, and the later claims refer to it."""
+    out = []
+    for i, text in enumerate(texts):
+        masked, cuts = text, []  # a passage once replaced is masked, so it is never matched again
+        for earlier in texts[:i]:
+            while True:
+                m = SequenceMatcher(None, earlier, masked, autojunk=False).find_longest_match(
+                    0, len(earlier), 0, len(masked))
+                start, end = m.b, m.b + m.size
+                while start < end and start > 0 and (text[start - 1].isalnum() or not text[start].isalnum()):
+                    start += 1  # from the start of a word
+                while end > start and end < len(text) and text[end].isalnum():
+                    end -= 1  # to the end of a word
+                passage = text[start:end].rstrip(" ;,.")
+                if len(passage) < least:
+                    break
+                first = [k for k in (passage.find(":"), passage.find(" (")) if 0 < k <= 160]
+                cut = min(first) if first else min(
+                    (passage.find(x) for x in (",", ";") if 0 < passage.find(x)), default=-1)
+                handle = passage[:cut] if 0 < cut <= 160 else " ".join(passage.split()[:8]) + "…"
+                cuts.append((start, start + len(passage), handle + AS_ABOVE))
+                masked = masked[:start] + "\0" * len(passage) + masked[start + len(passage):]
+        for start, end, said in sorted(cuts, reverse=True):
+            text = text[:start] + said + text[end:]
+        out.append(text)
+    return out
 
 
 def _line(v: Verdict, rules: str, mark: bool) -> str:
