@@ -268,3 +268,30 @@ def test_an_erasure_slope_whose_interval_includes_no_move_asserts_no_direction()
     assert "**cannot tell**" in said and "as erasure predicts" not in said, said
     assert "moves **0.02** (95% interval from 0.07 the other way to 0.02 the same way, which includes no move" in said
     assert "logits the other way (the way erasure predicts)" in said
+
+
+CODE_NAME = re.compile(r"(?<![\w/.\\`{%:\-])([a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*)(?![\w/(])")
+
+
+@pytest.mark.parametrize("claim", every_claim(), ids=lambda c: c.key)
+def test_no_code_name_in_a_claims_prose(claim):
+    """Chapter 5 said "'middle layers' are the middle half of the depth (structure.span)": a reader
+    of the book meets the paper's and the introduction's words, not the library's function names."""
+    reading = claim.reading.text if isinstance(claim.reading, Signed) else (claim.reading or "")
+    for text in (claim.statement, claim.metric, claim.rationale, reading):
+        names = [m for m in CODE_NAME.findall(text) if not re.fullmatch(r"(e\.g|i\.e)", m)]
+        assert not names, (claim.key, names, text)
+
+
+def test_no_code_name_in_the_notebooks_equations():
+    """Chapter 7's method wrote eq. 2 as "Δlogit = ΔDE_head + from_heads + from_mlps + from_norm":
+    the book's equations use the introduction's symbols (its eq. 2), never a table's column names."""
+    import json
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("book/*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                text = "".join(cell["source"])
+                assert not re.search(r"from\\_(heads|mlps|norm|block)", text), (path.name, text[:200])
+                assert "structure.span" not in text, path.name

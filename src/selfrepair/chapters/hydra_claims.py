@@ -64,7 +64,7 @@ RESTORED = Claim(
                    ends=("taking away a further {}", "giving back {}"), none="giving back nothing"),
     rationale="§6's 'restore approximately 70% of the reduction in token logits' is the compensation "
               "over the logit reduction an ablation would cause without it, the direct effect removed; "
-              "'middle layers' are the middle half of the depth (structure.span). The clean σ is the "
+              "'middle layers' are the middle half of the depth. The clean σ is the "
               "book's lead reading (the chapter's section on σ says why); the same share at σ′ is "
               "given beside it with its own interval")
 SLOPE = Claim(
