@@ -285,7 +285,8 @@ def ioi_repair(ch) -> str:
     outcome = ""
     if rep is not None and rep.estimate is not None and rep.estimate.reliable:
         from ..chapters.ioi import repair_outcome
-        outcome = (f" On the test half, {rep.estimate.prose('.0%', rep.claim.rule.bounds)} of the lost direct effect comes back: "
+        came = rep.estimate.prose('.0%', rep.claim.rule.bounds)  # on its side of the rule's bounds
+        outcome = (f" On the test half, {came} of the lost direct effect comes back: "
                    f"{repair_outcome(rep.lo, rep.hi)}.")
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "
             f"{moved}, on {ch.performance['n_prompts']} "
