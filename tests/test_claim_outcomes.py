@@ -77,7 +77,10 @@ def test_each_outcome_renders_with_matching_words(claim):
         elif word == "cannot tell":
             assert "straddles the rule's threshold" in line
         else:
-            assert interval_words(lo, hi, claim.fmt) in line
+            if isinstance(claim.reading, Signed):  # read in the frame of the words carrying the sign
+                assert claim.reading.interval(v.value, lo, hi, claim.fmt, thresholds(claim.rule)) in line
+            else:
+                assert interval_words(lo, hi, claim.fmt) in line
             assert "cluster bootstrap over 30 prompts, 1,000 replicates, seed 7" in line
 
 
@@ -198,8 +201,43 @@ def test_a_signed_reading_says_its_sign_in_words_and_its_size_bold(claim):
         if value:
             assert claim.reading.up.split("{value}")[0] != claim.reading.down.split("{value}")[0] or \
                 claim.reading.up.split("{value}")[-1] != claim.reading.down.split("{value}")[-1]
-    said = sentence(claim, -0.43)
-    assert interval_words(-0.43 * 1.2, -0.43 * 0.8, claim.fmt) in said, (claim.key, said)
+    said = sentence(claim, -0.43)  # a whole interval below 0: its ends as sizes, in increasing order
+    assert interval_words(0.43 * 0.8, 0.43 * 1.2, claim.fmt.replace("+", "")) in said, (claim.key, said)
+    assert interval_words(-0.43 * 1.2, -0.43 * 0.8, claim.fmt) not in said, (claim.key, said)
+
+
+@pytest.mark.parametrize("claim", SIGNED, ids=lambda c: c.key)
+def test_a_signed_readings_interval_is_read_in_the_frame_of_its_words(claim):
+    """After words that carry the sign ("falls by 456%"), the interval is never "-589% to -204%":
+    on the value's side of 0 its ends are sizes, in increasing order; across 0 each end is said
+    in words from its own sign, and that the interval includes no change."""
+    below = Verdict(claim, -4.56, 30, "prompts", "", -5.89, -2.04, "", None)
+    said = render([below]).split("<details>")[0]
+    assert interval_words(2.04, 5.89, claim.fmt.replace("+", "")) in said, (claim.key, said)
+    assert not re.search(r"95% interval [-−]", said), (claim.key, said)
+    across = Verdict(claim, -0.02, 30, "prompts", "", -0.07, 0.02, "", None)
+    said = render([across]).split("<details>")[0]
+    low, high = claim.reading.ends
+    assert f"95% interval from {low.format('')}".rstrip() in said or low.split("{}")[0] in said, (claim.key, said)
+    assert f"which includes {claim.reading.none}" in said, (claim.key, said)
+    assert not re.search(r"95% interval [-−+]", said), (claim.key, said)
+
+
+def test_the_newcomers_signed_intervals():
+    """The newcomer's cases: "falls by 456% (95% interval -589% to -204%)", "take away a further
+    196% (95% interval -227% to -168%)", chapter 8's "shrinks by 2.86 (95% interval -3.62 to -2.14)"."""
+    from selfrepair.chapters.hydra_claims import ERASURE, RESTORED
+    from selfrepair.chapters.ioi_claims import BACKUPS
+    from selfrepair.chapters.iterative import EXIST
+
+    def said(claim, value, lo, hi):
+        return render([Verdict(claim, value, 30, "prompts", "", lo, hi, "", None)]).split("<details>")[0]
+
+    assert "falls by **456%** (95% interval 204% to 589%)" in said(EXIST, -4.56, -5.89, -2.04)
+    assert "take away a further **196%** (95% interval 168% to 227%)" in said(RESTORED, -1.96, -2.27, -1.68)
+    assert "shrinks by **2.86** (95% interval 2.14 to 3.62)" in said(BACKUPS, -2.86, -3.62, -2.14)
+    assert "falls by **20%** (95% interval from a fall of 50% to a rise of 10%, which includes no change)" in \
+        said(EXIST, -0.2, -0.5, 0.1)
 
 
 def test_the_cases_of_the_issue_read_from_their_sign():
@@ -214,7 +252,47 @@ def test_the_cases_of_the_issue_read_from_their_sign():
     assert "(it turns negative)" in sentence(EXIST, -4.56)
     assert "(it turns negative)" not in sentence(EXIST, -0.25)
     assert "its direct effect rises by **25%**" in sentence(EXIST, 0.25)
-    assert "moves **0.30**" in sentence(ERASURE, -0.3) and "the other way, as erasure predicts" in sentence(ERASURE, -0.3)
+    assert "moves **0.30**" in sentence(ERASURE, -0.3)
+    assert "the other way (the way erasure predicts)" in sentence(ERASURE, -0.3)
     assert "the same way" in sentence(ERASURE, 0.3) and "erasure predicts" not in sentence(ERASURE, 0.3)
     assert "takes away a further **0.20**" in sentence(SLOPE, -0.2)
     assert "gives back **0.80**" in sentence(SLOPE, 0.8)
+
+
+def test_an_erasure_slope_whose_interval_includes_no_move_asserts_no_direction():
+    """Chapter 5's "moves 0.02 logits the other way, as erasure predicts" with an interval of -0.07 to
+    +0.02 and the verdict cannot tell: the sentence says the way erasure predicts, not that the late
+    MLPs erase, and that the interval includes no move."""
+    from selfrepair.chapters.hydra_claims import ERASURE
+
+    said = render([Verdict(ERASURE, -0.02, 30, "prompts", "", -0.07, 0.02, "", None)]).split("<details>")[0]
+    assert "**cannot tell**" in said and "as erasure predicts" not in said, said
+    assert "moves **0.02** (95% interval from 0.07 the other way to 0.02 the same way, which includes no move" in said
+    assert "logits the other way (the way erasure predicts)" in said
+
+
+CODE_NAME = re.compile(r"(?<![\w/.\\`{%:\-])([a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*)(?![\w/(])")
+
+
+@pytest.mark.parametrize("claim", every_claim(), ids=lambda c: c.key)
+def test_no_code_name_in_a_claims_prose(claim):
+    """Chapter 5 said "'middle layers' are the middle half of the depth (structure.span)": a reader
+    of the book meets the paper's and the introduction's words, not the library's function names."""
+    reading = claim.reading.text if isinstance(claim.reading, Signed) else (claim.reading or "")
+    for text in (claim.statement, claim.metric, claim.rationale, reading):
+        names = [m for m in CODE_NAME.findall(text) if not re.fullmatch(r"(e\.g|i\.e)", m)]
+        assert not names, (claim.key, names, text)
+
+
+def test_no_code_name_in_the_notebooks_equations():
+    """Chapter 7's method wrote eq. 2 as "Δlogit = ΔDE_head + from_heads + from_mlps + from_norm":
+    the book's equations use the introduction's symbols (its eq. 2), never a table's column names."""
+    import json
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("book/*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                text = "".join(cell["source"])
+                assert not re.search(r"from\\_(heads|mlps|norm|block)", text), (path.name, text[:200])
+                assert "structure.span" not in text, path.name

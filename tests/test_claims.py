@@ -245,3 +245,25 @@ def test_scientific_numbers_read_as_prose():
     assert [_fmt(x, ".1e") for x in (1.08, 0.94, 123.4, 1.6e-6, 1234.0)] == ["1.1", "0.94", "120", "1.6×10⁻⁶",
                                                                              "1.2×10³"]
     assert _fmt(-0.051, "+.2e") == "-5.10×10⁻²" and _fmt(2.5, "+.1e") == "+2.5"
+
+
+def test_a_rationale_shared_by_several_claims_is_said_once_in_the_rules_table():
+    """Chapter 2 printed the last-layer class's paragraph four times, chapter 3 "chosen as §4.2
+    chooses … 'highlights this well'" twice, chapter 7 Kramár's "pre-filtering step" twice: the
+    rules table says each once, and the later claims refer to it."""
+    import html as html_
+    import re as re_
+
+    from selfrepair.chapters import atp, layernorm_claims, neurons_claims
+    from selfrepair.claims import AS_ABOVE, rules_table, said_once
+
+    for claims, passage in ((layernorm_claims.CLAIMS, "argues the mechanism for"),
+                            (neurons_claims.CLAIMS, "highlights this well"),
+                            (atp.CLAIMS, "components that matter but that AtP ranks low")):
+        text = html_.unescape(re_.sub(r"<[^>]+>", "", rules_table(claims)))
+        assert text.count(passage) == 1, (passage, text)
+        assert AS_ABOVE.strip() in text
+    long = "x " * 10 + "the class is every head of the last layer: " + "because of a long reason " * 6
+    once = said_once(["first; " + long, "second; " + long, "short"])
+    assert once[0] == "first; " + long and once[2] == "short"
+    assert once[1].rstrip() == "second; x x x x x x x x x x the class is every head of the last layer" + AS_ABOVE

@@ -251,7 +251,7 @@ def test_chapter5_reveal_never_calls_a_larger_mean_drop_repair(de, drop, words):
     assert words in text and f"mean DE {de:.3g}, mean drop {drop:.3g}" in text
 
 
-@pytest.mark.parametrize("slope, way", [(-0.3, "moves the other way, as erasure predicts, by 0.30 logits"),
+@pytest.mark.parametrize("slope, way", [(-0.3, "moves the other way (the way erasure predicts) by 0.30 logits"),
                                         (0.3, "moves the same way by 0.30 logits"), (0.001, "does not move")])
 def test_chapter5_reveal_says_the_erasure_slope_from_its_sign(slope, way):
     """Issue 25: not "moves -0.30 logits the same way (negative: the other way ...)"."""
@@ -301,3 +301,37 @@ def test_the_paragraph_lists_each_outcome_on_its_own_line():
              Finding("Take-away: read it so.")]
     assert markdown(found) == ('Where it ran.\n\n- Held: a.\n- Did not: b; see <a href="#x">X</a>.\n\n'
                                "**Take-away:** read it so.")
+
+
+def test_chapter5_reveal_erasure_interval_across_zero_includes_no_move():
+    """An erasure slope whose interval crosses 0 asserts no direction: its interval includes no move."""
+    from selfrepair.exercises import reveal
+
+    erasure = pd.DataFrame({"late": [True, True], "delta_direct_effect": [0.2, -0.1]})
+    est = estimate(-0.07, 0.02, value=-0.02)
+    text = reveal.late_mlps(SimpleNamespace(erasure=erasure, estimates=SimpleNamespace(erasure=est)))
+    assert ("95% interval from 0.07 logits the other way to 0.02 logits the same way, which includes no move"
+            in text), text
+    assert "as erasure predicts" not in text
+
+
+def test_chapter2_reveal_prints_a_share_on_its_side_of_almost_always():
+    """Exercise 2.1's solution said "S/S′ > 1 on … 90% (zero) of L17H3's top tokens" where the table,
+    verdict and chart show 89.6% and the rule is "at least 90.0%": every share compared with the
+    rule prints on its side of it (rules.against)."""
+    from selfrepair.chapters.layernorm_claims import RATIO
+    from selfrepair.exercises import reveal
+
+    ratios = pd.DataFrame({"ablation": ["resample", "mean", "zero"], "label": ["L17H3"] * 3,
+                           "share_ratio_above_1": [0.5, 0.93, 0.896]})
+    verdicts = [Verdict.of(RATIO["zero"], estimate(0.88, 0.91, value=0.8996))]
+    text = reveal.zero_ratio(SimpleNamespace(ratios=ratios, verdicts=verdicts))
+    assert "89.6% (zero) of L17H3's top tokens" in text and "90% (zero)" not in text, text
+    assert "93% (mean)" in text and "50% (resample)" in text
+    assert "89.96% (zero) of a last-layer head's top tokens" in text, text
+
+
+def test_estimate_prose_prints_on_its_side_of_the_thresholds():
+    e = estimate(0.47, 0.52, value=0.497)
+    assert e.prose(".0%") == "50% (95% interval 47% to 52%)"
+    assert e.prose(".0%", (0.5,)) == "49.7% (95% interval 47% to 52%)"

@@ -176,7 +176,7 @@ def test_real_chapters_3_and_4(cache):
     exist = next(v for v in it.verdicts if v.claim is iterative.EXIST)
     for said in ("chosen on the selection half as the head whose smaller fall is largest there",
                  "On the test half, at α = ", "under the random push it", "beyond the push (the first change minus "
-                 "the second)", "The value above is the smaller of the two falls"):
+                 "the second)", "value above is the smaller of the two falls"):
         assert said in exist.detail, said
 
 
@@ -190,3 +190,22 @@ def test_chapter4_control_sentence_says_what_the_comparison_means(own, control, 
     assert f"falls by {-own:.0%} of itself under its own output" in said
     assert f"falls by {-control:.0%} of itself under the random push" in said
     assert means in said and "a larger fall is more repression" in said and " -" not in said
+
+
+def test_chapter4_says_which_fall_each_interval_of_the_same_value_belongs_to():
+    """Chapter 4 printed "456%" with "(−589% to −204%)" and then "(−664% to −204%)", only "the value
+    above is the smaller of the two falls" hinting why: the sentence where the second appears names
+    which quantity each interval belongs to."""
+    from selfrepair.uncertainty import Estimate
+
+    def e(v, lo, hi):
+        return Estimate(v, lo, hi, 10, "documents", 20, "documents", 0, 100)
+
+    said = iterative.smaller_of_two(e(-4.56, -5.89, -2.04), e(-4.56, -6.64, -2.04), e(-5.0, -6.0, -4.0))
+    assert "here the fall under its own output" in said
+    assert "its interval (95% interval 204% to 589%) is that of the smaller of the two falls" in said
+    assert "the interval of the fall under its own output alone (95% interval 204% to 664%)" in said
+    said = iterative.smaller_of_two(e(-0.3, -0.4, -0.2), e(-0.5, -0.6, -0.4), e(-0.3, -0.45, -0.2))
+    assert "here the fall beyond the push" in said and "204%" not in said
+    same = iterative.smaller_of_two(e(-0.3, -0.4, -0.2), e(-0.3, -0.4, -0.2), e(-0.5, -0.6, -0.4))
+    assert same == "The verdict's value above is the smaller of the two falls, here the fall under its own output."

@@ -403,8 +403,12 @@ def test_the_repair_tables_drop_row_says_when_the_logit_difference_rises(delta_l
     ch = SimpleNamespace(repair=pd.DataFrame({"nm_delta_de": [-2.0, -2.0], "delta_logit": [delta_logit] * 2, **parts}),
                          meta={})
     t = chapter.repair_table(ch)
-    assert t["mean"].iloc[1] == -delta_logit
-    assert ("(negative: it rises)" in t["quantity"].iloc[1]) == rises
+    label, mean, share = t["quantity"].iloc[1], t["mean"].iloc[1], t["share of the DE lost"].iloc[1]
+    assert "negative" not in label and mean > 0 and share > 0  # labelled from the sign: never a negative drop
+    if rises:
+        assert label == "rise of the logit difference, +Δ" and mean == delta_logit
+    else:
+        assert label == "drop of the logit difference, −Δ" and mean == -delta_logit
 
 
 def test_chapter_config_errors():

@@ -36,9 +36,22 @@ def test_no_minus_after_by_of_back():
 
 def test_moved_keeps_the_interval_in_one_bracket():
     assert moved(_est(-5.0, -5.98, -3.86), "+.0%", relative=True) == (
-        "falls by 500% of itself (it turns negative; 95% interval -598% to -386%)")
+        "falls by 500% of itself (it turns negative; 95% interval 386% to 598%)")
     assert moved(_est(-1.96, -2.27, -1.68), ".0%", gives_back) == (
-        "take away a further 196% (the opposite of giving back; 95% interval -227% to -168%)")
+        "take away a further 196% (the opposite of giving back; 95% interval 168% to 227%)")
+
+
+def test_an_interval_is_read_in_the_frame_of_the_words_that_carry_the_sign():
+    """After "falls by" the ends are sizes in increasing order; across 0 each end is said in words."""
+    assert moved(_est(-4.56, -5.89, -2.04), "+.0%") == "falls by 456% (95% interval 204% to 589%)"
+    assert moved(_est(-0.2, -0.5, 0.1), "+.0%") == (
+        "falls by 20% (95% interval from a fall of 50% to a rise of 10%, which includes no change)")
+    assert moved(_est(-0.3, -0.6, 0.2), ".0%", gives_back) == (
+        "take away a further 30% (the opposite of giving back; 95% interval from taking away a further "
+        "60% to giving back 20%, which includes giving back nothing)")
+    assert moved(_est(0.3, 0.1, 0.5), "+.0%") == "rises by 30% (95% interval 10% to 50%)"
+    for x in (-5.0, -0.3, 0.3):
+        assert not re.search(r"interval [-−+]", moved(_est(x, x - 1, x + 1), "+.0%"))
     assert moved(_est(0.3, 0.1, 0.5), ".0%", gives_back) == "give back 30% (95% interval 10% to 50%)"
 
 

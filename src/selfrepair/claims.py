@@ -26,14 +26,15 @@ data, so the text states exactly the rule that was applied and every outcome it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from difflib import SequenceMatcher
 
 import numpy as np
 import pandas as pd
 
 from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
                     against, approximately, at_least, at_most, below, between, interval_words, paper_number,
-                    paper_word)
+                    paper_word, signed_interval_words)
 from .tables import table
 from .uncertainty import MIN_CLUSTERS, Estimate
 
@@ -76,14 +77,25 @@ class Signed:
     a change ("gives back 5%" / "takes away a further 5%", never "gives back -5%" or "-5% (negative:
     ...)"): ``text`` with ``{way}``, which is ``up`` where the value is above 0, ``down`` where it is
     below and ``zero`` (``up`` when empty) where it is 0 at the digits shown. ``{value}`` (in
-    ``text`` or in the way) is then the value's size, bold and unsigned, with its 95% interval,
-    whose ends keep their signs: they are not read after "by"."""
+    ``text`` or in the way) is then the value's size, bold and unsigned, with its 95% interval read
+    in the same frame (:func:`~selfrepair.rules.signed_interval_words`): sizes in increasing order
+    where the whole interval is on the value's side of 0, else each end in words from its sign,
+    ``ends`` (below 0, above 0; ``{}`` for the size), saying that it includes ``none`` where it
+    crosses 0."""
 
     text: str
     up: str
     down: str
     zero: str = ""
     turns: str = ""  # a change relative to the thing itself: added to ``down`` from a fall of 100% on
+    ends: tuple = ("a fall of {}", "a rise of {}")  # an interval's end below 0, above 0, in words
+    none: str = "no change"  # what an interval that crosses 0 includes
+
+    def interval(self, value: float, lo: float, hi: float, fmt: str, thresholds=()) -> str:
+        """The 95% interval in the frame of the words for ``value``'s sign."""
+        if is_zero(value, fmt, thresholds):
+            value = 0.0  # said as no change: each end from its own sign
+        return signed_interval_words(value, lo, hi, fmt, thresholds, *self.ends, none=self.none)
 
     def way(self, value: float, fmt: str, thresholds=()) -> str:
         """The words for ``value``'s sign (at the digits :func:`size` shows)."""
@@ -227,6 +239,8 @@ def _interval(v: Verdict) -> str:
         return f" (no reliable 95% interval{how})"
     if not (math.isfinite(v.lo) and math.isfinite(v.hi)):
         return f" (too few to give an interval{how})"
+    if isinstance(c.reading, Signed):  # read after words that carry the sign: in their frame
+        return f" ({c.reading.interval(v.value, v.lo, v.hi, c.fmt, thresholds(c.rule))}{how})"
     return f" ({interval_words(v.lo, v.hi, c.fmt, thresholds(c.rule))}{how})"
 
 
@@ -288,7 +302,9 @@ def rules_table(claims) -> str:
                            "holds": c.rule.text(c.fmt), "differs": c.rule.opposite(c.fmt)} for c in claims],
                          columns=list(RULES_HEADERS))
     rules = table(frame, names=RULES_HEADERS, stacked=True)._repr_html_()
-    measured = "\n".join(f"- *{c.statement}*: {c.metric}. {_metric_why(c)}".rstrip() for c in claims)
+    said = said_once([c.rationale for c in claims])  # a rationale's passage shared with an earlier claim: once
+    measured = "\n".join(f"- *{c.statement}*: {c.metric}. {_metric_why(replace(c, rationale=r))}".rstrip()
+                         for c, r in zip(claims, said))
     words = {}
     for c in claims:
         if c.rule.word and c.rule.reason:
@@ -302,6 +318,44 @@ def rules_table(claims) -> str:
     if read:
         parts += ["**How the paper's words are read** (once for every claim that reads them).", read]
     return "\n\n".join(parts + [after])
+
+
+SHARED = 100  # characters: a passage at least this long that a later rationale repeats is said once
+AS_ABOVE = " (as said in full above)"
+
+
+def said_once(texts, least: int = SHARED) -> list[str]:
+    """``texts`` (the rationales of a chapter's claims, in the order the page lists them) with every
+    passage of at least ``least`` characters that an earlier text already holds said once: in a
+    later text it shrinks to its opening words (up to its first colon or bracket, else comma or
+    semicolon) and
+    :data:`AS_ABOVE`, so a rationale that several claims share ("the class is every head of the last
+    layer: …") is read once, and the later claims refer to it."""
+    out = []
+    for i, text in enumerate(texts):
+        masked, cuts = text, []  # a passage once replaced is masked, so it is never matched again
+        for earlier in texts[:i]:
+            while True:
+                m = SequenceMatcher(None, earlier, masked, autojunk=False).find_longest_match(
+                    0, len(earlier), 0, len(masked))
+                start, end = m.b, m.b + m.size
+                while start < end and start > 0 and (text[start - 1].isalnum() or not text[start].isalnum()):
+                    start += 1  # from the start of a word
+                while end > start and end < len(text) and text[end].isalnum():
+                    end -= 1  # to the end of a word
+                passage = text[start:end].rstrip(" ;,.")
+                if len(passage) < least:
+                    break
+                first = [k for k in (passage.find(":"), passage.find(" (")) if 0 < k <= 160]
+                cut = min(first) if first else min(
+                    (passage.find(x) for x in (",", ";") if 0 < passage.find(x)), default=-1)
+                handle = passage[:cut] if 0 < cut <= 160 else " ".join(passage.split()[:8]) + "…"
+                cuts.append((start, start + len(passage), handle + AS_ABOVE))
+                masked = masked[:start] + "\0" * len(passage) + masked[start + len(passage):]
+        for start, end, said in sorted(cuts, reverse=True):
+            text = text[:start] + said + text[end:]
+        out.append(text)
+    return out
 
 
 def _line(v: Verdict, rules: str, mark: bool) -> str:

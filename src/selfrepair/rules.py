@@ -226,3 +226,29 @@ def _fmt(value: float, fmt: str) -> str:
             return format(float(text), f"{sign}.{max(0, digits - power)}f")
         text = f"{mantissa}×10{_superscript(power)}"
     return text
+
+
+def signed_interval_words(value: float, lo: float, hi: float, fmt: str, thresholds=(),
+                          down: str = "a fall of {}", up: str = "a rise of {}", none: str = "") -> str:
+    """A signed value's 95% interval, read in the frame of the words that carry the value's sign
+    ("falls by 456%", "takes away a further 196%"): where the whole interval is on the value's side
+    of 0, its ends as sizes in increasing order ("95% interval 204% to 589%", never "-589% to
+    -204%" after "falls by"); otherwise each end in words from its own sign, ``down`` / ``up`` with
+    ``{}`` for its size ("95% interval from a fall of 50% to a rise of 10%"), and, where it crosses
+    0 and ``none`` is given, that it includes ``none`` ("which includes no change"). An end near
+    one of ``thresholds`` on its side of 0 prints on its side of it (:func:`against`)."""
+    plain = fmt.replace("+", "")
+
+    def same_side(x: float) -> list[float]:
+        return [abs(t) for t in thresholds if t is not None and (t == 0 or (t > 0) == (x > 0))]
+
+    if value is not None and math.isfinite(value) and value != 0 and (hi <= 0 if value < 0 else lo >= 0):
+        a, b = sorted((abs(lo), abs(hi)))
+        return interval_words(a, b, plain, same_side(value))
+
+    def end(x: float) -> str:
+        shown = against(abs(x), plain, same_side(x))
+        return (down if x < 0 else up).format(shown)
+
+    crosses = f", which includes {none}" if none and lo < 0 < hi else ""
+    return f"95% interval from {end(lo)} to {end(hi)}{crosses}"

@@ -167,15 +167,17 @@ class Estimate:
     def reliable(self) -> bool:
         return not self.why and all(math.isfinite(x) for x in (self.value, self.lo, self.hi))
 
-    def prose(self, fmt: str) -> str:
-        """The estimate in a sentence: its value and 95% interval, or why it has none."""
+    def prose(self, fmt: str, thresholds=()) -> str:
+        """The estimate in a sentence: its value and 95% interval, or why it has none; a value or
+        end near one of ``thresholds`` (a rule's bounds it is compared with) prints on its side of
+        it (:func:`~selfrepair.rules.against`)."""
         if not math.isfinite(self.value):
             return "n/a"
-        if not self.reliable:
-            return f"{self.value:{fmt}} (no reliable interval: {self.why or 'undefined'})"
-        from .rules import interval_words  # rules formats numbers; it imports nothing from here
+        from .rules import against, interval_words  # rules formats numbers; it imports nothing from here
 
-        return f"{self.value:{fmt}} ({interval_words(self.lo, self.hi, fmt)})"
+        if not self.reliable:
+            return f"{against(self.value, fmt, thresholds)} (no reliable interval: {self.why or 'undefined'})"
+        return f"{against(self.value, fmt, thresholds)} ({interval_words(self.lo, self.hi, fmt, thresholds)})"
 
     def describe(self) -> str:
         """How the interval was made, for a verdict's sentence."""

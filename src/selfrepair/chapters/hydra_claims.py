@@ -60,10 +60,11 @@ RESTORED = Claim(
     paper=PAPER["restored"], paper_context=f"{PAPER['model']}, {PAPER['dataset']}", fmt=".0%",
     reading=Signed("When a middle attention layer is ablated, the layers after it {way} of the direct "
                    "effect it removed, read at the clean run's σ ({n} {unit}).",
-                   up="give back {value}", down="take away a further {value} (the opposite of giving back)"),
+                   up="give back {value}", down="take away a further {value} (the opposite of giving back)",
+                   ends=("taking away a further {}", "giving back {}"), none="giving back nothing"),
     rationale="§6's 'restore approximately 70% of the reduction in token logits' is the compensation "
               "over the logit reduction an ablation would cause without it, the direct effect removed; "
-              "'middle layers' are the middle half of the depth (structure.span). The clean σ is the "
+              "'middle layers' are the middle half of the depth. The clean σ is the "
               "book's lead reading (the chapter's section on σ says why); the same share at σ′ is "
               "given beside it with its own interval")
 SLOPE = Claim(
@@ -80,7 +81,8 @@ SLOPE = Claim(
     fmt=".2f",
     reading=Signed("Past 13/32 of the depth, in the attention layer whose slope is largest, each extra logit "
                    "of direct effect removed brings a compensation that {way} ({n} {unit}).",
-                   up="gives back {value} logits", down="takes away a further {value} logits"),
+                   up="gives back {value} logits", down="takes away a further {value} logits",
+                   ends=("taking away a further {}", "giving back {}"), none="giving back nothing"),
     rationale="§4.2: 'fitting a linear regression between direct effect and compensatory response "
               "gives a slope of less than one at all layers past layer 13'. The models have different "
               "depths, so the paper's layer is compared as a relative depth")
@@ -92,8 +94,8 @@ ERASURE = Claim(
     "negative slope)", paper_word("significant", "<"), fmt="+.2f",
     reading=Signed("For each logit an ablation moves the ablated layer's direct effect, the late MLPs' direct "
                    "effect {way} ({n} {unit}).", up="moves {value} logits the same way",
-                   down="moves {value} logits the other way, as erasure predicts",
-                   zero="moves {value} logits"),
+                   down="moves {value} logits the other way (the way erasure predicts)",
+                   zero="moves {value} logits", ends=("{} the other way", "{} the same way"), none="no move"),
     rationale="§2.5.2: 'when the attention layer has a high positive impact they have a high negative "
               "impact and when the attention layer's Δ_unembed is reduced theirs is similarly "
               "attenuated' — the late MLPs' change moves against the ablated layer's, in proportion to "

@@ -251,7 +251,8 @@ def repair_table(ch: IoiChapter) -> pd.DataFrame:
     r = ch.repair
     lost, drop = -r["nm_delta_de"].mean(), -r["delta_logit"].mean()
     rows = [("name movers' direct effect lost, −ΔDE", lost),
-            ("drop of the logit difference, −Δ" + (" (negative: it rises)" if drop < 0 else ""), drop),
+            # labelled from the sign, so its values are never a negative drop
+            ("rise of the logit difference, +Δ", -drop) if drop < 0 else ("drop of the logit difference, −Δ", drop),
             ("self-repair (eq. 1)", r["self_repair"].mean()),
             ("… other heads", r["from_heads"].mean()),
             ("… MLP layers", r["from_mlps"].mean()),

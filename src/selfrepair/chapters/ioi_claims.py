@@ -46,7 +46,8 @@ REPAIRED = Claim("repaired", "Ablating the name movers is partly repaired: the l
                  "Σ (−ΔDE of the name movers) over the test half's prompts", PARTLY, fmt=".0%",
                  reading=Signed("Of the direct effect the name movers lose, {way} ({n} {unit}).",
                                 up="{value} comes back",
-                                down="none comes back: the logit difference loses a further {value} of it"),
+                                down="none comes back: the logit difference loses a further {value} of it",
+                                ends=("losing a further {}", "{} coming back"), none="nothing coming back"),
                  rationale="the name movers are chosen on the other half of the prompt pairs: chosen for a "
                            "large direct effect, they would lose more of it, by chance, on the prompts "
                            "that chose them")

@@ -71,7 +71,8 @@ PROPORTIONAL = Claim("proportional", "The repression is proportional to how much
                      paper_word("proportional"), fmt=".3f",
                      reading=Signed("Each unit of α {way} (the slope of the line, over {n} {unit}).",
                                     up="adds {value} of the direct effect to the repression",
-                                    down="takes {value} of the direct effect off the repression"),
+                                    down="takes {value} of the direct effect off the repression",
+                                    ends=("{} taken off", "{} added"), none="nothing added"),
                      rationale="App. F: 'the amount in which these heads self-repress is proportional to "
                                "the amount in which scale the heads output back into itself'; proportional "
                                "is a line through the origin, so the slope must be above 0 and the intercept "
@@ -168,9 +169,31 @@ def verdicts(ch: IterativeChapter) -> list[Verdict]:
                        f"under its own output its mean top-token direct effect "
                        f"{moved(own, '+.0%', relative=True)}; under the random push it "
                        f"{moved(ctrl, '+.0%', relative=True)}; beyond the push (the first change minus the "
-                       f"second) it {moved(beyond, '+.0%')}. The value above is the smaller of the two falls. "
+                       f"second) it {moved(beyond, '+.0%')}. {smaller_of_two(est, own, beyond)} "
                        f"{share}")
     return [exist, _proportional(ch, chosen, test, boot, labels)]
+
+
+def smaller_of_two(est, own, beyond, fmt: str = "+.0%") -> str:
+    """Which of the two falls the verdict's value is, and why the same number carries two intervals:
+    the verdict's is of the smaller fall retaken in every bootstrap replicate (where the smaller of
+    the two can switch), the other of that one fall alone."""
+    from ..rules import signed_interval_words
+
+    if not (np.isfinite(est.value) and np.isfinite(own.value) and np.isfinite(beyond.value)):
+        return "The value above is the smaller of the two falls."
+    mine = own if abs(est.value - own.value) <= abs(est.value - beyond.value) else beyond
+    which = "under its own output" if mine is own else "beyond the push"
+    said = f"The verdict's value above is the smaller of the two falls, here the fall {which}"
+    if not (est.reliable and mine.reliable):
+        return said + "."
+    ours = signed_interval_words(est.value, est.lo, est.hi, fmt)
+    alone = signed_interval_words(mine.value, mine.lo, mine.hi, fmt)
+    if ours == alone:
+        return said + "."
+    return (f"{said}; its interval ({ours}) is that of the smaller of the two falls, retaken in every "
+            f"bootstrap replicate, where the smaller one can switch, so it differs from the interval of the "
+            f"fall {which} alone ({alone}).")
 
 
 def _proportional(ch: IterativeChapter, chosen: np.ndarray, test, boot: Bootstrap, labels) -> Verdict:

@@ -113,7 +113,8 @@ NORMS_ONLY = Claim("norms_only", "Freezing every downstream component except the
                    paper_word("significant"), fmt="+.3f",
                    reading=Signed("With only the norms live, they {way} on average over the {n} {unit}.",
                                   up="give back {value} logits",
-                                  down="take away a further {value} logits (the opposite of giving back)"),
+                                  down="take away a further {value} logits (the opposite of giving back)",
+                                  ends=("taking away a further {}", "giving back {}"), none="giving back nothing"),
                    rationale="freezing everything including the norm leaves Δlogit = ΔDE of the head, so "
                              "the logit difference the live norm recovers is the norms-only self-repair; "
                              "significant is read as distinguishable from zero. " + LATE)

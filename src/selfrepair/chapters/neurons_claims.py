@@ -75,7 +75,8 @@ ERASURE = Claim("erasure", "The top repairing neurons are erasure neurons, more 
                 paper_word("significant"), fmt="+.0%",
                 reading=Signed("In percentage points, the share of erasure neurons among the neurons that "
                                "repair most is {way} their share among all of the layer's neurons (over {n} "
-                               "{unit}).", up="{value} above", down="{value} below", zero="within {value} of"),
+                               "{unit}).", up="{value} above", down="{value} below", zero="within {value} of",
+                               ends=("{} below", "{} above"), none="no difference"),
                 rationale="App. C: 'the top repairing neurons have negative clean direct effects, and are "
                           "thus erasure neurons', each neuron coloured by 'its median clean direct effect "
                           "on the distribution'. A layer can hold many neurons whose median is negative, "

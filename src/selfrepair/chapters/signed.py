@@ -10,14 +10,19 @@ def _abs(x: float, fmt: str) -> str:
     return format(abs(x), fmt.replace("+", ""))
 
 
-def _interval(est, fmt: str) -> str:
-    """The estimate's interval in brackets, or why it has none (its ends keep their signs: they are
-    not read after "by")."""
+def _interval(est, fmt: str, ends=("a fall of {}", "a rise of {}"), none: str = "no change",
+              shown_zero: bool = False) -> str:
+    """The estimate's interval in brackets, or why it has none, read in the frame of the words
+    that carry the value's sign (:func:`~selfrepair.rules.signed_interval_words`): sizes in
+    increasing order where the whole interval is on the value's side of 0, else each end in words
+    (``ends``: below 0, above 0) and that it includes ``none``; ``shown_zero``: the value was said
+    as no change, so each end is said from its own sign."""
     if not est.reliable:
         return f" (no reliable interval: {est.why or 'undefined'})"
-    from ..rules import interval_words
+    from ..rules import signed_interval_words
 
-    return f" ({interval_words(est.lo, est.hi, fmt)})"
+    value = 0.0 if shown_zero else est.value
+    return f" ({signed_interval_words(value, est.lo, est.hi, fmt, (), *ends, none=none)})"
 
 
 def changes(x: float, fmt: str, up: str = "rises by", down: str = "falls by",
@@ -57,12 +62,20 @@ def gives_back(x: float, fmt: str, unit: str = "") -> str:
     return f"take away a further {_abs(x, fmt)}{unit} (the opposite of giving back)"
 
 
-def moved(est, fmt: str, how=changes, **kw) -> str:
+def moved(est, fmt: str, how=changes, ends=None, none=None, **kw) -> str:
     """An :class:`~selfrepair.uncertainty.Estimate` said by ``how`` (:func:`changes`,
-    :func:`gives_back`) from its value's sign, then its interval."""
+    :func:`gives_back`) from its value's sign, then its interval in the same frame (``ends`` and
+    ``none`` as :func:`_interval` takes them; by default from ``how``)."""
     if not math.isfinite(est.value):
         return how(est.value, fmt, **kw)
     said = how(est.value, fmt, **kw)
+    unit = kw.get("unit", "")
+    if how is gives_back:
+        ends = ends or ("taking away a further {}" + unit, "giving back {}" + unit)
+        none = none or "giving back nothing"
+    ends = ends or ("a fall of {}" + unit, "a rise of {}" + unit)
+    shown_zero = _abs(est.value, fmt).strip("0.%") == ""
+    interval = _interval(est, fmt, ends, none or "no change", shown_zero)
     if said.endswith(")"):  # "(it turns negative)" / "(the opposite of giving back)": one bracket
-        return said[:-1] + "; " + _interval(est, fmt)[2:]
-    return said + _interval(est, fmt)
+        return said[:-1] + "; " + interval[2:]
+    return said + interval

@@ -10,6 +10,15 @@ from __future__ import annotations
 import math
 
 from ..chapters.signed import changes, moved
+from ..rules import against
+
+
+def _near(x: float, claim) -> str:
+    """A share compared with ``claim``'s rule, in whole percent unless that would print it on the
+    other side of one of the rule's thresholds ("89.6%" against "at least 90%", not "90%")."""
+    from ..claims import thresholds
+
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else against(x, ".0%", thresholds(claim.rule))
 
 TERMS = ("from_heads", "from_mlps", "from_block_norms", "from_norm")
 TERM_NAMES = {"from_heads": "downstream heads", "from_mlps": "downstream MLP layers",
@@ -76,12 +85,13 @@ def noise(ex) -> str:
 def zero_ratio(ch) -> str:
     """Share of the ratio head's top tokens with S/S′ > 1 under each ablation, then over every
     last-layer head (the verdicts' class), with the paper's shares from the claims' data."""
-    from ..chapters.layernorm_claims import QUOTED
+    from ..chapters.layernorm_claims import QUOTED, RATIO
 
     r = ch.ratios.set_index("ablation")
     label = r["label"].iloc[0]
-    shares = ", ".join(f"{_pct(r.loc[a, 'share_ratio_above_1'])} ({a})" for a in r.index)
-    every = ", ".join(f"{_pct(v.value)} ({v.claim.key.removeprefix('ratio_')})" for v in ch.verdicts
+    shares = ", ".join(f"{_near(r.loc[a, 'share_ratio_above_1'], RATIO.get(a, next(iter(RATIO.values()))))} ({a})"
+                       for a in r.index)  # against "almost always": 89.6%, not a 90% that reads as reaching it
+    every = ", ".join(f"{_near(v.value, v.claim)} ({v.claim.key.removeprefix('ratio_')})" for v in ch.verdicts
                       if v.claim.key.startswith("ratio_"))
     paper = ", ".join(f"{v:.2%} ({a})" for a, v in QUOTED.items())
     return (f"S/S′ > 1 on {shares} of {label}'s top tokens, and on {every} of a last-layer head's top "
@@ -98,7 +108,7 @@ def share(ch) -> str:
     g = lay[(lay["tokens"] == "top-k%") & (lay["clipping"] == "clipped") & (lay["component"] == "final norm")]
     best = g.loc[g["share"].idxmax()]
     v = {x.claim.key: x for x in ch.verdicts}.get("norm_share")
-    verdict = (f" The verdict above averages only the {v.n} {v.unit} ({_pct(v.value)}), so the two numbers "
+    verdict = (f" The verdict above averages only the {v.n} {v.unit} ({_near(v.value, v.claim)}), so the two numbers "
                "differ by the early layers." if v is not None and v.value is not None else "")
     return (f"Averaged over every layer (each layer's mean over its heads), the final norm gives back "
             f"{_pct(g['share'].mean())} of a head's direct effect on its top tokens (per layer from "
@@ -116,7 +126,7 @@ def erasure(ch) -> str:
     v = {x.claim.key: x for x in ch.verdicts}["erasure"]
     r = ch.summary.iloc[0]
     return (f"Among the ten neurons that repair each Fig 8 head most, erasure neurons (a negative median "
-            f"clean direct effect over every token) are {abs(100 * v.value):.0f} percentage points "
+            f"clean direct effect over every token) are {_points(v)} percentage points "
             f"{'more' if v.value >= 0 else 'less'} common than among all the layer's neurons, so "
             f"{SO[v.holds]}. {v.detail} Token by "
             f"token, for {r.label}: "
@@ -126,13 +136,21 @@ def erasure(ch) -> str:
             "anti-erasure pattern.")
 
 
+def _points(v) -> str:
+    """The size of a difference of shares in percentage points, on its side of the rule's
+    thresholds (a difference just above 0 is not "0 percentage points more")."""
+    from ..claims import thresholds
+
+    return against(abs(100 * v.value), ".0f", [abs(100 * t) for t in thresholds(v.claim.rule)])
+
+
 def sparse(ch) -> str:
     """How heavily the top neuron repairs (Fig 8), and how spread the whole change is (App. C)."""
     s = ch.summary
     v = {x.claim.key: x for x in ch.verdicts}["sparse"]
     parts = ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} for {r.label}" for _, r in s.iterrows())
     return (f"The single top repairing neuron gives back at least a tenth of the head's direct effect on "
-            f"{_pct(v.value)} of the Fig 8 heads' top tokens (mean over the heads). Half of the layer's "
+            f"{_near(v.value, v.claim)} of the Fig 8 heads' top tokens (mean over the heads). Half of the layer's "
             f"absolute change in direct effect — repair and its opposite together, App. C's measure — sits "
             f"in {parts} neurons: the top of the repair is sparse, the change below it is not.")
 
@@ -181,8 +199,9 @@ def drop_vs_de(ch) -> str:
             f"direct effect is larger, the rest of the network made up part of the loss; {mean}.")
 
 
-ERASURE_WAYS = dict(up="moves the same way by", down="moves the other way, as erasure predicts, by",
-                    zero="does not move", unit=" logits")  # the erasure slope, said from its sign
+ERASURE_WAYS = dict(up="moves the same way by", down="moves the other way (the way erasure predicts) by",
+                    zero="does not move", unit=" logits", none="no move",
+                    ends=("{} logits the other way", "{} logits the same way"))  # the erasure slope, said from its sign
 
 
 def late_mlps(ch) -> str:
@@ -216,7 +235,7 @@ def holds(ch) -> str:
             continue
         v = Verdict.of(MANY, e)
         words.append(v.word)
-        runs.append(f"{r['run']} {e.prose('.0%')}: {v.word}")
+        runs.append(f"{r['run']} {e.prose('.0%', MANY.rule.bounds)}: {v.word}")
     released = ", ".join(f"{r.model} {_pct(r.frac_self_repaired_late)}" for _, r in paper.iterrows())
     return (f"\"Many\" (at least {MANY.rule.bounds[0]:.0%}, the whole interval) holds on {words.count('holds')} of our "
             f"{counted(len(words), 'run')}: " + "; ".join(runs) + f". The release's models, with no interval of their "
@@ -266,7 +285,8 @@ def ioi_repair(ch) -> str:
     outcome = ""
     if rep is not None and rep.estimate is not None and rep.estimate.reliable:
         from ..chapters.ioi import repair_outcome
-        outcome = (f" On the test half, {rep.estimate.prose('.0%')} of the lost direct effect comes back: "
+        came = rep.estimate.prose('.0%', rep.claim.rule.bounds)  # on its side of the rule's bounds
+        outcome = (f" On the test half, {came} of the lost direct effect comes back: "
                    f"{repair_outcome(rep.lo, rep.hi)}.")
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "
             f"{moved}, on {ch.performance['n_prompts']} "
