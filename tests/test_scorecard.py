@@ -378,7 +378,8 @@ def test_the_page_recomputes_nothing(two_models, monkeypatch):
 def test_the_scorecard_runs_after_every_other_chapter_and_with_every_run(tmp_path, monkeypatch):
     notebooks = runner.chapter_notebooks(ROOT)
     assert notebooks[-1].stem == "09_scorecard" and runner.runs_last(notebooks[-1])
-    assert not any(runner.runs_last(nb) for nb in notebooks[:-1])
+    # the introduction's "What this build ran" reads the chapters' records too
+    assert [nb.stem for nb in notebooks if runner.runs_last(nb)] == ["00_introduction", "09_scorecard"]
     events = []
 
     def papermill(cmd, stdout=None, stderr=None, **_):
@@ -422,19 +423,20 @@ def test_a_build_runs_the_scorecard_with_every_chapter_and_a_no_build_run_only_t
         assert runner.run_book(ROOT, out, params={}, progress=False, **kw) == 0
         return list(ran)
 
-    # a build: the introduction (the toc's root) first, the scorecard last
-    assert book(chapters=["03"]) == ["00_introduction", "03_anti_erasure", "09_scorecard"]
+    last = ["00_introduction", "09_scorecard"]  # they read what the chapters recorded
+    # a build: the chapter, then the introduction (the toc's root) and the scorecard
+    assert book(chapters=["03"]) == ["03_anti_erasure", *last]
     assert runner.stale_last(src) == []
-    # --no-build: only what is named; the executed scorecard is now older than chapter 5
+    # --no-build: only what is named; the executed introduction and scorecard are now older than chapter 5
     assert book(chapters=["05"], build=False) == ["05_hydra"]
-    assert runner.stale_last(src) == ["09_scorecard.ipynb"]
-    assert book(chapters=["09"], build=False) == ["09_scorecard"] and runner.stale_last(src) == []
+    assert runner.stale_last(src) == [f"{nb}.ipynb" for nb in last]
+    assert book(chapters=["00", "09"], build=False) == last and runner.stale_last(src) == []
     book(chapters=["05"], build=False)
-    # a build without executing says the scorecard is stale; one that executes a chapter refreshes it
+    # a build without executing says they are stale; one that executes a chapter refreshes them
     capsys.readouterr()
     assert book(execute=False) == [] and len(built) == 2  # the --no-build runs built nothing
-    assert "09_scorecard.ipynb is older than a chapter" in capsys.readouterr().err
-    assert book(chapters=["03"]) == ["03_anti_erasure", "09_scorecard"] and runner.stale_last(src) == []
+    assert "00_introduction.ipynb, 09_scorecard.ipynb; run `selfrepair book`" in capsys.readouterr().err
+    assert book(chapters=["03"]) == ["03_anti_erasure", *last] and runner.stale_last(src) == []
 
 
 def test_the_scorecard_parameters_are_the_books(tmp_path):

@@ -67,8 +67,9 @@ def chapter_notebooks(root: Path, wanted: Iterable[str] | None = None) -> list[P
 
 def runs_last(notebook: Path) -> bool:
     """Whether a notebook reads what the other chapters record (its chapter module's
-    ``RUNS_LAST``: the scorecard), so it runs after them and with every run that executes one and
-    builds the book (a ``--no-build`` run executes only the chapters it names)."""
+    ``RUNS_LAST``: the introduction's "What this build ran" and the scorecard), so it runs after
+    them and with every run that executes one and builds the book (a ``--no-build`` run executes
+    only the chapters it names)."""
     from ..chapters import CHAPTERS, chapter_module
 
     return notebook.stem[:2] in CHAPTERS and bool(getattr(chapter_module(notebook.stem), "RUNS_LAST", False))
@@ -353,6 +354,8 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
             # the scorecard reads what every chapter recorded: it runs again (last) whenever one
             # runs (so also after a --no-build run of other chapters: see stale_last)
             notebooks += [nb for nb in chapter_notebooks(root) if runs_last(nb) and nb not in notebooks]
+        # in the order they run: the chapters, then those that read their records
+        notebooks = [nb for nb in notebooks if not runs_last(nb)] + [nb for nb in notebooks if runs_last(nb)]
         kept = sorted(nb.stem for nb in (src / "book").glob("*.ipynb")
                       if (root / "book" / nb.name) not in notebooks)
         print(f"checking the parameters of {counted(len(notebooks), 'chapter')} ...", flush=True)
@@ -364,8 +367,8 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
         failed = [r for r in execute_chapters(notebooks, by_stem, src, logs=out / "logs", jobs=jobs,
                                               progress=progress, workdir=root) if not r.ok]
     elif build and stale_last(src):
-        print(f"note: the executed {', '.join(stale_last(src))} is older than a chapter executed after it "
-              "(a --no-build run): run `selfrepair book` without --no-execute to refresh it",
+        print(f"note: executed before a chapter that a --no-build run executed after them: "
+              f"{', '.join(stale_last(src))}; run `selfrepair book` without --no-execute to refresh them",
               file=sys.stderr)
     if build:
         vendor_assets(root / "book" / "_static", root / ".cache" / "npm")

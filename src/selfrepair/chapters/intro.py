@@ -25,6 +25,9 @@ from . import check, value_bias_note
 from .signed import changes, fall
 
 POOL_ROWS = 64  # rows the demo rows' resample sources are drawn from (several documents)
+# executed after the other chapters a run executes (selfrepair.book.runner.runs_last): its "What this
+# build ran" reads the verdict records they write, so a fresh build's first page names what ran
+RUNS_LAST = True
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def build_markdown(cfg: Config) -> str:
     from ..build_scope import PAPER_COMMAND, PAPER_NAMES, is_paper_model, models_sentence, read_scope
 
     found = read_scope(cfg.cache_dir)
-    if not found:  # a fresh cache: this page runs before the chapters that write the records
+    if not found:  # no chapter has run on this cache (this page runs after those that do: RUNS_LAST)
         own = "one of the papers' own models" if is_paper_model(cfg.model) else "none of the papers' own models"
         return (f"**What this build ran.** When this page ran, no chapter had recorded a verdict in the results "
                 f"cache `{cfg.cache_dir}` yet; this page ran on `{cfg.model}`, {own} ({PAPER_NAMES}, …), which "
