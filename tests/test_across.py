@@ -378,7 +378,7 @@ def test_size_markdown_sets_ours_beside_the_papers_values_and_says_it_is_unteste
     cfg = across.Config.from_params(model="toy", n_tokens=8192, top_percent=2.0)
     md = across.size_markdown(table, "toy", cfg)
     t, p = table.set_index("run").loc["toy (ours)"], table[table["source"] == "paper"]
-    assert f"of {t['self_repair_late']:+.3f} logits and the early layers' {t['self_repair_early']:+.3f}" in md
+    assert f"of {t['self_repair_late']:.3f} logits and the early layers' {t['self_repair_early']:.3f}" in md  # no forced sign after 'of'
     assert f"from {p['self_repair_late'].min():+.3f} to {p['self_repair_late'].max():+.3f} (late)" in md
     assert "**not tested here**" in md and "about 164 tokens" in md and "20,000" in md
     assert not re.search(r"\bnan\b", md, re.I)

@@ -252,3 +252,61 @@ def signed_interval_words(value: float, lo: float, hi: float, fmt: str, threshol
 
     crosses = f", which includes {none}" if none and lo < 0 < hi else ""
     return f"95% interval from {end(lo)} to {end(hi)}{crosses}"
+
+
+@dataclass(frozen=True)
+class Signed:
+    """A claim's reading said from its value's sign, the way :mod:`selfrepair.chapters.signed` says
+    a change ("gives back 5%" / "takes away a further 5%", never "gives back -5%" or "-5% (negative:
+    ...)"): ``text`` with ``{way}``, which is ``up`` where the value is above 0, ``down`` where it is
+    below and ``zero`` (``up`` when empty) where it is 0 at the digits shown. ``{value}`` (in
+    ``text`` or in the way) is then the value's size, bold and unsigned, with its 95% interval read
+    in the same frame (:func:`~selfrepair.rules.signed_interval_words`): sizes in increasing order
+    where the whole interval is on the value's side of 0, else each end in words from its sign,
+    ``ends`` (below 0, above 0; ``{}`` for the size), saying that it includes ``none`` where it
+    crosses 0."""
+
+    text: str
+    up: str
+    down: str
+    zero: str = ""
+    turns: str = ""  # a change relative to the thing itself: added to ``down`` from a fall of 100% on
+    ends: tuple = ("a fall of {}", "a rise of {}")  # an interval's end below 0, above 0, in words
+    none: str = "no change"  # what an interval that crosses 0 includes
+
+    def interval(self, value: float, lo: float, hi: float, fmt: str, thresholds=()) -> str:
+        """The 95% interval in the frame of the words for ``value``'s sign."""
+        if is_zero(value, fmt, thresholds):
+            value = 0.0  # said as no change: each end from its own sign
+        return signed_interval_words(value, lo, hi, fmt, thresholds, *self.ends, none=self.none)
+
+    def way(self, value: float, fmt: str, thresholds=()) -> str:
+        """The words for ``value``'s sign (at the digits :func:`size` shows)."""
+        if value is None or not math.isfinite(value) or is_zero(value, fmt, thresholds):
+            return self.zero or self.up
+        return self.up if value > 0 else self.down + (self.turns if value <= -1 else "")
+
+    def template(self, value: float, fmt: str, thresholds=()) -> str:
+        """``text`` with the way for ``value``, still holding ``{value}``, ``{n}`` and ``{unit}``."""
+        return self.text.replace("{way}", self.way(value, fmt, thresholds))
+
+
+def size(value: float, fmt: str, thresholds=()) -> str:
+    """``|value|`` in ``fmt`` without a sign (a forced ``+`` dropped): a signed value's size, read
+    after words that carry its sign; near one of ``thresholds`` on the value's side of 0, on its
+    side of it (:func:`~selfrepair.rules.against`)."""
+    if value is None or not math.isfinite(value):
+        return _fmt(value, fmt)
+    same_side = [abs(t) for t in thresholds if t == 0 or (t > 0) == (value > 0)]
+    return against(abs(value), fmt.replace("+", ""), same_side)
+
+
+def is_zero(value: float, fmt: str, thresholds=()) -> bool:
+    """Whether ``value``'s :func:`size` prints as zero ("0%", "0.00", "0.0×10⁰")."""
+    return size(value, fmt, thresholds).split("×")[0].strip("0.%") == ""
+
+
+def thresholds(rule: Rule) -> tuple[float, ...]:
+    """The values a rule compares a claim's value with (a "proportional" rule's bound is a
+    tolerance on the intercept, not a threshold of the value)."""
+    return () if rule.op == "proportional" else rule.bounds

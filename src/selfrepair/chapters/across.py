@@ -234,47 +234,12 @@ def _and(items: list) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _in_range(value: float, lo: float, hi: float) -> str:
-    """Where ``value`` lies against the range ``lo``–``hi``, in words."""
-    if value > hi:
-        return f"above all of them ({value / hi:.1f}× the largest)" if hi > 0 else "above all of them"
-    if value < lo:
-        return "below all of them"
-    return "within their range"
-
-
 def size_markdown(table: pd.DataFrame, current: str, cfg: Any = None) -> str:
-    """The current model's mean late- and early-layer top-k% self-repair beside the paper's released
-    values in the same table, where it lies against them, and what might explain the size — said
-    plainly as untested (``cfg``: the chapter's parameters, for the tokens and corpus)."""
-    ours, paper = _split(table, current)
-    ours = ours[ours["model"] == current]
-    if ours.empty or paper.empty:
-        return ""
-    me = ours.iloc[0]
-    late, early = float(me["self_repair_late"]), float(me["self_repair_early"])
-    pl, pe = paper["self_repair_late"].astype(float), paper["self_repair_early"].dropna().astype(float)
-    text = (f"**The size of the repair.** On {me['run']}, the late layers' heads have a mean top-k% self-repair "
-            f"of {late:+.3f} logits and the early layers' {early:+.3f}; the paper's released values in the "
-            f"table run from {pl.min():+.3f} to {pl.max():+.3f} (late) and {pe.min():+.3f} to {pe.max():+.3f} "
-            f"(early) over {_and(list(paper['model']))}: ours is {_in_range(late, pl.min(), pl.max())} in the late "
-            f"layers and {_in_range(early, pe.min(), pe.max())} in the early ones.")
-    why = []
-    if "block_norm_share_late" in me and float(me["block_norm_share_late"] or 0) != 0:
-        why.append("another architecture (this model also normalizes each block's write, which none of the "
-                   "paper's models does)")
-    else:
-        why.append("another architecture")
-    from ..models.loading import EMBEDDED_MODEL
-    if str(current) == EMBEDDED_MODEL:
-        why.append("4-bit quantized weights")
-    if cfg is not None and getattr(cfg, "n_tokens", None):
-        per_head = cfg.n_tokens * cfg.top_percent / 100
-        why.append(f"another corpus and far fewer tokens (each head's top {cfg.top_percent:g}% of "
-                   f"{cfg.n_tokens:,} tokens of the `{cfg.dataset}` corpus is about {per_head:,.0f} tokens, "
-                   f"against about {1_000_000 * cfg.top_percent / 100:,.0f} of the paper's 1M tokens of The Pile)")
-    why.append("a different logit scale (self-repair is in logits, not a share of the head's direct effect)")
-    return text + (" What makes the difference is **not tested here**; candidates are " + "; ".join(why) + ".")
+    """The current model's self-repair beside the paper's released values, and what might explain
+    the size, said as untested (:func:`selfrepair.chapters.across_text.size_markdown`)."""
+    from .across_text import size_markdown as said
+
+    return said(table, current, cfg)
 
 
 def claim_markdown(table: pd.DataFrame, key: str, current: str | None = None, estimates: dict | None = None,

@@ -1,6 +1,7 @@
-"""Chapter 6's closing "What this chapter shows": the claims on the run of the current model, and
-where the paper's released values of the same statistics lie against it (so a reader can tell a
-difference of the model from one of the method)."""
+"""Chapter 6's prose: the closing "What this chapter shows" (the claims on the run of the current
+model, and where the paper's released values of the same statistics lie against it, so a reader
+can tell a difference of the model from one of the method) and the size of the repair beside
+those values (:func:`size_markdown`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 
 from ..findings import Finding, shows as _shows
 from ..tables import counted
-from .across import CLAIM_COLUMNS, CLAIMS, FIGURES, AcrossChapter, run_verdict  # noqa: F401 (FIGURES: the chapter's)
+from ..models.loading import EMBEDDED_MODEL
+from .across import CLAIM_COLUMNS, CLAIMS, FIGURES, AcrossChapter, _and, _split, run_verdict  # noqa: F401 (FIGURES: the chapter's)
 
 
 def current_run(ch: AcrossChapter):
@@ -44,3 +46,45 @@ def findings(ch: AcrossChapter) -> list[Finding]:
             "method." if parts else "Take-away: the release holds none of these statistics to set beside this run.")
     takeaway = Finding(text, (FIGURES["many"], FIGURES["between"]), tuple(values))
     return _shows(where, verdicts, FIGURES, str(ch.current), takeaway)
+
+
+def _in_range(value: float, lo: float, hi: float) -> str:
+    """Where ``value`` lies against the range ``lo``–``hi``, in words."""
+    if value > hi:
+        return f"above all of them ({value / hi:.1f}× the largest)" if hi > 0 else "above all of them"
+    if value < lo:
+        return "below all of them"
+    return "within their range"
+
+
+def size_markdown(table: pd.DataFrame, current: str, cfg: Any = None) -> str:
+    """The current model's mean late- and early-layer top-k% self-repair beside the paper's released
+    values in the same table, where it lies against them, and what might explain the size — said
+    plainly as untested (``cfg``: the chapter's parameters, for the tokens and corpus)."""
+    ours, paper = _split(table, current)
+    ours = ours[ours["model"] == current]
+    if ours.empty or paper.empty:
+        return ""
+    me = ours.iloc[0]
+    late, early = float(me["self_repair_late"]), float(me["self_repair_early"])
+    pl, pe = paper["self_repair_late"].astype(float), paper["self_repair_early"].dropna().astype(float)
+    text = (f"**The size of the repair.** On {me['run']}, the late layers' heads have a mean top-k% self-repair "
+            f"of {late:.3f} logits and the early layers' {early:.3f}; the paper's released values in the "
+            f"table run from {pl.min():+.3f} to {pl.max():+.3f} (late) and {pe.min():+.3f} to {pe.max():+.3f} "
+            f"(early) over {_and(list(paper['model']))}: ours is {_in_range(late, pl.min(), pl.max())} in the late "
+            f"layers and {_in_range(early, pe.min(), pe.max())} in the early ones.")
+    why = []
+    if "block_norm_share_late" in me and float(me["block_norm_share_late"] or 0) != 0:
+        why.append("another architecture (this model also normalizes each block's write, which none of the "
+                   "paper's models does)")
+    else:
+        why.append("another architecture")
+    if str(current) == EMBEDDED_MODEL:
+        why.append("4-bit quantized weights")
+    if cfg is not None and getattr(cfg, "n_tokens", None):
+        per_head = cfg.n_tokens * cfg.top_percent / 100
+        why.append(f"another corpus and far fewer tokens (each head's top {cfg.top_percent:g}% of "
+                   f"{cfg.n_tokens:,} tokens of the `{cfg.dataset}` corpus is about {per_head:,.0f} tokens, "
+                   f"against about {1_000_000 * cfg.top_percent / 100:,.0f} of the paper's 1M tokens of The Pile)")
+    why.append("a different logit scale (self-repair is in logits, not a share of the head's direct effect)")
+    return text + (" What makes the difference is **not tested here**; candidates are " + "; ".join(why) + ".")
