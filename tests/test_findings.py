@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from selfrepair.book import load_profile
+from selfrepair.rules import Signed, is_zero, thresholds
 from selfrepair.chapters import across, atp, existence, hydra, intro, ioi
 from selfrepair.chapters import across_text
 from selfrepair.claims import Verdict, _fmt, interval_words
@@ -59,8 +60,14 @@ def check_sentence(f: Finding, verdicts: list[Verdict]) -> None:
         if v.why:
             assert v.why in f.text
             continue
+        signed = isinstance(v.claim.reading, Signed)  # said in the words of its sign, as the verdict says it
+        if signed:
+            assert v.claim.reading.said(v.value, v.claim.fmt, thresholds(v.claim.rule)) in f.text
         for x in (v.value, v.lo, v.hi):
-            assert printed(x, v.claim.fmt) in f.text
+            # a signed claim's numbers as sizes beside the words that carry their signs (none at 0)
+            assert (printed(abs(x), v.claim.fmt.replace("+", "")) if signed else printed(x, v.claim.fmt)) in f.text \
+                or (signed and x == v.value and is_zero(x, v.claim.fmt, thresholds(v.claim.rule)))
+            assert not signed or f"{printed(x, v.claim.fmt)}," not in f.text or x >= 0  # no "-456%, …"
             numbers.append(x)
     assert f.values == tuple(numbers)
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .claims import Verdict, against, interval_words, thresholds
+from .claims import Signed, Verdict, against, interval_words, thresholds
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,16 @@ def measured(v: Verdict) -> tuple[str, tuple[float, ...]]:
         said = [_interval(e.value, e.lo, e.hi, fmt, e.why, rule.bounds) for _, e, rule in v.parts]
         return ("; ".join(f"{name} {text}" for (name, _, _), (text, _) in zip(v.parts, said)),
                 tuple(x for _, numbers in said for x in numbers))
-    return _interval(v.value, v.lo, v.hi, fmt, v.estimate.why if v.estimate is not None else "",
-                     thresholds(v.claim.rule))
+    why = v.estimate.why if v.estimate is not None else ""
+    if isinstance(v.claim.reading, Signed):  # in the words of its sign, as the verdict says it
+        reading, bounds = v.claim.reading, thresholds(v.claim.rule)
+        shown = reading.said(v.value, fmt, bounds)
+        if v.lo is None or v.hi is None:
+            return shown, (v.value,)
+        if why or not (math.isfinite(v.lo) and math.isfinite(v.hi)):
+            return f"{shown}, no reliable interval", (v.value,)
+        return f"{shown}, {reading.interval(v.value, v.lo, v.hi, fmt, bounds)}", (v.value, v.lo, v.hi)
+    return _interval(v.value, v.lo, v.hi, fmt, why, thresholds(v.claim.rule))
 
 
 def _interval(value: float, lo, hi, fmt: str, why: str, bounds=()) -> tuple[str, tuple[float, ...]]:

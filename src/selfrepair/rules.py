@@ -286,6 +286,15 @@ class Signed:
             return self.zero or self.up
         return self.up if value > 0 else self.down + (self.turns if value <= -1 else "")
 
+    def said(self, value: float, fmt: str, thresholds=()) -> str:
+        """The value alone in the words of its sign, for a summary or a table cell ("a fall of
+        456%", "taking away a further 196%"; :attr:`none` at 0): the same frame as the verdict."""
+        if value is None or not math.isfinite(value):
+            return _fmt(value, fmt)
+        if is_zero(value, fmt, thresholds):
+            return self.none
+        return self.ends[0 if value < 0 else 1].format(size(value, fmt, thresholds))
+
     def template(self, value: float, fmt: str, thresholds=()) -> str:
         """``text`` with the way for ``value``, still holding ``{value}``, ``{n}`` and ``{unit}``."""
         return self.text.replace("{way}", self.way(value, fmt, thresholds))

@@ -35,7 +35,7 @@ import yaml
 
 from .build_scope import data_phrase
 from .claims import Claim, anchor
-from .claims import _fmt, interval_words  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
+from .claims import Signed, _fmt, interval_words  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
 from .verdict_records import FOLDED, latest, rule_id, scan, this_version
 
 STATUSES = ("holds", "differs", "cannot tell", "not tested", "rule changed", "not run")
@@ -88,17 +88,21 @@ def chapter_pages(root: Path, recorded: set[str] = frozenset()) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["chapter", "module", "page", "title", "part"])
 
 
-def estimate_text(row: dict) -> tuple[str, str]:
+def estimate_text(row: dict, signed: Signed | None = None) -> tuple[str, str]:
     """``(estimate, interval)``: the value with its 95% interval, or why it has none; and how the
-    interval was made (or why there is none)."""
+    interval was made (or why there is none). ``signed``: the claim's reading in the words of the
+    value's sign (its chapter's :class:`~selfrepair.rules.Signed`), so the table says it as the
+    chapter does ("a fall of 456% (95% interval 204% to 589%)", not "-456% (-589% to -204%)")."""
     fmt, value = row["fmt"], row["value"]
     if value is None:
         return "no value", row["why"] or "the metric is undefined on this run"
-    shown = _fmt(value, fmt)
+    shown = _fmt(value, fmt) if signed is None else signed.said(value, fmt)
     if row["interval"] == "exact":
         return shown, "no interval: computed exactly, without sampling"
     if not row["reliable"]:
         return shown, "no reliable interval: " + (row["why"] or "too few to give one")
+    if signed is not None:
+        return f"{shown} ({signed.interval(value, row['lo'], row['hi'], fmt)})", row["interval"]
     return f"{shown} ({interval_words(row['lo'], row['hi'], fmt)})", row["interval"]
 
 
@@ -122,7 +126,8 @@ def claim_fields(claim: Claim) -> dict:
              + (f" ({claim.paper_context})" if claim.paper_context else ""))
     return {"claim": claim.key, "statement": claim.statement, "source": claim.source, "word": claim.rule.word,
             "rule": claim.rule.text(claim.fmt), "reason": claim.rule.reason, "paper": paper,
-            "anchor": anchor(claim), "rule_id": rule_id(claim.rule), "listed": True}
+            "anchor": anchor(claim), "rule_id": rule_id(claim.rule), "listed": True,
+            "signed": claim.reading if isinstance(claim.reading, Signed) else None}
 
 
 def recorded_fields(row: dict) -> dict:
@@ -131,7 +136,7 @@ def recorded_fields(row: dict) -> dict:
              + (f" ({row['paper_context']})" if row["paper_context"] else ""))
     return {"claim": row["claim"], "statement": row["statement"], "source": row["source"], "word": row["word"],
             "rule": row["rule"], "reason": row["reason"], "paper": paper, "anchor": f"claim-{row['claim']}",
-            "rule_id": row["rule_id"], "listed": False}
+            "rule_id": row["rule_id"], "listed": False, "signed": None}
 
 
 def _claim_row(claim: dict, page: dict, model: str) -> dict:
@@ -165,7 +170,7 @@ def _rows(claim: dict, page: dict, model: str, got) -> list[dict]:
                  "note": "The chapter ran on this model but did not decide this claim."}]
     out = []
     for v in mine:
-        estimate, interval = estimate_text(v)
+        estimate, interval = estimate_text(v, claim.get("signed"))
         row = {**base, "verdict": v["verdict"], "value": v["value"], "lo": v["lo"], "hi": v["hi"],
                "n": v["n"], "unit": v["unit"], "estimate": estimate, "interval": interval,
                "parts": parts_text(v), "detail": v["detail"], "note": v["why"]}
