@@ -147,8 +147,9 @@ def test_chapter5_says_whether_the_hydra_effect_is_seen(lo, hi, words):
     take = hydra.findings(_hydra(part))[-1]
     assert words in take.text and "Hydra effect" in take.text
     assert take.values == (part.value, lo, hi)
-    for x in take.values:
-        assert f"{x:.0%}" in take.text
+    for x in take.values:  # a loss said from its sign ("take away a further 25%"): sizes where all below 0
+        assert f"{abs(x) if hi < 0 else x:.0%}" in take.text
+    assert "-" not in take.text.split("Take-away")[-1] or lo < 0 < hi
     failed = hydra.findings(_hydra(part, n_correct=1))[-1]
     assert "cannot be tested" in failed.text and failed.values == ()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from selfrepair.chapters.signed import gives_back, moved
 from selfrepair import hydra_scale as hs
 from selfrepair.chapters import hydra as chapter
 from selfrepair.chapters import hydra_claims as hcl
@@ -123,7 +124,9 @@ def test_both_readings_of_sigma_are_estimated_and_the_verdict_reads_the_clean_on
         for key in ("restored_mid", "max_slope", "r2", "slope_mid"):
             assert r.loc[scale, f"{key}_lo"] < r.loc[scale, f"{key}_hi"]
     text = chapter.scale_markdown(ch)
-    assert e.restored["ablated"].prose(".0%") in text and e.r2["clean"].prose(".2f") in text
+    # the restored shares said from their signs ("give back" / "take away a further"), intervals in that frame
+    assert moved(e.restored["ablated"], ".0%", gives_back) in text and e.r2["clean"].prose(".2f") in text
+    assert moved(e.restored["clean"], ".0%", gives_back) in text and "compensation restores" not in text
 
 
 def test_a_model_that_fails_the_task_gets_no_hydra_verdict_and_the_text_says_so(deep):

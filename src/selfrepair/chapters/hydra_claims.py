@@ -367,8 +367,7 @@ def hydra_answer(ch) -> tuple[bool | None, str]:
                       f"effect and {moved(part, '.0%', gives_back)} of what it removed")
     if part.hi < 0:
         return False, (f"when a middle attention layer is ablated, the later attention layers do not make up for "
-                       f"it: their summed change of direct effect is {part.prose('.0%')} of what it removed, a "
-                       "further loss rather than a gain")
+                       f"it: together they {moved(part, '.0%', gives_back)} of what it removed")
     return None, (f"the later attention layers' response, {part.prose('.0%')} of what a middle attention "
                   "layer's ablation removes, cannot be told apart from none")
 

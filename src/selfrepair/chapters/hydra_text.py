@@ -18,7 +18,7 @@ import pandas as pd
 from ..tables import TABLE_CLASS, Layout, Table, counted, listed, scroll_box, table
 from ..rules import NEGLIGIBLE
 from .hydra_claims import PAPER, RESTORED, SLOPE
-from .signed import changes, gives_back
+from .signed import changes, gives_back, moved
 
 PREDICTS = NEGLIGIBLE  # an R² under 0.1: the part predicts ~nothing
 
@@ -324,9 +324,9 @@ def scale_markdown(ch) -> str:
         return said[claim.rule.decide(est.lo, est.hi) if est.reliable else None]
 
     return (
-        f"**On {ch.meta.get('model')}**, over the middle attention layers, compensation restores "
-        f"{e.restored['clean'].prose('.0%')} of the direct effect removed at the clean σ and "
-        f"{e.restored['ablated'].prose('.0%')} at each ablation run's own σ′ (the final norm's scale moves "
+        f"**On {ch.meta.get('model')}**, over the middle attention layers, the later layers "
+        f"{moved(e.restored['clean'], '.0%', gives_back)} of the direct effect removed at the clean σ and "
+        f"{moved(e.restored['ablated'], '.0%', gives_back)} at each ablation run's own σ′ (the final norm's scale moves "
         f"by a mean S/S′ of {s['scale_ratio_mid']:.3f} there); the pooled slopes there are "
         f"{e.pooled['clean'].prose('.2f')} and {e.pooled['ablated'].prose('.2f')}{_pooled_is(ch)}, the steepest slope past "
         f"13/32 of the depth {e.max_slope['clean'].prose('.2f')} and {e.max_slope['ablated'].prose('.2f')}, "
