@@ -69,26 +69,22 @@ def measured(v: Verdict) -> tuple[str, tuple[float, ...]]:
         return ("; ".join(f"{name} {text}" for (name, _, _), (text, _) in zip(v.parts, said)),
                 tuple(x for _, numbers in said for x in numbers))
     why = v.estimate.why if v.estimate is not None else ""
-    if isinstance(v.claim.reading, Signed):  # in the words of its sign, as the verdict says it
-        reading, bounds = v.claim.reading, thresholds(v.claim.rule)
-        shown = reading.said(v.value, fmt, bounds)
-        if v.lo is None or v.hi is None:
-            return shown, (v.value,)
-        if why or not (math.isfinite(v.lo) and math.isfinite(v.hi)):
-            return f"{shown}, no reliable interval", (v.value,)
-        return f"{shown}, {reading.interval(v.value, v.lo, v.hi, fmt, bounds)}", (v.value, v.lo, v.hi)
-    return _interval(v.value, v.lo, v.hi, fmt, why, thresholds(v.claim.rule))
+    signed = v.claim.reading if isinstance(v.claim.reading, Signed) else None  # said as the verdict says it
+    return _interval(v.value, v.lo, v.hi, fmt, why, thresholds(v.claim.rule), signed)
 
 
-def _interval(value: float, lo, hi, fmt: str, why: str, bounds=()) -> tuple[str, tuple[float, ...]]:
+def _interval(value: float, lo, hi, fmt: str, why: str, bounds=(), signed: Signed | None = None
+              ) -> tuple[str, tuple[float, ...]]:
     """``value`` and its 95% interval in words (or why it has no reliable one), and the numbers;
-    near one of the rule's ``bounds``, on its side of it (:func:`~selfrepair.rules.against`)."""
-    shown = against(value, fmt, bounds)
+    near one of the rule's ``bounds``, on its side of it (:func:`~selfrepair.rules.against`);
+    ``signed``: the claim's reading, in the words of the value's sign with its interval in that frame."""
+    shown = against(value, fmt, bounds) if signed is None else signed.said(value, fmt, bounds)
     if lo is None or hi is None:
         return shown, (value,)
     if why or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{shown}, no reliable interval", (value,)
-    return f"{shown}, {interval_words(lo, hi, fmt, bounds)}", (value, lo, hi)
+    said = interval_words(lo, hi, fmt, bounds) if signed is None else signed.interval(value, lo, hi, fmt, bounds)
+    return f"{shown}, {said}", (value, lo, hi)
 
 
 def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:

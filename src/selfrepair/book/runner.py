@@ -366,9 +366,9 @@ def run_book(root: Path, out: Path, *, params: dict, chapters: Iterable[str] | N
               + (f"\nkept from an earlier run: {', '.join(kept)}" if kept else ""))
         failed = [r for r in execute_chapters(notebooks, by_stem, src, logs=out / "logs", jobs=jobs,
                                               progress=progress, workdir=root) if not r.ok]
-    elif build and stale_last(src):
+    elif build and (stale := stale_last(src)):
         print(f"note: executed before a chapter that a --no-build run executed after them: "
-              f"{', '.join(stale_last(src))}; run `selfrepair book` without --no-execute to refresh them",
+              f"{', '.join(stale)}; run `selfrepair book` without --no-execute to refresh them",
               file=sys.stderr)
     if build:
         vendor_assets(root / "book" / "_static", root / ".cache" / "npm")
