@@ -479,7 +479,7 @@ def test_every_token_note_says_the_sign_the_values_have():
     so; most positive is said so; the paper's reason for top tokens follows."""
     neg = ce.every_token_note(pd.Series({"share_negative_self_repair": 0.694, "mean_self_repair": -0.113}))
     assert "most late-layer heads' mean self-repair is negative (69% of them below zero" in neg
-    assert "-0.113 logits" in neg and "rather than noise" in neg and "§2.2" in neg
+    assert "−0.113 logits" in neg and "rather than noise" in neg and "§2.2" in neg
     pos = ce.every_token_note(pd.Series({"share_negative_self_repair": 0.2, "mean_self_repair": 0.05}))
     assert "most late-layer heads' mean self-repair is positive (20%" in pos
     assert ce.every_token_note(pd.Series({"share_negative_self_repair": float("nan"), "mean_self_repair": 0.0})) == ""

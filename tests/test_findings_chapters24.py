@@ -131,7 +131,7 @@ def test_chapter4_takeaway_follows_exist(outcome, words):
 
 
 @pytest.mark.parametrize("x, text", [(6.89e-9, "+6.9×10⁻⁹"), (-3.2e-7, "−3.2×10⁻⁷"), (0.011, "+0.011"),
-                                     (0.0, "+0"), (-1.5, "-1.5")])
+                                     (0.0, "+0"), (-1.5, "−1.5")])
 def test_small_logits_read_as_powers_of_ten(x, text):
     assert logits(x) == text
 

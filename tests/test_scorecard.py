@@ -167,7 +167,7 @@ def test_a_proportional_verdict_shows_the_slope_and_intercept_it_was_decided_on(
     row = build(tmp_path, "m", ROOT).frame.query("chapter == '04' and claim == 'proportional'").iloc[0]
     assert row["verdict"] == v.word == "cannot tell"  # the intercept's interval straddles ±10%
     assert "slope 0.800 (95% interval 0.600 to 1.000" in row["parts"]
-    assert "intercept / mean y 0.020 (95% interval -0.050 to 0.300" in row["parts"]
+    assert "intercept / mean y 0.020 (95% interval −0.050 to 0.300" in row["parts"]
     assert "decided on: slope" in chapter.table(build(tmp_path, "m", ROOT)).data
 
 

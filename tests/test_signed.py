@@ -64,7 +64,7 @@ def test_against_shows_which_side_of_a_threshold_a_value_is_on():
     assert against(0.904, ".0%", (0.9,)) == "90.4%"
     assert against(0.9, ".0%", (0.9,)) == "90%"  # exactly on it: as it is
     assert against(0.93, ".0%", (0.9,)) == "93%" and against(0.896, ".0%") == "90%"  # far, or no threshold
-    assert against(-0.004, "+.2f", (0.0,)) == "-0.004" and against(0.3, "+.2f", (0.0,)) == "+0.30"
+    assert against(-0.004, "+.2f", (0.0,)) == "−0.004" and against(0.3, "+.2f", (0.0,)) == "+0.30"
     assert against(0.8999999, ".0%", (0.9,)) == "just under 90%"
     assert against(1e-9, ".0%", (0.0,)) == "just over 0"
     assert against(2.5e-7, ".1e", (1e-3,)) == "2.5×10⁻⁷"  # a scientific format is never rounded onto one
@@ -96,14 +96,14 @@ def test_chapter2_per_head_shares_print_on_their_side_of_90_percent():
 
 def test_no_prose_formats_a_forced_sign_after_by_of_back():
     """Issue 25, at the source: no chapter, finding or reveal writes "by {x:+.3g}" (or a signed
-    ``.prose('+...')``) after "by", "of" or "back", within a string or across the strings of one
+    ``.prose('+...')`` or ``number(x, '+...')``) after "by", "of" or "back", within a string or across the strings of one
     sentence; a change is said from its sign (chapters.signed)."""
     from pathlib import Path
 
     import selfrepair
 
     root = Path(selfrepair.__file__).parent
-    signed = r"\{[^}]*(:\+|prose\('\+)"
+    signed = r"\{[^}]*(:\+|prose\('\+|number\([^)]*'\+)"  # number(x, '+.3g'): rules.number, the minus sign
     pattern = re.compile(rf"\b(by|of|back)\s*(\"\s*\n\s*f?\"|\s){signed}")
     found = [f"{p.relative_to(root)}:{text[:m.start()].count(chr(10)) + 1}"
              for p in root.rglob("*.py") for text in [p.read_text()] for m in pattern.finditer(text)]

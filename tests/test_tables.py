@@ -132,15 +132,16 @@ def test_a_phone_shows_its_columns_and_folds_the_rest(frame):
     parsed = _Cells()
     parsed.feed(html)
     shown, full = parsed.tables
-    # readable headers where the book names the column (NAMES), else the frame's name
-    assert full["head"] == ["head", "tokens", "share_ratio_above_1", "largest eq. 2 gap", "unused", "block norms"]
+    # readable headers (issue 25: a fold's header is never a frame's snake_case name)
+    assert full["head"] == ["head", "tokens", "share ratio above 1", "largest eq. 2 gap", "unused", "block norms"]
     assert '<th class="num wide-only" title="n">' in html and '<th class="num" title="median_ratio">' in html
-    assert html.count('class="num phone-only"') == 2 * (1 + len(frame))  # n, share in the fold: header + rows
-    assert ('<span class="wide-only">3 more columns</span><span class="phone-only">5 more columns</span>'
+    import re  # n, share in the fold (header + rows), shown on a phone alone: hidden without the CSS
+    assert len(re.findall(r'class="num phone-only"[^>]* hidden>', html)) == 2 * (1 + len(frame))
+    assert ('<span class="wide-only">3 more columns</span><span class="phone-only" hidden>5 more columns</span>'
             in html)
     # every frame column shown on a laptop: the fold is the phone's alone
     every = table(frame[["label", "n", "eq2_gap"]], phone=["label", "eq2_gap"])._repr_html_()
-    assert '<details class="selfrepair-table-all phone-only"><summary>1 more column' in every
+    assert '<details class="selfrepair-table-all phone-only" hidden><summary>1 more column' in every
     with pytest.raises(InputError, match="phone"):
         table(frame, ["label", "n"], phone=["n"])  # which row: the first column stays
     with pytest.raises(InputError, match="no column"):
@@ -286,3 +287,50 @@ def test_chapter5_tables_name_every_column_even_in_their_folds():
         for c in frame.columns:
             assert t.named(c) or c in t.columns and "_" not in c, c
             assert f">{c}<" not in html.replace("<wbr>", "") or "_" not in c, c
+
+
+# -- issue 25: a fold holds only what the table leaves out, under readable headers -------------------
+def _without_css(html: str) -> str:
+    """The page as a reader without the book's CSS meets it (a text dump, a reader view, print):
+    every element carrying ``hidden`` left out."""
+    import re
+
+    for tag in ("td", "th", "span"):
+        html = re.sub(rf"<{tag}[^>]* hidden[^>]*>.*?</{tag}>", "", html, flags=re.S)
+    return re.sub(r"<details[^>]* hidden[^>]*>.*?</details>", "", html, flags=re.S)
+
+
+def test_without_the_css_a_fold_repeats_no_column_of_the_table(frame):
+    """The introduction's live check and its teaching plan: a phone's fold held the columns the
+    laptop's table shows, and a reader without CSS met them twice."""
+    for cols, phone in ((["label", "n", "share_ratio_above_1", "median_ratio"], ["label", "median_ratio"]),
+                        (list(frame.columns), ["label", "eq2_gap"])):
+        plain = _without_css(table(frame, cols, phone=phone)._repr_html_())
+        parsed = _Cells()
+        parsed.feed(plain)
+        shown, *fold = parsed.tables
+        assert len(shown["head"]) == len(cols)  # the laptop's table, whole
+        if fold:
+            assert set(fold[0]["head"][1:]).isdisjoint(shown["head"]), fold[0]["head"]
+        assert "more columns</span>" not in plain.replace('wide-only">', "") or "phone-only" not in plain
+    every = _without_css(table(frame[["label", "n", "eq2_gap"]], phone=["label", "eq2_gap"])._repr_html_())
+    assert "<details" not in every  # the fold is the phone's alone: gone
+
+
+def test_a_fold_names_its_columns_in_words_and_leaves_out_what_the_label_says():
+    """Fold headers were a frame's names (``n_positive_de``, ``attn_s1``); ``layer`` and ``head``
+    repeated the label ``L3H1`` the table shows."""
+    f = pd.DataFrame({"label": ["L3H1", "L0H2"], "layer": [3, 0], "head": [1, 2], "n_positive_de": [4, 5],
+                      "attn_s1": [0.1, 0.2], "fig7_anti_erasure": [0.3, -0.4], "fold_value_biases": [True, False]})
+    t = table(f, ["label"])
+    assert t.left_out() == ["n_positive_de", "attn_s1", "fig7_anti_erasure", "fold_value_biases"]
+    parsed = _Cells()
+    parsed.feed(t._repr_html_())
+    _, fold = parsed.tables
+    assert fold["head"] == ["head", "number of positive DE", "attention S1", "Fig 7 anti-erasure", "value biases folded"]
+    assert '<th class="num" title="n_positive_de">number of positive DE</th>' in t._repr_html_()  # the name on hover
+    assert all("_" not in h for h in fold["head"])
+    # a label that does not name its row's layer and head: they stay
+    other = f.assign(label=["A3", "M0"])
+    assert table(other, ["label"]).left_out()[:2] == ["layer", "head"]
+    assert tables.readable("mean_abs_delta_logit") == "mean absolute Δlogit" and tables.readable("label") == "head"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .tables import _superscript
+from .tables import _superscript, minus
 
 @dataclass(frozen=True)
 class Rule:
@@ -197,7 +197,7 @@ def against(value: float, fmt: str, thresholds=(), most: int = 3) -> str:
         f = f"{sign}.{digits + extra}{kind}"
         shown = lambda x: float(format(x, f).rstrip("%")) / scale  # noqa: E731 (as printed at f)
         if all(side(shown(value), shown(t)) == side(value, t) for t in bounds):
-            return format(value, f)
+            return minus(format(value, f))
     near = min(bounds, key=lambda t: abs(value - t))
     return f"just {'under' if value < near else 'over'} {bound(near, fmt)}"
 
@@ -210,10 +210,20 @@ def interval_words(lo: float, hi: float, fmt: str, thresholds=()) -> str:
     return f"95% interval {a} to {b}" if a != b else f"95% interval {a} — no spread at the digits shown"
 
 
-def _fmt(value: float, fmt: str) -> str:
-    """``value`` in the claim's format; a scientific one (``.1e``) as prose reads it, ``1.9×10⁻⁶``
-    rather than ``1.9e-06``, and plainly where the power would be 10⁻¹ to 10² (``1.1``, not
-    ``1.1×10⁰``; ``0.94``, not ``9.4×10⁻¹``), with the same significant digits."""
+def number(value: float, fmt: str) -> str:
+    """``value`` as a sentence prints it, in ``fmt`` (``"+.3f"``, ``".0%"``, ``".1e"``) with the
+    tables' minus sign (``−0.24``, never ``-0.24``: :func:`selfrepair.tables.minus`); a scientific
+    one as prose reads it, ``1.9×10⁻⁶`` rather than ``1.9e-06``, and plainly where the power would
+    be 10⁻¹ to 10² (``1.1``, not ``1.1×10⁰``; ``0.94``, not ``9.4×10⁻¹``), with the same
+    significant digits. Every number a chapter's sentences print goes through this (or
+    :func:`against`, which does)."""
+    return minus(_plain(value, fmt))
+
+
+_fmt = number  # the name the rest of this module reads it by
+
+
+def _plain(value: float, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     text = format(value, fmt)

@@ -12,11 +12,16 @@ frame into a :class:`Table`, which a notebook displays as HTML:
   of whole numbers that counts or indexes (:func:`integer_column`: ``layer``, ``head``, ``n_*``...)
   is shown as integers too; shares listed in ``percent`` as percentages (``0.9066`` -> ``90.7%``);
   missing values as ``—``; booleans as yes / no;
-- where the table leaves columns out, the whole frame (every column, same formatting, under the
-  frame's names) one click away in a ``<details>`` element below the table, scrolling inside its
-  own box when wider than the page; a table showing every column is shown once;
+- where the table leaves columns out, those columns one click away in a ``<details>`` element below
+  the table (after its first column, which row; same formatting, under readable headers:
+  :func:`readable`, the frame's name on hover), scrolling inside its own box when wider than the
+  page; a fold holds nothing the table shows (``layer`` and ``head`` beside a ``label`` that names
+  them are the label's); a table showing every column is shown once;
 - on a phone (:data:`PHONE_PX`): a table of many numeric columns shows only its ``phone`` columns,
-  the others move into the fold (which a phone then always has); a table of text (``stacked``)
+  the others move into the fold (which a phone then always has; what only a phone shows carries
+  the ``hidden`` attribute, which the phone CSS overrides, so a page read without the book's CSS
+  — a text dump, a reader view — sees the laptop's table and a fold of only what it leaves out);
+  a table of text (``stacked``)
   shows each row as a block of labelled cells. So no table scrolls sideways on a phone, and on
   a laptop every table is the paper's.
 
@@ -44,7 +49,7 @@ TABLE_CLASS = "selfrepair-table"  # the browser test looks for it
 PHONE_PX = 720  # the widest screen book/_static/selfrepair.css treats as a phone (its @media rules)
 WIDE_ONLY, PHONE_ONLY = "wide-only", "phone-only"  # classes the CSS hides on a phone / elsewhere
 STACKED = "stacked"  # a table whose rows a phone shows as blocks, each cell under its header
-FULL_FRAME = "the full frame, one click away: every computed column under its own name"  # why a fold may scroll
+FULL_FRAME = "the rest of the frame, one click away: every computed column the table leaves out"  # why a fold may scroll
 ORDINARY = (1e-4, 1e6)  # |value| in this range is written in fixed-point notation
 MISSING = "—"
 
@@ -55,8 +60,33 @@ NAMES = {  # readable headers for the library's canonical columns (others: under
     "from_block_norms": "block norms", "eq2_gap": "largest eq. 2 gap",
     "after_ablation": "DE after ablation", "n": "tokens", "n_heads": "heads",
     "stands_for": "stands for (paper)", "reason": "why this head", "paper": "paper's head",
-    "parallel_residual": "parallel", "last_layer": "last layer",
+    "parallel_residual": "parallel", "last_layer": "last layer", "fold_value_biases": "value biases folded",
 }
+WORDS = {  # a column's name read word by word where NAMES has no header for it (:func:`readable`)
+    "de": "DE", "io": "IO", "s": "S", "s1": "S1", "s2": "S2", "attn": "attention", "abs": "absolute",
+    "delta": "Δ", "mlp": "MLP", "mlps": "MLPs", "atp": "AtP", "r2": "R²", "top1": "top-1", "top2": "top-2",
+    "eq2": "eq. 2", "pct": "%",
+}
+MINUS = "−"  # the minus sign every table and sentence of the book prints (never the hyphen "-")
+
+
+def readable(column: str) -> str:
+    """A header for a frame's column: :data:`NAMES`, else its words (``n_positive_de`` ->
+    "number of positive DE", ``attn_s1`` -> "attention S1", ``fig7_anti_erasure`` -> "Fig 7 anti
+    erasure"), never the snake_case name itself (which stays the header's tooltip)."""
+    if column in NAMES:
+        return NAMES[column]
+    words = [WORDS.get(w, f"Fig {w[3:]}" if w[:3] == "fig" and w[3:].isdigit() else w)
+             for w in str(column).split("_") if w]
+    if len(words) > 1 and words[0] == "n":
+        words = ["number", "of", *words[1:]]
+    text = " ".join(words).replace("self repair", "self-repair").replace("anti erasure", "anti-erasure").replace("Δ logit", "Δlogit").replace("Δ DE", "ΔDE")
+    return text or str(column)
+
+
+def minus(text: str) -> str:
+    """``text`` (a formatted number) with its leading hyphen as the minus sign :data:`MINUS`."""
+    return MINUS + text[1:] if text.startswith("-") else text
 
 
 def format_number(value, digits: int = 3, percent: bool = False) -> str:
@@ -70,13 +100,12 @@ def format_number(value, digits: int = 3, percent: bool = False) -> str:
     if not isinstance(value, numbers.Real):
         return str(value)
     if percent:
-        text = f"{float(value) * 100:.1f}%"
-        return "−" + text[1:] if text.startswith("-") else text  # a minus sign, not a hyphen
+        return minus(f"{float(value) * 100:.1f}%")  # a minus sign, not a hyphen
     if isinstance(value, numbers.Integral):
         return f"{int(value):,}"
     v = float(value)
     if math.isinf(v):
-        return "∞" if v > 0 else "−∞"
+        return "∞" if v > 0 else MINUS + "∞"
     if v == 0:
         return "0"
     if not ORDINARY[0] <= abs(v) < ORDINARY[1]:
@@ -86,7 +115,7 @@ def format_number(value, digits: int = 3, percent: bool = False) -> str:
         rounded = float(f"{v:.{digits - 1}e}")  # 0.99999 -> 1.00, not 1.000
         decimals = max(digits - 1 - math.floor(math.log10(abs(rounded))), 0)
         text = f"{v:,.{decimals}f}"
-    return "−" + text[1:] if text.startswith("-") else text  # a minus sign, not a hyphen
+    return minus(text)  # a minus sign, not a hyphen
 
 
 INTEGER_NAMES = {"layer", "head", "neuron", "rank", "row", "pos", "prompt", "n", "count", "tokens",
@@ -171,7 +200,7 @@ class Table:
     stacked: bool = False  # on a phone each row is a block, each cell labelled with its header
 
     def header(self, column: str) -> str:
-        return self.names.get(column) or NAMES.get(column) or column.replace("_", " ")
+        return self.names.get(column) or readable(column)
 
     def named(self, column: str) -> bool:
         """Whether ``column`` has a readable header (the table's ``names`` or :data:`NAMES`)."""
@@ -205,34 +234,43 @@ class Table:
                    for c in columns]
         kinds = [" ".join(filter(None, ("num" if num else "text", only.get(c)))) for c, num in zip(columns, numeric)]
         labels = [html.escape(self.header(c)) for c in columns]
-        head = "".join(
-            f'<th class="{kind}" title="{html.escape(c)}">'
-            + (label if readable or self.named(c) else _breakable(c)) + "</th>"
-            for c, kind, label in zip(columns, kinds, labels))
+        hide = {c: " hidden" if only.get(c) == PHONE_ONLY else "" for c in columns}  # a phone's alone
+        head = "".join(f'<th class="{kind}" title="{html.escape(c)}"{hide[c]}>{label}</th>'
+                       for c, kind, label in zip(columns, kinds, labels))
         stacked = readable and self.stacked  # a phone labels each cell with its header (CSS ::before)
-        body = "".join("<tr>" + "".join(f'<td class="{kind}"' + (f' data-label="{label}"' if stacked else "")
-                                        + f">{_breakable(v)}</td>" for v, kind, label in zip(row, kinds, labels))
+        body = "".join("<tr>" + "".join(f'<td class="{kind}"{hide[c]}' + (f' data-label="{label}"' if stacked else "")
+                                        + f">{_breakable(v)}</td>" for v, kind, label, c in zip(row, kinds, labels, columns))
                        + "</tr>" for row in self.cells(columns))
         caption = f"<caption>{html.escape(self.caption)}</caption>" if self.caption and readable else ""
         kind = f"{TABLE_CLASS} {STACKED}" if stacked else TABLE_CLASS
         return f'<table class="{kind}">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
+    def left_out(self) -> list[str]:
+        """The frame's columns the table leaves out, less ``layer`` and ``head`` where the table
+        shows a ``label`` that names both on every row (``L3H1``): the fold's columns."""
+        out = [c for c in self.frame.columns if c not in self.columns]
+        if "label" in self.columns and {"layer", "head"} <= set(out):
+            f = self.frame
+            named = [f"L{l}H{h}" for l, h in zip(f["layer"], f["head"])] == [str(x) for x in f["label"]]
+            out = [c for c in out if not (named and c in ("layer", "head"))]
+        return out
+
     def _repr_html_(self) -> str:
-        # the fold adds only what the table above leaves out: its first column (which row), then the
-        # frame's other columns, under a readable header where the table or NAMES gives one and else
-        # under their own names (each header's title is the frame's name); every column shown above:
-        # the table once. On a phone the columns the table leaves out there come first in the fold
-        # (shown there only).
-        hidden = [c for c in self.frame.columns if c not in self.columns]
+        # the fold adds only what the table above leaves out (:meth:`left_out`): its first column
+        # (which row), then those columns, under readable headers (each header's title is the
+        # frame's name); every column shown above: the table once. On a phone the columns the table
+        # leaves out there come first in the fold (shown there only: ``hidden`` elsewhere).
+        hidden = self.left_out()
         narrow = self.off_phone()
         shown = {c: WIDE_ONLY for c in narrow}
         full = ""
         if hidden or narrow:
             n_wide, n_phone = counted(len(hidden), "more column"), counted(len(hidden) + len(narrow), "more column")
             summary = (n_wide if not narrow else f'<span class="{WIDE_ONLY}">{n_wide}</span>'
-                       f'<span class="{PHONE_ONLY}">{n_phone}</span>') if hidden else n_phone
+                       f'<span class="{PHONE_ONLY}" hidden>{n_phone}</span>') if hidden else n_phone
             fold = self._html([self.columns[0], *narrow, *hidden], False, {c: PHONE_ONLY for c in narrow})
-            full = (f'<details class="{TABLE_CLASS}-all{"" if hidden else " " + PHONE_ONLY}"><summary>{summary} '
+            full = (f'<details class="{TABLE_CLASS}-all{"" if hidden else " " + PHONE_ONLY}"'
+                    f'{"" if hidden else " hidden"}><summary>{summary} '
                     f'(the rest of the computed values)</summary>'
                     f'{scroll_box(fold)}</details>')
         return f'<div class="{TABLE_CLASS}-box">{self._html(self.columns, True, shown)}{full}</div>'
@@ -308,5 +346,6 @@ def folded(frame: pd.DataFrame, summary: str, label: str = "The whole table") ->
     return Folded(frame, summary, label)
 
 
-__all__ = ["FULL_FRAME", "Folded", "Layout", "NAMES", "PHONE_PX", "TABLE_CLASS", "Table", "counted", "folded",
-           "format_number", "integer_column", "integer_name", "listed", "parse_number", "scroll_box", "table"]
+__all__ = ["FULL_FRAME", "Folded", "Layout", "MINUS", "NAMES", "PHONE_PX", "TABLE_CLASS", "Table", "counted", "folded",
+           "format_number", "integer_column", "integer_name", "listed", "minus", "parse_number", "readable",
+           "scroll_box", "table"]

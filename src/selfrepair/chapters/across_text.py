@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from ..findings import Finding, shows as _shows
+from ..rules import number
 from ..tables import counted
 from ..models.loading import EMBEDDED_MODEL
 from .across import CLAIM_COLUMNS, CLAIMS, FIGURES, AcrossChapter, _and, _split, run_verdict  # noqa: F401 (FIGURES: the chapter's)
@@ -69,8 +70,9 @@ def size_markdown(table: pd.DataFrame, current: str, cfg: Any = None) -> str:
     late, early = float(me["self_repair_late"]), float(me["self_repair_early"])
     pl, pe = paper["self_repair_late"].astype(float), paper["self_repair_early"].dropna().astype(float)
     text = (f"**The size of the repair.** On {me['run']}, the late layers' heads have a mean top-k% self-repair "
-            f"of {late:.3f} logits and the early layers' {early:.3f}; the paper's released values in the "
-            f"table run from {pl.min():+.3f} to {pl.max():+.3f} (late) and {pe.min():+.3f} to {pe.max():+.3f} "
+            f"of {number(late, '.3f')} logits and the early layers' {number(early, '.3f')}; the paper's released values in the "
+            f"table run from {number(pl.min(), '+.3f')} to {number(pl.max(), '+.3f')} (late) and "
+            f"{number(pe.min(), '+.3f')} to {number(pe.max(), '+.3f')} "
             f"(early) over {_and(list(paper['model']))}: ours is {_in_range(late, pl.min(), pl.max())} in the late "
             f"layers and {_in_range(early, pe.min(), pe.max())} in the early ones.")
     why = []

@@ -29,6 +29,7 @@ from .. import atp as at
 from ..ablation import check_ablation
 from .. import existence as ex
 from ..claims import Claim, Rule, Verdict, paper_word, render, render_claim
+from ..rules import number
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
@@ -277,9 +278,9 @@ def on_this_model(ch: AtpChapter) -> str:
         cost = " The sweep's wall time is not recorded, so the cost ratio is not available."
     intro = (f"**On {m.get('model')}** ({m.get('n_tokens', 0):,} tokens in rows of {m.get('seq_len')}, "
              f"{m.get('ablation')} ablation; whole-set means per head). The largest gap is "
-             f"{worst['label']}'s: exact Δlogit {worst['exact']:+.3g}, AtP {worst['atp']:+.3g}, so exact − AtP = "
-             f"{worst['error']:+.3g} logits, of which {worst['error_norm']:+.3g} is the final norm's part and "
-             f"{worst['error_downstream']:+.3g} the downstream components'.{cost}")
+             f"{worst['label']}'s: exact Δlogit {number(worst['exact'], '+.3g')}, AtP {number(worst['atp'], '+.3g')}, "
+             f"so exact − AtP = {number(worst['error'], '+.3g')} logits, of which {number(worst['error_norm'], '+.3g')} "
+             f"is the final norm's part and {number(worst['error_downstream'], '+.3g')} the downstream components'.{cost}")
     return render(ch.verdicts, intro, rules="ch07-rules", below=FIGURES)
 
 

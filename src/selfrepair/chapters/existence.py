@@ -38,8 +38,9 @@ from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep
 from ..findings import Figure, Finding, markdown, shows as _shows
+from ..rules import number
 from ..structure import late_start
-from ..tables import Layout
+from ..tables import Layout, readable
 from ..uncertainty import Bootstrap
 from ..verdict_records import recorded
 from . import check, featured, value_bias_note
@@ -313,7 +314,8 @@ def every_token_note(late: pd.Series) -> str:
             "most late-layer heads' mean self-repair is positive" if share < 0.5 else
             "half the late-layer heads' mean self-repair is negative")
     return (f" Over every token, {most} ({share:.0%} of them below zero; the mean over them "
-            f"{mean:+.3f} logits: the fold's share_negative_self_repair and mean_self_repair). The claim is "
+            f"{number(mean, '+.3f')} logits: the fold's {readable('share_negative_self_repair')} and "
+            f"{readable('mean_self_repair')}). The claim is "
             f"about each head's top tokens, not its average one, because the paper measures it so (§2.2): "
             f"{TOP_TOKENS_REASON}. Why the every-token mean has the sign it has here is not tested in this chapter.")
 

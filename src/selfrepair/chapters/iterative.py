@@ -30,7 +30,7 @@ from .. import iterative as it
 from .. import repression as rp
 from ..claims import Claim, Signed, Verdict, paper_word, render, render_claim
 from .signed import changes, fall, moved
-from ..rules import NEGLIGIBLE
+from ..rules import NEGLIGIBLE, number
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import measure as cached, open_model, open_tokens
@@ -209,7 +209,7 @@ def _proportional(ch: IterativeChapter, chosen: np.ndarray, test, boot: Bootstra
     y = -mean_finite(rp.relative(ch.sums[test].sum(0)[None])[0][0, heads], axis=0)
     return Verdict.linear(PROPORTIONAL, slope, icpt,
                           f"The heads: {', '.join(labels[i] for i in heads)}. Their mean repression on the test "
-                          "half is " + ", ".join(f"{v:+.0%} at α = {a:g}" for a, v in zip(alphas, y)) + ".")
+                          "half is " + ", ".join(f"{number(v, '+.0%')} at α = {a:g}" for a, v in zip(alphas, y)) + ".")
 
 
 def on_this_model(ch: IterativeChapter) -> str:

@@ -276,5 +276,5 @@ def _app_h(ch, boot: Bootstrap, unit: str) -> Verdict:
     detail = (f"{above} of the {len(ev.last)} heads {'is' if above == 1 else 'are'} above {APP_H.rule.bounds[0]:.0%} on their own. On "
               f"Fig 4's head {head_label(*ch.ratio_head)} the median S/S′ is {g['ratio'].median():.3f} and "
               f"the median gap between the correct token's logit and its strongest competitor's "
-              f"{g['competitor_gap'].median():+.2f} logits." if len(g) else "")
+              f"{_fmt(g['competitor_gap'].median(), '+.2f')} logits." if len(g) else "")
     return Verdict.of(APP_H, est, detail)

@@ -9,6 +9,7 @@ import math
 
 from .. import frozen_norm as fz
 from ..findings import Figure, Finding, markdown, shows as _shows
+from ..rules import number
 from ..tables import Layout, format_number
 
 FROZEN_RULE = "every head of the late half of the layers"
@@ -25,7 +26,7 @@ def logits(x: float) -> str:
     ``+6.9×10⁻⁹`` rather than ``+6.89e-09``."""
     if x != 0 and math.isfinite(x) and abs(x) < 1e-4:
         return ("+" if x > 0 else "") + format_number(x, digits=2)
-    return f"{x:+.3g}"
+    return number(x, "+.3g")
 
 
 def app_d_markdown(ch) -> str:
