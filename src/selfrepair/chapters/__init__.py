@@ -83,22 +83,25 @@ def check(cfg) -> None:
         module.check_model(cfg, model)
 
 
-def value_bias_note(cfg, changes: str) -> str:
-    """A Markdown bullet: the head-output convention this run used (``cfg.fold_value_biases``,
-    :mod:`selfrepair.value_bias`) and what it changes in the chapter (``changes``, a sentence)."""
+VALUE_BIASES = "00_introduction.html#value-biases"  # the one explanation of the convention (the introduction)
+
+
+def value_bias_note(cfg, changes: str, where: str = VALUE_BIASES) -> str:
+    """A Markdown bullet: in one sentence, which head-output convention this run used (from
+    ``cfg.fold_value_biases`` and the model's weights, :mod:`selfrepair.value_bias`), linking to the
+    introduction's explanation (``where``); on a model with value biases, then what the convention
+    changes in this chapter (``changes``, a sentence). The explanation itself is said once, there."""
     from ..experiment import open_model
 
     model = open_model(cfg)
+    link = f'<a href="{where}">how a head\'s value bias is counted</a>'
     v = model.adapter.value
     if v is None or all(getattr(model.module(v, l), "bias", None) is None for l in range(model.n_layers)):
-        return (f"- **No value biases.** {model.name} has none, so `fold_value_biases` (TransformerLens's "
-                "convention, which the paper's code used) changes nothing here.")
+        return f"- **No value biases.** {model.name} has none, so {link} changes nothing here."
     if model.meta.get("fold_value_biases"):
-        lead = ("- **Value biases folded** (`fold_value_biases` on: TransformerLens's default, which the "
-                "paper's code used). Each layer's b_V·W_O is part of its attention output bias, not of "
-                "any head's output, so zero ablation leaves it in.")
+        lead = (f"- **Value biases folded.** This run counted each head's value bias in its layer's output bias, "
+                f"as the paper's code did ({link}).")
     else:
-        lead = ("- **Value biases inside the heads** (`fold_value_biases` off: Hugging Face's view). A "
-                "head's output includes its b_V·W_O[h]; the paper's code, through TransformerLens, moved "
-                "it into the layer's bias, and the `paper` profile does too.")
+        lead = (f"- **Value biases inside the heads.** This run counted each head's value bias as part of its "
+                f"output, where the paper's code folded it into the layer's bias ({link}).")
     return f"{lead} {changes}"

@@ -19,10 +19,11 @@ from ..errors import InputError
 from ..experiment import open_model, open_tokens, shown_path
 from ..findings import Figure, Finding, markdown
 from ..heads import self_repair
+from ..rules import is_zero, number
 from ..structure import architecture_markdown
 from ..tables import Layout, Table, table
 from . import check, value_bias_note
-from .signed import changes, fall
+from .signed import changes, fall, gives_back
 
 POOL_ROWS = 64  # rows the demo rows' resample sources are drawn from (several documents)
 # executed after the other chapters a run executes (selfrepair.book.runner.runs_last): its "What this
@@ -79,7 +80,7 @@ VALUE_BIAS = (  # what fold_value_biases changes in this chapter
 
 def value_bias_markdown(cfg: Config) -> str:
     """Which head-output convention this page ran with and what it changes here."""
-    return value_bias_note(cfg, VALUE_BIAS)
+    return value_bias_note(cfg, VALUE_BIAS, where="#value-biases")
 
 
 def build_markdown(cfg: Config) -> str:
@@ -134,8 +135,59 @@ def closure_markdown(table: pd.DataFrame, tol: float = 1e-3) -> str:
         text += (" This model soft-caps its final logits, `c tanh(x / c)`: every Δlogit here is the "
                  "change of `x`, the centered logit *before* the cap — the linear quantity the direct "
                  "effects and eq. 2's terms sum to. After the cap the listed heads' mean Δlogit is "
-                 + ", ".join(f"{c:+.3g} ({x:+.3g} before it) for {l}" for l, c, x in zip(
+                 + ", ".join(f"{number(c, '+.3g')} ({number(x, '+.3g')} before it) for {l}" for l, c, x in zip(
                      table["label"], table["delta_logit_capped"], table["delta_logit"])) + ".")
+    return text
+
+
+PARTS = {"from_heads": "the later heads", "from_mlps": "the later MLPs", "from_norm": "the final norm",
+         "from_block_norms": "the block norms"}  # eq. 2's terms as the live check's table heads them
+
+
+def example_rows(table: pd.DataFrame) -> tuple[pd.Series, list[pd.Series]]:
+    """The live check's rows its text walks through: the clearest example of self-repair (of the
+    heads whose ablation removes direct effect and whose self-repair is positive, the one that
+    loses most; else the head that loses most; else the first), then every other head whose
+    self-repair is negative at the digits shown (the rest of the network made the loss worse),
+    most negative first."""
+    fmt = ".3g"
+    loses = table[table["delta_direct_effect"] < 0]
+    clear = loses[loses["self_repair"] > 0]
+    pick = clear if len(clear) else loses if len(loses) else table.iloc[:1]
+    first = pick.loc[pick["delta_direct_effect"].idxmin()]
+    odd = table[(table["self_repair"] < 0) & (table["label"] != first["label"])]
+    odd = [r for _, r in odd.sort_values("self_repair").iterrows() if not is_zero(r["self_repair"], fmt)]
+    return first, odd
+
+
+def _largest_part(row: pd.Series) -> tuple[str, float]:
+    parts = {q: float(row[q]) for q in PARTS if q in row and pd.notna(row[q])}
+    top = max(parts, key=lambda q: abs(parts[q]))
+    return PARTS[top], parts[top]
+
+
+def reading_markdown(table: pd.DataFrame) -> str:
+    """How to read a row of the live check (:func:`closure_table`), on the clearest example
+    (:func:`example_rows`), and, where a head's self-repair is negative, what such a row means: the
+    rest of the network made the loss worse rather than making up for it."""
+    first, odd = example_rows(table)
+    part, size = _largest_part(first)
+    text = (f"**Reading a row.** Take {first['label']}: ablated, its own direct effect "
+            f"{changes(first['delta_direct_effect'], '.3g')} (ΔDE), while the logit "
+            f"{changes(first['delta_logit'], '.3g')} (Δlogit). So what lies downstream of it must "
+            f"{gives_back(first['self_repair'], '.3g', ' logits')}: that difference is eq. 1's self-repair, "
+            f"and eq. 2 finds the largest part of it in {part} ({number(size, '+.3g')}).")
+    if odd:
+        r = odd[0]
+        part, size = _largest_part(r)
+        others = [o["label"] for o in odd[1:]]
+        also = f" ({', '.join(others)} {'reads' if len(others) == 1 else 'read'} the same way.)" if others else ""
+        text += (f" A row can also read the other way. {r['label']}'s self-repair is **negative** "
+                 f"({number(r['self_repair'], '.3g')}): its own direct effect {changes(r['delta_direct_effect'], '.3g')}, "
+                 f"yet the logit {changes(r['delta_logit'], '.3g')}, so the rest of the network makes the loss "
+                 f"worse rather than making up for it — most of all {part} ({number(size, '+.3g')}). Self-repair "
+                 f"is a tendency of averages, not a rule every head obeys on every token; the chapters measure "
+                 f"how often and how much.{also}")
     return text
 
 
@@ -181,10 +233,10 @@ def worked_example(components: dict | None = None, u=TOY_U, removed: str = "head
         return float(np.sqrt((x ** 2).mean()))
 
     def vec(x) -> str:
-        return "(" + ", ".join(f"{float(v):.3g}" for v in x) + ")"
+        return "(" + ", ".join(number(float(v), ".3g") for v in x) + ")"
 
     def f(x) -> str:
-        return f"{x:+.3f}"
+        return number(x, "+.3f")
 
     r = sum(comps.values())
     S = rms(r)
@@ -243,7 +295,7 @@ def findings(live: Intro, toy: WorkedExample, model: str, tol: float = 1e-3) -> 
         Finding(f"On {model}, ablating {len(t)} heads, eq. 1 and the sum of eq. 2's terms agree {closes} "
                 f"(largest per-token gap {worst:.1e} logits).", (FIGURES["live"],), (len(t), worst)),
         Finding(f"On those heads, the term of eq. 2 largest in size is {TERMS[top]} "
-                f"({means[top]:+.3f} logits, the mean over the heads).", (FIGURES["live"],), (float(means[top]),)),
+                f"({number(means[top], '+.3f')} logits, the mean over the heads).", (FIGURES["live"],), (float(means[top]),)),
         Finding("Take-away: self-repair is what an ablation's effect lacks of the direct effect it removes, and "
                 "eq. 2 splits it exactly among what lies downstream; every chapter measures it so, on many "
                 "more heads and tokens."),
@@ -272,4 +324,4 @@ def shape_table(model: Any) -> Table:
 
 __all__ = ["CLOSURE_TABLE", "Config", "Intro", "TOY_TABLE", "WorkedExample",
            "architecture_markdown", "build_markdown", "closure_markdown", "closure_table", "demo_heads",
-           "demo_tokens", "findings", "measure", "shows", "shape_table", "value_bias_markdown", "worked_example"]
+           "demo_tokens", "example_rows", "findings", "measure", "reading_markdown", "shows", "shape_table", "value_bias_markdown", "worked_example"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ..chapters.signed import changes, moved
-from ..rules import against
+from ..rules import against, number
 
 
 def _near(x: float, claim) -> str:
@@ -32,12 +32,17 @@ def _pct(x: float) -> str:
 # -- chapter 0 ---------------------------------------------------------------------------------------
 def no_reaction(live) -> str:
     """If nothing downstream reacted, Δlogit = ΔDE_head; the measured Δlogit of the first head."""
-    r = live.table.iloc[0]
+    from ..chapters.intro import example_rows
+
+    r = example_rows(live.table)[0]  # the table's clearest example, as its text reads it
     gap = r.delta_logit - r.delta_direct_effect
     return (f"With nothing downstream reacting, Δlogit would be exactly the head's own change, "
-            f"ΔDE = {r.delta_direct_effect:.3g} for {r.label} (averaged over the live check's tokens). "
-            f"Measured: Δlogit = {r.delta_logit:.3g}, so the rest of the network added "
-            f"{gap:+.3g} (eq. 1's self-repair, {r.self_repair:.3g}).")
+            f"ΔDE = {number(r.delta_direct_effect, '.3g')} for {r.label} (averaged over the live check's tokens). "
+            f"Measured: Δlogit = {number(r.delta_logit, '.3g')}, so the rest of the network "
+            f"{changes(gap, '.3g', 'gave back', 'took away a further', 'gave back nothing')} "
+            f"(eq. 1's self-repair, {number(r.self_repair, '.3g')}): Δlogit is "
+            f"{'closer to zero' if abs(r.delta_logit) < abs(r.delta_direct_effect) else 'further from zero'} "
+            f"than ΔDE.")
 
 
 def largest_term(live, model) -> str:
@@ -45,7 +50,8 @@ def largest_term(live, model) -> str:
     t = live.table
     last = [r for _, r in t.iterrows() if int(r.label[1:].split("H")[0]) == model.n_layers - 1]
     if not last:
-        return "None of the live check's heads is in the last layer: set `featured_heads` to one that is."
+        return ("None of the live check's heads is in the last layer: name one among the featured heads in "
+                "the parameters cell.")
     r = last[0]
     terms = [q for q in TERMS if q != "from_block_norms" or model.sandwich]  # only terms this model has
     term = max(terms, key=lambda q: abs(r[q]))
@@ -53,7 +59,7 @@ def largest_term(live, model) -> str:
                   "the attention output)" if model.parallel_residual else
                   "the same block's MLP and the final norm")
     return (f"For {r.label}, a last-layer head, the largest term is **{TERM_NAMES[term]}** "
-            f"({r[term]:.3g}; the others: " + ", ".join(f"{TERM_NAMES[q]} {r[q]:.3g}" for q in terms
+            f"({number(r[term], '.3g')}; the others: " + ", ".join(f"{TERM_NAMES[q]} {number(r[q], '.3g')}" for q in terms
                                                        if q != term) +
             f"). Downstream of a last-layer head of this model is {downstream}.")
 
@@ -75,9 +81,9 @@ def noise(ex) -> str:
     """The per-token spread of the head with the largest mean direct effect (uniform sample)."""
     sp = ex.spread
     r = sp.loc[sp["mean_de"].idxmax()]
-    return (f"{r.label} (the largest mean direct effect, {r.mean_de:.3g}): over {int(r.n)} sampled "
-            f"tokens its self-repair runs from {r.q10:.3g} (10th percentile) to {r.q90:.3g} (90th), "
-            f"around a mean of {r['mean']:.3g}; {_pct(r.share_overcorrected)} of the tokens are "
+    return (f"{r.label} (the largest mean direct effect, {number(r.mean_de, '.3g')}): over {int(r.n)} sampled "
+            f"tokens its self-repair runs from {number(r.q10, '.3g')} (10th percentile) to {number(r.q90, '.3g')} "
+            f"(90th), around a mean of {number(r['mean'], '.3g')}; {_pct(r.share_overcorrected)} of the tokens are "
             f"overcorrected. Self-repair is a tendency of the average, not a guarantee per token.")
 
 
@@ -291,7 +297,7 @@ def ioi_repair(ch) -> str:
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "
             f"{moved}, on {ch.performance['n_prompts']} "
             f"prompts of {ch.meta.get('model')}.{outcome} The largest part of eq. 2 is {TERM_NAMES[top]} "
-            f"({parts[top]:+.3g} logits; " + ", ".join(f"{TERM_NAMES[q]} {parts[q]:+.3g}" for q in parts
+            f"({number(parts[top], '+.3g')} logits; " + ", ".join(f"{TERM_NAMES[q]} {number(parts[q], '+.3g')}" for q in parts
                                                       if q != top) +
             "). Wang et al. found backup name movers in GPT-2 small that take over part of the name movers' "
             "job when those are knocked out; whether a model does, and how much, is what this run measures.")
