@@ -72,8 +72,8 @@ ERASURE = Claim("erasure", "The top repairing neurons are erasure neurons, more 
                 "distribution below 0) among its 10 top repairing neurons minus their share among all the "
                 "layer's neurons, averaged over the Fig 8 heads; the neurons ranked by their summed repair "
                 "on one half of the documents, their clean direct effects read on the other half's tokens",
-                paper_word("significant"), fmt="+.0%",
-                reading=Signed("In percentage points, the share of erasure neurons among the neurons that "
+                paper_word("significant"), fmt=".0pp",
+                reading=Signed("The share of erasure neurons among the neurons that "
                                "repair most is {way} their share among all of the layer's neurons (over {n} "
                                "{unit}).", up="{value} above", down="{value} below", zero="within {value} of",
                                ends=("{} below", "{} above"), none="no difference"),

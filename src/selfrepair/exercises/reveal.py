@@ -126,7 +126,7 @@ def erasure(ch) -> str:
     v = {x.claim.key: x for x in ch.verdicts}["erasure"]
     r = ch.summary.iloc[0]
     return (f"Among the ten neurons that repair each Fig 8 head most, erasure neurons (a negative median "
-            f"clean direct effect over every token) are {_points(v)} percentage points "
+            f"clean direct effect over every token) are {_points(v)} "
             f"{'more' if v.value >= 0 else 'less'} common than among all the layer's neurons, so "
             f"{SO[v.holds]}. {v.detail} Token by "
             f"token, for {r.label}: "
@@ -137,11 +137,11 @@ def erasure(ch) -> str:
 
 
 def _points(v) -> str:
-    """The size of a difference of shares in percentage points, on its side of the rule's
-    thresholds (a difference just above 0 is not "0 percentage points more")."""
-    from ..claims import thresholds
+    """The size of a difference of shares in percentage points (the claim's format), on its side
+    of the rule's thresholds (a difference just above 0 is not "0 percentage points more")."""
+    from ..claims import size, thresholds
 
-    return against(abs(100 * v.value), ".0f", [abs(100 * t) for t in thresholds(v.claim.rule)])
+    return size(v.value, v.claim.fmt, thresholds(v.claim.rule))
 
 
 def sparse(ch) -> str:
