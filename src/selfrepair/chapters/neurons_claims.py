@@ -181,6 +181,8 @@ def _varies(ch) -> Verdict:
                         unit=f"most self-repaired tokens of {label} on the test half's {len(test)} "
                              f"{ev.clusters.unit}")
     whole = er.most_frequent(ev.in_top.sum(0))
-    return Verdict.of(VARIES, est, f"It is neuron {n} of {label}, among the top ten on {picked:.0%} of "
-                      f"the selection half's tokens. Picked and measured on every token, the largest share "
-                      f"is {whole[2]:.0%} (neuron {whole[1]} of {head_label(*ev.heads[whole[0]])}).")
+    mlp = f"layer {ch.result.neuron_layer}'s MLP"  # a neuron is the MLP layer's; the head is the one it repairs
+    return Verdict.of(VARIES, est, f"It is neuron {n} of {mlp}, among the ten that repair {label} most on "
+                      f"{picked:.0%} of the selection half's tokens. Picked and measured on every token, the "
+                      f"largest share is {whole[2]:.0%} (neuron {whole[1]} of {mlp}, repairing "
+                      f"{head_label(*ev.heads[whole[0]])}).")
