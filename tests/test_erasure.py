@@ -6,6 +6,8 @@ blind to the test half; every rule's outcomes printed as described."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -244,3 +246,15 @@ def test_figures_colour_neurons_by_their_median_on_the_distribution():
     # not the median over the head's own selected tokens
     assert not np.allclose(cum["median_clean_de"], nr.cumulative(run["res"])
                            .query("label in @ch.fig8")["median_clean_de"])
+
+
+def test_the_most_consistent_neuron_is_named_by_its_mlp_layer_not_a_head():
+    """Issue 25: "neuron 1026 of L17H3" — a neuron belongs to an MLP layer; the head is the one it
+    repairs."""
+    ch = chapter(synthetic(0))
+    detail = {v.claim.key: v for v in ch.verdicts}["varies"].detail
+    layer = ch.result.neuron_layer
+    _, _, (h, n, _) = nc.varies_selection(ch.evidence, ch.seed)
+    assert f"It is neuron {n} of layer {layer}'s MLP, among the ten that repair {head_label(*ch.evidence.heads[h])} most" in detail
+    assert not re.search(r"neuron \d+ of L\d+H\d+", detail)
+    assert re.search(rf"\(neuron \d+ of layer {layer}'s MLP, repairing L\d+H\d+\)", detail)

@@ -310,9 +310,17 @@ def test_chapter7_layer_bars_are_dark_on_white():
     assert tick["mark"]["color"] == "black" and contrast("#000000", bar["mark"]["color"]) >= MIN_CONTRAST
 
 
+def assert_apart(colors, least: float = 80) -> None:
+    """Every pair of ``colors`` far apart (RGB distance, as Fig 8's thresholds are checked)."""
+    rgb = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in colors]
+    for i, a in enumerate(rgb):
+        for b in rgb[i + 1:]:
+            assert sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 >= least, (a, b)
+
+
 def test_chapter4_classes_are_dark_on_white():
     """Chapter 4's response lines: "weak" in light grey #b5b5b5 (2.1:1 on white), every class at
-    opacity 0.7 (the red 2.5:1); now each reaches 3:1 as drawn, "weak" still the lighter grey."""
+    opacity 0.7 (the red 2.5:1); now each reaches 3:1 as drawn, each in its own hue."""
     frame = pd.DataFrame([{"label": f"L{i}H0", "layer": i, "head": 0, "alpha": a, "relative_change": -0.1 * a,
                            "direct_effect": 0.5, "new_direct_effect": 0.4, "class": c}
                           for i, c in enumerate(fit.CLASS_ORDER) for a in (0.0, 1.0, 3.0, 5.0)])
@@ -322,7 +330,7 @@ def test_chapter4_classes_are_dark_on_white():
     scale = line["encoding"]["color"]["scale"]
     colors = dict(zip(scale["domain"], scale["range"]))
     assert list(colors) == fit.CLASS_ORDER and len(set(colors.values())) == 4
-    assert contrast(colors["weak"]) < contrast(colors["neutral"])  # weak the lighter of the two greys
+    assert_apart(colors.values())  # "neutral" was a second grey beside the weak heads' (issue 25)
 
 
 # -- 3. labels cut at their limit ---------------------------------------------------------------------
@@ -451,3 +459,24 @@ def test_pale_marks_finds_each_kind_of_pale_mark_and_passes_dark_ones():
     for what, chart in bad.items():
         found = pale_marks(chart.to_dict())
         assert len(found) == 1, (what, found)
+
+
+def test_chapter4_alphas_are_distinct_hues():
+    """Fig 18's α = 1, 3, 5 were three shades of the depth ramp, α = 3 and α = 5 two near-identical
+    teals (issue 25): each α now has its own hue, 3:1 on white as drawn; more alphas than hues fall
+    back to the ramp."""
+    from selfrepair.figures.encodings import HUES
+
+    frame = pd.DataFrame([{"label": "L1H0", "layer": 1, "head": 0, "alpha": a, "row": 0, "pos": p,
+                           "direct_effect": 0.5, "new_direct_effect": 0.5 - 0.1 * a} for a in (1.0, 3.0, 5.0)
+                          for p in range(3)])
+    spec = spec_of(fit.fig_amplified_tokens(frame))
+    assert_dark(spec, "circle")
+    (points,) = [n for n in nodes(spec) if mark(n) == "circle"]
+    scale = points["encoding"]["color"]["scale"]
+    assert "scheme" not in scale and scale["domain"] == [1.0, 3.0, 5.0]
+    assert_apart(scale["range"])
+    assert all(contrast(blend(c, MARK_OPACITY)) >= MIN_CONTRAST for c in scale["range"])
+    many = pd.concat([frame.assign(alpha=float(a)) for a in range(len(HUES) + 1)])
+    (points,) = [n for n in nodes(spec_of(fit.fig_amplified_tokens(many))) if mark(n) == "circle"]
+    assert points["encoding"]["color"]["scale"]["scheme"] == DEPTH_SCHEME

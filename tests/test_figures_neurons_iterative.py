@@ -259,11 +259,10 @@ def test_fig_sparsity_thresholds_in_distinct_hues():
     (line,) = layers_of(spec_of(fn.fig_sparsity(pd.DataFrame(rows))))
     scale = line["encoding"]["color"]["scale"]
     assert "scheme" not in scale and scale["domain"] == [50, 10, 5, 2, 1]
-    rgb = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in scale["range"]]
-    assert len(set(rgb)) == 5 and all(contrast(c) >= MIN_CONTRAST for c in scale["range"])
-    for i, a in enumerate(rgb):  # every pair far apart
-        for b in rgb[i + 1:]:
-            assert sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 >= 80, (a, b)
+    from test_figures_legible import assert_apart
+
+    assert len(set(scale["range"])) == 5 and all(contrast(c) >= MIN_CONTRAST for c in scale["range"])
+    assert_apart(scale["range"])  # every pair far apart
 
 
 def test_neuron_figures_on_the_chapters_frames():

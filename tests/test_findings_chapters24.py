@@ -209,3 +209,29 @@ def test_chapter4_says_which_fall_each_interval_of_the_same_value_belongs_to():
     assert "here the fall beyond the push" in said and "204%" not in said
     same = iterative.smaller_of_two(e(-0.3, -0.4, -0.2), e(-0.3, -0.4, -0.2), e(-0.5, -0.6, -0.4))
     assert same == "The verdict's value above is the smaller of the two falls, here the fall under its own output."
+
+
+def test_chapter4_solution_gives_the_size_medians_beside_the_paragraphs_signed_ones():
+    """Issue 25: §4.3 said the median head falls by 25% / 46% and Solution 4.2 gave 69% / 56%
+    ("unsigned"), two medians of what reads as one thing: the solution's sentence names both, for
+    the same heads and tokens, from the one definition (:func:`iterative.medians`)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from selfrepair.exercises import reveal
+
+    classes = pd.DataFrame({"class": ["self-repressing"] * 3 + ["self-reinforcing"] * 2 + ["weak"],
+                            "relative_change": [-0.9, -0.5, -0.25, 0.6, 0.8, -5.0],
+                            "control_change": [-0.7, -0.46, -0.3, 0.2, 0.5, 3.0],
+                            "specific": [True, True, False, True, False, True], "alpha": 5.0})
+    m = iterative.medians(classes)  # the weak head (-500%) counts in neither
+    assert (m["n"], m["own"], m["own_size"]) == (5, -0.25, 0.6)
+    assert (m["control"], m["control_size"]) == (-0.3, 0.46)
+    said = reveal.control(SimpleNamespace(classes=classes))
+    assert ("Over the same 5 classified heads as the paragraph above (each head's top tokens, at α = 5), the "
+            "median size of the change, ignoring its sign, is 60% of the direct effect under the head's own "
+            "output and 46% under a random push of the same norm; the paragraph's medians, a fall of 25% and "
+            "a fall of 30%, keep the sign") in said
+    assert "3 of them respond" in said and "±10%" in said
+    assert "with its sign" in iterative.control_sentence(m["own"], m["control"], 5.0)

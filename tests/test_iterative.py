@@ -1,6 +1,8 @@
 """Chapter 04 (iterative inference): a head's direct effect after its own output is added to its
 input, and the chapter's classes, featured heads and verdicts."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -353,6 +355,9 @@ def test_proportional_holds_for_a_line_through_the_origin():
     v = {x.claim.key: x for x in documents_chapter(run, seed=1).verdicts}
     assert v["proportional"].word == "holds"
     assert v["proportional"].value == pytest.approx(0.2, abs=0.02)
+    # the heads' mean repression said without a forced sign ("is 20% at α = 1", not "+20%")
+    assert "Their mean repression on the test half is " in v["proportional"].detail
+    assert not re.search(r"\+\d", v["proportional"].detail)
 
 
 def test_selection_is_blind_to_the_test_half_which_is_what_is_tested():

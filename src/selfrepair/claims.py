@@ -10,7 +10,8 @@ independent values). A verdict is
 
 - **holds** when the whole interval lies on the paper's side of the rule's threshold,
 - **differs** when the whole interval lies on the other side,
-- **cannot tell** when the interval straddles the threshold, when it is not reliable (too few
+- **cannot tell** when part of the interval meets the rule and part does not (it straddles the
+  threshold, or an end is exactly at one the rule leaves out), when it is not reliable (too few
   independent units), or when the claim cannot be tested on this run (``why`` says which).
 
 Every rule names the paper's word or number it reads (``Rule.word``) and why its threshold reads
@@ -38,8 +39,8 @@ from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above
 from .tables import table
 from .uncertainty import MIN_CLUSTERS, Estimate
 
-RULES_HEADERS = {"claim": "claim", "word": "the paper's word", "holds": "holds when the 95% interval is",
-                 "differs": "differs when it is"}  # rules_table's columns and headers
+RULES_HEADERS = {"claim": "claim", "word": "the paper's word", "holds": "holds when",
+                 "differs": "differs when"}  # rules_table's columns and headers
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
@@ -189,13 +190,13 @@ def _interval(v: Verdict) -> str:
 def _decided(v: Verdict) -> str:
     """How the verdict is decided, naming every outcome the rule can print."""
     c, interval = v.claim, v.lo is not None or bool(v.parts)
-    where = "the whole 95% interval is" if interval else "the value is"
+    where = "the whole 95% interval" if interval else "the value"
     word = f" It reads the paper's “{c.rule.word}”:" if c.rule.word else ""
-    text = (f"The metric: {c.metric}.{word} {_why(c)} The claim holds when {where} {c.rule.text(c.fmt)}, "
-            f"differs when {'the whole interval is' if interval else 'it is'} {c.rule.opposite(c.fmt)}")
+    text = (f"The metric: {c.metric}.{word} {_why(c)} The claim holds when {c.rule.when(c.fmt, True, where)}, "
+            f"differs when {c.rule.when(c.fmt, False, 'the whole interval' if interval else 'it')}")
     if "cannot tell" in v.outcomes:
         untestable = bool(v.why) and not (v.estimate is not None and v.estimate.why)
-        text += (", and we cannot tell when the interval straddles that threshold or is not reliable "
+        text += (f", and we cannot tell when the interval {UNDECIDED} or is not reliable "
                  f"(fewer than {MIN_CLUSTERS} independent units)"
                  + (", or when, as here, the claim's assumption does not hold on this run" if untestable else "")
                  if interval else ", and we cannot tell when the claim cannot be tested on this run")
@@ -214,7 +215,7 @@ def _metric_why(c: Claim) -> str:
     which :func:`rules_table` gives once per word)."""
     text = f"Why this metric: {c.rationale}." if c.rationale else ""
     for rule in c.classify:
-        text += f" A unit counts by “{rule.word}” ({rule.text('.2g')}): {rule.reason}."
+        text += f" A unit counts by “{rule.word}” (when it is {rule.text('.2g')}): {rule.reason}."
     return (text + _paper_reports(c)).strip()
 
 
@@ -241,7 +242,8 @@ def rules_table(claims) -> str:
     and thresholds labelled, instead of four columns wider than the screen."""
     frame = pd.DataFrame([{"claim": f"{c.statement} ({c.source})",
                            "word": f"“{c.rule.word}”" if c.rule.word else "",
-                           "holds": c.rule.text(c.fmt), "differs": c.rule.opposite(c.fmt)} for c in claims],
+                           "holds": c.rule.when(c.fmt, True, "the whole 95% interval"),
+                           "differs": c.rule.when(c.fmt, False)} for c in claims],
                          columns=list(RULES_HEADERS))
     rules = table(frame, names=RULES_HEADERS, stacked=True)._repr_html_()
     said = said_once([c.rationale for c in claims])  # a rationale's passage shared with an earlier claim: once
@@ -253,7 +255,7 @@ def rules_table(claims) -> str:
             words.setdefault((c.rule.word, c.rule.reason), None)
     read = "\n".join(f"- “{word}”: {reason}." for word, reason in words)
     after = (f"A claim holds or differs only when its **whole** 95% interval lies on one side; a verdict "
-             f"**cannot tell** when its interval straddles the threshold or is not reliable (fewer than "
+             f"**cannot tell** when its interval {UNDECIDED} or is not reliable (fewer than "
              f"{MIN_CLUSTERS} independent units), or when the claim cannot be tested on the run (its "
              "sentence says why).")
     parts = [rules, "**What each claim measures, and why.**", measured]
@@ -262,6 +264,9 @@ def rules_table(claims) -> str:
     return "\n\n".join(parts + [after])
 
 
+# when an interval decides nothing (after "the interval"): part of it meets the rule and part does not
+UNDECIDED = ("meets the rule only in part (it straddles the threshold, or an end is exactly at a threshold "
+             "the rule leaves out, as 'above 50%' leaves out 50%)")
 SHARED = 100  # characters: a passage at least this long that a later rationale repeats is said once
 AS_ABOVE = " (as said in full above)"
 
@@ -307,12 +312,11 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
     span = f'<span id="{anchor(c)}"></span>' if mark else ""
     n = f" over {v.n:,} {v.unit}" if v.n is not None else ""
     why = f" We cannot tell here: {v.why}." if v.why else (
-        " The interval straddles the rule's threshold, so we cannot tell."
+        f" {undecided(v)[0].upper()}{undecided(v)[1:]}, so we cannot tell."
         if v.holds is None and math.isfinite(v.value) and (v.lo is not None or v.parts) else "")
     parts = "".join(f" The {name} is {against(e.value, c.fmt, rule.bounds)} "
-                    f"({interval_words(e.lo, e.hi, c.fmt, rule.bounds)}): "
-                    f"{WORDS[rule.decide(e.lo, e.hi) if e.reliable else None]} "
-                    f"for {rule.text(c.fmt)}." for name, e, rule in v.parts)
+                    f"({interval_words(e.lo, e.hi, c.fmt, rule.bounds)}): {_part(e, rule, c.fmt)}."
+                    for name, e, rule in v.parts)
     detail = (f" {v.detail}" if v.detail else "") + _paper_reports(c)  # the paper's number beside ours
     signed, bounds = isinstance(c.reading, Signed), thresholds(c.rule)
     shown = size(v.value, c.fmt, bounds) if signed else against(v.value, c.fmt, bounds)
@@ -322,6 +326,26 @@ def _line(v: Verdict, rules: str, mark: bool) -> str:
             if reading else f"The value is {value}{n}.")
     how = f'(<a href="#{rules}">how this is decided</a>)' if rules else _decided(v)
     return f"- {span}*{c.statement}* ({c.source}): **{v.word}**. {said}{parts}{why}{detail} {how}"
+
+
+def _part(e: Estimate, rule: Rule, fmt: str) -> str:
+    """One part of a verdict decided on several estimates, in words: "holds, as the whole interval
+    is above 0"; "differs, as the whole interval is above 0.1, outside -0.1 to 0.1"."""
+    if not e.reliable:
+        return "cannot tell, as its interval is not reliable"
+    return f"{WORDS[rule.decide(e.lo, e.hi)]}, as {rule.because(e.lo, e.hi, fmt)}"
+
+
+def undecided(v: Verdict, subject: str = "the interval") -> str:
+    """Why a verdict with an interval cannot tell: "the interval straddles the rule's threshold,
+    50%", "the interval has its lower end at the rule's threshold, 50%" (an end exactly at it,
+    which a rule such as "above 50%" leaves out; ``subject`` for "the interval"); for a verdict on
+    several parts, which part is undecided."""
+    c = v.claim
+    if v.parts:
+        names = [name for name, e, rule in v.parts if not e.reliable or rule.decide(e.lo, e.hi) is None]
+        return f"the {' and the '.join(names) or 'parts'} {'are' if len(names) > 1 else 'is'} undecided"
+    return f"{subject} {c.rule.undecided(v.lo, v.hi, c.fmt, ends=not isinstance(c.reading, Signed))}"
 
 
 def _brief(v: Verdict) -> str:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .claims import Signed, Verdict, against, interval_words, thresholds
+from .claims import Signed, Verdict, against, interval_words, thresholds, undecided
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,9 @@ def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:
     statement = v.claim.statement.rstrip(".")
     if v.why:
         return f"*{statement}*", ()
-    if v.holds is None:
-        value += f", which straddles the rule's “{v.claim.rule.text(v.claim.fmt)}”"
+    if v.holds is None:  # why not, and what the claim needs
+        value += (f"; {undecided(v)}" if v.parts else
+                  f", {undecided(v, 'which')}: the claim holds only when {v.claim.rule.when(v.claim.fmt)}")
     if own(v):
         value = f"this book's own question, not the papers': {value}"
     return f"*{statement}* ({value})", numbers

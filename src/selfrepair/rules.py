@@ -11,6 +11,7 @@ the paper's word or number it reads (``Rule.word``) and why its threshold reads 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 from .tables import _superscript, minus
@@ -52,12 +53,55 @@ class Rule:
     def text(self, fmt: str, opposite: bool = False) -> str:
         """Where a value (an interval) must lie for the claim to hold, or with ``opposite`` to differ."""
         f = [bound(b, fmt) for b in self.bounds]
+        if self.op == "proportional":  # its bound is a tolerance relative to the mean of y: a share
+            f = [bound(self.bounds[0], ".0%")]
         words = _SIDES[self.op][opposite]
         return words.format(*f) if self.op in ("between", "proportional") else f"{words} {f[0]}"
 
     def opposite(self, fmt: str) -> str:
         """Where an interval must lie for the claim to differ."""
         return self.text(fmt, opposite=True)
+
+    def when(self, fmt: str, holds: bool = True, subject: str = "the whole interval") -> str:
+        """The clause after "holds when" (``holds``) or "differs when": where ``subject`` (the
+        whole 95% interval; "the value" for an exact one) must lie, a sentence for every kind of
+        rule: "the whole interval is above 0", "the whole interval lies inside -0.1 to 0.1", "the
+        whole interval lies above 0.1 or below -0.1", "the slope's whole interval is above 0 and ..."."""
+        f = [bound(b, fmt) for b in self.bounds]
+        if self.op == "proportional":
+            tol = f"±{bound(self.bounds[0], '.0%')} of the mean of y"
+            return (f"the slope's whole interval is above 0 and the intercept's lies inside {tol}" if holds else
+                    f"the slope's whole interval is at or below 0, or the intercept's lies wholly outside {tol}")
+        if self.op == "between":
+            return f"{subject} lies inside {f[0]} to {f[1]}" if holds else f"{subject} lies above {f[1]} or below {f[0]}"
+        return f"{subject} is {self.text(fmt, not holds)}"
+
+    def because(self, lo: float, hi: float, fmt: str, ends: bool = True) -> str:
+        """Why the interval ``[lo, hi]`` decides as it does, a clause after "as": where it lies
+        (:meth:`when`; for a "between" rule that differs, on which side), or, undecided, what
+        :meth:`undecided` says."""
+        decided = self.decide(lo, hi)
+        if decided is None:
+            return f"the interval {self.undecided(lo, hi, fmt, ends)}"
+        if decided is False and self.op == "between":
+            a, b = (bound(x, fmt) for x in self.bounds)
+            return f"the whole interval is {'above ' + b if lo > self.bounds[1] else 'below ' + a}, outside {a} to {b}"
+        return self.when(fmt, decided)
+
+    def undecided(self, lo: float, hi: float, fmt: str, ends: bool = True) -> str:
+        """Why an interval that :meth:`decide` leaves undecided is so, after "the interval":
+        "straddles the rule's threshold, 50%" where a threshold lies inside it, or, where an end
+        is exactly at one (at the digits shown: :func:`against` prints an end off it with more
+        digits), "has its lower end at the rule's threshold, 50%" ("one end" without ``ends``: a
+        signed reading says its ends as sizes, not in order)."""
+        inside = [t for t in self.bounds if lo < t < hi and _side(lo, t) and _side(hi, t)]
+        if inside or self.op == "proportional":
+            return f"straddles the rule's threshold{', ' + bound(inside[0], fmt) if inside else ''}"
+        for t in self.bounds:
+            for x, which in ((lo, "its lower end"), (hi, "its upper end")):
+                if not _side(x, t):
+                    return f"has {which if ends else 'one end'} at the rule's threshold, {bound(t, fmt)}"
+        return "straddles the rule's threshold"
 
     def with_side(self, op: str) -> "Rule":
         """The same word and threshold on the other side (e.g. a *fall* that is significant)."""
@@ -66,8 +110,13 @@ class Rule:
 
 _SIDES = {">": ("above", "at or below"), ">=": ("at least", "below"), "<": ("below", "at or above"),
           "<=": ("at most", "above"), "between": ("between {} and {}", "entirely outside {} to {}"),
-          "proportional": ("a line through the origin (slope above 0, intercept within ±{} of the mean)",
-                           "the slope is at most 0 or the intercept outside ±{} of the mean")}
+          "proportional": ("a line through the origin (slope above 0, intercept within ±{} of the mean of y)",
+                           "the slope is at most 0 or the intercept outside ±{} of the mean of y")}
+
+
+def _side(x: float, t: float) -> int:
+    """Which side of threshold ``t`` ``x`` lies on: 0 within float rounding of it (on it), else ±1."""
+    return 0 if abs(x - t) <= 1e-12 * max(1.0, abs(t)) else (1 if x > t else -1)
 
 
 def above(x: float) -> Rule:
@@ -171,8 +220,16 @@ def paper_number(op: str, value: float, word: str, reason: str) -> Rule:
 
 def bound(value: float, fmt: str) -> str:
     """A rule's threshold in the claim's format, but zero as "0" (a threshold is exactly zero,
-    not "+0.000")."""
-    return "0" if value == 0 else _fmt(value, fmt)
+    not "+0.000") and without trailing zeros (a threshold is exact: -0.1, not -0.100; 90%, not
+    90.0%)."""
+    if value == 0:
+        return "0"
+    text = _fmt(value, fmt)
+    m = re.fullmatch(r"([+-]?\d+)\.(\d+)(%|\s.*)?", text)
+    if m is None:
+        return text
+    frac = m.group(2).rstrip("0")
+    return m.group(1) + ("." + frac if frac else "") + (m.group(3) or "")
 
 
 def against(value: float, fmt: str, thresholds=(), most: int = 3) -> str:
@@ -182,22 +239,18 @@ def against(value: float, fmt: str, thresholds=(), most: int = 3) -> str:
     threshold, or exactly on one, prints in ``fmt`` as ever; one within rounding of it even at
     ``most`` more decimals is said "just under 90%" / "just over 90%". Every number that prose
     compares with a threshold (a rule's bound, a class's cut) prints through this."""
-    import re
-
-    m = re.fullmatch(r"([+ ]?)\.(\d+)([f%])", fmt)
+    m = re.fullmatch(r"([+ ]?)\.(\d+)([f%]|pp)", fmt)
     if value is None or not math.isfinite(value) or m is None:
         return _fmt(value, fmt)
     sign, digits, kind = m.group(1), int(m.group(2)), m.group(3)
-    scale = 100 if kind == "%" else 1
+    scale = 1 if kind == "f" else 100
     bounds = [t for t in thresholds if t is not None and math.isfinite(t)]
-    def side(x: float, t: float) -> int:  # within float rounding of a threshold is on it
-        return 0 if abs(x - t) <= 1e-12 * max(1.0, abs(t)) else (1 if x > t else -1)
-
+    side = _side  # within float rounding of a threshold is on it
     for extra in range(most + 1):
         f = f"{sign}.{digits + extra}{kind}"
-        shown = lambda x: float(format(x, f).rstrip("%")) / scale  # noqa: E731 (as printed at f)
+        shown = lambda x: float(_plain(x, f).split(" ")[0].rstrip("%")) / scale  # noqa: E731 (as printed at f)
         if all(side(shown(value), shown(t)) == side(value, t) for t in bounds):
-            return minus(format(value, f))
+            return _fmt(value, f)
     near = min(bounds, key=lambda t: abs(value - t))
     return f"just {'under' if value < near else 'over'} {bound(near, fmt)}"
 
@@ -207,7 +260,13 @@ def interval_words(lo: float, hi: float, fmt: str, thresholds=()) -> str:
     replicates give that value to the digits shown), says so instead of a range that is none. An
     end near one of ``thresholds`` prints on its side of it (:func:`against`)."""
     a, b = against(lo, fmt, thresholds), against(hi, fmt, thresholds)
-    return f"95% interval {a} to {b}" if a != b else f"95% interval {a} — no spread at the digits shown"
+    if a == b:
+        return f"95% interval {a} — no spread at the digits shown"
+    unit = POINTS if a.endswith(POINTS) and b.endswith(POINTS) else ""
+    return f"95% interval {a[:len(a) - len(unit)]} to {b}"  # "11 to 28 percentage points": the unit once
+
+
+POINTS = " percentage points"  # the unit of a format ending "pp" (".0pp": 0.21 prints "21 percentage points")
 
 
 def number(value: float, fmt: str) -> str:
@@ -224,8 +283,12 @@ _fmt = number  # the name the rest of this module reads it by
 
 
 def _plain(value: float, fmt: str) -> str:
+    """``value`` in the claim's format (``.Npp``: a difference of shares in percentage points) with
+    the hyphen-minus format() gives; :func:`number` is what a sentence prints."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    if fmt.endswith("pp"):  # a difference of two shares, in percentage points (never "+21%")
+        return format(100 * value, fmt[:-2] + "f") + POINTS
     text = format(value, fmt)
     if fmt.endswith("e") and "e" in text:
         mantissa, exponent = text.split("e")
@@ -322,7 +385,7 @@ def size(value: float, fmt: str, thresholds=()) -> str:
 
 def is_zero(value: float, fmt: str, thresholds=()) -> bool:
     """Whether ``value``'s :func:`size` prints as zero ("0%", "0.00", "0.0×10⁰")."""
-    return size(value, fmt, thresholds).split("×")[0].strip("0.%") == ""
+    return size(value, fmt, thresholds).split("×")[0].split(" ")[0].strip("0.%") == ""
 
 
 def thresholds(rule: Rule) -> tuple[float, ...]:

@@ -13,8 +13,7 @@ self-repressing head is chosen on one half of the documents and tested on the ot
 the random push of the same norm lie below 0 with their whole interval (the words table's
 "decreased"); the head map's classes and the share of self-repressing heads count a change within
 ±10% of the direct effect (:data:`TAU`) as none. "Proportional" is a line through the origin
-(``Verdict.linear``) fitted to "proportional" is a line through the origin (``Verdict.linear``) fitted to
-the repression of the heads that self-repress on the first half, measured on the second. The paper
+(``Verdict.linear``) fitted to the repression of the heads that self-repress on the first half, measured on the second. The paper
 offers these heads as evidence for the iterative inference hypothesis (App. G), and the text says so.
 """
 
@@ -209,7 +208,7 @@ def _proportional(ch: IterativeChapter, chosen: np.ndarray, test, boot: Bootstra
     y = -mean_finite(rp.relative(ch.sums[test].sum(0)[None])[0][0, heads], axis=0)
     return Verdict.linear(PROPORTIONAL, slope, icpt,
                           f"The heads: {', '.join(labels[i] for i in heads)}. Their mean repression on the test "
-                          "half is " + ", ".join(f"{number(v, '+.0%')} at α = {a:g}" for a, v in zip(alphas, y)) + ".")
+                          "half is " + ", ".join(f"{number(v, '.0%')} at α = {a:g}" for a, v in zip(alphas, y)) + ".")
 
 
 def on_this_model(ch: IterativeChapter) -> str:
@@ -246,13 +245,24 @@ def on_this_model(ch: IterativeChapter) -> str:
             f"self-reinforcing {ex(rein) if len(rein) else 'none (no head is)'}. Over every token, not only each head's top ones, the mean "
             f"direct effect moves the same way for {pct(same_way)} of the non-neutral heads.")
     if classes["control_change"].notna().any():
-        text += " " + control_sentence(ok["relative_change"].median(), ok["control_change"].median(),
-                                       max(res.alphas))
+        m = medians(classes)
+        text += " " + control_sentence(m["own"], m["control"], max(res.alphas))
     cl = ch.clusters
     text += (f" The verdicts choose heads on one half of the {cl.n:,} independent {cl.unit} and test them on "
              f"the other; every interval is a 95% cluster bootstrap over the {cl.unit} ({ch.n_boot:,} "
              f"replicates, seed {ch.seed}) that recomputes each head's relative changes.")
     return text + "\n\n" + render(ch.verdicts, rules="ch04-rules", below=FIGURES)
+
+
+def medians(classes: pd.DataFrame) -> dict[str, float]:
+    """Over the classified heads (not "weak"), at the largest α, on each head's top tokens: the
+    median relative change under the head's own output (``own``) and under the random push
+    (``control``), signed, and the median of its size (``own_size``, ``control_size``). The
+    paragraph gives the signed ones and Solution 4.2 both, from here: one definition each."""
+    ok = classes[classes["class"] != "weak"]
+    own, ctrl = ok["relative_change"], ok["control_change"]
+    return {"own": own.median(), "control": ctrl.median(), "own_size": own.abs().median(),
+            "control_size": ctrl.abs().median(), "n": len(ok)}
 
 
 def control_sentence(own: float, control: float, alpha: float) -> str:
@@ -262,7 +272,8 @@ def control_sentence(own: float, control: float, alpha: float) -> str:
     output (:func:`selfrepair.repression.repression`)."""
     said = (f"The control is a random push: a random direction of the same norm as the head's own output at "
             f"α = {alpha:g}, added at the same place, which shows how much any push of that size moves a head. "
-            f"The median classified head's mean top-token direct effect {changes(own, '.0%', relative=True)} "
+            f"The median classified head's mean top-token direct effect, with its sign (heads that rise and "
+            f"heads that fall ranked together), {changes(own, '.0%', relative=True)} "
             f"under its own output and {changes(control, '.0%', relative=True)} under the random push (a "
             "larger fall is more repression). ")
     if not (math.isfinite(own) and math.isfinite(control)):

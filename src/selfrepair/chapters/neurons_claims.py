@@ -72,8 +72,8 @@ ERASURE = Claim("erasure", "The top repairing neurons are erasure neurons, more 
                 "distribution below 0) among its 10 top repairing neurons minus their share among all the "
                 "layer's neurons, averaged over the Fig 8 heads; the neurons ranked by their summed repair "
                 "on one half of the documents, their clean direct effects read on the other half's tokens",
-                paper_word("significant"), fmt="+.0%",
-                reading=Signed("In percentage points, the share of erasure neurons among the neurons that "
+                paper_word("significant"), fmt=".0pp",
+                reading=Signed("The share of erasure neurons among the neurons that "
                                "repair most is {way} their share among all of the layer's neurons (over {n} "
                                "{unit}).", up="{value} above", down="{value} below", zero="within {value} of",
                                ends=("{} below", "{} above"), none="no difference"),
@@ -181,6 +181,8 @@ def _varies(ch) -> Verdict:
                         unit=f"most self-repaired tokens of {label} on the test half's {len(test)} "
                              f"{ev.clusters.unit}")
     whole = er.most_frequent(ev.in_top.sum(0))
-    return Verdict.of(VARIES, est, f"It is neuron {n} of {label}, among the top ten on {picked:.0%} of "
-                      f"the selection half's tokens. Picked and measured on every token, the largest share "
-                      f"is {whole[2]:.0%} (neuron {whole[1]} of {head_label(*ev.heads[whole[0]])}).")
+    mlp = f"layer {ch.result.neuron_layer}'s MLP"  # a neuron is the MLP layer's; the head is the one it repairs
+    return Verdict.of(VARIES, est, f"It is neuron {n} of {mlp}, among the ten that repair {label} most on "
+                      f"{picked:.0%} of the selection half's tokens. Picked and measured on every token, the "
+                      f"largest share is {whole[2]:.0%} (neuron {whole[1]} of {mlp}, repairing "
+                      f"{head_label(*ev.heads[whole[0]])}).")

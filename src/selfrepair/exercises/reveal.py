@@ -132,7 +132,7 @@ def erasure(ch) -> str:
     v = {x.claim.key: x for x in ch.verdicts}["erasure"]
     r = ch.summary.iloc[0]
     return (f"Among the ten neurons that repair each Fig 8 head most, erasure neurons (a negative median "
-            f"clean direct effect over every token) are {_points(v)} percentage points "
+            f"clean direct effect over every token) are {_points(v)} "
             f"{'more' if v.value >= 0 else 'less'} common than among all the layer's neurons, so "
             f"{SO[v.holds]}. {v.detail} Token by "
             f"token, for {r.label}: "
@@ -143,11 +143,11 @@ def erasure(ch) -> str:
 
 
 def _points(v) -> str:
-    """The size of a difference of shares in percentage points, on its side of the rule's
-    thresholds (a difference just above 0 is not "0 percentage points more")."""
-    from ..claims import thresholds
+    """The size of a difference of shares in percentage points (the claim's format), on its side
+    of the rule's thresholds (a difference just above 0 is not "0 percentage points more")."""
+    from ..claims import size, thresholds
 
-    return against(abs(100 * v.value), ".0f", [abs(100 * t) for t in thresholds(v.claim.rule)])
+    return size(v.value, v.claim.fmt, thresholds(v.claim.rule))
 
 
 def sparse(ch) -> str:
@@ -175,15 +175,22 @@ def classes(ch) -> str:
 
 
 def control(ch) -> str:
-    """How the heads respond to a random push of the same norm."""
-    c = ch.classes[ch.classes["class"] != "weak"]  # the classified heads, as the paragraph above
-    own, rnd = c["relative_change"].abs().median(), c["control_change"].abs().median()
-    n_spec = int(c["specific"].sum())
-    return (f"Over the {len(c)} classified heads, the median size of the change, |relative change|, is "
-            f"{_pct(own)} of the direct effect under the head's own output and {_pct(rnd)} under a random "
-            f"push of the same norm (the paragraph above gives the signed medians, where rises and falls "
-            f"cancel); {n_spec} of them respond to their own output beyond the control by more than the "
-            "classes' ±10% (\"specific\").")
+    """How the heads respond to a random push of the same norm: the median size of the change
+    beside the signed medians the paragraph gives, both from :func:`~selfrepair.chapters.iterative.medians`
+    over the same heads and tokens."""
+    from ..chapters.iterative import TAU, medians
+    from ..chapters.signed import fall
+
+    m, c = medians(ch.classes), ch.classes
+    n_spec = int(c.loc[c["class"] != "weak", "specific"].sum())
+    return (f"Over the same {m['n']} classified heads as the paragraph above (each head's top tokens, at "
+            f"α = {c['alpha'].max():g}), the median size of the change, ignoring its sign, is "
+            f"{_pct(m['own_size'])} of the direct effect under the head's own output and "
+            f"{_pct(m['control_size'])} under a random push of the same norm; the paragraph's medians, "
+            f"{fall(m['own'], '.0%')} and {fall(m['control'], '.0%')}, keep the sign, so heads that rise "
+            f"and heads that fall are ranked together and the middle one lies nearer 0. {n_spec} of them "
+            f"respond to their own output beyond the control by more than the classes' ±{TAU:.0%} "
+            "(\"specific\").")
 
 
 # -- chapter 5 ---------------------------------------------------------------------------------------

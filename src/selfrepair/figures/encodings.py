@@ -8,6 +8,8 @@
   each series keeping its colour in every chart;
 - :func:`layer_color` — depth, the same colour in every chapter (:data:`~.legible.DEPTH_SCHEME`);
   :data:`ABLATION_COLORS` — each ablation's colour, the same in chapters 2 and 5;
+- :func:`distinct_colors` — a few series (thresholds, alphas) each in its own hue, never shades
+  of one ramp that look alike;
 - :data:`EDGE` — a scatter's scale with room at its ends (no point cut in half by the plot's edge).
 """
 
@@ -23,6 +25,10 @@ from .legible import DARK, DEPTH_SCHEME
 # source's light blue #6baed6, 2.4:1: now a dark blue beside resample's, its variant)
 ABLATION_COLORS = {"resample": DARK["blue"], "mean": DARK["dark orange"], "zero": DARK["green"],
                    "noise": DARK["purple"], "resample (every source)": "#08519c"}
+# hues for a few series that must tell apart, in the order they are handed out: the first three
+# (blue, orange, green) stay apart for red-green colour blindness too; red and purple, which a
+# deuteranope confuses with green and blue, come later
+HUES = ("blue", "dark orange", "green", "purple", "red", "brown", "grey")
 MAX_LABELS = 25  # labels an axis may print (more are too small or too dense to read)
 LABEL_PX = 24  # px of axis a layer's label needs ("17" and the space that sets it apart)
 # a scatter's scale with room at its ends: a point at the largest value is drawn whole, not cut in
@@ -92,6 +98,12 @@ def series_color(field: str, palette: dict, values, *, title: str | None = None,
                      title=title or field.replace("_", " "), **kw)
 
 
+def distinct_colors(n: int) -> list[str]:
+    """``n`` colours of distinct hues (:data:`HUES` from :data:`~.legible.DARK`, each 3:1 on white),
+    repeating past :data:`HUES`' length."""
+    return [DARK[HUES[i % len(HUES)]] for i in range(n)]
+
+
 def layer_color(field: str = "layer", *, title: str = "layer", legend: bool = True,
                 continuous: bool = False) -> alt.Color:
     """An ordinal colour for layers, the same in every chapter (:data:`~.legible.DEPTH_SCHEME`:
@@ -106,5 +118,5 @@ def layer_color(field: str = "layer", *, title: str = "layer", legend: bool = Tr
                      legend=alt.Legend() if legend else None)
 
 
-__all__ = ["ABLATION_COLORS", "EDGE", "LABEL_PX", "MAX_LABELS", "head_slots", "labels_only", "layer_color", "layer_x",
+__all__ = ["ABLATION_COLORS", "EDGE", "HUES", "LABEL_PX", "distinct_colors", "MAX_LABELS", "head_slots", "labels_only", "layer_color", "layer_x",
            "present", "series_color"]

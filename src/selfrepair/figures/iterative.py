@@ -12,18 +12,30 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
+from .encodings import HUES, distinct_colors
 from .legible import DARK, DEPTH_SCHEME, MARK_OPACITY, SIGNED
 
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
 CLASS_ORDER = ["self-repressing", "neutral", "self-reinforcing", "weak"]
-# 3:1 on white at MARK_OPACITY, each: "weak" (unclassified) the lighter grey (was #b5b5b5, 2.1:1),
-# "neutral" a darker one (was #7f7f7f) so that the two still tell apart
-CLASS_COLORS = [DARK["red"], "#4d4d4d", DARK["blue"], DARK["grey"]]
+# 3:1 on white at MARK_OPACITY, each, and each its own hue: the head map's red and blue (SIGNED's
+# ends), "weak" (unclassified) grey, "neutral" a dark gold (was a darker grey, #4d4d4d, that read as a
+# second shade of the weak heads' grey; gold stays apart from red, blue and grey for red-green colour
+# blindness too)
+NEUTRAL = "#a07000"
+CLASS_COLORS = [SIGNED[0], NEUTRAL, SIGNED[-1], DARK["grey"]]
 
 
 def _class_color(frame: pd.DataFrame, title: str = "class") -> alt.Color:
     """The classes ``frame`` holds (the legend lists only those drawn)."""
     return series_color("class", dict(zip(CLASS_ORDER, CLASS_COLORS)), frame["class"], title=title)
+
+
+def _alpha_color(alphas: list[float]) -> alt.Color:
+    """One hue per alpha (:func:`~.encodings.distinct_colors`: three shades of one ramp, the α = 3
+    and α = 5 teals, were hard to tell apart); more alphas than hues: the depth ramp's shades."""
+    if len(alphas) > len(HUES):
+        return alt.Color("alpha:O", title="α", scale=alt.Scale(scheme=DEPTH_SCHEME))
+    return alt.Color("alpha:O", title="α", scale=alt.Scale(domain=alphas, range=distinct_colors(len(alphas))))
 
 
 MAX_ALPHA_TICKS = 12  # alphas an axis labels one by one (more: Vega's own whole-number ticks)
@@ -48,7 +60,7 @@ def fig_amplified_tokens(tokens: pd.DataFrame) -> alt.FacetChart:
     points = base.mark_circle(size=30, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="original direct effect (logits)"),
         y=alt.Y("new_direct_effect:Q", title="new direct effect (logits)"),
-        color=alt.Color("alpha:O", title="α", scale=alt.Scale(scheme=DEPTH_SCHEME)),
+        color=_alpha_color(sorted(tokens["alpha"].unique()) if "alpha" in tokens else []),
         tooltip=HEAD_TIPS + [alt.Tooltip("alpha:Q"), alt.Tooltip("row:O"), alt.Tooltip("pos:O"),
                              alt.Tooltip("direct_effect:Q", format=".3f", title="direct effect"),
                              alt.Tooltip("new_direct_effect:Q", format=".3f", title="new direct effect")])

@@ -13,6 +13,7 @@ import altair as alt
 import pandas as pd
 
 from . import series_color
+from .encodings import distinct_colors
 from .legible import DARK, signed_color
 
 # label only 1, 2, 5 x 10^n on log axes (the default labels every tick and they collide)
@@ -49,12 +50,10 @@ def fig_top_neuron(instances: pd.DataFrame) -> alt.FacetChart:
 KINDS = {"nth": "N-th neuron alone", "top_n": "top N together"}
 
 
-THRESHOLD_HUES = ("blue", "red", "green", "dark orange", "purple", "brown", "grey")
-
-
 def threshold_colors(n: int) -> list[str]:
-    """``n`` distinct hues (:data:`~.legible.DARK`, each 3:1 on white), one per threshold of Fig 8."""
-    return [DARK[THRESHOLD_HUES[i % len(THRESHOLD_HUES)]] for i in range(n)]
+    """``n`` distinct hues (:func:`~.encodings.distinct_colors`, each 3:1 on white), one per
+    threshold of Fig 8."""
+    return distinct_colors(n)
 
 
 def fig_sparsity(sparsity: pd.DataFrame) -> alt.FacetChart:
