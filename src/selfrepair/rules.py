@@ -224,12 +224,12 @@ def bound(value: float, fmt: str) -> str:
     90.0%)."""
     if value == 0:
         return "0"
-    text = _fmt(value, fmt)
+    text = _plain(value, fmt)
     m = re.fullmatch(r"([+-]?\d+)\.(\d+)(%|\s.*)?", text)
     if m is None:
-        return text
+        return minus(text)
     frac = m.group(2).rstrip("0")
-    return m.group(1) + ("." + frac if frac else "") + (m.group(3) or "")
+    return minus(m.group(1) + ("." + frac if frac else "") + (m.group(3) or ""))
 
 
 def against(value: float, fmt: str, thresholds=(), most: int = 3) -> str:
