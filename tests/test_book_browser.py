@@ -94,6 +94,11 @@ CHART_JS = """
 # px: no chart narrower; its widest view not narrower (a single view shrunk to make room for a long
 # title or legend), and no view collapsed (a one-column strip beside a heatmap may be narrow)
 CHART_MIN, VIEW_MIN = 200, figures.NARROWEST_VIEW
+# pages whose small multiples are still narrower than CHART_MIN on a phone, printed instead of failing
+# until their chapters are fixed (issue 25; found when the check was added: chapter 3's erasure
+# facet narrowed to ~155 px, chapter 5's row x column localisation facet to 100 px and its Fig 8
+# panels at 130 px on the tiny profile). Remove a page once its panels are 200 px.
+NARROW_PANELS_PENDING = {"book/03_anti_erasure.html", "book/05_hydra.html"}
 PAGE_STATE = """(() => {
   const charts = Array.from(document.querySelectorAll('.%(chart)s'));
 %(chart_js)s
@@ -131,6 +136,14 @@ PAGE_STATE = """(() => {
               || Math.max(0, ...widths) < %(view_min)d || widths.some(w => w < 10))
       .map(([svg, widths]) => `${px(svg.getBoundingClientRect())} px chart, views ${widths.join(', ')} px`
                               + `: ${title(svg)}`),
+    // a small multiple (facet panel) narrower than CHART_MIN: read only at a phone's width, where
+    // the renderer stacks a grid in one column and widens its panels (a grid's panels of 150 px kept
+    // that width in a 358 px column: the check above reads the whole chart and its widest view)
+    narrow_panels: charts.map(el => el.querySelector('svg.marks')).filter(svg => svg)
+      .map(svg => [svg, Array.from(svg.querySelectorAll('g.role-scope.cell > g > path.background'))
+                          .map(p => Math.round(p.getBoundingClientRect().width))])
+      .filter(([svg, widths]) => widths.some(w => w < %(chart_min)d))
+      .map(([svg, widths]) => `panels ${widths.join(', ')} px: ${title(svg)}`),
     empty_panels: charts.map(el => el.querySelector('svg.marks')).filter(svg => svg)
       .flatMap(svg => emptyPanels(svg).map(what => `${what}: ${title(svg)}`)),
     unmarked_legend: charts.map(el => el.querySelector('svg.marks')).filter(svg => svg)
@@ -352,8 +365,10 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
     At 1440 and 1024 px (laptops) no chart is wider than its column, and every chart is drawn as
     its figure function designed it (single and layered views at the column's width, compound
     charts at widths that fit). At phone width (390 px, mobile emulation) the renderer may redraw
-    a compound chart stacked (views one under the other, facets in one column) and narrowed; there
-    no chart may be wider than its column either, and the page must not scroll sideways.
+    a compound chart stacked (views one under the other, facets in one column), then widened to
+    fill the column or narrowed to fit it; there no chart may be wider than its column either, no
+    facet panel narrower than 200 px (issue 25: a grid's 150 px histograms), and the page must not
+    scroll sideways.
 
     At every width no table (chapter outputs and Markdown alike, those folded behind a click
     opened) is wider than its column: nothing scrolls sideways inside its box (``scrollWidth`` of
@@ -389,6 +404,11 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
                           ("display_math_cut", "display math cut off or scrolling without a cue")):
             if state.get(key):
                 problems.append(f"{what} at {width} px: {state[key]}")
+        if width < 600 and state.get("narrow_panels"):
+            if page in NARROW_PANELS_PENDING:
+                print(f"{width} px {page}: facet panels under {CHART_MIN} px (pending): {state['narrow_panels']}")
+            else:
+                problems.append(f"facet panels narrower than {CHART_MIN} px at {width} px: {state['narrow_panels']}")
         if width >= 1024 and state.get("refitted"):
             problems.append(f"charts not drawn as designed at {width} px: {state['refitted']} "
                             "(make the fig_* function fit a 1024 px page)")

@@ -212,6 +212,20 @@ def test_spread_charts_take_the_columns_width():
         assert all(n.get("width", "container") == "container" for n in walk(s.get("layer", [])))
 
 
+def test_the_mean_de_diamond_is_legible_at_a_glance():
+    """Issue 25: the mean DE's red diamond (25 px², no outline) was a speck among 18 layers of
+    boxes at 1440 and 390 px: it is drawn at least 60 px² with a dark outline (3:1 on white)."""
+    from selfrepair.figures.legible import MIN_CONTRAST, contrast
+
+    spread = existence.token_spread(tokens(per_head(n_layers=18, n_heads=4), n=12))
+    s = spec_of(fe.fig_token_spread(spread))
+    diamond = [m for m in (n.get("mark") for n in walk(s.get("layer", []))) if isinstance(m, dict)
+               and m.get("shape") == "diamond"]
+    assert len(diamond) == 1
+    d = diamond[0]
+    assert d["size"] >= 60 and d.get("strokeWidth", 0) >= 1 and contrast(d["stroke"]) >= MIN_CONTRAST, d
+
+
 def test_per_head_charts_label_layers_not_heads():
     """72 heads (18 layers x 4, the embedded model): the x-axis is the layer, 18 labels at the
     layers' middles with a layer's heads side by side in it (a gap between layers), not 72 head

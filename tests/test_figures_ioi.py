@@ -119,3 +119,18 @@ def test_fig_moving(heads):
     spec = _check(fi.fig_moving(moving), len(moving))
     assert _marks(spec) == {"bar"} and "label" in _fields(spec, "x") and "direct_effect" in _fields(spec, "y")
     assert {"label", "run", "role"} <= _fields(spec, "tooltip")
+
+
+def test_the_task_chart_shows_each_prompts_logit_difference(repair):
+    """Issue 25: chapter 8's "does IOI" verdict came with no chart above it (§8.3); its chart is a
+    histogram of the prompts' clean logit differences, IO's side of the dashed 0 in blue."""
+    spec = _check(fi.fig_logit_diff(repair), N)
+    assert {"bar", "rule"} <= _marks(spec)
+    assert "logit_diff" in _fields(spec, "x") and "prefers" in _fields(spec, "color")
+    bars = next(n for n in spec["layer"] if (n["mark"]["type"] if isinstance(n["mark"], dict) else n["mark"]) == "bar")
+    assert bars["encoding"]["x"]["bin"] and bars["encoding"]["y"]["aggregate"] == "count"
+    lo, hi = bars["encoding"]["x"]["scale"]["domain"]
+    assert lo <= min(0, repair["logit_diff"].min()) and hi >= max(0, repair["logit_diff"].max())  # 0 shown
+    one_side = repair.assign(logit_diff=repair["logit_diff"].abs() + 0.1)  # every prompt prefers IO
+    legend = fi.fig_logit_diff(one_side).to_dict()["layer"][0]["encoding"]["color"]["scale"]["domain"]
+    assert legend == ["IO"]  # the legend lists only what is drawn

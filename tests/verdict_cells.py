@@ -3,8 +3,9 @@ figure the chapter's ``FIGURES`` names for the claim (chart first, then the verd
 
 The figure's cell is found from its label: the markdown cell holding ``(anchor)=`` opens the
 figure's section (which runs to the next labelled or ``##`` heading cell); the cell drawing it is
-the section's first code cell calling ``figs.`` — or, in a section that draws no chart (chapter 8's
-task, a table), its first code cell. Shared by tests/test_notebooks.py (the committed notebooks
+the section's first code cell calling ``figs.``: a section that holds a verdict draws its chart
+(issue 25: the figure, then the verdict; chapter 8's task once showed its verdict with no chart
+above it, the overview's "the figure, then the verdict" notwithstanding). Shared by tests/test_notebooks.py (the committed notebooks
 and the executed ones of the tiny book)."""
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def figure_cell(cells: list[dict], anchor: str) -> int:
             break
         if cells[i]["cell_type"] == "code":
             section.append(i)
-    assert section, f"the section of ({anchor})= has no code cell"
-    return next((i for i in section if "figs." in _source(cells[i])), section[0])
+    drawn = [i for i in section if "figs." in _source(cells[i])]
+    assert drawn, f"the section of ({anchor})= draws no chart (figs.) above its verdict"
+    return drawn[0]
 
 
 def verdict_source(var: str, key: str) -> str:

@@ -18,7 +18,7 @@ the backups) and what the backups do when they read the residual stream the name
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,9 @@ HEADS_TABLE = Layout(("label", "direct_effect", "delta_direct_effect", "moved_di
                      caption="Logits, means over prompts. DE: direct effect on the logit difference, clean "
                              "run; ΔDE ablated: its change with the name movers ablated; DE moved: with the "
                              "residual moved (below). Attention to IO and S: in the fold under the table.")
+# the backups' table has the name movers' columns: their caption is printed once, above the first
+BACKUPS_TABLE = replace(HEADS_TABLE, caption="The backups, in the columns of the name movers' table above "
+                                             "(logits, means over prompts).")
 REPAIR_TABLE = Layout(("quantity", "mean", "share of the DE lost"), percent=("share of the DE lost",))
 
 

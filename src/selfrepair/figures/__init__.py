@@ -10,8 +10,8 @@ not switch the user's renderer or theme):
   page-global ``vegaEmbed``. The HTML names no URL and uses no requirejs: the book serves one
   local bundle of vega, vega-lite and vega-embed from ``_static`` (see :mod:`selfrepair.book`),
   so the built book draws its charts offline. The script fits the chart to its column
-  (:data:`FIT_JS`): a compound chart wider than the column (on a phone) is redrawn stacked and
-  narrowed; single and layered views are drawn at the column's width by Vega itself (the figure
+  (:data:`FIT_JS`): a compound chart wider than the column (on a phone) is redrawn stacked, then
+  widened to fill the column or narrowed to fit it; single and layered views are drawn at the column's width by Vega itself (the figure
   functions give them ``width="container"``).
 - the theme ``"selfrepair"`` (system fonts only — no web fonts —, 400 x 260 views, no title
   anchor surprises).
@@ -41,6 +41,7 @@ from .legible import DARK, SIGNED
 from .encodings import (EDGE, MAX_LABELS, head_slots, labels_only, layer_axis, layer_color, layer_x, present,
                         series_color)
 from .export import CHART_FILES_ENV, chart_files, files_html
+from .fit import FIT_JS, LAYOUTS, NARROWEST_VIEW, WIDEN_SLACK  # noqa: F401 (the script fitting a chart to its column)
 
 RENDERER = "selfrepair"
 THEME = "selfrepair"
@@ -198,123 +199,6 @@ def charts_in_notebook(nb: Any) -> list[dict]:
 
 # -- the renderer -------------------------------------------------------------------------------
 _counter = itertools.count()
-NARROWEST_VIEW = 100  # px: the fallback never draws a view narrower than this (two fit a phone)
-LAYOUTS = ("as designed", "stacked", "stacked, narrowed", "narrowed")  # data-layout after drawing
-
-# Fitting a chart to its column, in the browser. Chart titles longer than the column are wrapped onto
-# lines before the first drawing (a container-width view otherwise shrinks to make room for a long
-# title: to zero width on a phone). Single and layered views need nothing more: the figure
-# functions give them width "container" and Vega redraws them at the column's width. Vega-Lite has
-# no container width for compound charts (facet, concat), so they are drawn as designed (they fit
-# from 1440 px down to 1024 px) and, only when the drawing is wider than its column (a phone), drawn
-# again stacked — side-by-side views one under the other, a wrapped facet in one column, a column
-# facet as a wrapped one — and, if still too wide (any chart), narrowed: every fixed view width
-# (and the theme's default width) reduced by the excess (never below NARROWEST_VIEW px), discrete
-# steps by a quarter, long chart titles wrapped onto lines. `data-layout` on the element says which (LAYOUTS); it is set when the
-# last drawing is done. A window resize that changes the column's width fits again.
-FIT_JS = """  window.selfrepairFit = window.selfrepairFit || (function () {
-    var COMPOUND = ["hconcat", "vconcat", "concat", "facet", "repeat"];
-    function copy(s) { return JSON.parse(JSON.stringify(s)); }
-    function views(n, f) {  // f(view) for every spec node below n (n included)
-      if (!n || typeof n !== "object") return;
-      f(n);
-      ["hconcat", "vconcat", "concat", "layer"].forEach(function (k) {
-        (Array.isArray(n[k]) ? n[k] : []).forEach(function (c) { views(c, f); });
-      });
-      if (n.spec) views(n.spec, f);
-    }
-    function stack(spec) {
-      var s = copy(spec);
-      views(s, function (n) {
-        if (Array.isArray(n.hconcat)) { n.vconcat = n.hconcat; delete n.hconcat; }
-        if (Array.isArray(n.concat)) n.columns = 1;
-        if (n.facet && n.spec) {
-          if (n.facet.field !== undefined) n.columns = 1;
-          else if (n.facet.column && !n.facet.row) { n.facet = n.facet.column; n.columns = 1; }
-        }
-      });
-      return s;
-    }
-    function wrap(text, chars) {  // a title as lines of at most `chars` characters
-      var lines = [], line = "";
-      String(text).split(" ").forEach(function (w) {
-        if (line && (line + " " + w).length > chars) { lines.push(line); line = w; }
-        else line = line ? line + " " + w : w;
-      });
-      return line ? lines.concat([line]) : lines;
-    }
-    function fits(text, chars) {  // a title (a string, or lines already wrapped) within `chars`
-      return (Array.isArray(text) ? text : [text]).every(function (l) { return String(l).length <= chars; });
-    }
-    function lines(text, chars) {
-      return fits(text, chars) ? text : wrap(Array.isArray(text) ? text.join(" ") : text, chars);
-    }
-    function titles(spec, chars) {  // every chart title wider than `chars` characters as lines
-      var s = copy(spec);
-      views(s, function (n) {
-        if (typeof n.title === "string" || Array.isArray(n.title)) n.title = lines(n.title, chars);
-        else if (n.title && n.title.text !== undefined) {
-          n.title.text = lines(n.title.text, chars);
-          if (n.title.subtitle !== undefined) n.title.subtitle = lines(n.title.subtitle, chars);
-        }
-      });
-      return s;
-    }
-    function narrow(spec, by, chars) {
-      var s = titles(spec, chars);
-      views(s, function (n) {
-        if (typeof n.width === "number" && n.width > %(narrowest)d)  // narrower, never wider
-          n.width = Math.max(%(narrowest)d, Math.round(n.width - by));
-        else if (n.width && typeof n.width.step === "number")
-          n.width = {step: Math.max(4, Math.floor(n.width.step * 0.75))};
-      });
-      var view = (s.config || {}).view;  // views without a width of their own: the theme's
-      if (view && typeof view.continuousWidth === "number" && view.continuousWidth > %(narrowest)d)
-        view.continuousWidth = Math.max(%(narrowest)d, Math.round(view.continuousWidth - by));
-      return s;
-    }
-    function excess(el) {
-      var d = el.querySelector("svg, canvas");
-      return d ? d.getBoundingClientRect().width - el.clientWidth : 0;
-    }
-    return function (el, spec, opts) {
-      var result = null, busy, width = -1;
-      function draw(s) {
-        if (result) { result.finalize(); result = null; }
-        return vegaEmbed(el, s, opts).then(function (r) { result = r; });
-      }
-      function fit() {
-        width = el.clientWidth;
-        delete el.dataset.layout;
-        var compound = COMPOUND.some(function (k) { return k in spec; }), layout = "as designed";
-        // a title wider than the column: Vega would shrink a container-width view to make room
-        // for it (to nothing on a phone), so it is wrapped onto lines first (~7 px a character)
-        var s = titles(spec, Math.max(20, Math.floor(el.clientWidth / 8))), tries = 0;
-        function next() {
-          if (excess(el) <= 2 || tries > 5) { el.dataset.layout = layout; return; }
-          tries += 1;
-          if (compound && layout === "as designed") { s = stack(s); layout = "stacked"; }
-          else {
-            s = narrow(s, excess(el) + 4, Math.max(20, Math.floor(el.clientWidth / 8.5)));  // ~8 px a character
-            layout = compound ? "stacked, narrowed" : "narrowed";
-          }
-          return draw(s).then(next);
-        }
-        return draw(s).then(next).catch(function (err) {
-          el.textContent = "[chart failed: " + err + "]"; console.error(err);
-        });
-      }
-      busy = fit();
-      var timer = null;
-      window.addEventListener("resize", function () {
-        clearTimeout(timer);
-        timer = setTimeout(function () {
-          if (el.clientWidth !== width) busy = busy.then(fit);
-        }, 250);
-      });
-    };
-  })();
-""" % {"narrowest": NARROWEST_VIEW}
 
 
 def spec_digest(spec: dict) -> str:

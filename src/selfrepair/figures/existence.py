@@ -169,6 +169,9 @@ def fig_regions_by_layer(per_head: pd.DataFrame) -> alt.Chart:
     ).properties(width="container", title="Where each layer's heads fall in Fig 2")
 
 
+MEAN_MARK = {"size": 70, "stroke": "#5c0f0f", "strokeWidth": 1}  # fig_token_spread's diamond (px², outline)
+
+
 def fig_token_spread(spread: pd.DataFrame) -> alt.LayerChart:
     """Noise: per head, the 10-90% (thin) and 25-75% (thick) range of per-token self-repair on a
     uniform sample of tokens (or its top-k% tokens: whichever ``spread`` was computed on) with the
@@ -184,7 +187,10 @@ def fig_token_spread(spread: pd.DataFrame) -> alt.LayerChart:
                                             y2="q90:Q"),
         base.mark_bar(color="#4c78a8").encode(x=lo, x2=hi, y="q25:Q", y2="q75:Q"),
         base.mark_rule(color="black", strokeWidth=2).encode(x=lo, x2=hi, y="median:Q"),  # the median
-        base.mark_point(shape="diamond", color=DARK["red"], size=25, filled=True, opacity=1).encode(x=x, y="mean_de:Q"),
+        # the mean DE: a diamond large enough to find at a glance among 18 layers of boxes at 390 px
+        # (25 px², unoutlined, was a speck), its dark outline setting it off from the blue boxes
+        base.mark_point(shape="diamond", color=DARK["red"], size=MEAN_MARK["size"], filled=True, opacity=1,
+                        stroke=MEAN_MARK["stroke"], strokeWidth=MEAN_MARK["strokeWidth"]).encode(x=x, y="mean_de:Q"),
         alt.Chart(spread).mark_rule(color="#444").encode(y=alt.datum(0)),  # no x: across the chart
     ).properties(width="container", height=220,
                  title="Per-token self-repair, sampled tokens (diamond: mean DE)")

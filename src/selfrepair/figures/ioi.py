@@ -47,6 +47,29 @@ def fig_backup_change(heads: pd.DataFrame) -> alt.LayerChart:
                     "movers are ablated", "ΔDE (logits)")
 
 
+PREFERS = {"IO": DARK["blue"], "S": DARK["red"]}  # which name a prompt's clean logit difference prefers
+
+
+def fig_logit_diff(repair: pd.DataFrame) -> alt.LayerChart:
+    """The task (chapter 8's "does IOI" claim): a histogram of the prompts' clean logit differences
+    ``logit(IO) − logit(S)`` at the end, coloured by the name each prefers (blue: IO, right of the
+    dashed line at 0; red: S), the axis spanning the data and 0."""
+    data = repair[["prompt", "logit_diff"]].assign(prefers=(repair["logit_diff"] > 0).map({True: "IO", False: "S"}))
+    span = data_domain(data["logit_diff"], include=(0,), pad=PAD)
+    drawn = [k for k in PREFERS if (data["prefers"] == k).any()]  # the legend lists what is drawn
+    bars = alt.Chart(data).mark_bar(binSpacing=1).encode(
+        x=alt.X("logit_diff:Q", bin=alt.Bin(maxbins=30, extent=span), scale=alt.Scale(domain=span, nice=False),
+                title="logit(IO) − logit(S) at the end (logits)", axis=alt.Axis(labelOverlap="greedy")),
+        y=alt.Y("count():Q", title="prompts", axis=alt.Axis(tickMinStep=1, format="d")),
+        color=alt.Color("prefers:N", title="prefers", scale=alt.Scale(domain=drawn, range=[PREFERS[k] for k in drawn]),
+                        legend=alt.Legend(orient="bottom")),
+        tooltip=[alt.Tooltip("prefers:N"), alt.Tooltip("count():Q", title="prompts")])
+    zero = alt.Chart(data).mark_rule(color="#444", strokeDash=[4, 3], strokeWidth=1.5).encode(x=alt.datum(0))
+    return alt.layer(bars, zero).properties(
+        title=alt.Title(wrap("Each prompt's clean logit difference IO − S", TITLE_CHARS),
+                        subtitle="right of the dashed line: IO preferred"), width="container", height=200)
+
+
 def fig_self_repair(repair: pd.DataFrame) -> alt.LayerChart:
     """Per prompt: the name movers' direct effect lost (x, ``−ΔDE``) against the drop of the logit
     difference (y, ``−Δ logit diff``); on the dashed line ``y = x`` nothing repairs, below it the
@@ -103,4 +126,4 @@ def fig_moving(moving: pd.DataFrame) -> alt.Chart:
                  width="container", height=260)
 
 
-__all__ = ["fig_backup_change", "fig_head_de", "fig_moving", "fig_self_repair"]
+__all__ = ["fig_backup_change", "fig_head_de", "fig_logit_diff", "fig_moving", "fig_self_repair"]

@@ -79,8 +79,9 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
     title = (f"{labels[0]}: S/S′ (clean / ablated final-norm scale) on its top-k% tokens"
              if len(labels) == 1 else
              "S/S′ (clean / ablated final-norm scale) on each head's top-k% tokens")
-    # 150 px: three panels, each with its own axes (independent scales), fit a 743 px column
-    return (alt.layer(hist, one, room, data=h).properties(width=150, height=110)
+    # 170 px: three panels, each with its own axes (independent scales), fit a 743 px column; on a
+    # phone the renderer stacks them in one column and widens each to fill it (no 150 px histogram)
+    return (alt.layer(hist, one, room, data=h).properties(width=170, height=110)
             .facet(facet=alt.Facet("panel:N", sort=[title_of[p] for p in panels if p in title_of], title=None,
                                    header=alt.Header(labelExpr=f"split(datum.value, {SEP!r})")),
                    columns=len(ABLATIONS))

@@ -1,0 +1,81 @@
+"""Chapter 8 read by a newcomer (issue 25): the figure, then the verdict; each table's caption once;
+two numbers on different prompts said with the prompts each is on, in the same sentence; no forced
+"+" on a signed number."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from selfrepair.chapters import ioi as chapter
+from selfrepair.chapters.ioi_claims import BACKUPS, REPAIRED
+from selfrepair.claims import Verdict
+from selfrepair.exercises import reveal
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "book" / "08_backup_name_movers.ipynb"
+FORCED = re.compile(r"(?<![\w.])[+][0-9]")  # "+4.77", "+0.0383": a sign said by a symbol
+
+
+def _cells():
+    return ["".join(c["source"]) for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+            if c["cell_type"] == "code"]
+
+
+def test_every_table_caption_is_printed_once():
+    """The name movers' and the backups' tables printed the same long caption twice (§8.4, §8.6)."""
+    shown = [m for cell in _cells() for m in re.findall(r"chapter\.([A-Z_]+_TABLE)\(", cell)]
+    captions = [getattr(chapter, name).caption for name in shown if getattr(chapter, name).caption]
+    assert len(captions) == len(set(captions)), shown
+    assert chapter.BACKUPS_TABLE.columns == chapter.HEADS_TABLE.columns  # the same columns, named once
+
+
+def test_the_task_verdict_follows_its_chart():
+    """§8.3 showed the "does IOI" verdict with no chart above it."""
+    cells = _cells()
+    verdict = cells.index('display(Markdown(chapter.verdict(ch, "does_ioi")))')
+    assert "figs.fig_logit_diff(" in cells[verdict - 1]
+
+
+def _fake(backups=((3, 1), (4, 0))):
+    """A chapter-8 object of 8 prompts (4 pairs): pairs 0 and 1 select, 2 and 3 test."""
+    n = 8
+    heads = np.array([1.0, 1.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0])  # other heads: 3 over all, 5 on the test half
+    repair = pd.DataFrame({"nm_delta_de": -np.ones(n), "delta_logit": np.full(n, 2.0), "from_heads": heads,
+                           "from_mlps": np.full(n, -0.5), "from_norm": np.full(n, 0.25),
+                           "from_block_norms": np.zeros(n)})
+    repair["self_repair"] = repair["delta_logit"] - repair["nm_delta_de"]
+    test = np.array([2, 3])
+    split = SimpleNamespace(test=test, backups=list(backups),
+                            prompts=lambda half: np.isin(np.arange(n) // 2, half))
+    return SimpleNamespace(repair=repair, split=split, performance={"n_prompts": n}, meta={"model": "m"},
+                           verdicts=[Verdict(REPAIRED, 3.0), Verdict(BACKUPS, 4.5)])
+
+
+def test_the_reveal_says_which_prompts_each_number_is_on_without_forced_signs():
+    """Issue 25: "downstream heads (+4.77 logits; ...)" (every prompt) beside the backups' 4.56 (95%
+    interval 4.07 to 5.04, the test half) read as a contradiction: the sentence now says the
+    prompts of each, in the words of each number's sign."""
+    text = reveal.ioi_repair(_fake())
+    assert not FORCED.search(text), text
+    sentence = next(s for s in re.split(r"(?<=\.) (?=[A-Z])", text) if "largest part of eq. 2" in s)
+    assert "all 8 prompts" in sentence and "the 4 prompts of the test half" in sentence
+    assert "downstream heads, giving back 3 logits" in sentence  # the mean over every prompt
+    assert "downstream heads are giving back 5 logits" in sentence  # the test half's
+    assert "the 2 backups alone giving back 4.5" in sentence
+    assert "downstream MLP layers taking away a further 0.5" in sentence  # a negative term, in words
+
+
+def test_the_backups_verdict_sets_the_tables_number_beside_its_own(tmp_path):
+    """The backups' verdict names the prompts its other-heads number is on and the table's mean over
+    every prompt, in the same sentence."""
+    from selfrepair.chapters.ioi_claims import every_prompt
+
+    said = every_prompt(_fake())
+    assert said == ("over all 8 prompts, the selection half's included, their mean is a rise of 3 logits, "
+                    "the repair table's")
+    assert not FORCED.search(said)
