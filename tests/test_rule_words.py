@@ -36,9 +36,9 @@ SENTENCES = {
     ">": (Rule(">", (0.0,)), ".3f", "the whole interval is above 0", "the whole interval is at or below 0"),
     ">=": (Rule(">=", (0.9,)), ".1%", "the whole interval is at least 90%", "the whole interval is below 90%"),
     "<": (Rule("<", (0.25,)), ".0%", "the whole interval is below 25%", "the whole interval is at or above 25%"),
-    "<=": (Rule("<=", (-0.5,)), ".2f", "the whole interval is at most -0.5", "the whole interval is above -0.5"),
-    "between": (paper_word("approximately zero"), ".3f", "the whole interval lies inside -0.1 to 0.1",
-                "the whole interval lies above 0.1 or below -0.1"),
+    "<=": (Rule("<=", (-0.5,)), ".2f", "the whole interval is at most −0.5", "the whole interval is above −0.5"),
+    "between": (paper_word("approximately zero"), ".3f", "the whole interval lies inside −0.1 to 0.1",
+                "the whole interval lies above 0.1 or below −0.1"),
     "proportional": (paper_word("proportional"), ".3f",
                      "the slope's whole interval is above 0 and the intercept's lies inside ±10% of the mean of y",
                      "the slope's whole interval is at or below 0, or the intercept's lies wholly outside ±10% of "
@@ -86,7 +86,7 @@ def test_a_part_of_a_verdict_says_why_it_holds_or_differs():
     assert v.word == "differs"
     assert "The slope is 0.256 (95% interval 0.228 to 0.284): holds, as the whole interval is above 0." in line
     assert ("The intercept / mean y is 0.134 (95% interval 0.102 to 0.163): differs, as the whole interval "
-            "is above 0.1, outside -0.1 to 0.1.") in line
+            "is above 0.1, outside −0.1 to 0.1.") in line
     assert " for above" not in line and " for between" not in line and "0.100" not in line
     undecided = render([Verdict.linear(PROPORTIONAL, estimate(0.2, 0.3), estimate(0.05, 0.2))])
     assert "cannot tell, as the interval straddles the rule's threshold, 0.1." in undecided
