@@ -193,6 +193,24 @@ def test_fig_compensation_and_regression(effects):
     assert {"line", "rule"} <= _marks(spec) and {"value", "fit", "r2"} <= _fields(spec)
 
 
+def test_fig_regression_draws_r2_apart_from_the_slopes(effects):
+    """Issue 25: R² was a purple dashed line on the slopes' axis beside the MLP part's red one, the
+    two hard to tell apart and overlapping near 0. Now R² is grey bars in a panel of its own under
+    the slopes, on the same x scale; the slopes keep Fig 8's colours (attention blue, MLP red)."""
+    from selfrepair.figures.legible import DARK
+    from selfrepair.hydra_regression import regression
+    spec = fh.fig_regression(regression(effects)).to_dict()
+    top, bottom = spec["vconcat"]
+    lines = next(v for v in top["layer"] if v["mark"]["type"] == "line")
+    scale = lines["encoding"]["color"]["scale"]
+    colors = dict(zip(scale["domain"], scale["range"]))
+    assert colors == {"all downstream": "black", "attention part": DARK["blue"], "MLP part": DARK["red"]}
+    assert "R²" not in json.dumps(lines["encoding"]["color"]) and "R²" in str(lines["transform"])  # filtered out
+    assert bottom["mark"]["type"] == "bar" and bottom["mark"]["color"] not in colors.values()
+    assert bottom["encoding"]["y"]["title"] == "R²" and "color" not in bottom["encoding"]
+    assert bottom["encoding"]["x"]["scale"] == lines["encoding"]["x"]["scale"]  # each bar under its layer
+
+
 def test_fig_erasure():
     frame = pd.DataFrame([{"ablated_layer": a, "mlp_layer": l, "label": f"M{l}",
                            "clean_direct_effect": -0.1 * l, "delta_direct_effect": 0.05 * (l > a),

@@ -574,9 +574,11 @@ def test_chapter_text_shows_the_computed_numbers(tiny_chapter):
     text = "\n".join([chapter.on_this_model(ch), *(chapter.verdict(ch, c.key) for c in chapter.CLAIMS)])
     assert f"{s['n_correct']} of {s['n_prompts']}" in text
     e = ch.estimates
-    for value, fmt in ((e.unembed.value, ".0%"), (s["corr"], ".2f"), (e.pooled["clean"].value, ".2f"),
-                       (s["block_mid"], "+.3f")):
+    for value, fmt in ((e.unembed.value, ".0%"), (s["corr"], ".2f"), (s["block_mid"], "+.3f")):
         assert format(value, fmt) in text, (value, fmt)
+    # the pooled slope is another reading of the compensation: in the fold of other readings only
+    assert e.pooled["clean"].prose(".2f") in repr(chapter.other_readings(ch))
+    assert "pooled within" not in text
     # signed verdict values print as their size, the sign in words (issue 25)
     restored, erasure = s["restored_mid"], e.erasure.value
     assert f"**{abs(restored):.0%}**" in text and f"**{abs(erasure):.2f}**" in text

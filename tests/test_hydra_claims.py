@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from selfrepair.chapters.signed import gives_back, moved
 from selfrepair import hydra_scale as hs
 from selfrepair.chapters import hydra as chapter
 from selfrepair.chapters import hydra_claims as hcl
@@ -16,6 +15,7 @@ from selfrepair.hydra_regression import erasure, erasure_cases, regression
 from selfrepair.structure import span
 from selfrepair.uncertainty import Bootstrap
 
+from selfrepair.chapters.hydra_answer import FOLD_TITLE, other_readings, seen
 from test_hydra import synthetic_result
 
 
@@ -118,15 +118,21 @@ def test_both_readings_of_sigma_are_estimated_and_the_verdict_reads_the_clean_on
     assert r.loc["ablated", "restored_mid"] == pytest.approx(ch.numbers["restored_mid_ablated"])
     v = {x.claim.key: x for x in ch.verdicts}
     assert v["restored"].estimate is e.restored["clean"] and v["slope"].estimate is e.max_slope["clean"]
-    assert e.restored["ablated"].prose(".0%") in v["restored"].detail  # σ′ beside it, with its interval
-    assert e.max_slope["ablated"].prose(".2f") in v["slope"].detail
     for scale in hs.SCALES:
         for key in ("restored_mid", "max_slope", "r2", "slope_mid"):
             assert r.loc[scale, f"{key}_lo"] < r.loc[scale, f"{key}_hi"]
     text = chapter.scale_markdown(ch)
-    # the restored shares said from their signs ("give back" / "take away a further"), intervals in that frame
-    assert moved(e.restored["ablated"], ".0%", gives_back) in text and e.r2["clean"].prose(".2f") in text
-    assert moved(e.restored["clean"], ".0%", gives_back) in text and "compensation restores" not in text
+    assert "compensation restores" not in text and "S/S′ of" in text
+    # issue 25: Which σ?'s table shows the two claims' statistics at both readings in three columns,
+    # the restored share said from its sign as the verdict says it, and folds nothing (the old fold
+    # repeated the columns shown above it)
+    t = chapter.scale_table(ch)
+    assert t.columns == ("reading", "restored", "max_slope") and "<details" not in t._repr_html_()
+    cells = t.shown()
+    for i, scale in enumerate(hs.SCALES):
+        assert cells.iloc[i, 1] == hcl.said(e.restored[scale]) and cells.iloc[i, 2] == e.max_slope[scale].prose(".2f")
+        assert not cells.iloc[i, 1].startswith("-")
+    assert f"steepest slope past layer {hcl.SLOPE_FROM * 8:.1f} of 8" in t.shown().columns
 
 
 def test_a_model_that_fails_the_task_gets_no_hydra_verdict_and_the_text_says_so(deep):
@@ -137,7 +143,7 @@ def test_a_model_that_fails_the_task_gets_no_hydra_verdict_and_the_text_says_so(
     v = {x.claim.key: x for x in ch.verdicts}
     assert all(x.word == "cannot tell" and "prompts correctly" in x.why for k, x in v.items() if k != "own")
     assert not v["own"].why  # whether the ablation removes the layer is about the ablation
-    assert "cannot be tested" in hcl.seen(ch)
+    assert "cannot be tested" in seen(ch)
 
 
 @pytest.mark.parametrize("lo, hi, word", [(0.05, 0.2, "Yes"), (-0.3, -0.05, "No, not as the paper measures it"),
@@ -148,7 +154,7 @@ def test_the_chapter_says_in_plain_words_whether_the_hydra_effect_is_seen(deep, 
 
     part = replace(ch.estimates.hydra_part, value=(lo + hi) / 2, lo=lo, hi=hi, why="")
     ch2 = chapter.HydraChapter(**{**ch.__dict__, "estimates": replace(ch.estimates, hydra_part=part)})
-    assert f"**{word}" in hcl.seen(ch2)
+    assert f"**{word}" in seen(ch2)
 
 
 def test_the_slope_claim_reads_the_papers_layer_as_a_relative_depth():
@@ -157,3 +163,42 @@ def test_the_slope_claim_reads_the_papers_layer_as_a_relative_depth():
     res.parallel_residual = res.parallel_residual | True
     assert hcl.past_layers(res) == [l for l in range(7) if l / 8 > 13 / 32]  # the last has nothing downstream
     assert hcl.SLOPE.rule.decide(0.5, 0.99) is True and hcl.SLOPE.rule.decide(1.0, 1.2) is False
+
+
+# -- issue 25: one number, one definition; the figure, then the verdict ------------------------------
+def test_the_chapter_gives_one_headline_share_and_folds_every_other_reading(deep):
+    """The restored share at the clean run's σ is the one answer to "how much do the later layers
+    give back": the restored verdict and the answer say it (from its sign, with its interval) and
+    no other reading; the σ′ share and the slopes are in one fold, one line each with what it
+    measures and why it differs."""
+    res, ch = deep
+    e = ch.estimates
+    headline = hcl.said(e.restored["clean"])
+    v = {x.claim.key: x for x in ch.verdicts}
+    others = [hcl.said(e.restored["ablated"]), e.restored["ablated"].prose(".0%"), e.pooled["clean"].prose(".2f"),
+              e.max_slope["ablated"].prose(".2f")]
+    for text in (v["restored"].detail, seen(ch)):
+        assert not any(o in text for o in others), text
+    assert headline in seen(ch) and "one answer to how much the later layers give back" in v["restored"].detail
+    fold = other_readings(ch)
+    assert fold.title == FOLD_TITLE and fold._repr_html_().startswith("<details")
+    text = repr(fold)
+    assert hcl.said(e.restored["ablated"]) in text and e.pooled["clean"].prose(".2f") in text
+    assert e.max_slope["clean"].prose(".2f") in text and len(fold.lines) == 3  # no per-patch slope, no Fig 7b here
+    assert all(". " in line for line in fold.lines)  # each: its value, then what it measures and why it differs
+    assert "<summary>" + FOLD_TITLE + "</summary>" in fold._repr_html_()
+
+
+def test_the_slope_verdict_says_the_papers_cutoff_and_this_models():
+    """'Past layer 13 of 32' in the paper's terms, and the layers it is on the model that ran, from
+    its layer count; and that the slope tests another quantity than the headline share."""
+    assert "13/32 × 18 = 7.3" in hcl.cutoff_words(18, list(range(8, 18)))
+    assert "layers 8–17." in hcl.cutoff_words(18, list(range(8, 18)))
+    assert "its layer 13 of 32, 41% of its depth" in hcl.cutoff_words(18, [])
+    assert "layer 7 left out" in hcl.cutoff_words(8, [4, 5, 6])  # a last layer with nothing after it
+    res = synthetic_result(n=30, L=8, P=2, seed=4)
+    res.target = res.ml_token.clone()
+    ch = chapter_of(res)
+    v = {x.claim.key: x for x in ch.verdicts}
+    assert hcl.cutoff_words(8, hcl.past_layers(res)) in v["slope"].detail and hcl.SLOPE_APART in v["slope"].detail
+    assert "13/32 of the depth" not in chapter.verdict(ch, "slope")

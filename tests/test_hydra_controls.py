@@ -297,21 +297,33 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
         for x in (-g["lost"].mean(), g["compensation"].mean()):
             assert changes(x, ".3g", unit=" logits") + times(x, clean) in noise_md, name
     assert times(30.781, 0.5) == " (62 times that clean size)" and times(0.01, 0.5) == " (2% of that clean size)"
+    # issue 25: one number for how much the later layers give back. The noise section (a control) and
+    # Which σ? state no slope: the pooled and the per-patch slope are lines of the one fold, each
+    # saying what it measures and why it differs from the headline share
     pooled, per_patch = ch.numbers["slope_mid"], chapter.patch_slope(ch)
-    assert np.isfinite(pooled) and np.isfinite(per_patch)  # two slopes on two selections: each names the other
-    assert f"not the pooled slope ({pooled:.2f})" in noise_md and "#ch05-scale" in noise_md
-    said = chapter.slope_not_share(0.33, -1.96)  # a positive slope beside a negative share: said how
-    assert "take away a further 196%" in said and "0.33 of the extra given back" in said and " -" not in said
-    assert chapter.slope_not_share(0.33, 0.5) == "" and chapter.slope_not_share(float("nan"), -1.0) == ""
+    assert np.isfinite(pooled) and np.isfinite(per_patch)
     scale_md = chapter.scale_markdown(ch)
-    assert f"the noise section</a>, {per_patch:.2f}, is" in scale_md and "different selection" in scale_md
+    for text in (noise_md, scale_md):
+        assert "per logit removed" not in text and "pooled slope" not in text and "give back" not in text
+        assert f"{per_patch:.2f}" not in text and ch.estimates.pooled["clean"].prose(".2f") not in text
+    fold = repr(chapter.other_readings(ch))
+    assert f"The per-patch slope: {per_patch:.2f}." in fold
+    assert f"The pooled slope over the middle layers: {ch.estimates.pooled['clean'].prose('.2f')}." in fold
+    b = ch.best.iloc[0]
+    assert f"The slope at the best-fitting layer, {b['label']}: {b['slope']:.2f}." in fold
+    assert f"slope {b['slope']:.2f}" not in chapter.panels_markdown(ch)  # Fig 7b's slope: in the fold only
     assert np.isnan(chapter.patch_slope(dataclasses.replace(ch, comparison=None)))
+    assert "per-patch slope" not in repr(chapter.other_readings(dataclasses.replace(ch, comparison=None)))
     full = ch.attention_localisation
     short = chapter.local_table(ch, n=3)  # the rows that change most, every row folded
     assert len(short.top.frame) == 3 and len(short.every.frame) == len(full) > 3
     assert list(short.top.frame["total_abs_delta_de"]) == sorted(full["total_abs_delta_de"], reverse=True)[:3]
     page = short._repr_html_()
-    assert page.count("<details") >= 1 and page.count("<tr>") >= 3 + len(full) + 2
+    assert page.count("<tr>") >= 3 + len(full) + 2
+    # one fold, under a readable title, holding every column: no second fold of columns inside it
+    # (the old one repeated the ablated layer as an index and a kind), kinds of layer in words
+    assert page.count("<details") == 1 and "first later layer" in page and "ablated layer (index)" not in page
+    assert set(short.every.frame["readout_kind"]) == {"attention", "MLP"}
     loc_md = chapter.localisation_markdown(ch)
     mlp = ch.attention_localisation[(ch.attention_localisation["readout_kind"] == "mlp")
                                     & (ch.attention_localisation["n_downstream"] >= 2)]

@@ -42,11 +42,12 @@ from ..tables import counted
 from ..verdict_records import recorded
 from . import check
 from . import hydra_claims as hcl
+from .hydra_answer import conclusion, hydra_answer, other_readings, seen  # noqa: F401 (the notebook's)
 from .hydra_claims import (CLAIMS, ERASURE, LOCAL, OWN, PAPER, RESTORED, SLOPE, UNEMBED,  # noqa: F401
-                           seen, task_failed, verdicts)
-from .hydra_text import (LOCAL_TABLE, OWN_TABLE, SCALE_TABLE, scale_table, localisation_markdown,  # noqa: F401 (the notebook's)
+                           task_failed, verdicts)
+from .hydra_text import (LOCAL_TABLE, OWN_TABLE, scale_table, localisation_markdown,  # noqa: F401 (the notebook's)
                          local_table, noise_markdown, own_markdown, panels_markdown, patch_slope,
-                         scale_markdown, slope_not_share)
+                         scale_markdown)
 
 @dataclass(frozen=True)
 class Config(RunConfig):
@@ -156,7 +157,7 @@ def decide(ch: HydraChapter, n_boot: int, seed: int) -> None:
 def readings(ch: HydraChapter) -> pd.DataFrame:
     """One row per reading of σ (:data:`selfrepair.hydra_scale.SCALES`: the clean run's, which the
     book leads with and the verdicts read, and each ablation run's own): the middle layers'
-    restored share, the pooled slope there, the steepest slope past 13/32 of the depth and the
+    restored share, the pooled slope there, the steepest slope past the paper's cutoff and the
     highest R² over the layers, each with its 95% interval over the prompts, and the layer from
     which every slope is below 1."""
     s, e, rows = ch.numbers, ch.estimates, []
@@ -228,7 +229,9 @@ def on_this_model(ch: HydraChapter) -> str:
              f"**{s['n_correct']} of {s['n_prompts']}** prompts correctly (its top token is the first "
              "token of the answer); as in the Hydra paper, every number reads the top token, right or "
              "wrong.")
-    return render(ch.verdicts, intro, rules="ch05-rules", below=FIGURES) + "\n\n" + seen(ch)
+    return (render(ch.verdicts, intro, rules="ch05-rules", below=FIGURES) + "\n\nWhether the Hydra effect "
+            "is seen on this model is answered after the figures that show it: "
+            "<a href=\"#ch05-seen\">Is the Hydra effect seen here?</a>")
 
 
 def verdict(ch: HydraChapter, key: str) -> str:
@@ -251,15 +254,19 @@ def findings(ch: HydraChapter) -> list[Finding]:
     where = Finding(f"This chapter ablated each of the {ch.result.n_layers} layers' attention and MLP of {model} "
                     f"on {s['n_prompts']:,} factual prompts, of which the model completes {s['n_correct']:,} "
                     "correctly.", values=(ch.result.n_layers, s["n_prompts"], s["n_correct"]))
-    answer, words = hcl.hydra_answer(ch)
-    tested = part.reliable and not task_failed(s["n_prompts"], s["n_correct"])
-    values = (part.value, part.lo, part.hi) if tested else ()
-    if answer is None:
+    whole, (answer, words) = ch.estimates.restored["clean"], hydra_answer(ch)
+    tested = part.reliable and whole.reliable and not task_failed(s["n_prompts"], s["n_correct"])
+    values = (whole.value, whole.lo, whole.hi, part.value, part.lo, part.hi) if tested else ()
+    if not tested:
+        why = words if answer is None else f"the interval is not reliable ({whole.why})"
         text = (f"Take-away: is the Hydra effect as the paper measures it seen on this model? This run cannot "
-                f"tell: {words}.")
+                f"tell: {why}.")
+    elif answer is None:
+        text = ("Take-away: is the Hydra effect as the paper measures it seen on this model? This run cannot "
+                f"tell. {conclusion(ch)}")
     else:
         text = (f"Take-away: the Hydra effect as the paper measures it is {'' if answer else 'not '}seen on this "
-                f"model: {words}.")
+                f"model. {conclusion(ch)}")
     takeaway = Finding(text, (FIGURES["restored"],), values)
     return _shows(where, ch.verdicts, FIGURES, model, takeaway)
 

@@ -22,10 +22,10 @@ from .. import hydra_controls as hc
 from .. import hydra_regression as hr
 from .. import hydra_scale as hs
 from ..claims import Claim, Signed, Verdict, approximately, paper_number, paper_word
-from ..rules import NEGLIGIBLE
+from ..rules import NEGLIGIBLE, size
 from ..structure import span
 from ..tables import counted
-from .signed import changes, gives_back, moved
+from .signed import changes
 from ..uncertainty import Bootstrap, Clusters, Estimate, least_squares, moments, pearson, ratio
 
 # The Hydra paper's numbers (Chinchilla-7B on Counterfact), quoted from here everywhere else.
@@ -69,8 +69,10 @@ RESTORED = Claim(
               "given beside it with its own interval")
 SLOPE = Claim(
     "slope", "Compensation does not fully restore the output: the regression slope of compensation on "
-    "direct effect is less than one at all layers past layer 13 of 32", "§4.2, Fig 7d",
-    "the largest, over the attention layers past 13/32 of the depth, of the least-squares slope of "
+    "direct effect is less than one at all layers past layer 13 of the paper's 32 (on another model: past "
+    "the same share of its depth)", "§4.2, Fig 7d",
+    "the largest, over the attention layers past the paper's cutoff (its layer 13 of 32 as a share of the "
+    "depth: layer l of a model of L layers counts when l / L > 13/32), of the least-squares slope of "
     "the compensatory effect on the direct effect across prompts (each layer's slope recomputed in "
     "every replicate), at the clean run's σ",
     paper_number("<", 1.0, "a slope of less than one at all layers past layer 13",
@@ -79,13 +81,16 @@ SLOPE = Claim(
                  "is tested through the largest slope, 'past layer 13' of its 32 layers as the "
                  "layers deeper than 13/32 of the depth"),
     fmt=".2f",
-    reading=Signed("Past 13/32 of the depth, in the attention layer whose slope is largest, each extra logit "
+    reading=Signed("In the attention layer past the paper's cutoff whose slope is largest, each extra logit "
                    "of direct effect removed brings a compensation that {way} ({n} {unit}).",
                    up="gives back {value} logits", down="takes away a further {value} logits",
                    ends=("taking away a further {}", "giving back {}"), none="giving back nothing"),
     rationale="§4.2: 'fitting a linear regression between direct effect and compensatory response "
               "gives a slope of less than one at all layers past layer 13'. The models have different "
-              "depths, so the paper's layer is compared as a relative depth")
+              "depths, so the paper's layer is compared as a relative depth (the verdict says which layers "
+              "that is on the model that ran). The slope is a "
+              "different quantity from the restored share: how a layer's compensation scales with "
+              "its direct effect, not how much of what an ablation removes comes back on average")
 ERASURE = Claim(
     "erasure", "Late MLP layers erase: when an attention layer's Δ_unembed is reduced, theirs is "
     "similarly attenuated", "§2.5.2, §6",
@@ -256,7 +261,7 @@ def estimates(ev: PromptEvidence, n_boot: int, seed: int) -> Estimates:
     sums = lambda a, b: np.c_[a[:, ev.mid].sum(1), b[:, ev.mid].sum(1)]  # noqa: E731
     share_of = lambda t: ratio(t[:, 0], t[:, 1])  # noqa: E731
     mom = {s: layer_moments(ev, s) for s in hs.SCALES}
-    late = dict(n=len(ev.past), unit=f"attention layers past 13/32 of the depth ({_span(ev.past)})")
+    late = dict(n=len(ev.past), unit=f"attention layers past the cutoff: {_span(ev.past)}")
     return Estimates(
         unembed=boot.of_weights(lambda w: share_exceeding(ev, w), **pairs),
         other_way=boot.of_weights(lambda w: share_exceeding(ev, w, other_way=True), **pairs),
@@ -275,7 +280,12 @@ def estimates(ev: PromptEvidence, n_boot: int, seed: int) -> Estimates:
 def _none(what: dict) -> Estimate:
     nan = float("nan")
     return Estimate(nan, nan, nan, what["n"], what["unit"], 0, "prompts", 0, 0,
-                    "no attention layer past 13/32 of the depth has a later component to compensate")
+                    "no attention layer past the paper's cutoff has a later component to compensate")
+
+
+def _layers(layers: list) -> str:
+    """``layer 3``, ``layers 8–17`` (a run of layers), ``none``."""
+    return "none" if not layers else f"layer {layers[0]}" if len(layers) == 1 else f"layers {_span(layers)}"
 
 
 def _span(layers: list) -> str:
@@ -295,7 +305,8 @@ def task_failed(n_prompts: int, n_correct: int) -> str:
 
 def verdicts(ch) -> list[Verdict]:
     """Each claim's verdict on a :class:`~selfrepair.chapters.hydra.HydraChapter` (its ``estimates``
-    and ``numbers``); the σ′ reading beside the ones it changes."""
+    and ``numbers``), at the clean run's σ (the other reading, σ′, is in *Which σ?* and in the fold of
+    :func:`~selfrepair.chapters.hydra_answer.other_readings`)."""
     e, s, L = ch.estimates, ch.numbers, ch.result.n_layers
     why = task_failed(s["n_prompts"], s["n_correct"])
     block = (f" The downstream block norms' rescaling, reported apart, adds a mean {s['block_mid']:+.3f} "
@@ -304,19 +315,15 @@ def verdicts(ch) -> list[Verdict]:
                 f"layers' direct effect {changes(s['ce_mid'], '.3f', 'rises by a mean', 'falls by a mean', 'does not change on average')}"
                 + (" (on average downstream breakage outweighs compensation)" if s["ce_mid"] < 0 else "")
                 + f"; the later attention layers alone (the Hydra effect proper) "
-                f"{moved(e.hydra_part, '.0%', gives_back)}. The slope of compensation on direct effect pooled within "
-                f"these layers is {e.pooled['clean'].prose('.2f')}.{block} " + other_reading(e.restored["ablated"], RESTORED)
-                + f" There the final norm's scale moves by a mean S/S′ of {s['scale_ratio_mid']:.3f}, and its "
-                "rescaling of the later layers' writes counts as compensation.")
+                f"{said(e.hydra_part)}.{block} This share is the chapter's one answer to how "
+                "much the later layers give back; the slopes and the other reading of σ measure other things, "
+                "each in one line of the fold at the end of this section with why its number differs.")
     frm = s["slope_from"]
-    slope = ((f"Every attention layer's slope is below 1 from layer {frm} of {L} on (the paper: past "
-              f"{PAPER['slope_past']} of {PAPER['n_layers']}). " if frm is not None else "")
+    slope = (cutoff_words(L, ch.evidence.past) + " " + SLOPE_APART + " "
+             + (f"Every attention layer's slope is below 1 from layer {frm} of {L} on (the paper: past "
+                f"{PAPER['slope_past']} of {PAPER['n_layers']}). " if frm is not None else "")
              + f"The highest R² over the layers is {e.r2['clean'].prose('.2f')} (the paper: "
-             f"{PAPER['r2']:.2f} at layer {PAPER['r2_layer']} of {PAPER['n_layers']}). "
-             + other_reading(e.max_slope["ablated"], SLOPE)
-             + f" There, R² peaks at {e.r2['ablated'].prose('.2f')}"
-             + (f" and every slope is below 1 from layer {s['slope_from_ablated']} on." if s["slope_from_ablated"]
-                is not None else "."))
+             f"{PAPER['r2']:.2f} at layer {PAPER['r2_layer']} of {PAPER['n_layers']}).")
     return [
         Verdict.of(UNEMBED, e.unembed, f"The other way round — the drop exceeding the direct effect by more "
                    f"than the margin (breakage) — holds on {e.other_way.prose('.0%')}; the two measures "
@@ -331,13 +338,39 @@ def verdicts(ch) -> list[Verdict]:
     ]
 
 
-def other_reading(e: Estimate, claim: Claim) -> str:
-    """The claim's metric at each ablation run's own σ′, with its interval and what the rule would
-    say there."""
-    said = {True: "would hold", False: "would differ", None: "could not tell"}[
-        claim.rule.decide(e.lo, e.hi) if e.reliable else None]
-    return (f"Read at {SCALE_NAMES['ablated']} instead, the same metric is {e.prose(claim.fmt)}: by the same "
-            f"rule the claim {said}.")
+def said(est: Estimate, claim: Claim = RESTORED) -> str:
+    """A share of the direct effect removed said as ``claim``'s reading (:class:`~selfrepair.rules.Signed`)
+    says it, from its sign, with its 95% interval in the same frame: "take away a further 196% (95%
+    interval 168% to 227%)", "give back 30% (95% interval 10% to 50%)"."""
+    r, fmt = claim.reading, claim.fmt
+    if est.value is None or not np.isfinite(est.value):
+        return "give back n/a"
+    way = r.way(est.value, fmt).replace("{value}", size(est.value, fmt))
+    interval = (r.interval(est.value, est.lo, est.hi, fmt) if est.reliable
+                else f"no reliable interval: {est.why or 'undefined'}")
+    if way.endswith(")"):  # "(the opposite of giving back)": one bracket for it and the interval
+        return f"{way[:-1]}; {interval})"
+    return f"{way} ({interval})"
+
+
+SLOPE_APART = ("This tests a different quantity from the chapter's headline share: how a layer's compensation "
+               "scales with its direct effect (a slope, layer by layer), not how much of what an ablation "
+               "removes comes back on average.")
+
+
+def cutoff_words(n_layers: int, past: list[int]) -> str:
+    """The slope claim's cutoff in the paper's terms (its layer 13 of 32) and on a model of
+    ``n_layers`` layers (the same share of the depth), with the attention layers tested (``past``:
+    :func:`past_layers`)."""
+    at = SLOPE_FROM * n_layers
+    deeper = [l for l in range(n_layers) if l / n_layers > SLOPE_FROM]
+    left = [l for l in deeper if l not in past]
+    return (f"The paper's cutoff is its layer {PAPER['slope_past']} of {PAPER['n_layers']}, {SLOPE_FROM:.0%} of "
+            f"its depth; the same share of this model's {n_layers} layers is {PAPER['slope_past']}/"
+            f"{PAPER['n_layers']} × {n_layers} = {at:.1f}, so the attention layers tested here are those past "
+            f"it: {_layers(past)}"
+            + (f" ({_layers(left)} left out: nothing after {'it' if len(left) == 1 else 'them'} can "
+               "compensate)" if left else "") + ".")
 
 
 def erasure_detail(s: dict, n_late: int) -> str:
@@ -350,39 +383,3 @@ def erasure_detail(s: dict, n_late: int) -> str:
                  f"the late MLPs move against the ablated layer in {s['erasure_opposite_large']:.0%} "
                  f"(R² of the regression over every case: {s['erasure_r2']:.2f}).")
     return text
-
-
-def hydra_answer(ch) -> tuple[bool | None, str]:
-    """Is the Hydra effect, as the paper measures it, seen on this model: True, False or None
-    (cannot tell, or cannot be tested), and why in words (the later attention layers' response to
-    a middle attention layer's ablation, :attr:`Estimates.hydra_part`)."""
-    part = ch.estimates.hydra_part
-    why = task_failed(ch.numbers["n_prompts"], ch.numbers["n_correct"])
-    if why:
-        return None, f"it cannot be tested here: {why}"
-    if not part.reliable:
-        return None, f"the interval is not reliable ({part.why})"
-    if part.lo > 0:
-        return True, (f"when a middle attention layer is ablated, the later attention layers raise their direct "
-                      f"effect and {moved(part, '.0%', gives_back)} of what it removed")
-    if part.hi < 0:
-        return False, (f"when a middle attention layer is ablated, the later attention layers do not make up for "
-                       f"it: together they {moved(part, '.0%', gives_back)} of what it removed")
-    return None, (f"the later attention layers' response, {part.prose('.0%')} of what a middle attention "
-                  "layer's ablation removes, cannot be told apart from none")
-
-
-def seen(ch) -> str:
-    """In plain words: is the Hydra effect, as the paper measures it, seen on this model?"""
-    e, model = ch.estimates, ch.meta.get("model")
-    whole, part = e.restored["clean"], e.hydra_part
-    head = f"**Is the Hydra effect seen on {model}?**"
-    answer, words = hydra_answer(ch)
-    if task_failed(ch.numbers["n_prompts"], ch.numbers["n_correct"]):
-        return f"{head} {words[0].upper() + words[1:]}."
-    if not (whole.reliable and part.reliable):
-        return f"{head} We cannot tell: the intervals are not reliable ({whole.why or part.why})."
-    label = {True: "**Yes.**", False: "**No, not as the paper measures it.**", None: "**Not clearly.**"}[answer]
-    return (f"{head} {label} {words[0].upper() + words[1:]}; with the MLPs' response too, the later "
-            f"layers {moved(whole, '.0%', gives_back)} of it (the paper: approximately "
-            f"{PAPER['restored']:.0%}).")

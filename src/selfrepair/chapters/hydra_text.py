@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..tables import TABLE_CLASS, Layout, Table, counted, listed, scroll_box, table
+from ..hydra_scale import SCALES
 from ..rules import NEGLIGIBLE
-from .hydra_claims import PAPER, RESTORED, SLOPE
-from .signed import changes, gives_back, moved
+from ..tables import TABLE_CLASS, Layout, Table, counted, listed, scroll_box, table
+from .hydra_claims import PAPER, RESTORED, SLOPE, SLOPE_FROM, said
+from .signed import changes
 
 PREDICTS = NEGLIGIBLE  # an R² under 0.1: the part predicts ~nothing
 
@@ -31,14 +32,14 @@ OWN_TABLE = Layout(("ablation", "n_patches", "ratio", "patch_ratio", "mean_ablat
                           "abs_clean": "Σ mean |clean DE|", "abs_ablated": "Σ mean |own DE| (patch mean)",
                           "abs_patch": "Σ mean |own DE| (one patch)"})
 LOCAL_TABLE = Layout(("ablated", "readout_kind", "n_downstream", "total_abs_delta_de", "top", "share_top1",
-                      "share_top2", "uniform"), percent=("share_top1", "share_top2", "uniform"),
+                      "share_top2", "uniform", "first"), percent=("share_top1", "share_top2", "uniform"),
                      names={"ablated": "ablated layer", "readout_kind": "later layers",
                             "n_downstream": "how many", "total_abs_delta_de": "Σ mean |ΔDE|",
                             "top": "changes most", "share_top1": "top-1 share", "share_top2": "top-2 share",
-                            "uniform": "even spread",
-                            # the fold's columns
-                            "ablated_layer": "ablated layer (index)", "ablated_kind": "ablated kind",
-                            "first": "first later layer"})
+                            "uniform": "even spread", "first": "first later layer",
+                            # columns of the frame the table leaves out (the ablated layer again, its kind)
+                            "ablated_layer": "ablated layer (index)", "ablated_kind": "ablated kind"})
+KINDS = {"attn": "attention", "mlp": "MLP", "all": "all"}  # a kind of layer in words, in a table's cells
 
 TOP_ROWS = 8  # rows of the localisation table shown above its fold
 SHORT_COLUMNS = ("ablated", "readout_kind", "total_abs_delta_de", "top", "share_top1", "uniform")  # a phone's width
@@ -67,51 +68,31 @@ def local_table(ch, n: int = TOP_ROWS) -> Shortened:
     """The localisation table (:data:`LOCAL_TABLE`) of the attention ablations: the ``n`` rows whose
     later layers change most (largest Σ mean |ΔDE|), every row folded below them."""
     full = ch.attention_localisation
+    full = full.assign(readout_kind=full["readout_kind"].map(KINDS).fillna(full["readout_kind"]))
     top = full.sort_values("total_abs_delta_de", ascending=False).head(n)
-    t = LOCAL_TABLE(full)
+    t = LOCAL_TABLE(full[list(LOCAL_TABLE.columns)])  # every column it shows: no second fold inside this one
     caption = (f"The {min(n, len(full))} of {counted(len(full), 'row')} (ablated attention layer, kind of later "
                "layer) whose later layers change most, largest Σ mean |ΔDE| first; most: the later layer that "
-               "changes most, with its share of Σ beside an even spread's. Every row and column in the fold.")
+               "changes most, with its share of Σ beside an even spread's. Every row, with every column, in the fold.")
     shown = table(top[list(SHORT_COLUMNS)], SHORT_COLUMNS, names=SHORT_NAMES, percent=("share_top1", "uniform"),
                   caption=caption)
     return Shortened(shown, t, f"Every row ({len(full)}), by ablated layer")
 
 
-def _with_interval(value: float, lo: float, hi: float, fmt: str) -> str:
-    """``value (lo to hi)`` in ``fmt``; ``n/a`` where the value is missing, the point alone where
-    the interval is (too few prompts)."""
-    ok = lambda x: x is not None and np.isfinite(x)  # noqa: E731
-    if not ok(value):
-        return "n/a"
-    return f"{value:{fmt}} ({lo:{fmt}} to {hi:{fmt}})" if ok(lo) and ok(hi) else f"{value:{fmt}}"
-
-
-def scale_table(readings: pd.DataFrame):
-    """The two readings of σ (:func:`selfrepair.chapters.hydra.readings`) as a table of six
-    columns, each estimate with its 95% interval in the same cell (twelve numeric columns would be
-    wider than the page)."""
+def scale_table(ch):
+    """The two readings of σ (:func:`selfrepair.chapters.hydra.readings`) for the two claims they
+    change: the restored share, said from its sign as the verdict says it, and the steepest slope
+    past the paper's cutoff, each with its 95% interval in the same cell. Three columns: nothing
+    is folded."""
+    r, L = ch.readings, ch.result.n_layers
+    scales = dict(zip(r["scale"], r["reading"]))
     shown = pd.DataFrame({
-        "reading": readings["reading"],
-        "restored": [_with_interval(v, lo, hi, ".0%") for v, lo, hi in
-                     zip(readings["restored_mid"], readings["restored_mid_lo"], readings["restored_mid_hi"])],
-        "slope_mid": [_with_interval(v, lo, hi, ".2f") for v, lo, hi in
-                      zip(readings["slope_mid"], readings["slope_mid_lo"], readings["slope_mid_hi"])],
-        "max_slope": [_with_interval(v, lo, hi, ".2f") for v, lo, hi in
-                      zip(readings["max_slope"], readings["max_slope_lo"], readings["max_slope_hi"])],
-        "slope_from": readings["slope_from"].astype("Int64"),
-        "r2": [_with_interval(v, lo, hi, ".2f") for v, lo, hi in
-               zip(readings["r2"], readings["r2_lo"], readings["r2_hi"])]})
-    t = SCALE_TABLE(shown)
-    return table(shown, t.columns, names=t.names, phone=t.phone, caption="Each estimate with its 95% interval "
-                 "over the prompts in parentheses.")
-
-
-SCALE_TABLE = Layout(("reading", "restored", "slope_mid", "max_slope", "slope_from", "r2"),
-                     names={"restored": "restored, middle layers",
-                            "slope_mid": "pooled slope, middle layers", "max_slope": "steepest slope past 13/32",
-                            "slope_from": "every slope < 1 from layer", "r2": "best R²"},
-                     # a phone: what the two claims read (restored share, steepest late slope); the rest folded
-                     phone=("reading", "restored", "max_slope"))
+        "reading": [scales[x] for x in SCALES],
+        "restored": [said(ch.estimates.restored[x]) for x in SCALES],
+        "max_slope": [ch.estimates.max_slope[x].prose(".2f") for x in SCALES]})
+    names = {"restored": "restored share, middle layers",
+             "max_slope": f"steepest slope past layer {SLOPE_FROM * L:.1f} of {L}"}
+    return table(shown, names=names, caption="Each estimate with its 95% interval over the prompts.")
 
 
 def _pct(x: float) -> str:
@@ -152,31 +133,25 @@ def own_markdown(ch) -> str:
 
 
 def noise_markdown(ch) -> str:
-    """Noise ablation beside the chapter's ablation, over the attention layers."""
+    """Noise ablation beside the chapter's ablation, over the attention layers: how far each moves
+    the logit, the ablated layer's own direct effect and the later layers' (a control: the slopes of
+    the chart's lower panels are read in the fold of :func:`~selfrepair.chapters.hydra_answer.other_readings`)."""
     c = ch.comparison[ch.comparison["kind"] == "attn"]
     main = ch.meta.get("ablation", "resample")
     a, b = c[c["ablation"] == main].set_index("layer"), c[c["ablation"] == "noise"].set_index("layer")
     louder = int((b["abs_total_effect"] > a["abs_total_effect"]).sum())
-    mid = [l for l in ch.numbers["mid"] if l in a.index]
     clean = clean_size(ch)
     lines = [f"**On {ch.meta.get('model')}**, averaged over the {len(a)} attention layers and every (prompt, "
              f"patch), each change the ablated run's value minus the clean run's, in logits of the "
              f"max-likelihood token (for scale: an attention layer's clean direct effect is {clean:.3g} logits "
              "in size, on average):"]
-    pooled = ch.numbers.get("slope_mid", math.nan)
     for name, g in ((main, a), ("noise", b)):
-        slope = (f" Per patch, the later layers {gives_back(g.loc[mid, 'slope'].mean(), '.2f', ' logits')} per logit "
-                 f"removed (the slope over every (prompt, patch), averaged over the middle layers "
-                 f"{mid[0]}–{mid[-1]}, each layer alike{_not_pooled(pooled) if name == main else ''})."
-                 if mid else "")
         own, later = -g["lost"].mean(), g["compensation"].mean()
         lines.append(f"- **{name}**: the logit moves by a mean |Δ_ablate| of {g['abs_total_effect'].mean():.3f} "
                      f"logits per patch (mean Δ_ablate {g['total_effect'].mean():+.3f}); the ablated layer's own "
                      f"direct effect {changes(own, '.3g', unit=' logits')}{times(own, clean)} and the later layers' "
-                     f"summed direct effect {changes(later, '.3g', unit=' logits')}{times(later, clean)}.{slope}")
+                     f"summed direct effect {changes(later, '.3g', unit=' logits')}{times(later, clean)}.")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")
-    if mid:
-        lines.append(slope_not_share(a.loc[mid, "slope"].mean(), ch.numbers.get("restored_mid", math.nan)))
     return "\n".join(filter(None, lines))
 
 
@@ -196,27 +171,6 @@ def times(change: float, clean: float) -> str:
         return ""
     k = abs(change) / clean
     return f" ({k:.2g} times that clean size)" if k >= 1 else f" ({k:.0%} of that clean size)"
-
-
-def slope_not_share(slope: float, restored: float) -> str:
-    """Where the per-patch slope gives back while the restored share (the verdict's) takes away, one
-    sentence saying how both hold: a slope is the change per extra logit removed, a share the mean."""
-    if not (math.isfinite(slope) and math.isfinite(restored)) or (slope > 0) == (restored > 0):
-        return ""
-    mean = "falls too" if restored < 0 else "makes up part of the loss"
-    return (f"- A slope is not a share: on average the later layers' direct effect {mean} (with the MLPs they "
-            f"{gives_back(restored, '.0%')} of what the middle layers' ablations remove: "
-            f"<a href=\"#ch05-fig7\">the verdict below</a>), yet an ablation that removes more sees "
-            f"{abs(slope):.2f} of the extra {'given back' if slope > 0 else 'taken away'}.")
-
-
-def _not_pooled(pooled: float) -> str:
-    """Why the noise section's slope is not the pooled slope of *Which σ?* (another selection)."""
-    if not math.isfinite(pooled):
-        return ""
-    return (f"; not the pooled slope ({pooled:.2f}) in <a href=\"#ch05-scale\">Which σ?</a>, which fits each "
-            "prompt's compensation, its patches averaged, on the layer's clean direct effect and weighs the "
-            "layers by how much that direct effect varies")
 
 
 def patch_slope(ch) -> float:
@@ -272,9 +226,9 @@ def panels_markdown(ch) -> str:
     if len(b):
         r = b.iloc[0]
         lines.append(f"- **Fig 7b.** The variance explained peaks at {r['label']} (layer {int(r['layer'])} of "
-                     f"{ch.result.n_layers}): R² = {r['r2']:.2f}, slope {r['slope']:.2f}, over {len(b)} prompts "
-                     f"(the paper: layer {PAPER['r2_layer']} of {PAPER['n_layers']}, R² = {PAPER['r2']:.2f}, "
-                     "slope below 1).")
+                     f"{ch.result.n_layers}): R² = {r['r2']:.2f} over {len(b)} prompts (the paper: layer "
+                     f"{PAPER['r2_layer']} of {PAPER['n_layers']}, R² = {PAPER['r2']:.2f}); its slope is one of the "
+                     "other readings in the fold below.")
     fits = p.groupby(["layer", "part"])[["slope", "r2"]].first().unstack("part")
     if len(fits):
         cells = [f"layer {int(l)}: attention {fits.loc[l, ('slope', 'attention')]:+.2f} "
@@ -304,19 +258,10 @@ def _predictive(fits: pd.DataFrame) -> str:
             "approximately zero).")
 
 
-def _pooled_is(ch) -> str:
-    """What the pooled slope is, beside the noise section's slope on another selection."""
-    other = patch_slope(ch)
-    beside = (f"; the slope of <a href=\"#ch05-noise\">the noise section</a>, {other:.2f}, is a different selection: "
-              "every (prompt, patch), on the direct effect each patch removed, the middle layers' slopes "
-              "averaged alike" if math.isfinite(other) else "")
-    return (" (each prompt's compensation, its patches averaged, on the layer's clean direct effect, pooled over "
-            f"the middle layers so a layer whose direct effect varies more weighs more{beside})")
-
-
 def scale_markdown(ch) -> str:
-    """Which reading of σ the paper's words support, which the book leads with and why, and how
-    much the two readings differ on this model (:mod:`selfrepair.hydra_scale`)."""
+    """Which reading of σ the paper's words support, which the book leads with and why, and what
+    the verdicts' rules say at each reading (:mod:`selfrepair.hydra_scale`; the numbers are the
+    table's, :func:`scale_table`)."""
     s, e = ch.numbers, ch.estimates
     said = {True: "holds", False: "differs", None: "cannot tell"}
 
@@ -324,16 +269,12 @@ def scale_markdown(ch) -> str:
         return said[claim.rule.decide(est.lo, est.hi) if est.reliable else None]
 
     return (
-        f"**On {ch.meta.get('model')}**, over the middle attention layers, the later layers "
-        f"{moved(e.restored['clean'], '.0%', gives_back)} of the direct effect removed at the clean σ and "
-        f"{moved(e.restored['ablated'], '.0%', gives_back)} at each ablation run's own σ′ (the final norm's scale moves "
-        f"by a mean S/S′ of {s['scale_ratio_mid']:.3f} there); the pooled slopes there are "
-        f"{e.pooled['clean'].prose('.2f')} and {e.pooled['ablated'].prose('.2f')}{_pooled_is(ch)}, the steepest slope past "
-        f"13/32 of the depth {e.max_slope['clean'].prose('.2f')} and {e.max_slope['ablated'].prose('.2f')}, "
-        f"and the best R² {e.r2['clean'].prose('.2f')} and {e.r2['ablated'].prose('.2f')}. By the verdicts' "
-        f"rules on these intervals alone, \"approximately {PAPER['restored']:.0%}\" {rule(RESTORED, e.restored['clean'])} at the clean σ "
-        f"and {rule(RESTORED, e.restored['ablated'])} at σ′; \"a slope of less than one\" "
-        f"{rule(SLOPE, e.max_slope['clean'])} at the clean σ and {rule(SLOPE, e.max_slope['ablated'])} at σ′.\n\n"
+        f"**On {ch.meta.get('model')}**, over the middle layers' ablations the final norm's scale moves by a mean "
+        f"S/S′ of {s['scale_ratio_mid']:.3f}. The table below gives the two claims' statistics at both readings; "
+        f"by the verdicts' rules on these intervals alone, \"approximately {PAPER['restored']:.0%}\" "
+        f"{rule(RESTORED, e.restored['clean'])} at the clean σ and {rule(RESTORED, e.restored['ablated'])} at σ′; "
+        f"\"a slope of less than one\" {rule(SLOPE, e.max_slope['clean'])} at the clean σ and "
+        f"{rule(SLOPE, e.max_slope['ablated'])} at σ′.\n\n"
         "**What the paper's words support.** §2.3.1 fixes σ \"to the value attained in the forward "
         "pass\", and eq. 34 takes a layer's direct effect *in the ablation run* (eq. 13): read "
         "literally, each run's own σ, so σ′ in the ablated one. But right after eq. 13 the paper "
@@ -346,4 +287,5 @@ def scale_markdown(ch) -> str:
         "as in the self-repair paper's eq. 2 (chapter 2). At σ′ the compensation also holds the norm's "
         "rescaling of the later layers' writes but not of the earlier ones (whose rescaling is left over "
         "apart): two mechanisms in one number. The verdicts use the clean "
-        "reading and give the other beside it.")
+        "reading; this table and the fold at the end of <a href=\"#ch05-fig7\">How much is compensated</a> give "
+        "the other.")

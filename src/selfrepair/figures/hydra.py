@@ -9,7 +9,7 @@ import altair as alt
 
 from . import MAX_ROWS, diverging_color, layer_color, series_color
 from .encodings import ABLATION_COLORS, present  # the same in chapter 2
-from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped
+from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped, data_domain
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
 LAYER_AXIS = alt.Axis(format="d", tickMinStep=1)
@@ -122,28 +122,46 @@ def fig_compensation(effects) -> alt.Chart:
             .properties(title="Compensation against direct effect (Hydra Fig 7a, c)"))
 
 
-def fig_regression(reg) -> alt.Chart:
+SLOPES = {"slope": "all downstream", "slope_attn": "attention part", "slope_mlp": "MLP part"}
+# the parts in Fig 8's colours (attention blue, MLP red), the total in black, drawn solid over them
+R2_BAR = 8  # px: a bar per layer, narrower than a layer's step on a phone
+REGRESSION_WIDTH = 520  # px: a compound chart has no container width; the renderer narrows it on a phone
+SLOPE_COLORS = {"all downstream": "black", "attention part": DARK["blue"], "MLP part": DARK["red"]}
+
+
+def fig_regression(reg) -> alt.VConcatChart:
     """Hydra Fig 7d / 8: per ablated attention layer, the regression slope of the compensatory
-    effect on the direct effect (total, attention part, MLP part) and the variance explained."""
+    effect on the direct effect (all downstream, attention part, MLP part; rule: 1, full
+    compensation) above, and the variance explained (R²) below, in a panel of its own: grey bars on
+    their own 0-1 axis, so they neither overlap the slopes' lines nor share a colour with them."""
     data = reg[reg["kind"] == "attn"]
-    long = data.melt(id_vars=["layer", "label", "r2", "restored", "n"],
-                     value_vars=["slope", "slope_attn", "slope_mlp"], var_name="fit", value_name="value")
-    long["fit"] = long["fit"].map({"slope": "slope (all downstream)", "slope_attn": "slope: attention part",
-                                   "slope_mlp": "slope: MLP part"})
+    long = data.melt(id_vars=["layer", "label", "r2", "restored", "n"], value_vars=list(SLOPES),
+                     var_name="fit", value_name="value")
+    long["fit"] = long["fit"].map(SLOPES)
     r2 = data.assign(fit="variance explained (R²)", value=data["r2"])[long.columns]
     both = __import__("pandas").concat([long, r2], ignore_index=True)
     tips = [alt.Tooltip("label:N", title="ablated"), alt.Tooltip("fit:N"),
             alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("r2:Q", format=".2f", title="R²"),
             alt.Tooltip("restored:Q", format=".0%"), alt.Tooltip("n:Q", title="prompts")]
-    lines = alt.Chart(both).mark_line(point=True).encode(
-        x=alt.X("layer:Q", title="ablated attention layer", axis=LAYER_AXIS),
-        y=alt.Y("value:Q", title="slope / R²"),
-        color=alt.Color("fit:N", title=None),
-        strokeDash=alt.condition(alt.datum.fit == "slope (all downstream)", alt.value([1, 0]), alt.value([4, 3])),
+    # one x scale for both panels, from the layers drawn, so each bar sits under its layer's points
+    x = alt.X("layer:Q", title="ablated attention layer", axis=LAYER_AXIS,
+              scale=alt.Scale(domain=data_domain(data["layer"], pad=0.03), nice=False))
+    base = alt.Chart(both)
+    lines = base.transform_filter("datum.fit != 'variance explained (R²)'").mark_line(
+        point=True, strokeWidth=LINE_WIDTH).encode(
+        x=x, y=alt.Y("value:Q", title="slope of compensation"),
+        color=series_color("fit", SLOPE_COLORS, long["fit"], title="slope",
+                           legend=alt.Legend(orient="top", columns=3, symbolType="stroke", symbolOpacity=1,
+                                             symbolStrokeWidth=LINE_WIDTH)),
+        strokeDash=alt.condition(alt.datum.fit == SLOPES["slope"], alt.value([1, 0]), alt.value([4, 3])),
         tooltip=tips)
-    one = alt.Chart(both).mark_rule(color="gray").encode(y=alt.datum(1))
-    return (lines + one).properties(width="container",
-                                    title="Compensation regression per attention layer (Hydra Fig 7d, 8)")
+    one = base.mark_rule(color="gray").encode(y=alt.datum(1))
+    bars = base.transform_filter("datum.fit == 'variance explained (R²)'").mark_bar(
+        color=DARK["grey"], size=R2_BAR).encode(x=x, y=alt.Y("value:Q", title="R²"), tooltip=tips)
+    return alt.vconcat(
+        (lines + one).properties(width=REGRESSION_WIDTH, height=220, title="Slope of compensation on direct effect"),
+        bars.properties(width=REGRESSION_WIDTH, height=90, title="Variance explained by the fit (R²)"),
+    ).properties(title="Compensation regression per attention layer (Hydra Fig 7d, 8)")
 
 
 def fig_erasure(frame) -> alt.LayerChart:
@@ -274,7 +292,6 @@ def fig_best_layer(points) -> alt.Chart:
     R², with its least-squares line (solid) and CE = DE (dashed)."""
     label = points["label"].iloc[0] if len(points) else ""
     r2 = float(points["r2"].iloc[0]) if len(points) else float("nan")
-    slope = float(points["slope"].iloc[0]) if len(points) else float("nan")
     tips = [alt.Tooltip("prompt:O"), alt.Tooltip("direct_effect:Q", format=".3f"),
             alt.Tooltip("compensatory_effect:Q", format=".3f"), alt.Tooltip("ce_attn:Q", format=".3f"),
             alt.Tooltip("ce_mlp:Q", format=".3f")]
@@ -284,7 +301,7 @@ def fig_best_layer(points) -> alt.Chart:
     fit = alt.Chart().mark_line(color="#d62728").encode(x=x, y="fit:Q")
     diag = alt.Chart().mark_line(strokeDash=[4, 4], color="gray").encode(x=x, y="direct_effect:Q")
     return alt.layer(pts, fit, diag, data=points).properties(
-        width="container", title=f"{label}: compensation vs direct effect, R² = {r2:.2f}, slope {slope:.2f} (Hydra Fig 7b)")
+        width="container", title=f"{label}: compensation vs direct effect, R² = {r2:.2f} (Hydra Fig 7b)")
 
 
 def fig_layer_panels(panels) -> alt.FacetChart:
