@@ -79,3 +79,20 @@ def test_the_backups_verdict_sets_the_tables_number_beside_its_own(tmp_path):
     assert said == ("over all 8 prompts, the selection half's included, their mean is a rise of 3 logits, "
                     "the repair table's")
     assert not FORCED.search(said)
+
+
+def test_the_name_movers_list_prints_a_negative_direct_effect_with_the_tables_minus_sign():
+    """On a model without name movers the stand-ins can have a negative DE (the tiny build's L0H3):
+    it prints "DE −0.0185", as the tables do, never "DE -0.0185"."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from selfrepair.chapters.ioi import selection_markdown
+    movers = pd.DataFrame({"label": ["L0H0", "L0H3"], "direct_effect": [0.0646, -0.0185],
+                           "attn_io": [0.02, 0.01], "attn_s": [0.03, 0.03]})
+    heads = movers.assign(name_mover=True)
+    ch = SimpleNamespace(meta={"rule_found": False, "source_layer": 0}, name_movers=movers, heads=heads,
+                         split=None)
+    text = selection_markdown(ch)
+    assert "L0H3 (DE −0.0185," in text and "-0.0185" not in text

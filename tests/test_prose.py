@@ -273,7 +273,7 @@ def test_the_live_check_leads_with_a_clear_example_and_explains_a_negative_row()
     assert first["label"] == "L17H1" and [r["label"] for r in odd] == ["L8H0"]
     text = reading_markdown(LIVE)
     assert text.index("Take L17H1") < text.index("L8H0's self-repair is **negative** (−0.318)")
-    assert "makes the loss worse rather than making up for it" in text and "the later MLPs (−0.552)" in text
+    assert "makes the loss worse rather than making up for it" in text and "the later MLPs (−0.552 logits)" in text and "the later MLPs (0.077 logits)" in text and "(+" not in text
     assert "give back 0.0833 logits" in text
     every_positive = LIVE.assign(self_repair=LIVE["self_repair"].abs())
     assert "negative" not in reading_markdown(every_positive)  # said only where a row is

@@ -176,7 +176,7 @@ def reading_markdown(table: pd.DataFrame) -> str:
             f"{changes(first['delta_direct_effect'], '.3g')} (ΔDE), while the logit "
             f"{changes(first['delta_logit'], '.3g')} (Δlogit). So what lies downstream of it must "
             f"{gives_back(first['self_repair'], '.3g', ' logits')}: that difference is eq. 1's self-repair, "
-            f"and eq. 2 finds the largest part of it in {part} ({number(size, '+.3g')}).")
+            f"and eq. 2 finds the largest part of it in {part} ({number(size, '.3g')} logits).")
     if odd:
         r = odd[0]
         part, size = _largest_part(r)
@@ -185,7 +185,7 @@ def reading_markdown(table: pd.DataFrame) -> str:
         text += (f" A row can also read the other way. {r['label']}'s self-repair is **negative** "
                  f"({number(r['self_repair'], '.3g')}): its own direct effect {changes(r['delta_direct_effect'], '.3g')}, "
                  f"yet the logit {changes(r['delta_logit'], '.3g')}, so the rest of the network makes the loss "
-                 f"worse rather than making up for it — most of all {part} ({number(size, '+.3g')}). Self-repair "
+                 f"worse rather than making up for it — most of all {part} ({number(size, '.3g')} logits). Self-repair "
                  f"is a tendency of averages, not a rule every head obeys on every token; the chapters measure "
                  f"how often and how much.{also}")
     return text

@@ -34,6 +34,7 @@ from ..experiment import measure as cached, open_model
 from ..tables import Layout
 from ..uncertainty import Clusters
 from ..verdict_records import recorded
+from ..rules import number
 from .signed import changes
 from . import check, value_bias_note
 from .ioi_claims import (BACKUPS, CLAIMS, DOES_IOI, MOST_PROMPTS, MOVED, PARTLY, REPAIRED,  # noqa: F401 (re-exported)
@@ -219,7 +220,7 @@ def performance_markdown(ch: IoiChapter) -> str:
     return (f"**Prompts.** {p['n']:,} prompts from {p['n_templates']} templates and {len(p['names'])} names "
             f"({dropped}); e.g. “{p['example']}” → “{p['io']}” (S: “{p['s']}”). "
             f"**On {ch.meta.get('model')}**, IO is above S on **{f['accuracy']:.0%}** of them; the mean "
-            f"logit difference is **{f['mean_logit_diff']:.3g}** (median {f['median_logit_diff']:.3g}), and "
+            f"logit difference is **{number(f['mean_logit_diff'], '.3g')}** (median {number(f['median_logit_diff'], '.3g')}), and "
             f"IO is the top token on {ch.meta['top_is_io']:.0%}. Every claim below is about these prompts "
             "on this model.")
 
@@ -227,7 +228,7 @@ def performance_markdown(ch: IoiChapter) -> str:
 def selection_markdown(ch: IoiChapter) -> str:
     """Which heads were taken as name movers and why."""
     m = ch.meta
-    names = ", ".join(f"{r.label} (DE {r.direct_effect:.3g}, attention to IO {r.attn_io:.2f}, to S "
+    names = ", ".join(f"{r.label} (DE {number(r.direct_effect, '.3g')}, attention to IO {r.attn_io:.2f}, to S "
                       f"{r.attn_s:.2f})" for r in ch.name_movers.itertuples())
     if m.get("pinned"):
         rule = "pinned by the parameters"
@@ -242,7 +243,7 @@ def selection_markdown(ch: IoiChapter) -> str:
     h = ch.heads
     floor = ch.name_movers["direct_effect"].min() if len(ch.name_movers) else float("inf")
     left = h[~h["name_mover"] & (h["direct_effect"] > floor)].sort_values("direct_effect", ascending=False)
-    out = (", ".join(f"{r.label} (DE {r.direct_effect:.3g}, attention to IO {r.attn_io:.2f}, to S {r.attn_s:.2f})"
+    out = (", ".join(f"{r.label} (DE {number(r.direct_effect, '.3g')}, attention to IO {r.attn_io:.2f}, to S {r.attn_s:.2f})"
                      for r in left.head(5).itertuples()))
     aside = (f" Heads with a larger direct effect that the rule leaves out, attending to S at least as much as "
              f"to IO: {out}." if len(left) else "")

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..claims import Claim, Rule, Signed, Verdict, paper_word
 from ..results import head_label
+from ..rules import number
 from ..uncertainty import Bootstrap, Estimate, ratio
 from .ioi_text import FULL_TOL, logit_change, repair_outcome
 from .signed import fall, moved
@@ -127,8 +128,8 @@ def every_prompt(ch: IoiChapter) -> str:
 def verdicts(ch: IoiChapter) -> list[Verdict]:
     e, sp = estimates(ch), ch.split
     acc = ch.performance["accuracy"]
-    does = Verdict.of(DOES_IOI, e["does_ioi"], f"Mean logit difference {ch.performance['mean_logit_diff']:.3g} "
-                      f"(median {ch.performance['median_logit_diff']:.3g}); IO is the top token on "
+    does = Verdict.of(DOES_IOI, e["does_ioi"], f"Mean logit difference {number(ch.performance['mean_logit_diff'], '.3g')} "
+                      f"(median {number(ch.performance['median_logit_diff'], '.3g')}); IO is the top token on "
                       f"{ch.meta['top_is_io']:.0%}.")
     fails = "" if does.holds else (f"the model is not shown to do IOI on these prompts (IO above S on "
                                    f"{acc:.0%}), so there is no name moving to repair")
