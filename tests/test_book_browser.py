@@ -94,11 +94,6 @@ CHART_JS = """
 # px: no chart narrower; its widest view not narrower (a single view shrunk to make room for a long
 # title or legend), and no view collapsed (a one-column strip beside a heatmap may be narrow)
 CHART_MIN, VIEW_MIN = 200, figures.NARROWEST_VIEW
-# pages whose small multiples are still narrower than CHART_MIN on a phone, printed instead of failing
-# until their chapters are fixed (issue 25; found when the check was added: chapter 3's erasure
-# facet narrowed to ~155 px, chapter 5's row x column localisation facet to 100 px and its Fig 8
-# panels at 130 px on the tiny profile). Remove a page once its panels are 200 px.
-NARROW_PANELS_PENDING = {"book/03_anti_erasure.html", "book/05_hydra.html"}
 PAGE_STATE = """(() => {
   const charts = Array.from(document.querySelectorAll('.%(chart)s'));
 %(chart_js)s
@@ -405,10 +400,7 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
             if state.get(key):
                 problems.append(f"{what} at {width} px: {state[key]}")
         if width < 600 and state.get("narrow_panels"):
-            if page in NARROW_PANELS_PENDING:
-                print(f"{width} px {page}: facet panels under {CHART_MIN} px (pending): {state['narrow_panels']}")
-            else:
-                problems.append(f"facet panels narrower than {CHART_MIN} px at {width} px: {state['narrow_panels']}")
+            problems.append(f"facet panels narrower than {CHART_MIN} px at {width} px: {state['narrow_panels']}")
         if width >= 1024 and state.get("refitted"):
             problems.append(f"charts not drawn as designed at {width} px: {state['refitted']} "
                             "(make the fig_* function fit a 1024 px page)")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from selfrepair.figures import MAX_ROWS, check_width, data_rows, validate_spec
+from selfrepair.figures import MAX_ROWS, VIEWS_AT_1024, check_width, data_rows, validate_spec
 from selfrepair.figures import across as fa
 from selfrepair.figures import hydra as fh
 
@@ -247,6 +247,17 @@ def test_fig_localisation(synthetic):
     loc = localisation(synthetic)
     spec = _check(fh.fig_localisation(loc), (2 * L) ** 2 - 2 * L)  # every pair but the ablated itself
     assert _marks(spec) == {"rect"} and "abs_delta_de" in _fields(spec, "color")
+    # issue 25: a row x column grid cannot be re-wrapped on a phone (its panels were narrowed to
+    # 100 px): one wrapped facet of the four (ablated kind, later kind) panels, two to a row,
+    # attention's later layers above, and the legend under the panels
+    assert "row" not in spec and "column" not in spec and spec["facet"]["field"] == "panel"
+    assert spec["columns"] == 2 and spec["facet"]["sort"] == [
+        "attention ablated → later attention", "MLP ablated → later attention",
+        "attention ablated → later MLPs", "MLP ablated → later MLPs"]
+    assert set(spec["facet"]["sort"]) == {r["panel"] for rows in spec["datasets"].values() for r in rows}
+    assert 200 <= spec["spec"]["width"] and 2 * spec["spec"]["width"] <= VIEWS_AT_1024
+    assert spec["spec"]["layer"][0]["encoding"]["color"]["legend"]["orient"] == "bottom"
+    assert spec["resolve"]["axis"]["x"] == "independent"  # a layer axis under every panel, stacked too
 
 
 def test_fig_best_layer_and_panels(synthetic):

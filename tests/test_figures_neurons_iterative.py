@@ -56,6 +56,10 @@ def test_fig_top_neuron():
     assert points["encoding"]["y"]["field"] == "neuron_ablated_de"
     assert points["encoding"]["color"]["field"] == "layer_clean"
     assert {"label", "layer", "head", "neuron", "neuron_clean_de", "neuron_ablated_de"} <= tooltip_fields(points)
+    # issue 25: the colour bar beside the panel took 100 px of a phone's column and the renderer
+    # narrowed the panel to 155 px; under it, a 260 px panel and its y axis fit the 358 px column
+    assert points["encoding"]["color"]["legend"]["orient"] == "bottom"
+    assert spec["spec"]["width"] >= 200
 
 
 def test_fig_sparsity():

@@ -28,6 +28,7 @@ from selfrepair.experiment import open_prompts
 from selfrepair.hydra import HydraSpec, effects_frame, hydra_effect, noise_sigma, noisy_writes
 from selfrepair.hydra_regression import fit_line, regression
 from selfrepair.measure import RunOptions
+from selfrepair.rules import number
 
 from test_hydra import capture, synthetic_result, tol
 
@@ -305,13 +306,13 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
     scale_md = chapter.scale_markdown(ch)
     for text in (noise_md, scale_md):
         assert "per logit removed" not in text and "pooled slope" not in text and "give back" not in text
-        assert f"{per_patch:.2f}" not in text and ch.estimates.pooled["clean"].prose(".2f") not in text
+        assert number(per_patch, ".2f") not in text and ch.estimates.pooled["clean"].prose(".2f") not in text
     fold = repr(chapter.other_readings(ch))
-    assert f"The per-patch slope: {per_patch:.2f}." in fold
+    assert f"The per-patch slope: {number(per_patch, '.2f')}." in fold
     assert f"The pooled slope over the middle layers: {ch.estimates.pooled['clean'].prose('.2f')}." in fold
     b = ch.best.iloc[0]
-    assert f"The slope at the best-fitting layer, {b['label']}: {b['slope']:.2f}." in fold
-    assert f"slope {b['slope']:.2f}" not in chapter.panels_markdown(ch)  # Fig 7b's slope: in the fold only
+    assert f"The slope at the best-fitting layer, {b['label']}: {number(b['slope'], '.2f')}." in fold
+    assert f"slope {number(b['slope'], '.2f')}" not in chapter.panels_markdown(ch)  # Fig 7b's slope: in the fold only
     assert np.isnan(chapter.patch_slope(dataclasses.replace(ch, comparison=None)))
     assert "per-patch slope" not in repr(chapter.other_readings(dataclasses.replace(ch, comparison=None)))
     full = ch.attention_localisation
@@ -329,7 +330,7 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
                                     & (ch.attention_localisation["n_downstream"] >= 2)]
     assert f"{mlp['share_top1'].mean():.0%}" in loc_md and "is 0 —" in loc_md
     panels_md = chapter.panels_markdown(ch)
-    assert f"R² = {ch.best['r2'].iloc[0]:.2f}" in panels_md and ch.best["label"].iloc[0] in panels_md
+    assert f"R² = {number(ch.best['r2'].iloc[0], '.2f')}" in panels_md and ch.best["label"].iloc[0] in panels_md
     assert set(ch.attention_localisation["ablated_kind"]) == {"attn"}
     assert set(ch.attention_localisation["readout_kind"]) == {"attn", "mlp"}
     for text in (own_md, noise_md, loc_md, panels_md):
@@ -355,3 +356,37 @@ def test_the_more_predictive_part_is_named_only_where_it_predicts_something():
     text = _predictive(fits)
     assert "the MLP part has the higher R² at layer 9;" in text and "the attention part at layer 11;" in text
     assert f"at layer 5 neither part predicts compensation (both R² below {PREDICTS:.2f})" in text
+
+
+def test_chapter_prose_prints_the_tables_minus_sign(tiny_chapter):
+    """Issue 25: chapter 5's sentences printed about a dozen numbers with the hyphen ("mean Δ_ablate
+    -0.786", "MLP -0.86", "adds a mean -0.012 logits"): each prints the tables' minus sign
+    (rules.number), or, where a signed quantity is said, words of its sign (rules.Signed). Read on
+    the tiny run, and again with every such number made negative."""
+    from test_prose import hyphen_minus_numbers
+
+    from selfrepair.chapters import hydra as chapter
+    from selfrepair.chapters import hydra_claims as hcl
+    from selfrepair.claims import render_claim
+
+    _, ch = tiny_chapter
+    flipped = dataclasses.replace(
+        ch, own_summary=ch.own_summary.assign(mean_ablated=-0.25, mean_clean=-0.5),
+        comparison=ch.comparison.assign(total_effect=-0.786, slope=-0.3),
+        panels=ch.panels.assign(slope=-0.86), best=ch.best.assign(slope=-0.03),
+        numbers={**ch.numbers, "corr": -0.4, "lost_mid": -0.2, "block_mid": -0.012})
+
+    def prose(c) -> str:
+        verdicts = hcl.verdicts(c)
+        return "\n".join([chapter.own_markdown(c), chapter.noise_markdown(c), chapter.localisation_markdown(c),
+                          chapter.panels_markdown(c), repr(chapter.other_readings(c)), chapter.scale_markdown(c),
+                          chapter.seen(c), *(render_claim(verdicts, v.claim.key) for v in verdicts)])
+
+    for c in (ch, flipped):
+        text = prose(c)
+        assert not hyphen_minus_numbers(text), hyphen_minus_numbers(text)
+    text = prose(flipped)
+    assert "mean Δ_ablate −0.786" in text and "MLP −0.86" in text and "r = −0.40" in text
+    assert "the mean own direct effect is −0.250 logits against −0.500 clean" in text
+    assert "An ablation there adds a mean 0.200 logits of direct effect" in text
+    assert "The per-patch slope: −0.30." in text and ": −0.03." in text

@@ -41,7 +41,7 @@ def test_the_task_verdict_follows_its_chart():
     assert "figs.fig_logit_diff(" in cells[verdict - 1]
 
 
-def _fake(backups=((3, 1), (4, 0))):
+def _fake(backups=((3, 1), (4, 0)), repaired=None):
     """A chapter-8 object of 8 prompts (4 pairs): pairs 0 and 1 select, 2 and 3 test."""
     n = 8
     heads = np.array([1.0, 1.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0])  # other heads: 3 over all, 5 on the test half
@@ -53,7 +53,8 @@ def _fake(backups=((3, 1), (4, 0))):
     split = SimpleNamespace(test=test, backups=list(backups),
                             prompts=lambda half: np.isin(np.arange(n) // 2, half))
     return SimpleNamespace(repair=repair, split=split, performance={"n_prompts": n}, meta={"model": "m"},
-                           verdicts=[Verdict(REPAIRED, 3.0), Verdict(BACKUPS, 4.5)])
+                           verdicts=[Verdict(REPAIRED, 3.0) if repaired is None else Verdict.of(REPAIRED, repaired),
+                                     Verdict(BACKUPS, 4.5)])
 
 
 def test_the_reveal_says_which_prompts_each_number_is_on_without_forced_signs():
@@ -96,3 +97,34 @@ def test_the_name_movers_list_prints_a_negative_direct_effect_with_the_tables_mi
                          split=None)
     text = selection_markdown(ch)
     assert "L0H3 (DE −0.0185," in text and "-0.0185" not in text
+
+
+def _share(value, lo, hi):
+    from selfrepair.uncertainty import Estimate
+
+    return Estimate(value, lo, hi, 4, "prompts", 2, "prompts", 0, 1000)
+
+
+def test_the_reveal_says_the_share_that_comes_back_from_its_sign():
+    """Issue 25: on a tiny model the solution box printed "-32% (95% interval -1017% to 826%) of
+    the lost direct effect comes back": a negative share said as if it came back. It is said in
+    the words of its sign (REPAIRED's reading), the numbers unsigned, with the tables' minus sign
+    nowhere needed."""
+    def outcome(value, lo, hi):
+        text = reveal.ioi_repair(_fake(repaired=_share(value, lo, hi)))
+        return next(s for s in re.split(r"(?<=\.) (?=[A-Z])", text) if s.startswith("On the test half"))
+
+    below = outcome(-0.32, -10.17, -0.05)
+    assert below == ("On the test half, of the lost direct effect none comes back: the logit difference loses "
+                     "a further 32% of it (95% interval 5% to 1017%).")
+    across = outcome(-0.32, -10.17, 8.26)
+    assert across == ("On the test half, of the lost direct effect none comes back: the logit difference loses "
+                      "a further 32% of it (95% interval from losing a further 1017% to 826% coming back, "
+                      "which includes nothing coming back).")
+    above = outcome(0.45, 0.2, 0.7)
+    assert above == "On the test half, of the lost direct effect 45% comes back (95% interval 20% to 70%)."
+    for text in (below, across, above):
+        assert "-" not in text and "−" not in text and not FORCED.search(text), text
+    assert "Outcome, by the whole interval: partial repair." in reveal.ioi_repair(_fake(repaired=_share(0.45, 0.2, 0.7)))
+    near = outcome(0.896, 0.85, 0.899)  # the rule's 90% bound: 89.6%, not a "90%" read as reaching it
+    assert "89.6% comes back" in near and "89.9%" in near

@@ -542,3 +542,24 @@ def test_the_introduction_says_what_this_build_ran(tmp_path):
     from selfrepair.build_scope import is_paper_model
     assert is_paper_model("EleutherAI/pythia-410m") and is_paper_model("gpt2-medium (value biases folded)")
     assert not is_paper_model("tiny-gpt2") and not is_paper_model("gemma-3-270m")
+
+
+def test_reading_a_verdict_says_cannot_tell_in_the_rules_words():
+    """Issue 25: the page's hand-written "Cannot tell: the interval straddles the threshold, or it
+    is not reliable" was untrue of an interval with an end at the threshold, which the verdicts say
+    "has its lower end at the rule's threshold". The paragraph is generated, with both cases in the
+    words Rule.undecided gives every verdict, and the notebook holds no hand-written copy."""
+    from selfrepair.chapters import scorecard as page
+    from selfrepair.rules import above
+
+    text = page.reading_a_verdict()
+    rule = above(0.5)
+    assert rule.decide(0.4, 0.6) is None and rule.decide(0.5, 0.7) is None  # both cannot tell
+    assert f"from 40% to 60% {rule.undecided(0.4, 0.6, '.0%')}" in text
+    assert f"from 50% to 70% {rule.undecided(0.5, 0.7, '.0%')}" in text
+    assert "has its lower end at the rule's threshold, 50%" in text and "straddles the rule's threshold, 50%" in text
+    assert "*Cannot tell*: it does neither, or it is not reliable" in text
+    nb = json.loads((Path(__file__).resolve().parents[1] / "book" / "09_scorecard.ipynb").read_text(encoding="utf-8"))
+    sources = ["".join(c["source"]) for c in nb["cells"]]
+    assert not any("Reading a verdict" in s for s in sources if not s.startswith("display("))
+    assert sum("chapter.reading_a_verdict()" in s for s in sources) == 1

@@ -12,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from ..rules import number
 from .hydra_claims import PAPER, said, task_failed
 
 
@@ -106,7 +107,7 @@ def other_readings(ch) -> Fold:
                    "have the headline's size or sign")]
     per_patch = patch_slope(ch)
     if math.isfinite(per_patch):
-        lines.append(_line("The per-patch slope", f"{per_patch:.2f}",
+        lines.append(_line("The per-patch slope", number(per_patch, ".2f"),
                            "The same kind of slope over every (prompt, resample source), on the direct effect each "
                            "single source removed, the middle layers' slopes averaged with equal weight; single "
                            "sources vary more than their average, and every layer counts alike",
@@ -116,7 +117,7 @@ def other_readings(ch) -> Fold:
                        "among the later layers, so it reads the steepest layer, not the middle layers together"))
     if ch.best is not None and len(ch.best):
         b = ch.best.iloc[0]
-        lines.append(_line(f"The slope at the best-fitting layer, {b['label']}", f"{b['slope']:.2f}",
-                           f"Fig 7b's layer, chosen because its fit explains the most variance (R² {b['r2']:.2f}), "
+        lines.append(_line(f"The slope at the best-fitting layer, {b['label']}", number(b["slope"], ".2f"),
+                           f"Fig 7b's layer, chosen because its fit explains the most variance (R² {number(b['r2'], '.2f')}), "
                            "not for how much it compensates: one layer's slope, not a share"))
     return Fold(FOLD_TITLE, lead, tuple(lines))

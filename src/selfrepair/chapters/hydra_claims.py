@@ -22,9 +22,10 @@ from .. import hydra_controls as hc
 from .. import hydra_regression as hr
 from .. import hydra_scale as hs
 from ..claims import Claim, Signed, Verdict, approximately, paper_number, paper_word
-from ..rules import NEGLIGIBLE, size
+from ..rules import NEGLIGIBLE, number
 from ..structure import span
 from ..tables import counted
+from . import signed
 from .signed import changes
 from ..uncertainty import Bootstrap, Clusters, Estimate, least_squares, moments, pearson, ratio
 
@@ -303,15 +304,21 @@ def task_failed(n_prompts: int, n_correct: int) -> str:
     return ""
 
 
+# the mean direct effect an ablation removes, and the block norms' rescaling, from their signs
+LOST = Signed("", "", "", ends=("adds a mean {} logits of direct effect", "removes a mean {} logits of direct effect"),
+              none="removes no direct effect on average")
+BLOCK = Signed("", "", "", ends=("takes away a mean {} logits", "adds a mean {} logits"), none="adds nothing on average")
+
+
 def verdicts(ch) -> list[Verdict]:
     """Each claim's verdict on a :class:`~selfrepair.chapters.hydra.HydraChapter` (its ``estimates``
     and ``numbers``), at the clean run's σ (the other reading, σ′, is in *Which σ?* and in the fold of
     :func:`~selfrepair.chapters.hydra_answer.other_readings`)."""
     e, s, L = ch.estimates, ch.numbers, ch.result.n_layers
     why = task_failed(s["n_prompts"], s["n_correct"])
-    block = (f" The downstream block norms' rescaling, reported apart, adds a mean {s['block_mid']:+.3f} "
-             "logits there." if ch.result.from_block_norms.abs().max() > 0 else "")
-    restored = (f"An ablation there removes a mean {s['lost_mid']:+.3f} logits of direct effect and the later "
+    block = (f" The downstream block norms' rescaling, reported apart, {BLOCK.said(s['block_mid'], '.3f')} "
+             "there." if ch.result.from_block_norms.abs().max() > 0 else "")
+    restored = (f"An ablation there {LOST.said(s['lost_mid'], '.3f')} and the later "
                 f"layers' direct effect {changes(s['ce_mid'], '.3f', 'rises by a mean', 'falls by a mean', 'does not change on average')}"
                 + (" (on average downstream breakage outweighs compensation)" if s["ce_mid"] < 0 else "")
                 + f"; the later attention layers alone (the Hydra effect proper) "
@@ -327,7 +334,7 @@ def verdicts(ch) -> list[Verdict]:
     return [
         Verdict.of(UNEMBED, e.unembed, f"The other way round — the drop exceeding the direct effect by more "
                    f"than the margin (breakage) — holds on {e.other_way.prose('.0%')}; the two measures "
-                   f"correlate at r = {s['corr']:.2f}.", why=why),
+                   f"correlate at r = {number(s['corr'], '.2f')}.", why=why),
         Verdict.of(RESTORED, e.restored["clean"], restored, why=why),
         Verdict.of(SLOPE, e.max_slope["clean"], slope, why=why),
         Verdict.of(ERASURE, e.erasure, erasure_detail(s, len(s["late"])), why=why),
@@ -339,18 +346,10 @@ def verdicts(ch) -> list[Verdict]:
 
 
 def said(est: Estimate, claim: Claim = RESTORED) -> str:
-    """A share of the direct effect removed said as ``claim``'s reading (:class:`~selfrepair.rules.Signed`)
-    says it, from its sign, with its 95% interval in the same frame: "take away a further 196% (95%
-    interval 168% to 227%)", "give back 30% (95% interval 10% to 50%)"."""
-    r, fmt = claim.reading, claim.fmt
-    if est.value is None or not np.isfinite(est.value):
-        return "give back n/a"
-    way = r.way(est.value, fmt).replace("{value}", size(est.value, fmt))
-    interval = (r.interval(est.value, est.lo, est.hi, fmt) if est.reliable
-                else f"no reliable interval: {est.why or 'undefined'}")
-    if way.endswith(")"):  # "(the opposite of giving back)": one bracket for it and the interval
-        return f"{way[:-1]}; {interval})"
-    return f"{way} ({interval})"
+    """A share of the direct effect removed said as ``claim``'s reading says it, from its sign, with
+    its 95% interval in the same frame (:func:`~selfrepair.chapters.signed.said`): "take away a
+    further 196% (95% interval 168% to 227%)", "give back 30% (95% interval 10% to 50%)"."""
+    return signed.said(est, claim)
 
 
 SLOPE_APART = ("This tests a different quantity from the chapter's headline share: how a layer's compensation "

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..hydra_scale import SCALES
-from ..rules import NEGLIGIBLE
+from ..rules import NEGLIGIBLE, number
 from ..tables import TABLE_CLASS, Layout, Table, counted, listed, scroll_box, table
 from .hydra_claims import PAPER, RESTORED, SLOPE, SLOPE_FROM, said
 from .signed import changes
@@ -109,8 +109,8 @@ def own_markdown(ch) -> str:
         r = t.loc[main]
         lines.append(f"- **{main.capitalize()}** ({counted(r['n_patches'], 'patch', 'patches')} per prompt): "
                      f"{_pct(r['ratio'])} averaged over the patches, {_pct(r['patch_ratio'])} for a single "
-                     f"patch; the mean own direct effect is {r['mean_ablated']:+.3f} logits against "
-                     f"{r['mean_clean']:+.3f} clean.")
+                     f"patch; the mean own direct effect is {number(r['mean_ablated'], '.3f')} logits against "
+                     f"{number(r['mean_clean'], '.3f')} clean.")
     if "resample (every source)" in t.index:
         lines.append(f"- **Resample with every other prompt as source** (eq. 39 with all "
                      f"{len(ch.result.clean_de) - 1} sources): {_pct(t.loc['resample (every source)', 'ratio'])}"
@@ -126,8 +126,8 @@ def own_markdown(ch) -> str:
         r = t.loc["noise"]
         lines.append(f"- **Noise** (σ = {ch.noise.meta.get('noise_scale', float('nan')):g} × the write's RMS, "
                      f"{counted(r['n_patches'], 'draw')}): a single draw moves the direct effect by {_pct(r['patch_ratio'])} of its "
-                     f"clean size, but the mean own direct effect stays {r['mean_ablated']:+.3f} against "
-                     f"{r['mean_clean']:+.3f} clean: zero-mean noise on a write perturbs it without "
+                     f"clean size, but the mean own direct effect stays {number(r['mean_ablated'], '.3f')} against "
+                     f"{number(r['mean_clean'], '.3f')} clean: zero-mean noise on a write perturbs it without "
                      "removing what it writes, on average.")
     return "\n".join(lines)
 
@@ -143,12 +143,12 @@ def noise_markdown(ch) -> str:
     clean = clean_size(ch)
     lines = [f"**On {ch.meta.get('model')}**, averaged over the {len(a)} attention layers and every (prompt, "
              f"patch), each change the ablated run's value minus the clean run's, in logits of the "
-             f"max-likelihood token (for scale: an attention layer's clean direct effect is {clean:.3g} logits "
+             f"max-likelihood token (for scale: an attention layer's clean direct effect is {number(clean, '.3g')} logits "
              "in size, on average):"]
     for name, g in ((main, a), ("noise", b)):
         own, later = -g["lost"].mean(), g["compensation"].mean()
         lines.append(f"- **{name}**: the logit moves by a mean |Δ_ablate| of {g['abs_total_effect'].mean():.3f} "
-                     f"logits per patch (mean Δ_ablate {g['total_effect'].mean():+.3f}); the ablated layer's own "
+                     f"logits per patch (mean Δ_ablate {number(g['total_effect'].mean(), '.3f')}); the ablated layer's own "
                      f"direct effect {changes(own, '.3g', unit=' logits')}{times(own, clean)} and the later layers' "
                      f"summed direct effect {changes(later, '.3g', unit=' logits')}{times(later, clean)}.")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")
@@ -205,7 +205,7 @@ def localisation_markdown(ch) -> str:
         lines.append(f"- **All later components**: the largest change is in an MLP layer for {mlp} of the "
                      f"{len(g)} ablated attention layers.")
     lines.append(f"- **Upstream**: the largest mean |ΔDE| of a component that is not downstream of the "
-                 f"ablated one is {up.max() if len(up) else 0:.1g} — an ablation cannot reach back.")
+                 f"ablated one is {number(up.max() if len(up) else 0, '.1g')} — an ablation cannot reach back.")
     return "\n".join(lines)
 
 
@@ -226,14 +226,14 @@ def panels_markdown(ch) -> str:
     if len(b):
         r = b.iloc[0]
         lines.append(f"- **Fig 7b.** The variance explained peaks at {r['label']} (layer {int(r['layer'])} of "
-                     f"{ch.result.n_layers}): R² = {r['r2']:.2f} over {len(b)} prompts (the paper: layer "
+                     f"{ch.result.n_layers}): R² = {number(r['r2'], '.2f')} over {len(b)} prompts (the paper: layer "
                      f"{PAPER['r2_layer']} of {PAPER['n_layers']}, R² = {PAPER['r2']:.2f}); its slope is one of the "
                      "other readings in the fold below.")
     fits = p.groupby(["layer", "part"])[["slope", "r2"]].first().unstack("part")
     if len(fits):
-        cells = [f"layer {int(l)}: attention {fits.loc[l, ('slope', 'attention')]:+.2f} "
-                 f"(R² {fits.loc[l, ('r2', 'attention')]:.2f}), MLP {fits.loc[l, ('slope', 'MLP')]:+.2f} "
-                 f"(R² {fits.loc[l, ('r2', 'MLP')]:.2f})" for l in fits.index]
+        cells = [f"layer {int(l)}: attention {number(fits.loc[l, ('slope', 'attention')], '.2f')} "
+                 f"(R² {number(fits.loc[l, ('r2', 'attention')], '.2f')}), MLP {number(fits.loc[l, ('slope', 'MLP')], '.2f')} "
+                 f"(R² {number(fits.loc[l, ('r2', 'MLP')], '.2f')})" for l in fits.index]
         lines.append("- **Fig 8.** Slopes of the two parts of compensation on the ablated layer's direct "
                      "effect: " + "; ".join(cells) + ".")
         lines.append(_predictive(fits))

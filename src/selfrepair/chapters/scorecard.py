@@ -22,6 +22,7 @@ from ..config import Config as BaseConfig
 from ..build_scope import PAPER_COMMAND, PAPER_NAMES, is_paper_model, model_phrase, models_sentence, on_what
 from ..errors import InputError
 from ..scorecard import DECIDED, STATUSES, Card, build, counted_rows, counts, redecided_rows
+from ..rules import above, number
 from ..tables import TABLE_CLASS, Layout, counted, listed
 from ..verdict_records import model_label
 
@@ -59,6 +60,24 @@ def measure(cfg: Config, progress: bool = True) -> Card:
     """The scorecard of ``cfg.cache_dir`` (reads records only; ``progress`` is accepted for the
     runner's and ``selfrepair measure``'s call and unused)."""
     return build(cfg.cache_dir, model_label(cfg.model, cfg.fold_value_biases))
+
+
+def reading_a_verdict(fmt: str = ".0%") -> str:
+    """How to read *holds*, *differs* and *cannot tell*, with the two ways an interval leaves a rule
+    undecided in the words every verdict uses (:meth:`~selfrepair.rules.Rule.undecided`), on a
+    worked rule: an interval that straddles the threshold, and one with an end at it."""
+    rule, across, end = above(0.5), (0.4, 0.6), (0.5, 0.7)
+
+    def interval(lo: float, hi: float) -> str:
+        return f"from {number(lo, fmt)} to {number(hi, fmt)}"
+
+    return ("**Reading a verdict.** *Holds*: the whole 95% interval lies on the paper's side of the rule's "
+            "threshold. *Differs*: it lies entirely on the other side. *Cannot tell*: it does neither, or it is "
+            "not reliable (too few independent documents, rows or prompts). For a claim that holds when "
+            f"{rule.when(fmt)}, an interval {interval(*across)} {rule.undecided(*across, fmt)}, and one "
+            f"{interval(*end)} {rule.undecided(*end, fmt)}: neither lies wholly {rule.text(fmt)}, and the "
+            "verdict says which of the two it is. Each claim links to its place in its chapter, where the rule, "
+            "its reason and the paper's number are explained.")
 
 
 def _link(row: dict) -> str:

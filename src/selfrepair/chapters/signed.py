@@ -79,3 +79,21 @@ def moved(est, fmt: str, how=changes, ends=None, none=None, **kw) -> str:
     if said.endswith(")"):  # "(it turns negative)" / "(the opposite of giving back)": one bracket
         return said[:-1] + "; " + interval[2:]
     return said + interval
+
+
+def said(est, claim, thresholds=()) -> str:
+    """An :class:`~selfrepair.uncertainty.Estimate` said as ``claim``'s reading (a
+    :class:`~selfrepair.rules.Signed`) says it, from its sign, the number unsigned, with its 95%
+    interval in the same frame: "take away a further 196% (95% interval 168% to 227%)", "give back
+    30% (95% interval 10% to 50%)"; a value or end near one of ``thresholds`` on its side of it."""
+    from ..rules import size
+
+    r, fmt = claim.reading, claim.fmt
+    if est.value is None or not math.isfinite(est.value):
+        return r.way(math.nan, fmt).replace("{value}", "n/a")
+    way = r.way(est.value, fmt, thresholds).replace("{value}", size(est.value, fmt, thresholds))
+    interval = (r.interval(est.value, est.lo, est.hi, fmt, thresholds) if est.reliable
+                else f"no reliable interval: {est.why or 'undefined'}")
+    if way.endswith(")"):  # "(the opposite of giving back)": one bracket for it and the interval
+        return f"{way[:-1]}; {interval})"
+    return f"{way} ({interval})"

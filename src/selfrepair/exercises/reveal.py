@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 
-from ..chapters.signed import changes, moved
-from ..rules import Signed, against, number
+from ..chapters.signed import changes, moved, said
+from ..rules import Signed, against, number, thresholds
 
 
 def _near(x: float, claim) -> str:
     """A share compared with ``claim``'s rule, in whole percent unless that would print it on the
     other side of one of the rule's thresholds ("89.6%" against "at least 90%", not "90%")."""
-    from ..claims import thresholds
-
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else against(x, ".0%", thresholds(claim.rule))
 
 TERMS = ("from_heads", "from_mlps", "from_block_norms", "from_norm")
@@ -315,9 +313,11 @@ def ioi_repair(ch) -> str:
     outcome = ""
     if rep is not None and rep.estimate is not None and rep.estimate.reliable:
         from ..chapters.ioi import repair_outcome
-        came = rep.estimate.prose('.0%', rep.claim.rule.bounds)  # on its side of the rule's bounds
-        outcome = (f" On the test half, {came} of the lost direct effect comes back: "
-                   f"{repair_outcome(rep.lo, rep.hi)}.")
+        # from its sign, the number unsigned ("none comes back: ... loses a further 32% of it", not
+        # "-32% (95% interval -1017% to 826%)"), on its side of the rule's bounds
+        came = said(rep.estimate, rep.claim, thresholds(rep.claim.rule))
+        outcome = (f" On the test half, of the lost direct effect {came}. Outcome, by the whole "
+                   f"interval: {repair_outcome(rep.lo, rep.hi)}.")
     others = ", ".join(f"{TERM_NAMES[q]} {GIVING.said(parts[q], '.3g')}" for q in parts if q != top)
     test = _test_half(ch)
     return (f"The name movers lose {lost:.3g} logits of direct effect on average; the logit difference "

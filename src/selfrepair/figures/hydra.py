@@ -270,8 +270,15 @@ def fig_noise_vs_resample(comparison) -> alt.FacetChart:
 
 def fig_localisation(loc) -> alt.FacetChart:
     """§2.5.2: mean |ΔDE| of every readout layer (rows) after ablating each layer (columns), one
-    panel per (ablated kind, readout kind); cells not downstream of the ablated layer are 0."""
+    panel per (ablated kind, readout kind); cells not downstream of the ablated layer are 0. One
+    wrapped facet of four panels, two to a row, so a phone stacks them in one column and widens
+    each to fill it (a row x column grid cannot be re-wrapped: its panels were narrowed to 100 px),
+    each with its own layer axis."""
     data = loc[loc["position"] != "self"]
+    kinds = {"attn": "attention", "mlp": "MLP"}
+    later = {"attn": "later attention", "mlp": "later MLPs"}
+    data = data.assign(panel=data["ablated_kind"].map(kinds) + " ablated → " + data["readout_kind"].map(later))
+    panels = [f"{kinds[a]} ablated → {later[r]}" for r in later for a in kinds]
     tips = [alt.Tooltip("ablated:N"), alt.Tooltip("readout:N"), alt.Tooltip("position:N"),
             alt.Tooltip("abs_delta_de:Q", format=".4f", title="mean |ΔDE|"),
             alt.Tooltip("mean_delta_de:Q", format=".4f", title="mean ΔDE")]
@@ -280,10 +287,9 @@ def fig_localisation(loc) -> alt.FacetChart:
         y=alt.Y("readout_layer:O", title="readout layer", sort="descending"),
         color=alt.Color("abs_delta_de:Q", scale=alt.Scale(scheme="greys"), title="mean |ΔDE|",
                         legend=alt.Legend(orient="bottom")), tooltip=tips)
-    row = alt.Header(labelExpr="datum.value == 'attn' ? 'later attention' : 'later MLPs'")
     return (alt.layer(heat, data=data).properties(width=260, height=200)
-            .facet(column=alt.Column("ablated_kind:N", title="ablated", sort=["attn", "mlp"], header=KIND_HEADER),
-                   row=alt.Row("readout_kind:N", title=None, header=row, sort=["attn", "mlp"]))
+            .facet(facet=alt.Facet("panel:N", sort=panels, title=None), columns=2)
+            .resolve_axis(x="independent")  # every panel its own layer axis (stacked on a phone, too)
             .properties(title="Which later layers change after an ablation (Hydra §2.5.2)"))
 
 

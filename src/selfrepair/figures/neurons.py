@@ -30,14 +30,17 @@ def fig_top_neuron(instances: pd.DataFrame) -> alt.FacetChart:
     """Fig 7: per token (one panel per head), the clean (x) and ablated (y) DE of the neuron that
     repairs most on that token, coloured by the whole MLP layer's clean DE (red below 0, grey at 0,
     blue above: :func:`~selfrepair.figures.legible.signed_color`, no shade near-white). Points
-    above the dashed y = x line repaired; left of 0 they are erasure neurons doing anti-erasure."""
+    above the dashed y = x line repaired; left of 0 they are erasure neurons doing anti-erasure.
+    The colour bar sits under the panels: beside them it took 100 px of a phone's column, and the
+    renderer narrowed the one panel to 155 px to fit."""
     base = alt.Chart()
     diagonal = base.mark_line(color="#444", strokeDash=[4, 3], strokeWidth=1).encode(
         x="neuron_clean_de:Q", y="neuron_clean_de:Q")
     points = base.mark_circle(size=40, opacity=0.85).encode(
         x=alt.X("neuron_clean_de:Q", title="top neuron's clean DE (logits)"),
         y=alt.Y("neuron_ablated_de:Q", title="top neuron's ablated DE (logits)"),
-        color=signed_color("layer_clean", instances["layer_clean"], title="MLP layer clean DE"),
+        color=signed_color("layer_clean", instances["layer_clean"], title="MLP layer clean DE",
+                           legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=160)),
         tooltip=HEAD_TIPS + [alt.Tooltip("neuron:O"), alt.Tooltip("row:O"), alt.Tooltip("pos:O")]
         + _q("neuron_clean_de", "neuron_ablated_de", "layer_clean", "layer_delta", "self_repair",
              "direct_effect"))
