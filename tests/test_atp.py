@@ -325,3 +325,13 @@ def test_replicates_recompute_ranks_overlap_and_miss_on_resampled_documents(tiny
         assert miss[i] == pytest.approx(((h["self_repair"] - h["atp_sr"]) ** 2).sum() / (h["self_repair"] ** 2).sum())
         assert kept[i] == pytest.approx(len(set(range(k)) & _top(h["atp"].abs(), k)) / k)
     assert np.unique(rho[1:]).size > 1
+
+
+def test_the_norms_share_over_every_head_is_folded(tiny_chapter):
+    """Issue 25 (read3 #19): the verdict's "43% is the final norm's part" (every head) beside Solution
+    7.1's top-10 split (48%): the verdict folds its number, saying which heads each is over."""
+    _, ch, _ = tiny_chapter
+    detail = next(x for x in ch.verdicts if x.claim.key == "blind").detail
+    if detail:  # a run whose AtP has no error has no split to give
+        assert detail.startswith("<details><summary>Which part of AtP's error is the final norm's, over all ")
+        assert "Exercise 7.1" in detail and detail.endswith("</details>")

@@ -171,7 +171,8 @@ def test_real_chapters_3_and_4(cache):
     assert verdicts.count('href="#ch04-rules"') == len(iterative.CLAIMS) and "under its own output alone" in verdicts
     # issue 25: the control is said, and each of the chosen head's numbers names its quantity and documents
     text = iterative.on_this_model(it)
-    assert "The control is a random push" in text and "a larger fall is more repression" in text
+    assert "The control is a random push" in text and "Is the response specific to the head's own output?" in text
+    assert iterative.tested_head(it) in it.featured  # issue 25: the head the verdict rests on is shown
     assert "as a share of itself, on every document" in text
     exist = next(v for v in it.verdicts if v.claim is iterative.EXIST)
     for said in ("chosen on the selection half as the head whose smaller fall is largest there",
@@ -180,58 +181,84 @@ def test_real_chapters_3_and_4(cache):
         assert said in exist.detail, said
 
 
-@pytest.mark.parametrize("own, control, means", [(-0.25, -0.46, "falls no further under its own output"),
-                                                 (-0.67, -0.48, "falls further under its own output")])
-def test_chapter4_control_sentence_says_what_the_comparison_means(own, control, means):
-    """Issue 25: "-46% under a random push (-25% under their own output)" said nothing of what the control
-    is or which way is more repression."""
-    said = iterative.control_sentence(own, control, 5.0)
+def _classes(own, control, specific):
+    import pandas as pd
+
+    n = len(own)
+    return pd.DataFrame({"class": ["self-repressing" if o < 0 else "self-reinforcing" for o in own],
+                         "relative_change": own, "control_change": control, "specific": specific,
+                         "alpha": [5.0] * n})
+
+
+@pytest.mark.parametrize("own, control, answer", [
+    ([-0.9, -0.5, 0.7], [-0.05, 0.02, 0.08], "Yes:"),
+    ([-0.9, -0.69, 0.7], [-0.6, 0.56, 0.3], "Only in part:"),
+    ([-0.25, -0.2, 0.3], [-0.46, 0.5, -0.6], "No:")])
+def test_chapter4_control_sentence_gives_one_answer_from_the_sizes(own, control, answer):
+    """Issue 25 (read3 #6): §4.3 said "the typical head falls no further under its own output than
+    under the push" (signed medians, 25% against 46%) while Solution 4.2 read 69% against 56%
+    (sizes) the other way: both now give the one answer, from the sizes."""
+    from types import SimpleNamespace
+
+    from selfrepair.exercises import reveal
+
+    classes = _classes(own, control, [True, False, True])
+    said = iterative.control_sentence(classes)
     assert "random direction of the same norm as the head's own output at α = 5" in said
-    assert f"falls by {-own:.0%} of itself under its own output" in said
-    assert f"falls by {-control:.0%} of itself under the random push" in said
-    assert means in said and "a larger fall is more repression" in said and " -" not in said
+    assert f"Is the response specific to the head's own output? {answer}" in said
+    assert "falls no further" not in said and "with its sign" not in said and " -" not in said
+    assert reveal.control(SimpleNamespace(classes=classes)) in said  # the solution: the same answer
 
 
-def test_chapter4_says_which_fall_each_interval_of_the_same_value_belongs_to():
-    """Chapter 4 printed "456%" with "(−589% to −204%)" and then "(−664% to −204%)", only "the value
-    above is the smaller of the two falls" hinting why: the sentence where the second appears names
-    which quantity each interval belongs to."""
+def test_chapter4_one_value_one_interval_the_other_folded():
+    """Issue 25 (read3 #11): "456%" printed with "204% to 589%" and again with "204% to 664%": the
+    verdict's value keeps its interval; the other interval of the same value is in a fold saying why."""
     from selfrepair.uncertainty import Estimate
 
     def e(v, lo, hi):
         return Estimate(v, lo, hi, 10, "documents", 20, "documents", 0, 100)
 
-    said = iterative.smaller_of_two(e(-4.56, -5.89, -2.04), e(-4.56, -6.64, -2.04), e(-5.0, -6.0, -4.0))
-    assert "here the fall under its own output" in said
-    assert "its interval (95% interval 204% to 589%) is that of the smaller of the two falls" in said
-    assert "the interval of the fall under its own output alone (95% interval 204% to 664%)" in said
-    said = iterative.smaller_of_two(e(-0.3, -0.4, -0.2), e(-0.5, -0.6, -0.4), e(-0.3, -0.45, -0.2))
-    assert "here the fall beyond the push" in said and "204%" not in said
-    same = iterative.smaller_of_two(e(-0.3, -0.4, -0.2), e(-0.3, -0.4, -0.2), e(-0.5, -0.6, -0.4))
-    assert same == "The verdict's value above is the smaller of the two falls, here the fall under its own output."
+    est, own, beyond = e(-4.56, -5.89, -2.04), e(-5.0, -6.0, -4.0), e(-4.56, -6.64, -2.04)
+    said, fold = iterative.smaller_of_two(est, own, beyond).split("<details>")
+    assert said == " The verdict's value above is the smaller of the two falls, here the fall beyond the push."
+    assert fold.startswith("<summary>Why the fall beyond the push has no interval of its own here")
+    assert "95% interval 204% to 664%" in fold and fold.endswith("</details>")
+    said = iterative._beyond(est, own, beyond)
+    assert "456%" in said and "664%" not in said and "interval" not in said
+    assert "95% interval" in iterative._beyond(est, e(-4.56, -5.89, -2.04), e(-5.0, -6.0, -4.0))
+    assert "<details>" not in iterative.smaller_of_two(est, est, beyond)  # the same interval: nothing to fold
 
 
-def test_chapter4_solution_gives_the_size_medians_beside_the_paragraphs_signed_ones():
-    """Issue 25: §4.3 said the median head falls by 25% / 46% and Solution 4.2 gave 69% / 56%
-    ("unsigned"), two medians of what reads as one thing: the solution's sentence names both, for
-    the same heads and tokens, from the one definition (:func:`iterative.medians`)."""
-    from types import SimpleNamespace
-
+def test_chapter3_fold_headers_and_shares_and_the_sparse_sentence():
+    """Issue 25 (read3 #18, #31, #32, #35): chapter 3's fold had "neurons 90", "erasure top",
+    "top-1 fraction", "max top neuron", "Fig 7 anti-erasure" as headers, shares as "0.104" beside
+    the table's percentages, neuron indices as "1,451"; and "sits in 24 of 2048 for L16H2, 201 of
+    2048 for L15H2 ... neurons" read as a template."""
     import pandas as pd
 
-    from selfrepair.exercises import reveal
+    from selfrepair.chapters.neurons_claims import half_spread
 
-    classes = pd.DataFrame({"class": ["self-repressing"] * 3 + ["self-reinforcing"] * 2 + ["weak"],
-                            "relative_change": [-0.9, -0.5, -0.25, 0.6, 0.8, -5.0],
-                            "control_change": [-0.7, -0.46, -0.3, 0.2, 0.5, 3.0],
-                            "specific": [True, True, False, True, False, True], "alpha": 5.0})
-    m = iterative.medians(classes)  # the weak head (-500%) counts in neither
-    assert (m["n"], m["own"], m["own_size"]) == (5, -0.25, 0.6)
-    assert (m["control"], m["control_size"]) == (-0.3, 0.46)
-    said = reveal.control(SimpleNamespace(classes=classes))
-    assert ("Over the same 5 classified heads as the paragraph above (each head's top tokens, at α = 5), the "
-            "median size of the change, ignoring its sign, is 60% of the direct effect under the head's own "
-            "output and 46% under a random push of the same norm; the paragraph's medians, a fall of 25% and "
-            "a fall of 30%, keep the sign") in said
-    assert "3 of them respond" in said and "±10%" in said
-    assert "with its sign" in iterative.control_sentence(m["own"], m["control"], 5.0)
+    row = {"label": "L11H2", "direct_effect": 8.74, "self_repair": 2.16, "layer_positive": 0.785, "neurons_50": 253,
+           "d_mlp": 2048, "erasure_repair_share": 0.673, "negative_baseline": 0.492, "max_top_frequency": 0.472,
+           "n_instances": 163, "layer_delta": 0.317, "top1_fraction": 0.104, "erasure_top": 0.59,
+           "neurons_90": 1500, "fig7_anti_erasure": 0.982, "max_top_neuron": 1451}
+    t = neurons.SUMMARY_TABLE(pd.DataFrame([row]))
+    fold = dict(zip(t.left_out(), t.cells(t.left_out())[0]))
+    assert fold["top1_fraction"] == "10.4%" and fold["erasure_top"] == "59.0%" and fold["fig7_anti_erasure"] == "98.2%"
+    assert fold["max_top_neuron"] == "1451" and fold["neurons_90"] == "1,500"
+    for c in t.left_out():
+        assert "_" not in t.header(c) and t.named(c), c
+    s = pd.DataFrame({"label": ["L16H2", "L15H2", "L11H2"], "neurons_50": [24, 201, 253], "d_mlp": [2048] * 3})
+    assert half_spread(s) == "24 of the layer's 2,048 neurons for L16H2, 201 for L15H2 and 253 for L11H2"
+    assert half_spread(s.iloc[:1]) == "24 of the layer's 2,048 neurons for L16H2"
+
+
+@pytest.mark.parametrize("norm, down, word", [(5.08, 5.6, "about half of it (48%"), (2.0, 8.0, "less than half of it (20%"),
+                                              (8.0, 2.0, "most of it (80%")])
+def test_chapter7_error_split_words_follow_the_share(norm, down, word):
+    """Issue 25 (read3 #38): Solution 7.1 said "mostly the downstream components' part" of 5.6
+    logits against 5.08 (52%): the words come from the final norm's computed share."""
+    from selfrepair.exercises.reveal import _error_split
+
+    said = _error_split(norm, down)
+    assert f"the final norm's scale carries {word}" in said and "mostly" not in said

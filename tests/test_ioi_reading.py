@@ -128,3 +128,110 @@ def test_the_reveal_says_the_share_that_comes_back_from_its_sign():
     assert "Outcome, by the whole interval: partial repair." in reveal.ioi_repair(_fake(repaired=_share(0.45, 0.2, 0.7)))
     near = outcome(0.896, 0.85, 0.899)  # the rule's 90% bound: 89.6%, not a "90%" read as reaching it
     assert "89.6% comes back" in near and "89.9%" in near
+
+
+def _circuit_fake(attn_io, attn_s, rule_found=True, top_attn=(0.08, 0.41), backup_de=(1.4, -1.1, -1.6),
+                  delta_logit=2.83):
+    import pandas as pd
+
+    n = len(attn_io)
+    movers = pd.DataFrame({"label": [f"L12H{i}" for i in range(n)], "direct_effect": [2.0] * n,
+                           "attn_io": list(attn_io), "attn_s": list(attn_s), "name_mover": True})
+    top = pd.DataFrame({"label": ["L11H3"], "direct_effect": [5.04], "attn_io": [top_attn[0]],
+                        "attn_s": [top_attn[1]], "name_mover": False})
+    backups = pd.DataFrame({"label": ["L15H3", "L13H3", "L17H2"], "direct_effect": list(backup_de)})
+    return SimpleNamespace(name_movers=movers, heads=pd.concat([movers, top], ignore_index=True), backups=backups,
+                           repair=pd.DataFrame({"delta_logit": [delta_logit] * 4}),
+                           meta={"rule_found": rule_found, "pinned": False})
+
+
+def test_chapter8_says_when_wang_et_als_circuit_is_not_shown():
+    """Issue 25 (read3 #5): "Backup heads take over: holds" was counted on heads the chapter does not
+    show are name movers (L17H0 attends 0.16 to IO against 0.14 to S; the largest-DE head L11H3
+    attends to S; two backups push the wrong way; the ablation raises the logit difference). The
+    precondition and its failing conditions are said, with the numbers; with name movers that
+    attend clearly to IO (and no evidence against) nothing is said."""
+    from selfrepair.chapters.ioi_claims import CLEAR_MARGIN, circuit
+
+    said, values = circuit(_circuit_fake([0.39, 0.16, 0.24], [0.24, 0.14, 0.20]))
+    assert said.startswith("Wang et al.'s circuit is not shown to exist on this model: all 3 heads taken as "
+                           "name movers attend from the end to IO less than twice as much as to S")
+    for part in ("L12H1 0.16 against 0.14", "L11H3 (5.04 logits), attends to S (0.41) rather than to IO (0.08)",
+                 "2 of the 3 backups have a negative clean direct effect", "raises the logit difference (by 2.83"):
+        assert part in said, part
+    assert CLEAR_MARGIN in values and 2.83 in values
+    assert circuit(_circuit_fake([0.6, 0.5], [0.1, 0.2], top_attn=(0.5, 0.1), backup_de=(0.3, 0.2, 0.1),
+                                 delta_logit=-1.0)) == ("", ())
+    # only one condition fails: said alone, as "1 of the 2"
+    one, _ = circuit(_circuit_fake([0.6, 0.3], [0.1, 0.2], top_attn=(0.5, 0.1), backup_de=(0.3, 0.2, 0.1),
+                                   delta_logit=-1.0))
+    assert "1 of the 2 heads taken as name movers" in one and "backups" not in one and "raises" not in one
+    found, _ = circuit(_circuit_fake([0.6, 0.5], [0.1, 0.2], rule_found=False, top_attn=(0.5, 0.1),
+                                     backup_de=(0.3, 0.2, 0.1), delta_logit=-1.0))
+    assert "no head passes this book's selection rule" in found
+
+
+def test_chapter8_backups_claims_are_untested_without_the_circuit(monkeypatch):
+    """The backups' claims read Wang et al.'s backup name movers: where the circuit is not shown,
+    the verdicts cannot test them and say why, the growth measured staying in the verdict; with
+    the circuit shown, the growth decides (it held on gemma-3-270m before)."""
+    import numpy as np
+    import pandas as pd
+
+    from selfrepair.chapters import ioi_claims
+    from selfrepair.uncertainty import Estimate
+
+    def est(v, half=0.5):
+        return Estimate(v, v - half, v + half, 48, "prompts", 24, "prompt pairs", 0, 1000)
+
+    monkeypatch.setattr(ioi_claims, "estimates", lambda ch: {
+        "does_ioi": est(0.95, 0.05), "repaired": est(1.96), "drop": est(-0.96), "backups": est(4.56),
+        "from_heads": est(5.04), "moved": est(-2.86)})
+
+    def chapter(**kw):
+        ch = _circuit_fake(**kw)
+        ch.performance = {"accuracy": 1.0, "mean_logit_diff": 5.5, "median_logit_diff": 5.3}
+        ch.meta.update(top_is_io=1.0, source_layer=12)
+        ch.split = SimpleNamespace(backups=[(15, 3), (13, 3), (17, 2)], pinned=False, select=np.arange(24))
+        ch.repair = pd.DataFrame({"delta_logit": [2.83] * 4, "nm_delta_de": [-3.0] * 4, "self_repair": [5.8] * 4,
+                                  "from_heads": [4.77] * 4})
+        return {v.claim.key: v for v in ioi_claims.verdicts(ch)}
+
+    v = chapter(attn_io=[0.39, 0.16, 0.24], attn_s=[0.24, 0.14, 0.20])
+    for key in ("backups", "moved"):
+        assert v[key].holds is None and v[key].why.startswith("Wang et al.'s circuit is not shown"), key
+    assert "not backup name moving" in v["backups"].detail and "L17H0" not in v["backups"].detail.split("besides")[0]
+    assert v["repaired"].holds is False  # the repair of these heads is still measured
+    shown = chapter(attn_io=[0.6, 0.5, 0.7], attn_s=[0.1, 0.2, 0.1], top_attn=(0.5, 0.1), backup_de=(0.3, 0.2, 0.1))
+    assert shown["backups"].holds is True and not shown["backups"].why
+
+
+def test_chapter8_table_numbers_are_folded_beside_the_verdicts():
+    """Issue 25 (read3 #19): the repair table's 194.8% and 4.77 (every prompt) beside the verdicts'
+    196% and 5.04 (the test half): the verdict shows its own; the table's is in a fold saying why."""
+    from selfrepair.chapters.ioi_claims import every_share, table_fold
+
+    ch = _fake()
+    assert every_share(ch) == ("over all 8 prompts, the selection half's included, 300.0% of the direct effect "
+                               "lost comes back, the table's self-repair row")
+    fold = table_fold("Why the repair table's share differs", every_share(ch))
+    assert fold.startswith("<details><summary>Why the repair table's share differs</summary>")
+    assert "test half" in fold and fold.endswith("</details>")
+
+
+def test_chapter8_tables_fold_only_what_is_not_shown():
+    """Issue 25 (read3 #18): the name movers' fold showed "ablated direct effect", "moved Δ" (the
+    shown DE plus its changes) and "name mover: yes" (every row): the fold holds the attention
+    columns only, under words."""
+    import pandas as pd
+
+    from selfrepair.chapters import ioi as chapter
+
+    frame = pd.DataFrame({"layer": [12], "head": [1], "label": ["L12H1"], "direct_effect": [2.28],
+                          "attn_io": [0.39], "attn_s": [0.24], "attn_s1": [0.1], "attn_s2": [0.14],
+                          "ablated_direct_effect": [0.1], "moved_direct_effect": [0.3], "name_mover": [True],
+                          "delta_direct_effect": [-2.18], "moved_delta": [-1.98]})
+    t = chapter.heads_table(frame)
+    assert t.left_out() == ["attn_io", "attn_s", "attn_s1", "attn_s2"]
+    assert [t.header(c) for c in t.left_out()] == ["attention to IO", "attention to S", "attention to S, first",
+                                                   "attention to S, second"]

@@ -244,7 +244,10 @@ def test_chapters_declare_table_layouts():
             "layernorm.HEADS_TABLE", "layernorm.RATIOS_TABLE", "layernorm.CHECK_TABLE",
             "neurons.HEADS_TABLE", "neurons.SUMMARY_TABLE", "across.CLAIMS_TABLE"} <= names
     for name, layout in _layouts().items():
-        assert set(layout.percent) <= set(layout.columns), name
+        # a share the fold shows prints as a percentage too (issue 25: chapter 3's fold had "0.104"
+        # beside the table's "78.5%"): ``percent`` may name fold columns, which table() checks
+        # against the frame; the shown ones among them are the layout's own
+        assert set(layout.percent) & set(layout.columns) or not layout.percent, name
         assert layout.phone is None or (set(layout.phone) <= set(layout.columns)
                                         and layout.phone[0] == layout.columns[0]), name  # which row: first
         assert len(layout.columns) <= 11, f"{name}: a table a page can hold shows a few columns"
@@ -334,3 +337,15 @@ def test_a_fold_names_its_columns_in_words_and_leaves_out_what_the_label_says():
     other = f.assign(label=["A3", "M0"])
     assert table(other, ["label"]).left_out()[:2] == ["layer", "head"]
     assert tables.readable("mean_abs_delta_logit") == "mean absolute Δlogit" and tables.readable("label") == "head"
+
+
+def test_identifier_columns_print_as_plain_integers():
+    """Issue 25 (read3 #31): chapter 3's fold printed neuron indices as "1,451" and "1,026" while the
+    prose says "neuron 1026": an identifier (neuron, layer, head, index) is no quantity and prints
+    without a thousands separator; a count keeps its separator."""
+    f = pd.DataFrame({"max_top_neuron": [1451, 1026], "neuron": [2047.0, 12.0], "d_mlp": [2048, 2048],
+                      "n_tokens": [8192, 8192]})
+    cells = table(f).cells()
+    assert cells[0][:2] == ["1451", "2047"] and cells[1][:2] == ["1026", "12"]
+    assert cells[0][2:] == ["2,048", "8,192"]
+    assert tables.identifier_name("max_top_neuron") and not tables.identifier_name("n_heads")

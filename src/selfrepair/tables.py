@@ -134,9 +134,19 @@ def integer_column(name: str, values: pd.Series) -> bool:
     return integer_name(name) and bool(np.all(np.isfinite(finite) & (finite == np.round(finite))))
 
 
+IDENTIFIER_NAMES = {"layer", "head", "neuron", "index", "pos", "prompt", "row"}
+
+
+def identifier_name(name: str) -> bool:
+    """Whether a column of this name holds identifiers (a neuron's index, a layer's number): printed
+    as plain integers ("neuron 1026", never "1,026"), as the prose names them — they are no quantity."""
+    name = str(name)
+    return name in IDENTIFIER_NAMES or name.rsplit("_", 1)[-1] in IDENTIFIER_NAMES
+
+
 def integer_name(name: str) -> bool:
     """Whether a column of this name counts or indexes something (its values are whole)."""
-    return name in INTEGER_NAMES or name.startswith("n_") or name.endswith("_layer")
+    return name in INTEGER_NAMES or name.startswith("n_") or name.endswith("_layer") or identifier_name(name)
 
 
 def counted(n: int, singular: str, plural: str | None = None) -> str:
@@ -215,6 +225,9 @@ class Table:
             values = self.frame[c]
             if c not in self.percent and integer_column(c, values):
                 values = values.astype("Int64")  # whole numbers; missing stays missing
+                if identifier_name(c):  # an index, not a quantity: no thousands separator
+                    shown.append([MISSING if v is pd.NA else str(int(v)) for v in values.tolist()])
+                    continue
             shown.append([format_number(None if v is pd.NA else v, self.digits, c in self.percent)
                           for v in values.tolist()])
         return [list(row) for row in zip(*shown)] if shown else []
@@ -347,5 +360,5 @@ def folded(frame: pd.DataFrame, summary: str, label: str = "The whole table") ->
 
 
 __all__ = ["FULL_FRAME", "Folded", "Layout", "MINUS", "NAMES", "PHONE_PX", "TABLE_CLASS", "Table", "counted", "folded",
-           "format_number", "integer_column", "integer_name", "listed", "minus", "parse_number", "readable",
+           "format_number", "identifier_name", "integer_column", "integer_name", "listed", "minus", "parse_number", "readable",
            "scroll_box", "table"]

@@ -43,13 +43,26 @@ from .ioi_text import FIGURES, FULL_TOL, REGIONS, findings, region, repair_outco
 
 HEADS_TABLE = Layout(("label", "direct_effect", "delta_direct_effect", "moved_direct_effect"),
                      names={"direct_effect": "DE", "delta_direct_effect": "ΔDE ablated",
-                            "moved_direct_effect": "DE moved"},
+                            "moved_direct_effect": "DE moved", "attn_io": "attention to IO",
+                            "attn_s": "attention to S", "attn_s1": "attention to S, first",
+                            "attn_s2": "attention to S, second"},
                      caption="Logits, means over prompts. DE: direct effect on the logit difference, clean "
                              "run; ΔDE ablated: its change with the name movers ablated; DE moved: with the "
                              "residual moved (below). Attention to IO and S: in the fold under the table.")
 # the backups' table has the name movers' columns: their caption is printed once, above the first
 BACKUPS_TABLE = replace(HEADS_TABLE, caption="The backups, in the columns of the name movers' table above "
                                              "(logits, means over prompts).")
+# columns the tables' shown ones already say (DE + ΔDE, DE moved − DE) or that every row of one
+# table shares (name mover: yes / no): the fold holds only what is not shown (issue 25, read3 #18)
+DERIVED = ("ablated_direct_effect", "moved_delta", "name_mover")
+
+
+def heads_table(frame: pd.DataFrame, layout: Layout = HEADS_TABLE):
+    """The name movers' (or, with :data:`BACKUPS_TABLE`, the backups') table: ``layout`` on the
+    frame less :data:`DERIVED`, so its fold holds the attention columns only."""
+    return layout(frame.drop(columns=list(DERIVED), errors="ignore"))
+
+
 REPAIR_TABLE = Layout(("quantity", "mean", "share of the DE lost"), percent=("share of the DE lost",))
 
 

@@ -65,11 +65,15 @@ FIGURES = {"does_ioi": Figure("ch08-task", "the task on this model"),
 def findings(ch) -> list[Finding]:
     """"What this chapter shows" of an :class:`~selfrepair.chapters.ioi.IoiChapter`: where it ran,
     the claims by outcome, and what the ablation of the name movers left (the repair's region)."""
+    from .ioi_claims import circuit
+
     model, f = str(ch.meta.get("model")), ch.performance
+    missing, shown = circuit(ch)
+    said = (f"the {len(ch.name_movers)} heads this book's rule takes as name movers at the end. {missing}"
+            if missing else f"{len(ch.name_movers)} name movers at the end{_who(ch)}")
     where = Finding(f"This chapter ran {ch.prompts['n']:,} IOI prompts on {model}, which prefers the indirect "
                     f"object to the subject on {f['accuracy']:.0%} of them, and {ch.meta.get('ablation')}-ablated "
-                    f"{len(ch.name_movers)} name movers at the end{_who(ch)}.",
-                    values=(ch.prompts["n"], f["accuracy"], len(ch.name_movers)))
+                    f"{said}.", values=(ch.prompts["n"], f["accuracy"], len(ch.name_movers), *shown))
     by = {v.claim.key: v for v in ch.verdicts}
     does, rep = by["does_ioi"], by["repaired"]
     if not does.holds:
@@ -82,6 +86,13 @@ def findings(ch) -> list[Finding]:
         text = (f"Take-away: when the name movers are ablated on this model, {rep.estimate.prose('.0%')} of the "
                 f"direct effect they lose comes back — {outcome}: {meaning}.")
         values, figure = (rep.value, rep.lo, rep.hi), FIGURES["repaired"]
+        grow = by.get("backups")
+        if missing and grow is not None and grow.estimate is not None and np.isfinite(grow.value):  # what the "backups" are here
+            text += (f" The heads whose direct effect grows most do take over part of it ("
+                     f"{grow.claim.reading.said(grow.value, grow.claim.fmt)} logits in sum on the test half), "
+                     "but they are not shown to be backup name movers as Wang et al. mean them, so the backups' "
+                     "claims are untested here.")
+            values += (grow.value,)
     else:
         text = "Take-away: this run cannot tell how much of the name movers' lost direct effect comes back."
         values, figure = (), FIGURES["repaired"]

@@ -135,7 +135,18 @@ def measure(cfg: Config, progress: bool = True) -> IterativeChapter:
     ch = IterativeChapter(res, classes, labels, reason, [], dict(res.meta), clusters, rp.sums(res, clusters),
                           cfg.n_boot, cfg.seed)
     ch.verdicts = verdicts(ch)
+    tested = tested_head(ch)
+    if not cfg.featured_heads and tested and tested not in ch.featured:  # the head the verdict rests on
+        ch.featured, ch.reason = [*ch.featured, tested], f"{FEATURED_RULE}; and {tested}, the head the verdict tests"
     return ch
+
+
+def tested_head(ch: IterativeChapter) -> str | None:
+    """The head :data:`EXIST`'s verdict rests on: the one whose smaller fall is largest on the
+    selection half (None where no head can be classified there)."""
+    select, _ = ch.clusters.halves(ch.seed)
+    chosen = rp.repression(ch.sums[select].sum(0)[None])[0]
+    return str(ch.classes["label"].iloc[int(np.nanargmin(chosen))]) if np.isfinite(chosen).any() else None
 
 
 def verdicts(ch: IterativeChapter) -> list[Verdict]:
@@ -147,7 +158,10 @@ def verdicts(ch: IterativeChapter) -> list[Verdict]:
     labels = list(ch.classes["label"])
     whole = Bootstrap.over(ch.clusters, ch.n_boot, ch.seed).estimate(lambda t: rp.share_repressing(t, TAU),
                                                                      ch.sums)
-    share = (f"On every document (both halves), {whole.prose('.0%')} of the classified heads self-repress "
+    every = rp.repression(ch.sums.sum(0)[None])[0]
+    n_cls, n_rep = int(np.isfinite(every).sum()), int(((every <= -TAU) & np.isfinite(every)).sum())
+    share = (f"The verdict rests on this one head (its panel is in the token plot above). On every document "
+             f"(both halves), {n_rep} of the {n_cls} classified heads — {whole.prose('.0%')} — self-repress "
              f"this way, falling by more than {TAU:.0%} both under their own output and beyond the random "
              "push; the paragraph above counts as self-repressing every head whose fall under its own "
              "output alone does, a different number.")
@@ -167,32 +181,50 @@ def verdicts(ch: IterativeChapter) -> list[Verdict]:
                        f"smaller fall is largest there ({fall(chosen[best], '.0%')}). On the test half, at {alpha}, "
                        f"under its own output its mean top-token direct effect "
                        f"{moved(own, '+.0%', relative=True)}; under the random push it "
-                       f"{moved(ctrl, '+.0%', relative=True)}; beyond the push (the first change minus the "
-                       f"second) it {moved(beyond, '+.0%')}. {smaller_of_two(est, own, beyond)} "
-                       f"{share}")
+                       f"{moved(ctrl, '+.0%', relative=True)}; {_beyond(est, own, beyond)} "
+                       f"{share}{smaller_of_two(est, own, beyond)}")
     return [exist, _proportional(ch, chosen, test, boot, labels)]
 
 
+def _mine(est, own, beyond):
+    """Which of the two falls the verdict's value is (the smaller; None where one is not finite)."""
+    if not (np.isfinite(est.value) and np.isfinite(own.value) and np.isfinite(beyond.value)):
+        return None
+    return own if abs(est.value - own.value) <= abs(est.value - beyond.value) else beyond
+
+
+def _beyond(est, own, beyond) -> str:
+    """The fall beyond the push, with its interval unless it is the verdict's value (issue 25: one
+    value, one interval — the other is folded by :func:`smaller_of_two`)."""
+    said = "beyond the push (the first change minus the second) it "
+    if _mine(est, own, beyond) is beyond:
+        return said + f"{changes(beyond.value, '+.0%')}."
+    return said + f"{moved(beyond, '+.0%')}."
+
+
 def smaller_of_two(est, own, beyond, fmt: str = "+.0%") -> str:
-    """Which of the two falls the verdict's value is, and why the same number carries two intervals:
-    the verdict's is of the smaller fall retaken in every bootstrap replicate (where the smaller of
-    the two can switch), the other of that one fall alone."""
+    """Why the verdict's value has the interval it has, folded (issue 25: "204% to 589%" and "204%
+    to 664%" printed for one value): the verdict's interval is of the smaller fall retaken in every
+    bootstrap replicate (where the smaller of the two can switch), the other of that one fall alone.
+    No fold where the two intervals read the same or there is nothing to compare."""
     from ..rules import signed_interval_words
 
-    if not (np.isfinite(est.value) and np.isfinite(own.value) and np.isfinite(beyond.value)):
-        return "The value above is the smaller of the two falls."
-    mine = own if abs(est.value - own.value) <= abs(est.value - beyond.value) else beyond
+    mine = _mine(est, own, beyond)
+    if mine is None:
+        return " The verdict's value above is the smaller of the two falls."
     which = "under its own output" if mine is own else "beyond the push"
-    said = f"The verdict's value above is the smaller of the two falls, here the fall {which}"
+    said = f" The verdict's value above is the smaller of the two falls, here the fall {which}."
     if not (est.reliable and mine.reliable):
-        return said + "."
+        return said
     ours = signed_interval_words(est.value, est.lo, est.hi, fmt)
     alone = signed_interval_words(mine.value, mine.lo, mine.hi, fmt)
     if ours == alone:
-        return said + "."
-    return (f"{said}; its interval ({ours}) is that of the smaller of the two falls, retaken in every "
-            f"bootstrap replicate, where the smaller one can switch, so it differs from the interval of the "
-            f"fall {which} alone ({alone}).")
+        return said
+    return said + (f"<details><summary>Why the fall {which} has no interval of its own here</summary>The verdict's value "
+            f"is the smaller of the two falls, here the fall {which}. Its interval ({ours}) is that of the "
+            "smaller of the two falls, retaken in every bootstrap replicate, where the smaller one can switch; "
+            f"the fall {which} alone, retaken the same way, has {alone}: the same value, another quantity's "
+            "interval, so only the verdict's is shown.</details>")
 
 
 def _proportional(ch: IterativeChapter, chosen: np.ndarray, test, boot: Bootstrap, labels) -> Verdict:
@@ -245,8 +277,7 @@ def on_this_model(ch: IterativeChapter) -> str:
             f"self-reinforcing {ex(rein) if len(rein) else 'none (no head is)'}. Over every token, not only each head's top ones, the mean "
             f"direct effect moves the same way for {pct(same_way)} of the non-neutral heads.")
     if classes["control_change"].notna().any():
-        m = medians(classes)
-        text += " " + control_sentence(m["own"], m["control"], max(res.alphas))
+        text += " " + control_sentence(classes)
     cl = ch.clusters
     text += (f" The verdicts choose heads on one half of the {cl.n:,} independent {cl.unit} and test them on "
              f"the other; every interval is a 95% cluster bootstrap over the {cl.unit} ({ch.n_boot:,} "
@@ -258,32 +289,46 @@ def medians(classes: pd.DataFrame) -> dict[str, float]:
     """Over the classified heads (not "weak"), at the largest α, on each head's top tokens: the
     median relative change under the head's own output (``own``) and under the random push
     (``control``), signed, and the median of its size (``own_size``, ``control_size``). The
-    paragraph gives the signed ones and Solution 4.2 both, from here: one definition each."""
+    paragraph and Solution 4.2 give the sizes (:func:`specificity`), from here: one definition each."""
     ok = classes[classes["class"] != "weak"]
     own, ctrl = ok["relative_change"], ok["control_change"]
     return {"own": own.median(), "control": ctrl.median(), "own_size": own.abs().median(),
             "control_size": ctrl.abs().median(), "n": len(ok)}
 
 
-def control_sentence(own: float, control: float, alpha: float) -> str:
-    """The random-push control in words: what it is, the median head's change under its own output
-    beside its change under the push (each as a share of itself), and what the comparison means — a
-    larger fall is more repression, and only a fall beyond the push's is a response to the head's own
-    output (:func:`selfrepair.repression.repression`)."""
-    said = (f"The control is a random push: a random direction of the same norm as the head's own output at "
+def control_sentence(classes: pd.DataFrame) -> str:
+    """The random-push control in words: what it is, then :func:`specificity`'s one answer."""
+    alpha = float(classes["alpha"].max()) if "alpha" in classes else float("nan")
+    return (f"The control is a random push: a random direction of the same norm as the head's own output at "
             f"α = {alpha:g}, added at the same place, which shows how much any push of that size moves a head. "
-            f"The median classified head's mean top-token direct effect, with its sign (heads that rise and "
-            f"heads that fall ranked together), {changes(own, '.0%', relative=True)} "
-            f"under its own output and {changes(control, '.0%', relative=True)} under the random push (a "
-            "larger fall is more repression). ")
-    if not (math.isfinite(own) and math.isfinite(control)):
-        return said.strip()
-    if own < control:
-        return said + ("The typical head falls further under its own output than under the push, so part of "
-                       "its fall answers its own output: the self-repression the paper describes.")
-    return said + ("The typical head falls no further under its own output than under the push, so its fall is "
-                   "what any push of that size does, not a response to its own output; this is why the verdict "
-                   "below counts a head as self-repressing only when it also falls beyond the push.")
+            + specificity(classes))
+
+
+def specificity(classes: pd.DataFrame) -> str:
+    """The one answer to "is the response specific to the head's own output?", which §4.3 and
+    Solution 4.2 both give (issue 25: the paragraph's signed medians said "no", the solution's sizes
+    "yes"): the median size of the change under the head's own output beside that under the random
+    push (:func:`medians`), and how many heads respond beyond the push by more than ±τ."""
+    m = medians(classes)
+    ok = classes[classes["class"] != "weak"]
+    rep = ok[ok["class"] == "self-repressing"]
+    n_spec, rep_spec = int(ok["specific"].sum()), int(rep["specific"].sum())
+    own, push = m["own_size"], m["control_size"]
+    if not (math.isfinite(own) and math.isfinite(push)):
+        return "Whether the response is specific cannot be said here: no classified head has a control."
+    if own <= push:
+        answer = "No: a random push of the same norm moves the median head at least as much as its own output does"
+    elif push <= TAU:
+        answer = "Yes: a random push of the same norm barely moves the median head; its own output does"
+    else:
+        answer = ("Only in part: its own output moves the median head more than a random push of the same "
+                  "norm does, but the push alone moves it too")
+    return (f"Is the response specific to the head's own output? {answer}. Over the {m['n']} classified heads, "
+            f"the median size of the change of a head's mean top-token direct effect (ignoring its sign) is "
+            f"{own:.0%} of itself under its own output and {push:.0%} under the push; {n_spec} of the {m['n']} "
+            f"respond to their own output beyond the push by more than ±{TAU:.0%}, {rep_spec} of the "
+            f"{len(rep)} self-repressing among them. This is why the verdict below counts a head as "
+            "self-repressing only when it also falls beyond the push.")
 
 
 def verdict(ch: IterativeChapter, key: str) -> str:

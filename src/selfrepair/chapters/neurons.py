@@ -187,7 +187,7 @@ def chapter_evidence(ch: NeuronsChapter, clusters: Clusters) -> er.Evidence:
 def on_this_model(ch: NeuronsChapter) -> str:
     m = ch.meta
     kept = sum(v.nbytes for v in ch.result.data.values()) / 1e9
-    intro = (f"**On {m.get('model')}** (MLP layer {ch.result.neuron_layer} with {m.get('d_mlp')} neurons, "
+    intro = (f"**On {m.get('model')}** (MLP layer {ch.result.neuron_layer} with {m.get('d_mlp'):,} neurons, "
              f"{m.get('ablation')} ablation; each head keeps its top {m.get('top_percent'):g}% of tokens for "
              f"each token selection, {m.get('k')} tokens"
              f"{' (capped by max_instances: the highest ones)' if m.get('capped') else ''}; "
@@ -216,7 +216,7 @@ def findings(ch: NeuronsChapter) -> list[Finding]:
     :data:`FIG7`: is the last MLP layer's repair mostly anti-erasure on this model)."""
     m, cl, model = ch.meta, ch.evidence.clusters, str(ch.meta.get("model"))
     n_heads = len(ch.result.heads)
-    where = Finding(f"This chapter ablated {n_heads} heads of {model} and read each of the {m.get('d_mlp')} "
+    where = Finding(f"This chapter ablated {n_heads} heads of {model} and read each of the {m.get('d_mlp'):,} "
                     f"neurons of its last MLP layer (layer {ch.result.neuron_layer}) on the selected tokens of "
                     f"{cl.n:,} independent {cl.unit}.", values=(n_heads, cl.n))
     anti = next(v for v in ch.verdicts if v.claim is FIG7)
@@ -271,13 +271,21 @@ HEADS_TABLE = Layout(("figure", "label", "direct_effect", "reason", "stands_for"
                      names={"direct_effect": "DE (mean over every token)"})
 SUMMARY_TABLE = Layout(("label", "direct_effect", "self_repair", "layer_positive", "neurons_50", "d_mlp",
                         "erasure_repair_share", "negative_baseline", "max_top_frequency"),
+                       # shares print as percentages, in the fold too (issue 25: "0.104" beside "78.5%")
                        percent=("layer_positive", "erasure_repair_share", "negative_baseline",
-                                "max_top_frequency"),
+                                "max_top_frequency", "top1_fraction", "erasure_top", "fig7_anti_erasure"),
                        names={"layer_positive": "layer's clean DE > 0", "neurons_50": "neurons for half",
                               "d_mlp": "neurons", "erasure_repair_share": "repair by erasure neurons",
                               "negative_baseline": "neurons with DE < 0",
                               "max_top_frequency": "most frequent in top 10",
                               "direct_effect": "DE (mean over its top tokens)",
-                              "self_repair": "self-repair (mean over its top tokens)"},
+                              "self_repair": "self-repair (mean over its top tokens)",
+                              # the fold's columns, in words (issue 25: "neurons 90", "erasure top")
+                              "n_instances": "top tokens", "layer_delta": "MLP layer's ΔDE (mean)",
+                              "top1_fraction": "top neuron's repair / head's DE (median)",
+                              "erasure_top": "erasure neurons among the top 10 repairing",
+                              "neurons_90": "neurons for 90%",
+                              "fig7_anti_erasure": "Fig 7 tokens whose top neuron erases less",
+                              "max_top_neuron": "most frequent top-10 neuron"},
                        # a phone: what the claims read (sparsity, erasure beside its baseline, recurrence)
                        phone=("label", "neurons_50", "erasure_repair_share", "negative_baseline", "max_top_frequency"))

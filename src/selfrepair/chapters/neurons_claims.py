@@ -136,10 +136,19 @@ def _sparse_detail(ch, boot: Bootstrap) -> str:
     ev = ch.evidence
     s = ch.summary.set_index("label")
     labels = [head_label(*ev.heads[i]) for i in ev.fig8]
-    spread = ", ".join(f"{int(s.loc[l, 'neurons_50'])} of {int(s.loc[l, 'd_mlp'])} for {l}" for l in labels)
     return (f"Per head: {_each(ch, boot, ev.heavy, labels)}. Below the top the change is spread, as App. C "
             f"finds it (roughly {APP_C_QUOTED['negligible']:.0%} of the neurons negligible): half of the "
-            f"layer's absolute change sits in {spread} neurons.")
+            f"layer's absolute change sits in {half_spread(s.loc[labels].reset_index())}.")
+
+
+def half_spread(summary) -> str:
+    """How many neurons hold half of the layer's absolute change, per head, as a sentence says it
+    (issue 25: "sits in 24 of 2048 for L16H2, 201 of 2048 for L15H2 ... neurons" read as a template):
+    "24 of the layer's 2,048 neurons for L16H2, 201 for L15H2 and 253 for L11H2"."""
+    rows = list(summary.itertuples())
+    each = [f"{int(r.neurons_50):,} for {r.label}" for r in rows]
+    first = f"{int(rows[0].neurons_50):,} of the layer's {int(rows[0].d_mlp):,} neurons for {rows[0].label}"
+    return first if len(rows) == 1 else ", ".join([first, *each[1:-1]]) + " and " + each[-1]
 
 
 def erasure_selection(ev: er.Evidence, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -152,11 +152,12 @@ def sparse(ch) -> str:
     """How heavily the top neuron repairs (Fig 8), and how spread the whole change is (App. C)."""
     s = ch.summary
     v = {x.claim.key: x for x in ch.verdicts}["sparse"]
-    parts = ", ".join(f"{int(r.neurons_50)} of {int(r.d_mlp)} for {r.label}" for _, r in s.iterrows())
+    from ..chapters.neurons_claims import half_spread
+
     return (f"The single top repairing neuron gives back at least a tenth of the head's direct effect on "
             f"{_near(v.value, v.claim)} of the Fig 8 heads' top tokens (mean over the heads). Half of the layer's "
             f"absolute change in direct effect — repair and its opposite together, App. C's measure — sits "
-            f"in {parts} neurons: the top of the repair is sparse, the change below it is not.")
+            f"in {half_spread(s)}: the top of the repair is sparse, the change below it is not.")
 
 
 # -- chapter 4 ---------------------------------------------------------------------------------------
@@ -173,22 +174,11 @@ def classes(ch) -> str:
 
 
 def control(ch) -> str:
-    """How the heads respond to a random push of the same norm: the median size of the change
-    beside the signed medians the paragraph gives, both from :func:`~selfrepair.chapters.iterative.medians`
-    over the same heads and tokens."""
-    from ..chapters.iterative import TAU, medians
-    from ..chapters.signed import fall
+    """How the heads respond to a random push of the same norm: the one answer §4.3 gives
+    (:func:`~selfrepair.chapters.iterative.specificity`), over the same heads and tokens."""
+    from ..chapters.iterative import specificity
 
-    m, c = medians(ch.classes), ch.classes
-    n_spec = int(c.loc[c["class"] != "weak", "specific"].sum())
-    return (f"Over the same {m['n']} classified heads as the paragraph above (each head's top tokens, at "
-            f"α = {c['alpha'].max():g}), the median size of the change, ignoring its sign, is "
-            f"{_pct(m['own_size'])} of the direct effect under the head's own output and "
-            f"{_pct(m['control_size'])} under a random push of the same norm; the paragraph's medians, "
-            f"{fall(m['own'], '.0%')} and {fall(m['control'], '.0%')}, keep the sign, so heads that rise "
-            f"and heads that fall are ranked together and the middle one lies nearer 0. {n_spec} of them "
-            f"respond to their own output beyond the control by more than the classes' ±{TAU:.0%} "
-            "(\"specific\").")
+    return specificity(ch.classes)
 
 
 # -- chapter 5 ---------------------------------------------------------------------------------------
@@ -271,12 +261,23 @@ def atp_direction(ch) -> str:
                                                    kind="mergesort").head(k)
     over = int((top["atp"].abs() > top["exact"].abs()).sum())
     norm, down = top["error_norm"].abs().sum(), top["error_downstream"].abs().sum()
-    larger = "the final norm's" if norm > down else "the downstream components'"
     return (f"Of the exact top {k} heads, AtP overstates the effect of {over} (|AtP| > |exact|) and "
-            f"understates it for {k - over}. Their errors are mostly {larger} part: summed in size, the error "
-            f"through the final norm's scale is {norm:.3g} logits and through the downstream components {down:.3g}. A first-order estimate overstates a "
+            f"understates it for {k - over}. {_error_split(norm, down)}. A first-order estimate overstates a "
             "head's effect where the rest of the network compensates (self-repair), understates it "
             "where the reaction amplifies the loss.")
+
+
+def _error_split(norm: float, down: float) -> str:
+    """How the error of exact − AtP splits, in words from the final norm's computed share (issue 25:
+    "mostly the downstream components' part" said of 52%): "about half" within ±5 points of 50%,
+    else "most" or "less than half" — the same share the verdict's fold gives over every head."""
+    total = norm + down
+    if not total or not math.isfinite(total):
+        return "Their errors have no part to split here (both are zero)"
+    share = norm / total
+    word = "about half" if abs(share - 0.5) <= 0.05 else "most" if share > 0.5 else "less than half"
+    return (f"Summed in size over these heads, the error is {total:.3g} logits, and the final norm's scale carries "
+            f"{word} of it ({share:.0%}: {norm:.3g} logits, the downstream components {down:.3g})")
 
 
 # -- chapter 8 ---------------------------------------------------------------------------------------
