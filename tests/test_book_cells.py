@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfrepair.book.cells import HIDE_INPUT, PARAMETERS_PROMPT, REMOVE_CELL, book_cells, display_only
+from selfrepair.book.cells import (CODE_PROMPT, DISPLAY_ONLY, HIDE_INPUT, PARAMETERS_PROMPT, REMOVE_CELL,
+                                   book_cells, display_only)
 from selfrepair.book.runner import stage_source
 from verdict_cells import is_verdict_cell
 
@@ -68,7 +69,8 @@ def test_the_book_folds_display_code_and_parameters_and_keeps_what_a_reader_lear
         elif "parameters" in tags:
             assert HIDE_INPUT in tags and cell["metadata"]["mystnb"]["code_prompt_show"] == PARAMETERS_PROMPT
         elif is_verdict_cell(cell) or "run_summary(cfg)" in src or src.startswith(("figs.fig_", "display(figs.")):
-            assert HIDE_INPUT in tags, (path.stem, src[:60])
+            assert {HIDE_INPUT, DISPLAY_ONLY} <= tags, (path.stem, src[:60])
+            assert cell["metadata"]["mystnb"]["code_prompt_show"] == CODE_PROMPT
         elif "exercises.check(" in src or src.lstrip().startswith("def ") or ".measure(cfg)" in src:
             assert _tags(old) == tags and not tags & {HIDE_INPUT, REMOVE_CELL}, (path.stem, src[:60])
         assert _source(old) == src and cell.get("outputs") == old.get("outputs")  # only tags change
@@ -109,3 +111,4 @@ def test_display_math_that_scrolls_gets_a_cue_in_words():
     assert "data-scrolls" in js and "scrollWidth > m.clientWidth" in js
     rule = css[css.index("div.math[data-scrolls]::after"):]
     assert "the equation continues" in rule[:rule.index("}")]
+    assert "div.cell.tag_display-only details.hide.above-input" in css  # the folded code set small

@@ -12,8 +12,10 @@ argument; the code is one click away:
 - a **display-only** cell (:func:`display_only`: it imports and displays, and assigns, defines
   or loops over nothing — ``display(Markdown(chapter.verdict(ch, "unembed")))``, a chart call
   such as ``figs.fig_impact(ch.impact)``, a ``reveal`` answer) shows its output with its input
-  folded (``hide-input``). A chart call is folded too: its name says no more than the chart's
-  title, and how the chart's numbers are computed is in the chapter's module, not in the call.
+  folded (``hide-input``; tagged :data:`DISPLAY_ONLY` too, which book/_static/selfrepair.css sets
+  as a small grey "show the code" at the right, not a full-width bar). A chart call is folded
+  too: its name says no more than the chart's title, and how the chart's numbers are computed is
+  in the chapter's module, not in the call.
 
 Kept open, because a reader learns from them: the cells that compute (``ch =
 chapter.measure(cfg)``, the introduction's worked example), an exercise's solution (a ``def``)
@@ -29,6 +31,7 @@ from pathlib import Path
 HIDE_INPUT, REMOVE_CELL = "hide-input", "remove-cell"
 FOLDING = {HIDE_INPUT, "hide-cell", "remove-input", REMOVE_CELL}  # Jupyter Book 1.x: a tag that folds or removes
 PARAMETERS_PROMPT = "Show this chapter's parameters"  # myst-nb's per-cell code_prompt_show
+DISPLAY_ONLY, CODE_PROMPT = "display-only", "show the code"  # the tag (a class the CSS sets small) and its prompt
 LEARNER_CALLS = ("exercises.check",)  # calls a reader runs to learn: their cells stay open
 
 
@@ -82,8 +85,9 @@ def book_cells(nb: dict) -> bool:
             changed |= _tagged(cell, REMOVE_CELL)
         elif "parameters" in tags:
             changed |= _tagged(cell, HIDE_INPUT, PARAMETERS_PROMPT)
-        elif not tags & FOLDING and display_only(source):
-            changed |= _tagged(cell, HIDE_INPUT)
+        elif not tags & (FOLDING - {HIDE_INPUT}) and display_only(source):  # provenance(...) too
+            changed |= _tagged(cell, HIDE_INPUT, CODE_PROMPT)
+            changed |= _tagged(cell, DISPLAY_ONLY)
     return changed
 
 
