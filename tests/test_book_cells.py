@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from selfrepair.book.cells import (CODE_PROMPT, DISPLAY_ONLY, HIDE_INPUT, PARAMETERS_PROMPT, REMOVE_CELL,
-                                   book_cells, display_only)
+                                   SETUP_PROMPT, book_cells, display_only)
 from selfrepair.book.runner import stage_source
 from verdict_cells import is_verdict_cell
 
@@ -71,6 +71,8 @@ def test_the_book_folds_display_code_and_parameters_and_keeps_what_a_reader_lear
         elif is_verdict_cell(cell) or "run_summary(cfg)" in src or src.startswith(("figs.fig_", "display(figs.")):
             assert {HIDE_INPUT, DISPLAY_ONLY} <= tags, (path.stem, src[:60])
             assert cell["metadata"]["mystnb"]["code_prompt_show"] == CODE_PROMPT
+        elif "cfg = chapter.Config.from_params(" in src:  # the set-up cell, folded by the notebook
+            assert cell["metadata"]["mystnb"]["code_prompt_show"] == SETUP_PROMPT and HIDE_INPUT in tags
         elif "exercises.check(" in src or src.lstrip().startswith("def ") or ".measure(cfg)" in src:
             assert _tags(old) == tags and not tags & {HIDE_INPUT, REMOVE_CELL}, (path.stem, src[:60])
         assert _source(old) == src and cell.get("outputs") == old.get("outputs")  # only tags change

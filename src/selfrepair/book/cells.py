@@ -9,6 +9,8 @@ argument; the code is one click away:
   the provenance table at the end of the page lists the parameters that were used;
 - the parameters cell (tag ``parameters``) is folded (``hide-input``, its prompt
   :data:`PARAMETERS_PROMPT`): runnable and visible in Jupyter, one click away in the book;
+- the set-up cell, which the notebook itself folds (``hide-input``), keeps its fold with the prompt
+  :data:`SETUP_PROMPT`;
 - a **display-only** cell (:func:`display_only`: it imports and displays, and assigns, defines
   or loops over nothing — ``display(Markdown(chapter.verdict(ch, "unembed")))``, a chart call
   such as ``figs.fig_impact(ch.impact)``, a ``reveal`` answer) shows its output with its input
@@ -31,6 +33,7 @@ from pathlib import Path
 HIDE_INPUT, REMOVE_CELL = "hide-input", "remove-cell"
 FOLDING = {HIDE_INPUT, "hide-cell", "remove-input", REMOVE_CELL}  # Jupyter Book 1.x: a tag that folds or removes
 PARAMETERS_PROMPT = "Show this chapter's parameters"  # myst-nb's per-cell code_prompt_show
+SETUP_PROMPT = "Show the set-up code"  # a cell the notebook itself folds that is not display-only
 DISPLAY_ONLY, CODE_PROMPT = "display-only", "show the code"  # the tag (a class the CSS sets small) and its prompt
 LEARNER_CALLS = ("exercises.check",)  # calls a reader runs to learn: their cells stay open
 
@@ -88,6 +91,8 @@ def book_cells(nb: dict) -> bool:
         elif not tags & (FOLDING - {HIDE_INPUT}) and display_only(source):  # provenance(...) too
             changed |= _tagged(cell, HIDE_INPUT, CODE_PROMPT)
             changed |= _tagged(cell, DISPLAY_ONLY)
+        elif HIDE_INPUT in tags:  # the notebook folds it: the set-up cell (imports, cfg)
+            changed |= _tagged(cell, HIDE_INPUT, SETUP_PROMPT)
     return changed
 
 
