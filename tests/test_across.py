@@ -108,7 +108,8 @@ def test_load_cached_sweeps_returns_both_token_sets(cache):
     n_heads = sweep.meta["n_layers"] * sweep.meta["n_heads"]
     assert len(ours) == 2 * n_heads and set(ours["model"]) == {"tiny-gpt_neox"}
     assert ours.groupby("tokens").size().to_dict() == {"top-k%": n_heads, "all": n_heads}
-    assert ours["run"].nunique() == 1 and "resample" in ours["run"].iloc[0]
+    n = int(ours["n_tokens"].iloc[0])
+    assert ours["run"].unique().tolist() == [f"tiny-gpt_neox (this book: resample, {n:,} tokens)"]  # words, not "(ours, ... tok)"
     assert set(across.COLUMNS) <= set(ours.columns) and (ours["source"] == "this project").all()
     assert ours["rel_layer"].between(0, 1).all()
     assert (ours["rel_layer"] == ours["layer"] / (ours["n_layers"] - 1)).all()
@@ -299,12 +300,12 @@ def test_comparison_markdown_shows_the_computed_numbers(synthetic):
 
 def test_the_overview_links_down_to_each_claims_verdicts_after_its_figure(synthetic):
     """With ``below`` (the chapter's FIGURES) the early block lists each claim per run compactly
-    ("see below"); :func:`verdict`'s full verdicts and release values are what it showed before,
+    (the statement linked to its verdict); :func:`verdict`'s full verdicts and release values are what it showed before,
     claim by claim, each claim's anchor on its first run only."""
     table = across.compare_models(synthetic)
     full = across.comparison_markdown(table, current="toy")
     overview = across.comparison_markdown(table, current="toy", below=across.FIGURES)
-    assert 'id="claim-' not in overview and overview.count("see below</a>") == len(across.CLAIMS)
+    assert 'id="claim-' not in overview and overview.count('<a href="#claim-') == len(across.CLAIMS)
     assert "no interval of their own" not in overview
     shown = [across.claim_markdown(table, c.key, current="toy") for c in across.CLAIMS]
     assert full == "\n".join([full.splitlines()[0], *shown])

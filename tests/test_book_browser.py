@@ -5,7 +5,8 @@ errors, and no request to any host but the local server (the book works offline)
 colour no mark draws, no inline math wider than its paragraph, no table wider than its column (one
 that must scroll says why), at any of them; no page that scrolls sideways on a phone (see the
 test's docstring); the
-parameters cells shown and the boilerplate folded; and no page naming a folder of the machine that
+parameters cells, the boilerplate and every display-only cell's code folded, papermill's injected
+parameters removed and "What ran here" right after the opening; and no page naming a folder of the machine that
 built it.
 The built pages' text: no "draw(s)" / "patch(es)" templates, no emoji, no integer column printed
 with a decimal point.
@@ -94,6 +95,7 @@ CHART_JS = """
 # px: no chart narrower; its widest view not narrower (a single view shrunk to make room for a long
 # title or legend), and no view collapsed (a one-column strip beside a heatmap may be narrow)
 CHART_MIN, VIEW_MIN = 200, figures.NARROWEST_VIEW
+WHAT_RAN_GAP = 300  # px: folded parameters, set-up and summary cells (one line each) above "What ran here"
 PAGE_STATE = """(() => {
   const charts = Array.from(document.querySelectorAll('.%(chart)s'));
 %(chart_js)s
@@ -156,15 +158,31 @@ PAGE_STATE = """(() => {
       .filter(([m, box, cs]) => m.getBoundingClientRect().right > Math.min(window.innerWidth,
                                   box ? box.getBoundingClientRect().right : Infinity) + 2
               || (m.scrollWidth > m.clientWidth + 1
-                  && (!/auto|scroll/.test(cs.overflowX) || !cs.backgroundImage.includes('gradient'))))
+                  && (!/auto|scroll/.test(cs.overflowX) || !cs.backgroundImage.includes('gradient')
+                      // and a cue in words under it (book/_static/selfrepair.js + css): the shadow
+                      // alone at a phone's edge read as the equation cut off (read3 #20)
+                      || !getComputedStyle(m.closest('div.math') || m, '::after').content.includes('continues'))))
       .map(([m, box]) => `${m.scrollWidth} px of display math in ${m.clientWidth} px `
                          + `(right edge at ${Math.round(m.getBoundingClientRect().right)} px): `
                          + (m.getAttribute('aria-label') || m.textContent).slice(0, 60)),
     page_width: document.documentElement.scrollWidth,
     viewport: window.innerWidth,
-    parameters_shown: Array.from(document.querySelectorAll(
-      '.tag_parameters .cell_input, .tag_injected-parameters .cell_input')).map(shown),
+    // the build's cell rule (selfrepair.book.cells): the parameters folded, papermill's injected
+    // cell removed, every display-only cell's input folded (a verdict's `display(Markdown(...))`)
+    parameters_shown: Array.from(document.querySelectorAll('.tag_parameters .cell_input')).map(shown),
+    injected: document.querySelectorAll('.tag_injected-parameters').length,
     folded_shown: Array.from(document.querySelectorAll('.tag_hide-input .cell_input')).map(shown),
+    display_code_shown: Array.from(document.querySelectorAll('.cell_input')).filter(shown)
+      .map(el => el.textContent.trim()).filter(t => /^display\\(Markdown\\(chapter\\.verdict\\(/.test(t)),
+    // "What ran here" (run_summary) right after the chapter's opening: the px between the top of
+    // the first cell the page shows and the top of what ran (read3 #8: ~1,500 px of parameters,
+    // injected parameters and code before it)
+    what_ran_gap: (() => {
+      const ran = Array.from(document.querySelectorAll('.cell_output strong'))
+        .find(el => el.textContent.trim() === 'What ran here.');
+      const first = Array.from(document.querySelectorAll('.bd-article .cell')).find(c => c.offsetParent !== null);
+      return ran && first ? Math.round(ran.getBoundingClientRect().top - first.getBoundingClientRect().top) : null;
+    })(),
     math: document.querySelectorAll('.math').length,
     typeset: document.querySelectorAll('mjx-container').length,
     ready: document.readyState,
@@ -355,7 +373,9 @@ def _visit(tools: DevTools, url: str) -> dict:
 @pytest.mark.parametrize("screen", list(WIDTHS))
 def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
     """Every page at each width: charts drawn, math typeset, no console error, no request to
-    another host; the parameters cells shown and the boilerplate folded.
+    another host; the parameters cells, the boilerplate and every display-only cell's code folded
+    (selfrepair.book.cells), papermill's injected parameters removed, "What ran here" at most
+    WHAT_RAN_GAP px below the first cell; display math that scrolls says so in words under it.
 
     At 1440 and 1024 px (laptops) no chart is wider than its column, and every chart is drawn as
     its figure function designed it (single and layered views at the column's width, compound
@@ -411,8 +431,14 @@ def test_every_page_draws_charts_and_math_offline(browser, built_book, screen):
         # wider content makes a phone's layout viewport wider than the screen (innerWidth grows)
         if max(state.get("page_width", 0), state.get("viewport", 0)) > width + 1:
             problems.append(f"the page is wider than the {width} px screen: {state['page_width']} px")
-        if not all(state.get("parameters_shown", [])):
-            problems.append(f"a parameters cell is hidden: {state.get('parameters_shown')}")
+        if any(state.get("parameters_shown", [])) or state.get("injected"):
+            problems.append(f"a parameters cell shows its input ({state.get('parameters_shown')}) or papermill's "
+                            f"injected parameters are on the page ({state.get('injected')})")
+        if state.get("display_code_shown"):
+            problems.append(f"display-only code shown: {state['display_code_shown'][:2]}")
+        if state.get("what_ran_gap") is not None and state["what_ran_gap"] > WHAT_RAN_GAP:
+            problems.append(f"'What ran here' is {state['what_ran_gap']} px below the first cell "
+                            f"(at most {WHAT_RAN_GAP} px: the chapter's opening, then what ran)")
         if any(state.get("folded_shown", [])):
             problems.append("a cell tagged hide-input shows its input without a click")
         if state.get("math") and not state.get("typeset"):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selfrepair.chapters as chapters
-from selfrepair.claims import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Claim, Verdict, above, at_least, at_most,
+from selfrepair.claims import (ALMOST_ALWAYS_QUOTED, BELOW, PAPER_WORDS, Claim, Verdict, above, at_least, at_most,
                                anchor, below, between, bootstrap, paper_number, paper_word, render,
                                render_claim, wilson)
 from selfrepair.uncertainty import Estimate
@@ -156,8 +156,9 @@ def test_each_claim_is_anchored_once_where_its_first_verdict_is():
 
 def test_render_claim_is_the_verdict_render_writes_and_the_overview_links_down_to_it():
     """A chapter shows each claim's full verdict right after its figure (:func:`render_claim`) and
-    an overview early on (``render(..., below=...)``): the statement and a link "see below" to the
-    claim's anchor (not the verdict's word: the reader meets it after the figure), which only the full verdict carries — once per page."""
+    an overview early on (``render(..., below=...)``): the statement linked to the
+    claim's anchor, and one sentence above the list (read3 #12: not "the figure, then the verdict
+    (see below)" after every claim) (not the verdict's word: the reader meets it after the figure), which only the full verdict carries — once per page."""
     a, b = Verdict(MOST, 0.7, 12, "heads of m1"), Verdict(MOST, 0.4, 12, "heads of m2")
     many = Verdict.of(MANY, estimate(0.45, 0.3, 0.6))
     verdicts = [a, b, many]
@@ -166,9 +167,10 @@ def test_render_claim_is_the_verdict_render_writes_and_the_overview_links_down_t
     assert render_claim(verdicts, "most", rules="ch00-rules").splitlines() == full[:2]  # one item per run
     overview = render(verdicts, "**On m**.", rules="ch00-rules", below={"many": None})
     lines = overview.splitlines()
-    assert lines[0] == "**On m**." and lines[1:3] == full[:2]  # a claim without a figure keeps its verdict
-    assert lines[3] == ('- *Many heads do it* (§1): the figure, then the verdict '
-                        f'(<a href="#{anchor(MANY)}">see below</a>)')
+    assert lines[0] == f"**On m**. {BELOW}" and lines[1:3] == full[:2]  # a claim without a figure keeps its verdict
+    # the statement links to its verdict; "the figure, then the verdict" is said once, above the list
+    assert lines[3] == f'- <a href="#{anchor(MANY)}">*Many heads do it*</a> (§1)'
+    assert overview.count("figure") == 1 and "see below" not in overview
     assert "holds" not in lines[3]
     page = overview + "\n" + render_claim(verdicts, "many", rules="ch00-rules")
     assert page.count(f'id="{anchor(MANY)}"') == 1 and page.count(f'id="{anchor(MOST)}"') == 1

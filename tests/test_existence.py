@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selfrepair import existence
+from selfrepair.claims import anchor
 from selfrepair.chapters import existence as ce
 from selfrepair.chapters import featured
 from selfrepair.errors import InputError
@@ -661,7 +662,7 @@ def test_verdicts_on_the_tiny_run(tiny):
     lines = text.splitlines()[1:]
     assert len(lines) == len(ce.CLAIMS)
     for line, v in zip(lines, ex.verdicts):  # the overview: each claim, its verdict below its figure
-        assert v.claim.statement in line and f"**{v.word}**" not in line and "see below</a>" in line
+        assert v.claim.statement in line and f"**{v.word}**" not in line and f'<a href="#{anchor(v.claim)}">' in line
         line = ce.verdict(ex, v.claim.key)
         assert f"**{format(v.value, v.claim.fmt)}**" in line and f" {v.n:,} " in line
         assert f"**{v.word}**" in line and "95% interval" in line and f"seed {tiny['cfg'].seed}" in line

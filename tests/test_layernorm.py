@@ -15,7 +15,7 @@ from claim_checks import check_outcomes, resampled
 from selfrepair import layernorm, load_model
 from selfrepair.chapters import layernorm as cl
 from selfrepair.chapters import layernorm_claims as lc
-from selfrepair.claims import WORDS, Signed, against, size, thresholds
+from selfrepair.claims import WORDS, Signed, against, anchor, size, thresholds
 from selfrepair.uncertainty import Bootstrap, Clusters
 
 ABLATIONS = ["resample", "mean", "zero"]
@@ -526,7 +526,7 @@ def test_verdicts_on_the_tiny_run(tiny_chapter):
     lines = text.splitlines()[1:]
     assert len(lines) == len(ch.verdicts)
     for line, v in zip(lines, ch.verdicts):  # the overview; each claim's verdict comes below its figure
-        assert v.claim.statement in line and f"**{v.word}**" not in line and "see below</a>" in line
+        assert v.claim.statement in line and f"**{v.word}**" not in line and f'<a href="#{anchor(v.claim)}">' in line
         line = cl.verdict(ch, v.claim.key)
         # App. B's .1e as 1.6×10⁻⁶, not 1.6e-06; a signed value (norms-only) as its size, its sign in words
         shown = size(v.value, v.claim.fmt, thresholds(v.claim.rule)) if isinstance(v.claim.reading, Signed) \

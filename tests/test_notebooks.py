@@ -9,7 +9,9 @@ that chapter uses, nothing "unused here"); the next code cell builds
 ``cfg = chapter.Config.from_params(...)`` passing every parameter by name; ``started =
 time.time()`` early; no ``def``/``class``/loops (comprehensions included) in code cells but
 exercise solutions; committed without outputs; the last code cell calls ``provenance``; the config
-cell and the provenance cell are folded (``hide-input``), the parameters cell is not.
+cell and the provenance cell are folded (``hide-input``), the parameters cell is not (the book's
+build folds it, and every display-only cell's input, in the HTML: selfrepair.book.cells,
+tests/test_book_cells.py).
 
 Execution (the session fixture ``book`` in conftest.py: the book built once, as the Pages
 workflow builds it, on the ``tiny`` profile): no error,
@@ -228,7 +230,8 @@ def test_runs_on_tiny_profile(path, book):
     if "n_tokens" in chapter_module(path.stem).Config.field_names():
         assert prov.get("param:n_tokens") == str(tiny["n_tokens"])
     injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
-    assert len(injected) == 1 and not set(injected[0]["metadata"]["tags"]) & FOLDED
+    # the build removes it from the page (selfrepair.book.cells); the provenance table lists the parameters
+    assert len(injected) == 1 and "remove-cell" in injected[0]["metadata"]["tags"]
     if "cache_dir" in chapter_module(path.stem).Config.field_names():  # no path of this machine
         assert re.search(r'^cache_dir = "results"$', _source(injected[0]), re.M), _source(injected[0])
         assert prov.get("param:cache_dir") == "results"
@@ -290,7 +293,7 @@ def test_each_verdict_is_shown_once_after_its_figure(path, book):
     """In the executed notebook (the tiny book) and on its built page each claim's anchor
     (``claims.anchor``, which the scorecard links to) is there exactly once; a claim with a figure
     carries it in the cell right after its figure's (or after the verdicts of earlier claims of the
-    same figure), with its verdict word, and the overview above links down to it ("see below")."""
+    same figure), with its verdict word, and the overview above links down to it (its statement)."""
     module = chapter_module(path.stem)
     nb = json.loads(book.runs[path.stem].executed.read_text(encoding="utf-8"))
     cells, shown = nb["cells"], [_shown(c) for c in nb["cells"]]
@@ -306,5 +309,5 @@ def test_each_verdict_is_shown_once_after_its_figure(path, book):
         assert i > fig and all(is_verdict_cell(c) for c in cells[fig + 1:i + 1]), \
             f"{path.stem}: {claim.key}'s verdict (cell {i}) is not right after its figure (cell {fig})"
         assert "chapter.verdict(" in _source(cells[i]) and f'"{claim.key}"' in _source(cells[i])
-        overview = next(j for j, text in enumerate(shown) if f'href="#{anchor(claim)}">see below' in text)
+        overview = next(j for j, text in enumerate(shown) if f'href="#{anchor(claim)}">' in text)
         assert overview < i, f"{path.stem}: the overview of {claim.key} comes after its verdict"

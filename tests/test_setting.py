@@ -88,3 +88,37 @@ def test_the_caveat_names_quantized_weights_and_the_corpus_from_what_ran():
     only_data = _caveat(existence.Config.from_params(), plain)
     assert re.match(r"\d+% of the embedded corpus's documents", only_data) and "quantized" not in only_data
     assert ". This can move" in only_data
+
+
+def test_whose_numbers_is_short_and_cites_the_chapters_own_example():
+    """Issue 25 (read3 #9): one short sentence, the same boilerplate in no two chapters that quote a
+    different paper value; its example is the chapter's own (the first claim quoting the paper's
+    value, as its verdict prints it: chapter 2's 90.7%, chapter 5's 70%), none where the chapter
+    quotes no paper value (no "paper ≈ 30%" in chapters without such a number)."""
+    from selfrepair.claims import _fmt
+
+    for prefix in ("01", "02", "05", "08"):
+        module = chapter_module(prefix)
+        text = setting.whose_numbers(module.Config.__module__)
+        quoted = [c for c in module.CLAIMS if c.paper is not None]
+        assert "paper ≈ 30%" not in text and len(text) < 200, (prefix, text)
+        if quoted:
+            assert f"“the paper reports {_fmt(quoted[0].paper, quoted[0].fmt)}”" in text, (prefix, text)
+        else:
+            assert "the paper reports" not in text, (prefix, text)
+    assert "90.7%" in setting.whose_numbers(chapter_module("02").Config.__module__)
+
+
+def test_the_shape_table_names_its_rows_in_words_and_says_no_revision_as_provenance_does():
+    """read3 #18: the introduction's shape table has no code-name rows (`model_type`, `n_layers`,
+    `d_vocab`, `parallel_residual`, `revision_sha256`); a revision not set is "—" there and in the
+    provenance table (it read "revision None" there)."""
+    from selfrepair.chapters import intro
+    from selfrepair.experiment import provenance
+
+    cfg = intro.Config.from_params(model="tiny-gpt_neox")
+    rows = dict(intro.shape_table(open_model(cfg)).cells())
+    assert not [k for k in rows if "_" in k], rows
+    assert rows["layers"] == "2" and rows["revision on the hub"] == "—"
+    prov = dict(provenance(cfg).frame.values.tolist())
+    assert prov["revision"] == "—" and prov["param:dtype"] == "None"

@@ -348,13 +348,15 @@ def undecided(v: Verdict, subject: str = "the interval") -> str:
     return f"{subject} {c.rule.undecided(v.lo, v.hi, c.fmt, ends=not isinstance(c.reading, Signed))}"
 
 
+BELOW = "Each claim's verdict follows the figure that tests it; a claim's statement links to it."
+
+
 def _brief(v: Verdict) -> str:
-    """One claim in a chapter's overview: its statement, linked to its figure and full verdict
-    further down the page (:func:`render_claim`). Not the verdict's word: a reader meets the
-    verdict after the figure that shows it."""
+    """One claim in a chapter's overview: its statement, a link to its full verdict further down
+    the page (:func:`render_claim`), right after its figure (:data:`BELOW`, said once above the
+    list). Not the verdict's word: a reader meets the verdict after the figure that shows it."""
     c, on = v.claim, f", on {v.model}" if v.model else ""
-    return (f'- *{c.statement}* ({c.source}{on}): the figure, then the verdict '
-            f'(<a href="#{anchor(c)}">see below</a>)')
+    return f'- <a href="#{anchor(c)}">*{c.statement}*</a> ({c.source}{on})'
 
 
 def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) -> str:
@@ -366,10 +368,12 @@ def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) 
     carries its :func:`anchor` (the scorecard links to it).
 
     ``below``: the keys of the claims whose full verdict the page shows further down, each right
-    after its figure (:func:`render_claim`); those are listed compactly — statement and a link
-    "see below" to the anchor, which only the full verdict carries — so the list becomes the
-    chapter's short overview. A claim not in ``below`` keeps its full verdict here."""
-    lines = [intro] if intro else []
+    after its figure (:func:`render_claim`); those are listed compactly — the statement, linked to
+    the anchor, which only the full verdict carries, and one sentence above the list (:data:`BELOW`)
+    — so the list becomes the chapter's short overview. A claim not in ``below`` keeps its full
+    verdict here."""
+    compact = any(v.claim.key in below for v in verdicts)
+    lines = [f"{intro} {BELOW}" if compact else intro] if intro else ([BELOW, ""] if compact else [])
     seen = set()
     for v in verdicts:
         key = v.claim.key

@@ -199,7 +199,10 @@ def provenance(cfg: RunConfig, started: float | None = None, **extra: Any):
             **described, **{f"param:{k}": v for k, v in cfg.as_dict().items()}, **extra}
     if started is not None:
         rows["wall_time_s"] = round(time.time() - started, 1)
-    frame = pd.DataFrame({"item": list(rows), "value": [str(shown_path(v)) for v in rows.values()]})
+    # a model value not set (a revision of None: the hub's default) is "—", as the introduction's
+    # shape table shows it; a parameter keeps None, the literal its cell takes
+    frame = pd.DataFrame({"item": list(rows), "value": ["—" if v is None and k in described else str(shown_path(v))
+                                                        for k, v in rows.items()]})
     took = f" in {rows['wall_time_s']:,.1f} s" if "wall_time_s" in rows else ""
     where = f"Ran on {rows['model']} ({rows['dtype']}, {cfg.device})" if described else "Ran, loading no model,"
     summary = (f"{where}{took} with selfrepair "

@@ -173,15 +173,26 @@ def run_summary(cfg: RunConfig) -> str:
     if paper is not None:
         quote = f": “{paper.quote}”" if paper.quote else ""
         lines.append(f"- **The paper** ({paper.source}) ran {paper.models} on {paper.data}{quote}.")
-    lines.append("- **Whose numbers.** Every number and chart on this page is computed when the page is "
-                 "built, on the model and data above. The paper's own numbers, measured on its models "
-                 "and data, appear only where the text says so (“the paper reports …”, “paper ≈ 30%”, "
-                 "the paper's released values) — so a difference can come from the model and data as "
-                 "well as from the method.")
+    lines.append(f"- **Whose numbers.** {whose_numbers(type(cfg).__module__)}")
     caveat = _caveat(cfg, model, sources)
     if caveat:
         lines.append(f"- **What this can change.** {caveat}")
     return "**What ran here.**\n\n" + "\n".join(lines)
+
+
+def whose_numbers(module: str) -> str:
+    """One sentence: every number on a chapter's page is computed on what ran; the paper's own are
+    said to be the paper's — with the chapter's own example (its first claim that quotes the
+    paper's value, as its verdict prints it), and none where the chapter quotes no paper value."""
+    import sys
+
+    from .rules import _fmt
+
+    claims = getattr(sys.modules.get(module), "CLAIMS", ())
+    quoted = next((c for c in claims if getattr(c, "paper", None) is not None), None)
+    example = f", as in “the paper reports {_fmt(quoted.paper, quoted.fmt)}”" if quoted else ""
+    return ("Every number and chart here is computed on the model and data above; the paper's own "
+            f"numbers are marked as the paper's{example}.")
 
 
 def _caveat(cfg: RunConfig, model, sources: Counter | None = None) -> str:
@@ -208,4 +219,4 @@ def _caveat(cfg: RunConfig, model, sources: Counter | None = None) -> str:
 
 
 __all__ = ["COUNTERFACT_PROMPTS", "PAPERS", "PILE_TOKENS", "PaperSetup", "corpus_words", "data_words",
-           "model_words", "run_summary"]
+           "model_words", "run_summary", "whose_numbers"]

@@ -297,7 +297,9 @@ def stage_source(root: Path, src: Path, charts: Path | None = None) -> list[str]
 
     Where the build's environment names the repository (the Pages workflow), the staged
     ``_config.yml`` gets it with the launch, repository and issue buttons, and the executed
-    notebooks' install cell installs it at the commit (:mod:`selfrepair.book.launch`)."""
+    notebooks' install cell installs it at the commit (:mod:`selfrepair.book.launch`). Every executed
+    notebook's cells are tagged for the HTML by the rule of :mod:`selfrepair.book.cells`."""
+    from .cells import stage_cells
     from .launch import book_config, fill_source, published_source
 
     (src / "book").mkdir(parents=True, exist_ok=True)
@@ -314,6 +316,7 @@ def stage_source(root: Path, src: Path, charts: Path | None = None) -> list[str]
             nb.unlink()
         else:
             fill_source(nb, published_source())
+            stage_cells(nb)
     stage_chart_files(src, Path(charts or src.parent / "charts"))
     toc, dropped = restrict_toc(yaml.safe_load((root / "_toc.yml").read_text()), src)
     (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False, allow_unicode=True))

@@ -1,7 +1,8 @@
 """The book's Sphinx extension (``_config.yml``: ``sphinx: extra_extensions: [selfrepair.book.sphinx]``).
 
 It puts the offline vega bundle on the pages that hold a chart and removes duplicated and thebe
-``<script>`` tags (see :func:`_page_assets`).
+``<script>`` tags (see :func:`_page_assets`), and :data:`BOOK_JS` on every page (it marks display
+math that scrolls in its box, so the CSS can say so under it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 VEGA_BUNDLE = "vendor/vega-bundle.js"  # under html_static_path (book/_static)
+BOOK_JS = "selfrepair.js"  # book/_static/selfrepair.js
 
 
 def _page_assets(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
@@ -38,4 +40,5 @@ def _page_assets(app: Any, pagename: str, templatename: str, context: dict, doct
 
 def setup(app: Any) -> dict:
     app.connect("html-page-context", _page_assets, priority=900)
+    app.add_js_file(BOOK_JS)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -111,7 +111,8 @@ def sweep_heads(sweep, path: str = "") -> pd.DataFrame:
                    fold_value_biases=bool(meta.get("fold_value_biases", False)),
                    n_layers=meta["n_layers"], n_tokens=meta.get("n_tokens"), dataset=key.get("dataset"),
                    top_percent=meta.get("top_percent"), path=path)
-    df["run"] = [f"{m} (ours, {a}, {n:,} tok)" for m, a, n in zip(df["model"], df["ablation"], df["n_tokens"])]
+    # in words, as the prose and the charts print it (not "(ours, resample, 8,192 tok)": read3 #16)
+    df["run"] = [f"{m} (this book: {a}, {n:,} tokens)" for m, a, n in zip(df["model"], df["ablation"], df["n_tokens"])]
     return df
 
 

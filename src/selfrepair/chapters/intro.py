@@ -316,10 +316,23 @@ CLOSURE_TABLE = Layout(("label", "delta_logit", "delta_direct_effect", "self_rep
                        phone=("label", "delta_logit", "delta_direct_effect", "self_repair", "eq2_gap"))
 
 
+# the rows of :func:`shape_table` in words (read3 #18: not `model_type`, `n_layers`, `revision_sha256`)
+SHAPE_NAMES = {"model": "model", "revision": "revision on the hub", "family": "family",
+               "model_type": "architecture (Hugging Face's name)", "n_layers": "layers",
+               "n_heads": "attention heads per layer", "d_model": "residual stream width",
+               "d_head": "head width", "d_mlp": "MLP width", "d_vocab": "vocabulary size",
+               "dtype": "number format", "parallel_residual": "attention and MLP in parallel",
+               "weights": "weights", "revision_sha256": "weights file's SHA-256 (first 12 hex digits)",
+               "adapter": "adapter"}
+
+
 def shape_table(model: Any) -> Table:
-    """The model's identity and shape (:meth:`selfrepair.models.Model.describe`) as a table."""
-    return table(pd.Series({k: shown_path(v) for k, v in model.describe().items()}, name="value"),
-                 names={"item": "", "value": ""})
+    """The model's identity and shape (:meth:`selfrepair.models.Model.describe`) as a table, each
+    row named in words (:data:`SHAPE_NAMES`; another key with its underscores as spaces); a value
+    not set (a revision of None: the hub's default) is "—", as in the provenance table."""
+    described = model.describe()
+    return table(pd.Series({SHAPE_NAMES.get(k, k.replace("_", " ")): shown_path(v) for k, v in described.items()},
+                           name="value"), names={"item": "", "value": ""})
 
 
 __all__ = ["CLOSURE_TABLE", "Config", "Intro", "TOY_TABLE", "WorkedExample",
