@@ -541,3 +541,13 @@ def test_intro_demo_heads_pinned_and_default():
     assert demo_heads(SimpleNamespace(featured_heads=("L3H2", "L0H1")), model) == [(3, 2), (0, 1)]
     one = SimpleNamespace(n_layers=1, n_heads=1)  # the last layer is the middle one
     assert demo_heads(SimpleNamespace(featured_heads=None), one) == [(0, 0)]
+
+
+def test_fig3_panels_follow_the_featured_tables_order():
+    """read3 #27: the table listed L12H0, L14H0, L14H2, L12H2 and the chart L12H0, L12H2, L14H0,
+    L14H2 (sorted by layer): the panels now come in the table's order."""
+    ph = per_head()
+    feat = featured(ph, n=4).iloc[::-1].reset_index(drop=True)  # not in layer order
+    t = fe.featured_tokens(tokens(ph, n=30), feat, tokens(ph, n=100, seed=2), max_per_head=20, seed=0)
+    assert list(t["label"].drop_duplicates()) == list(feat["label"])
+    assert spec_of(fe.fig_featured_tokens(t))["facet"]["sort"] == list(feat["label"])
