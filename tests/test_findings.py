@@ -205,6 +205,8 @@ def check_real(found: list[Finding], verdicts: list[Verdict]):
     for v in verdicts:
         assert v.claim.statement.rstrip(".") in text
     for f in found[1:-1]:  # the outcome sentences: their numbers are the verdicts' values
+        if f.text.startswith("The other side:"):  # chapter 1: what goes against the held claims
+            continue
         group = [v for v in verdicts if v.claim.statement.rstrip(".") in f.text]
         check_sentence(f, group)
     for f in found:
