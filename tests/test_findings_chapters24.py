@@ -283,3 +283,11 @@ def test_chapter4_solution_gives_the_size_medians_beside_the_paragraphs_signed_o
             "a fall of 30%, keep the sign") in said
     assert "3 of them respond" in said and "±10%" in said
     assert "with its sign" in iterative.control_sentence(m["own"], m["control"], 5.0)
+
+
+def test_chapter2_takeaway_names_its_one_answer_before_the_mechanism():
+    """"That share is the chapter's one answer" follows the share it names, not Fig 4's head's logits."""
+    ch, share = _layernorm_full(0.0)
+    text = layernorm.findings(ch)[-1].text
+    assert text.index("That share is the chapter's one answer") < text.index("The paper's mechanism")
+    assert text.index(f"{share.value:.0%} of a late-layer head") < text.index("That share")

@@ -153,12 +153,12 @@ def findings(ch) -> list[Finding]:
         text = (f"Take-away: this run cannot say whether the final norm gives back {paper} of a head's "
                 f"direct effect on this model ({said}); a run on more tokens would narrow the interval.")
     values = (share.value,) if share.value is not None and math.isfinite(share.value) else ()
-    how, more = mechanism(ch)
-    if how:
-        text, values = f"{text} {how}", values + more
     if values and getattr(ch, "frozen", None) is not None:
         text += (" That share is the chapter's one answer to how much the norm gives back; the other readings "
                  "are in the fold under Fig 10, each with why it differs.")
+    how, more = mechanism(ch)
+    if how:
+        text, values = f"{text} {how}", values + more
     return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["norm_share"], FIGURES["appendix_h"]), values))
 
 
