@@ -7,6 +7,7 @@ regions use every token (whole-set means), Fig 3 and the noise statistics a unif
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -666,3 +667,37 @@ def test_verdicts_on_the_tiny_run(tiny):
         line = ce.verdict(ex, v.claim.key)
         assert f"**{format(v.value, v.claim.fmt)}**" in line and f" {v.n:,} " in line
         assert f"**{v.word}**" in line and "95% interval" in line and f"seed {tiny['cfg'].seed}" in line
+
+
+def test_what_chapter1_shows_puts_the_other_side_beside_the_72_percent():
+    """read3 #3: "What this chapter shows" listed the held claims and took away "72% ... an ablation
+    understates what such a head writes" without the every-token result (most late heads' mean
+    self-repair negative) or the early heads' negative top-k% self-repair: both now stand beside
+    it, computed, in words of their sign, and the take-away says where self-repair does not hold."""
+    from selfrepair.chapters import existence_text
+    from selfrepair.claims import Verdict
+    from selfrepair.uncertainty import Estimate
+
+    many = Verdict.of(ce.MANY, Estimate(0.72, 0.6, 0.8, 36, "late-layer heads", 64, "documents", 7, 1000, ""))
+    summary = pd.DataFrame({"group": ["early", "late"], "share_negative_self_repair": [0.9, 0.694],
+                            "mean_self_repair": [-0.2, -0.113]})
+    top = pd.DataFrame({"layer": [0, 0, 1, 1, 2, 3], "self_repair": [-1.0, -0.5, -0.2, 0.3, 0.5, 0.5]})
+    r = SimpleNamespace(meta={"model": "m", "n_tokens": 512, "ablation": "resample"}, verdicts=[many],
+                        evidence=SimpleNamespace(clusters=SimpleNamespace(n=16, unit="documents"), n_layers=4),
+                        summary=summary, top=top)
+    found = ce.findings(r)
+    side, take = found[-2], found[-1]
+    assert existence_text.against(r) == (0.694, -0.113, 0.75)
+    assert "the late-layer heads' self-repair is mostly negative (69% of them below zero" in side.text
+    assert "costs 0.113 logits more than its direct effect" in side.text and "−" not in side.text
+    assert "the early-layer heads' self-repair on their own top tokens is mostly negative (75%" in side.text
+    assert side.values == (0.694, -0.113, 0.75)
+    assert "72%" in take.text and "mostly costs more than the direct effect" in take.text
+    assert len(ce.findings(SimpleNamespace(**{**vars(r), "summary": None}))) == len(found) - 1
+
+
+def test_noisy_reading_says_the_correlation_is_closer_to_zero():
+    """read3 #11: "a per-token correlation weaker than −0.5" reads as below −0.5; the heads counted
+    have a correlation above it, closer to zero."""
+    assert "closer to zero than −0.5" in ce.NOISY.reading and "weaker than" not in ce.NOISY.reading
+    assert ce.NOISY.classify[0].bounds[0] == -0.5

@@ -131,18 +131,25 @@ def y_scales(spec) -> list[dict]:
 
 
 def test_fig9_axis_spans_the_central_range_and_counts_the_outlier():
-    """Chapter 2's Fig 9 panel went to 1,500,000% for one layer's mean: the axis now spans the other
-    means, the outlier is drawn at its edge (a ▲ of its own), kept in the data and counted."""
+    """Chapter 2's Fig 9 panel went to 1,500,000% for one layer's mean: a zoom spans the other
+    means, the outlier drawn at its edge (a ▲ of its own), kept in the data and counted; and
+    (read3 #25: 20 of 72 points were triangles at the edge) a full-range panel beside the zoom
+    draws every unclipped mean where it is, on a symmetric-log axis."""
     layers = share_layers(16000.0)
     spec = spec_of(fl.fig_share_variants(layers))
-    scales = y_scales(spec)
-    assert scales and all(s.get("clamp") and s["domain"][1] < 1 and s["domain"][0] <= 0 for s in scales)
-    assert 16000.0 in {r["share"] for r in rows(spec)} and data_rows(spec) == len(layers)
+    full, zoom, clipped = spec["hconcat"]
+    assert "every mean" in json.dumps(full["title"]) and "zoom" in json.dumps(zoom["title"])
+    (fs,) = y_scales(full)
+    assert fs["type"] == "symlog" and not fs.get("clamp") and fs["domain"][1] >= 16000.0
+    zs = y_scales(zoom) + y_scales(clipped)
+    assert zs and all(s.get("clamp") and s["domain"][1] < 1 and s["domain"][0] <= 0 for s in zs)
+    assert 16000.0 in {r["share"] for r in rows(spec)}
     assert {"above"} == {r["beyond"] for r in rows(spec)} - {""}
     assert any(n.get("transform") == [{"filter": "datum.beyond != ''"}] for n in nodes(spec))
-    assert "1 of 72 layer means" in spec["title"]["subtitle"]
+    assert "1 of 72 layer means" in spec["title"]["subtitle"] and "beyond the zoom's axis" in spec["title"]["subtitle"]
     plain = spec_of(fl.fig_share_variants(share_layers(0.5)))  # no outlier: nothing clipped, nothing said
-    assert not any(s.get("clamp") for s in y_scales(plain)) and isinstance(plain["title"], str)
+    assert len(plain["hconcat"]) == 2 and not any(s.get("clamp") for s in y_scales(plain))
+    assert isinstance(plain["title"], str)
 
 
 def own_frame(ablations=("resample", "mean", "zero", "noise")) -> pd.DataFrame:
@@ -400,7 +407,7 @@ def test_layer_axis_of_a_narrow_panel_is_not_crowded():
     """Chapter 2's Fig 9 panels (260 px) printed all 18 layers, their labels touching."""
     spec = spec_of(fl.fig_share_variants(share_layers(0.5)))
     axes = [n["encoding"]["x"]["axis"] for n in nodes(spec) if "axis" in n.get("encoding", {}).get("x", {})]
-    assert axes and all(len(a["values"]) * LABEL_PX <= spec["spec"]["width"] for a in axes)
+    assert axes and all(len(a["values"]) * LABEL_PX <= panel["width"] for a in axes for panel in spec["hconcat"])
     assert all(a["values"] == list(range(0, 18, 2)) and a["labelOverlap"] == "parity" for a in axes)
 
 

@@ -69,29 +69,77 @@ def test_chapter2_takeaway_follows_the_norm_share(lo, hi, words):
     assert 3 <= len(found) <= 6
 
 
-@pytest.mark.parametrize("block", [0.0, 0.05])
-def test_chapter2_takeaway_reconciles_the_norm_share_with_the_norms_only_repair(block):
-    """The take-away quoted the clipped norm share (~24%) beside a frozen-norm repair of ~5% with
-    nothing between them: one sentence now says what each is (clipped per-token share of eq. 2's
-    final-norm term; the repair with every other component frozen) and why they differ, with the
-    same term unclipped and the live norm terms, all computed from the per-head frame."""
+def _layernorm_full(block: float):
+    """A chapter-2 stand-in with the verdicts, Fig 4's table and the frozen-norm and share frames."""
     share = Verdict.of(layernorm.SHARE, estimate(0.22, 0.26))
+    ratios = [Verdict.of(layernorm.RATIO[a], estimate(lo, lo + 0.08)) for a, lo in
+              (("resample", 0.43), ("mean", 0.42), ("zero", 0.51))]
     ch = _layernorm(share)
+    ch.verdicts = [*ratios, share]
+    ch.ratio_head = (1, 3)
+    ch.ratios = pd.DataFrame({"ablation": ["resample", "mean", "zero"], "mean_from_norm": [-0.0491, -0.04, 0.14]})
     ch.frozen = pd.DataFrame({"direct_effect": [2.0, 1.0], "from_norm": [0.2, 0.1],
                               "from_block_norms": [block, block], "self_repair_norms_only": [0.09, 0.06]})
     ch.frozen["norm_terms"] = ch.frozen["from_norm"] + ch.frozen["from_block_norms"]
+    rows = [{"layer": l, "tokens": "top-k%", "clipping": "clipped", "component": c, "share": x, "head": h}
+            for l in (0, 1) for h in (0, 1, 2) for c, x in (("final norm", 0.2 + 0.1 * (l == 0)),
+                                                             ("block norms", block * 3))
+            if c == "final norm" or block]
+    ch.shares = pd.DataFrame(rows)
+    ch.layers = ch.shares.groupby(["layer", "tokens", "clipping", "component"], as_index=False)["share"].mean()
+    return ch, share
+
+
+def test_chapter2_takeaway_says_whether_the_norm_repairs_and_that_the_mechanism_fails():
+    """read3 #1: the take-away led with "24% ... as the paper's 'around 30%'" and never said that
+    S/S′ > 1 holds on only about half the top tokens (the paper: 91–100%) nor that Fig 4's head has a
+    negative norm repair: it now says all three, computed, the repair in words of its sign."""
+    ch, share = _layernorm_full(0.0)
     take = layernorm.findings(ch)[-1]
+    assert "yes, on average the final norm repairs on this model" in take.text
+    assert "The paper's mechanism is not seen here" in take.text
+    assert "on 46% to 55% of a last-layer head's top tokens" in take.text and "the paper's 91% to 100%" in take.text
+    assert "on Fig 4's head L1H3 the final norm's repair under resample ablation is negative: on average it " \
+           "takes away a further 0.049 logits" in take.text
+    assert take.values == pytest.approx((share.value, 0.46, 0.55, 0.9066, 1.0, -0.0491))
+    assert "one answer" in take.text and "−" not in take.text
+
+
+@pytest.mark.parametrize("block", [0.0, 0.05])
+def test_chapter2_names_one_answer_and_folds_the_other_readings(block):
+    """read3 #2: six numbers answered "how much does the norm give back" and only one was named: the
+    fold names the clipped late-head share as the one answer and gives every other reading one line
+    (what it measures, why it differs), with which block-norm number to quote beside chapter 6's."""
+    ch, share = _layernorm_full(block)
+    fold = layernorm.other_readings(ch)
+    text = repr(fold)
+    assert f"The chapter's one answer is {share.value:.0%}" in text and "around 30%" in text
     term, only, terms = 0.15 / 1.5, 0.075 / 1.5, (0.15 + block) / 1.5
-    s = take.text[take.text.index(f"The {share.value:.0%} and"):]
-    assert s.count(". ") == s.count("eq. ") and s.endswith(".")  # both numbers and why, in one sentence
-    assert f"{share.value:.0%} and the frozen-norm run's {only:.0%}" in s
-    assert f"({term:.0%} unclipped" in s and "clipped to [0, 1]" in s and "every other downstream" in s
-    assert take.values[:3] == pytest.approx((share.value, term, only))
+    names = [line.split("</b>")[0].removeprefix("<b>") for line in fold.lines]
+    assert names[:3] == ["Every layer, not only the late ones", "Unclipped", "The norms alone"]
+    assert f"Unclipped: {term:.0%}." in text and f"The norms alone: {only:.0%}." in text
+    assert "Every layer, not only the late ones: 25%." in text  # (0.3 + 0.2) / 2
     if block:
-        assert f"are {terms:.0%}" in s and take.values[3] == pytest.approx(terms)
+        assert f"Eq. 2's live norm terms: {terms:.0%}." in text
+        assert "The block norms: a further 15%." in text and "quote this one beside this chapter's answer" in text
     else:
-        assert "block norms" not in s and len(take.values) == 3
-    assert layernorm.FIGURES["norms_only"] in take.figures
+        assert len(fold.lines) == 3 and "block norms" not in text.lower().split("each reading below")[1]
+    assert "<details" in fold._repr_html_()
+    ch.frozen = None
+    assert layernorm.other_readings(ch) is None
+
+
+def test_chapter2_opening_lists_claims_not_the_argument():
+    """read3 #37: "Their claims:" was followed by "The argument", which is not a claim: the argument
+    is now a paragraph of its own before the list."""
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / "book" / "02_layernorm.ipynb").read_text())
+    opening = "".join(nb["cells"][0]["source"])
+    before, _, claims = opening.partition("Their claims:")
+    assert "**The argument**" in before and "The argument" not in claims
+    assert claims.lstrip().startswith("- **$S/S' > 1$ almost always**")
 
 
 def _neurons(anti: Verdict):
@@ -262,3 +310,11 @@ def test_chapter7_error_split_words_follow_the_share(norm, down, word):
 
     said = _error_split(norm, down)
     assert f"the final norm's scale carries {word}" in said and "mostly" not in said
+
+
+def test_chapter2_takeaway_names_its_one_answer_before_the_mechanism():
+    """"That share is the chapter's one answer" follows the share it names, not Fig 4's head's logits."""
+    ch, share = _layernorm_full(0.0)
+    text = layernorm.findings(ch)[-1].text
+    assert text.index("That share is the chapter's one answer") < text.index("The paper's mechanism")
+    assert text.index(f"{share.value:.0%} of a late-layer head") < text.index("That share")

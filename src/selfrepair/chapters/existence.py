@@ -25,7 +25,6 @@ Thresholds read the paper's words through :data:`selfrepair.claims.PAPER_WORDS`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,13 +36,13 @@ from ..claims import Claim, Verdict, paper_word, render, render_claim
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..experiment import head_sweep
-from ..findings import Figure, Finding, markdown, shows as _shows
-from ..rules import number
 from ..structure import late_start
-from ..tables import Layout, readable
+from ..tables import Layout
 from ..uncertainty import Bootstrap
 from ..verdict_records import recorded
 from . import check, featured, value_bias_note
+from .existence_text import (FIGURES, TOP_TOKENS_REASON, every_token_note, findings,  # noqa: F401 (the notebook's)
+                               regions_note, shows)
 
 PAPER_FIG3 = ("L22H11", "L20H6", "L23H1", "L20H14")  # Pythia-410M, handpicked (Fig 3)
 FEATURED_RULE = ("two late-layer heads with the largest whole-set mean self-repair among those with "
@@ -90,7 +89,7 @@ NOISY = Claim("noisy", "Many heads with a significant direct effect show no clea
               "recomputed in every replicate), the share whose per-token correlation of DE and Δlogit on "
               "the uniform sample is not clear", paper_word("many"), fmt=".0%",
               reading="For {value} of the {n} {unit}, how much a token loses barely follows how much the "
-                      "head contributed to it (a per-token correlation weaker than −0.5).",
+                      "head contributed to it (a per-token correlation closer to zero than −0.5).",
               rationale="the paper finds it surprising 'for heads that have significant direct effects yet "
                         "no strong correlation'; 'significant direct effect' is read as the upper half of "
                         "the late heads by top-k% direct effect. Fig 3's L23H1 and L20H14 are two "
@@ -280,83 +279,10 @@ def on_this_model(r: Existence) -> str:
     return render(r.verdicts, intro, rules="ch01-rules", below=FIGURES)
 
 
-def regions_note(r: Existence) -> str:
-    """One sentence under the regions table: its share of repaired late heads beside the verdict on
-    "many", and why they differ (other tokens, another class of heads, another test)."""
-    s = r.summary.set_index("group").loc["late"]
-    many = next(v for v in r.verdicts if v.claim.key == MANY.key)
-    n_pos = int(s["n_positive_de"])
-    if n_pos == 0 or not math.isfinite(many.value):
-        return ""
-    return (f"The table counts {int(s['n_repaired'])} of the {n_pos} late-layer heads with a positive "
-            f"direct effect ({s['n_repaired'] / n_pos:.0%}) as repaired, reading each head's means over "
-            f"every token and Fig 2's band; the verdict on 'many' counts {many.value:.0%} of all "
-            f"{many.n} late-layer heads as self-repaired, reading each head's own top-k% tokens (where "
-            "its direct effect is largest) and a positive mean self-repair: different tokens, a different "
-            "class of heads and a different test, so the two shares need not agree." + every_token_note(s))
-
-
-# the paper's reason for reading each head on its top 2% of tokens (self-repair paper, §2.2)
-TOP_TOKENS_REASON = ("“for each head, we measure the average self-repair each attention head experiences across "
-                     "the top 2% of tokens filtered by each head's direct effect, to ensure we are seeing "
-                     "self-repair of the head's role in the model, rather than noise” — since “each language "
-                     "model component tends to be useful on a sparse set of tokens”")
-
-
-def every_token_note(late: pd.Series) -> str:
-    """One sentence on the late heads' self-repair over *every* token (the regions table's
-    ``mean_self_repair`` and ``share_negative_self_repair``), worded from their signs, and why the
-    paper's claim reads each head's top tokens instead (its own words, §2.2)."""
-    share, mean = float(late["share_negative_self_repair"]), float(late["mean_self_repair"])
-    if not (math.isfinite(share) and math.isfinite(mean)):
-        return ""
-    most = ("most late-layer heads' mean self-repair is negative" if share > 0.5 else
-            "most late-layer heads' mean self-repair is positive" if share < 0.5 else
-            "half the late-layer heads' mean self-repair is negative")
-    return (f" Over every token, {most} ({share:.0%} of them below zero; the mean over them "
-            f"{number(mean, '+.3f')} logits: the fold's {readable('share_negative_self_repair')} and "
-            f"{readable('mean_self_repair')}). The claim is "
-            f"about each head's top tokens, not its average one, because the paper measures it so (§2.2): "
-            f"{TOP_TOKENS_REASON}. Why the every-token mean has the sign it has here is not tested in this chapter.")
-
-
 def verdict(r: Existence, key: str) -> str:
     """Claim ``key``'s full verdict, which the notebook shows right after the figure
     :data:`FIGURES` names for it (the overview of :func:`on_this_model` links down to it)."""
     return render_claim(r.verdicts, key, rules="ch01-rules")
-
-
-FIGURES = {"many": Figure("ch01-fig1", "Fig 1"), "exists": Figure("ch01-fig1", "Fig 2"),
-           "imperfect": Figure("ch01-imperfect", "the regions by layer"),
-           "noisy": Figure("ch01-noisy", "the spread within each head")}
-
-
-def findings(r: Existence) -> list[Finding]:
-    """"What this chapter shows": where it ran, the claims by outcome, and the take-away (from
-    "many": is self-repair of late heads widespread on this model)."""
-    m, cl, model = r.meta, r.evidence.clusters, str(r.meta.get("model"))
-    where = Finding(f"This chapter ablated every head of {model} on {m.get('n_tokens', 0):,} tokens from "
-                    f"{cl.n:,} independent {cl.unit}, with {m.get('ablation')} ablation.",
-                    values=(m.get("n_tokens", 0), cl.n))
-    many = next(v for v in r.verdicts if v.claim is MANY)
-    share = f"{many.value:.0%}" if math.isfinite(many.value) else "n/a"
-    if many.holds:
-        text = (f"Take-away: on this model, ablating a late-layer head costs less than its direct effect "
-                f"for {share} of them on the tokens where they matter most, so an ablation understates what "
-                "such a head writes: read a head's importance from its direct effect and its ablation together.")
-    elif many.holds is False:
-        text = (f"Take-away: self-repair of late-layer heads is not widespread on this model ({share} of them), "
-                "so ablating one mostly costs its full direct effect.")
-    else:
-        text = (f"Take-away: this run cannot say whether self-repair of late-layer heads is widespread on this "
-                f"model ({share} of them); a run on more tokens would narrow the interval.")
-    takeaway = Finding(text, (FIGURES["many"],), (many.value,) if math.isfinite(many.value) else ())
-    return _shows(where, r.verdicts, FIGURES, model, takeaway)
-
-
-def shows(r: Existence) -> str:
-    """The "What this chapter shows" paragraph."""
-    return markdown(findings(r))
 
 
 VALUE_BIAS = (  # what fold_value_biases changes in this chapter

@@ -275,6 +275,20 @@ TERMS = {"from_heads": "the other heads'", "from_mlps": "the MLPs'", "from_norm"
          "from_block_norms": "the block norms'"}
 
 
+def largest_term(key: str, mean: float) -> str:
+    """The sentence on eq. 2's term largest in size (``key`` of :data:`TERMS`, its ``mean`` over the
+    heads) in words of its sign: a negative term makes the ablation's loss worse, it repairs nothing."""
+    who = TERMS[key].removesuffix("'s").rstrip("'")
+    many = who.endswith("s")  # "the MLPs give back", "the final norm gives back"
+    verb = (lambda v: v) if many else (lambda v: v.replace("give ", "gives ").replace("take ", "takes ").replace("make ", "makes "))
+    way = changes(mean, ".3f", verb("give back"), verb("take away a further"), verb("give back nothing"), unit=" logits")
+    they = "they" if many else "it"
+    what = (verb(f"so {they} make up for part of the loss") if mean > 0 else
+            verb(f"so {they} make the ablation's loss worse rather than repairing it"))
+    return (f"On those heads, the term of eq. 2 largest in size is {TERMS[key]}: on average over the heads "
+            f"{who} {way}" + ("." if "nothing" in way else f", {what}."))
+
+
 def findings(live: Intro, toy: WorkedExample, model: str, tol: float = 1e-3) -> list[Finding]:
     """"What this chapter shows" of the introduction: the worked example's self-repair, eq. 2's
     closure on the model and which term gave back most on the heads of the live check."""
@@ -294,8 +308,7 @@ def findings(live: Intro, toy: WorkedExample, model: str, tol: float = 1e-3) -> 
                 (n["delta_logit"], n["delta_de"], n["self_repair"])),
         Finding(f"On {model}, ablating {len(t)} heads, eq. 1 and the sum of eq. 2's terms agree {closes} "
                 f"(largest per-token gap {worst:.1e} logits).", (FIGURES["live"],), (len(t), worst)),
-        Finding(f"On those heads, the term of eq. 2 largest in size is {TERMS[top]} "
-                f"({number(means[top], '+.3f')} logits, the mean over the heads).", (FIGURES["live"],), (float(means[top]),)),
+        Finding(largest_term(top, float(means[top])), (FIGURES["live"],), (float(means[top]),)),
         Finding("Take-away: self-repair is what an ablation's effect lacks of the direct effect it removes, and "
                 "eq. 2 splits it exactly among what lies downstream; every chapter measures it so, on many "
                 "more heads and tokens."),

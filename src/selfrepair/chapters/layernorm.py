@@ -61,7 +61,7 @@ from . import check, value_bias_note
 from .layernorm_claims import (APP_B, APP_H, CHECK_CLUSTERS, CLAIMS, NORMS_ONLY, RATIO, SHARE,  # noqa: F401
                                Evidence, evidence, verdicts)
 from .layernorm_text import (APP_D_TABLE, FIGURES, FROZEN_RULE, app_d_markdown, findings,  # noqa: F401 (the notebook's)
-                             frozen_markdown, shows)
+                             frozen_markdown, other_readings, shows)
 
 PAPER_HEADS = {"ratio_head": "L11H2", "ablation_head": "L11H10",  # Pythia-160M, Fig 4 and Fig 5
                "fig15_head": "L11H0"}  # Fig 15's caption
@@ -146,8 +146,10 @@ class LayerNormChapter:
 
     @property
     def app_d_tokens(self) -> pd.DataFrame:
-        """Per-token rows of App. D's heads (three ablations)."""
-        return self.tokens[self.tokens["label"].isin([head_label(*h) for h in self.app_d])]
+        """Per-token rows of App. D's heads (three ablations), in App. D's order (its table's)."""
+        order = {head_label(*h): i for i, h in enumerate(self.app_d)}
+        rows = self.tokens[self.tokens["label"].isin(order)]
+        return rows.iloc[rows["label"].map(order).argsort(kind="stable")]
 
     @property
     def ablation_tokens(self) -> pd.DataFrame:

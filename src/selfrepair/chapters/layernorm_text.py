@@ -5,12 +5,16 @@ and returns Markdown.
 
 from __future__ import annotations
 
+import html
 import math
 
 from .. import frozen_norm as fz
 from ..findings import Figure, Finding, markdown, shows as _shows
 from ..rules import number
+from ..results import head_label
 from ..tables import Layout, format_number
+from .hydra_answer import Fold, _line
+from .signed import changes
 
 FROZEN_RULE = "every head of the late half of the layers"
 APP_D_TABLE = Layout(("label", "ablation", "share_ratio_above_1", "median_ratio", "mean_from_norm"),
@@ -95,10 +99,40 @@ FIGURES = {**{f"ratio_{a}": Figure("ch02-fig4", "Fig 4") for a in ("resample", "
            "norms_only": Figure("ch02-frozen", "the frozen-norm chart")}
 
 
+def mechanism(ch) -> tuple[str, tuple[float, ...]]:
+    """Whether the paper's mechanism is seen on this model, in words, and the numbers printed: the
+    share of a last-layer head's top tokens with S/S′ > 1 (the three ablations' verdicts, lowest to
+    highest) against the paper's for its head, and the mean final-norm repair of Fig 4's head under
+    resample ablation (its table's "norm repair"), in words of its sign."""
+    ratio = [v for v in ch.verdicts if v.claim.key.startswith("ratio_") and v.value is not None
+             and math.isfinite(v.value)]
+    text, values = "", ()
+    if ratio:
+        lo, hi = min(v.value for v in ratio), max(v.value for v in ratio)
+        plo, phi = min(v.claim.paper for v in ratio), max(v.claim.paper for v in ratio)
+        said = f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%} to {hi:.0%}"
+        how = ("as" if all(v.holds for v in ratio) else "not" if all(v.holds is False for v in ratio) else "not clearly")
+        text = (f"The paper's mechanism is {how} seen here: the ablation shrinks the residual stream (S/S′ > 1) on "
+                f"{said} of a last-layer head's top tokens (mean over the heads, by ablation), against the paper's "
+                f"{plo:.0%} to {phi:.0%} for its head")
+        values = (lo, hi, plo, phi)
+    r = getattr(ch, "ratios", None)
+    row = r[r["ablation"] == "resample"] if r is not None and "mean_from_norm" in r else ()
+    if len(row) and math.isfinite(x := float(row["mean_from_norm"].iloc[0])):
+        way = changes(x, ".3f", "gives back", "takes away a further", "gives back nothing", unit=" logits")
+        sign = "negative: " if x < 0 and way != "gives back nothing" else ""
+        text += (("; and" if text else "") + f" on Fig 4's head {head_label(*ch.ratio_head)} the final norm's "
+                 f"repair under resample ablation is {sign}on average it {way}")
+        values += (x,)
+    return (text[0].upper() + text[1:] + ".", values) if text else ("", ())
+
+
 def findings(ch) -> list[Finding]:
     """"What this chapter shows" for chapter 2: where it ran, the claims by outcome, and the
-    take-away (from the norm share, :data:`~selfrepair.chapters.layernorm_claims.SHARE`: how much of a
-    late head's direct effect the final norm gives back on this model, without any circuit)."""
+    take-away: whether the final norm repairs on this model — the chapter's one answer to how much
+    (the norm share, :data:`~selfrepair.chapters.layernorm_claims.SHARE`, the statistic of the
+    paper's "around 30%"), whether the paper's mechanism (S/S′ > 1) is seen, and Fig 4's head's
+    norm repair (:func:`mechanism`); the other readings of "how much" are in :func:`other_readings`."""
     m, cl, model = ch.meta, ch.evidence.clusters, str(ch.meta.get("model"))
     n_last, n_late = len(ch.evidence.last), len(ch.evidence.late)
     where = Finding(f"This chapter ablated the {n_last} last-layer heads of {model} three ways (resample, mean, "
@@ -109,8 +143,8 @@ def findings(ch) -> list[Finding]:
     said = f"{share.value:.0%} of a late-layer head's direct effect on its top tokens"
     paper = f"the paper's “around {share.claim.paper:.0%}”"
     if share.holds:
-        text = (f"Take-away: on this model eq. 2's final-norm term gives back {said}, as {paper}: part of "
-                "any ablation's self-repair needs no circuit, and a frozen-norm ablation removes it.")
+        text = (f"Take-away: yes, on average the final norm repairs on this model: eq. 2's final-norm term gives "
+                f"back {said}, as {paper}, and that part of any ablation's self-repair needs no circuit.")
     elif share.holds is False:
         side = "less" if share.value < share.claim.rule.bounds[0] else "more"
         text = (f"Take-away: on this model the final norm gives back {said}, {side} than {paper}, so "
@@ -119,36 +153,63 @@ def findings(ch) -> list[Finding]:
         text = (f"Take-away: this run cannot say whether the final norm gives back {paper} of a head's "
                 f"direct effect on this model ({said}); a run on more tokens would narrow the interval.")
     values = (share.value,) if share.value is not None and math.isfinite(share.value) else ()
-    both, more = reconcile(ch, share.value)
-    text, values = (f"{text} {both}", values + more) if both and values else (text, values)
-    figures = (FIGURES["norm_share"],) + ((FIGURES["norms_only"],) if both and values else ())
-    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, figures, values))
+    if values and getattr(ch, "frozen", None) is not None:
+        text += (" That share is the chapter's one answer to how much the norm gives back; the other readings "
+                 "are in the fold under Fig 10, each with why it differs.")
+    how, more = mechanism(ch)
+    if how:
+        text, values = f"{text} {how}", values + more
+    return _shows(where, ch.verdicts, FIGURES, model, Finding(text, (FIGURES["norm_share"], FIGURES["appendix_h"]), values))
 
 
-def reconcile(ch, clipped: float) -> tuple[str, tuple[float, ...]]:
-    """One sentence putting the norm share (``clipped``: eq. 2's final-norm term over each token's
-    direct effect, clipped to [0, 1], averaged) beside the frozen-norm run's repair with every other
-    component frozen, saying what each is and why they differ, with the numbers it prints: the
-    same term unclipped, the norms-only repair and eq. 2's live norm terms, each over the late
-    heads' mean direct effect on their top-k% tokens. ``("", ())`` without a frozen-norm run."""
+FOLD_TITLE = "Other readings of how much the norm gives back, and why their numbers differ"
+
+
+def other_readings(ch) -> Fold | None:
+    """The chapter's one answer to "how much does the norm give back?" — the norm share
+    (:data:`~selfrepair.chapters.layernorm_claims.SHARE`'s statistic, the one the paper's "around
+    30%" reads) — and every other reading the chapter computes, one line each on what it measures
+    and why its number differs: over every layer, unclipped, the norms alone, eq. 2's live norm
+    terms, the block norms (and which of chapter 6's numbers to quote beside it). None without the
+    verdict or the frozen-norm run."""
+    share = next((v for v in ch.verdicts if v.claim.key == "norm_share"), None)
     f = getattr(ch, "frozen", None)
-    if f is None or not len(f) or clipped is None or not math.isfinite(clipped):
-        return "", ()
+    if share is None or share.value is None or not math.isfinite(share.value) or f is None or not len(f):
+        return None
     de = float(f["direct_effect"].mean())
-    if not math.isfinite(de) or de == 0:
-        return "", ()
     term, only, terms = (float(f[c].mean()) / de for c in ("from_norm", "self_repair_norms_only", "norm_terms"))
-    block = bool(f["from_block_norms"].abs().gt(0).any())
-    live = (f"eq. 2's live norm terms, the final norm's and the block norms', are {terms:.0%}" if block else
-            f"the live term is the {term:.0%} above")
-    return (f"The {clipped:.0%} and the frozen-norm run's {only:.0%} are different quantities: {clipped:.0%} is "
-            f"eq. 2's final-norm term in the live ablation as a share of each token's direct effect, clipped "
-            f"to [0, 1] token by token and then averaged ({term:.0%} unclipped, as the mean term over the mean "
-            f"direct effect), while {only:.0%} is the repair the norms give when every other downstream "
-            "component is frozen at its clean output (the mean repair over the mean direct effect), lower "
-            "because clipping counts each token the norm over-repays as 100% and none below 0, and because a "
-            f"live norm also rescales what the later heads and MLPs changed ({live}).",
-            (term, only) + ((terms,) if block else ()))
+    late = ch.evidence.late[0][0]
+    top = ch.layers[(ch.layers["tokens"] == "top-k%") & (ch.layers["clipping"] == "clipped")]
+    every = ch.shares[(ch.shares["tokens"] == "top-k%") & (ch.shares["clipping"] == "clipped")
+                      & (ch.shares["component"] == "final norm")]["share"].mean()
+    lead = html.escape(f"The chapter's one answer is {share.value:.0%}: the mean over the late-layer heads of the "
+                       "final norm's share of each head's direct effect on its top tokens, clipped to [0, 1] per "
+                       "token (Fig 10), the statistic the paper's “around 30%” reads. Each reading below "
+                       "measures something else:")
+    lines = [_line("Every layer, not only the late ones", f"{every:.0%}",
+                   "The same clipped share averaged over the heads of every layer; it differs by the early layers, "
+                   "which the paper's claim (later layers) leaves out"),
+             _line("Unclipped", f"{term:.0%}",
+                   "The late heads' mean final-norm term over their mean direct effect, nothing clipped; lower "
+                   "because clipping counts each token the norm over-repays as 100% and none below 0"),
+             _line("The norms alone", f"{only:.0%}",
+                   "The repair the norms give when every other downstream component is frozen at its clean "
+                   "output (the frozen-norm run), over the mean direct effect; lower because a live norm also "
+                   "rescales what the later heads and MLPs changed", ("ch02-frozen", "the frozen-norm chart"))]
+    block = top[(top["component"] == "block norms") & (top["layer"] >= late)]
+    if bool(f["from_block_norms"].abs().gt(0).any()):
+        lines.append(_line("Eq. 2's live norm terms", f"{terms:.0%}",
+                           "The final norm's and the block norms' terms of the live ablation together, unclipped, "
+                           "over the mean direct effect; it adds the block norms the paper's models do not have"))
+    if len(block):
+        lines.append(_line("The block norms", f"a further {block['share'].mean():.0%}",
+                           "This model's post-attention and post-feedforward norms, the same clipped per-token share "
+                           "as the answer (late layers' means); a term of eq. 2 apart from the final norm, never "
+                           "counted as 'LayerNorm'. Chapter 6's block-norm share is another statistic (the term "
+                           "summed over tokens over the summed direct effect, unclipped, late heads with a positive "
+                           "direct effect): quote this one beside this chapter's answer, chapter 6's only beside "
+                           "chapter 6's other models"))
+    return Fold(FOLD_TITLE, lead, tuple(lines))
 
 
 def shows(ch) -> str:

@@ -130,14 +130,17 @@ def token_color() -> alt.Color:
 def featured_tokens(top: pd.DataFrame, featured: pd.DataFrame, sample: pd.DataFrame | None = None,
                     max_per_head: int = 600, seed: int = 0) -> pd.DataFrame:
     """Per-token rows of the featured heads (top-k% tokens, plus the random sample if given),
-    at most ``max_per_head`` of each kind per head (seeded sample) — the data of Fig 3."""
+    at most ``max_per_head`` of each kind per head (seeded sample), in the order of ``featured``
+    (the table above Fig 3) — the data of Fig 3."""
     parts = []
     for kind, frame in (("random sample", sample), ("top-k%", top)):  # top tokens drawn last
         if frame is None:
             continue
         keep = frame.merge(featured[["layer", "head"]], on=["layer", "head"])
-        keep = (keep.sample(frac=1.0, random_state=seed).groupby(["layer", "head"]).head(max_per_head)
-                .sort_values(["layer", "head"], kind="mergesort"))
+        keep = keep.sample(frac=1.0, random_state=seed).groupby(["layer", "head"]).head(max_per_head)
+        rank = {(int(l), int(h)): i for i, (l, h) in enumerate(zip(featured["layer"], featured["head"]))}
+        order = [rank[int(l), int(h)] for l, h in zip(keep["layer"], keep["head"])]
+        keep = keep.assign(_order=order).sort_values("_order", kind="mergesort").drop(columns="_order")
         parts.append(keep.assign(tokens=kind))
     return pd.concat(parts, ignore_index=True)
 
@@ -152,7 +155,9 @@ def fig_featured_tokens(tokens: pd.DataFrame, columns: int = 2) -> alt.FacetChar
                       "delta_direct_effect"))
     return (alt.layer(*_diagonal("direct_effect", "delta_logit"), points, data=tokens)
             .properties(width=260, height=200)
-            .facet(facet=alt.Facet("label:N", title=None, sort=_head_order(tokens)), columns=columns)
+            # panels in the order the rows come (featured_tokens: the featured table's order)
+            .facet(facet=alt.Facet("label:N", title=None, sort=list(tokens["label"].drop_duplicates())),
+                   columns=columns)
             .resolve_scale(x="independent", y="independent")
             .properties(title="Per-token DE vs Δlogit of the featured heads"))
 

@@ -29,25 +29,27 @@ def _ablation_color(title: str = "ablation", legend: alt.Legend | None = None) -
 
 
 def panel_bins(t: pd.DataFrame, bins: int) -> pd.DataFrame:
-    """Fig 4's histogram rows: per panel, ``bins`` equal bins over that panel's own ratios and the
-    line at 1 (so each panel's axis spans its own data, not every panel's), with the panel's share
-    of tokens with ``S/S' > 1`` and its token count on every row (``panel, label, ablation, lo, hi,
+    """Fig 4's histogram rows: per panel, ``bins`` equal bins over one span shared by every panel
+    (every panel's ratios and the line at 1: the panels share one S/S′ axis, so how much farther one
+    ablation moves the scale than another is read off the bars' widths), with the panel's share of
+    tokens with ``S/S' > 1`` and its token count on every row (``panel, label, ablation, lo, hi,
     count, share, n``)."""
+    span = tuple(data_domain(t["ratio"], include=(1,), pad=0.0)) if len(t) else None
     parts = []
     for panel, g in t.groupby("panel", sort=False):
         r = g["ratio"]
-        h = histogram(g, "ratio", "panel", bins, span=tuple(data_domain(r, include=(1,), pad=0.0)))
+        h = histogram(g, "ratio", "panel", bins, span=span)
         parts.append(h.assign(label=g["label"].iloc[0], ablation=g["ablation"].iloc[0],
                               share=float((r > 1).mean()), n=len(g)))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["panel", "lo", "hi", "count", "label", "ablation", "share", "n"])
 
 
-def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
+def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 60) -> alt.FacetChart:
     """Fig 4 (and App. D Fig 16-17 for more heads): histograms of ``S/S'`` on each head's top-k%
-    tokens, one row per head and one column per ablation, with the line at 1 and the share of
-    tokens above it. Binned here per panel (:func:`panel_bins`): each panel's x-axis spans its own
-    ratios and 1 (a bin over every panel's tokens stretched them all to the widest one)."""
+    tokens, one row per head (in the order of ``tokens``: the table's) and one column per ablation,
+    with the line at 1 and the share of tokens above it. One x-axis for every panel
+    (:func:`panel_bins`): the text compares how far each ablation moves the scale across panels."""
     t = tokens[tokens["tokens"] == "top-k%"][["label", "ablation", "ratio"]].copy()
     labels = list(t["label"].drop_duplicates())
     # one wrapped facet of "head · ablation" panels, three to a row (a row x column facet cannot
@@ -79,14 +81,15 @@ def fig_scale_ratio(tokens: pd.DataFrame, bins: int = 40) -> alt.FacetChart:
     title = (f"{labels[0]}: S/S′ (clean / ablated final-norm scale) on its top-k% tokens"
              if len(labels) == 1 else
              "S/S′ (clean / ablated final-norm scale) on each head's top-k% tokens")
-    # 170 px: three panels, each with its own axes (independent scales), fit a 743 px column; on a
-    # phone the renderer stacks them in one column and widens each to fill it (no 150 px histogram)
+    # 170 px: three panels fit a 743 px column; on a phone the renderer stacks them in one column and
+    # widens each to fill it (no 150 px histogram). One x scale (the text compares the panels' widths),
+    # each panel's own y (its tallest bin)
     return (alt.layer(hist, one, room, data=h).properties(width=170, height=110)
             .facet(facet=alt.Facet("panel:N", sort=[title_of[p] for p in panels if p in title_of], title=None,
                                    header=alt.Header(labelExpr=f"split(datum.value, {SEP!r})")),
                    columns=len(ABLATIONS))
-            .resolve_scale(x="independent", y="independent")
-            .properties(title=title))
+            .resolve_scale(x="shared", y="independent")
+            .properties(title=alt.Title(title, subtitle="one S/S′ axis for every panel: compare the widths")))
 
 
 def fig_ablation_scatter(tokens: pd.DataFrame, max_per_panel: int = 700, seed: int = 0) -> alt.FacetChart:
@@ -153,28 +156,42 @@ def fig_norm_share(shares: pd.DataFrame, paper: float = 0.30) -> alt.LayerChart:
                                  "clipped per token (dotted: paper ≈ 30%)")
 
 
-def fig_share_variants(layers: pd.DataFrame, width: int = 260) -> alt.FacetChart:
-    """Fig 9 vs Fig 10: layer means of the final-norm share, unclipped vs clipped (panels, one
-    y-scale: the two read against each other) on the top-k% tokens and on a random sample of all
-    tokens (colour). Unclipped, a head whose direct effect is near 0 can put a layer's mean in the
-    millions of percent: the axis spans the means near their median
-    (:func:`~selfrepair.figures.legible.central_range`); those beyond are drawn as ▲/▼ at its edge
-    (the subtitle counts them; hover for each value)."""
+def fig_share_variants(layers: pd.DataFrame, width: int = 260) -> alt.Chart:
+    """Fig 9 vs Fig 10: layer means of the final-norm share, unclipped vs clipped to [0, 1] on the
+    top-k% tokens and on a random sample of all tokens (colour). Unclipped, a head whose direct
+    effect is near 0 can put a layer's mean in the millions of percent. Where some means lie that
+    far out (:func:`~selfrepair.figures.legible.central_range`), the unclipped means get two panels:
+    the full range on a symmetric-log axis (every mean drawn where it is) and, beside it, a zoom on
+    the means near their median, the ones beyond drawn as ▲/▼ at its edge (the subtitle counts
+    them; hover for each value); the zoom and the clipped panel share one y-scale (they read against
+    each other). Without such means, two panels on one y-scale."""
     f = layers[layers["component"] == "final norm"]
     span = central_range(f["share"], include=(0,))
     f = f.assign(beyond=beyond(f["share"], span))
+    width = width if span is None else min(width, 190)  # three panels fit the 600 px a page allows
     x = layer_axis(f, width=width)
-    y = alt.Y("share:Q", title="mean final-norm term / DE", axis=alt.Axis(format="%"), scale=clamped(span))
-    color = token_color()  # chapter 1's colours, the legend below the two panels
+    color = token_color()  # chapter 1's colours, the legend below the panels
     tips = [alt.Tooltip("layer:O"), alt.Tooltip("tokens:N"), alt.Tooltip("clipping:N"),
             alt.Tooltip("share:Q", format=".1%", title="layer mean share"), alt.Tooltip("n_heads:Q", title="heads")]
-    lines = alt.Chart().mark_line(point=True).encode(x=x, y=y, color=color, tooltip=tips)
-    marks = [lines] + ([beyond_marks(alt.Chart(), x, y, color=color, tooltip=tips)] if span else [])
     title = "Final-norm share of DE: unclipped (Fig 9) vs clipped to [0, 1] (Fig 10)"
+    unclipped, clipped = f[f["clipping"] == "unclipped"], f[f["clipping"] == "clipped"]
+
+    def panel(frame, name, scale, edge=False):
+        y = alt.Y("share:Q", title="mean final-norm term / DE", axis=alt.Axis(format="%"), scale=scale)
+        marks = [alt.Chart().mark_line(point=True).encode(x=x, y=y, color=color, tooltip=tips)]
+        marks += [beyond_marks(alt.Chart(), x, y, color=color, tooltip=tips)] if edge else []
+        return alt.layer(*marks, data=frame).properties(width=width, height=220, title=name)
+
+    if span is None:
+        same = alt.Scale(domain=list(data_domain(f["share"], include=(0,))), nice=False, zero=False)
+        return alt.hconcat(panel(unclipped, "unclipped", same), panel(clipped, "clipped", same)).properties(title=title)
+    full = alt.Scale(type="symlog", constant=0.1, domain=list(data_domain(unclipped["share"], include=(0,))), nice=False)
     note = beyond_note(f["beyond"], f["clipping"] + ", " + f["tokens"], what="layer means")
-    return (alt.layer(*marks, data=f).properties(width=width, height=220)
-            .facet(column=alt.Column("clipping:N", sort=["unclipped", "clipped"], title=None))
-            .properties(title=alt.Title(title, subtitle=note) if note else title))
+    note = note.replace("lie beyond the axis", "lie beyond the zoom's axis")
+    return alt.hconcat(panel(unclipped, "unclipped: every mean (symmetric-log axis)", full),
+                       panel(unclipped, "unclipped: zoom near the median", clamped(span), edge=True),
+                       panel(clipped, "clipped", clamped(span), edge=True)).properties(
+        title=alt.Title(title, subtitle=note) if note else title)
 
 
 def histogram(values: pd.DataFrame, column: str, by: str, bins: int = 40,
@@ -269,6 +286,7 @@ def fig_appendix_b(check: pd.DataFrame, max_per_panel: int = 600, seed: int = 0,
             .properties(title="Appendix B closed form vs real Δlogit (dashed: y = x)"))
 
 
+FROZEN_LABELS = 10  # head labels of the frozen-norm chart (36 heads' labels ran together on a phone)
 FROZEN_MEASURES = ["live", "norms frozen", "norms only", "eq. 2 norm terms"]
 FROZEN_COLORS = [DARK["blue"], DARK["red"], DARK["green"], "#444444"]
 
@@ -287,12 +305,14 @@ def fig_frozen_norm(heads: pd.DataFrame) -> alt.VConcatChart:
     legend = alt.Legend(orient="top", columns=2)  # above the panel it names, not under the other one
     color = series_color("measure", dict(zip(FROZEN_MEASURES, FROZEN_COLORS)), drawn, title="self-repair",
                          legend=legend)
-    # the heads that matter get a label (largest live self-repair first, at most MAX_LABELS), the
+    # the heads that matter get a label (largest live self-repair first, at most FROZEN_LABELS;
+    # labels that would still touch on a phone are dropped by Vega), the
     # others are named on hover; a head's four values sit side by side, so equal ones stay visible
     matter = heads.reindex(heads["self_repair"].abs().sort_values(ascending=False).index)["label"]
     dots = alt.Chart(long).mark_point(filled=True, size=45, opacity=0.85).encode(
         x=alt.X("label:N", sort=_head_order(heads), title="head (the largest self-repair labelled; hover for each)",
-                axis=alt.Axis(labelAngle=-90, labelExpr=labels_only(matter))),
+                axis=alt.Axis(labelAngle=-90, labelExpr=labels_only(matter, limit=FROZEN_LABELS),
+                              labelOverlap="greedy", labelSeparation=2)),
         xOffset=alt.XOffset("measure:N", sort=drawn),
         y=alt.Y("value:Q", title="mean over top-k% tokens (logits)"),
         color=color,
