@@ -21,6 +21,7 @@ from IPython.display import HTML
 from ..config import Config as BaseConfig
 from ..build_scope import PAPER_COMMAND, PAPER_NAMES, is_paper_model, model_phrase, models_sentence, on_what
 from ..errors import InputError
+from ..reading import decision_rule, short_label, word_anchor, words_reading
 from ..scorecard import DECIDED, STATUSES, Card, build, counted_rows, counts, redecided_rows
 from ..tables import TABLE_CLASS, Layout, counted, listed
 from ..verdict_records import model_label
@@ -177,7 +178,9 @@ def _e(text) -> str:
 def _claim_cell(r: dict, span: int) -> str:
     word = f"“{_e(r['word'])}” = " if r["word"] else ""
     paper = f'<span class="scorecard-paper">the paper: {_e(r["paper"])}</span>' if r["paper"] else ""
-    reason = (f"<details><summary>why this rule</summary>{_e(r['reason'])}</details>" if r["reason"]
+    reason = (f'<a class="scorecard-why" href="#{word_anchor(r["word"])}">why “{_e(r["word"])}” reads so</a>'
+              if r["reason"] and r["word"] else  # each word's reason once, in the reading below the table
+              f"<details><summary>why this rule</summary>{_e(r['reason'])}</details>" if r["reason"]
               else '<span class="scorecard-note">(the rule gives no reason yet)</span>')
     again = (f'<span class="scorecard-note">decided again: the claim of chapter {_e(r["counted_in"])} '
              f'(<a href="#{_row_id({"chapter": r["counted_in"], "claim": r["same_claim"]})}">its row</a>), '
@@ -214,6 +217,16 @@ def _part_html(part: str, g: pd.DataFrame) -> str:
     return (f'<div class="{TABLE_CLASS}-box"><table class="{TABLE_CLASS} scorecard">'
             f"<caption>{_e(part)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
             "</table></div>")
+
+
+def reading(card: Card) -> str:
+    """The book's one reading of the papers' words (each word once, with its reason and the claims
+    that read it, linked to their rows; every chapter's rules table and each row above link here),
+    then when a verdict holds, differs or cannot tell."""
+    rows = card.frame.drop_duplicates(["chapter", "claim"])
+    words = [(r["word"], r["reason"], [(f"{r['chapter']} · {short_label(r['statement'])}", f"#{_row_id(r)}")])
+             for r in rows.to_dict("records")]
+    return words_reading(words) + "\n\n" + decision_rule()
 
 
 def how_to_run(card: Card) -> str:
