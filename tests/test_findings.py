@@ -20,6 +20,7 @@ from selfrepair.chapters import across, atp, existence, hydra, intro, ioi, itera
 from selfrepair.chapters import across_text
 from selfrepair.claims import Verdict, _fmt, interval_words
 from selfrepair.reading import short_label
+from selfrepair.tables import format_number
 from selfrepair.findings import OUTCOMES, Figure, Finding, markdown, outcome_findings, own
 from selfrepair.uncertainty import Estimate
 
@@ -266,7 +267,7 @@ def test_real_introduction(cache):
     n = toy.numbers
     assert f"{abs(n['self_repair']):.3f}" in found[0].text and f"{abs(n['delta_logit']):.3f}" in found[0].text
     assert not re.search(r"\b(by|of|back)\s+[-−+]", found[0].text), found[0].text  # signs in words (issue 25)
-    assert f"{live.table['eq2_gap'].max():.1e}" in found[1].text and "rounding error" in found[1].text
+    assert format_number(live.table['eq2_gap'].max()) in found[1].text and "rounding error" in found[1].text
 
 
 # -- one number, one definition: related numbers on different selections say so ---------------------
