@@ -70,3 +70,14 @@ def test_a_tiny_gap_prints_in_the_tables_scientific_style():
 
     text = closure_markdown(pd.DataFrame({"label": ["L8H0"], "eq2_gap": [3.58e-6]}))
     assert "e-0" not in text and f"**{format_number(3.58e-6)}**" in text and "3.58×10⁻⁶" in text
+
+
+def test_a_size_said_in_words_of_its_sign_has_no_plus():
+    """Chapter 2's frozen-norm paragraph: "Freezing removes +0.224 logits", "the norms give back
+    +0.108 logits" (read3 #33): the verb says the sign, the number is a size."""
+    from selfrepair.chapters.layernorm_text import said
+
+    assert said(0.224, "removes", "adds") == "removes 0.224" and said(-0.1, "removes", "adds") == "adds 0.1"
+    for path in sorted((SRC / "chapters").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"(removes|give back|gives back|takes away) \{logits\(", text), path.name
