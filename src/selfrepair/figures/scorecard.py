@@ -27,7 +27,7 @@ LABEL_CHARS = 34  # a claim's short label (:func:`~selfrepair.reading.short_labe
 LINE_PX = 12  # height of one line of a label
 GAP_PX = 4  # between two claims' rows
 MAX_LINES = 2  # a row's label: its short label's first lines, so the grid stays short
-CELL_PX = 150  # the text a cell prints is cut (…) beyond this width: a phone leaves about this to one model
+CELL_PX = 128  # the text a cell prints is cut (…) beyond this width: a phone leaves about this to one model
 
 
 def verdict_cells(frame: pd.DataFrame) -> pd.DataFrame:
@@ -100,7 +100,7 @@ def fig_verdicts(frame: pd.DataFrame) -> alt.Chart:
         align="left", dx=4, baseline="middle", fontSize=10, color="#111", limit=CELL_PX - 8).encode(
         x=alt.X("model:N", sort=models, bandPosition=0, axis=None), y=alt.Y("y_mid:Q", axis=None),
         text="cell_text:N")
-    return (rects + text).properties(title="Every claim's verdict and estimate on every model",
+    return (rects + text).resolve_axis(x="independent", y="independent").properties(title="Every claim's verdict and estimate on every model",
                                      width="container", height=total)
 
 
