@@ -14,6 +14,7 @@ import re
 import pytest
 
 import selfrepair.chapters as chapters
+from selfrepair.reading import word_anchor
 from selfrepair.claims import (Claim, Signed, Verdict, interval_words, is_zero, render, rules_table, size,
                                thresholds)
 from selfrepair.uncertainty import Estimate
@@ -111,8 +112,8 @@ def test_a_verdict_links_to_its_chapters_rules_table_instead_of_repeating_them(c
     assert html.escape(claim.rule.when(claim.fmt, True, "the whole 95% interval")) in table.replace("<wbr>", "")
     assert html.escape(claim.rule.when(claim.fmt, False)) in table.replace("<wbr>", "")
     assert "cannot tell" in rules
-    if claim.rule.reason:
-        assert claim.rule.reason in "\n\n".join(rest)
+    if claim.rule.reason:  # the word's reason is said once for the book, linked (read3 #10)
+        assert claim.rule.reason not in rules and f'#{word_anchor(claim.rule.word)}"' in "\n\n".join(rest)
     assert len(table.splitlines()) == 1 and table.count("<tr>") == 2  # one HTML line: header, one row
 
 
@@ -135,15 +136,21 @@ def test_the_rules_table_has_one_row_per_claim_of_four_labelled_cells():
 
 
 @pytest.mark.parametrize("chapter", ["existence", "layernorm", "neurons", "iterative", "hydra", "atp", "ioi"])
-def test_the_rules_give_each_words_reading_once(chapter):
-    """A chapter whose claims read the same word ("many" three times in chapter 1) gives that
-    word's reason once, not once per claim; every claim's metric and reason are still there."""
+def test_the_rules_link_to_the_books_one_reading_instead_of_repeating_it(chapter):
+    """read3 #10: every chapter repeated "How the paper's words are read" and the closing "A claim
+    holds or differs only when its whole 95% interval lies on one side …" verbatim. Now a chapter
+    keeps its own table and metrics, and one sentence links each word it reads to the book's one
+    reading (the scorecard page); every claim's metric is still there."""
+    from selfrepair.reading import READING, decision_rule
+
     claims = importlib.import_module(f"selfrepair.chapters.{chapter}").CLAIMS
     rules = rules_table(claims)
+    assert "How the paper's words are read" not in rules and "lies on one side" not in rules
+    assert decision_rule()[:60] not in rules and f'href="{READING}"' in rules
     for c in claims:
         assert c.metric in rules, c.key
         if c.rule.reason:
-            assert rules.count(c.rule.reason) == 1, (c.key, c.rule.word)
+            assert c.rule.reason not in rules and f'#{word_anchor(c.rule.word)}"' in rules, c.key
 
 
 # -- signed values read from their sign (issue 25) ---------------------------------------------------

@@ -253,7 +253,7 @@ def test_imperfection_summary_against_a_hand_count():
     ph = synthetic_per_head()
     s = existence.imperfection_summary(ph).set_index("group")
     assert s.loc["all", "n_heads"] == 24
-    assert s.loc["early", "layers"] == "0-2" and s.loc["late", "layers"] == "3-5"
+    assert s.loc["early", "layers"] == "0–2" and s.loc["late", "layers"] == "3–5"  # en dash ranges
     for group, layers in (("early", range(0, 3)), ("late", range(3, 6)), ("all", range(6))):
         heads = [r for r in ph.itertuples() if r.layer in layers]
         cats = [head_region(r.direct_effect, r.delta_logit) for r in heads]

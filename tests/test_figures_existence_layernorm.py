@@ -17,6 +17,7 @@ from selfrepair import figures
 from selfrepair.figures import check_width, data_rows, validate_spec
 from selfrepair.figures import existence as fe
 from selfrepair.figures import layernorm as fl
+from selfrepair.tables import format_number
 from selfrepair.uncertainty import Clusters
 
 
@@ -503,7 +504,7 @@ def test_fig_decomposition_from_a_real_closure_table():
         assert row.eq2_gap < 1e-4  # eq. 2 closes to rounding
         assert row.self_repair == pytest.approx(float(result.self_repair[layer, head].mean()), abs=1e-7)
         assert row.from_block_norms == pytest.approx(float(result.from_block_norms[layer, head].mean()), abs=1e-7)
-    assert f"**{table['eq2_gap'].max():.1e}**" in closure_markdown(table)
+    assert f"**{format_number(table['eq2_gap'].max())}**" in closure_markdown(table)  # as the table prints it
     s = spec_of(intro.fig_decomposition(table))
     assert {"bar", "tick", "rule"} <= marks(s)
     assert data_rows(s) == 2 * 4 + 2 + 1  # four eq. 2 terms per head, one tick per head, the zero line

@@ -353,20 +353,33 @@ def scorecard_frame() -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def test_scorecard_prints_every_claim_whole():
-    """Chapter 9's grid cut each claim at ~28 characters (labelLimit 200 px)."""
+def test_scorecard_grid_is_short_and_says_each_verdict_and_estimate_without_colour():
+    """read3 #24: with one model the grid was a column of solid red and green bars ~2,400 px tall,
+    carrying no number. Now each row is the claim's short label on at most two lines, each cell
+    prints a mark for its verdict and the estimate, and the colours are not red against green."""
+    from selfrepair.reading import short_label
+
     frame = scorecard_frame()
     spec = spec_of(fs.fig_verdicts(frame))
-    y = spec["encoding"]["y"]["axis"]
-    labels = list(dict.fromkeys(frame["chapter"] + " · " + frame["statement"]))
+    rects, texts = (n for n in spec["layer"])
+    y = rects["encoding"]["y"]["axis"]
+    labels = list(dict.fromkeys(frame["chapter"] + " · " + frame["statement"].map(short_label)))
     printed = json.loads(y["labelExpr"].split("[indexof(")[0])
-    assert [" ".join(lines) for lines in printed] == labels  # every word of every claim, in order
+    assert all(len(lines) <= fs.MAX_LINES for lines in printed)
+    for lines, label in zip(printed, labels):  # the short label, whole or cut with "…"
+        said = " ".join(lines)
+        assert said == label or (said.endswith(" …") and label.startswith(said[:-2]))
+    assert labels[1] == "02 · Downstream effects of an attention ablation are localised"
     widest = max(text_px(line) for lines in printed for line in lines)
     assert y["labelLimit"] >= widest and y["values"] == sorted(y["values"])
-    assert spec["encoding"]["x"]["axis"]["labelLimit"] >= max(text_px(m) for m in frame["model"])
-    # each claim's row as tall as its lines; its strips (one per run) split the row, never overlap
-    cells = pd.DataFrame(rows(spec))
     assert spec["height"] == sum(len(lines) * fs.LINE_PX + fs.GAP_PX for lines in printed)
+    assert texts["encoding"]["text"]["field"] == "cell_text" and texts["encoding"]["y"]["axis"] is None
+    cells = pd.DataFrame(rows(spec))
+    assert set(cells["cell_text"]) >= {"✓ 0.3", "✗ 0.3", "? 0.3"}
+    scale = rects["encoding"]["color"]["scale"]
+    colors = dict(zip(scale["domain"], scale["range"]))
+    assert colors["holds"] != "#2e7d32" and colors["differs"] != "#c62828"  # not green against red
+    assert_apart([colors["holds"], colors["differs"], colors["cannot tell"]])
     two = cells[(cells["claim_label"] == labels[0]) & (cells["model"] == "tiny")].sort_values("entry")
     assert len(two) == 2 and two["y_bottom"].iloc[0] == pytest.approx(two["y_top"].iloc[1])
     assert data_rows(spec) == len(frame)

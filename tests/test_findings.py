@@ -6,6 +6,7 @@ to six sentences whose numbers are the chapter's own verdicts' values."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,9 +16,11 @@ import pytest
 
 from selfrepair.book import load_profile
 from selfrepair.rules import Signed, is_zero, thresholds
-from selfrepair.chapters import across, atp, existence, hydra, intro, ioi
+from selfrepair.chapters import across, atp, existence, hydra, intro, ioi, iterative
 from selfrepair.chapters import across_text
 from selfrepair.claims import Verdict, _fmt, interval_words
+from selfrepair.reading import short_label
+from selfrepair.tables import format_number
 from selfrepair.findings import OUTCOMES, Figure, Finding, markdown, outcome_findings, own
 from selfrepair.uncertainty import Estimate
 
@@ -56,7 +59,7 @@ def check_sentence(f: Finding, verdicts: list[Verdict]) -> None:
     """Each verdict's statement, value and interval are in the sentence, as computed."""
     numbers = []
     for v in verdicts:
-        assert v.claim.statement.rstrip(".") in f.text
+        assert short_label(v.claim.statement) in f.text
         if v.why:
             assert v.why in f.text
             continue
@@ -87,10 +90,10 @@ def test_outcome_sentences_match_their_verdicts(module):
         assert OPENING[holds] in f.text if whose == "the paper's claims" else "the paper's" not in f.text
         check_sentence(f, group)
         for v in group:  # the book's own question is never passed off as the paper's
-            assert (f"*{v.claim.statement.rstrip('.')}* (this book's own question" in f.text) is own(v)
+            assert (f"{short_label(v.claim.statement)}</a> (this book's own question" in f.text) is own(v)
 
         others = [v for v in verdicts if v.holds is not holds]
-        assert not any(v.claim.statement.rstrip(".") in f.text for v in others
+        assert not any(short_label(v.claim.statement) in f.text for v in others
                        if v.claim.statement not in {g.claim.statement for g in group})
     straddle = found[2]
     assert "which straddles the rule's" in straddle.text
@@ -102,8 +105,8 @@ def test_the_books_own_question_is_not_listed_among_the_papers_claims():
     beside a paper's claim, the sentence opens "the claims that hold" and marks it."""
     verdicts = [of_outcome(atp.RANKS, True), of_outcome(atp.BLIND, True)]
     (f,) = outcome_findings(verdicts, atp.FIGURES, "model-x")
-    assert f.text.startswith("On model-x, the claims that hold: ") and "paper's claims" not in f.text
-    assert "(this book's own question, not the papers': " in f.text and own(verdicts[1]) and not own(verdicts[0])
+    assert f.text.startswith("On model-x, the claims that hold:\n") and "paper's claims" not in f.text
+    assert "(this book's own question, not the papers')" in f.text and own(verdicts[1]) and not own(verdicts[0])
 
 
 def test_only_the_outcomes_that_occur_get_a_sentence_and_links_point_at_figures():
@@ -111,8 +114,26 @@ def test_only_the_outcomes_that_occur_get_a_sentence_and_links_point_at_figures(
     found = outcome_findings([of_outcome(claim, False)], existence.FIGURES, "m")
     assert len(found) == 1 and "do not hold on m" in found[0].text
     md = found[0].markdown()
-    assert md.endswith('; see <a href="#ch01-fig1">Fig 1</a>.')
+    assert md.startswith('The claims that do not hold on m (see <a href="#ch01-fig1">Fig 1</a>):\n  - ')
     assert markdown([Finding("A."), Finding("B.", (Figure("x", "X"),))]) == 'A. B; see <a href="#x">X</a>.'
+
+
+def test_a_summary_lists_each_claim_on_its_line_by_a_short_label_and_what_its_number_is():
+    """read3 #13: the outcomes pasted whole claim sentences in italics, joined by semicolons, with
+    unlabelled numbers ("(54%, 95% interval 53% to 54%)" — of what?). Now one item per line: the
+    claim's short label (linked to its verdict), what the number is, the number."""
+    from selfrepair.reading import quantity
+
+    vs = [of_outcome(c, True) for c in (existence.MANY, existence.NOISY)]
+    (f,) = outcome_findings(vs, existence.FIGURES, "m")
+    lines = f.text.split("\n")
+    assert lines[0] == "On m, the paper's claims that hold:" and len(lines) == 3 and ";" not in lines[0]
+    for line, v in zip(lines[1:], vs):
+        assert line.startswith(f'  - <a href="#claim-{v.claim.key}">{short_label(v.claim.statement)}</a> — ')
+        assert f" — {quantity(v.claim)}: " in line and "*" not in line
+    assert short_label(iterative.EXIST.statement) == "Self-repressing heads exist"
+    assert quantity(replace(existence.MANY, quantity="share of late heads repaired")) == "share of late heads repaired"
+    assert quantity(existence.MANY).startswith("the share of late-layer heads")  # the metric's first clause
 
 
 def _existence(many: Verdict, verdicts=None):
@@ -203,11 +224,11 @@ def check_real(found: list[Finding], verdicts: list[Verdict]):
     assert found[-1].text.startswith("Take-away:")
     text = markdown(found)
     for v in verdicts:
-        assert v.claim.statement.rstrip(".") in text
+        assert short_label(v.claim.statement) in text
     for f in found[1:-1]:  # the outcome sentences: their numbers are the verdicts' values
         if f.text.startswith("The other side:"):  # chapter 1: what goes against the held claims
             continue
-        group = [v for v in verdicts if v.claim.statement.rstrip(".") in f.text]
+        group = [v for v in verdicts if short_label(v.claim.statement) in f.text]
         check_sentence(f, group)
     for f in found:
         assert all(math.isfinite(x) for x in f.values)
@@ -248,7 +269,7 @@ def test_real_introduction(cache):
     n = toy.numbers
     assert f"{abs(n['self_repair']):.3f}" in found[0].text and f"{abs(n['delta_logit']):.3f}" in found[0].text
     assert not re.search(r"\b(by|of|back)\s+[-−+]", found[0].text), found[0].text  # signs in words (issue 25)
-    assert f"{live.table['eq2_gap'].max():.1e}" in found[1].text and "rounding error" in found[1].text
+    assert format_number(live.table['eq2_gap'].max()) in found[1].text and "rounding error" in found[1].text
 
 
 # -- one number, one definition: related numbers on different selections say so ---------------------

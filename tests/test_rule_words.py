@@ -129,7 +129,7 @@ def test_a_difference_of_shares_prints_in_percentage_points():
             "(95% interval 11 to 28 percentage points;") in line
     assert ") above their share among all of the layer's neurons" in line
     assert not re.search(r"[+]?\d+%\s*(above|\()", line) and "+21" not in line
-    assert claim_phrase(v)[0].endswith("(21 percentage points above, 95% interval 11 to 28 percentage points)")
+    assert claim_phrase(v)[0].endswith(": 21 percentage points above, 95% interval 11 to 28 percentage points")
     below = Verdict.of(ERASURE, estimate(-0.2, -0.05, -0.1))
     assert "**10 percentage points** (95% interval 5 to 20 percentage points;" in render([below])
     assert "below their share" in render([below])

@@ -23,6 +23,7 @@ beside their measurements, for every model with records, and measuring nothing.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 import shutil
@@ -491,7 +492,8 @@ def test_a_redecided_claim_is_shown_apart_and_counted_once():
     assert "counts 3 claims of chapters 01 and 05, each once" in closing
     assert "chapter 06 decides 2 claims of chapter 01 again" in closing
     assert "On m, 2 of the 3 hold, 1 differs and 0 cannot" in closing and "1 of 2 cases" in closing
-    assert "on m, 2 of the two papers' 3 decided claims hold (67%)" in closing and "beyond them" not in closing
+    assert ("on m, of the two papers' 3 claims, 3 are decided (a claim is decided when it holds or differs; the "
+            "other 0 cannot tell or did not run), and 2 of those 3 hold (67%)") in closing and "beyond them" not in closing
     assert 3 <= closing.count(". ") + 1 <= 6  # three to six plain sentences
 
 
@@ -501,8 +503,11 @@ def test_the_take_away_counts_other_papers_claims_apart_from_the_two_papers():
     card = _card({("01", "many"): "holds", ("01", "exists"): "differs", ("07", "ranks"): "holds",
                   ("07", "top"): "holds", ("07", "blind"): "cannot tell"})
     closing = chapter.shows(card)
-    assert "1 of the two papers' 2 decided claims hold (50%)" in closing
-    assert "and 2 of 2 of the claims beyond them (chapter 07" in closing
+    assert "of the two papers' 2 claims, 2 are decided (a claim is decided when it holds or differs" in closing
+    assert "and 1 of those 2 hold (50%)" in closing
+    # read3 #14: the denominator changed unexplained ("13 of the 30 hold", then "10 of ... 20 decided claims")
+    assert ("of the 3 claims beyond them (chapter 07: other papers' methods and circuits), 2 are decided "
+            "and 2 of those hold") in closing
 
 
 def test_the_take_away_says_on_what_model_and_data_and_whether_the_papers_models_ran():
@@ -513,7 +518,7 @@ def test_the_take_away_says_on_what_model_and_data_and_whether_the_papers_models
     card.runs["data"] = ["8,192 tokens of the embedded corpus", "the bundled factual-recall prompts"]
     closing = chapter.shows(card)
     assert ("Take-away: on gemma-3-270m (4-bit, dequantized) and 8,192 tokens of the embedded corpus "
-            "(chapter 05: the bundled factual-recall prompts), 1 of the two papers' 3 decided claims hold") in closing
+            "(chapter 05: the bundled factual-recall prompts), of the two papers' 3 claims, 3 are decided") in closing
     assert "none was decided on the papers' own models (Pythia, GPT-2" in closing
     assert "--profile paper" in closing and "not a refutation" in closing
     scope = chapter.scope_markdown(card)
@@ -563,3 +568,24 @@ def test_reading_a_verdict_says_cannot_tell_in_the_rules_words():
     sources = ["".join(c["source"]) for c in nb["cells"]]
     assert not any("Reading a verdict" in s for s in sources if not s.startswith("display("))
     assert sum("chapter.reading_a_verdict()" in s for s in sources) == 1
+
+
+def test_what_ran_names_the_cache_folder_without_a_template_echo():
+    """read3 #35: "recorded in the results cache results" (the folder's name pasted after its kind)."""
+    text = chapter.Config(cache_dir="results").run_summary()
+    assert "results cache results" not in text and "the results cache (the folder `results/`)" in text
+
+
+def test_the_scorecard_says_each_words_reading_once_and_its_rows_link_there():
+    """read3 #10: each row of the table repeated its word's reason in a "why this rule" fold
+    ("many" six times). Now the reason is said once, in the page's reading of the papers' words,
+    and each row links to it by the word."""
+    from selfrepair.reading import decision_rule, word_anchor
+
+    card = _card({("01", "many"): "holds", ("01", "exists"): "differs", ("01", "noisy"): "holds"})
+    html_ = chapter.table(card).data
+    assert "why this rule" not in html_ and html_.count(f'href="#{word_anchor("many")}"') == 3
+    reading = chapter.reading(card)
+    reason = card.frame.loc[card.frame["claim"] == "many", "reason"].iloc[0]
+    assert reading.count(f'id="{word_anchor("many")}"') == 1 and reading.count(html.escape(reason, quote=False)) == 1
+    assert "Read by 3 claims" in reading and reading.endswith(decision_rule())

@@ -64,7 +64,7 @@ def test_every_chapter_says_what_ran_beside_its_paper():
         assert text.startswith("**What ran here.**") and "`tiny-gpt_neox`" in text, name
         assert "**Whose numbers.**" in text, name
         if name == "scorecard":  # it runs no model and quotes no paper of its own: it reads the records
-            assert "None is loaded and nothing is measured" in text and "`results`" in text
+            assert "None is loaded and nothing is measured" in text and "`results/`" in text
         else:
             assert f"({setting.PAPERS[name].source})" in text, name
         assert not re.search(r"[A-Za-z]\((?:s|es)\)", text), name

@@ -36,6 +36,7 @@ import pandas as pd
 from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
                     against, approximately, at_least, at_most, below, between, interval_words, paper_number,
                     paper_word, signed_interval_words, Signed, is_zero, size, thresholds)
+from .reading import UNDECIDED, link_sentence
 from .tables import table
 from .uncertainty import MIN_CLUSTERS, Estimate
 
@@ -91,6 +92,7 @@ class Claim:
     # signed value's reading is a Signed: said from its sign, the number unsigned
     rationale: str = ""  # why the metric and its population test the paper's claim
     classify: tuple[Rule, ...] = ()  # per-unit rules the metric counts with
+    quantity: str = ""  # what the number is, in a few words (a summary's label; else the metric's first clause)
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,8 @@ def rules_table(claims) -> str:
     """A chapter's rules, which each verdict of :func:`render` (``rules=``) links to instead of
     repeating them: one short table (per claim the paper's word or number it reads and where the
     95% interval must lie to hold and to differ), then per claim what is measured and why, then
-    each word's reading once (however many claims read it), then when a verdict cannot tell.
+    one sentence linking to the book's one reading of the papers' words and of when a verdict
+    cannot tell (:mod:`selfrepair.reading`, on the scorecard page), said there once, not per chapter.
 
     The table is a paper-style table (:mod:`selfrepair.tables`, HTML inside the Markdown: one line,
     so the Markdown keeps it whole) that a phone shows ``stacked``: each claim a block, its word
@@ -249,24 +252,10 @@ def rules_table(claims) -> str:
     said = said_once([c.rationale for c in claims])  # a rationale's passage shared with an earlier claim: once
     measured = "\n".join(f"- *{c.statement}*: {c.metric}. {_metric_why(replace(c, rationale=r))}".rstrip()
                          for c, r in zip(claims, said))
-    words = {}
-    for c in claims:
-        if c.rule.word and c.rule.reason:
-            words.setdefault((c.rule.word, c.rule.reason), None)
-    read = "\n".join(f"- “{word}”: {reason}." for word, reason in words)
-    after = (f"A claim holds or differs only when its **whole** 95% interval lies on one side; a verdict "
-             f"**cannot tell** when its interval {UNDECIDED} or is not reliable (fewer than "
-             f"{MIN_CLUSTERS} independent units), or when the claim cannot be tested on the run (its "
-             "sentence says why).")
-    parts = [rules, "**What each claim measures, and why.**", measured]
-    if read:
-        parts += ["**How the paper's words are read** (once for every claim that reads them).", read]
-    return "\n\n".join(parts + [after])
+    return "\n\n".join([rules, "**What each claim measures, and why.**", measured,
+                        link_sentence(c.rule.word for c in claims)])
 
 
-# when an interval decides nothing (after "the interval"): part of it meets the rule and part does not
-UNDECIDED = ("meets the rule only in part (it straddles the threshold, or an end is exactly at a threshold "
-             "the rule leaves out, as 'above 50%' leaves out 50%)")
 SHARED = 100  # characters: a passage at least this long that a later rationale repeats is said once
 AS_ABOVE = " (as said in full above)"
 

@@ -253,9 +253,9 @@ def imperfection_summary(per_head: pd.DataFrame) -> pd.DataFrame:
     for name, g in groups.items():
         rep = g[g["category"] == "repaired"]
         positive = g[g["direct_effect"] > 0]
-        row = {"group": name, "layers": (f"0-{first - 1}" if name == "early" else
-                                         f"{first}-{int(heads['layer'].max())}" if name == "late"
-                                         else f"0-{int(heads['layer'].max())}"),
+        row = {"group": name, "layers": (f"0–{first - 1}" if name == "early" else
+                                         f"{first}–{int(heads['layer'].max())}" if name == "late"
+                                         else f"0–{int(heads['layer'].max())}"),
                "n_heads": len(g), "n_positive_de": len(positive),
                "mean_self_repair": g["self_repair"].mean(),
                "share_negative_self_repair": float((g["self_repair"] < 0).mean()) if len(g) else np.nan,

@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .claims import Signed, Verdict, against, interval_words, thresholds, undecided
+from .claims import Signed, Verdict, against, anchor, interval_words, thresholds, undecided
+from .reading import quantity, short_label
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,17 @@ class Finding:
         if not self.figures:
             return self.text
         links = ", ".join(dict.fromkeys(f.link() for f in self.figures))
+        if "\n" in self.text:  # an opening line and its list of claims: the links on the opening line
+            first, rest = self.text.split("\n", 1)
+            return f"{first.rstrip(':')} (see {links}):\n{rest}"
         return f"{self.text.rstrip('.')}; see {links}."
 
 
 # the outcome groups, in the order a reader wants them, and how each sentence opens ({whose}: "the
 # paper's claims" unless the group holds a question of this book's own, :func:`own`)
-OUTCOMES = ((True, "On {model}, {whose} that hold: "),
-            (False, "The claims that do not hold on {model}: "),
-            (None, "What this run cannot decide: "))
+OUTCOMES = ((True, "On {model}, {whose} that hold:"),
+            (False, "The claims that do not hold on {model}:"),
+            (None, "What this run cannot decide:"))
 OWN = "this book"  # a claim whose source starts so is the book's own question, not a paper's
 
 
@@ -88,18 +92,24 @@ def _interval(value: float, lo, hi, fmt: str, why: str, bounds=(), signed: Signe
 
 
 def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:
-    """*statement* (its value; for a claim that cannot be tested on this run, nothing: the reason
-    follows the claims that share it, :func:`_phrases`)."""
+    """The claim's short label, then what its number is and the number: "Self-repressing heads
+    exist — the weaker of its two falls …: a fall of 456%, 95% interval …" (for a claim that cannot
+    be tested on this run, the label alone: the reason follows the claims that share it, :func:`_phrases`)."""
     value, numbers = measured(v)
-    statement = v.claim.statement.rstrip(".")
+    label = link_label(v)
     if v.why:
-        return f"*{statement}*", ()
+        return label, ()
     if v.holds is None:  # why not, and what the claim needs
         value += (f"; {undecided(v)}" if v.parts else
                   f", {undecided(v, 'which')}: the claim holds only when {v.claim.rule.when(v.claim.fmt)}")
     if own(v):
-        value = f"this book's own question, not the papers': {value}"
-    return f"*{statement}* ({value})", numbers
+        label += " (this book's own question, not the papers')"
+    return f"{label} — {quantity(v.claim)}: {value}", numbers
+
+
+def link_label(v: Verdict) -> str:
+    """The claim's short label (:func:`~selfrepair.reading.short_label`), linked to its full verdict."""
+    return f'<a href="#{anchor(v.claim)}">{short_label(v.claim.statement)}</a>'
 
 
 def _phrases(group: list[Verdict]) -> list[tuple[str, tuple[float, ...]]]:
@@ -126,7 +136,7 @@ def outcome_findings(verdicts: list[Verdict], figures: Mapping[str, Figure], mod
             continue
         phrases = _phrases(group)
         whose = "the claims" if any(map(own, group)) else "the paper's claims"
-        text = opening.format(model=model, whose=whose) + "; ".join(p for p, _ in phrases) + "."
+        text = opening.format(model=model, whose=whose) + "".join(f"\n  - {p}" for p, _ in phrases)
         out.append(Finding(text, tuple(figures[v.claim.key] for v in group if v.claim.key in figures),
                            tuple(x for _, numbers in phrases for x in numbers)))
     return out

@@ -39,12 +39,12 @@ SHARE = Claim("norm_share", "The final LayerNorm explains around 30% of a head's
               rationale="§3.2: 'most of the models, on many of the layers, have an average self-repair due to "
                         "LayerNorm which center around 30%', of the clipped per-token share (Fig 10)")
 BETWEEN = Claim("between", "Across the whole distribution many heads fall between y = −x and the x-axis",
-                "§2.2, Fig 2, App. I Fig 20-22",
+                "§2.2, Fig 2, App. I Fig 20–22",
                 "the share of heads with a positive whole-set mean direct effect whose whole-set means lie "
                 "there (0 > Δlogit > −DE), recomputed in every replicate", paper_word("many"), fmt=".0%",
                 reading="Averaged over every token, {value} of the {n} {unit} sit between the line of no "
                         "repair and the line of perfect repair.",
-                rationale="as in chapter 1; Fig 20-22 repeat Fig 2's setup on more models, the release's "
+                rationale="as in chapter 1; Fig 20–22 repeat Fig 2's setup on more models, the release's "
                           "whole-set (1.0_) files hold the same means for GPT-2 small and Pythia-160M")
 CLAIMS = (MANY, SHARE, BETWEEN)
 CLAIM_COLUMNS = {"many": "frac_self_repaired_late", "norm_share": "norm_share_late", "between": "frac_between_all"}

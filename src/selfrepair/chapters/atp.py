@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..experiment import head_sweep, measure as cached, open_model, open_tokens
 from ..sweep_batch import ROW_COLUMNS
 from ..findings import Figure, Finding, markdown, shows as _shows
-from ..tables import Layout, counted
+from ..tables import Layout, counted, format_number
 from ..uncertainty import Bootstrap, Clusters, ratio
 from ..verdict_records import recorded
 from . import check, value_bias_note
@@ -332,7 +332,7 @@ def consistency(ch: AtpChapter) -> str:
     compute and which is linear in ``z``, agrees (``error_direct``)."""
     dev = float(ch.heads["error_direct"].abs().max())
     scale = float(ch.heads["delta_direct_effect"].abs().max())
-    return (f"Check: the heads' own ΔDE from AtP's pass and from the sweep agree to {dev:.1e} logits "
+    return (f"Check: the heads' own ΔDE from AtP's pass and from the sweep agree to {format_number(dev)} logits "
             f"(largest |ΔDE| {scale:.3g}), so the two measurements read the same tokens and the same "
             "replacements.")
 

@@ -21,7 +21,7 @@ from ..findings import Figure, Finding, markdown
 from ..heads import self_repair
 from ..rules import is_zero, number
 from ..structure import architecture_markdown
-from ..tables import Layout, Table, table
+from ..tables import Layout, Table, format_number, table
 from . import check, value_bias_note
 from .signed import changes, fall, gives_back
 
@@ -130,7 +130,7 @@ def closure_markdown(table: pd.DataFrame, tol: float = 1e-3) -> str:
                f"**more than the {tol:g} expected from rounding: something is wrong** (see the "
                "gotchas appendix)")
     text = (f"Over {len(table)} heads and every token, the largest gap between eq. 1's self-repair "
-            f"and the sum of eq. 2's terms is **{worst:.1e}** logits: {verdict}.")
+            f"and the sum of eq. 2's terms is **{format_number(worst)}** logits: {verdict}.")
     if "delta_logit_capped" in table:  # Gemma-2: logits = c tanh(x / c)
         text += (" This model soft-caps its final logits, `c tanh(x / c)`: every Δlogit here is the "
                  "change of `x`, the centered logit *before* the cap — the linear quantity the direct "
@@ -297,7 +297,7 @@ def findings(live: Intro, toy: WorkedExample, model: str, tol: float = 1e-3) -> 
     terms = [c for c in TERMS if c in t]
     means = t[terms].mean()
     top = str(means.abs().idxmax())
-    closes = ("to rounding error" if worst <= tol else f"only to {worst:.1e} logits, more than the {tol:g} "
+    closes = ("to rounding error" if worst <= tol else f"only to {format_number(worst)} logits, more than the {tol:g} "
               "rounding allows: something is wrong")
     return [
         Finding(f"In the worked example, removing one component "
@@ -307,7 +307,7 @@ def findings(live: Intro, toy: WorkedExample, model: str, tol: float = 1e-3) -> 
                 "eq. 1's self-repair.", (FIGURES["worked"],),
                 (n["delta_logit"], n["delta_de"], n["self_repair"])),
         Finding(f"On {model}, ablating {len(t)} heads, eq. 1 and the sum of eq. 2's terms agree {closes} "
-                f"(largest per-token gap {worst:.1e} logits).", (FIGURES["live"],), (len(t), worst)),
+                f"(largest per-token gap {format_number(worst)} logits).", (FIGURES["live"],), (len(t), worst)),
         Finding(largest_term(top, float(means[top])), (FIGURES["live"],), (float(means[top]),)),
         Finding("Take-away: self-repair is what an ablation's effect lacks of the direct effect it removes, and "
                 "eq. 2 splits it exactly among what lies downstream; every chapter measures it so, on many "

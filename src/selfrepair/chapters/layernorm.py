@@ -74,7 +74,7 @@ N_APP_D = 3  # heads of the default App. D rule (cheap: a last-layer head's pass
 class Config(CorpusConfig):
     ratio_head: str | None = None  # Fig 4 and App. H's head (the paper: L11H2); None: the stand-in rule
     ablation_head: str | None = None  # Fig 5 and App. D's head (the paper: L11H10); None: as ratio_head
-    ratio_heads: tuple[str, ...] | None = None  # App. D Fig 16-17: Fig 4 for these heads (the paper: L11H10, L11H3 of GPT-2 small); None: APP_D_RULE
+    ratio_heads: tuple[str, ...] | None = None  # App. D Fig 16–17: Fig 4 for these heads (the paper: L11H10, L11H3 of GPT-2 small); None: APP_D_RULE
     fig15_head: str | None = None  # App. D Fig 15's head (the paper's caption: L11H0 of Pythia-160M); None: the Fig 5 head
     n_boot: int = 1000  # cluster-bootstrap replicates of every interval (documents resampled)
 

@@ -25,6 +25,11 @@ APP_D_TABLE = Layout(("label", "ablation", "share_ratio_above_1", "median_ratio"
                              "its mean self-repair by the final norm, in logits)")
 
 
+def said(x: float, up: str, down: str) -> str:
+    """A size said in words of its sign, so without a "+": "removes 0.224" / "adds 0.224"."""
+    return f"{up if x >= 0 else down} {logits(abs(x)).lstrip('+')}"
+
+
 def logits(x: float) -> str:
     """A signed number of logits as prose shows it: ``+0.011``, and a rounding-sized one as
     ``+6.9×10⁻⁹`` rather than ``+6.89e-09``."""
@@ -73,7 +78,7 @@ def frozen_markdown(ch) -> str:
                  f"({s['n_halved'] / max(1, s['n_positive']):.0%}). Mean self-repair: "
                  f"{logits(s['mean_self_repair'])} logits live, {logits(s['mean_frozen'])} with the norms frozen.")
     if m.sandwich:
-        lines.append(f"- **Against eq. 2.** Freezing removes {logits(s['mean_self_repair'] - s['mean_frozen'])} "
+        lines.append(f"- **Against eq. 2.** Freezing {said(s['mean_self_repair'] - s['mean_frozen'], 'removes', 'adds')} "
                      f"logits on average, eq. 2's norm terms (the final norm's and the block norms') are "
                      f"{logits(s['mean_norm_terms'])}. They need not agree here: with the block norms frozen, "
                      f"every later component reads a different residual. The largest per-head gap is "
@@ -86,8 +91,8 @@ def frozen_markdown(ch) -> str:
                      f"{format_number(abs(s['max_gap']), digits=2)} logits ({s['max_gap_head']}), for norm terms up to "
                      f"{s['max_norm_terms']:.3g}: " + ("rounding." if exact else
                                                        "more than rounding, which points to a fault."))
-    lines.append(f"- **The norms alone.** With every downstream component frozen, the norms give back "
-                 f"{logits(s['mean_norms_only'])} logits on average, against eq. 2's live norm terms of "
+    lines.append(f"- **The norms alone.** With every downstream component frozen, the norms "
+                 f"{said(s['mean_norms_only'], 'give back', 'take away')} logits on average, against eq. 2's live norm terms of "
                  f"{logits(s['mean_norm_terms'])} (the live norm also rescales what the later components "
                  f"changed; the frozen components change nothing).")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from IPython.display import HTML
 from ..config import Config as BaseConfig
 from ..build_scope import PAPER_COMMAND, PAPER_NAMES, is_paper_model, model_phrase, models_sentence, on_what
 from ..errors import InputError
+from ..reading import decision_rule, short_label, word_anchor, words_reading
 from ..scorecard import DECIDED, STATUSES, Card, build, counted_rows, counts, redecided_rows
 from ..rules import above, number
 from ..tables import TABLE_CLASS, Layout, counted, listed
@@ -41,7 +42,7 @@ class Config(BaseConfig):
 
         return ("**What ran here.**\n\n"
                 f"- **Model.** None is loaded and nothing is measured: the page reads the verdicts the chapters "
-                f"recorded in the results cache `{shown_path(self.cache_dir)}`, for every model found there, "
+                f"recorded, from the results cache (the folder `{shown_path(self.cache_dir)}/`), for every model found there, "
                 f"the book's model (`{model_label(self.model, self.fold_value_biases)}`) first.\n"
                 "- **Whose numbers.** Every estimate, interval and n is a chapter's, as its record keeps it; "
                 "the papers' own words and numbers are in each claim's cell, from the chapters' claims data.\n"
@@ -196,7 +197,9 @@ def _e(text) -> str:
 def _claim_cell(r: dict, span: int) -> str:
     word = f"“{_e(r['word'])}” = " if r["word"] else ""
     paper = f'<span class="scorecard-paper">the paper: {_e(r["paper"])}</span>' if r["paper"] else ""
-    reason = (f"<details><summary>why this rule</summary>{_e(r['reason'])}</details>" if r["reason"]
+    reason = (f'<a class="scorecard-why" href="#{word_anchor(r["word"])}">why “{_e(r["word"])}” reads so</a>'
+              if r["reason"] and r["word"] else  # each word's reason once, in the reading below the table
+              f"<details><summary>why this rule</summary>{_e(r['reason'])}</details>" if r["reason"]
               else '<span class="scorecard-note">(the rule gives no reason yet)</span>')
     again = (f'<span class="scorecard-note">decided again: the claim of chapter {_e(r["counted_in"])} '
              f'(<a href="#{_row_id({"chapter": r["counted_in"], "claim": r["same_claim"]})}">its row</a>), '
@@ -233,6 +236,16 @@ def _part_html(part: str, g: pd.DataFrame) -> str:
     return (f'<div class="{TABLE_CLASS}-box"><table class="{TABLE_CLASS} scorecard">'
             f"<caption>{_e(part)}</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
             "</table></div>")
+
+
+def reading(card: Card) -> str:
+    """The book's one reading of the papers' words (each word once, with its reason and the claims
+    that read it, linked to their rows; every chapter's rules table and each row above link here),
+    then when a verdict holds, differs or cannot tell."""
+    rows = card.frame.drop_duplicates(["chapter", "claim"])
+    words = [(r["word"], r["reason"], [(f"{r['chapter']} · {short_label(r['statement'])}", f"#{_row_id(r)}")])
+             for r in rows.to_dict("records")]
+    return words_reading(words) + "\n\n" + decision_rule()
 
 
 def how_to_run(card: Card) -> str:
@@ -327,19 +340,23 @@ BEYOND = "Beyond the papers"  # the toc's part for other papers' claims (AtP, IO
 def _take_away(mine: pd.DataFrame, model: str, runs: pd.DataFrame | None = None) -> str:
     """The share of decided claims that hold on ``model``: the two papers' claims apart from those of
     the part beyond them (other papers' methods and circuits), each count said with its own."""
-    def tally(rows: pd.DataFrame) -> tuple[int, int]:
-        return int((rows["verdict"] == "holds").sum()), int(rows["verdict"].isin(["holds", "differs"]).sum())
+    def tally(rows: pd.DataFrame) -> tuple[int, int, int]:
+        return (int((rows["verdict"] == "holds").sum()), int(rows["verdict"].isin(["holds", "differs"]).sum()),
+                len(rows))
 
     beyond = mine["part"] == BEYOND
-    (held, decided), (held2, decided2) = tally(mine[~beyond]), tally(mine[beyond])
+    (held, decided, total), (held2, decided2, total2) = tally(mine[~beyond]), tally(mine[beyond])
     runs = runs if runs is not None else pd.DataFrame(columns=["model", "chapter"])
     papers = mine[~beyond & mine["verdict"].isin(["holds", "differs"])]
     text = f"Take-away: on {_on(model, runs, papers['chapter'] if len(papers) else mine['chapter'])}, "
-    text += (f"{held} of the two papers' {decided} decided claims hold ({held / decided:.0%})" if decided
-             else "none of the two papers' claims is decided")
+    text += (f"of the two papers' {counted(total, 'claim')}, {decided} {'is' if decided == 1 else 'are'} decided "
+             f"(a claim is decided when it holds or differs; the other {total - decided} cannot tell or did not run), "
+             f"and {held} of those {decided} hold ({held / decided:.0%})" if decided
+             else "none of the two papers' claims is decided (holds or differs)")
     if decided2:
         chapters = listed(list(dict.fromkeys(mine[beyond]["chapter"])), "chapter")
-        text += f", and {held2} of {decided2} of the claims beyond them ({chapters}: other papers' methods and circuits)"
+        text += (f"; of the {counted(total2, 'claim')} beyond them ({chapters}: other papers' methods and "
+                 f"circuits), {decided2} {'is' if decided2 == 1 else 'are'} decided and {held2} of those hold")
     theirs = [m for m in dict.fromkeys(runs["model"]) if is_paper_model(m)]
     if not is_paper_model(model) and not theirs:
         text += (f"; none was decided on the papers' own models ({PAPER_NAMES}, …), which this cache has no "
