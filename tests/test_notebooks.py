@@ -190,6 +190,15 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_cell_has_an_id(path):
+    """nbformat 4.5 cells carry an id (nbformat warns of a future error without one; a cell added by
+    hand to 09_scorecard lacked it)."""
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    missing = [n for n, c in enumerate(cells) if not c.get("id")]
+    assert not missing, f"{path.name}: cells {missing} have no id (nbformat.validator.normalize adds them)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_ends_with_provenance(path):
     assert re.search(r"\bprovenance\(", _source(_code(path)[-1])), \
         f"{path.name}: the last code cell must be `provenance(cfg, started)`"
