@@ -27,7 +27,8 @@ MANY = Claim("many", "Many heads in later layers are self-repaired", "§2.2, Fig
              reading="{value} of the {n} {unit} lose less logit than their direct effect on their top "
                      "tokens.",
              rationale="as in chapter 1: Fig 1 plots each head's top-2% mean and the paper reads 'many heads "
-                       "in later layers' off it; 'later layers' are the second half, every head there counts")
+                       "in later layers' off it; 'later layers' are the second half, every head there counts",
+             quantity='the share of late-layer heads whose mean top-token self-repair is positive')
 SHARE_QUOTED = 0.30  # §3.2: "30% of direct effect is self-repaired by LayerNorm", "center around 30%"
 SHARE = Claim("norm_share", "The final LayerNorm explains around 30% of a head's direct effect",
               "§3.2, App. A Fig 10",
@@ -37,7 +38,8 @@ SHARE = Claim("norm_share", "The final LayerNorm explains around 30% of a head's
               reading="The final norm alone gives back {value} of a head's direct effect, on average over the "
                       "{n} {unit}.",
               rationale="§3.2: 'most of the models, on many of the layers, have an average self-repair due to "
-                        "LayerNorm which center around 30%', of the clipped per-token share (Fig 10)")
+                        "LayerNorm which center around 30%', of the clipped per-token share (Fig 10)",
+              quantity="the final norm's mean share of a late-layer head's direct effect (clipped per token)")
 BETWEEN = Claim("between", "Across the whole distribution many heads fall between y = −x and the x-axis",
                 "§2.2, Fig 2, App. I Fig 20–22",
                 "the share of heads with a positive whole-set mean direct effect whose whole-set means lie "
@@ -45,7 +47,8 @@ BETWEEN = Claim("between", "Across the whole distribution many heads fall betwee
                 reading="Averaged over every token, {value} of the {n} {unit} sit between the line of no "
                         "repair and the line of perfect repair.",
                 rationale="as in chapter 1; Fig 20–22 repeat Fig 2's setup on more models, the release's "
-                          "whole-set (1.0_) files hold the same means for GPT-2 small and Pythia-160M")
+                          "whole-set (1.0_) files hold the same means for GPT-2 small and Pythia-160M",
+                quantity='the share of heads with a positive direct effect that lie in the repaired band')
 CLAIMS = (MANY, SHARE, BETWEEN)
 CLAIM_COLUMNS = {"many": "frac_self_repaired_late", "norm_share": "norm_share_late", "between": "frac_between_all"}
 

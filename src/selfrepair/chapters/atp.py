@@ -54,7 +54,8 @@ RANKS = Claim("ranks", "AtP, a fast gradient-based approximation to Activation P
                    "scale (Evans 1996: 0.8 to 1) — the table's 'clear correlation' (Cohen's 'large', 0.5) "
                    "would allow a ranking that reorders many heads"),
               fmt=".2f", rationale=KRAMAR,
-              reading="Over the {n} {unit} the two rankings by |Δlogit| correlate at {value}.")
+              reading="Over the {n} {unit} the two rankings by |Δlogit| correlate at {value}.",
+              quantity="the rank correlation of the heads' effects by AtP and by exact ablation")
 TOP = Claim("top", "AtP, used as a prefilter, finds most of the components that matter most", "Kramár et al. 2024",
             "the share of the exact top-k heads by |Δlogit|, chosen on one half of the documents, that are in "
             "AtP's top k on the other half (AtP's top k recomputed in each replicate)",
@@ -62,7 +63,8 @@ TOP = Claim("top", "AtP, used as a prefilter, finds most of the components that 
             rationale=KRAMAR + "; a prefilter that keeps fewer than most of the components that matter misses "
                       "most of them. The heads that matter are chosen on documents the test does not see: chosen "
                       "and tested on the same tokens, the exact ranking's own noise would be scored against AtP",
-            reading="{value} of the exact top {n} {unit} are also in AtP's top {n} on the other half.")
+            reading="{value} of the exact top {n} {unit} are also in AtP's top {n} on the other half.",
+            quantity='the share of the exact top heads that AtP also ranks top, on held-out documents')
 BLIND = Claim("blind", "Most of the heads' self-repair lies beyond AtP's first order", "this book (eq. 1, 2)",
               "the share of the heads' self-repair that AtP's first-order estimate of it (AtP − ΔDE: the "
               "downstream components' and the final norm's reaction to first order) misses, "
@@ -74,7 +76,8 @@ BLIND = Claim("blind", "Most of the heads' self-repair lies beyond AtP's first o
                         "decomposition shows both parts) and misses only what lies beyond it. This is the "
                         "book's question, not a claim of either paper; 'most' reads as more than half",
               reading="Of the {n} {unit}' self-repair (sum of squares), AtP's first-order estimate misses a "
-                      "share of {value}.")
+                      "share of {value}.",
+              quantity="the share of the heads' self-repair that AtP's first order misses")
 CLAIMS = (RANKS, TOP, BLIND)
 
 

@@ -61,7 +61,8 @@ MANY = Claim("many", "Many heads in later layers are self-repaired", "§2.2, Fig
              reading="{value} of the {n} {unit} lose less logit than their direct effect on the tokens "
                      "where they matter most (positive mean self-repair on their top-k% tokens).",
              rationale="Fig 1 plots each head's mean self-repair over its top 2% of tokens by direct "
-                       "effect, and the paper reads 'many heads in later layers' off it; " + LATER)
+                       "effect, and the paper reads 'many heads in later layers' off it; " + LATER,
+             quantity='the share of late-layer heads whose mean top-token self-repair is positive')
 EXISTS = Claim("exists", "Across the whole distribution many heads fall between y = −x and the x-axis",
                "§2.2, Fig 2", "the share of heads with a positive whole-set mean direct effect that lie "
                "there (0 > Δlogit > −DE), both means and the classification recomputed in every replicate",
@@ -70,7 +71,8 @@ EXISTS = Claim("exists", "Across the whole distribution many heads fall between 
                        "repair and the line of perfect repair.",
                rationale="Fig 2's band between y = −x and the x-axis is −1 < Δlogit / DE < 0, where the "
                          "paper says 'there are many such heads'; heads with DE ≤ 0 are outside the "
-                         "band's geometry and left out, as in the paper's reading")
+                         "band's geometry and left out, as in the paper's reading",
+               quantity='the share of heads with a positive direct effect that lie in the repaired band')
 IMPERFECT = Claim("imperfect", "The heads that are self-repaired are not perfectly repaired across the "
                   "entire distribution", "§2.2",
                   "among the heads in Fig 2's band on one half of the documents (selection), the share "
@@ -82,7 +84,8 @@ IMPERFECT = Claim("imperfect", "The heads that are self-repaired are not perfect
                             "a head's held-out mean Δlogit is 0 and its sign a coin flip, so a share whose "
                             "interval lies above one half ('most') shows a real loss; selecting heads "
                             "because their mean fell below 0 and testing that mean on the same tokens "
-                            "would count the noise that selected them")
+                            "would count the noise that selected them",
+                  quantity="the share of the repaired band's heads whose logit still falls, on held-out documents")
 NOISY = Claim("noisy", "Many heads with a significant direct effect show no clear correlation between DE "
               "and Δlogit", "§2.3, Fig 3",
               "among late-layer heads whose top-k% direct effect is at least the late heads' median (both "
@@ -95,7 +98,8 @@ NOISY = Claim("noisy", "Many heads with a significant direct effect show no clea
                         "the late heads by top-k% direct effect. Fig 3's L23H1 and L20H14 are two "
                         "handpicked examples; the verdict counts every such head, and the featured "
                         "stand-ins, picked for a weak correlation, only illustrate it",
-              classify=(paper_word("clear correlation"),))
+              classify=(paper_word("clear correlation"),),
+              quantity="the share of the late heads with a large direct effect whose DE and Δlogit are not clearly correlated")
 CLAIMS = (MANY, EXISTS, IMPERFECT, NOISY)
 
 

@@ -31,7 +31,8 @@ DOES_IOI = Claim("does_ioi", "The model does IOI: at the end it prefers the indi
                  "most prompts", "Wang et al. 2023, §2",
                  "the share of prompts with logit(IO) − logit(S) > 0 at the end, over every prompt",
                  paper_word("most"), fmt=".0%", rationale=MOST_PROMPTS,
-                 reading="On {value} of the {n} {unit} the model's logit of IO is above that of S.")
+                 reading="On {value} of the {n} {unit} the model's logit of IO is above that of S.",
+                 quantity='the share of prompts on which the model prefers the indirect object')
 PARTLY = Rule("between", (0.0, 1 - FULL_TOL), "not fully restored",
               "the self-repair paper: 'self-repair is imperfect, as the original direct effect of the head is "
               "not fully restored', 'sometimes overcorrecting beyond the original effect' (abstract). The "
@@ -51,7 +52,8 @@ REPAIRED = Claim("repaired", "Ablating the name movers is partly repaired: the l
                                 ends=("losing a further {}", "{} coming back"), none="nothing coming back"),
                  rationale="the name movers are chosen on the other half of the prompt pairs: chosen for a "
                            "large direct effect, they would lose more of it, by chance, on the prompts "
-                           "that chose them")
+                           "that chose them",
+                 quantity="the share of the name movers' lost direct effect that comes back, on the test half")
 SIGNIFICANT_GROWTH = ("Wang et al. call backup name movers heads that take over when the name movers are "
                       "knocked out; the paper gives no size, so the growth must be significant (the "
                       "table's reading: the whole 95% interval above 0)")
@@ -62,7 +64,8 @@ BACKUPS = Claim("backups", "Backup heads take over: their direct effect on the l
                 paper_word("significant"), fmt="+.3g", rationale=SIGNIFICANT_GROWTH,
                 reading=Signed("On prompts they were not chosen on, the backups' direct effect on the logit "
                                "difference {way} in sum ({n} {unit}).", up="grows by {value} logits",
-                               down="shrinks by {value} logits", zero="changes by {value} logits"))
+                               down="shrinks by {value} logits", zero="changes by {value} logits"),
+                quantity="the growth of the backups' summed direct effect, in logits, on the test half")
 MOVED = Claim("moved", "Reading the residual stream the name movers read, the backups begin name moving "
               "(a significant gain)", "self-repair paper, App. G",
               "the mean over the test half's prompts of the later backups' summed change of direct effect "
@@ -72,7 +75,8 @@ MOVED = Claim("moved", "Reading the residual stream the name movers read, the ba
                                     "is given, so the gain must be significant",
               reading=Signed("On prompts they were not chosen on, the backups' direct effect on the logit "
                              "difference {way} in sum ({n} {unit}).", up="grows by {value} logits",
-                             down="shrinks by {value} logits", zero="changes by {value} logits"))
+                             down="shrinks by {value} logits", zero="changes by {value} logits"),
+              quantity="the change of the later backups' direct effect when they read the name movers' residual, in logits")
 CLAIMS = (DOES_IOI, REPAIRED, BACKUPS, MOVED)
 
 CLEAR_MARGIN = 2.0  # a name mover attends from the end to IO at least twice as much as to S

@@ -61,7 +61,8 @@ EXIST = Claim("repressing", "Self-repressing heads exist: fed their own output t
                              turns=" (it turns negative)"),
               rationale="both falls are required: the fall under its own output (Fig 19: 'L21H1 has a "
                         "decreased direct effect') and the fall beyond a random push of the same norm, "
-                        "without which a head that any perturbation moves would count. " + ALL)
+                        "without which a head that any perturbation moves would count. " + ALL,
+              quantity="the most self-repressing head's fall at the largest α, on held-out documents")
 PROPORTIONAL = Claim("proportional", "The repression is proportional to how much output is added",
                      "App. F, Fig 18",
                      "the least-squares line, over the alphas, of the repression (minus the relative change "
@@ -75,7 +76,8 @@ PROPORTIONAL = Claim("proportional", "The repression is proportional to how much
                      rationale="App. F: 'the amount in which these heads self-repress is proportional to "
                                "the amount in which scale the heads output back into itself'; proportional "
                                "is a line through the origin, so the slope must be above 0 and the intercept "
-                               "approximately zero, not merely a repression that grows")
+                               "approximately zero, not merely a repression that grows",
+                     quantity='the line of repression against α, on held-out documents')
 CLAIMS = (EXIST, PROPORTIONAL)
 
 

@@ -60,7 +60,8 @@ RATIO = {a: Claim(f"ratio_{a}", "On a last-layer head's top tokens the ablation 
                   reading="On the top tokens of the {n} {unit}, the ablation shrinks the residual stream, "
                           "so the final norm amplifies every logit, on {value} of them (mean over the heads).",
                   rationale="'almost always' is the paper's word for the share of a head's top tokens; "
-                            + LAST)
+                            + LAST,
+                  quantity=f"the share of a last-layer head's top tokens with S/S′ > 1 under {a} ablation")
          for a in ln.ABLATION_ORDER}
 SHARE = Claim("norm_share", "On average over the late layers' heads, LayerNorm explains around 30% of a "
               "head's direct effect",
@@ -74,7 +75,8 @@ SHARE = Claim("norm_share", "On average over the late layers' heads, LayerNorm e
                       "{value} of a head's direct effect (per token, clipped to [0, 1]).",
               rationale="§3.2 reads 'around 30% of the direct effect of a head on average across many "
                         "layers' off Fig 10, and App. A: 'most of the models, on many of the layers, have "
-                        "an average self-repair due to LayerNorm which center around 30%'; " + LATE)
+                        "an average self-repair due to LayerNorm which center around 30%'; " + LATE,
+              quantity="the final norm's mean share of a late-layer head's direct effect (clipped per token)")
 APP_B = Claim("appendix_b", "For a last-layer head of a parallel-attention model, "
               "Δlogit = (S/S′ − 1)·logit + (S/S′)·ΔDE", "§3.1, App. B",
               "the largest over the three ablations of the closed form's mean absolute error relative "
@@ -87,7 +89,8 @@ APP_B = Claim("appendix_b", "For a last-layer head of a parallel-attention model
                            "one above it a term the formula leaves out"), fmt=".1e",
               reading="The closed form misses the real Δlogit by {value} of its size, over {n} {unit}.",
               rationale="the formula is an identity only where nothing but the final norm is downstream "
-                        "of the head; elsewhere the claim is not about the model and cannot be tested")
+                        "of the head; elsewhere the claim is not about the model and cannot be tested",
+              quantity="the closed form's largest error, relative to the mean size of Δlogit")
 APP_H = Claim("appendix_h", "Even a ratio near 1 moves a logit by a nontrivial fraction of a direct "
               "effect", "App. H", "the mean over the last-layer heads of each head's mean "
               "|(S/S′ − 1)·(logit − logit of the strongest other token)| over its top-k% tokens "
@@ -104,7 +107,8 @@ APP_H = Claim("appendix_h", "Even a ratio near 1 moves a logit by a nontrivial f
                       "competitor by {value} of the direct effect (mean over the {n} {unit}).",
               rationale="the paper's a nontrivial fraction is said of 'the direct effect of the head' for "
                         "a typical ratio; means over each head's top tokens stand for the typical token; "
-                        + LAST)
+                        + LAST,
+              quantity="how far the norm's rescaling alone moves a logit, as a share of a head's direct effect")
 NORMS_ONLY = Claim("norms_only", "Freezing every downstream component except the norm recovers a "
                    "significant logit difference relative to freezing the norm too", "§3",
                    "the mean over the late-layer heads of each head's mean norms-only self-repair over its "
@@ -117,7 +121,8 @@ NORMS_ONLY = Claim("norms_only", "Freezing every downstream component except the
                                   ends=("taking away a further {}", "giving back {}"), none="giving back nothing"),
                    rationale="freezing everything including the norm leaves Δlogit = ΔDE of the head, so "
                              "the logit difference the live norm recovers is the norms-only self-repair; "
-                             "significant is read as distinguishable from zero. " + LATE)
+                             "significant is read as distinguishable from zero. " + LATE,
+                   quantity="a late-layer head's mean norms-only self-repair, in logits")
 CLAIMS = (*RATIO.values(), SHARE, APP_B, APP_H, NORMS_ONLY)
 
 

@@ -39,7 +39,8 @@ FIG7 = Claim("anti_erasure", "On the tokens where the last MLP layer repairs mos
                      "was pushing the correct token down and pushes it down less once the head is gone.",
              rationale="Fig 7's caption: 'The majority of the neurons are performing Anti-Erasure' and "
                        "'the top self-repairing neuron typically performs Anti-Erasure'; most is read as "
-                       "a majority of the tokens. The class is " + MEASURED)
+                       "a majority of the tokens. The class is " + MEASURED,
+              quantity="the share of the MLP's best repair tokens whose top neuron is an erasure neuron erasing less")
 SPARSE = Claim("sparse", "A sparse number of neurons self-repair heavily: the top self-repairing neuron "
                "alone repairs 10% of the head's direct effect on over 40% of its top tokens",
                "§4.2, Fig 8",
@@ -65,7 +66,8 @@ SPARSE = Claim("sparse", "A sparse number of neurons self-repair heavily: the to
                          "'heavily' is the share of tokens on which that neuron repairs a tenth of the "
                          "direct effect, Fig 8's measurement. It is a claim about the top of the repair: "
                          "App. C finds the absolute changes below it spread, roughly 60% of the neurons "
-                         "negligible and 40% not, and says so")
+                         "negligible and 40% not, and says so",
+               quantity="the share of a head's top tokens on which one neuron repairs heavily")
 ERASURE = Claim("erasure", "The top repairing neurons are erasure neurons, more often than the layer's "
                 "neurons are", "§4.2, App. C",
                 "for each Fig 8 head, the share of erasure neurons (median clean direct effect on the "
@@ -83,7 +85,8 @@ ERASURE = Claim("erasure", "The top repairing neurons are erasure neurons, more 
                           "so the claim is evidence of anti-erasure only where erasure neurons are "
                           "over-represented among the top repairers: a difference that is significant, "
                           "read as distinguishable from zero. A neuron's median over a set of tokens is "
-                          "negative when more than half of them give it a negative clean direct effect")
+                          "negative when more than half of them give it a negative clean direct effect",
+                quantity="how much more often the top repairing neurons are erasure neurons than the layer's neurons are")
 VARIES = Claim("varies", "The repairing neurons differ across prompts: no neuron is among the top-10 "
                "repairing neurons on many of the tokens", "§4.2.2",
                "the share of a head's most self-repaired tokens on which one neuron is among the top-10 "
@@ -96,7 +99,8 @@ VARIES = Claim("varies", "The repairing neurons differ across prompts: no neuron
                          "repair 'not on the entire distribution'; a neuron among the top ten on many "
                          "(at least one in four) of the tokens would be a recurring repairer, so the claim "
                          "holds below that. The pair is chosen over " + MEASURED + "; choosing it and "
-                         "measuring it on the same tokens would report the largest of many noisy shares")
+                         "measuring it on the same tokens would report the largest of many noisy shares",
+               quantity="the share of a head's most repaired tokens on which its most frequent neuron is in the top 10")
 CLAIMS = (FIG7, SPARSE, ERASURE, VARIES)
 
 
