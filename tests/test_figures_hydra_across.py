@@ -374,3 +374,20 @@ def test_fig_claims(chapter):
     assert ours["frac_self_repaired_late"] == pytest.approx(0.5)  # late layers 1, 2: head 0 of each
     assert ours["norm_share_late"] == pytest.approx(0.3)
     assert ours["frac_between_all"] == pytest.approx(1.0)  # DE > 0 heads: Δlogit = -DE/2
+
+
+def test_chapter6_says_how_many_models_are_ours_and_no_template(chapter):
+    """read3 #35/#36: "holds on 1 of our 1 run" (a template), and a chapter titled "Across models"
+    with one model of ours that never said so: its opening says, computed, how many models of its
+    own the build has, that the rest are the paper's released values, and how to add one."""
+    from selfrepair.chapters.across_text import scope_markdown
+    from selfrepair.exercises.reveal import holds
+    from selfrepair.uncertainty import Estimate
+
+    text = scope_markdown(chapter)
+    assert "**1 model of its own** (toy)" in text and "the paper's released values** (gpt2-small)" in text
+    assert "not a comparison of our models with each other" in text and "selfrepair sweep" in text
+    run = chapter.table[chapter.table["source"] != "paper"]["run"].iloc[0]
+    chapter.estimates = {run: {"many": Estimate(0.72, 0.67, 0.75, 64, "rows", 40, "documents", 1000, 0)}}
+    said = holds(chapter)
+    assert "of our 1 run" not in said and "on our one run: toy" in said, said
