@@ -239,6 +239,10 @@ def test_heat_maps_are_white_at_zero():
     assert luminance(HEAT_SIGNED[1]) > 0.9
     assert diverging_color("x").to_dict()["scale"]["range"][1] == HEAT_SIGNED[1]
     assert heat_scale([-0.5, 2.0]).to_dict()["domain"] == [-2.0, 0, 2.0]
+    from selfrepair.figures.legible import pale_marks  # a heat map's near-white 0 is not a pale mark
+    frame = pd.DataFrame([{"ablated_layer": a, "mlp_layer": l, "label": f"M{l}", "clean_direct_effect": -0.1 * l,
+                           "delta_direct_effect": 0.05 * (l > a), "late": l >= 3} for a in range(L) for l in range(L)])
+    assert not pale_marks(fh.fig_erasure(frame).to_dict())
     import inspect
     from selfrepair.figures import iterative
     assert "HEAT_SIGNED" in inspect.getsource(iterative.fig_head_map)

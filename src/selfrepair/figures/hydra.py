@@ -211,7 +211,8 @@ def fig_erasure(frame) -> alt.LayerChart:
     values = [*frame["delta_direct_effect"], *frame["clean_direct_effect"]]
     color = dict(scale=heat_scale(values, type="symlog", constant=ERASURE_SYMLOG),
                  title="direct effect of the MLP (logits)",
-                 legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=200, titleLimit=260))
+                 legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=200, titleLimit=260,
+                                   labelOverlap="greedy"))  # "−2−1" ran together
     long = pd.concat([frame.assign(slot=frame["ablated_layer"], de=frame["delta_direct_effect"], what="change"),
                       frame[frame["ablated_layer"] == frame["ablated_layer"].min()]
                       .assign(slot=CLEAN, de=frame["clean_direct_effect"], what="clean")])
