@@ -260,23 +260,37 @@ def test_the_cases_of_the_issue_read_from_their_sign():
     assert "(it turns negative)" in sentence(EXIST, -4.56)
     assert "(it turns negative)" not in sentence(EXIST, -0.25)
     assert "its direct effect rises by **25%**" in sentence(EXIST, 0.25)
-    assert "moves **0.30**" in sentence(ERASURE, -0.3)
+    assert "moves the other way (the way erasure predicts): a slope of **0.30**" in sentence(ERASURE, -0.3)
     assert "the other way (the way erasure predicts)" in sentence(ERASURE, -0.3)
     assert "the same way" in sentence(ERASURE, 0.3) and "erasure predicts" not in sentence(ERASURE, 0.3)
-    assert "takes away a further **0.20**" in sentence(SLOPE, -0.2)
-    assert "gives back **0.80**" in sentence(SLOPE, 0.8)
+    # read3 #7: a slope said as a slope, never as something given back beside a share taken away
+    assert "the per-layer slope of compensation on direct effect is **1.16**" in sentence(SLOPE, 1.16)
+    assert "each extra logit of direct effect comes with that many more logits of compensation" in sentence(SLOPE, 1.16)
+    assert "is below zero, at **0.20** (95% interval" in sentence(SLOPE, -0.2)
+    assert "): each extra logit of direct effect comes with that many fewer" in sentence(SLOPE, -0.2)
+    assert not any(w in sentence(SLOPE, x) for w in ("giving back", "gives back", "take away", "takes away")
+                   for x in (-0.2, 0.8, 1.16))
 
 
 def test_an_erasure_slope_whose_interval_includes_no_move_asserts_no_direction():
     """Chapter 5's "moves 0.02 logits the other way, as erasure predicts" with an interval of -0.07 to
     +0.02 and the verdict cannot tell: the sentence says the way erasure predicts, not that the late
-    MLPs erase, and that the interval includes no move."""
-    from selfrepair.chapters.hydra_claims import ERASURE
+    MLPs erase, and that the interval includes no move. read3 #11: the interval sat between the
+    number and its unit and way ("moves 0.02 (95% interval ...) logits the other way"), and the
+    summary said "which includes no move, which straddles ...": one clear sentence each."""
+    from selfrepair.chapters.hydra_claims import ERASURE, SLOPE
+    from selfrepair.findings import claim_phrase
 
     said = render([Verdict(ERASURE, -0.02, 30, "prompts", "", -0.07, 0.02, "", None)]).split("<details>")[0]
     assert "**cannot tell**" in said and "as erasure predicts" not in said, said
-    assert "moves **0.02** (95% interval from 0.07 the other way to 0.02 the same way, which includes no move" in said
-    assert "logits the other way (the way erasure predicts)" in said
+    assert ("moves the other way (the way erasure predicts): a slope of **0.02** (95% interval from 0.07 "
+            "the other way to 0.02 the same way, which includes no move") in said, said
+    phrase, _ = claim_phrase(Verdict(ERASURE, -0.02, 30, "prompts", "", -0.07, 0.02, "", None))
+    assert "which includes no move: the claim holds only when" in phrase and "which straddles" not in phrase, phrase
+    assert phrase.count("which") == 1, phrase
+    phrase, _ = claim_phrase(Verdict(SLOPE, 1.16, 10, "layers", "", 0.82, 2.08, "", None))
+    assert "(a per-layer slope of 1.16, 95% interval 0.82 to 2.08, which straddles the rule's threshold, 1" in phrase
+    assert "giving back" not in phrase
 
 
 CODE_NAME = re.compile(r"(?<![\w/.\\`{%:\-])([a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*)(?![\w/(])")

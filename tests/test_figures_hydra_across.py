@@ -149,7 +149,7 @@ def test_fig_before_after():
                            "ablated_kind": "attn", "prompt": "The capital of France is"}
                           for r in runs for c in range(2 * L)])
     spec = _check(fh.fig_before_after(frame), len(frame))
-    assert {"line", "rule"} <= _marks(spec) and "A1" in str(spec["title"])
+    assert {"line", "rule"} <= _marks(spec) and "ablating attention layer 1" in str(spec["title"]) and "A1" not in str(spec["title"])
     assert {"direct_effect", "run", "group"} <= _fields(spec)
 
 
@@ -161,7 +161,8 @@ def _hue(color: str) -> float:
 
 def test_fig_before_after_mean_and_single_patches_differ_in_hue():
     """Hydra Fig 1/3 drew "ablated (mean)" (#8b1a1a) and "single patch" (#e45756) in two reds: the
-    single patches now have another hue."""
+    single patches now have another hue. Issue 25 (read3 #26): its legend said "ablated (mean)",
+    which reads as mean ablation: it says the average over resample sources."""
     frame = pd.DataFrame([{"layer": c, "kind": "attn", "label": f"X{c}", "run": r, "direct_effect": float(c),
                            "ablated": "A1", "ablated_layer": 1, "ablated_kind": "attn", "prompt": "p"}
                           for r in ("clean", "ablated (mean)", "patch 0") for c in range(L)])
@@ -169,19 +170,23 @@ def test_fig_before_after_mean_and_single_patches_differ_in_hue():
     (scale,) = [n["encoding"]["color"]["scale"] for n in [spec["spec"]] + spec["spec"].get("layer", [])
                 if "color" in n.get("encoding", {})]
     colors = dict(zip(scale["domain"], scale["range"]))
-    d = abs(_hue(colors["ablated (mean)"]) - _hue(colors["single patch"]))
+    assert "ablated (mean)" not in colors and "ablated (average over resample sources)" in colors
+    d = abs(_hue(colors["ablated (average over resample sources)"]) - _hue(colors["single patch"]))
     assert min(d, 360 - d) >= 90, colors
 
 
-def test_fig_compensation_depth_is_a_gradient():
-    """Hydra Fig 7a/c coloured 18 layers with 18 near-identical legend swatches: depth is now a
-    quantity with a gradient legend (the layer on hover)."""
+def test_fig_compensation_depth_in_hues_a_reader_tells_apart():
+    """Hydra Fig 7a/c coloured 18 layers on a continuous ramp (read3 #29: layers 10 to 17 could not
+    be told apart): the depth thirds, each its own hue, with the layer on hover."""
     effects = pd.DataFrame([{"prompt": p, "layer": l, "kind": k, "label": f"{k}{l}", "direct_effect": 0.1 * l,
                              "compensatory_effect": 0.05 * l, "ce_attn": 0.0, "ce_mlp": 0.0, "total_effect": 0.0}
                             for p in range(2) for l in range(18) for k in ("attn", "mlp")])
     spec = fh.fig_compensation(effects).to_dict()
     (color,) = [n["encoding"]["color"] for n in spec["spec"]["layer"] if "color" in n.get("encoding", {})]
-    assert color["type"] == "quantitative" and color["legend"]["type"] == "gradient"
+    assert color["type"] == "nominal"
+    assert color["scale"]["domain"] == ["early (0–5)", "middle (6–11)", "late (12–17)"]
+    assert len(set(_hue(c) // 30 for c in color["scale"]["range"])) == 3  # three hues, not shades of one
+    assert fh.depth_group([0, 5, 6, 17], 18) == ["early (0–5)", "early (0–5)", "middle (6–11)", "late (12–17)"]
 
 
 def test_fig_compensation_and_regression(effects):
@@ -216,7 +221,31 @@ def test_fig_erasure():
                            "clean_direct_effect": -0.1 * l, "delta_direct_effect": 0.05 * (l > a),
                            "late": l >= 3} for a in range(L) for l in range(L)])
     spec = _check(fh.fig_erasure(frame), L * L + L)
-    assert _marks(spec) == {"rect"} and "delta_direct_effect" in _fields(spec, "color")
+    assert _marks(spec) == {"rect"}
+    # read3 #22: the change and the clean column were on two colour scales side by side (red-blue
+    # and purple-orange), grey at 0: one scale, near-white at 0, symmetric about it
+    scale = spec["encoding"]["color"]["scale"]
+    assert "resolve" not in spec and "layer" not in spec
+    assert scale["range"][1] == "#f7f7f7" and scale["domain"] == [-0.1 * (L - 1), 0, 0.1 * (L - 1)]
+
+
+def test_heat_maps_are_white_at_zero():
+    """read3 #22: the shared diverging scale of heat maps had mid-grey at 0 (a grey wall on white):
+    its middle is near-white, in every chapter's heat map (chapters 4, 5, 8)."""
+    from selfrepair.figures import diverging_color
+    from selfrepair.figures.encodings import HEAT_SIGNED, heat_scale
+    from selfrepair.figures.legible import luminance
+
+    assert luminance(HEAT_SIGNED[1]) > 0.9
+    assert diverging_color("x").to_dict()["scale"]["range"][1] == HEAT_SIGNED[1]
+    assert heat_scale([-0.5, 2.0]).to_dict()["domain"] == [-2.0, 0, 2.0]
+    from selfrepair.figures.legible import pale_marks  # a heat map's near-white 0 is not a pale mark
+    frame = pd.DataFrame([{"ablated_layer": a, "mlp_layer": l, "label": f"M{l}", "clean_direct_effect": -0.1 * l,
+                           "delta_direct_effect": 0.05 * (l > a), "late": l >= 3} for a in range(L) for l in range(L)])
+    assert not pale_marks(fh.fig_erasure(frame).to_dict())
+    import inspect
+    from selfrepair.figures import iterative
+    assert "HEAT_SIGNED" in inspect.getsource(iterative.fig_head_map)
 
 
 # -- the controls and panels (selfrepair.hydra_controls), built from a synthetic result -------------
@@ -258,6 +287,9 @@ def test_fig_localisation(synthetic):
     assert 200 <= spec["spec"]["width"] and 2 * spec["spec"]["width"] <= VIEWS_AT_1024
     assert spec["spec"]["layer"][0]["encoding"]["color"]["legend"]["orient"] == "bottom"
     assert spec["resolve"]["axis"]["x"] == "independent"  # a layer axis under every panel, stacked too
+    # read3 #21: on a phone the 18 labels ran together ("0123456789111111"): every other one there
+    axis = spec["spec"]["layer"][0]["encoding"]["x"]["axis"]
+    assert axis["labelOverlap"] == "parity" and axis["labelAngle"] == 0
 
 
 def test_fig_best_layer_and_panels(synthetic):
@@ -346,3 +378,20 @@ def test_fig_claims(chapter):
     assert ours["frac_self_repaired_late"] == pytest.approx(0.5)  # late layers 1, 2: head 0 of each
     assert ours["norm_share_late"] == pytest.approx(0.3)
     assert ours["frac_between_all"] == pytest.approx(1.0)  # DE > 0 heads: Δlogit = -DE/2
+
+
+def test_chapter6_says_how_many_models_are_ours_and_no_template(chapter):
+    """read3 #35/#36: "holds on 1 of our 1 run" (a template), and a chapter titled "Across models"
+    with one model of ours that never said so: its opening says, computed, how many models of its
+    own the build has, that the rest are the paper's released values, and how to add one."""
+    from selfrepair.chapters.across_text import scope_markdown
+    from selfrepair.exercises.reveal import holds
+    from selfrepair.uncertainty import Estimate
+
+    text = scope_markdown(chapter)
+    assert "**1 model of its own** (toy)" in text and "the paper's released values** (gpt2-small)" in text
+    assert "not a comparison of our models with each other" in text and "selfrepair sweep" in text
+    run = chapter.table[chapter.table["source"] != "paper"]["run"].iloc[0]
+    chapter.estimates = {run: {"many": Estimate(0.72, 0.67, 0.75, 64, "rows", 40, "documents", 1000, 0)}}
+    said = holds(chapter)
+    assert "of our 1 run" not in said and "on our one run: toy" in said, said

@@ -257,7 +257,7 @@ def test_depth_reads_on_white_in_every_chapter():
                         for l in range(12) for h in range(2)])
     heads, layers, _ = explorer_frames()
     profiles = heads.assign(layer=(heads["rel_layer"] * 5).round().astype(int))
-    for chart in (fh.fig_unembed_vs_ablate(effects), fh.fig_compensation(effects), ft.fig_atp_vs_exact(atp),
+    for chart in (fh.fig_unembed_vs_ablate(effects), ft.fig_atp_vs_exact(atp),  # Fig 7a/c: depth thirds in hues
                   fa.fig_layer_profiles(profiles), fa.fig_model_explorer(heads, layers, default="toy")):
         drawn = colored_by(spec_of(chart), "layer", "rel_layer")
         assert drawn and all(n["encoding"]["color"]["scale"]["scheme"] == DEPTH_SCHEME for n in drawn)  # one scheme
@@ -500,3 +500,18 @@ def test_chapter4_alphas_are_distinct_hues():
     many = pd.concat([frame.assign(alpha=float(a)) for a in range(len(HUES) + 1)])
     (points,) = [n for n in nodes(spec_of(fit.fig_amplified_tokens(many))) if mark(n) == "circle"]
     assert points["encoding"]["color"]["scale"]["scheme"] == DEPTH_SCHEME
+
+
+def test_chapter6_panels_share_a_y_axis_and_the_explorer_fits_a_phone():
+    """read3 #23: ch 6 Fig 1's panels had independent y axes (ours -2 to 6, the paper's -1 to 1.5),
+    hiding the difference the text reports: one y axis. read3 #21: the explorer's x labels ran
+    together on a phone ("0.00.1") and its drop-down, a run's full name, overflowed the column."""
+    heads, layers, _ = explorer_frames()
+    profiles = heads.assign(layer=(heads["rel_layer"] * 5).round().astype(int))
+    assert spec_of(fa.fig_layer_profiles(profiles))["resolve"]["scale"]["y"] == "shared"
+    spec = spec_of(fa.fig_model_explorer(heads, layers, default="toy"))
+    bind = [p for p in spec["params"] if p["name"] == "model"][0]["bind"]
+    assert bind["labels"] == ["toy (ours)"]  # the heads frame holds our run only
+    for view in spec["hconcat"]:
+        axes = [n["encoding"]["x"]["axis"] for n in view.get("layer", [view]) if "axis" in n.get("encoding", {}).get("x", {})]
+        assert axes and all(a["labelOverlap"] and a["tickCount"] <= 4 for a in axes)

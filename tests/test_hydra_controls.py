@@ -15,6 +15,7 @@ selfrepair.hydra), on tiny random models of every family.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pandas as pd
@@ -329,6 +330,12 @@ def test_chapter_controls_text_shows_the_computed_numbers(tiny_chapter):
     mlp = ch.attention_localisation[(ch.attention_localisation["readout_kind"] == "mlp")
                                     & (ch.attention_localisation["n_downstream"] >= 2)]
     assert f"{mlp['share_top1'].mean():.0%}" in loc_md and "is 0 —" in loc_md
+    attn = ch.attention_localisation[(ch.attention_localisation["readout_kind"] == "attn")
+                                     & (ch.attention_localisation["n_downstream"] >= 2)]
+    if math.isfinite(ch.estimates.local.value):  # read3 #19: one share in the text (the verdict's), the other folded
+        said, fold = loc_md.split("<details", 1)
+        assert f"carries {1 - ch.estimates.local.value:.0%} of their change, pooled" in said
+        assert f"a mean {attn['share_top1'].mean():.0%}" in fold
     panels_md = chapter.panels_markdown(ch)
     assert f"R² = {number(ch.best['r2'].iloc[0], '.2f')}" in panels_md and ch.best["label"].iloc[0] in panels_md
     assert set(ch.attention_localisation["ablated_kind"]) == {"attn"}
@@ -386,7 +393,7 @@ def test_chapter_prose_prints_the_tables_minus_sign(tiny_chapter):
         text = prose(c)
         assert not hyphen_minus_numbers(text), hyphen_minus_numbers(text)
     text = prose(flipped)
-    assert "mean Δ_ablate −0.786" in text and "MLP −0.86" in text and "r = −0.40" in text
+    assert "mean $\\Delta_{\\text{ablate}}$ −0.786" in text and "MLP −0.86" in text and "r = −0.40" in text
     assert "the mean own direct effect is −0.250 logits against −0.500 clean" in text
     assert "An ablation there adds a mean 0.200 logits of direct effect" in text
     assert "The per-patch slope: −0.30." in text and ": −0.03." in text

@@ -102,3 +102,21 @@ def test_parameter_names_are_words_outside_the_parameters_cell(deep):
     for name in PARAMETERS:
         if "_" in name:
             assert name not in computed, name
+
+
+def test_chapter5_notation_and_localisation_read3():
+    """read3 #15: the layer labels A12/M17 were never defined, σ(z_t^L) and Δ_ablate were raw text,
+    Counterfact never described; #39: the localisation table's ~40-word title with its own glossary."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    from selfrepair.chapters import hydra_text
+
+    md = "".join("".join(c["source"]) for c in json.loads(
+        (Path(__file__).resolve().parents[1] / "book/05_hydra.ipynb").read_text())["cells"] if c["cell_type"] == "markdown")
+    assert "A*l* (the attention of layer *l*" in md and "M*l* (the MLP of layer *l*)" in md
+    assert "Counterfact dataset (a public set of one-line factual statements" in md
+    src = inspect.getsource(hydra_text)
+    assert "σ(z_t^L)" not in src and "Δ_ablate" not in src and "Δ_unembed" not in src
+    assert "kind of later \"\n" not in src and "Every row, with every column, in the fold" not in src

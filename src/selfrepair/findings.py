@@ -100,8 +100,10 @@ def claim_phrase(v: Verdict) -> tuple[str, tuple[float, ...]]:
     if v.why:
         return label, ()
     if v.holds is None:  # why not, and what the claim needs
+        crosses = ", which includes " in value and 0 in thresholds(v.claim.rule)  # "includes no move" says it
         value += (f"; {undecided(v)}" if v.parts else
-                  f", {undecided(v, 'which')}: the claim holds only when {v.claim.rule.when(v.claim.fmt)}")
+                  f"{'' if crosses else ', ' + undecided(v, 'which')}: the claim holds only when "
+                  f"{v.claim.rule.when(v.claim.fmt)}")
     if own(v):
         label += " (this book's own question, not the papers')"
     return f"{label} — {quantity(v.claim)}: {value}", numbers

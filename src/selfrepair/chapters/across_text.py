@@ -90,3 +90,20 @@ def size_markdown(table: pd.DataFrame, current: str, cfg: Any = None) -> str:
                    f"against about {1_000_000 * cfg.top_percent / 100:,.0f} of the paper's 1M tokens of The Pile)")
     why.append("a different logit scale (self-repair is in logits, not a share of the head's direct effect)")
     return text + (" What makes the difference is **not tested here**; candidates are " + "; ".join(why) + ".")
+
+
+def scope_markdown(ch: AcrossChapter) -> str:
+    """The chapter's scope, computed: how many models of this project's own the build has measured,
+    that the comparison is with the paper's released values, and how to add a model (read3 #36:
+    the title "Across models" promised more than one model of ours without saying so)."""
+    ours, paper = _split(ch.table, ch.current)
+    models = list(dict.fromkeys(ours["model"]))
+    released = _and(list(paper["model"])) if len(paper) else "none"
+    mine = (f"this build has measured **{counted(len(models), 'model')} of its own** ({_and(models)})"
+            if models else "this build has measured **no model of its own** yet")
+    only = (" With one model of ours, this is not a comparison of our models with each other: it sets ours "
+            "beside the paper's." if len(models) == 1 else "")
+    return (f"**Which models.** On this page {mine}; every other model is **the paper's released values** "
+            f"({released}), measured by its authors on their models and data.{only} To add a model, run "
+            "chapter 1 (or the `selfrepair sweep` command) on it: every all-heads sweep in the results "
+            "folder is picked up here on the next build.")

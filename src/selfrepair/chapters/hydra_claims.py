@@ -77,15 +77,18 @@ SLOPE = Claim(
     "the compensatory effect on the direct effect across prompts (each layer's slope recomputed in "
     "every replicate), at the clean run's σ",
     paper_number("<", 1.0, "a slope of less than one at all layers past layer 13",
-                 "a slope below 1 means a layer's compensation gives back less than each extra logit "
-                 "of its direct effect, the paper's 'does not fully restore the output'; 'all layers' "
+                 "a slope below 1 means each extra logit of a layer's direct effect comes with less than "
+                 "one logit of compensation, the paper's 'does not fully restore the output'; 'all layers' "
                  "is tested through the largest slope, 'past layer 13' of its 32 layers as the "
                  "layers deeper than 13/32 of the depth"),
     fmt=".2f",
-    reading=Signed("In the attention layer past the paper's cutoff whose slope is largest, each extra logit "
-                   "of direct effect removed brings a compensation that {way} ({n} {unit}).",
-                   up="gives back {value} logits", down="takes away a further {value} logits",
-                   ends=("taking away a further {}", "giving back {}"), none="giving back nothing"),
+    reading=Signed("At the steepest attention layer past the paper's cutoff, the per-layer slope of "
+                   "compensation on direct effect is {way} ({n} {unit}).",
+                   up="{value}: each extra logit of direct effect comes with that many more logits of compensation",
+                   down="below zero, at {value}: each extra logit of direct effect comes with that many fewer logits "
+                        "of compensation",
+                   zero="{value}: compensation does not grow with the direct effect",
+                   ends=("a per-layer slope of {} below zero", "a per-layer slope of {}"), none="a flat slope"),
     rationale="§4.2: 'fitting a linear regression between direct effect and compensatory response "
               "gives a slope of less than one at all layers past layer 13'. The models have different "
               "depths, so the paper's layer is compared as a relative depth (the verdict says which layers "
@@ -99,9 +102,10 @@ ERASURE = Claim(
     "last quarter's MLPs' summed ΔDE on the ablated layer's own ΔDE (clean σ; erasure predicts a "
     "negative slope)", paper_word("significant", "<"), fmt="+.2f",
     reading=Signed("For each logit an ablation moves the ablated layer's direct effect, the late MLPs' direct "
-                   "effect {way} ({n} {unit}).", up="moves {value} logits the same way",
-                   down="moves {value} logits the other way (the way erasure predicts)",
-                   zero="moves {value} logits", ends=("{} the other way", "{} the same way"), none="no move"),
+                   "effect {way} ({n} {unit}).", up="moves the same way: a slope of {value}",
+                   down="moves the other way (the way erasure predicts): a slope of {value}",
+                   zero="does not move: a slope of {value}", ends=("{} the other way", "{} the same way"),
+                   none="no move"),
     rationale="§2.5.2: 'when the attention layer has a high positive impact they have a high negative "
               "impact and when the attention layer's Δ_unembed is reduced theirs is similarly "
               "attenuated' — the late MLPs' change moves against the ablated layer's, in proportion to "

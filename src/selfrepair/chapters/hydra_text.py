@@ -71,9 +71,7 @@ def local_table(ch, n: int = TOP_ROWS) -> Shortened:
     full = full.assign(readout_kind=full["readout_kind"].map(KINDS).fillna(full["readout_kind"]))
     top = full.sort_values("total_abs_delta_de", ascending=False).head(n)
     t = LOCAL_TABLE(full[list(LOCAL_TABLE.columns)])  # every column it shows: no second fold inside this one
-    caption = (f"The {min(n, len(full))} of {counted(len(full), 'row')} (ablated attention layer, kind of later "
-               "layer) whose later layers change most, largest Σ mean |ΔDE| first; most: the later layer that "
-               "changes most, with its share of Σ beside an even spread's. Every row, with every column, in the fold.")
+    caption = f"The {min(n, len(full))} attention ablations whose later layers change most"  # the columns: in the text
     shown = table(top[list(SHORT_COLUMNS)], SHORT_COLUMNS, names=SHORT_NAMES, percent=("share_top1", "uniform"),
                   caption=caption)
     return Shortened(shown, t, f"Every row ({len(full)}), by ablated layer")
@@ -147,8 +145,8 @@ def noise_markdown(ch) -> str:
              "in size, on average):"]
     for name, g in ((main, a), ("noise", b)):
         own, later = -g["lost"].mean(), g["compensation"].mean()
-        lines.append(f"- **{name}**: the logit moves by a mean |Δ_ablate| of {g['abs_total_effect'].mean():.3f} "
-                     f"logits per patch (mean Δ_ablate {number(g['total_effect'].mean(), '.3f')}); the ablated layer's own "
+        lines.append(f"- **{name}**: the logit moves by a mean $|\\Delta_{{\\text{{ablate}}}}|$ of {g['abs_total_effect'].mean():.3f} "
+                     f"logits per patch (mean $\\Delta_{{\\text{{ablate}}}}$ {number(g['total_effect'].mean(), '.3f')}); the ablated layer's own "
                      f"direct effect {changes(own, '.3g', unit=' logits')}{times(own, clean)} and the later layers' "
                      f"summed direct effect {changes(later, '.3g', unit=' logits')}{times(later, clean)}.")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")
@@ -190,15 +188,22 @@ def localisation_markdown(ch) -> str:
     attn = s[(s["ablated_kind"] == "attn") & (s["n_downstream"] >= 2)]
     up = ch.localisation[ch.localisation["position"] == "upstream"]["abs_delta_de"]
     lines = [f"**On {ch.meta.get('model')}**, for the attention layers with at least two later layers of a kind:"]
+    folds = []
     for kind, word in (("attn", "attention"), ("mlp", "MLP")):
         g = attn[attn["readout_kind"] == kind]
         if not len(g):
             continue
         nxt = int((g["top"] == g["first"]).sum())
-        lines.append(f"- **Later {word} layers**: the one that changes most carries a mean {_pct(g['share_top1'].mean())} "
-                     f"of their Σ mean |ΔDE| (top two: {_pct(g['share_top2'].mean())}; an even spread would "
+        local = getattr(getattr(ch, "estimates", None), "local", None) if kind == "attn" else None
+        pooled = local is not None and math.isfinite(local.value)
+        share = (f"carries {_pct(1 - local.value)} of their change, pooled prompt by prompt (the verdict "
+                 f"below reads the rest, {_pct(local.value)})" if pooled else
+                 f"carries a mean {_pct(g['share_top1'].mean())} of their Σ mean |ΔDE|")
+        lines.append(f"- **Later {word} layers**: the one that changes most {share} (top two, averaged over the "
+                     f"ablated layers: {_pct(g['share_top2'].mean())}; an even spread would "
                      f"give {_pct(g['uniform'].mean())}); it is the first later {word} layer for {nxt} of the "
-                     f"{len(g)} ablated layers." + (_pooled(ch) if kind == "attn" else ""))
+                     f"{len(g)} ablated layers.")
+        folds += [_pooled(ch, g)] if pooled else []
     g = attn[attn["readout_kind"] == "all"]
     if len(g):
         mlp = int(sum(str(t).startswith("M") for t in g["top"]))
@@ -206,17 +211,20 @@ def localisation_markdown(ch) -> str:
                      f"{len(g)} ablated attention layers.")
     lines.append(f"- **Upstream**: the largest mean |ΔDE| of a component that is not downstream of the "
                  f"ablated one is {number(up.max() if len(up) else 0, '.1g')} — an ablation cannot reach back.")
-    return "\n".join(lines)
+    return "\n".join(lines) + "".join(f"\n\n{f}" for f in folds)
 
 
-def _pooled(ch) -> str:
-    """How the share above differs from the verdict on "localised" (another selection)."""
-    local = getattr(getattr(ch, "estimates", None), "local", None)
-    if local is None or not math.isfinite(local.value):
-        return ""
-    return (f" That share averages, over the ablated layers, each one's share of the prompts' mean |ΔDE|; "
-            f"the verdict on “localised” pools |ΔDE| prompt by prompt and takes each prompt's own most-changed "
-            f"layer, so there that layer carries {_pct(1 - local.value)}.")
+def _pooled(ch, g) -> str:
+    """A fold: the other share of the most-changed later attention layer (averaged over the ablated
+    layers) and why it differs from the one the page gives (read3 #19: one number, the other folded)."""
+    local = ch.estimates.local
+    return ('<details class="selfrepair-fold"><summary>Another share of the most-changed layer, and why it '
+            f"differs</summary><p>Averaged over the ablated layers, each one's share of the prompts' mean "
+            f"|ΔDE| (the table below), the later attention layer that changes most carries a mean "
+            f"{_pct(g['share_top1'].mean())}, not {_pct(1 - local.value)}. That average first takes means over the "
+            f"prompts, so it names one most-changed layer per ablated layer, and weighs an ablated layer that "
+            f"changes little like one that changes much; the page's share, the verdict's, pools |ΔDE| prompt by "
+            f"prompt and takes each prompt's own most-changed layer.</p></details>")
 
 
 def panels_markdown(ch) -> str:
@@ -278,9 +286,9 @@ def scale_markdown(ch) -> str:
         "**What the paper's words support.** §2.3.1 fixes σ \"to the value attained in the forward "
         "pass\", and eq. 34 takes a layer's direct effect *in the ablation run* (eq. 13): read "
         "literally, each run's own σ, so σ′ in the ablated one. But right after eq. 13 the paper "
-        "states that a layer not downstream of the ablation keeps its Δ_unembed exactly, and its "
+        "states that a layer not downstream of the ablation keeps its $\\Delta_{\\text{unembed}}$ exactly, and its "
         "derivation of the direct effect of an ablation (eq. 24-27) divides both runs by the clean "
-        "σ(z_t^L): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
+        "scale $\\sigma(z_t^L)$ (the final norm's scale at the last layer $L$ and position $t$): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
         "not say which was used.\n\n"
         "**Why the book leads with the clean σ.** At the clean σ the compensation is exactly what the "
         "later layers change in what they write, and the final norm's rescaling is a term of its own, "

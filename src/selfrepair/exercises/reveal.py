@@ -238,9 +238,10 @@ def holds(ch) -> str:
         words.append(v.word)
         runs.append(f"{r['run']} {e.prose('.0%', MANY.rule.bounds)}: {v.word}")
     released = ", ".join(f"{r.model} {_pct(r.frac_self_repaired_late)}" for _, r in paper.iterrows())
-    return (f"\"Many\" (at least {MANY.rule.bounds[0]:.0%}, the whole interval) holds on {words.count('holds')} of our "
-            f"{counted(len(words), 'run')}: " + "; ".join(runs) + f". The release's models, with no interval of their "
-            f"own: {released}.")
+    rule = f"\"Many\" (at least {MANY.rule.bounds[0]:.0%}, the whole interval)"
+    said = (f"{rule}, on our one run: {runs[0]}" if len(runs) == 1 else  # not "holds on 1 of our 1 run"
+            f"{rule} holds on {words.count('holds')} of our {counted(len(words), 'run')}: " + "; ".join(runs))
+    return said + f". The release's models, with no interval of their own: {released}."
 
 
 def norm_share_range(ch) -> str:

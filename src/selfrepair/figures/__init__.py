@@ -79,11 +79,12 @@ def head_tooltip(*fields: str, fmt: str = ".3f") -> list[alt.Tooltip]:
     return tips
 
 
-def diverging_color(field: str, *, title: str | None = None) -> alt.Color:
-    """A red-blue colour centred at 0 for signed quantities (blue positive, red negative), grey at 0
-    (:data:`~selfrepair.figures.legible.SIGNED`: no shade near-white)."""
-    return alt.Color(f"{field}:Q", scale=alt.Scale(domainMid=0, range=list(SIGNED), interpolate="lab"),
-                     title=title or field.replace("_", " "))
+def diverging_color(field: str, *, title: str | None = None, values=None) -> alt.Color:
+    """A heat map's red-blue colour centred at 0 for signed quantities (blue positive, red negative),
+    near-white at 0 (:func:`~selfrepair.figures.encodings.heat_scale`; symmetric over ``values``)."""
+    from .encodings import heat_scale
+
+    return alt.Color(f"{field}:Q", scale=heat_scale(values), title=title or field.replace("_", " "))
 
 
 def data_rows(spec: dict) -> int:

@@ -24,6 +24,17 @@ DEPTH = alt.Color("rel_layer:Q", scale=alt.Scale(scheme=DEPTH_SCHEME, domain=[0,
                   legend=alt.Legend(orient="bottom"))  # below the panels: they fit a laptop page
 
 
+# a phone narrows the explorer's views: few ticks, and labels that would touch dropped ("0.00.1")
+FEW_TICKS = alt.Axis(tickCount=4, labelOverlap=True, labelSeparation=6, labelFlush=True)
+
+
+def short_run(run: str) -> str:
+    """A run's name for a narrow drop-down: "gemma-3-270m (ours)", "gpt2-small (paper)"."""
+    import re
+
+    return re.sub(r" \((ours|paper)\b[^)]*\)", r" (\1)", run)
+
+
 def fig_layer_profiles(heads) -> alt.FacetChart:
     """Self-repair paper Fig 1, one panel per model: each head's self-repair (top-k% tokens) by
     layer, and the layer mean (line). Paper panels show the authors' released values."""
@@ -34,7 +45,9 @@ def fig_layer_profiles(heads) -> alt.FacetChart:
     zero = alt.Chart().mark_rule(color="gray", strokeDash=[2, 2]).encode(y=alt.datum(0))
     return (alt.layer(points, mean, zero, data=heads).properties(width=160, height=160)  # 3 fit 1024 px
             .facet(facet=alt.Facet("run:N", title=None, sort=list(dict.fromkeys(heads["run"]))), columns=3)
-            .resolve_scale(x="independent", y="independent")
+            # one y axis for every panel: ours beside the paper's sizes reads at a glance (independent
+            # axes drew ours on -2 to 6 and the paper's on -1 to 1.5, hiding the difference the text reports)
+            .resolve_scale(x="independent", y="shared")
             .properties(title="Self-repair per head and layer mean, every model (paper Fig 1)"))
 
 
@@ -48,12 +61,13 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
     runs = list(dict.fromkeys(heads["run"]))
     of_model = list(dict.fromkeys(heads.loc[heads["model"] == default, "run"]))
     first = default if default in runs else (of_model or runs)[0]
+    # the drop-down names the model and whose numbers (a run's full name overflowed a phone's column)
     pick = alt.param(name="model", value=first,
-                     bind=alt.binding_select(options=runs, name="model: "))
+                     bind=alt.binding_select(options=runs, labels=[short_run(r) for r in runs], name="model: "))
     chosen = alt.datum.run == pick
     base = alt.Chart(heads).transform_filter(chosen)
     scatter = base.mark_circle(size=30, opacity=MARK_OPACITY).encode(
-        x=alt.X("direct_effect:Q", title="mean direct effect, every token"),
+        x=alt.X("direct_effect:Q", title="mean direct effect, every token", axis=FEW_TICKS),
         y=alt.Y("delta_logit:Q", title="mean Δlogit when ablated"), color=DEPTH, tooltip=HEAD_TIPS)
     no_repair = base.transform_calculate(neg="-datum.direct_effect").mark_line(
         color="gray", strokeDash=[4, 4]).encode(x="direct_effect:Q", y="neg:Q")
@@ -63,7 +77,7 @@ def fig_model_explorer(heads, layers, default: str | None = None) -> alt.HConcat
     tips = [alt.Tooltip("run:N", title="model"), alt.Tooltip("layer:O"), alt.Tooltip("self_repair:Q", format=".3f"),
             alt.Tooltip("direct_effect:Q", format=".3f"), alt.Tooltip("delta_logit:Q", format=".3f")]
     profile = alt.Chart(layers).encode(
-        x=alt.X("rel_layer:Q", title="relative depth (layer / last layer)"),
+        x=alt.X("rel_layer:Q", title="relative depth (layer / last layer)", axis=FEW_TICKS),
         y=alt.Y("self_repair:Q", title="layer mean of top-k% self-repair"),
         detail="run:N", color=series_color("source", SOURCE_COLORS, layers["source"],
                                            legend=alt.Legend(orient="bottom")), tooltip=tips)

@@ -34,6 +34,22 @@ LABEL_PX = 24  # px of axis a layer's label needs ("17" and the space that sets 
 # a scatter's scale with room at its ends: a point at the largest value is drawn whole, not cut in
 # half by the plot's edge (zoomable charts clip their marks to the plot)
 EDGE = alt.Scale(padding=10, nice=False, zero=False)
+# a heat map's diverging colours (negative, 0, positive): near-white at 0, so a cell near zero fades
+# into the page and a cell of any size reads as coloured (a grey middle made a grey wall of most cells)
+HEAT_SIGNED = ("#b2182b", "#f7f7f7", "#2166ac")
+
+
+def heat_scale(values=None, **kw) -> alt.Scale:
+    """The diverging scale of a heat map's cells (:data:`HEAT_SIGNED`): symmetric about 0 over
+    ``values`` (the same shade for the same size either way; one scale for panels that compare
+    the same quantity), else centred at 0 on the data."""
+    import numpy as np
+
+    x = np.asarray([] if values is None else values, dtype=float)
+    x = np.abs(x[np.isfinite(x)])
+    top = float(x.max()) if len(x) and x.max() > 0 else None
+    where = {"domain": [-top, 0, top]} if top else {"domainMid": 0}
+    return alt.Scale(range=list(HEAT_SIGNED), interpolate="lab", **where, **kw)
 
 
 def head_slots(frame, *, fill: float = 0.7):
@@ -118,5 +134,5 @@ def layer_color(field: str = "layer", *, title: str = "layer", legend: bool = Tr
                      legend=alt.Legend() if legend else None)
 
 
-__all__ = ["ABLATION_COLORS", "EDGE", "HUES", "LABEL_PX", "distinct_colors", "MAX_LABELS", "head_slots", "labels_only", "layer_color", "layer_x",
+__all__ = ["ABLATION_COLORS", "EDGE", "HEAT_SIGNED", "HUES", "heat_scale", "LABEL_PX", "distinct_colors", "MAX_LABELS", "head_slots", "labels_only", "layer_color", "layer_x",
            "present", "series_color"]

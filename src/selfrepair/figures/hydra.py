@@ -6,9 +6,10 @@ Pure functions: a tidy frame from :mod:`selfrepair.hydra` in, an Altair chart ou
 from __future__ import annotations
 
 import altair as alt
+import pandas as pd
 
-from . import MAX_ROWS, diverging_color, layer_color, series_color
-from .encodings import ABLATION_COLORS, present  # the same in chapter 2
+from . import MAX_ROWS, layer_color, series_color
+from .encodings import ABLATION_COLORS, distinct_colors, heat_scale, present  # the same in chapter 2
 from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped, data_domain
 
 KIND_HEADER = alt.Header(labelExpr="datum.value == 'attn' ? 'attention layers' : 'MLP layers'")
@@ -18,7 +19,11 @@ EVERY = "resample (every source)"
 GAP, CLEAN = " ", "clean DE"  # fig_erasure's blank slot and its clean-DE column
 ERASURE_STEP = 18  # px per column: 18 layers and the clean column ~360 px (a phone narrows the steps)
 ERASURE_WIDTH = 240  # px: the narrowest erasure map (wider steps for a model of few layers)
+ERASURE_SYMLOG = 0.05  # logits: the erasure map's colour is linear within this of 0, logarithmic beyond
 # a legend of lines: each swatch a stroke in the line's colour (and dash) at full strength
+KIND_WORDS = {"attn": "attention", "mlp": "MLP"}
+MEAN_RUN = "ablated (average over resample sources)"  # Fig 1/3's mean line: not "mean ablation"
+DEPTH_GROUPS = ("early", "middle", "late")  # Fig 7a/c: depth in thirds, each its own hue
 LINE_LEGEND = alt.Legend(orient="bottom", columns=2, symbolType="stroke", symbolOpacity=1,
                          symbolStrokeWidth=LINE_WIDTH)
 
@@ -78,19 +83,22 @@ def fig_before_after(frame) -> alt.Chart:
     not a second red; dashed rule: the ablated layer);
     one panel per kind of layer."""
     ablated = frame["ablated"].iloc[0]
+    kind = frame["ablated_kind"].iloc[0] if "ablated_kind" in frame else ""
+    if kind in KIND_WORDS and "ablated_layer" in frame:  # "attention layer 12", not the tables' "A12"
+        ablated = f"{KIND_WORDS[kind]} layer {int(frame['ablated_layer'].iloc[0])}"
     prompt = frame["prompt"].iloc[0] if "prompt" in frame else ""
-    frame = frame.assign(group=frame["run"].where(frame["run"].isin(["clean", "ablated (mean)"]), "single patch"))
+    frame = frame.assign(group=frame["run"].map({"clean": "clean", "ablated (mean)": MEAN_RUN}).fillna("single patch"))
     # the thin single patches first, so the clean line and the mean are drawn over them
-    frame = frame.sort_values("group", key=lambda g: g.map({"single patch": 0, "clean": 1, "ablated (mean)": 2}),
+    frame = frame.sort_values("group", key=lambda g: g.map({"single patch": 0, "clean": 1, MEAN_RUN: 2}),
                               kind="mergesort")
     base = alt.Chart().encode(
         x=alt.X("layer:Q", axis=LAYER_AXIS),
         y=alt.Y("direct_effect:Q", title="direct effect on the max-likelihood logit"),
         detail="run:N",
-        color=alt.Color("group:N", title=None, sort=["clean", "ablated (mean)", "single patch"],
-                        scale=alt.Scale(domain=["clean", "ablated (mean)", "single patch"],
+        color=alt.Color("group:N", title=None, sort=["clean", MEAN_RUN, "single patch"],
+                        scale=alt.Scale(domain=["clean", MEAN_RUN, "single patch"],
                                         range=["black", DARK["red"], DARK["blue"]]),
-                        legend=alt.Legend(orient="bottom")),
+                        legend=alt.Legend(orient="bottom", columns=1, labelLimit=0)),
         strokeWidth=alt.condition(alt.datum.group == "single patch", alt.value(1), alt.value(2.5)),
         tooltip=[alt.Tooltip("label:N", title="layer"), alt.Tooltip("run:N"),
                  alt.Tooltip("direct_effect:Q", format=".3f")])
@@ -109,17 +117,39 @@ def fig_compensation(effects) -> alt.Chart:
                     "ce_attn", "ce_mlp", "total_effect"]]
     if len(data) > MAX_ROWS - 10:
         data = data.sample(MAX_ROWS - 10, random_state=0)
+    data = data.assign(depth=depth_group(data["layer"], int(effects["layer"].max()) + 1))
     points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="direct effect of the ablated layer"),
         y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"),
-        color=layer_color(continuous=True),  # depth on a gradient: 18 legend swatches could not be told apart
-        tooltip=[alt.Tooltip("label:N", title="ablated"), alt.Tooltip("prompt:O")]
+        color=depth_groups(data),  # depth in thirds, three hues: 18 shades of one ramp could not be told apart
+        tooltip=[alt.Tooltip("label:N", title="ablated"), alt.Tooltip("layer:O", title="ablated layer"),
+                 alt.Tooltip("prompt:O")]
         + [alt.Tooltip(f"{c}:Q", format=".3f") for c in
            ("direct_effect", "compensatory_effect", "ce_attn", "ce_mlp", "total_effect")])
     diag = alt.Chart().mark_line(strokeDash=[4, 4], color="gray").encode(x="direct_effect:Q", y="direct_effect:Q")
     return (alt.layer(points, diag, data=data).properties(width=300, height=240)
             .facet(column=_by_kind("ablated"))
             .properties(title="Compensation against direct effect (Hydra Fig 7a, c)"))
+
+
+def depth_group(layers, n_layers: int):
+    """Each layer's third of the depth, in words with its layers ("early (0–5)", ...)."""
+    import numpy as np
+
+    third = np.minimum(np.asarray(layers) * 3 // max(n_layers, 1), 2)
+    edges = [(min(l for l in range(n_layers) if l * 3 // n_layers == g), max(l for l in range(n_layers) if l * 3 // n_layers == g))
+             for g in range(3)] if n_layers >= 3 else [(0, n_layers - 1)] * 3
+    names = [f"{DEPTH_GROUPS[g]} ({a}–{b})" if a != b else f"{DEPTH_GROUPS[g]} ({a})" for g, (a, b) in enumerate(edges)]
+    return [names[t] for t in third]
+
+
+def depth_groups(data) -> alt.Color:
+    """Fig 7a/c's colour: the depth thirds of :func:`depth_group` in three distinct hues
+    (blue, orange, green: apart for red-green colour blindness too), each ablated layer on hover."""
+    shown = sorted(set(data["depth"]), key=lambda g: DEPTH_GROUPS.index(g.split(" ")[0]))
+    return alt.Color("depth:N", title="ablated layer", sort=shown,
+                     scale=alt.Scale(domain=shown, range=distinct_colors(3)[:len(shown)]),
+                     legend=alt.Legend(orient="bottom"))
 
 
 SLOPES = {"slope": "all downstream", "slope_attn": "attention part", "slope_mlp": "MLP part"}
@@ -166,35 +196,34 @@ def fig_regression(reg) -> alt.VConcatChart:
 
 def fig_erasure(frame) -> alt.LayerChart:
     """Hydra §2.5.2: mean change of each MLP layer's direct effect after ablating each attention
-    layer (blue: MLP's DE rises, e.g. erasure relaxes); the column at the right is the MLP's clean
-    DE, on its own purple-orange scale. One view (the clean column an extra slot of its x scale,
-    after a blank one) with both colour bars under it: on a phone the renderer narrows its steps
-    and the chart stays one piece, instead of its strip and legends dropping below the heatmap."""
+    layer (blue: the MLP's DE rises, e.g. erasure relaxes); the column at the right is the MLP's
+    clean DE. Both on one colour scale (the same quantity, a direct effect in logits; near-white at
+    0, symmetric about it), so a cell and the clean column compare at a glance; a symmetric log
+    scale, so the changes, far smaller than the clean effects, still show. One view (the clean
+    column an extra slot of its x scale, after a blank one) with its colour bar under it: on a
+    phone the renderer narrows its steps and the chart stays one piece."""
     layers = sorted(frame["ablated_layer"].unique().tolist())
     slots = [*layers, GAP, CLEAN]  # the blank slot keeps the clean column apart from the heatmap
     x_scale = alt.Scale(domain=slots, paddingInner=0)
-    x_axis = alt.Axis(labelExpr=f"datum.value === '{GAP}' ? '' : datum.label", ticks=False)
+    x_axis = alt.Axis(labelExpr=f"datum.value === '{GAP}' ? '' : datum.label", ticks=False,
+                      labelAngle=0, labelOverlap="parity", labelSeparation=3)
     y = alt.Y("mlp_layer:O", title="MLP layer", sort="descending")
-    bar = {"orient": "bottom", "direction": "horizontal", "gradientLength": 110, "titleLimit": 160}
-    heat = alt.Chart(frame).mark_rect().encode(
-        x=alt.X("ablated_layer:O", title="ablated attention layer", scale=x_scale, axis=x_axis),
-        y=y,
-        color=diverging_color("delta_direct_effect", title="ΔDE of the MLP").legend(**bar),
-        tooltip=[alt.Tooltip("ablated_layer:O", title="ablated attention layer"),
+    values = [*frame["delta_direct_effect"], *frame["clean_direct_effect"]]
+    color = dict(scale=heat_scale(values, type="symlog", constant=ERASURE_SYMLOG),
+                 title="direct effect of the MLP (logits)",
+                 legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=200, titleLimit=260,
+                                   labelOverlap="greedy"))  # "−2−1" ran together
+    long = pd.concat([frame.assign(slot=frame["ablated_layer"], de=frame["delta_direct_effect"], what="change"),
+                      frame[frame["ablated_layer"] == frame["ablated_layer"].min()]
+                      .assign(slot=CLEAN, de=frame["clean_direct_effect"], what="clean")])
+    heat = alt.Chart(long).mark_rect().encode(
+        x=alt.X("slot:O", title="ablated attention layer (left); clean (right column)", scale=x_scale, axis=x_axis),
+        y=y, color=alt.Color("de:Q", **color),
+        tooltip=[alt.Tooltip("what:N", title="shown"), alt.Tooltip("ablated_layer:O", title="ablated attention layer"),
                  alt.Tooltip("label:N", title="MLP"), alt.Tooltip("delta_direct_effect:Q", format=".3f", title="ΔDE"),
                  alt.Tooltip("clean_direct_effect:Q", format=".3f", title="clean DE"), alt.Tooltip("late:N")])
-    clean = frame[frame["ablated_layer"] == frame["ablated_layer"].min()].assign(slot=CLEAN)
-    top = float(clean["clean_direct_effect"].abs().max()) or 1.0  # symmetric: white = 0
-    strip = alt.Chart(clean).mark_rect().encode(
-        x=alt.X("slot:O", scale=x_scale, axis=x_axis, title="ablated attention layer"),
-        y=y,
-        color=alt.Color("clean_direct_effect:Q", scale=alt.Scale(scheme="purpleorange", domain=[-top, top]),
-                        title="clean DE of the MLP").legend(**bar),
-        tooltip=[alt.Tooltip("label:N", title="MLP"),
-                 alt.Tooltip("clean_direct_effect:Q", format=".3f", title="clean DE"), alt.Tooltip("late:N")])
-    return (alt.layer(heat, strip).resolve_scale(color="independent")
-            .properties(width=alt.Step(max(ERASURE_STEP, -(-ERASURE_WIDTH // len(slots)))), height=260,
-                        title="How late MLPs respond to attention ablations (erasure? Hydra §2.5.2)"))
+    return heat.properties(width=alt.Step(max(ERASURE_STEP, -(-ERASURE_WIDTH // len(slots)))), height=260,
+                           title="How late MLPs respond to attention ablations (erasure? Hydra §2.5.2)")
 
 
 def _ablation_dash(frame) -> alt.StrokeDash:
@@ -283,7 +312,9 @@ def fig_localisation(loc) -> alt.FacetChart:
             alt.Tooltip("abs_delta_de:Q", format=".4f", title="mean |ΔDE|"),
             alt.Tooltip("mean_delta_de:Q", format=".4f", title="mean ΔDE")]
     heat = alt.Chart().mark_rect().encode(
-        x=alt.X("ablated_layer:O", title="ablated layer"),
+        # every other label where they would touch (a phone's 300 px panel: 18 labels ran together)
+        x=alt.X("ablated_layer:O", title="ablated layer",
+                axis=alt.Axis(labelAngle=0, labelOverlap="parity", labelSeparation=3)),
         y=alt.Y("readout_layer:O", title="readout layer", sort="descending"),
         color=alt.Color("abs_delta_de:Q", scale=alt.Scale(scheme="greys"), title="mean |ΔDE|",
                         legend=alt.Legend(orient="bottom")), tooltip=tips)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import series_color
 from .encodings import HUES, distinct_colors
+from .encodings import HEAT_SIGNED
 from .legible import DARK, DEPTH_SCHEME, MARK_OPACITY, SIGNED
 
 HEAD_TIPS = [alt.Tooltip("label:N", title="head"), alt.Tooltip("layer:O"), alt.Tooltip("head:O")]
@@ -99,7 +100,7 @@ def fig_head_map(classes: pd.DataFrame) -> alt.Chart:
         x=alt.X("head:O", title="head"),
         y=alt.Y("layer:O", title="layer", sort="descending"),
         color=alt.Color("relative_change:Q", title="relative change",
-                        scale=alt.Scale(domain=[-1, 0, 1], range=list(SIGNED), interpolate="lab", clamp=True),
+                        scale=alt.Scale(domain=[-1, 0, 1], range=list(HEAT_SIGNED), interpolate="lab", clamp=True),
                         legend=alt.Legend(format="%")),
         tooltip=HEAD_TIPS + [alt.Tooltip("class:N"), alt.Tooltip("alpha:Q")]
         + [alt.Tooltip(f"{f}:Q", format=".1%", title=f.replace("_", " "))

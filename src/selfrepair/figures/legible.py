@@ -123,10 +123,10 @@ def _channel_colors(enc: dict, where: str, heat: bool = False) -> tuple[list[str
         colors.append(enc["value"])
     elif "field" in enc:
         scale = enc.get("scale") or {}
-        if isinstance(scale.get("range"), list):
-            colors += [c for c in scale["range"] if isinstance(c, str)]
-        elif heat and enc.get("type") == "quantitative":
+        if heat and enc.get("type") == "quantitative":  # its lightest shade (near 0) may fade into the page
             pass
+        elif isinstance(scale.get("range"), list):
+            colors += [c for c in scale["range"] if isinstance(c, str)]
         elif "scheme" in scale:
             if not _scheme_ok(scale["scheme"]):
                 bad.append(f"{where}: scheme {scale['scheme']!r} has shades below 3:1 on white")
