@@ -385,3 +385,19 @@ def test_introduction_says_the_largest_terms_sign_in_words(key, mean, words):
     negative term makes the loss worse: the sentence now says it in words of its sign."""
     text = intro.largest_term(key, mean)
     assert words in text and "−" not in text and "-0" not in text
+
+
+def test_every_claim_names_what_its_number_is_in_a_few_words():
+    """read3 #13: a closing summary labels each claim's number by its `quantity`; without one it
+    fell back to the metric's first clause, cut mid-phrase ("the share whose whole-set mean Δlogit on
+    the other half", "on the other half", "the least-squares slope, over every"). Every claim of the
+    book says it, in a short phrase that is not its metric."""
+    import importlib
+
+    names = ["existence", "layernorm_claims", "neurons_claims", "iterative", "hydra_claims", "across_claims",
+             "atp", "ioi_claims"]
+    claims = [c for n in names for c in importlib.import_module(f"selfrepair.chapters.{n}").CLAIMS]
+    assert len(claims) >= 30
+    for c in claims:
+        assert c.quantity and len(c.quantity.split()) <= 20 and c.quantity != c.metric, c.key
+        assert not re.search(r"\b(of|on|over|the|every|whose|that|and)$", c.quantity), (c.key, c.quantity)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import html
 import math
-import re
-from dataclasses import dataclass
 
 from ..rules import number
 from .hydra_claims import PAPER, said, task_failed
+from .fold import Fold, fold_line  # noqa: F401 (Fold: the notebook's type, re-exported)
 
 
 def hydra_answer(ch) -> tuple[bool | None, str]:
@@ -62,32 +61,6 @@ def seen(ch) -> str:
 FOLD_TITLE = "Other ways to read the same compensation, and why they give different numbers"
 
 
-@dataclass(frozen=True)
-class Fold:
-    """A short lead and its lines one click away: a ``<details>`` element under a readable title.
-    ``lead`` and ``lines`` are HTML (text escaped, links kept); the text form strips the tags."""
-
-    title: str
-    lead: str
-    lines: tuple[str, ...]
-
-    def _repr_html_(self) -> str:
-        items = "".join(f"<li>{line}</li>" for line in self.lines)
-        return (f'<details class="selfrepair-fold"><summary>{html.escape(self.title)}</summary>'
-                f"<p>{self.lead}</p><ul>{items}</ul></details>")
-
-    def __repr__(self) -> str:
-        text = "\n".join([self.title, self.lead, *(f"- {line}" for line in self.lines)])
-        return html.unescape(re.sub(r"<[^>]+>", "", text))
-
-
-def _line(name: str, value: str, what: str, link: tuple[str, str] | None = None) -> str:
-    """One fold line: the reading's name in bold, its value, what it measures and why it differs
-    from the headline (escaped), and an optional (anchor, words) link."""
-    tail = f' (<a href="#{link[0]}">{html.escape(link[1])}</a>)' if link else ""
-    return f"<b>{html.escape(name)}</b>: {html.escape(value)}. {html.escape(what)}{tail}."
-
-
 def other_readings(ch) -> Fold:
     """Every other reading of the compensation the chapter shows, one line each: what it measures
     and why its number is not the headline's (the restored share at the clean run's σ)."""
@@ -96,28 +69,28 @@ def other_readings(ch) -> Fold:
     e, s = ch.estimates, ch.numbers
     lead = html.escape("The chapter's one number for how much the later layers give back is the headline above, "
                        "the restored share at the clean run's σ. Each reading below measures something else:")
-    lines = [_line("The same share at each ablation run's own σ′", f"the later layers {said(e.restored['ablated'])}",
+    lines = [fold_line("The same share at each ablation run's own σ′", f"the later layers {said(e.restored['ablated'])}",
                    "Every direct effect divided by the ablated run's final-norm scale instead of the clean run's "
                    f"(the two differ by a mean S/S′ of {s['scale_ratio_mid']:.3f} there); the number differs "
                    "because the norm's rescaling of the later layers' writes then counts as compensation",
                    ("ch05-scale", "Which σ?")),
-             _line("The pooled slope over the middle layers", e.pooled["clean"].prose(".2f"),
+             fold_line("The pooled slope over the middle layers", e.pooled["clean"].prose(".2f"),
                    "The extra compensation per extra logit of clean direct effect, from prompt to prompt within "
                    "each middle layer; a slope reads how compensation varies, not its average, so it need not "
                    "have the headline's size or sign")]
     per_patch = patch_slope(ch)
     if math.isfinite(per_patch):
-        lines.append(_line("The per-patch slope", number(per_patch, ".2f"),
+        lines.append(fold_line("The per-patch slope", number(per_patch, ".2f"),
                            "The same kind of slope over every (prompt, resample source), on the direct effect each "
                            "single source removed, the middle layers' slopes averaged with equal weight; single "
                            "sources vary more than their average, and every layer counts alike",
                            ("ch05-noise", "the lower panels of the noise chart")))
-    lines.append(_line("The steepest slope past the paper's cutoff", e.max_slope["clean"].prose(".2f"),
+    lines.append(fold_line("The steepest slope past the paper's cutoff", e.max_slope["clean"].prose(".2f"),
                        "The slope claim's statistic, with its own verdict above: the largest single layer's slope "
                        "among the later layers, so it reads the steepest layer, not the middle layers together"))
     if ch.best is not None and len(ch.best):
         b = ch.best.iloc[0]
-        lines.append(_line(f"The slope at the best-fitting layer, {b['label']}", number(b["slope"], ".2f"),
+        lines.append(fold_line(f"The slope at the best-fitting layer, {b['label']}", number(b["slope"], ".2f"),
                            f"Fig 7b's layer, chosen because its fit explains the most variance (R² {number(b['r2'], '.2f')}), "
                            "not for how much it compensates: one layer's slope, not a share"))
     return Fold(FOLD_TITLE, lead, tuple(lines))

@@ -51,7 +51,8 @@ UNEMBED = Claim(
               "50% whatever the network does; a pair counts only when the direct effect exceeds the "
               "drop by more than a margin, and a pair inside the margin counts against 'most'. The "
               "margin is the table's 'approximately zero' tolerance (10%) of the typical direct effect. "
-              "Pairs are not independent: the prompts are resampled")
+              "Pairs are not independent: the prompts are resampled",
+    quantity='the share of (prompt, attention layer) pairs whose direct effect exceeds the logit drop')
 RESTORED = Claim(
     "restored", "At middle layers the Hydra effect and reduced MLP erasure restore approximately 70% of "
     "the reduction in token logits", "§6, Fig 7",
@@ -67,7 +68,8 @@ RESTORED = Claim(
               "over the logit reduction an ablation would cause without it, the direct effect removed; "
               "'middle layers' are the middle half of the depth. The clean σ is the "
               "book's lead reading (the chapter's section on σ says why); the same share at σ′ is "
-              "given beside it with its own interval")
+              "given beside it with its own interval",
+    quantity="the later layers' compensation as a share of the direct effect removed, at middle layers")
 SLOPE = Claim(
     "slope", "Compensation does not fully restore the output: the regression slope of compensation on "
     "direct effect is less than one at all layers past layer 13 of the paper's 32 (on another model: past "
@@ -94,7 +96,8 @@ SLOPE = Claim(
               "depths, so the paper's layer is compared as a relative depth (the verdict says which layers "
               "that is on the model that ran). The slope is a "
               "different quantity from the restored share: how a layer's compensation scales with "
-              "its direct effect, not how much of what an ablation removes comes back on average")
+              "its direct effect, not how much of what an ablation removes comes back on average",
+    quantity="the steepest per-layer slope of compensation on direct effect, past the paper's cutoff")
 ERASURE = Claim(
     "erasure", "Late MLP layers erase: when an attention layer's Δ_unembed is reduced, theirs is "
     "similarly attenuated", "§2.5.2, §6",
@@ -112,7 +115,8 @@ ERASURE = Claim(
               "it. A regression weighs each case by what it removed; a sign count over every layer "
               "would weigh the many layers that remove nothing like those that remove the most, and "
               "read about 50% by chance. The paper gives no number, so the slope must be "
-              "significantly below 0 (the table's 'significant')")
+              "significantly below 0 (the table's 'significant')",
+    quantity="the slope of the late MLPs' change of direct effect on the ablated layer's")
 OWN = Claim(
     "own", "Resample ablations reduce the ablated layer's Δ_unembed to approximately zero when averaged "
     "across patches", "§2.5.2",
@@ -121,7 +125,8 @@ OWN = Claim(
     reading="Averaged over its patches, an ablated attention layer keeps {value} of its clean direct "
             "effect's size ({n} {unit}).",
     rationale="the paper's check that its ablation removes the layer; the own direct effect is "
-              "compared as a share of the clean one it replaces")
+              "compared as a share of the clean one it replaces",
+    quantity="the ablated layer's own direct effect left in the ablated run, as a share of its clean one")
 LOCAL = Claim(
     "localised", "Downstream effects of an attention ablation are localised: apart from the attention "
     "layer involved in the Hydra effect, later attention layers have Δ_unembed almost entirely "
@@ -132,7 +137,8 @@ LOCAL = Claim(
     reading="Apart from the later attention layer that changes most, the others carry {value} of the "
             "later attention layers' change ({n} {unit}).",
     rationale="'almost entirely unchanged' is read as approximately zero: the change of the other "
-              "later attention layers, as a share of all of theirs, within the table's 10%")
+              "later attention layers, as a share of all of theirs, within the table's 10%",
+    quantity="the share of the later attention layers' change carried by all but the one that changes most")
 CLAIMS = (UNEMBED, RESTORED, SLOPE, ERASURE, OWN, LOCAL)
 
 

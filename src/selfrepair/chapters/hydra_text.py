@@ -287,7 +287,7 @@ def scale_markdown(ch) -> str:
         "pass\", and eq. 34 takes a layer's direct effect *in the ablation run* (eq. 13): read "
         "literally, each run's own σ, so σ′ in the ablated one. But right after eq. 13 the paper "
         "states that a layer not downstream of the ablation keeps its $\\Delta_{\\text{unembed}}$ exactly, and its "
-        "derivation of the direct effect of an ablation (eq. 24-27) divides both runs by the clean "
+        "derivation of the direct effect of an ablation (eq. 24–27) divides both runs by the clean "
         "scale $\\sigma(z_t^L)$ (the final norm's scale at the last layer $L$ and position $t$): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
         "not say which was used.\n\n"
         "**Why the book leads with the clean σ.** At the clean σ the compensation is exactly what the "

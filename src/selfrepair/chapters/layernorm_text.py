@@ -13,7 +13,7 @@ from ..findings import Figure, Finding, markdown, shows as _shows
 from ..rules import number
 from ..results import head_label
 from ..tables import Layout, format_number
-from .hydra_answer import Fold, _line
+from .fold import Fold, fold_line
 from .signed import changes
 
 FROZEN_RULE = "every head of the late half of the layers"
@@ -191,23 +191,23 @@ def other_readings(ch) -> Fold | None:
                        "final norm's share of each head's direct effect on its top tokens, clipped to [0, 1] per "
                        "token (Fig 10), the statistic the paper's “around 30%” reads. Each reading below "
                        "measures something else:")
-    lines = [_line("Every layer, not only the late ones", f"{every:.0%}",
+    lines = [fold_line("Every layer, not only the late ones", f"{every:.0%}",
                    "The same clipped share averaged over the heads of every layer; it differs by the early layers, "
                    "which the paper's claim (later layers) leaves out"),
-             _line("Unclipped", f"{term:.0%}",
+             fold_line("Unclipped", f"{term:.0%}",
                    "The late heads' mean final-norm term over their mean direct effect, nothing clipped; lower "
                    "because clipping counts each token the norm over-repays as 100% and none below 0"),
-             _line("The norms alone", f"{only:.0%}",
+             fold_line("The norms alone", f"{only:.0%}",
                    "The repair the norms give when every other downstream component is frozen at its clean "
                    "output (the frozen-norm run), over the mean direct effect; lower because a live norm also "
                    "rescales what the later heads and MLPs changed", ("ch02-frozen", "the frozen-norm chart"))]
     block = top[(top["component"] == "block norms") & (top["layer"] >= late)]
     if bool(f["from_block_norms"].abs().gt(0).any()):
-        lines.append(_line("Eq. 2's live norm terms", f"{terms:.0%}",
+        lines.append(fold_line("Eq. 2's live norm terms", f"{terms:.0%}",
                            "The final norm's and the block norms' terms of the live ablation together, unclipped, "
                            "over the mean direct effect; it adds the block norms the paper's models do not have"))
     if len(block):
-        lines.append(_line("The block norms", f"a further {block['share'].mean():.0%}",
+        lines.append(fold_line("The block norms", f"a further {block['share'].mean():.0%}",
                            "This model's post-attention and post-feedforward norms, the same clipped per-token share "
                            "as the answer (late layers' means); a term of eq. 2 apart from the final norm, never "
                            "counted as 'LayerNorm'. Chapter 6's block-norm share is another statistic (the term "
