@@ -80,10 +80,10 @@ MOVED = Claim("moved", "Reading the residual stream the name movers read, the ba
 CLAIMS = (DOES_IOI, REPAIRED, BACKUPS, MOVED)
 
 CLEAR_MARGIN = 2.0  # a name mover attends from the end to IO at least twice as much as to S
-WANG_NAME_MOVERS = ("Wang et al.'s name movers 'attend to previous names in the sentence, and copy the names "
-                    "they attend to', the IO name over the S1 and S2 names, and the self-repair paper's App. G "
-                    "moves 'the residual stream read by the \"Name Movers\"' into that read by the \"Backup Name "
-                    "Mover Heads\"")
+WANG_NAME_MOVERS = ("Wang et al.'s name movers attend from the end to the earlier names and copy the one they "
+                    "attend to, the IO name rather than S, "
+                    "and the self-repair paper's App. G moves 'the residual stream read by the \"Name Movers\" "
+                    "into the residual stream read by the \"Backup Name Movers\"'")
 
 
 def circuit(ch) -> tuple[str, tuple[float, ...]]:
