@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from selfrepair import experiment
+from selfrepair.claims import BELOW
 from selfrepair.chapters import across
 from selfrepair.config import CorpusConfig
 from selfrepair.sweep import Sweep
@@ -307,6 +308,7 @@ def test_the_overview_links_down_to_each_claims_verdicts_after_its_figure(synthe
     overview = across.comparison_markdown(table, current="toy", below=across.FIGURES)
     assert 'id="claim-' not in overview and overview.count('<a href="#claim-') == len(across.CLAIMS)
     assert "no interval of their own" not in overview
+    assert overview.count(BELOW) == 1  # read3/read4: said once, not once per claim (it printed three times)
     shown = [across.claim_markdown(table, c.key, current="toy") for c in across.CLAIMS]
     assert full == "\n".join([full.splitlines()[0], *shown])
     for claim, text in zip(across.CLAIMS, shown):

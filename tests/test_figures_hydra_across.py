@@ -13,6 +13,7 @@ import pytest
 from selfrepair.figures import MAX_ROWS, VIEWS_AT_1024, check_width, data_rows, validate_spec
 from selfrepair.figures import across as fa
 from selfrepair.figures import hydra as fh
+from selfrepair.structure import span
 
 L, N = 4, 5  # layers, prompts
 
@@ -177,16 +178,19 @@ def test_fig_before_after_mean_and_single_patches_differ_in_hue():
 
 def test_fig_compensation_depth_in_hues_a_reader_tells_apart():
     """Hydra Fig 7a/c coloured 18 layers on a continuous ramp (read3 #29: layers 10 to 17 could not
-    be told apart): the depth thirds, each its own hue, with the layer on hover."""
+    be told apart): before, in and after the middle half the verdicts read (read4: the legend's "middle
+    (6–11)" was not the verdicts' "middle layers 4–13"), each its own hue, with the layer on hover."""
     effects = pd.DataFrame([{"prompt": p, "layer": l, "kind": k, "label": f"{k}{l}", "direct_effect": 0.1 * l,
                              "compensatory_effect": 0.05 * l, "ce_attn": 0.0, "ce_mlp": 0.0, "total_effect": 0.0}
                             for p in range(2) for l in range(18) for k in ("attn", "mlp")])
     spec = fh.fig_compensation(effects).to_dict()
     (color,) = [n["encoding"]["color"] for n in spec["spec"]["layer"] if "color" in n.get("encoding", {})]
     assert color["type"] == "nominal"
-    assert color["scale"]["domain"] == ["early (0–5)", "middle (6–11)", "late (12–17)"]
+    assert color["scale"]["domain"] == ["early (0–3)", "middle (4–13)", "late (14–17)"]
+    assert list(span(18, "middle")) == list(range(4, 14))  # the verdicts' middle layers
     assert len(set(_hue(c) // 30 for c in color["scale"]["range"])) == 3  # three hues, not shades of one
-    assert fh.depth_group([0, 5, 6, 17], 18) == ["early (0–5)", "early (0–5)", "middle (6–11)", "late (12–17)"]
+    assert fh.depth_group([0, 3, 4, 13, 14, 17], 18) == ["early (0–3)", "early (0–3)", "middle (4–13)",
+                                                         "middle (4–13)", "late (14–17)", "late (14–17)"]
 
 
 def test_fig_compensation_and_regression(effects):

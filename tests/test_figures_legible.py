@@ -8,6 +8,7 @@ cut at ~28 characters, 0.2-step alpha ticks, a legend showing 3 of 5 models)."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ import pytest
 
 from selfrepair import existence
 from selfrepair.figures import check_width, data_rows, validate_spec
+from selfrepair.figures.legible import pale_marks
 from selfrepair.figures import across as fa
 from selfrepair.figures import atp as ft
 from selfrepair.figures import existence as fe
@@ -375,11 +377,13 @@ def test_scorecard_grid_is_short_and_says_each_verdict_and_estimate_without_colo
     assert spec["height"] == sum(len(lines) * fs.LINE_PX + fs.GAP_PX for lines in printed)
     assert texts["encoding"]["text"]["field"] == "cell_text" and texts["encoding"]["y"]["axis"] is None
     cells = pd.DataFrame(rows(spec))
-    assert set(cells["cell_text"]) >= {"✓ 0.3", "✗ 0.3", "? 0.3"}
+    assert set(cells["cell_text"]) >= {"● 0.3", "× 0.3", "? 0.3"}
     scale = rects["encoding"]["color"]["scale"]
     colors = dict(zip(scale["domain"], scale["range"]))
     assert colors["holds"] != "#2e7d32" and colors["differs"] != "#c62828"  # not green against red
     assert_apart([colors["holds"], colors["differs"], colors["cannot tell"]])
+    assert not pale_marks(spec)  # every verdict's fill reaches 3:1 on white (the book's check)
+    assert not re.search("[\u2600-\u27bf]", "".join(cells["cell_text"]))  # no dingbat marks (✓ ✗): emoji on many systems
     two = cells[(cells["claim_label"] == labels[0]) & (cells["model"] == "tiny")].sort_values("entry")
     assert len(two) == 2 and two["y_bottom"].iloc[0] == pytest.approx(two["y_top"].iloc[1])
     assert data_rows(spec) == len(frame)

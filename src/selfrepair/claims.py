@@ -348,7 +348,7 @@ def _brief(v: Verdict) -> str:
     return f'- <a href="#{anchor(c)}">*{c.statement}*</a> ({c.source}{on})'
 
 
-def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) -> str:
+def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=(), say_below: bool = True) -> str:
     """The claims as a Markdown list: per claim its verdict, the number with its 95% interval,
     sample size and (for the uncertainty layer's estimates) clusters and seed, and a computed
     sentence of context; how the verdict is decided (the metric, the paper's word and the reason
@@ -360,8 +360,8 @@ def render(verdicts: list[Verdict], intro: str = "", rules: str = "", below=()) 
     after its figure (:func:`render_claim`); those are listed compactly — the statement, linked to
     the anchor, which only the full verdict carries, and one sentence above the list (:data:`BELOW`)
     — so the list becomes the chapter's short overview. A claim not in ``below`` keeps its full
-    verdict here."""
-    compact = any(v.claim.key in below for v in verdicts)
+    verdict here. ``say_below=False``: the caller says :data:`BELOW` once for several lists."""
+    compact = say_below and any(v.claim.key in below for v in verdicts)
     lines = [f"{intro} {BELOW}" if compact else intro] if intro else ([BELOW, ""] if compact else [])
     seen = set()
     for v in verdicts:

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ..ablation import check_ablation
-from ..claims import Verdict, render, render_claim
+from ..claims import BELOW, Verdict, render, render_claim
 from ..config import CorpusConfig
 from ..errors import InputError
 from ..existence import top_means, whole_set_means
@@ -224,9 +224,11 @@ def comparison_markdown(table: pd.DataFrame, current: str | None = None, estimat
              f"{counted(ours['model'].nunique(), 'model')}; the paper's released values: {pm} "
              f"({PAPER_CITATION})."]
     verdicts = run_verdicts(ours, estimates)
+    if any(c.key in below for c in CLAIMS):
+        parts.append(BELOW)  # once, not once per claim's list
     for claim in CLAIMS:
         mine = [v for v in verdicts if v.claim is claim]
-        parts.append(render(mine, rules="ch06-rules", below=below) if claim.key in below else
+        parts.append(render(mine, rules="ch06-rules", below=below, say_below=False) if claim.key in below else
                      render(mine, rules="ch06-rules") + "\n" + release_values(claim, paper, spread, ours, estimates))
     return "\n".join(parts)
 

@@ -145,8 +145,9 @@ def noise_markdown(ch) -> str:
              "in size, on average):"]
     for name, g in ((main, a), ("noise", b)):
         own, later = -g["lost"].mean(), g["compensation"].mean()
-        lines.append(f"- **{name}**: the logit moves by a mean $|\\Delta_{{\\text{{ablate}}}}|$ of {g['abs_total_effect'].mean():.3f} "
-                     f"logits per patch (mean $\\Delta_{{\\text{{ablate}}}}$ {number(g['total_effect'].mean(), '.3f')}); the ablated layer's own "
+        lines.append(f"- **{name}**: the logit moves by {g['abs_total_effect'].mean():.3f} logits per patch on "
+                     f"average, either way (its mean change, $\\Delta_{{\\text{{ablate}}}}$, is "
+                     f"{number(g['total_effect'].mean(), '.3f')}); the ablated layer's own "
                      f"direct effect {changes(own, '.3g', unit=' logits')}{times(own, clean)} and the later layers' "
                      f"summed direct effect {changes(later, '.3g', unit=' logits')}{times(later, clean)}.")
     lines.append(f"- Noise moves the logit more than {main} ablation at {louder} of {len(a)} attention layers.")

@@ -239,11 +239,13 @@ def _share(ch, boot: Bootstrap) -> Verdict:
     inside = int(late["share"].between(lo, hi).sum())
     pooled = ("" if not math.isfinite(est.value) else
               f" ({est.value:.0%}, {'within' if lo <= est.value <= hi else 'outside'} {lo:.0%}–{hi:.0%})")
+    block = layers[layers["component"] == "block norms"]
+    blocks = ", the block norms" if len(block) and bool(block["share"].abs().gt(0).any()) else ""  # where it has them
     detail = (f"The rule decides on that one mean, pooled over the {len(ev.late)} late-layer heads{pooled}, not layer "
               f"by layer: taken one layer at a time, {inside} of the {len(late)} late layers have a layer mean "
               f"within {lo:.0%}–{hi:.0%}. This is the chapter's one answer to how much the norm gives back; "
-              "the fold below names the other readings (every layer, unclipped, the norms alone, the block "
-              "norms) and why each differs.")
+              f"the fold below names the other readings (every layer, unclipped, the norms alone{blocks}) and "
+              "why each differs.")
     return Verdict.of(SHARE, est, detail)
 
 

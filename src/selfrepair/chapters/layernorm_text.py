@@ -202,11 +202,12 @@ def other_readings(ch) -> Fold | None:
                    "output (the frozen-norm run), over the mean direct effect; lower because a live norm also "
                    "rescales what the later heads and MLPs changed", ("ch02-frozen", "the frozen-norm chart"))]
     block = top[(top["component"] == "block norms") & (top["layer"] >= late)]
-    if bool(f["from_block_norms"].abs().gt(0).any()):
+    has_block_norms = bool(f["from_block_norms"].abs().gt(0).any())  # a model without them: no line names them
+    if has_block_norms:
         lines.append(fold_line("Eq. 2's live norm terms", f"{terms:.0%}",
                            "The final norm's and the block norms' terms of the live ablation together, unclipped, "
                            "over the mean direct effect; it adds the block norms the paper's models do not have"))
-    if len(block):
+    if has_block_norms and len(block):
         lines.append(fold_line("The block norms", f"a further {block['share'].mean():.0%}",
                            "This model's post-attention and post-feedforward norms, the same clipped per-token share "
                            "as the answer (late layers' means); a term of eq. 2 apart from the final norm, never "

@@ -292,7 +292,8 @@ def shows(card: Card) -> str:
     decided = n["holds"] + n["differs"]
     if decided + n["cannot tell"]:
         out.append(f"On {model}, {n['holds']} of the {len(mine)} hold, {counted(n['differs'], 'differs', 'differ')} "
-                   f"and {n['cannot tell']} cannot be told apart from the rule's threshold"
+                   f"and {n['cannot tell']} cannot tell (an interval that reaches the rule's threshold, too few units, or "
+                   "a claim whose assumption fails on this run: the table says which)"
                    + (f"; {n['not run']} did not run" if n["not run"] else "") + ".")
         parts = [f"{part}: {int((g['verdict'] == 'holds').sum())} of {len(g)} hold"
                  for part, g in mine.groupby("part", sort=False)]

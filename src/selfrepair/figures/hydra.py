@@ -9,6 +9,7 @@ import altair as alt
 import pandas as pd
 
 from . import MAX_ROWS, layer_color, series_color
+from ..structure import span
 from .encodings import ABLATION_COLORS, distinct_colors, heat_scale, present  # the same in chapter 2
 from .legible import DARK, MARK_OPACITY, beyond, beyond_marks, beyond_note, central_range, clamped, data_domain
 
@@ -23,7 +24,7 @@ ERASURE_SYMLOG = 0.05  # logits: the erasure map's colour is linear within this 
 # a legend of lines: each swatch a stroke in the line's colour (and dash) at full strength
 KIND_WORDS = {"attn": "attention", "mlp": "MLP"}
 MEAN_RUN = "ablated (average over resample sources)"  # Fig 1/3's mean line: not "mean ablation"
-DEPTH_GROUPS = ("early", "middle", "late")  # Fig 7a/c: depth in thirds, each its own hue
+DEPTH_GROUPS = ("early", "middle", "late")  # Fig 7a/c: before, in and after the verdicts' middle half
 LINE_LEGEND = alt.Legend(orient="bottom", columns=2, symbolType="stroke", symbolOpacity=1,
                          symbolStrokeWidth=LINE_WIDTH)
 
@@ -121,7 +122,7 @@ def fig_compensation(effects) -> alt.Chart:
     points = alt.Chart().mark_circle(size=18, opacity=MARK_OPACITY).encode(
         x=alt.X("direct_effect:Q", title="direct effect of the ablated layer"),
         y=alt.Y("compensatory_effect:Q", title="compensatory effect (eq. 33)"),
-        color=depth_groups(data),  # depth in thirds, three hues: 18 shades of one ramp could not be told apart
+        color=depth_groups(data),  # depth in three parts, three hues: 18 shades of one ramp could not be told apart
         tooltip=[alt.Tooltip("label:N", title="ablated"), alt.Tooltip("layer:O", title="ablated layer"),
                  alt.Tooltip("prompt:O")]
         + [alt.Tooltip(f"{c}:Q", format=".3f") for c in
@@ -133,18 +134,17 @@ def fig_compensation(effects) -> alt.Chart:
 
 
 def depth_group(layers, n_layers: int):
-    """Each layer's third of the depth, in words with its layers ("early (0–5)", ...)."""
-    import numpy as np
-
-    third = np.minimum(np.asarray(layers) * 3 // max(n_layers, 1), 2)
-    edges = [(min(l for l in range(n_layers) if l * 3 // n_layers == g), max(l for l in range(n_layers) if l * 3 // n_layers == g))
-             for g in range(3)] if n_layers >= 3 else [(0, n_layers - 1)] * 3
+    """Each layer's part of the depth, in words with its layers: the middle half the verdicts read
+    (:func:`selfrepair.structure.span`, "middle (4–13)" on 18 layers), and the layers before and
+    after it ("early (0–3)", "late (14–17)"), so the legend's "middle" is the verdicts' middle."""
+    mid = span(n_layers, "middle")
+    edges = [(0, mid.start - 1), (mid.start, mid.stop - 1), (mid.stop, n_layers - 1)]
     names = [f"{DEPTH_GROUPS[g]} ({a}–{b})" if a != b else f"{DEPTH_GROUPS[g]} ({a})" for g, (a, b) in enumerate(edges)]
-    return [names[t] for t in third]
+    return [names[0 if l < mid.start else 1 if l < mid.stop else 2] for l in layers]
 
 
 def depth_groups(data) -> alt.Color:
-    """Fig 7a/c's colour: the depth thirds of :func:`depth_group` in three distinct hues
+    """Fig 7a/c's colour: the depth parts of :func:`depth_group` in three distinct hues
     (blue, orange, green: apart for red-green colour blindness too), each ablated layer on hover."""
     shown = sorted(set(data["depth"]), key=lambda g: DEPTH_GROUPS.index(g.split(" ")[0]))
     return alt.Color("depth:N", title="ablated layer", sort=shown,

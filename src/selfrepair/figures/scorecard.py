@@ -18,11 +18,12 @@ from ..reading import short_label
 from ..scorecard import DECIDED, STATUSES
 from .legible import label_limit, wrap
 
-# colour-blind-safe (Okabe–Ito blue and vermillion, not green against red), light enough for black
-# text, and each verdict also carries a mark in its cell (:data:`MARKS`), so no reading needs colour
-COLORS = {"holds": "#6baed6", "differs": "#f4b183", "cannot tell": "#d9d9d9", "not tested": "#f2f2f2",
-          "rule changed": "#f0e442", "not run": "#ffffff"}
-MARKS = {"holds": "✓", "differs": "✗", "cannot tell": "?", "not tested": "–", "rule changed": "!", "not run": "–"}
+# colour-blind-safe (blue and orange, not green against red), each at least 3:1 on white and 4:1 under its
+# black text, and each verdict also carries a mark in its cell (:data:`MARKS`), so no reading needs colour
+COLORS = {"holds": "#4393c3", "differs": "#d9661c", "cannot tell": "#8f8f8f", "not tested": "#f2f2f2",
+          "rule changed": "#a66f00", "not run": "#ffffff"}
+# marks from Latin-1 and geometric shapes, not the dingbats (✓ ✗) many systems draw as emoji or a box
+MARKS = {"holds": "●", "differs": "×", "cannot tell": "?", "not tested": "–", "rule changed": "!", "not run": "–"}
 LABEL_CHARS = 34  # a claim's short label (:func:`~selfrepair.reading.short_label`) wraps at this many characters
 LINE_PX = 12  # height of one line of a label
 GAP_PX = 4  # between two claims' rows
@@ -105,7 +106,7 @@ def fig_verdicts(frame: pd.DataFrame) -> alt.Chart:
 
 
 def _legend_marks(shown) -> str:
-    """The legend's labels with each verdict's mark: "✓ holds"."""
+    """The legend's labels with each verdict's mark: "● holds"."""
     return f"{json.dumps({s: f'{MARKS[s]} {s}' for s in shown}, ensure_ascii=False)}[datum.label]"
 
 
