@@ -393,7 +393,7 @@ def test_chapter_prose_prints_the_tables_minus_sign(tiny_chapter):
         text = prose(c)
         assert not hyphen_minus_numbers(text), hyphen_minus_numbers(text)
     text = prose(flipped)
-    assert "its mean change, $\\Delta_{\\text{ablate}}$, is −0.786" in text and "MLP −0.86" in text and "r = −0.40" in text
+    assert "its mean change, Δ<sub>ablate</sub>, is −0.786" in text and "MLP −0.86" in text and "r = −0.40" in text
     assert "the mean own direct effect is −0.250 logits against −0.500 clean" in text
     assert "An ablation there adds a mean 0.200 logits of direct effect" in text
     assert "The per-patch slope: −0.30." in text and ": −0.03." in text

@@ -37,6 +37,19 @@ def test_generated_ranges_take_an_en_dash(path):
     assert not bad, bad
 
 
+TEX = re.compile(r"\$\\|\$[A-Za-z]\$|\\text\{")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_generated_prose_has_no_tex(path):
+    """A chapter's computed Markdown (a notebook output) is not parsed for math: "$\\Delta_{\\text{ablate}}$"
+    and "$\\sigma(z_t^L)$" printed raw on chapter 5's page (read4 #4; the tiny build's browser check found
+    one of three). Computed prose writes Δ<sub>ablate</sub>, σ(z<sub>t</sub><sup>L</sup>); math belongs
+    in the notebooks' Markdown cells."""
+    bad = [(line, text[:60]) for line, text in prose_strings(path) if TEX.search(text)]
+    assert not bad, bad
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
 def test_written_ranges_take_an_en_dash(path):
     """Notebook cells (Markdown, and code comments, which a reader sees): "App. D Fig 16-17: …"."""

@@ -146,7 +146,7 @@ def noise_markdown(ch) -> str:
     for name, g in ((main, a), ("noise", b)):
         own, later = -g["lost"].mean(), g["compensation"].mean()
         lines.append(f"- **{name}**: the logit moves by {g['abs_total_effect'].mean():.3f} logits per patch on "
-                     f"average, either way (its mean change, $\\Delta_{{\\text{{ablate}}}}$, is "
+                     f"average, either way (its mean change, Δ<sub>ablate</sub>, is "
                      f"{number(g['total_effect'].mean(), '.3f')}); the ablated layer's own "
                      f"direct effect {changes(own, '.3g', unit=' logits')}{times(own, clean)} and the later layers' "
                      f"summed direct effect {changes(later, '.3g', unit=' logits')}{times(later, clean)}.")
@@ -287,9 +287,9 @@ def scale_markdown(ch) -> str:
         "**What the paper's words support.** §2.3.1 fixes σ \"to the value attained in the forward "
         "pass\", and eq. 34 takes a layer's direct effect *in the ablation run* (eq. 13): read "
         "literally, each run's own σ, so σ′ in the ablated one. But right after eq. 13 the paper "
-        "states that a layer not downstream of the ablation keeps its $\\Delta_{\\text{unembed}}$ exactly, and its "
+        "states that a layer not downstream of the ablation keeps its Δ<sub>unembed</sub> exactly, and its "
         "derivation of the direct effect of an ablation (eq. 24–27) divides both runs by the clean "
-        "scale $\\sigma(z_t^L)$ (the final norm's scale at the last layer $L$ and position $t$): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
+        "scale σ(z<sub>t</sub><sup>L</sup>) (the final norm's scale at the last layer L and position t): both hold only at the clean σ. The text supports both readings, and its reported numbers do "
         "not say which was used.\n\n"
         "**Why the book leads with the clean σ.** At the clean σ the compensation is exactly what the "
         "later layers change in what they write, and the final norm's rescaling is a term of its own, "
