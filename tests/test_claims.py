@@ -242,11 +242,11 @@ def test_the_converted_list_names_real_chapters_and_chapter_1_is_off_it():
 
 def test_scientific_numbers_read_as_prose():
     """No "1.1×10⁰": a power of ten from 10⁻¹ to 10² is printed plainly, with the same digits."""
-    from selfrepair.rules import _fmt
+    from selfrepair.rules import number
 
-    assert [_fmt(x, ".1e") for x in (1.08, 0.94, 123.4, 1.6e-6, 1234.0)] == ["1.1", "0.94", "120", "1.6×10⁻⁶",
+    assert [number(x, ".1e") for x in (1.08, 0.94, 123.4, 1.6e-6, 1234.0)] == ["1.1", "0.94", "120", "1.6×10⁻⁶",
                                                                              "1.2×10³"]
-    assert _fmt(-0.051, "+.2e") == "−5.10×10⁻²" and _fmt(2.5, "+.1e") == "+2.5"
+    assert number(-0.051, "+.2e") == "−5.10×10⁻²" and number(2.5, "+.1e") == "+2.5"
 
 
 def test_a_rationale_shared_by_several_claims_is_said_once_in_the_rules_table():

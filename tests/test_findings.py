@@ -18,7 +18,7 @@ from selfrepair.book import load_profile
 from selfrepair.rules import Signed, is_zero, thresholds
 from selfrepair.chapters import across, atp, existence, hydra, intro, ioi, iterative
 from selfrepair.chapters import across_text
-from selfrepair.claims import Verdict, _fmt, interval_words
+from selfrepair.claims import Verdict, number, interval_words
 from selfrepair.reading import short_label
 from selfrepair.tables import format_number
 from selfrepair.findings import OUTCOMES, Figure, Finding, markdown, outcome_findings, own
@@ -52,7 +52,7 @@ def of_outcome(claim, outcome, why: str = "") -> Verdict:
 
 
 def printed(x: float, fmt: str) -> str:
-    return _fmt(x, fmt)
+    return number(x, fmt)
 
 
 def check_sentence(f: Finding, verdicts: list[Verdict]) -> None:
@@ -331,7 +331,7 @@ def test_a_line_that_fails_on_its_intercept_says_so():
     assert v.holds is False and "do not hold on m" in f.text
     fmt = iterative.PROPORTIONAL.fmt
     for name, e in (("slope", slope), ("intercept / mean y", icpt)):
-        assert f"{name} {_fmt(e.value, fmt)}, {interval_words(e.lo, e.hi, fmt)}" in f.text
+        assert f"{name} {number(e.value, fmt)}, {interval_words(e.lo, e.hi, fmt)}" in f.text
     assert f.values == (slope.value, slope.lo, slope.hi, icpt.value, icpt.lo, icpt.hi)
 
 

@@ -14,7 +14,7 @@ import pytest
 from selfrepair.chapters import iterative, layernorm, neurons
 from selfrepair.chapters.layernorm_text import logits
 from selfrepair.chapters.signed import changes
-from selfrepair.claims import Verdict, _fmt
+from selfrepair.claims import Verdict, number
 from selfrepair.findings import OUTCOMES, outcome_findings
 
 from test_findings import OPENING, check_real, check_sentence, estimate, of_outcome, tiny
@@ -185,7 +185,7 @@ def test_small_logits_read_as_powers_of_ten(x, text):
 
 
 def test_scientific_claim_values_read_as_powers_of_ten():
-    assert _fmt(1.9e-6, ".1e") == "1.9×10⁻⁶" and _fmt(0.25, ".0%") == "25%"
+    assert number(1.9e-6, ".1e") == "1.9×10⁻⁶" and number(0.25, ".0%") == "25%"
     assert layernorm.APP_B.rule.text(layernorm.APP_B.fmt) == "below 1.0×10⁻³"
 
 

@@ -14,7 +14,7 @@ import pytest
 import selfrepair.chapters as chapters
 from selfrepair.claims import Claim, Verdict, paper_word, render, rules_table
 from selfrepair.findings import claim_phrase
-from selfrepair.rules import Rule, _fmt, bound, interval_words
+from selfrepair.rules import Rule, number, bound, interval_words
 from selfrepair.uncertainty import Estimate
 
 
@@ -120,7 +120,7 @@ def test_a_difference_of_shares_prints_in_percentage_points():
     "+21%" or "21% above"."""
     from selfrepair.chapters.neurons_claims import ERASURE
 
-    assert _fmt(0.21, ".0pp") == "21 percentage points"
+    assert number(0.21, ".0pp") == "21 percentage points"
     assert interval_words(0.11, 0.28, ".0pp") == "95% interval 11 to 28 percentage points"
     assert not ERASURE.fmt.startswith("+")  # its words carry the sign
     v = Verdict.of(ERASURE, estimate(0.11, 0.28, 0.21))

@@ -95,7 +95,7 @@ def test_whose_numbers_is_short_and_cites_the_chapters_own_example():
     different paper value; its example is the chapter's own (the first claim quoting the paper's
     value, as its verdict prints it: chapter 2's 90.7%, chapter 5's 70%), none where the chapter
     quotes no paper value (no "paper ≈ 30%" in chapters without such a number)."""
-    from selfrepair.claims import _fmt
+    from selfrepair.claims import number
 
     for prefix in ("01", "02", "05", "08"):
         module = chapter_module(prefix)
@@ -103,7 +103,7 @@ def test_whose_numbers_is_short_and_cites_the_chapters_own_example():
         quoted = [c for c in module.CLAIMS if c.paper is not None]
         assert "paper ≈ 30%" not in text and len(text) < 200, (prefix, text)
         if quoted:
-            assert f"“the paper reports {_fmt(quoted[0].paper, quoted[0].fmt)}”" in text, (prefix, text)
+            assert f"“the paper reports {number(quoted[0].paper, quoted[0].fmt)}”" in text, (prefix, text)
         else:
             assert "the paper reports" not in text, (prefix, text)
     assert "90.7%" in setting.whose_numbers(chapter_module("02").Config.__module__)

@@ -33,7 +33,7 @@ from difflib import SequenceMatcher
 import numpy as np
 import pandas as pd
 
-from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, _fmt, above,  # noqa: F401 (re-exported)
+from .rules import (ALMOST_ALWAYS_QUOTED, PAPER_WORDS, Rule, _SIDES, number, above,  # noqa: F401 (re-exported)
                     against, approximately, at_least, at_most, below, between, interval_words, paper_number,
                     paper_word, signed_interval_words, Signed, is_zero, size, thresholds)
 from .reading import UNDECIDED, link_sentence
@@ -225,7 +225,7 @@ def _paper_reports(c: Claim) -> str:
     """" The paper reports X (context)." for a claim with the paper's own number, else ""."""
     if c.paper is None:
         return ""
-    return f" The paper reports {_fmt(c.paper, c.fmt)}{' (' + c.paper_context + ')' if c.paper_context else ''}."
+    return f" The paper reports {number(c.paper, c.fmt)}{' (' + c.paper_context + ')' if c.paper_context else ''}."
 
 
 def anchor(claim: Claim) -> str:

@@ -241,16 +241,15 @@ def against(value: float, fmt: str, thresholds=(), most: int = 3) -> str:
     compares with a threshold (a rule's bound, a class's cut) prints through this."""
     m = re.fullmatch(r"([+ ]?)\.(\d+)([f%]|pp)", fmt)
     if value is None or not math.isfinite(value) or m is None:
-        return _fmt(value, fmt)
+        return number(value, fmt)
     sign, digits, kind = m.group(1), int(m.group(2)), m.group(3)
     scale = 1 if kind == "f" else 100
     bounds = [t for t in thresholds if t is not None and math.isfinite(t)]
-    side = _side  # within float rounding of a threshold is on it
     for extra in range(most + 1):
         f = f"{sign}.{digits + extra}{kind}"
         shown = lambda x: float(_plain(x, f).split(" ")[0].rstrip("%")) / scale  # noqa: E731 (as printed at f)
-        if all(side(shown(value), shown(t)) == side(value, t) for t in bounds):
-            return _fmt(value, f)
+        if all(_side(shown(value), shown(t)) == _side(value, t) for t in bounds):
+            return number(value, f)
     near = min(bounds, key=lambda t: abs(value - t))
     return f"just {'under' if value < near else 'over'} {bound(near, fmt)}"
 
@@ -277,9 +276,6 @@ def number(value: float, fmt: str) -> str:
     significant digits. Every number a chapter's sentences print goes through this (or
     :func:`against`, which does)."""
     return minus(_plain(value, fmt))
-
-
-_fmt = number  # the name the rest of this module reads it by
 
 
 def _plain(value: float, fmt: str) -> str:
@@ -363,7 +359,7 @@ class Signed:
         """The value alone in the words of its sign, for a summary or a table cell ("a fall of
         456%", "taking away a further 196%"; :attr:`none` at 0): the same frame as the verdict."""
         if value is None or not math.isfinite(value):
-            return _fmt(value, fmt)
+            return number(value, fmt)
         if is_zero(value, fmt, thresholds):
             return self.none
         return self.ends[0 if value < 0 else 1].format(size(value, fmt, thresholds))
@@ -378,7 +374,7 @@ def size(value: float, fmt: str, thresholds=()) -> str:
     after words that carry its sign; near one of ``thresholds`` on the value's side of 0, on its
     side of it (:func:`~selfrepair.rules.against`)."""
     if value is None or not math.isfinite(value):
-        return _fmt(value, fmt)
+        return number(value, fmt)
     same_side = [abs(t) for t in thresholds if t == 0 or (t > 0) == (value > 0)]
     return against(abs(value), fmt.replace("+", ""), same_side)
 

@@ -35,7 +35,7 @@ import yaml
 
 from .build_scope import data_phrase
 from .claims import Claim, anchor
-from .claims import Signed, _fmt, interval_words  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
+from .claims import Signed, number, interval_words  # the claims' own number format (1.9×10⁻⁶, not 1.9e-06)
 from .verdict_records import FOLDED, latest, rule_id, scan, this_version
 
 STATUSES = ("holds", "differs", "cannot tell", "not tested", "rule changed", "not run")
@@ -96,7 +96,7 @@ def estimate_text(row: dict, signed: Signed | None = None) -> tuple[str, str]:
     fmt, value = row["fmt"], row["value"]
     if value is None:
         return "no value", row["why"] or "the metric is undefined on this run"
-    shown = _fmt(value, fmt) if signed is None else signed.said(value, fmt)
+    shown = number(value, fmt) if signed is None else signed.said(value, fmt)
     if row["interval"] == "exact":
         return shown, "no interval: computed exactly, without sampling"
     if not row["reliable"]:
@@ -122,7 +122,7 @@ def run_command(model: str, chapter: str) -> str:
 
 def claim_fields(claim: Claim) -> dict:
     """What the scorecard shows of a claim, from the chapter's :class:`Claim` (today's words)."""
-    paper = ("" if claim.paper is None else _fmt(claim.paper, claim.fmt)
+    paper = ("" if claim.paper is None else number(claim.paper, claim.fmt)
              + (f" ({claim.paper_context})" if claim.paper_context else ""))
     return {"claim": claim.key, "statement": claim.statement, "source": claim.source, "word": claim.rule.word,
             "rule": claim.rule.text(claim.fmt), "reason": claim.rule.reason, "paper": paper,
@@ -132,7 +132,7 @@ def claim_fields(claim: Claim) -> dict:
 
 def recorded_fields(row: dict) -> dict:
     """The same from a recorded verdict (a claim its chapter's ``CLAIMS`` does not list)."""
-    paper = ("" if row["paper"] is None else _fmt(row["paper"], row["fmt"])
+    paper = ("" if row["paper"] is None else number(row["paper"], row["fmt"])
              + (f" ({row['paper_context']})" if row["paper_context"] else ""))
     return {"claim": row["claim"], "statement": row["statement"], "source": row["source"], "word": row["word"],
             "rule": row["rule"], "reason": row["reason"], "paper": paper, "anchor": f"claim-{row['claim']}",
@@ -153,7 +153,7 @@ def parts_text(row: dict) -> str:
     """A verdict decided on several estimates (a "proportional" rule's slope and intercept): each
     with its 95% interval and the rule it must meet."""
     fmt = row["fmt"]
-    return "; ".join(f"{p['name']} {_fmt(p['value'], fmt)} ({interval_words(p['lo'], p['hi'], fmt)}"
+    return "; ".join(f"{p['name']} {number(p['value'], fmt)} ({interval_words(p['lo'], p['hi'], fmt)}"
                      f"{'' if p['reliable'] else ', not reliable'}; must be {p['rule']})"
                      for p in row["parts"])
 

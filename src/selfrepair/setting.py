@@ -186,11 +186,11 @@ def whose_numbers(module: str) -> str:
     paper's value, as its verdict prints it), and none where the chapter quotes no paper value."""
     import sys
 
-    from .rules import _fmt
+    from .rules import number
 
     claims = getattr(sys.modules.get(module), "CLAIMS", ())
     quoted = next((c for c in claims if getattr(c, "paper", None) is not None), None)
-    example = f", as in “the paper reports {_fmt(quoted.paper, quoted.fmt)}”" if quoted else ""
+    example = f", as in “the paper reports {number(quoted.paper, quoted.fmt)}”" if quoted else ""
     return ("Every number and chart here is computed on the model and data above; the paper's own "
             f"numbers are marked as the paper's{example}.")
 

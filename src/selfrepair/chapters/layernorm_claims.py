@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import layernorm as ln
-from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Signed, Verdict, _fmt, against, approximately, paper_number, paper_word)
+from ..claims import (ALMOST_ALWAYS_QUOTED, Claim, Signed, Verdict, number, against, approximately, paper_number, paper_word)
 from ..rules import NEGLIGIBLE
 from ..results import head_label
 from ..uncertainty import MIN_CLUSTERS, Bootstrap, Clusters, Estimate, mean_finite, ratio, share
@@ -264,7 +264,7 @@ def _app_b(ch) -> Verdict:
                   f"{here['max_left_out_term'].max():.3g} logits).")
     if len(ref):
         detail += (f" On {ref['model'].iloc[0]} (parallel residual, last-layer head), where it applies, "
-                   f"the error is {_fmt(ref['relative_error'].max(), APP_B.fmt)}.")
+                   f"the error is {number(ref['relative_error'].max(), APP_B.fmt)}.")
     return Verdict.of(APP_B, est, detail.strip(), why=why)
 
 
@@ -277,5 +277,5 @@ def _app_h(ch, boot: Bootstrap, unit: str) -> Verdict:
     detail = (f"{above} of the {len(ev.last)} heads {'is' if above == 1 else 'are'} above {APP_H.rule.bounds[0]:.0%} on their own. On "
               f"Fig 4's head {head_label(*ch.ratio_head)} the median S/S′ is {g['ratio'].median():.3f} and "
               f"the median gap between the correct token's logit and its strongest competitor's "
-              f"{_fmt(g['competitor_gap'].median(), '+.2f')} logits." if len(g) else "")
+              f"{number(g['competitor_gap'].median(), '+.2f')} logits." if len(g) else "")
     return Verdict.of(APP_H, est, detail)
